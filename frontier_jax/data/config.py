@@ -1,0 +1,112 @@
+"""Typed configuration of the input pipeline (usable as OmegaConf structured configs)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+FILE_KINDS = ("jsonl", "parquet", "array_record")
+EMBEDDED_KINDS = ("embedded_code", "embedded_math")
+SOURCE_KINDS = FILE_KINDS + EMBEDDED_KINDS
+
+
+@dataclasses.dataclass
+class SourceConfig:
+    """One data source of the mixture.
+
+    Attributes:
+      name: unique label, used in data stats and in the iterator state.
+      kind: one of `SOURCE_KINDS`.
+      path: a file or a glob pattern; required for file kinds, unused otherwise.
+      weight: relative share of documents drawn from this source (> 0).
+      text_field: JSON key (jsonl, JSON array_record records) or Parquet column
+        holding the document text.
+    """
+
+    name: str
+    kind: str
+    path: Optional[str] = None
+    weight: float = 1.0
+    text_field: str = "text"
+
+    def validate(self, where: str = "data.sources[?]") -> None:
+        """Raises ValueError naming the field, its value and the fix."""
+        if not self.name:
+            raise ValueError(f"{where}.name is empty: give every source a unique name.")
+        if self.kind not in SOURCE_KINDS:
+            raise ValueError(
+                f"{where}.kind={self.kind!r} is not supported: use one of {list(SOURCE_KINDS)}."
+            )
+        if self.kind in FILE_KINDS and not self.path:
+            raise ValueError(
+                f"{where}.path is not set for kind={self.kind!r}: give a file path or a glob."
+            )
+        if not self.weight > 0:
+            raise ValueError(
+                f"{where}.weight={self.weight!r} must be > 0: drop the source to exclude it."
+            )
+        if self.kind in FILE_KINDS and not self.text_field:
+            raise ValueError(f"{where}.text_field is empty: name the field holding the text.")
+
+
+def _default_sources() -> list[SourceConfig]:
+    return [
+        SourceConfig(name="code", kind="embedded_code", weight=0.7),
+        SourceConfig(name="math", kind="embedded_math", weight=0.3),
+    ]
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """The whole input pipeline.
+
+    Attributes:
+      sources: the mixture; default is the embedded code (0.7) + math (0.3) set.
+      tokenizer: "byte" for the built-in byte-level tokenizer, else a path to a
+        Hugging Face tokenizer.json.
+      mask_documents: False = pre-training (rows are concatenated documents that
+        may attend to each other, positions 0..T-1); True = SFT (one segment id per
+        document, positions restart at 0, no attention across documents).
+      max_document_chars: longer documents are split into pieces of at most this
+        many characters (each piece is a document of its own) and counted.
+      min_document_chars: shorter documents are skipped and counted.
+      shuffle: shuffle each source globally (reshuffled every epoch).
+      seed: seed of shuffling and of the generated math problems.
+      worker_count: grain worker processes (0 = in the training process).
+    """
+
+    sources: list[SourceConfig] = dataclasses.field(default_factory=_default_sources)
+    tokenizer: str = "byte"
+    mask_documents: bool = False
+    max_document_chars: int = 200_000
+    min_document_chars: int = 1
+    shuffle: bool = True
+    seed: int = 0
+    worker_count: int = 0
+
+    def validate(self) -> None:
+        """Raises ValueError naming the field, its value and the fix."""
+        if not self.sources:
+            raise ValueError("data.sources is empty: list at least one source.")
+        names = [s.name for s in self.sources]
+        for i, source in enumerate(self.sources):
+            source.validate(f"data.sources[{i}]")
+            if names.count(source.name) > 1:
+                raise ValueError(
+                    f"data.sources[{i}].name={source.name!r} is used twice: names must be unique."
+                )
+        if not self.tokenizer:
+            raise ValueError('data.tokenizer is empty: use "byte" or a path to tokenizer.json.')
+        if self.min_document_chars < 1:
+            raise ValueError(
+                f"data.min_document_chars={self.min_document_chars} must be >= 1."
+            )
+        if self.max_document_chars < self.min_document_chars:
+            raise ValueError(
+                f"data.max_document_chars={self.max_document_chars} is below "
+                f"data.min_document_chars={self.min_document_chars}: raise it."
+            )
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"data.seed={self.seed} must be in [0, 2**32).")
+        if self.worker_count < 0:
+            raise ValueError(f"data.worker_count={self.worker_count} must be >= 0 (0 = no workers).")

@@ -1,0 +1,83 @@
+"""Tokenize documents and pack them into rows of `seq_len` (input, target) pairs.
+
+A document of n tokens is bos + tokens + eos = n + 2 ids; it yields the n + 1
+pairs (ids[i], ids[i + 1]), so every target is the true next token of the same
+document and eos is predicted but never fed. Documents of more than `seq_len`
+pairs are cut into chunks of `seq_len` pairs.
+
+Packing, by `mask_documents`:
+  False (pre-training): grain's ConcatThenSplit concatenates the pair stream and
+    cuts it every `seq_len` pairs: no padding, a document may continue on the
+    next row; segment_ids is 1 on every real token, positions are 0..T-1.
+  True (SFT): grain's FirstFitPack places whole chunks in rows without splitting
+    them; each chunk gets its own segment id (1, 2, ...) and positions restart
+    at 0; the rest of the row is padding.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import grain
+import numpy as np
+
+from frontier_jax.data.tokenizer import Tokenizer
+
+_LENGTH_KEYS = ("inputs", "targets")
+
+
+class TokenizeDocument(grain.experimental.FlatMapTransform):
+    """str -> [{"inputs": int32[n], "targets": int32[n]}], chunks of n <= max_len pairs."""
+
+    def __init__(self, tokenizer: Tokenizer, max_len: int):
+        self._tokenizer = tokenizer
+        self._max_len = max_len
+
+    def flat_map(self, text: str) -> list[dict[str, np.ndarray]]:
+        tok = self._tokenizer
+        ids = np.asarray([tok.bos_id, *tok.encode(text), tok.eos_id], dtype=np.int32)
+        inputs, targets = ids[:-1], ids[1:]
+        return [
+            {"inputs": inputs[i : i + self._max_len], "targets": targets[i : i + self._max_len]}
+            for i in range(0, len(inputs), self._max_len)
+        ]
+
+
+def _row(packed: dict[str, np.ndarray], *, mask_documents: bool, pad_id: int) -> dict[str, np.ndarray]:
+    """The batch features of one packed row; all int32 [T]."""
+    segments = packed["inputs_segment_ids"]
+    real = segments > 0
+    if mask_documents:
+        segment_ids, positions = segments, packed["inputs_positions"]
+    else:
+        segment_ids, positions = real, np.arange(len(segments))
+    return {
+        "input_ids": np.where(real, packed["inputs"], pad_id).astype(np.int32),
+        "targets": np.where(real, packed["targets"], pad_id).astype(np.int32),
+        "loss_mask": real.astype(np.int32),
+        "segment_ids": segment_ids.astype(np.int32),
+        "positions": positions.astype(np.int32),
+    }
+
+
+def pack_documents(
+    documents: grain.IterDataset,
+    *,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    mask_documents: bool,
+    num_bins: int,
+) -> grain.IterDataset:
+    """IterDataset[str] -> IterDataset of rows {input_ids, targets, loss_mask, segment_ids, positions}.
+
+    `num_bins`: rows filled at once by the SFT packer (more bins, less padding).
+    """
+    chunks = grain.experimental.FlatMapIterDataset(documents, TokenizeDocument(tokenizer, seq_len))
+    length_struct = {key: seq_len for key in _LENGTH_KEYS}
+    if mask_documents:
+        packed = grain.experimental.FirstFitPackIterDataset(
+            chunks, length_struct=length_struct, num_packing_bins=num_bins, shuffle_bins=False
+        )
+    else:
+        packed = grain.experimental.ConcatThenSplitIterDataset(chunks, length_struct=length_struct)
+    return packed.map(functools.partial(_row, mask_documents=mask_documents, pad_id=tokenizer.pad_id))

@@ -1,0 +1,97 @@
+"""Screening: Records in, document strings out; bad records skipped and counted.
+
+- a record with a `problem` (invalid UTF-8, invalid JSON, missing field),
+  an empty (whitespace-only) text, or one shorter than `min_chars`: skipped.
+- a text longer than `max_chars`: split into consecutive pieces of `max_chars`
+  characters (the last one shorter), each emitted as a document of its own;
+  nothing is dropped.
+Every outcome is counted (see `stats.COUNTERS`); the first few skipped records
+of each source are logged with their origin ("file:line" or "file#index").
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grain
+
+from frontier_jax.data import stats
+from frontier_jax.data.records import Record
+
+_LOGGED_PER_SOURCE = 5
+_log = logging.getLogger(__name__)
+
+
+def screen(record: Record, *, min_chars: int, max_chars: int) -> tuple[list[str], list[str]]:
+    """Returns (documents to emit, counters to increment) for one record."""
+    if record.problem is not None:
+        return [], [record.problem]
+    text = record.text
+    if not text.strip():
+        return [], [stats.EMPTY]
+    if len(text) < min_chars:
+        return [], [stats.TOO_SHORT]
+    if len(text) > max_chars:
+        pieces = [text[i : i + max_chars] for i in range(0, len(text), max_chars)]
+        return pieces, [stats.DOCUMENTS, stats.SPLIT_OVERLONG]
+    return [text], [stats.DOCUMENTS]
+
+
+class _ScreenIterator(grain.DatasetIterator):
+    """State: parent state before the current record, pieces of it already emitted, counts."""
+
+    def __init__(self, parent: grain.DatasetIterator, source: str, min_chars: int, max_chars: int):
+        super().__init__(parent)
+        self._source = source
+        self._limits = {"min_chars": min_chars, "max_chars": max_chars}
+        self._record_state = parent.get_state()
+        self._pieces: list[str] = []
+        self._next_piece = 0
+        self._counts = stats.zero_counts()
+        self._logged = 0
+
+    def __next__(self) -> str:
+        while self._next_piece >= len(self._pieces):
+            self._record_state = self._parent.get_state()
+            record = next(self._parent)
+            self._pieces, counters = screen(record, **self._limits)
+            self._next_piece = 0
+            for name in counters:
+                self._counts[name] += 1
+            if not self._pieces and self._logged < _LOGGED_PER_SOURCE:
+                self._logged += 1
+                _log.warning("data source %r: skipped %s (%s)", self._source, record.origin, counters[0])
+        self._next_piece += 1
+        return self._pieces[self._next_piece - 1]
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "record": self._record_state,
+            "next_piece": self._next_piece,
+            stats.STATS_KEY: {"source": self._source, "counts": dict(self._counts)},
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._record_state = state["record"]
+        self._parent.set_state(self._record_state)
+        self._counts = dict(state[stats.STATS_KEY]["counts"])
+        self._next_piece = state["next_piece"]
+        # Re-read the current record (already counted) to recover its pieces.
+        self._pieces = screen(next(self._parent), **self._limits)[0] if self._next_piece else []
+
+
+class ScreenIterDataset(grain.IterDataset):
+    """IterDataset[str] of the documents of an IterDataset[Record] of one source."""
+
+    def __init__(self, parent: grain.IterDataset, *, source: str, min_chars: int, max_chars: int):
+        super().__init__(parent)
+        self._source = source
+        self._min_chars = min_chars
+        self._max_chars = max_chars
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _ScreenIterator(self._parent.__iter__(), self._source, self._min_chars, self._max_chars)
+
+    def __str__(self) -> str:
+        return f"ScreenIterDataset(source={self._source!r})"

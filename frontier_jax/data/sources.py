@@ -1,0 +1,171 @@
+"""Sources as grain MapDatasets of `Record`s, one record per document.
+
+File formats:
+  jsonl         one JSON object per line; the text is `text_field`.
+  parquet       the text is the `text_field` column (string or UTF-8 binary).
+  array_record  records are UTF-8 text, or JSON objects holding `text_field`. A
+                file holds one or the other, told by its first record: JSON
+                when it starts with "{".
+A file that holds no record at all is an error naming it; a record that cannot
+be read becomes a `Record` with a `problem` (counted and skipped downstream).
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import glob
+import os
+
+import grain
+import numpy as np
+import pyarrow.parquet as pq
+
+from frontier_jax.data import embedded, records
+from frontier_jax.data.config import SourceConfig
+
+_SCAN_CHUNK = 1 << 24
+
+
+def resolve_paths(source: SourceConfig) -> list[str]:
+    """Sorted files named by `source.path` (a file or a glob); error when there are none."""
+    pattern = source.path
+    paths = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if not paths or missing:
+        raise FileNotFoundError(
+            f"data source {source.name!r}: path={pattern!r} matches no file"
+            + (f" ({missing[0]!r} does not exist)" if missing else "")
+            + ". Fix data.sources[].path."
+        )
+    return paths
+
+
+def _empty_file_error(path: str, what: str) -> ValueError:
+    return ValueError(f"{path} is empty ({what}): remove it from the source's path or fill it.")
+
+
+def _line_spans(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) byte offsets [n_lines] of the lines of `path`, newlines excluded."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise _empty_file_error(path, "0 bytes")
+    newlines = []
+    with open(path, "rb") as f:
+        offset = 0
+        while chunk := f.read(_SCAN_CHUNK):
+            newlines.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == ord("\n")) + offset)
+            offset += len(chunk)
+    ends = np.concatenate(newlines).astype(np.int64)
+    if len(ends) == 0 or ends[-1] != size - 1:  # last line without a newline
+        ends = np.append(ends, size)
+    starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+    return starts, ends
+
+
+class JsonlSource:
+    """Random access to the lines of one JSONL file (thread safe: positional reads)."""
+
+    def __init__(self, path: str, text_field: str):
+        self._path = path
+        self._text_field = text_field
+        self._starts, self._ends = _line_spans(path)
+        self._fd = None
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __getitem__(self, index: int) -> records.Record:
+        if self._fd is None:
+            self._fd = os.open(self._path, os.O_RDONLY)
+        start, end = int(self._starts[index]), int(self._ends[index])
+        raw = os.pread(self._fd, end - start, start)
+        return records.from_json(f"{self._path}:{index + 1}", raw, self._text_field)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None}
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+
+class ParquetSource:
+    """Random access to the `text_field` column of one Parquet file, a row group at a time."""
+
+    def __init__(self, path: str, text_field: str):
+        if os.path.getsize(path) == 0:
+            raise _empty_file_error(path, "0 bytes")
+        metadata = pq.ParquetFile(path).metadata
+        if text_field not in metadata.schema.names:
+            raise ValueError(
+                f"{path} has no column {text_field!r} (columns: {metadata.schema.names}): "
+                "set data.sources[].text_field."
+            )
+        sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+        if sum(sizes) == 0:
+            raise _empty_file_error(path, "0 rows")
+        self._path = path
+        self._text_field = text_field
+        self._group_starts = np.cumsum([0] + sizes[:-1]).tolist()
+        self._length = sum(sizes)
+        self._cache = (-1, [])
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _row_group(self, group: int) -> list:
+        cached_group, values = self._cache
+        if cached_group != group:
+            table = pq.ParquetFile(self._path).read_row_group(group, columns=[self._text_field])
+            values = table.column(0).to_pylist()
+            self._cache = (group, values)
+        return values
+
+    def __getitem__(self, index: int) -> records.Record:
+        group = bisect.bisect_right(self._group_starts, index) - 1
+        value = self._row_group(group)[index - self._group_starts[group]]
+        return records.from_value(f"{self._path}#{index}", value)
+
+
+class ArrayRecordSource:
+    """Random access to the records of one ArrayRecord file."""
+
+    def __init__(self, path: str, text_field: str):
+        if os.path.getsize(path) == 0:
+            raise _empty_file_error(path, "0 bytes")
+        self._data = grain.sources.ArrayRecordDataSource([path])
+        if len(self._data) == 0:
+            raise _empty_file_error(path, "0 records")
+        self._path = path
+        self._text_field = text_field
+        self._json = self._data[0].lstrip().startswith(b"{")
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getitem__(self, index: int) -> records.Record:
+        origin, raw = f"{self._path}#{index}", self._data[index]
+        if self._json:
+            return records.from_json(origin, raw, self._text_field)
+        return records.from_bytes(origin, raw)
+
+
+_FILE_SOURCES = {"jsonl": JsonlSource, "parquet": ParquetSource, "array_record": ArrayRecordSource}
+
+
+def _text_record(name: str, index: int, text: str) -> records.Record:
+    return records.Record(f"{name}#{index}", text=text)
+
+
+def source_records(source: SourceConfig, *, seed: int) -> grain.MapDataset:
+    """MapDataset[Record] of one configured source (files concatenated in path order).
+
+    `seed` drives the generated (embedded_math) source.
+    """
+    if source.kind in _FILE_SOURCES:
+        reader = _FILE_SOURCES[source.kind]
+        parts = [grain.MapDataset.source(reader(p, source.text_field)) for p in resolve_paths(source)]
+        return parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
+    texts = embedded.code_dataset() if source.kind == "embedded_code" else embedded.math_dataset(seed)
+    return texts.map_with_index(functools.partial(_text_record, source.name))

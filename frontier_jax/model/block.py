@@ -1,0 +1,98 @@
+"""Transformer block and the scanned stack of blocks.
+
+Block (pre-norm):  h = x + MLA(RMSNorm(x));  y = h + FFN(RMSNorm(h))
+with FFN a dense SwiGLU (the first `first_k_dense` layers) or DeepSeekMoE.
+
+LayerStack holds L identical blocks as one module whose parameters carry a leading `layers`
+axis ([L, ...]), created with `nnx.vmap` and applied with `jax.lax.scan`, so compile time is
+flat in depth and the remat policy is one knob.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+from flax import nnx
+
+from frontier_jax.model.config import ModelConfig
+from frontier_jax.model.layers import RMSNorm
+from frontier_jax.model.mla import MLA
+from frontier_jax.model.mlp import SwiGLU
+from frontier_jax.model.moe import MoE, MoEStats
+from frontier_jax.parallel.rules import constrain
+from frontier_jax.precision import PrecisionPolicy
+
+
+class SequenceInputs(NamedTuple):
+    """Per-token side inputs shared by every block: positions [B, T] (RoPE), segment_ids
+    [B, T] or None (document ids for masked packing), token_mask [B, T] (1 = real token)."""
+
+    positions: jax.Array
+    segment_ids: jax.Array | None
+    token_mask: jax.Array
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, moe: bool, policy: PrecisionPolicy, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.attn = MLA(cfg, policy=policy, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.is_moe = moe
+        if moe:
+            self.ffn = MoE(cfg, policy=policy, rngs=rngs)
+        else:
+            self.ffn = SwiGLU(cfg.hidden_size, cfg.dense_ffn_dim, std=cfg.init_std, policy=policy,
+                              rngs=rngs, name="dense_ffn")
+
+    def __call__(self, x: jax.Array, inputs: SequenceInputs) -> tuple[jax.Array, MoEStats | None]:
+        h = x + self.attn(self.attn_norm(x), inputs.positions, inputs.segment_ids)
+        h = constrain(h, ("batch", "seq", "embed"))
+        if self.is_moe:
+            out, stats = self.ffn(self.ffn_norm(h), inputs.token_mask)
+        else:
+            out, stats = self.ffn(self.ffn_norm(h)), None
+        return constrain(h + out, ("batch", "seq", "embed")), stats
+
+
+def _remat(fn, policy_name: str):
+    if policy_name == "none":
+        return fn
+    policies = {
+        "full": None,
+        "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+    }
+    return jax.checkpoint(fn, policy=policies[policy_name], prevent_cse=False)
+
+
+def prepend_logical_axis(module: nnx.Module, axis: str) -> None:
+    """Adds `axis` in front of the logical axis names of every variable of `module`."""
+    for _, var in nnx.iter_graph(module):
+        if isinstance(var, nnx.Variable) and "logical_axes" in var.get_metadata():
+            var.set_metadata(logical_axes=(axis,) + tuple(var.get_metadata()["logical_axes"]))
+
+
+class LayerStack(nnx.Module):
+    """`num_layers` blocks with stacked parameters, applied in sequence by `lax.scan`."""
+
+    def __init__(self, cfg: ModelConfig, num_layers: int, *, moe: bool, policy: PrecisionPolicy,
+                 rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(layer_rngs: nnx.Rngs) -> Block:
+            return Block(cfg, moe=moe, policy=policy, rngs=layer_rngs)
+
+        self.num_layers = num_layers
+        self.remat_policy = cfg.remat_policy
+        self.blocks = create(rngs)
+        prepend_logical_axis(self.blocks, "layers")
+
+    def __call__(self, x: jax.Array, inputs: SequenceInputs) -> tuple[jax.Array, MoEStats | None]:
+        """x [B, T, d] -> (x after all layers, per-layer MoEStats stacked on a leading [L] axis)."""
+        graphdef, state = nnx.split(self.blocks)
+
+        def body(h, layer_state):
+            return nnx.merge(graphdef, layer_state)(h, inputs)
+
+        return jax.lax.scan(_remat(body, self.remat_policy), x, state)

@@ -1,0 +1,178 @@
+"""Typed model configuration: every architectural number of a DeepSeek-V3-style model.
+
+Field names follow the paper (and, where they differ, Hugging Face's DeepseekV3Config names
+are given in the comment) so that a published config reads across directly.
+All checks run in `validate()` before anything is traced or compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+ATTENTION_IMPLS = ("xla", "cudnn")
+GMM_IMPLS = ("ragged_dot", "tokamax")
+MOE_DISPATCH = ("dropless", "capacity")
+SCORING_FUNCS = ("sigmoid", "softmax")
+ROPE_SCALING_TYPES = ("none", "yarn")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out")
+
+
+def _fail(field_name: str, value, allowed: str) -> None:
+    raise ValueError(f"model.{field_name}={value!r} is invalid: {allowed}")
+
+
+@dataclass(unsafe_hash=True)
+class RopeScalingConfig:
+    """YaRN context extension (Peng et al. 2023) as used by DeepSeek-V3.
+
+    type: "none" or "yarn"; factor s = target context / original context;
+    beta_fast / beta_slow bound the ramp between extrapolated and interpolated frequencies;
+    mscale / mscale_all_dim give the attention temperature correction 0.1 * m * ln(s) + 1.
+    """
+
+    type: str = "none"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+
+@dataclass(unsafe_hash=True)
+class ModelConfig:
+    """Shape of the model.  Sizes are per the DeepSeek-V3 report's notation."""
+
+    name: str = "custom"
+    vocab_size: int = 512
+    hidden_size: int = 64  # d
+    num_layers: int = 2  # main-model transformer blocks (HF num_hidden_layers)
+    first_k_dense: int = 1  # leading blocks with a dense FFN (HF first_k_dense_replace)
+    dense_ffn_dim: int = 128  # HF intermediate_size
+    rms_norm_eps: float = 1e-6
+    # --- MLA ---
+    num_heads: int = 4  # n_h
+    q_lora_rank: int = 32  # d_c' ; 0 means a full-rank query projection (V2-Lite)
+    kv_lora_rank: int = 32  # d_c
+    qk_nope_head_dim: int = 16  # d_h
+    qk_rope_head_dim: int = 8  # d_h^R
+    v_head_dim: int = 16
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    max_position_embeddings: int = 4096
+    # --- DeepSeekMoE ---
+    n_routed_experts: int = 8  # N_r
+    n_shared_experts: int = 1  # N_s
+    num_experts_per_tok: int = 2  # K_r
+    moe_ffn_dim: int = 32  # HF moe_intermediate_size
+    n_group: int = 1  # expert groups (devices / nodes) for group-limited routing
+    topk_group: int = 1  # groups a token may reach (M)
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    scoring_func: str = "sigmoid"
+    # --- MTP ---
+    mtp_depth: int = 0  # D (HF num_nextn_predict_layers)
+    # --- misc ---
+    tie_embeddings: bool = False
+    init_std: float = 0.006
+    # --- implementation choices (do not change the math) ---
+    attention_impl: str = "xla"
+    moe_dispatch: str = "dropless"
+    moe_capacity_factor: float = 1.25
+    gmm_impl: str = "ragged_dot"
+    remat_policy: str = "none"
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.first_k_dense
+
+    # --------------------------------------------------------------- validation
+    def validate(self) -> "ModelConfig":
+        positive = [
+            "vocab_size", "hidden_size", "num_layers", "num_heads", "kv_lora_rank",
+            "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
+        ]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                _fail(name, value, "must be a positive integer")
+        non_negative = ["first_k_dense", "q_lora_rank", "n_shared_experts", "mtp_depth"]
+        for name in non_negative:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                _fail(name, value, "must be an integer >= 0")
+        if self.rms_norm_eps <= 0:
+            _fail("rms_norm_eps", self.rms_norm_eps, "must be > 0")
+        if self.init_std <= 0:
+            _fail("init_std", self.init_std, "must be > 0")
+        if self.first_k_dense > self.num_layers:
+            _fail("first_k_dense", self.first_k_dense,
+                  f"must be <= model.num_layers ({self.num_layers})")
+        if self.first_k_dense > 0 and self.dense_ffn_dim <= 0:
+            _fail("dense_ffn_dim", self.dense_ffn_dim, "must be > 0 when model.first_k_dense > 0")
+        if self.qk_rope_head_dim % 2:
+            _fail("qk_rope_head_dim", self.qk_rope_head_dim,
+                  "must be even (RoPE rotates pairs of dimensions)")
+        if self.rope_theta <= 0:
+            _fail("rope_theta", self.rope_theta, "must be > 0")
+        self._validate_rope_scaling()
+        if self.num_moe_layers > 0 or self.mtp_depth > 0:
+            self._validate_moe()
+        for name, allowed in [
+            ("attention_impl", ATTENTION_IMPLS), ("moe_dispatch", MOE_DISPATCH),
+            ("gmm_impl", GMM_IMPLS), ("scoring_func", SCORING_FUNCS),
+            ("remat_policy", REMAT_POLICIES),
+        ]:
+            value = getattr(self, name)
+            if value not in allowed:
+                _fail(name, value, f"allowed values are {', '.join(allowed)}")
+        return self
+
+    def _validate_rope_scaling(self) -> None:
+        rs = self.rope_scaling
+        if rs.type not in ROPE_SCALING_TYPES:
+            _fail("rope_scaling.type", rs.type, f"allowed values are {', '.join(ROPE_SCALING_TYPES)}")
+        if rs.type == "yarn":
+            if rs.factor < 1:
+                _fail("rope_scaling.factor", rs.factor, "YaRN needs factor >= 1")
+            if rs.original_max_position_embeddings <= 0:
+                _fail("rope_scaling.original_max_position_embeddings",
+                      rs.original_max_position_embeddings, "must be > 0")
+            if rs.beta_fast <= rs.beta_slow:
+                _fail("rope_scaling.beta_fast", rs.beta_fast,
+                      f"must exceed rope_scaling.beta_slow ({rs.beta_slow})")
+
+    def _validate_moe(self) -> None:
+        for name in ["n_routed_experts", "num_experts_per_tok", "moe_ffn_dim", "n_group", "topk_group"]:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                _fail(name, value, "must be a positive integer")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            _fail("num_experts_per_tok", self.num_experts_per_tok,
+                  f"must be <= model.n_routed_experts ({self.n_routed_experts})")
+        if self.n_routed_experts % self.n_group:
+            _fail("n_group", self.n_group,
+                  f"must divide model.n_routed_experts ({self.n_routed_experts})")
+        if self.topk_group > self.n_group:
+            _fail("topk_group", self.topk_group, f"must be <= model.n_group ({self.n_group})")
+        experts_reachable = self.topk_group * (self.n_routed_experts // self.n_group)
+        if experts_reachable < self.num_experts_per_tok:
+            _fail("topk_group", self.topk_group,
+                  f"topk_group * experts per group = {experts_reachable} is fewer than "
+                  f"model.num_experts_per_tok ({self.num_experts_per_tok}); raise topk_group")
+        if self.n_group > 1 and self.n_routed_experts // self.n_group < 2:
+            _fail("n_group", self.n_group,
+                  "group scores sum each group's top-2 experts, so a group needs >= 2 experts")
+        if self.routed_scaling_factor <= 0:
+            _fail("routed_scaling_factor", self.routed_scaling_factor, "must be > 0")
+        if self.moe_capacity_factor <= 0:
+            _fail("moe_capacity_factor", self.moe_capacity_factor, "must be > 0")
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes).validate()

@@ -1,0 +1,43 @@
+"""Grouped matrix multiply: one interface, several kernels (`model.gmm_impl`).
+
+Rows of lhs [M, K] are sorted by group; group g owns rows [o_g, o_g + n_g) with
+n = group_sizes [G] (sum(n) <= M; rows past the sum produce zeros).  The result is
+    out[r] = lhs[r] @ rhs[g(r)]          rhs [G, K, N] -> out [M, N]
+computed in `dtype` with fp32 accumulation.
+
+  * "ragged_dot": `jax.lax.ragged_dot`, the exact reference (on GPU images XLA lowers it to
+    padded dense matmuls: correct but slow and memory hungry).
+  * "tokamax":    `tokamax.ragged_dot` (Pallas Mosaic-GPU kernel; XLA fallback elsewhere).
+    Needs the optional `gpu` extra (Python >= 3.12).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+@functools.cache
+def _tokamax():
+    try:
+        import tokamax
+    except ImportError as err:  # pragma: no cover - depends on the installed extras
+        raise ImportError(
+            "model.gmm_impl='tokamax' needs the tokamax package: pip install 'frontier_jax[gpu]' "
+            "(Python >= 3.12), or set model.gmm_impl=ragged_dot") from err
+    return tokamax
+
+
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str,
+                   dtype=jnp.bfloat16) -> jax.Array:
+    lhs, rhs = lhs.astype(dtype), rhs.astype(dtype)
+    group_sizes = group_sizes.astype(jnp.int32)
+    if impl == "ragged_dot":
+        out = jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
+    elif impl == "tokamax":
+        out = _tokamax().ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
+    else:
+        raise ValueError(f"model.gmm_impl={impl!r} is unknown; allowed: ragged_dot, tokamax")
+    return out.astype(dtype)

@@ -1,0 +1,86 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3, Sec. 2.1.1 of the V3 report).
+
+For hidden states h_t [d] (n_h heads, head dims d_h (nope), d_h^R (rope), d_v):
+  queries   c_t^Q = RMSNorm(W^DQ h_t)                  [d_c']   (or h_t itself when q_lora_rank=0)
+            [q_t^C ; q_t^R'] = W^UQ c_t^Q               [n_h, d_h + d_h^R]
+            q_t^R = RoPE(q_t^R')
+  keys/vals c_t^KV = RMSNorm(W^DKV h_t)                [d_c]    <- the latent cache
+            k_t^R  = RoPE(W^KR h_t)                     [d_h^R]  <- shared by all heads, cached
+            k_t^C  = W^UK c_t^KV,  v_t = W^UV c_t^KV   [n_h, d_h], [n_h, d_v]
+  attention o_t,i = sum_j softmax_j(s [q_t,i^C; q_t,i^R] . [k_j,i^C; k_j^R]) v_j,i
+            u_t = W^O [o_t,1; ...; o_t,n_h]            [d]
+with s = softmax_scale(cfg) (1/sqrt(d_h + d_h^R), YaRN-corrected).  Only c^KV and k^R
+(d_c + d_h^R numbers per token and layer) need caching at inference.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from frontier_jax.model.attention import dot_product_attention
+from frontier_jax.model.config import ModelConfig
+from frontier_jax.model.layers import Linear, RMSNorm
+from frontier_jax.model.rope import RotaryEmbedding, softmax_scale
+from frontier_jax.parallel.rules import constrain
+from frontier_jax.precision import PrecisionPolicy
+
+
+class MLA(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, policy: PrecisionPolicy, rngs: nnx.Rngs):
+        d, h, std = cfg.hidden_size, cfg.num_heads, cfg.init_std
+        self.cfg = cfg
+        self.rope = RotaryEmbedding.from_config(cfg)
+        self.scale = softmax_scale(cfg)
+        lin = dict(std=std, policy=policy, rngs=rngs)
+        if cfg.q_lora_rank:
+            self.wq_a = Linear((d,), (cfg.q_lora_rank,), ("embed", "q_lora"), name="mla.wq_a", **lin)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, eps=cfg.rms_norm_eps)
+            self.wq_b = Linear((cfg.q_lora_rank,), (h, cfg.qk_head_dim), ("q_lora", "heads", "qk_head"),
+                               name="mla.wq_b", **lin)
+        else:
+            self.wq = Linear((d,), (h, cfg.qk_head_dim), ("embed", "heads", "qk_head"), name="mla.wq", **lin)
+        self.wkv_a = Linear((d,), (cfg.kv_lora_rank,), ("embed", "kv_lora"), name="mla.wkv_a", **lin)
+        self.wk_rope = Linear((d,), (cfg.qk_rope_head_dim,), ("embed", "rope"), name="mla.wk_rope", **lin)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, eps=cfg.rms_norm_eps)
+        self.wk_b = Linear((cfg.kv_lora_rank,), (h, cfg.qk_nope_head_dim), ("kv_lora", "heads", "qk_head"),
+                           name="mla.wk_b", **lin)
+        self.wv_b = Linear((cfg.kv_lora_rank,), (h, cfg.v_head_dim), ("kv_lora", "heads", "v_head"),
+                           name="mla.wv_b", **lin)
+        self.wo = Linear((h, cfg.v_head_dim), (d,), ("heads", "v_head", "embed"), name="mla.wo", **lin)
+
+    def query(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [B, T, d] -> (q^C [B, T, H, d_h], q^R [B, T, H, d_h^R]) with RoPE applied."""
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.cfg.q_lora_rank else self.wq(x)
+        q = constrain(q, ("batch", "seq", "heads", "qk_head"))
+        q_nope, q_rope = jnp.split(q, [self.cfg.qk_nope_head_dim], axis=-1)
+        return q_nope, self.rope(q_rope, positions)
+
+    def latent(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [B, T, d] -> the cacheable latent (c^KV [B, T, d_c], k^R [B, T, d_h^R])."""
+        c_kv = self.kv_norm(self.wkv_a(x))
+        k_rope = self.rope(self.wk_rope(x)[:, :, None, :], positions)[:, :, 0, :]
+        return c_kv, k_rope
+
+    def attend(self, q_nope, q_rope, c_kv, k_rope, *, q_segment_ids=None, kv_segment_ids=None,
+               q_offset=0) -> jax.Array:
+        """Expands the latent into per-head keys/values and attends; returns u [B, T, d]."""
+        k_nope = self.wk_b(c_kv)
+        v = self.wv_b(c_kv)
+        k_rope = jnp.broadcast_to(k_rope[:, :, None, :], k_nope.shape[:3] + k_rope.shape[-1:])
+        q = jnp.concatenate([q_nope, q_rope], axis=-1)
+        k = jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1)
+        o = dot_product_attention(q, k, v, scale=self.scale, impl=self.cfg.attention_impl,
+                                  q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                                  q_offset=q_offset)
+        o = checkpoint_name(constrain(o, ("batch", "seq", "heads", "v_head")), "attention_out")
+        return self.wo(o)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """Self-attention over a full sequence: x [B, T, d] -> [B, T, d]."""
+        q_nope, q_rope = self.query(x, positions)
+        c_kv, k_rope = self.latent(x, positions)
+        return self.attend(q_nope, q_rope, c_kv, k_rope, q_segment_ids=segment_ids,
+                           kv_segment_ids=segment_ids)

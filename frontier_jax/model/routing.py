@@ -1,0 +1,72 @@
+"""DeepSeekMoE routing (V3 report, Sec. 2.1.2, eqs. 12-16) with auxiliary-loss-free balancing.
+
+For token u_t [d] and N_r routed experts with centroids e_i (router weight W_r [d, N_r]):
+  s_{i,t} = sigmoid(u_t . e_i)            (V3; softmax over experts for V2-style models)
+  selection uses the biased score s_{i,t} + b_i (b = per-expert bias, state, never a gradient):
+    group-limited routing: experts form G groups; a group's score is the sum of its two
+    largest biased scores (max for softmax scoring); only the top-M groups are eligible;
+    then the top-K_r eligible experts by biased score are chosen.
+  gates use the unbiased scores: g_{i,t} = s_{i,t} / sum_{j in topK} s_{j,t} (when normalised),
+  times the routed scaling factor.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from frontier_jax.model.config import ModelConfig
+from frontier_jax.model.layers import normal_param
+
+
+class ExpertBias(nnx.Variable):
+    """Per-expert routing bias b [N_r]: updated by the balancing rule, not by gradients."""
+
+
+class Routing(NamedTuple):
+    weights: jax.Array  # [N, K] gate values g (fp32)
+    experts: jax.Array  # [N, K] int32 expert indices
+    scores: jax.Array  # [N, N_r] unbiased affinities s (fp32)
+
+
+def route(logits: jax.Array, bias: jax.Array, cfg: ModelConfig) -> Routing:
+    """logits [N, N_r] (fp32), bias [N_r] -> Routing."""
+    n, e = logits.shape
+    if cfg.scoring_func == "sigmoid":
+        scores = jax.nn.sigmoid(logits)
+    else:
+        scores = jax.nn.softmax(logits, axis=-1)
+    choice = scores + bias
+    if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
+        grouped = choice.reshape(n, cfg.n_group, e // cfg.n_group)
+        if cfg.scoring_func == "sigmoid":
+            group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)
+        else:
+            group_scores = grouped.max(-1)
+        _, top_groups = jax.lax.top_k(group_scores, cfg.topk_group)
+        group_mask = jnp.zeros((n, cfg.n_group), bool).at[jnp.arange(n)[:, None], top_groups].set(True)
+        expert_mask = jnp.repeat(group_mask, e // cfg.n_group, axis=1)
+        choice = jnp.where(expert_mask, choice, -jnp.inf)
+    _, experts = jax.lax.top_k(choice, cfg.num_experts_per_tok)
+    weights = jnp.take_along_axis(scores, experts, axis=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return Routing(weights * cfg.routed_scaling_factor, experts.astype(jnp.int32), scores)
+
+
+class Router(nnx.Module):
+    """Router weight W_r [d, N_r] (fp32) and the selection bias b [N_r]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.kernel = normal_param(rngs, (cfg.hidden_size, cfg.n_routed_experts), ("embed", "expert"),
+                                   cfg.init_std)
+        self.bias = ExpertBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32), logical_axes=("expert",))
+
+    def __call__(self, x: jax.Array) -> Routing:
+        """x [N, d] -> Routing; logits are computed in fp32."""
+        logits = jnp.dot(x.astype(jnp.float32), self.kernel[...])
+        return route(logits, self.bias[...], self.cfg)

@@ -1,0 +1,81 @@
+"""The DeepSeek-V3-style language model.
+
+    h^0 = Emb(t)                                          [B, T, d]
+    h   = MoE-blocks(dense-blocks(h^0))                   first_k_dense dense, the rest MoE
+    logits = OutHead(RMSNorm(h))                          [B, T, vocab] (fp32)
+    MTP depths k = 1..D continue from h (see `mtp.py`)    [D, B, T, vocab]
+
+`model(input_ids)` returns logits; `model.forward(...)` also returns the MTP logits and the
+per-layer MoE statistics that training needs (expert loads, balance loss, drops).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from frontier_jax.model.block import LayerStack, SequenceInputs
+from frontier_jax.model.config import ModelConfig
+from frontier_jax.model.layers import Embed, LMHead, RMSNorm
+from frontier_jax.model.moe import MoEStats
+from frontier_jax.model.mtp import MTPStack
+from frontier_jax.parallel.rules import constrain
+from frontier_jax.precision import PrecisionPolicy, get_policy
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # [B, T, vocab] fp32
+    mtp_logits: jax.Array | None  # [D, B, T, vocab] fp32; depth k predicts t_{i+k+1}
+    moe_stats: MoEStats | None  # main-model MoE layers, stacked [L_moe, ...]
+    mtp_stats: MoEStats | None  # MTP blocks, stacked [D, ...]
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, policy: PrecisionPolicy | None = None, rngs: nnx.Rngs):
+        cfg.validate()
+        policy = policy or get_policy("fp32")
+        self.cfg, self.policy = cfg, policy
+        self.embed = Embed(cfg.vocab_size, cfg.hidden_size, std=cfg.init_std, policy=policy, rngs=rngs)
+        self.dense_layers = (LayerStack(cfg, cfg.first_k_dense, moe=False, policy=policy, rngs=rngs)
+                             if cfg.first_k_dense else None)
+        self.moe_layers = (LayerStack(cfg, cfg.num_moe_layers, moe=True, policy=policy, rngs=rngs)
+                           if cfg.num_moe_layers else None)
+        self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.head = (None if cfg.tie_embeddings else
+                     LMHead(cfg.hidden_size, cfg.vocab_size, std=cfg.init_std, policy=policy, rngs=rngs))
+        self.mtp = MTPStack(cfg, policy=policy, rngs=rngs) if cfg.mtp_depth else None
+
+    def logits_from_hidden(self, h: jax.Array) -> jax.Array:
+        """Shared output head on already-normalised hidden states [..., d] -> [..., vocab]."""
+        return self.embed.attend(h) if self.head is None else self.head(h)
+
+    def forward(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                segment_ids: jax.Array | None = None, *, with_mtp: bool = True) -> ModelOutput:
+        """input_ids [B, T] int32; positions [B, T] (default 0..T-1); segment_ids [B, T] document
+        ids with 0 = padding, or None for unmasked packing (plain causal attention)."""
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        token_mask = jnp.ones((b, t), jnp.int32) if segment_ids is None else (segment_ids != 0).astype(jnp.int32)
+        inputs = SequenceInputs(positions, segment_ids, token_mask)
+        h = constrain(self.embed(input_ids), ("batch", "seq", "embed"))
+        if self.dense_layers is not None:
+            h, _ = self.dense_layers(h, inputs)
+        moe_stats = None
+        if self.moe_layers is not None:
+            h, moe_stats = self.moe_layers(h, inputs)
+        logits = self.logits_from_hidden(self.final_norm(h))
+        mtp_logits = mtp_stats = None
+        if self.mtp is not None and with_mtp:
+            ahead = jnp.stack([jnp.roll(input_ids, -k, axis=1) for k in range(1, self.cfg.mtp_depth + 1)])
+            normed, mtp_stats = self.mtp(h, self.embed(ahead), inputs)
+            mtp_logits = self.logits_from_hidden(normed)
+        return ModelOutput(logits, mtp_logits, moe_stats, mtp_stats)
+
+    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """input_ids [B, T] -> next-token logits [B, T, vocab] (fp32)."""
+        return self.forward(input_ids, positions, segment_ids, with_mtp=False).logits

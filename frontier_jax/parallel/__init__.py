@@ -1,0 +1,1 @@
+"""How the model is laid out over a device mesh: logical-axis rules and constraints."""
