@@ -1,0 +1,3 @@
+from frontier_jax.cli import main
+
+raise SystemExit(main())
