@@ -72,7 +72,9 @@ class DataConfig:
       min_document_chars: shorter documents are skipped and counted.
       shuffle: shuffle each source globally (reshuffled every epoch).
       seed: seed of shuffling and of the generated math problems.
-      worker_count: grain worker processes (0 = in the training process).
+      worker_count: grain worker processes (0 = in the training process). Each
+        worker packs its own slice of every source, so the batches depend on
+        this number: resume with the same value.
     """
 
     sources: list[SourceConfig] = dataclasses.field(default_factory=_default_sources)
@@ -91,7 +93,7 @@ class DataConfig:
         names = [s.name for s in self.sources]
         for i, source in enumerate(self.sources):
             source.validate(f"data.sources[{i}]")
-            if names.count(source.name) > 1:
+            if source.name in names[:i]:
                 raise ValueError(
                     f"data.sources[{i}].name={source.name!r} is used twice: names must be unique."
                 )

@@ -43,6 +43,31 @@ class TokenizeDocument(grain.experimental.FlatMapTransform):
         ]
 
 
+class _JsonStateIterator(grain.DatasetIterator):
+    """Passes a ConcatThenSplit iterator through, restoring states that went through JSON.
+
+    Its state holds `remainder_slices` tuples that it compares with a tuple;
+    JSON turns them into lists, which would corrupt the restored position.
+    """
+
+    def __next__(self):
+        return next(self._parent)
+
+    def get_state(self) -> dict:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict) -> None:
+        slices = {k: tuple(v) for k, v in state["remainder_slices"].items()}
+        self._parent.set_state({**state, "remainder_slices": slices})
+
+
+class _JsonStateDataset(grain.IterDataset):
+    """See `_JsonStateIterator`."""
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _JsonStateIterator(self._parent.__iter__())
+
+
 def _row(packed: dict[str, np.ndarray], *, mask_documents: bool, pad_id: int) -> dict[str, np.ndarray]:
     """The batch features of one packed row; all int32 [T]."""
     segments = packed["inputs_segment_ids"]
@@ -79,5 +104,7 @@ def pack_documents(
             chunks, length_struct=length_struct, num_packing_bins=num_bins, shuffle_bins=False
         )
     else:
-        packed = grain.experimental.ConcatThenSplitIterDataset(chunks, length_struct=length_struct)
+        packed = _JsonStateDataset(
+            grain.experimental.ConcatThenSplitIterDataset(chunks, length_struct=length_struct)
+        )
     return packed.map(functools.partial(_row, mask_documents=mask_documents, pad_id=tokenizer.pad_id))

@@ -54,9 +54,9 @@ class _ScreenIterator(grain.DatasetIterator):
     def __next__(self) -> str:
         while self._next_piece >= len(self._pieces):
             self._record_state = self._parent.get_state()
+            self._pieces, self._next_piece = [], 0
             record = next(self._parent)
             self._pieces, counters = screen(record, **self._limits)
-            self._next_piece = 0
             for name in counters:
                 self._counts[name] += 1
             if not self._pieces and self._logged < _LOGGED_PER_SOURCE:

@@ -2,7 +2,9 @@
 
 The counts live inside the iterator state (under `STATS_KEY`, one entry per
 source and per grain worker), so they are exact with any `worker_count`, they
-are saved with every checkpoint and they continue after a resume.
+are saved with every checkpoint and they continue after a resume. Being part of
+the restorable position, they trail the newest batch by the few records still
+held in the packer's buffer.
 """
 
 from __future__ import annotations

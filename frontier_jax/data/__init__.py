@@ -1,0 +1,41 @@
+"""Input pipeline: sources -> screen -> mixture -> tokenize -> pack -> batch -> per-process shard.
+
+    it = build_train_iterator(cfg.data, seq_len=T, global_batch=B,
+                              process_index=jax.process_index(), process_count=jax.process_count())
+    batch = next(it)                          # dict of int32 [B // process_count, T] arrays
+    stats = DataStats.from_state(it.get_state())   # skipped / split document counts per source
+    state = it.get_state()                    # JSON-serialisable; it.set_state(state) resumes
+"""
+
+from frontier_jax.data.checkpoint import (
+    orbax_restore_args,
+    orbax_save_args,
+    restore_iterator_state,
+    save_iterator_state,
+)
+from frontier_jax.data.config import DataConfig, SourceConfig
+from frontier_jax.data.pipeline import (
+    build_train_dataset,
+    build_train_iterator,
+    source_documents,
+    validate_train_args,
+)
+from frontier_jax.data.stats import DataStats
+from frontier_jax.data.tokenizer import Tokenizer, byte_tokenizer, load_tokenizer
+
+__all__ = [
+    "DataConfig",
+    "DataStats",
+    "SourceConfig",
+    "Tokenizer",
+    "build_train_dataset",
+    "build_train_iterator",
+    "byte_tokenizer",
+    "load_tokenizer",
+    "orbax_restore_args",
+    "orbax_save_args",
+    "restore_iterator_state",
+    "save_iterator_state",
+    "source_documents",
+    "validate_train_args",
+]

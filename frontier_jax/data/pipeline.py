@@ -1,0 +1,143 @@
+"""The training input pipeline: sources -> screen -> mixture -> tokenize -> pack -> batch -> shard.
+
+Every process runs the same deterministic pipeline over the whole global batch
+and keeps a contiguous slice of its rows: process p of P gets rows
+[p * B/P, (p + 1) * B/P) of the global batch of B rows, the layout that
+`jax.make_array_from_process_local_data` expects for a batch axis sharded in
+process order. The union of the processes' rows is exactly the single-process
+batch; the price is that each process tokenizes and packs every row.
+
+Batches are dicts of int32 numpy arrays [B/P, T]:
+  input_ids    token ids fed to the model (pad_id on padding)
+  targets      the next token of the same document (pad_id on padding)
+  loss_mask    1 where the target is a real next token, 0 on padding
+  segment_ids  0 on padding; else 1 (mask_documents=False) or the document's
+               number within its row, from 1 (mask_documents=True)
+  positions    0..T-1 (mask_documents=False) or the position within the
+               document, restarting at 0 (mask_documents=True)
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+from typing import Optional
+
+import grain
+import numpy as np
+from absl import flags
+
+from frontier_jax.data.config import DataConfig, SourceConfig
+from frontier_jax.data.packing import pack_documents
+from frontier_jax.data.screen import ScreenIterDataset
+from frontier_jax.data.sources import source_records
+from frontier_jax.data.tokenizer import load_tokenizer
+
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
+_MIN_PACKING_BINS = 16
+
+
+def validate_train_args(
+    cfg: DataConfig,
+    *,
+    seq_len: int,
+    global_batch: int,
+    process_index: int,
+    process_count: int,
+    num_epochs: Optional[int],
+) -> None:
+    """Raises ValueError naming the field and the fix before any data is read."""
+    cfg.validate()
+    if seq_len < 2:
+        raise ValueError(f"seq_len={seq_len} must be >= 2 (a row needs room for a next token).")
+    if global_batch < 1:
+        raise ValueError(f"global_batch={global_batch} must be >= 1.")
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(
+            f"process_index={process_index}, process_count={process_count}: need "
+            "0 <= process_index < process_count."
+        )
+    if global_batch % process_count:
+        raise ValueError(
+            f"global_batch={global_batch} is not divisible by process_count={process_count}: "
+            "make the global batch a multiple of the number of processes."
+        )
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs={num_epochs} must be >= 1, or None to repeat forever.")
+
+
+def _source_seed(cfg: DataConfig, source: SourceConfig) -> int:
+    """Shuffle seed of one source: from data.seed and the source's name (not its list position)."""
+    return (cfg.seed + zlib.crc32(source.name.encode())) % 2**32
+
+
+def source_documents(cfg: DataConfig, source: SourceConfig, num_epochs: Optional[int]) -> grain.IterDataset:
+    """IterDataset[str] of the screened documents of one source, repeated `num_epochs` times.
+
+    With data.shuffle each epoch is globally shuffled, differently per epoch.
+    """
+    records = source_records(source, seed=cfg.seed)
+    if cfg.shuffle:
+        records = records.shuffle(seed=_source_seed(cfg, source))
+    return ScreenIterDataset(
+        records.repeat(num_epochs).to_iter_dataset(_READ_OPTIONS),
+        source=source.name,
+        min_chars=cfg.min_document_chars,
+        max_chars=cfg.max_document_chars,
+    )
+
+
+def _process_rows(batch: dict[str, np.ndarray], *, process_index: int, process_count: int) -> dict[str, np.ndarray]:
+    """The contiguous block of rows of `batch` that belongs to `process_index`."""
+    rows = len(batch["input_ids"]) // process_count
+    return {k: v[process_index * rows : (process_index + 1) * rows] for k, v in batch.items()}
+
+
+def build_train_dataset(
+    cfg: DataConfig,
+    *,
+    seq_len: int,
+    global_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: Optional[int] = None,
+) -> grain.IterDataset:
+    """The IterDataset of this process's batches (see the module docstring).
+
+    `num_epochs`: passes over each source (None = forever); with several sources
+    the mixture ends when its first source runs out. A last incomplete batch is dropped.
+    """
+    validate_train_args(cfg, seq_len=seq_len, global_batch=global_batch, process_index=process_index,
+                        process_count=process_count, num_epochs=num_epochs)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    mixture = grain.IterDataset.mix(
+        {s.name: source_documents(cfg, s, num_epochs) for s in cfg.sources},
+        {s.name: s.weight for s in cfg.sources},
+    )
+    rows = pack_documents(mixture, tokenizer=tokenizer, seq_len=seq_len, mask_documents=cfg.mask_documents,
+                          num_bins=max(global_batch, _MIN_PACKING_BINS))
+    batches = rows.batch(global_batch, drop_remainder=True).map(
+        functools.partial(_process_rows, process_index=process_index, process_count=process_count)
+    )
+    if cfg.worker_count:
+        # grain 0.2.18 workers read absl flags, which fails unless they were parsed
+        # (google/grain#1355); programs that do not use absl.app parse none.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
+    return batches
+
+
+def build_train_iterator(
+    cfg: DataConfig,
+    *,
+    seq_len: int,
+    global_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: Optional[int] = None,
+) -> grain.DatasetIterator:
+    """Iterator of this process's batches; supports `get_state()` / `set_state()`."""
+    return iter(build_train_dataset(cfg, seq_len=seq_len, global_batch=global_batch,
+                                    process_index=process_index, process_count=process_count,
+                                    num_epochs=num_epochs))

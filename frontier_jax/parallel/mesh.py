@@ -1,0 +1,53 @@
+"""The device mesh, built from `MeshConfig` with `jax.make_mesh`, and the shardings of the
+model's state derived from its logical axis names."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from frontier_jax.config import MeshConfig
+from frontier_jax.parallel.rules import DEFAULT_RULES, MESH_AXES, logical_to_spec
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
+    """Axis sizes with `data=-1` resolved; the product must equal `num_devices`."""
+    sizes = {axis: getattr(cfg, axis) for axis in MESH_AXES}
+    others = math.prod(v for k, v in sizes.items() if k != "data")
+    if sizes["data"] == -1:
+        if num_devices % others:
+            raise ValueError(f"mesh: stage*fsdp*expert*tensor = {others} does not divide the "
+                             f"{num_devices} devices; change the mesh.* sizes")
+        sizes["data"] = num_devices // others
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(f"mesh: axis sizes {sizes} multiply to {math.prod(sizes.values())}, but there "
+                         f"are {num_devices} devices; make the product equal the device count")
+    return sizes
+
+
+def build_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = mesh_shape(cfg, len(devices))
+    return jax.make_mesh(tuple(sizes.values()), tuple(sizes), devices=devices,
+                         axis_types=(AxisType.Auto,) * len(sizes))
+
+
+def batch_sharding(mesh: Mesh, rules: Mapping[str, Sequence[str]] = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of [batch, seq] input arrays."""
+    return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh,
+                    rules: Mapping[str, Sequence[str]] = DEFAULT_RULES):
+    """Pure-dict pytree of NamedShardings for an nnx State whose variables carry `logical_axes`."""
+    def sharding(var):
+        axes = var.get_metadata().get("logical_axes")
+        spec = PartitionSpec() if axes is None else logical_to_spec(axes, rules)
+        return NamedSharding(mesh, spec)
+
+    shardings = jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(shardings) if isinstance(shardings, nnx.State) else shardings

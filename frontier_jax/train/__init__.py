@@ -1,0 +1,1 @@
+"""Pre-training: losses, optimizer, the pure train step, checkpoints and the host loop."""

@@ -1,0 +1,86 @@
+"""Metrics out of the loop: JSONL + TensorBoard, MFU, and the loss-curve plot.
+
+MFU = (model FLOPs per token x tokens/s) / (peak FLOP/s per device x devices), with the
+model FLOPs from `describe` and the peak a measured dense bf16 matmul ceiling of the device
+(`PEAK_FLOPS`, see shared/DEVICE.md); devices without a figure report no MFU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+
+# Measured dense bf16 matmul ceilings (FLOP/s) by device kind substring.
+PEAK_FLOPS = {"H100": 729e12, "H200": 790e12}
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
+    kind = (device or jax.devices()[0]).device_kind
+    return next((flops for name, flops in PEAK_FLOPS.items() if name in kind), None)
+
+
+def model_flops_utilization(flops_per_token: float, tokens_per_s: float) -> float | None:
+    peak = peak_flops_per_device()
+    if peak is None:
+        return None
+    return flops_per_token * tokens_per_s / (peak * jax.device_count())
+
+
+class MetricsLogger:
+    """Appends one JSON object per record to run_dir/metrics.jsonl and mirrors scalars (and
+    per-layer lists as layer_i scalars) to TensorBoard event files under run_dir/tensorboard."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a", encoding="utf-8")
+        self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        step = record["step"]
+        for key, value in record.items():
+            if key == "step":
+                continue
+            if isinstance(value, list):
+                for i, v in enumerate(value):
+                    self.tb.add_scalar(f"{key}/layer_{i}", v, step)
+            else:
+                self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+def plot_loss_curve(metrics_path: Path, out_path: Path) -> None:
+    """Loss (and MTP loss) against step from metrics.jsonl, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    by_step = {r["step"]: r for r in rows}  # a resumed run may log a step twice: keep the last
+    steps = sorted(by_step)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [by_step[s]["ce_loss"] for s in steps], label="next-token CE")
+    if all("mtp_loss" in by_step[s] for s in steps):
+        ax.plot(steps, [by_step[s]["mtp_loss"] for s in steps], label="MTP CE", alpha=0.7)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"training loss ({Path(metrics_path).parent.name})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,75 @@
+"""AdamW with global-norm clipping, learning-rate schedules and protected moment dtypes.
+
+AdamW (Loshchilov & Hutter): m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
+    w <- w - lr_t (m_hat / (sqrt(v_hat) + eps) + wd * w)
+with weight decay applied to matrices only (projections, experts, embeddings, router; not
+norm scales), as given by a boolean mask tree.  Gradients are clipped to global norm `grad_clip` first.
+Moments are stored in `moment_dtype` (fp32 or bf16) and updated in fp32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from frontier_jax.config import TrainConfig
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """lr(step): linear warmup to `lr`, then
+    "constant": flat;  "cosine": cosine to lr_min at `steps`;
+    "deepseek": flat until decay_start, cosine to lr_min over decay_steps, then flat lr_min."""
+    warmup = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
+    if cfg.schedule == "constant":
+        after = optax.constant_schedule(cfg.lr)
+        return optax.join_schedules([warmup, after], [cfg.warmup_steps])
+    if cfg.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(cfg.lr, max(cfg.steps - cfg.warmup_steps, 1),
+                                            alpha=cfg.lr_min / cfg.lr)
+        return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+    hold = optax.constant_schedule(cfg.lr)
+    decay = optax.cosine_decay_schedule(cfg.lr, max(cfg.decay_steps, 1), alpha=cfg.lr_min / cfg.lr)
+    tail = optax.constant_schedule(cfg.lr_min)
+    decay_start = max(cfg.decay_start, cfg.warmup_steps)
+    return optax.join_schedules([warmup, hold, decay, tail],
+                                [cfg.warmup_steps, decay_start, decay_start + cfg.decay_steps])
+
+
+def batch_size_at(cfg: TrainConfig, step: jax.Array) -> jax.Array:
+    """Batch-size ramp: rows used at `step`, linear from batch_ramp_start to global_batch over
+    batch_ramp_steps (rounded down to a multiple of micro_batches, at least micro_batches)."""
+    if not cfg.batch_ramp_steps:
+        return jnp.asarray(cfg.global_batch, jnp.int32)
+    frac = jnp.clip(step / cfg.batch_ramp_steps, 0.0, 1.0)
+    rows = cfg.batch_ramp_start + frac * (cfg.global_batch - cfg.batch_ramp_start)
+    rows = (jnp.floor(rows).astype(jnp.int32) // cfg.micro_batches) * cfg.micro_batches
+    return jnp.clip(rows, cfg.micro_batches, cfg.global_batch)
+
+
+def with_moment_dtype(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """Stores every floating state leaf of `inner` in `dtype`; computes in fp32."""
+    def cast(tree, to):
+        return jax.tree.map(lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    def init(params):
+        return cast(inner.init(params), dtype)
+
+    def update(updates, state, params=None):
+        updates, state = inner.update(updates, cast(state, jnp.float32), params)
+        return updates, cast(state, dtype)
+
+    return optax.GradientTransformation(init, update)
+
+
+def build_optimizer(cfg: TrainConfig, decay_mask) -> optax.GradientTransformation:
+    """decay_mask: pytree of bools matching the parameters (True = apply weight decay)."""
+    adam = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+    if cfg.moment_dtype != "float32":
+        adam = with_moment_dtype(adam, jnp.dtype(cfg.moment_dtype))
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        adam,
+        optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+        optax.scale_by_learning_rate(learning_rate_schedule(cfg)),
+    )

@@ -1,0 +1,43 @@
+import omegaconf
+import pytest
+
+from frontier_jax.data import DataConfig, SourceConfig
+
+
+def test_default_config_is_the_embedded_code_and_math_mixture_and_valid():
+    cfg = DataConfig()
+    cfg.validate()
+    assert [(s.kind, s.weight) for s in cfg.sources] == [("embedded_code", 0.7), ("embedded_math", 0.3)]
+    assert cfg.tokenizer == "byte" and not cfg.mask_documents
+
+
+def test_config_works_as_omegaconf_structured_config():
+    merged = omegaconf.OmegaConf.merge(
+        omegaconf.OmegaConf.structured(DataConfig),
+        {"mask_documents": True, "sources": [{"name": "web", "kind": "jsonl", "path": "/d/*.jsonl"}]},
+    )
+    cfg = omegaconf.OmegaConf.to_object(merged)
+    assert isinstance(cfg, DataConfig) and isinstance(cfg.sources[0], SourceConfig)
+    assert cfg.sources[0].weight == 1.0 and cfg.mask_documents
+    cfg.validate()
+
+
+@pytest.mark.parametrize(
+    "cfg, fragments",
+    [
+        (DataConfig(sources=[]), ["data.sources"]),
+        (DataConfig(sources=[SourceConfig("a", "csv", "x.csv")]), ["data.sources[0].kind", "'csv'", "jsonl"]),
+        (DataConfig(sources=[SourceConfig("a", "jsonl")]), ["data.sources[0].path", "glob"]),
+        (DataConfig(sources=[SourceConfig("a", "embedded_math", weight=0.0)]), ["data.sources[0].weight", "0.0"]),
+        (DataConfig(sources=[SourceConfig("a", "embedded_math"), SourceConfig("a", "embedded_code")]),
+         ["data.sources[1].name", "unique"]),
+        (DataConfig(min_document_chars=0), ["data.min_document_chars"]),
+        (DataConfig(max_document_chars=5, min_document_chars=10), ["data.max_document_chars=5"]),
+        (DataConfig(worker_count=-1), ["data.worker_count=-1"]),
+    ],
+)
+def test_invalid_config_error_names_field_and_value(cfg, fragments):
+    with pytest.raises(ValueError) as err:
+        cfg.validate()
+    for fragment in fragments:
+        assert fragment in str(err.value)
