@@ -28,12 +28,6 @@ def _train(args) -> int:
     return train_from_cli(args.config, args.run_dir, args.overrides)
 
 
-def _convert(args) -> int:
-    from frontier_jax.convert.cli import main as convert_main
-
-    return convert_main(args.convert_args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="frontier-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,17 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
     desc.add_argument("overrides", nargs="*")
     desc.set_defaults(func=_describe)
 
-    conv = sub.add_parser("convert", help="Hugging Face DeepseekV3 checkpoints in and out",
-                          add_help=False)
-    conv.add_argument("convert_args", nargs=argparse.REMAINDER)
-    conv.set_defaults(func=_convert)
+    sub.add_parser("convert", help="Hugging Face DeepseekV3 checkpoints in and out "
+                   "(frontier-jax convert --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["convert"]:  # its own parser (check / export sub-commands)
+        from frontier_jax.convert.cli import main as convert_main
+
+        return convert_main(argv[1:])
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

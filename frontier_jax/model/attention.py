@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from frontier_jax.model.tokamax_import import tokamax
+
 _MASKED = -1e30  # finite, so that a fully masked (padding) row yields no NaN
 
 
@@ -38,15 +40,19 @@ def _xla_attention(q, k, v, mask, scale):
     return jnp.einsum("bhts,bshd->bthd", probs, v)
 
 
-def _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, scale):
+def _kernel_mask(q, k, q_segment_ids, kv_segment_ids, q_offset) -> dict:
+    """Mask arguments for the flash kernels: their built-in causal mask for plain causal
+    self-attention, an explicit boolean mask otherwise (documents, decode offsets)."""
+    if q_segment_ids is None and isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]:
+        return {"is_causal": True}
+    return {"mask": attention_mask(q.shape[1], k.shape[1], q_segment_ids, kv_segment_ids, q_offset)}
+
+
+def _cudnn_attention(q, k, v, scale, mask_args):
     dv = v.shape[-1]
     if dv < q.shape[-1]:
         v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - dv)))
-    if q_segment_ids is None and isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]:
-        out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
-    else:
-        mask = attention_mask(q.shape[1], k.shape[1], q_segment_ids, kv_segment_ids, q_offset)
-        out = jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask, implementation="cudnn")
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn", **mask_args)
     return out[..., :dv]
 
 
@@ -63,6 +69,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
     if impl == "xla":
         mask = attention_mask(q.shape[1], k.shape[1], q_segment_ids, kv_segment_ids, q_offset)
         return _xla_attention(q, k, v, mask, scale)
+    mask_args = _kernel_mask(q, k, q_segment_ids, kv_segment_ids, q_offset)
     if impl == "cudnn":
-        return _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, scale)
-    raise ValueError(f"model.attention_impl={impl!r} is unknown; allowed: xla, cudnn")
+        return _cudnn_attention(q, k, v, scale, mask_args)
+    if impl == "tokamax":
+        return tokamax("model.attention_impl").dot_product_attention(q, k, v, scale=scale, **mask_args)
+    raise ValueError(f"model.attention_impl={impl!r} is unknown; allowed: xla, cudnn, tokamax")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "cudnn", "tokamax")
 GMM_IMPLS = ("ragged_dot", "tokamax")
 MOE_DISPATCH = ("dropless", "capacity")
 SCORING_FUNCS = ("sigmoid", "softmax")

@@ -13,21 +13,10 @@ computed in `dtype` with fp32 accumulation.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
-
-@functools.cache
-def _tokamax():
-    try:
-        import tokamax
-    except ImportError as err:  # pragma: no cover - depends on the installed extras
-        raise ImportError(
-            "model.gmm_impl='tokamax' needs the tokamax package: pip install 'frontier_jax[gpu]' "
-            "(Python >= 3.12), or set model.gmm_impl=ragged_dot") from err
-    return tokamax
+from frontier_jax.model.tokamax_import import tokamax
 
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str,
@@ -37,7 +26,9 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, im
     if impl == "ragged_dot":
         out = jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
     elif impl == "tokamax":
-        out = _tokamax().ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
+        # fp32 accumulation inside the kernel; its backward kernels need operands of one dtype,
+        # so the output (hence the incoming cotangent) stays in `dtype`.
+        out = tokamax("model.gmm_impl").ragged_dot(lhs, rhs, group_sizes, preferred_element_type=dtype)
     else:
         raise ValueError(f"model.gmm_impl={impl!r} is unknown; allowed: ragged_dot, tokamax")
     return out.astype(dtype)

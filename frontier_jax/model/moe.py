@@ -99,8 +99,10 @@ class RoutedExperts(nnx.Module):
             out = self._batched_swiglu(buf[:-1].reshape(e, capacity, d)).reshape(e * capacity, d)
             ys = jnp.concatenate([out, jnp.zeros((1, d), out.dtype)])[slot]
             dropped = (n * k - keep.sum()).astype(jnp.int32)
-        y_assign = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, d)
-        y = jnp.einsum("nkd,nk->nd", y_assign.astype(jnp.float32), routing.weights)
+        unsort = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
+        y_assign = ys[unsort].reshape(n, k, d)  # back to (token, choice) order
+        y = jnp.einsum("nkd,nk->nd", y_assign, routing.weights.astype(ys.dtype),
+                       preferred_element_type=jnp.float32)
         return y.astype(x.dtype), dropped
 
 

@@ -36,6 +36,18 @@ def build_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> 
                          axis_types=(AxisType.Auto,) * len(sizes))
 
 
+def check_batch_fits(global_batch: int, mesh: Mesh,
+                     rules: Mapping[str, Sequence[str]] = DEFAULT_RULES) -> None:
+    """The batch dimension is split over the mesh axes the `batch` rule names; their product
+    must divide train.global_batch."""
+    axes = [a for a in rules["batch"] if a in mesh.shape]
+    ways = math.prod(mesh.shape[a] for a in axes)
+    if global_batch % ways:
+        raise ValueError(f"train.global_batch={global_batch} is not divisible by the {ways}-way batch "
+                         f"split over mesh axes {axes} ({dict(mesh.shape)}); use a multiple of {ways} "
+                         "or change mesh.*")
+
+
 def batch_sharding(mesh: Mesh, rules: Mapping[str, Sequence[str]] = DEFAULT_RULES) -> NamedSharding:
     """Sharding of [batch, seq] input arrays."""
     return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules))

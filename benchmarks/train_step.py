@@ -1,0 +1,156 @@
+"""Full training-step benchmark: frontier_jax vs Hugging Face transformers (PyTorch), same run.
+
+    python benchmarks/train_step.py --config model/bench-1b --seq-len 2048 --batch 16 \
+        [--torch] [--torch-compile] [key=value overrides ...]
+
+Prints, for each system: median step time, tokens/s, MFU (model FLOPs per token from
+`describe` -- 6 N_active + causal attention -- over the device's measured bf16 peak) and peak
+device memory, then the ratio of ours to each baseline.  Synthetic uniform-random token batches,
+so the input pipeline is not part of the figure.  Both sides train the same shape without MTP
+(transformers' DeepseekV3 has no MTP module) unless `model.mtp_depth` is overridden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+
+# PyTorch runs in the same process: JAX must not reserve most of the GPU up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax
+import numpy as np
+
+from frontier_jax.config import load_config
+from frontier_jax.model.describe import describe
+from frontier_jax.train.metrics import peak_flops_per_device
+from frontier_jax.train.step import Trainer
+
+
+def _report(name: str, times: list[float], tokens: int, flops_per_token: float, peak_bytes: int | None):
+    median = statistics.median(times)
+    tps = tokens / median
+    peak = peak_flops_per_device()
+    row = {"system": name, "median_step_ms": median * 1e3, "tokens_per_s": tps,
+           "mfu": flops_per_token * tps / peak if peak else None,
+           "peak_memory_gib": peak_bytes / 2**30 if peak_bytes else None}
+    mfu = f"{row['mfu'] * 100:.1f}%" if row["mfu"] is not None else "n/a"
+    mem = f"{row['peak_memory_gib']:.1f} GiB" if row["peak_memory_gib"] is not None else "n/a"
+    print(f"{name:28s} step {median * 1e3:8.1f} ms  {tps:12,.0f} tok/s  MFU {mfu:>6s}  peak mem {mem}",
+          flush=True)
+    return row
+
+
+def bench_jax(cfg, batch: int, seq: int, steps: int, warmup: int) -> list[float]:
+    trainer = Trainer(cfg)
+    state = jax.jit(trainer.init, static_argnums=0)(cfg.train.seed)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.model.vocab_size, (batch, seq + 1), dtype=np.int32)
+    host = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((batch, seq), np.int32),
+            "segment_ids": np.ones((batch, seq), np.int32),
+            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
+    device_batch = jax.device_put(host)
+    step = jax.jit(trainer.train_step, donate_argnums=0)
+    t = time.perf_counter()
+    state, metrics = step(state, device_batch)
+    jax.block_until_ready(metrics)
+    print(f"jax compile + first step: {time.perf_counter() - t:.1f} s (loss {float(metrics['loss']):.3f})",
+          flush=True)
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        state, metrics = step(state, device_batch)
+        jax.block_until_ready(metrics)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def bench_torch(cfg, batch: int, seq: int, steps: int, warmup: int, compile_model: bool) -> tuple[list[float], int]:
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from frontier_jax.convert import model_config_to_hf_config
+
+    hf_cfg = DeepseekV3Config(**model_config_to_hf_config(cfg.model))
+    hf_cfg._attn_implementation = "sdpa"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = DeepseekV3ForCausalLM(hf_cfg).to(device=device, dtype=torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=device == "cuda")
+    ids = torch.randint(0, cfg.model.vocab_size, (batch, seq), device=device)
+
+    def train_step():
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss
+
+    step = torch.compile(train_step) if compile_model else train_step
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = []
+    for i in range(warmup + steps + 1):
+        t = time.perf_counter()
+        step()
+        sync()
+        if i > warmup:
+            times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+    del model, opt, step
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return times, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="model/bench-1b")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--torch", action="store_true", help="also run transformers eager")
+    parser.add_argument("--torch-compile", action="store_true", help="also run transformers + torch.compile")
+    parser.add_argument("--json", help="write the rows to this JSON file")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+
+    overrides = ["precision.policy=bf16", "model.mtp_depth=0", f"train.seq_len={args.seq_len}",
+                 f"train.global_batch={args.batch}", *args.overrides]
+    cfg = load_config(args.config, overrides)
+    info = describe(cfg.model, args.seq_len)
+    tokens = args.batch * args.seq_len
+    print(f"model {cfg.model.name}: "
+          f"{info['active_non_embedding_params'] / 1e6:.1f}M active non-embedding params, "
+          f"{info['flops_per_token'] / 1e9:.3f} GFLOP/token; batch {args.batch} x seq {args.seq_len}; "
+          f"attention {cfg.model.attention_impl}, dispatch {cfg.model.moe_dispatch}, gmm {cfg.model.gmm_impl}, "
+          f"remat {cfg.model.remat_policy}", flush=True)
+    baselines = []
+    for name, enabled, compiled in (("transformers eager", args.torch, False),
+                                    ("transformers torch.compile", args.torch_compile, True)):
+        if enabled:  # before JAX touches the GPU, so that each side has the whole memory
+            t, peak = bench_torch(cfg, args.batch, args.seq_len, args.steps, args.warmup, compiled)
+            baselines.append(_report(name, t, tokens, info["flops_per_token"], peak))
+    times = bench_jax(cfg, args.batch, args.seq_len, args.steps, args.warmup)
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}")
+    stats = jax.devices()[0].memory_stats() or {}
+    rows = [_report("frontier_jax", times, tokens, info["flops_per_token"], stats.get("peak_bytes_in_use")),
+            *baselines]
+    for row in rows[1:]:
+        print(f"frontier_jax / {row['system']}: {rows[0]['tokens_per_s'] / row['tokens_per_s']:.2f}x tokens/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": cfg.model.name, "batch": args.batch, "seq_len": args.seq_len, "rows": rows}, f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""DeepSeekMoE layer: dropless and capacity dispatch against a naive per-token loop over the
+selected experts, drop counts, expert loads, the sequence-wise balance loss and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from frontier_jax.model.moe import MoE
+
+from . import common
+from . import reference as ref
+
+B, T = 3, 12
+MASK = np.ones((B, T), np.int32)
+MASK[1, 8:] = 0  # padding at the end of row 1
+MASK[2, :] = 0  # row 2 is all padding
+
+
+def _moe(seed=0, **overrides):
+    cfg = common.tiny_config(**overrides)
+    return cfg, common.build(lambda: MoE(cfg, policy=common.FP32, rngs=nnx.Rngs(0)), seed)
+
+
+_apply = common.jit(lambda m, x, mask: m(x, mask))
+
+
+def _x(cfg, seed=1):
+    return np.random.default_rng(seed).standard_normal((B, T, cfg.hidden_size))
+
+
+def _run(moe, x, mask=MASK):
+    y, stats = _apply(moe, jnp.asarray(x, jnp.float32), jnp.asarray(mask))
+    return np.asarray(y), jax.tree.map(np.asarray, stats)
+
+
+SOFTMAX_NO_SHARED = dict(n_shared_experts=0, scoring_func="softmax", norm_topk_prob=False,
+                         num_experts_per_tok=3)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),  # V3-style: sigmoid, 4 groups / top-2 groups, 1 shared expert, scaling 2.5
+    dict(n_shared_experts=2, n_group=1, topk_group=1, routed_scaling_factor=1.0),
+    SOFTMAX_NO_SHARED,
+], ids=["v3", "two_shared_ungrouped", "softmax_no_shared"])
+def test_dropless_matches_naive_per_token_loop(overrides):
+    # fp32 vs float64: rtol 1e-4, atol 1e-5 on O(1) outputs
+    cfg, moe = _moe(**overrides)
+    x = _x(cfg)
+    y, stats = _run(moe, x)
+    want = ref.moe(common.params_f64(moe), x.reshape(B * T, -1), cfg, token_mask=MASK)
+    common.assert_close(y.reshape(B * T, -1), want["y"], rtol=1e-4, atol=1e-5)
+    assert stats.dropped == 0
+
+
+def test_capacity_with_large_factor_equals_dropless():
+    # capacity_factor = N_r / K gives C = N: nothing can be dropped.  Different matmul kernels
+    # (grouped vs batched) sum in different orders, so "equal" means equal to fp32 rounding of
+    # O(5) outputs: rtol 1e-5, atol 2e-5 (observed max difference 4e-6).
+    cfg, dropless = _moe(seed=3)
+    cap_cfg, capacity = _moe(seed=3, moe_dispatch="capacity", moe_capacity_factor=4.0)
+    assert ref.capacity(cap_cfg, B * T, 4.0) == B * T
+    x = _x(cfg, 2)
+    y0, s0 = _run(dropless, x)
+    y1, s1 = _run(capacity, x)
+    np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=2e-5)
+    assert s1.dropped == 0
+    np.testing.assert_array_equal(s1.load, s0.load)
+    assert s1.balance_loss == s0.balance_loss
+
+
+@pytest.mark.parametrize("factor", [0.5])
+def test_capacity_drops_match_first_come_naive_count(factor):
+    # each expert keeps its first C = ceil(f N K / N_r) assignments in token order: the dropped
+    # count equals the naive count exactly and the output equals the naive loop that skips the
+    # dropped assignments (rtol 1e-4, atol 1e-5)
+    cfg, moe = _moe(seed=4, moe_dispatch="capacity", moe_capacity_factor=factor)
+    x = _x(cfg, 5)
+    y, stats = _run(moe, x)
+    want = ref.moe(common.params_f64(moe), x.reshape(B * T, -1), cfg, token_mask=MASK,
+                   capacity_factor=factor)
+    assert want["dropped"] > 0  # the test is about drops
+    assert int(stats.dropped) == want["dropped"]
+    common.assert_close(y.reshape(B * T, -1), want["y"], rtol=1e-4, atol=1e-5)
+    # load counts assignments before dropping
+    np.testing.assert_array_equal(stats.load, want["load"])
+
+
+def test_load_counts_assignments_of_real_tokens_only():
+    cfg, moe = _moe(seed=6)
+    x = _x(cfg, 7)
+    _, stats = _run(moe, x)
+    want = ref.moe(common.params_f64(moe), x.reshape(B * T, -1), cfg, token_mask=MASK)
+    np.testing.assert_array_equal(stats.load, want["load"])
+    assert stats.load.sum() == MASK.sum() * cfg.num_experts_per_tok
+    _, unmasked = _run(moe, x, np.ones((B, T), np.int32))
+    assert unmasked.load.sum() == B * T * cfg.num_experts_per_tok
+    # masking changes the statistics only, never the outputs
+    np.testing.assert_array_equal(_run(moe, x)[0], _run(moe, x, np.ones((B, T), np.int32))[0])
+
+
+@pytest.mark.parametrize("overrides", [dict(), SOFTMAX_NO_SHARED], ids=["sigmoid", "softmax"])
+def test_sequence_balance_loss_matches_reference(overrides):
+    # rows: one full, one padded, one entirely padding (contributes 0 to the mean); rtol 1e-5
+    cfg, moe = _moe(seed=8, **overrides)
+    x = _x(cfg, 9)
+    _, stats = _run(moe, x)
+    want = ref.moe(common.params_f64(moe), x.reshape(B * T, -1), cfg, token_mask=MASK)
+    loss = ref.sequence_balance_loss(want["experts"].reshape(B, T, -1),
+                                     want["scores"].reshape(B, T, -1), MASK, cfg)
+    np.testing.assert_allclose(stats.balance_loss, loss, rtol=1e-5)
+    # sanity of the reference itself: each real row's L lies in (0, N_r]
+    assert 0 < loss <= cfg.n_routed_experts
+
+
+def test_gradients_match_finite_differences_of_reference_and_reach_router():
+    # d/dx of sum(y * r): JAX fp32 reverse mode vs central differences (h = 1e-5) of the float64
+    # reference on a few coordinates (routing is piecewise constant there, gates differentiable):
+    # rtol 2e-3, atol 2e-4.  Parameter gradients: finite, non-zero for the router kernel (through
+    # the gates) and for every expert with assignments; the selection bias gets none.
+    cfg, moe = _moe(seed=10)
+    x = _x(cfg, 11)
+    r = np.random.default_rng(12).standard_normal(x.shape)
+    p = common.params_f64(moe)
+
+    def loss(m, x):
+        return (m(x, jnp.asarray(MASK))[0] * jnp.asarray(r, jnp.float32)).sum()
+
+    grads, g = common.jit(nnx.grad(loss, argnums=(0, 1)))(moe, jnp.asarray(x, jnp.float32))
+    g = np.asarray(g).reshape(B * T, -1)
+    assert np.isfinite(g).all()
+
+    def ref_loss(xt, t):  # only token t's output depends on x[t] (dropless)
+        return float((ref.moe(p, xt[None], cfg)["y"][0] * r.reshape(B * T, -1)[t]).sum())
+
+    flat = x.reshape(B * T, -1)
+    h = 1e-5
+    for t, j in [(0, 0), (5, 3), (17, 31), (30, 12)]:
+        plus, minus = flat[t].copy(), flat[t].copy()
+        plus[j] += h
+        minus[j] -= h
+        route = lambda v: ref.route_token(v @ p["router"]["kernel"], p["router"]["bias"], cfg)[0]
+        assert route(plus) == route(minus)
+        fd = (ref_loss(plus, t) - ref_loss(minus, t)) / (2 * h)
+        np.testing.assert_allclose(g[t, j], fd, rtol=2e-3, atol=2e-4)
+
+    named = {"/".join(str(k.key) for k in path): np.asarray(leaf) for path, leaf in
+             jax.tree_util.tree_flatten_with_path(grads.to_pure_dict())[0]}
+    assert all(np.isfinite(v).all() for v in named.values())
+    assert np.abs(named["router/kernel"]).max() > 0
+    assert not any("bias" in k for k in named)
+    experts = ref.moe(p, flat, cfg)["experts"]
+    used = np.isin(np.arange(cfg.n_routed_experts), experts)
+    per_expert = np.abs(named["experts/w_down"]).reshape(cfg.n_routed_experts, -1).max(-1)
+    assert (per_expert[used] > 0).all() and (per_expert[~used] == 0).all()

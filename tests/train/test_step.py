@@ -1,0 +1,271 @@
+"""The pure train step (frontier_jax/train/step.py): gradient accumulation, the loss terms,
+the auxiliary-loss-free bias update and non-finite steps.
+
+Runs on one device with a hand-built state (random weights drawn in numpy: compiling the
+model's initialiser costs as much as a train step) and a hand-built packed batch with
+document masking and very uneven token counts per row, so that normalising a micro-batch by
+its own counts instead of the global batch's would show.
+
+Tolerances (fp32; different micro-batch splits sum in a different order):
+  losses / grad norm      rtol 1e-5 (observed <= 3e-7)
+  updated parameters      atol 1e-5, i.e. 0.3% of the per-element step (Adam's first step is
+                          ~lr * sign(g) with lr = 3e-3: elements whose gradient is near zero
+                          amplify rounding noise; observed max 2.3e-6)
+  AdamW moments           rtol 1e-4, atol 1e-9
+  biases                  exact (loads are integer counts)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from frontier_jax.model.routing import route
+from frontier_jax.train.losses import mtp_targets
+from frontier_jax.train.step import BATCH_KEYS, Trainer
+
+from .common import run_lock, tiny_config
+
+LOSS_RTOL = 1e-5
+MICRO = (1, 2, 4)
+
+
+def make_state(trainer: Trainer, seed: int) -> dict:
+    """A train state with random weights (norm scales around 1, kernels ~ N(0, 0.05^2)) and
+    small random expert biases; AdamW state from the optimizer's own init."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, shape):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['scale']"):
+            return (1.0 + 0.1 * rng.standard_normal(shape.shape)).astype(np.float32)
+        return (0.05 * rng.standard_normal(shape.shape)).astype(np.float32)
+
+    params = jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(trainer.abstract_params))
+    biases = jax.tree.map(lambda s: (0.01 * rng.standard_normal(s.shape)).astype(np.float32),
+                          nnx.to_pure_dict(trainer.abstract_biases))
+    params, biases = jax.tree.map(jnp.asarray, (params, biases))
+    opt_state = jax.jit(trainer.optimizer.init)(params)
+    return {"params": params, "biases": biases, "opt_state": opt_state,
+            "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(seed))}
+
+
+def make_batch(seed: int, rows: int = 8, seq: int = 32, vocab: int = 259) -> dict:
+    """Packed rows (mask_documents=True layout): documents with their own segment ids and
+    positions, padded tails; rows hold 32, 32, 24, 24, 12, 8, 6, 3 real tokens."""
+    rng = np.random.default_rng(seed)
+    real_per_row = [32, 32, 24, 24, 12, 8, 6, 3][:rows]
+    out = {k: np.zeros((rows, seq), np.int32) for k in BATCH_KEYS}
+    for r, real in enumerate(real_per_row):
+        j, doc = 0, 1
+        while j < real:
+            n = min(int(rng.integers(2, 14)), real - j)
+            tokens = rng.integers(0, vocab, n + 1)
+            out["input_ids"][r, j:j + n] = tokens[:-1]
+            out["targets"][r, j:j + n] = tokens[1:]
+            out["segment_ids"][r, j:j + n] = doc
+            out["positions"][r, j:j + n] = np.arange(n)
+            out["loss_mask"][r, j:j + n] = 1
+            j, doc = j + n, doc + 1
+    return out
+
+
+def _cfg(*extra):
+    return tiny_config("data.mask_documents=true", "train.warmup_steps=0", *extra)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    trainer = Trainer(_cfg())
+    state = make_state(trainer, seed=0)
+    batch = {k: jnp.asarray(v) for k, v in make_batch(seed=1).items()}
+    forward = jax.jit(lambda p, b, batch: trainer.model(p, b).forward(
+        batch["input_ids"], batch["positions"], batch["segment_ids"]))
+    return trainer, state, batch, forward
+
+
+@pytest.fixture(scope="module")
+def step_m1(setup, shared_dir):
+    """The jitted train step of the M=1 trainer (compiled once per run, see `run_lock`)."""
+    trainer, state, batch, _ = setup
+    fn = jax.jit(trainer.train_step)
+    with run_lock(shared_dir, "step_compile_m1"):
+        jax.block_until_ready(fn(state, batch))
+    return fn
+
+
+@pytest.fixture(scope="module")
+def stepped(setup, step_m1, shared_dir):
+    """{M: (new_state, metrics)} for one step of the same state and global batch."""
+    _, state, batch, _ = setup
+    results = {1: jax.device_get(step_m1(state, batch))}
+    for m in MICRO[1:]:
+        trainer = Trainer(_cfg(f"train.micro_batches={m}"))
+        with run_lock(shared_dir, f"step_compile_m{m}"):
+            results[m] = jax.device_get(jax.jit(trainer.train_step)(state, batch))
+    return results
+
+
+# ------------------------------------------------------------ accumulation
+@pytest.mark.slow
+@pytest.mark.parametrize("m", [2, 4])
+def test_gradient_accumulation_matches_one_large_batch(setup, stepped, m):
+    (s1, m1), (sm, mm) = stepped[1], stepped[m]
+    assert mm["tokens"] == m1["tokens"] == sum([32, 32, 24, 24, 12, 8, 6, 3])
+    for key in ("loss", "ce_loss", "mtp_loss", "z_loss", "balance_loss", "grad_norm", "perplexity"):
+        np.testing.assert_allclose(mm[key], m1[key], rtol=LOSS_RTOL, err_msg=key)
+    assert mm["finite"] == m1["finite"] == 1
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(sm["params"]), jax.tree.leaves(s1["params"])):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    # (and they did move: lr is at its peak from step 0)
+    assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s1["params"]),
+                                                        jax.tree.leaves(jax.device_get(setup[1]["params"]))))
+    for a, b in zip(jax.tree.leaves(sm["opt_state"]), jax.tree.leaves(s1["opt_state"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9)
+    # loads are counts of real tokens: the bias update is identical
+    for a, b in zip(jax.tree.leaves(sm["biases"]), jax.tree.leaves(s1["biases"])):
+        np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------- loss terms
+def test_loss_terms_match_numpy_from_a_forward_pass(setup, step_m1):
+    """ce_loss, mtp_loss and z_loss of the step vs float64 numpy on the forward pass's logits;
+    loss = CE + lambda MTP + alpha Bal + z Lz."""
+    trainer, state, batch, forward = setup
+    cfg = trainer.cfg.train
+    _, metrics = jax.device_get(step_m1(state, batch))
+    out = jax.device_get(forward(state["params"], state["biases"], batch))
+    logits = np.asarray(out.logits, np.float64)
+    mask = np.asarray(batch["loss_mask"], np.float64)
+    top = logits.max(-1, keepdims=True)
+    lse = (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[..., 0]
+    ce = lse - np.take_along_axis(logits, np.asarray(batch["targets"])[..., None], -1)[..., 0]
+    np.testing.assert_allclose(metrics["ce_loss"], (ce * mask).sum() / mask.sum(), rtol=LOSS_RTOL)
+    np.testing.assert_allclose(metrics["z_loss"], (lse ** 2 * mask).sum() / mask.sum(), rtol=LOSS_RTOL)
+
+    targets, masks = (np.asarray(x) for x in mtp_targets(batch["targets"], batch["loss_mask"],
+                                                         batch["segment_ids"], 1))
+    mtp = np.asarray(out.mtp_logits, np.float64)
+    top = mtp.max(-1, keepdims=True)
+    mtp_lse = (top + np.log(np.exp(mtp - top).sum(-1, keepdims=True)))[..., 0]
+    mtp_ce = mtp_lse - np.take_along_axis(mtp, targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(metrics["mtp_loss"], (mtp_ce * masks).sum() / masks.sum(), rtol=LOSS_RTOL)
+
+    balance = float(np.sum(out.moe_stats.balance_loss) + np.sum(out.mtp_stats.balance_loss))
+    np.testing.assert_allclose(metrics["balance_loss"], balance, rtol=LOSS_RTOL)
+    total = (metrics["ce_loss"] + cfg.mtp_lambda * metrics["mtp_loss"] + cfg.balance_alpha * balance
+             + cfg.z_loss * metrics["z_loss"])
+    np.testing.assert_allclose(metrics["loss"], total, rtol=LOSS_RTOL)
+    assert metrics["tokens"] == mask.sum()
+    assert metrics["lr"] == pytest.approx(cfg.lr)
+
+
+# -------------------------------------------------------------- expert bias
+def _loads(out) -> dict:
+    return {"moe_layers": {"blocks": {"ffn": {"router": {"bias": np.asarray(out.moe_stats.load)}}}},
+            "mtp": {"modules": {"block": {"ffn": {"router": {"bias": np.asarray(out.mtp_stats.load)}}}}}}
+
+
+def test_bias_update_follows_sign_rule(setup, step_m1):
+    """b <- b + gamma * sign(mean(load) - load), loads from a forward pass (real tokens only)."""
+    trainer, state, batch, forward = setup
+    gamma = trainer.cfg.train.bias_update_speed
+    new_state, _ = jax.device_get(step_m1(state, batch))
+    out = jax.device_get(forward(state["params"], state["biases"], batch))
+    loads = _loads(out)
+    real = int(np.asarray(batch["segment_ids"] > 0).sum())
+    k = trainer.cfg.model.num_experts_per_tok
+    for load in jax.tree.leaves(loads):  # [layers, experts]: every real token counted K times
+        np.testing.assert_array_equal(load.sum(-1), real * k)
+    expected = jax.tree.map(
+        lambda b, load: np.asarray(b, np.float64) + gamma * np.sign(load.mean(-1, keepdims=True) - load),
+        jax.device_get(state["biases"]), loads)
+    changed = 0
+    for (path, got), want, old in zip(jax.tree_util.tree_leaves_with_path(new_state["biases"]),
+                                      jax.tree.leaves(expected), jax.tree.leaves(state["biases"])):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+        changed += int(np.sum(np.asarray(got) != np.asarray(old)))
+    assert changed > 0
+
+
+def test_biases_get_no_gradient_and_no_optimizer_state(setup, step_m1):
+    trainer, state, batch, _ = setup
+    # not parameters: no leaf of params or of the optimizer state is a router bias
+    for tree in (state["params"], state["opt_state"]):
+        names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+        assert not [n for n in names if "['bias']" in n]
+    # and nothing differentiable depends on them: the gates use the unbiased scores, the bias
+    # only enters the (top-k) selection
+    cfg = trainer.cfg.model
+    rng = np.random.default_rng(4)
+    logits = jnp.asarray(rng.standard_normal((64, cfg.n_routed_experts)), jnp.float32)
+    weights = jnp.asarray(rng.standard_normal((64, cfg.num_experts_per_tok)), jnp.float32)
+    bias = jnp.asarray(0.1 * rng.standard_normal(cfg.n_routed_experts), jnp.float32)
+    grad = jax.grad(lambda b: jnp.sum(route(logits, b, cfg).weights * weights))(bias)
+    np.testing.assert_array_equal(np.asarray(grad), 0.0)
+    # the step changes each bias by exactly -gamma, 0 or +gamma (no optimizer update on top)
+    gamma = trainer.cfg.train.bias_update_speed
+    new_state, _ = jax.device_get(step_m1(state, batch))
+    for new, old in zip(jax.tree.leaves(new_state["biases"]), jax.tree.leaves(jax.device_get(state["biases"]))):
+        delta = (np.asarray(new, np.float64) - np.asarray(old, np.float64)) / gamma
+        np.testing.assert_allclose(delta, np.round(delta), atol=1e-3)
+        assert set(np.round(delta).astype(int).ravel()) <= {-1, 0, 1}
+
+
+def test_expert_bias_shifts_routing(setup, step_m1):
+    """A large bias on expert 0 sends every token to expert 0's group (experts 0 and 1 with
+    n_group=2, top-1 group, K=2); one step then lowers exactly the overloaded experts' biases."""
+    trainer, state, batch, forward = setup
+    real = int(np.asarray(batch["segment_ids"] > 0).sum())
+    base = jax.device_get(forward(state["params"], state["biases"], batch))
+    boosted_biases = jax.tree.map(lambda b: b.at[..., 0].add(5.0), state["biases"])
+    boosted = jax.device_get(forward(state["params"], boosted_biases, batch))
+    for before, after in zip(jax.tree.leaves(_loads(base)), jax.tree.leaves(_loads(boosted))):
+        assert not np.array_equal(before, after)
+        np.testing.assert_array_equal(after[:, 0], real)
+        np.testing.assert_array_equal(after[:, 1], real)
+        np.testing.assert_array_equal(after[:, 2:], 0)
+    # the output changes too: the bias picks experts, it is not just bookkeeping
+    assert not np.allclose(base.logits, boosted.logits)
+    gamma = trainer.cfg.train.bias_update_speed
+    new_state, _ = jax.device_get(step_m1({**state, "biases": boosted_biases}, batch))
+    for new, old in zip(jax.tree.leaves(new_state["biases"]), jax.tree.leaves(jax.device_get(boosted_biases))):
+        np.testing.assert_allclose(new[:, :2], old[:, :2] - gamma, atol=1e-6)
+        np.testing.assert_allclose(new[:, 2:], old[:, 2:] + gamma, atol=1e-6)
+
+
+# ------------------------------------------------------------------ non-finite
+def test_nonfinite_step_leaves_state_unchanged(setup, step_m1):
+    trainer, state, batch, _ = setup
+    poisoned = jax.tree.map(lambda x: x, state)
+    kernel = poisoned["params"]["head"]["kernel"]
+    poisoned["params"]["head"]["kernel"] = kernel.at[0, 0].set(jnp.nan)
+    new_state, metrics = jax.device_get(step_m1(poisoned, batch))
+    assert metrics["finite"] == 0
+    assert not np.isfinite(metrics["loss"])
+    old = jax.device_get(poisoned)
+    for key in ("params", "biases", "opt_state", "rng"):
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(new_state[key]), jax.tree.leaves(old[key])):
+            np.testing.assert_array_equal(a, b, err_msg=f"{key}{jax.tree_util.keystr(path)}")
+    # the step counter still advances (it numbers attempted steps, like the loop and checkpoints)
+    assert int(new_state["step"]) == int(old["step"]) + 1
+
+
+def test_nonfinite_batch_leaves_state_unchanged(setup, step_m1):
+    """Token ids outside the vocabulary make the embedding gather return NaN."""
+    trainer, state, batch, _ = setup
+    bad = {**batch, "input_ids": batch["input_ids"].at[3, 2].set(trainer.cfg.model.vocab_size + 7)}
+    new_state, metrics = jax.device_get(step_m1(state, bad))
+    assert metrics["finite"] == 0
+    old = jax.device_get(state)
+    for key in ("params", "biases", "opt_state"):
+        for a, b in zip(jax.tree.leaves(new_state[key]), jax.tree.leaves(old[key])):
+            np.testing.assert_array_equal(a, b)
+    # and a finite step from the same state does change the params
+    good_state, good = jax.device_get(step_m1(state, batch))
+    assert good["finite"] == 1
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(good_state["params"]),
+                                                         jax.tree.leaves(old["params"])))
