@@ -25,11 +25,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from frontier_jax.model.config import ModelConfig
-from frontier_jax.model.grouped_matmul import grouped_matmul
+from frontier_jax.model.expert_compute import (
+    capacity_slots, combine, gather_from_slots, scatter_to_slots, sort_assignments, swiglu_batched,
+    swiglu_grouped)
 from frontier_jax.model.layers import normal_param
 from frontier_jax.model.mlp import SwiGLU
 from frontier_jax.model.routing import Router, Routing
-from frontier_jax.parallel.rules import constrain
+from frontier_jax.parallel.expert import expert_parallel_ffn, expert_parallel_size
+from frontier_jax.parallel.rules import active_sharding, constrain
 from frontier_jax.precision import PrecisionPolicy
 
 
@@ -37,6 +40,8 @@ class MoEStats(NamedTuple):
     load: jax.Array  # [N_r] assignments per expert (fp32, real tokens only)
     balance_loss: jax.Array  # scalar, sequence-wise L_bal without alpha
     dropped: jax.Array  # scalar, assignments dropped by the capacity limit
+    groups_per_token: jax.Array  # scalar, mean number of distinct expert groups a token reaches
+    a2a_bytes: jax.Array  # scalar, bytes sent to other devices by the expert all-to-alls
 
 
 def sequence_balance_loss(routing: Routing, token_mask: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -55,6 +60,12 @@ def sequence_balance_loss(routing: Routing, token_mask: jax.Array, cfg: ModelCon
     return jnp.mean((f * p).sum(-1))
 
 
+def groups_per_token(experts: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Mean over tokens of the number of distinct expert groups among its K experts [N, K]."""
+    groups = jax.nn.one_hot(experts // (cfg.n_routed_experts // cfg.n_group), cfg.n_group)
+    return jnp.mean(jnp.sum(groups.max(axis=1), axis=-1))
+
+
 class RoutedExperts(nnx.Module):
     """N_r SwiGLU experts as stacked weights, with both dispatch modes."""
 
@@ -65,45 +76,35 @@ class RoutedExperts(nnx.Module):
         self.w_up = normal_param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), cfg.init_std)
         self.w_down = normal_param(rngs, (e, f, d), ("expert", "moe_mlp", "embed"), cfg.init_std)
 
-    def _gmm_swiglu(self, xs: jax.Array, group_sizes: jax.Array) -> jax.Array:
-        gmm = lambda a, w: grouped_matmul(a, w[...], group_sizes, impl=self.cfg.gmm_impl,
-                                          dtype=self.policy.compute_dtype)
-        return gmm(jax.nn.silu(gmm(xs, self.w_gate)) * gmm(xs, self.w_up), self.w_down)
+    def __call__(self, x: jax.Array, routing: Routing) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [N, d] -> (sum_k g_k FFN_{e_k}(x) [N, d], dropped assignments, all-to-all bytes).
 
-    def _batched_swiglu(self, xb: jax.Array) -> jax.Array:
-        dt = self.policy.compute_dtype
-        mm = lambda a, w, eq: jnp.einsum(eq, a.astype(dt), w[...].astype(dt),
-                                         preferred_element_type=jnp.float32).astype(dt)
-        h = jax.nn.silu(mm(xb, self.w_gate, "ecd,edf->ecf")) * mm(xb, self.w_up, "ecd,edf->ecf")
-        return mm(h, self.w_down, "ecf,efd->ecd")
-
-    def __call__(self, x: jax.Array, routing: Routing) -> tuple[jax.Array, jax.Array]:
-        """x [N, d] -> (sum_k g_k FFN_{e_k}(x) [N, d], dropped assignments)."""
+        Inside `use_sharding` with an `expert` mesh axis > 1, tokens travel to the devices
+        owning their experts (`frontier_jax.parallel.expert`); otherwise all runs locally."""
+        active = active_sharding()
+        if active is not None and expert_parallel_size(*active) > 1:
+            return expert_parallel_ffn(x, routing, self.w_gate[...], self.w_up[...], self.w_down[...],
+                                       cfg=self.cfg, dtype=self.policy.compute_dtype, mesh=active[0],
+                                       rules=active[1])
         n, d = x.shape
         e, k = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
+        weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
+        dtype = self.policy.compute_dtype
         flat_expert = routing.experts.reshape(-1)  # [N K]
-        order = jnp.argsort(flat_expert, stable=True)
-        sorted_expert = flat_expert[order]
+        order, inverse = sort_assignments(flat_expert)
         xs = x[order // k]  # [N K, d] sorted by expert
-        group_sizes = jnp.bincount(flat_expert, length=e)
         if self.cfg.moe_dispatch == "dropless":
-            ys = self._gmm_swiglu(xs, group_sizes)
+            ys = swiglu_grouped(xs, jnp.bincount(flat_expert, length=e), *weights,
+                                impl=self.cfg.gmm_impl, dtype=dtype)
             dropped = jnp.zeros((), jnp.int32)
         else:
             capacity = math.ceil(self.cfg.moe_capacity_factor * n * k / e)
-            group_start = jnp.cumsum(group_sizes) - group_sizes
-            rank = jnp.arange(n * k) - group_start[sorted_expert]
-            keep = rank < capacity
-            slot = jnp.where(keep, sorted_expert * capacity + rank, e * capacity)
-            buf = jnp.zeros((e * capacity + 1, d), x.dtype).at[slot].set(xs)
-            out = self._batched_swiglu(buf[:-1].reshape(e, capacity, d)).reshape(e * capacity, d)
-            ys = jnp.concatenate([out, jnp.zeros((1, d), out.dtype)])[slot]
+            slot, keep = capacity_slots(flat_expert[order], e, capacity)
+            buf = scatter_to_slots(xs, slot, e * capacity).reshape(e, capacity, d)
+            ys = gather_from_slots(swiglu_batched(buf, *weights, dtype=dtype).reshape(e * capacity, d), slot)
             dropped = (n * k - keep.sum()).astype(jnp.int32)
-        unsort = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
-        y_assign = ys[unsort].reshape(n, k, d)  # back to (token, choice) order
-        y = jnp.einsum("nkd,nk->nd", y_assign, routing.weights.astype(ys.dtype),
-                       preferred_element_type=jnp.float32)
-        return y.astype(x.dtype), dropped
+        y = combine(ys, inverse, routing.weights)
+        return y.astype(x.dtype), dropped, jnp.zeros((), jnp.float32)
 
 
 class MoE(nnx.Module):
@@ -120,11 +121,12 @@ class MoE(nnx.Module):
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
         routing = self.router(flat)
-        routed, dropped = self.experts(flat, routing)
+        routed, dropped, a2a_bytes = self.experts(flat, routing)
         y = routed.reshape(b, t, d)
         if self.cfg.n_shared_experts:
             y = y + self.shared(x)
         load = jnp.zeros((self.cfg.n_routed_experts,), jnp.float32).at[routing.experts].add(
             jnp.broadcast_to(token_mask.reshape(-1, 1), routing.experts.shape).astype(jnp.float32))
-        stats = MoEStats(load, sequence_balance_loss(routing, token_mask, self.cfg), dropped)
+        stats = MoEStats(load, sequence_balance_loss(routing, token_mask, self.cfg), dropped,
+                         groups_per_token(routing.experts, self.cfg), a2a_bytes)
         return constrain(y, ("batch", "seq", "embed")), stats

@@ -8,6 +8,7 @@ from typing import Mapping, Sequence
 
 import jax
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from frontier_jax.config import MeshConfig
@@ -30,10 +31,18 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
 
 
 def build_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh over `devices` (default: all).  With DCN factors, devices are arranged so that
+    each axis's DCN part spans slices (or processes, where devices carry no slice index)."""
     devices = list(devices if devices is not None else jax.devices())
     sizes = mesh_shape(cfg, len(devices))
-    return jax.make_mesh(tuple(sizes.values()), tuple(sizes), devices=devices,
-                         axis_types=(AxisType.Auto,) * len(sizes))
+    dcn = [getattr(cfg.dcn, axis) for axis in sizes]
+    axis_types = (AxisType.Auto,) * len(sizes)
+    if math.prod(dcn) == 1:
+        return jax.make_mesh(tuple(sizes.values()), tuple(sizes), devices=devices, axis_types=axis_types)
+    ici = [size // factor for size, factor in zip(sizes.values(), dcn)]
+    grid = mesh_utils.create_hybrid_device_mesh(
+        ici, dcn, devices, process_is_granule=not hasattr(devices[0], "slice_index"))
+    return Mesh(grid, tuple(sizes), axis_types=axis_types)
 
 
 def check_batch_fits(global_batch: int, mesh: Mesh,

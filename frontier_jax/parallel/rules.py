@@ -37,6 +37,12 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "concat_embed": (),
 }
 
+# Pure data parallelism: only the batch is split; every parameter is replicated.
+REPLICATED_RULES: dict[str, tuple[str, ...]] = {name: () for name in DEFAULT_RULES} | {
+    "batch": ("data", "fsdp", "expert")}
+
+RULE_SETS: dict[str, dict[str, tuple[str, ...]]] = {"default": DEFAULT_RULES, "replicated": REPLICATED_RULES}
+
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("frontier_jax_sharding", default=None)
 
 
@@ -57,6 +63,11 @@ def logical_to_spec(axes: Sequence[str | None], rules: Mapping[str, Sequence[str
         used.update(mesh_axes)
         spec.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
     return PartitionSpec(*spec)
+
+
+def active_sharding() -> tuple[Mesh, dict] | None:
+    """(mesh, rules) inside `use_sharding`, else None."""
+    return _ACTIVE.get()
 
 
 @contextlib.contextmanager

@@ -63,13 +63,13 @@ class _StopSignal:
 
 def _state_shardings(trainer: Trainer, mesh) -> dict:
     replicated = NamedSharding(mesh, PartitionSpec())
-    params = state_shardings(trainer.abstract_params, mesh)
+    params = state_shardings(trainer.abstract_params, mesh, trainer.rules)
     opt_shapes = jax.eval_shape(trainer.optimizer.init,
                                 jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
                                              jax.eval_shape(lambda: trainer.init(0)["params"])))
     opt = optax.tree_map_params(trainer.optimizer, lambda _, sharding: sharding, opt_shapes, params,
                                 transform_non_params=lambda _: replicated)
-    return {"params": params, "biases": state_shardings(trainer.abstract_biases, mesh),
+    return {"params": params, "biases": state_shardings(trainer.abstract_biases, mesh, trainer.rules),
             "opt_state": opt, "step": replicated, "rng": replicated}
 
 
@@ -83,10 +83,10 @@ def train(cfg: Config, run_dir: str | Path, *, progress: bool = True) -> list[di
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     mesh = build_mesh(cfg.mesh)
-    check_batch_fits(cfg.train.global_batch, mesh)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, mesh)
+    check_batch_fits(cfg.train.global_batch, mesh, trainer.rules)
     shardings = _state_shardings(trainer, mesh)
-    in_batch = batch_sharding(mesh)
+    in_batch = batch_sharding(mesh, trainer.rules)
     replicated = NamedSharding(mesh, PartitionSpec())
 
     data = build_train_iterator(cfg.data, seq_len=cfg.train.seq_len, global_batch=cfg.train.global_batch,

@@ -24,10 +24,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from frontier_jax.config import Config
 from frontier_jax.model import Transformer
 from frontier_jax.model.routing import ExpertBias
+from frontier_jax.parallel.rules import RULE_SETS, use_sharding
 from frontier_jax.precision import get_policy
 from frontier_jax.train.losses import masked_sum, mtp_targets, token_cross_entropy
 from frontier_jax.train.optimizer import batch_size_at, build_optimizer, learning_rate_schedule
@@ -64,8 +66,11 @@ def _bias_tree(template: dict, main_load, mtp_load) -> dict:
 class Trainer:
     """Builds the model's abstract structure once and exposes pure `init` / `train_step`."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, mesh: Mesh | None = None):
+        """mesh: when given, activations are constrained to it by the `cfg.mesh.rules` table."""
         self.cfg = cfg
+        self.mesh = mesh
+        self.rules = RULE_SETS[cfg.mesh.rules]
         self.policy = get_policy(cfg.precision.policy)
         abstract = nnx.eval_shape(lambda: Transformer(cfg.model, policy=self.policy, rngs=nnx.Rngs(0)))
         self.graphdef, self.abstract_params, self.abstract_biases = nnx.split(abstract, nnx.Param, ExpertBias)
@@ -111,24 +116,25 @@ class Trainer:
             mtp_loss = jnp.sum(per_depth / norm["mtp_targets"]) / cfg.model.mtp_depth
             loss += cfg.train.mtp_lambda * mtp_loss
             metrics["mtp_loss"] = mtp_loss
-        balance = jnp.zeros(())
-        main_load = mtp_load = None
-        dropped = jnp.zeros((), jnp.int32)
-        for stats in (out.moe_stats, out.mtp_stats):
-            if stats is not None:
-                balance += stats.balance_loss.sum()
-                dropped += stats.dropped.sum()
-        if out.moe_stats is not None:
-            main_load = out.moe_stats.load
-        if out.mtp_stats is not None:
-            mtp_load = out.mtp_stats.load
-        balance = balance / norm["micro_batches"]
+        layers = [stats for stats in (out.moe_stats, out.mtp_stats) if stats is not None]
+        total = lambda field: sum(getattr(stats, field).sum() for stats in layers) if layers else jnp.zeros(())
+        balance = total("balance_loss") / norm["micro_batches"]
         loss += cfg.train.balance_alpha * balance
-        metrics.update(balance_loss=balance, dropped=dropped)
+        n_layers = sum(stats.load.shape[0] for stats in layers)
+        metrics.update(balance_loss=balance, dropped=total("dropped"), a2a_bytes=total("a2a_bytes"),
+                       groups_per_token=total("groups_per_token") / max(n_layers, 1) / norm["micro_batches"])
+        main_load = None if out.moe_stats is None else out.moe_stats.load
+        mtp_load = None if out.mtp_stats is None else out.mtp_stats.load
         return loss, (metrics, _bias_tree(biases, main_load, mtp_load))
 
     # ------------------------------------------------------------------- step
     def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+        if self.mesh is None:
+            return self._train_step(state, batch)
+        with use_sharding(self.mesh, self.rules):
+            return self._train_step(state, batch)
+
+    def _train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
         cfg = self.cfg.train
         b = batch["input_ids"].shape[0]
         m = cfg.micro_batches
@@ -170,7 +176,8 @@ class Trainer:
         out = {"loss": loss, "ce_loss": ce, "perplexity": jnp.exp(ce), "grad_norm": grad_norm,
                "lr": self.schedule(state["step"]), "tokens": norm["tokens"], "batch_rows": rows,
                "finite": finite.astype(jnp.int32), "balance_loss": metrics["balance_loss"],
-               "dropped": metrics["dropped"]}
+               "dropped": metrics["dropped"], "a2a_bytes": metrics["a2a_bytes"],
+               "groups_per_token": metrics["groups_per_token"]}
         if "mtp_loss" in metrics:
             out["mtp_loss"] = metrics["mtp_loss"]
         if "z_sum" in metrics:

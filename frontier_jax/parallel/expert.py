@@ -1,0 +1,138 @@
+"""Expert parallelism: routed experts sharded over the `expert` mesh axis, tokens moved to the
+devices that own their experts and back with all-to-all, inside `shard_map`.
+
+With P devices on the `expert` axis, device p owns experts [p E/P, (p+1) E/P).  Per device
+(n local tokens, A = n K assignments):
+  1. sort assignments by expert (so also by owning device);
+  2. pack them into a send buffer [P, C, d]: the r-th assignment bound for device q goes to
+     row (q, r) if r < C, else it is dropped (counted).  C = A ("dropless": nothing can drop)
+     or ceil(capacity_factor A / P) ("capacity");
+  3. all_to_all over `expert`: device q receives [P, C, d] (row (p, r) = p's r-th assignment
+     for q), with the local expert id of each row (-1 = empty);
+  4. local SwiGLU of the received rows with a grouped matmul (rows sorted by local expert);
+     with `moe_mlp` split over `tensor`, partial sums of the down projection are psum-ed;
+  5. all_to_all back, unpack, and combine y_t = sum_k g_{t,k} y_{t,k} at the token's device.
+Tokens are split over the mesh axes of the `batch` rule (which must include `expert`); shared
+experts and everything else stay outside, under XLA's automatic partitioning.
+
+Bytes that leave a device (rows for other devices, both directions, in the compute dtype) are
+returned, so the all-to-all traffic is visible per step.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from frontier_jax.model.config import ModelConfig
+from frontier_jax.model.expert_compute import (
+    capacity_slots, combine, gather_from_slots, scatter_to_slots, sort_assignments, swiglu_grouped)
+from frontier_jax.model.routing import Routing
+
+EXPERT_AXIS = "expert"
+
+try:  # jax >= 0.7
+    from jax import shard_map as _shard_map
+
+    def _smap(f, mesh, in_specs, out_specs):
+        return _shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+except ImportError:  # pragma: no cover - older jax
+    from jax.experimental.shard_map import shard_map as _shard_map
+
+    def _smap(f, mesh, in_specs, out_specs):
+        return _shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def expert_parallel_size(mesh: Mesh, rules: Mapping[str, Sequence[str]]) -> int:
+    """Devices experts are split over (1 = no expert parallelism)."""
+    if EXPERT_AXIS not in rules.get("expert", ()) or EXPERT_AXIS not in mesh.shape:
+        return 1
+    return mesh.shape[EXPERT_AXIS]
+
+
+def _batch_axes(mesh: Mesh, rules) -> tuple[str, ...]:
+    axes = tuple(a for a in rules["batch"] if a in mesh.shape)
+    if EXPERT_AXIS not in axes:
+        raise ValueError("expert parallelism needs the `batch` rule to include the `expert` mesh axis "
+                         f"(tokens are split over it); got batch -> {axes}")
+    return axes
+
+
+def _tensor_axis(mesh: Mesh, rules) -> str | None:
+    axes = [a for a in rules.get("moe_mlp", ()) if a in mesh.shape and mesh.shape[a] > 1]
+    if len(axes) > 1:
+        raise ValueError(f"expert parallelism supports moe_mlp over at most one mesh axis, got {axes}")
+    return axes[0] if axes else None
+
+
+def _local_ffn(x, experts, gates, w_gate, w_up, w_down, *, cfg: ModelConfig, dtype, devices: int,
+               capacity: int, tensor_axis: str | None):
+    """Runs on one device: x [n, d], experts/gates [n, K], local weights [E/P, ...]."""
+    n, d = x.shape
+    k = cfg.num_experts_per_tok
+    local_experts = cfg.n_routed_experts // devices
+    flat = experts.reshape(-1)
+    order, inverse = sort_assignments(flat)
+    sorted_experts = flat[order]
+    dest = sorted_experts // local_experts
+    slot, keep = capacity_slots(dest, devices, capacity)
+    send = scatter_to_slots(x[order // k].astype(dtype), slot, devices * capacity)
+    send_ids = scatter_to_slots(sorted_experts % local_experts, slot, devices * capacity, fill=-1)
+    a2a = functools.partial(jax.lax.all_to_all, axis_name=EXPERT_AXIS, split_axis=0, concat_axis=0)
+    recv = a2a(send.reshape(devices, capacity, d)).reshape(devices * capacity, d)
+    recv_ids = a2a(send_ids.reshape(devices, capacity)).reshape(-1)
+    # local experts: sort received rows by expert id, empty rows (-1) last
+    key = jnp.where(recv_ids < 0, local_experts, recv_ids)
+    local_order, local_inverse = sort_assignments(key)
+    sizes = jnp.bincount(key, length=local_experts + 1)[:local_experts]
+    out = swiglu_grouped(recv[local_order], sizes, w_gate, w_up, w_down, impl=cfg.gmm_impl,
+                         dtype=dtype)[local_inverse]
+    if tensor_axis is not None:
+        out = jax.lax.psum(out, tensor_axis)
+    back = a2a(out.reshape(devices, capacity, d)).reshape(devices * capacity, d)
+    y = combine(gather_from_slots(back, slot), inverse, gates)
+    me = jax.lax.axis_index(EXPERT_AXIS)
+    remote_rows = jnp.sum(keep & (dest != me))
+    sent_bytes = 2.0 * remote_rows * d * jnp.dtype(dtype).itemsize
+    dropped = (n * k - keep.sum()).astype(jnp.int32)
+    return y.astype(x.dtype), dropped, sent_bytes
+
+
+def expert_parallel_ffn(x: jax.Array, routing: Routing, w_gate: jax.Array, w_up: jax.Array,
+                        w_down: jax.Array, *, cfg: ModelConfig, dtype, mesh: Mesh,
+                        rules: Mapping[str, Sequence[str]]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [N, d] (N = all tokens), routing over N -> (routed-expert output [N, d], dropped
+    assignments (global), bytes sent to other devices (global))."""
+    devices = expert_parallel_size(mesh, rules)
+    if cfg.n_routed_experts % devices:
+        raise ValueError(f"model.n_routed_experts={cfg.n_routed_experts} is not divisible by the "
+                         f"expert mesh axis ({devices} devices); change mesh.expert")
+    batch = _batch_axes(mesh, rules)
+    ways = math.prod(mesh.shape[a] for a in batch)
+    if x.shape[0] % ways:
+        raise ValueError(f"{x.shape[0]} tokens do not split over the {ways}-way batch axes {batch}")
+    tensor_axis = _tensor_axis(mesh, rules)
+    assignments = x.shape[0] // ways * cfg.num_experts_per_tok
+    capacity = (assignments if cfg.moe_dispatch == "dropless"
+                else math.ceil(cfg.moe_capacity_factor * assignments / devices))
+    w_in = P(EXPERT_AXIS, None, tensor_axis)
+    w_out = P(EXPERT_AXIS, tensor_axis, None)
+    tokens = P(batch, None)
+    local = functools.partial(_local_ffn, cfg=cfg, dtype=dtype, devices=devices, capacity=capacity,
+                              tensor_axis=tensor_axis)
+
+    replicas = math.prod(size for axis, size in mesh.shape.items() if axis not in batch)
+
+    def per_device(x, experts, gates, w_gate, w_up, w_down):
+        y, dropped, sent = local(x, experts, gates, w_gate, w_up, w_down)
+        total = lambda v: jax.lax.psum(v, tuple(mesh.axis_names)) / replicas  # replicas count once
+        return y, total(dropped).astype(jnp.int32), total(sent)
+
+    fn = _smap(per_device, mesh, in_specs=(tokens, tokens, tokens, w_in, w_in, w_out),
+               out_specs=(tokens, P(), P()))
+    return fn(x, routing.experts, routing.weights, w_gate, w_up, w_down)
