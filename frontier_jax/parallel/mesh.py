@@ -57,6 +57,23 @@ def check_batch_fits(global_batch: int, mesh: Mesh,
                          "or change mesh.*")
 
 
+def check_divisible(state: nnx.State, mesh: Mesh, rules: Mapping[str, Sequence[str]] = DEFAULT_RULES) -> None:
+    """Every parameter dimension must split evenly over the mesh axes its logical name maps
+    to; raises naming the parameter, the logical axis, the dimension and the sizes."""
+    for path, var in jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        axes = var.get_metadata().get("logical_axes")
+        if axes is None:
+            continue
+        for name, dim, mesh_axes in zip(axes, var.shape, logical_to_spec(axes, rules)):
+            mesh_axes = () if mesh_axes is None else (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
+            ways = math.prod(mesh.shape[a] for a in mesh_axes)
+            if dim % ways:
+                raise ValueError(
+                    f"parameter {jax.tree_util.keystr(path)}: its {name!r} dimension ({dim}) does not split "
+                    f"over mesh axes {list(mesh_axes)} of sizes {[mesh.shape[a] for a in mesh_axes]} "
+                    f"({ways}-way); change mesh.{mesh_axes[0]} or the model size")
+
+
 def batch_sharding(mesh: Mesh, rules: Mapping[str, Sequence[str]] = DEFAULT_RULES) -> NamedSharding:
     """Sharding of [batch, seq] input arrays."""
     return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules))

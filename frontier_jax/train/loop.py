@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from frontier_jax.config import Config, load_config
 from frontier_jax.data import DataStats, build_train_iterator
 from frontier_jax.model.describe import describe
-from frontier_jax.parallel.mesh import batch_sharding, build_mesh, check_batch_fits, state_shardings
+from frontier_jax.parallel.mesh import batch_sharding, build_mesh, check_batch_fits, check_divisible, state_shardings
 from frontier_jax.train.checkpoint import Checkpointer, abstract_with_shardings, check_same_model
 from frontier_jax.train.metrics import MetricsLogger, model_flops_utilization, plot_loss_curve
 from frontier_jax.train.step import BATCH_KEYS, Trainer
@@ -85,6 +85,7 @@ def train(cfg: Config, run_dir: str | Path, *, progress: bool = True) -> list[di
     mesh = build_mesh(cfg.mesh)
     trainer = Trainer(cfg, mesh)
     check_batch_fits(cfg.train.global_batch, mesh, trainer.rules)
+    check_divisible(trainer.abstract_params, mesh, trainer.rules)
     shardings = _state_shardings(trainer, mesh)
     in_batch = batch_sharding(mesh, trainer.rules)
     replicated = NamedSharding(mesh, PartitionSpec())
