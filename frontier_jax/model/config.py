@@ -81,6 +81,7 @@ class ModelConfig:
     moe_dispatch: str = "dropless"
     moe_capacity_factor: float = 1.25
     gmm_impl: str = "ragged_dot"
+    ep_overlap_chunks: int = 1  # expert parallelism: chunks whose all-to-all overlaps the others' compute
     remat_policy: str = "none"
 
     # ------------------------------------------------------------------ derived
@@ -171,6 +172,8 @@ class ModelConfig:
                   "group scores sum each group's top-2 experts, so a group needs >= 2 experts")
         if self.routed_scaling_factor <= 0:
             _fail("routed_scaling_factor", self.routed_scaling_factor, "must be > 0")
+        if self.ep_overlap_chunks <= 0:
+            _fail("ep_overlap_chunks", self.ep_overlap_chunks, "must be a positive integer")
         if self.moe_capacity_factor <= 0:
             _fail("moe_capacity_factor", self.moe_capacity_factor, "must be > 0")
 

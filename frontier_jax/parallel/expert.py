@@ -15,6 +15,10 @@ With P devices on the `expert` axis, device p owns experts [p E/P, (p+1) E/P).  
 Tokens are split over the mesh axes of the `batch` rule (which must include `expert`); shared
 experts and everything else stay outside, under XLA's automatic partitioning.
 
+Overlap (`model.ep_overlap_chunks` = c > 1): each device's tokens are processed as c independent
+chunks, so the scheduler can run one chunk's all-to-alls while another chunk's experts compute
+(the report's idea of hiding dispatch/combine behind work).  Results are identical.
+
 Bytes that leave a device (rows for other devices, both directions, in the compute dtype) are
 returned, so the all-to-all traffic is visible per step.
 """
@@ -114,11 +118,13 @@ def expert_parallel_ffn(x: jax.Array, routing: Routing, w_gate: jax.Array, w_up:
                          f"expert mesh axis ({devices} devices); change mesh.expert")
     batch = _batch_axes(mesh, rules)
     ways = math.prod(mesh.shape[a] for a in batch)
-    if x.shape[0] % ways:
-        raise ValueError(f"{x.shape[0]} tokens do not split over the {ways}-way batch axes {batch}")
+    chunks = cfg.ep_overlap_chunks
+    if x.shape[0] % (ways * chunks):
+        raise ValueError(f"{x.shape[0]} tokens do not split over the {ways}-way batch axes {batch} "
+                         f"into model.ep_overlap_chunks={chunks} chunks")
     tensor_axis = _tensor_axis(mesh, rules)
-    assignments = x.shape[0] // ways * cfg.num_experts_per_tok
-    capacity = (assignments if cfg.moe_dispatch == "dropless"
+    assignments = x.shape[0] // (ways * chunks) * cfg.num_experts_per_tok
+    capacity = (assignments if cfg.moe_dispatch == "dropless"  # per chunk
                 else math.ceil(cfg.moe_capacity_factor * assignments / devices))
     w_in = P(EXPERT_AXIS, None, tensor_axis)
     w_out = P(EXPERT_AXIS, tensor_axis, None)
@@ -129,7 +135,10 @@ def expert_parallel_ffn(x: jax.Array, routing: Routing, w_gate: jax.Array, w_up:
     replicas = math.prod(size for axis, size in mesh.shape.items() if axis not in batch)
 
     def per_device(x, experts, gates, w_gate, w_up, w_down):
-        y, dropped, sent = local(x, experts, gates, w_gate, w_up, w_down)
+        parts = [local(*(a.reshape((chunks, -1) + a.shape[1:])[c] for a in (x, experts, gates)),
+                       w_gate, w_up, w_down) for c in range(chunks)]
+        y = jnp.concatenate([p[0] for p in parts])
+        dropped, sent = sum(p[1] for p in parts), sum(p[2] for p in parts)
         total = lambda v: jax.lax.psum(v, tuple(mesh.axis_names)) / replicas  # replicas count once
         return y, total(dropped).astype(jnp.int32), total(sent)
 

@@ -105,3 +105,19 @@ def test_group_limited_routing_bounds_groups_per_token():
     assert max(devices_per_token) <= cfg.topk_group
     assert 1.0 <= float(stats.groups_per_token) <= cfg.topk_group
     np.testing.assert_allclose(float(stats.groups_per_token), np.mean(devices_per_token), rtol=1e-6)
+
+
+def test_overlap_chunks_give_identical_results_and_split_the_all_to_alls():
+    """ep_overlap_chunks=2 runs two independent dispatch/compute/combine pipelines per device:
+    same output, twice the all-to-all ops in the compiled program."""
+    x, experts, weights = _inputs(3)
+    routing = Routing(jnp.asarray(weights), jnp.asarray(experts), None)
+    outputs, counts = [], []
+    for chunks in (1, 2):
+        layer = RoutedExperts(_cfg(ep_overlap_chunks=chunks), policy=get_policy("fp32"), rngs=nnx.Rngs(4))
+        with use_sharding(build_mesh(MeshConfig(data=2, expert=EP))):
+            fn = jax.jit(lambda l, x, r: l(x, r))
+            outputs.append(fn(layer, x, routing)[0])
+            counts.append(fn.lower(layer, x, routing).compile().as_text().count("all-to-all("))
+    np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-6, atol=1e-7)
+    assert counts[1] == 2 * counts[0] > 0
