@@ -13,11 +13,44 @@ import jax.numpy as jnp
 from frontier_jax.model.grouped_matmul import grouped_matmul
 
 
+def _take(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x [M, ...] -> x[index] with index == M meaning a zero row."""
+    return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])[index]
+
+
+@jax.custom_vjp
+def move_rows(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+    """out[i] = x[index[i]] (a zero row where index[i] == len(x)), for a one-to-one partial map:
+    `inverse[j]` is the output row that x's row j lands in (len(out) if none).
+
+    The gradient is again a gather, g_x = g_out[inverse], instead of the scatter-add XLA would
+    emit for a general gather -- on GPUs scatters of [tokens x K, d] rows dominated the MoE."""
+    return _take(x, index)
+
+
+def _move_rows_fwd(x, index, inverse):
+    return _take(x, index), (index, inverse)
+
+
+def _move_rows_bwd(res, g):
+    index, inverse = res
+    return _take(g, inverse), None, None
+
+
+move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
+
+
 def sort_assignments(groups: jax.Array) -> tuple[jax.Array, jax.Array]:
     """groups [A] int -> (order [A] that sorts assignments by group (stable), its inverse)."""
     order = jnp.argsort(groups, stable=True)
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(groups.shape[0], dtype=order.dtype))
-    return order, inverse
+    return order, invert(order, groups.shape[0])
+
+
+def invert(index: jax.Array, size: int) -> jax.Array:
+    """Inverse of a one-to-one partial map index [A] into [0, size] (size = nowhere):
+    result [size] with result[index[a]] = a, and A where no a maps."""
+    fill = jnp.full((size + 1,), index.shape[0], index.dtype)
+    return fill.at[index].set(jnp.arange(index.shape[0], dtype=index.dtype))[:size]
 
 
 def capacity_slots(sorted_groups: jax.Array, num_groups: int, capacity: int) -> tuple[jax.Array, jax.Array]:
@@ -30,16 +63,20 @@ def capacity_slots(sorted_groups: jax.Array, num_groups: int, capacity: int) -> 
     return jnp.where(keep, sorted_groups * capacity + rank, num_groups * capacity), keep
 
 
-def scatter_to_slots(rows: jax.Array, slot: jax.Array, num_slots: int, fill=0) -> jax.Array:
-    """rows [A, ...] -> buffer [num_slots, ...] with rows[a] at slot[a]; slot == num_slots
-    (overflow) is discarded; unused slots hold `fill`."""
-    buf = jnp.full((num_slots + 1,) + rows.shape[1:], fill, rows.dtype)
-    return buf.at[slot].set(rows)[:num_slots]
+def to_slots(rows: jax.Array, slot: jax.Array, num_slots: int) -> jax.Array:
+    """rows [A, d] -> buffer [num_slots, d] with rows[a] at slot[a] (slot == num_slots:
+    dropped); unused slots are zero."""
+    return move_rows(rows, invert(slot, num_slots), slot)
 
 
-def gather_from_slots(buf: jax.Array, slot: jax.Array) -> jax.Array:
-    """buf [num_slots, d] -> rows [A, d] = buf[slot], zero for the overflow slot."""
-    return jnp.concatenate([buf, jnp.zeros((1,) + buf.shape[1:], buf.dtype)])[slot]
+def from_slots(buf: jax.Array, slot: jax.Array) -> jax.Array:
+    """buffer [num_slots, d] -> rows [A, d] = buf[slot], zero for dropped rows."""
+    return move_rows(buf, slot, invert(slot, buf.shape[0]))
+
+
+def gather_assignments(x: jax.Array, order: jax.Array, inverse: jax.Array, k: int) -> jax.Array:
+    """Token rows x [N, d] -> assignment rows sorted by `order` [N K, d] (token a // K)."""
+    return move_rows(jnp.repeat(x, k, axis=0), order, inverse)
 
 
 def swiglu_grouped(xs: jax.Array, group_sizes: jax.Array, w_gate, w_up, w_down, *, impl: str,
@@ -58,10 +95,10 @@ def swiglu_batched(xb: jax.Array, w_gate, w_up, w_down, *, dtype) -> jax.Array:
     return mm(h, w_down, "gcf,gfd->gcd")
 
 
-def combine(ys_sorted: jax.Array, inverse: jax.Array, weights: jax.Array) -> jax.Array:
+def combine(ys_sorted: jax.Array, order: jax.Array, inverse: jax.Array, weights: jax.Array) -> jax.Array:
     """Expert outputs of sorted assignments [N K, d] -> y_n = sum_k g_{n,k} y_{n,k} [N, d]
-    (fp32 accumulation), given the inverse sort permutation and the gates [N, K]."""
+    (fp32 accumulation), given the sort permutation, its inverse and the gates [N, K]."""
     n, k = weights.shape
-    y_assign = ys_sorted[inverse].reshape(n, k, -1)
+    y_assign = move_rows(ys_sorted, inverse, order).reshape(n, k, -1)
     return jnp.einsum("nkd,nk->nd", y_assign, weights.astype(ys_sorted.dtype),
                       preferred_element_type=jnp.float32)

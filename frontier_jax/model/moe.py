@@ -26,8 +26,8 @@ from flax import nnx
 
 from frontier_jax.model.config import ModelConfig
 from frontier_jax.model.expert_compute import (
-    capacity_slots, combine, gather_from_slots, scatter_to_slots, sort_assignments, swiglu_batched,
-    swiglu_grouped)
+    capacity_slots, combine, from_slots, gather_assignments, sort_assignments, swiglu_batched,
+    swiglu_grouped, to_slots)
 from frontier_jax.model.layers import normal_param
 from frontier_jax.model.mlp import SwiGLU
 from frontier_jax.model.routing import Router, Routing
@@ -92,7 +92,7 @@ class RoutedExperts(nnx.Module):
         dtype = self.policy.compute_dtype
         flat_expert = routing.experts.reshape(-1)  # [N K]
         order, inverse = sort_assignments(flat_expert)
-        xs = x[order // k]  # [N K, d] sorted by expert
+        xs = gather_assignments(x, order, inverse, k)  # [N K, d] sorted by expert
         if self.cfg.moe_dispatch == "dropless":
             ys = swiglu_grouped(xs, jnp.bincount(flat_expert, length=e), *weights,
                                 impl=self.cfg.gmm_impl, dtype=dtype)
@@ -100,10 +100,10 @@ class RoutedExperts(nnx.Module):
         else:
             capacity = math.ceil(self.cfg.moe_capacity_factor * n * k / e)
             slot, keep = capacity_slots(flat_expert[order], e, capacity)
-            buf = scatter_to_slots(xs, slot, e * capacity).reshape(e, capacity, d)
-            ys = gather_from_slots(swiglu_batched(buf, *weights, dtype=dtype).reshape(e * capacity, d), slot)
+            buf = to_slots(xs, slot, e * capacity).reshape(e, capacity, d)
+            ys = from_slots(swiglu_batched(buf, *weights, dtype=dtype).reshape(e * capacity, d), slot)
             dropped = (n * k - keep.sum()).astype(jnp.int32)
-        y = combine(ys, inverse, routing.weights)
+        y = combine(ys, order, inverse, routing.weights)
         return y.astype(x.dtype), dropped, jnp.zeros((), jnp.float32)
 
 

@@ -47,7 +47,7 @@ def route(logits: jax.Array, bias: jax.Array, cfg: ModelConfig) -> Routing:
         else:
             group_scores = grouped.max(-1)
         _, top_groups = jax.lax.top_k(group_scores, cfg.topk_group)
-        group_mask = jnp.zeros((n, cfg.n_group), bool).at[jnp.arange(n)[:, None], top_groups].set(True)
+        group_mask = jax.nn.one_hot(top_groups, cfg.n_group, dtype=jnp.int32).sum(1) > 0
         expert_mask = jnp.repeat(group_mask, e // cfg.n_group, axis=1)
         choice = jnp.where(expert_mask, choice, -jnp.inf)
     _, experts = jax.lax.top_k(choice, cfg.num_experts_per_tok)

@@ -35,7 +35,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from frontier_jax.model.config import ModelConfig
 from frontier_jax.model.expert_compute import (
-    capacity_slots, combine, gather_from_slots, scatter_to_slots, sort_assignments, swiglu_grouped)
+    capacity_slots, combine, from_slots, gather_assignments, invert, move_rows, sort_assignments,
+    swiglu_grouped, to_slots)
 from frontier_jax.model.routing import Routing
 
 EXPERT_AXIS = "expert"
@@ -85,21 +86,24 @@ def _local_ffn(x, experts, gates, w_gate, w_up, w_down, *, cfg: ModelConfig, dty
     sorted_experts = flat[order]
     dest = sorted_experts // local_experts
     slot, keep = capacity_slots(dest, devices, capacity)
-    send = scatter_to_slots(x[order // k].astype(dtype), slot, devices * capacity)
-    send_ids = scatter_to_slots(sorted_experts % local_experts, slot, devices * capacity, fill=-1)
+    num_slots = devices * capacity
+    send = to_slots(gather_assignments(x.astype(dtype), order, inverse, k), slot, num_slots)
+    local_ids = jnp.append(sorted_experts % local_experts, -1)  # -1: an empty slot
+    send_ids = local_ids[invert(slot, num_slots)]
     a2a = functools.partial(jax.lax.all_to_all, axis_name=EXPERT_AXIS, split_axis=0, concat_axis=0)
-    recv = a2a(send.reshape(devices, capacity, d)).reshape(devices * capacity, d)
+    recv = a2a(send.reshape(devices, capacity, d)).reshape(num_slots, d)
     recv_ids = a2a(send_ids.reshape(devices, capacity)).reshape(-1)
     # local experts: sort received rows by expert id, empty rows (-1) last
     key = jnp.where(recv_ids < 0, local_experts, recv_ids)
     local_order, local_inverse = sort_assignments(key)
     sizes = jnp.bincount(key, length=local_experts + 1)[:local_experts]
-    out = swiglu_grouped(recv[local_order], sizes, w_gate, w_up, w_down, impl=cfg.gmm_impl,
-                         dtype=dtype)[local_inverse]
+    out = swiglu_grouped(move_rows(recv, local_order, local_inverse), sizes, w_gate, w_up, w_down,
+                         impl=cfg.gmm_impl, dtype=dtype)
+    out = move_rows(out, local_inverse, local_order)
     if tensor_axis is not None:
         out = jax.lax.psum(out, tensor_axis)
-    back = a2a(out.reshape(devices, capacity, d)).reshape(devices * capacity, d)
-    y = combine(gather_from_slots(back, slot), inverse, gates)
+    back = a2a(out.reshape(devices, capacity, d)).reshape(num_slots, d)
+    y = combine(from_slots(back, slot), order, inverse, gates)
     me = jax.lax.axis_index(EXPERT_AXIS)
     remote_rows = jnp.sum(keep & (dest != me))
     sent_bytes = 2.0 * remote_rows * d * jnp.dtype(dtype).itemsize

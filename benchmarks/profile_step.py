@@ -1,0 +1,84 @@
+"""Profile a train step on the GPU and summarise where the time goes.
+
+    python benchmarks/profile_step.py --config model/bench-1b --out DIR [key=value overrides ...]
+
+Runs a few steps under `jax.profiler.trace(DIR)`, then reads the Chrome-format trace that the
+profiler writes (`*.trace.json.gz`) and prints the device ops with the most total time per step
+(GPU stream events), grouped by HLO op name with the fusion numbering stripped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from frontier_jax.config import load_config
+from frontier_jax.train.step import Trainer
+
+
+def run_steps(cfg, steps: int, out: Path) -> None:
+    trainer = Trainer(cfg)
+    state = jax.jit(trainer.init, static_argnums=0)(cfg.train.seed)
+    b, t = cfg.train.global_batch, cfg.train.seq_len
+    ids = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (b, t + 1), dtype=np.int32)
+    batch = jax.device_put({"input_ids": ids[:, :-1], "targets": ids[:, 1:],
+                            "loss_mask": np.ones((b, t), np.int32), "segment_ids": np.ones((b, t), np.int32),
+                            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()})
+    step = jax.jit(trainer.train_step, donate_argnums=0)
+    for _ in range(2):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    out.mkdir(parents=True, exist_ok=True)
+    with jax.profiler.trace(str(out)):
+        for _ in range(steps):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+
+
+def summarise(out: Path, steps: int, top: int, device_filter: str = "/device:GPU") -> list[tuple[str, float, int]]:
+    """(op name, ms per step, count per step) sorted by time, from the device streams."""
+    trace_file = max(out.rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    trace = json.loads(gzip.open(trace_file).read())
+    processes = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"]
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device_pids = {pid for pid, name in processes.items() if device_filter in name}
+    totals: dict[str, float] = collections.defaultdict(float)
+    counts: dict[str, int] = collections.defaultdict(int)
+    for event in trace["traceEvents"]:
+        if event.get("ph") == "X" and event.get("pid") in device_pids:
+            name = re.sub(r"[._]\d+$", "", event.get("name", "?"))
+            totals[name] += event.get("dur", 0) / 1e3
+            counts[name] += 1
+    rows = sorted(((n, ms / steps, counts[n] // steps) for n, ms in totals.items()), key=lambda r: -r[1])
+    return rows[:top]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="model/bench-1b")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    cfg = load_config(args.config, ["precision.policy=bf16", "model.mtp_depth=0", "train.seq_len=2048",
+                                    "train.global_batch=16", *args.overrides])
+    out = Path(args.out)
+    run_steps(cfg, args.steps, out)
+    rows = summarise(out, args.steps, args.top)
+    total = sum(ms for _, ms, _ in summarise(out, args.steps, 10**6))
+    print(f"device time per step (sum over GPU stream events): {total:.1f} ms")
+    print(f"{'op':70s} {'ms/step':>9s} {'share':>6s} {'calls':>6s}")
+    for name, ms, count in rows:
+        print(f"{name[:70]:70s} {ms:9.2f} {ms / total:6.1%} {count:6d}")
+
+
+if __name__ == "__main__":
+    main()
