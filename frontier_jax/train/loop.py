@@ -61,7 +61,9 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
-def _state_shardings(trainer: Trainer, mesh) -> dict:
+def train_state_shardings(trainer: Trainer, mesh) -> dict:
+    """NamedShardings of the whole train state: parameters and biases by the rules table,
+    optimizer moments like their parameters, step and rng replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
     params = state_shardings(trainer.abstract_params, mesh, trainer.rules)
     opt_shapes = jax.eval_shape(trainer.optimizer.init,
@@ -86,7 +88,7 @@ def train(cfg: Config, run_dir: str | Path, *, progress: bool = True) -> list[di
     trainer = Trainer(cfg, mesh)
     check_batch_fits(cfg.train.global_batch, mesh, trainer.rules)
     check_divisible(trainer.abstract_params, mesh, trainer.rules)
-    shardings = _state_shardings(trainer, mesh)
+    shardings = train_state_shardings(trainer, mesh)
     in_batch = batch_sharding(mesh, trainer.rules)
     replicated = NamedSharding(mesh, PartitionSpec())
 
