@@ -2,6 +2,7 @@
 
     frontier-jax train    --config configs/train/toy.yaml --run-dir DIR [key=value ...]
     frontier-jax describe --config configs/model/deepseek-v3-671b.yaml [--seq-len T] [--json]
+                          [--mesh mesh/gpu-8] [--devices N] [--device-memory-gib G] [key=value ...]
     frontier-jax convert  {check,export} --hf PATH [...]
 """
 
@@ -9,20 +10,57 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+
+def _mesh_overrides(preset: str) -> list[str]:
+    """The whole mesh section of a preset file (e.g. mesh/gpu-8) as dotted overrides, so that
+    it replaces the --config's mesh and later key=value overrides still win."""
+    from omegaconf import OmegaConf
+
+    from frontier_jax.config import load_config
+
+    def flatten(tree: dict, prefix: str) -> list[str]:
+        out = []
+        for key, value in tree.items():
+            out += flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}={value}"]
+        return out
+
+    return flatten(OmegaConf.to_container(OmegaConf.structured(load_config(preset).mesh)), "mesh.")
 
 
 def _describe(args) -> int:
     from frontier_jax.config import load_config
     from frontier_jax.model.describe import describe, format_description
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = (_mesh_overrides(args.mesh) if args.mesh else []) + list(args.overrides)
+    cfg = load_config(args.config, overrides)
     info = describe(cfg.model, seq_len=args.seq_len or cfg.train.seq_len)
-    print(json.dumps(info) if args.json else format_description(info))
+    text = format_description(info)
+    if args.mesh or args.devices or args.device_memory_gib is not None:
+        from frontier_jax.parallel.memory import device_memory, fits, format_memory, verdict
+
+        mem = device_memory(cfg, args.devices)
+        info.update(mesh=mem.mesh, batch_per_device=mem.batch_per_device, per_device_bytes=mem.per_device_bytes(),
+                    device_memory_gib=args.device_memory_gib,
+                    fits=None if args.device_memory_gib is None else fits(mem, args.device_memory_gib))
+        text += "\n" + format_memory(mem, cfg, args.device_memory_gib)
+        if info["fits"] is False and args.json:  # stdout stays one JSON object
+            print(verdict(mem, args.device_memory_gib), file=sys.stderr)
+    print(json.dumps(info) if args.json else text)
     return 0
 
 
 def _train(args) -> int:
+    if args.distributed:
+        import jax
+
+        # Cluster auto-detection (Cloud TPU, SLURM, ...), or JAX_COORDINATOR_ADDRESS with
+        # JAX_NUM_PROCESSES and JAX_PROCESS_ID set by the launcher (launch/local.sh).
+        explicit = {key: int(os.environ[var]) for key, var in
+                    (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")) if var in os.environ}
+        jax.distributed.initialize(**explicit)
     from frontier_jax.train.loop import train_from_cli
 
     return train_from_cli(args.config, args.run_dir, args.overrides)
@@ -36,13 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model (resumes from --run-dir if it has checkpoints)")
     train.add_argument("--config", required=True, help="YAML path or name under configs/, e.g. train/toy")
     train.add_argument("--run-dir", required=True, help="checkpoints, metrics.jsonl, TensorBoard, plots")
+    train.add_argument("--distributed", action="store_true",
+                       help="multi-process run: call jax.distributed.initialize() first (see launch/)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     train.set_defaults(func=_train)
 
-    desc = sub.add_parser("describe", help="parameter counts, KV-cache bytes and FLOPs of a config")
+    desc = sub.add_parser("describe", help="parameter counts, KV-cache bytes, FLOPs and per-device memory "
+                          "of a config")
     desc.add_argument("--config", required=True)
     desc.add_argument("--seq-len", type=int, default=None, help="sequence length for the FLOPs figure")
     desc.add_argument("--json", action="store_true", help="print one JSON object")
+    desc.add_argument("--mesh", default=None, help="mesh preset replacing the config's mesh section, "
+                      "e.g. mesh/gpu-8; prints per-device memory (batch and seq from train.*)")
+    desc.add_argument("--devices", type=int, default=None,
+                      help="device count (default: the product of the mesh sizes; needed with mesh.data=-1)")
+    desc.add_argument("--device-memory-gib", type=float, default=None,
+                      help="memory of one device; prints whether the run fits")
     desc.add_argument("overrides", nargs="*")
     desc.set_defaults(func=_describe)
 
