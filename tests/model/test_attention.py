@@ -125,3 +125,13 @@ def test_unknown_impl_raises():
     x = jnp.ones((1, 2, 1, 4))
     with pytest.raises(ValueError, match="attention_impl"):
         dot_product_attention(x, x, x, scale=1.0, impl="flash")
+
+
+def test_tokamax_impl_without_the_package_names_the_setting():
+    import importlib.util
+
+    if importlib.util.find_spec("tokamax") is not None:
+        pytest.skip("tokamax installed")
+    x = jnp.ones((1, 2, 1, 4))
+    with pytest.raises(ImportError, match="model.attention_impl"):
+        dot_product_attention(x, x, x, scale=1.0, impl="tokamax")

@@ -154,3 +154,34 @@ def test_gradients_match_finite_differences_of_reference_and_reach_router():
     used = np.isin(np.arange(cfg.n_routed_experts), experts)
     per_expert = np.abs(named["experts/w_down"]).reshape(cfg.n_routed_experts, -1).max(-1)
     assert (per_expert[used] > 0).all() and (per_expert[~used] == 0).all()
+
+
+def test_tokamax_grouped_matmul_without_the_package_names_the_setting():
+    import importlib.util
+
+    from frontier_jax.model.grouped_matmul import grouped_matmul
+
+    if importlib.util.find_spec("tokamax") is not None:
+        pytest.skip("tokamax installed")
+    with pytest.raises(ImportError, match="model.gmm_impl"):
+        grouped_matmul(jnp.ones((4, 3)), jnp.ones((2, 3, 5)), jnp.asarray([1, 3]), impl="tokamax")
+    with pytest.raises(ValueError, match="model.gmm_impl"):
+        grouped_matmul(jnp.ones((4, 3)), jnp.ones((2, 3, 5)), jnp.asarray([1, 3]), impl="megablox")
+
+
+def test_grouped_matmul_matches_per_row_products_and_zero_tail():
+    # out[r] = lhs[r] @ rhs[g(r)] for rows owned by a group, zeros past sum(group_sizes);
+    # fp32 vs float64: rtol 1e-5, atol 1e-6
+    from frontier_jax.model.grouped_matmul import grouped_matmul
+
+    rng = np.random.default_rng(20)
+    lhs, rhs = rng.standard_normal((9, 4)), rng.standard_normal((3, 4, 5))
+    sizes = np.array([2, 0, 4])  # rows 0-1 -> group 0, rows 2-5 -> group 2, rows 6-8 unowned
+    got = common.fast_jit(lambda a, b, s: grouped_matmul(a, b, s, impl="ragged_dot",
+                                                         dtype=jnp.float32))(
+        jnp.asarray(lhs, jnp.float32), jnp.asarray(rhs, jnp.float32), jnp.asarray(sizes))
+    owner = [0, 0, 2, 2, 2, 2]
+    want = np.zeros((9, 5))
+    for r, g in enumerate(owner):
+        want[r] = lhs[r] @ rhs[g]
+    common.assert_close(got, want, rtol=1e-5, atol=1e-6)
