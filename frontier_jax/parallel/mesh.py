@@ -32,7 +32,7 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
 
 def build_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The mesh over `devices` (default: all).  With DCN factors, devices are arranged so that
-    each axis's DCN part spans slices (or processes, where devices carry no slice index)."""
+    each axis's DCN part spans slices (or processes)."""
     devices = list(devices if devices is not None else jax.devices())
     sizes = mesh_shape(cfg, len(devices))
     dcn = [getattr(cfg.dcn, axis) for axis in sizes]
@@ -40,8 +40,11 @@ def build_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> 
     if math.prod(dcn) == 1:
         return jax.make_mesh(tuple(sizes.values()), tuple(sizes), devices=devices, axis_types=axis_types)
     ici = [size // factor for size, factor in zip(sizes.values(), dcn)]
+    # DCN units are slices where devices report as many slices as DCN asks for, else processes
+    # (e.g. GPU hosts, or CPU processes under jax.distributed, all of which report slice 0).
+    slices = {getattr(d, "slice_index", None) for d in devices}
     grid = mesh_utils.create_hybrid_device_mesh(
-        ici, dcn, devices, process_is_granule=not hasattr(devices[0], "slice_index"))
+        ici, dcn, devices, process_is_granule=len(slices) != math.prod(dcn))
     return Mesh(grid, tuple(sizes), axis_types=axis_types)
 
 
