@@ -53,13 +53,18 @@ class Transformer(nnx.Module):
         return self.embed.attend(h) if self.head is None else self.head(h)
 
     def forward(self, input_ids: jax.Array, positions: jax.Array | None = None,
-                segment_ids: jax.Array | None = None, *, with_mtp: bool = True) -> ModelOutput:
+                segment_ids: jax.Array | None = None, *, token_mask: jax.Array | None = None,
+                with_mtp: bool = True) -> ModelOutput:
         """input_ids [B, T] int32; positions [B, T] (default 0..T-1); segment_ids [B, T] document
-        ids with 0 = padding, or None for unmasked packing (plain causal attention)."""
+        ids with 0 = padding, or None for unmasked packing (plain causal attention);
+        token_mask [B, T]: tokens counted in the MoE statistics (expert loads, balance loss),
+        default segment_ids != 0 (all tokens without segment ids)."""
         b, t = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        token_mask = jnp.ones((b, t), jnp.int32) if segment_ids is None else (segment_ids != 0).astype(jnp.int32)
+        if token_mask is None:
+            token_mask = (jnp.ones((b, t), jnp.int32) if segment_ids is None
+                          else (segment_ids != 0).astype(jnp.int32))
         inputs = SequenceInputs(positions, segment_ids, token_mask)
         h = constrain(self.embed(input_ids), ("batch", "seq", "embed"))
         if self.dense_layers is not None:

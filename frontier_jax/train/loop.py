@@ -169,7 +169,8 @@ def _record(step: int, metrics: dict, seconds: float, flops_per_token: float) ->
 
 
 def train_from_cli(config: str, run_dir: str, overrides: Sequence[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # force: libraries imported earlier (absl via orbax) may already have configured logging
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     cfg = load_config(config, overrides)
     try:
         history = train(cfg, run_dir)

@@ -62,6 +62,22 @@ def with_moment_dtype(inner: optax.GradientTransformation, dtype) -> optax.Gradi
     return optax.GradientTransformation(init, update)
 
 
+def scale_by_schedule_at_step(schedule: optax.Schedule) -> optax.GradientTransformationExtraArgs:
+    """updates -> -schedule(t) * updates, with t the `step` passed to `update` (the train state's
+    step, which keeps counting through skipped non-finite steps whose optimizer state is rolled
+    back), or this transformation's own count when no step is passed."""
+    def init(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None, *, step=None, **extra_args):
+        del params, extra_args
+        lr = schedule(state.count if step is None else step)
+        return jax.tree.map(lambda u: -lr * u, updates), optax.ScaleByScheduleState(count=state.count + 1)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
 def build_optimizer(cfg: TrainConfig, decay_mask) -> optax.GradientTransformation:
     """decay_mask: pytree of bools matching the parameters (True = apply weight decay)."""
     adam = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
@@ -71,5 +87,5 @@ def build_optimizer(cfg: TrainConfig, decay_mask) -> optax.GradientTransformatio
         optax.clip_by_global_norm(cfg.grad_clip),
         adam,
         optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
-        optax.scale_by_learning_rate(learning_rate_schedule(cfg)),
+        scale_by_schedule_at_step(learning_rate_schedule(cfg)),
     )

@@ -43,6 +43,7 @@ class Batch(NamedTuple):
     loss_mask: jax.Array  # [B, T] int32
     segment_ids: jax.Array  # [B, T] int32, 0 = padding
     positions: jax.Array  # [B, T] int32
+    token_mask: jax.Array  # [B, T] int32, real tokens of rows in use (routing statistics)
 
 
 def _bias_update(biases: dict, loads: dict, gamma: float) -> dict:
@@ -100,7 +101,8 @@ class Trainer:
     def _micro_loss(self, params, biases, mb: Batch, norm: dict):
         cfg = self.cfg
         segment_ids = mb.segment_ids if cfg.data.mask_documents else None
-        out = self.model(params, biases).forward(mb.input_ids, mb.positions, segment_ids)
+        out = self.model(params, biases).forward(mb.input_ids, mb.positions, segment_ids,
+                                                 token_mask=mb.token_mask)
         ce, lse = token_cross_entropy(out.logits, mb.targets)
         ce_sum = masked_sum(ce, mb.loss_mask)
         loss = ce_sum / norm["tokens"]
@@ -139,8 +141,9 @@ class Trainer:
         b = batch["input_ids"].shape[0]
         m = cfg.micro_batches
         rows = batch_size_at(cfg, state["step"])
-        loss_mask = batch["loss_mask"] * (jnp.arange(b) < rows)[:, None].astype(batch["loss_mask"].dtype)
-        full = Batch(*(loss_mask if k == "loss_mask" else batch[k] for k in BATCH_KEYS))
+        active_rows = (jnp.arange(b) < rows)[:, None].astype(batch["loss_mask"].dtype)
+        full = Batch(*(batch[k] * active_rows if k == "loss_mask" else batch[k] for k in BATCH_KEYS),
+                     token_mask=(batch["segment_ids"] != 0).astype(jnp.int32) * active_rows)
         seg = full.segment_ids if self.cfg.data.mask_documents else None
         norm = {"tokens": jnp.maximum(full.loss_mask.sum(), 1).astype(jnp.float32),
                 "micro_batches": jnp.float32(m)}
@@ -163,7 +166,8 @@ class Trainer:
 
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
+        updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"],
+                                                   step=state["step"])
         params = optax.apply_updates(state["params"], updates)
         biases = _bias_update(state["biases"], loads, cfg.bias_update_speed)
         new_state = {"params": params, "biases": biases, "opt_state": opt_state,

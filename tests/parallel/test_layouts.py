@@ -46,7 +46,7 @@ def _loss_and_grads(trainer, state, batch):
             "mtp_targets": jnp.float32([batch["loss_mask"].size - batch["loss_mask"].shape[0]])}
     from frontier_jax.train.step import Batch
 
-    mb = Batch(*(jnp.asarray(batch[k]) for k in BATCH_KEYS))
+    mb = Batch(*(jnp.asarray(batch[k]) for k in BATCH_KEYS), token_mask=jnp.asarray(batch["loss_mask"]))
     (loss, _), grads = jax.value_and_grad(trainer._micro_loss, has_aux=True)(
         state["params"], state["biases"], mb, norm)
     return loss, grads

@@ -1,15 +1,17 @@
 """Shared setup of the training tests.
 
-* One tiny model/run configuration (`tiny_config`) used by every test, so that compiled
-  programs are shared.  Its learning-rate schedule ("deepseek": warmup 2, hold to step 4,
+* One tiny model/run configuration (`common.tiny_config`) used by every test, so that
+  compiled programs are shared.  Its learning-rate schedule ("deepseek": warmup 2, hold to step 4,
   cosine over 4 steps, then lr_min) does not depend on `train.steps`, so runs of different
   lengths compile to the same program and a long run's losses are a prefix-comparable
   reference for shorter ones.
-* A persistent XLA compilation cache for this test session, shared by the pytest-xdist
-  workers and by the subprocesses the tests start (they inherit the environment): each
-  train step is compiled once per device count instead of once per `train()` call or
-  process.  It is per test run (cold every run), in pytest's temporary base directory.
-  Set FRONTIER_JAX_TEST_NO_COMPILE_CACHE=1 to switch it off.
+* A persistent XLA compilation cache, shared by the pytest-xdist workers and by the
+  subprocesses the tests start (they inherit the environment): each train step is compiled
+  once per device count instead of once per `train()` call or process.  It is per test run
+  (cold every run), in pytest's temporary base directory, holds only programs that took
+  over half a second to compile, and is switched on only while a module of this directory
+  runs.  Set FRONTIER_JAX_TEST_NO_COMPILE_CACHE=1 to switch it off.
+* `reference_run`: one uninterrupted training run that the checkpoint tests compare with.
 """
 
 from __future__ import annotations
@@ -23,22 +25,39 @@ import pytest
 from .common import REF_STEPS, reference_overrides, run_lock
 
 
-def _enable_compile_cache(directory: Path) -> None:
+_CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                   "jax_persistent_cache_min_entry_size_bytes")
+
+
+def _set_compile_cache(directory: Path | None) -> None:
+    """Points jax (this process, and through the environment its children) at `directory`,
+    or switches the persistent cache off again (None)."""
     import jax
 
-    directory.mkdir(parents=True, exist_ok=True)
-    settings = {"jax_compilation_cache_dir": str(directory),
-                "jax_persistent_cache_min_compile_time_secs": 0,
-                "jax_persistent_cache_min_entry_size_bytes": -1}
-    for name, value in settings.items():
+    if directory is not None:
+        directory.mkdir(exist_ok=True)
+    values = (None, 1.0, 0) if directory is None else (str(directory), 0.5, -1)
+    for name, value in zip(_CACHE_SETTINGS, values):
         jax.config.update(name, value)
-        os.environ[name.upper()] = str(value)  # for child processes
-    try:  # the cache is set up at the first compile; make it pick up the directory now
+        if directory is None:
+            os.environ.pop(name.upper(), None)
+        else:
+            os.environ[name.upper()] = str(value)
+    try:  # jax sets the cache up at its first compile; make it re-read the settings
         from jax.experimental.compilation_cache import compilation_cache
 
         compilation_cache.reset_cache()
     except Exception:  # pragma: no cover - best effort, only a speed-up
         pass
+
+
+def pytest_collection_modifyitems(config, items):
+    """Start the README demo (minutes of one worker) first, so that under pytest-xdist the other
+    worker runs everything else meanwhile instead of the demo starting last."""
+    demo = [item for item in items if item.nodeid.endswith("test_readme_demo_trains_logs_plots_and_resumes")]
+    for item in demo:
+        items.remove(item)
+    items[:0] = demo
 
 
 @pytest.fixture(scope="session")
@@ -52,11 +71,18 @@ def shared_dir(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session", autouse=True)
+def _cache_wanted() -> bool:
+    return not os.environ.get("FRONTIER_JAX_TEST_NO_COMPILE_CACHE")
+
+
+@pytest.fixture(scope="module", autouse=True)
 def _compile_cache(shared_dir):
-    if not os.environ.get("FRONTIER_JAX_TEST_NO_COMPILE_CACHE"):
-        _enable_compile_cache(shared_dir / "jax_compile_cache")
+    if not _cache_wanted():
+        yield
+        return
+    _set_compile_cache(shared_dir / "jax_compile_cache")
     yield
+    _set_compile_cache(None)
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +93,8 @@ def reference_run(shared_dir) -> Path:
     from frontier_jax.config import load_config
     from frontier_jax.train.loop import train
 
+    if _cache_wanted():  # (session fixtures are set up before the module's `_compile_cache`)
+        _set_compile_cache(shared_dir / "jax_compile_cache")
     run_dir = shared_dir / "reference_run"
     with run_lock(shared_dir, "reference_run"):
         if not (run_dir / "DONE").exists():
