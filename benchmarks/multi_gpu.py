@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_step import summarise  # noqa: E402
+from synthetic import synthetic_batches  # noqa: E402
 
 from frontier_jax.config import load_config  # noqa: E402
 from frontier_jax.model.describe import describe  # noqa: E402
@@ -34,17 +35,6 @@ from frontier_jax.parallel.mesh import batch_sharding, build_mesh, check_batch_f
 from frontier_jax.train.loop import train_state_shardings  # noqa: E402
 from frontier_jax.train.metrics import peak_flops_per_device  # noqa: E402
 from frontier_jax.train.step import BATCH_KEYS, Trainer  # noqa: E402
-
-
-def synthetic_batches(vocab: int, batch: int, seq: int, count: int) -> list[dict]:
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(count):
-        ids = rng.integers(0, vocab, (batch, seq + 1), dtype=np.int32)
-        out.append({"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((batch, seq), np.int32),
-                    "segment_ids": np.ones((batch, seq), np.int32),
-                    "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()})
-    return out
 
 
 def make_runner(cfg, devices):

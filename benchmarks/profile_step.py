@@ -14,23 +14,22 @@ import collections
 import gzip
 import json
 import re
+import sys
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from frontier_jax.config import load_config
 from frontier_jax.train.step import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic import synthetic_batches  # noqa: E402
 
 
 def run_steps(cfg, steps: int, out: Path) -> None:
     trainer = Trainer(cfg)
     state = jax.jit(trainer.init, static_argnums=0)(cfg.train.seed)
-    b, t = cfg.train.global_batch, cfg.train.seq_len
-    ids = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (b, t + 1), dtype=np.int32)
-    batch = jax.device_put({"input_ids": ids[:, :-1], "targets": ids[:, 1:],
-                            "loss_mask": np.ones((b, t), np.int32), "segment_ids": np.ones((b, t), np.int32),
-                            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()})
+    batch = jax.device_put(synthetic_batches(cfg.model.vocab_size, cfg.train.global_batch, cfg.train.seq_len)[0])
     step = jax.jit(trainer.train_step, donate_argnums=0)
     for _ in range(2):
         state, metrics = step(state, batch)

@@ -17,18 +17,22 @@ import gc
 import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 # PyTorch runs in the same process: JAX must not reserve most of the GPU up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import jax
-import numpy as np
+import jax  # noqa: E402
 
 from frontier_jax.config import load_config
 from frontier_jax.model.describe import describe
 from frontier_jax.train.metrics import peak_flops_per_device
 from frontier_jax.train.step import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic import synthetic_batches  # noqa: E402
 
 
 def _report(name: str, times: list[float], tokens: int, flops_per_token: float, peak_bytes: int | None):
@@ -48,12 +52,7 @@ def _report(name: str, times: list[float], tokens: int, flops_per_token: float, 
 def bench_jax(cfg, batch: int, seq: int, steps: int, warmup: int) -> list[float]:
     trainer = Trainer(cfg)
     state = jax.jit(trainer.init, static_argnums=0)(cfg.train.seed)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, cfg.model.vocab_size, (batch, seq + 1), dtype=np.int32)
-    host = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((batch, seq), np.int32),
-            "segment_ids": np.ones((batch, seq), np.int32),
-            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
-    device_batch = jax.device_put(host)
+    device_batch = jax.device_put(synthetic_batches(cfg.model.vocab_size, batch, seq)[0])
     step = jax.jit(trainer.train_step, donate_argnums=0)
     t = time.perf_counter()
     state, metrics = step(state, device_batch)
