@@ -80,11 +80,15 @@ def gather_assignments(x: jax.Array, order: jax.Array, inverse: jax.Array, k: in
 
 
 def swiglu_grouped(xs: jax.Array, group_sizes: jax.Array, w_gate, w_up, w_down, *, impl: str,
-                   dtype) -> jax.Array:
+                   dtype, policy=None) -> jax.Array:
     """Per-group SwiGLU over rows sorted by group: xs [M, d] -> [M, d]; weights [G, d, f],
-    [G, d, f], [G, f, d]; rows past sum(group_sizes) give zeros."""
-    gmm = lambda a, w: grouped_matmul(a, w, group_sizes, impl=impl, dtype=dtype)
-    return gmm(jax.nn.silu(gmm(xs, w_gate)) * gmm(xs, w_up), w_down)
+    [G, d, f], [G, f, d]; rows past sum(group_sizes) give zeros.  `policy` (a PrecisionPolicy)
+    may run the three matmuls (`moe.experts.w_gate/w_up/w_down`) in fp8."""
+    def gmm(a, w, name):
+        return grouped_matmul(a, w, group_sizes, impl=impl, dtype=dtype, policy=policy,
+                              layer=f"moe.experts.{name}")
+
+    return gmm(jax.nn.silu(gmm(xs, w_gate, "w_gate")) * gmm(xs, w_up, "w_up"), w_down, "w_down")
 
 
 def swiglu_batched(xb: jax.Array, w_gate, w_up, w_down, *, dtype) -> jax.Array:

@@ -9,6 +9,9 @@ computed in `dtype` with fp32 accumulation.
     padded dense matmuls: correct but slow and memory hungry).
   * "tokamax":    `tokamax.ragged_dot` (Pallas Mosaic-GPU kernel; XLA fallback elsewhere).
     Needs the optional `gpu` extra (Python >= 3.12).
+
+When a precision `policy` runs the expert matmul `layer` in fp8 (`PrecisionPolicy.grouped_matmul`),
+its fp8 grouped matmul replaces the kernel chosen by `impl` (all three GEMMs in fp8).
 """
 
 from __future__ import annotations
@@ -17,13 +20,18 @@ import jax
 import jax.numpy as jnp
 
 from frontier_jax.model.tokamax_import import tokamax
+from frontier_jax.precision import PrecisionPolicy
 
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str,
-                   dtype=jnp.bfloat16) -> jax.Array:
+                   dtype=jnp.bfloat16, policy: PrecisionPolicy | None = None,
+                   layer: str = "moe.experts") -> jax.Array:
     lhs, rhs = lhs.astype(dtype), rhs.astype(dtype)
     group_sizes = group_sizes.astype(jnp.int32)
-    if impl == "ragged_dot":
+    fp8 = None if policy is None else policy.grouped_matmul(layer)
+    if fp8 is not None:
+        out = fp8(lhs, rhs, group_sizes)
+    elif impl == "ragged_dot":
         out = jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
     elif impl == "tokamax":
         # fp32 accumulation inside the kernel; its backward kernels need operands of one dtype,

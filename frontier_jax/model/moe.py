@@ -84,8 +84,7 @@ class RoutedExperts(nnx.Module):
         active = active_sharding()
         if active is not None and expert_parallel_size(*active) > 1:
             return expert_parallel_ffn(x, routing, self.w_gate[...], self.w_up[...], self.w_down[...],
-                                       cfg=self.cfg, dtype=self.policy.compute_dtype, mesh=active[0],
-                                       rules=active[1])
+                                       cfg=self.cfg, policy=self.policy, mesh=active[0], rules=active[1])
         n, d = x.shape
         e, k = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
         weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
@@ -95,7 +94,7 @@ class RoutedExperts(nnx.Module):
         xs = gather_assignments(x, order, inverse, k)  # [N K, d] sorted by expert
         if self.cfg.moe_dispatch == "dropless":
             ys = swiglu_grouped(xs, jnp.bincount(flat_expert, length=e), *weights,
-                                impl=self.cfg.gmm_impl, dtype=dtype)
+                                impl=self.cfg.gmm_impl, dtype=dtype, policy=self.policy)
             dropped = jnp.zeros((), jnp.int32)
         else:
             capacity = math.ceil(self.cfg.moe_capacity_factor * n * k / e)

@@ -75,11 +75,12 @@ def _tensor_axis(mesh: Mesh, rules) -> str | None:
     return axes[0] if axes else None
 
 
-def _local_ffn(x, experts, gates, w_gate, w_up, w_down, *, cfg: ModelConfig, dtype, devices: int,
+def _local_ffn(x, experts, gates, w_gate, w_up, w_down, *, cfg: ModelConfig, policy, devices: int,
                capacity: int, tensor_axis: str | None):
     """Runs on one device: x [n, d], experts/gates [n, K], local weights [E/P, ...]."""
     n, d = x.shape
     k = cfg.num_experts_per_tok
+    dtype = policy.compute_dtype
     local_experts = cfg.n_routed_experts // devices
     flat = experts.reshape(-1)
     order, inverse = sort_assignments(flat)
@@ -98,7 +99,7 @@ def _local_ffn(x, experts, gates, w_gate, w_up, w_down, *, cfg: ModelConfig, dty
     local_order, local_inverse = sort_assignments(key)
     sizes = jnp.bincount(key, length=local_experts + 1)[:local_experts]
     out = swiglu_grouped(move_rows(recv, local_order, local_inverse), sizes, w_gate, w_up, w_down,
-                         impl=cfg.gmm_impl, dtype=dtype)
+                         impl=cfg.gmm_impl, dtype=dtype, policy=policy)
     out = move_rows(out, local_inverse, local_order)
     if tensor_axis is not None:
         out = jax.lax.psum(out, tensor_axis)
@@ -112,7 +113,7 @@ def _local_ffn(x, experts, gates, w_gate, w_up, w_down, *, cfg: ModelConfig, dty
 
 
 def expert_parallel_ffn(x: jax.Array, routing: Routing, w_gate: jax.Array, w_up: jax.Array,
-                        w_down: jax.Array, *, cfg: ModelConfig, dtype, mesh: Mesh,
+                        w_down: jax.Array, *, cfg: ModelConfig, policy, mesh: Mesh,
                         rules: Mapping[str, Sequence[str]]) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [N, d] (N = all tokens), routing over N -> (routed-expert output [N, d], dropped
     assignments (global), bytes sent to other devices (global))."""
@@ -133,7 +134,7 @@ def expert_parallel_ffn(x: jax.Array, routing: Routing, w_gate: jax.Array, w_up:
     w_in = P(EXPERT_AXIS, None, tensor_axis)
     w_out = P(EXPERT_AXIS, tensor_axis, None)
     tokens = P(batch, None)
-    local = functools.partial(_local_ffn, cfg=cfg, dtype=dtype, devices=devices, capacity=capacity,
+    local = functools.partial(_local_ffn, cfg=cfg, policy=policy, devices=devices, capacity=capacity,
                               tensor_axis=tensor_axis)
 
     replicas = math.prod(size for axis, size in mesh.shape.items() if axis not in batch)

@@ -1,0 +1,77 @@
+"""fp8 projection y = x W whose forward and both backward GEMMs run in fp8 (`jax.custom_vjp`).
+
+    forward  y  = x W        x: recipe.row_tiles (e4m3)      W: weight_tiles (e4m3)
+    dgrad    dx = dy W^T     dy: row_tiles (grad_dtype)      W^T: the forward's quantized W
+    wgrad    dW = x^T dy     x, dy: col_tiles (re-tiled along the token axis M)
+with x [M, K], W [K, N], dy [M, N]; each GEMM is `gemm.scaled_matmul` (fp32 accumulation).
+Operands are zero-padded to multiples of the recipe's block (exact, see `Fp8Recipe.multiple`)
+and results sliced back.  Residuals: x in its own dtype and the fp8 W with its scales.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from frontier_jax.precision.gemm import scaled_matmul
+from frontier_jax.precision.quantize import pad_to_multiple, quantize
+from frontier_jax.precision.recipe import E4M3, Fp8Recipe
+
+
+def fp8_matmul(x: jax.Array, w: jax.Array, recipe: Fp8Recipe) -> jax.Array:
+    """x [M, K] @ w [K, N] -> [M, N] in x's dtype (w is used in x's dtype)."""
+    return _fp8_matmul(x, w.astype(x.dtype), recipe)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _fp8_matmul(x, w, recipe):
+    return _forward(x, w, recipe)[0]
+
+
+def _forward(x, w, recipe: Fp8Recipe):
+    b, n = recipe.multiple, w.shape[1]
+    wq = quantize(pad_to_multiple(w, (b, b)), E4M3, recipe.weight_tiles)
+    xq = quantize(pad_to_multiple(x, (1, b)), E4M3, recipe.row_tiles)
+    return scaled_matmul(xq, wq)[:, :n].astype(x.dtype), (x, wq)
+
+
+def _backward(recipe: Fp8Recipe, residuals, dy):
+    x, wq = residuals
+    (m, k), n, b = x.shape, dy.shape[1], recipe.multiple
+    dy_rows = quantize(pad_to_multiple(dy, (1, b)), recipe.grad_dtype, recipe.row_tiles)
+    dx = scaled_matmul(dy_rows, wq.T)[:, :k]
+    x_cols = quantize(pad_to_multiple(x, (b, b)), E4M3, recipe.col_tiles)
+    dy_cols = quantize(pad_to_multiple(dy, (b, b)), recipe.grad_dtype, recipe.col_tiles)
+    dw = scaled_matmul(x_cols.T, dy_cols)[:k, :n]
+    return dx.astype(x.dtype), dw.astype(x.dtype)
+
+
+_fp8_matmul.defvjp(_forward, _backward)
+
+
+def fp8_dot_general(recipe: Fp8Recipe, *, layer: str, policy: str):
+    """A `lax.dot_general` stand-in for `Linear`: x [..., *in] . W [*in, *out] -> [..., *out]
+    (x's trailing dims contracted with W's leading dims, no batch dims), run as `fp8_matmul`
+    on x [M, K] and W [K, N] flattened.  Anything else is refused, naming layer and policy."""
+
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+        del precision  # the recipe fixes the arithmetic
+        (lhs_c, rhs_c), batch = dimension_numbers
+        r = len(lhs_c)
+        supported = (tuple(lhs_c) == tuple(range(lhs.ndim - r, lhs.ndim))
+                     and tuple(rhs_c) == tuple(range(r)) and not any(batch)
+                     and jnp.issubdtype(lhs.dtype, jnp.floating) and lhs.dtype.itemsize > 1)
+        if not supported:
+            raise ValueError(
+                f"layer {layer!r}: precision.policy={policy} runs fp8 GEMMs for x[..., K] @ "
+                f"W[K, ...] on bf16/fp16/fp32 operands only; got lhs {lhs.shape} {lhs.dtype}, "
+                f"rhs {rhs.shape}, dimension_numbers {dimension_numbers}")
+        k = math.prod(lhs.shape[lhs.ndim - r:])
+        y = fp8_matmul(lhs.reshape(-1, k), rhs.reshape(k, -1), recipe)
+        return y.reshape(*lhs.shape[:lhs.ndim - r], *rhs.shape[r:]).astype(
+            preferred_element_type or lhs.dtype)
+
+    return dot_general
