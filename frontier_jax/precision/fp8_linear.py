@@ -40,7 +40,7 @@ def _forward(x, w, recipe: Fp8Recipe):
 
 def _backward(recipe: Fp8Recipe, residuals, dy):
     x, wq = residuals
-    (m, k), n, b = x.shape, dy.shape[1], recipe.multiple
+    k, n, b = x.shape[1], dy.shape[1], recipe.multiple
     dy_rows = quantize(pad_to_multiple(dy, (1, b)), recipe.grad_dtype, recipe.row_tiles)
     dx = scaled_matmul(dy_rows, wq.T)[:, :k]
     x_cols = quantize(pad_to_multiple(x, (b, b)), E4M3, recipe.col_tiles)

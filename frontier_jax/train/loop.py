@@ -13,7 +13,6 @@ batch, same loss.  SIGTERM/SIGINT: save a checkpoint at the current step and exi
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import time
