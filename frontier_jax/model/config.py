@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 ATTENTION_IMPLS = ("xla", "cudnn", "tokamax")
-GMM_IMPLS = ("ragged_dot", "tokamax")
+GMM_IMPLS = ("auto", "pallas", "ragged_dot", "tokamax")
 MOE_DISPATCH = ("dropless", "capacity")
 SCORING_FUNCS = ("sigmoid", "softmax")
 ROPE_SCALING_TYPES = ("none", "yarn")
@@ -80,7 +80,7 @@ class ModelConfig:
     attention_impl: str = "xla"
     moe_dispatch: str = "dropless"
     moe_capacity_factor: float = 1.25
-    gmm_impl: str = "ragged_dot"
+    gmm_impl: str = "auto"
     ep_overlap_chunks: int = 1  # expert parallelism: chunks whose all-to-all overlaps the others' compute
     remat_policy: str = "none"
 

@@ -1,8 +1,19 @@
 """The pieces of routed-expert computation shared by the single-device MoE layer and the
 expert-parallel (all-to-all) path.
 
-Assignments: each of N tokens picks K experts, giving N K (token, expert) assignments,
-flattened token-major (assignment a = token a // K, choice a % K).
+Assignments: each of N tokens picks K experts, giving A = N K (token, expert) assignments,
+flattened token-major (assignment a = token a // K, choice a % K).  Each assignment gets a
+row ("slot") of a buffer laid out group by group; rows move in one gather each way:
+
+    dispatch   buf[slot[a]] = x[a // K]           [N, d] -> [R, d]   (unused rows zero)
+    collect    rows[a]      = buf[slot[a]]        [R, d] -> [A, d]   (dropped rows zero)
+    combine    y_n          = sum_k g_{n,k} rows[n K + k]
+
+Layouts (`slot` == R means dropped):
+  * dropless: group g's rows start at a multiple of `align` (1 = packed; the Pallas grouped
+    GEMM needs its row tile) -- R = the static bound ceil((A + G (align - 1)) / align) align;
+  * capacity: group g owns rows [g C, (g+1) C); the (C+1)-th and later assignments of a group
+    (in token order) are dropped -- R = G C.
 """
 
 from __future__ import annotations
@@ -40,12 +51,6 @@ def _move_rows_bwd(res, g):
 move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
 
 
-def sort_assignments(groups: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """groups [A] int -> (order [A] that sorts assignments by group (stable), its inverse)."""
-    order = jnp.argsort(groups, stable=True)
-    return order, invert(order, groups.shape[0])
-
-
 def invert(index: jax.Array, size: int) -> jax.Array:
     """Inverse of a one-to-one partial map index [A] into [0, size] (size = nowhere):
     result [size] with result[index[a]] = a, and A where no a maps."""
@@ -53,37 +58,62 @@ def invert(index: jax.Array, size: int) -> jax.Array:
     return fill.at[index].set(jnp.arange(index.shape[0], dtype=index.dtype))[:size]
 
 
-def capacity_slots(sorted_groups: jax.Array, num_groups: int, capacity: int) -> tuple[jax.Array, jax.Array]:
-    """Buffer slots for assignments already sorted by group: the r-th assignment of group g goes
-    to slot g * capacity + r if r < capacity (kept), else to the overflow slot
-    num_groups * capacity (dropped).  Returns (slot [A], keep [A] bool)."""
-    sizes = jnp.bincount(sorted_groups, length=num_groups)
-    rank = jnp.arange(sorted_groups.shape[0]) - (jnp.cumsum(sizes) - sizes)[sorted_groups]
+def rank_in_group(groups: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
+    """groups [A] int in [0, G) -> (rank [A]: how many earlier assignments share the group,
+    sizes [G]: assignments per group).  A stable sort gives the ranks in one pass."""
+    order = jnp.argsort(groups, stable=True)
+    sizes = jnp.bincount(groups, length=num_groups).astype(jnp.int32)
+    ordered = groups[order]
+    sorted_rank = jnp.arange(groups.shape[0], dtype=jnp.int32) - (jnp.cumsum(sizes) - sizes)[ordered]
+    return jnp.zeros_like(sorted_rank).at[order].set(sorted_rank, unique_indices=True), sizes
+
+
+def dropless_rows(assignments: int, num_groups: int, align: int) -> int:
+    """Rows R of the dropless buffer: enough for any split of A assignments over G groups
+    when every group is padded to a multiple of `align`."""
+    return -(-(assignments + num_groups * (align - 1)) // align) * align
+
+
+def dropless_slots(groups: jax.Array, num_groups: int, align: int = 1) -> tuple[jax.Array, jax.Array]:
+    """groups [A] -> (slot [A], group_sizes [G]: rows each group occupies, padded to `align`).
+    Group g starts at sum_{h<g} group_sizes[h]; padding rows stay zero."""
+    rank, sizes = rank_in_group(groups, num_groups)
+    padded = -(-sizes // align) * align
+    return (jnp.cumsum(padded) - padded)[groups] + rank, padded
+
+
+def capacity_slots(groups: jax.Array, num_groups: int, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """groups [A] -> (slot [A], keep [A] bool): the r-th assignment of group g (token order)
+    goes to row g C + r if r < C, else it is dropped (slot G C)."""
+    rank, _ = rank_in_group(groups, num_groups)
     keep = rank < capacity
-    return jnp.where(keep, sorted_groups * capacity + rank, num_groups * capacity), keep
+    return jnp.where(keep, groups * capacity + rank, num_groups * capacity), keep
 
 
-def to_slots(rows: jax.Array, slot: jax.Array, num_slots: int) -> jax.Array:
-    """rows [A, d] -> buffer [num_slots, d] with rows[a] at slot[a] (slot == num_slots:
-    dropped); unused slots are zero."""
-    return move_rows(rows, invert(slot, num_slots), slot)
+def dispatch(x: jax.Array, slot: jax.Array, num_rows: int) -> jax.Array:
+    """Token rows x [N, d] -> buffer [R, d] with x[a // K] at row slot[a] (K = A / N)."""
+    k = slot.shape[0] // x.shape[0]
+    return move_rows(jnp.repeat(x, k, axis=0), invert(slot, num_rows), slot)
 
 
-def from_slots(buf: jax.Array, slot: jax.Array) -> jax.Array:
-    """buffer [num_slots, d] -> rows [A, d] = buf[slot], zero for dropped rows."""
+def collect(buf: jax.Array, slot: jax.Array) -> jax.Array:
+    """Buffer [R, d] -> assignment rows [A, d] = buf[slot], zero for dropped assignments."""
     return move_rows(buf, slot, invert(slot, buf.shape[0]))
 
 
-def gather_assignments(x: jax.Array, order: jax.Array, inverse: jax.Array, k: int) -> jax.Array:
-    """Token rows x [N, d] -> assignment rows sorted by `order` [N K, d] (token a // K)."""
-    return move_rows(jnp.repeat(x, k, axis=0), order, inverse)
+def combine(rows: jax.Array, weights: jax.Array) -> jax.Array:
+    """Assignment rows [N K, d] (token-major) and gates [N, K] -> y_n = sum_k g_{n,k} y_{n,k}
+    [N, d] (fp32 accumulation)."""
+    n, k = weights.shape
+    return jnp.einsum("nkd,nk->nd", rows.reshape(n, k, -1), weights.astype(rows.dtype),
+                      preferred_element_type=jnp.float32)
 
 
 def swiglu_grouped(xs: jax.Array, group_sizes: jax.Array, w_gate, w_up, w_down, *, impl: str,
                    dtype, policy=None) -> jax.Array:
-    """Per-group SwiGLU over rows sorted by group: xs [M, d] -> [M, d]; weights [G, d, f],
-    [G, d, f], [G, f, d]; rows past sum(group_sizes) give zeros.  `policy` (a PrecisionPolicy)
-    may run the three matmuls (`moe.experts.w_gate/w_up/w_down`) in fp8."""
+    """Per-group SwiGLU over rows laid out group by group: xs [R, d] -> [R, d]; weights
+    [G, d, f], [G, d, f], [G, f, d]; rows past sum(group_sizes) give zeros.  `policy` (a
+    PrecisionPolicy) may run the three matmuls (`moe.experts.w_gate/w_up/w_down`) in fp8."""
     def gmm(a, w, name):
         return grouped_matmul(a, w, group_sizes, impl=impl, dtype=dtype, policy=policy,
                               layer=f"moe.experts.{name}")
@@ -97,12 +127,3 @@ def swiglu_batched(xb: jax.Array, w_gate, w_up, w_down, *, dtype) -> jax.Array:
                                      preferred_element_type=jnp.float32).astype(dtype)
     h = jax.nn.silu(mm(xb, w_gate, "gcd,gdf->gcf")) * mm(xb, w_up, "gcd,gdf->gcf")
     return mm(h, w_down, "gcf,gfd->gcd")
-
-
-def combine(ys_sorted: jax.Array, order: jax.Array, inverse: jax.Array, weights: jax.Array) -> jax.Array:
-    """Expert outputs of sorted assignments [N K, d] -> y_n = sum_k g_{n,k} y_{n,k} [N, d]
-    (fp32 accumulation), given the sort permutation, its inverse and the gates [N, K]."""
-    n, k = weights.shape
-    y_assign = move_rows(ys_sorted, inverse, order).reshape(n, k, -1)
-    return jnp.einsum("nkd,nk->nd", y_assign, weights.astype(ys_sorted.dtype),
-                      preferred_element_type=jnp.float32)

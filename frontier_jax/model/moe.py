@@ -4,8 +4,9 @@
 
 Shared experts are one SwiGLU of width N_s * f.  Routed experts are SwiGLUs stacked as
 W_gate, W_up [N_r, d, f] and W_down [N_r, f, d].  Token dispatch (`model.moe_dispatch`):
-  * "dropless": the N*K (token, expert) assignments are sorted by expert and run through one
-    grouped matmul (`grouped_matmul`), then unsorted and combined with the gates.
+  * "dropless": the N*K (token, expert) assignments are laid out expert by expert (each
+    expert's rows padded to the grouped-matmul kernel's row tile) and run through one grouped
+    matmul per projection (`grouped_matmul`), then gathered back and combined with the gates.
   * "capacity": each expert takes at most C = ceil(capacity_factor * N K / N_r) assignments
     (first come, in token order) into an [N_r, C, d] buffer computed by a batched matmul;
     overflowing assignments are dropped (contribute zero) and counted.
@@ -26,8 +27,9 @@ from flax import nnx
 
 from frontier_jax.model.config import ModelConfig
 from frontier_jax.model.expert_compute import (
-    capacity_slots, combine, from_slots, gather_assignments, sort_assignments, swiglu_batched,
-    swiglu_grouped, to_slots)
+    capacity_slots, collect, combine, dispatch, dropless_rows, dropless_slots, swiglu_batched,
+    swiglu_grouped)
+from frontier_jax.model.grouped_matmul import row_alignment
 from frontier_jax.model.layers import normal_param
 from frontier_jax.model.mlp import SwiGLU
 from frontier_jax.model.routing import Router, Routing
@@ -90,19 +92,20 @@ class RoutedExperts(nnx.Module):
         weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
         dtype = self.policy.compute_dtype
         flat_expert = routing.experts.reshape(-1)  # [N K]
-        order, inverse = sort_assignments(flat_expert)
-        xs = gather_assignments(x, order, inverse, k)  # [N K, d] sorted by expert
         if self.cfg.moe_dispatch == "dropless":
-            ys = swiglu_grouped(xs, jnp.bincount(flat_expert, length=e), *weights,
-                                impl=self.cfg.gmm_impl, dtype=dtype, policy=self.policy)
+            align = row_alignment(self.cfg.gmm_impl, self.policy)
+            slot, sizes = dropless_slots(flat_expert, e, align)
+            buf = dispatch(x.astype(dtype), slot, dropless_rows(n * k, e, align))
+            out = swiglu_grouped(buf, sizes, *weights, impl=self.cfg.gmm_impl, dtype=dtype,
+                                 policy=self.policy)
             dropped = jnp.zeros((), jnp.int32)
         else:
             capacity = math.ceil(self.cfg.moe_capacity_factor * n * k / e)
-            slot, keep = capacity_slots(flat_expert[order], e, capacity)
-            buf = to_slots(xs, slot, e * capacity).reshape(e, capacity, d)
-            ys = from_slots(swiglu_batched(buf, *weights, dtype=dtype).reshape(e * capacity, d), slot)
+            slot, keep = capacity_slots(flat_expert, e, capacity)
+            buf = dispatch(x.astype(dtype), slot, e * capacity).reshape(e, capacity, d)
+            out = swiglu_batched(buf, *weights, dtype=dtype).reshape(e * capacity, d)
             dropped = (n * k - keep.sum()).astype(jnp.int32)
-        y = combine(ys, order, inverse, routing.weights)
+        y = combine(collect(out, slot), routing.weights)
         return y.astype(x.dtype), dropped, jnp.zeros((), jnp.float32)
 
 

@@ -3,13 +3,12 @@ devices that own their experts and back with all-to-all, inside `shard_map`.
 
 With P devices on the `expert` axis, device p owns experts [p E/P, (p+1) E/P).  Per device
 (n local tokens, A = n K assignments):
-  1. sort assignments by expert (so also by owning device);
-  2. pack them into a send buffer [P, C, d]: the r-th assignment bound for device q goes to
-     row (q, r) if r < C, else it is dropped (counted).  C = A ("dropless": nothing can drop)
+  1-2. pack assignments into a send buffer [P, C, d] by owning device: the r-th assignment
+     (token order) bound for device q goes to row (q, r) if r < C, else it is dropped (counted).  C = A ("dropless": nothing can drop)
      or ceil(capacity_factor A / P) ("capacity");
   3. all_to_all over `expert`: device q receives [P, C, d] (row (p, r) = p's r-th assignment
      for q), with the local expert id of each row (-1 = empty);
-  4. local SwiGLU of the received rows with a grouped matmul (rows sorted by local expert);
+  4. local SwiGLU of the received rows with a grouped matmul (rows laid out by local expert);
      with `moe_mlp` split over `tensor`, partial sums of the down projection are psum-ed;
   5. all_to_all back, unpack, and combine y_t = sum_k g_{t,k} y_{t,k} at the token's device.
 Tokens are split over the mesh axes of the `batch` rule (which must include `expert`); shared
@@ -35,8 +34,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from frontier_jax.model.config import ModelConfig
 from frontier_jax.model.expert_compute import (
-    capacity_slots, combine, from_slots, gather_assignments, invert, move_rows, sort_assignments,
-    swiglu_grouped, to_slots)
+    capacity_slots, collect, combine, dispatch, dropless_rows, dropless_slots, invert, swiglu_grouped)
+from frontier_jax.model.grouped_matmul import row_alignment
 from frontier_jax.model.routing import Routing
 
 EXPERT_AXIS = "expert"
@@ -83,28 +82,26 @@ def _local_ffn(x, experts, gates, w_gate, w_up, w_down, *, cfg: ModelConfig, pol
     dtype = policy.compute_dtype
     local_experts = cfg.n_routed_experts // devices
     flat = experts.reshape(-1)
-    order, inverse = sort_assignments(flat)
-    sorted_experts = flat[order]
-    dest = sorted_experts // local_experts
+    dest = flat // local_experts
     slot, keep = capacity_slots(dest, devices, capacity)
     num_slots = devices * capacity
-    send = to_slots(gather_assignments(x.astype(dtype), order, inverse, k), slot, num_slots)
-    local_ids = jnp.append(sorted_experts % local_experts, -1)  # -1: an empty slot
-    send_ids = local_ids[invert(slot, num_slots)]
+    send = dispatch(x.astype(dtype), slot, num_slots)
+    send_ids = jnp.append(flat % local_experts, -1)[invert(slot, num_slots)]  # -1: an empty row
     a2a = functools.partial(jax.lax.all_to_all, axis_name=EXPERT_AXIS, split_axis=0, concat_axis=0)
     recv = a2a(send.reshape(devices, capacity, d)).reshape(num_slots, d)
     recv_ids = a2a(send_ids.reshape(devices, capacity)).reshape(-1)
-    # local experts: sort received rows by expert id, empty rows (-1) last
+    # local experts: received rows laid out expert by expert, empty rows (-1) in a last group
     key = jnp.where(recv_ids < 0, local_experts, recv_ids)
-    local_order, local_inverse = sort_assignments(key)
-    sizes = jnp.bincount(key, length=local_experts + 1)[:local_experts]
-    out = swiglu_grouped(move_rows(recv, local_order, local_inverse), sizes, w_gate, w_up, w_down,
-                         impl=cfg.gmm_impl, dtype=dtype, policy=policy)
-    out = move_rows(out, local_inverse, local_order)
+    align = row_alignment(cfg.gmm_impl, policy)
+    local_slot, sizes = dropless_slots(key, local_experts + 1, align)
+    local_rows = dropless_rows(num_slots, local_experts + 1, align)
+    out = swiglu_grouped(dispatch(recv, local_slot, local_rows), sizes[:-1],
+                         w_gate, w_up, w_down, impl=cfg.gmm_impl, dtype=dtype, policy=policy)
+    out = collect(out, local_slot)
     if tensor_axis is not None:
         out = jax.lax.psum(out, tensor_axis)
     back = a2a(out.reshape(devices, capacity, d)).reshape(num_slots, d)
-    y = combine(from_slots(back, slot), order, inverse, gates)
+    y = combine(collect(back, slot), gates)
     me = jax.lax.axis_index(EXPERT_AXIS)
     remote_rows = jnp.sum(keep & (dest != me))
     sent_bytes = 2.0 * remote_rows * d * jnp.dtype(dtype).itemsize

@@ -25,8 +25,9 @@ SHARDS, EP = 8, 4
 
 
 def _cfg(**kw):
-    return ModelConfig(hidden_size=D, n_routed_experts=E, num_experts_per_tok=K, moe_ffn_dim=F, n_group=4,
-                       topk_group=2, init_std=0.3, **kw)
+    base = dict(hidden_size=D, n_routed_experts=E, num_experts_per_tok=K, moe_ffn_dim=F, n_group=4,
+                topk_group=2, init_std=0.3)
+    return ModelConfig(**{**base, **kw})
 
 
 def _inputs(seed=0):
@@ -38,14 +39,14 @@ def _inputs(seed=0):
 
 
 def _naive(x, experts, weights, w_gate, w_up, w_down, capacity):
-    """Per token shard, assignments in (expert, token, choice) order; the r-th one bound for a
+    """Per token shard, assignments in (token, choice) order; the r-th one bound for a
     destination device is kept iff r < capacity.  Returns (y, dropped, remote kept rows)."""
     n_local, per_device = N // SHARDS, E // EP
     y = np.zeros((N, D))
     dropped = remote = 0
     for shard in range(SHARDS):
         tokens = range(shard * n_local, (shard + 1) * n_local)
-        assignments = sorted(((experts[t, c], t, c) for t in tokens for c in range(K)))
+        assignments = [(experts[t, c], t, c) for t in tokens for c in range(K)]
         sent = np.zeros(EP, int)
         for e, t, c in assignments:
             dest = e // per_device
@@ -79,8 +80,10 @@ def test_expert_parallel_capacity_matches_naive_drops_and_bytes(factor):
         assert dropped_ref == 0
 
 
-def test_expert_parallel_dropless_equals_local_dispatch():
-    cfg = _cfg()
+@pytest.mark.parametrize("kernel", [dict(), dict(gmm_impl="pallas", moe_ffn_dim=16)],
+                         ids=["ragged_dot", "pallas"])
+def test_expert_parallel_dropless_equals_local_dispatch(kernel):
+    cfg = _cfg(**kernel)
     layer = RoutedExperts(cfg, policy=get_policy("fp32"), rngs=nnx.Rngs(1))
     x, experts, weights = _inputs(1)
     routing = Routing(jnp.asarray(weights), jnp.asarray(experts), None)
