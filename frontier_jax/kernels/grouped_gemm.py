@@ -30,23 +30,29 @@ from jax.experimental.pallas import triton as plgpu
 TILE_ROWS = 128
 
 
+# Defaults: the fastest of the tilings timed by benchmarks/moe_layer.py on an H100 for the
+# bench-1b expert shapes (benchmarks/RESULTS.md).  Shared memory per pipeline stage is
+# 2 bytes x (rows x contraction + contraction x output) of each program's tiles; Hopper has
+# 227 KiB per block, so stages x that must stay below it.
 @dataclasses.dataclass(frozen=True)
 class RowTiling:
     """Tiles of the forward / input-gradient kernel: output [TILE_ROWS, block_out] per
     program, contraction in steps of block_contract."""
-    block_out: int = 128
+    block_out: int = 256
     block_contract: int = 64
-    num_warps: int = 4
-    num_stages: int = 4
+    num_warps: int = 8
+    num_stages: int = 3
 
 
 @dataclasses.dataclass(frozen=True)
 class WeightTiling:
-    """Tiles of the weight-gradient kernel: output [block_k, block_n] per program."""
+    """Tiles of the weight-gradient kernel: output [block_k, block_n] per program, the rows
+    contracted in steps of block_rows (a divisor of TILE_ROWS)."""
     block_k: int = 128
     block_n: int = 128
-    num_warps: int = 4
-    num_stages: int = 4
+    block_rows: int = 128
+    num_warps: int = 8
+    num_stages: int = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,20 +144,22 @@ def _row_matmul(x: jax.Array, w: jax.Array, tile_group: jax.Array, *, contract_l
     )(tile_group, x, w)
 
 
-def _weight_grad_kernel(tile_start_ref, x_ref, dy_ref, out_ref):
-    """out [bk, bn] = sum over the group's row tiles of x_t[:, k-block]^T dy_t[:, n-block]."""
+def _weight_grad_kernel(tile_start_ref, x_ref, dy_ref, out_ref, *, block_rows):
+    """out [bk, bn] = sum over the group's rows (in blocks of block_rows) of
+    x[rows, k-block]^T dy[rows, n-block]."""
     g = pl.program_id(0)
     block_k, block_n = out_ref.shape
     ks = pl.ds(pl.program_id(1) * block_k, block_k)
     ns = pl.ds(pl.program_id(2) * block_n, block_n)
+    per_tile = TILE_ROWS // block_rows
 
-    def step(t, acc):
-        rows = pl.ds(pl.multiple_of(t * TILE_ROWS, TILE_ROWS), TILE_ROWS)
+    def step(i, acc):
+        rows = pl.ds(pl.multiple_of(i * block_rows, block_rows), block_rows)
         return acc + jax.lax.dot_general(x_ref[rows, ks], dy_ref[rows, ns],
                                          (((0,), (0,)), ((), ())),
                                          preferred_element_type=jnp.float32)
 
-    acc = jax.lax.fori_loop(tile_start_ref[g], tile_start_ref[g + 1], step,
+    acc = jax.lax.fori_loop(tile_start_ref[g] * per_tile, tile_start_ref[g + 1] * per_tile, step,
                             jnp.zeros((block_k, block_n), jnp.float32))
     out_ref[...] = acc.astype(out_ref.dtype)
 
@@ -162,8 +170,10 @@ def _weight_grad(x: jax.Array, dy: jax.Array, tile_start: jax.Array, *,
     (m, k), n, g = x.shape, dy.shape[1], tile_start.shape[0] - 1
     bk = _block(k, tiling.block_k, "weight-gradient rows (K)")
     bn = _block(n, tiling.block_n, "weight-gradient columns (N)")
+    if TILE_ROWS % tiling.block_rows:
+        raise ValueError(f"WeightTiling.block_rows={tiling.block_rows} must divide {TILE_ROWS}")
     return pl.pallas_call(
-        _weight_grad_kernel,
+        functools.partial(_weight_grad_kernel, block_rows=tiling.block_rows),
         out_shape=jax.ShapeDtypeStruct((g, k, n), x.dtype),
         grid=(g, k // bk, n // bn),
         in_specs=[pl.BlockSpec(tile_start.shape, lambda e, i, j: (0,)),

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from frontier_jax.model.grouped_matmul import grouped_matmul
+from frontier_jax.precision.mixed import einsum_fp32
 
 
 def _take(x: jax.Array, index: jax.Array) -> jax.Array:
@@ -105,25 +106,31 @@ def combine(rows: jax.Array, weights: jax.Array) -> jax.Array:
     """Assignment rows [N K, d] (token-major) and gates [N, K] -> y_n = sum_k g_{n,k} y_{n,k}
     [N, d] (fp32 accumulation)."""
     n, k = weights.shape
-    return jnp.einsum("nkd,nk->nd", rows.reshape(n, k, -1), weights.astype(rows.dtype),
-                      preferred_element_type=jnp.float32)
+    return einsum_fp32("nkd,nk->nd", rows.reshape(n, k, -1), weights.astype(rows.dtype))
 
 
 def swiglu_grouped(xs: jax.Array, group_sizes: jax.Array, w_gate, w_up, w_down, *, impl: str,
                    dtype, policy=None) -> jax.Array:
     """Per-group SwiGLU over rows laid out group by group: xs [R, d] -> [R, d]; weights
     [G, d, f], [G, d, f], [G, f, d]; rows past sum(group_sizes) give zeros.  `policy` (a
-    PrecisionPolicy) may run the three matmuls (`moe.experts.w_gate/w_up/w_down`) in fp8."""
+    PrecisionPolicy) may run the three matmuls (`moe.experts.w_gate/w_up/w_down`) in fp8;
+    otherwise gate and up run as one grouped matmul against [W_gate | W_up] ([G, d, 2f]: one
+    pass over xs, and one input-gradient product instead of two plus a sum)."""
     def gmm(a, w, name):
         return grouped_matmul(a, w, group_sizes, impl=impl, dtype=dtype, policy=policy,
                               layer=f"moe.experts.{name}")
 
-    return gmm(jax.nn.silu(gmm(xs, w_gate, "w_gate")) * gmm(xs, w_up, "w_up"), w_down, "w_down")
+    fp8 = policy is not None and any(policy.grouped_matmul(f"moe.experts.{name}") is not None
+                                     for name in ("w_gate", "w_up"))
+    if fp8:
+        gate, up = gmm(xs, w_gate, "w_gate"), gmm(xs, w_up, "w_up")
+    else:
+        gate, up = jnp.split(gmm(xs, jnp.concatenate([w_gate, w_up], axis=2), "w_gate_up"), 2, axis=1)
+    return gmm(jax.nn.silu(gate) * up, w_down, "w_down")
 
 
 def swiglu_batched(xb: jax.Array, w_gate, w_up, w_down, *, dtype) -> jax.Array:
     """Per-group SwiGLU on a capacity buffer xb [G, C, d] -> [G, C, d] (batched matmuls)."""
-    mm = lambda a, w, eq: jnp.einsum(eq, a.astype(dtype), w.astype(dtype),
-                                     preferred_element_type=jnp.float32).astype(dtype)
+    mm = lambda a, w, eq: einsum_fp32(eq, a.astype(dtype), w.astype(dtype)).astype(dtype)
     h = jax.nn.silu(mm(xb, w_gate, "gcd,gdf->gcf")) * mm(xb, w_up, "gcd,gdf->gcf")
     return mm(h, w_down, "gcf,gfd->gcd")

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from frontier_jax.precision import PrecisionPolicy
+from frontier_jax.precision.mixed import einsum_fp32
 
 
 def normal_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], std: float,
@@ -75,13 +76,14 @@ class Embed(nnx.Module):
 
     def attend(self, h: jax.Array) -> jax.Array:
         dtype = self.policy.compute_dtype
-        return jnp.einsum("...d,vd->...v", h.astype(dtype), self.embedding[...].astype(dtype),
-                          preferred_element_type=jnp.float32)
+        return einsum_fp32("...d,vd->...v", h.astype(dtype), self.embedding[...].astype(dtype))
 
 
 class LMHead(nnx.Module):
-    """Output head W_out [d, vocab]: h [..., d] -> logits [..., vocab] in fp32.  Kept out of
-    the precision policy's low-precision recipes (the report keeps the head in high precision)."""
+    """Output head W_out [d, vocab]: h [..., d] -> logits [..., vocab] in fp32 (accumulated in
+    fp32 from compute-dtype operands; the backward GEMMs take the cotangent rounded to the
+    compute dtype, `precision.mixed`).  Kept out of the precision policy's fp8 recipes (the
+    report keeps the head in high precision)."""
 
     def __init__(self, dim: int, vocab_size: int, *, std: float, policy: PrecisionPolicy,
                  rngs: nnx.Rngs):
@@ -90,5 +92,4 @@ class LMHead(nnx.Module):
 
     def __call__(self, h: jax.Array) -> jax.Array:
         dtype = self.policy.compute_dtype
-        return jnp.einsum("...d,dv->...v", h.astype(dtype), self.kernel[...].astype(dtype),
-                          preferred_element_type=jnp.float32)
+        return einsum_fp32("...d,dv->...v", h.astype(dtype), self.kernel[...].astype(dtype))

@@ -26,6 +26,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from frontier_jax.precision.mixed import dot_general_fp32
 from frontier_jax.precision.recipe import FP8_DEEPSEEK, FP8_TENSOR, Fp8Recipe
 
 DotGeneral = Callable[..., jax.Array]
@@ -35,23 +36,24 @@ GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 def _dot_general_accumulate_fp32(lhs, rhs, dimension_numbers, precision=None,
                                  preferred_element_type=None):
     """`lax.dot_general` on operands in the compute dtype, accumulated in fp32 and returned in
-    the operands' dtype (what cuBLAS does for bf16 GEMMs)."""
-    out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                              preferred_element_type=jnp.float32)
-    return out.astype(preferred_element_type or lhs.dtype)
+    the operands' dtype (what cuBLAS does for bf16 GEMMs); its backward GEMMs run in the
+    operands' dtype too (`mixed.dot_general_fp32`)."""
+    del precision  # the compute dtype fixes the arithmetic
+    return dot_general_fp32(lhs, rhs, dimension_numbers).astype(preferred_element_type or lhs.dtype)
 
 
 @functools.cache
 def _note_fp8_backend(policy: str, platform: str, compute_capability: str) -> None:
-    """Logged once per process and backend (a warning where emulated).  Without fp8 matrix units
-    (anything but a GPU of compute capability >= 8.9) XLA emulates the fp8 dots in fp32: the
-    recipe's numerics exactly (fp8 values and their products are exact in fp32), without the
-    fp8 speed-up."""
+    """Logged once per process and backend (a warning where emulated).  On a GPU of compute
+    capability >= 8.9 the fp8 GEMMs run as Pallas kernels (`kernels/fp8_gemm.py`); without fp8
+    matrix units XLA emulates the fp8 dots in fp32: the recipe's numerics exactly (fp8 values
+    and their products are exact in fp32), without the fp8 speed-up."""
     native = platform == "gpu" and float(compute_capability or 0) >= 8.9
     logging.getLogger(__name__).log(
-        logging.INFO if native else logging.WARNING,
-        "precision.policy=%s: fp8 GEMMs run through the XLA reference path on %s%s", policy,
-        platform, "" if native else " (no fp8 matrix units: emulated, same numerics, no speed-up)")
+        logging.INFO if native else logging.WARNING, "precision.policy=%s: fp8 GEMMs run %s",
+        policy, "as Pallas kernels on gpu" if native else
+        f"through the XLA reference path on {platform} (no fp8 matrix units: emulated, same "
+        "numerics, no speed-up)")
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,8 @@ class PrecisionPolicy:
         from frontier_jax.precision.fp8_grouped import fp8_grouped_matmul  # needs qwix
 
         self._note_backend()
-        return functools.partial(fp8_grouped_matmul, recipe=self.fp8)
+        return functools.partial(fp8_grouped_matmul, recipe=self.fp8,
+                                 where=f"layer {layer!r} (precision.policy={self.name})")
 
     def _note_backend(self) -> None:
         device = jax.devices()[0]

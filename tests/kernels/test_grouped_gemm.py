@@ -51,7 +51,7 @@ def test_forward_and_both_gradients_match_float64(dtype, tol):
 def test_small_tiles_cover_several_blocks_per_dimension():
     sizes = np.array([256, 128])
     tilings = Tilings(RowTiling(block_out=32, block_contract=16), RowTiling(32, 16),
-                      WeightTiling(block_k=16, block_n=32))
+                      WeightTiling(block_k=16, block_n=32, block_rows=32))
     x, w, dy = _problem(1, sizes, 3, 48, 64, jnp.float32)
     y, vjp = jax.vjp(lambda x, w: tiled_grouped_matmul(x, w, jnp.asarray(sizes), tilings), x, w)
     dx, dw = vjp(dy)
