@@ -4,7 +4,8 @@
 
 Runs a few steps under `jax.profiler.trace(DIR)`, then reads the Chrome-format trace that the
 profiler writes (`*.trace.json.gz`) and prints the device ops with the most total time per step
-(GPU stream events), grouped by HLO op name with the fusion numbering stripped.
+(GPU stream events), grouped by HLO op name with the fusion numbering stripped
+(`--exact-names` keeps it, to look ops up in the optimized HLO that `--hlo FILE` writes).
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import synthetic_batches  # noqa: E402
 
 
-def run_steps(cfg, steps: int, out: Path) -> None:
+def run_steps(cfg, steps: int, out: Path, hlo: str | None = None) -> None:
     trainer = Trainer(cfg)
     state = jax.jit(trainer.init, static_argnums=0)(cfg.train.seed)
     batch = jax.device_put(synthetic_batches(cfg.model.vocab_size, cfg.train.global_batch, cfg.train.seq_len)[0])
     step = jax.jit(trainer.train_step, donate_argnums=0)
+    if hlo:
+        Path(hlo).write_text(step.lower(state, batch).compile().as_text())
     for _ in range(2):
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
@@ -41,7 +44,8 @@ def run_steps(cfg, steps: int, out: Path) -> None:
         jax.block_until_ready(metrics)
 
 
-def summarise(out: Path, steps: int, top: int, device_filter: str = "/device:GPU") -> list[tuple[str, float, int]]:
+def summarise(out: Path, steps: int, top: int, device_filter: str = "/device:GPU",
+              exact_names: bool = False) -> list[tuple[str, float, int]]:
     """(op name, ms per step, count per step) sorted by time, from the device streams."""
     trace_file = max(out.rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
     trace = json.loads(gzip.open(trace_file).read())
@@ -52,7 +56,8 @@ def summarise(out: Path, steps: int, top: int, device_filter: str = "/device:GPU
     counts: dict[str, int] = collections.defaultdict(int)
     for event in trace["traceEvents"]:
         if event.get("ph") == "X" and event.get("pid") in device_pids:
-            name = re.sub(r"[._]\d+$", "", event.get("name", "?"))
+            name = event.get("name", "?")
+            name = name if exact_names else re.sub(r"[._]\d+$", "", name)
             totals[name] += event.get("dur", 0) / 1e3
             counts[name] += 1
     rows = sorted(((n, ms / steps, counts[n] // steps) for n, ms in totals.items()), key=lambda r: -r[1])
@@ -65,13 +70,15 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--exact-names", action="store_true", help="keep fusion numbers")
+    parser.add_argument("--hlo", help="write the compiled step's optimized HLO here")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(args.config, ["precision.policy=bf16", "model.mtp_depth=0", "train.seq_len=2048",
                                     "train.global_batch=16", *args.overrides])
     out = Path(args.out)
-    run_steps(cfg, args.steps, out)
-    rows = summarise(out, args.steps, args.top)
+    run_steps(cfg, args.steps, out, args.hlo)
+    rows = summarise(out, args.steps, args.top, exact_names=args.exact_names)
     total = sum(ms for _, ms, _ in summarise(out, args.steps, 10**6))
     print(f"device time per step (sum over GPU stream events): {total:.1f} ms")
     print(f"{'op':70s} {'ms/step':>9s} {'share':>6s} {'calls':>6s}")

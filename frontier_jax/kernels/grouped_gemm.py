@@ -41,7 +41,7 @@ class RowTiling:
     block_out: int = 256
     block_contract: int = 64
     num_warps: int = 8
-    num_stages: int = 3
+    num_stages: int = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +49,8 @@ class WeightTiling:
     """Tiles of the weight-gradient kernel: output [block_k, block_n] per program, the rows
     contracted in steps of block_rows (a divisor of TILE_ROWS)."""
     block_k: int = 128
-    block_n: int = 128
-    block_rows: int = 128
+    block_n: int = 256
+    block_rows: int = 64
     num_warps: int = 8
     num_stages: int = 3
 

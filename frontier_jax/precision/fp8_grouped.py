@@ -7,9 +7,16 @@ fp8_tensor).
     forward  y_g  = x_g W_g      x: row_tiles (1 x 128 along K; rows need no padding)
     dgrad    dx_g = dy_g W_g^T   dy: row_tiles
     wgrad    dW_g = x_g^T dy_g   contraction over group g's rows: x and dy are re-tiled
-                                 128 x 1 along rows, with every group's rows zero-padded to
-                                 a multiple of 128 so that no tile spans two groups
-K and N are zero-padded to the recipe's block like the dense case (`fp8_linear`).
+                                 128 x 1 along rows, with every group's rows starting at a
+                                 multiple of 128 so that no tile spans two groups
+Every GEMM is in NT form (`gemm.py`): W is quantized as W^T [G, N, K] (its transpose serves
+dgrad) and the wgrad operands as x^T, dy^T.  K and N are zero-padded to the recipe's block
+like the dense case (`fp8_linear`).
+
+On the XLA path any group sizes work (wgrad scatters the rows into the 128-aligned layout).
+On the kernel path (`gemm.use_kernel`) the rows must already be in the tile-aligned layout
+(every group_sizes[g] a multiple of 128, as the MoE dispatch lays them out for fp8); other
+group sizes give NaN outputs and gradients, never silently wrong ones.
 """
 
 from __future__ import annotations
@@ -19,15 +26,17 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from frontier_jax.precision import gemm
 from frontier_jax.precision.gemm import row_groups, scaled_grouped_matmul, scaled_grouped_matmul_tn
 from frontier_jax.precision.quantize import pad_to_multiple, quantize
 from frontier_jax.precision.recipe import E4M3, ROW_ALIGN, Fp8Recipe
 
 
 def fp8_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
-                       recipe: Fp8Recipe) -> jax.Array:
-    """x [M, K], w [G, K, N], group_sizes [G] -> [M, N] in x's dtype."""
-    return _grouped(x, w.astype(x.dtype), group_sizes.astype(jnp.int32), recipe)
+                       recipe: Fp8Recipe, where: str = "") -> jax.Array:
+    """x [M, K], w [G, K, N], group_sizes [G] -> [M, N] in x's dtype; `where` names the layer
+    in a warning should a GEMM fall back to the XLA path."""
+    return _grouped(x, w.astype(x.dtype), group_sizes.astype(jnp.int32), recipe, where)
 
 
 def group_aligned_rows(group_sizes: jax.Array, rows: int, align: int) -> tuple[jax.Array, jax.Array]:
@@ -53,36 +62,46 @@ def _to_aligned(rows: jax.Array, dest: jax.Array, tiles: int, align: int) -> jax
     return buf.at[dest].set(rows)[:-1]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _grouped(x, w, group_sizes, recipe):
-    return _forward(x, w, group_sizes, recipe)[0]
+def _wgrad_rows(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, align: int):
+    """(x [P, K], dy [P, N], tile_group [P / align]) with every group's rows starting at a
+    multiple of `align`: on the kernel path the rows already are (padded at the end to whole
+    tiles), on the XLA path they are scattered into that layout (`group_aligned_rows`)."""
+    if gemm.use_kernel():
+        x, dy = pad_to_multiple(x, (align, 1)), pad_to_multiple(dy, (align, 1))
+        return x, dy, row_groups(group_sizes // align, x.shape[0] // align)
+    dest, tile_group = group_aligned_rows(group_sizes, x.shape[0], align)
+    tiles = tile_group.shape[0]
+    return _to_aligned(x, dest, tiles, align), _to_aligned(dy, dest, tiles, align), tile_group
 
 
-def _forward(x, w, group_sizes, recipe: Fp8Recipe):
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _grouped(x, w, group_sizes, recipe, where):
+    return _forward(x, w, group_sizes, recipe, where)[0]
+
+
+def _forward(x, w, group_sizes, recipe: Fp8Recipe, where: str):
     b, n = recipe.multiple, w.shape[2]
-    wq = quantize(pad_to_multiple(w, (1, b, b)), E4M3, (1, *recipe.weight_tiles))
+    wq = quantize(pad_to_multiple(w.transpose(0, 2, 1), (1, b, b)), E4M3,
+                  (1, *recipe.weight_tiles))  # W^T [G, N, K]
     xq = quantize(pad_to_multiple(x, (1, b)), E4M3, recipe.row_tiles)
-    y = scaled_grouped_matmul(xq, wq, group_sizes)[:, :n]
-    return y.astype(x.dtype), (x, wq, group_sizes)
+    y = scaled_grouped_matmul(xq, wq, group_sizes, x.dtype, where)[:, :n]
+    return y, (x, wq, group_sizes)
 
 
-def _backward(recipe: Fp8Recipe, residuals, dy):
+def _backward(recipe: Fp8Recipe, where: str, residuals, dy):
     x, wq, group_sizes = residuals
-    (m, k), n, b, g = x.shape, dy.shape[1], recipe.multiple, group_sizes.shape[0]
+    k, n, b, g = x.shape[1], dy.shape[1], recipe.multiple, group_sizes.shape[0]
     dy_rows = quantize(pad_to_multiple(dy, (1, b)), recipe.grad_dtype, recipe.row_tiles)
-    dx = scaled_grouped_matmul(dy_rows, wq.transpose(0, 2, 1), group_sizes)[:, :k]
-
+    dx = scaled_grouped_matmul(dy_rows, wq.transpose(0, 2, 1), group_sizes, x.dtype, where)
     # Per-tensor scales (block None) need no alignment for their scales, only for the per-tile
     # group sums; the fp8_deepseek tiles are ROW_ALIGN = 128 = its block.
-    align = recipe.block or ROW_ALIGN
-    dest, tile_group = group_aligned_rows(group_sizes, m, align)
-    tiles = tile_group.shape[0]
-    x_cols = quantize(pad_to_multiple(_to_aligned(x, dest, tiles, align), (1, b)), E4M3,
-                      recipe.col_tiles)
-    dy_cols = quantize(pad_to_multiple(_to_aligned(dy, dest, tiles, align), (1, b)),
-                       recipe.grad_dtype, recipe.col_tiles)
-    dw = scaled_grouped_matmul_tn(x_cols, dy_cols, tile_group, g)[:, :k, :n]
-    return dx.astype(x.dtype), dw.astype(x.dtype), None
+    x_rows, dy_rows, tile_group = _wgrad_rows(x, dy, group_sizes, recipe.block or ROW_ALIGN)
+    x_cols = quantize(pad_to_multiple(x_rows, (1, b)), E4M3, recipe.col_tiles)
+    dy_cols = quantize(pad_to_multiple(dy_rows, (1, b)), recipe.grad_dtype, recipe.col_tiles)
+    dw = scaled_grouped_matmul_tn(x_cols.T, dy_cols.T, tile_group, g, x.dtype, where)
+    if gemm.use_kernel():
+        dw = gemm.flag_unaligned(dw, group_sizes)
+    return dx[:, :k], dw[:, :k, :n], None
 
 
 _grouped.defvjp(_forward, _backward)

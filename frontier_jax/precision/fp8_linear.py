@@ -1,11 +1,14 @@
 """fp8 projection y = x W whose forward and both backward GEMMs run in fp8 (`jax.custom_vjp`).
 
-    forward  y  = x W        x: recipe.row_tiles (e4m3)      W: weight_tiles (e4m3)
-    dgrad    dx = dy W^T     dy: row_tiles (grad_dtype)      W^T: the forward's quantized W
-    wgrad    dW = x^T dy     x, dy: col_tiles (re-tiled along the token axis M)
-with x [M, K], W [K, N], dy [M, N]; each GEMM is `gemm.scaled_matmul` (fp32 accumulation).
-Operands are zero-padded to multiples of the recipe's block (exact, see `Fp8Recipe.multiple`)
-and results sliced back.  Residuals: x in its own dtype and the fp8 W with its scales.
+    forward  y  = x W        x: recipe.row_tiles (e4m3)      W^T: weight_tiles (e4m3)
+    dgrad    dx = dy W^T     dy: row_tiles (grad_dtype)      W: the forward's quantized W^T,
+                                                             transposed (square blocks)
+    wgrad    dW = x^T dy     x, dy: col_tiles (re-tiled along the token axis M), transposed
+with x [M, K], W [K, N], dy [M, N]; each GEMM is `gemm.scaled_matmul` in NT form (both
+operands contracting on their last dim; XLA fuses the transposes into the quantization), fp32
+accumulation.  Operands are zero-padded to multiples of the recipe's block (exact, see
+`Fp8Recipe.multiple`) and results sliced back.  Residuals: x in its own dtype and the fp8 W^T
+with its scales.
 """
 
 from __future__ import annotations
@@ -21,32 +24,33 @@ from frontier_jax.precision.quantize import pad_to_multiple, quantize
 from frontier_jax.precision.recipe import E4M3, Fp8Recipe
 
 
-def fp8_matmul(x: jax.Array, w: jax.Array, recipe: Fp8Recipe) -> jax.Array:
-    """x [M, K] @ w [K, N] -> [M, N] in x's dtype (w is used in x's dtype)."""
-    return _fp8_matmul(x, w.astype(x.dtype), recipe)
+def fp8_matmul(x: jax.Array, w: jax.Array, recipe: Fp8Recipe, where: str = "") -> jax.Array:
+    """x [M, K] @ w [K, N] -> [M, N] in x's dtype (w is used in x's dtype); `where` names the
+    layer in a warning should a GEMM fall back to the XLA path."""
+    return _fp8_matmul(x, w.astype(x.dtype), recipe, where)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _fp8_matmul(x, w, recipe):
-    return _forward(x, w, recipe)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _fp8_matmul(x, w, recipe, where):
+    return _forward(x, w, recipe, where)[0]
 
 
-def _forward(x, w, recipe: Fp8Recipe):
+def _forward(x, w, recipe: Fp8Recipe, where: str):
     b, n = recipe.multiple, w.shape[1]
-    wq = quantize(pad_to_multiple(w, (b, b)), E4M3, recipe.weight_tiles)
+    wq = quantize(pad_to_multiple(w.T, (b, b)), E4M3, recipe.weight_tiles)  # W^T [N, K]
     xq = quantize(pad_to_multiple(x, (1, b)), E4M3, recipe.row_tiles)
-    return scaled_matmul(xq, wq)[:, :n].astype(x.dtype), (x, wq)
+    return scaled_matmul(xq, wq, x.dtype, where)[:, :n], (x, wq)
 
 
-def _backward(recipe: Fp8Recipe, residuals, dy):
+def _backward(recipe: Fp8Recipe, where: str, residuals, dy):
     x, wq = residuals
     k, n, b = x.shape[1], dy.shape[1], recipe.multiple
     dy_rows = quantize(pad_to_multiple(dy, (1, b)), recipe.grad_dtype, recipe.row_tiles)
-    dx = scaled_matmul(dy_rows, wq.T)[:, :k]
+    dx = scaled_matmul(dy_rows, wq.T, x.dtype, where)[:, :k]
     x_cols = quantize(pad_to_multiple(x, (b, b)), E4M3, recipe.col_tiles)
     dy_cols = quantize(pad_to_multiple(dy, (b, b)), recipe.grad_dtype, recipe.col_tiles)
-    dw = scaled_matmul(x_cols.T, dy_cols)[:k, :n]
-    return dx.astype(x.dtype), dw.astype(x.dtype)
+    dw = scaled_matmul(x_cols.T, dy_cols.T, x.dtype, where)[:k, :n]
+    return dx, dw
 
 
 _fp8_matmul.defvjp(_forward, _backward)
@@ -70,7 +74,8 @@ def fp8_dot_general(recipe: Fp8Recipe, *, layer: str, policy: str):
                 f"W[K, ...] on bf16/fp16/fp32 operands only; got lhs {lhs.shape} {lhs.dtype}, "
                 f"rhs {rhs.shape}, dimension_numbers {dimension_numbers}")
         k = math.prod(lhs.shape[lhs.ndim - r:])
-        y = fp8_matmul(lhs.reshape(-1, k), rhs.reshape(k, -1), recipe)
+        y = fp8_matmul(lhs.reshape(-1, k), rhs.reshape(k, -1), recipe,
+                       where=f"layer {layer!r} (precision.policy={policy})")
         return y.reshape(*lhs.shape[:lhs.ndim - r], *rhs.shape[r:]).astype(
             preferred_element_type or lhs.dtype)
 
