@@ -9,13 +9,17 @@
 2. Speed: median step time, tokens/s per device, MFU, and the share of device time spent in
    all-to-all collectives (from a `jax.profiler` trace of 3 steps).
 3. Scaling efficiency: tokens/s per device on the mesh over tokens/s of one device running its
-   per-device batch alone (`--single-device-baseline`, same script).
+   per-device batch alone (same script, same process).
+4. The collectives of the compiled mesh step: how many of each kind, and how many XLA
+   scheduled asynchronously (start/done pairs, which can overlap compute) vs synchronously.
+Overrides (key=value) are applied last, so `mesh.expert=1 mesh.data=2` reshapes a preset.
 Synthetic uniform-random tokens; bf16 compute, no MTP (as `benchmarks/train_step.py`).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import time
@@ -34,6 +38,22 @@ from frontier_jax.parallel.mesh import batch_sharding, build_mesh, check_batch_f
 from frontier_jax.train.loop import train_state_shardings  # noqa: E402
 from frontier_jax.train.metrics import peak_flops_per_device  # noqa: E402
 from frontier_jax.train.step import BATCH_KEYS, Trainer  # noqa: E402
+
+
+COLLECTIVES = ("all-to-all", "all-reduce", "all-gather", "reduce-scatter", "collective-permute")
+
+
+def collective_counts(hlo: str) -> dict[str, dict[str, int]]:
+    """Per collective kind in optimized HLO text: {"async": n, "sync": n}.  Async ones appear
+    as `<kind>-start` (or an `async-start` wrapping the collective), sync ones as `<kind>(`."""
+    counts = {}
+    for kind in COLLECTIVES:
+        started = len(re.findall(rf"= [^=]*? {kind}-start\(", hlo))
+        wrapped = len(re.findall(rf"async-start\([^\n]*calls=%?[\w.-]*{kind}", hlo))
+        plain = len(re.findall(rf"= [^=]*? {kind}\(", hlo))
+        if started or wrapped or plain:
+            counts[kind] = {"async": started + wrapped, "sync": plain - wrapped}
+    return counts
 
 
 def make_runner(cfg, devices):
@@ -102,11 +122,13 @@ def main() -> None:
     mesh_cfg = load_config(args.mesh).mesh
     mesh_overrides = [f"mesh.{axis}={getattr(mesh_cfg, axis)}" for axis in ("stage", "data", "fsdp", "expert", "tensor")]
     mesh_overrides += [f"mesh.dcn.{axis}={getattr(mesh_cfg.dcn, axis)}" for axis in ("stage", "data", "fsdp", "expert", "tensor")]
-    base = ["precision.policy=bf16", "model.mtp_depth=0", f"train.seq_len={args.seq_len}", *args.overrides]
+    base = ["precision.policy=bf16", "model.mtp_depth=0", f"train.seq_len={args.seq_len}"]
     global_batch = args.per_device_batch * n
-    cfg = load_config(args.config, base + mesh_overrides + [f"train.global_batch={global_batch}"])
-    one = load_config(args.config, base + ["mesh.data=1", f"train.global_batch={global_batch}",
-                                           f"train.micro_batches={n}"])
+    cfg = load_config(args.config, base + mesh_overrides + [f"train.global_batch={global_batch}",
+                                                            *args.overrides])
+    one_device = [a for a in args.overrides if not a.startswith("mesh.")] + ["mesh.data=1", "mesh.expert=1"]
+    one = load_config(args.config, base + [f"train.global_batch={global_batch}",
+                                           f"train.micro_batches={n}", *one_device])
     print(f"{n} x {devices[0].device_kind}; mesh {dict(build_mesh(cfg.mesh, devices).shape)}; "
           f"global batch {global_batch} x seq {args.seq_len}", flush=True)
 
@@ -121,9 +143,13 @@ def main() -> None:
 
     flops = describe(cfg.model, args.seq_len)["flops_per_token"]
     peak = peak_flops_per_device()
+    state, step, in_batch = make_runner(cfg, devices)
+    hlo = step.lower(state, jax.device_put(batches[0], in_batch)).compile().as_text()
+    del state
+    print("collectives in the compiled mesh step:", collective_counts(hlo))
     seconds, a2a = timed(cfg, devices, batches[0], args.steps, Path(args.profile_dir))
     per_device = global_batch * args.seq_len / seconds / n
-    single = load_config(args.config, base + ["mesh.data=1", f"train.global_batch={args.per_device_batch}"])
+    single = load_config(args.config, base + [f"train.global_batch={args.per_device_batch}", *one_device])
     single_seconds, _ = timed(single, devices[:1], {k: v[:args.per_device_batch] for k, v in batches[0].items()},
                               args.steps, None)
     single_tps = args.per_device_batch * args.seq_len / single_seconds

@@ -69,6 +69,13 @@ def rank_in_group(groups: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Ar
     return jnp.zeros_like(sorted_rank).at[order].set(sorted_rank, unique_indices=True), sizes
 
 
+def _materialized(*arrays):
+    """The arrays, computed once into memory: without the barrier XLA fuses the slot arithmetic
+    (cumsum over groups, gathers) into every consumer, i.e. recomputes it per element of the
+    [tokens, d] row gathers -- measured at 110 ms of a 350 ms bench-1b step on an H100."""
+    return jax.lax.optimization_barrier(arrays)
+
+
 def dropless_rows(assignments: int, num_groups: int, align: int) -> int:
     """Rows R of the dropless buffer: enough for any split of A assignments over G groups
     when every group is padded to a multiple of `align`."""
@@ -80,7 +87,7 @@ def dropless_slots(groups: jax.Array, num_groups: int, align: int = 1) -> tuple[
     Group g starts at sum_{h<g} group_sizes[h]; padding rows stay zero."""
     rank, sizes = rank_in_group(groups, num_groups)
     padded = -(-sizes // align) * align
-    return (jnp.cumsum(padded) - padded)[groups] + rank, padded
+    return _materialized((jnp.cumsum(padded) - padded)[groups] + rank, padded)
 
 
 def capacity_slots(groups: jax.Array, num_groups: int, capacity: int) -> tuple[jax.Array, jax.Array]:
@@ -88,7 +95,7 @@ def capacity_slots(groups: jax.Array, num_groups: int, capacity: int) -> tuple[j
     goes to row g C + r if r < C, else it is dropped (slot G C)."""
     rank, _ = rank_in_group(groups, num_groups)
     keep = rank < capacity
-    return jnp.where(keep, groups * capacity + rank, num_groups * capacity), keep
+    return _materialized(jnp.where(keep, groups * capacity + rank, num_groups * capacity), keep)
 
 
 def dispatch(x: jax.Array, slot: jax.Array, num_rows: int) -> jax.Array:
