@@ -1,10 +1,11 @@
 """One MoE layer of `bench-1b` on one GPU: the grouped-GEMM paths side by side, in one run.
 
-    python benchmarks/moe_layer.py [--batch 16 --seq 2048] [--smoke] [--json FILE]
+    python benchmarks/moe_layer.py [--batch 16 --seq 2048] [--sweep] [--smoke] [--json FILE]
 
 Sections (forward + backward everywhere, bf16 operands, fp32 accumulation):
-  1. Pallas kernel tilings: each of our three kernels (forward, input gradient, per-expert
-     weight gradient) for the two expert shapes, over a few tilings; the best are used below.
+  1. (--sweep) Pallas kernel tilings: each of our three kernels (forward, input gradient,
+     per-expert weight gradient) for the two expert shapes over a few tilings, and the fastest
+     tiling per kernel (the defaults in `kernels/grouped_gemm.py` come from this).
   2. Correctness on the device: our expert compute vs `jax.lax.ragged_dot` upcast to fp32
      (||ours - ref|| / ||ref|| for y, dx and each dW) at a reduced size.
   3. Expert compute (gate/up, SwiGLU, down over the routed rows of B x T tokens, top-K of E):
@@ -140,9 +141,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--sweep", action="store_true", help="time the kernel tilings first")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU check of the script)")
     parser.add_argument("--json", help="write all figures here")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     overrides = ["model.hidden_size=64", "model.moe_ffn_dim=32", "model.n_routed_experts=8",
                  "model.num_experts_per_tok=2", "model.n_group=4", "model.topk_group=2",
                  "model.num_heads=2"] if args.smoke else []
@@ -159,9 +161,10 @@ def main() -> None:
     sizes_aligned, rows = aligned_layout(sizes)
     flops = lambda n: 3 * 3 * 2.0 * n * d * f  # fwd + bwd, three matmuls
 
-    report("1. Pallas kernel tilings")
-    tilings = sweep_kernels(rng, rows, sizes_aligned, d, f, e, iters, report)
-    report(f"   fastest: {tilings}\n   (the model runs gg.DEFAULT_TILINGS = {gg.DEFAULT_TILINGS})")
+    if args.sweep:
+        report("1. Pallas kernel tilings")
+        fastest = sweep_kernels(rng, rows, sizes_aligned, d, f, e, iters, report)
+        report(f"   fastest: {fastest}\n   (the model runs gg.DEFAULT_TILINGS = {gg.DEFAULT_TILINGS})")
 
     def weights(scale=0.03):
         return [jnp.asarray(rng.standard_normal(s) * scale, jnp.bfloat16)
@@ -257,7 +260,8 @@ def main() -> None:
                {"section": "layer", "path": label, "ms": ms, "tokens_per_s": tokens / ms * 1e3})
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": jax.devices()[0].device_kind, "tokens": tokens, "tilings": str(tilings),
+            json.dump({"device": jax.devices()[0].device_kind, "tokens": tokens,
+                       "tilings": str(gg.DEFAULT_TILINGS),
                        "rows": report.rows}, fh, indent=1)
 
 

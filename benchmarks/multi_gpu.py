@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--check-steps", type=int, default=5)
     parser.add_argument("--profile-dir", default="/tmp/multi_gpu_profile")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
 
     devices = jax.devices()
     n = len(devices)

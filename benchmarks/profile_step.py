@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--exact-names", action="store_true", help="keep fusion numbers")
     parser.add_argument("--hlo", help="write the compiled step's optimized HLO here")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     cfg = load_config(args.config, ["precision.policy=bf16", "model.mtp_depth=0", "train.seq_len=2048",
                                     "train.global_batch=16", *args.overrides])
     out = Path(args.out)

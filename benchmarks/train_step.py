@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--torch-compile", action="store_true", help="also run transformers + torch.compile")
     parser.add_argument("--json", help="write the rows to this JSON file")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
 
     overrides = ["precision.policy=bf16", "model.mtp_depth=0", f"train.seq_len={args.seq_len}",
                  f"train.global_batch={args.batch}", *args.overrides]

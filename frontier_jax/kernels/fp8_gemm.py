@@ -9,18 +9,40 @@ With the contraction split into CHUNK = 128-wide chunks c (the DeepSeek-V3 scale
     weight grad   out[g, k, n] = sum_{t in g} sa[k, t] sb[n, t] (sum_{r in t} a[k, r] b[n, r])
                   (a = x^T, b = dy^T; t: g's 128-row tiles, the chunks of this contraction)
 
-where every chunk's fp8 x fp8 product is accumulated in fp32 by the tensor cores, scaled by
-its two scales and added into an fp32 accumulator (what `precision.gemm`'s XLA reference
-computes).  Operand dtypes are fp8 (e4m3 or e5m2); two different fp8 formats are multiplied
-as bf16 (exact: every fp8 value is a bf16 value), since Triton dots need equal input types.
-
+Every loop iteration handles exactly one chunk: one fp8 x fp8 tensor-core dot of K = CHUNK
+(fp32 result), scaled by its two scales and added into an fp32 accumulator (what
+`precision.gemm`'s XLA reference computes; DeepSeek-V3's "promotion" every 128 products).
 Scales (fp32) may be coarser than the chunks: a's scale is [M / t, K / B] and b's
 [N / t, K / B] with t = 1 (per row), a block (128 for DeepSeek-V3's weights) or the whole
 axis (per tensor), for any scale block B along the contraction that is a multiple of CHUNK.
-They are expanded to one scale per chunk (and transposed, so a program's scales of one chunk
-are contiguous) before the kernel runs.
-Where b's scale is constant over a program's block_n columns the kernel loads one scalar
-per chunk instead of a vector (one multiply-add per accumulator element instead of two).
+They are expanded to one scale per chunk and transposed to [K / CHUNK, rows], so a program's
+scales of one chunk are one contiguous vector load.  Where b's scale is constant over a
+program's block_n columns the kernel loads one scalar per chunk instead of a vector (one
+multiply-add per accumulator element instead of two).
+
+Where both scales are constant along the contraction (per tensor, per row / column: one
+scale block along K) nothing is rescaled inside the loop: the tensor cores accumulate into
+the loop-carried accumulator and the scales are applied once, in the epilogue.
+
+Hopper specifics (why the dot is not a plain `lax.dot_general`):
+  * Pallas lowers `dot_general` to `tt.dot` with Triton's default maxNumImpreciseAcc = 0,
+    which for fp8 operands makes Triton split EVERY 32-deep wgmma into its own partial fp32
+    accumulator and add it into the result with FADDs (a third accumulator-sized register
+    set and an add pass per wgmma: register spills at 128-row tiles and serialised tensor
+    cores).  `_fp8_dot` below emits `tt.dot` itself with maxNumImpreciseAcc set, i.e. the
+    fp8 x fp8 -> fp32 wgmma with the operands kept in fp8 (never upcast): per chunk the 128
+    products accumulate in the tensor cores' own accumulator (as in DeepSeek-V3 and
+    Triton's own default on sm_90), and chunks are promoted by the scaled fp32 add.  In the
+    unscaled-loop path (scales constant along K) `Fp8Tiling.fast_accum` picks between one
+    promotion per chunk (False, the default: Triton adds each chunk's partial result into
+    the fp32 accumulator) and accumulating all of K in the tensor cores (True, like cuBLAS's
+    fp8 "fast accumulation").
+  * Two different fp8 formats (e5m2 gradients times e4m3 weights) feed the tensor cores
+    directly (wgmma takes mixed e4m3 / e5m2 operands); the interpreter multiplies them as bf16
+    (exact: every fp8 value is a bf16 value).
+  * Programs run on a 1-D grid whose order is chosen for L2 reuse: dense GEMMs walk
+    `group_m` row blocks per column block (a band of A stays in L2 while B streams), the
+    grouped kernels walk the column blocks of one row block (or one group) consecutively.
 """
 
 from __future__ import annotations
@@ -32,21 +54,64 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.interpreters import mlir
 
 from frontier_jax.precision.quantize import expand_scale
 
+try:  # the Pallas Triton lowering's rule registry (private: checked at import, see _fp8_dot)
+    from jax._src.lib.mlir import ir as _ir
+    from jax._src.lib.mlir.dialects import arith as _arith
+    from jax._src.lib.triton import dialect as _tt
+    from jax._src.pallas.triton import lowering as _triton_lowering
+except ImportError:  # pragma: no cover - other jax layouts: Pallas' own dot lowering
+    _triton_lowering = None
+
 CHUNK = 128  # contraction chunk: every chunk's partial product is promoted to fp32
 ROW_TILE = 128  # grouped layouts: rows come in tiles of 128 belonging to one group each
+FAST_ACCUM = 2 ** 30  # maxNumImpreciseAcc: never split the tensor-core accumulation
+FP8_DTYPES = (jnp.float8_e4m3fn, jnp.float8_e5m2)
 
 
 @dataclasses.dataclass(frozen=True)
 class Fp8Tiling:
-    """Output tile [block_m, block_n] per program; Triton warps and software-pipeline stages.
-    Grouped row kernels need block_m to divide ROW_TILE."""
+    """Output tile [block_m, block_n] per program; Triton warps (4 per warpgroup: a warpgroup
+    owns 64 accumulator rows) and software-pipeline stages (one CHUNK-deep slice of both
+    operands per stage).  Grouped row kernels need block_m to divide ROW_TILE.
+
+    group_m: dense GEMMs visit output tiles in bands of group_m row blocks, column block by
+        column block (L2 reuse of A's band); 1 = row by row.
+    lag: the blocked loop applies chunk c-1's scales while chunk c's dot runs (one more
+        accumulator-sized register set, lets the scaling overlap the asynchronous wgmma).
+    fast_accum: scales constant along K only: accumulate all of K in the tensor cores
+        instead of promoting every chunk to fp32.
+    native_dot: emit tt.dot with maxNumImpreciseAcc (see the module docstring); False uses
+        Pallas' dot_general lowering (Triton's split fp8 accumulation; for comparison)."""
     block_m: int = 128
     block_n: int = 128
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 4
+    group_m: int = 8
+    lag: bool = False
+    fast_accum: bool = False
+    native_dot: bool = True
+
+    @property
+    def name(self) -> str:
+        flags = "".join(f for f, on in (("l", self.lag), ("f", self.fast_accum),
+                                         ("p", not self.native_dot)) if on)
+        return (f"{self.block_m}x{self.block_n}w{self.num_warps}s{self.num_stages}"
+                f"g{self.group_m}{flags}")
+
+    @classmethod
+    def parse(cls, text: str) -> "Fp8Tiling":
+        """'128x128w8s4g8' (+ flags l: lag, f: fast_accum, p: Pallas dot) -> Fp8Tiling."""
+        import re
+        match = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)(?:g(\d+))?([lfp]*)", text.strip())
+        if not match:
+            raise ValueError(f"tiling {text!r} is not like 128x128w8s4g8 (+ flags l, f, p)")
+        bm, bn, w, s, g, flags = match.groups()
+        return cls(int(bm), int(bn), int(w), int(s), int(g or 8), "l" in flags, "f" in flags,
+                   "p" not in flags)
 
 
 DEFAULT_TILING = Fp8Tiling()
@@ -87,60 +152,154 @@ def _col_scales(scale: jax.Array, cols: int, chunks: int, block_n: int,
     return _row_scales(scale, cols // block_n if per_program else cols, chunks, what), per_program
 
 
-def _nt_dot(a: jax.Array, b: jax.Array) -> jax.Array:
-    """a [P, C] . b [Q, C] -> fp32 [P, Q] (contraction on the last dim of both)."""
+def _scale_chunks(a_scale: jax.Array, b_scale: jax.Array, k: int, what: str) -> tuple[int, bool]:
+    """(chunks of the contraction, whether the scales vary along it: the blocked loop)."""
+    chunks = _chunks(k, a_scale.shape[-1], what)
+    _chunks(k, b_scale.shape[-1], what)
+    return chunks, a_scale.shape[-1] > 1 or b_scale.shape[-1] > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The fp8 tensor-core dot: a [P, C] . b [Q, C]^T (+ acc) -> fp32 [P, Q]
+
+
+def _reference_dot(a, b, *acc, max_imprecise):
+    """The dot's value (interpreter, XLA): exact products, fp32 sums."""
+    del max_imprecise
     if a.dtype != b.dtype:
         a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    out = jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return out + acc[0] if acc else out
 
 
-def _scaled_chunks(load_a, load_b, load_sa, load_sb, start, stop, shape) -> jax.Array:
-    """sum over chunks c in [start, stop) of dot(a_c, b_c^T) * sa_c[:, None] * sb_c[None, :]
-    in fp32 -> `shape`; load_* (chunk slice or index -> block) read the refs, and load_sb may
-    give a scalar (one scale for all columns)."""
+_fp8_dot_p = jax.extend.core.Primitive("fp8_nt_dot")
+_fp8_dot_p.def_impl(_reference_dot)
+_fp8_dot_p.def_abstract_eval(
+    lambda a, b, *acc, max_imprecise: jax.core.ShapedArray((a.shape[0], b.shape[0]), jnp.float32))
+mlir.register_lowering(_fp8_dot_p, mlir.lower_fun(_reference_dot, multiple_results=False))
 
-    def step(c, acc):
+
+def _fp8_dot_triton(ctx, a, b, *acc, max_imprecise):
+    """tt.dot(a, trans(b), acc or 0) with maxNumImpreciseAcc = max_imprecise: fp8 operands
+    go to the wgmma as they are (equal bit widths: mixed e4m3 / e5m2 included)."""
+    del ctx
+    (p, _), (q, _) = _ir.RankedTensorType(a.type).shape, _ir.RankedTensorType(b.type).shape
+    if acc:
+        c = acc[0]
+    else:
+        f32 = _ir.F32Type.get()
+        zeros = _ir.RankedTensorType.get([p, q], f32)
+        c = _arith.constant(zeros, _ir.DenseElementsAttr.get_splat(zeros, _ir.FloatAttr.get(f32, 0.0)))
+    return _tt.dot(a, _tt.trans(b, (1, 0)), c, max_num_imprecise_acc=max_imprecise)
+
+
+if _triton_lowering is not None:
+    _triton_lowering.register_lowering(_fp8_dot_p)(_fp8_dot_triton)
+
+
+def _fp8_dot(a: jax.Array, b: jax.Array, acc: jax.Array | None, tiling: "Fp8Tiling",
+             max_imprecise: int = FAST_ACCUM) -> jax.Array:
+    """a [P, C] . b [Q, C]^T (+ acc) in fp32, C = CHUNK (one chunk)."""
+    fp8 = a.dtype in FP8_DTYPES and b.dtype in FP8_DTYPES
+    if tiling.native_dot and fp8 and _triton_lowering is not None:
+        return _fp8_dot_p.bind(a, b, *([] if acc is None else [acc]), max_imprecise=max_imprecise)
+    out = _reference_dot(a, b, max_imprecise=0)
+    return out if acc is None else acc + out
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel bodies
+
+
+def _tile_ids(pid, ni: int, nj: int, group_m: int):
+    """1-D program id -> output tile (i, j) of an [ni, nj] grid of tiles: bands of group_m
+    row blocks, column block by column block inside a band (group_m = 1: j fastest)."""
+    div, rem = jax.lax.div, jax.lax.rem
+    if group_m <= 1 or ni <= 1:
+        return div(pid, nj), rem(pid, nj)
+    group_m = min(group_m, ni)
+    band = group_m * nj
+    first = div(pid, band) * group_m
+    rows = jnp.minimum(ni - first, group_m) if ni % group_m else group_m
+    local = rem(pid, band)
+    return first + rem(local, rows), div(local, rows)
+
+
+def _gemm_tile(load_a, load_b, load_sa, load_sb, start, stop, shape, tiling: Fp8Tiling,
+               blocked: bool) -> jax.Array:
+    """fp32 [bm, bn] = sum over chunks c in [start, stop) of dot(a_c, b_c^T) sa_c sb_c;
+    load_a / load_b (chunk slice -> [bm or bn, CHUNK]), load_sa (c -> [bm]), load_sb (c -> a
+    scalar: one scale for all columns, or [bn]).  Unblocked (scales constant along K, chunk
+    index 0): the tensor cores accumulate over the loop and the scales apply once."""
+
+    def operands(c):
         ks = pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)
-        row, col = load_sa(c), load_sb(c)
-        scale = (row * col)[:, None] if col.ndim == 0 else row[:, None] * col[None, :]
-        return acc + _nt_dot(load_a(ks), load_b(ks)) * scale
+        return load_a(ks), load_b(ks)
 
-    return jax.lax.fori_loop(start, stop, step, jnp.zeros(shape, jnp.float32))
+    def scale(row, col):
+        return (row * col)[:, None] if col.ndim == 0 else row[:, None] * col[None, :]
+
+    zeros = jnp.zeros(shape, jnp.float32)
+    if not blocked:
+        imprecise = FAST_ACCUM if tiling.fast_accum else CHUNK
+        acc = jax.lax.fori_loop(
+            start, stop, lambda c, acc: _fp8_dot(*operands(c), acc, tiling, imprecise), zeros)
+        return acc * scale(load_sa(0), load_sb(0))
+
+    if not tiling.lag:
+        def step(c, acc):
+            return acc + _fp8_dot(*operands(c), None, tiling) * scale(load_sa(c), load_sb(c))
+
+        return jax.lax.fori_loop(start, stop, step, zeros)
+
+    # lag: chunk c's dot is issued before chunk c-1's product is scaled into the accumulator
+    def lagged(c, carry):
+        acc, prev, row, col = carry
+        d = _fp8_dot(*operands(c), None, tiling)
+        return acc + prev * scale(row, col), d, load_sa(c), load_sb(c)
+
+    col0 = jnp.zeros_like(load_sb(0))  # (shape only: chunk `start` may be past the end)
+    carry = (zeros, zeros, jnp.zeros(shape[:1], jnp.float32), col0)
+    acc, prev, row, col = jax.lax.fori_loop(start, stop, lagged, carry)
+    return acc + prev * scale(row, col)
 
 
 def _col_loader(sb_ref, j, block_n: int, per_program: bool, *lead):
     """Chunk c -> b's scales of column block j: a scalar (per_program) or a [block_n] vector."""
     if per_program:
         return lambda c: sb_ref[(*lead, c, j)]
-    return lambda c: sb_ref[(*lead, c, pl.ds(j * block_n, block_n))]
+    return lambda c: sb_ref[(*lead, c, pl.ds(pl.multiple_of(j * block_n, block_n), block_n))]
 
 
-def _dense_kernel(a_ref, b_ref, sa_ref, sb_ref, out_ref, *, per_program):
+def _row_loader(sa_ref, i, block_m: int):
+    return lambda c: sa_ref[c, pl.ds(pl.multiple_of(i * block_m, block_m), block_m)]
+
+
+def _dense_kernel(a_ref, b_ref, sa_ref, sb_ref, out_ref, *, tiles, per_program, blocked, tiling):
     """out tile [bm, bn] = sum_c sa sb dot(a[:, c], b[:, c]^T); a_ref [bm, K], b_ref [bn, K],
-    sa_ref [K / CHUNK, M], sb_ref [K / CHUNK, N or N / bn]."""
+    sa_ref [K / CHUNK, M], sb_ref [K / CHUNK, N or N / bn] (one row when unblocked)."""
     bm, bn = out_ref.shape
-    i, j = pl.program_id(0), pl.program_id(1)
-    acc = _scaled_chunks(lambda ks: a_ref[:, ks], lambda ks: b_ref[:, ks],
-                         lambda c: sa_ref[c, pl.ds(i * bm, bm)],
-                         _col_loader(sb_ref, j, bn, per_program), 0, sa_ref.shape[0], (bm, bn))
+    i, j = _tile_ids(pl.program_id(0), *tiles, tiling.group_m)
+    acc = _gemm_tile(lambda ks: a_ref[:, ks], lambda ks: b_ref[:, ks], _row_loader(sa_ref, i, bm),
+                     _col_loader(sb_ref, j, bn, per_program), 0, a_ref.shape[1] // CHUNK,
+                     (bm, bn), tiling, blocked)
     out_ref[...] = acc.astype(out_ref.dtype)
 
 
-def _rows_kernel(tile_group_ref, a_ref, w_ref, sa_ref, sw_ref, out_ref, *, num_groups,
-                 per_program):
+def _rows_kernel(tile_group_ref, a_ref, w_ref, sa_ref, sw_ref, out_ref, *, tiles, num_groups,
+                 per_program, blocked, tiling):
     """out tile [bm, bn] = a tile [bm, K] . W[g]^T (W[g] [N, K]) with g the tile's group;
     zeros where g >= num_groups.  sw_ref [G, K / CHUNK, N or N / bn]."""
     bm, bn = out_ref.shape
-    i, j = pl.program_id(0), pl.program_id(1)
+    i, j = _tile_ids(pl.program_id(0), *tiles, 1)
     group = tile_group_ref[i * bm // ROW_TILE]
 
     @pl.when(group < num_groups)
     def _():
-        cols = pl.ds(j * bn, bn)
-        acc = _scaled_chunks(lambda ks: a_ref[:, ks], lambda ks: w_ref[group, cols, ks],
-                             lambda c: sa_ref[c, pl.ds(i * bm, bm)],
-                             _col_loader(sw_ref, j, bn, per_program, group),
-                             0, sa_ref.shape[0], (bm, bn))
+        cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
+        acc = _gemm_tile(lambda ks: a_ref[:, ks], lambda ks: w_ref[group, cols, ks],
+                         _row_loader(sa_ref, i, bm), _col_loader(sw_ref, j, bn, per_program, group),
+                         0, a_ref.shape[1] // CHUNK, (bm, bn), tiling, blocked)
         out_ref[...] = acc.astype(out_ref.dtype)
 
     @pl.when(group >= num_groups)
@@ -148,16 +307,17 @@ def _rows_kernel(tile_group_ref, a_ref, w_ref, sa_ref, sw_ref, out_ref, *, num_g
         out_ref[...] = jnp.zeros(out_ref.shape, out_ref.dtype)
 
 
-def _weight_grad_kernel(tile_start_ref, a_ref, b_ref, sa_ref, sb_ref, out_ref, *, per_program):
+def _weight_grad_kernel(tile_start_ref, a_ref, b_ref, sa_ref, sb_ref, out_ref, *, tiles,
+                        per_program, blocked, tiling):
     """out [bm, bn] of group g = sum over g's row tiles t of sa sb dot(a[:, t], b[:, t]^T);
     a_ref [bm, P] (rows of x^T), b_ref [bn, P] (rows of dy^T), sa_ref [P / 128, K],
-    sb_ref [P / 128, N or N / bn]; an empty group gives zeros."""
+    sb_ref [P / 128, N or N / bn] (one row when unblocked); an empty group gives zeros."""
     bm, bn = out_ref.shape
-    g, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    acc = _scaled_chunks(lambda ts: a_ref[:, ts], lambda ts: b_ref[:, ts],
-                         lambda t: sa_ref[t, pl.ds(i * bm, bm)],
-                         _col_loader(sb_ref, j, bn, per_program),
-                         tile_start_ref[g], tile_start_ref[g + 1], (bm, bn))
+    g, ij = _tile_ids(pl.program_id(0), 1, tiles[0] * tiles[1], 1)  # (group, tile in group)
+    i, j = _tile_ids(ij, *tiles, 1)
+    acc = _gemm_tile(lambda ts: a_ref[:, ts], lambda ts: b_ref[:, ts], _row_loader(sa_ref, i, bm),
+                     _col_loader(sb_ref, j, bn, per_program), tile_start_ref[g],
+                     tile_start_ref[g + 1], (bm, bn), tiling, blocked)
     out_ref[...] = acc.astype(out_ref.dtype)
 
 
@@ -184,18 +344,22 @@ def fp8_matmul_nt(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.A
     what = f"a {a.shape} {a.dtype}, b {b.shape} {b.dtype}"
     _check(k == kb, f"{what}: contraction widths differ")
     _check_tiles(what, {"M": (m, tiling.block_m), "N": (n, tiling.block_n)}, tiling)
-    chunks = _chunks(k, a_scale.shape[-1], what)
-    _chunks(k, b_scale.shape[-1], what)
+    chunks, blocked = _scale_chunks(a_scale, b_scale, k, what)
+    chunks = chunks if blocked else 1
     sa = _row_scales(a_scale, m, chunks, what)
     sb, per_program = _col_scales(b_scale, n, chunks, tiling.block_n, what)
     bm, bn = tiling.block_m, tiling.block_n
+    tiles = (m // bm, n // bn)
+    tile = lambda p: _tile_ids(p, *tiles, tiling.group_m)
     return pl.pallas_call(
-        functools.partial(_dense_kernel, per_program=per_program),
+        functools.partial(_dense_kernel, tiles=tiles, per_program=per_program, blocked=blocked,
+                          tiling=tiling),
         out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(m // bm, n // bn),
-        in_specs=[pl.BlockSpec((bm, k), lambda i, j: (i, 0)),
-                  pl.BlockSpec((bn, k), lambda i, j: (j, 0)), _full(sa.shape), _full(sb.shape)],
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        grid=(tiles[0] * tiles[1],),
+        in_specs=[pl.BlockSpec((bm, k), lambda p: (tile(p)[0], 0)),
+                  pl.BlockSpec((bn, k), lambda p: (tile(p)[1], 0)), _full(sa.shape),
+                  _full(sb.shape)],
+        out_specs=pl.BlockSpec((bm, bn), tile),
         compiler_params=_params(tiling), interpret=_interpret(), name="fp8_gemm_nt",
     )(a, b, sa, sb)
 
@@ -213,18 +377,21 @@ def fp8_grouped_rows_nt(a: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
     _check(tile_group.shape == (m // ROW_TILE,), f"{what}: tile_group {tile_group.shape} is not "
                                                  f"one group per {ROW_TILE} rows")
     _check_tiles(what, {"M": (m, ROW_TILE), "N": (n, tiling.block_n)}, tiling)
-    chunks = _chunks(k, a_scale.shape[-1], what)
-    _chunks(k, w_scale.shape[-1], what)
+    chunks, blocked = _scale_chunks(a_scale, w_scale, k, what)
+    chunks = chunks if blocked else 1
     sa = _row_scales(a_scale, m, chunks, what)
     sw, per_program = _col_scales(w_scale, n, chunks, tiling.block_n, what)
     bm, bn = tiling.block_m, tiling.block_n
+    tiles = (m // bm, n // bn)
+    tile = lambda p: _tile_ids(p, *tiles, 1)
     return pl.pallas_call(
-        functools.partial(_rows_kernel, num_groups=g, per_program=per_program),
+        functools.partial(_rows_kernel, tiles=tiles, num_groups=g, per_program=per_program,
+                          blocked=blocked, tiling=tiling),
         out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(m // bm, n // bn),
-        in_specs=[_full(tile_group.shape), pl.BlockSpec((bm, k), lambda i, j: (i, 0)),
+        grid=(tiles[0] * tiles[1],),
+        in_specs=[_full(tile_group.shape), pl.BlockSpec((bm, k), lambda p: (tile(p)[0], 0)),
                   _full(w.shape), _full(sa.shape), _full(sw.shape)],
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        out_specs=pl.BlockSpec((bm, bn), tile),
         compiler_params=_params(tiling), interpret=_interpret(), name="fp8_grouped_rows_nt",
     )(tile_group.astype(jnp.int32), a, w, sa, sw)
 
@@ -242,19 +409,27 @@ def fp8_grouped_weight_grad_nt(a: jax.Array, a_scale: jax.Array, b: jax.Array,
     what = f"x^T {a.shape} {a.dtype}, dy^T {b.shape} {b.dtype}"
     _check(p == pb, f"{what}: row counts differ")
     _check_tiles(what, {"K": (k, tiling.block_m), "N": (n, tiling.block_n)}, tiling)
-    tiles = _chunks(p, a_scale.shape[-1], what)
-    _chunks(p, b_scale.shape[-1], what)
-    sa = _row_scales(a_scale, k, tiles, what)
-    sb, per_program = _col_scales(b_scale, n, tiles, tiling.block_n, what)
+    chunks, blocked = _scale_chunks(a_scale, b_scale, p, what)
+    chunks = chunks if blocked else 1
+    sa = _row_scales(a_scale, k, chunks, what)
+    sb, per_program = _col_scales(b_scale, n, chunks, tiling.block_n, what)
     bm, bn = tiling.block_m, tiling.block_n
+    tiles = (k // bm, n // bn)
+    per_group = tiles[0] * tiles[1]
+
+    def tile(q):  # program -> (group, i, j): one group's tiles are consecutive programs
+        e, ij = _tile_ids(q, g, per_group, 1)
+        return (e, *_tile_ids(ij, *tiles, 1))
+
     return pl.pallas_call(
-        functools.partial(_weight_grad_kernel, per_program=per_program),
+        functools.partial(_weight_grad_kernel, tiles=tiles, per_program=per_program,
+                          blocked=blocked, tiling=tiling),
         out_shape=jax.ShapeDtypeStruct((g, k, n), out_dtype),
-        grid=(g, k // bm, n // bn),
-        in_specs=[_full(tile_start.shape), pl.BlockSpec((bm, p), lambda e, i, j: (i, 0)),
-                  pl.BlockSpec((bn, p), lambda e, i, j: (j, 0)), _full(sa.shape),
+        grid=(g * per_group,),
+        in_specs=[_full(tile_start.shape), pl.BlockSpec((bm, p), lambda q: (tile(q)[1], 0)),
+                  pl.BlockSpec((bn, p), lambda q: (tile(q)[2], 0)), _full(sa.shape),
                   _full(sb.shape)],
-        out_specs=pl.BlockSpec((None, bm, bn), lambda e, i, j: (e, i, j)),
+        out_specs=pl.BlockSpec((None, bm, bn), tile),
         compiler_params=_params(tiling), interpret=_interpret(),
         name="fp8_grouped_weight_grad_nt",
     )(tile_start.astype(jnp.int32), a, b, sa, sb)

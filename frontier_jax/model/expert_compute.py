@@ -26,8 +26,9 @@ from frontier_jax.precision.mixed import einsum_fp32
 
 
 def _take(x: jax.Array, index: jax.Array) -> jax.Array:
-    """x [M, ...] -> x[index] with index == M meaning a zero row."""
-    return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])[index]
+    """x [M, ...] -> x[index] with index == M meaning a zero row (a gather that fills
+    out-of-range rows, not a copy of x with a zero row appended)."""
+    return jnp.take(x, index, axis=0, mode="fill", fill_value=0)
 
 
 @jax.custom_vjp

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import qwix
 
-from frontier_jax.kernels.fp8_gemm import (Fp8Tiling, fp8_grouped_rows_nt,
+from frontier_jax.kernels.fp8_gemm import (Fp8Tiling, _tile_ids, fp8_grouped_rows_nt,
                                            fp8_grouped_weight_grad_nt, fp8_matmul_nt)
 from frontier_jax.precision import FP8_DEEPSEEK, FP8_TENSOR, gemm
 from frontier_jax.precision.fp8_grouped import fp8_grouped_matmul
@@ -49,8 +49,14 @@ def _operands(scales, m=M, n=N, k=K, seed=0):
     return quantize(_data((m, k), seed), fa, ta), quantize(_data((n, k), seed + 1), fb, tb)
 
 
-@pytest.mark.parametrize("tiling", [Fp8Tiling(), Fp8Tiling(block_m=64, block_n=256)],
-                         ids=["128x128", "64x256"])
+# default; wide; lagged scaling over a partial band of row blocks (4 blocks in bands of 3);
+# row by row with Pallas' own dot lowering; tensor-core accumulation over all of K
+DENSE_TILINGS = ["128x128w8s4g8", "64x256w4s4g8", "64x128w4s3g3l", "128x128w4s4g1p",
+                 "64x128w4s4g2f"]
+
+
+@pytest.mark.parametrize("tiling", [Fp8Tiling.parse(t) for t in DENSE_TILINGS],
+                         ids=DENSE_TILINGS)
 @pytest.mark.parametrize("scales", SCALES)
 def test_dense_kernel_matches_xla_and_float64(scales, tiling):
     a, b = _operands(scales)
@@ -58,6 +64,25 @@ def test_dense_kernel_matches_xla_and_float64(scales, tiling):
     assert got.dtype == jnp.float32 and got.shape == (M, N)
     assert _rel(got, np.asarray(gemm._xla_scaled_matmul(a, b), np.float64)) < 1e-6
     assert _rel(got, _float64(a) @ _float64(b).T) < 1e-6
+
+
+@pytest.mark.parametrize("ni, nj, group_m", [(4, 3, 8), (5, 3, 2), (7, 4, 3), (1, 5, 8),
+                                             (6, 1, 4), (3, 3, 1)])
+def test_program_order_visits_every_tile_once(ni, nj, group_m):
+    pids = jnp.arange(ni * nj, dtype=jnp.int32)
+    i, j = jax.vmap(lambda p: _tile_ids(p, ni, nj, group_m))(pids)
+    tiles = sorted(zip(np.asarray(i).tolist(), np.asarray(j).tolist()))
+    assert tiles == [(a, b) for a in range(ni) for b in range(nj)]
+    if group_m > 1 and ni >= group_m:  # a band's first column block comes first
+        assert np.asarray(j)[:group_m].tolist() == [0] * group_m
+
+
+def test_tiling_names_round_trip():
+    for name in [*DENSE_TILINGS, "128x256w8s3g16lf"]:
+        assert Fp8Tiling.parse(name).name == name
+    assert Fp8Tiling.parse("128x128w8s4") == Fp8Tiling(128, 128, 8, 4)
+    with pytest.raises(ValueError, match="is not like"):
+        Fp8Tiling.parse("128x128")
 
 
 def test_dense_kernel_bf16_output_and_zero_tiles():
@@ -100,14 +125,16 @@ GROUP_SIZES = np.array([128, 0, 256, 128], np.int32)
 ROWS = int(GROUP_SIZES.sum()) + 128
 
 
+@pytest.mark.parametrize("tiling", ["128x128w8s4", "64x128w4s3l"])
 @pytest.mark.parametrize("scales", ["blockwise", "per_tensor", "mixed_formats"])
-def test_grouped_rows_kernel_matches_xla_and_per_group_float64(scales):
+def test_grouped_rows_kernel_matches_xla_and_per_group_float64(scales, tiling):
     fa, ta, fb, tb = SCALES[scales]
     a = quantize(_data((ROWS, K), 5), fa, ta)
     w = quantize(_data((len(GROUP_SIZES) * N, K), 6).reshape(len(GROUP_SIZES), N, K), fb,
                  (1, *tb))
     tile_group = gemm.row_groups(jnp.asarray(GROUP_SIZES) // 128, ROWS // 128)
-    got = np.asarray(fp8_grouped_rows_nt(a.qvalue, a.scale, w.qvalue, w.scale, tile_group))
+    got = np.asarray(fp8_grouped_rows_nt(a.qvalue, a.scale, w.qvalue, w.scale, tile_group,
+                                         tiling=Fp8Tiling.parse(tiling)))
     xla = np.asarray(gemm._xla_scaled_grouped_matmul(a, w, jnp.asarray(GROUP_SIZES)), np.float64)
     assert _rel(got, xla) < 1e-6
     ad, wd, start = _float64(a), _float64(w), 0
@@ -119,15 +146,16 @@ def test_grouped_rows_kernel_matches_xla_and_per_group_float64(scales):
     assert np.all(got[start:] == 0)
 
 
+@pytest.mark.parametrize("tiling", ["128x128w8s4", "128x64w4s3l"])
 @pytest.mark.parametrize("tiles", [(1, 128), (None, None)], ids=["per_tile", "per_tensor"])
-def test_grouped_weight_grad_kernel_matches_xla_and_float64(tiles):
+def test_grouped_weight_grad_kernel_matches_xla_and_float64(tiles, tiling):
     """x^T [K, P] and dy^T [N, P] quantized per 128 rows of x / dy: dW[g] over g's tiles."""
     x_t = quantize(_data((K, ROWS), 7), E4M3, tiles)
     dy_t = quantize(_data((N, ROWS), 8), E4M3, tiles)
     tile_group = gemm.row_groups(jnp.asarray(GROUP_SIZES) // 128, ROWS // 128)
     tile_start = jnp.searchsorted(tile_group, jnp.arange(len(GROUP_SIZES) + 1), side="left")
     got = np.asarray(fp8_grouped_weight_grad_nt(x_t.qvalue, x_t.scale, dy_t.qvalue, dy_t.scale,
-                                                tile_start))
+                                                tile_start, tiling=Fp8Tiling.parse(tiling)))
     xla = gemm._xla_scaled_grouped_matmul_tn(x_t, dy_t, tile_group, len(GROUP_SIZES))
     assert _rel(got, np.asarray(xla, np.float64)) < 1e-6
     xd, dyd, start = _float64(x_t), _float64(dy_t), 0
