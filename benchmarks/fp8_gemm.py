@@ -1,22 +1,26 @@
 """Blockwise-scaled fp8 GEMM kernels (`frontier_jax/kernels/fp8_gemm.py`): correctness against
 the XLA reference of `precision/gemm.py` and speed against cuBLAS bf16 and XLA per-tensor fp8.
 
-    python benchmarks/fp8_gemm.py            # on the GPU; JSON to $OUT/fp8_gemm.json if OUT is set
-    python benchmarks/fp8_gemm.py --smoke    # tiny shapes, Pallas interpret mode (CPU)
+    python benchmarks/fp8_gemm.py --batches 8 --calls 5   # GPU; JSON to $OUT/fp8_gemm.json
+    python benchmarks/fp8_gemm.py --sweep 128x128w8s4g8,64x128w4s4g8   # own dense sweep
+    python benchmarks/fp8_gemm.py --smoke                 # tiny shapes, interpret mode (CPU)
+
+Tilings are named BMxBNwWARPSsSTAGESgGROUP_M plus flags (l: lagged scaling, f: tensor-core
+accumulation over all of K in the per-tensor path, p: Pallas' own dot lowering, i.e. Triton's
+split fp8 accumulation: the kernels before the native dot); see `Fp8Tiling`.
 
 Problems (fp8_deepseek scaling: lhs 1 x 128 tiles, rhs 128 x 128 blocks, or 1 x 128 along the
 rows for the weight gradient; e4m3):
-  * dense NT GEMMs at 4096^3 and 8192^3;
-  * the bench-1b routed experts: 262144 tile-aligned rows in 64 equal groups, K 1024 -> N 768
-    and K 384 -> N 1024 (grouped rows kernel), and their weight gradients dW [64, K, N].
-Per problem: the kernel's max |kernel - XLA| / max |XLA| (grouped: on the first two groups),
-then median times (batches of calls after warm-up, rotating input sets) of
-  bf16     cuBLAS `jnp.dot` of the same FLOPs, B stored [K, N] (the ratio's reference);
-  fp8_pt   XLA per-tensor fp8: `lax.dot_general` of two e4m3 operands, B stored [N, K],
-           fp32 result times the two scales (dense problems only);
-  kernel   the blockwise kernel for each tiling of the sweep (dense 8192^3: the full sweep;
-           elsewhere the default and the best tiling found there);
-  xla      the XLA blockwise path (`gemm._xla_scaled_matmul`), once, at 4096^3.
+  * dense NT 8192^3: the whole sweep (SWEEP or --sweep), then the per-tensor path of the kernel
+    (scales applied once, in the epilogue) and e5m2 x e4m3 operands with the best tiling;
+  * dense NT 4096^3 and the bench-1b routed experts (262144 tile-aligned rows in 64 equal
+    groups, K 1024 -> N 768 and K 384 -> N 1024: grouped rows kernel; their weight gradients
+    dW [64, K, N]): the best --top tilings of the sweep (block_m <= 128 for grouped rows).
+Per kernel: median time (batches of calls after warm-up, rotating input sets) and err =
+max |kernel - XLA| / max |XLA| of its output (bf16 output: ~4e-3 is rounding; grouped: the
+first two groups).  References: bf16 cuBLAS `jnp.dot` of the same FLOPs (B stored [K, N]; the
+x bf16 column), XLA per-tensor fp8 (`lax.dot_general` of two e4m3 operands, B [N, K], fp32
+result times the two scales; cuBLASLt), and the XLA blockwise path once at 4096^3.
 """
 
 from __future__ import annotations
@@ -35,11 +39,14 @@ from frontier_jax.kernels import fp8_gemm
 from frontier_jax.kernels.fp8_gemm import Fp8Tiling
 from frontier_jax.precision import gemm
 from frontier_jax.precision.quantize import quantize
-from frontier_jax.precision.recipe import E4M3
+from frontier_jax.precision.recipe import E4M3, E5M2
 
-SWEEP = [Fp8Tiling(128, 128, 4, 4), Fp8Tiling(128, 128, 8, 3), Fp8Tiling(128, 256, 8, 3),
-         Fp8Tiling(128, 256, 8, 4), Fp8Tiling(64, 128, 4, 4), Fp8Tiling(64, 256, 4, 4),
-         Fp8Tiling(128, 64, 4, 4)]
+# dense 8192^3 sweep: today's kernel (Pallas dot) as the baseline, then the native fp8 dot over
+# warps per 128-row tile (one warpgroup vs two), pipeline depth, program order and tile shape
+SWEEP = ["64x128w4s4g1p", "64x128w4s4g8", "128x128w4s4g8", "128x128w8s3g8", "128x128w8s4g8",
+         "128x128w8s5g8", "128x128w8s4g1", "128x128w8s4g16", "128x128w8s4g8l", "128x256w8s3g8",
+         "256x128w8s3g8", "64x256w4s3g8", "128x64w4s4g8"]
+PER_TENSOR_FAST = "128x256w8s3g8f"  # per-tensor path, tensor-core accumulation over all of K
 SETS = 3  # input sets rotated through while timing
 RESULTS: list[dict] = []
 
@@ -58,23 +65,38 @@ def median_seconds(fn, inputs, batches: int, calls: int) -> float:
 
 
 def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.abs(got - want).max() / np.abs(want).max())
+    got, want = jnp.asarray(got, jnp.float32), jnp.asarray(want, jnp.float32)
+    return float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
 
 
 def record(problem: str, impl: str, flops: float, seconds: float, **extra) -> None:
     RESULTS.append(dict(problem=problem, impl=impl, ms=seconds * 1e3,
                         tflops=flops / seconds / 1e12, **extra))
-    print(f"{problem:24s} {impl:44s} {seconds * 1e3:9.3f} ms {flops / seconds / 1e12:8.1f} TFLOP/s",
-          flush=True)
+    err = f"  err {extra['rel_err']:.1e}" if "rel_err" in extra else ""
+    print(f"{problem:22s} {impl:40s} {seconds * 1e3:9.3f} ms {flops / seconds / 1e12:8.1f} "
+          f"TFLOP/s{err}", flush=True)
+
+
+def time_kernel(problem, name, make, inputs, want, flops, args, **extra) -> None:
+    """Times `make()` (a jitted kernel call) on `inputs` and checks its first output against
+    `want` (a function of that output); a kernel that fails to compile or run is recorded as
+    failed and the run goes on."""
+    start = time.perf_counter()
+    try:
+        fn = make()
+        err = want(fn(*inputs[0]))
+        seconds = median_seconds(fn, inputs, args.batches, args.calls)
+    except Exception as e:  # noqa: BLE001 - one tiling failing must not end the sweep
+        message = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        print(f"{problem:22s} {name:40s} FAILED: {message}", flush=True)
+        RESULTS.append(dict(problem=problem, impl=name, failed=message, **extra))
+        return
+    record(problem, name, flops, seconds, rel_err=err, wall_s=time.perf_counter() - start,
+           **extra)
 
 
 def random(shape, seed):
     return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
-
-
-def tiling_name(t: Fp8Tiling) -> str:
-    return f"kernel {t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages}"
 
 
 def time_bf16(problem, m, n, k, args):
@@ -85,19 +107,14 @@ def time_bf16(problem, m, n, k, args):
            median_seconds(jax.jit(jnp.dot), inputs, args.batches, args.calls))
 
 
-def dense(problem, m, n, k, tilings, args, xla_blockwise=False):
-    """Dense NT problem: check, then bf16, XLA per-tensor fp8, kernel tilings (, XLA blockwise)."""
+def dense(problem, m, n, k, tilings, args, xla_blockwise=False, extras=False):
+    """Dense NT problem: bf16, XLA per-tensor fp8, the kernel tilings (, XLA blockwise; extras:
+    the kernel's per-tensor path and e5m2 x e4m3 operands with the best tiling)."""
     flops = 2 * m * n * k
     quantized = [(quantize(random((m, k), 2 * s), E4M3, (1, 128)),
                   quantize(random((n, k), 2 * s + 1), E4M3, (128, 128))) for s in range(SETS)]
-    a, b = quantized[0]
-    kernel = lambda t: jax.jit(lambda a, b: fp8_gemm.fp8_matmul_nt(
-        a.qvalue, a.scale, b.qvalue, b.scale, out_dtype=jnp.bfloat16, tiling=t))
-    err = rel_err(jax.jit(lambda a, b: fp8_gemm.fp8_matmul_nt(a.qvalue, a.scale, b.qvalue,
-                                                              b.scale))(a, b),
-                  jax.jit(gemm._xla_scaled_matmul)(a, b))
-    print(f"{problem:24s} kernel vs XLA blockwise: rel err {err:.2e}", flush=True)
-    RESULTS.append(dict(problem=problem, impl="check", rel_err=err))
+    want = jax.jit(gemm._xla_scaled_matmul)(*quantized[0])
+    check = lambda out: rel_err(out, want)
     time_bf16(problem, m, n, k, args)
     per_tensor = [(quantize(random((m, k), 2 * s), E4M3, (None, None)),
                    quantize(random((n, k), 2 * s + 1), E4M3, (None, None))) for s in range(SETS)]
@@ -106,9 +123,25 @@ def dense(problem, m, n, k, tilings, args, xla_blockwise=False):
         * (a.scale * b.scale)).astype(jnp.bfloat16))
     record(problem, "fp8_pt XLA per-tensor (B [N,K])", flops,
            median_seconds(fp8_pt, per_tensor, args.batches, args.calls))
+    kernel = lambda t: lambda: jax.jit(lambda a, b: fp8_gemm.fp8_matmul_nt(
+        a.qvalue, a.scale, b.qvalue, b.scale, out_dtype=jnp.bfloat16, tiling=t))
     for t in tilings:
-        record(problem, tiling_name(t), flops,
-               median_seconds(kernel(t), quantized, args.batches, args.calls), tiling=str(t))
+        time_kernel(problem, f"kernel {t.name}", kernel(t), quantized, check, flops, args,
+                    tiling=t.name)
+    del want
+    if extras and (best := best_tilings(problem, 1)):
+        pt_want = jax.jit(lambda a, b: jax.lax.dot_general(
+            a.qvalue, b.qvalue, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            * (a.scale * b.scale))(*per_tensor[0])
+        for t in dict.fromkeys([best[0], Fp8Tiling.parse(PER_TENSOR_FAST)]):
+            time_kernel(problem, f"kernel per-tensor {t.name}", kernel(t), per_tensor,
+                        lambda out: rel_err(out, pt_want), flops, args, per_tensor=t.name)
+        del pt_want
+        mixed = [(quantize(random((m, k), 2 * s), E5M2, (1, 128)), b)
+                 for s, (_, b) in enumerate(quantized)]
+        mixed_want = jax.jit(gemm._xla_scaled_matmul)(*mixed[0])
+        time_kernel(problem, f"kernel e5m2 x e4m3 {best[0].name}", kernel(best[0]), mixed,
+                    lambda out: rel_err(out, mixed_want), flops, args, mixed=best[0].name)
     if xla_blockwise:
         record(problem, "xla blockwise (gemm._xla_scaled_matmul)", flops,
                median_seconds(jax.jit(gemm._xla_scaled_matmul), quantized, 2, 2))
@@ -125,22 +158,17 @@ def grouped_rows(problem, rows, groups, k, n, tilings, args):
     """Forward of the experts: out[r] = x[r] W[g(r)]^T, equal groups of rows / groups rows."""
     sizes = jnp.full((groups,), rows // groups, jnp.int32)
     tile_group = gemm.row_groups(sizes // fp8_gemm.ROW_TILE, rows // fp8_gemm.ROW_TILE)
-    inputs = [grouped_inputs(rows, groups, k, n, 2 * s) for s in range(SETS)]
-    kernel = lambda t, dtype=jnp.bfloat16: jax.jit(lambda x, w, tg: fp8_gemm.fp8_grouped_rows_nt(
-        x.qvalue, x.scale, w.qvalue, w.scale, tg, out_dtype=dtype, tiling=t))
-    x, w = inputs[0]
+    inputs = [(*grouped_inputs(rows, groups, k, n, 2 * s), tile_group) for s in range(SETS)]
+    x, w, _ = inputs[0]
     head = 2 * (rows // groups)  # the rows of the first two groups
-    got = kernel(fp8_gemm.DEFAULT_TILING, jnp.float32)(x, w, tile_group)[:head]
     want = jax.jit(gemm._xla_scaled_grouped_matmul)(
         jax.tree.map(lambda a: a[:head], x), w, sizes.at[2:].set(0))
-    err = rel_err(got, want)
-    print(f"{problem:24s} kernel vs XLA grouped (groups 0, 1): rel err {err:.2e}", flush=True)
-    RESULTS.append(dict(problem=problem, impl="check", rel_err=err))
     time_bf16(problem, rows, n, k, args)
     for t in tilings:
-        record(problem, tiling_name(t), 2 * rows * n * k,
-               median_seconds(kernel(t), [(x, w, tile_group) for x, w in inputs], args.batches,
-                              args.calls), tiling=str(t))
+        make = lambda t=t: jax.jit(lambda x, w, tg: fp8_gemm.fp8_grouped_rows_nt(
+            x.qvalue, x.scale, w.qvalue, w.scale, tg, out_dtype=jnp.bfloat16, tiling=t))
+        time_kernel(problem, f"kernel {t.name}", make, inputs,
+                    lambda out: rel_err(out[:head], want), 2 * rows * n * k, args, tiling=t.name)
 
 
 def weight_grad(problem, rows, groups, k, n, tilings, args):
@@ -149,49 +177,46 @@ def weight_grad(problem, rows, groups, k, n, tilings, args):
     tile_group = gemm.row_groups(sizes // fp8_gemm.ROW_TILE, rows // fp8_gemm.ROW_TILE)
     tile_start = jnp.searchsorted(tile_group, jnp.arange(groups + 1), side="left")
     inputs = [(quantize(random((k, rows), 2 * s), E4M3, (1, 128)),
-               quantize(random((n, rows), 2 * s + 1), E4M3, (1, 128))) for s in range(SETS)]
-    kernel = lambda t, dtype=jnp.bfloat16: jax.jit(
-        lambda a, b, ts: fp8_gemm.fp8_grouped_weight_grad_nt(
-            a.qvalue, a.scale, b.qvalue, b.scale, ts, out_dtype=dtype, tiling=t))
-    a, b = inputs[0]
+               quantize(random((n, rows), 2 * s + 1), E4M3, (1, 128)), tile_start)
+              for s in range(SETS)]
+    a, b, _ = inputs[0]
     head = 2 * (rows // groups)
-    got = kernel(fp8_gemm.DEFAULT_TILING, jnp.float32)(a, b, tile_start)[:2]
     first = lambda q: jax.tree.map(lambda v: v[:, :v.shape[1] * head // rows], q)
     want = jax.jit(gemm._xla_scaled_grouped_matmul_tn, static_argnums=3)(
         first(a), first(b), tile_group[:head // fp8_gemm.ROW_TILE], 2)
-    err = rel_err(got, want)
-    print(f"{problem:24s} kernel vs XLA weight grad (groups 0, 1): rel err {err:.2e}", flush=True)
-    RESULTS.append(dict(problem=problem, impl="check", rel_err=err))
     time_bf16(problem, k, n, rows, args)
     for t in tilings:
-        record(problem, tiling_name(t), 2 * rows * n * k,
-               median_seconds(kernel(t), [(a, b, tile_start) for a, b in inputs], args.batches,
-                              args.calls), tiling=str(t))
+        make = lambda t=t: jax.jit(lambda a, b, ts: fp8_gemm.fp8_grouped_weight_grad_nt(
+            a.qvalue, a.scale, b.qvalue, b.scale, ts, out_dtype=jnp.bfloat16, tiling=t))
+        time_kernel(problem, f"kernel {t.name}", make, inputs,
+                    lambda out: rel_err(out[:2], want), 2 * rows * n * k, args, tiling=t.name)
 
 
-def best_tiling(problem: str, rows_tile_max: int | None = None) -> Fp8Tiling:
-    """The fastest kernel tiling measured on `problem` (block_m <= rows_tile_max if given)."""
-    timed = [r for r in RESULTS if r["problem"] == problem and "tiling" in r]
-    by_speed = sorted(timed, key=lambda r: r["ms"])
-    tilings = {str(t): t for t in SWEEP}
-    for r in by_speed:
-        t = tilings[r["tiling"]]
-        if rows_tile_max is None or t.block_m <= rows_tile_max:
-            return t
-    return fp8_gemm.DEFAULT_TILING
+def best_tilings(problem: str, top: int, rows_tile_max: int | None = None) -> list[Fp8Tiling]:
+    """The `top` fastest kernel tilings measured on `problem` (block_m <= rows_tile_max)."""
+    timed = sorted((r for r in RESULTS if r["problem"] == problem and "tiling" in r
+                    and "ms" in r), key=lambda r: r["ms"])
+    tilings = [Fp8Tiling.parse(r["tiling"]) for r in timed]
+    tilings = [t for t in tilings if rows_tile_max is None or t.block_m <= rows_tile_max]
+    return tilings[:top] or [fp8_gemm.DEFAULT_TILING]
 
 
 def summary() -> None:
-    """Per problem: the bf16 reference, XLA per-tensor fp8, the best kernel tiling (, XLA)."""
-    print(f"\n{'problem':24s} {'impl':44s} TFLOP/s  x bf16")
+    """Per problem: the references, then every kernel, fastest first."""
+    print(f"\n{'problem':22s} {'impl':40s} {'ms':>8s} {'TFLOP/s':>8s} {'x bf16':>7s} {'err':>8s}")
     for problem in dict.fromkeys(r["problem"] for r in RESULTS):
-        rows = [r for r in RESULTS if r["problem"] == problem and "ms" in r]
+        rows = [r for r in RESULTS if r["problem"] == problem]
         bf16 = next(r for r in rows if r["impl"].startswith("bf16"))
-        kernels = [r for r in rows if "tiling" in r]
-        shown = [bf16, *[r for r in rows if r["impl"].startswith(("fp8_pt", "xla"))]]
-        shown += [min(kernels, key=lambda r: r["ms"])] if kernels else []
-        for r in shown:
-            print(f"{problem:24s} {r['impl']:44s} {r['tflops']:8.1f} {bf16['ms'] / r['ms']:7.2f}")
+        refs = [r for r in rows if "ms" in r and not r["impl"].startswith("kernel")]
+        kernels = sorted((r for r in rows if "ms" in r and r["impl"].startswith("kernel")),
+                         key=lambda r: r["ms"])
+        for r in refs + kernels:
+            err = f"{r['rel_err']:8.1e}" if "rel_err" in r else ""
+            print(f"{problem:22s} {r['impl']:40s} {r['ms']:8.3f} {r['tflops']:8.1f} "
+                  f"{bf16['ms'] / r['ms']:7.2f} {err}")
+        for r in rows:
+            if "failed" in r:
+                print(f"{problem:22s} {r['impl']:40s} FAILED: {r['failed'][:80]}")
 
 
 def main() -> None:
@@ -200,33 +225,40 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (runs on CPU)")
     parser.add_argument("--batches", type=int, default=15, help="timed batches per figure")
     parser.add_argument("--calls", type=int, default=10, help="calls per batch")
+    parser.add_argument("--sweep", default=",".join(SWEEP),
+                        help="comma-separated tilings for dense 8192^3 (default: SWEEP)")
+    parser.add_argument("--top", type=int, default=2,
+                        help="how many of the best sweep tilings run on the other problems")
     args = parser.parse_args()
+    sweep = [Fp8Tiling.parse(t) for t in args.sweep.split(",") if t.strip()]
     if args.smoke:
         args.batches, args.calls = 2, 1
-        dense_shapes, sweep = [(256, 256, 256, True)], SWEEP[:2]
+        big, dense_shapes, sweep = 256, [(256, True)], [*sweep[:2], Fp8Tiling.parse("64x128w4s3g2l")]
         experts, rows, groups = [(256, 128), (128, 256)], 1024, 4
     else:
-        dense_shapes, sweep = [(8192, 8192, 8192, False), (4096, 4096, 4096, True)], SWEEP
+        big, dense_shapes = 8192, [(4096, True)]
         experts, rows, groups = [(1024, 768), (384, 1024)], 262144, 64
     print(f"device: {jax.devices()[0].device_kind}; interpret: {jax.default_backend() != 'gpu'}")
     start = time.perf_counter()
-    for i, (m, n, k, xla) in enumerate(dense_shapes):
-        tilings = sweep if i == 0 else list(dict.fromkeys(
-            [fp8_gemm.DEFAULT_TILING, best_tiling(f"dense {dense_shapes[0][0]}^3")]))
-        dense(f"dense {m}^3", m, n, k, tilings, args, xla_blockwise=xla)
-    best = best_tiling(f"dense {dense_shapes[0][0]}^3")
-    rows_best = best_tiling(f"dense {dense_shapes[0][0]}^3", rows_tile_max=fp8_gemm.ROW_TILE)
+    sweep_problem = f"dense {big}^3"
+    dense(sweep_problem, big, big, big, sweep, args, xla_blockwise=args.smoke, extras=True)
+    best = best_tilings(sweep_problem, args.top)
+    rows_best = best_tilings(sweep_problem, args.top, rows_tile_max=fp8_gemm.ROW_TILE)
+    print(f"best tilings: {[t.name for t in best]}; grouped rows: {[t.name for t in rows_best]}",
+          flush=True)
+    if not args.smoke:
+        for size, xla in dense_shapes:
+            dense(f"dense {size}^3", size, size, size, best, args, xla_blockwise=xla)
     for k, n in experts:
-        grouped_rows(f"experts {k}->{n}", rows, groups, k, n,
-                     list(dict.fromkeys([fp8_gemm.DEFAULT_TILING, rows_best])), args)
-        weight_grad(f"expert wgrad {k}x{n}", rows, groups, k, n,
-                    list(dict.fromkeys([fp8_gemm.DEFAULT_TILING, best])), args)
+        grouped_rows(f"experts {k}->{n}", rows, groups, k, n, rows_best, args)
+        weight_grad(f"expert wgrad {k}x{n}", rows, groups, k, n, best, args)
     summary()
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     if os.environ.get("OUT"):
         path = os.path.join(os.environ["OUT"], "fp8_gemm.json")
         with open(path, "w") as fh:
-            json.dump({"device": jax.devices()[0].device_kind, "results": RESULTS}, fh, indent=1)
+            json.dump({"device": jax.devices()[0].device_kind, "sweep": [t.name for t in sweep],
+                       "results": RESULTS}, fh, indent=1)
         print(f"wrote {path}")
 
 

@@ -70,6 +70,7 @@ CHUNK = 128  # contraction chunk: every chunk's partial product is promoted to f
 ROW_TILE = 128  # grouped layouts: rows come in tiles of 128 belonging to one group each
 FAST_ACCUM = 2 ** 30  # maxNumImpreciseAcc: never split the tensor-core accumulation
 FP8_DTYPES = (jnp.float8_e4m3fn, jnp.float8_e5m2)
+NATIVE_MIXED_FP8 = True  # e5m2 x e4m3 straight into the wgmma (False: both as bf16, slower)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,13 +173,6 @@ def _reference_dot(a, b, *acc, max_imprecise):
     return out + acc[0] if acc else out
 
 
-_fp8_dot_p = jax.extend.core.Primitive("fp8_nt_dot")
-_fp8_dot_p.def_impl(_reference_dot)
-_fp8_dot_p.def_abstract_eval(
-    lambda a, b, *acc, max_imprecise: jax.core.ShapedArray((a.shape[0], b.shape[0]), jnp.float32))
-mlir.register_lowering(_fp8_dot_p, mlir.lower_fun(_reference_dot, multiple_results=False))
-
-
 def _fp8_dot_triton(ctx, a, b, *acc, max_imprecise):
     """tt.dot(a, trans(b), acc or 0) with maxNumImpreciseAcc = max_imprecise: fp8 operands
     go to the wgmma as they are (equal bit widths: mixed e4m3 / e5m2 included)."""
@@ -189,19 +183,45 @@ def _fp8_dot_triton(ctx, a, b, *acc, max_imprecise):
     else:
         f32 = _ir.F32Type.get()
         zeros = _ir.RankedTensorType.get([p, q], f32)
-        c = _arith.constant(zeros, _ir.DenseElementsAttr.get_splat(zeros, _ir.FloatAttr.get(f32, 0.0)))
+        c = _arith.constant(zeros, _ir.DenseElementsAttr.get_splat(zeros,
+                                                                    _ir.FloatAttr.get(f32, 0.0)))
     return _tt.dot(a, _tt.trans(b, (1, 0)), c, max_num_imprecise_acc=max_imprecise)
 
 
-if _triton_lowering is not None:
-    _triton_lowering.register_lowering(_fp8_dot_p)(_fp8_dot_triton)
+def _register_fp8_dot():
+    """The `fp8_nt_dot` primitive: the reference value everywhere but in the Pallas Triton
+    lowering, where it is `_fp8_dot_triton`; None (Pallas' dot_general instead) where this
+    jax lacks the pieces."""
+    if _triton_lowering is None:
+        return None
+    try:
+        import jax.extend.core
+        shaped_array = getattr(jax.core, "ShapedArray", None)
+        if shaped_array is None:
+            from jax._src.core import ShapedArray as shaped_array
+        primitive = jax.extend.core.Primitive("fp8_nt_dot")
+        primitive.def_impl(_reference_dot)
+        primitive.def_abstract_eval(lambda a, b, *acc, max_imprecise: shaped_array(
+            (a.shape[0], b.shape[0]), jnp.dtype(jnp.float32)))
+        mlir.register_lowering(primitive, mlir.lower_fun(_reference_dot, multiple_results=False))
+        _triton_lowering.register_lowering(primitive)(_fp8_dot_triton)
+    except Exception as e:  # pragma: no cover - jax internals moved
+        import warnings
+        warnings.warn(f"fp8_gemm: native fp8 tt.dot unavailable ({e!r}); Pallas' dot_general "
+                      "lowering is used (Triton's split fp8 accumulation: slow)")
+        return None
+    return primitive
+
+
+_fp8_dot_p = _register_fp8_dot()
 
 
 def _fp8_dot(a: jax.Array, b: jax.Array, acc: jax.Array | None, tiling: "Fp8Tiling",
              max_imprecise: int = FAST_ACCUM) -> jax.Array:
     """a [P, C] . b [Q, C]^T (+ acc) in fp32, C = CHUNK (one chunk)."""
-    fp8 = a.dtype in FP8_DTYPES and b.dtype in FP8_DTYPES
-    if tiling.native_dot and fp8 and _triton_lowering is not None:
+    fp8 = a.dtype in FP8_DTYPES and b.dtype in FP8_DTYPES and (a.dtype == b.dtype
+                                                                or NATIVE_MIXED_FP8)
+    if tiling.native_dot and fp8 and _fp8_dot_p is not None:
         return _fp8_dot_p.bind(a, b, *([] if acc is None else [acc]), max_imprecise=max_imprecise)
     out = _reference_dot(a, b, max_imprecise=0)
     return out if acc is None else acc + out
