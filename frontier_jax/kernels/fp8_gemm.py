@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -87,9 +88,9 @@ class Fp8Tiling:
         instead of promoting every chunk to fp32.
     native_dot: emit tt.dot with maxNumImpreciseAcc (see the module docstring); False uses
         Pallas' dot_general lowering (Triton's split fp8 accumulation; for comparison)."""
-    block_m: int = 128
+    block_m: int = 64  # 64 x 128, 4 warps, 4 stages: fastest of the H100 sweep (RESULTS.md)
     block_n: int = 128
-    num_warps: int = 8
+    num_warps: int = 4
     num_stages: int = 4
     group_m: int = 8
     lag: bool = False
@@ -106,7 +107,6 @@ class Fp8Tiling:
     @classmethod
     def parse(cls, text: str) -> "Fp8Tiling":
         """'128x128w8s4g8' (+ flags l: lag, f: fast_accum, p: Pallas dot) -> Fp8Tiling."""
-        import re
         match = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)(?:g(\d+))?([lfp]*)", text.strip())
         if not match:
             raise ValueError(f"tiling {text!r} is not like 128x128w8s4g8 (+ flags l, f, p)")

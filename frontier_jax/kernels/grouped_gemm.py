@@ -91,11 +91,13 @@ def tile_groups(group_sizes: jax.Array, num_tiles: int) -> tuple[jax.Array, jax.
 def _row_kernel(tile_group_ref, x_ref, w_ref, out_ref, *, num_groups, block_contract,
                 contract_last):
     """out tile [R, bo] = x tile [R, C] @ W[g] (C-blocks), W[g] stored [C, O] or, when
-    contract_last, [O, C]."""
-    group = tile_group_ref[pl.program_id(0)]
+    contract_last, [O, C].  Grid (column block, row tile): the column block varies fastest,
+    so the programs running together share row tiles (and groups) in L2 instead of each
+    row tile being read from memory once per column block."""
+    group = tile_group_ref[pl.program_id(1)]
     rows, block_out = out_ref.shape
     contract = x_ref.shape[1]
-    cols = pl.ds(pl.program_id(1) * block_out, block_out)
+    cols = pl.ds(pl.program_id(0) * block_out, block_out)
 
     @pl.when(group < num_groups)
     def _():
@@ -132,11 +134,11 @@ def _row_matmul(x: jax.Array, w: jax.Array, tile_group: jax.Array, *, contract_l
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((m, o), x.dtype),
-        grid=(m // TILE_ROWS, o // bo),
-        in_specs=[pl.BlockSpec(tile_group.shape, lambda t, j: (0,)),
-                  pl.BlockSpec((TILE_ROWS, c), lambda t, j: (t, 0)),
-                  pl.BlockSpec(w.shape, lambda t, j: (0, 0, 0))],
-        out_specs=pl.BlockSpec((TILE_ROWS, bo), lambda t, j: (t, j)),
+        grid=(o // bo, m // TILE_ROWS),
+        in_specs=[pl.BlockSpec(tile_group.shape, lambda j, t: (0,)),
+                  pl.BlockSpec((TILE_ROWS, c), lambda j, t: (t, 0)),
+                  pl.BlockSpec(w.shape, lambda j, t: (0, 0, 0))],
+        out_specs=pl.BlockSpec((TILE_ROWS, bo), lambda j, t: (t, j)),
         compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps,
                                              num_stages=tiling.num_stages),
         interpret=_interpret(),
@@ -146,11 +148,12 @@ def _row_matmul(x: jax.Array, w: jax.Array, tile_group: jax.Array, *, contract_l
 
 def _weight_grad_kernel(tile_start_ref, x_ref, dy_ref, out_ref, *, block_rows):
     """out [bk, bn] = sum over the group's rows (in blocks of block_rows) of
-    x[rows, k-block]^T dy[rows, n-block]."""
-    g = pl.program_id(0)
+    x[rows, k-block]^T dy[rows, n-block].  Grid (n-block, k-block, group): the group varies
+    slowest, so the programs running together read one group's rows, from L2 after the first."""
+    g = pl.program_id(2)
     block_k, block_n = out_ref.shape
     ks = pl.ds(pl.program_id(1) * block_k, block_k)
-    ns = pl.ds(pl.program_id(2) * block_n, block_n)
+    ns = pl.ds(pl.program_id(0) * block_n, block_n)
     per_tile = TILE_ROWS // block_rows
 
     def step(i, acc):
@@ -175,11 +178,11 @@ def _weight_grad(x: jax.Array, dy: jax.Array, tile_start: jax.Array, *,
     return pl.pallas_call(
         functools.partial(_weight_grad_kernel, block_rows=tiling.block_rows),
         out_shape=jax.ShapeDtypeStruct((g, k, n), x.dtype),
-        grid=(g, k // bk, n // bn),
-        in_specs=[pl.BlockSpec(tile_start.shape, lambda e, i, j: (0,)),
-                  pl.BlockSpec(x.shape, lambda e, i, j: (0, 0)),
-                  pl.BlockSpec(dy.shape, lambda e, i, j: (0, 0))],
-        out_specs=pl.BlockSpec((None, bk, bn), lambda e, i, j: (e, i, j)),
+        grid=(n // bn, k // bk, g),
+        in_specs=[pl.BlockSpec(tile_start.shape, lambda j, i, e: (0,)),
+                  pl.BlockSpec(x.shape, lambda j, i, e: (0, 0)),
+                  pl.BlockSpec(dy.shape, lambda j, i, e: (0, 0))],
+        out_specs=pl.BlockSpec((None, bk, bn), lambda j, i, e: (e, i, j)),
         compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps,
                                              num_stages=tiling.num_stages),
         interpret=_interpret(),
