@@ -41,7 +41,7 @@ class RowTiling:
     block_out: int = 256
     block_contract: int = 64
     num_warps: int = 8
-    num_stages: int = 4
+    num_stages: int = 3
 
 
 @dataclasses.dataclass(frozen=True)
