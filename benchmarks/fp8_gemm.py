@@ -33,7 +33,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from frontier_jax.kernels import fp8_gemm
 from frontier_jax.kernels.fp8_gemm import Fp8Tiling

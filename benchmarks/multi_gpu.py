@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_step import summarise  # noqa: E402
@@ -34,10 +33,9 @@ from synthetic import synthetic_batches  # noqa: E402
 
 from frontier_jax.config import load_config  # noqa: E402
 from frontier_jax.model.describe import describe  # noqa: E402
-from frontier_jax.parallel.mesh import batch_sharding, build_mesh, check_batch_fits, check_divisible  # noqa: E402
-from frontier_jax.train.loop import train_state_shardings  # noqa: E402
+from frontier_jax.parallel.mesh import build_mesh  # noqa: E402
+from frontier_jax.train.loop import build_runner  # noqa: E402
 from frontier_jax.train.metrics import peak_flops_per_device  # noqa: E402
-from frontier_jax.train.step import BATCH_KEYS, Trainer  # noqa: E402
 
 
 COLLECTIVES = ("all-to-all", "all-reduce", "all-gather", "reduce-scatter", "collective-permute")
@@ -56,22 +54,9 @@ def collective_counts(hlo: str) -> dict[str, dict[str, int]]:
     return counts
 
 
-def make_runner(cfg, devices):
-    """(init state, jitted step, batch sharding) for `cfg` on a mesh over `devices`."""
-    mesh = build_mesh(cfg.mesh, devices)
-    trainer = Trainer(cfg, mesh)
-    check_batch_fits(cfg.train.global_batch, mesh, trainer.rules)
-    check_divisible(trainer.abstract_params, mesh, trainer.rules)
-    shardings = train_state_shardings(trainer, mesh)
-    state = jax.jit(trainer.init, static_argnums=0, out_shardings=shardings)(cfg.train.seed)
-    in_batch = batch_sharding(mesh, trainer.rules)
-    step = jax.jit(trainer.train_step, in_shardings=(shardings, {k: in_batch for k in BATCH_KEYS}),
-                   out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
-    return state, step, in_batch
-
-
 def losses(cfg, devices, batches) -> list[float]:
-    state, step, in_batch = make_runner(cfg, devices)
+    runner = build_runner(cfg, devices)
+    state, step, in_batch = runner.init(cfg.train.seed), runner.step, runner.batch_sharding
     out = []
     for batch in batches:
         state, metrics = step(state, jax.device_put(batch, in_batch))
@@ -81,8 +66,9 @@ def losses(cfg, devices, batches) -> list[float]:
 
 def timed(cfg, devices, batch, steps: int, profile_dir: Path | None) -> tuple[float, float | None]:
     """(median step seconds, all-to-all share of device time or None)."""
-    state, step, in_batch = make_runner(cfg, devices)
-    batch = jax.device_put(batch, in_batch)
+    runner = build_runner(cfg, devices)
+    state, step = runner.init(cfg.train.seed), runner.step
+    batch = jax.device_put(batch, runner.batch_sharding)
     for _ in range(2):
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
@@ -143,9 +129,9 @@ def main() -> None:
 
     flops = describe(cfg.model, args.seq_len)["flops_per_token"]
     peak = peak_flops_per_device()
-    state, step, in_batch = make_runner(cfg, devices)
-    hlo = step.lower(state, jax.device_put(batches[0], in_batch)).compile().as_text()
-    del state
+    runner = build_runner(cfg, devices)
+    state = jax.eval_shape(lambda: runner.init(cfg.train.seed))
+    hlo = runner.step.lower(state, jax.device_put(batches[0], runner.batch_sharding)).compile().as_text()
     print("collectives in the compiled mesh step:", collective_counts(hlo))
     seconds, a2a = timed(cfg, devices, batches[0], args.steps, Path(args.profile_dir))
     per_device = global_batch * args.seq_len / seconds / n

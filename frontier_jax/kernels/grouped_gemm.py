@@ -170,7 +170,7 @@ def _weight_grad_kernel(tile_start_ref, x_ref, dy_ref, out_ref, *, block_rows):
 def _weight_grad(x: jax.Array, dy: jax.Array, tile_start: jax.Array, *,
                  tiling: WeightTiling) -> jax.Array:
     """x [M, K], dy [M, N], tile_start [G + 1] -> dW [G, K, N] in x's dtype."""
-    (m, k), n, g = x.shape, dy.shape[1], tile_start.shape[0] - 1
+    k, n, g = x.shape[1], dy.shape[1], tile_start.shape[0] - 1
     bk = _block(k, tiling.block_k, "weight-gradient rows (K)")
     bn = _block(n, tiling.block_n, "weight-gradient columns (N)")
     if TILE_ROWS % tiling.block_rows:

@@ -17,12 +17,12 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from frontier_jax.config import Config, load_config
@@ -74,6 +74,32 @@ def train_state_shardings(trainer: Trainer, mesh) -> dict:
             "opt_state": opt, "step": replicated, "rng": replicated}
 
 
+class Runner(NamedTuple):
+    """Everything a training loop needs for `cfg` on a mesh: `init(seed)` makes the sharded
+    state, `step(state, batch)` is the jitted train step (state donated)."""
+    trainer: Trainer
+    mesh: Mesh
+    state_shardings: dict
+    batch_sharding: NamedSharding
+    init: Callable
+    step: Callable
+
+
+def build_runner(cfg: Config, devices=None) -> Runner:
+    """Mesh over `devices` (default: all) -> Trainer, checked batch split and parameter
+    divisibility, state and batch shardings, and the jitted init and step."""
+    mesh = build_mesh(cfg.mesh, devices)
+    trainer = Trainer(cfg, mesh)
+    check_batch_fits(cfg.train.global_batch, mesh, trainer.rules)
+    check_divisible(trainer.abstract_params, mesh, trainer.rules)
+    shardings = train_state_shardings(trainer, mesh)
+    in_batch = batch_sharding(mesh, trainer.rules)
+    init = jax.jit(trainer.init, static_argnums=0, out_shardings=shardings)
+    step = jax.jit(trainer.train_step, in_shardings=(shardings, {k: in_batch for k in BATCH_KEYS}),
+                   out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
+    return Runner(trainer, mesh, shardings, in_batch, init, step)
+
+
 def _global_batch(local: dict, sharding: NamedSharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k])) for k in BATCH_KEYS}
 
@@ -83,13 +109,8 @@ def train(cfg: Config, run_dir: str | Path, *, progress: bool = True) -> list[di
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    mesh = build_mesh(cfg.mesh)
-    trainer = Trainer(cfg, mesh)
-    check_batch_fits(cfg.train.global_batch, mesh, trainer.rules)
-    check_divisible(trainer.abstract_params, mesh, trainer.rules)
-    shardings = train_state_shardings(trainer, mesh)
-    in_batch = batch_sharding(mesh, trainer.rules)
-    replicated = NamedSharding(mesh, PartitionSpec())
+    runner = build_runner(cfg)
+    trainer, in_batch = runner.trainer, runner.batch_sharding
 
     data = build_train_iterator(cfg.data, seq_len=cfg.train.seq_len, global_batch=cfg.train.global_batch,
                                 process_index=jax.process_index(), process_count=jax.process_count())
@@ -97,15 +118,14 @@ def train(cfg: Config, run_dir: str | Path, *, progress: bool = True) -> list[di
     start = checkpointer.latest_step()
     if start is not None:
         check_same_model(checkpointer.read_config(start), cfg.to_dict(), checkpointer.directory)
-        abstract = abstract_with_shardings(jax.eval_shape(lambda: trainer.init(0)), shardings)
+        abstract = abstract_with_shardings(jax.eval_shape(lambda: trainer.init(0)), runner.state_shardings)
         state = checkpointer.restore(start, abstract, data)
         log.info("resumed from step %d in %s", start, checkpointer.directory)
     else:
         start = 0
-        state = jax.jit(trainer.init, static_argnums=0, out_shardings=shardings)(cfg.train.seed)
+        state = runner.init(cfg.train.seed)
 
-    step_fn = jax.jit(trainer.train_step, in_shardings=(shardings, {k: in_batch for k in BATCH_KEYS}),
-                      out_shardings=(shardings, replicated), donate_argnums=0)
+    step_fn = runner.step
     flops_per_token = describe(cfg.model, cfg.train.seq_len)["flops_per_token"]
     logger = MetricsLogger(run_dir, enabled=jax.process_index() == 0)
     history: list[dict] = []

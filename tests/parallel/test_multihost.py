@@ -32,7 +32,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 
 from frontier_jax.config import load_config
 from frontier_jax.train.step import Trainer
