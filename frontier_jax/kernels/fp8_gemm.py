@@ -356,6 +356,16 @@ def _check_tiles(what: str, dims: dict, tiling: Fp8Tiling) -> None:
                                  f"({tiling}); pad it (quantize.pad_to_multiple)")
 
 
+def _prepared_scales(a_scale, b_scale, k: int, rows: int, cols: int, block_n: int, what: str):
+    """(sa [chunks, rows], sb, per_program, blocked): both operands' scales expanded to one per
+    contraction chunk (a single chunk when neither is blocked along the contraction)."""
+    chunks, blocked = _scale_chunks(a_scale, b_scale, k, what)
+    chunks = chunks if blocked else 1
+    sa = _row_scales(a_scale, rows, chunks, what)
+    sb, per_program = _col_scales(b_scale, cols, chunks, block_n, what)
+    return sa, sb, per_program, blocked
+
+
 def fp8_matmul_nt(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.Array, *,
                   out_dtype=jnp.float32, tiling: Fp8Tiling = DEFAULT_TILING) -> jax.Array:
     """out [M, N] = sum_c sa[m, c] sb[n, c] (a_c b_c^T) for a [M, K], b [N, K] fp8 with scales
@@ -364,10 +374,7 @@ def fp8_matmul_nt(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.A
     what = f"a {a.shape} {a.dtype}, b {b.shape} {b.dtype}"
     _check(k == kb, f"{what}: contraction widths differ")
     _check_tiles(what, {"M": (m, tiling.block_m), "N": (n, tiling.block_n)}, tiling)
-    chunks, blocked = _scale_chunks(a_scale, b_scale, k, what)
-    chunks = chunks if blocked else 1
-    sa = _row_scales(a_scale, m, chunks, what)
-    sb, per_program = _col_scales(b_scale, n, chunks, tiling.block_n, what)
+    sa, sb, per_program, blocked = _prepared_scales(a_scale, b_scale, k, m, n, tiling.block_n, what)
     bm, bn = tiling.block_m, tiling.block_n
     tiles = (m // bm, n // bn)
     tile = lambda p: _tile_ids(p, *tiles, tiling.group_m)
@@ -397,10 +404,7 @@ def fp8_grouped_rows_nt(a: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
     _check(tile_group.shape == (m // ROW_TILE,), f"{what}: tile_group {tile_group.shape} is not "
                                                  f"one group per {ROW_TILE} rows")
     _check_tiles(what, {"M": (m, ROW_TILE), "N": (n, tiling.block_n)}, tiling)
-    chunks, blocked = _scale_chunks(a_scale, w_scale, k, what)
-    chunks = chunks if blocked else 1
-    sa = _row_scales(a_scale, m, chunks, what)
-    sw, per_program = _col_scales(w_scale, n, chunks, tiling.block_n, what)
+    sa, sw, per_program, blocked = _prepared_scales(a_scale, w_scale, k, m, n, tiling.block_n, what)
     bm, bn = tiling.block_m, tiling.block_n
     tiles = (m // bm, n // bn)
     tile = lambda p: _tile_ids(p, *tiles, 1)
@@ -429,10 +433,7 @@ def fp8_grouped_weight_grad_nt(a: jax.Array, a_scale: jax.Array, b: jax.Array,
     what = f"x^T {a.shape} {a.dtype}, dy^T {b.shape} {b.dtype}"
     _check(p == pb, f"{what}: row counts differ")
     _check_tiles(what, {"K": (k, tiling.block_m), "N": (n, tiling.block_n)}, tiling)
-    chunks, blocked = _scale_chunks(a_scale, b_scale, p, what)
-    chunks = chunks if blocked else 1
-    sa = _row_scales(a_scale, k, chunks, what)
-    sb, per_program = _col_scales(b_scale, n, chunks, tiling.block_n, what)
+    sa, sb, per_program, blocked = _prepared_scales(a_scale, b_scale, p, k, n, tiling.block_n, what)
     bm, bn = tiling.block_m, tiling.block_n
     tiles = (k // bm, n // bn)
     per_group = tiles[0] * tiles[1]
