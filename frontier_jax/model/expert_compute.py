@@ -13,7 +13,8 @@ Layouts (`slot` == R means dropped):
   * dropless: group g's rows start at a multiple of `align` (1 = packed; the Pallas grouped
     GEMM needs its row tile) -- R = the static bound ceil((A + G (align - 1)) / align) align;
   * capacity: group g owns rows [g C, (g+1) C); the (C+1)-th and later assignments of a group
-    (in token order) are dropped -- R = G C.
+    (in token order) are dropped -- R = G C (with fp8 experts each group's rows start at a
+    multiple of the 128-row tile: stride S = C rounded up, R = G S).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from frontier_jax.model.grouped_matmul import grouped_matmul
+from frontier_jax.model.grouped_matmul import fp8_experts, grouped_matmul
 from frontier_jax.precision.mixed import einsum_fp32
 
 
@@ -91,12 +92,15 @@ def dropless_slots(groups: jax.Array, num_groups: int, align: int = 1) -> tuple[
     return _materialized((jnp.cumsum(padded) - padded)[groups] + rank, padded)
 
 
-def capacity_slots(groups: jax.Array, num_groups: int, capacity: int) -> tuple[jax.Array, jax.Array]:
+def capacity_slots(groups: jax.Array, num_groups: int, capacity: int,
+                   stride: int | None = None) -> tuple[jax.Array, jax.Array]:
     """groups [A] -> (slot [A], keep [A] bool): the r-th assignment of group g (token order)
-    goes to row g C + r if r < C, else it is dropped (slot G C)."""
+    goes to row g S + r if r < C, else it is dropped (slot G S); the stride S >= C (default C)
+    leaves rows [g S + C, (g+1) S) empty, e.g. to align groups to a kernel's row tile."""
+    stride = capacity if stride is None else stride
     rank, _ = rank_in_group(groups, num_groups)
     keep = rank < capacity
-    return _materialized(jnp.where(keep, groups * capacity + rank, num_groups * capacity), keep)
+    return _materialized(jnp.where(keep, groups * stride + rank, num_groups * stride), keep)
 
 
 def dispatch(x: jax.Array, slot: jax.Array, num_rows: int) -> jax.Array:
@@ -128,9 +132,7 @@ def swiglu_grouped(xs: jax.Array, group_sizes: jax.Array, w_gate, w_up, w_down, 
         return grouped_matmul(a, w, group_sizes, impl=impl, dtype=dtype, policy=policy,
                               layer=f"moe.experts.{name}")
 
-    fp8 = policy is not None and any(policy.grouped_matmul(f"moe.experts.{name}") is not None
-                                     for name in ("w_gate", "w_up"))
-    if fp8:
+    if fp8_experts(policy):
         gate, up = gmm(xs, w_gate, "w_gate"), gmm(xs, w_up, "w_up")
     else:
         gate, up = jnp.split(gmm(xs, jnp.concatenate([w_gate, w_up], axis=2), "w_gate_up"), 2, axis=1)

@@ -41,12 +41,19 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
-def row_alignment(impl: str, policy: PrecisionPolicy | None = None,
-                  layer: str = "moe.experts.w_gate") -> int:
-    """Rows every group must be padded to for `impl` (1: none); fp8 expert GEMMs (when the
-    policy runs `layer` in fp8) take the same tile-aligned layout."""
-    fp8 = policy is not None and policy.grouped_matmul(layer) is not None
-    return TILE_ROWS if fp8 or resolve_impl(impl) == "pallas" else 1
+EXPERT_LAYERS = ("moe.experts.w_gate", "moe.experts.w_up", "moe.experts.w_down")
+
+
+def fp8_experts(policy: PrecisionPolicy | None) -> bool:
+    """Whether the policy runs any routed-expert matmul in fp8."""
+    return policy is not None and any(policy.grouped_matmul(layer) is not None
+                                      for layer in EXPERT_LAYERS)
+
+
+def row_alignment(impl: str, policy: PrecisionPolicy | None = None) -> int:
+    """Rows every group must be padded to for `impl` (1: none); fp8 expert GEMMs take the
+    same tile-aligned layout."""
+    return TILE_ROWS if fp8_experts(policy) or resolve_impl(impl) == "pallas" else 1
 
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str,

@@ -8,8 +8,9 @@ W_gate, W_up [N_r, d, f] and W_down [N_r, f, d].  Token dispatch (`model.moe_dis
     expert's rows padded to the grouped-matmul kernel's row tile) and run through one grouped
     matmul per projection (`grouped_matmul`), then gathered back and combined with the gates.
   * "capacity": each expert takes at most C = ceil(capacity_factor * N K / N_r) assignments
-    (first come, in token order) into an [N_r, C, d] buffer computed by a batched matmul;
-    overflowing assignments are dropped (contribute zero) and counted.
+    (first come, in token order) into an [N_r, C, d] buffer computed by a batched matmul (by
+    the fp8 grouped matmuls, each expert's rows aligned to 128, when the precision policy runs
+    the experts in fp8); overflowing assignments are dropped (contribute zero) and counted.
 
 Returned statistics: per-expert load (assignments of real tokens), the sequence-wise balance
 loss L_bal = sum_i f_i P_i averaged over rows (eqs. 17-20; multiplied by alpha in training),
@@ -29,7 +30,8 @@ from frontier_jax.model.config import ModelConfig
 from frontier_jax.model.expert_compute import (
     capacity_slots, collect, combine, dispatch, dropless_rows, dropless_slots, swiglu_batched,
     swiglu_grouped)
-from frontier_jax.model.grouped_matmul import row_alignment
+from frontier_jax.kernels.grouped_gemm import TILE_ROWS
+from frontier_jax.model.grouped_matmul import fp8_experts, row_alignment
 from frontier_jax.model.layers import normal_param
 from frontier_jax.model.mlp import SwiGLU
 from frontier_jax.model.routing import Router, Routing
@@ -101,9 +103,16 @@ class RoutedExperts(nnx.Module):
             dropped = jnp.zeros((), jnp.int32)
         else:
             capacity = math.ceil(self.cfg.moe_capacity_factor * n * k / e)
-            slot, keep = capacity_slots(flat_expert, e, capacity)
-            buf = dispatch(x.astype(dtype), slot, e * capacity).reshape(e, capacity, d)
-            out = swiglu_batched(buf, *weights, dtype=dtype).reshape(e * capacity, d)
+            if fp8_experts(self.policy):  # fp8 grouped GEMMs over equal, tile-aligned groups
+                stride = -(-capacity // TILE_ROWS) * TILE_ROWS
+                slot, keep = capacity_slots(flat_expert, e, capacity, stride)
+                out = swiglu_grouped(dispatch(x.astype(dtype), slot, e * stride),
+                                     jnp.full((e,), stride, jnp.int32), *weights,
+                                     impl=self.cfg.gmm_impl, dtype=dtype, policy=self.policy)
+            else:
+                slot, keep = capacity_slots(flat_expert, e, capacity)
+                buf = dispatch(x.astype(dtype), slot, e * capacity).reshape(e, capacity, d)
+                out = swiglu_batched(buf, *weights, dtype=dtype).reshape(e * capacity, d)
             dropped = (n * k - keep.sum()).astype(jnp.int32)
         y = combine(collect(out, slot), routing.weights)
         return y.astype(x.dtype), dropped, jnp.zeros((), jnp.float32)
