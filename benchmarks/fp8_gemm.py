@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from frontier_jax.kernels import fp8_gemm
 from frontier_jax.kernels.fp8_gemm import Fp8Tiling
+from frontier_jax.kernels.grouped_gemm import TILE_ROWS
 from frontier_jax.precision import gemm
 from frontier_jax.precision.quantize import quantize
 from frontier_jax.precision.recipe import E4M3, E5M2
@@ -156,7 +157,7 @@ def grouped_inputs(rows, groups, k, n, seed):
 def grouped_rows(problem, rows, groups, k, n, tilings, args):
     """Forward of the experts: out[r] = x[r] W[g(r)]^T, equal groups of rows / groups rows."""
     sizes = jnp.full((groups,), rows // groups, jnp.int32)
-    tile_group = gemm.row_groups(sizes // fp8_gemm.ROW_TILE, rows // fp8_gemm.ROW_TILE)
+    tile_group = gemm.row_groups(sizes // TILE_ROWS, rows // TILE_ROWS)
     inputs = [(*grouped_inputs(rows, groups, k, n, 2 * s), tile_group) for s in range(SETS)]
     x, w, _ = inputs[0]
     head = 2 * (rows // groups)  # the rows of the first two groups
@@ -173,7 +174,7 @@ def grouped_rows(problem, rows, groups, k, n, tilings, args):
 def weight_grad(problem, rows, groups, k, n, tilings, args):
     """Weight gradient of the experts: dW[g] = x_g^T dy_g from x^T [K, P], dy^T [N, P]."""
     sizes = jnp.full((groups,), rows // groups, jnp.int32)
-    tile_group = gemm.row_groups(sizes // fp8_gemm.ROW_TILE, rows // fp8_gemm.ROW_TILE)
+    tile_group = gemm.row_groups(sizes // TILE_ROWS, rows // TILE_ROWS)
     tile_start = jnp.searchsorted(tile_group, jnp.arange(groups + 1), side="left")
     inputs = [(quantize(random((k, rows), 2 * s), E4M3, (1, 128)),
                quantize(random((n, rows), 2 * s + 1), E4M3, (1, 128)), tile_start)
@@ -182,7 +183,7 @@ def weight_grad(problem, rows, groups, k, n, tilings, args):
     head = 2 * (rows // groups)
     first = lambda q: jax.tree.map(lambda v: v[:, :v.shape[1] * head // rows], q)
     want = jax.jit(gemm._xla_scaled_grouped_matmul_tn, static_argnums=3)(
-        first(a), first(b), tile_group[:head // fp8_gemm.ROW_TILE], 2)
+        first(a), first(b), tile_group[:head // TILE_ROWS], 2)
     time_bf16(problem, k, n, rows, args)
     for t in tilings:
         make = lambda t=t: jax.jit(lambda a, b, ts: fp8_gemm.fp8_grouped_weight_grad_nt(
@@ -242,7 +243,7 @@ def main() -> None:
     sweep_problem = f"dense {big}^3"
     dense(sweep_problem, big, big, big, sweep, args, xla_blockwise=args.smoke, extras=True)
     best = best_tilings(sweep_problem, args.top)
-    rows_best = best_tilings(sweep_problem, args.top, rows_tile_max=fp8_gemm.ROW_TILE)
+    rows_best = best_tilings(sweep_problem, args.top, rows_tile_max=TILE_ROWS)
     print(f"best tilings: {[t.name for t in best]}; grouped rows: {[t.name for t in rows_best]}",
           flush=True)
     if not args.smoke:

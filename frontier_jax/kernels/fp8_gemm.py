@@ -57,6 +57,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.interpreters import mlir
 
+from frontier_jax.kernels.grouped_gemm import TILE_ROWS  # the tile-aligned expert row layout
 from frontier_jax.precision.quantize import expand_scale
 
 try:  # the Pallas Triton lowering's rule registry (private: checked at import, see _fp8_dot)
@@ -68,7 +69,6 @@ except ImportError:  # pragma: no cover - other jax layouts: Pallas' own dot low
     _triton_lowering = None
 
 CHUNK = 128  # contraction chunk: every chunk's partial product is promoted to fp32
-ROW_TILE = 128  # grouped layouts: rows come in tiles of 128 belonging to one group each
 FAST_ACCUM = 2 ** 30  # maxNumImpreciseAcc: never split the tensor-core accumulation
 FP8_DTYPES = (jnp.float8_e4m3fn, jnp.float8_e5m2)
 NATIVE_MIXED_FP8 = True  # e5m2 x e4m3 straight into the wgmma (False: both as bf16, slower)
@@ -78,7 +78,7 @@ NATIVE_MIXED_FP8 = True  # e5m2 x e4m3 straight into the wgmma (False: both as b
 class Fp8Tiling:
     """Output tile [block_m, block_n] per program; Triton warps (4 per warpgroup: a warpgroup
     owns 64 accumulator rows) and software-pipeline stages (one CHUNK-deep slice of both
-    operands per stage).  Grouped row kernels need block_m to divide ROW_TILE.
+    operands per stage).  Grouped row kernels need block_m to divide TILE_ROWS.
 
     group_m: dense GEMMs visit output tiles in bands of group_m row blocks, column block by
         column block (L2 reuse of A's band); 1 = row by row.
@@ -312,7 +312,7 @@ def _rows_kernel(tile_group_ref, a_ref, w_ref, sa_ref, sw_ref, out_ref, *, tiles
     zeros where g >= num_groups.  sw_ref [G, K / CHUNK, N or N / bn]."""
     bm, bn = out_ref.shape
     i, j = _tile_ids(pl.program_id(0), *tiles, 1)
-    group = tile_group_ref[i * bm // ROW_TILE]
+    group = tile_group_ref[i * bm // TILE_ROWS]
 
     @pl.when(group < num_groups)
     def _():
@@ -400,10 +400,10 @@ def fp8_grouped_rows_nt(a: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
     (m, k), (g, n, kw) = a.shape, w.shape
     what = f"rows {a.shape} {a.dtype}, W {w.shape} {w.dtype}"
     _check(k == kw, f"{what}: contraction widths differ")
-    _check(ROW_TILE % tiling.block_m == 0, f"block_m {tiling.block_m} must divide {ROW_TILE}")
-    _check(tile_group.shape == (m // ROW_TILE,), f"{what}: tile_group {tile_group.shape} is not "
-                                                 f"one group per {ROW_TILE} rows")
-    _check_tiles(what, {"M": (m, ROW_TILE), "N": (n, tiling.block_n)}, tiling)
+    _check(TILE_ROWS % tiling.block_m == 0, f"block_m {tiling.block_m} must divide {TILE_ROWS}")
+    _check(tile_group.shape == (m // TILE_ROWS,), f"{what}: tile_group {tile_group.shape} is not "
+                                                 f"one group per {TILE_ROWS} rows")
+    _check_tiles(what, {"M": (m, TILE_ROWS), "N": (n, tiling.block_n)}, tiling)
     sa, sw, per_program, blocked = _prepared_scales(a_scale, w_scale, k, m, n, tiling.block_n, what)
     bm, bn = tiling.block_m, tiling.block_n
     tiles = (m // bm, n // bn)

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from frontier_jax.precision import gemm
 from frontier_jax.precision.gemm import row_groups, scaled_grouped_matmul, scaled_grouped_matmul_tn
 from frontier_jax.precision.quantize import pad_to_multiple, quantize
-from frontier_jax.precision.recipe import E4M3, ROW_ALIGN, Fp8Recipe
+from frontier_jax.kernels.grouped_gemm import TILE_ROWS
+from frontier_jax.precision.recipe import E4M3, Fp8Recipe
 
 
 def fp8_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
@@ -94,8 +95,8 @@ def _backward(recipe: Fp8Recipe, where: str, residuals, dy):
     dy_rows = quantize(pad_to_multiple(dy, (1, b)), recipe.grad_dtype, recipe.row_tiles)
     dx = scaled_grouped_matmul(dy_rows, wq.transpose(0, 2, 1), group_sizes, x.dtype, where)
     # Per-tensor scales (block None) need no alignment for their scales, only for the per-tile
-    # group sums; the fp8_deepseek tiles are ROW_ALIGN = 128 = its block.
-    x_rows, dy_rows, tile_group = _wgrad_rows(x, dy, group_sizes, recipe.block or ROW_ALIGN)
+    # group sums: they take the experts' 128-row tile layout; fp8_deepseek's block is 128 too.
+    x_rows, dy_rows, tile_group = _wgrad_rows(x, dy, group_sizes, recipe.block or TILE_ROWS)
     x_cols = quantize(pad_to_multiple(x_rows, (1, b)), E4M3, recipe.col_tiles)
     dy_cols = quantize(pad_to_multiple(dy_rows, (1, b)), recipe.grad_dtype, recipe.col_tiles)
     dw = scaled_grouped_matmul_tn(x_cols.T, dy_cols.T, tile_group, g, x.dtype, where)

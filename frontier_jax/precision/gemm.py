@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import qwix
 
 from frontier_jax.kernels import fp8_gemm
-from frontier_jax.kernels.fp8_gemm import ROW_TILE
+from frontier_jax.kernels.grouped_gemm import TILE_ROWS, tile_groups
 from frontier_jax.precision.quantize import expand_scale
 
 
@@ -141,9 +141,9 @@ def row_groups(group_sizes: jax.Array, rows: int) -> jax.Array:
 
 
 def flag_unaligned(out: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """out, or all NaN unless every group's row count is a multiple of ROW_TILE (the layout
+    """out, or all NaN unless every group's row count is a multiple of TILE_ROWS (the layout
     the grouped kernels assume)."""
-    return jnp.where(jnp.all(group_sizes % ROW_TILE == 0), out, jnp.nan).astype(out.dtype)
+    return jnp.where(jnp.all(group_sizes % TILE_ROWS == 0), out, jnp.nan).astype(out.dtype)
 
 
 def scaled_grouped_matmul(lhs: qwix.QArray, rhs: qwix.QArray, group_sizes: jax.Array,
@@ -152,13 +152,13 @@ def scaled_grouped_matmul(lhs: qwix.QArray, rhs: qwix.QArray, group_sizes: jax.A
 
     lhs [M, K] (scale [M or 1, K / B]), rhs [G, N, K] (scale [G, N / t, K / B]),
     group_sizes [G] -> [M, N] in out_dtype; rows past sum(group_sizes) are zero.  The kernel
-    path needs group sizes that are multiples of ROW_TILE (NaN otherwise)."""
+    path needs group sizes that are multiples of TILE_ROWS (NaN otherwise)."""
     (m, _), n = lhs.shape, rhs.shape[1]
     if use_kernel() and (ops := _kernel_contraction(lhs, rhs, where)):
         tiling = fp8_gemm.DEFAULT_TILING
-        if ops := _kernel_rows(ops, (ROW_TILE, tiling.block_n), where):
+        if ops := _kernel_rows(ops, (TILE_ROWS, tiling.block_n), where):
             a, w = ops
-            tile_group = row_groups(group_sizes // ROW_TILE, a.shape[0] // ROW_TILE)
+            tile_group, _ = tile_groups(group_sizes, a.shape[0] // TILE_ROWS)
             out = fp8_gemm.fp8_grouped_rows_nt(a.qvalue, a.scale, w.qvalue, w.scale, tile_group,
                                                out_dtype=out_dtype, tiling=tiling)
             return flag_unaligned(out[:m, :n], group_sizes)
@@ -198,7 +198,7 @@ def scaled_grouped_matmul_tn(lhs: qwix.QArray, rhs: qwix.QArray, tile_groups: ja
     the fp8 partial [K, N] is scaled by the outer product of the two tiles' scales; tiles are
     then summed per group -> [G, K, N] in out_dtype."""
     (k, p), n, t = lhs.shape, rhs.shape[0], tile_groups.shape[0]
-    if use_kernel() and p == t * ROW_TILE:
+    if use_kernel() and p == t * TILE_ROWS:
         tiling = fp8_gemm.DEFAULT_TILING
         if ops := _kernel_rows((lhs, rhs), (tiling.block_m, tiling.block_n), where):
             a, b = ops
@@ -208,7 +208,7 @@ def scaled_grouped_matmul_tn(lhs: qwix.QArray, rhs: qwix.QArray, tile_groups: ja
                                                       tiling=tiling)
             return out[:, :k, :n]
     elif use_kernel():
-        _warn_fallback(where, f"weight-gradient row tiles of {p // t} rows, not {ROW_TILE}")
+        _warn_fallback(where, f"weight-gradient row tiles of {p // t} rows, not {TILE_ROWS}")
     return _xla_scaled_grouped_matmul_tn(lhs, rhs, tile_groups, num_groups).astype(out_dtype)
 
 

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 
 E4M3 = jnp.float8_e4m3fn
 E5M2 = jnp.float8_e5m2
-ROW_ALIGN = 128  # grouped wgrad: rows of each group are padded to a multiple of this
 
 
 @dataclass(frozen=True)
