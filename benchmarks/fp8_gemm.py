@@ -5,6 +5,10 @@ the XLA reference of `precision/gemm.py` and speed against cuBLAS bf16 and XLA p
     python benchmarks/fp8_gemm.py --sweep 128x128w8s4g8,64x128w4s4g8   # own dense sweep
     python benchmarks/fp8_gemm.py --smoke                 # tiny shapes, interpret mode (CPU)
 
+On Hopper the dense problems also run the Mosaic GPU kernel (`kernels/fp8_gemm_mgpu.py`,
+tilings MGPU_TILINGS, named mgpu128xTILE_NsSTAGES + snake order; b's scales one per 128 x 128
+block), which `precision.gemm` uses for dense blockwise GEMMs there.
+
 Tilings are named BMxBNwWARPSsSTAGESgGROUP_M plus flags (l: lagged scaling, f: tensor-core
 accumulation over all of K in the per-tensor path, p: Pallas' own dot lowering, i.e. Triton's
 split fp8 accumulation: the kernels before the native dot); see `Fp8Tiling`.
@@ -34,7 +38,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from frontier_jax.kernels import fp8_gemm
+from frontier_jax.kernels import fp8_gemm, fp8_gemm_mgpu
 from frontier_jax.kernels.fp8_gemm import Fp8Tiling
 from frontier_jax.kernels.grouped_gemm import TILE_ROWS
 from frontier_jax.precision import gemm
@@ -46,6 +50,9 @@ from frontier_jax.precision.recipe import E4M3, E5M2
 SWEEP = ["64x128w4s4g1p", "64x128w4s4g8", "128x128w4s4g8", "128x128w8s3g8", "128x128w8s4g8",
          "128x128w8s5g8", "128x128w8s4g1", "128x128w8s4g16", "128x128w8s4g8l", "128x256w8s3g8",
          "256x128w8s3g8", "64x256w4s3g8", "128x64w4s4g8"]
+# Mosaic GPU dense kernel (Hopper): CTA tile 128 x tile_n, pipeline stages, snake order
+MGPU_TILINGS = [fp8_gemm_mgpu.MgpuTiling(), fp8_gemm_mgpu.MgpuTiling(grid_minor="m"),
+                fp8_gemm_mgpu.MgpuTiling(stages=5, grid_minor="m")]
 PER_TENSOR_FAST = "128x256w8s3g8f"  # per-tensor path, tensor-core accumulation over all of K
 SETS = 3  # input sets rotated through while timing
 RESULTS: list[dict] = []
@@ -128,6 +135,12 @@ def dense(problem, m, n, k, tilings, args, xla_blockwise=False, extras=False):
     for t in tilings:
         time_kernel(problem, f"kernel {t.name}", kernel(t), quantized, check, flops, args,
                     tiling=t.name)
+    if fp8_gemm_mgpu.is_hopper():
+        mgpu = lambda t: lambda: jax.jit(lambda a, b: fp8_gemm_mgpu.fp8_matmul_nt_mgpu(
+            a.qvalue, b.qvalue, *fp8_gemm_mgpu.chunk_scales(a.scale, b.scale, m, n, k),
+            out_dtype=jnp.bfloat16, tiling=t))
+        for t in MGPU_TILINGS:
+            time_kernel(problem, f"kernel {t.name}", mgpu(t), quantized, check, flops, args)
     del want
     if extras and (best := best_tilings(problem, 1)):
         pt_want = jax.jit(lambda a, b: jax.lax.dot_general(

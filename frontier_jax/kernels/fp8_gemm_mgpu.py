@@ -18,8 +18,9 @@ and rescales it, the other's wgmma keeps the tensor cores busy.  The CTAs are pe
 
 Scales arrive expanded to one per chunk: sa [K / CHUNK, M] (a's row scales) and
 sb [K / CHUNK, N] (b's row scales, i.e. the output's column scales); the wrapper in
-`fp8_gemm` builds them from any coarser scale block.  On CPU the kernel runs in Pallas'
-GPU interpreter (tests); `lower()` for "cuda" checks the Mosaic lowering without a GPU.
+`chunk_scales` builds them from the quantization scales.  The kernel runs on Hopper GPUs only
+(Pallas' GPU interpreter of jax 0.10 cannot run a transposed wgmma operand); without a GPU,
+lowering it for "cuda" runs the whole Mosaic GPU lowering (the tests do).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from frontier_jax.precision.quantize import expand_scale
 
 CHUNK = 128  # contraction chunk (= one 128-byte swizzled row of fp8 in SMEM)
 WG_ROWS = 64  # rows of one wgmma: each compute warpgroup owns 64 rows of the CTA tile
@@ -59,17 +62,16 @@ class MgpuTiling:
 DEFAULT_MGPU_TILING = MgpuTiling()
 
 
+def is_hopper() -> bool:
+    """Whether this process runs on a Hopper GPU (compute capability 9.x: wgmma, TMA)."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")) \
+        .startswith("9")
+
+
 def _num_sms() -> int:
     devices = jax.devices()
     return getattr(devices[0], "core_count", None) or 132
-
-
-def _interpret():
-    """Pallas' GPU interpreter off the GPU (None: compile for the GPU)."""
-    if jax.default_backend() == "gpu":
-        return None
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    return InterpretGPUParams()
 
 
 def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, out_gmem, *, tiling: MgpuTiling,
@@ -198,5 +200,19 @@ def fp8_matmul_nt_mgpu(a: jax.Array, b: jax.Array, sa: jax.Array, sb: jax.Array,
         num_threads=COMPUTE_WGS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=_interpret())
+)
     return kernel(a, b, sa.astype(jnp.float32), sb.astype(jnp.float32))
+
+
+def chunk_scales(a_scale: jax.Array, b_scale: jax.Array, m: int, n: int,
+                 k: int) -> tuple[jax.Array, jax.Array]:
+    """Quantization scales a [M / ta, K / B], b [N / tb, K / B] (B a multiple of CHUNK) ->
+    the kernel's sa [K / 128, M] and sb: [K / 128, N / 128] where b's scale is constant over
+    128-column blocks (ta | 128 | tb: weights in 128 x 128 blocks), else [K / 128, N]."""
+    chunks = k // CHUNK
+    if (k // a_scale.shape[-1]) % CHUNK or (k // b_scale.shape[-1]) % CHUNK:
+        raise ValueError(f"fp8 GEMM (Mosaic GPU): scale blocks of {a_scale.shape}, "
+                         f"{b_scale.shape} along K = {k} are not multiples of {CHUNK}")
+    sa = expand_scale(a_scale.astype(jnp.float32), (m, chunks)).T
+    cols = n // CHUNK if (n // b_scale.shape[0]) % CHUNK == 0 else n
+    return sa, expand_scale(b_scale.astype(jnp.float32), (cols, chunks)).T

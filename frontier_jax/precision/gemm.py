@@ -12,8 +12,9 @@ cores' limited-precision accumulation over one block) and the outer sum is the f
 accumulator the scaled partial sums are promoted into every B elements of the contraction.
 
 Two implementations with the same semantics: on GPUs with fp8 tensor cores (compute
-capability >= 8.9) the Pallas kernels of `kernels/fp8_gemm.py`, elsewhere (and as the
-reference) the XLA math below.  A dense GEMM with a single contraction block (per-tensor
+capability >= 8.9) Pallas kernels -- the dense blockwise GEMM on Hopper is the warp-specialised
+Mosaic GPU kernel of `kernels/fp8_gemm_mgpu.py`, the rest the Triton kernels of
+`kernels/fp8_gemm.py` -- elsewhere (and as the reference) the XLA math below.  A dense GEMM with a single contraction block (per-tensor
 scales) is one fp8 GEMM with a scaled epilogue, which XLA hands to cuBLAS; it stays on XLA.
 Operands are zero-padded to the kernels' tiles where needed (exact); a contraction the
 kernels cannot tile (blocks that are not multiples of 128) runs on XLA with one warning.
@@ -35,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import qwix
 
-from frontier_jax.kernels import fp8_gemm
+from frontier_jax.kernels import fp8_gemm, fp8_gemm_mgpu
 from frontier_jax.kernels.grouped_gemm import TILE_ROWS, tile_groups
 from frontier_jax.precision.quantize import expand_scale
 
@@ -113,6 +114,14 @@ def scaled_matmul(lhs: qwix.QArray, rhs: qwix.QArray, out_dtype=jnp.float32,
     out_dtype (fp32 accumulation).  `where` names the caller in a fallback warning."""
     (m, _), n = lhs.shape, rhs.shape[0]
     if use_kernel() and _blocks(lhs, rhs)[0] > 1 and (ops := _kernel_contraction(lhs, rhs, where)):
+        if fp8_gemm_mgpu.is_hopper() and lhs.qvalue.dtype == rhs.qvalue.dtype:
+            if ops := _kernel_rows(ops, (128, 128), where):
+                a, b = ops
+                (mp, k), np_ = a.shape, b.shape[0]
+                sa, sb = fp8_gemm_mgpu.chunk_scales(a.scale, b.scale, mp, np_, k)
+                out = fp8_gemm_mgpu.fp8_matmul_nt_mgpu(a.qvalue, b.qvalue, sa, sb,
+                                                       out_dtype=out_dtype)
+                return out[:m, :n]
         tiling = fp8_gemm.DEFAULT_TILING
         if ops := _kernel_rows(ops, (tiling.block_m, tiling.block_n), where):
             a, b = ops
