@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from frontier_jax.precision import gemm
 from frontier_jax.precision.gemm import row_groups, scaled_grouped_matmul, scaled_grouped_matmul_tn
 from frontier_jax.precision.quantize import pad_to_multiple, quantize
+from frontier_jax.precision.quantize_activation import quantize_activation
 from frontier_jax.kernels.grouped_gemm import TILE_ROWS
 from frontier_jax.precision.recipe import E4M3, Fp8Recipe
 
@@ -84,22 +85,22 @@ def _forward(x, w, group_sizes, recipe: Fp8Recipe, where: str):
     b, n = recipe.multiple, w.shape[2]
     wq = quantize(pad_to_multiple(w.transpose(0, 2, 1), (1, b, b)), E4M3,
                   (1, *recipe.weight_tiles))  # W^T [G, N, K]
-    xq = quantize(pad_to_multiple(x, (1, b)), E4M3, recipe.row_tiles)
+    xq, _ = quantize_activation(x, E4M3, recipe, cols=False)
     y = scaled_grouped_matmul(xq, wq, group_sizes, x.dtype, where)[:, :n]
     return y, (x, wq, group_sizes)
 
 
 def _backward(recipe: Fp8Recipe, where: str, residuals, dy):
     x, wq, group_sizes = residuals
-    k, n, b, g = x.shape[1], dy.shape[1], recipe.multiple, group_sizes.shape[0]
-    dy_rows = quantize(pad_to_multiple(dy, (1, b)), recipe.grad_dtype, recipe.row_tiles)
+    k, n, g = x.shape[1], dy.shape[1], group_sizes.shape[0]
+    dy_rows, _ = quantize_activation(dy, recipe.grad_dtype, recipe, cols=False)
     dx = scaled_grouped_matmul(dy_rows, wq.transpose(0, 2, 1), group_sizes, x.dtype, where)
     # Per-tensor scales (block None) need no alignment for their scales, only for the per-tile
     # group sums: they take the experts' 128-row tile layout; fp8_deepseek's block is 128 too.
     x_rows, dy_rows, tile_group = _wgrad_rows(x, dy, group_sizes, recipe.block or TILE_ROWS)
-    x_cols = quantize(pad_to_multiple(x_rows, (1, b)), E4M3, recipe.col_tiles)
-    dy_cols = quantize(pad_to_multiple(dy_rows, (1, b)), recipe.grad_dtype, recipe.col_tiles)
-    dw = scaled_grouped_matmul_tn(x_cols.T, dy_cols.T, tile_group, g, x.dtype, where)
+    _, x_cols_t = quantize_activation(x_rows, E4M3, recipe, rows=False)
+    _, dy_cols_t = quantize_activation(dy_rows, recipe.grad_dtype, recipe, rows=False)
+    dw = scaled_grouped_matmul_tn(x_cols_t, dy_cols_t, tile_group, g, x.dtype, where)
     if gemm.use_kernel():
         dw = gemm.flag_unaligned(dw, group_sizes)
     return dx[:, :k], dw[:, :k, :n], None

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from frontier_jax.precision.gemm import scaled_matmul
 from frontier_jax.precision.quantize import pad_to_multiple, quantize
+from frontier_jax.precision.quantize_activation import quantize_activation
 from frontier_jax.precision.recipe import E4M3, Fp8Recipe
 
 
@@ -38,18 +39,17 @@ def _fp8_matmul(x, w, recipe, where):
 def _forward(x, w, recipe: Fp8Recipe, where: str):
     b, n = recipe.multiple, w.shape[1]
     wq = quantize(pad_to_multiple(w.T, (b, b)), E4M3, recipe.weight_tiles)  # W^T [N, K]
-    xq = quantize(pad_to_multiple(x, (1, b)), E4M3, recipe.row_tiles)
+    xq, _ = quantize_activation(x, E4M3, recipe, cols=False)
     return scaled_matmul(xq, wq, x.dtype, where)[:, :n], (x, wq)
 
 
 def _backward(recipe: Fp8Recipe, where: str, residuals, dy):
     x, wq = residuals
-    k, n, b = x.shape[1], dy.shape[1], recipe.multiple
-    dy_rows = quantize(pad_to_multiple(dy, (1, b)), recipe.grad_dtype, recipe.row_tiles)
+    k, n = x.shape[1], dy.shape[1]
+    dy_rows, dy_cols_t = quantize_activation(dy, recipe.grad_dtype, recipe)
     dx = scaled_matmul(dy_rows, wq.T, x.dtype, where)[:, :k]
-    x_cols = quantize(pad_to_multiple(x, (b, b)), E4M3, recipe.col_tiles)
-    dy_cols = quantize(pad_to_multiple(dy, (b, b)), recipe.grad_dtype, recipe.col_tiles)
-    dw = scaled_matmul(x_cols.T, dy_cols.T, x.dtype, where)[:k, :n]
+    _, x_cols_t = quantize_activation(x, E4M3, recipe, rows=False)
+    dw = scaled_matmul(x_cols_t, dy_cols_t, x.dtype, where)[:k, :n]
     return dx, dw
 
 

@@ -46,13 +46,21 @@ def quantize(x: jax.Array, qtype, tiles: Sequence[int | None]) -> qwix.QArray:
     index, t > 1 = tiles of t (d_i a multiple of t: see `pad_to_multiple`)."""
     if len(tiles) != x.ndim:
         raise ValueError(f"tiles {tuple(tiles)} do not match an operand of shape {x.shape}")
-    fp_max = float(jnp.finfo(qtype).max)
     x = x.astype(jnp.float32)
-    scale = tile_amax(x, tiles) * np.float32(1.0 / fp_max)
-    scale = jnp.where(scale < _TINY, 1.0, scale)
-    inverse = expand_scale(1.0 / scale, x.shape)
-    qvalue = jnp.clip(x * inverse, -fp_max, fp_max).astype(qtype)
-    return qwix.QArray(qvalue, scale)
+    scale = scale_from_amax(tile_amax(x, tiles), qtype)
+    return qwix.QArray(to_fp8(x, expand_scale(1.0 / scale, x.shape), qtype), scale)
+
+
+def scale_from_amax(amax: jax.Array, qtype) -> jax.Array:
+    """s = amax * fp32(1 / fp_max), or 1 where that is below the smallest normal fp32."""
+    scale = amax * np.float32(1.0 / float(jnp.finfo(qtype).max))
+    return jnp.where(scale < _TINY, 1.0, scale)
+
+
+def to_fp8(x: jax.Array, inverse: jax.Array, qtype) -> jax.Array:
+    """q = fp8(clip(x * inverse, -fp_max, fp_max)) for fp32 x and inverse = 1 / s (broadcast)."""
+    fp_max = float(jnp.finfo(qtype).max)
+    return jnp.clip(x * inverse, -fp_max, fp_max).astype(qtype)
 
 
 def pad_to_multiple(x: jax.Array, multiples: Sequence[int]) -> jax.Array:
