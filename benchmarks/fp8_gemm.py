@@ -5,7 +5,7 @@ the XLA reference of `precision/gemm.py` and speed against cuBLAS bf16 and XLA p
     python benchmarks/fp8_gemm.py --sweep 128x128w8s4g8,64x128w4s4g8   # own dense sweep
     python benchmarks/fp8_gemm.py --smoke                 # tiny shapes, interpret mode (CPU)
 
-On Hopper the dense problems also run the Mosaic GPU kernel (`kernels/fp8_gemm_mgpu.py`,
+On Hopper the dense and grouped-rows problems also run the Mosaic GPU kernels (`kernels/fp8_gemm_mgpu.py`,
 tilings MGPU_TILINGS, named mgpu128xTILE_NsSTAGES + snake order; b's scales one per 128 x 128
 block), which `precision.gemm` uses for dense blockwise GEMMs there.
 
@@ -182,6 +182,16 @@ def grouped_rows(problem, rows, groups, k, n, tilings, args):
             x.qvalue, x.scale, w.qvalue, w.scale, tg, out_dtype=jnp.bfloat16, tiling=t))
         time_kernel(problem, f"kernel {t.name}", make, inputs,
                     lambda out: rel_err(out[:head], want), 2 * rows * n * k, args, tiling=t.name)
+    if fp8_gemm_mgpu.is_hopper():
+        def mgpu(x, w, tg):
+            sa, _ = fp8_gemm_mgpu.chunk_scales(x.scale, w.scale[0], rows, n, k)
+            sw = jax.vmap(lambda s: fp8_gemm_mgpu.chunk_scales(x.scale, s, rows, n, k)[1])(
+                w.scale)
+            return fp8_gemm_mgpu.fp8_grouped_rows_nt_mgpu(x.qvalue, w.qvalue, sa, sw, tg,
+                                                          out_dtype=jnp.bfloat16)
+        time_kernel(problem, f"kernel {fp8_gemm_mgpu.DEFAULT_MGPU_TILING.name}",
+                    lambda: jax.jit(mgpu), inputs, lambda out: rel_err(out[:head], want),
+                    2 * rows * n * k, args)
 
 
 def weight_grad(problem, rows, groups, k, n, tilings, args):

@@ -74,10 +74,14 @@ def _num_sms() -> int:
     return getattr(devices[0], "core_count", None) or 132
 
 
-def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, out_gmem, *, tiling: MgpuTiling,
-            col_blocks: bool):
+def _kernel(*refs, tiling: MgpuTiling, col_blocks: bool, grouped: bool):
+    """refs: ([tile_group,] a, b, sa, sb, out); grouped: b [G, N, K], sb [G, chunks, .] and
+    row tile i (128 rows) multiplies b[tile_group[i]] (zeros for tile_group[i] >= G)."""
+    tile_group_gmem, (a_gmem, b_gmem, sa_gmem, sb_gmem, out_gmem) = (
+        (refs[0], refs[1:]) if grouped else (None, refs))
+    first = lambda ref: ref.at[0] if grouped else ref  # one group's (or the only) operand
     m, k = a_gmem.shape
-    n = b_gmem.shape[0]
+    n = first(b_gmem).shape[0]
     cta_m, tile_n, epi_n = COMPUTE_WGS * WG_ROWS, tiling.tile_n, tiling.epi_n
     m_tiles, n_tiles, chunks = m // cta_m, n // tile_n, k // CHUNK
     out_dtype = out_gmem.dtype
@@ -94,7 +98,7 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, out_gmem, *, tiling: MgpuTiling,
             in_specs=[smem((cta_m, CHUNK), lambda c: (0, c), transforms=swizzled),
                       smem((tile_n, CHUNK), lambda c: (0, c), transforms=swizzled),
                       smem((1, cta_m), lambda c: (c, 0)),
-                      smem((1, sb_gmem.shape[1]) if col_blocks else (1, tile_n),
+                      smem((1, first(sb_gmem).shape[1]) if col_blocks else (1, tile_n),
                            lambda c: (c, 0))],
             wg_axis="wg", num_compute_wgs=COMPUTE_WGS, max_concurrent_steps=tiling.stages,
             compute_context=context)
@@ -103,7 +107,8 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, out_gmem, *, tiling: MgpuTiling,
 
     @functools.partial(
         pl.run_scoped,
-        allocations=pipeline(unused, unused).get_allocations(a_gmem, b_gmem, sa_gmem, sb_gmem),
+        allocations=pipeline(unused, unused).get_allocations(a_gmem, first(b_gmem), sa_gmem,
+                                                             first(sb_gmem)),
         out_smem=plgpu.SMEM((COMPUTE_WGS, 2, WG_ROWS, epi_n), out_dtype,
                             transforms=out_transforms),
         collective_axes="wg")
@@ -136,9 +141,8 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, out_gmem, *, tiling: MgpuTiling,
                 part = pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
                 return acc + part * chunk_scale(sa_smem, sb_smem)
 
-            def compute(run):
-                acc = run(jnp.zeros(shape, jnp.float32))
-                out = acc.astype(out_dtype)
+            def store(out):
+                """This warpgroup's [64, tile_n] output rows, [64, epi_n] at a time."""
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last tile's stores read
                 for e in range(epi_tiles):
                     slot = e % 2
@@ -149,10 +153,24 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, out_gmem, *, tiling: MgpuTiling,
                         out_smem.at[wg, slot],
                         out_gmem.at[cta_rows, cols].at[rows, pl.ds(e * epi_n, epi_n)])
 
-            pipeline(chunk_step, compute)(a_gmem.at[cta_rows], b_gmem.at[cols],
-                                          sa_gmem.at[:, cta_rows],
-                                          sb_gmem if col_blocks else sb_gmem.at[:, cols],
-                                          allocations=allocations)
+            def compute(run):
+                store(run(jnp.zeros(shape, jnp.float32)).astype(out_dtype))
+
+            def run_tile(b_ref, sb_ref):
+                pipeline(chunk_step, compute)(a_gmem.at[cta_rows], b_ref.at[cols],
+                                              sa_gmem.at[:, cta_rows],
+                                              sb_ref if col_blocks else sb_ref.at[:, cols],
+                                              allocations=allocations)
+
+            if not grouped:
+                run_tile(b_gmem, sb_gmem)
+                return
+            group = tile_group_gmem[i]
+            num_groups = b_gmem.shape[0]
+            safe = jnp.minimum(group, num_groups - 1)
+            pl.when(group < num_groups)(lambda: run_tile(b_gmem.at[safe], sb_gmem.at[safe]))
+            pl.when((group >= num_groups) & (wg < COMPUTE_WGS))(
+                lambda: store(jnp.zeros(shape, out_dtype)))
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -194,7 +212,7 @@ def fp8_matmul_nt_mgpu(a: jax.Array, b: jax.Array, sa: jax.Array, sb: jax.Array,
         sb = jnp.pad(sb, ((0, 0), (0, -sb.shape[1] % 32)))
     tiles = (m // (COMPUTE_WGS * WG_ROWS)) * (n // tiling.tile_n)
     kernel = plgpu.kernel(
-        functools.partial(_kernel, tiling=tiling, col_blocks=col_blocks),
+        functools.partial(_kernel, tiling=tiling, col_blocks=col_blocks, grouped=False),
         out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
         grid=(min(num_sms or _num_sms(), tiles),), grid_names=("sm",),
         num_threads=COMPUTE_WGS + 1, thread_name="wg",
@@ -216,3 +234,35 @@ def chunk_scales(a_scale: jax.Array, b_scale: jax.Array, m: int, n: int,
     sa = expand_scale(a_scale.astype(jnp.float32), (m, chunks)).T
     cols = n // CHUNK if (n // b_scale.shape[0]) % CHUNK == 0 else n
     return sa, expand_scale(b_scale.astype(jnp.float32), (cols, chunks)).T
+
+
+def fp8_grouped_rows_nt_mgpu(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
+                             tile_group: jax.Array, *, out_dtype=jnp.float32,
+                             tiling: MgpuTiling = DEFAULT_MGPU_TILING,
+                             num_sms: int | None = None) -> jax.Array:
+    """Grouped rows (experts' forward and input gradient): out[r] = sum_c sa[c, r]
+    sw[g, c, n / 128] (a[r]_c W[g]_c^T) with g = tile_group[r // 128] for a [M, K] in the
+    tile-aligned layout, w [G, N, K] (same fp8 dtype), sa [K / 128, M], sw [G, K / 128, N / 128]
+    (weights in 128 x 128 blocks), tile_group [M / 128] (G or more: zero rows)."""
+    (m, k), (g, n, kw) = a.shape, w.shape
+    chunks = k // CHUNK
+    problem = f"fp8 grouped GEMM (Mosaic GPU): a {a.shape} {a.dtype}, W {w.shape} {w.dtype}"
+    if k != kw or a.dtype != w.dtype:
+        raise ValueError(f"{problem}: operands must share the contraction width and dtype")
+    if (sa.shape != (chunks, m) or sw.shape != (g, chunks, n // CHUNK)
+            or tile_group.shape != (m // (COMPUTE_WGS * WG_ROWS),)):
+        raise ValueError(f"{problem}: scales {sa.shape}, {sw.shape} / tile_group "
+                         f"{tile_group.shape} are not [{chunks}, {m}], [{g}, {chunks}, "
+                         f"{n // CHUNK}] / [{m // (COMPUTE_WGS * WG_ROWS)}]")
+    if (why := check_shapes(m, n, k, tiling)) is not None or tiling.tile_n != CHUNK:
+        raise ValueError(f"{problem}: {why or f'tile_n must be {CHUNK}'} ({tiling.name})")
+    sw = jnp.pad(sw.astype(jnp.float32), ((0, 0), (0, 0), (0, -sw.shape[2] % 32)))
+    tiles = (m // (COMPUTE_WGS * WG_ROWS)) * (n // tiling.tile_n)
+    kernel = plgpu.kernel(
+        functools.partial(_kernel, tiling=tiling, col_blocks=True, grouped=True),
+        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(min(num_sms or _num_sms(), tiles),), grid_names=("sm",),
+        num_threads=COMPUTE_WGS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+    return kernel(tile_group.astype(jnp.int32), a, w, sa.astype(jnp.float32), sw)

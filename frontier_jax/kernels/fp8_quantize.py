@@ -7,7 +7,8 @@ writes, as asked,
     cols:  q^T [K, M] with s^T [K, M / B] (B x 1 tiles along M, stored transposed: the NT
                                            operands x^T, dy^T of the weight gradient)
 each tile's scale s = amax(|tile|) / fp_max and q = fp8(x / s) with exactly the arithmetic of
-`precision.quantize.quantize` (shared helpers), so both paths give the same bits.  XLA does
+`precision.quantize.quantize` (shared helpers), so both paths give the same bits for finite x;
+a tile holding NaN or inf gets a NaN scale (its products come out NaN).  XLA does
 the same work as separate reduce and transpose fusions that read x up to four times.
 """
 
@@ -26,17 +27,24 @@ from frontier_jax.precision.quantize import scale_from_amax, to_fp8
 BLOCK = 128
 
 
+def _amax(x: jax.Array, axis: int) -> jax.Array:
+    """max |x| along axis, NaN where that line holds a NaN or inf: Triton's max (and clip)
+    ignore NaN, so the NaN is carried by a sum of x * 0 (0 for finite x, NaN otherwise)."""
+    return (jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+            + jnp.sum(x * 0.0, axis=axis, keepdims=True))
+
+
 def _kernel(x_ref, *out_refs, qtype, rows: bool, cols: bool):
     x = x_ref[...].astype(jnp.float32)  # [B, B]
     outs = iter(out_refs)
     if rows:
         q_ref, s_ref = next(outs), next(outs)
-        scale = scale_from_amax(jnp.max(jnp.abs(x), axis=1, keepdims=True), qtype)  # [B, 1]
+        scale = scale_from_amax(_amax(x, 1), qtype)  # [B, 1]
         q_ref[...] = to_fp8(x, 1.0 / scale, qtype)
         s_ref[...] = scale
     if cols:
         qt_ref, st_ref = next(outs), next(outs)
-        scale = scale_from_amax(jnp.max(jnp.abs(x), axis=0, keepdims=True), qtype)  # [1, B]
+        scale = scale_from_amax(_amax(x, 0), qtype)  # [1, B]
         qt_ref[...] = to_fp8(x.T, 1.0 / scale.T, qtype)
         st_ref[...] = scale.T
 

@@ -12,8 +12,9 @@ cores' limited-precision accumulation over one block) and the outer sum is the f
 accumulator the scaled partial sums are promoted into every B elements of the contraction.
 
 Two implementations with the same semantics: on GPUs with fp8 tensor cores (compute
-capability >= 8.9) Pallas kernels -- the dense blockwise GEMM on Hopper is the warp-specialised
-Mosaic GPU kernel of `kernels/fp8_gemm_mgpu.py`, the rest the Triton kernels of
+capability >= 8.9) Pallas kernels -- on Hopper the dense blockwise GEMM and the grouped rows
+GEMM (with e4m3 operands and weights scaled per 128 columns) are the warp-specialised Mosaic
+GPU kernels of `kernels/fp8_gemm_mgpu.py`, the rest the Triton kernels of
 `kernels/fp8_gemm.py` -- elsewhere (and as the reference) the XLA math below.  A dense GEMM with a single contraction block (per-tensor
 scales) is one fp8 GEMM with a scaled epilogue, which XLA hands to cuBLAS; it stays on XLA.
 Operands are zero-padded to the kernels' tiles where needed (exact); a contraction the
@@ -164,6 +165,18 @@ def scaled_grouped_matmul(lhs: qwix.QArray, rhs: qwix.QArray, group_sizes: jax.A
     path needs group sizes that are multiples of TILE_ROWS (NaN otherwise)."""
     (m, _), n = lhs.shape, rhs.shape[1]
     if use_kernel() and (ops := _kernel_contraction(lhs, rhs, where)):
+        block_cols = (n // rhs.scale.shape[1]) % 128 == 0  # W's scale constant over 128 columns
+        if fp8_gemm_mgpu.is_hopper() and lhs.qvalue.dtype == rhs.qvalue.dtype and block_cols:
+            if ops := _kernel_rows(ops, (TILE_ROWS, 128), where):
+                a, w = ops
+                (mp, k), np_ = a.shape, w.shape[1]
+                sa, _ = fp8_gemm_mgpu.chunk_scales(a.scale, w.scale[0], mp, np_, k)
+                sw = jax.vmap(lambda s: fp8_gemm_mgpu.chunk_scales(a.scale, s, mp, np_, k)[1])(
+                    w.scale)
+                tile_group, _ = tile_groups(group_sizes, mp // TILE_ROWS)
+                out = fp8_gemm_mgpu.fp8_grouped_rows_nt_mgpu(a.qvalue, w.qvalue, sa, sw,
+                                                             tile_group, out_dtype=out_dtype)
+                return flag_unaligned(out[:m, :n], group_sizes)
         tiling = fp8_gemm.DEFAULT_TILING
         if ops := _kernel_rows(ops, (TILE_ROWS, tiling.block_n), where):
             a, w = ops

@@ -35,6 +35,15 @@ def test_lowers_for_cuda(m, n, k, col_blocks):
     assert "mosaic_gpu" in text and f"{m}x{n}xbf16" in text
 
 
+def test_grouped_lowers_for_cuda():
+    m, g, n, k = 512, 3, 768, 384
+    fn = jax.jit(lambda *x: mgpu.fp8_grouped_rows_nt_mgpu(*x, num_sms=132))
+    text = fn.trace(_spec((m, k), F8), _spec((g, n, k), F8), _spec((k // 128, m)),
+                    _spec((g, k // 128, n // 128)), _spec((m // 128,), jnp.int32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and f"{m}x{n}xf32" in text
+
+
 def test_chunk_scales_match_loop():
     rng = np.random.default_rng(0)
     m, n, k = 256, 384, 512
@@ -62,6 +71,9 @@ def test_bad_shapes_and_scales_are_named():
         mgpu.fp8_matmul_nt_mgpu(a, b.astype(jnp.float8_e5m2), sa, sb)
     with pytest.raises(ValueError, match="block column scales need tile_n 128"):
         mgpu.fp8_matmul_nt_mgpu(a, b, sa, sb[:, :2], tiling=mgpu.MgpuTiling(tile_n=256))
+    with pytest.raises(ValueError, match=r"tile_group \(3,\) are not"):
+        mgpu.fp8_grouped_rows_nt_mgpu(a, jnp.zeros((2, 256, 384), F8), sa, jnp.ones((2, 3, 2)),
+                                      jnp.zeros((3,), jnp.int32))
     with pytest.raises(ValueError, match="along K = 384 are not multiples of 128"):
         mgpu.chunk_scales(jnp.ones((256, 6)), jnp.ones((2, 3)), 256, 256, 384)
 
@@ -77,3 +89,20 @@ def test_matches_xla_reference_on_hopper(m, n, k, b_tiles):
     got = np.asarray(mgpu.fp8_matmul_nt_mgpu(a.qvalue, b.qvalue, sa, sb), np.float64)
     want = np.asarray(gemm._xla_scaled_matmul(a, b), np.float64)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.skipif(not mgpu.is_hopper(), reason="the kernel runs on Hopper GPUs only")
+def test_grouped_matches_xla_reference_on_hopper():
+    """Groups of 256, 0 and 128 rows, then two unused tiles (zeros)."""
+    rng = np.random.default_rng(2)
+    sizes, m, g, n, k = jnp.array([256, 0, 128], jnp.int32), 640, 3, 384, 256
+    a = quantize(jnp.asarray(rng.standard_normal((m, k)), jnp.float32), E4M3, (1, 128))
+    w = quantize(jnp.asarray(rng.standard_normal((g, n, k)), jnp.float32), E4M3, (1, 128, 128))
+    tile_group = gemm.row_groups(sizes // 128, m // 128)
+    sa, _ = mgpu.chunk_scales(a.scale, w.scale[0], m, n, k)
+    sw = jax.vmap(lambda s: mgpu.chunk_scales(a.scale, s, m, n, k)[1])(w.scale)
+    got = np.asarray(mgpu.fp8_grouped_rows_nt_mgpu(a.qvalue, w.qvalue, sa, sw, tile_group),
+                     np.float64)
+    want = np.asarray(gemm._xla_scaled_grouped_matmul(a, w, sizes), np.float64)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert not got[384:].any()

@@ -48,6 +48,7 @@ def test_nan_and_inf_surface():
     deq_rows = np.asarray(rows.qvalue.astype(jnp.float32)) * np.repeat(np.asarray(rows.scale), 128, 1)
     assert not np.isfinite(deq_rows[3, :128]).all() and not np.isfinite(deq_rows[7, 128:]).all()
     assert np.isfinite(deq_rows[4]).all()
+    assert np.isnan(np.asarray(rows.scale)[3, 0]) or np.isnan(deq_rows[3, :128]).all()
 
 
 def test_bad_shape_is_named():
