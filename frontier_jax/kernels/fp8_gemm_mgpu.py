@@ -17,8 +17,11 @@ and rescales it, the other's wgmma keeps the tensor cores busy.  The CTAs are pe
 (one per SM) and walk the output tiles in a snake order for L2 reuse.
 
 Scales arrive expanded to one per chunk: sa [K / CHUNK, M] (a's row scales) and
-sb [K / CHUNK, N] (b's row scales, i.e. the output's column scales); the wrapper in
-`chunk_scales` builds them from the quantization scales.  The kernel runs on Hopper GPUs only
+sb [K / CHUNK, N] (b's row scales, i.e. the output's column scales) or, for b quantized in
+128 x 128 blocks, sb [K / CHUNK, N / 128]: one scalar per chunk and tile, which halves the
+scaling arithmetic; `chunk_scales` builds them from the quantization scales.  The grouped
+variant (experts' forward and input gradient) multiplies each 128-row tile of the
+tile-aligned expert layout by its expert's W[g].  The kernel runs on Hopper GPUs only
 (Pallas' GPU interpreter of jax 0.10 cannot run a transposed wgmma operand); without a GPU,
 lowering it for "cuda" runs the whole Mosaic GPU lowering (the tests do).
 """
