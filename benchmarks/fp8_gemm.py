@@ -184,9 +184,7 @@ def grouped_rows(problem, rows, groups, k, n, tilings, args):
                     lambda out: rel_err(out[:head], want), 2 * rows * n * k, args, tiling=t.name)
     if fp8_gemm_mgpu.is_hopper():
         def mgpu(x, w, tg):
-            sa, _ = fp8_gemm_mgpu.chunk_scales(x.scale, w.scale[0], rows, n, k)
-            sw = jax.vmap(lambda s: fp8_gemm_mgpu.chunk_scales(x.scale, s, rows, n, k)[1])(
-                w.scale)
+            sa, sw = fp8_gemm_mgpu.chunk_scales(x.scale, w.scale, rows, n, k)
             return fp8_gemm_mgpu.fp8_grouped_rows_nt_mgpu(x.qvalue, w.qvalue, sa, sw, tg,
                                                           out_dtype=jnp.bfloat16)
         time_kernel(problem, f"kernel {fp8_gemm_mgpu.DEFAULT_MGPU_TILING.name}",

@@ -137,7 +137,7 @@ def _chunks(k: int, scale_blocks: int, what: str) -> int:
     return k // CHUNK
 
 
-def _row_scales(scale: jax.Array, rows: int, chunks: int, what: str) -> jax.Array:
+def chunk_row_scales(scale: jax.Array, rows: int, chunks: int, what: str) -> jax.Array:
     """scale [..., rows / t, K / B] -> [..., chunks, rows] fp32: one scale per row and chunk."""
     _check(rows % scale.shape[-2] == 0, f"{what}: scale {scale.shape} does not tile {rows} rows")
     lead = scale.shape[:-2]
@@ -150,7 +150,7 @@ def _col_scales(scale: jax.Array, cols: int, chunks: int, block_n: int,
     program's columns, when t is a multiple of block_n; else ([..., chunks, cols], False)."""
     _check(cols % scale.shape[-2] == 0, f"{what}: scale {scale.shape} does not tile {cols} rows")
     per_program = (cols // scale.shape[-2]) % block_n == 0
-    return _row_scales(scale, cols // block_n if per_program else cols, chunks, what), per_program
+    return chunk_row_scales(scale, cols // block_n if per_program else cols, chunks, what), per_program
 
 
 def _scale_chunks(a_scale: jax.Array, b_scale: jax.Array, k: int, what: str) -> tuple[int, bool]:
@@ -361,7 +361,7 @@ def _prepared_scales(a_scale, b_scale, k: int, rows: int, cols: int, block_n: in
     contraction chunk (a single chunk when neither is blocked along the contraction)."""
     chunks, blocked = _scale_chunks(a_scale, b_scale, k, what)
     chunks = chunks if blocked else 1
-    sa = _row_scales(a_scale, rows, chunks, what)
+    sa = chunk_row_scales(a_scale, rows, chunks, what)
     sb, per_program = _col_scales(b_scale, cols, chunks, block_n, what)
     return sa, sb, per_program, blocked
 

@@ -37,7 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from frontier_jax.precision.quantize import expand_scale
+from frontier_jax.kernels.fp8_gemm import chunk_row_scales
 
 CHUNK = 128  # contraction chunk (= one 128-byte swizzled row of fp8 in SMEM)
 WG_ROWS = 64  # rows of one wgmma: each compute warpgroup owns 64 rows of the CTA tile
@@ -211,32 +211,45 @@ def fp8_matmul_nt_mgpu(a: jax.Array, b: jax.Array, sa: jax.Array, sb: jax.Array,
         if tiling.tile_n != CHUNK:
             raise ValueError(f"{problem}: block column scales need tile_n {CHUNK} "
                              f"({tiling.name})")
-        # each stage's row of scales: 128-byte aligned in shared memory (padding never read)
-        sb = jnp.pad(sb, ((0, 0), (0, -sb.shape[1] % 32)))
-    tiles = (m // (COMPUTE_WGS * WG_ROWS)) * (n // tiling.tile_n)
-    kernel = plgpu.kernel(
-        functools.partial(_kernel, tiling=tiling, col_blocks=col_blocks, grouped=False),
-        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(min(num_sms or _num_sms(), tiles),), grid_names=("sm",),
-        num_threads=COMPUTE_WGS + 1, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-)
-    return kernel(a, b, sa.astype(jnp.float32), sb.astype(jnp.float32))
+        sb = _aligned_scale_rows(sb)
+    launch = _launch(m, n, out_dtype, tiling, num_sms, col_blocks=col_blocks, grouped=False)
+    return launch(a, b, sa.astype(jnp.float32), sb.astype(jnp.float32))
 
 
 def chunk_scales(a_scale: jax.Array, b_scale: jax.Array, m: int, n: int,
                  k: int) -> tuple[jax.Array, jax.Array]:
-    """Quantization scales a [M / ta, K / B], b [N / tb, K / B] (B a multiple of CHUNK) ->
-    the kernel's sa [K / 128, M] and sb: [K / 128, N / 128] where b's scale is constant over
-    128-column blocks (ta | 128 | tb: weights in 128 x 128 blocks), else [K / 128, N]."""
+    """Quantization scales a [M / ta, K / B], b [..., N / tb, K / B] (B a multiple of CHUNK;
+    leading dims: the experts' W) -> the kernel's sa [K / 128, M] and sb [..., K / 128, N / 128]
+    where b's scale is constant over 128-column blocks (tb a multiple of 128: weights in
+    128 x 128 blocks, or one scale), else [..., K / 128, N]."""
     chunks = k // CHUNK
     if (k // a_scale.shape[-1]) % CHUNK or (k // b_scale.shape[-1]) % CHUNK:
         raise ValueError(f"fp8 GEMM (Mosaic GPU): scale blocks of {a_scale.shape}, "
                          f"{b_scale.shape} along K = {k} are not multiples of {CHUNK}")
-    sa = expand_scale(a_scale.astype(jnp.float32), (m, chunks)).T
-    cols = n // CHUNK if (n // b_scale.shape[0]) % CHUNK == 0 else n
-    return sa, expand_scale(b_scale.astype(jnp.float32), (cols, chunks)).T
+    what = "fp8 GEMM (Mosaic GPU)"
+    cols = n // CHUNK if (n // b_scale.shape[-2]) % CHUNK == 0 else n
+    return (chunk_row_scales(a_scale, m, chunks, what),
+            chunk_row_scales(b_scale, cols, chunks, what))
+
+
+def _aligned_scale_rows(scale: jax.Array) -> jax.Array:
+    """Block column scales [..., chunks, n] padded to 32 per row: each pipeline stage's row of
+    scales is then 128-byte aligned in shared memory (the padding is never read)."""
+    pad = [(0, 0)] * (scale.ndim - 1) + [(0, -scale.shape[-1] % 32)]
+    return jnp.pad(scale.astype(jnp.float32), pad)
+
+
+def _launch(m: int, n: int, out_dtype, tiling: MgpuTiling, num_sms: int | None, **static):
+    """The persistent kernel over the [M / 128, N / tile_n] output tiles: one CTA per SM
+    (at most one per tile), 2 compute + 1 TMA warpgroups."""
+    tiles = (m // (COMPUTE_WGS * WG_ROWS)) * (n // tiling.tile_n)
+    return plgpu.kernel(
+        functools.partial(_kernel, tiling=tiling, **static),
+        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(min(num_sms or _num_sms(), tiles),), grid_names=("sm",),
+        num_threads=COMPUTE_WGS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
 
 
 def fp8_grouped_rows_nt_mgpu(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
@@ -259,13 +272,6 @@ def fp8_grouped_rows_nt_mgpu(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.
                          f"{n // CHUNK}] / [{m // (COMPUTE_WGS * WG_ROWS)}]")
     if (why := check_shapes(m, n, k, tiling)) is not None or tiling.tile_n != CHUNK:
         raise ValueError(f"{problem}: {why or f'tile_n must be {CHUNK}'} ({tiling.name})")
-    sw = jnp.pad(sw.astype(jnp.float32), ((0, 0), (0, 0), (0, -sw.shape[2] % 32)))
-    tiles = (m // (COMPUTE_WGS * WG_ROWS)) * (n // tiling.tile_n)
-    kernel = plgpu.kernel(
-        functools.partial(_kernel, tiling=tiling, col_blocks=True, grouped=True),
-        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(min(num_sms or _num_sms(), tiles),), grid_names=("sm",),
-        num_threads=COMPUTE_WGS + 1, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
-    return kernel(tile_group.astype(jnp.int32), a, w, sa.astype(jnp.float32), sw)
+    launch = _launch(m, n, out_dtype, tiling, num_sms, col_blocks=True, grouped=True)
+    return launch(tile_group.astype(jnp.int32), a, w, sa.astype(jnp.float32),
+                  _aligned_scale_rows(sw))

@@ -170,9 +170,7 @@ def scaled_grouped_matmul(lhs: qwix.QArray, rhs: qwix.QArray, group_sizes: jax.A
             if ops := _kernel_rows(ops, (TILE_ROWS, 128), where):
                 a, w = ops
                 (mp, k), np_ = a.shape, w.shape[1]
-                sa, _ = fp8_gemm_mgpu.chunk_scales(a.scale, w.scale[0], mp, np_, k)
-                sw = jax.vmap(lambda s: fp8_gemm_mgpu.chunk_scales(a.scale, s, mp, np_, k)[1])(
-                    w.scale)
+                sa, sw = fp8_gemm_mgpu.chunk_scales(a.scale, w.scale, mp, np_, k)
                 tile_group, _ = tile_groups(group_sizes, mp // TILE_ROWS)
                 out = fp8_gemm_mgpu.fp8_grouped_rows_nt_mgpu(a.qvalue, w.qvalue, sa, sw,
                                                              tile_group, out_dtype=out_dtype)

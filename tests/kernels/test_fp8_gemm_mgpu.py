@@ -99,8 +99,8 @@ def test_grouped_matches_xla_reference_on_hopper():
     a = quantize(jnp.asarray(rng.standard_normal((m, k)), jnp.float32), E4M3, (1, 128))
     w = quantize(jnp.asarray(rng.standard_normal((g, n, k)), jnp.float32), E4M3, (1, 128, 128))
     tile_group = gemm.row_groups(sizes // 128, m // 128)
-    sa, _ = mgpu.chunk_scales(a.scale, w.scale[0], m, n, k)
-    sw = jax.vmap(lambda s: mgpu.chunk_scales(a.scale, s, m, n, k)[1])(w.scale)
+    sa, sw = mgpu.chunk_scales(a.scale, w.scale, m, n, k)
+    assert sw.shape == (g, k // 128, n // 128)
     got = np.asarray(mgpu.fp8_grouped_rows_nt_mgpu(a.qvalue, w.qvalue, sa, sw, tile_group),
                      np.float64)
     want = np.asarray(gemm._xla_scaled_grouped_matmul(a, w, sizes), np.float64)
