@@ -25,6 +25,7 @@ from jax.experimental.pallas import triton as plgpu
 from frontier_jax.precision.quantize import scale_from_amax, to_fp8
 
 BLOCK = 128
+NUM_WARPS = 4  # per [B, B] tile (benchmarks/fp8_quantize.py sweeps it)
 
 
 def _amax(x: jax.Array, axis: int) -> jax.Array:
@@ -49,8 +50,8 @@ def _kernel(x_ref, *out_refs, qtype, rows: bool, cols: bool):
         st_ref[...] = scale.T
 
 
-def quantize_rows_cols(x: jax.Array, qtype, *, rows: bool = True,
-                       cols: bool = True) -> tuple[qwix.QArray | None, qwix.QArray | None]:
+def quantize_rows_cols(x: jax.Array, qtype, *, rows: bool = True, cols: bool = True,
+                       num_warps: int = NUM_WARPS) -> tuple[qwix.QArray | None, qwix.QArray | None]:
     """x [M, K] -> (quantize(x, qtype, (1, 128)) if rows, quantize(x, qtype, (128, 1)).T if
     cols), None for the one not asked for."""
     m, k = x.shape
@@ -73,7 +74,7 @@ def quantize_rows_cols(x: jax.Array, qtype, *, rows: bool = True,
     outs = iter(pl.pallas_call(
         functools.partial(_kernel, qtype=qtype, rows=rows, cols=cols),
         out_shape=out_shape, grid=grid, in_specs=[tile], out_specs=out_specs,
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=jax.default_backend() != "gpu", name="fp8_quantize_rows_cols",
     )(x))
     return (qwix.QArray(next(outs), next(outs)) if rows else None,

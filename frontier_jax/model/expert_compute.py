@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from frontier_jax.model.grouped_matmul import fp8_experts, grouped_matmul
+from frontier_jax.model.grouped_matmul import grouped_matmul
 from frontier_jax.precision.mixed import einsum_fp32
 
 
@@ -125,18 +125,20 @@ def swiglu_grouped(xs: jax.Array, group_sizes: jax.Array, w_gate, w_up, w_down, 
                    dtype, policy=None) -> jax.Array:
     """Per-group SwiGLU over rows laid out group by group: xs [R, d] -> [R, d]; weights
     [G, d, f], [G, d, f], [G, f, d]; rows past sum(group_sizes) give zeros.  `policy` (a
-    PrecisionPolicy) may run the three matmuls (`moe.experts.w_gate/w_up/w_down`) in fp8;
-    otherwise gate and up run as one grouped matmul against [W_gate | W_up] ([G, d, 2f]: one
-    pass over xs, and one input-gradient product instead of two plus a sum)."""
-    def gmm(a, w, name):
-        return grouped_matmul(a, w, group_sizes, impl=impl, dtype=dtype, policy=policy,
-                              layer=f"moe.experts.{name}")
+    PrecisionPolicy) may run the three matmuls (`moe.experts.w_gate/w_up/w_down`) in fp8.
+    Gate and up run as one grouped matmul against [W_gate | W_up] ([G, d, 2f]: one pass (and
+    one quantization) of xs, and one input-gradient product instead of two plus a sum) unless
+    the policy runs one of them in fp8 and the other not."""
+    def gmm(a, w, layer):
+        return grouped_matmul(a, w, group_sizes, impl=impl, dtype=dtype, policy=policy, layer=layer)
 
-    if fp8_experts(policy):
-        gate, up = gmm(xs, w_gate, "w_gate"), gmm(xs, w_up, "w_up")
+    gate_layer, up_layer = "moe.experts.w_gate", "moe.experts.w_up"
+    if policy is not None and policy.uses_fp8(gate_layer) != policy.uses_fp8(up_layer):
+        gate, up = gmm(xs, w_gate, gate_layer), gmm(xs, w_up, up_layer)
     else:
-        gate, up = jnp.split(gmm(xs, jnp.concatenate([w_gate, w_up], axis=2), "w_gate_up"), 2, axis=1)
-    return gmm(jax.nn.silu(gate) * up, w_down, "w_down")
+        gate, up = jnp.split(gmm(xs, jnp.concatenate([w_gate, w_up], axis=2),
+                                 f"{gate_layer}+{up_layer}"), 2, axis=1)
+    return gmm(jax.nn.silu(gate) * up, w_down, "moe.experts.w_down")
 
 
 def swiglu_batched(xb: jax.Array, w_gate, w_up, w_down, *, dtype) -> jax.Array:

@@ -7,6 +7,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from frontier_jax.precision import PrecisionPolicy
@@ -38,12 +39,44 @@ class Linear(nnx.Module):
         self.kernel = normal_param(rngs, (*in_shape, *out_shape), axes, std, policy.param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = self.policy.compute_dtype
-        kernel = self.kernel[...]
-        x_dims = tuple(range(x.ndim - self.in_rank, x.ndim))
-        w_dims = tuple(range(self.in_rank))
-        dot = self.policy.dot_general(self.name)
-        return dot(x.astype(dtype), kernel.astype(dtype), ((x_dims, w_dims), ((), ())))
+        return _project(x, self.kernel[...], self.in_rank, self.policy, self.name)
+
+
+def _project(x: jax.Array, kernel: jax.Array, in_rank: int, policy: PrecisionPolicy,
+             layer: str) -> jax.Array:
+    """x [..., *in] . kernel [*in, *out] -> [..., *out] through the policy's dot-general of
+    `layer`, both operands in the compute dtype."""
+    dtype = policy.compute_dtype
+    x_dims = tuple(range(x.ndim - in_rank, x.ndim))
+    dot = policy.dot_general(layer)
+    return dot(x.astype(dtype), kernel.astype(dtype), ((x_dims, tuple(range(in_rank))), ((), ())))
+
+
+def project_jointly(x: jax.Array, linears: Sequence[Linear]) -> list[jax.Array]:
+    """[x W_1, ..., x W_n] for `Linear` layers that read the same x, as one projection
+    x [W_1 | ... | W_n]: one pass over x and one larger GEMM (one quantization of x under fp8
+    policies) instead of n.  Output columns are independent, so each result is the layer's own.
+
+    Kernels of equal shape [*in, *out] are stacked on a new axis before the last output dim
+    ([*in, *out[:-1], n, out[-1]]: a sharded last dim stays whole per layer); otherwise they
+    must agree but in the last output dim and are concatenated along it.  Layers whose
+    precision differs (one in fp8, another not) run one by one.  The joint layer is named
+    "a+b+..." (its fp8 decision: all parts', `PrecisionPolicy.uses_fp8`)."""
+    first = linears[0]
+    kernels = [lin.kernel[...] for lin in linears]
+    names = [lin.name for lin in linears]
+    alike = (all(lin.policy is first.policy and lin.in_rank == first.in_rank for lin in linears)
+             and len({first.policy.uses_fp8(name) for name in names}) == 1
+             and len({k.shape[:-1] for k in kernels}) == 1)
+    if not alike:
+        return [lin(x) for lin in linears]
+    stacked = len({k.shape for k in kernels}) == 1
+    kernel = jnp.stack(kernels, axis=-2) if stacked else jnp.concatenate(kernels, axis=-1)
+    y = _project(x, kernel, first.in_rank, first.policy, "+".join(names))
+    if stacked:
+        return [y[..., i, :] for i in range(len(linears))]
+    ends = np.cumsum([k.shape[-1] for k in kernels])[:-1]
+    return jnp.split(y, ends, axis=-1)
 
 
 class RMSNorm(nnx.Module):

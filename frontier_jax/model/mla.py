@@ -22,7 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from frontier_jax.model.attention import dot_product_attention
 from frontier_jax.model.config import ModelConfig
-from frontier_jax.model.layers import Linear, RMSNorm
+from frontier_jax.model.layers import Linear, RMSNorm, project_jointly
 from frontier_jax.model.rope import RotaryEmbedding, softmax_scale
 from frontier_jax.parallel.rules import constrain
 from frontier_jax.precision import PrecisionPolicy
@@ -53,22 +53,34 @@ class MLA(nnx.Module):
 
     def query(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [B, T, d] -> (q^C [B, T, H, d_h], q^R [B, T, H, d_h^R]) with RoPE applied."""
-        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.cfg.q_lora_rank else self.wq(x)
+        return self._query(self._q_down(x), positions)
+
+    def latent(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [B, T, d] -> the cacheable latent (c^KV [B, T, d_c], k^R [B, T, d_h^R])."""
+        return self._latent(self.wkv_a(x), self.wk_rope(x), positions)
+
+    @property
+    def _q_down(self) -> Linear:
+        """The query projection that reads h_t: W^DQ, or W^Q without q-LoRA."""
+        return self.wq_a if self.cfg.q_lora_rank else self.wq
+
+    def _query(self, q: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """W^DQ h (or W^Q h) -> (q^C, q^R) as in `query`."""
+        if self.cfg.q_lora_rank:
+            q = self.wq_b(self.q_norm(q))
         q = constrain(q, ("batch", "seq", "heads", "qk_head"))
         q_nope, q_rope = jnp.split(q, [self.cfg.qk_nope_head_dim], axis=-1)
         return q_nope, self.rope(q_rope, positions)
 
-    def latent(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x [B, T, d] -> the cacheable latent (c^KV [B, T, d_c], k^R [B, T, d_h^R])."""
-        c_kv = self.kv_norm(self.wkv_a(x))
-        k_rope = self.rope(self.wk_rope(x)[:, :, None, :], positions)[:, :, 0, :]
-        return c_kv, k_rope
+    def _latent(self, kv: jax.Array, k_rope: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(W^DKV h, W^KR h) -> (c^KV, k^R) as in `latent`."""
+        return self.kv_norm(kv), self.rope(k_rope[:, :, None, :], positions)[:, :, 0, :]
 
     def attend(self, q_nope, q_rope, c_kv, k_rope, *, q_segment_ids=None, kv_segment_ids=None,
                q_offset=0) -> jax.Array:
-        """Expands the latent into per-head keys/values and attends; returns u [B, T, d]."""
-        k_nope = self.wk_b(c_kv)
-        v = self.wv_b(c_kv)
+        """Expands the latent into per-head keys/values (W^UK and W^UV as one projection of
+        c^KV) and attends; returns u [B, T, d]."""
+        k_nope, v = project_jointly(c_kv, [self.wk_b, self.wv_b])
         k_rope = jnp.broadcast_to(k_rope[:, :, None, :], k_nope.shape[:3] + k_rope.shape[-1:])
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         k = jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1)
@@ -79,8 +91,10 @@ class MLA(nnx.Module):
         return self.wo(o)
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-        """Self-attention over a full sequence: x [B, T, d] -> [B, T, d]."""
-        q_nope, q_rope = self.query(x, positions)
-        c_kv, k_rope = self.latent(x, positions)
+        """Self-attention over a full sequence: x [B, T, d] -> [B, T, d].  The three
+        projections of x (W^DQ, W^DKV, W^KR) run as one (`project_jointly`)."""
+        q, kv, k_rope = project_jointly(x, [self._q_down, self.wkv_a, self.wk_rope])
+        q_nope, q_rope = self._query(q, positions)
+        c_kv, k_rope = self._latent(kv, k_rope, positions)
         return self.attend(q_nope, q_rope, c_kv, k_rope, q_segment_ids=segment_ids,
                            kv_segment_ids=segment_ids)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from frontier_jax.model.layers import Linear
+from frontier_jax.model.layers import Linear, project_jointly
 from frontier_jax.precision import PrecisionPolicy
 
 
@@ -21,4 +21,6 @@ class SwiGLU(nnx.Module):
         self.w_down = Linear((hidden,), (dim,), (hidden_axis, "embed"), name=f"{name}.w_down", **lin)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.w_down(jax.nn.silu(self.w_gate(x)) * self.w_up(x))
+        """W_gate x and W_up x run as one projection (`project_jointly`)."""
+        gate, up = project_jointly(x, [self.w_gate, self.w_up])
+        return self.w_down(jax.nn.silu(gate) * up)

@@ -38,7 +38,7 @@ def fp8_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
                        recipe: Fp8Recipe, where: str = "") -> jax.Array:
     """x [M, K], w [G, K, N], group_sizes [G] -> [M, N] in x's dtype; `where` names the layer
     in a warning should a GEMM fall back to the XLA path."""
-    return _grouped(x, w.astype(x.dtype), group_sizes.astype(jnp.int32), recipe, where)
+    return _grouped(x, w.astype(x.dtype), group_sizes.astype(jnp.int32), recipe, where, x.shape[1])
 
 
 def group_aligned_rows(group_sizes: jax.Array, rows: int, align: int) -> tuple[jax.Array, jax.Array]:
@@ -64,46 +64,56 @@ def _to_aligned(rows: jax.Array, dest: jax.Array, tiles: int, align: int) -> jax
     return buf.at[dest].set(rows)[:-1]
 
 
-def _wgrad_rows(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, align: int):
-    """(x [P, K], dy [P, N], tile_group [P / align]) with every group's rows starting at a
-    multiple of `align`: on the kernel path the rows already are (padded at the end to whole
-    tiles), on the XLA path they are scattered into that layout (`group_aligned_rows`)."""
+def _aligned_rows(a: jax.Array, group_sizes: jax.Array, align: int) -> tuple[jax.Array, jax.Array]:
+    """(a [P, C] with every group's rows starting at a multiple of `align`, tile_group
+    [P / align]): on the kernel path a's rows already are (padded at the end to whole tiles),
+    on the XLA path they are scattered into that layout (`group_aligned_rows`)."""
     if gemm.use_kernel():
-        x, dy = pad_to_multiple(x, (align, 1)), pad_to_multiple(dy, (align, 1))
-        return x, dy, row_groups(group_sizes // align, x.shape[0] // align)
-    dest, tile_group = group_aligned_rows(group_sizes, x.shape[0], align)
-    tiles = tile_group.shape[0]
-    return _to_aligned(x, dest, tiles, align), _to_aligned(dy, dest, tiles, align), tile_group
+        a = pad_to_multiple(a, (align, 1))
+        return a, row_groups(group_sizes // align, a.shape[0] // align)
+    dest, tile_group = group_aligned_rows(group_sizes, a.shape[0], align)
+    return _to_aligned(a, dest, tile_group.shape[0], align), tile_group
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _grouped(x, w, group_sizes, recipe, where):
-    return _forward(x, w, group_sizes, recipe, where)[0]
+def _quantize_for_gemms(a: jax.Array, group_sizes: jax.Array, qtype, recipe: Fp8Recipe):
+    """(rows operand of a [M', C], transposed cols operand of a in the aligned layout, tile
+    group of each aligned row tile), M' >= M.  On the kernel path the aligned layout is a
+    itself, so one fused pass gives both operands.  Per-tensor scales (block None) need no
+    alignment for their scales, only for the per-tile group sums: they take the experts'
+    128-row tile layout; fp8_deepseek's block is 128 too."""
+    aligned, tile_group = _aligned_rows(a, group_sizes, recipe.block or TILE_ROWS)
+    if gemm.use_kernel():
+        return *quantize_activation(aligned, qtype, recipe), tile_group
+    rows, _ = quantize_activation(a, qtype, recipe, cols=False)
+    _, cols_t = quantize_activation(aligned, qtype, recipe, rows=False)
+    return rows, cols_t, tile_group
 
 
-def _forward(x, w, group_sizes, recipe: Fp8Recipe, where: str):
-    b, n = recipe.multiple, w.shape[2]
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _grouped(x, w, group_sizes, recipe, where, k):
+    return _forward(x, w, group_sizes, recipe, where, k)[0]
+
+
+def _forward(x, w, group_sizes, recipe: Fp8Recipe, where: str, k: int):
+    """k = x.shape[1] (static, for the backward's slicing); residuals: W^T and x^T in fp8 (x^T
+    quantized for the weight gradient here, in the same pass as the forward's x)."""
+    m, b, n = x.shape[0], recipe.multiple, w.shape[2]
     wq = quantize(pad_to_multiple(w.transpose(0, 2, 1), (1, b, b)), E4M3,
                   (1, *recipe.weight_tiles))  # W^T [G, N, K]
-    xq, _ = quantize_activation(x, E4M3, recipe, cols=False)
-    y = scaled_grouped_matmul(xq, wq, group_sizes, x.dtype, where)[:, :n]
-    return y, (x, wq, group_sizes)
+    x_rows, x_cols_t, tile_group = _quantize_for_gemms(x, group_sizes, E4M3, recipe)
+    y = scaled_grouped_matmul(x_rows, wq, group_sizes, x.dtype, where)[:m, :n]
+    return y, (x_cols_t, wq, group_sizes, tile_group)
 
 
-def _backward(recipe: Fp8Recipe, where: str, residuals, dy):
-    x, wq, group_sizes = residuals
-    k, n, g = x.shape[1], dy.shape[1], group_sizes.shape[0]
-    dy_rows, _ = quantize_activation(dy, recipe.grad_dtype, recipe, cols=False)
-    dx = scaled_grouped_matmul(dy_rows, wq.transpose(0, 2, 1), group_sizes, x.dtype, where)
-    # Per-tensor scales (block None) need no alignment for their scales, only for the per-tile
-    # group sums: they take the experts' 128-row tile layout; fp8_deepseek's block is 128 too.
-    x_rows, dy_rows, tile_group = _wgrad_rows(x, dy, group_sizes, recipe.block or TILE_ROWS)
-    _, x_cols_t = quantize_activation(x_rows, E4M3, recipe, rows=False)
-    _, dy_cols_t = quantize_activation(dy_rows, recipe.grad_dtype, recipe, rows=False)
-    dw = scaled_grouped_matmul_tn(x_cols_t, dy_cols_t, tile_group, g, x.dtype, where)
+def _backward(recipe: Fp8Recipe, where: str, k: int, residuals, dy):
+    x_cols_t, wq, group_sizes, tile_group = residuals
+    (m, n), g, dtype = dy.shape, group_sizes.shape[0], dy.dtype
+    dy_rows, dy_cols_t, _ = _quantize_for_gemms(dy, group_sizes, recipe.grad_dtype, recipe)
+    dx = scaled_grouped_matmul(dy_rows, wq.transpose(0, 2, 1), group_sizes, dtype, where)
+    dw = scaled_grouped_matmul_tn(x_cols_t, dy_cols_t, tile_group, g, dtype, where)
     if gemm.use_kernel():
         dw = gemm.flag_unaligned(dw, group_sizes)
-    return dx[:, :k], dw[:, :k, :n], None
+    return dx[:m, :k], dw[:, :k, :n], None
 
 
 _grouped.defvjp(_forward, _backward)

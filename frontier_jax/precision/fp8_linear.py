@@ -7,8 +7,8 @@
 with x [M, K], W [K, N], dy [M, N]; each GEMM is `gemm.scaled_matmul` in NT form (both
 operands contracting on their last dim; XLA fuses the transposes into the quantization), fp32
 accumulation.  Operands are zero-padded to multiples of the recipe's block (exact, see
-`Fp8Recipe.multiple`) and results sliced back.  Residuals: x in its own dtype and the fp8 W^T
-with its scales.
+`Fp8Recipe.multiple`) and results sliced back.  Residuals: the fp8 x^T (quantized for the
+weight gradient in the forward's pass over x) and W^T, with their scales.
 """
 
 from __future__ import annotations
@@ -28,28 +28,28 @@ from frontier_jax.precision.recipe import E4M3, Fp8Recipe
 def fp8_matmul(x: jax.Array, w: jax.Array, recipe: Fp8Recipe, where: str = "") -> jax.Array:
     """x [M, K] @ w [K, N] -> [M, N] in x's dtype (w is used in x's dtype); `where` names the
     layer in a warning should a GEMM fall back to the XLA path."""
-    return _fp8_matmul(x, w.astype(x.dtype), recipe, where)
+    return _fp8_matmul(x, w.astype(x.dtype), recipe, where, x.shape[1])
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _fp8_matmul(x, w, recipe, where):
-    return _forward(x, w, recipe, where)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _fp8_matmul(x, w, recipe, where, k):
+    return _forward(x, w, recipe, where, k)[0]
 
 
-def _forward(x, w, recipe: Fp8Recipe, where: str):
+def _forward(x, w, recipe: Fp8Recipe, where: str, k: int):
+    """k = x.shape[1] (static, for the backward's slicing)."""
     b, n = recipe.multiple, w.shape[1]
     wq = quantize(pad_to_multiple(w.T, (b, b)), E4M3, recipe.weight_tiles)  # W^T [N, K]
-    xq, _ = quantize_activation(x, E4M3, recipe, cols=False)
-    return scaled_matmul(xq, wq, x.dtype, where)[:, :n], (x, wq)
+    xq, x_cols_t = quantize_activation(x, E4M3, recipe)
+    return scaled_matmul(xq, wq, x.dtype, where)[:, :n], (x_cols_t, wq)
 
 
-def _backward(recipe: Fp8Recipe, where: str, residuals, dy):
-    x, wq = residuals
-    k, n = x.shape[1], dy.shape[1]
+def _backward(recipe: Fp8Recipe, where: str, k: int, residuals, dy):
+    x_cols_t, wq = residuals
+    n = dy.shape[1]
     dy_rows, dy_cols_t = quantize_activation(dy, recipe.grad_dtype, recipe)
-    dx = scaled_matmul(dy_rows, wq.T, x.dtype, where)[:, :k]
-    _, x_cols_t = quantize_activation(x, E4M3, recipe, rows=False)
-    dw = scaled_matmul(x_cols_t, dy_cols_t, x.dtype, where)[:k, :n]
+    dx = scaled_matmul(dy_rows, wq.T, dy.dtype, where)[:, :k]
+    dw = scaled_matmul(x_cols_t, dy_cols_t, dy.dtype, where)[:k, :n]
     return dx, dw
 
 

@@ -69,7 +69,10 @@ class PrecisionPolicy:
     fp8_layers: tuple[str, ...] = ("*",)
 
     def uses_fp8(self, layer: str) -> bool:
-        return self.fp8 is not None and any(fnmatch(layer, p) for p in self.fp8_layers)
+        """Whether `layer` runs in fp8; a joint projection "a+b" (`layers.project_jointly`)
+        does when all its parts do."""
+        return self.fp8 is not None and all(any(fnmatch(part, p) for p in self.fp8_layers)
+                                            for part in layer.split("+"))
 
     def dot_general(self, layer: str) -> DotGeneral:
         """The dot-general used by the projection called `layer` (e.g. "mla.wq_b")."""

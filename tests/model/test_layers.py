@@ -1,12 +1,15 @@
-"""Basic layers against the float64 reference: RMSNorm, Linear contraction, embedding / tied
-head, LM head and SwiGLU; dtype behaviour under the bf16 policy."""
+"""Basic layers against the float64 reference: RMSNorm, Linear contraction, joint projections,
+embedding / tied head, LM head and SwiGLU; dtype behaviour under the bf16 policy."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from frontier_jax.model.layers import Embed, Linear, LMHead, RMSNorm, normal_param
+from frontier_jax.model.layers import Embed, Linear, LMHead, RMSNorm, normal_param, project_jointly
+from frontier_jax.precision import PrecisionPolicy
+from frontier_jax.precision.recipe import FP8_DEEPSEEK
 from frontier_jax.model.mlp import SwiGLU
 
 from . import common
@@ -41,6 +44,58 @@ def test_linear_contracts_trailing_input_dims():
     w = common.params_f64(lin)["kernel"]
     common.assert_close(_call(lin, jnp.asarray(x, jnp.float32)), np.einsum("bthv,hvo->bto", x, w), 1e-5, 1e-6)
     assert lin.kernel.get_metadata()["logical_axes"] == ("heads", "v_head", "embed")
+
+
+def _linears(in_shape, out_shapes, policy, names=("a", "b", "c")):
+    return [common.build(lambda: Linear(in_shape, out, ("embed",) * (len(in_shape) + len(out)),
+                                        name=name, std=1.0, policy=policy, rngs=nnx.Rngs(0)),
+                         seed=10 + i)
+            for i, (out, name) in enumerate(zip(out_shapes, names))]
+
+
+@pytest.mark.parametrize("out_shapes", [[(5,), (3,), (7,)],  # concatenated along the last dim
+                                        [(2, 4), (2, 4)]])  # equal: stacked
+def test_joint_projection_equals_each_layer(out_shapes):
+    # fp32 vs float64: rtol 1e-5, atol 1e-6
+    linears = _linears((6,), out_shapes, common.FP32)
+    x = np.random.default_rng(4).standard_normal((3, 2, 6))
+    got = common.jit(lambda ls, x: project_jointly(x, ls))(linears, jnp.asarray(x, jnp.float32))
+    assert len(got) == len(linears)
+    for y, lin in zip(got, linears):
+        w = common.params_f64(lin)["kernel"]
+        common.assert_close(y, np.tensordot(x, w, axes=1), 1e-5, 1e-6)
+
+
+def _value_and_grads(fn, linears, x):
+    """fn(linears, x) -> outputs; (outputs, d sum_i <y_i, c_i> / d (x, kernels)) for fixed
+    random cotangents c_i."""
+    def loss(ls, x):
+        ys = fn(ls, x)
+        return sum(jnp.vdot(y, jax.random.normal(jax.random.key(i), y.shape)) for i, y in enumerate(ys)), ys
+
+    (_, ys), grads = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(linears, x)
+    return ys, grads
+
+
+def test_joint_fp8_projection_quantizes_like_each_layer():
+    # output widths that are multiples of the 128 block: the joint weight's 128 x 128 blocks and
+    # dy's 1 x 128 tiles are the layers' own, so outputs and gradients agree to fp32 summation
+    # order (fp32 compute dtype): rtol 1e-5
+    policy = PrecisionPolicy("fp8_fp32", jnp.float32, fp8=FP8_DEEPSEEK)
+    linears = _linears((256,), [(128,), (256,)], policy)
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((200, 256)), jnp.float32)
+    joint = _value_and_grads(lambda ls, x: project_jointly(x, ls), linears, x)
+    each = _value_and_grads(lambda ls, x: [lin(x) for lin in ls], linears, x)
+    for got, want in zip(jax.tree.leaves(joint), jax.tree.leaves(each)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_layers_of_different_precision_run_one_by_one():
+    policy = PrecisionPolicy("fp8_a", jnp.float32, fp8=FP8_DEEPSEEK, fp8_layers=("a",))
+    linears = _linears((128,), [(128,), (128,)], policy)
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((4, 128)), jnp.float32)
+    for got, lin in zip(project_jointly(x, linears), linears):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(lin(x)))
 
 
 def test_normal_param_rejects_mismatched_axes():

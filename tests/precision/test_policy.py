@@ -20,6 +20,8 @@ from tests.model import common
 LINEAR_LAYERS = {"mla.wq_a", "mla.wq_b", "mla.wkv_a", "mla.wk_rope", "mla.wk_b", "mla.wv_b", "mla.wo",
                  *(f"{ffn}.{w}" for ffn in ("dense_ffn", "moe.shared") for w in ("w_gate", "w_up", "w_down")),
                  "mtp.proj"}
+JOINT_LAYERS = {"mla.wq_a+mla.wkv_a+mla.wk_rope", "mla.wk_b+mla.wv_b",
+                *(f"{ffn}.w_gate+{ffn}.w_up" for ffn in ("dense_ffn", "moe.shared"))}
 
 
 def test_registry_and_unknown_name():
@@ -53,7 +55,17 @@ def test_the_documented_projections_are_the_ones_that_reach_the_policy():
     cfg = common.tiny_config()
     model = nnx.eval_shape(lambda: Transformer(cfg, policy=Recording("rec", jnp.float32), rngs=nnx.Rngs(0)))
     jax.eval_shape(lambda m: m.forward(jnp.zeros((2, 8), jnp.int32)), model)
-    assert asked == LINEAR_LAYERS  # embedding, head, router, norms, attention core: never
+    # projections that read the same input ask once, as a joint layer (`project_jointly`)
+    assert asked == JOINT_LAYERS | (LINEAR_LAYERS - {p for j in JOINT_LAYERS for p in j.split("+")})
+    assert {p for layer in asked for p in layer.split("+")} == LINEAR_LAYERS  # embedding, head,
+    # router, norms, attention core: never
+
+
+def test_a_joint_layer_is_fp8_when_all_its_parts_are():
+    fp8 = get_policy("fp8_deepseek")
+    assert all(fp8.uses_fp8(layer) for layer in JOINT_LAYERS)
+    only_q = PrecisionPolicy("only_q", jnp.bfloat16, fp8=fp8.fp8, fp8_layers=("mla.wq_a", "mla.wkv_a"))
+    assert only_q.uses_fp8("mla.wq_a+mla.wkv_a") and not only_q.uses_fp8("mla.wq_a+mla.wkv_a+mla.wk_rope")
 
 
 def test_unsupported_contraction_is_refused_naming_layer_shape_and_policy():
