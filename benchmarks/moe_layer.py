@@ -32,7 +32,7 @@ from flax import nnx
 
 from frontier_jax.config import load_config
 from frontier_jax.kernels import grouped_gemm as gg
-from frontier_jax.model.expert_compute import dropless_rows, dropless_slots, swiglu_batched, swiglu_grouped
+from frontier_jax.model.expert_compute import dropless_slots, swiglu_batched, swiglu_grouped
 from frontier_jax.model.moe import MoE
 from frontier_jax.precision import get_policy
 
@@ -70,7 +70,7 @@ def routed_sizes(rng, tokens: int, experts: int, k: int) -> np.ndarray:
 def aligned_layout(sizes: np.ndarray) -> tuple[jax.Array, int]:
     """Group sizes padded to the kernel's row tile, and the static row count."""
     padded = -(-sizes // gg.TILE_ROWS) * gg.TILE_ROWS
-    return jnp.asarray(padded, jnp.int32), dropless_rows(int(sizes.sum()), len(sizes), gg.TILE_ROWS)
+    return jnp.asarray(padded, jnp.int32), gg.padded_rows_bound(int(sizes.sum()), len(sizes), gg.TILE_ROWS)
 
 
 def fwd_bwd(swiglu):

@@ -5,7 +5,9 @@
 Runs a few steps under `jax.profiler.trace(DIR)`, then reads the Chrome-format trace that the
 profiler writes (`*.trace.json.gz`) and prints the device ops with the most total time per step
 (GPU stream events), grouped by HLO op name with the fusion numbering stripped
-(`--exact-names` keeps it, to look ops up in the optimized HLO that `--hlo FILE` writes).
+(`--exact-names` keeps it, to look ops up in the optimized HLO that `--hlo FILE` writes),
+after a summary per kernel family (CATEGORIES: fp8 quantization and GEMMs, grouped and cuBLAS
+GEMMs, attention, row gathers, other).
 """
 
 from __future__ import annotations
@@ -64,6 +66,25 @@ def summarise(out: Path, steps: int, top: int, device_filter: str = "/device:GPU
     return rows[:top]
 
 
+# Kernel families by device-op name (first match wins); everything else is "other".
+CATEGORIES = [
+    ("fp8 quantization (Pallas)", r"^fp8_quantize"),
+    ("fp8 GEMMs (Mosaic GPU / Triton)", r"^anonymous_mosaic_gpu_kernel|^fp8_"),
+    ("grouped GEMMs bf16 (Pallas)", r"^grouped_gemm"),
+    ("cuBLAS / XLA GEMMs", r"^nvjet|^gemm_fusion|cublas|cutlass|xmma|gemm"),
+    ("attention (cuDNN)", r"cudnn"),
+    ("row gathers (dispatch / combine)", r"^loop_select_fusion"),
+]
+
+
+def by_category(rows: list[tuple[str, float, int]]) -> dict[str, float]:
+    """ms per step summed per CATEGORIES entry (op rows from `summarise`)."""
+    totals = collections.defaultdict(float)
+    for name, ms, _ in rows:
+        totals[next((c for c, pattern in CATEGORIES if re.search(pattern, name)), "other")] += ms
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="model/bench-1b")
@@ -79,8 +100,11 @@ def main() -> None:
     out = Path(args.out)
     run_steps(cfg, args.steps, out, args.hlo)
     rows = summarise(out, args.steps, args.top, exact_names=args.exact_names)
-    total = sum(ms for _, ms, _ in summarise(out, args.steps, 10**6))
+    every = summarise(out, args.steps, 10**6)
+    total = sum(ms for _, ms, _ in every)
     print(f"device time per step (sum over GPU stream events): {total:.1f} ms")
+    for category, ms in by_category(every).items():
+        print(f"  {category:40s} {ms:8.2f} ms {ms / total:6.1%}")
     print(f"{'op':70s} {'ms/step':>9s} {'share':>6s} {'calls':>6s}")
     for name, ms, count in rows:
         print(f"{name[:70]:70s} {ms:9.2f} {ms / total:6.1%} {count:6d}")

@@ -80,6 +80,19 @@ def _interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
+def padded_rows_bound(rows: int, num_groups: int, align: int) -> int:
+    """Rows that hold any split of `rows` rows over G groups when every group is padded to a
+    multiple of `align`: ceil((rows + G (align - 1)) / align) align (static)."""
+    return -(-(rows + num_groups * (align - 1)) // align) * align
+
+
+def padded_groups(group_sizes: jax.Array, align: int) -> tuple[jax.Array, jax.Array]:
+    """group_sizes [G] -> (padded [G]: each rounded up to a multiple of `align`, start [G]:
+    first row of each group when the groups follow one another padded)."""
+    padded = -(-group_sizes // align) * align
+    return padded, jnp.cumsum(padded) - padded
+
+
 def tile_groups(group_sizes: jax.Array, num_tiles: int) -> tuple[jax.Array, jax.Array]:
     """group_sizes [G] (multiples of TILE_ROWS) -> (tile_group [num_tiles]: group of each row
     tile, G past the last group; tile_start [G + 1]: first tile of each group, then the end)."""

@@ -11,7 +11,7 @@ row ("slot") of a buffer laid out group by group; rows move in one gather each w
 
 Layouts (`slot` == R means dropped):
   * dropless: group g's rows start at a multiple of `align` (1 = packed; the Pallas grouped
-    GEMM needs its row tile) -- R = the static bound ceil((A + G (align - 1)) / align) align;
+    GEMM needs its row tile) -- R = the static bound `padded_rows_bound(A, G, align)`;
   * capacity: group g owns rows [g C, (g+1) C); the (C+1)-th and later assignments of a group
     (in token order) are dropped -- R = G C (with fp8 experts each group's rows start at a
     multiple of the 128-row tile: stride S = C rounded up, R = G S).
@@ -22,6 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from frontier_jax.kernels.grouped_gemm import padded_groups
 from frontier_jax.model.grouped_matmul import grouped_matmul
 from frontier_jax.precision.mixed import einsum_fp32
 
@@ -78,18 +79,12 @@ def _materialized(*arrays):
     return jax.lax.optimization_barrier(arrays)
 
 
-def dropless_rows(assignments: int, num_groups: int, align: int) -> int:
-    """Rows R of the dropless buffer: enough for any split of A assignments over G groups
-    when every group is padded to a multiple of `align`."""
-    return -(-(assignments + num_groups * (align - 1)) // align) * align
-
-
 def dropless_slots(groups: jax.Array, num_groups: int, align: int = 1) -> tuple[jax.Array, jax.Array]:
     """groups [A] -> (slot [A], group_sizes [G]: rows each group occupies, padded to `align`).
     Group g starts at sum_{h<g} group_sizes[h]; padding rows stay zero."""
     rank, sizes = rank_in_group(groups, num_groups)
-    padded = -(-sizes // align) * align
-    return _materialized((jnp.cumsum(padded) - padded)[groups] + rank, padded)
+    padded, start = padded_groups(sizes, align)
+    return _materialized(start[groups] + rank, padded)
 
 
 def capacity_slots(groups: jax.Array, num_groups: int, capacity: int,

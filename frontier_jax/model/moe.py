@@ -28,9 +28,9 @@ from flax import nnx
 
 from frontier_jax.model.config import ModelConfig
 from frontier_jax.model.expert_compute import (
-    capacity_slots, collect, combine, dispatch, dropless_rows, dropless_slots, swiglu_batched,
+    capacity_slots, collect, combine, dispatch, dropless_slots, swiglu_batched,
     swiglu_grouped)
-from frontier_jax.kernels.grouped_gemm import TILE_ROWS
+from frontier_jax.kernels.grouped_gemm import TILE_ROWS, padded_rows_bound
 from frontier_jax.model.grouped_matmul import fp8_experts, row_alignment
 from frontier_jax.model.layers import normal_param
 from frontier_jax.model.mlp import SwiGLU
@@ -97,7 +97,7 @@ class RoutedExperts(nnx.Module):
         if self.cfg.moe_dispatch == "dropless":
             align = row_alignment(self.cfg.gmm_impl, self.policy)
             slot, sizes = dropless_slots(flat_expert, e, align)
-            buf = dispatch(x.astype(dtype), slot, dropless_rows(n * k, e, align))
+            buf = dispatch(x.astype(dtype), slot, padded_rows_bound(n * k, e, align))
             out = swiglu_grouped(buf, sizes, *weights, impl=self.cfg.gmm_impl, dtype=dtype,
                                  policy=self.policy)
             dropped = jnp.zeros((), jnp.int32)

@@ -32,9 +32,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from frontier_jax.kernels.grouped_gemm import padded_rows_bound
 from frontier_jax.model.config import ModelConfig
 from frontier_jax.model.expert_compute import (
-    capacity_slots, collect, combine, dispatch, dropless_rows, dropless_slots, invert, swiglu_grouped)
+    capacity_slots, collect, combine, dispatch, dropless_slots, invert, swiglu_grouped)
 from frontier_jax.model.grouped_matmul import row_alignment
 from frontier_jax.model.routing import Routing
 
@@ -94,7 +95,7 @@ def _local_ffn(x, experts, gates, w_gate, w_up, w_down, *, cfg: ModelConfig, pol
     key = jnp.where(recv_ids < 0, local_experts, recv_ids)
     align = row_alignment(cfg.gmm_impl, policy)
     local_slot, sizes = dropless_slots(key, local_experts + 1, align)
-    local_rows = dropless_rows(num_slots, local_experts + 1, align)
+    local_rows = padded_rows_bound(num_slots, local_experts + 1, align)
     out = swiglu_grouped(dispatch(recv, local_slot, local_rows), sizes[:-1],
                          w_gate, w_up, w_down, impl=cfg.gmm_impl, dtype=dtype, policy=policy)
     out = collect(out, local_slot)

@@ -30,7 +30,7 @@ from frontier_jax.precision import gemm
 from frontier_jax.precision.gemm import row_groups, scaled_grouped_matmul, scaled_grouped_matmul_tn
 from frontier_jax.precision.quantize import pad_to_multiple, quantize
 from frontier_jax.precision.quantize_activation import quantize_activation
-from frontier_jax.kernels.grouped_gemm import TILE_ROWS
+from frontier_jax.kernels.grouped_gemm import TILE_ROWS, padded_groups, padded_rows_bound
 from frontier_jax.precision.recipe import E4M3, Fp8Recipe
 
 
@@ -46,13 +46,13 @@ def group_aligned_rows(group_sizes: jax.Array, rows: int, align: int) -> tuple[j
 
     Returns (dest [rows]: padded position of each row, P = the overflow slot for rows past
     sum(group_sizes); tile_group [P / align]: group of each tile of `align` rows, G for unused
-    tiles), with P = the static bound ceil((rows + G (align - 1)) / align) align."""
+    tiles), with P = the static bound `padded_rows_bound(rows, G, align)`."""
     g = group_sizes.shape[0]
-    padded = -(-group_sizes // align) * align
-    p = -(-(rows + g * (align - 1)) // align) * align
+    padded, padded_start = padded_groups(group_sizes, align)
+    p = padded_rows_bound(rows, g, align)
     group = row_groups(group_sizes, rows)
     safe = jnp.minimum(group, g - 1)
-    start, padded_start = jnp.cumsum(group_sizes) - group_sizes, jnp.cumsum(padded) - padded
+    start = jnp.cumsum(group_sizes) - group_sizes
     dest = jnp.where(group < g, padded_start[safe] + jnp.arange(rows) - start[safe], p)
     tile_group = row_groups(padded // align, p // align)
     return dest, tile_group
