@@ -22,6 +22,7 @@ from frontier_jax.model.mlp import SwiGLU
 from frontier_jax.model.moe import MoE, MoEStats
 from frontier_jax.parallel.rules import constrain
 from frontier_jax.precision import PrecisionPolicy
+from frontier_jax.precision.recipe import FP8_WEIGHT
 
 
 class SequenceInputs(NamedTuple):
@@ -56,12 +57,18 @@ class Block(nnx.Module):
 
 
 def _remat(fn, policy_name: str):
+    """fn under `model.remat_policy`: full recomputes every activation in the backward,
+    save_dots keeps the matmul outputs, save_attention_out the attention core's.  All keep the
+    fp8 policies' quantized weights (`FP8_WEIGHT`: 1 byte per parameter; none in bf16/fp32),
+    which are not activations: recomputing them would quantize every weight twice a step."""
     if policy_name == "none":
         return fn
+    names = jax.checkpoint_policies.save_only_these_names
     policies = {
-        "full": None,
-        "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+        "full": names(FP8_WEIGHT),
+        "save_dots": jax.checkpoint_policies.save_from_both_policies(
+            jax.checkpoint_policies.dots_with_no_batch_dims_saveable, names(FP8_WEIGHT)),
+        "save_attention_out": names("attention_out", FP8_WEIGHT),
     }
     return jax.checkpoint(fn, policy=policies[policy_name], prevent_cse=False)
 

@@ -48,7 +48,8 @@ pass.  Per device:
                     + 2 x 4 V (1 + D) ]                          fp32 logits and their gradient
 Not counted: XLA temporaries and fusion buffers, collective buffers besides the expert
 all-to-all, weights gathered for FSDP, AdamW's update temporaries, a per-micro-batch gradient
-buffer with micro_batches > 1, allocator fragmentation.  Leave headroom: the compiled step's
+buffer with micro_batches > 1, allocator fragmentation; under fp8 policies the residuals differ
+(each projection keeps its fp8 x^T and weights, 1 byte per element, instead of x in c bytes).  Leave headroom: the compiled step's
 `memory_analysis()` on the target device is the exact figure.
 """
 

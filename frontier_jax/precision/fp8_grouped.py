@@ -25,13 +25,14 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from frontier_jax.precision import gemm
 from frontier_jax.precision.gemm import row_groups, scaled_grouped_matmul, scaled_grouped_matmul_tn
 from frontier_jax.precision.quantize import pad_to_multiple, quantize
 from frontier_jax.precision.quantize_activation import quantize_activation
 from frontier_jax.kernels.grouped_gemm import TILE_ROWS, padded_groups, padded_rows_bound
-from frontier_jax.precision.recipe import E4M3, Fp8Recipe
+from frontier_jax.precision.recipe import E4M3, FP8_WEIGHT, Fp8Recipe
 
 
 def fp8_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
@@ -95,11 +96,12 @@ def _grouped(x, w, group_sizes, recipe, where, k):
 
 
 def _forward(x, w, group_sizes, recipe: Fp8Recipe, where: str, k: int):
-    """k = x.shape[1] (static, for the backward's slicing); residuals: W^T and x^T in fp8 (x^T
-    quantized for the weight gradient here, in the same pass as the forward's x)."""
+    """k = x.shape[1] (static, for the backward's slicing); residuals: W^T (named `FP8_WEIGHT`
+    for the remat policies) and x^T in fp8 (x^T quantized for the weight gradient here, in the
+    same pass as the forward's x)."""
     m, b, n = x.shape[0], recipe.multiple, w.shape[2]
-    wq = quantize(pad_to_multiple(w.transpose(0, 2, 1), (1, b, b)), E4M3,
-                  (1, *recipe.weight_tiles))  # W^T [G, N, K]
+    wq = checkpoint_name(quantize(pad_to_multiple(w.transpose(0, 2, 1), (1, b, b)), E4M3,
+                                  (1, *recipe.weight_tiles)), FP8_WEIGHT)  # W^T [G, N, K]
     x_rows, x_cols_t, tile_group = _quantize_for_gemms(x, group_sizes, E4M3, recipe)
     y = scaled_grouped_matmul(x_rows, wq, group_sizes, x.dtype, where)[:m, :n]
     return y, (x_cols_t, wq, group_sizes, tile_group)

@@ -8,7 +8,8 @@ with x [M, K], W [K, N], dy [M, N]; each GEMM is `gemm.scaled_matmul` in NT form
 operands contracting on their last dim; XLA fuses the transposes into the quantization), fp32
 accumulation.  Operands are zero-padded to multiples of the recipe's block (exact, see
 `Fp8Recipe.multiple`) and results sliced back.  Residuals: the fp8 x^T (quantized for the
-weight gradient in the forward's pass over x) and W^T, with their scales.
+weight gradient in the forward's pass over x) and W^T, with their scales (W^T named
+`FP8_WEIGHT` for the remat policies).
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from frontier_jax.precision.gemm import scaled_matmul
 from frontier_jax.precision.quantize import pad_to_multiple, quantize
 from frontier_jax.precision.quantize_activation import quantize_activation
-from frontier_jax.precision.recipe import E4M3, Fp8Recipe
+from frontier_jax.precision.recipe import E4M3, FP8_WEIGHT, Fp8Recipe
 
 
 def fp8_matmul(x: jax.Array, w: jax.Array, recipe: Fp8Recipe, where: str = "") -> jax.Array:
@@ -39,7 +41,8 @@ def _fp8_matmul(x, w, recipe, where, k):
 def _forward(x, w, recipe: Fp8Recipe, where: str, k: int):
     """k = x.shape[1] (static, for the backward's slicing)."""
     b, n = recipe.multiple, w.shape[1]
-    wq = quantize(pad_to_multiple(w.T, (b, b)), E4M3, recipe.weight_tiles)  # W^T [N, K]
+    wq = checkpoint_name(quantize(pad_to_multiple(w.T, (b, b)), E4M3, recipe.weight_tiles),
+                         FP8_WEIGHT)  # W^T [N, K]
     xq, x_cols_t = quantize_activation(x, E4M3, recipe)
     return scaled_matmul(xq, wq, x.dtype, where)[:, :n], (x_cols_t, wq)
 

@@ -27,6 +27,9 @@ import jax.numpy as jnp
 
 E4M3 = jnp.float8_e4m3fn
 E5M2 = jnp.float8_e5m2
+# checkpoint name of every quantized weight (a residual of its projection's backward): remat
+# policies save it, so a recomputed forward does not quantize the weights again
+FP8_WEIGHT = "fp8_weight"
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from frontier_jax.model import Transformer
+from frontier_jax.precision import get_policy
 
 from . import common
 from . import reference as ref
@@ -145,6 +146,36 @@ def test_remat_policies_give_identical_logits_and_gradients(policy):
         assert np.isfinite(got).all()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(),
                                    err_msg=jax.tree_util.keystr(path))
+
+
+def _weight_quantizations(jaxpr) -> int:
+    """reduce_max equations over two or more axes longer than 1 in a jaxpr and its
+    sub-jaxprs: the 2-D (128 x 128 block) amaxes of fp8_deepseek's weights (activations use
+    1-D tiles)."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "reduce_max":
+            shape = eqn.invars[0].aval.shape
+            count += sum(shape[axis] > 1 for axis in eqn.params["axes"]) >= 2
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            count += _weight_quantizations(sub)
+    return count
+
+
+@pytest.mark.parametrize("policy", ["full", "save_dots", "save_attention_out"])
+def test_remat_keeps_the_quantized_fp8_weights(policy):
+    # the backward of a rematerialised layer reuses the forward's fp8 weights (FP8_WEIGHT):
+    # as many weight quantizations in the gradient as without remat
+    def count(remat):
+        cfg = common.tiny_config(remat_policy=remat, **REMAT_CFG)
+        model = nnx.eval_shape(lambda: Transformer(cfg, policy=get_policy("fp8_deepseek"),
+                                                   rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(model)
+        ids = jnp.zeros((common.B, common.T), jnp.int32)
+        grad = jax.grad(lambda s: nnx.merge(graphdef, s)(ids).astype(jnp.float32).sum())
+        return _weight_quantizations(jax.make_jaxpr(grad)(state).jaxpr)
+
+    assert count(policy) == count("none") > 0
 
 
 def test_bf16_policy_logits_close_to_fp32(dense_moe_model):
