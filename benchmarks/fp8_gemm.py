@@ -4,6 +4,7 @@ the XLA reference of `precision/gemm.py` and speed against cuBLAS bf16 and XLA p
     python benchmarks/fp8_gemm.py --batches 8 --calls 5   # GPU; JSON to $OUT/fp8_gemm.json
     python benchmarks/fp8_gemm.py --sweep 128x128w8s4g8,64x128w4s4g8   # own dense sweep
     python benchmarks/fp8_gemm.py --smoke                 # tiny shapes, interpret mode (CPU)
+    python benchmarks/fp8_gemm.py --step-shapes           # the dense GEMMs of a bench-1b step
 
 On Hopper the dense and grouped-rows problems also run the Mosaic GPU kernels (`kernels/fp8_gemm_mgpu.py`,
 tilings MGPU_TILINGS, named mgpu128xTILE_NsSTAGES + snake order; b's scales one per 128 x 128
@@ -53,6 +54,13 @@ SWEEP = ["64x128w4s4g1p", "64x128w4s4g8", "128x128w4s4g8", "128x128w8s3g8", "128
 # Mosaic GPU dense kernel (Hopper): CTA tile 128 x tile_n, pipeline stages, snake order
 MGPU_TILINGS = [fp8_gemm_mgpu.MgpuTiling(), fp8_gemm_mgpu.MgpuTiling(grid_minor="m"),
                 fp8_gemm_mgpu.MgpuTiling(stages=5, grid_minor="m")]
+# the dense fp8 projections of a bench-1b step (16 x 2048 tokens; K -> N, joint projections
+# as one GEMM, N padded to 128): each runs as forward [T, K] x [N, K], dgrad [T, N] x [K, N] and
+# wgrad [K, T] x [N, T] (timed here with b in 128 x 128 blocks, as the forward's W)
+STEP_TOKENS = 32768
+STEP_SHAPES = [("mla W^DQ|W^DKV|W^KR", 1024, 768), ("mla W^UQ", 384, 1536),
+               ("mla W^UK|W^UV", 256, 2048), ("mla W^O", 1024, 1024),
+               ("shared gate|up", 1024, 768), ("shared down", 384, 1024)]
 PER_TENSOR_FAST = "128x256w8s3g8f"  # per-tensor path, tensor-core accumulation over all of K
 SETS = 3  # input sets rotated through while timing
 RESULTS: list[dict] = []
@@ -248,6 +256,9 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=10, help="calls per batch")
     parser.add_argument("--sweep", default=",".join(SWEEP),
                         help="comma-separated tilings for dense 8192^3 (default: SWEEP)")
+    parser.add_argument("--step-shapes", action="store_true",
+                        help="only the dense GEMMs of a bench-1b step (STEP_SHAPES): bf16, "
+                             "XLA per-tensor and the Mosaic GPU kernel")
     parser.add_argument("--top", type=int, default=2,
                         help="how many of the best sweep tilings run on the other problems")
     args = parser.parse_args()
@@ -261,6 +272,13 @@ def main() -> None:
         experts, rows, groups = [(1024, 768), (384, 1024)], 262144, 64
     print(f"device: {jax.devices()[0].device_kind}; interpret: {jax.default_backend() != 'gpu'}")
     start = time.perf_counter()
+    if args.step_shapes:
+        for name, k, n in STEP_SHAPES:
+            for gemm_name, (m_, n_, k_) in [("fwd", (STEP_TOKENS, n, k)), ("dgrad", (STEP_TOKENS, k, n)),
+                                           ("wgrad", (k, n, STEP_TOKENS))]:
+                dense(f"{name} {gemm_name} {m_}x{n_}x{k_}", m_, n_, k_, [], args)
+        summary()
+        return
     sweep_problem = f"dense {big}^3"
     dense(sweep_problem, big, big, big, sweep, args, xla_blockwise=args.smoke, extras=True)
     best = best_tilings(sweep_problem, args.top)
