@@ -92,18 +92,31 @@ def _quantize_for_gemms(a: jax.Array, group_sizes: jax.Array, qtype, recipe: Fp8
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _grouped(x, w, group_sizes, recipe, where, k):
-    return _forward(x, w, group_sizes, recipe, where, k)[0]
+    """Without a gradient (evaluation, inference) only the forward GEMM's x is quantized."""
+    x_rows, _ = quantize_activation(x, E4M3, recipe, cols=False)
+    return _product(x_rows, _weight_t(w, recipe), group_sizes, x.shape[0], w.shape[2], x.dtype,
+                    where)
+
+
+def _weight_t(w: jax.Array, recipe: Fp8Recipe):
+    """W^T [G, N, K], each expert quantized in weight_tiles, named `FP8_WEIGHT` for the remat
+    policies."""
+    b = recipe.multiple
+    return checkpoint_name(quantize(pad_to_multiple(w.transpose(0, 2, 1), (1, b, b)), E4M3,
+                                    (1, *recipe.weight_tiles)), FP8_WEIGHT)
+
+
+def _product(x_rows, wq, group_sizes, m: int, n: int, dtype, where: str) -> jax.Array:
+    """y [M, N] from the quantized x rows (M or more) and W^T."""
+    return scaled_grouped_matmul(x_rows, wq, group_sizes, dtype, where)[:m, :n]
 
 
 def _forward(x, w, group_sizes, recipe: Fp8Recipe, where: str, k: int):
-    """k = x.shape[1] (static, for the backward's slicing); residuals: W^T (named `FP8_WEIGHT`
-    for the remat policies) and x^T in fp8 (x^T quantized for the weight gradient here, in the
-    same pass as the forward's x)."""
-    m, b, n = x.shape[0], recipe.multiple, w.shape[2]
-    wq = checkpoint_name(quantize(pad_to_multiple(w.transpose(0, 2, 1), (1, b, b)), E4M3,
-                                  (1, *recipe.weight_tiles)), FP8_WEIGHT)  # W^T [G, N, K]
+    """k = x.shape[1] (static, for the backward's slicing); residuals: W^T and x^T in fp8 (x^T
+    quantized for the weight gradient here, in the same pass as the forward's x)."""
+    wq = _weight_t(w, recipe)
     x_rows, x_cols_t, tile_group = _quantize_for_gemms(x, group_sizes, E4M3, recipe)
-    y = scaled_grouped_matmul(x_rows, wq, group_sizes, x.dtype, where)[:m, :n]
+    y = _product(x_rows, wq, group_sizes, x.shape[0], w.shape[2], x.dtype, where)
     return y, (x_cols_t, wq, group_sizes, tile_group)
 
 

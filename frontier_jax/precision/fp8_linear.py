@@ -35,16 +35,28 @@ def fp8_matmul(x: jax.Array, w: jax.Array, recipe: Fp8Recipe, where: str = "") -
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _fp8_matmul(x, w, recipe, where, k):
-    return _forward(x, w, recipe, where, k)[0]
+    """Without a gradient (evaluation, inference) only the forward GEMM's x is quantized."""
+    xq, _ = quantize_activation(x, E4M3, recipe, cols=False)
+    return _product(xq, _weight_t(w, recipe), w.shape[1], x.dtype, where)
+
+
+def _weight_t(w: jax.Array, recipe: Fp8Recipe):
+    """W^T [N, K] quantized in weight_tiles, named `FP8_WEIGHT` for the remat policies."""
+    b = recipe.multiple
+    return checkpoint_name(quantize(pad_to_multiple(w.T, (b, b)), E4M3, recipe.weight_tiles),
+                           FP8_WEIGHT)
+
+
+def _product(xq, wq, n: int, dtype, where: str) -> jax.Array:
+    """y = x W [M, N] from the quantized x and W^T."""
+    return scaled_matmul(xq, wq, dtype, where)[:, :n]
 
 
 def _forward(x, w, recipe: Fp8Recipe, where: str, k: int):
     """k = x.shape[1] (static, for the backward's slicing)."""
-    b, n = recipe.multiple, w.shape[1]
-    wq = checkpoint_name(quantize(pad_to_multiple(w.T, (b, b)), E4M3, recipe.weight_tiles),
-                         FP8_WEIGHT)  # W^T [N, K]
+    wq = _weight_t(w, recipe)
     xq, x_cols_t = quantize_activation(x, E4M3, recipe)
-    return scaled_matmul(xq, wq, x.dtype, where)[:, :n], (x_cols_t, wq)
+    return _product(xq, wq, w.shape[1], x.dtype, where), (x_cols_t, wq)
 
 
 def _backward(recipe: Fp8Recipe, where: str, k: int, residuals, dy):

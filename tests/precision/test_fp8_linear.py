@@ -97,3 +97,26 @@ def test_all_zero_input_gives_zero_output_and_no_nan():
 def test_bf16_operands_give_bf16_results():
     x, w, dy = (jnp.asarray(a, jnp.bfloat16) for a in _operands(128, 128, 128))
     assert all(a.dtype == jnp.bfloat16 for a in _forward_and_grads(x, w, dy, FP8_DEEPSEEK))
+
+
+def _amaxes(jaxpr) -> int:
+    """reduce_max equations (one per quantized operand) in a jaxpr and its sub-jaxprs."""
+    return sum((eqn.primitive.name == "reduce_max")
+               + sum(_amaxes(sub) for sub in jax.core.jaxprs_in_params(eqn.params))
+               for eqn in jaxpr.eqns)
+
+
+def test_a_forward_without_gradient_quantizes_only_its_operands():
+    # evaluation/inference: x once (1 x 128 rows, no x^T for a weight gradient) and W once,
+    # for the projection and the grouped expert matmul alike; under jax.grad the forward also
+    # quantizes x^T (its residual)
+    from frontier_jax.precision.fp8_grouped import fp8_grouped_matmul
+
+    x, w, _ = _operands(256, 256, 128)
+    sizes = jnp.array([128, 128], jnp.int32)
+    grouped_w = np.stack([w, w])
+    for fn, args in [(lambda x, w: fp8_matmul(x, w, FP8_DEEPSEEK), (x, w)),
+                     (lambda x, w: fp8_grouped_matmul(x, w, sizes, FP8_DEEPSEEK), (x, grouped_w))]:
+        assert _amaxes(jax.make_jaxpr(fn)(*args).jaxpr) == 2
+        forward_for_grad = jax.make_jaxpr(lambda x, w: jax.vjp(fn, x, w)[0])(*args).jaxpr
+        assert _amaxes(forward_for_grad) == 3
