@@ -88,6 +88,14 @@ def test_deepseek_schedule_decay_start_before_warmup_end_starts_decay_at_warmup_
     assert _lr(cfg, 30) == pytest.approx(1e-4, rel=1e-6)
 
 
+def test_deepseek_schedule_without_decay_steps_is_rejected_naming_the_field():
+    """decay_steps=0 would make the cosine a single step from lr to lr_min right at decay_start."""
+    with pytest.raises(ValueError, match=r"train.decay_steps=0 with train.schedule='deepseek'"):
+        TrainConfig(schedule="deepseek", warmup_steps=10, decay_start=0, decay_steps=0).validate()
+    TrainConfig(schedule="deepseek", warmup_steps=10, decay_start=0, decay_steps=1).validate()
+    TrainConfig(schedule="cosine", decay_steps=0).validate()
+
+
 def test_no_warmup_starts_at_peak():
     for schedule in ("constant", "cosine", "deepseek"):
         cfg = TrainConfig(schedule=schedule, lr=1e-3, lr_min=1e-4, warmup_steps=0, steps=100,
