@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from frontier_jax.data.config import DataConfig
+from frontier_jax.infer.config import InferConfig
 from frontier_jax.model.config import ModelConfig
 from frontier_jax.precision import POLICIES
 
@@ -168,6 +169,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
 
     def validate(self) -> "Config":
         for section in dataclasses.fields(self):

@@ -23,10 +23,11 @@ _MASKED = -1e30  # finite, so that a fully masked (padding) row yields no NaN
 
 def attention_mask(q_len: int, kv_len: int, q_segment_ids: jax.Array | None,
                    kv_segment_ids: jax.Array | None, q_offset: int | jax.Array = 0) -> jax.Array:
-    """Boolean mask [B or 1, 1, T, S]: True where query i may attend to key j."""
-    q_idx = jnp.arange(q_len)[:, None] + q_offset
-    kv_idx = jnp.arange(kv_len)[None, :]
-    mask = (kv_idx <= q_idx)[None, None]
+    """Boolean mask [B or 1, 1, T, S]: True where query i may attend to key j.  q_offset is a
+    scalar or one offset per row [B] (rows of a chunked prefill that start at different positions)."""
+    q_idx = jnp.arange(q_len)[None, :, None] + jnp.reshape(q_offset, (-1, 1, 1))
+    kv_idx = jnp.arange(kv_len)[None, None, :]
+    mask = (kv_idx <= q_idx)[:, None]
     if q_segment_ids is not None:
         same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
         mask = mask & (same & (kv_segment_ids[:, None, :] != 0))[:, None]
@@ -75,3 +76,22 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
     if impl == "tokamax":
         return tokamax("model.attention_impl").dot_product_attention(q, k, v, scale=scale, **mask_args)
     raise ValueError(f"model.attention_impl={impl!r} is unknown; allowed: xla, cudnn, tokamax")
+
+
+def latent_attention(q_latent: jax.Array, q_rope: jax.Array, c_kv: jax.Array, k_rope: jax.Array, *,
+                     scale: float, positions: jax.Array, impl: str = "xla") -> jax.Array:
+    """Attention of per-head queries over a latent shared by all heads (absorbed MLA decode):
+
+        s_{t,h,j} = scale (q~_{t,h} . c_j + q^R_{t,h} . k^R_j),   o~_{t,h} = sum_j softmax_j(s) c_j
+
+    q_latent [B, T, H, d_c], q_rope [B, T, H, d_h^R], c_kv [B, S, d_c], k_rope [B, S, d_h^R]
+    -> o~ [B, T, H, d_c] in q_latent's dtype.  Key j is the token at position j; query t at
+    positions [B, T] sees keys j <= positions[b, t].  Implementations (`infer.decode_attention_impl`):
+    "xla" (einsums, fp32 softmax), the slot for a FlashMLA-style kernel."""
+    if impl != "xla":
+        raise ValueError(f"infer.decode_attention_impl={impl!r} is unknown; allowed: xla")
+    logits = (jnp.einsum("bthc,bsc->bhts", q_latent, c_kv, preferred_element_type=jnp.float32)
+              + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, preferred_element_type=jnp.float32)) * scale
+    mask = jnp.arange(c_kv.shape[1])[None, None, None, :] <= positions[:, None, :, None]
+    probs = jax.nn.softmax(jnp.where(mask, logits, _MASKED), axis=-1)
+    return jnp.einsum("bhts,bsc->bthc", probs, c_kv.astype(jnp.float32)).astype(q_latent.dtype)

@@ -13,9 +13,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from frontier_jax.model.config import ModelConfig
+from frontier_jax.model.latent_cache import LatentCache, Pages
 from frontier_jax.model.layers import RMSNorm
 from frontier_jax.model.mla import MLA
 from frontier_jax.model.mlp import SwiGLU
@@ -47,7 +49,19 @@ class Block(nnx.Module):
                               rngs=rngs, name="dense_ffn")
 
     def __call__(self, x: jax.Array, inputs: SequenceInputs) -> tuple[jax.Array, MoEStats | None]:
-        h = x + self.attn(self.attn_norm(x), inputs.positions, inputs.segment_ids)
+        return self._ffn_residual(x + self.attn(self.attn_norm(x), inputs.positions, inputs.segment_ids),
+                                  inputs)
+
+    def extend(self, x: jax.Array, inputs: SequenceInputs, cache: LatentCache, layer, pages: Pages, *,
+               absorbed: bool, impl: str = "xla") -> tuple[jax.Array, LatentCache]:
+        """The block over T new tokens per row attending to their cached sequence
+        (`MLA.extend`): x [B, T, d] -> (y [B, T, d], cache with layer `layer` written)."""
+        u, cache = self.attn.extend(self.attn_norm(x), inputs.positions, cache, layer, pages,
+                                    absorbed=absorbed, impl=impl)
+        return self._ffn_residual(x + u, inputs)[0], cache
+
+    def _ffn_residual(self, h: jax.Array, inputs: SequenceInputs) -> tuple[jax.Array, MoEStats | None]:
+        """h after attention -> h + FFN(RMSNorm(h))."""
         h = constrain(h, ("batch", "seq", "embed"))
         if self.is_moe:
             out, stats = self.ffn(self.ffn_norm(h), inputs.token_mask)
@@ -103,3 +117,18 @@ class LayerStack(nnx.Module):
             return nnx.merge(graphdef, layer_state)(h, inputs)
 
         return jax.lax.scan(_remat(body, self.remat_policy), x, state)
+
+    def extend(self, x: jax.Array, inputs: SequenceInputs, cache: LatentCache, pages: Pages, *,
+               absorbed: bool, impl: str = "xla") -> tuple[jax.Array, LatentCache]:
+        """`Block.extend` through the L layers; cache [L, ...] is carried whole through the scan
+        (each layer writes its new tokens in place) -> (x after all layers, cache)."""
+        graphdef, state = nnx.split(self.blocks)
+
+        def body(carry, xs):
+            h, cache = carry
+            layer_state, layer = xs
+            return nnx.merge(graphdef, layer_state).extend(h, inputs, cache, layer, pages,
+                                                           absorbed=absorbed, impl=impl), None
+
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (state, jnp.arange(self.num_layers)))
+        return x, cache

@@ -19,6 +19,7 @@ from flax import nnx
 
 from frontier_jax.model.block import LayerStack, SequenceInputs
 from frontier_jax.model.config import ModelConfig
+from frontier_jax.model.latent_cache import ModelCache, Pages
 from frontier_jax.model.layers import Embed, LMHead, RMSNorm
 from frontier_jax.model.moe import MoEStats
 from frontier_jax.model.mtp import MTPStack
@@ -79,6 +80,21 @@ class Transformer(nnx.Module):
             normed, mtp_stats = self.mtp(h, self.embed(ahead), inputs)
             mtp_logits = self.logits_from_hidden(normed)
         return ModelOutput(logits, mtp_logits, moe_stats, mtp_stats)
+
+    def extend(self, input_ids: jax.Array, positions: jax.Array, cache: ModelCache, pages: Pages, *,
+               absorbed: bool, impl: str = "xla") -> tuple[jax.Array, ModelCache]:
+        """T new tokens per row of sequences whose earlier tokens are in the paged latent
+        cache (prefill chunks: absorbed=False, decode steps: True, see `MLA.extend`):
+        input_ids, positions [B, T] -> (last hidden states h [B, T, d] before the final norm,
+        the cache with the new tokens written).  Logits: `logits_from_hidden(final_norm(h))`."""
+        inputs = SequenceInputs(positions, None, pages.write.astype(jnp.int32))
+        h = constrain(self.embed(input_ids), ("batch", "seq", "embed"))
+        dense, moe = cache.dense, cache.moe
+        if self.dense_layers is not None:
+            h, dense = self.dense_layers.extend(h, inputs, dense, pages, absorbed=absorbed, impl=impl)
+        if self.moe_layers is not None:
+            h, moe = self.moe_layers.extend(h, inputs, moe, pages, absorbed=absorbed, impl=impl)
+        return h, cache._replace(dense=dense, moe=moe)
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:

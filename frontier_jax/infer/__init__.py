@@ -1,0 +1,1 @@
+"""Inference: prefill and decode over the paged absorbed-MLA latent cache."""

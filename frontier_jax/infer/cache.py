@@ -1,0 +1,124 @@
+"""Host-side bookkeeping of the paged latent cache: how many blocks, which are free, which
+belong to which sequence.  The device arrays and how steps read and write them are in
+`frontier_jax.model.latent_cache`.
+
+Bytes per cached token: (L + D) (d_c + d_h^R) x itemsize, with L main-model layers and D MTP
+modules (each has an attention layer with its own cache).  The pool has N blocks of P tokens,
+block 0 reserved (the null block):
+    N = 1 + max_seqs ceil(max_len / P)                       by default, or
+    N = floor(budget / (P x bytes per token))                with infer.memory_budget_gb > 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+import numpy as np
+
+from frontier_jax.infer.config import InferConfig
+from frontier_jax.model.config import ModelConfig
+from frontier_jax.model.latent_cache import NULL_BLOCK, LatentCache, ModelCache, empty_cache
+
+
+def cache_bytes_per_token(cfg: ModelConfig, dtype) -> int:
+    """(L + D) (d_c + d_h^R) x itemsize: the latent cache of one token over all layers."""
+    return (cfg.num_layers + cfg.mtp_depth) * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(dtype).itemsize
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """The pool's shape: num_blocks blocks (the null block included) of block_size tokens,
+    sequences of at most max_len tokens (blocks_per_seq blocks)."""
+
+    num_blocks: int
+    block_size: int
+    max_len: int
+
+    @property
+    def blocks_per_seq(self) -> int:
+        return math.ceil(self.max_len / self.block_size)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return (self.num_blocks - 1) * self.block_size
+
+    @classmethod
+    def plan(cls, cfg: ModelConfig, infer: InferConfig, dtype) -> "CacheLayout":
+        max_len = infer.max_len
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(f"infer.max_len={max_len} exceeds the model's context "
+                             f"(model.max_position_embeddings={cfg.max_position_embeddings}); lower it")
+        if infer.memory_budget_gb > 0:
+            per_block = infer.block_size * cache_bytes_per_token(cfg, dtype)
+            num_blocks = int(infer.memory_budget_gb * 2**30 // per_block)
+            needed = 1 + math.ceil(max_len / infer.block_size)
+            if num_blocks < needed:
+                raise ValueError(f"infer.memory_budget_gb={infer.memory_budget_gb} holds {num_blocks} blocks "
+                                 f"of {per_block:,} B, fewer than one sequence of infer.max_len={max_len} "
+                                 f"needs ({needed}); raise the budget or lower infer.max_len")
+        else:
+            num_blocks = 1 + infer.max_seqs * math.ceil(max_len / infer.block_size)
+        return cls(num_blocks, infer.block_size, max_len)
+
+    def describe(self, cfg: ModelConfig, dtype) -> str:
+        per_token = cache_bytes_per_token(cfg, dtype)
+        return (f"latent cache: {self.num_blocks - 1} blocks x {self.block_size} tokens = "
+                f"{self.capacity_tokens:,} tokens ({self.capacity_tokens // self.max_len} sequences x "
+                f"{self.max_len} context), {per_token:,} B/token, "
+                f"{self.num_blocks * self.block_size * per_token / 2**30:.3f} GiB")
+
+
+def allocate_cache(cfg: ModelConfig, layout: CacheLayout, dtype) -> ModelCache:
+    """Zero-filled device caches of the dense, MoE and MTP stacks."""
+
+    def stack(num_layers: int) -> LatentCache | None:
+        if not num_layers:
+            return None
+        return empty_cache(num_layers, layout.num_blocks, layout.block_size, cfg.kv_lora_rank,
+                           cfg.qk_rope_head_dim, dtype)
+
+    return ModelCache(stack(cfg.first_k_dense), stack(cfg.num_moe_layers), stack(cfg.mtp_depth))
+
+
+class BlockAllocator:
+    """Free list over blocks 1 .. N-1 and each sequence's list of blocks."""
+
+    def __init__(self, layout: CacheLayout):
+        self.layout = layout
+        self._free = list(range(layout.num_blocks - 1, NULL_BLOCK, -1))
+        self._owned: dict[int, list[int]] = {}
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.layout.block_size)
+
+    def can_hold(self, seq_id: int, num_tokens: int) -> bool:
+        """Whether sequence `seq_id` can grow to num_tokens with the blocks now free."""
+        return self.blocks_for(num_tokens) - len(self._owned.get(seq_id, ())) <= len(self._free)
+
+    def reserve(self, seq_id: int, num_tokens: int) -> list[int]:
+        """Grows sequence seq_id's blocks to cover positions 0 .. num_tokens - 1."""
+        owned = self._owned.setdefault(seq_id, [])
+        missing = self.blocks_for(num_tokens) - len(owned)
+        if missing > len(self._free):
+            raise RuntimeError(f"latent cache full: sequence {seq_id} needs {missing} more blocks, "
+                               f"{len(self._free)} free")
+        for _ in range(missing):
+            owned.append(self._free.pop())
+        return owned
+
+    def release(self, seq_id: int) -> None:
+        self._free.extend(reversed(self._owned.pop(seq_id, [])))
+
+    def table(self, seq_ids: list[int | None], num_blocks: int) -> np.ndarray:
+        """Block table [len(seq_ids), num_blocks] int32; None rows and unused entries: null block."""
+        table = np.full((len(seq_ids), num_blocks), NULL_BLOCK, np.int32)
+        for row, seq_id in enumerate(seq_ids):
+            blocks = self._owned.get(seq_id, [])[:num_blocks] if seq_id is not None else []
+            table[row, :len(blocks)] = blocks
+        return table

@@ -1,0 +1,41 @@
+"""Typed configuration of the inference engine (the run config's `infer` section)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class DecodeAttentionImpl(str, enum.Enum):
+    """The absorbed-MLA attention core of decode steps (`model.attention.latent_attention`)."""
+
+    XLA = "xla"
+
+
+@dataclass
+class InferConfig:
+    """Paged latent cache and batching.
+
+    block_size: tokens per cache block (64, as in FlashMLA); max_seqs: sequences decoded at
+    once (decode slots); max_len: tokens per sequence, prompt plus generation;
+    prefill_chunk: prompt tokens per prefill step; memory_budget_gb: when > 0 the cache gets
+    as many blocks as fit in this many GiB instead of max_seqs x max_len;
+    decode_attention_impl: the absorbed attention kernel."""
+
+    block_size: int = 64
+    max_seqs: int = 8
+    max_len: int = 2048
+    prefill_chunk: int = 256
+    memory_budget_gb: float = 0.0
+    decode_attention_impl: DecodeAttentionImpl = DecodeAttentionImpl.XLA
+
+    def validate(self) -> "InferConfig":
+        for name in ("block_size", "max_seqs", "max_len", "prefill_chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"infer.{name}={value!r} must be a positive integer")
+        if self.memory_budget_gb < 0:
+            raise ValueError(f"infer.memory_budget_gb={self.memory_budget_gb} must be >= 0 (0: size the "
+                             "cache from infer.max_seqs x infer.max_len)")
+        DecodeAttentionImpl(self.decode_attention_impl)
+        return self

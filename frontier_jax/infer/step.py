@@ -1,0 +1,32 @@
+"""The pure, jitted model steps of the engine: T new tokens per row through the model over
+the paged latent cache (donated, so it is updated in place), logits at chosen positions.
+
+    step(state, cache, ids [B, T], positions [B, T], pages, select [B, K])
+        -> (logits [B, K, vocab] fp32, hidden h [B, K, d] before the final norm, cache)
+
+Prefill chunks take the expanded MLA path, decode steps the absorbed one (`MLA.extend`).  jax.jit
+compiles once per shape; the engine pads B, T and the block table's width to a few buckets so
+that a handful of programs serve every request mix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from frontier_jax.model.latent_cache import Pages
+
+
+def make_step(graphdef: nnx.GraphDef, *, absorbed: bool, impl: str = "xla") -> Callable:
+    """The jitted step of a model with graph definition `graphdef` (module docstring)."""
+
+    def step(state, cache, ids, positions, pages: Pages, select):
+        model = nnx.merge(graphdef, state)
+        h, cache = model.extend(ids, positions, cache, pages, absorbed=absorbed, impl=impl)
+        h = jnp.take_along_axis(h, select[..., None], axis=1)
+        return model.logits_from_hidden(model.final_norm(h)), h, cache
+
+    return jax.jit(step, donate_argnums=(1,))
