@@ -3,11 +3,32 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Optional
 
 FILE_KINDS = ("jsonl", "parquet", "array_record")
 EMBEDDED_KINDS = ("embedded_code", "embedded_math")
 SOURCE_KINDS = FILE_KINDS + EMBEDDED_KINDS
+
+
+class RecordFormat(str, enum.Enum):
+    """What a record of a file source holds (see `records.py`, rendered by `template.py`).
+
+    text             `text_field`: a plain document, every target trained on.
+    prompt_response  `prompt_field`, `response_field`: a user turn and an assistant turn.
+    chat             `messages_field`: a list of {"role": system|user|assistant, "content": str}.
+    The structured formats train only on the assistant turns.
+    """
+
+    text = "text"
+    prompt_response = "prompt_response"
+    chat = "chat"
+
+
+# The SourceConfig attributes naming the fields of each format.
+_FORMAT_FIELDS = {RecordFormat.text: ("text_field",),
+                  RecordFormat.prompt_response: ("prompt_field", "response_field"),
+                  RecordFormat.chat: ("messages_field",)}
 
 
 @dataclasses.dataclass
@@ -19,15 +40,26 @@ class SourceConfig:
       kind: one of `SOURCE_KINDS`.
       path: a file or a glob pattern; required for file kinds, unused otherwise.
       weight: relative share of documents drawn from this source (> 0).
+      format: what a record holds (`RecordFormat`); embedded sources are text.
       text_field: JSON key (jsonl, JSON array_record records) or Parquet column
-        holding the document text.
+        holding the document text (format text).
+      prompt_field, response_field: the keys / columns of a prompt_response record.
+      messages_field: the key / column of a chat record's list of messages.
     """
 
     name: str
     kind: str
     path: Optional[str] = None
     weight: float = 1.0
+    format: RecordFormat = RecordFormat.text
     text_field: str = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+
+    def fields(self) -> tuple[str, ...]:
+        """The keys / columns a record of this source's format is read from."""
+        return tuple(getattr(self, name) for name in _FORMAT_FIELDS[RecordFormat(self.format)])
 
     def validate(self, where: str = "data.sources[?]") -> None:
         """Raises ValueError naming the field, its value and the fix."""
@@ -45,8 +77,12 @@ class SourceConfig:
             raise ValueError(
                 f"{where}.weight={self.weight!r} must be > 0: drop the source to exclude it."
             )
-        if self.kind in FILE_KINDS and not self.text_field:
-            raise ValueError(f"{where}.text_field is empty: name the field holding the text.")
+        if self.kind in EMBEDDED_KINDS and self.format != RecordFormat.text:
+            raise ValueError(f"{where}.format={RecordFormat(self.format).value!r}: embedded sources are "
+                             "plain text; use format=text or a file source.")
+        for field_name in _FORMAT_FIELDS[RecordFormat(self.format)]:
+            if self.kind in FILE_KINDS and not getattr(self, field_name):
+                raise ValueError(f"{where}.{field_name} is empty: name the field holding it.")
 
 
 def _default_sources() -> list[SourceConfig]:
@@ -64,6 +100,8 @@ class DataConfig:
       sources: the mixture; default is the embedded code (0.7) + math (0.3) set.
       tokenizer: "byte" for the built-in byte-level tokenizer, else a path to a
         Hugging Face tokenizer.json.
+      special_tokens: {name: token string} replacing the strings looked up for the named
+        special tokens (`tokenizer.SPECIAL_TOKENS`), e.g. {"fim_begin": "<|fim_prefix|>"}.
       mask_documents: False = pre-training (rows are concatenated documents that
         may attend to each other, positions 0..T-1); True = SFT (one segment id per
         document, positions restart at 0, no attention across documents).
@@ -79,6 +117,7 @@ class DataConfig:
 
     sources: list[SourceConfig] = dataclasses.field(default_factory=_default_sources)
     tokenizer: str = "byte"
+    special_tokens: dict[str, str] = dataclasses.field(default_factory=dict)
     mask_documents: bool = False
     max_document_chars: int = 200_000
     min_document_chars: int = 1

@@ -1,9 +1,11 @@
 """Tokenize documents and pack them into rows of `seq_len` (input, target) pairs.
 
-A document of n tokens is bos + tokens + eos = n + 2 ids; it yields the n + 1
-pairs (ids[i], ids[i + 1]), so every target is the true next token of the same
-document and eos is predicted but never fed. Documents of more than `seq_len`
-pairs are cut into chunks of `seq_len` pairs.
+A document renders (`template.py`) to n ids with a training flag each, e.g. a plain
+text of m tokens to bos + tokens + eos = m + 2 ids; it yields the n - 1 pairs
+(ids[i], ids[i + 1]) with loss_mask[i] = train[i + 1], so every target is the true
+next token of the same document and eos is predicted but never fed. Documents of
+more than `seq_len` pairs are cut into chunks of `seq_len` pairs. The loss mask
+travels with its pairs through both packers; padding gets 0.
 
 Packing, by `mask_documents`:
   False (pre-training): grain's ConcatThenSplit concatenates the pair stream and
@@ -21,26 +23,24 @@ import functools
 import grain
 import numpy as np
 
+from frontier_jax.data.template import Document, document_pieces, render
 from frontier_jax.data.tokenizer import Tokenizer
 
-_LENGTH_KEYS = ("inputs", "targets")
+_LENGTH_KEYS = ("inputs", "targets", "loss_mask")
 
 
 class TokenizeDocument(grain.experimental.FlatMapTransform):
-    """str -> [{"inputs": int32[n], "targets": int32[n]}], chunks of n <= max_len pairs."""
+    """Document -> [{"inputs", "targets", "loss_mask": int32[n]}], chunks of n <= max_len pairs."""
 
     def __init__(self, tokenizer: Tokenizer, max_len: int):
         self._tokenizer = tokenizer
         self._max_len = max_len
 
-    def flat_map(self, text: str) -> list[dict[str, np.ndarray]]:
-        tok = self._tokenizer
-        ids = np.asarray([tok.bos_id, *tok.encode(text), tok.eos_id], dtype=np.int32)
-        inputs, targets = ids[:-1], ids[1:]
-        return [
-            {"inputs": inputs[i : i + self._max_len], "targets": targets[i : i + self._max_len]}
-            for i in range(0, len(inputs), self._max_len)
-        ]
+    def flat_map(self, document: Document) -> list[dict[str, np.ndarray]]:
+        ids, train = render(self._tokenizer, document_pieces(document))
+        pairs = {"inputs": ids[:-1], "targets": ids[1:], "loss_mask": train[1:].astype(np.int32)}
+        return [{k: v[i : i + self._max_len] for k, v in pairs.items()}
+                for i in range(0, len(ids) - 1, self._max_len)]
 
 
 class _JsonStateIterator(grain.DatasetIterator):
@@ -79,7 +79,7 @@ def _row(packed: dict[str, np.ndarray], *, mask_documents: bool, pad_id: int) ->
     return {
         "input_ids": np.where(real, packed["inputs"], pad_id).astype(np.int32),
         "targets": np.where(real, packed["targets"], pad_id).astype(np.int32),
-        "loss_mask": real.astype(np.int32),
+        "loss_mask": (real & (packed["loss_mask"] > 0)).astype(np.int32),
         "segment_ids": segment_ids.astype(np.int32),
         "positions": positions.astype(np.int32),
     }
@@ -93,7 +93,7 @@ def pack_documents(
     mask_documents: bool,
     num_bins: int,
 ) -> grain.IterDataset:
-    """IterDataset[str] -> IterDataset of rows {input_ids, targets, loss_mask, segment_ids, positions}.
+    """IterDataset[Document] -> IterDataset of rows {input_ids, targets, loss_mask, segment_ids, positions}.
 
     `num_bins`: rows filled at once by the SFT packer (more bins, less padding).
     """

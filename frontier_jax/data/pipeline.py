@@ -10,7 +10,8 @@ batch; the price is that each process tokenizes and packs every row.
 Batches are dicts of int32 numpy arrays [B/P, T]:
   input_ids    token ids fed to the model (pad_id on padding)
   targets      the next token of the same document (pad_id on padding)
-  loss_mask    1 where the target is a real next token, 0 on padding
+  loss_mask    1 where the target is trained on: a real next token of a plain
+               document or of an assistant turn (see template.py); 0 on padding
   segment_ids  0 on padding; else 1 (mask_documents=False) or the document's
                number within its row, from 1 (mask_documents=True)
   positions    0..T-1 (mask_documents=False) or the position within the
@@ -27,11 +28,11 @@ import grain
 import numpy as np
 from absl import flags
 
-from frontier_jax.data.config import DataConfig, SourceConfig
+from frontier_jax.data.config import DataConfig, RecordFormat, SourceConfig
 from frontier_jax.data.packing import pack_documents
 from frontier_jax.data.screen import ScreenIterDataset
 from frontier_jax.data.sources import source_records
-from frontier_jax.data.tokenizer import load_tokenizer
+from frontier_jax.data.tokenizer import CHAT_SPECIALS, load_tokenizer
 
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
 _MIN_PACKING_BINS = 16
@@ -109,7 +110,10 @@ def build_train_dataset(
     """
     validate_train_args(cfg, seq_len=seq_len, global_batch=global_batch, process_index=process_index,
                         process_count=process_count, num_epochs=num_epochs)
-    tokenizer = load_tokenizer(cfg.tokenizer)
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.special_tokens)
+    if any(s.format != RecordFormat.text for s in cfg.sources):
+        for name in CHAT_SPECIALS:
+            tokenizer.special_id(name)  # the chat template's tokens exist, before any data is read
     mixture = grain.IterDataset.mix(
         {s.name: source_documents(cfg, s, num_epochs) for s in cfg.sources},
         {s.name: s.weight for s in cfg.sources},

@@ -1,14 +1,30 @@
-"""Raw records: a document's text, or why there is none, with where it came from."""
+"""Raw records: a document (text or messages), or why there is none, with where it came from.
+
+A record of a `SourceConfig` is read from its fields by `source.format`:
+  text             text_field: str (or UTF-8 bytes)                      -> Record.text
+  prompt_response  prompt_field, response_field: str                     -> Record.messages
+                   (("user", prompt), ("assistant", response))
+  chat             messages_field: [{"role": r, "content": str}, ...],   -> Record.messages
+                   r in ROLES
+A field that is absent (or null) is MISSING_FIELD; a field of the wrong type, a message that
+is not an object, or a role outside ROLES is WRONG_TYPE.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
+
+from frontier_jax.data.config import RecordFormat, SourceConfig
 
 INVALID_UTF8 = "invalid_utf8"
 INVALID_JSON = "invalid_json"
 MISSING_FIELD = "missing_field"
+WRONG_TYPE = "wrong_type"
+ROLES = ("system", "user", "assistant")
+
+Message = tuple[str, str]  # (role, content)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,13 +33,16 @@ class Record:
 
     Attributes:
       origin: where it came from, "file:line" (1-based) or "file#index".
-      text: the decoded document, or None when it could not be read.
-      problem: None, or why `text` is None (INVALID_UTF8, INVALID_JSON, MISSING_FIELD).
+      text: the decoded plain document, or None.
+      problem: None, or why there is no document (INVALID_UTF8, INVALID_JSON, MISSING_FIELD,
+        WRONG_TYPE).
+      messages: the (role, content) turns of a structured record, or None.
     """
 
     origin: str
     text: Optional[str] = None
     problem: Optional[str] = None
+    messages: Optional[tuple[Message, ...]] = None
 
 
 def from_value(origin: str, value: Any) -> Record:
@@ -43,8 +62,40 @@ def from_bytes(origin: str, raw: bytes) -> Record:
         return Record(origin, problem=INVALID_UTF8)
 
 
-def from_json(origin: str, raw: bytes, text_field: str) -> Record:
-    """Record of `text_field` of the JSON object in `raw` (UTF-8 bytes)."""
+def _messages(origin: str, value: Any) -> Record:
+    if not isinstance(value, (list, tuple)):
+        return Record(origin, problem=WRONG_TYPE)
+    turns = []
+    for message in value:
+        if not isinstance(message, Mapping):
+            return Record(origin, problem=WRONG_TYPE)
+        role, content = message.get("role"), message.get("content")
+        if role is None or content is None:
+            return Record(origin, problem=MISSING_FIELD)
+        if role not in ROLES or not isinstance(content, str):
+            return Record(origin, problem=WRONG_TYPE)
+        turns.append((role, content))
+    return Record(origin, messages=tuple(turns))
+
+
+def from_fields(origin: str, obj: Mapping[str, Any], source: SourceConfig) -> Record:
+    """Record of the fields of one object (a JSON object or a Parquet row), by `source.format`."""
+    values = [obj.get(name) for name in source.fields()]
+    fmt = RecordFormat(source.format)
+    if fmt == RecordFormat.text:
+        return from_value(origin, values[0])
+    if any(v is None for v in values):
+        return Record(origin, problem=MISSING_FIELD)
+    if fmt == RecordFormat.chat:
+        return _messages(origin, values[0])
+    prompt, response = values
+    if not isinstance(prompt, str) or not isinstance(response, str):
+        return Record(origin, problem=WRONG_TYPE)
+    return Record(origin, messages=(("user", prompt), ("assistant", response)))
+
+
+def from_json(origin: str, raw: bytes, source: SourceConfig) -> Record:
+    """Record of the JSON object in `raw` (UTF-8 bytes), read by `from_fields`."""
     decoded = from_bytes(origin, raw)
     if decoded.text is None:
         return decoded
@@ -54,4 +105,4 @@ def from_json(origin: str, raw: bytes, text_field: str) -> Record:
         return Record(origin, problem=INVALID_JSON)
     if not isinstance(obj, dict):
         return Record(origin, problem=INVALID_JSON)
-    return from_value(origin, obj.get(text_field))
+    return from_fields(origin, obj, source)

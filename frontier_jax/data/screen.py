@@ -1,10 +1,14 @@
-"""Screening: Records in, document strings out; bad records skipped and counted.
+"""Screening: Records in, documents out; bad records skipped and counted.
 
-- a record with a `problem` (invalid UTF-8, invalid JSON, missing field),
-  an empty (whitespace-only) text, or one shorter than `min_chars`: skipped.
-- a text longer than `max_chars`: split into consecutive pieces of `max_chars`
+A document is a plain text (str) or the messages of a structured record (a tuple of
+(role, content) pairs, see `records.py`).
+- a record with a `problem` (invalid UTF-8, invalid JSON, missing field, wrong type),
+  an empty (whitespace-only) text, or one shorter than `min_chars`: skipped. The text
+  of a structured record is the concatenation of its contents.
+- a plain text longer than `max_chars`: split into consecutive pieces of `max_chars`
   characters (the last one shorter), each emitted as a document of its own;
-  nothing is dropped.
+  nothing is dropped. Structured records are never split (the packer cuts every
+  document into chunks of seq_len tokens).
 Every outcome is counted (see `stats.COUNTERS`); the first few skipped records
 of each source are logged with their origin ("file:line" or "file#index").
 """
@@ -18,20 +22,24 @@ import grain
 
 from frontier_jax.data import stats
 from frontier_jax.data.records import Record
+from frontier_jax.data.template import Document
 
 _LOGGED_PER_SOURCE = 5
 _log = logging.getLogger(__name__)
 
 
-def screen(record: Record, *, min_chars: int, max_chars: int) -> tuple[list[str], list[str]]:
+def screen(record: Record, *, min_chars: int, max_chars: int) -> tuple[list[Document], list[str]]:
     """Returns (documents to emit, counters to increment) for one record."""
     if record.problem is not None:
         return [], [record.problem]
-    text = record.text
+    structured = record.messages is not None
+    text = "".join(content for _, content in record.messages) if structured else record.text
     if not text.strip():
         return [], [stats.EMPTY]
     if len(text) < min_chars:
         return [], [stats.TOO_SHORT]
+    if structured:
+        return [record.messages], [stats.DOCUMENTS]
     if len(text) > max_chars:
         pieces = [text[i : i + max_chars] for i in range(0, len(text), max_chars)]
         return pieces, [stats.DOCUMENTS, stats.SPLIT_OVERLONG]
@@ -46,12 +54,12 @@ class _ScreenIterator(grain.DatasetIterator):
         self._source = source
         self._limits = {"min_chars": min_chars, "max_chars": max_chars}
         self._record_state = parent.get_state()
-        self._pieces: list[str] = []
+        self._pieces: list[Document] = []
         self._next_piece = 0
         self._counts = stats.zero_counts()
         self._logged = 0
 
-    def __next__(self) -> str:
+    def __next__(self) -> Document:
         while self._next_piece >= len(self._pieces):
             self._record_state = self._parent.get_state()
             self._pieces, self._next_piece = [], 0
@@ -82,7 +90,7 @@ class _ScreenIterator(grain.DatasetIterator):
 
 
 class ScreenIterDataset(grain.IterDataset):
-    """IterDataset[str] of the documents of an IterDataset[Record] of one source."""
+    """IterDataset[Document] of the documents of an IterDataset[Record] of one source."""
 
     def __init__(self, parent: grain.IterDataset, *, source: str, min_chars: int, max_chars: int):
         super().__init__(parent)

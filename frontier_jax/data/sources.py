@@ -1,11 +1,12 @@
 """Sources as grain MapDatasets of `Record`s, one record per document.
 
-File formats:
-  jsonl         one JSON object per line; the text is `text_field`.
-  parquet       the text is the `text_field` column (string or UTF-8 binary).
-  array_record  records are UTF-8 text, or JSON objects holding `text_field`. A
-                file holds one or the other, told by its first record: JSON
-                when it starts with "{".
+File formats (the fields read are those of the source's `format`, see `records.py`):
+  jsonl         one JSON object per line.
+  parquet       one row per record, the fields are columns (text: string or UTF-8
+                binary; chat: a list of structs {role, content}).
+  array_record  records are UTF-8 text (format text only), or JSON objects. A file
+                holds one or the other, told by its first record: JSON when it
+                starts with "{".
 A file that holds no record at all is an error naming it; a record that cannot
 be read becomes a `Record` with a `problem` (counted and skipped downstream).
 """
@@ -22,7 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from frontier_jax.data import embedded, records
-from frontier_jax.data.config import SourceConfig
+from frontier_jax.data.config import RecordFormat, SourceConfig
 
 _SCAN_CHUNK = 1 << 24
 
@@ -66,9 +67,9 @@ def _line_spans(path: str) -> tuple[np.ndarray, np.ndarray]:
 class JsonlSource:
     """Random access to the lines of one JSONL file (thread safe: positional reads)."""
 
-    def __init__(self, path: str, text_field: str):
+    def __init__(self, path: str, source: SourceConfig):
         self._path = path
-        self._text_field = text_field
+        self._source = source
         self._starts, self._ends = _line_spans(path)
         self._fd = None
 
@@ -80,7 +81,7 @@ class JsonlSource:
             self._fd = os.open(self._path, os.O_RDONLY)
         start, end = int(self._starts[index]), int(self._ends[index])
         raw = os.pread(self._fd, end - start, start)
-        return records.from_json(f"{self._path}:{index + 1}", raw, self._text_field)
+        return records.from_json(f"{self._path}:{index + 1}", raw, self._source)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fd": None}
@@ -91,22 +92,25 @@ class JsonlSource:
 
 
 class ParquetSource:
-    """Random access to the `text_field` column of one Parquet file, a row group at a time."""
+    """Random access to the rows (the source's field columns) of one Parquet file, a row group
+    at a time."""
 
-    def __init__(self, path: str, text_field: str):
+    def __init__(self, path: str, source: SourceConfig):
         if os.path.getsize(path) == 0:
             raise _empty_file_error(path, "0 bytes")
-        metadata = pq.ParquetFile(path).metadata
-        if text_field not in metadata.schema.names:
-            raise ValueError(
-                f"{path} has no column {text_field!r} (columns: {metadata.schema.names}): "
-                "set data.sources[].text_field."
-            )
+        file = pq.ParquetFile(path)
+        metadata, columns = file.metadata, file.schema_arrow.names
+        for column in source.fields():
+            if column not in columns:
+                raise ValueError(
+                    f"{path} has no column {column!r} (columns: {columns}): set the field of "
+                    f"data.sources[].format={RecordFormat(source.format).value!r}."
+                )
         sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
         if sum(sizes) == 0:
             raise _empty_file_error(path, "0 rows")
         self._path = path
-        self._text_field = text_field
+        self._source = source
         self._group_starts = np.cumsum([0] + sizes[:-1]).tolist()
         self._length = sum(sizes)
         self._cache = (-1, [])
@@ -117,29 +121,34 @@ class ParquetSource:
     def _row_group(self, group: int) -> list:
         cached_group, values = self._cache
         if cached_group != group:
-            table = pq.ParquetFile(self._path).read_row_group(group, columns=[self._text_field])
-            values = table.column(0).to_pylist()
+            table = pq.ParquetFile(self._path).read_row_group(group, columns=list(self._source.fields()))
+            values = table.to_pylist()
             self._cache = (group, values)
         return values
 
     def __getitem__(self, index: int) -> records.Record:
         group = bisect.bisect_right(self._group_starts, index) - 1
         value = self._row_group(group)[index - self._group_starts[group]]
-        return records.from_value(f"{self._path}#{index}", value)
+        return records.from_fields(f"{self._path}#{index}", value, self._source)
 
 
 class ArrayRecordSource:
     """Random access to the records of one ArrayRecord file."""
 
-    def __init__(self, path: str, text_field: str):
+    def __init__(self, path: str, source: SourceConfig):
         if os.path.getsize(path) == 0:
             raise _empty_file_error(path, "0 bytes")
         self._data = grain.sources.ArrayRecordDataSource([path])
         if len(self._data) == 0:
             raise _empty_file_error(path, "0 records")
         self._path = path
-        self._text_field = text_field
+        self._source = source
         self._json = self._data[0].lstrip().startswith(b"{")
+        if not self._json and source.format != RecordFormat.text:
+            raise ValueError(
+                f"{path} holds plain-text records, but data.sources[].format="
+                f"{RecordFormat(source.format).value!r} reads JSON objects: use format=text."
+            )
 
     def __len__(self) -> int:
         return len(self._data)
@@ -147,7 +156,7 @@ class ArrayRecordSource:
     def __getitem__(self, index: int) -> records.Record:
         origin, raw = f"{self._path}#{index}", self._data[index]
         if self._json:
-            return records.from_json(origin, raw, self._text_field)
+            return records.from_json(origin, raw, self._source)
         return records.from_bytes(origin, raw)
 
 
@@ -165,7 +174,7 @@ def source_records(source: SourceConfig, *, seed: int) -> grain.MapDataset:
     """
     if source.kind in _FILE_SOURCES:
         reader = _FILE_SOURCES[source.kind]
-        parts = [grain.MapDataset.source(reader(p, source.text_field)) for p in resolve_paths(source)]
+        parts = [grain.MapDataset.source(reader(p, source)) for p in resolve_paths(source)]
         return parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
     texts = embedded.code_dataset() if source.kind == "embedded_code" else embedded.math_dataset(seed)
     return texts.map_with_index(functools.partial(_text_record, source.name))

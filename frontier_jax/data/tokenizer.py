@@ -1,38 +1,82 @@
 """Tokenizers: the built-in byte-level one and Hugging Face tokenizer.json files.
 
-Both are `tokenizers.Tokenizer` objects behind one small wrapper. Special-token
-strings that occur inside document text (e.g. a literal "<eos>") are encoded as
-plain text, so data can never inject control tokens.
+Both are `tokenizers.Tokenizer` objects behind one small wrapper, with named special tokens:
+
+  name        byte tokenizer id   tokenizer.json: the first added token found among
+  pad         256 <pad>           <pad>, [PAD], <|pad|>, ...   (else eos)
+  bos         257 <bos>           <bos>, <s>, <|begin_of_text|>, <｜begin▁of▁sentence｜>, ...
+  eos         258 <eos>           <eos>, </s>, <|end_of_text|>, <｜end▁of▁sentence｜>, ...
+  system      259 <|system|>      <|system|>
+  user        260 <|user|>        <|user|>, <｜User｜>
+  assistant   261 <|assistant|>   <|assistant|>, <｜Assistant｜>
+  end         262 <|end|>         <|end|>, <|im_end|>, <|eot_id|>
+  fim_begin   263 <|fim_begin|>   <|fim_begin|>, <｜fim▁begin｜>, <|fim_prefix|>, <fim_prefix>
+  fim_hole    264 <|fim_hole|>    <|fim_hole|>, <｜fim▁hole｜>, <|fim_suffix|>, <fim_suffix>
+  fim_end     265 <|fim_end|>     <|fim_end|>, <｜fim▁end｜>, <|fim_middle|>, <fim_middle>
+
+(`data.special_tokens` replaces the token string of a name in either tokenizer.)  Only
+*added* tokens of a tokenizer.json count, looked up by their string.  Special-token strings
+that occur inside document text (e.g. a literal "<|fim_begin|>") are encoded as plain text,
+so data can never inject control tokens: a special id only comes from `special_id(name)`.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Mapping
 
 import tokenizers
 
 BYTE_TOKENIZER = "byte"
-_BYTE_SPECIALS = ("<pad>", "<bos>", "<eos>")
-_BOS_NAMES = ("<bos>", "<s>", "<|begin_of_text|>", "<｜begin▁of▁sentence｜>", "<|startoftext|>",
-              "<|endoftext|>")
-_EOS_NAMES = ("<eos>", "</s>", "<|end_of_text|>", "<｜end▁of▁sentence｜>", "<|endoftext|>")
-_PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<｜▁pad▁｜>", "<|finetune_right_pad_id|>")
+BOS, EOS, PAD = "bos", "eos", "pad"
+SYSTEM, USER, ASSISTANT, END = "system", "user", "assistant", "end"
+FIM_BEGIN, FIM_HOLE, FIM_END = "fim_begin", "fim_hole", "fim_end"
+CHAT_SPECIALS = (SYSTEM, USER, ASSISTANT, END)
+FIM_SPECIALS = (FIM_BEGIN, FIM_HOLE, FIM_END)
+
+# Candidate strings per name, the byte tokenizer's own first; the byte tokenizer's ids follow
+# this order after the 256 bytes.
+SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
+    PAD: ("<pad>", "[PAD]", "<|pad|>", "<｜▁pad▁｜>", "<|finetune_right_pad_id|>"),
+    BOS: ("<bos>", "<s>", "<|begin_of_text|>", "<｜begin▁of▁sentence｜>", "<|startoftext|>",
+          "<|endoftext|>"),
+    EOS: ("<eos>", "</s>", "<|end_of_text|>", "<｜end▁of▁sentence｜>", "<|endoftext|>"),
+    SYSTEM: ("<|system|>",),
+    USER: ("<|user|>", "<｜User｜>"),
+    ASSISTANT: ("<|assistant|>", "<｜Assistant｜>"),
+    END: ("<|end|>", "<|im_end|>", "<|eot_id|>"),
+    FIM_BEGIN: ("<|fim_begin|>", "<｜fim▁begin｜>", "<|fim_prefix|>", "<fim_prefix>"),
+    FIM_HOLE: ("<|fim_hole|>", "<｜fim▁hole｜>", "<|fim_suffix|>", "<fim_suffix>"),
+    FIM_END: ("<|fim_end|>", "<｜fim▁end｜>", "<|fim_middle|>", "<fim_middle>"),
+}
 
 
 class Tokenizer:
-    """Text <-> token ids, with the ids of the bos, eos and pad tokens."""
+    """Text <-> token ids, with the ids of the named special tokens (`SPECIAL_TOKENS`)."""
 
-    def __init__(self, hf_tokenizer: tokenizers.Tokenizer, *, bos_id: int, eos_id: int, pad_id: int):
+    def __init__(self, hf_tokenizer: tokenizers.Tokenizer, special_ids: Mapping[str, int], origin: str):
         self._tok = hf_tokenizer
         self._tok.encode_special_tokens = True
-        self.bos_id = bos_id
-        self.eos_id = eos_id
-        self.pad_id = pad_id
+        self.special_ids = dict(special_ids)
+        self.origin = origin
+        self.bos_id = special_ids[BOS]
+        self.eos_id = special_ids[EOS]
+        self.pad_id = special_ids[PAD]
 
     @property
     def vocab_size(self) -> int:
         """Number of ids, added special tokens included."""
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def special_id(self, name: str) -> int:
+        """The id of the special token `name` (a key of `SPECIAL_TOKENS`)."""
+        if name not in self.special_ids:
+            raise ValueError(
+                f"data.tokenizer={self.origin!r} has no {name!r} special token: none of "
+                f"{list(SPECIAL_TOKENS[name])} is an added token. Add one to the tokenizer.json or "
+                f"name the token to use in data.special_tokens.{name}."
+            )
+        return self.special_ids[name]
 
     def encode(self, text: str) -> list[int]:
         """Returns the ids of `text`, without bos/eos or any template tokens."""
@@ -44,12 +88,10 @@ class Tokenizer:
 
     # `encode_special_tokens` is not pickled by `tokenizers`: rebuild from JSON.
     def __getstate__(self) -> dict:
-        return {"json": self._tok.to_str(), "ids": (self.bos_id, self.eos_id, self.pad_id)}
+        return {"json": self._tok.to_str(), "special_ids": self.special_ids, "origin": self.origin}
 
     def __setstate__(self, state: dict) -> None:
-        bos_id, eos_id, pad_id = state["ids"]
-        self.__init__(tokenizers.Tokenizer.from_str(state["json"]),
-                      bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
+        self.__init__(tokenizers.Tokenizer.from_str(state["json"]), state["special_ids"], state["origin"])
 
 
 def _byte_to_char() -> dict[int, str]:
@@ -69,46 +111,54 @@ def _byte_to_char() -> dict[int, str]:
     return mapping
 
 
-def byte_tokenizer() -> Tokenizer:
-    """The built-in tokenizer: id b is byte b (0..255), then <pad>=256, <bos>=257, <eos>=258."""
+def _candidates(overrides: Mapping[str, str] | None) -> dict[str, tuple[str, ...]]:
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(SPECIAL_TOKENS))
+    if unknown:
+        raise ValueError(f"data.special_tokens.{unknown[0]} is not a special token name: use one of "
+                         f"{list(SPECIAL_TOKENS)}.")
+    return {name: (overrides[name],) if name in overrides else strings
+            for name, strings in SPECIAL_TOKENS.items()}
+
+
+def byte_tokenizer(special_tokens: Mapping[str, str] | None = None) -> Tokenizer:
+    """The built-in tokenizer: id b is byte b (0..255), then the `SPECIAL_TOKENS` in order
+    (<pad>=256, <bos>=257, <eos>=258, <|system|>=259, ..., <|fim_end|>=265): 266 ids."""
+    strings = [candidates[0] for candidates in _candidates(special_tokens).values()]
     vocab = {char: b for b, char in _byte_to_char().items()}
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
-    tok.add_special_tokens([tokenizers.AddedToken(s, special=True) for s in _BYTE_SPECIALS])
-    pad_id, bos_id, eos_id = (tok.token_to_id(s) for s in _BYTE_SPECIALS)
-    return Tokenizer(tok, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
+    tok.add_special_tokens([tokenizers.AddedToken(s, special=True) for s in strings])
+    return Tokenizer(tok, {name: tok.token_to_id(s) for name, s in zip(SPECIAL_TOKENS, strings)},
+                     BYTE_TOKENIZER)
 
 
-def _find_token(tok: tokenizers.Tokenizer, names: tuple[str, ...]) -> int | None:
-    for name in names:
-        token_id = tok.token_to_id(name)
-        if token_id is not None:
-            return token_id
-    return None
-
-
-def load_tokenizer(spec: str) -> Tokenizer:
+def load_tokenizer(spec: str, special_tokens: Mapping[str, str] | None = None) -> Tokenizer:
     """Returns the tokenizer named by `data.tokenizer`: "byte" or a tokenizer.json path.
 
-    bos/eos are looked up among common token names; pad falls back to eos (pad
-    positions are always masked out of the loss).
+    Each special token is the first of its candidate strings (`SPECIAL_TOKENS`, or the one
+    given in `special_tokens`) that is an added token; bos and eos are required, pad falls
+    back to eos (pad positions are always masked out of the loss), the others are looked up
+    when used (`Tokenizer.special_id`).
     """
     if spec == BYTE_TOKENIZER:
-        return byte_tokenizer()
+        return byte_tokenizer(special_tokens)
     if not os.path.isfile(spec):
         raise FileNotFoundError(
             f"data.tokenizer={spec!r}: no such file. Give a path to a Hugging Face "
             f'tokenizer.json or use "{BYTE_TOKENIZER}" for the built-in byte tokenizer.'
         )
+    candidates = _candidates(special_tokens)
     tok = tokenizers.Tokenizer.from_file(spec)
-    bos_id, eos_id = _find_token(tok, _BOS_NAMES), _find_token(tok, _EOS_NAMES)
-    if bos_id is None or eos_id is None:
-        missing = "bos" if bos_id is None else "eos"
-        names = _BOS_NAMES if bos_id is None else _EOS_NAMES
-        raise ValueError(
-            f"data.tokenizer={spec!r} has no {missing} token: none of {list(names)} is in "
-            "its vocabulary. Add one as a special token to the tokenizer.json."
-        )
-    pad_id = _find_token(tok, _PAD_NAMES)
-    return Tokenizer(tok, bos_id=bos_id, eos_id=eos_id, pad_id=eos_id if pad_id is None else pad_id)
+    added = {token.content: token_id for token_id, token in tok.get_added_tokens_decoder().items()}
+    found = {name: next(added[s] for s in strings if s in added)
+             for name, strings in candidates.items() if any(s in added for s in strings)}
+    for required in (BOS, EOS):
+        if required not in found:
+            raise ValueError(
+                f"data.tokenizer={spec!r} has no {required} token: none of {list(candidates[required])} "
+                "is an added token. Add one as a special token to the tokenizer.json."
+            )
+    found.setdefault(PAD, found[EOS])
+    return Tokenizer(tok, found, spec)

@@ -123,3 +123,20 @@ def test_worker_processes_give_resumable_batches_and_stats_summed_over_workers()
     finally:
         it.close()
     assert sum(c["documents"] for c in DataStats.from_state(state).counts.values()) >= 2
+
+
+@pytest.mark.parametrize("mask_documents", [False, True])
+def test_restored_iterator_over_chats_and_texts_yields_exactly_the_next_batches(mask_documents, write_jsonl,
+                                                                                tmp_path):
+    chats = [{"messages": [{"role": "user", "content": f"q{i} " * (i % 5 + 1)},
+                           {"role": "assistant", "content": f"a{i} " * (i % 7 + 1)}]} for i in range(40)]
+    cfg = DataConfig(sources=[SourceConfig("chat", "jsonl", write_jsonl("c.jsonl", chats), format="chat"),
+                              SourceConfig("math", "embedded_math")], mask_documents=mask_documents)
+    it = build_train_iterator(cfg, seq_len=32, global_batch=4)
+    _take(it, 5)
+    save_iterator_state(it, tmp_path / "data.json")
+    expected = _take(it, 3)
+    assert any(((b["loss_mask"] == 0) & (b["segment_ids"] > 0)).any() for b in expected)  # user turns
+    resumed = build_train_iterator(cfg, seq_len=32, global_batch=4)
+    restore_iterator_state(resumed, tmp_path / "data.json")
+    _assert_same_batches(_take(resumed, 3), expected)

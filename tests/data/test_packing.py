@@ -17,26 +17,52 @@ def _random_documents(n, seed):
     return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 3 * T))) for _ in range(n)]
 
 
+ROLE_IDS = {"system": 259, "user": 260, "assistant": 261}
+END_ID = 262
+
+
+def _random_chats(n, seed):
+    """Chats of 1-3 turns with random roles and short random contents."""
+    rng = random.Random(seed)
+    texts = _random_documents(3 * n, seed + 100)
+    return [tuple((rng.choice(list(ROLE_IDS)), texts[3 * i + j][:T // 2]) for j in range(rng.randint(1, 3)))
+            for i in range(n)]
+
+
+def _reference_ids(doc):
+    """(ids, trained) of a document, written out by hand: bos text eos, or
+    bos (role content end)... eos with only assistant contents and their end trained."""
+    if isinstance(doc, str):
+        body = list(doc.encode("utf-8"))
+        return [TOK.bos_id, *body, TOK.eos_id], [0] + [1] * (len(body) + 1)
+    ids, trained = [TOK.bos_id], [0]
+    for role, content in doc:
+        body, answer = list(content.encode("utf-8")), int(role == "assistant")
+        ids += [ROLE_IDS[role], *body, END_ID]
+        trained += [0] + [answer] * (len(body) + 1)
+    return ids + [TOK.eos_id], trained + [0]
+
+
 def _reference_chunks(docs):
-    """Each document's (input, target) pairs, cut into chunks of at most T pairs."""
+    """Each document's (input, target, loss mask) triples, cut into chunks of at most T."""
     chunks = []
     for doc in docs:
-        ids = [TOK.bos_id, *doc.encode("utf-8"), TOK.eos_id]
-        pairs = list(zip(ids[:-1], ids[1:]))
-        chunks += [pairs[i : i + T] for i in range(0, len(pairs), T)]
+        ids, trained = _reference_ids(doc)
+        triples = list(zip(ids[:-1], ids[1:], trained[1:]))
+        chunks += [triples[i : i + T] for i in range(0, len(triples), T)]
     return chunks
 
 
 def _reference_row(segments, *, positions_restart):
-    """The batch features of one row holding `segments` (lists of pairs) in order."""
+    """The batch features of one row holding `segments` (lists of triples) in order."""
     pairs = [p for s in segments for p in s]
     pad = T - len(pairs)
     seg_ids = [i + 1 for i, s in enumerate(segments) for _ in s] if positions_restart else [1] * len(pairs)
     pos = [j for s in segments for j in range(len(s))] if positions_restart else list(range(len(pairs)))
     return {
-        "input_ids": [a for a, _ in pairs] + [TOK.pad_id] * pad,
-        "targets": [b for _, b in pairs] + [TOK.pad_id] * pad,
-        "loss_mask": [1] * len(pairs) + [0] * pad,
+        "input_ids": [a for a, _, _ in pairs] + [TOK.pad_id] * pad,
+        "targets": [b for _, b, _ in pairs] + [TOK.pad_id] * pad,
+        "loss_mask": [m for _, _, m in pairs] + [0] * pad,
         "segment_ids": seg_ids + [0] * pad,
         "positions": pos + (list(range(len(pairs), T)) if not positions_restart else [0] * pad),
     }
@@ -82,6 +108,18 @@ def test_document_masked_packing_equals_naive_first_fit_reference(seed):
 def test_pretraining_packing_equals_naive_concat_then_split_reference(seed):
     docs = _random_documents(40, seed)
     assert _packed_rows(docs, mask_documents=False) == _reference_concat_split(docs)
+
+
+@pytest.mark.parametrize("mask_documents", [True, False])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_packing_carries_the_loss_mask_of_chats_and_texts_exactly(mask_documents, seed):
+    docs = _random_documents(20, seed) + _random_chats(20, seed)
+    random.Random(seed).shuffle(docs)
+    want = _reference_first_fit(docs, num_bins=4) if mask_documents else _reference_concat_split(docs)
+    got = _packed_rows(docs, mask_documents=mask_documents)
+    assert got == want
+    # real (unpadded) targets outside the loss occur, so the mask is really exercised
+    assert any(m == 0 and seg > 0 for row in got for m, seg in zip(row["loss_mask"], row["segment_ids"]))
 
 
 def test_document_masked_batches_have_per_document_segments_positions_and_targets():

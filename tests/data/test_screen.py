@@ -31,7 +31,7 @@ def test_bad_records_are_skipped_and_counted_per_reason(write_jsonl):
     assert docs == ["good one", "0123456789", "0123456789", "abcde", "good two"]
     assert stats.counts == {"web": {
         "documents": 3, "split_overlong": 1, "invalid_utf8": 1, "invalid_json": 2,
-        "missing_field": 2, "empty": 2, "too_short": 1}}
+        "missing_field": 2, "wrong_type": 0, "empty": 2, "too_short": 1}}
     assert stats.skipped("web") == 8
     assert stats.as_metrics()["data/web/invalid_json"] == 2
 

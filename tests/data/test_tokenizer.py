@@ -1,9 +1,12 @@
+import pathlib
 import pickle
 
 import pytest
 import tokenizers
+from omegaconf import OmegaConf
 
 from frontier_jax.data import byte_tokenizer, load_tokenizer
+from frontier_jax.data.tokenizer import SPECIAL_TOKENS
 
 TEXTS = ["", "hello world", "naïve café — 日本語 🎉\n\ttabs  and  spaces ", "<bos> and <eos> in text", "\x00\x7f"]
 
@@ -16,11 +19,38 @@ def test_byte_tokenizer_round_trips_any_text_and_ids_are_utf8_bytes(text):
     assert tok.decode(ids) == text
 
 
-def test_byte_tokenizer_has_259_ids_with_specials_after_the_bytes():
+def test_byte_tokenizer_has_266_ids_with_named_specials_after_the_bytes():
     tok = byte_tokenizer()
-    assert tok.vocab_size == 259
+    assert tok.vocab_size == 266
     assert (tok.pad_id, tok.bos_id, tok.eos_id) == (256, 257, 258)
     assert tok.decode([tok.bos_id, 104, 105, tok.eos_id]) == "<bos>hi<eos>"
+    assert [tok.special_id(name) for name in SPECIAL_TOKENS] == list(range(256, 266))
+    assert [tok.decode([tok.special_id(name)]) for name in SPECIAL_TOKENS] == [
+        "<pad>", "<bos>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
+        "<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>"]
+
+
+def test_toy_model_vocabulary_holds_every_byte_tokenizer_id():
+    toy = OmegaConf.load(pathlib.Path(__file__).parents[2] / "configs" / "model" / "toy.yaml")
+    assert toy.model.vocab_size >= byte_tokenizer().vocab_size
+
+
+SPECIAL_TEXT = "x <|fim_begin|>a<|fim_hole|>b<|fim_end|> <|user|>hi<|end|><|assistant|><eos><bos><pad>"
+
+
+def test_special_token_strings_in_text_are_encoded_as_plain_bytes():
+    tok = byte_tokenizer()
+    ids = tok.encode(SPECIAL_TEXT)
+    assert ids == list(SPECIAL_TEXT.encode("utf-8"))
+    assert max(ids) < 256 and tok.decode(ids) == SPECIAL_TEXT
+
+
+def test_special_ids_follow_renamed_strings_of_data_special_tokens():
+    tok = byte_tokenizer({"fim_begin": "<PRE>"})
+    assert tok.decode([tok.special_id("fim_begin")]) == "<PRE>"
+    assert tok.encode("<PRE>") == list(b"<PRE>")
+    with pytest.raises(ValueError, match="data.special_tokens.fim_start is not a special token name"):
+        byte_tokenizer({"fim_start": "<PRE>"})
 
 
 def test_tokenizer_still_encodes_special_names_as_text_after_pickling():
@@ -29,8 +59,8 @@ def test_tokenizer_still_encodes_special_names_as_text_after_pickling():
     assert tok.eos_id == 258
 
 
-def _write_word_level_tokenizer(path, specials):
-    vocab = {word: i for i, word in enumerate([*specials, "[UNK]", "hello", "world"])}
+def _write_word_level_tokenizer(path, specials, words=()):
+    vocab = {word: i for i, word in enumerate([*specials, "[UNK]", "hello", "world", *words])}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.add_special_tokens(specials)
@@ -67,3 +97,35 @@ def test_missing_tokenizer_file_error_names_path_and_config_field(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         load_tokenizer(missing)
     assert missing in str(err.value) and "data.tokenizer" in str(err.value)
+
+
+DEEPSEEK_SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
+                     "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"]
+
+
+def test_tokenizer_json_specials_are_found_by_name_among_added_tokens(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    _write_word_level_tokenizer(path, DEEPSEEK_SPECIALS, words=["<|system|>"])  # a plain word
+    tok = load_tokenizer(str(path))
+    by_name = {name: tok.decode([tok.special_id(name)]) for name in tok.special_ids}
+    assert by_name == {"bos": "<｜begin▁of▁sentence｜>", "eos": "<｜end▁of▁sentence｜>",
+                       "pad": "<｜end▁of▁sentence｜>", "user": "<｜User｜>", "assistant": "<｜Assistant｜>",
+                       "fim_begin": "<｜fim▁begin｜>", "fim_hole": "<｜fim▁hole｜>", "fim_end": "<｜fim▁end｜>"}
+    with pytest.raises(ValueError, match="no 'system' special token") as err:  # a vocab word is not one
+        tok.special_id("system")
+    assert str(path) in str(err.value) and "data.special_tokens.system" in str(err.value)
+
+
+def test_tokenizer_json_never_yields_a_special_id_from_text(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    _write_word_level_tokenizer(path, ["<s>", "</s>", "<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>"])
+    tok = load_tokenizer(str(path))
+    specials = set(tok.special_ids.values())
+    assert not specials & set(tok.encode("hello <|fim_begin|> world <|fim_hole|><|fim_end|> </s>"))
+    assert tok.special_id("fim_begin") == 2
+
+
+def test_data_special_tokens_names_the_token_of_a_tokenizer_json(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    _write_word_level_tokenizer(path, ["<s>", "</s>", "<PRE>"])
+    assert load_tokenizer(str(path), {"fim_begin": "<PRE>"}).special_id("fim_begin") == 2
