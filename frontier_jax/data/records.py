@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 from frontier_jax.data.config import RecordFormat, SourceConfig
 
@@ -40,9 +41,9 @@ class Record:
     """
 
     origin: str
-    text: Optional[str] = None
-    problem: Optional[str] = None
-    messages: Optional[tuple[Message, ...]] = None
+    text: str | None = None
+    problem: str | None = None
+    messages: tuple[Message, ...] | None = None
 
 
 def from_value(origin: str, value: Any) -> Record:

@@ -18,7 +18,7 @@ A chat therefore ends its answer with <|end|>, the stop token of generation.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -31,11 +31,11 @@ class Piece:
     """A run of a rendered document: `text`, or the special token named `special`."""
 
     text: str = ""
-    special: Optional[str] = None
+    special: str | None = None
     train: bool = True
 
 
-Document = Union[str, tuple[Message, ...], list[Piece]]
+Document = str | tuple[Message, ...] | list[Piece]
 
 
 def text_pieces(text: str) -> list[Piece]:

@@ -2,10 +2,15 @@ import random
 import re
 
 import numpy as np
-import tokenizers
 import pytest
+import tokenizers
 
-from frontier_jax.data import DataConfig, SourceConfig, build_train_iterator, byte_tokenizer
+from frontier_jax.data import (
+    DataConfig,
+    SourceConfig,
+    build_train_iterator,
+    byte_tokenizer,
+)
 from frontier_jax.data.template import Piece, chat_pieces, render
 
 TOK = byte_tokenizer()
