@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from frontier_jax.data.config import DataConfig
@@ -189,8 +190,20 @@ def _load_yaml_with_includes(path: Path, seen: tuple[Path, ...] = ()):
         raise FileNotFoundError(f"config file {path} does not exist")
     if path in seen:
         raise ValueError(f"config include cycle: {' -> '.join(map(str, seen + (path,)))}")
-    raw = OmegaConf.load(path)
+    try:
+        raw = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"config file {path}: YAML syntax error{where}: "
+                         f"{getattr(err, 'problem', None) or err}; fix the file") from err
+    if not isinstance(raw, DictConfig):
+        raise ValueError(f"config file {path}: the top level is a list, not a mapping of "
+                         "sections (model:, train:, ...)")
     includes = raw.pop("include", []) or []
+    if not isinstance(includes, ListConfig) or not all(isinstance(i, str) for i in includes):
+        raise ValueError(f"config file {path}: include={includes!r} must be a list of YAML paths, "
+                         "e.g. include: [../model/toy.yaml]")
     parts = [_load_yaml_with_includes(path.parent / inc, seen + (path,)) for inc in includes]
     return OmegaConf.merge(*parts, raw) if parts else raw
 

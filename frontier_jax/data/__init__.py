@@ -20,11 +20,13 @@ from frontier_jax.data.pipeline import (
     source_documents,
     validate_train_args,
 )
+from frontier_jax.data.screen import DataError
 from frontier_jax.data.stats import DataStats
 from frontier_jax.data.tokenizer import Tokenizer, byte_tokenizer, load_tokenizer
 
 __all__ = [
     "DataConfig",
+    "DataError",
     "DataStats",
     "SourceConfig",
     "Tokenizer",

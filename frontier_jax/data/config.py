@@ -108,6 +108,8 @@ class DataConfig:
       max_document_chars: longer documents are split into pieces of at most this
         many characters (each piece is a document of its own) and counted.
       min_document_chars: shorter documents are skipped and counted.
+      max_skipped_in_a_row: a source that skips this many records in a row
+        (bad, empty or too short) without a document is an error naming it.
       shuffle: shuffle each source globally (reshuffled every epoch).
       seed: seed of shuffling and of the generated math problems.
       worker_count: grain worker processes (0 = in the training process). Each
@@ -121,6 +123,7 @@ class DataConfig:
     mask_documents: bool = False
     max_document_chars: int = 200_000
     min_document_chars: int = 1
+    max_skipped_in_a_row: int = 10_000
     shuffle: bool = True
     seed: int = 0
     worker_count: int = 0
@@ -147,6 +150,8 @@ class DataConfig:
                 f"data.max_document_chars={self.max_document_chars} is below "
                 f"data.min_document_chars={self.min_document_chars}: raise it."
             )
+        if self.max_skipped_in_a_row < 1:
+            raise ValueError(f"data.max_skipped_in_a_row={self.max_skipped_in_a_row} must be >= 1.")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"data.seed={self.seed} must be in [0, 2**32).")
         if self.worker_count < 0:

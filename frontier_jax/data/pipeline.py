@@ -85,6 +85,7 @@ def source_documents(cfg: DataConfig, source: SourceConfig, num_epochs: Optional
         source=source.name,
         min_chars=cfg.min_document_chars,
         max_chars=cfg.max_document_chars,
+        max_skipped_in_a_row=cfg.max_skipped_in_a_row,
     )
 
 

@@ -11,6 +11,9 @@ A document is a plain text (str) or the messages of a structured record (a tuple
   document into chunks of seq_len tokens).
 Every outcome is counted (see `stats.COUNTERS`); the first few skipped records
 of each source are logged with their origin ("file:line" or "file#index").
+A source that skips `max_skipped_in_a_row` records in a row without emitting a
+document raises `DataError` naming the source and its counts (a source of only
+bad records, repeated forever, would otherwise keep the mixture waiting for ever).
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ from frontier_jax.data.template import Document
 
 _LOGGED_PER_SOURCE = 5
 _log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """The data cannot feed training (e.g. a source that yields no document)."""
 
 
 def screen(record: Record, *, min_chars: int, max_chars: int) -> tuple[list[Document], list[str]]:
@@ -49,10 +56,12 @@ def screen(record: Record, *, min_chars: int, max_chars: int) -> tuple[list[Docu
 class _ScreenIterator(grain.DatasetIterator):
     """State: parent state before the current record, pieces of it already emitted, counts."""
 
-    def __init__(self, parent: grain.DatasetIterator, source: str, min_chars: int, max_chars: int):
+    def __init__(self, parent: grain.DatasetIterator, source: str, min_chars: int, max_chars: int,
+                 max_skipped_in_a_row: int):
         super().__init__(parent)
         self._source = source
         self._limits = {"min_chars": min_chars, "max_chars": max_chars}
+        self._max_skipped_in_a_row = max_skipped_in_a_row
         self._record_state = parent.get_state()
         self._pieces: list[Document] = []
         self._next_piece = 0
@@ -60,7 +69,14 @@ class _ScreenIterator(grain.DatasetIterator):
         self._logged = 0
 
     def __next__(self) -> Document:
+        skipped_in_a_row = 0
         while self._next_piece >= len(self._pieces):
+            if skipped_in_a_row == self._max_skipped_in_a_row:
+                counts = ", ".join(f"{k}={v}" for k, v in self._counts.items() if v)
+                raise DataError(
+                    f"data source {self._source!r} gave no document in its last {skipped_in_a_row} records "
+                    f"(counts so far: {counts}): check its path / text_field, or drop it from data.sources "
+                    "(the bound is data.max_skipped_in_a_row)")
             self._record_state = self._parent.get_state()
             self._pieces, self._next_piece = [], 0
             record = next(self._parent)
@@ -70,6 +86,7 @@ class _ScreenIterator(grain.DatasetIterator):
             if not self._pieces and self._logged < _LOGGED_PER_SOURCE:
                 self._logged += 1
                 _log.warning("data source %r: skipped %s (%s)", self._source, record.origin, counters[0])
+            skipped_in_a_row += not self._pieces
         self._next_piece += 1
         return self._pieces[self._next_piece - 1]
 
@@ -92,14 +109,17 @@ class _ScreenIterator(grain.DatasetIterator):
 class ScreenIterDataset(grain.IterDataset):
     """IterDataset[Document] of the documents of an IterDataset[Record] of one source."""
 
-    def __init__(self, parent: grain.IterDataset, *, source: str, min_chars: int, max_chars: int):
+    def __init__(self, parent: grain.IterDataset, *, source: str, min_chars: int, max_chars: int,
+                 max_skipped_in_a_row: int):
         super().__init__(parent)
         self._source = source
         self._min_chars = min_chars
         self._max_chars = max_chars
+        self._max_skipped_in_a_row = max_skipped_in_a_row
 
     def __iter__(self) -> grain.DatasetIterator:
-        return _ScreenIterator(self._parent.__iter__(), self._source, self._min_chars, self._max_chars)
+        return _ScreenIterator(self._parent.__iter__(), self._source, self._min_chars, self._max_chars,
+                               self._max_skipped_in_a_row)
 
     def __str__(self) -> str:
         return f"ScreenIterDataset(source={self._source!r})"

@@ -20,6 +20,7 @@ import os
 
 import grain
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from frontier_jax.data import embedded, records
@@ -98,7 +99,10 @@ class ParquetSource:
     def __init__(self, path: str, source: SourceConfig):
         if os.path.getsize(path) == 0:
             raise _empty_file_error(path, "0 bytes")
-        file = pq.ParquetFile(path)
+        try:
+            file = pq.ParquetFile(path)
+        except pa.ArrowException as err:
+            raise ValueError(f"{path} is not a Parquet file ({err}): fix data.sources[].path or .kind.") from err
         metadata, columns = file.metadata, file.schema_arrow.names
         for column in source.fields():
             if column not in columns:

@@ -150,7 +150,11 @@ def load_tokenizer(spec: str, special_tokens: Mapping[str, str] | None = None) -
             f'tokenizer.json or use "{BYTE_TOKENIZER}" for the built-in byte tokenizer.'
         )
     candidates = _candidates(special_tokens)
-    tok = tokenizers.Tokenizer.from_file(spec)
+    try:
+        tok = tokenizers.Tokenizer.from_file(spec)
+    except Exception as err:  # tokenizers raises a bare Exception for any parse failure
+        raise ValueError(f"data.tokenizer={spec!r} is not a valid Hugging Face tokenizer.json "
+                         f"({str(err).splitlines()[0]}): give the tokenizer.json file itself") from err
     added = {token.content: token_id for token_id, token in tok.get_added_tokens_decoder().items()}
     found = {name: next(added[s] for s in strings if s in added)
              for name, strings in candidates.items() if any(s in added for s in strings)}

@@ -1,7 +1,10 @@
 import json
 import logging
+import re
 
-from frontier_jax.data import DataConfig, DataStats, SourceConfig, source_documents
+import pytest
+
+from frontier_jax.data import DataConfig, DataError, DataStats, SourceConfig, build_train_iterator, source_documents
 
 BAD_DATA_LINES = [
     {"text": "good one"},
@@ -75,3 +78,35 @@ def test_state_of_an_exhausted_source_restores_to_an_exhausted_source(write_json
     resumed = iter(dataset)
     resumed.set_state(it.get_state())
     assert list(resumed) == []
+
+
+def test_a_source_of_only_bad_records_is_an_error_naming_it_not_a_hang(write_jsonl):
+    """Repeated forever, a source whose every record is skipped would make `next` spin for ever;
+    after data.max_skipped_in_a_row skipped records in a row it raises DataError instead."""
+    path = write_jsonl("bad.jsonl", [{"other": "no text"}, {"text": "  "}, b"{oops"])
+    cfg = DataConfig(sources=[SourceConfig("bad", "jsonl", path)], max_skipped_in_a_row=50)
+    it = iter(source_documents(cfg, cfg.sources[0], num_epochs=None))
+    with pytest.raises(DataError, match=r"data source 'bad' gave no document in its last 50 records") as err:
+        next(it)
+    counts = dict(kv.split("=") for kv in re.search(r"counts so far: ([^)]*)\)", str(err.value))[1].split(", "))
+    assert set(counts) == {"missing_field", "empty", "invalid_json"} and sum(map(int, counts.values())) == 50
+
+
+def test_the_skip_bound_counts_only_records_in_a_row(write_jsonl):
+    """One good document among 9 bad records per epoch never trips a bound of 10."""
+    path = write_jsonl("sparse.jsonl", [{"text": "good"}] + [{"text": ""}] * 9)
+    cfg = DataConfig(sources=[SourceConfig("sparse", "jsonl", path)], shuffle=False, max_skipped_in_a_row=10)
+    it = iter(source_documents(cfg, cfg.sources[0], num_epochs=None))
+    assert [next(it) for _ in range(20)] == ["good"] * 20
+
+
+def test_a_bad_source_in_a_mixture_stops_the_batches_with_its_name(write_jsonl):
+    """At 10% weight in a mixture, an all-bad source used to stall the whole pipeline."""
+    good = write_jsonl("good.jsonl", [{"text": f"document number {i}"} for i in range(50)])
+    bad = write_jsonl("bad.jsonl", [{"body": "wrong field"}])
+    cfg = DataConfig(sources=[SourceConfig("good", "jsonl", good, weight=0.9),
+                              SourceConfig("bad", "jsonl", bad, weight=0.1)], max_skipped_in_a_row=100)
+    it = build_train_iterator(cfg, seq_len=16, global_batch=2)
+    with pytest.raises(DataError, match=r"'bad' .*missing_field=100"):
+        for _ in range(100):
+            next(it)

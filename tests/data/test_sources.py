@@ -89,3 +89,10 @@ def test_path_matching_no_file_is_an_error_naming_source_and_pattern(tmp_path):
     with pytest.raises(FileNotFoundError, match="matches no file") as err:
         _records("jsonl", pattern)
     assert pattern in str(err.value) and "'s'" in str(err.value)
+
+
+def test_file_that_is_not_parquet_is_an_error_naming_it(write_jsonl):
+    path = write_jsonl("a.parquet", [{"text": "jsonl, named .parquet"}])
+    with pytest.raises(ValueError, match="is not a Parquet file") as err:
+        _records("parquet", path)
+    assert path in str(err.value)

@@ -129,3 +129,12 @@ def test_data_special_tokens_names_the_token_of_a_tokenizer_json(tmp_path):
     path = tmp_path / "tokenizer.json"
     _write_word_level_tokenizer(path, ["<s>", "</s>", "<PRE>"])
     assert load_tokenizer(str(path), {"fim_begin": "<PRE>"}).special_id("fim_begin") == 2
+
+
+@pytest.mark.parametrize("content", ["not json at all", '{"version": "1.0"}'])
+def test_invalid_tokenizer_json_is_a_value_error_naming_the_file(tmp_path, content):
+    path = tmp_path / "tokenizer.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="is not a valid Hugging Face tokenizer.json") as err:
+        load_tokenizer(str(path))
+    assert str(path) in str(err.value)
