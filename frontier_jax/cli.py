@@ -13,6 +13,10 @@ import json
 import os
 import sys
 
+# Exit codes (README "When things go wrong").
+EXIT_USAGE = 2  # a bad config, argument, path or file
+EXIT_DATA = 4  # the data stopped feeding training
+
 
 def _mesh_overrides(preset: str) -> list[str]:
     """The whole mesh section of a preset file (e.g. mesh/gpu-8) as dotted overrides, so that
@@ -34,6 +38,10 @@ def _describe(args) -> int:
     from frontier_jax.config import load_config
     from frontier_jax.model.describe import describe, format_description
 
+    for flag, value in (("--seq-len", args.seq_len), ("--devices", args.devices),
+                        ("--device-memory-gib", args.device_memory_gib)):
+        if value is not None and value <= 0:
+            raise ValueError(f"describe {flag} {value}: must be > 0")
     overrides = (_mesh_overrides(args.mesh) if args.mesh else []) + list(args.overrides)
     cfg = load_config(args.config, overrides)
     info = describe(cfg.model, seq_len=args.seq_len or cfg.train.seq_len)
@@ -98,15 +106,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_code(err: Exception) -> int | None:
+    """The exit code of an error a user can cause (README "When things go wrong"), None for a bug."""
+    from frontier_jax.data import DataError
+
+    for kind, code in ((DataError, EXIT_DATA), ((ValueError, OSError), EXIT_USAGE)):
+        if isinstance(err, kind):
+            return code
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["convert"]:  # its own parser (check / export sub-commands)
-        from frontier_jax.convert.cli import main as convert_main
-
-        return convert_main(argv[1:])
-    args = build_parser().parse_args(argv)
     try:
+        if argv[:1] == ["convert"]:  # its own parser (check / export sub-commands)
+            from frontier_jax.convert.cli import main as convert_main
+
+            return convert_main(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        code = _exit_code(err)
+        if code is None:
+            raise
+        print(f"error: {str(err).strip()}", file=sys.stderr)
+        return code

@@ -201,7 +201,7 @@ def _load_yaml_with_includes(path: Path, seen: tuple[Path, ...] = ()):
         raise ValueError(f"config file {path}: the top level is a list, not a mapping of "
                          "sections (model:, train:, ...)")
     includes = raw.pop("include", []) or []
-    if not isinstance(includes, ListConfig) or not all(isinstance(i, str) for i in includes):
+    if not isinstance(includes, (list, ListConfig)) or not all(isinstance(i, str) for i in includes):
         raise ValueError(f"config file {path}: include={includes!r} must be a list of YAML paths, "
                          "e.g. include: [../model/toy.yaml]")
     parts = [_load_yaml_with_includes(path.parent / inc, seen + (path,)) for inc in includes]

@@ -22,6 +22,8 @@ from frontier_jax.convert.importer import DTYPE_POLICIES, from_hf
 
 
 def _check(args) -> int:
+    if args.tokens <= 0:
+        raise ValueError(f"convert check --tokens {args.tokens}: must be > 0")
     cfg, model = from_hf(args.hf, args.dtype)
     n_params = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
     for field in dataclasses.fields(cfg):

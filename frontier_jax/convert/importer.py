@@ -18,7 +18,6 @@ mtp_depth = 0.  `config_overrides` (ModelConfig fields) are applied last, e.g.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
@@ -30,7 +29,7 @@ from flax import nnx
 from frontier_jax.convert import layout
 from frontier_jax.convert.fp8 import DEFAULT_BLOCK, dequantize_blocks, fp8_block_size
 from frontier_jax.convert.hf_config import hf_config_to_model_config, rope_interleaved
-from frontier_jax.convert.safetensors_io import CheckpointReader
+from frontier_jax.convert.safetensors_io import CheckpointReader, read_json
 from frontier_jax.model.config import ModelConfig
 from frontier_jax.model.transformer import Transformer
 from frontier_jax.precision import get_policy
@@ -114,9 +113,14 @@ def _check_copies(src: _Source, buffers: dict, cfg: ModelConfig) -> None:
 
 
 def _load_config(path: str, reader: CheckpointReader, overrides: dict | None) -> tuple[dict, ModelConfig]:
-    with open(os.path.join(path, "config.json")) as f:
-        hf_config = json.load(f)
-    cfg = hf_config_to_model_config(hf_config)
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"HF checkpoint directory {path} has no config.json")
+    hf_config = read_json(config_path, "the model config")
+    try:
+        cfg = hf_config_to_model_config(hf_config)
+    except ValueError as err:
+        raise ValueError(f"{config_path}: {err}") from err
     depth = 0  # consecutive MTP layers present, up to the configured depth
     while depth < cfg.mtp_depth and f"model.layers.{cfg.num_layers + depth}.eh_proj.weight" in reader:
         depth += 1

@@ -35,12 +35,39 @@ _DTYPES = {
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 
 
-def _read_header(path: str) -> tuple[dict, int]:
-    """-> (header without __metadata__, byte offset of the data section)."""
+def read_json(path: str, what: str):
+    """The JSON value in file `path`; ValueError naming the file when it is not JSON."""
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        raw = f.read()
+    try:
+        return json.loads(raw)
+    except ValueError as err:
+        raise ValueError(f"{path}: {what} is not valid JSON ({err})") from err
+
+
+def _read_header(path: str) -> tuple[dict, int]:
+    """-> (header without __metadata__, byte offset of the data section).  Checks that every
+    tensor's bytes lie inside the file and match its dtype and shape (a truncated download)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        n = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
+        if n is None or 8 + n > size:
+            raise ValueError(f"{path}: truncated safetensors file ({size} bytes, shorter than its header)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as err:
+            raise ValueError(f"{path}: the safetensors header is not valid JSON ({err})") from err
     header.pop("__metadata__", None)
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        if 8 + n + end > size:
+            raise ValueError(f"{path}: truncated safetensors file: tensor {name} ends at byte {8 + n + end}, "
+                             f"the file has {size}; download it again")
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is not None and end - begin != dtype.itemsize * int(np.prod(info["shape"])):
+            raise ValueError(f"{path}: tensor {name} holds {end - begin} bytes, its dtype {info['dtype']} "
+                             f"and shape {info['shape']} need {dtype.itemsize * int(np.prod(info['shape']))}")
     return header, 8 + n
 
 
@@ -48,10 +75,11 @@ class CheckpointReader:
     """Names, shapes and lazily read values of every tensor of a safetensors checkpoint dir."""
 
     def __init__(self, path: str):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"HF checkpoint directory {path} does not exist")
         index = os.path.join(path, INDEX_FILE)
         if os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            files = sorted(set(read_json(index, "the shard index")["weight_map"].values()))
         elif os.path.exists(os.path.join(path, SINGLE_FILE)):
             files = [SINGLE_FILE]
         else:

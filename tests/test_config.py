@@ -1,0 +1,39 @@
+"""Config files that cannot be read are one ValueError naming the file and what is wrong
+(frontier_jax/config.py `load_config`); through the CLI that is one `error:` line and exit 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from frontier_jax import cli
+from frontier_jax.config import load_config
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model:\n  hidden_size: [32\n", r"YAML syntax error at line 3, column 1: did not find expected ',' or ']'"),
+    ("model:\n\thidden_size: 32\n", r"YAML syntax error at line 2, column 1"),
+    ("- model\n- train\n", r"the top level is a list, not a mapping of sections"),
+    ("include: model/toy.yaml\n", r"include='model/toy.yaml' must be a list of YAML paths"),
+    ("include: [3]\n", r"include=\[3\] must be a list of YAML paths"),
+])
+def test_unreadable_config_file_is_named_with_the_problem(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as err:
+        load_config(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_unreadable_config_file_through_the_cli_is_one_error_line(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: {steps: 3\n")
+    assert cli.main(["describe", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: config file {path}: YAML syntax error") and err.count("\n") == 1
+
+
+def test_included_files_still_merge_in_order(tmp_path):
+    (tmp_path / "base.yaml").write_text("train: {steps: 7, seed: 1}\n")
+    (tmp_path / "run.yaml").write_text("include: [base.yaml]\ntrain: {seed: 2}\n")
+    cfg = load_config(str(tmp_path / "run.yaml"))
+    assert (cfg.train.steps, cfg.train.seed) == (7, 2)
