@@ -26,6 +26,11 @@ Inference (`extend`) runs over a paged latent cache (`latent_cache.py`) in one o
   the products W^UQ_i W^UK_i^T [d_c', n_h, d_c] and W^UV_i W^O_i [d_c, n_h, d] would hold
   d_c' n_h d_c and d_c n_h d parameters per layer (V3: 101M and 470M, 3x and 3.7x the factors
   they replace), more weight bytes read per decode step for a saving in small activation GEMMs.
+
+The two latent RMSNorms (of W^DQ h and W^DKV h) use eps = LATENT_NORM_EPS = 1e-6 whatever
+`rms_norm_eps` is: DeepSeek's reference code and transformers build `q_a_layernorm` and
+`kv_a_layernorm` with the norm's default eps, so checkpoints with another `rms_norm_eps`
+(Moonlight: 1e-5) were trained with 1e-6 there.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from frontier_jax.model.rope import RotaryEmbedding, softmax_scale
 from frontier_jax.parallel.rules import constrain
 from frontier_jax.precision import PrecisionPolicy
 
+LATENT_NORM_EPS = 1e-6
+
 
 class MLA(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, policy: PrecisionPolicy, rngs: nnx.Rngs):
@@ -53,14 +60,14 @@ class MLA(nnx.Module):
         lin = dict(std=std, policy=policy, rngs=rngs)
         if cfg.q_lora_rank:
             self.wq_a = Linear((d,), (cfg.q_lora_rank,), ("embed", "q_lora"), name="mla.wq_a", **lin)
-            self.q_norm = RMSNorm(cfg.q_lora_rank, eps=cfg.rms_norm_eps)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, eps=LATENT_NORM_EPS)
             self.wq_b = Linear((cfg.q_lora_rank,), (h, cfg.qk_head_dim), ("q_lora", "heads", "qk_head"),
                                name="mla.wq_b", **lin)
         else:
             self.wq = Linear((d,), (h, cfg.qk_head_dim), ("embed", "heads", "qk_head"), name="mla.wq", **lin)
         self.wkv_a = Linear((d,), (cfg.kv_lora_rank,), ("embed", "kv_lora"), name="mla.wkv_a", **lin)
         self.wk_rope = Linear((d,), (cfg.qk_rope_head_dim,), ("embed", "rope"), name="mla.wk_rope", **lin)
-        self.kv_norm = RMSNorm(cfg.kv_lora_rank, eps=cfg.rms_norm_eps)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, eps=LATENT_NORM_EPS)
         self.wk_b = Linear((cfg.kv_lora_rank,), (h, cfg.qk_nope_head_dim), ("kv_lora", "heads", "qk_head"),
                            name="mla.wk_b", **lin)
         self.wv_b = Linear((cfg.kv_lora_rank,), (h, cfg.v_head_dim), ("kv_lora", "heads", "v_head"),

@@ -1,16 +1,18 @@
 """Multi-token prediction (V3 report, Sec. 2.2, eqs. 21-25).
 
 Depth k = 1..D predicts token t_{i+k+1} from position i:
-    h'_i^k = M_k [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h_i^{k-1})]      M_k [2d, d]
+    h'_i^k = M_k [RMSNorm(Emb(t_{i+k})) ; RMSNorm(g_i^{k-1})]      M_k [2d, d]
     h_i^k  = TRM_k(h'_i^k)                                           (one MoE block)
-    P_{i+k+1}^k = OutHead(RMSNorm_k(h_i^k))
-with h^0 the main model's last hidden states (before its final norm), Emb and OutHead shared
-with the main model.  The concatenation order [embedding ; hidden] is the released
-checkpoints' (`eh_proj`).  Sequences keep length T: position i's embedding input is the
+    g_i^k  = RMSNorm_k(h_i^k),   P_{i+k+1}^k = OutHead(g_i^k)
+with g^0 = RMSNorm_final(h^L) the main model's *final-normed* last hidden state (the tensor its
+own head reads) and depth k > 1 fed the previous depth's normalised output g^{k-1}: what
+transformers' `MtpModel`, vLLM and SGLang feed the released V3/R1 MTP weights.  Emb and
+OutHead are shared with the main model.  The concatenation order [embedding ; hidden] is the
+released checkpoints' (`eh_proj`).  Sequences keep length T: position i's embedding input is the
 token k places ahead (rolled), and targets past the row or crossing a document boundary are
 masked by the loss (`frontier_jax.train.losses`).
 
-The D modules are stacked and applied with `lax.scan` over depth (carry: h^{k-1}).
+The D modules are stacked and applied with `lax.scan` over depth (carry: g^{k-1}).
 """
 
 from __future__ import annotations
@@ -36,11 +38,11 @@ class MTPModule(nnx.Module):
         self.block = Block(cfg, moe=True, policy=policy, rngs=rngs)
         self.out_norm = RMSNorm(d, eps=cfg.rms_norm_eps)
 
-    def __call__(self, h_prev: jax.Array, emb_ahead: jax.Array, inputs: SequenceInputs):
-        """h_prev [B, T, d], emb_ahead = Emb(t_{i+k}) [B, T, d] -> (h^k, RMSNorm_k(h^k), stats)."""
-        x = jnp.concatenate([self.emb_norm(emb_ahead), self.hidden_norm(h_prev).astype(emb_ahead.dtype)], -1)
+    def __call__(self, g_prev: jax.Array, emb_ahead: jax.Array, inputs: SequenceInputs):
+        """g_prev = g^{k-1} [B, T, d], emb_ahead = Emb(t_{i+k}) [B, T, d] -> (g^k [B, T, d], stats)."""
+        x = jnp.concatenate([self.emb_norm(emb_ahead), self.hidden_norm(g_prev).astype(emb_ahead.dtype)], -1)
         h, stats = self.block(self.proj(x), inputs)
-        return h, self.out_norm(h), stats
+        return self.out_norm(h), stats
 
 
 class MTPStack(nnx.Module):
@@ -53,16 +55,16 @@ class MTPStack(nnx.Module):
         self.modules = create(rngs)
         prepend_logical_axis(self.modules, "layers")
 
-    def __call__(self, h0: jax.Array, emb_ahead: jax.Array, inputs: SequenceInputs
+    def __call__(self, g0: jax.Array, emb_ahead: jax.Array, inputs: SequenceInputs
                  ) -> tuple[jax.Array, MoEStats]:
-        """h0 [B, T, d], emb_ahead [D, B, T, d] (Emb of tokens k ahead, k = 1..D)
-        -> (normed hidden states [D, B, T, d] to feed the shared head, stats [D, ...])."""
+        """g0 = RMSNorm_final(h^L) [B, T, d], emb_ahead [D, B, T, d] (Emb of tokens k ahead,
+        k = 1..D) -> (g^1..g^D [D, B, T, d] to feed the shared head, stats [D, ...])."""
         graphdef, state = nnx.split(self.modules)
 
-        def body(h, xs):
+        def body(g, xs):
             depth_state, emb = xs
-            h, normed, stats = nnx.merge(graphdef, depth_state)(h, emb, inputs)
-            return h, (normed, stats)
+            g, stats = nnx.merge(graphdef, depth_state)(g, emb, inputs)
+            return g, (g, stats)
 
-        _, (normed, stats) = jax.lax.scan(body, h0, (state, emb_ahead))
+        _, (normed, stats) = jax.lax.scan(body, g0, (state, emb_ahead))
         return normed, stats

@@ -3,7 +3,7 @@
     h^0 = Emb(t)                                          [B, T, d]
     h   = MoE-blocks(dense-blocks(h^0))                   first_k_dense dense, the rest MoE
     logits = OutHead(RMSNorm(h))                          [B, T, vocab] (fp32)
-    MTP depths k = 1..D continue from h (see `mtp.py`)    [D, B, T, vocab]
+    MTP depths k = 1..D continue from RMSNorm(h) (`mtp.py`) [D, B, T, vocab]
 
 `model(input_ids)` returns logits; `model.forward(...)` also returns the MTP logits and the
 per-layer MoE statistics that training needs (expert loads, balance loss, drops).
@@ -73,7 +73,8 @@ class Transformer(nnx.Module):
         moe_stats = None
         if self.moe_layers is not None:
             h, moe_stats = self.moe_layers(h, inputs)
-        logits = self.logits_from_hidden(self.final_norm(h))
+        h = self.final_norm(h)
+        logits = self.logits_from_hidden(h)
         mtp_logits = mtp_stats = None
         if self.mtp is not None and with_mtp:
             ahead = jnp.stack([jnp.roll(input_ids, -k, axis=1) for k in range(1, self.cfg.mtp_depth + 1)])

@@ -99,22 +99,27 @@ def assert_same_params(a, b) -> None:
         np.testing.assert_array_equal(pa[path], pb[path], err_msg=".".join(path))
 
 
-def write_mtp_checkpoint(path: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """A checkpoint of a 2-layer main model plus one MTP module (HF layer 2), built from a random
-    3-layer model whose last decoder layer serves as the MTP block.  Returns (the 3-layer HF
-    model, the MTP-only tensors added: enorm, hnorm, eh_proj, shared_head.norm / .head and
-    embed_tokens, the last two being copies of lm_head / embed_tokens)."""
-    source = tiny_hf_model(num_hidden_layers=3)
+def write_mtp_checkpoint(path: str, depth: int = 1, **overrides
+                         ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A checkpoint of a 2-layer main model plus `depth` MTP modules (HF layers 2 .. 1 + depth),
+    built from a random (2 + depth)-layer model whose last decoder layers serve as the MTP blocks
+    (`overrides`: DeepseekV3Config fields).  Returns (the (2 + depth)-layer HF model, the
+    MTP-only tensors added: enorm, hnorm, eh_proj, shared_head.norm / .head and embed_tokens per
+    depth, the last two being copies of lm_head / embed_tokens)."""
+    source = tiny_hf_model(num_hidden_layers=2 + depth, **overrides)
     source.save_pretrained(path)
-    d, p = TINY["hidden_size"], "model.layers.2."
+    d = TINY["hidden_size"]
     gen = torch.Generator().manual_seed(1)
     tensors = read_tensors(path)
-    extras = {f"{p}enorm.weight": 1 + 0.1 * torch.randn(d, generator=gen),
-              f"{p}hnorm.weight": 1 + 0.1 * torch.randn(d, generator=gen),
-              f"{p}eh_proj.weight": 0.2 * torch.randn(d, 2 * d, generator=gen),
-              f"{p}shared_head.norm.weight": 1 + 0.1 * torch.randn(d, generator=gen),
-              f"{p}shared_head.head.weight": tensors["lm_head.weight"].clone(),
-              f"{p}embed_tokens.weight": tensors["model.embed_tokens.weight"].clone()}
-    config = {**read_config(path), "num_hidden_layers": 2, "num_nextn_predict_layers": 1}
+    extras = {}
+    for k in range(depth):
+        p = f"model.layers.{2 + k}."
+        extras.update({f"{p}enorm.weight": 1 + 0.1 * torch.randn(d, generator=gen),
+                       f"{p}hnorm.weight": 1 + 0.1 * torch.randn(d, generator=gen),
+                       f"{p}eh_proj.weight": 0.2 * torch.randn(d, 2 * d, generator=gen),
+                       f"{p}shared_head.norm.weight": 1 + 0.1 * torch.randn(d, generator=gen),
+                       f"{p}shared_head.head.weight": tensors["lm_head.weight"].clone(),
+                       f"{p}embed_tokens.weight": tensors["model.embed_tokens.weight"].clone()})
+    config = {**read_config(path), "num_hidden_layers": 2, "num_nextn_predict_layers": depth}
     write_checkpoint(path, {**tensors, **extras}, config)
     return source, extras

@@ -16,6 +16,9 @@ CASES = {
     "rope_not_interleaved": dict(rope_interleave=False, rope_parameters=YARN),
     "ungrouped_routing_no_dense_prefix": dict(n_group=1, topk_group=1, first_k_dense_replace=0),
     "tied_embeddings": dict(tie_word_embeddings=True),
+    # rms_norm_eps reaches the block, final and MTP norms; the latent norms (q_a / kv_a) keep 1e-6
+    "rms_norm_eps_1e-5": dict(rms_norm_eps=1e-5, rope_parameters=YARN),
+    "rms_norm_eps_1e-3_full_rank_query": dict(rms_norm_eps=1e-3, q_lora_rank=None),
 }
 
 

@@ -155,7 +155,7 @@ def mla(p, x, positions, segment_ids, cfg):
     bsz, t_len, _ = x.shape
     heads, dn, dr = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
     freqs, amp, scale = frequencies_for(cfg), amplitude_for(cfg), softmax_scale_for(cfg)
-    eps = cfg.rms_norm_eps
+    eps = 1e-6  # the latent norms' eps in DeepSeek's code and transformers, not cfg.rms_norm_eps
     out = np.zeros_like(x)
     for b in range(bsz):
         q = np.zeros((t_len, heads, dn + dr))
@@ -299,7 +299,8 @@ def head(params, h, cfg):
 
 def transformer(params, ids, cfg, positions=None, segment_ids=None):
     """Full model.  Returns dict(logits [B, T, V], mtp_logits [D, B, T, V] or None,
-    hidden (pre-final-norm), moe_stats list per MoE layer, mtp_stats list per depth)."""
+    hidden (pre-final-norm), moe_stats list per MoE layer, mtp_stats list per depth).
+    MTP depth 1 reads the final-normed hidden state, depth k > 1 depth k-1's normed output."""
     ids = np.asarray(ids)
     bsz, t_len = ids.shape
     if positions is None:
@@ -313,15 +314,15 @@ def transformer(params, ids, cfg, positions=None, segment_ids=None):
         h, st = block(layer(params["moe_layers"]["blocks"], l), h, positions, segment_ids, cfg, True)
         moe_stats.append(st)
     eps = cfg.rms_norm_eps
-    logits = head(params, rms_norm(h, params["final_norm"]["scale"], eps), cfg)
+    normed = rms_norm(h, params["final_norm"]["scale"], eps)
+    logits = head(params, normed, cfg)
     mtp_logits, mtp_stats = None, []
     if cfg.mtp_depth:
         mtp_logits = []
-        h_prev = h
         for k in range(1, cfg.mtp_depth + 1):
             m = layer(params["mtp"]["modules"], k - 1)
             ahead = np.array([[ids[b, (t + k) % t_len] for t in range(t_len)] for b in range(bsz)])
-            h_prev, normed, st = mtp_module(m, h_prev, emb[ahead], positions, segment_ids, cfg)
+            normed, st = mtp_module(m, normed, emb[ahead], positions, segment_ids, cfg)
             mtp_logits.append(head(params, normed, cfg))
             mtp_stats.append(st)
         mtp_logits = np.stack(mtp_logits)
@@ -330,10 +331,10 @@ def transformer(params, ids, cfg, positions=None, segment_ids=None):
 
 
 def mtp_module(m, h_prev, emb_ahead, positions, segment_ids, cfg):
-    """One MTP depth: h' = M [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h^{k-1})], h^k = TRM(h'),
-    returns (h^k, RMSNorm_k(h^k), stats)."""
+    """One MTP depth: h' = M [RMSNorm(Emb(t_{i+k})) ; RMSNorm(g^{k-1})], h^k = TRM(h'),
+    returns (g^k = RMSNorm_k(h^k), stats)."""
     eps = cfg.rms_norm_eps
     cat = np.concatenate([rms_norm(emb_ahead, m["emb_norm"]["scale"], eps),
                           rms_norm(np.nan_to_num(h_prev), m["hidden_norm"]["scale"], eps)], axis=-1)
     h, st = block(m["block"], cat @ m["proj"]["kernel"], positions, segment_ids, cfg, True)
-    return h, rms_norm(h, m["out_norm"]["scale"], eps), st
+    return rms_norm(h, m["out_norm"]["scale"], eps), st

@@ -111,10 +111,28 @@ def test_latent_and_query_shapes(q_lora_rank):
     assert out.shape == (B, T, cfg.hidden_size)
     # the cache is d_c + d_h^R numbers per token, and c_kv is RMS-normalised (times its weight)
     p = common.params_f64(mla)
-    want_c = ref.rms_norm(np.ones(cfg.hidden_size) @ p["wkv_a"]["kernel"], p["kv_norm"]["scale"],
-                          cfg.rms_norm_eps)
+    want_c = ref.rms_norm(np.ones(cfg.hidden_size) @ p["wkv_a"]["kernel"], p["kv_norm"]["scale"], 1e-6)
     common.assert_close(c_kv[0, 0], want_c, rtol=1e-5, atol=1e-6)
     if q_lora_rank:
         assert not hasattr(mla, "wq")
     else:
         assert not hasattr(mla, "wq_a")
+
+
+@pytest.mark.parametrize("q_lora_rank", [16, 0])
+def test_latent_norms_use_eps_1e_6_whatever_rms_norm_eps(q_lora_rank):
+    # DeepSeek's code and transformers build q_a_layernorm / kv_a_layernorm with eps 1e-6; with
+    # rms_norm_eps = 0.1 and latents of mean square ~1e-2 the other eps would change c^KV and q
+    # by tens of percent.  fp32 vs float64, rtol 1e-5.
+    cfg, mla = _mla(q_lora_rank, rms_norm_eps=0.1)
+    x = 0.1 * np.random.default_rng(3).standard_normal((B, T, cfg.hidden_size))
+    pos = np.tile(np.arange(T), (B, 1))
+    c_kv, _, q_nope, _ = common.jit(lambda m, x, pos: (*m.latent(x, pos), *m.query(x, pos)))(
+        mla, jnp.asarray(x, jnp.float32), jnp.asarray(pos))
+    p = common.params_f64(mla)
+    common.assert_close(c_kv, ref.rms_norm(x @ p["wkv_a"]["kernel"], p["kv_norm"]["scale"], 1e-6),
+                        rtol=1e-5, atol=1e-6)
+    if q_lora_rank:
+        c_q = ref.rms_norm(x @ p["wq_a"]["kernel"], p["q_norm"]["scale"], 1e-6)
+        want_q = np.einsum("btc,chd->bthd", c_q, p["wq_b"]["kernel"])[..., :cfg.qk_nope_head_dim]
+        common.assert_close(q_nope, want_q, rtol=1e-5, atol=1e-6)

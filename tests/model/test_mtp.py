@@ -41,18 +41,26 @@ def test_mtp_depth_k_sees_tokens_up_to_i_plus_k(moe_only_tied_model):
         assert (np.abs(mb[:, 5 - k] - ma[:, 5 - k]).max(-1) > 1e-3).all()
 
 
-def test_mtp_uses_the_main_models_pre_norm_hidden_state(dense_moe_model):
-    # replacing h^0 by the final-normed hidden state in the reference gives different MTP logits,
-    # i.e. the agreement in test_mtp_logits_match_reference pins the pre-norm choice
-    cfg, model = dense_moe_model
+def test_mtp_depth_1_reads_the_final_normed_hidden_state_and_depth_2_the_normed_depth_1_output(
+        moe_only_tied_model):
+    # feeding the reference the other plausible inputs (the pre-final-norm h^L at depth 1; depth
+    # 1's un-normed block output at depth 2) changes the MTP logits by > 1e-3, so the agreement
+    # of the model with the reference (fp32 vs float64, rtol 1e-4, atol 5e-5) pins the choice
+    cfg, model = moe_only_tied_model
     ids = common.token_ids(cfg, 1)
     params = common.params_f64(model)
     want = ref.transformer(params, ids, cfg)
-    normed = ref.rms_norm(want["hidden"], params["final_norm"]["scale"], cfg.rms_norm_eps)
-    emb = params["embed"]["embedding"][np.roll(ids, -1, axis=1)]
-    _, alt, _ = ref.mtp_module(ref.layer(params["mtp"]["modules"], 0), normed, emb,
-                               np.tile(np.arange(common.T), (common.B, 1)), None, cfg)
-    alt_logits = ref.head(params, alt, cfg)
-    assert np.abs(alt_logits - want["mtp_logits"][0]).max() > 1e-3
+    positions = np.tile(np.arange(common.T), (common.B, 1))
+    emb = lambda k: params["embed"]["embedding"][np.roll(ids, -k, axis=1)]
+    depth = lambda k: ref.layer(params["mtp"]["modules"], k - 1)
+    pre_norm, _ = ref.mtp_module(depth(1), want["hidden"], emb(1), positions, None, cfg)
+    assert np.abs(ref.head(params, pre_norm, cfg) - want["mtp_logits"][0]).max() > 1e-3
+    eps, m1 = cfg.rms_norm_eps, depth(1)
+    normed0 = ref.rms_norm(want["hidden"], params["final_norm"]["scale"], eps)
+    cat = np.concatenate([ref.rms_norm(emb(1), m1["emb_norm"]["scale"], eps),
+                          ref.rms_norm(normed0, m1["hidden_norm"]["scale"], eps)], axis=-1)
+    h1, _ = ref.block(m1["block"], cat @ m1["proj"]["kernel"], positions, None, cfg, True)
+    un_normed, _ = ref.mtp_module(depth(2), h1, emb(2), positions, None, cfg)
+    assert np.abs(ref.head(params, un_normed, cfg) - want["mtp_logits"][1]).max() > 1e-3
     out = common.forward(model, jnp.asarray(ids))
-    common.assert_close(out.mtp_logits[0], want["mtp_logits"][0], rtol=1e-4, atol=5e-5)
+    common.assert_close(out.mtp_logits, want["mtp_logits"], rtol=1e-4, atol=5e-5)
