@@ -66,25 +66,35 @@ def test_capacity_slots_keep_the_first_assignments_in_token_order():
 
 
 def test_dispatch_collect_combine_values_and_gradient():
+    # each group's buffer rows are scaled by (group + 1), so a row placed in the wrong group
+    # changes the result; the reference keeps, by a Python loop, the first `capacity`
+    # assignments of each group in token order: y_n = sum_k g_nk [kept_nk] (e_nk + 1) x_n
     rng = np.random.default_rng(1)
-    n, k, groups, capacity = 6, 2, 3, 3
-    experts = jnp.asarray(rng.integers(0, groups, (n * k,)), jnp.int32)
-    x = jnp.asarray(rng.normal(size=(n, 4)), jnp.float32)
+    n, k, groups, capacity, d = 6, 2, 3, 3, 4
+    experts_np = rng.integers(0, groups, (n, k))
+    experts = jnp.asarray(experts_np.reshape(-1), jnp.int32)
+    x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
     gates = jnp.asarray(rng.uniform(size=(n, k)), jnp.float32)
-    slot, keep = capacity_slots(experts, groups, capacity)
+    slot, _ = capacity_slots(experts, groups, capacity)
+    scale = jnp.arange(1, groups + 1, dtype=jnp.float32)[:, None, None]
 
     def through_buffer(x):
-        buf = dispatch(x, slot, groups * capacity) * 2.0
-        return combine(collect(buf, slot), gates)
+        buf = dispatch(x, slot, groups * capacity).reshape(groups, capacity, d) * scale
+        return combine(collect(buf.reshape(groups * capacity, d), slot), gates)
 
-    keep_np, x_np, g_np = np.asarray(keep).reshape(n, k), np.asarray(x), np.asarray(gates)
-    expected = 2.0 * np.einsum("nk,nd->nd", g_np * keep_np, x_np)
-    np.testing.assert_allclose(through_buffer(x), expected, rtol=1e-6)
-    cot = jnp.asarray(rng.normal(size=(n, 4)), jnp.float32)
-    grad = jax.grad(lambda x: jnp.sum(through_buffer(x) * cot))(x)
-    np.testing.assert_allclose(grad, 2.0 * (g_np * keep_np).sum(1)[:, None] * np.asarray(cot),
-                               rtol=1e-6)
+    seen, kept = np.zeros(groups, int), np.zeros((n, k))
+    for t in range(n):
+        for j in range(k):
+            kept[t, j] = seen[experts_np[t, j]] < capacity
+            seen[experts_np[t, j]] += 1
+    assert 0 < kept.sum() < n * k  # some assignments drop
+    factor = np.asarray(gates, np.float64) * kept * (experts_np + 1)  # [n, k]
+    x64, cot = np.asarray(x, np.float64), rng.normal(size=(n, d))
+    np.testing.assert_allclose(through_buffer(x), factor.sum(1)[:, None] * x64, rtol=1e-6)
+    grad = jax.grad(lambda x: jnp.sum(through_buffer(x) * jnp.asarray(cot, jnp.float32)))(x)
+    np.testing.assert_allclose(grad, factor.sum(1)[:, None] * cot, rtol=1e-6)
     buf = np.asarray(dispatch(x, slot, groups * capacity))
     used = np.zeros(groups * capacity, bool)
-    used[np.asarray(slot)[np.asarray(keep)]] = True
+    for g in range(groups):
+        used[g * capacity:g * capacity + min(seen[g], capacity)] = True
     assert not buf[~used].any()  # unused rows are zero
