@@ -1,8 +1,7 @@
-"""Input pipeline: sources -> screen -> mixture -> tokenize -> pack -> batch -> per-process shard.
+"""Input pipeline: sources -> screen -> mixture -> tokenize -> pack -> batch.
 
-    it = build_train_iterator(cfg.data, seq_len=T, global_batch=B,
-                              process_index=jax.process_index(), process_count=jax.process_count())
-    batch = next(it)                          # dict of int32 [B // process_count, T] arrays
+    it = build_train_iterator(cfg.data, seq_len=T, global_batch=B)
+    batch = next(it)                          # dict of int32 [B, T] arrays (the whole global batch)
     stats = DataStats.from_state(it.get_state())   # skipped / split document counts per source
     state = it.get_state()                    # JSON-serialisable; it.set_state(state) resumes
 """

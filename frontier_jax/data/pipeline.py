@@ -1,13 +1,13 @@
 """The training input pipeline: sources -> screen -> mixture -> tokenize -> pack -> batch -> shard.
 
-Every process runs the same deterministic pipeline over the whole global batch
-and keeps a contiguous slice of its rows: process p of P gets rows
-[p * B/P, (p + 1) * B/P) of the global batch of B rows, the layout that
-`jax.make_array_from_process_local_data` expects for a batch axis sharded in
-process order. The union of the processes' rows is exactly the single-process
-batch; the price is that each process tokenizes and packs every row.
+Every process runs the same deterministic pipeline and yields the whole global
+batch of B rows, whatever the number of processes: which rows a process needs
+depends on the device layout (the batch split across processes, replicated
+across them when `tensor` spans hosts, or both), so the training loop hands each
+of its devices the rows that device addresses. The iterator state is then the
+same on every process. The price is that each process tokenizes and packs every row.
 
-Batches are dicts of int32 numpy arrays [B/P, T]:
+Batches are dicts of int32 numpy arrays [B, T]:
   input_ids    token ids fed to the model (pad_id on padding)
   targets      the next token of the same document (pad_id on padding)
   loss_mask    1 where the target is trained on: a real next token of a plain
@@ -20,12 +20,10 @@ Batches are dicts of int32 numpy arrays [B/P, T]:
 
 from __future__ import annotations
 
-import functools
 import zlib
 from typing import Optional
 
 import grain
-import numpy as np
 from absl import flags
 
 from frontier_jax.data.config import DataConfig, RecordFormat, SourceConfig
@@ -43,8 +41,6 @@ def validate_train_args(
     *,
     seq_len: int,
     global_batch: int,
-    process_index: int,
-    process_count: int,
     num_epochs: Optional[int],
 ) -> None:
     """Raises ValueError naming the field and the fix before any data is read."""
@@ -53,16 +49,6 @@ def validate_train_args(
         raise ValueError(f"seq_len={seq_len} must be >= 2 (a row needs room for a next token).")
     if global_batch < 1:
         raise ValueError(f"global_batch={global_batch} must be >= 1.")
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(
-            f"process_index={process_index}, process_count={process_count}: need "
-            "0 <= process_index < process_count."
-        )
-    if global_batch % process_count:
-        raise ValueError(
-            f"global_batch={global_batch} is not divisible by process_count={process_count}: "
-            "make the global batch a multiple of the number of processes."
-        )
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs={num_epochs} must be >= 1, or None to repeat forever.")
 
@@ -89,28 +75,19 @@ def source_documents(cfg: DataConfig, source: SourceConfig, num_epochs: Optional
     )
 
 
-def _process_rows(batch: dict[str, np.ndarray], *, process_index: int, process_count: int) -> dict[str, np.ndarray]:
-    """The contiguous block of rows of `batch` that belongs to `process_index`."""
-    rows = len(batch["input_ids"]) // process_count
-    return {k: v[process_index * rows : (process_index + 1) * rows] for k, v in batch.items()}
-
-
 def build_train_dataset(
     cfg: DataConfig,
     *,
     seq_len: int,
     global_batch: int,
-    process_index: int = 0,
-    process_count: int = 1,
     num_epochs: Optional[int] = None,
 ) -> grain.IterDataset:
-    """The IterDataset of this process's batches (see the module docstring).
+    """The IterDataset of the global batches (see the module docstring).
 
     `num_epochs`: passes over each source (None = forever); with several sources
     the mixture ends when its first source runs out. A last incomplete batch is dropped.
     """
-    validate_train_args(cfg, seq_len=seq_len, global_batch=global_batch, process_index=process_index,
-                        process_count=process_count, num_epochs=num_epochs)
+    validate_train_args(cfg, seq_len=seq_len, global_batch=global_batch, num_epochs=num_epochs)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.special_tokens)
     if any(s.format != RecordFormat.text for s in cfg.sources):
         for name in CHAT_SPECIALS:
@@ -121,9 +98,7 @@ def build_train_dataset(
     )
     rows = pack_documents(mixture, tokenizer=tokenizer, seq_len=seq_len, mask_documents=cfg.mask_documents,
                           num_bins=max(global_batch, _MIN_PACKING_BINS))
-    batches = rows.batch(global_batch, drop_remainder=True).map(
-        functools.partial(_process_rows, process_index=process_index, process_count=process_count)
-    )
+    batches = rows.batch(global_batch, drop_remainder=True)
     if cfg.worker_count:
         # grain 0.2.18 workers read absl flags, which fails unless they were parsed
         # (google/grain#1355); programs that do not use absl.app parse none.
@@ -138,11 +113,7 @@ def build_train_iterator(
     *,
     seq_len: int,
     global_batch: int,
-    process_index: int = 0,
-    process_count: int = 1,
     num_epochs: Optional[int] = None,
 ) -> grain.DatasetIterator:
-    """Iterator of this process's batches; supports `get_state()` / `set_state()`."""
-    return iter(build_train_dataset(cfg, seq_len=seq_len, global_batch=global_batch,
-                                    process_index=process_index, process_count=process_count,
-                                    num_epochs=num_epochs))
+    """Iterator of the global batches; supports `get_state()` / `set_state()`."""
+    return iter(build_train_dataset(cfg, seq_len=seq_len, global_batch=global_batch, num_epochs=num_epochs))

@@ -100,8 +100,20 @@ def build_runner(cfg: Config, devices=None) -> Runner:
     return Runner(trainer, mesh, shardings, in_batch, init, step)
 
 
-def _global_batch(local: dict, sharding: NamedSharding) -> dict:
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k])) for k in BATCH_KEYS}
+def data_iterator(cfg: Config):
+    """The grain iterator of the global batches, the same on every process (see `_global_batch`)."""
+    return build_train_iterator(cfg.data, seq_len=cfg.train.seq_len, global_batch=cfg.train.global_batch)
+
+
+def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
+    """Global [B, T] arrays from the whole global batch, which every process holds: each of this
+    process's devices gets exactly the block `sharding` assigns it, so every layout is right: rows
+    split across processes (data, fsdp, expert spanning hosts), replicated across them (tensor
+    spanning hosts), or both."""
+    def assemble(host: np.ndarray) -> jax.Array:
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return {k: assemble(np.asarray(batch[k])) for k in BATCH_KEYS}
 
 
 def train(cfg: Config, run_dir: str | Path, *, progress: bool = True) -> list[dict]:
@@ -112,8 +124,7 @@ def train(cfg: Config, run_dir: str | Path, *, progress: bool = True) -> list[di
     runner = build_runner(cfg)
     trainer, in_batch = runner.trainer, runner.batch_sharding
 
-    data = build_train_iterator(cfg.data, seq_len=cfg.train.seq_len, global_batch=cfg.train.global_batch,
-                                process_index=jax.process_index(), process_count=jax.process_count())
+    data = data_iterator(cfg)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     start = checkpointer.latest_step()
     if start is not None:

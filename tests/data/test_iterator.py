@@ -21,19 +21,17 @@ def _assert_same_batches(got, want):
             np.testing.assert_array_equal(g[key], w[key], err_msg=key)
 
 
-def test_batch_is_a_dict_of_int32_arrays_of_the_process_rows():
-    batch = next(build_train_iterator(DataConfig(), seq_len=16, global_batch=6, process_index=1, process_count=3))
+def test_batch_is_a_dict_of_int32_arrays_of_the_global_batch():
+    batch = next(build_train_iterator(DataConfig(), seq_len=16, global_batch=6))
     assert sorted(batch) == sorted(KEYS)
-    assert all(v.dtype == np.int32 and v.shape == (2, 16) for v in batch.values())
+    assert all(v.dtype == np.int32 and v.shape == (6, 16) for v in batch.values())
 
 
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [
-        ({"global_batch": 6, "process_count": 4}, "global_batch=6 is not divisible by process_count=4"),
         ({"seq_len": 1}, "seq_len=1"),
         ({"global_batch": 0}, "global_batch=0"),
-        ({"process_index": 2, "process_count": 2}, "process_index=2"),
         ({"num_epochs": 0}, "num_epochs=0"),
     ],
 )
@@ -50,22 +48,14 @@ def test_nonpositive_weight_is_rejected_naming_the_field():
         build_train_iterator(cfg, seq_len=8, global_batch=4)
 
 
+@pytest.mark.parametrize("taken", [0, 1, 7], ids=["fresh", "after_1_batch", "after_7_batches"])
 @pytest.mark.parametrize("mask_documents", [False, True])
-@pytest.mark.parametrize("process_count", [2, 4])
-def test_process_shards_concatenate_to_the_single_process_batch(mask_documents, process_count):
-    cfg = DataConfig(mask_documents=mask_documents, max_document_chars=50)
-    single = _take(build_train_iterator(cfg, seq_len=32, global_batch=8), 3)
-    shards = [_take(build_train_iterator(cfg, seq_len=32, global_batch=8, process_index=p,
-                                         process_count=process_count), 3) for p in range(process_count)]
-    joined = [{k: np.concatenate([s[i][k] for s in shards]) for k in KEYS} for i in range(3)]
-    _assert_same_batches(joined, single)
-
-
-@pytest.mark.parametrize("mask_documents", [False, True])
-def test_restored_iterator_yields_exactly_the_next_batches(mask_documents, tmp_path):
+def test_restored_iterator_yields_exactly_the_next_batches(mask_documents, taken, tmp_path):
+    """Saved before any batch, after one and after several: the screen and packer states
+    differ (nothing read yet, the first records, partial documents carried)."""
     cfg = DataConfig(mask_documents=mask_documents, max_document_chars=300)
     it = build_train_iterator(cfg, seq_len=48, global_batch=4)
-    _take(it, 7)
+    _take(it, taken)
     save_iterator_state(it, tmp_path / "data.json")
     expected = _take(it, 3)
     resumed = build_train_iterator(cfg, seq_len=48, global_batch=4)

@@ -13,7 +13,10 @@ over a few steps); the final checkpoints' parameters to 1e-5 relative + 1e-7 abs
 
 The DCN form of a multi-host layout (data 2 x expert 4 with mesh.dcn.data=2: the data axis
 across processes, built with `create_hybrid_device_mesh`) is checked on its own, without
-training.
+training.  So is the loop's batch assembly on 2 processes x 2 devices for layouts that split the
+batch across processes, replicate it across them (tensor spanning hosts) or interleave the
+processes' rows: every device must hold exactly its block of the single-process global batch.
+And the data iterator saved by 2 processes resumes in 1, and the one saved by 1 resumes in 2.
 
 Speed (2 CPU cores): the three processes run at once and inherit the cheap-compile XLA flags
 of tests/conftest.py (only the device count is replaced).
@@ -34,7 +37,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from frontier_jax.config import load_config
+from frontier_jax.data import build_train_iterator
 from frontier_jax.train.step import Trainer
+
+from .multihost_worker import restore_data, save_data
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("multihost_worker.py")
@@ -49,6 +55,7 @@ OVERRIDES = [  # one MoE layer (MLA, router with bias update, 8 experts, shared 
     "model.mtp_depth=0", "train.seq_len=32", "train.global_batch=8", "train.steps=3", "train.warmup_steps=1",
     "checkpoint.every=3", "mesh.data=1", "mesh.expert=8",
 ]
+BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 COMPARED = ("loss", "ce_loss", "balance_loss", "grad_norm", "lr", "tokens")
 
 
@@ -146,3 +153,74 @@ def test_dcn_axis_spans_the_processes(tmp_path):
         coords = json.loads(line)["coords"]
         assert {c["data"] for c in coords} == {i}
         assert sorted(c["expert"] for c in coords) == [0, 1, 2, 3]
+
+
+# 2 processes x 2 devices; the batch rule splits rows over (data, fsdp, expert), not tensor
+LAYOUTS = {
+    "data across processes": ["mesh.data=4", "mesh.expert=1"],
+    "data across, tensor within": ["mesh.data=2", "mesh.tensor=2", "mesh.dcn.data=2", "mesh.expert=1"],
+    "tensor across (batch replicated over processes)": ["mesh.data=2", "mesh.tensor=2", "mesh.dcn.tensor=2",
+                                                        "mesh.expert=1"],
+    "expert across, data within (rows interleaved)": ["mesh.data=2", "mesh.expert=2", "mesh.dcn.expert=2"],
+}
+
+
+def _run_two(mode: str, run_dir: Path, overrides: list[str], devices: int = 2) -> None:
+    port = _free_port()
+    logs = {f"process{i}": run_dir / f"{mode}_process{i}.log" for i in range(2)}
+    _wait({name: _start(mode, log, run_dir, i, 2, port, devices, overrides)
+           for i, (name, log) in enumerate(logs.items())}, logs)
+
+
+def _single_process_batches(overrides: list[str], n: int) -> list[dict]:
+    cfg = load_config("model/toy", overrides)
+    it = build_train_iterator(cfg.data, seq_len=cfg.train.seq_len, global_batch=cfg.train.global_batch)
+    return [next(it) for _ in range(n)]
+
+
+def test_each_device_gets_its_block_of_the_global_batch_in_every_layout(tmp_path):
+    """Before: each process fed rows [pB/2, (p+1)B/2) as its local data, so with tensor across
+    processes the global batch had B/2 rows and differed between the processes' replicas."""
+    base = [o for o in OVERRIDES if not o.startswith("mesh.")] + ["train.seq_len=16"]
+    (tmp_path / "layouts.json").write_text(json.dumps(list(LAYOUTS.values())))
+    _run_two("batch", tmp_path, base)
+    want = _single_process_batches(base, 1)[0]
+    rows = want["input_ids"].shape[0]
+    for n, name in enumerate(LAYOUTS):
+        covered = {p: set() for p in range(2)}
+        for p in range(2):
+            got = np.load(tmp_path / f"batch_{n}_{p}.npz")
+            for key in BATCH_KEYS:
+                assert tuple(got[f"{key}_shape"]) == want[key].shape, (name, key)
+                for shard in range(2):  # 2 local devices
+                    (r, c), value = got[f"{key}_{shard}_start"], got[f"{key}_{shard}_value"]
+                    np.testing.assert_array_equal(value, want[key][r:r + len(value), c:c + value.shape[1]],
+                                                  err_msg=f"{name}: process {p} shard {shard} {key}")
+                    covered[p].update(range(r, r + len(value)))
+        assert covered[0] | covered[1] == set(range(rows)), name
+        if name.startswith("tensor across"):
+            assert covered[0] == covered[1] == set(range(rows)), name
+
+
+DATA_OVERRIDES = ["train.seq_len=32", "train.global_batch=4", "data.max_document_chars=100"]
+
+
+def test_data_iterator_saved_by_two_processes_resumes_in_one(tmp_path):
+    (tmp_path / "steps.txt").write_text("3")
+    _run_two("data_save", tmp_path, DATA_OVERRIDES)
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "3" / "data").glob("process_*.json")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
+    want = _single_process_batches(DATA_OVERRIDES, 4)[3]
+    got = next(restore_data(load_config("model/toy", DATA_OVERRIDES), tmp_path))
+    for key in BATCH_KEYS:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_data_iterator_saved_by_one_process_resumes_in_two(tmp_path):
+    save_data(load_config("model/toy", DATA_OVERRIDES), tmp_path, 3)
+    _run_two("data_next", tmp_path, DATA_OVERRIDES)
+    want = _single_process_batches(DATA_OVERRIDES, 4)[3]
+    for p in range(2):
+        got = np.load(tmp_path / f"next_{p}.npz")
+        for key in BATCH_KEYS:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"process {p} {key}")
