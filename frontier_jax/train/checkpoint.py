@@ -8,19 +8,38 @@ Saves are asynchronous and atomic (orbax writes into a temporary directory and r
 when complete, so a crash mid-save leaves the previous checkpoint as the latest).  Restore
 takes an abstract state whose leaves carry the *current* shardings, so a checkpoint written
 on one mesh restores onto another (e.g. 8 devices -> 1).
+
+Faults: a save that cannot be written (directory gone or not writable, disk full) raises
+`CheckpointError` naming the directory, at the save or at the next `poll()` (each step) when
+it fails in orbax's background thread; the previous checkpoint stays the latest.  A latest
+checkpoint that does not restore (truncated or bit-flipped file, missing `_METADATA`, bad
+iterator JSON) is renamed `<step>.corrupt-<reason>` (kept, not deleted) with a warning, and
+the newest earlier one that restores is used (`restore_latest`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from frontier_jax.config import CheckpointConfig
 from frontier_jax.data.checkpoint import orbax_restore_args, orbax_save_args
+
+log = logging.getLogger(__name__)
+
+# Files without which a step's state cannot be read back (orbax lays the rest out itself).
+_REQUIRED_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "config/metadata")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, or no checkpoint of a run directory restores."""
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -51,31 +70,124 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True,
                                                enable_async_checkpointing=cfg.async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._pending: int | None = None  # step of an asynchronous save not yet checked
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator, config: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=orbax_save_args(data_iterator),
-            config=ocp.args.JsonSave(config)), force=True)
+    def _save_failed(self, step: int, err: BaseException) -> CheckpointError:
+        self.manager.reload()
+        latest = self.latest_step()
+        kept = "no checkpoint is kept" if latest is None else f"the latest checkpoint is still {latest}"
+        return CheckpointError(f"saving checkpoint {step} in {self.directory} failed ({_first_line(err)}); {kept}. "
+                               "Free space or fix the directory, then run the same command again to resume")
 
-    def restore(self, step: int, abstract_state: Any, data_iterator: grain.DatasetIterator) -> Any:
+    def _check_writable(self, step: int) -> None:
+        """Orbax creates a step's directory in a helper thread and waits for it without a bound,
+        so a directory it cannot write (gone, a file, read-only) hangs `save`; test it first."""
+        probe = self.directory / f".write-probe-{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise self._save_failed(step, err) from err
+
+    def poll(self) -> None:
+        """Raises `CheckpointError` if the last asynchronous save has failed; call every step."""
+        if self._pending is not None and not self.manager.is_saving_in_progress():
+            self.wait()
+
+    def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator, config: dict) -> None:
+        self._check_writable(step)
+        self.wait()  # the previous save's errors, before starting another
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=orbax_save_args(data_iterator),
+                config=ocp.args.JsonSave(config)), force=True)
+        except Exception as err:
+            raise self._save_failed(step, err) from err
+        self._pending = step
+
+    def restore(self, step: int, abstract_state: Any, data_iterator: grain.DatasetIterator | None) -> Any:
         """Returns the state laid out as `abstract_state` (a pytree of ShapeDtypeStructs with
-        `sharding` set) and moves `data_iterator` to the saved position."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=orbax_restore_args(data_iterator)))
-        return restored.state
+        `sharding` set) and moves `data_iterator` to the saved position (None: leaves the
+        saved position unread)."""
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items["data"] = orbax_restore_args(data_iterator)
+        return self.manager.restore(step, args=ocp.args.Composite(**items)).state
 
     def read_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
+    def _missing_file(self, step: int) -> str | None:
+        step_dir = self.directory / str(step)
+        return next((name for name in _REQUIRED_FILES if not (step_dir / name).exists()), None)
+
+    def _move_aside(self, step: int, reason: str) -> Path:
+        target = self.directory / f"{step}.corrupt-{reason}"
+        if jax.process_index() == 0:
+            os.replace(self.directory / str(step), target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"frontier_jax checkpoint {step} moved aside")
+        self.manager.reload()
+        return target
+
+    def restore_latest(self, abstract_state: Any, data_iterator: grain.DatasetIterator | None,
+                       check_config: Callable[[dict], None]) -> tuple[int, Any] | None:
+        """(step, state) of the newest checkpoint that restores, or None when there is none.
+
+        `check_config(saved_config)` raises (ValueError) when the run's config cannot resume from
+        it; that error ends the search.  Checkpoints newer than the one restored that failed
+        to restore are moved aside (`<step>.corrupt-<reason>`) with a warning; if none restores,
+        nothing is moved and `CheckpointError` names the latest and why."""
+        failures: list[tuple[int, str, str]] = []  # (step, reason, detail)
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            missing = self._missing_file(step)
+            if missing is not None:
+                failures.append((step, "missing-" + missing.split("/")[-1].strip("_"),
+                                 f"{self.directory / str(step) / missing} is missing"))
+                continue
+            try:
+                saved_config = self.read_config(step)
+            except Exception as err:
+                failures.append((step, "unreadable", f"its config does not read: {_first_line(err)}"))
+                continue
+            check_config(saved_config)
+            try:
+                state = self.restore(step, abstract_state, data_iterator)
+            except Exception as err:
+                failures.append((step, "unreadable", _first_line(err)))
+                continue
+            for bad, reason, detail in failures:
+                target = self._move_aside(bad, reason)
+                log.warning("checkpoint %d does not restore (%s): moved to %s; resuming from step %d",
+                            bad, detail, target, step)
+            return step, state
+        if failures:
+            step, _, detail = failures[0]
+            raise CheckpointError(f"no checkpoint in {self.directory} restores; the latest, step {step}: {detail}. "
+                                  "Move the broken step directories away to start afresh")
+        return None
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Blocks until the pending save is written; `CheckpointError` if it failed."""
+        step, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:
+            raise self._save_failed(step, err) from err
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+
+def _first_line(err: BaseException, limit: int = 300) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def abstract_with_shardings(state_shapes: Any, shardings: Any) -> Any:
