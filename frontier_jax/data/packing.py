@@ -85,6 +85,14 @@ def _row(packed: dict[str, np.ndarray], *, mask_documents: bool, pad_id: int) ->
     }
 
 
+def padding_rows(n: int, seq_len: int, *, pad_id: int) -> dict[str, np.ndarray]:
+    """n rows of padding with the features of `_row`: pad_id tokens, every mask and id 0."""
+    zeros = np.zeros((n, seq_len), np.int32)
+    pads = np.full((n, seq_len), pad_id, np.int32)
+    return {"input_ids": pads, "targets": pads.copy(), "loss_mask": zeros, "segment_ids": zeros.copy(),
+            "positions": zeros.copy()}
+
+
 def pack_documents(
     documents: grain.IterDataset,
     *,

@@ -1,4 +1,4 @@
-"""The training input pipeline: sources -> screen -> mixture -> tokenize -> pack -> batch -> shard.
+"""The training input pipeline: sources -> screen -> mixture -> tokenize -> pack -> batch.
 
 Every process runs the same deterministic pipeline and yields the whole global
 batch of B rows, whatever the number of processes: which rows a process needs
@@ -6,6 +6,9 @@ depends on the device layout (the batch split across processes, replicated
 across them when `tensor` spans hosts, or both), so the training loop hands each
 of its devices the rows that device addresses. The iterator state is then the
 same on every process. The price is that each process tokenizes and packs every row.
+
+With a batch-size ramp only the first rows_at(k) rows of batch k are read; the rest
+are padding rows (loss_mask 0, segment_ids 0; see `batching.py`).
 
 Batches are dicts of int32 numpy arrays [B, T]:
   input_ids    token ids fed to the model (pad_id on padding)
@@ -21,11 +24,12 @@ Batches are dicts of int32 numpy arrays [B, T]:
 from __future__ import annotations
 
 import zlib
-from typing import Optional
+from typing import Callable, Optional
 
 import grain
 from absl import flags
 
+from frontier_jax.data.batching import RampBatchIterDataset
 from frontier_jax.data.config import DataConfig, RecordFormat, SourceConfig
 from frontier_jax.data.packing import pack_documents
 from frontier_jax.data.screen import ScreenIterDataset
@@ -80,10 +84,13 @@ def build_train_dataset(
     *,
     seq_len: int,
     global_batch: int,
+    rows_at: Optional[Callable[[int], int]] = None,
     num_epochs: Optional[int] = None,
 ) -> grain.IterDataset:
     """The IterDataset of the global batches (see the module docstring).
 
+    `rows_at(k)`: the rows of batch k (from 0) read from the data, the rest padding (the
+    batch-size ramp, `batching.py`); default: all `global_batch` rows.
     `num_epochs`: passes over each source (None = forever); with several sources
     the mixture ends when its first source runs out. A last incomplete batch is dropped.
     """
@@ -98,14 +105,14 @@ def build_train_dataset(
     )
     rows = pack_documents(mixture, tokenizer=tokenizer, seq_len=seq_len, mask_documents=cfg.mask_documents,
                           num_bins=max(global_batch, _MIN_PACKING_BINS))
-    batches = rows.batch(global_batch, drop_remainder=True)
     if cfg.worker_count:
         # grain 0.2.18 workers read absl flags, which fails unless they were parsed
         # (google/grain#1355); programs that do not use absl.app parse none.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
-    return batches
+        rows = rows.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
+    return RampBatchIterDataset(rows, global_batch=global_batch, rows_at=rows_at or (lambda _: global_batch),
+                                pad_id=tokenizer.pad_id)
 
 
 def build_train_iterator(
@@ -113,7 +120,9 @@ def build_train_iterator(
     *,
     seq_len: int,
     global_batch: int,
+    rows_at: Optional[Callable[[int], int]] = None,
     num_epochs: Optional[int] = None,
 ) -> grain.DatasetIterator:
     """Iterator of the global batches; supports `get_state()` / `set_state()`."""
-    return iter(build_train_dataset(cfg, seq_len=seq_len, global_batch=global_batch, num_epochs=num_epochs))
+    return iter(build_train_dataset(cfg, seq_len=seq_len, global_batch=global_batch, rows_at=rows_at,
+                                    num_epochs=num_epochs))

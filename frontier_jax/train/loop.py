@@ -31,6 +31,7 @@ from frontier_jax.model.describe import describe
 from frontier_jax.parallel.mesh import batch_sharding, build_mesh, check_batch_fits, check_divisible, state_shardings
 from frontier_jax.train.checkpoint import Checkpointer, abstract_with_shardings, check_same_model
 from frontier_jax.train.metrics import MetricsLogger, model_flops_utilization, plot_loss_curve
+from frontier_jax.train.optimizer import batch_size_at
 from frontier_jax.train.step import BATCH_KEYS, Trainer
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,10 @@ def build_runner(cfg: Config, devices=None) -> Runner:
 
 
 def data_iterator(cfg: Config):
-    """The grain iterator of the global batches, the same on every process (see `_global_batch`)."""
-    return build_train_iterator(cfg.data, seq_len=cfg.train.seq_len, global_batch=cfg.train.global_batch)
+    """The grain iterator of the global batches, the same on every process (see `_global_batch`).
+    Batch k reads only the batch-size ramp's rows at step k; the rest of its rows are padding."""
+    return build_train_iterator(cfg.data, seq_len=cfg.train.seq_len, global_batch=cfg.train.global_batch,
+                                rows_at=lambda step: int(batch_size_at(cfg.train, step)))
 
 
 def _global_batch(batch: dict, sharding: NamedSharding) -> dict:

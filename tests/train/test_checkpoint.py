@@ -1,6 +1,7 @@
 """Checkpoint faults (frontier_jax/train/checkpoint.py), on a small pytree and the real data
 iterator: failed saves are reported and leave the previous checkpoint the latest; a latest
-checkpoint that does not restore is moved aside and the newest earlier one is used."""
+checkpoint that does not restore is moved aside and the newest earlier one is used.  And the
+fast guard of resume's data half: a restored loop iterator yields the next batch."""
 
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ import pytest
 
 from frontier_jax.config import CheckpointConfig
 from frontier_jax.data import DataConfig, build_train_iterator
+from frontier_jax.train import loop
 from frontier_jax.train.checkpoint import Checkpointer, CheckpointError
+
+from .common import tiny_config
 
 CONFIG = {"model": {"hidden_size": 8}}
 
@@ -170,3 +174,31 @@ def test_a_save_failing_in_the_background_is_reported_by_the_next_poll(tmp_path,
             time.sleep(0.05)
     assert Checkpointer(tmp_path, CheckpointConfig()).latest_step() == 1
     checkpointer.close()
+
+
+BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
+
+
+@pytest.mark.parametrize("ramp", [False, True], ids=["fixed_batch", "mid_batch_ramp"])
+def test_checkpoint_restores_the_loop_data_iterator_to_the_next_batch(tmp_path, ramp):
+    """The fast guard of resume's data half (the slow end-to-end resume tests train): a
+    checkpoint taken after 3 batches, restored into a fresh loop iterator, gives batches 4, 5."""
+    cfg = tiny_config(*(["train.batch_ramp_steps=6", "train.batch_ramp_start=2", "train.micro_batches=2"]
+                        if ramp else []))
+    data = loop.data_iterator(cfg)
+    for _ in range(3):
+        next(data)
+    saver = Checkpointer(tmp_path, CheckpointConfig(async_save=False))
+    saver.save(3, _state(3), data, cfg.to_dict())
+    saver.close()
+    want = [next(data) for _ in range(2)]
+
+    fresh = loop.data_iterator(cfg)
+    saver = Checkpointer(tmp_path, CheckpointConfig(async_save=False))
+    restored = saver.restore(3, _abstract(), fresh)
+    saver.close()
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.full((4, 8), 3.0))
+    for k, batch in enumerate(want):
+        got = next(fresh)
+        for key in BATCH_KEYS:
+            np.testing.assert_array_equal(got[key], batch[key], err_msg=f"batch {3 + k} {key}")
