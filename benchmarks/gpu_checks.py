@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from frontier_jax.model.attention import dot_product_attention
-from frontier_jax.model.grouped_matmul import grouped_matmul
+from frontier_jax.ops.grouped_matmul import grouped_matmul
 
 FAILURES: list[str] = []
 

@@ -32,8 +32,8 @@ from flax import nnx
 
 from frontier_jax.config import load_config
 from frontier_jax.kernels import grouped_gemm as gg
-from frontier_jax.model.expert_compute import dropless_slots, swiglu_batched, swiglu_grouped
 from frontier_jax.model.moe import MoE
+from frontier_jax.ops.expert_compute import dropless_slots, swiglu_batched, swiglu_grouped
 from frontier_jax.precision import get_policy
 
 ROW_TILINGS = [gg.RowTiling(256, 64, 8, 3), gg.RowTiling(256, 64, 8, 4), gg.RowTiling(128, 64, 8, 3),

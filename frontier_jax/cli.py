@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 # Exit codes (README "When things go wrong").
 EXIT_USAGE = 2  # a bad config, argument, path or file
@@ -47,7 +48,7 @@ def _describe(args) -> int:
     info = describe(cfg.model, seq_len=args.seq_len or cfg.train.seq_len)
     text = format_description(info)
     if args.mesh or args.devices or args.device_memory_gib is not None:
-        from frontier_jax.parallel.memory import device_memory, fits, format_memory, verdict
+        from frontier_jax.runtime.memory import device_memory, fits, format_memory, verdict
 
         mem = device_memory(cfg, args.devices)
         info.update(mesh=mem.mesh, batch_per_device=mem.batch_per_device, per_device_bytes=mem.per_device_bytes(),
@@ -69,9 +70,25 @@ def _train(args) -> int:
         explicit = {key: int(os.environ[var]) for key, var in
                     (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")) if var in os.environ}
         jax.distributed.initialize(**explicit)
-    from frontier_jax.train.loop import train_from_cli
+    import logging
 
-    return train_from_cli(args.config, args.run_dir, args.overrides)
+    from frontier_jax.config import load_config
+    from frontier_jax.train.loop import NonFiniteLossError, train
+
+    # force: libraries imported earlier (absl via orbax) may already have configured logging
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
+    cfg = load_config(args.config, args.overrides)
+    try:
+        history = train(cfg, args.run_dir)
+    except NonFiniteLossError as err:
+        print(f"error: {err}")
+        return 3
+    if history:
+        first, last = history[0], history[-1]
+        print(f"done: step {last['step']}, loss {first['loss']:.4f} (step {first['step']}) -> "
+              f"{last['loss']:.4f}; metrics in {Path(args.run_dir) / 'metrics.jsonl'}, "
+              f"curve in {Path(args.run_dir) / 'loss.png'}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,8 +57,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.interpreters import mlir
 
+from frontier_jax.kernels.fp8_scaling import expand_scale
 from frontier_jax.kernels.grouped_gemm import TILE_ROWS  # the tile-aligned expert row layout
-from frontier_jax.precision.quantize import expand_scale
 
 try:  # the Pallas Triton lowering's rule registry (private: checked at import, see _fp8_dot)
     from jax._src.lib.mlir import ir as _ir

@@ -7,7 +7,7 @@ writes, as asked,
     cols:  q^T [K, M] with s^T [K, M / B] (B x 1 tiles along M, stored transposed: the NT
                                            operands x^T, dy^T of the weight gradient)
 each tile's scale s = amax(|tile|) / fp_max and q = fp8(x / s) with exactly the arithmetic of
-`precision.quantize.quantize` (shared helpers), so both paths give the same bits for finite x;
+`precision.quantize.quantize` (shared helpers, `fp8_scaling`), so both paths give the same bits for finite x;
 a tile holding NaN or inf gets a NaN scale (its products come out NaN).  XLA does
 the same work as separate reduce and transpose fusions that read x up to four times.
 """
@@ -22,7 +22,7 @@ import qwix
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from frontier_jax.precision.quantize import scale_from_amax, to_fp8
+from frontier_jax.kernels.fp8_scaling import scale_from_amax, to_fp8
 
 BLOCK = 128
 NUM_WARPS = 4  # per [B, B] tile (benchmarks/fp8_quantize.py sweeps it)

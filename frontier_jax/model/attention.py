@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from frontier_jax.model.tokamax_import import tokamax
+from frontier_jax.ops.tokamax_import import tokamax
 
 _MASKED = -1e30  # finite, so that a fully masked (padding) row yields no NaN
 

@@ -22,6 +22,7 @@ from frontier_jax.model.layers import RMSNorm
 from frontier_jax.model.mla import MLA
 from frontier_jax.model.mlp import SwiGLU
 from frontier_jax.model.moe import MoE, MoEStats
+from frontier_jax.ops.dispatch import ExpertDispatcher, LocalExperts
 from frontier_jax.parallel.rules import constrain
 from frontier_jax.precision import PrecisionPolicy
 from frontier_jax.precision.recipe import FP8_WEIGHT
@@ -37,13 +38,14 @@ class SequenceInputs(NamedTuple):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, moe: bool, policy: PrecisionPolicy, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, moe: bool, policy: PrecisionPolicy,
+                 experts: ExpertDispatcher = LocalExperts(), rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.attn = MLA(cfg, policy=policy, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.is_moe = moe
         if moe:
-            self.ffn = MoE(cfg, policy=policy, rngs=rngs)
+            self.ffn = MoE(cfg, policy=policy, experts=experts, rngs=rngs)
         else:
             self.ffn = SwiGLU(cfg.hidden_size, cfg.dense_ffn_dim, std=cfg.init_std, policy=policy,
                               rngs=rngs, name="dense_ffn")
@@ -98,11 +100,11 @@ class LayerStack(nnx.Module):
     """`num_layers` blocks with stacked parameters, applied in sequence by `lax.scan`."""
 
     def __init__(self, cfg: ModelConfig, num_layers: int, *, moe: bool, policy: PrecisionPolicy,
-                 rngs: nnx.Rngs):
+                 experts: ExpertDispatcher = LocalExperts(), rngs: nnx.Rngs):
         @nnx.split_rngs(splits=num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def create(layer_rngs: nnx.Rngs) -> Block:
-            return Block(cfg, moe=moe, policy=policy, rngs=layer_rngs)
+            return Block(cfg, moe=moe, policy=policy, experts=experts, rngs=layer_rngs)
 
         self.num_layers = num_layers
         self.remat_policy = cfg.remat_policy

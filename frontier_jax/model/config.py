@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from frontier_jax.ops.grouped_matmul import GMM_IMPLS
+
 ATTENTION_IMPLS = ("xla", "cudnn", "tokamax")
-GMM_IMPLS = ("auto", "pallas", "ragged_dot", "tokamax")
 MOE_DISPATCH = ("dropless", "capacity")
 SCORING_FUNCS = ("sigmoid", "softmax")
 ROPE_SCALING_TYPES = ("none", "yarn")

@@ -3,14 +3,9 @@
     h'_t = u_t + sum_{i<=N_s} FFN_i^(s)(u_t) + sum_{i<=N_r} g_{i,t} FFN_i^(r)(u_t)
 
 Shared experts are one SwiGLU of width N_s * f.  Routed experts are SwiGLUs stacked as
-W_gate, W_up [N_r, d, f] and W_down [N_r, f, d].  Token dispatch (`model.moe_dispatch`):
-  * "dropless": the N*K (token, expert) assignments are laid out expert by expert (each
-    expert's rows padded to the grouped-matmul kernel's row tile) and run through one grouped
-    matmul per projection (`grouped_matmul`), then gathered back and combined with the gates.
-  * "capacity": each expert takes at most C = ceil(capacity_factor * N K / N_r) assignments
-    (first come, in token order) into an [N_r, C, d] buffer computed by a batched matmul (by
-    the fp8 grouped matmuls, each expert's rows aligned to 128, when the precision policy runs
-    the experts in fp8); overflowing assignments are dropped (contribute zero) and counted.
+W_gate, W_up [N_r, d, f] and W_down [N_r, f, d]; how their tokens are dispatched (locally, or
+over the mesh with all-to-all; "dropless" or "capacity" by `model.moe_dispatch`) is the
+`ExpertDispatcher` the model is given (`frontier_jax.ops.dispatch`).
 
 Returned statistics: per-expert load (assignments of real tokens), the sequence-wise balance
 loss L_bal = sum_i f_i P_i averaged over rows (eqs. 17-20; multiplied by alpha in training),
@@ -19,7 +14,6 @@ and the number of dropped assignments.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -27,16 +21,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from frontier_jax.model.config import ModelConfig
-from frontier_jax.model.expert_compute import (
-    capacity_slots, collect, combine, dispatch, dropless_slots, swiglu_batched,
-    swiglu_grouped)
-from frontier_jax.kernels.grouped_gemm import TILE_ROWS, padded_rows_bound
-from frontier_jax.model.grouped_matmul import fp8_experts, row_alignment
 from frontier_jax.model.layers import normal_param
 from frontier_jax.model.mlp import SwiGLU
-from frontier_jax.model.routing import Router, Routing
-from frontier_jax.parallel.expert import expert_parallel_ffn, expert_parallel_size
-from frontier_jax.parallel.rules import active_sharding, constrain
+from frontier_jax.model.routing import Router
+from frontier_jax.ops.dispatch import ExpertDispatcher, ExpertDispatchSpec, LocalExperts, RoutedOutput
+from frontier_jax.ops.routing import Routing
+from frontier_jax.parallel.rules import constrain
 from frontier_jax.precision import PrecisionPolicy
 
 
@@ -70,59 +60,36 @@ def groups_per_token(experts: jax.Array, cfg: ModelConfig) -> jax.Array:
     return jnp.mean(jnp.sum(groups.max(axis=1), axis=-1))
 
 
-class RoutedExperts(nnx.Module):
-    """N_r SwiGLU experts as stacked weights, with both dispatch modes."""
+def dispatch_spec(cfg: ModelConfig) -> ExpertDispatchSpec:
+    """The model's numbers and implementation choices an expert dispatcher needs."""
+    return ExpertDispatchSpec(n_experts=cfg.n_routed_experts, top_k=cfg.num_experts_per_tok,
+                              dispatch=cfg.moe_dispatch, capacity_factor=cfg.moe_capacity_factor,
+                              gmm_impl=cfg.gmm_impl, overlap_chunks=cfg.ep_overlap_chunks)
 
-    def __init__(self, cfg: ModelConfig, *, policy: PrecisionPolicy, rngs: nnx.Rngs):
+
+class RoutedExperts(nnx.Module):
+    """N_r SwiGLU experts as stacked weights, computed by the given dispatcher."""
+
+    def __init__(self, cfg: ModelConfig, *, policy: PrecisionPolicy,
+                 experts: ExpertDispatcher = LocalExperts(), rngs: nnx.Rngs):
         e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_ffn_dim
-        self.cfg, self.policy = cfg, policy
+        self.spec, self.policy, self.dispatcher = dispatch_spec(cfg), policy, experts
         self.w_gate = normal_param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), cfg.init_std)
         self.w_up = normal_param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), cfg.init_std)
         self.w_down = normal_param(rngs, (e, f, d), ("expert", "moe_mlp", "embed"), cfg.init_std)
 
-    def __call__(self, x: jax.Array, routing: Routing) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x [N, d] -> (sum_k g_k FFN_{e_k}(x) [N, d], dropped assignments, all-to-all bytes).
-
-        Inside `use_sharding` with an `expert` mesh axis > 1, tokens travel to the devices
-        owning their experts (`frontier_jax.parallel.expert`); otherwise all runs locally."""
-        active = active_sharding()
-        if active is not None and expert_parallel_size(*active) > 1:
-            return expert_parallel_ffn(x, routing, self.w_gate[...], self.w_up[...], self.w_down[...],
-                                       cfg=self.cfg, policy=self.policy, mesh=active[0], rules=active[1])
-        n, d = x.shape
-        e, k = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
-        weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
-        dtype = self.policy.compute_dtype
-        flat_expert = routing.experts.reshape(-1)  # [N K]
-        if self.cfg.moe_dispatch == "dropless":
-            align = row_alignment(self.cfg.gmm_impl, self.policy)
-            slot, sizes = dropless_slots(flat_expert, e, align)
-            buf = dispatch(x.astype(dtype), slot, padded_rows_bound(n * k, e, align))
-            out = swiglu_grouped(buf, sizes, *weights, impl=self.cfg.gmm_impl, dtype=dtype,
-                                 policy=self.policy)
-            dropped = jnp.zeros((), jnp.int32)
-        else:
-            capacity = math.ceil(self.cfg.moe_capacity_factor * n * k / e)
-            if fp8_experts(self.policy):  # fp8 grouped GEMMs over equal, tile-aligned groups
-                stride = -(-capacity // TILE_ROWS) * TILE_ROWS
-                slot, keep = capacity_slots(flat_expert, e, capacity, stride)
-                out = swiglu_grouped(dispatch(x.astype(dtype), slot, e * stride),
-                                     jnp.full((e,), stride, jnp.int32), *weights,
-                                     impl=self.cfg.gmm_impl, dtype=dtype, policy=self.policy)
-            else:
-                slot, keep = capacity_slots(flat_expert, e, capacity)
-                buf = dispatch(x.astype(dtype), slot, e * capacity).reshape(e, capacity, d)
-                out = swiglu_batched(buf, *weights, dtype=dtype).reshape(e * capacity, d)
-            dropped = (n * k - keep.sum()).astype(jnp.int32)
-        y = combine(collect(out, slot), routing.weights)
-        return y.astype(x.dtype), dropped, jnp.zeros((), jnp.float32)
+    def __call__(self, x: jax.Array, routing: Routing) -> RoutedOutput:
+        """x [N, d] -> (sum_k g_k FFN_{e_k}(x) [N, d], dropped assignments, all-to-all bytes)."""
+        return self.dispatcher(x, routing, self.w_gate[...], self.w_up[...], self.w_down[...],
+                               spec=self.spec, policy=self.policy)
 
 
 class MoE(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, policy: PrecisionPolicy, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, policy: PrecisionPolicy,
+                 experts: ExpertDispatcher = LocalExperts(), rngs: nnx.Rngs):
         self.cfg = cfg
         self.router = Router(cfg, rngs=rngs)
-        self.experts = RoutedExperts(cfg, policy=policy, rngs=rngs)
+        self.experts = RoutedExperts(cfg, policy=policy, experts=experts, rngs=rngs)
         if cfg.n_shared_experts:
             self.shared = SwiGLU(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_ffn_dim,
                                  std=cfg.init_std, policy=policy, rngs=rngs, name="moe.shared")

@@ -12,24 +12,17 @@ For token u_t [d] and N_r routed experts with centroids e_i (router weight W_r [
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from frontier_jax.model.config import ModelConfig
 from frontier_jax.model.layers import normal_param
+from frontier_jax.ops.routing import Routing
 
 
 class ExpertBias(nnx.Variable):
     """Per-expert routing bias b [N_r]: updated by the balancing rule, not by gradients."""
-
-
-class Routing(NamedTuple):
-    weights: jax.Array  # [N, K] gate values g (fp32)
-    experts: jax.Array  # [N, K] int32 expert indices
-    scores: jax.Array  # [N, N_r] unbiased affinities s (fp32)
 
 
 def route(logits: jax.Array, bias: jax.Array, cfg: ModelConfig) -> Routing:

@@ -14,7 +14,7 @@ With P devices on the `expert` axis, device p owns experts [p E/P, (p+1) E/P).  
 Tokens are split over the mesh axes of the `batch` rule (which must include `expert`); shared
 experts and everything else stay outside, under XLA's automatic partitioning.
 
-Overlap (`model.ep_overlap_chunks` = c > 1): each device's tokens are processed as c independent
+Overlap (`spec.overlap_chunks` = c > 1, from `model.ep_overlap_chunks`): each device's tokens are processed as c independent
 chunks, so the scheduler can run one chunk's all-to-alls while another chunk's experts compute
 (the report's idea of hiding dispatch/combine behind work).  Results are identical.
 
@@ -26,18 +26,28 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from frontier_jax.kernels.grouped_gemm import padded_rows_bound
-from frontier_jax.model.config import ModelConfig
-from frontier_jax.model.expert_compute import (
-    capacity_slots, collect, combine, dispatch, dropless_slots, invert, swiglu_grouped)
-from frontier_jax.model.grouped_matmul import row_alignment
-from frontier_jax.model.routing import Routing
+from frontier_jax.ops.dispatch import ExpertDispatcher, ExpertDispatchSpec, LocalExperts, RoutedOutput
+from frontier_jax.ops.expert_compute import (
+    capacity_slots,
+    collect,
+    combine,
+    dispatch,
+    dropless_slots,
+    invert,
+    swiglu_grouped,
+)
+from frontier_jax.ops.grouped_matmul import row_alignment
+from frontier_jax.ops.routing import Routing
+from frontier_jax.precision import PrecisionPolicy
 
 EXPERT_AXIS = "expert"
 
@@ -75,13 +85,13 @@ def _tensor_axis(mesh: Mesh, rules) -> str | None:
     return axes[0] if axes else None
 
 
-def _local_ffn(x, experts, gates, w_gate, w_up, w_down, *, cfg: ModelConfig, policy, devices: int,
+def _local_ffn(x, experts, gates, w_gate, w_up, w_down, *, spec: ExpertDispatchSpec, policy, devices: int,
                capacity: int, tensor_axis: str | None):
     """Runs on one device: x [n, d], experts/gates [n, K], local weights [E/P, ...]."""
     n, d = x.shape
-    k = cfg.num_experts_per_tok
+    k = spec.top_k
     dtype = policy.compute_dtype
-    local_experts = cfg.n_routed_experts // devices
+    local_experts = spec.n_experts // devices
     flat = experts.reshape(-1)
     dest = flat // local_experts
     slot, keep = capacity_slots(dest, devices, capacity)
@@ -93,11 +103,11 @@ def _local_ffn(x, experts, gates, w_gate, w_up, w_down, *, cfg: ModelConfig, pol
     recv_ids = a2a(send_ids.reshape(devices, capacity)).reshape(-1)
     # local experts: received rows laid out expert by expert, empty rows (-1) in a last group
     key = jnp.where(recv_ids < 0, local_experts, recv_ids)
-    align = row_alignment(cfg.gmm_impl, policy)
+    align = row_alignment(spec.gmm_impl, policy)
     local_slot, sizes = dropless_slots(key, local_experts + 1, align)
     local_rows = padded_rows_bound(num_slots, local_experts + 1, align)
     out = swiglu_grouped(dispatch(recv, local_slot, local_rows), sizes[:-1],
-                         w_gate, w_up, w_down, impl=cfg.gmm_impl, dtype=dtype, policy=policy)
+                         w_gate, w_up, w_down, impl=spec.gmm_impl, dtype=dtype, policy=policy)
     out = collect(out, local_slot)
     if tensor_axis is not None:
         out = jax.lax.psum(out, tensor_axis)
@@ -111,28 +121,28 @@ def _local_ffn(x, experts, gates, w_gate, w_up, w_down, *, cfg: ModelConfig, pol
 
 
 def expert_parallel_ffn(x: jax.Array, routing: Routing, w_gate: jax.Array, w_up: jax.Array,
-                        w_down: jax.Array, *, cfg: ModelConfig, policy, mesh: Mesh,
-                        rules: Mapping[str, Sequence[str]]) -> tuple[jax.Array, jax.Array, jax.Array]:
+                        w_down: jax.Array, *, spec: ExpertDispatchSpec, policy: PrecisionPolicy,
+                        mesh: Mesh, rules: Mapping[str, Sequence[str]]) -> RoutedOutput:
     """x [N, d] (N = all tokens), routing over N -> (routed-expert output [N, d], dropped
     assignments (global), bytes sent to other devices (global))."""
     devices = expert_parallel_size(mesh, rules)
-    if cfg.n_routed_experts % devices:
-        raise ValueError(f"model.n_routed_experts={cfg.n_routed_experts} is not divisible by the "
+    if spec.n_experts % devices:
+        raise ValueError(f"model.n_routed_experts={spec.n_experts} is not divisible by the "
                          f"expert mesh axis ({devices} devices); change mesh.expert")
     batch = _batch_axes(mesh, rules)
     ways = math.prod(mesh.shape[a] for a in batch)
-    chunks = cfg.ep_overlap_chunks
+    chunks = spec.overlap_chunks
     if x.shape[0] % (ways * chunks):
         raise ValueError(f"{x.shape[0]} tokens do not split over the {ways}-way batch axes {batch} "
                          f"into model.ep_overlap_chunks={chunks} chunks")
     tensor_axis = _tensor_axis(mesh, rules)
-    assignments = x.shape[0] // (ways * chunks) * cfg.num_experts_per_tok
-    capacity = (assignments if cfg.moe_dispatch == "dropless"  # per chunk
-                else math.ceil(cfg.moe_capacity_factor * assignments / devices))
+    assignments = x.shape[0] // (ways * chunks) * spec.top_k
+    capacity = (assignments if spec.dispatch == "dropless"  # per chunk
+                else math.ceil(spec.capacity_factor * assignments / devices))
     w_in = P(EXPERT_AXIS, None, tensor_axis)
     w_out = P(EXPERT_AXIS, tensor_axis, None)
     tokens = P(batch, None)
-    local = functools.partial(_local_ffn, cfg=cfg, policy=policy, devices=devices, capacity=capacity,
+    local = functools.partial(_local_ffn, spec=spec, policy=policy, devices=devices, capacity=capacity,
                               tensor_axis=tensor_axis)
 
     replicas = math.prod(size for axis, size in mesh.shape.items() if axis not in batch)
@@ -147,4 +157,31 @@ def expert_parallel_ffn(x: jax.Array, routing: Routing, w_gate: jax.Array, w_up:
 
     fn = _smap(per_device, mesh, in_specs=(tokens, tokens, tokens, w_in, w_in, w_out),
                out_specs=(tokens, P(), P()))
-    return fn(x, routing.experts, routing.weights, w_gate, w_up, w_down)
+    return RoutedOutput(*fn(x, routing.experts, routing.weights, w_gate, w_up, w_down))
+
+
+@dataclass(frozen=True)
+class ExpertParallel:
+    """The expert-parallel dispatcher (`ops.dispatch.ExpertDispatcher`) over `mesh`, splitting
+    tensors by the logical-axis `rules` (kept as sorted (name, mesh axes) pairs: hashable, so
+    the model that holds it stays a static, cacheable structure)."""
+
+    mesh: Mesh
+    rules: tuple[tuple[str, tuple[str, ...]], ...]
+
+    def __init__(self, mesh: Mesh, rules: Mapping[str, Sequence[str]]):
+        object.__setattr__(self, "mesh", mesh)
+        object.__setattr__(self, "rules", tuple(sorted((k, tuple(v)) for k, v in rules.items())))
+
+    def __call__(self, x: jax.Array, routing: Routing, w_gate: jax.Array, w_up: jax.Array,
+                 w_down: jax.Array, *, spec: ExpertDispatchSpec, policy: PrecisionPolicy) -> RoutedOutput:
+        return expert_parallel_ffn(x, routing, w_gate, w_up, w_down, spec=spec, policy=policy,
+                                   mesh=self.mesh, rules=dict(self.rules))
+
+
+def expert_dispatcher(mesh: Mesh | None, rules: Mapping[str, Sequence[str]]) -> ExpertDispatcher:
+    """`ExpertParallel` where `mesh` splits the experts (an `expert` axis > 1 that the `expert`
+    rule uses), else `LocalExperts` (tokens and experts under XLA's automatic partitioning)."""
+    if mesh is None or expert_parallel_size(mesh, rules) == 1:
+        return LocalExperts()
+    return ExpertParallel(mesh, rules)

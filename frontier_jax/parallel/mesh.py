@@ -11,7 +11,7 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from frontier_jax.config import MeshConfig
+from frontier_jax.parallel.config import MeshConfig
 from frontier_jax.parallel.rules import DEFAULT_RULES, MESH_AXES, logical_to_spec
 
 

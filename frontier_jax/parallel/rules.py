@@ -65,11 +65,6 @@ def logical_to_spec(axes: Sequence[str | None], rules: Mapping[str, Sequence[str
     return PartitionSpec(*spec)
 
 
-def active_sharding() -> tuple[Mesh, dict] | None:
-    """(mesh, rules) inside `use_sharding`, else None."""
-    return _ACTIVE.get()
-
-
 @contextlib.contextmanager
 def use_sharding(mesh: Mesh, rules: Mapping[str, Sequence[str]] = DEFAULT_RULES):
     """Within this context, `constrain` pins activations to `mesh` according to `rules`."""

@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import qwix
 
 from frontier_jax.kernels import fp8_gemm, fp8_gemm_mgpu
+from frontier_jax.kernels.fp8_scaling import expand_scale
 from frontier_jax.kernels.grouped_gemm import TILE_ROWS, tile_groups
-from frontier_jax.precision.quantize import expand_scale
 
 
 def use_kernel() -> bool:

@@ -12,7 +12,8 @@ tiled-scale quantized arrays: its transpose/reshape move qvalue and scale togeth
 `qwix.dequantize` inverts it.  The scale arithmetic is written here rather than taken from
 `qwix.quantize`, which divides (amax / fp_max, x / s): XLA rewrites such divisions into
 multiplications by a reciprocal or not depending on fusion, which moves s or x / s by 1 ulp
-and can flip an fp8 rounding tie.  Explicit reciprocals give bit-reproducible values.
+and can flip an fp8 rounding tie.  Explicit reciprocals give bit-reproducible values
+(`kernels.fp8_scaling`, shared with the Pallas kernels).
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import qwix
 
-_TINY = float(jnp.finfo(jnp.float32).tiny)
+from frontier_jax.kernels.fp8_scaling import expand_scale, scale_from_amax, to_fp8
 
 
 def tile_amax(x: jax.Array, tiles: Sequence[int | None]) -> jax.Array:
@@ -51,28 +51,7 @@ def quantize(x: jax.Array, qtype, tiles: Sequence[int | None]) -> qwix.QArray:
     return qwix.QArray(to_fp8(x, expand_scale(1.0 / scale, x.shape), qtype), scale)
 
 
-def scale_from_amax(amax: jax.Array, qtype) -> jax.Array:
-    """s = amax * fp32(1 / fp_max), or 1 where that is below the smallest normal fp32."""
-    scale = amax * np.float32(1.0 / float(jnp.finfo(qtype).max))
-    return jnp.where(scale < _TINY, 1.0, scale)
-
-
-def to_fp8(x: jax.Array, inverse: jax.Array, qtype) -> jax.Array:
-    """q = fp8(clip(x * inverse, -fp_max, fp_max)) for fp32 x and inverse = 1 / s (broadcast)."""
-    fp_max = float(jnp.finfo(qtype).max)
-    return jnp.clip(x * inverse, -fp_max, fp_max).astype(qtype)
-
-
 def pad_to_multiple(x: jax.Array, multiples: Sequence[int]) -> jax.Array:
     """Zero-pads the end of every axis i up to a multiple of multiples[i]."""
     pads = [(0, -d % m) for d, m in zip(x.shape, multiples)]
     return jnp.pad(x, pads) if any(hi for _, hi in pads) else x
-
-
-def expand_scale(scale: jax.Array, shape: Sequence[int]) -> jax.Array:
-    """A per-tile scale [d_i / t_i] repeated to `shape` [d_i] (each d_i a multiple of the
-    scale's extent on that axis)."""
-    for axis, (s, d) in enumerate(zip(scale.shape, shape)):
-        if s != d:
-            scale = jnp.repeat(scale, d // s, axis=axis, total_repeat_length=d)
-    return scale

@@ -29,8 +29,8 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from frontier_jax.config import CheckpointConfig
 from frontier_jax.data.checkpoint import orbax_restore_args, orbax_save_args
+from frontier_jax.train.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
 

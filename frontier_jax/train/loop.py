@@ -17,7 +17,7 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -25,14 +25,22 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from frontier_jax.config import Config, load_config
 from frontier_jax.data import DataStats, build_train_iterator
 from frontier_jax.model.describe import describe
-from frontier_jax.parallel.mesh import batch_sharding, build_mesh, check_batch_fits, check_divisible, state_shardings
+from frontier_jax.parallel.mesh import (
+    batch_sharding,
+    build_mesh,
+    check_batch_fits,
+    check_divisible,
+    state_shardings,
+)
 from frontier_jax.train.checkpoint import Checkpointer, abstract_with_shardings, check_same_model
 from frontier_jax.train.metrics import MetricsLogger, model_flops_utilization, plot_loss_curve
 from frontier_jax.train.optimizer import batch_size_at
 from frontier_jax.train.step import BATCH_KEYS, Trainer
+
+if TYPE_CHECKING:  # the composed config sits above train (frontier_jax.config imports train.config)
+    from frontier_jax.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -199,21 +207,3 @@ def _record(step: int, metrics: dict, seconds: float, flops_per_token: float) ->
     if mfu is not None:
         record["mfu"] = mfu
     return record
-
-
-def train_from_cli(config: str, run_dir: str, overrides: Sequence[str]) -> int:
-    # force: libraries imported earlier (absl via orbax) may already have configured logging
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
-    cfg = load_config(config, overrides)
-    try:
-        history = train(cfg, run_dir)
-    except NonFiniteLossError as err:
-        print(f"error: {err}")
-        return 3
-    if history:
-        first, last = history[0], history[-1]
-        print(f"done: step {last['step']}, loss {first['loss']:.4f} (step {first['step']}) -> "
-              f"{last['loss']:.4f}; metrics in {Path(run_dir) / 'metrics.jsonl'}, "
-              f"curve in {Path(run_dir) / 'loss.png'}")
-    return 0
-

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from frontier_jax.config import TrainConfig
+from frontier_jax.train.config import TrainConfig
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:

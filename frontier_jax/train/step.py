@@ -18,7 +18,7 @@ A step whose loss or gradient norm is not finite leaves the state unchanged (`fi
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,13 +26,16 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from frontier_jax.config import Config
 from frontier_jax.model import Transformer
 from frontier_jax.model.routing import ExpertBias
+from frontier_jax.parallel.expert import expert_dispatcher
 from frontier_jax.parallel.rules import RULE_SETS, use_sharding
 from frontier_jax.precision import get_policy
 from frontier_jax.train.losses import masked_sum, mtp_targets, token_cross_entropy
 from frontier_jax.train.optimizer import batch_size_at, build_optimizer, learning_rate_schedule
+
+if TYPE_CHECKING:  # the composed config sits above train
+    from frontier_jax.config import Config
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -73,7 +76,9 @@ class Trainer:
         self.mesh = mesh
         self.rules = RULE_SETS[cfg.mesh.rules]
         self.policy = get_policy(cfg.precision.policy)
-        abstract = nnx.eval_shape(lambda: Transformer(cfg.model, policy=self.policy, rngs=nnx.Rngs(0)))
+        experts = expert_dispatcher(mesh, self.rules)  # all-to-all where the mesh splits the experts
+        abstract = nnx.eval_shape(lambda: Transformer(cfg.model, policy=self.policy, experts=experts,
+                                                      rngs=nnx.Rngs(0)))
         self.graphdef, self.abstract_params, self.abstract_biases = nnx.split(abstract, nnx.Param, ExpertBias)
         decay_mask = jax.tree.map(
             lambda v: "norm" not in v.get_metadata()["logical_axes"], self.abstract_params,

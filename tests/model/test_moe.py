@@ -182,7 +182,7 @@ def test_gradients_match_finite_differences_of_reference_and_reach_router():
 def test_tokamax_grouped_matmul_without_the_package_names_the_setting():
     import importlib.util
 
-    from frontier_jax.model.grouped_matmul import grouped_matmul
+    from frontier_jax.ops.grouped_matmul import grouped_matmul
 
     if importlib.util.find_spec("tokamax") is not None:
         pytest.skip("tokamax installed")
@@ -195,7 +195,7 @@ def test_tokamax_grouped_matmul_without_the_package_names_the_setting():
 def test_grouped_matmul_matches_per_row_products_and_zero_tail():
     # out[r] = lhs[r] @ rhs[g(r)] for rows owned by a group, zeros past sum(group_sizes);
     # fp32 vs float64: rtol 1e-5, atol 1e-6
-    from frontier_jax.model.grouped_matmul import grouped_matmul
+    from frontier_jax.ops.grouped_matmul import grouped_matmul
 
     rng = np.random.default_rng(20)
     lhs, rhs = rng.standard_normal((9, 4)), rng.standard_normal((3, 4, 5))

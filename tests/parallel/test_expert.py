@@ -15,9 +15,10 @@ from flax import nnx
 from frontier_jax.config import MeshConfig
 from frontier_jax.model import ModelConfig
 from frontier_jax.model.moe import MoE, RoutedExperts
-from frontier_jax.model.routing import Routing
+from frontier_jax.ops.routing import Routing
+from frontier_jax.parallel.expert import ExpertParallel
 from frontier_jax.parallel.mesh import build_mesh
-from frontier_jax.parallel.rules import use_sharding
+from frontier_jax.parallel.rules import DEFAULT_RULES, use_sharding
 from frontier_jax.precision import get_policy
 
 E, K, D, F, N = 8, 2, 16, 8, 64  # experts, top-k, width, expert width, tokens
@@ -64,11 +65,12 @@ def _naive(x, experts, weights, w_gate, w_up, w_down, capacity):
 @pytest.mark.parametrize("factor", [0.5, 1.0, 4.0])
 def test_expert_parallel_capacity_matches_naive_drops_and_bytes(factor):
     cfg = _cfg(moe_dispatch="capacity", moe_capacity_factor=factor)
-    layer = RoutedExperts(cfg, policy=get_policy("fp32"), rngs=nnx.Rngs(0))
-    x, experts, weights = _inputs()
     mesh = build_mesh(MeshConfig(data=2, expert=EP))
+    layer = RoutedExperts(cfg, policy=get_policy("fp32"), experts=ExpertParallel(mesh, DEFAULT_RULES),
+                          rngs=nnx.Rngs(0))
+    x, experts, weights = _inputs()
     with use_sharding(mesh):
-        y, dropped, sent = jax.jit(lambda l, *a: l(a[0], Routing(a[2], a[1], None)))(
+        y, dropped, sent = jax.jit(lambda layer, *a: layer(a[0], Routing(a[2], a[1], None)))(
             layer, x, experts, weights)
     capacity = math.ceil(factor * (N // SHARDS) * K / EP)
     w = [np.asarray(v[...], np.float64) for v in (layer.w_gate, layer.w_up, layer.w_down)]
@@ -84,12 +86,16 @@ def test_expert_parallel_capacity_matches_naive_drops_and_bytes(factor):
                          ids=["ragged_dot", "pallas"])
 def test_expert_parallel_dropless_equals_local_dispatch(kernel):
     cfg = _cfg(**kernel)
+    mesh = build_mesh(MeshConfig(data=2, expert=EP))
     layer = RoutedExperts(cfg, policy=get_policy("fp32"), rngs=nnx.Rngs(1))
+    ep_layer = RoutedExperts(cfg, policy=get_policy("fp32"), experts=ExpertParallel(mesh, DEFAULT_RULES),
+                             rngs=nnx.Rngs(1))
+    np.testing.assert_array_equal(ep_layer.w_down[...], layer.w_down[...])  # same seed, same experts
     x, experts, weights = _inputs(1)
     routing = Routing(jnp.asarray(weights), jnp.asarray(experts), None)
     y_local, dropped_local, sent_local = layer(jnp.asarray(x), routing)
-    with use_sharding(build_mesh(MeshConfig(data=2, expert=EP))):
-        y, dropped, sent = jax.jit(lambda l, x, r: l(x, r))(layer, x, routing)
+    with use_sharding(mesh):
+        y, dropped, sent = jax.jit(lambda layer, x, r: layer(x, r))(ep_layer, x, routing)
     np.testing.assert_allclose(y, y_local, rtol=1e-5, atol=1e-6)
     assert int(dropped) == int(dropped_local) == 0
     assert float(sent_local) == 0 and float(sent) > 0
@@ -99,9 +105,10 @@ def test_group_limited_routing_bounds_groups_per_token():
     """Node-limited routing: with 4 groups (one per expert device) and topk_group 2, no token
     reaches more than 2 groups, so no token's assignments go to more than 2 devices."""
     cfg = _cfg()
-    moe = MoE(cfg, policy=get_policy("fp32"), rngs=nnx.Rngs(2))
+    mesh = build_mesh(MeshConfig(data=2, expert=EP))
+    moe = MoE(cfg, policy=get_policy("fp32"), experts=ExpertParallel(mesh, DEFAULT_RULES), rngs=nnx.Rngs(2))
     x = jax.random.normal(jax.random.key(0), (4, 16, D))
-    with use_sharding(build_mesh(MeshConfig(data=2, expert=EP))):
+    with use_sharding(mesh):
         _, stats = jax.jit(lambda m, x: m(x, jnp.ones(x.shape[:2], jnp.int32)))(moe, x)
     routing = moe.router(x.reshape(-1, D))
     devices_per_token = [len(set(np.asarray(r) // (E // EP))) for r in routing.experts]
@@ -116,10 +123,12 @@ def test_overlap_chunks_give_identical_results_and_split_the_all_to_alls():
     x, experts, weights = _inputs(3)
     routing = Routing(jnp.asarray(weights), jnp.asarray(experts), None)
     outputs, counts = [], []
+    mesh = build_mesh(MeshConfig(data=2, expert=EP))
     for chunks in (1, 2):
-        layer = RoutedExperts(_cfg(ep_overlap_chunks=chunks), policy=get_policy("fp32"), rngs=nnx.Rngs(4))
-        with use_sharding(build_mesh(MeshConfig(data=2, expert=EP))):
-            fn = jax.jit(lambda l, x, r: l(x, r))
+        layer = RoutedExperts(_cfg(ep_overlap_chunks=chunks), policy=get_policy("fp32"),
+                              experts=ExpertParallel(mesh, DEFAULT_RULES), rngs=nnx.Rngs(4))
+        with use_sharding(mesh):
+            fn = jax.jit(lambda layer, x, r: layer(x, r))
             outputs.append(fn(layer, x, routing)[0])
             counts.append(fn.lower(layer, x, routing).compile().as_text().count("all-to-all("))
     np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-6, atol=1e-7)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from frontier_jax.model.grouped_matmul import grouped_matmul
+from frontier_jax.ops.grouped_matmul import grouped_matmul
 from frontier_jax.precision import FP8_DEEPSEEK, FP8_TENSOR, PrecisionPolicy, get_policy
 from frontier_jax.precision.fp8_grouped import fp8_grouped_matmul, group_aligned_rows
 from frontier_jax.precision.fp8_linear import fp8_matmul

@@ -130,12 +130,12 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_resume_matches(sigterm_run, 
 
 @pytest.mark.slow
 def test_cli_resume_says_where_it_resumed(sigterm_run):
-    """The resumed CLI run reports where it resumed: train_from_cli sets up INFO logging for the
+    """The resumed CLI run reports where it resumed: the CLI's train command sets up INFO logging for the
     loop's "resumed from step N in DIR" line."""
     _, _, (stopped_at, _), again = sigterm_run
     assert again.returncode == 0
     reported = f"resumed from step {stopped_at}" in again.stderr
-    assert reported, ("no 'resumed from step N' line: logging.basicConfig(level=INFO) in train_from_cli "
+    assert reported, ("no 'resumed from step N' line: logging.basicConfig(level=INFO) in cli._train "
                       "is a no-op once an import (absl via orbax) has configured the root logger; stderr "
                       "tail:\n" + again.stderr[-600:])
 

@@ -58,14 +58,13 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh
 
-from frontier_jax.config import Config
 from frontier_jax.model.config import ModelConfig
 from frontier_jax.model.routing import ExpertBias
 from frontier_jax.model.transformer import Transformer
@@ -73,6 +72,9 @@ from frontier_jax.parallel.expert import expert_parallel_size
 from frontier_jax.parallel.mesh import check_divisible, mesh_shape
 from frontier_jax.parallel.rules import MESH_AXES, RULE_SETS, logical_to_spec
 from frontier_jax.precision import get_policy
+
+if TYPE_CHECKING:  # the composed config sits above runtime
+    from frontier_jax.config import Config
 
 GIB = 2**30
 

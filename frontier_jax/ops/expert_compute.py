@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from frontier_jax.kernels.grouped_gemm import padded_groups
-from frontier_jax.model.grouped_matmul import grouped_matmul
+from frontier_jax.ops.grouped_matmul import grouped_matmul
 from frontier_jax.precision.mixed import einsum_fp32
 
 

@@ -1,4 +1,4 @@
-"""Mesh presets (configs/mesh/) and per-device memory (frontier_jax/parallel/memory.py)."""
+"""Mesh presets (configs/mesh/) and per-device memory (frontier_jax/runtime/memory.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from frontier_jax.cli import main as cli_main
 from frontier_jax.config import CONFIG_DIR, load_config
 from frontier_jax.model.describe import describe
-from frontier_jax.parallel.memory import GIB, device_memory, fits
 from frontier_jax.parallel.mesh import build_mesh, mesh_shape, state_shardings
+from frontier_jax.runtime.memory import GIB, device_memory, fits
 from frontier_jax.train.loop import train_state_shardings
 from frontier_jax.train.step import Trainer
 

@@ -7,8 +7,15 @@ import numpy as np
 import pytest
 
 from frontier_jax.kernels.grouped_gemm import padded_rows_bound
-from frontier_jax.model.expert_compute import (
-    capacity_slots, collect, combine, dispatch, dropless_slots, invert, move_rows)
+from frontier_jax.ops.expert_compute import (
+    capacity_slots,
+    collect,
+    combine,
+    dispatch,
+    dropless_slots,
+    invert,
+    move_rows,
+)
 
 
 def _plain_take(x, index):

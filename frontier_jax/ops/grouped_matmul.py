@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 
 from frontier_jax.kernels.grouped_gemm import TILE_ROWS, tiled_grouped_matmul
-from frontier_jax.model.config import GMM_IMPLS
-from frontier_jax.model.tokamax_import import tokamax
+from frontier_jax.ops.tokamax_import import tokamax
 from frontier_jax.precision import PrecisionPolicy
+
+GMM_IMPLS = ("auto", "pallas", "ragged_dot", "tokamax")
 
 
 def resolve_impl(impl: str) -> str:

@@ -1,0 +1,103 @@
+"""How the routed experts of a MoE layer are computed, given the routing: one interface, two
+dispatchers.  The model is *given* a dispatcher by whoever builds it (as it is given the
+precision policy):
+
+  * `LocalExperts` (here): every token and every expert in one program (one device, or
+    under XLA's automatic partitioning);
+  * `parallel.expert.ExpertParallel(mesh, rules)`: experts split over the `expert` mesh axis,
+    tokens moved to their experts' devices and back with all-to-all.
+
+Both compute, for x [N, d] routed to K of E SwiGLU experts (weights W_gate, W_up [E, d, f],
+W_down [E, f, d]),
+    y_n = sum_k g_{n,k} FFN_{e_{n,k}}(x_n)                                        [N, d]
+with the assignments laid out by `spec.dispatch` (`expert_compute` gives the layouts):
+  * "dropless": the N K assignments laid out expert by expert (each expert's rows padded to the
+    grouped matmul's row alignment), one grouped matmul per projection;
+  * "capacity": each expert takes at most C = ceil(capacity_factor N K / E) assignments (first
+    come, in token order) into an [E, C, d] buffer (batched matmuls; fp8 grouped matmuls over
+    128-row-aligned groups when the precision policy runs the experts in fp8); the overflow is
+    dropped (contributes zero) and counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from frontier_jax.kernels.grouped_gemm import TILE_ROWS, padded_rows_bound
+from frontier_jax.ops.expert_compute import (
+    capacity_slots,
+    collect,
+    combine,
+    dispatch,
+    dropless_slots,
+    swiglu_batched,
+    swiglu_grouped,
+)
+from frontier_jax.ops.grouped_matmul import fp8_experts, row_alignment
+from frontier_jax.ops.routing import Routing
+from frontier_jax.precision import PrecisionPolicy
+
+
+@dataclass(frozen=True)
+class ExpertDispatchSpec:
+    """The numbers a dispatcher needs from the model and its implementation choices."""
+
+    n_experts: int  # E = N_r routed experts
+    top_k: int  # K experts per token
+    dispatch: str  # "dropless" or "capacity"
+    capacity_factor: float  # "capacity": C = ceil(capacity_factor N K / E)
+    gmm_impl: str  # grouped matmul kernel (`grouped_matmul.GMM_IMPLS`)
+    overlap_chunks: int = 1  # expert parallelism: chunks whose all-to-all overlaps the others' compute
+
+
+class RoutedOutput(NamedTuple):
+    y: jax.Array  # [N, d] sum_k g_k FFN_{e_k}(x), in x's dtype
+    dropped: jax.Array  # int32 scalar: assignments dropped by the capacity limit
+    a2a_bytes: jax.Array  # fp32 scalar: bytes sent to other devices by the all-to-alls
+
+
+class ExpertDispatcher(Protocol):
+    def __call__(self, x: jax.Array, routing: Routing, w_gate: jax.Array, w_up: jax.Array,
+                 w_down: jax.Array, *, spec: ExpertDispatchSpec,
+                 policy: PrecisionPolicy) -> RoutedOutput:
+        """x [N, d] (all tokens), routing over N -> the routed experts' output."""
+
+
+@dataclass(frozen=True)
+class LocalExperts:
+    """All tokens and all experts in one program: no all-to-all (a2a_bytes = 0)."""
+
+    def __call__(self, x: jax.Array, routing: Routing, w_gate: jax.Array, w_up: jax.Array,
+                 w_down: jax.Array, *, spec: ExpertDispatchSpec,
+                 policy: PrecisionPolicy) -> RoutedOutput:
+        n, d = x.shape
+        e, k = spec.n_experts, spec.top_k
+        weights = (w_gate, w_up, w_down)
+        dtype = policy.compute_dtype
+        flat_expert = routing.experts.reshape(-1)  # [N K]
+        if spec.dispatch == "dropless":
+            align = row_alignment(spec.gmm_impl, policy)
+            slot, sizes = dropless_slots(flat_expert, e, align)
+            buf = dispatch(x.astype(dtype), slot, padded_rows_bound(n * k, e, align))
+            out = swiglu_grouped(buf, sizes, *weights, impl=spec.gmm_impl, dtype=dtype, policy=policy)
+            dropped = jnp.zeros((), jnp.int32)
+        else:
+            capacity = math.ceil(spec.capacity_factor * n * k / e)
+            if fp8_experts(policy):  # fp8 grouped GEMMs over equal, tile-aligned groups
+                stride = -(-capacity // TILE_ROWS) * TILE_ROWS
+                slot, keep = capacity_slots(flat_expert, e, capacity, stride)
+                out = swiglu_grouped(dispatch(x.astype(dtype), slot, e * stride),
+                                     jnp.full((e,), stride, jnp.int32), *weights,
+                                     impl=spec.gmm_impl, dtype=dtype, policy=policy)
+            else:
+                slot, keep = capacity_slots(flat_expert, e, capacity)
+                buf = dispatch(x.astype(dtype), slot, e * capacity).reshape(e, capacity, d)
+                out = swiglu_batched(buf, *weights, dtype=dtype).reshape(e * capacity, d)
+            dropped = (n * k - keep.sum()).astype(jnp.int32)
+        y = combine(collect(out, slot), routing.weights)
+        return RoutedOutput(y.astype(x.dtype), dropped, jnp.zeros((), jnp.float32))

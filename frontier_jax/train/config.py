@@ -1,0 +1,87 @@
+"""The training sections of the run configuration: optimisation (`train:`) and checkpoints
+(`checkpoint:`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEDULES = ("constant", "cosine", "deepseek")
+MOMENT_DTYPES = ("float32", "bfloat16")
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation.  lr schedule "deepseek" = linear warmup -> constant peak until
+    `decay_start` -> cosine to `lr_min` over `decay_steps` -> constant `lr_min` (V3 report
+    Sec. 4.2 shape); "cosine" = warmup -> cosine to lr_min at `steps`."""
+
+    steps: int = 300
+    seed: int = 0
+    seq_len: int = 128
+    global_batch: int = 16
+    micro_batches: int = 1  # gradient accumulation: global_batch is split into this many
+    lr: float = 3e-3
+    lr_min: float = 3e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 20
+    decay_start: int = 0  # "deepseek" schedule: step where cosine decay begins
+    decay_steps: int = 0  # "deepseek" schedule: length of the cosine decay
+    batch_ramp_steps: int = 0  # batch-size ramp: grow from batch_ramp_start to global_batch
+    batch_ramp_start: int = 0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    moment_dtype: str = "float32"
+    mtp_lambda: float = 0.3
+    balance_alpha: float = 1e-4
+    bias_update_speed: float = 1e-3  # gamma of auxiliary-loss-free balancing
+    z_loss: float = 0.0
+    on_nonfinite: str = "stop"
+    log_every: int = 1
+
+    def validate(self) -> "TrainConfig":
+        for name in ("steps", "seq_len", "global_batch", "micro_batches", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be > 0")
+        if self.global_batch % self.micro_batches:
+            raise ValueError(f"train.global_batch={self.global_batch} is not divisible by "
+                             f"train.micro_batches={self.micro_batches}; pick a divisor")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule={self.schedule!r}: allowed values are {', '.join(SCHEDULES)}")
+        if self.moment_dtype not in MOMENT_DTYPES:
+            raise ValueError(f"train.moment_dtype={self.moment_dtype!r}: allowed {', '.join(MOMENT_DTYPES)}")
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"train.on_nonfinite={self.on_nonfinite!r}: allowed {', '.join(NONFINITE_POLICIES)}")
+        if self.lr <= 0 or self.lr_min < 0 or self.lr_min > self.lr:
+            raise ValueError(f"train.lr={self.lr} / train.lr_min={self.lr_min}: need 0 <= lr_min <= lr, lr > 0")
+        if self.warmup_steps < 0 or self.decay_start < 0 or self.decay_steps < 0:
+            raise ValueError("train.warmup_steps, train.decay_start and train.decay_steps must be >= 0")
+        if self.schedule == "deepseek" and not self.decay_steps:
+            raise ValueError("train.decay_steps=0 with train.schedule='deepseek' would drop the lr from its peak "
+                             "to lr_min in one step; set train.decay_steps to the cosine's length (V3: about "
+                             "a third of training), or use train.schedule=cosine")
+        if self.batch_ramp_steps:
+            if not 0 < self.batch_ramp_start <= self.global_batch:
+                raise ValueError(f"train.batch_ramp_start={self.batch_ramp_start} must be in "
+                                 f"(0, train.global_batch={self.global_batch}] when batch_ramp_steps > 0")
+        for name in ("b1", "b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be in [0, 1)")
+        return self
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # save every N steps (0 = only at the end)
+    keep: int = 3  # keep the last K checkpoints
+    async_save: bool = True
+
+    def validate(self) -> "CheckpointConfig":
+        if self.every < 0:
+            raise ValueError(f"checkpoint.every={self.every} must be >= 0")
+        if self.keep <= 0:
+            raise ValueError(f"checkpoint.keep={self.keep} must be > 0")
+        return self
