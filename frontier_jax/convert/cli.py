@@ -24,7 +24,7 @@ from frontier_jax.convert.importer import DTYPE_POLICIES, from_hf
 def _check(args) -> int:
     if args.tokens <= 0:
         raise ValueError(f"convert check --tokens {args.tokens}: must be > 0")
-    cfg, model = from_hf(args.hf, args.dtype)
+    cfg, model = from_hf(args.hf, dtype=args.dtype)
     n_params = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
     for field in dataclasses.fields(cfg):
         print(f"{field.name:>24}: {getattr(cfg, field.name)}")

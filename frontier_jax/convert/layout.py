@@ -33,13 +33,17 @@ rotary key as pairs (x0, x1), (x2, x3), ...; our RoPE rotates halves [x0, x2, ..
 so those rows are reordered by P = [0, 2, 4, ..., 1, 3, 5, ...] on import and by P^-1 on
 export.  q and k get the same P, so every q . k -- hence the model -- is unchanged.
 
-`*_from_hf(src, ...)` read HF tensors through `src.get(name, hf_shape)` (float32 arrays) and
-return {our path: array}; `*_to_hf(params, ...)` are their exact inverses.
+`*_from_hf(src, ...)` return {our path: `Lazy`}: nothing is read until a value is asked for,
+then the HF tensors it needs are read through `src.get(name, hf_shape)` (float32 arrays), so an
+importer can convert and place one parameter at a time.  `*_to_hf(params, ...)` are their exact
+inverses, on arrays.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import dataclasses
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -48,6 +52,29 @@ from frontier_jax.model.config import ModelConfig
 Path = tuple[str, ...]
 Params = dict[Path, np.ndarray]
 HFTensors = dict[str, np.ndarray]
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Lazy:
+    """One converted parameter, computed on demand.
+
+    whole(): the array.  rows(s): whole()[s] for a slice s of axis 0, reading only the checkpoint
+    tensors those rows need (the routed experts of an [E, ...] stack), or None when only the whole
+    can be computed."""
+
+    whole: Callable[[], np.ndarray]
+    rows: Callable[[slice], np.ndarray] | None = None
+
+
+LazyParams = dict[Path, Lazy]
+
+
+def _stack(part: Callable[[int], np.ndarray], n: int) -> Lazy:
+    """The [n, ...] stack of part(0), ..., part(n - 1), row slices reading only their parts."""
+    def rows(s: slice) -> np.ndarray:
+        return np.stack([part(i) for i in range(n)[s]])
+    return Lazy(lambda: rows(slice(None)), rows)
 
 
 class Source(Protocol):
@@ -78,26 +105,33 @@ def _sub(params: Params, prefix: Path) -> Params:
 
 
 # ------------------------------------------------------------------------------------ MLA
-def attention_from_hf(src: Source, p: str, cfg: ModelConfig, interleaved: bool) -> Params:
+def attention_from_hf(src: Source, p: str, cfg: ModelConfig, interleaved: bool) -> LazyParams:
     d, h, kv, qk = cfg.hidden_size, cfg.num_heads, cfg.kv_lora_rank, cfg.qk_head_dim
     dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
     order = rope_order(dr, interleaved)
-    out: Params = {}
+    out: LazyParams = {}
     if cfg.q_lora_rank:
         ql = cfg.q_lora_rank
-        out[("wq_a", "kernel")] = src.get(f"{p}self_attn.q_a_proj.weight", (ql, d)).T
-        out[("q_norm", "scale")] = src.get(f"{p}self_attn.q_a_layernorm.weight", (ql,))
-        q, key = src.get(f"{p}self_attn.q_b_proj.weight", (h * qk, ql)), ("wq_b", "kernel")
+        out[("wq_a", "kernel")] = Lazy(lambda: src.get(f"{p}self_attn.q_a_proj.weight", (ql, d)).T)
+        out[("q_norm", "scale")] = Lazy(lambda: src.get(f"{p}self_attn.q_a_layernorm.weight", (ql,)))
+        q_name, q_in, key = f"{p}self_attn.q_b_proj.weight", ql, ("wq_b", "kernel")
     else:
-        q, key = src.get(f"{p}self_attn.q_proj.weight", (h * qk, d)), ("wq", "kernel")
-    out[key] = _reorder_rows(q.reshape(h, qk, -1), dn, order).transpose(2, 0, 1)
-    kv_a = _reorder_rows(src.get(f"{p}self_attn.kv_a_proj_with_mqa.weight", (kv + dr, d)), kv, order)
-    out[("wkv_a", "kernel")], out[("wk_rope", "kernel")] = kv_a[:kv].T, kv_a[kv:].T
-    out[("kv_norm", "scale")] = src.get(f"{p}self_attn.kv_a_layernorm.weight", (kv,))
-    kv_b = src.get(f"{p}self_attn.kv_b_proj.weight", (h * (dn + dv), kv)).reshape(h, dn + dv, kv)
-    out[("wk_b", "kernel")] = kv_b[:, :dn].transpose(2, 0, 1)
-    out[("wv_b", "kernel")] = kv_b[:, dn:].transpose(2, 0, 1)
-    out[("wo", "kernel")] = src.get(f"{p}self_attn.o_proj.weight", (d, h * dv)).T.reshape(h, dv, d)
+        q_name, q_in, key = f"{p}self_attn.q_proj.weight", d, ("wq", "kernel")
+    out[key] = Lazy(lambda: _reorder_rows(src.get(q_name, (h * qk, q_in)).reshape(h, qk, -1), dn, order)
+                    .transpose(2, 0, 1))
+
+    def kv_a() -> np.ndarray:
+        return _reorder_rows(src.get(f"{p}self_attn.kv_a_proj_with_mqa.weight", (kv + dr, d)), kv, order)
+
+    def kv_b() -> np.ndarray:
+        return src.get(f"{p}self_attn.kv_b_proj.weight", (h * (dn + dv), kv)).reshape(h, dn + dv, kv)
+
+    out[("wkv_a", "kernel")] = Lazy(lambda: kv_a()[:kv].T)
+    out[("wk_rope", "kernel")] = Lazy(lambda: kv_a()[kv:].T)
+    out[("kv_norm", "scale")] = Lazy(lambda: src.get(f"{p}self_attn.kv_a_layernorm.weight", (kv,)))
+    out[("wk_b", "kernel")] = Lazy(lambda: kv_b()[:, :dn].transpose(2, 0, 1))
+    out[("wv_b", "kernel")] = Lazy(lambda: kv_b()[:, dn:].transpose(2, 0, 1))
+    out[("wo", "kernel")] = Lazy(lambda: src.get(f"{p}self_attn.o_proj.weight", (d, h * dv)).T.reshape(h, dv, d))
     return _prefixed(("attn",), out)
 
 
@@ -123,30 +157,32 @@ def attention_to_hf(params: Params, p: str, cfg: ModelConfig, interleaved: bool)
 
 
 # ------------------------------------------------------------------------------------ FFNs
-def _swiglu_from_hf(src: Source, p: str, d: int, f: int) -> Params:
-    return {("w_gate", "kernel"): src.get(f"{p}gate_proj.weight", (f, d)).T,
-            ("w_up", "kernel"): src.get(f"{p}up_proj.weight", (f, d)).T,
-            ("w_down", "kernel"): src.get(f"{p}down_proj.weight", (d, f)).T}
+def _swiglu_from_hf(src: Source, p: str, d: int, f: int) -> LazyParams:
+    return {("w_gate", "kernel"): Lazy(lambda: src.get(f"{p}gate_proj.weight", (f, d)).T),
+            ("w_up", "kernel"): Lazy(lambda: src.get(f"{p}up_proj.weight", (f, d)).T),
+            ("w_down", "kernel"): Lazy(lambda: src.get(f"{p}down_proj.weight", (d, f)).T)}
 
 
 def _swiglu_to_hf(w: Params, p: str) -> HFTensors:
     return {f"{p}{name}_proj.weight": w[(f"w_{name}", "kernel")].T for name in ("gate", "up", "down")}
 
 
-def moe_from_hf(src: Source, p: str, cfg: ModelConfig) -> Params:
+def moe_from_hf(src: Source, p: str, cfg: ModelConfig) -> LazyParams:
     e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_ffn_dim
-    out: Params = {("router", "kernel"): src.get(f"{p}mlp.gate.weight", (e, d)).T}
-    out[("router", "bias")] = (src.get(f"{p}mlp.gate.e_score_correction_bias", (e,))
-                               if cfg.scoring_func == "sigmoid" else np.zeros((e,), np.float32))
+    out: LazyParams = {("router", "kernel"): Lazy(lambda: src.get(f"{p}mlp.gate.weight", (e, d)).T)}
+    out[("router", "bias")] = Lazy(lambda: src.get(f"{p}mlp.gate.e_score_correction_bias", (e,))
+                                   if cfg.scoring_func == "sigmoid" else np.zeros((e,), np.float32))
     if f"{p}mlp.experts.gate_up_proj" in src:
-        gate_up = src.get(f"{p}mlp.experts.gate_up_proj", (e, 2 * f, d))
-        out[("experts", "w_gate")] = gate_up[:, :f].transpose(0, 2, 1)
-        out[("experts", "w_up")] = gate_up[:, f:].transpose(0, 2, 1)
-        out[("experts", "w_down")] = src.get(f"{p}mlp.experts.down_proj", (e, d, f)).transpose(0, 2, 1)
+        gate_up = f"{p}mlp.experts.gate_up_proj"
+        out[("experts", "w_gate")] = Lazy(lambda: src.get(gate_up, (e, 2 * f, d))[:, :f].transpose(0, 2, 1))
+        out[("experts", "w_up")] = Lazy(lambda: src.get(gate_up, (e, 2 * f, d))[:, f:].transpose(0, 2, 1))
+        out[("experts", "w_down")] = Lazy(
+            lambda: src.get(f"{p}mlp.experts.down_proj", (e, d, f)).transpose(0, 2, 1))
     else:
         for name, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
-            out[("experts", f"w_{name}")] = np.stack(
-                [src.get(f"{p}mlp.experts.{i}.{name}_proj.weight", shape).T for i in range(e)])
+            def expert(i: int, name: str = name, shape: tuple[int, int] = shape) -> np.ndarray:
+                return src.get(f"{p}mlp.experts.{i}.{name}_proj.weight", shape).T
+            out[("experts", f"w_{name}")] = _stack(expert, e)
     if cfg.n_shared_experts:
         shared = _swiglu_from_hf(src, f"{p}mlp.shared_experts.", d, cfg.n_shared_experts * f)
         out.update(_prefixed(("shared",), shared))
@@ -171,10 +207,10 @@ def moe_to_hf(params: Params, p: str, cfg: ModelConfig) -> HFTensors:
 
 
 # ----------------------------------------------------------------------------- blocks, MTP
-def block_from_hf(src: Source, p: str, cfg: ModelConfig, interleaved: bool, moe: bool) -> Params:
+def block_from_hf(src: Source, p: str, cfg: ModelConfig, interleaved: bool, moe: bool) -> LazyParams:
     d = cfg.hidden_size
-    out = {("attn_norm", "scale"): src.get(f"{p}input_layernorm.weight", (d,)),
-           ("ffn_norm", "scale"): src.get(f"{p}post_attention_layernorm.weight", (d,))}
+    out = {("attn_norm", "scale"): Lazy(lambda: src.get(f"{p}input_layernorm.weight", (d,))),
+           ("ffn_norm", "scale"): Lazy(lambda: src.get(f"{p}post_attention_layernorm.weight", (d,)))}
     out.update(attention_from_hf(src, p, cfg, interleaved))
     if moe:
         out.update(moe_from_hf(src, p, cfg))
@@ -191,13 +227,13 @@ def block_to_hf(params: Params, p: str, cfg: ModelConfig, interleaved: bool, moe
     return out
 
 
-def mtp_from_hf(src: Source, p: str, cfg: ModelConfig, interleaved: bool) -> Params:
+def mtp_from_hf(src: Source, p: str, cfg: ModelConfig, interleaved: bool) -> LazyParams:
     """One MTP module (without the embedding / head copies, see `mtp_copies`)."""
     d = cfg.hidden_size
-    out = {("emb_norm", "scale"): src.get(f"{p}enorm.weight", (d,)),
-           ("hidden_norm", "scale"): src.get(f"{p}hnorm.weight", (d,)),
-           ("proj", "kernel"): src.get(f"{p}eh_proj.weight", (d, 2 * d)).T,
-           ("out_norm", "scale"): src.get(f"{p}shared_head.norm.weight", (d,))}
+    out = {("emb_norm", "scale"): Lazy(lambda: src.get(f"{p}enorm.weight", (d,))),
+           ("hidden_norm", "scale"): Lazy(lambda: src.get(f"{p}hnorm.weight", (d,))),
+           ("proj", "kernel"): Lazy(lambda: src.get(f"{p}eh_proj.weight", (d, 2 * d)).T),
+           ("out_norm", "scale"): Lazy(lambda: src.get(f"{p}shared_head.norm.weight", (d,)))}
     out.update(_prefixed(("block",), block_from_hf(src, p, cfg, interleaved, moe=True)))
     return out
 
@@ -211,8 +247,9 @@ def mtp_to_hf(params: Params, p: str, cfg: ModelConfig, interleaved: bool) -> HF
     return out
 
 
-def mtp_copies(p: str, embedding: np.ndarray, head: np.ndarray) -> HFTensors:
-    """The MTP layer's copies of the shared embedding [V, d] and output head (HF layout [V, d])."""
+def mtp_copies(p: str, embedding: T, head: T) -> dict[str, T]:
+    """The MTP layer's copies of the shared embedding [V, d] and output head (HF layout [V, d]),
+    as arrays or as the names of the tensors they copy."""
     return {f"{p}embed_tokens.weight": embedding, f"{p}shared_head.head.weight": head}
 
 
@@ -220,13 +257,13 @@ def mtp_copies(p: str, embedding: np.ndarray, head: np.ndarray) -> HFTensors:
 TOP_LEVEL = ("embed", "final_norm", "head")  # our unstacked modules
 
 
-def top_from_hf(src: Source, cfg: ModelConfig) -> Params:
+def top_from_hf(src: Source, cfg: ModelConfig) -> LazyParams:
     """Embedding, final norm and (untied) output head."""
     v, d = cfg.vocab_size, cfg.hidden_size
-    out = {("embed", "embedding"): src.get("model.embed_tokens.weight", (v, d)),
-           ("final_norm", "scale"): src.get("model.norm.weight", (d,))}
+    out = {("embed", "embedding"): Lazy(lambda: src.get("model.embed_tokens.weight", (v, d))),
+           ("final_norm", "scale"): Lazy(lambda: src.get("model.norm.weight", (d,)))}
     if not cfg.tie_embeddings:
-        out[("head", "kernel")] = src.get("lm_head.weight", (v, d)).T
+        out[("head", "kernel")] = Lazy(lambda: src.get("lm_head.weight", (v, d)).T)
     return out
 
 
@@ -238,6 +275,21 @@ def top_to_hf(params: Params, cfg: ModelConfig) -> HFTensors:
     return out
 
 
+def hf_head_name(cfg: ModelConfig) -> str:
+    """The HF tensor holding the output head [V, d] (the embedding when tied)."""
+    return "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
+
+
 def hf_head(hf: HFTensors, cfg: ModelConfig) -> np.ndarray:
     """The output head in HF layout [V, d] (the embedding when tied)."""
-    return hf["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"]
+    return hf[hf_head_name(cfg)]
+
+
+def hf_copies(cfg: ModelConfig) -> dict[str, str]:
+    """{copy: original} of the tensors a checkpoint may hold twice: lm_head when tied, each MTP
+    layer's embed_tokens and shared_head.head."""
+    copies = {"lm_head.weight": "model.embed_tokens.weight"} if cfg.tie_embeddings else {}
+    for k in range(cfg.mtp_depth):
+        copies.update(mtp_copies(f"model.layers.{cfg.num_layers + k}.", "model.embed_tokens.weight",
+                                 hf_head_name(cfg)))
+    return copies
