@@ -1,1 +1,8 @@
-"""Inference: prefill and decode over the paged absorbed-MLA latent cache."""
+"""Inference: prefill and decode over the paged absorbed-MLA latent cache, continuous batching."""
+
+from frontier_jax.infer.config import InferConfig
+from frontier_jax.infer.engine import Engine
+from frontier_jax.infer.sampling import SamplingParams
+from frontier_jax.infer.scheduler import Completion
+
+__all__ = ["Completion", "Engine", "InferConfig", "SamplingParams"]

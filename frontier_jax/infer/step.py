@@ -11,6 +11,7 @@ that a handful of programs serve every request mix.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -20,8 +21,10 @@ from flax import nnx
 from frontier_jax.model.latent_cache import Pages
 
 
+@functools.cache
 def make_step(graphdef: nnx.GraphDef, *, absorbed: bool, impl: str = "xla") -> Callable:
-    """The jitted step of a model with graph definition `graphdef` (module docstring)."""
+    """The jitted step of a model with graph definition `graphdef` (module docstring); one per
+    graph definition, so that engines over the same architecture share compiled programs."""
 
     def step(state, cache, ids, positions, pages: Pages, select):
         model = nnx.merge(graphdef, state)

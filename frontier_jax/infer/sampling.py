@@ -1,0 +1,79 @@
+"""Per-request sampling parameters and the batched sampler (one jitted program per batch size).
+
+For logits z [V] of one request with temperature tau, top_k k, top_p p:
+    z' = z / tau;  top-k keeps the k largest z' (k = 0: all);  top-p then keeps the smallest
+    set of most likely tokens whose probability (softmax over what top-k kept) reaches p;
+    the token is drawn from softmax(z') renormalised over the kept set.
+Tokens tied with the last kept one are kept too.  tau = 0 is greedy: argmax z.
+Randomness: token n of a request uses key fold_in(key(seed), n), so a request's samples do not
+depend on which other requests share its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is continued.  max_new_tokens: tokens to generate at most;
+    temperature: 0 = greedy; top_k: 0 = off; top_p in (0, 1] (1 = off); seed: None = derived
+    from the request's index; stop_token_ids / stop: token ids and strings that end the
+    generation (the tokenizer's eos is added unless ignore_eos)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def check(self) -> None:
+        """Raises ValueError naming the first invalid field and its allowed range."""
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be a positive integer")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature!r} must be >= 0 (0: greedy)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r} must be an integer >= 0 (0: off)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1] (1: off)")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+
+def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """logits [B, V] -> z' [B, V] fp32 with -inf outside each row's top-k / top-p set (module
+    docstring); temperature [B] (0 rows are scaled by 1), top_k [B] int, top_p [B]."""
+    tau = jnp.where(temperature > 0, temperature, 1.0)
+    z = logits.astype(jnp.float32) / tau[:, None]
+    vocab = z.shape[-1]
+    desc = -jnp.sort(-z, axis=-1)
+    kth = jnp.take_along_axis(desc, jnp.clip(top_k - 1, 0, vocab - 1)[:, None], axis=-1)
+    z = jnp.where((top_k[:, None] > 0) & (z < kth), -jnp.inf, z)
+    desc = -jnp.sort(-z, axis=-1)
+    probs = jax.nn.softmax(desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
+    kept = jnp.where(before < top_p[:, None], desc, jnp.inf)
+    return jnp.where(z < kept.min(axis=-1, keepdims=True), -jnp.inf, z)
+
+
+def token_keys(seeds: jax.Array, counters: jax.Array) -> jax.Array:
+    """Keys fold_in(key(seed_b), n_b) [B] for the n_b-th sampled token of each row."""
+    return jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, counters)
+
+
+@jax.jit
+def sample(logits, temperature, top_k, top_p, seeds, counters) -> tuple[jax.Array, jax.Array]:
+    """logits [B, V] -> (tokens [B] int32, log p_model(token) [B]: the unfiltered log-softmax
+    at temperature 1)."""
+    z = filter_logits(logits, temperature, top_k, top_p)
+    drawn = jax.vmap(jax.random.categorical)(token_keys(seeds, counters), z)
+    tokens = jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), -1), tokens[:, None], -1)
+    return tokens, logprobs[:, 0]

@@ -1,0 +1,138 @@
+"""Continuous batching: requests wait in a queue, are admitted into decode slots between
+steps while the cache has room, advance one prefill chunk or one decoded token per step, and
+retire (freeing their blocks) as soon as they finish.
+
+Admission reserves the blocks of a request's whole budget (prompt + max_new_tokens, at most
+infer.max_len), so a running request never waits for memory and nothing is preempted; a
+request that does not fit yet waits until retirements free enough blocks.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from frontier_jax.infer.cache import BlockAllocator, CacheLayout
+from frontier_jax.infer.sampling import SamplingParams
+
+
+@dataclass
+class Completion:
+    """The result of one request: prompt and generated token ids, the generated text (stop
+    string excluded), log p_model of each generated token, and why it ended: "stop" (stop
+    token or string), "length" (max_new_tokens or infer.max_len) or "error" (see `error`)."""
+
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str | None
+    logprobs: list[float]
+    finish_reason: str
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    budget: int  # tokens the request may occupy in the cache: prompt + generation
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    computed: int = 0  # leading tokens whose latent is in the cache
+    finish_reason: str | None = None
+    text: str | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < len(self.prompt_ids)
+
+    def completion(self) -> Completion:
+        return Completion(self.prompt_ids, self.output_ids, self.text, self.logprobs, self.finish_reason)
+
+
+@dataclass
+class Batch:
+    """One step's host arrays: ids, positions, write [B, T]; block table [B, M]; select [B, K]
+    (positions whose logits are returned); rows: the requests of the first len(rows) rows."""
+
+    ids: np.ndarray
+    positions: np.ndarray
+    write: np.ndarray
+    block_table: np.ndarray
+    select: np.ndarray
+    rows: list[Request]
+
+
+def bucket(n: int, cap: int) -> int:
+    """The smallest power of two >= n, at most cap: steps compile once per bucket."""
+    return min(1 << max(n - 1, 0).bit_length(), cap)
+
+
+class Scheduler:
+    def __init__(self, layout: CacheLayout, max_seqs: int, prefill_chunk: int):
+        self.layout, self.max_seqs, self.prefill_chunk = layout, max_seqs, prefill_chunk
+        self.alloc = BlockAllocator(layout)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def admit(self) -> None:
+        """Moves waiting requests into free decode slots, first come first served."""
+        while self.waiting and len(self.running) < self.max_seqs:
+            request = self.waiting[0]
+            if not self.alloc.can_hold(request.id, request.budget):
+                return
+            self.alloc.reserve(request.id, request.budget)
+            self.running.append(self.waiting.popleft())
+
+    def retire(self, request: Request) -> None:
+        self.alloc.release(request.id)
+        self.running.remove(request)
+
+    def prefill_batch(self) -> Batch | None:
+        """The next prompt chunk of every prefilling request; logits at each chunk's last token."""
+        rows = [r for r in self.running if r.prefilling]
+        if not rows:
+            return None
+        counts = [min(self.prefill_chunk, len(r.prompt_ids) - r.computed) for r in rows]
+        width = bucket(max(counts), self.prefill_chunk)
+        return self._batch(rows, counts, width, [[c - 1] for c in counts])
+
+    def decode_batch(self) -> Batch | None:
+        """The last sampled token of every decoding request."""
+        rows = [r for r in self.running if not r.prefilling and r.finish_reason is None]
+        if not rows:
+            return None
+        return self._batch(rows, [1] * len(rows), 1, [[0]] * len(rows))
+
+    def _batch(self, rows: list[Request], counts: list[int], width: int, select: list[list[int]]) -> Batch:
+        n = bucket(len(rows), self.max_seqs)
+        k = len(select[0])
+        ids = np.zeros((n, width), np.int32)
+        positions = np.zeros((n, width), np.int32)
+        write = np.zeros((n, width), bool)
+        sel = np.zeros((n, k), np.int32)
+        for b, (request, count) in enumerate(zip(rows, counts)):
+            start = request.computed
+            tokens = request.tokens[start:start + count]
+            ids[b, :len(tokens)] = tokens
+            positions[b] = start + np.arange(width)
+            write[b, :count] = True
+            sel[b] = select[b]
+        blocks = max(self.alloc.blocks_for(r.computed + c) for r, c in zip(rows, counts))
+        table_width = bucket(blocks, self.layout.blocks_per_seq)
+        table = self.alloc.table([r.id for r in rows] + [None] * (n - len(rows)), table_width)
+        return Batch(ids, positions, write, table, sel, rows)
