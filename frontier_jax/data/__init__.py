@@ -12,7 +12,7 @@ from frontier_jax.data.checkpoint import (
     restore_iterator_state,
     save_iterator_state,
 )
-from frontier_jax.data.config import DataConfig, SourceConfig
+from frontier_jax.data.config import DataConfig, RecordFormat, SourceConfig
 from frontier_jax.data.pipeline import (
     build_train_dataset,
     build_train_iterator,
@@ -27,6 +27,7 @@ __all__ = [
     "DataConfig",
     "DataError",
     "DataStats",
+    "RecordFormat",
     "SourceConfig",
     "Tokenizer",
     "build_train_dataset",

@@ -1,7 +1,7 @@
 import omegaconf
 import pytest
 
-from frontier_jax.data import DataConfig, SourceConfig
+from frontier_jax.data import DataConfig, RecordFormat, SourceConfig
 
 
 def test_default_config_is_the_embedded_code_and_math_mixture_and_valid():
@@ -41,3 +41,17 @@ def test_invalid_config_error_names_field_and_value(cfg, fragments):
         cfg.validate()
     for fragment in fragments:
         assert fragment in str(err.value)
+
+
+def test_record_format_and_special_tokens_load_from_omegaconf_and_bad_formats_name_the_choices():
+    merged = omegaconf.OmegaConf.merge(
+        omegaconf.OmegaConf.structured(DataConfig),
+        {"special_tokens": {"fim_begin": "<PRE>"},
+         "sources": [{"name": "sft", "kind": "jsonl", "path": "/d/*.jsonl", "format": "chat"}]},
+    )
+    cfg = omegaconf.OmegaConf.to_object(merged)
+    assert cfg.sources[0].format == RecordFormat.chat and cfg.special_tokens == {"fim_begin": "<PRE>"}
+    assert cfg.sources[0].fields() == ("messages",)
+    with pytest.raises(omegaconf.ValidationError, match="prompt_response"):
+        omegaconf.OmegaConf.merge(omegaconf.OmegaConf.structured(SourceConfig),
+                                  {"name": "a", "kind": "jsonl", "format": "dialogue"})
