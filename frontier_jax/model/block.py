@@ -74,10 +74,11 @@ class Block(nnx.Module):
 
 def _remat(fn, policy_name: str):
     """fn under `model.remat_policy`: full recomputes every activation in the backward,
-    save_dots keeps the matmul outputs, save_attention_out the attention core's.  All keep the
-    fp8 policies' quantized weights (`FP8_WEIGHT`: 1 byte per parameter; none in bf16/fp32),
+    save_dots keeps the matmul outputs, save_attention_out the attention core's; experts keeps
+    everything but the routed experts' rows (dispatch gathers, grouped GEMMs, combine), which
+    `RoutedExperts` recomputes under its own checkpoint.  All keep the fp8 policies' quantized weights (`FP8_WEIGHT`: 1 byte per parameter; none in bf16/fp32),
     which are not activations: recomputing them would quantize every weight twice a step."""
-    if policy_name == "none":
+    if policy_name in ("none", "experts"):
         return fn
     names = jax.checkpoint_policies.save_only_these_names
     policies = {

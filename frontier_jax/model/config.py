@@ -16,7 +16,7 @@ ATTENTION_IMPLS = ("xla", "cudnn", "tokamax")
 MOE_DISPATCH = ("dropless", "capacity")
 SCORING_FUNCS = ("sigmoid", "softmax")
 ROPE_SCALING_TYPES = ("none", "yarn")
-REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out", "experts")
 
 
 def _fail(field_name: str, value, allowed: str) -> None:

@@ -28,6 +28,7 @@ from frontier_jax.ops.dispatch import ExpertDispatcher, ExpertDispatchSpec, Loca
 from frontier_jax.ops.routing import Routing
 from frontier_jax.parallel.rules import constrain
 from frontier_jax.precision import PrecisionPolicy
+from frontier_jax.precision.recipe import FP8_WEIGHT
 
 
 class MoEStats(NamedTuple):
@@ -74,14 +75,24 @@ class RoutedExperts(nnx.Module):
                  experts: ExpertDispatcher = LocalExperts(), rngs: nnx.Rngs):
         e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_ffn_dim
         self.spec, self.policy, self.dispatcher = dispatch_spec(cfg), policy, experts
+        self.remat_experts = cfg.remat_policy == "experts"
         self.w_gate = normal_param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), cfg.init_std)
         self.w_up = normal_param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), cfg.init_std)
         self.w_down = normal_param(rngs, (e, f, d), ("expert", "moe_mlp", "embed"), cfg.init_std)
 
     def __call__(self, x: jax.Array, routing: Routing) -> RoutedOutput:
-        """x [N, d] -> (sum_k g_k FFN_{e_k}(x) [N, d], dropped assignments, all-to-all bytes)."""
-        return self.dispatcher(x, routing, self.w_gate[...], self.w_up[...], self.w_down[...],
-                               spec=self.spec, policy=self.policy)
+        """x [N, d] -> (sum_k g_k FFN_{e_k}(x) [N, d], dropped assignments, all-to-all bytes).
+
+        `model.remat_policy=experts`: the dispatcher runs under its own checkpoint, so the
+        backward recomputes its dispatch gathers, grouped GEMMs and combine instead of keeping
+        their rows (the quantized fp8 weights, `FP8_WEIGHT`, are kept)."""
+        def routed(x, routing, w_gate, w_up, w_down):
+            return self.dispatcher(x, routing, w_gate, w_up, w_down, spec=self.spec, policy=self.policy)
+
+        if self.remat_experts:
+            routed = jax.checkpoint(routed, policy=jax.checkpoint_policies.save_only_these_names(FP8_WEIGHT),
+                                    prevent_cse=False)
+        return routed(x, routing, self.w_gate[...], self.w_up[...], self.w_down[...])
 
 
 class MoE(nnx.Module):

@@ -41,6 +41,7 @@ pass.  Per device:
     full                input
     save_dots           input + dots
     save_attention_out  input + c h d_v
+    experts             input + dots + other - the expert rows c rho (3 f_e + 3 d) (+ a2a) of MoE layers
   activations = N [ sum over layers of the saved bytes
                     + max over layer kinds of (dots + other)   one layer recomputed / differentiated
                     + D (MoE dots + other + 5 c d)               MTP blocks (never rematerialised)
@@ -156,7 +157,7 @@ def activation_bytes(cfg: Config, mesh: AbstractMesh, rules) -> tuple[int, int]:
     kinds = {}  # layer kind -> (number of layers, dots, other) bytes per token
     if m.first_k_dense:
         f = _local(m.dense_ffn_dim, ("batch", "seq", "mlp"), 2, mesh, rules)
-        kinds["dense"] = (m.first_k_dense, mla_dots + c * (2 * f + d), mla_other + c * (f + 2 * d))
+        kinds["dense"] = (m.first_k_dense, mla_dots + c * (2 * f + d), mla_other + c * (f + 2 * d), 0)
     moe = (0, 0)
     if m.num_moe_layers or m.mtp_depth:
         f_e = _local(m.moe_ffn_dim, ("batch", "seq", "moe_mlp"), 2, mesh, rules)
@@ -166,15 +167,17 @@ def activation_bytes(cfg: Config, mesh: AbstractMesh, rules) -> tuple[int, int]:
         a2a = 2 * d if expert_parallel_size(mesh, rules) > 1 else 0
         moe = (mla_dots + 4 * m.n_routed_experts + c * rho * (2 * f_e + d) + shared[0],
                mla_other + 4 * m.n_routed_experts + c * rho * (f_e + 2 * d + a2a) + shared[1] + 3 * c * d)
+        expert_rows = c * rho * (3 * f_e + 3 * d + a2a)
         if m.num_moe_layers:
-            kinds["moe"] = (m.num_moe_layers, *moe)
+            kinds["moe"] = (m.num_moe_layers, *moe, expert_rows)
 
-    def saved(dots: float, other: float) -> float:
+    def saved(dots: float, other: float, expert_rows: float) -> float:
         return c * d + {"none": dots + other, "full": 0, "save_dots": dots,
-                        "save_attention_out": c * h * m.v_head_dim}[m.remat_policy]
+                        "save_attention_out": c * h * m.v_head_dim,
+                        "experts": dots + other - expert_rows}[m.remat_policy]
 
-    per_token = sum(n * saved(dots, other) for n, dots, other in kinds.values())
-    per_token += max(dots + other for _, dots, other in kinds.values())
+    per_token = sum(n * saved(dots, other, rows) for n, dots, other, rows in kinds.values())
+    per_token += max(dots + other for _, dots, other, _ in kinds.values())
     per_token += m.mtp_depth * (sum(moe) + 5 * c * d)
     per_token += c * d * (2 + m.mtp_depth) + 2 * 4 * vocab * (1 + m.mtp_depth)
     return b, math.ceil(b * T * per_token)

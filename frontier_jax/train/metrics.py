@@ -12,8 +12,9 @@ from pathlib import Path
 
 import jax
 
-# Measured dense bf16 matmul ceilings (FLOP/s) by device kind substring.
-PEAK_FLOPS = {"H100": 729e12, "H200": 790e12}
+# Measured dense bf16 matmul ceilings (FLOP/s) by device kind substring: cuBLAS 8192^3 on random
+# data (`benchmarks/ceilings.py`; H200 2026-12-01 with B stored [N, K], 721 with B [K, N]).
+PEAK_FLOPS = {"H100": 729e12, "H200": 769e12}
 
 
 def peak_flops_per_device(device: jax.Device | None = None) -> float | None:

@@ -129,7 +129,7 @@ def _loss_and_grads(policy_name):
 _BASELINE = {}
 
 
-@pytest.mark.parametrize("policy", ["full", "save_dots", "save_attention_out"])
+@pytest.mark.parametrize("policy", ["full", "save_dots", "save_attention_out", "experts"])
 def test_remat_policies_give_identical_logits_and_gradients(policy):
     # same math recomputed (XLA may reorder fp32 sums): logits agree to rtol 1e-5, atol 1e-6 and
     # every parameter gradient to rtol 1e-5, atol 1e-5 * max|gradient of that tensor|
@@ -137,7 +137,7 @@ def test_remat_policies_give_identical_logits_and_gradients(policy):
         _BASELINE["none"] = _loss_and_grads("none")
     base_logits, base_grads, base_remat = _BASELINE["none"]
     logits, grads, remat = _loss_and_grads(policy)
-    assert remat and not base_remat  # the policy really wraps the scanned blocks in a checkpoint
+    assert remat and not base_remat  # the policy really wraps the blocks (or experts) in a checkpoint
     np.testing.assert_allclose(logits, base_logits, rtol=1e-5, atol=1e-6)
     flat_base = jax.tree_util.tree_flatten_with_path(base_grads)[0]
     flat = jax.tree.leaves(grads)
@@ -162,7 +162,7 @@ def _weight_quantizations(jaxpr) -> int:
     return count
 
 
-@pytest.mark.parametrize("policy", ["full", "save_dots", "save_attention_out"])
+@pytest.mark.parametrize("policy", ["full", "save_dots", "save_attention_out", "experts"])
 def test_remat_keeps_the_quantized_fp8_weights(policy):
     # the backward of a rematerialised layer reuses the forward's fp8 weights (FP8_WEIGHT):
     # as many weight quantizations in the gradient as without remat
