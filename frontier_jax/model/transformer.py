@@ -23,6 +23,7 @@ from frontier_jax.model.latent_cache import ModelCache, Pages
 from frontier_jax.model.layers import Embed, LMHead, RMSNorm
 from frontier_jax.model.moe import MoEStats
 from frontier_jax.model.mtp import MTPStack
+from frontier_jax.model.routing import ExpertBias
 from frontier_jax.ops.dispatch import ExpertDispatcher, LocalExperts
 from frontier_jax.parallel.rules import constrain
 from frontier_jax.precision import PrecisionPolicy, get_policy
@@ -102,6 +103,18 @@ class Transformer(nnx.Module):
         if self.moe_layers is not None:
             h, moe = self.moe_layers.extend(h, inputs, moe, pages, absorbed=absorbed, impl=impl)
         return h, cache._replace(dense=dense, moe=moe)
+
+    def expert_loads(self, out: ModelOutput) -> dict:
+        """The per-layer expert loads of `out` laid out like this model's expert biases
+        (`nnx.state(self, ExpertBias)` as a pure dict): each stack's bias [L, N_r] gets its
+        stack's loads [L, N_r], the tree that the loss-free bias update adds to."""
+        stats = {"moe_layers": out.moe_stats, "mtp": out.mtp_stats}
+        biases = nnx.to_pure_dict(nnx.state(self, ExpertBias))
+        missing = [stack for stack in biases if stats[stack] is None]
+        if missing:
+            raise ValueError(f"no expert loads of {missing} in this output (forward with with_mtp=True)")
+        return {stack: jax.tree.unflatten(jax.tree.structure(tree), [stats[stack].load])
+                for stack, tree in biases.items()}  # one router bias per stack
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:

@@ -1,7 +1,7 @@
 """Checkpoints with orbax-checkpoint's CheckpointManager.
 
 Each checkpoint step holds three items:
-    state   the train state pytree (params, biases, optimizer, step, rng)   StandardSave
+    state   the train state (`TrainState`: params, biases, opt_state, step, rng)   StandardSave
     data    the input iterator's state (JSON, one file per process)         grain's handler
     config  the resolved run config (JSON)                                   JsonSave
 Saves are asynchronous and atomic (orbax writes into a temporary directory and renames it

@@ -27,17 +27,13 @@ from tqdm.auto import tqdm
 
 from frontier_jax.data import DataStats, build_train_iterator
 from frontier_jax.model.describe import describe
-from frontier_jax.parallel.mesh import (
-    batch_sharding,
-    build_mesh,
-    check_batch_fits,
-    check_divisible,
-    state_shardings,
-)
+from frontier_jax.parallel.mesh import batch_sharding, check_batch_fits, state_shardings
+from frontier_jax.runtime.program import build_model_program
 from frontier_jax.train.checkpoint import Checkpointer, abstract_with_shardings, check_same_model
 from frontier_jax.train.metrics import MetricsLogger, model_flops_utilization, plot_loss_curve
 from frontier_jax.train.optimizer import batch_size_at
-from frontier_jax.train.step import BATCH_KEYS, Trainer
+from frontier_jax.train.state import TrainState
+from frontier_jax.train.step import Trainer
 
 if TYPE_CHECKING:  # the composed config sits above train (frontier_jax.config imports train.config)
     from frontier_jax.config import Config
@@ -69,18 +65,18 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
-def train_state_shardings(trainer: Trainer, mesh) -> dict:
+def train_state_shardings(trainer: Trainer, mesh) -> TrainState:
     """NamedShardings of the whole train state: parameters and biases by the rules table,
     optimizer moments like their parameters, step and rng replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
     params = state_shardings(trainer.abstract_params, mesh, trainer.rules)
     opt_shapes = jax.eval_shape(trainer.optimizer.init,
                                 jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
-                                             jax.eval_shape(lambda: trainer.init(0)["params"])))
+                                             jax.eval_shape(lambda: trainer.init(0).params)))
     opt = optax.tree_map_params(trainer.optimizer, lambda _, sharding: sharding, opt_shapes, params,
                                 transform_non_params=lambda _: replicated)
-    return {"params": params, "biases": state_shardings(trainer.abstract_biases, mesh, trainer.rules),
-            "opt_state": opt, "step": replicated, "rng": replicated}
+    return TrainState(params=params, biases=state_shardings(trainer.abstract_biases, mesh, trainer.rules),
+                      opt_state=opt, step=replicated, rng=replicated)
 
 
 class Runner(NamedTuple):
@@ -88,23 +84,24 @@ class Runner(NamedTuple):
     state, `step(state, batch)` is the jitted train step (state donated)."""
     trainer: Trainer
     mesh: Mesh
-    state_shardings: dict
+    state_shardings: TrainState
     batch_sharding: NamedSharding
     init: Callable
     step: Callable
 
 
 def build_runner(cfg: Config, devices=None) -> Runner:
-    """Mesh over `devices` (default: all) -> Trainer, checked batch split and parameter
-    divisibility, state and batch shardings, and the jitted init and step."""
-    mesh = build_mesh(cfg.mesh, devices)
-    trainer = Trainer(cfg, mesh)
+    """The model program on a mesh over `devices` (default: all; `runtime.build_model_program`)
+    -> Trainer, checked batch split, train-state and batch shardings, and the jitted init and step."""
+    program = build_model_program(cfg, devices)
+    trainer = Trainer(cfg, program=program)
+    mesh = program.mesh
     check_batch_fits(cfg.train.global_batch, mesh, trainer.rules)
-    check_divisible(trainer.abstract_params, mesh, trainer.rules)
     shardings = train_state_shardings(trainer, mesh)
     in_batch = batch_sharding(mesh, trainer.rules)
     init = jax.jit(trainer.init, static_argnums=0, out_shardings=shardings)
-    step = jax.jit(trainer.train_step, in_shardings=(shardings, {k: in_batch for k in BATCH_KEYS}),
+    batch_shardings = {k: in_batch for k in trainer.objective.batch_spec}
+    step = jax.jit(trainer.train_step, in_shardings=(shardings, batch_shardings),
                    out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
     return Runner(trainer, mesh, shardings, in_batch, init, step)
 
@@ -124,7 +121,7 @@ def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
     def assemble(host: np.ndarray) -> jax.Array:
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
-    return {k: assemble(np.asarray(batch[k])) for k in BATCH_KEYS}
+    return {k: assemble(np.asarray(v)) for k, v in batch.items()}
 
 
 def train(cfg: Config, run_dir: str | Path, *, progress: bool = True) -> list[dict]:
@@ -147,7 +144,7 @@ def train(cfg: Config, run_dir: str | Path, *, progress: bool = True) -> list[di
         start = 0
         state = runner.init(cfg.train.seed)
 
-    step_fn = runner.step
+    step_fn, batch_spec = runner.step, trainer.objective.batch_spec
     flops_per_token = describe(cfg.model, cfg.train.seq_len)["flops_per_token"]
     logger = MetricsLogger(run_dir, enabled=jax.process_index() == 0)
     history: list[dict] = []
@@ -157,7 +154,9 @@ def train(cfg: Config, run_dir: str | Path, *, progress: bool = True) -> list[di
     try:
         with _StopSignal() as stop:
             for step in range(start, cfg.train.steps):
-                batch = _global_batch(next(data), in_batch)
+                local = next(data)
+                batch = _global_batch({k: np.asarray(local[k], dtype) for k, dtype in batch_spec.items()},
+                                      in_batch)
                 t0 = time.perf_counter()
                 state, metrics = step_fn(state, batch)
                 metrics = jax.device_get(metrics)

@@ -13,7 +13,8 @@ from flax import nnx
 from frontier_jax.config import load_config
 from frontier_jax.parallel.mesh import build_mesh, state_shardings
 from frontier_jax.parallel.rules import DEFAULT_RULES, logical_to_spec, use_sharding
-from frontier_jax.train.step import BATCH_KEYS, Trainer
+from frontier_jax.train.objectives.pretrain import BATCH_KEYS, Batch
+from frontier_jax.train.step import Trainer
 
 TINY = ["model.hidden_size=32", "model.num_layers=2", "model.first_k_dense=1", "model.num_heads=4",
         "model.q_lora_rank=16", "model.kv_lora_rank=16", "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=4",
@@ -44,11 +45,9 @@ def _batch(cfg):
 def _loss_and_grads(trainer, state, batch):
     norm = {"tokens": jnp.float32(batch["loss_mask"].size), "micro_batches": jnp.float32(1),
             "mtp_targets": jnp.float32([batch["loss_mask"].size - batch["loss_mask"].shape[0]])}
-    from frontier_jax.train.step import Batch
-
     mb = Batch(*(jnp.asarray(batch[k]) for k in BATCH_KEYS), token_mask=jnp.asarray(batch["loss_mask"]))
-    (loss, _), grads = jax.value_and_grad(trainer._micro_loss, has_aux=True)(
-        state["params"], state["biases"], mb, norm)
+    loss, grads = jax.value_and_grad(
+        lambda params: trainer.objective(trainer.model(params, state.biases), mb, norm)[0])(state.params)
     return loss, grads
 
 
@@ -69,8 +68,8 @@ def test_sharded_loss_and_grads_equal_single_device(layout, reference):
     mesh = build_mesh(cfg.mesh)
     trainer = Trainer(cfg, mesh)
     param_shardings = state_shardings(trainer.abstract_params, mesh)
-    params = jax.device_put(state["params"], param_shardings)
-    sharded_state = {**state, "params": params}
+    params = jax.device_put(state.params, param_shardings)
+    sharded_state = state.replace(params=params)
 
     def step(s, b):
         with use_sharding(mesh):

@@ -112,7 +112,7 @@ def _restored_params(run_dir: Path, step: int):
                             jax.eval_shape(lambda: trainer.init(0)))
     with ocp.CheckpointManager(run_dir / "checkpoints") as manager:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    return restored.state["params"]
+    return restored.state.params
 
 
 def test_two_processes_train_like_one(tmp_path):

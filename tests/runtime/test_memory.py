@@ -69,15 +69,15 @@ def test_state_bytes_equal_the_sharded_arrays(layout):
     state = jax.tree.map(lambda s, sh: jax.device_put(np.zeros(s.shape, s.dtype), sh),
                          shapes, train_state_shardings(trainer, mesh))
     grads = jax.tree.map(lambda p, sh: jax.device_put(np.zeros(p.shape, np.float32), sh),
-                         shapes["params"], state_shardings(trainer.abstract_params, mesh, trainer.rules))
-    moments = [x for x in jax.tree.leaves(state["opt_state"]) if x.ndim]  # mu, nu (not the step counts)
+                         shapes.params, state_shardings(trainer.abstract_params, mesh, trainer.rules))
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]  # mu, nu (not the step counts)
 
     mem = device_memory(cfg)
     assert mem.mesh == dict(mesh.shape)
-    assert mem.params == _device0_bytes([state["params"], state["biases"]])
+    assert mem.params == _device0_bytes([state.params, state.biases])
     assert mem.grads == _device0_bytes(grads)
     assert mem.optimizer == _device0_bytes(moments)
-    assert mem.params < sum(x.nbytes for x in jax.tree.leaves([state["params"], state["biases"]]))  # split
+    assert mem.params < sum(x.nbytes for x in jax.tree.leaves([state.params, state.biases]))  # split
 
 
 def test_bf16_moments_halve_the_optimizer_bytes():

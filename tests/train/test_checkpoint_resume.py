@@ -54,7 +54,7 @@ def test_exact_resume_in_process(reference_run, tmp_path):
     state, data_state = restore_checkpoint(run, 2 * N, cfg)
     ref_state, ref_data_state = restore_checkpoint(reference_run, 2 * N, cfg)
     assert_trees_equal(state, ref_state, "state")
-    assert int(state["step"]) == 2 * N
+    assert int(state.step) == 2 * N
     assert data_state == ref_data_state  # the input pipeline resumed at the same position
 
     # a third call with the same length has nothing left to do
@@ -116,7 +116,7 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_resume_matches(sigterm_run, 
     assert latest == stopped_at  # the checkpoint of the step at which the signal arrived
     assert f"signal {int(signal.SIGTERM)} received: saved step {stopped_at}" in out
     state, _ = restore_checkpoint(run, stopped_at, tiny_config())
-    assert int(state["step"]) == stopped_at
+    assert int(state.step) == stopped_at
     ref_state, _ = restore_checkpoint(reference_run, REF_STEPS, tiny_config())
 
     assert again.returncode == 0, again.stdout + again.stderr
@@ -257,12 +257,12 @@ def test_nonfinite_loss_skip_policy_skips_the_update_and_continues(skip_run):
     before, _ = restore_checkpoint(run, 5, cfg)
     after, _ = restore_checkpoint(run, 6, cfg)
     for key in ("params", "biases", "opt_state", "rng"):
-        assert_trees_equal(after[key], before[key], f"{key} ")
-    assert int(after["step"]) == 6  # the step counter numbers batches: it advances
+        assert_trees_equal(getattr(after, key), getattr(before, key), f"{key} ")
+    assert int(after.step) == 6  # the step counter numbers batches: it advances
     final, _ = restore_checkpoint(run, 7, cfg)
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(final["params"]))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(final.params))
     assert any(not np.array_equal(np.asarray(a), np.asarray(b))
-               for a, b in zip(jax.tree.leaves(final["params"]), jax.tree.leaves(after["params"])))
+               for a, b in zip(jax.tree.leaves(final.params), jax.tree.leaves(after.params)))
 
 
 def test_skipped_step_does_not_desynchronise_the_logged_and_applied_lr(skip_run):
@@ -277,6 +277,6 @@ def test_skipped_step_does_not_desynchronise_the_logged_and_applied_lr(skip_run)
     skipped, _ = restore_checkpoint(run, 1, cfg)
     after, _ = restore_checkpoint(run, 2, cfg)
     moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-                for a, b in zip(jax.tree.leaves(after["params"]), jax.tree.leaves(skipped["params"])))
+                for a, b in zip(jax.tree.leaves(after.params), jax.tree.leaves(skipped.params)))
     assert moved > 1e-4, ("step 2 logged lr=1.5e-3 but applied lr=0: the optimizer's schedule count "
                           "was rolled back with the skipped step while the step counter advanced")

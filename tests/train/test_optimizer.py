@@ -277,6 +277,6 @@ def test_trainer_state_holds_bf16_moments_when_configured():
 
     trainer = Trainer(tiny_config("train.moment_dtype=bfloat16"))
     shapes = jax.eval_shape(lambda: trainer.init(0))
-    floats = [x for x in jax.tree.leaves(shapes["opt_state"]) if jnp.issubdtype(x.dtype, jnp.floating)]
+    floats = [x for x in jax.tree.leaves(shapes.opt_state) if jnp.issubdtype(x.dtype, jnp.floating)]
     assert floats and all(x.dtype == jnp.bfloat16 for x in floats)
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(shapes["params"]))  # master weights fp32
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(shapes.params))  # master weights fp32

@@ -26,7 +26,9 @@ from flax import nnx
 
 from frontier_jax.model.routing import route
 from frontier_jax.train.losses import mtp_targets
-from frontier_jax.train.step import BATCH_KEYS, Trainer
+from frontier_jax.train.objectives.pretrain import BATCH_KEYS
+from frontier_jax.train.state import TrainState
+from frontier_jax.train.step import Trainer
 
 from .common import run_lock, tiny_config
 
@@ -34,7 +36,7 @@ LOSS_RTOL = 1e-5
 MICRO = (1, 2, 4)
 
 
-def make_state(trainer: Trainer, seed: int) -> dict:
+def make_state(trainer: Trainer, seed: int) -> TrainState:
     """A train state with random weights (norm scales around 1, kernels ~ N(0, 0.05^2)) and
     small random expert biases; AdamW state from the optimizer's own init."""
     rng = np.random.default_rng(seed)
@@ -50,8 +52,8 @@ def make_state(trainer: Trainer, seed: int) -> dict:
                           nnx.to_pure_dict(trainer.abstract_biases))
     params, biases = jax.tree.map(jnp.asarray, (params, biases))
     opt_state = jax.jit(trainer.optimizer.init)(params)
-    return {"params": params, "biases": biases, "opt_state": opt_state,
-            "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(seed))}
+    return TrainState(params=params, biases=biases, opt_state=opt_state,
+                      step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(seed)))
 
 
 def make_batch(seed: int, rows: int = 8, seq: int = 32, vocab: int = 259) -> dict:
@@ -119,15 +121,15 @@ def test_gradient_accumulation_matches_one_large_batch(setup, stepped, m):
     for key in ("loss", "ce_loss", "mtp_loss", "z_loss", "balance_loss", "grad_norm", "perplexity"):
         np.testing.assert_allclose(mm[key], m1[key], rtol=LOSS_RTOL, err_msg=key)
     assert mm["finite"] == m1["finite"] == 1
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(sm["params"]), jax.tree.leaves(s1["params"])):
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(sm.params), jax.tree.leaves(s1.params)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path))
     # (and they did move: lr is at its peak from step 0)
-    assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s1["params"]),
-                                                        jax.tree.leaves(jax.device_get(setup[1]["params"]))))
-    for a, b in zip(jax.tree.leaves(sm["opt_state"]), jax.tree.leaves(s1["opt_state"])):
+    assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s1.params),
+                                                        jax.tree.leaves(jax.device_get(setup[1].params))))
+    for a, b in zip(jax.tree.leaves(sm.opt_state), jax.tree.leaves(s1.opt_state)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
     # loads are counts of real tokens: the bias update is identical
-    for a, b in zip(jax.tree.leaves(sm["biases"]), jax.tree.leaves(s1["biases"])):
+    for a, b in zip(jax.tree.leaves(sm.biases), jax.tree.leaves(s1.biases)):
         np.testing.assert_array_equal(a, b)
 
 
@@ -138,7 +140,7 @@ def test_loss_terms_match_numpy_from_a_forward_pass(setup, step_m1):
     trainer, state, batch, forward = setup
     cfg = trainer.cfg.train
     _, metrics = jax.device_get(step_m1(state, batch))
-    out = jax.device_get(forward(state["params"], state["biases"], batch))
+    out = jax.device_get(forward(state.params, state.biases, batch))
     logits = np.asarray(out.logits, np.float64)
     mask = np.asarray(batch["loss_mask"], np.float64)
     top = logits.max(-1, keepdims=True)
@@ -175,7 +177,7 @@ def test_bias_update_follows_sign_rule(setup, step_m1):
     trainer, state, batch, forward = setup
     gamma = trainer.cfg.train.bias_update_speed
     new_state, _ = jax.device_get(step_m1(state, batch))
-    out = jax.device_get(forward(state["params"], state["biases"], batch))
+    out = jax.device_get(forward(state.params, state.biases, batch))
     loads = _loads(out)
     real = int(np.asarray(batch["segment_ids"] > 0).sum())
     k = trainer.cfg.model.num_experts_per_tok
@@ -183,10 +185,10 @@ def test_bias_update_follows_sign_rule(setup, step_m1):
         np.testing.assert_array_equal(load.sum(-1), real * k)
     expected = jax.tree.map(
         lambda b, load: np.asarray(b, np.float64) + gamma * np.sign(load.mean(-1, keepdims=True) - load),
-        jax.device_get(state["biases"]), loads)
+        jax.device_get(state.biases), loads)
     changed = 0
-    for (path, got), want, old in zip(jax.tree_util.tree_leaves_with_path(new_state["biases"]),
-                                      jax.tree.leaves(expected), jax.tree.leaves(state["biases"])):
+    for (path, got), want, old in zip(jax.tree_util.tree_leaves_with_path(new_state.biases),
+                                      jax.tree.leaves(expected), jax.tree.leaves(state.biases)):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-7, err_msg=jax.tree_util.keystr(path))
         changed += int(np.sum(np.asarray(got) != np.asarray(old)))
     assert changed > 0
@@ -195,7 +197,7 @@ def test_bias_update_follows_sign_rule(setup, step_m1):
 def test_biases_get_no_gradient_and_no_optimizer_state(setup, step_m1):
     trainer, state, batch, _ = setup
     # not parameters: no leaf of params or of the optimizer state is a router bias
-    for tree in (state["params"], state["opt_state"]):
+    for tree in (state.params, state.opt_state):
         names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
         assert not [n for n in names if "['bias']" in n]
     # and nothing differentiable depends on them: the gates use the unbiased scores, the bias
@@ -210,7 +212,7 @@ def test_biases_get_no_gradient_and_no_optimizer_state(setup, step_m1):
     # the step changes each bias by exactly -gamma, 0 or +gamma (no optimizer update on top)
     gamma = trainer.cfg.train.bias_update_speed
     new_state, _ = jax.device_get(step_m1(state, batch))
-    for new, old in zip(jax.tree.leaves(new_state["biases"]), jax.tree.leaves(jax.device_get(state["biases"]))):
+    for new, old in zip(jax.tree.leaves(new_state.biases), jax.tree.leaves(jax.device_get(state.biases))):
         delta = (np.asarray(new, np.float64) - np.asarray(old, np.float64)) / gamma
         np.testing.assert_allclose(delta, np.round(delta), atol=1e-3)
         assert set(np.round(delta).astype(int).ravel()) <= {-1, 0, 1}
@@ -221,9 +223,9 @@ def test_expert_bias_shifts_routing(setup, step_m1):
     n_group=2, top-1 group, K=2); one step then lowers exactly the overloaded experts' biases."""
     trainer, state, batch, forward = setup
     real = int(np.asarray(batch["segment_ids"] > 0).sum())
-    base = jax.device_get(forward(state["params"], state["biases"], batch))
-    boosted_biases = jax.tree.map(lambda b: b.at[..., 0].add(5.0), state["biases"])
-    boosted = jax.device_get(forward(state["params"], boosted_biases, batch))
+    base = jax.device_get(forward(state.params, state.biases, batch))
+    boosted_biases = jax.tree.map(lambda b: b.at[..., 0].add(5.0), state.biases)
+    boosted = jax.device_get(forward(state.params, boosted_biases, batch))
     for before, after in zip(jax.tree.leaves(_loads(base)), jax.tree.leaves(_loads(boosted))):
         assert not np.array_equal(before, after)
         np.testing.assert_array_equal(after[:, 0], real)
@@ -232,8 +234,8 @@ def test_expert_bias_shifts_routing(setup, step_m1):
     # the output changes too: the bias picks experts, it is not just bookkeeping
     assert not np.allclose(base.logits, boosted.logits)
     gamma = trainer.cfg.train.bias_update_speed
-    new_state, _ = jax.device_get(step_m1({**state, "biases": boosted_biases}, batch))
-    for new, old in zip(jax.tree.leaves(new_state["biases"]), jax.tree.leaves(jax.device_get(boosted_biases))):
+    new_state, _ = jax.device_get(step_m1(state.replace(biases=boosted_biases), batch))
+    for new, old in zip(jax.tree.leaves(new_state.biases), jax.tree.leaves(jax.device_get(boosted_biases))):
         np.testing.assert_allclose(new[:, :2], old[:, :2] - gamma, atol=1e-6)
         np.testing.assert_allclose(new[:, 2:], old[:, 2:] + gamma, atol=1e-6)
 
@@ -242,17 +244,18 @@ def test_expert_bias_shifts_routing(setup, step_m1):
 def test_nonfinite_step_leaves_state_unchanged(setup, step_m1):
     trainer, state, batch, _ = setup
     poisoned = jax.tree.map(lambda x: x, state)
-    kernel = poisoned["params"]["head"]["kernel"]
-    poisoned["params"]["head"]["kernel"] = kernel.at[0, 0].set(jnp.nan)
+    kernel = poisoned.params["head"]["kernel"]
+    poisoned.params["head"]["kernel"] = kernel.at[0, 0].set(jnp.nan)
     new_state, metrics = jax.device_get(step_m1(poisoned, batch))
     assert metrics["finite"] == 0
     assert not np.isfinite(metrics["loss"])
     old = jax.device_get(poisoned)
     for key in ("params", "biases", "opt_state", "rng"):
-        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(new_state[key]), jax.tree.leaves(old[key])):
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(getattr(new_state, key)),
+                                jax.tree.leaves(getattr(old, key))):
             np.testing.assert_array_equal(a, b, err_msg=f"{key}{jax.tree_util.keystr(path)}")
     # the step counter still advances (it numbers attempted steps, like the loop and checkpoints)
-    assert int(new_state["step"]) == int(old["step"]) + 1
+    assert int(new_state.step) == int(old.step) + 1
 
 
 def test_nonfinite_batch_leaves_state_unchanged(setup, step_m1):
@@ -263,13 +266,13 @@ def test_nonfinite_batch_leaves_state_unchanged(setup, step_m1):
     assert metrics["finite"] == 0
     old = jax.device_get(state)
     for key in ("params", "biases", "opt_state"):
-        for a, b in zip(jax.tree.leaves(new_state[key]), jax.tree.leaves(old[key])):
+        for a, b in zip(jax.tree.leaves(getattr(new_state, key)), jax.tree.leaves(getattr(old, key))):
             np.testing.assert_array_equal(a, b)
     # and a finite step from the same state does change the params
     good_state, good = jax.device_get(step_m1(state, batch))
     assert good["finite"] == 1
-    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(good_state["params"]),
-                                                         jax.tree.leaves(old["params"])))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(good_state.params),
+                                                         jax.tree.leaves(old.params)))
 
 
 # ---------------------------------------------------------------- batch ramp
@@ -290,7 +293,7 @@ def test_rows_beyond_the_batch_ramp_do_not_influence_the_step(setup, shared_dir)
     assert m_a["tokens"] == m_b["tokens"] == 32 + 32 + 24 + 24
     for key in ("ce_loss", "mtp_loss", "z_loss", "balance_loss", "loss", "grad_norm"):
         np.testing.assert_allclose(m_b[key], m_a[key], rtol=1e-6, err_msg=key)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(s_b["params"]), jax.tree.leaves(s_a["params"])):
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(s_b.params), jax.tree.leaves(s_a.params)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-7, err_msg=jax.tree_util.keystr(path))
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(s_b["biases"]), jax.tree.leaves(s_a["biases"])):
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(s_b.biases), jax.tree.leaves(s_a.biases)):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))

@@ -1,0 +1,101 @@
+"""A model program: the model of a config set up on a mesh, without an optimizer.
+
+    ModelProgram = config, mesh (or None: no activation constraints), rules table,
+                   precision policy, expert dispatcher, graphdef, abstract parameters and
+                   expert biases (nnx Variables carrying `logical_axes`)
+
+The config is a run `Config` or any object with its `model`, `mesh` and `precision` sections
+(`ModelSections`; the composed `Config` sits above this package).
+
+Training adds an optimizer, a train state and a jitted step on top (`train.loop.build_runner`);
+evaluation and inference build the same program and merge restored parameters into it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Union
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from frontier_jax.model import ModelConfig, Transformer
+from frontier_jax.model.routing import ExpertBias
+from frontier_jax.ops.dispatch import ExpertDispatcher
+from frontier_jax.parallel.config import MeshConfig
+from frontier_jax.parallel.expert import expert_dispatcher
+from frontier_jax.parallel.mesh import build_mesh, check_divisible, state_shardings
+from frontier_jax.parallel.rules import RULE_SETS, use_sharding
+from frontier_jax.precision import PrecisionPolicy, get_policy
+from frontier_jax.precision.config import PrecisionConfig
+
+if TYPE_CHECKING:
+    from frontier_jax.config import Config
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSections:
+    """The sections of a run config that a model program reads."""
+    model: ModelConfig
+    mesh: MeshConfig
+    precision: PrecisionConfig
+
+
+RunConfig = Union["Config", ModelSections]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelProgram:
+    cfg: RunConfig
+    mesh: Mesh | None
+    rules: Mapping[str, Sequence[str]]
+    policy: PrecisionPolicy
+    experts: ExpertDispatcher  # local, or all-to-all where the mesh splits the experts
+    graphdef: nnx.GraphDef
+    abstract_params: nnx.State  # trained parameters (nnx.Param), shapes only
+    abstract_biases: nnx.State  # expert-selection biases (ExpertBias), shapes only
+
+    def model(self, params: dict, biases: dict) -> Transformer:
+        """The Transformer holding `params` and `biases` (pure dicts, as in the train state)."""
+        return nnx.merge(self.graphdef, params, biases)
+
+    def init(self, seed: int) -> tuple[dict, dict]:
+        """Freshly initialised (params, biases) as pure dicts."""
+        model = Transformer(self.cfg.model, policy=self.policy, experts=self.experts, rngs=nnx.Rngs(seed))
+        _, params, biases = nnx.split(model, nnx.Param, ExpertBias)
+        return nnx.to_pure_dict(params), nnx.to_pure_dict(biases)
+
+    def shardings(self) -> tuple[dict, dict]:
+        """NamedShardings of (params, biases) on the mesh, by the rules table."""
+        if self.mesh is None:
+            raise ValueError("this model program has no mesh; build it with build_model_program")
+        return (state_shardings(self.abstract_params, self.mesh, self.rules),
+                state_shardings(self.abstract_biases, self.mesh, self.rules))
+
+    def sharding_context(self):
+        """Activations constrained to the mesh by the rules table (nothing without a mesh)."""
+        return contextlib.nullcontext() if self.mesh is None else use_sharding(self.mesh, self.rules)
+
+
+def model_program(cfg: RunConfig, mesh: Mesh | None = None) -> ModelProgram:
+    """The abstract model of `cfg` (no weight allocated), its policy, rules table and expert
+    dispatcher for `mesh`."""
+    policy, rules = get_policy(cfg.precision.policy), RULE_SETS[cfg.mesh.rules]
+    experts = expert_dispatcher(mesh, rules)
+    abstract = nnx.eval_shape(lambda: Transformer(cfg.model, policy=policy, experts=experts, rngs=nnx.Rngs(0)))
+    graphdef, params, biases = nnx.split(abstract, nnx.Param, ExpertBias)
+    return ModelProgram(cfg, mesh, rules, policy, experts, graphdef, params, biases)
+
+
+def build_model_program(cfg: RunConfig, devices: Sequence[jax.Device] | None = None, *,
+                        mesh: Mesh | None = None) -> ModelProgram:
+    """`model_program` on `mesh` (default: `cfg.mesh` over `devices`, default all), with every
+    parameter's sharded dimensions checked to divide by their mesh axes."""
+    mesh = build_mesh(cfg.mesh, devices) if mesh is None else mesh
+    program = model_program(cfg, mesh)
+    check_divisible(program.abstract_params, mesh, program.rules)
+    check_divisible(program.abstract_biases, mesh, program.rules)
+    return program

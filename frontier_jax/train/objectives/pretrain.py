@@ -1,0 +1,101 @@
+"""Pre-training: next-token cross-entropy, z-loss, multi-token prediction and sequence balance.
+
+    L = L_CE + lambda L_MTP + alpha sum_layers L_Bal + z L_z
+per micro-batch, every term normalised by counts of the WHOLE global batch (tokens, MTP targets
+per depth, micro-batches), so that accumulation equals one large batch up to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from frontier_jax.model import Transformer
+from frontier_jax.train.losses import masked_sum, mtp_targets, token_cross_entropy
+
+if TYPE_CHECKING:  # the composed config sits above train
+    from frontier_jax.config import Config
+
+BATCH_SPEC: dict[str, np.dtype] = {k: np.dtype(np.int32) for k in
+                                   ("input_ids", "targets", "loss_mask", "segment_ids", "positions")}
+BATCH_KEYS = tuple(BATCH_SPEC)
+
+
+class Batch(NamedTuple):
+    input_ids: jax.Array  # [B, T] int32
+    targets: jax.Array  # [B, T] int32, next token
+    loss_mask: jax.Array  # [B, T] int32
+    segment_ids: jax.Array  # [B, T] int32, 0 = padding
+    positions: jax.Array  # [B, T] int32
+    token_mask: jax.Array  # [B, T] int32, real tokens of rows in use (routing statistics)
+
+
+class Pretrain:
+    """The pre-training objective of `cfg` (train.z_loss / mtp_lambda / balance_alpha,
+    model.mtp_depth, data.mask_documents)."""
+
+    batch_spec = BATCH_SPEC
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def _segments(self, batch: Batch) -> jax.Array | None:
+        return batch.segment_ids if self.cfg.data.mask_documents else None
+
+    def prepare(self, batch: Mapping[str, jax.Array], rows_in_use: jax.Array) -> Batch:
+        """Rows not in use get a zero loss mask and no tokens in the routing statistics."""
+        active = rows_in_use[:, None].astype(batch["loss_mask"].dtype)
+        return Batch(*(batch[k] * active if k == "loss_mask" else batch[k] for k in BATCH_KEYS),
+                     token_mask=(batch["segment_ids"] != 0).astype(jnp.int32) * active)
+
+    def normalisers(self, batch: Batch, micro_batches: int) -> dict:
+        """tokens: loss-masked targets; mtp_targets [D]: targets per MTP depth; micro_batches."""
+        norm = {"tokens": jnp.maximum(batch.loss_mask.sum(), 1).astype(jnp.float32),
+                "micro_batches": jnp.float32(micro_batches)}
+        if self.cfg.model.mtp_depth:
+            _, masks = mtp_targets(batch.targets, batch.loss_mask, self._segments(batch),
+                                   self.cfg.model.mtp_depth)
+            norm["mtp_targets"] = jnp.maximum(masks.sum((1, 2)), 1).astype(jnp.float32)
+        return norm
+
+    def __call__(self, model: Transformer, mb: Batch, norm: dict) -> tuple[jax.Array, dict, dict]:
+        cfg = self.cfg
+        segment_ids = self._segments(mb)
+        out = model.forward(mb.input_ids, mb.positions, segment_ids, token_mask=mb.token_mask)
+        ce, lse = token_cross_entropy(out.logits, mb.targets)
+        ce_sum = masked_sum(ce, mb.loss_mask)
+        loss = ce_sum / norm["tokens"]
+        metrics = {"ce_sum": ce_sum}
+        if cfg.train.z_loss:
+            z_sum = masked_sum(lse * lse, mb.loss_mask)
+            loss += cfg.train.z_loss * z_sum / norm["tokens"]
+            metrics["z_sum"] = z_sum
+        if out.mtp_logits is not None:
+            targets, masks = mtp_targets(mb.targets, mb.loss_mask, segment_ids, cfg.model.mtp_depth)
+            mtp_ce, _ = token_cross_entropy(out.mtp_logits, targets)
+            per_depth = jnp.sum(mtp_ce * masks, axis=(1, 2))  # [D]
+            mtp_loss = jnp.sum(per_depth / norm["mtp_targets"]) / cfg.model.mtp_depth
+            loss += cfg.train.mtp_lambda * mtp_loss
+            metrics["mtp_loss"] = mtp_loss
+        layers = [stats for stats in (out.moe_stats, out.mtp_stats) if stats is not None]
+        total = lambda field: sum(getattr(stats, field).sum() for stats in layers) if layers else jnp.zeros(())
+        balance = total("balance_loss") / norm["micro_batches"]
+        loss += cfg.train.balance_alpha * balance
+        n_layers = sum(stats.load.shape[0] for stats in layers)
+        metrics.update(balance_loss=balance, dropped=total("dropped"), a2a_bytes=total("a2a_bytes"),
+                       groups_per_token=total("groups_per_token") / max(n_layers, 1) / norm["micro_batches"])
+        return loss, metrics, model.expert_loads(out)
+
+    def summarize(self, metrics: dict, norm: dict) -> dict:
+        ce = metrics["ce_sum"] / norm["tokens"]
+        out = {"ce_loss": ce, "perplexity": jnp.exp(ce), "tokens": norm["tokens"]}
+        out.update({k: metrics[k] for k in ("balance_loss", "dropped", "a2a_bytes", "groups_per_token")})
+        if "mtp_loss" in metrics:
+            out["mtp_loss"] = metrics["mtp_loss"]
+        if "z_sum" in metrics:
+            out["z_loss"] = metrics["z_sum"] / norm["tokens"]
+        return out
