@@ -20,13 +20,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from frontier_jax.data.config import DataConfig
+from frontier_jax.eval.config import EvalConfig
 from frontier_jax.infer.config import InferConfig
 from frontier_jax.model.config import ModelConfig
 from frontier_jax.parallel.config import MeshAxes, MeshConfig
 from frontier_jax.precision.config import PrecisionConfig
 from frontier_jax.train.config import CheckpointConfig, TrainConfig
 
-__all__ = ["CONFIG_DIR", "CheckpointConfig", "Config", "DataConfig", "InferConfig", "MeshAxes", "MeshConfig",
+__all__ = ["CONFIG_DIR", "CheckpointConfig", "Config", "DataConfig", "EvalConfig", "InferConfig", "MeshAxes", "MeshConfig",
            "ModelConfig", "PrecisionConfig", "TrainConfig", "load_config", "resolve_config_path"]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -41,6 +42,7 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "Config":
         for section in dataclasses.fields(self):

@@ -1,0 +1,66 @@
+"""The `eval:` section of the run configuration: held-out data, context window, stride, batch."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from frontier_jax.data.config import SourceConfig
+
+
+def _held_out_sources() -> list[SourceConfig]:
+    """Generated arithmetic problems of another seed than training's (`eval.seed`)."""
+    return [SourceConfig(name="math_held_out", kind="embedded_math")]
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Evaluation of a model on held-out text (`frontier_jax.eval.perplexity`).
+
+    Attributes:
+      data: the held-out sources (any training source kind); default: generated arithmetic
+        problems of seed `seed`.
+      max_documents: documents read per source, in file order (0 = all; required > 0 for
+        the endless embedded_math source).
+      seq_len: the context window (0 = train.seq_len).
+      stride: a document longer than the window is scored by windows starting every `stride`
+        pairs; each window scores only the pairs that no earlier window scored, the rest of
+        it is context (0 = seq_len: disjoint windows).
+      batch_size: rows per evaluation step (a multiple of the mesh's batch split).
+      every: during training, evaluate every N steps (0 = never).
+      seed: seed of the generated held-out problems (training uses data.seed).
+    """
+
+    data: list[SourceConfig] = dataclasses.field(default_factory=_held_out_sources)
+    max_documents: int = 64
+    seq_len: int = 0
+    stride: int = 0
+    batch_size: int = 8
+    every: int = 0
+    seed: int = 1234
+
+    def validate(self) -> "EvalConfig":
+        if not self.data:
+            raise ValueError("eval.data is empty: list at least one source (same keys as data.sources)")
+        for i, source in enumerate(self.data):
+            source.validate(f"eval.data[{i}]")
+            if source.kind == "embedded_math" and self.max_documents <= 0:
+                raise ValueError(f"eval.data[{i}] is the endless embedded_math source: set eval.max_documents > 0")
+        for name in ("max_documents", "seq_len", "stride", "every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"eval.{name}={getattr(self, name)} must be >= 0")
+        if self.batch_size <= 0:
+            raise ValueError(f"eval.batch_size={self.batch_size} must be > 0")
+        if self.seq_len and self.seq_len < 2:
+            raise ValueError(f"eval.seq_len={self.seq_len} must be >= 2 (or 0 for train.seq_len)")
+        if self.stride and self.seq_len and self.stride > self.seq_len:
+            raise ValueError(f"eval.stride={self.stride} exceeds eval.seq_len={self.seq_len}: windows would "
+                             "skip tokens; use a stride <= seq_len")
+        return self
+
+    def window(self, train_seq_len: int) -> tuple[int, int]:
+        """(context window, stride) with the 0 defaults resolved."""
+        seq_len = self.seq_len or train_seq_len
+        stride = self.stride or seq_len
+        if stride > seq_len:
+            raise ValueError(f"eval.stride={stride} exceeds the window {seq_len}: use a stride <= seq_len")
+        return seq_len, stride

@@ -1,0 +1,88 @@
+"""Perplexity, CE and bits per byte equal a float64 numpy computation from each window's own
+full-sequence logits (the model run on that window alone, batch 1, no packing), over documents
+one of which is longer than the context; and the figures are the same on several 8-device layouts.
+
+The reference walks the windows with its own loop (b = 0, S, 2S, ...; it scores the pairs the
+previous window did not reach) and sums log-softmax in float64.  Tolerance: the jitted scorer's
+per-token log-probabilities are fp32 (relative 1e-6 on sums of ~100 terms)."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from frontier_jax.config import load_config
+from frontier_jax.data.tokenizer import byte_tokenizer
+from frontier_jax.eval.perplexity import evaluate_documents
+from frontier_jax.eval.scorer import Scorer
+from frontier_jax.runtime.program import build_model_program
+
+from .common import DOCUMENTS, TINY_MODEL
+
+CONTEXT = 16
+
+
+def _program(*mesh):
+    cfg = load_config("model/toy", TINY_MODEL + list(mesh))
+    return build_model_program(cfg, jax.devices()[:1] if not mesh else None)
+
+
+def _reference(program, params, biases, stride):
+    tok = byte_tokenizer()
+    model = program.model(params, biases)
+    nll, tokens, n_bytes = 0.0, 0, 0
+    for text in DOCUMENTS:
+        ids = [tok.special_id("bos")] + tok.encode(text) + [tok.special_id("eos")]
+        n_bytes += len(text.encode("utf-8"))
+        n, done, begin = len(ids) - 1, 0, 0
+        while done < n:
+            end = min(begin + CONTEXT, n)
+            logits = np.asarray(model(np.asarray([ids[begin:end]], np.int32))[0], np.float64)
+            logp = logits - logits.max(-1, keepdims=True)
+            logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+            for pair in range(done, end):
+                nll -= logp[pair - begin, ids[pair + 1]]
+                tokens += 1
+            done, begin = end, begin + stride
+    return nll, tokens, n_bytes
+
+
+@pytest.mark.parametrize("stride,batch_size", [(CONTEXT, 2), (5, 3)])
+def test_figures_equal_float64_reference_from_full_sequence_logits(stride, batch_size):
+    program = _program()
+    params, biases = program.init(3)
+    nll, tokens, n_bytes = _reference(program, params, biases, stride)
+    assert max(len(d) for d in DOCUMENTS) + 1 > CONTEXT  # a document longer than the context
+    scorer = Scorer(program, params, biases, context=CONTEXT, batch_size=batch_size, progress=False)
+    got = evaluate_documents(scorer, byte_tokenizer(), DOCUMENTS, stride=stride)
+    assert got["tokens"] == tokens == sum(len(d.encode()) + 1 for d in DOCUMENTS)
+    assert got["bytes"] == n_bytes
+    np.testing.assert_allclose(got["nll"], nll, rtol=1e-6)
+    np.testing.assert_allclose(got["ce"], nll / tokens, rtol=1e-6)
+    np.testing.assert_allclose(got["perplexity"], math.exp(nll / tokens), rtol=1e-6)
+    np.testing.assert_allclose(got["bits_per_byte"], nll / n_bytes / math.log(2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("layout", [("mesh.data=8",), ("mesh.data=2", "mesh.expert=2", "mesh.tensor=2"),
+                                    ("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2")])
+def test_figures_same_on_8_device_layouts_as_on_one_device(layout):
+    single = _program()
+    params, biases = single.init(5)
+    want = evaluate_documents(Scorer(single, params, biases, context=CONTEXT, batch_size=8, progress=False),
+                              byte_tokenizer(), DOCUMENTS, stride=7)
+    program = _program(*layout)
+    shard_p, shard_b = program.shardings()
+    got = evaluate_documents(Scorer(program, jax.device_put(params, shard_p), jax.device_put(biases, shard_b),
+                                    context=CONTEXT, batch_size=8, progress=False),
+                             byte_tokenizer(), DOCUMENTS, stride=7)
+    assert (got["tokens"], got["bytes"], got["windows"]) == (want["tokens"], want["bytes"], want["windows"])
+    np.testing.assert_allclose(got["nll"], want["nll"], rtol=1e-6)
+    np.testing.assert_allclose(got["bits_per_byte"], want["bits_per_byte"], rtol=1e-6)
+
+
+def test_batch_not_divisible_by_the_batch_split_is_an_error():
+    program = _program("mesh.data=8")
+    params, biases = program.init(0)
+    with pytest.raises(ValueError, match="eval.batch_size=4 is not divisible by the 8-way"):
+        Scorer(program, params, biases, context=CONTEXT, batch_size=4)
