@@ -1,0 +1,115 @@
+"""Parameters-only restore: a training checkpoint's weights onto any mesh, in any dtype.
+
+A training run directory holds orbax checkpoints `checkpoints/<step>/` with the items
+    state    the train state, fields params, biases, opt_state, step, rng (`train.state.TrainState`)
+    config   the resolved run config (JSON)
+`restore_params` reads the config, builds the model program on the requested mesh and restores
+only `state.params` and `state.biases` (orbax partial restore: the optimizer moments, which are
+twice the parameters' size in fp32, are never read), each array laid out by the rules table and
+floating parameters cast to `dtype` on load.  The expert biases stay float32: they decide the
+top-k selection, which bf16 rounding would change.  This is the entry point that evaluation,
+inference and post-training share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+from omegaconf import OmegaConf
+
+from frontier_jax.model import ModelConfig, Transformer
+from frontier_jax.parallel.config import MeshConfig
+from frontier_jax.parallel.mesh import build_mesh
+from frontier_jax.precision.config import PrecisionConfig
+from frontier_jax.runtime.program import ModelProgram, ModelSections, build_model_program
+
+
+class RestoredModel(NamedTuple):
+    config: dict  # the checkpoint's resolved run config, as saved (`Config.to_dict()`)
+    step: int
+    params: dict  # pure dict, sharded on the program's mesh, in the requested dtype
+    biases: dict  # expert-selection biases (float32)
+    program: ModelProgram  # the model of `config` on the mesh the arrays live on (`program.cfg`:
+                           # its typed model / mesh / precision sections, mesh as restored onto)
+
+    def model(self) -> Transformer:
+        return self.program.model(self.params, self.biases)
+
+
+def _checkpoint_directory(path: Path) -> tuple[Path, int | None]:
+    """(orbax checkpoint directory, step named by the path) for a run directory, its
+    `checkpoints/` directory or one step directory `checkpoints/<step>`."""
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints", None
+    if path.name.isdigit() and (path / "state").is_dir():
+        return path.parent, int(path.name)
+    if path.is_dir() and any(p.name.isdigit() for p in path.iterdir()):
+        return path, None
+    raise ValueError(f"no checkpoint in {path}: expected a run directory holding checkpoints/<step>/, "
+                     "its checkpoints/ directory or one checkpoints/<step>/ directory")
+
+
+def _section(cls, saved: dict, name: str):
+    """The typed, validated config section `name` of a saved run config."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), saved.get(name, {}))).validate()
+
+
+def _on_mesh(saved: dict, mesh: Mesh | MeshConfig | None) -> ModelProgram:
+    """The model program of the saved config on `mesh` (a MeshConfig replaces the saved mesh
+    section, rules included)."""
+    cfg = ModelSections(_section(ModelConfig, saved, "model"), _section(MeshConfig, saved, "mesh"),
+                        _section(PrecisionConfig, saved, "precision"))
+    if isinstance(mesh, MeshConfig):
+        return build_model_program(dataclasses.replace(cfg, mesh=mesh.validate()))
+    if mesh is None:  # the first device alone
+        mesh = build_mesh(MeshConfig(data=1), jax.devices()[:1])
+    return build_model_program(cfg, mesh=mesh)
+
+
+def _target(abstract: nnx.State, shardings: dict, dtype) -> dict:
+    """ShapeDtypeStructs with target shardings and (floating leaves) dtype."""
+    def leaf(var, sharding):
+        cast = dtype is not None and jnp.issubdtype(var.dtype, jnp.floating)
+        return jax.ShapeDtypeStruct(var.shape, jnp.dtype(dtype) if cast else var.dtype, sharding=sharding)
+
+    return jax.tree.map(leaf, nnx.to_pure_dict(abstract), shardings)
+
+
+def restore_params(path: str | Path, step: int | None = None, *, mesh: Mesh | MeshConfig | None = None,
+                   dtype=None) -> RestoredModel:
+    """Parameters and expert biases of checkpoint `step` (None: the latest; or the step of a
+    step directory) of the run at `path`.
+
+    mesh: a `jax.sharding.Mesh`, a `MeshConfig` (built over all devices) or None (the first
+    device); arrays are sharded on it by the rules table named by the checkpoint's `mesh.rules`
+    (or the MeshConfig's).
+    dtype: e.g. jnp.bfloat16 to cast the floating parameters on load (None: as saved, fp32)."""
+    directory, step_in_path = _checkpoint_directory(Path(path))
+    if step is not None and step_in_path is not None and step != step_in_path:
+        raise ValueError(f"step={step} contradicts the step directory {path}")
+    step = step_in_path if step is None else step
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    with ocp.CheckpointManager(directory.resolve(), options=options) as manager:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise ValueError(f"no checkpoint in {directory}: it holds no checkpoints/<step>/ directory")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise ValueError(f"no checkpoint of step {step} in {directory}; its steps: "
+                             f"{', '.join(map(str, steps))}")
+        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        program = _on_mesh(saved, mesh)
+        param_shardings, bias_shardings = program.shardings()
+        target = {"params": _target(program.abstract_params, param_shardings, dtype),
+                  "biases": _target(program.abstract_biases, bias_shardings, None)}
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))).state
+    return RestoredModel(saved, step, state["params"], state["biases"], program)
