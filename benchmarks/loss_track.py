@@ -26,8 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from frontier_jax.config import load_config
-from frontier_jax.data import build_train_iterator
-from frontier_jax.train.loop import build_runner
+from frontier_jax.train.loop import build_runner, data_iterator
 
 
 def run_policy(config: str, overrides: list[str], policy: str, batches: list[dict]) -> dict:
@@ -35,9 +34,11 @@ def run_policy(config: str, overrides: list[str], policy: str, batches: list[dic
     cfg = load_config(config, [*overrides, f"precision.policy={policy}"])
     runner = build_runner(cfg)
     state = runner.init(cfg.train.seed)
+    spec = runner.trainer.objective.batch_spec  # the step's batch keys and dtypes
     losses, times = [], []
     for batch in tqdm(batches, desc=policy, unit="step", dynamic_ncols=True):
-        batch = jax.device_put(batch, runner.batch_sharding)
+        batch = jax.device_put({k: np.asarray(batch[k], dtype) for k, dtype in spec.items()},
+                               runner.batch_sharding)
         t = time.perf_counter()
         state, metrics = runner.step(state, batch)
         loss = float(metrics["ce_loss"])  # waits for the step
@@ -71,7 +72,7 @@ def main() -> None:
     args = parser.parse_intermixed_args()
     overrides = ["model.mtp_depth=0", f"train.steps={args.steps}", *args.overrides]
     cfg = load_config(args.config, overrides)
-    data = build_train_iterator(cfg.data, seq_len=cfg.train.seq_len, global_batch=cfg.train.global_batch)
+    data = data_iterator(cfg)
     batches = [dict(b) for b in itertools.islice(data, args.steps)]
     print(f"{cfg.model.name}: {args.steps} steps of {cfg.train.global_batch} x {cfg.train.seq_len} tokens "
           f"(embedded data), lr {cfg.train.lr}, device {jax.devices()[0].device_kind}", flush=True)
