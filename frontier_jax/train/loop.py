@@ -110,7 +110,7 @@ def data_iterator(cfg: Config):
     """The grain iterator of the global batches, the same on every process (see `_global_batch`).
     Batch k reads only the batch-size ramp's rows at step k; the rest of its rows are padding."""
     return build_train_iterator(cfg.data, seq_len=cfg.train.seq_len, global_batch=cfg.train.global_batch,
-                                rows_at=lambda step: int(batch_size_at(cfg.train, step)))
+                                rows_at=lambda step: batch_size_at(cfg.train, step))
 
 
 def _global_batch(batch: dict, sharding: NamedSharding) -> dict:

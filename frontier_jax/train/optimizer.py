@@ -9,6 +9,8 @@ Moments are stored in `moment_dtype` (fp32 or bf16) and updated in fp32.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -36,15 +38,16 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
                                 [cfg.warmup_steps, decay_start, decay_start + cfg.decay_steps])
 
 
-def batch_size_at(cfg: TrainConfig, step: jax.Array) -> jax.Array:
-    """Batch-size ramp: rows used at `step`, linear from batch_ramp_start to global_batch over
-    batch_ramp_steps (rounded down to a multiple of micro_batches, at least micro_batches)."""
+def batch_size_at(cfg: TrainConfig, step: int) -> int:
+    """Batch-size ramp: rows read at `step` (host side, by the data iterator), linear from
+    batch_ramp_start to global_batch over batch_ramp_steps (rounded down to a multiple of
+    micro_batches, at least micro_batches)."""
     if not cfg.batch_ramp_steps:
-        return jnp.asarray(cfg.global_batch, jnp.int32)
-    frac = jnp.clip(step / cfg.batch_ramp_steps, 0.0, 1.0)
-    rows = cfg.batch_ramp_start + frac * (cfg.global_batch - cfg.batch_ramp_start)
-    rows = (jnp.floor(rows).astype(jnp.int32) // cfg.micro_batches) * cfg.micro_batches
-    return jnp.clip(rows, cfg.micro_batches, cfg.global_batch)
+        return cfg.global_batch
+    frac = min(max(int(step) / cfg.batch_ramp_steps, 0.0), 1.0)
+    rows = math.floor(cfg.batch_ramp_start + frac * (cfg.global_batch - cfg.batch_ramp_start))
+    rows = rows // cfg.micro_batches * cfg.micro_batches
+    return min(max(rows, cfg.micro_batches), cfg.global_batch)
 
 
 def with_moment_dtype(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:

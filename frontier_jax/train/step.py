@@ -7,8 +7,9 @@
                 how the global batch is turned into gradients (micro-batch scan)
     update tail clip + AdamW + loss-free bias update + non-finite guard  `update.py`
 
-One step: the batch-size ramp picks the rows in use, the objective prepares the global batch and
-computes its normalisers from all of it, the strategy sums the micro-batch losses and gradients,
+One step: the rows in use are the rows holding a real token (the batch-size ramp is applied by the
+data: its batch at step k holds `batch_size_at(k)` rows read from the data, the rest padding, see
+`data/batching.py`), the objective prepares the global batch and computes its normalisers from all of it, the strategy sums the micro-batch losses and gradients,
 the update tail applies them.  State: `TrainState` (params, biases, opt_state, step, rng).
 """
 
@@ -25,11 +26,7 @@ from frontier_jax.model import Transformer
 from frontier_jax.runtime.program import ModelProgram, model_program
 from frontier_jax.train.objectives import Objective
 from frontier_jax.train.objectives.pretrain import Pretrain
-from frontier_jax.train.optimizer import (
-    batch_size_at,
-    build_optimizer,
-    learning_rate_schedule,
-)
+from frontier_jax.train.optimizer import build_optimizer, learning_rate_schedule
 from frontier_jax.train.state import TrainState
 from frontier_jax.train.strategy import GradientStrategy, MicroBatchScan
 from frontier_jax.train.update import apply_update
@@ -81,8 +78,8 @@ class Trainer:
 
     def _train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         cfg = self.cfg.train
-        rows = batch_size_at(cfg, state.step)
-        rows_in_use = jnp.arange(next(iter(batch.values())).shape[0]) < rows
+        rows_in_use = (batch["segment_ids"] != 0).any(axis=1)  # padding rows: past the ramp
+        rows = rows_in_use.sum(dtype=jnp.int32)
         prepared = self.objective.prepare(batch, rows_in_use)
         norm = self.objective.normalisers(prepared, self.strategy.micro_batches)
         loss, metrics, loads, grads = self.strategy(state.params, state.biases, prepared,

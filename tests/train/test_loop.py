@@ -22,7 +22,7 @@ def test_batch_ramp_reads_only_the_rows_it_trains_on():
     fixed-size iterator of the same config walks through, then padding rows.  Before: every
     step read a full global batch and the step masked the rows beyond the ramp (never trained)."""
     cfg = tiny_config("train.batch_ramp_steps=6", "train.batch_ramp_start=2", "train.micro_batches=2")
-    ramp = [int(batch_size_at(cfg.train, step)) for step in range(8)]
+    ramp = [batch_size_at(cfg.train, step) for step in range(8)]
     assert ramp[0] == 2 and ramp[-1] == 8 and len(set(ramp)) > 2  # a real ramp
     fixed = build_train_iterator(cfg.data, seq_len=cfg.train.seq_len, global_batch=cfg.train.global_batch)
     full_batches = [next(fixed) for _ in range(8)]

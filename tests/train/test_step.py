@@ -26,14 +26,13 @@ from flax import nnx
 
 from frontier_jax.model.routing import route
 from frontier_jax.train.losses import mtp_targets
-from frontier_jax.train.objectives.pretrain import BATCH_KEYS
+from frontier_jax.train.objectives.pretrain import BATCH_KEYS, Pretrain
 from frontier_jax.train.state import TrainState
 from frontier_jax.train.step import Trainer
 
 from .common import run_lock, tiny_config
 
 LOSS_RTOL = 1e-5
-MICRO = (1, 2, 4)
 
 
 def make_state(trainer: Trainer, seed: int) -> TrainState:
@@ -102,21 +101,25 @@ def step_m1(setup, shared_dir):
 
 @pytest.fixture(scope="module")
 def stepped(setup, step_m1, shared_dir):
-    """{M: (new_state, metrics)} for one step of the same state and global batch."""
+    """stepped(M) -> (new_state, metrics) of one step of the same state and global batch with M
+    micro-batches (each M compiled once, when first asked for)."""
     _, state, batch, _ = setup
     results = {1: jax.device_get(step_m1(state, batch))}
-    for m in MICRO[1:]:
-        trainer = Trainer(_cfg(f"train.micro_batches={m}"))
-        with run_lock(shared_dir, f"step_compile_m{m}"):
-            results[m] = jax.device_get(jax.jit(trainer.train_step)(state, batch))
-    return results
+
+    def run(m: int):
+        if m not in results:
+            trainer = Trainer(_cfg(f"train.micro_batches={m}"))
+            with run_lock(shared_dir, f"step_compile_m{m}"):
+                results[m] = jax.device_get(jax.jit(trainer.train_step)(state, batch))
+        return results[m]
+
+    return run
 
 
 # ------------------------------------------------------------ accumulation
-@pytest.mark.slow
-@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("m", [2, pytest.param(4, marks=pytest.mark.slow)])  # M=2 stays in the fast suite
 def test_gradient_accumulation_matches_one_large_batch(setup, stepped, m):
-    (s1, m1), (sm, mm) = stepped[1], stepped[m]
+    (s1, m1), (sm, mm) = stepped(1), stepped(m)
     assert mm["tokens"] == m1["tokens"] == sum([32, 32, 24, 24, 12, 8, 6, 3])
     for key in ("loss", "ce_loss", "mtp_loss", "z_loss", "balance_loss", "grad_norm", "perplexity"):
         np.testing.assert_allclose(mm[key], m1[key], rtol=LOSS_RTOL, err_msg=key)
@@ -275,25 +278,79 @@ def test_nonfinite_batch_leaves_state_unchanged(setup, step_m1):
                                                          jax.tree.leaves(old.params)))
 
 
+@jax.custom_vjp
+def _infinite_gradient(x):
+    """The identity, whose backward pass returns +inf: a gradient that overflows while the loss
+    itself stays finite."""
+    return x
+
+
+_infinite_gradient.defvjp(lambda x: (x, None), lambda _, g: (jnp.full_like(g, jnp.inf),))
+
+
+class _InfiniteGradient(Pretrain):
+    """Pre-training with the same loss value and a non-finite gradient."""
+
+    def __call__(self, model, mb, norm):
+        loss, metrics, aux = super().__call__(model, mb, norm)
+        return _infinite_gradient(loss), metrics, aux
+
+
+def test_nonfinite_gradient_with_a_finite_loss_leaves_state_unchanged(setup):
+    """The guard must look at the gradient, not only at the loss (one MoE layer, no MTP: the
+    smallest model with every state part, compiled for this test alone)."""
+    cfg = _cfg("model.num_layers=1", "model.first_k_dense=0", "model.mtp_depth=0")
+    trainer = Trainer(cfg, objective=_InfiniteGradient(cfg))
+    state, batch = make_state(trainer, seed=0), setup[2]
+    new_state, metrics = jax.device_get(jax.jit(trainer.train_step)(state, batch))
+    assert np.isfinite(metrics["loss"]) and not np.isfinite(metrics["grad_norm"])
+    assert metrics["finite"] == 0
+    old = jax.device_get(state)
+    for key in ("params", "biases", "opt_state", "rng"):
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(getattr(new_state, key)),
+                                jax.tree.leaves(getattr(old, key))):
+            np.testing.assert_array_equal(a, b, err_msg=f"{key}{jax.tree_util.keystr(path)}")
+    assert int(new_state.step) == int(old.step) + 1
+
+
 # ---------------------------------------------------------------- batch ramp
-@pytest.mark.slow
-def test_rows_beyond_the_batch_ramp_do_not_influence_the_step(setup, shared_dir):
-    """With the batch-size ramp at 4 of 8 rows, rows 4..7 are not used: replacing them with
-    other tokens must change nothing (loss, balance loss, gradient, parameters, expert biases)."""
-    _, state, batch, _ = setup
-    trainer = Trainer(_cfg("train.batch_ramp_steps=100", "train.batch_ramp_start=4"))
-    other = {k: jnp.asarray(v) for k, v in make_batch(seed=2).items()}
-    swapped = {k: batch[k].at[4:].set(other[k][4:]) for k in BATCH_KEYS}
-    assert not np.array_equal(swapped["input_ids"], batch["input_ids"])
-    step = jax.jit(trainer.train_step)
-    with run_lock(shared_dir, "step_compile_ramp"):
-        s_a, m_a = jax.device_get(step(state, batch))
-    s_b, m_b = jax.device_get(step(state, swapped))
+def _ramp_batch(batch: dict, rows: int, seed: int) -> dict:
+    """`batch` at `rows` rows of the batch-size ramp: the rows past it are padding as the data
+    pipeline makes them (segment id 0, loss mask 0), here holding random token ids."""
+    rng = np.random.default_rng(seed)
+    out = {k: np.array(v) for k, v in jax.device_get(batch).items()}
+    for key in ("loss_mask", "segment_ids", "positions"):
+        out[key][rows:] = 0
+    for key in ("input_ids", "targets"):
+        out[key][rows:] = rng.integers(0, 259, out[key][rows:].shape)
+    return {k: jnp.asarray(v) for k, v in out.items()}
+
+
+def test_padding_rows_of_the_batch_ramp_are_not_trained_on_or_counted(setup, step_m1):
+    """The ramp's batch at 4 of 8 rows: the step counts 4 rows and the real targets of rows 0..3
+    only (the normaliser; float64 numpy CE over those rows from the forward pass), and what the
+    padding rows hold changes nothing.  Before: the step took its row count from the config's
+    ramp, not from the batch (8 rows here)."""
+    _, state, batch, forward = setup
+    a, b = _ramp_batch(batch, 4, seed=3), _ramp_batch(batch, 4, seed=4)
+    assert not np.array_equal(a["input_ids"], b["input_ids"])
+    s_a, m_a = jax.device_get(step_m1(state, a))
+    s_b, m_b = jax.device_get(step_m1(state, b))
     assert m_a["batch_rows"] == m_b["batch_rows"] == 4
     assert m_a["tokens"] == m_b["tokens"] == 32 + 32 + 24 + 24
+
+    logits = np.asarray(jax.device_get(forward(state.params, state.biases, a)).logits[:4], np.float64)
+    mask, targets = np.asarray(a["loss_mask"][:4], np.float64), np.asarray(a["targets"][:4])
+    top = logits.max(-1, keepdims=True)
+    lse = (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[..., 0]
+    ce = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(m_a["ce_loss"], (ce * mask).sum() / mask.sum(), rtol=LOSS_RTOL)
+
     for key in ("ce_loss", "mtp_loss", "z_loss", "balance_loss", "loss", "grad_norm"):
         np.testing.assert_allclose(m_b[key], m_a[key], rtol=1e-6, err_msg=key)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(s_b.params), jax.tree.leaves(s_a.params)):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-7, err_msg=jax.tree_util.keystr(path))
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(s_b.biases), jax.tree.leaves(s_a.biases)):
-        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    # padding tokens are still dispatched to experts: the summation order of the expert GEMMs moves,
+    # hence the file's parameter tolerance (atol 1e-5; observed 2.5e-7 on one element of 4096)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(s_b.params), jax.tree.leaves(s_a.params)):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(s_b.biases), jax.tree.leaves(s_a.biases)):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
