@@ -14,9 +14,12 @@ import os
 import sys
 from pathlib import Path
 
-# Exit codes (README "When things go wrong").
+# Exit codes (README "When things go wrong"); 75 (EX_TEMPFAIL): stopped by a signal after
+# saving, run again to resume (frontier_jax/train/signals.py).
 EXIT_USAGE = 2  # a bad config, argument, path or file
+EXIT_NONFINITE = 3  # the loss or gradients are not finite
 EXIT_DATA = 4  # the data stopped feeding training
+EXIT_CHECKPOINT = 5  # a checkpoint could not be written, or none restores
 
 
 def _mesh_overrides(preset: str) -> list[str]:
@@ -70,25 +73,33 @@ def _train(args) -> int:
         explicit = {key: int(os.environ[var]) for key, var in
                     (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")) if var in os.environ}
         jax.distributed.initialize(**explicit)
-    import logging
-
     from frontier_jax.config import load_config
-    from frontier_jax.train.loop import NonFiniteLossError, train
+    from frontier_jax.train.loop import train
 
-    # force: libraries imported earlier (absl via orbax) may already have configured logging
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
+    _configure_logging(args.verbose)
     cfg = load_config(args.config, args.overrides)
-    try:
-        history = train(cfg, args.run_dir)
-    except NonFiniteLossError as err:
-        print(f"error: {err}")
-        return 3
+    history = train(cfg, args.run_dir, restart_data=args.restart_data)
     if history:
         first, last = history[0], history[-1]
         print(f"done: step {last['step']}, loss {first['loss']:.4f} (step {first['step']}) -> "
               f"{last['loss']:.4f}; metrics in {Path(args.run_dir) / 'metrics.jsonl'}, "
               f"curve in {Path(args.run_dir) / 'loss.png'}")
     return 0
+
+
+def _configure_logging(verbose: bool) -> None:
+    """The project's INFO messages and every library's warnings; library INFO (orbax, through
+    absl: ~100 lines per run) and orbax's error tracebacks only with --verbose (a failure is
+    reported as one `error:` line)."""
+    import logging
+
+    # force: libraries imported earlier (absl via orbax) may already have configured logging
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("frontier_jax").setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.INFO if verbose else logging.CRITICAL)
+    # one warning per scalar of a non-finite step; the loop's own warning says it once
+    logging.getLogger("tensorboardX").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", required=True, help="checkpoints, metrics.jsonl, TensorBoard, plots")
     train.add_argument("--distributed", action="store_true",
                        help="multi-process run: call jax.distributed.initialize() first (see launch/)")
+    train.add_argument("--restart-data", action="store_true",
+                       help="resume the trained state but read the data stream from its start (after changing "
+                       "data.* / seq_len / global_batch, which the saved data position belongs to)")
+    train.add_argument("--verbose", action="store_true", help="also print the libraries' INFO logs (orbax ...)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     train.set_defaults(func=_train)
 
@@ -126,11 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _exit_code(err: Exception) -> int | None:
     """The exit code of an error a user can cause (README "When things go wrong"), None for a bug."""
     from frontier_jax.data import DataError
+    from frontier_jax.train.checkpoint import CheckpointError
+    from frontier_jax.train.loop import NonFiniteLossError
+    from frontier_jax.train.signals import EXIT_PREEMPTED, Preempted
 
-    for kind, code in ((DataError, EXIT_DATA), ((ValueError, OSError), EXIT_USAGE)):
-        if isinstance(err, kind):
-            return code
-    return None
+    codes = ((Preempted, EXIT_PREEMPTED), (NonFiniteLossError, EXIT_NONFINITE), (DataError, EXIT_DATA),
+             (CheckpointError, EXIT_CHECKPOINT), ((ValueError, OSError), EXIT_USAGE))
+    return next((code for kind, code in codes if isinstance(err, kind)), None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,5 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         code = _exit_code(err)
         if code is None:
             raise
-        print(f"error: {str(err).strip()}", file=sys.stderr)
+        from frontier_jax.train.signals import EXIT_PREEMPTED
+
+        print(f"{'preempted' if code == EXIT_PREEMPTED else 'error'}: {str(err).strip()}", file=sys.stderr)
         return code

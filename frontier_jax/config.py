@@ -101,7 +101,11 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ValueError(f"override {bad[0]!r} is not of the form key=value (e.g. train.steps=100)")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+            try:
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+            except TypeError as err:  # e.g. data.sources.0.weight=0.5: a dotlist cannot index a list
+                raise ValueError(f"overrides {' '.join(overrides)}: {err}; a list (e.g. data.sources) is "
+                                 "replaced whole: give it in a YAML file") from err
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)

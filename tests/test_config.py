@@ -37,3 +37,8 @@ def test_included_files_still_merge_in_order(tmp_path):
     (tmp_path / "run.yaml").write_text("include: [base.yaml]\ntrain: {seed: 2}\n")
     cfg = load_config(str(tmp_path / "run.yaml"))
     assert (cfg.train.steps, cfg.train.seed) == (7, 2)
+
+
+def test_an_override_into_a_list_is_a_value_error_not_a_type_error():
+    with pytest.raises(ValueError, match=r"data\.sources\.0\.weight=0\.5: .*a list \(e\.g\. data\.sources\) is replaced"):
+        load_config("model/toy", ["data.sources.0.weight=0.5"])

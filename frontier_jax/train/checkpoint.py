@@ -43,13 +43,21 @@ class CheckpointError(RuntimeError):
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
+    """{"a.b": v, "a.list.0.c": w, ...} of a nested dict (lists indexed by position)."""
     out = {}
     for k, v in d.items():
+        if isinstance(v, list):
+            v = dict(enumerate(v))
         if isinstance(v, dict):
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def _differences(saved: dict, current: dict) -> list[str]:
+    return [f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
+            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
 
 
 def check_same_model(saved: dict, current: dict, directory: Path) -> None:
@@ -62,6 +70,31 @@ def check_same_model(saved: dict, current: dict, directory: Path) -> None:
     if diffs:
         raise ValueError(f"checkpoint directory {directory} holds a different model:\n  " + "\n  ".join(diffs)
                          + "\nuse a new --run-dir, or the config the checkpoint was written with")
+
+
+# The saved data-iterator position is a position in the stream these fields define: every
+# data field but the skip bound, and the batch shape (the batch-size ramp reads rows_at(k) rows).
+_STREAM_FIELDS = ("train.seq_len", "train.global_batch", "train.batch_ramp_steps", "train.batch_ramp_start")
+_NOT_STREAM_FIELDS = ("data.max_skipped_in_a_row",)
+
+
+def _stream(config: dict) -> dict:
+    flat = _flatten({"data": config.get("data", {}), "train": config.get("train", {})})
+    return {k: v for k, v in flat.items()
+            if (k.startswith("data.") and k not in _NOT_STREAM_FIELDS) or k in _STREAM_FIELDS}
+
+
+def check_same_data_stream(saved: dict, current: dict, directory: Path) -> None:
+    """Raises if the checkpoint's data iterator was saved for another data stream (packing mode,
+    sources, tokenizer, seq_len, batch ...): its position cannot be applied to this one."""
+    saved_stream, current_stream = _stream(saved), _stream(current)
+    # a field newer than the checkpoint has its default value there (sources are compared whole)
+    current_stream = {k: v for k, v in current_stream.items() if k in saved_stream or k.startswith("data.sources.")}
+    diffs = _differences(saved_stream, current_stream)
+    if diffs:
+        raise ValueError(f"checkpoint directory {directory} saved its data position in another data stream ("
+                         + "; ".join(diffs) + "). Resume with the checkpoint's data settings, or pass "
+                         "--restart-data to keep the trained state and read this stream from its start")
 
 
 class Checkpointer:

@@ -40,10 +40,11 @@ class TrainConfig:
     bias_update_speed: float = 1e-3  # gamma of auxiliary-loss-free balancing
     z_loss: float = 0.0
     on_nonfinite: str = "stop"
+    max_skipped_steps: int = 5  # on_nonfinite=skip: more non-finite steps in a row stop the run
     log_every: int = 1
 
     def validate(self) -> "TrainConfig":
-        for name in ("steps", "seq_len", "global_batch", "micro_batches", "log_every"):
+        for name in ("steps", "seq_len", "global_batch", "micro_batches", "log_every", "max_skipped_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be > 0")
         if self.global_batch % self.micro_batches:
@@ -78,10 +79,13 @@ class CheckpointConfig:
     every: int = 100  # save every N steps (0 = only at the end)
     keep: int = 3  # keep the last K checkpoints
     async_save: bool = True
+    stop_timeout_s: float = 120.0  # after SIGTERM/SIGINT: longest wait to save and exit, then exit anyway
 
     def validate(self) -> "CheckpointConfig":
         if self.every < 0:
             raise ValueError(f"checkpoint.every={self.every} must be >= 0")
+        if not self.stop_timeout_s > 0:
+            raise ValueError(f"checkpoint.stop_timeout_s={self.stop_timeout_s} must be > 0")
         if self.keep <= 0:
             raise ValueError(f"checkpoint.keep={self.keep} must be > 0")
         return self

@@ -7,8 +7,11 @@
       loss.png              loss curve, written at the end
       config.yaml           the resolved config of the latest start
 
-Running the same command on the same run_dir resumes from the latest checkpoint: same next
-batch, same loss.  SIGTERM/SIGINT: save a checkpoint at the current step and exit cleanly.
+Running the same command on the same run_dir resumes from the latest checkpoint that restores
+(a broken one is moved aside, see checkpoint.py): same next batch, same loss, one metrics record
+per step.  SIGTERM/SIGINT: save a checkpoint at the current step and raise `Preempted`
+(signals.py).  Nothing is written to run_dir before the config is known to run there (model
+and data stream the same as the checkpoint's, tokenizer within the vocabulary).
 """
 
 from __future__ import annotations
@@ -25,13 +28,19 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from frontier_jax.data import DataStats, build_train_iterator
+from frontier_jax.data import DataStats, build_train_iterator, load_tokenizer
 from frontier_jax.model.describe import describe
 from frontier_jax.parallel.mesh import batch_sharding, check_batch_fits, state_shardings
 from frontier_jax.runtime.program import build_model_program
-from frontier_jax.train.checkpoint import Checkpointer, abstract_with_shardings, check_same_model
+from frontier_jax.train.checkpoint import (
+    Checkpointer,
+    abstract_with_shardings,
+    check_same_data_stream,
+    check_same_model,
+)
 from frontier_jax.train.metrics import MetricsLogger, model_flops_utilization, plot_loss_curve
 from frontier_jax.train.optimizer import batch_size_at
+from frontier_jax.train.signals import Preempted, StopSignal
 from frontier_jax.train.state import TrainState
 from frontier_jax.train.step import Trainer
 
@@ -43,26 +52,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-class _StopSignal:
-    """Records SIGTERM/SIGINT so the loop can checkpoint and exit between steps."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def train_state_shardings(trainer: Trainer, mesh) -> TrainState:
@@ -124,35 +113,77 @@ def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
     return {k: assemble(np.asarray(v)) for k, v in batch.items()}
 
 
-def train(cfg: Config, run_dir: str | Path, *, progress: bool = True) -> list[dict]:
-    """Trains (or resumes) `cfg` in `run_dir` until `cfg.train.steps`; returns logged metrics."""
+def check_vocabulary(cfg: Config) -> None:
+    """Raises ValueError when the tokenizer has ids the model's embedding cannot hold (they would
+    turn into NaN at the first step)."""
+    size = load_tokenizer(cfg.data.tokenizer, cfg.data.special_tokens).vocab_size
+    if size > cfg.model.vocab_size:
+        raise ValueError(f"data.tokenizer={cfg.data.tokenizer!r} has {size} token ids but model.vocab_size="
+                         f"{cfg.model.vocab_size}: set model.vocab_size >= {size}, or use a smaller tokenizer")
+
+
+def _resume(checkpointer: Checkpointer, runner: Runner, cfg: Config, data, restart_data: bool):
+    """(start step, state): the newest checkpoint that restores (data iterator moved to its
+    position, or left at the stream's start with `restart_data`), else a fresh state at 0."""
+    def check_config(saved: dict) -> None:
+        check_same_model(saved, cfg.to_dict(), checkpointer.directory)
+        if not restart_data:
+            check_same_data_stream(saved, cfg.to_dict(), checkpointer.directory)
+
+    abstract = abstract_with_shardings(jax.eval_shape(lambda: runner.trainer.init(0)), runner.state_shardings)
+    found = checkpointer.restore_latest(abstract, None if restart_data else data, check_config)
+    if found is None:
+        return 0, runner.init(cfg.train.seed)
+    start, state = found
+    log.info("resumed from step %d in %s", start, checkpointer.directory)
+    if restart_data:
+        log.warning("--restart-data: the data stream starts again from its beginning at step %d", start)
+    return start, state
+
+
+def _nonfinite_error(step: int, metrics: dict, last_saved: int | None, skipped: int) -> NonFiniteLossError:
+    kept = (f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None
+            else "no checkpoint was written")
+    what = f"steps {step - skipped + 1}..{step} were all" if skipped > 1 else f"step {step}:"
+    return NonFiniteLossError(
+        f"{what} non-finite (loss {float(metrics['loss'])}, grad norm {float(metrics['grad_norm'])}); the update "
+        f"was not applied and {kept}. Lower train.lr, check the data"
+        + (", or set train.on_nonfinite=skip to skip such steps" if skipped <= 1 else
+           f" (train.max_skipped_steps={skipped - 1} skipped steps in a row are allowed)"))
+
+
+def train(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_data: bool = False) -> list[dict]:
+    """Trains (or resumes) `cfg` in `run_dir` until `cfg.train.steps`; returns logged metrics.
+
+    Raises `Preempted` after saving on SIGTERM/SIGINT, `NonFiniteLossError`, `CheckpointError`
+    (a save failed, or no checkpoint restores), `DataError`; ValueError for a config that cannot
+    run (checked before anything is written to `run_dir`)."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    check_vocabulary(cfg)
     runner = build_runner(cfg)
-    trainer, in_batch = runner.trainer, runner.batch_sharding
+    in_batch, batch_spec = runner.batch_sharding, runner.trainer.objective.batch_spec
 
     data = data_iterator(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
-    start = checkpointer.latest_step()
-    if start is not None:
-        check_same_model(checkpointer.read_config(start), cfg.to_dict(), checkpointer.directory)
-        abstract = abstract_with_shardings(jax.eval_shape(lambda: trainer.init(0)), runner.state_shardings)
-        state = checkpointer.restore(start, abstract, data)
-        log.info("resumed from step %d in %s", start, checkpointer.directory)
-    else:
-        start = 0
-        state = runner.init(cfg.train.seed)
+    try:
+        start, state = _resume(checkpointer, runner, cfg, data, restart_data)
+    except BaseException:
+        checkpointer.close()
+        raise
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())  # only once the config is known to run here
 
-    step_fn, batch_spec = runner.step, trainer.objective.batch_spec
+    step_fn = runner.step
     flops_per_token = describe(cfg.model, cfg.train.seq_len)["flops_per_token"]
-    logger = MetricsLogger(run_dir, enabled=jax.process_index() == 0)
+    logger = MetricsLogger(run_dir, enabled=jax.process_index() == 0, resumed_at=start)
     history: list[dict] = []
-    last_saved = start
+    last_saved = start or None
+    skipped = 0  # non-finite steps in a row
+    stopped = None
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress or jax.process_index() != 0,
                desc="train", unit="step", dynamic_ncols=True)
-    try:
-        with _StopSignal() as stop:
+    with StopSignal(cfg.checkpoint.stop_timeout_s) as stop:
+        try:
             for step in range(start, cfg.train.steps):
                 local = next(data)
                 batch = _global_batch({k: np.asarray(local[k], dtype) for k, dtype in batch_spec.items()},
@@ -161,37 +192,38 @@ def train(cfg: Config, run_dir: str | Path, *, progress: bool = True) -> list[di
                 state, metrics = step_fn(state, batch)
                 metrics = jax.device_get(metrics)
                 seconds = time.perf_counter() - t0
+                checkpointer.poll()  # a failed background save stops the run here
                 record = _record(step + 1, metrics, seconds, flops_per_token)
-                if not metrics["finite"]:
-                    if cfg.train.on_nonfinite == "stop":
-                        raise NonFiniteLossError(
-                            f"step {step + 1}: loss {float(metrics['loss'])} / grad norm "
-                            f"{float(metrics['grad_norm'])} is not finite; the update was not applied and the "
-                            f"last good checkpoint (step {last_saved}) is kept. Lower train.lr, or set "
-                            "train.on_nonfinite=skip to skip such steps")
-                    log.warning("step %d: non-finite loss, update skipped", step + 1)
-                if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+                skipped = 0 if metrics["finite"] else skipped + 1
+                last_step = step + 1 == cfg.train.steps
+                if (step + 1) % cfg.train.log_every == 0 or last_step or skipped:
                     record.update(DataStats.from_state(data.get_state()).as_metrics())
                     logger.log(record)
                     history.append(record)
+                if skipped and (cfg.train.on_nonfinite == "stop" or skipped > cfg.train.max_skipped_steps):
+                    raise _nonfinite_error(step + 1, metrics, last_saved, skipped)
+                if skipped:
+                    log.warning("step %d: non-finite loss, update skipped", step + 1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}")
                 bar.update(1)
                 every = cfg.checkpoint.every
-                if (every and (step + 1) % every == 0) or stop.received is not None:
+                stopping = stop.should_stop()
+                if (every and (step + 1) % every == 0) or stopping or (last_step and last_saved != step + 1):
                     checkpointer.save(step + 1, state, data, cfg.to_dict())
                     last_saved = step + 1
-                if stop.received is not None:
-                    log.warning("signal %d received: saved step %d, exiting", stop.received, step + 1)
+                if stopping:
+                    stopped = step + 1
                     break
-            else:
-                if last_saved != cfg.train.steps and start < cfg.train.steps:
-                    checkpointer.save(cfg.train.steps, state, data, cfg.to_dict())
-    finally:
-        bar.close()
-        checkpointer.close()
-        logger.close()
+        finally:
+            bar.close()
+            logger.close()
+            checkpointer.close()  # waits for the last save (bounded by the watchdog after a signal)
     if jax.process_index() == 0 and history:
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    if stopped is not None:
+        name = signal.Signals(stop.received).name if stop.received is not None else "a stop signal on another process"
+        raise Preempted(f"{name} received: saved step {stopped} in {checkpointer.directory}; "
+                        "run the same command to resume")
     return history
 
 

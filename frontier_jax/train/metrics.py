@@ -8,6 +8,7 @@ model FLOPs from `describe` and the peak a measured dense bf16 matmul ceiling of
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -29,18 +30,37 @@ def model_flops_utilization(flops_per_token: float, tokens_per_s: float) -> floa
     return flops_per_token * tokens_per_s / (peak * jax.device_count())
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a blank or partly written one."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class MetricsLogger:
     """Appends one JSON object per record to run_dir/metrics.jsonl and mirrors scalars (and
-    per-layer lists as layer_i scalars) to TensorBoard event files under run_dir/tensorboard."""
+    per-layer lists as layer_i scalars) to TensorBoard event files under run_dir/tensorboard.
 
-    def __init__(self, run_dir: Path, *, enabled: bool = True):
+    `resumed_at`: the step a resumed run restarts after; the records of later steps (logged
+    before the run was interrupted, and about to be replayed) are dropped from metrics.jsonl
+    and purged from TensorBoard, so each step keeps one record."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool = True, resumed_at: int = 0):
         self.enabled = enabled
         if not enabled:
             return
         from tensorboardX import SummaryWriter
 
-        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a", encoding="utf-8")
-        self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        path = Path(run_dir) / "metrics.jsonl"
+        if resumed_at and path.exists():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if (step := _step_of(line)) is not None and step <= resumed_at]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            os.replace(tmp, path)
+        self.jsonl = open(path, "a", encoding="utf-8")
+        self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resumed_at + 1 if resumed_at else None)
 
     def log(self, record: dict) -> None:
         if not self.enabled:

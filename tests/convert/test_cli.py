@@ -12,7 +12,6 @@ import pytest
 from frontier_jax import cli
 from frontier_jax.convert.cli import main
 from frontier_jax.convert.safetensors_io import INDEX_FILE, SINGLE_FILE
-
 from tests.train.common import REPO, subprocess_env
 
 

@@ -4,7 +4,14 @@ import re
 
 import pytest
 
-from frontier_jax.data import DataConfig, DataError, DataStats, SourceConfig, build_train_iterator, source_documents
+from frontier_jax.data import (
+    DataConfig,
+    DataError,
+    DataStats,
+    SourceConfig,
+    build_train_iterator,
+    source_documents,
+)
 
 BAD_DATA_LINES = [
     {"text": "good one"},

@@ -7,6 +7,7 @@ cross-process collectives through gloo, this jax's default, set explicitly) with
 fake CPU devices (XLA_FLAGS sets how many); NUM_PROCESSES=1 skips `jax.distributed` (the
 single-process reference).  The config is `model/toy` with the given dotted overrides.
   train      runs `frontier_jax.train.loop.train(cfg, RUN_DIR)`
+  preempt    the same, for a run stopped by a signal: prints the `Preempted` message and exits 75
   mesh       builds the mesh of `cfg.mesh` and prints, as one JSON line, the mesh coordinates of
              this process's devices ({"process": i, "coords": [{axis: index}, ...]})
   batch      for each layout (a list of overrides) in RUN_DIR/layouts.json, assembles the loop's
@@ -90,7 +91,17 @@ def main(mode: str, run_dir: str, process_id: int, num_processes: int, port: int
 
     cfg = load_config("model/toy", overrides)
     run_dir = Path(run_dir)
-    if mode == "train":
+    code = 0
+    if mode == "preempt":
+        from frontier_jax.train.loop import train
+        from frontier_jax.train.signals import EXIT_PREEMPTED, Preempted
+
+        try:
+            train(cfg, run_dir, progress=False)
+        except Preempted as err:
+            print(f"process {jax.process_index()}: {err}", flush=True)
+            code = EXIT_PREEMPTED
+    elif mode == "train":
         from frontier_jax.train.loop import train
 
         train(cfg, run_dir, progress=False)
@@ -114,6 +125,7 @@ def main(mode: str, run_dir: str, process_id: int, num_processes: int, port: int
         raise SystemExit(f"unknown mode {mode!r}")
     if num_processes > 1:
         jax.distributed.shutdown()
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 TINY_MODEL = [
-    "model.vocab_size=264", "model.hidden_size=32", "model.num_layers=3", "model.first_k_dense=1",
+    "model.vocab_size=272", "model.hidden_size=32", "model.num_layers=3", "model.first_k_dense=1",
     "model.dense_ffn_dim=64", "model.num_heads=2", "model.q_lora_rank=16", "model.kv_lora_rank=16",
     "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=4", "model.v_head_dim=8",
     "model.n_routed_experts=4", "model.n_shared_experts=1", "model.num_experts_per_tok=2",
