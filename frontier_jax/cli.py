@@ -4,6 +4,7 @@
     frontier-jax describe --config configs/model/deepseek-v3-671b.yaml [--seq-len T] [--json]
                           [--mesh mesh/gpu-8] [--devices N] [--device-memory-gib G] [key=value ...]
     frontier-jax convert  {check,export} --hf PATH [...]
+    frontier-jax generate (--hf PATH | --checkpoint RUN_DIR) (--prompt TEXT ... | --prompts FILE) [...]
 """
 
 from __future__ import annotations
@@ -135,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("convert", help="Hugging Face DeepseekV3 checkpoints in and out "
                    "(frontier-jax convert --help)")
+    from frontier_jax.infer.cli import add_generate_parser
+
+    add_generate_parser(sub)
     return parser
 
 

@@ -5,7 +5,7 @@ belong to which sequence.  The device arrays and how steps read and write them a
 Bytes per cached token: (L + D) (d_c + d_h^R) x itemsize, with L main-model layers and D MTP
 modules (each has an attention layer with its own cache).  The pool has N blocks of P tokens,
 block 0 reserved (the null block):
-    N = 1 + max_seqs ceil(max_len / P)                       by default, or
+    N = 1 + max_seqs ceil((max_len + lookahead) / P)         by default, or
     N = floor(budget / (P x bytes per token))                with infer.memory_budget_gb > 0.
 """
 
@@ -21,6 +21,8 @@ from frontier_jax.infer.config import InferConfig
 from frontier_jax.model.config import ModelConfig
 from frontier_jax.model.latent_cache import NULL_BLOCK, LatentCache, ModelCache, empty_cache
 
+DEFAULT_MAX_LEN = 2048  # infer.max_len=0: this, or the model's context if shorter
+
 
 def cache_bytes_per_token(cfg: ModelConfig, dtype) -> int:
     """(L + D) (d_c + d_h^R) x itemsize: the latent cache of one token over all layers."""
@@ -30,42 +32,45 @@ def cache_bytes_per_token(cfg: ModelConfig, dtype) -> int:
 @dataclass(frozen=True)
 class CacheLayout:
     """The pool's shape: num_blocks blocks (the null block included) of block_size tokens,
-    sequences of at most max_len tokens (blocks_per_seq blocks)."""
+    sequences of at most max_len tokens plus `lookahead` positions that speculative
+    verification writes past them (blocks_per_seq blocks)."""
 
     num_blocks: int
     block_size: int
     max_len: int
+    lookahead: int = 0
 
     @property
     def blocks_per_seq(self) -> int:
-        return math.ceil(self.max_len / self.block_size)
+        return math.ceil((self.max_len + self.lookahead) / self.block_size)
 
     @property
     def capacity_tokens(self) -> int:
         return (self.num_blocks - 1) * self.block_size
 
     @classmethod
-    def plan(cls, cfg: ModelConfig, infer: InferConfig, dtype) -> "CacheLayout":
-        max_len = infer.max_len
+    def plan(cls, cfg: ModelConfig, infer: InferConfig, dtype, lookahead: int = 0) -> "CacheLayout":
+        max_len = infer.max_len or min(DEFAULT_MAX_LEN, cfg.max_position_embeddings)
+        per_seq = math.ceil((max_len + lookahead) / infer.block_size)
         if max_len > cfg.max_position_embeddings:
             raise ValueError(f"infer.max_len={max_len} exceeds the model's context "
                              f"(model.max_position_embeddings={cfg.max_position_embeddings}); lower it")
         if infer.memory_budget_gb > 0:
             per_block = infer.block_size * cache_bytes_per_token(cfg, dtype)
             num_blocks = int(infer.memory_budget_gb * 2**30 // per_block)
-            needed = 1 + math.ceil(max_len / infer.block_size)
+            needed = 1 + per_seq
             if num_blocks < needed:
                 raise ValueError(f"infer.memory_budget_gb={infer.memory_budget_gb} holds {num_blocks} blocks "
                                  f"of {per_block:,} B, fewer than one sequence of infer.max_len={max_len} "
                                  f"needs ({needed}); raise the budget or lower infer.max_len")
         else:
-            num_blocks = 1 + infer.max_seqs * math.ceil(max_len / infer.block_size)
-        return cls(num_blocks, infer.block_size, max_len)
+            num_blocks = 1 + infer.max_seqs * per_seq
+        return cls(num_blocks, infer.block_size, max_len, lookahead)
 
     def describe(self, cfg: ModelConfig, dtype) -> str:
         per_token = cache_bytes_per_token(cfg, dtype)
         return (f"latent cache: {self.num_blocks - 1} blocks x {self.block_size} tokens = "
-                f"{self.capacity_tokens:,} tokens ({self.capacity_tokens // self.max_len} sequences x "
+                f"{self.capacity_tokens:,} tokens ({(self.num_blocks - 1) // self.blocks_per_seq} sequences x "
                 f"{self.max_len} context), {per_token:,} B/token, "
                 f"{self.num_blocks * self.block_size * per_token / 2**30:.3f} GiB")
 

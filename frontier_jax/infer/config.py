@@ -12,30 +12,43 @@ class DecodeAttentionImpl(str, enum.Enum):
     XLA = "xla"
 
 
+class Speculative(str, enum.Enum):
+    """Speculative decoding: none, or drafts from the model's MTP modules (`infer.speculative`)."""
+
+    NONE = "none"
+    MTP = "mtp"
+
+
 @dataclass
 class InferConfig:
     """Paged latent cache and batching.
 
     block_size: tokens per cache block (64, as in FlashMLA); max_seqs: sequences decoded at
-    once (decode slots); max_len: tokens per sequence, prompt plus generation;
+    once (decode slots); max_len: tokens per sequence, prompt plus generation (0: the smaller
+    of 2048 and the model's context);
     prefill_chunk: prompt tokens per prefill step; memory_budget_gb: when > 0 the cache gets
     as many blocks as fit in this many GiB instead of max_seqs x max_len;
-    decode_attention_impl: the absorbed attention kernel."""
+    decode_attention_impl: the absorbed attention kernel; speculative: "mtp" drafts
+    model.mtp_depth tokens per step with the MTP modules and verifies them in one forward."""
 
     block_size: int = 64
     max_seqs: int = 8
-    max_len: int = 2048
+    max_len: int = 0
     prefill_chunk: int = 256
     memory_budget_gb: float = 0.0
     decode_attention_impl: DecodeAttentionImpl = DecodeAttentionImpl.XLA
+    speculative: Speculative = Speculative.NONE
 
     def validate(self) -> "InferConfig":
-        for name in ("block_size", "max_seqs", "max_len", "prefill_chunk"):
+        for name in ("block_size", "max_seqs", "prefill_chunk"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"infer.{name}={value!r} must be a positive integer")
+        if not isinstance(self.max_len, int) or self.max_len < 0:
+            raise ValueError(f"infer.max_len={self.max_len!r} must be an integer >= 0 (0: min(2048, model context))")
         if self.memory_budget_gb < 0:
             raise ValueError(f"infer.memory_budget_gb={self.memory_budget_gb} must be >= 0 (0: size the "
                              "cache from infer.max_seqs x infer.max_len)")
         DecodeAttentionImpl(self.decode_attention_impl)
+        Speculative(self.speculative)
         return self

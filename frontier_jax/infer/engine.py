@@ -13,8 +13,10 @@ the others run on.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,14 +24,23 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from frontier_jax.data.tokenizer import Tokenizer
+from frontier_jax.convert import from_hf
+from frontier_jax.data.tokenizer import Tokenizer, load_tokenizer
 from frontier_jax.infer.cache import CacheLayout, allocate_cache
-from frontier_jax.infer.config import InferConfig
+from frontier_jax.infer.checkpoint import load_checkpoint
+from frontier_jax.infer.config import DecodeAttentionImpl, InferConfig, Speculative
 from frontier_jax.infer.sampling import SamplingParams, sample
 from frontier_jax.infer.scheduler import Batch, Completion, Request, Scheduler
+from frontier_jax.infer.speculative import MTPDecoder, accept
 from frontier_jax.infer.step import make_step
 from frontier_jax.model import Transformer
 from frontier_jax.model.latent_cache import Pages
+
+
+def _infer_config(base: InferConfig, changes: InferConfig | dict | None) -> InferConfig:
+    if isinstance(changes, InferConfig):
+        return changes
+    return dataclasses.replace(base, **(changes or {}))
 
 
 class Engine:
@@ -40,18 +51,56 @@ class Engine:
         self.tokenizer = tokenizer
         self.seed = seed
         dtype = model.policy.compute_dtype
-        self.layout = CacheLayout.plan(self.cfg, self.infer, dtype)
+        speculative = Speculative(self.infer.speculative) == Speculative.MTP
+        if speculative and not self.cfg.mtp_depth:
+            raise ValueError("infer.speculative=mtp needs a model with MTP modules (model.mtp_depth > 0); "
+                             "this one has none: use infer.speculative=none")
+        self.layout = CacheLayout.plan(self.cfg, self.infer, dtype, self.cfg.mtp_depth if speculative else 0)
         if verbose:
             print(self.layout.describe(self.cfg, dtype))
         graphdef, self.state = nnx.split(model)
         self.cache = allocate_cache(self.cfg, self.layout, dtype)
+        impl = DecodeAttentionImpl(self.infer.decode_attention_impl).value
         self._prefill = make_step(graphdef, absorbed=False)
-        self._decode = make_step(graphdef, absorbed=True, impl=self.infer.decode_attention_impl.value)
+        self._decode = make_step(graphdef, absorbed=True, impl=impl)
         self.scheduler = Scheduler(self.layout, self.infer.max_seqs, self.infer.prefill_chunk)
+        self._mtp = (MTPDecoder(graphdef, self.cfg, self.scheduler, self.infer.prefill_chunk, impl)
+                     if speculative else None)
         self._next_id = 0
         self._done: dict[int, Completion] = {}
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0,
                       "forwards": 0}
+
+    @property
+    def speculative_stats(self) -> dict:
+        """MTP drafting: drafts proposed and accepted, acceptance rate, and tokens emitted per
+        main-model decode forward (1 without speculation)."""
+        if self._mtp is None:
+            return {}
+        s = self._mtp.stats
+        return {**s, "acceptance_rate": s["accepted"] / max(s["drafted"], 1),
+                "tokens_per_forward": (s["accepted"] + s["verify_forwards"]) / max(s["verify_forwards"], 1)}
+
+    # ----------------------------------------------------------------------- loading
+    @classmethod
+    def from_hf(cls, path: str, *, dtype="float32", mesh=None, infer: InferConfig | dict | None = None,
+                **kwargs) -> Engine:
+        """An engine over the Hugging Face checkpoint directory `path` (`convert.from_hf`), with
+        its tokenizer.json when present."""
+        _, model = from_hf(path, dtype=dtype, mesh=mesh)
+        tokenizer_file = Path(path) / "tokenizer.json"
+        tokenizer = load_tokenizer(str(tokenizer_file)) if tokenizer_file.is_file() else None
+        return cls(model, tokenizer=tokenizer, infer=_infer_config(InferConfig(), infer), **kwargs)
+
+    @classmethod
+    def from_checkpoint(cls, run_dir: str, step: int | None = None, *, mesh=None, dtype=None,
+                        infer: InferConfig | dict | None = None, **kwargs) -> Engine:
+        """An engine over a training run's checkpoint (latest step, or `step`, or the step of a
+        checkpoints/STEP path): its parameters only, its config (the `infer` section updated by
+        `infer`) and its tokenizer."""
+        model, data, saved_infer = load_checkpoint(run_dir, step, dtype=dtype)
+        return cls(model, tokenizer=load_tokenizer(data.tokenizer), infer=_infer_config(saved_infer, infer),
+                   **kwargs)
 
     # ----------------------------------------------------------------------- requests
     def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> int:
@@ -101,42 +150,89 @@ class Engine:
         sched = self.scheduler
         sched.admit()
         finished = []
-        batch = sched.prefill_batch()
+        start = time.perf_counter()
+        batch = sched.prefill_batch(all_positions=self._mtp is not None)
         if batch is not None:
-            logits = self._forward(self._prefill, batch, "prefill_s")
-            self.stats["prompt_tokens"] += int(batch.write.sum())
-            ready = [b for b, r in enumerate(batch.rows) if not r.prefilling]
-            finished += self._sample(batch, logits[:, 0], ready)
-        batch = sched.decode_batch()
-        if batch is not None:
-            logits = self._forward(self._decode, batch, "decode_s")
-            finished += self._sample(batch, logits[:, 0], range(len(batch.rows)))
+            counts = batch.write.sum(1)
+            logits, hidden = self._forward(self._prefill, batch)
+            self.stats["prompt_tokens"] += int(counts.sum())
+            if self._mtp is not None:
+                self._keep_hidden(batch.rows, batch.positions[:, 0], hidden, counts)
+                logits = logits[jnp.arange(logits.shape[0]), jnp.asarray(np.maximum(counts - 1, 0))]
+            else:
+                logits = logits[:, 0]
+            finished += self._sample(batch, logits, [b for b, r in enumerate(batch.rows) if not r.prefilling])
+        decode_start = time.perf_counter()
+        self.stats["prefill_s"] += decode_start - start
+        rows = sched.decoding()
+        if rows and self._mtp is not None:
+            finished += self._speculative_step(rows)
+        elif rows:
+            batch = sched.decode_batch(rows)
+            logits, _ = self._forward(self._decode, batch)
+            finished += self._sample(batch, logits[:, 0], range(len(rows)))
+        self.stats["decode_s"] += time.perf_counter() - decode_start
         return finished
 
-    def _forward(self, step, batch: Batch, timer: str) -> jax.Array:
-        start = time.perf_counter()
+    def _forward(self, step, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        """Runs `step` on `batch`, advances each row's cached length; (logits, hidden)."""
         pages = Pages(jnp.asarray(batch.block_table), jnp.asarray(batch.write))
-        logits, _, self.cache = step(self.state, self.cache, jnp.asarray(batch.ids),
-                                     jnp.asarray(batch.positions), pages, jnp.asarray(batch.select))
-        logits.block_until_ready()
-        self.stats[timer] += time.perf_counter() - start
+        logits, hidden, self.cache = step(self.state, self.cache, jnp.asarray(batch.ids),
+                                          jnp.asarray(batch.positions), pages, jnp.asarray(batch.select))
         self.stats["forwards"] += 1
         for request, count in zip(batch.rows, batch.write.sum(1)):
             request.computed += int(count)
-        return logits
+        return logits, hidden
+
+    @staticmethod
+    def _keep_hidden(rows: list[Request], starts, hidden: jax.Array, counts) -> None:
+        """Stores g^0 of the first counts[b] positions of each row (the MTP drafts read them)."""
+        hidden = np.asarray(hidden, np.float32)
+        for b, request in enumerate(rows):
+            for t in range(int(counts[b])):
+                request.hidden[int(starts[b]) + t] = hidden[b, t]
+
+    def _sampling_arrays(self, rows: list[Request], n: int) -> tuple:
+        """Per-row (temperature, top_k, top_p, seed, tokens generated so far), padded to n rows."""
+        pad = n - len(rows)
+        params = [r.params for r in rows] + [SamplingParams()] * pad
+        return (jnp.asarray([p.temperature for p in params], jnp.float32),
+                jnp.asarray([p.top_k for p in params], jnp.int32),
+                jnp.asarray([p.top_p for p in params], jnp.float32),
+                jnp.asarray([r.seed for r in rows] + [0] * pad, jnp.uint32),
+                jnp.asarray([len(r.output_ids) for r in rows] + [0] * pad, jnp.int32))
+
+    def _speculative_step(self, rows: list[Request]) -> list[int]:
+        """Draft, verify, accept and roll back (`speculative.py`) for every decoding request."""
+        drafts, self.cache = self._mtp.draft(self.state, self.cache, rows)
+        batch = self.scheduler.decode_batch(rows, drafts.tolist())
+        lengths = [len(r.tokens) for r in rows]
+        logits, hidden = self._forward(self._decode, batch)
+        n = logits.shape[0]
+        padded = np.zeros((n, drafts.shape[1]), np.int32)
+        padded[:len(rows)] = drafts
+        kept, tokens, logprobs = accept(logits, jnp.asarray(padded), *self._sampling_arrays(rows, n))
+        kept, tokens, logprobs = np.asarray(kept), np.asarray(tokens), np.asarray(logprobs)
+        stats = self._mtp.stats
+        stats["verify_forwards"] += 1
+        finished = []
+        for b, (request, length) in enumerate(zip(rows, lengths)):
+            k = int(kept[b])
+            stats["drafted"] += drafts.shape[1]
+            stats["accepted"] += k
+            request.computed = length + k  # the cache keeps t_{L-1} and the k kept drafts
+            self._keep_hidden([request], [length - 1], hidden[b:b + 1], [k + 1])
+            for i in range(k + 1):
+                if self._append(request, int(tokens[b, i]), float(logprobs[b, i])):
+                    finished.append(request.id)
+                    break
+        return finished
 
     def _sample(self, batch: Batch, logits: jax.Array, rows) -> list[int]:
         """Samples the next token of batch rows `rows` from logits [B, V]; returns finished ids."""
         if not rows:
             return []
-        n = logits.shape[0]
-        params = [r.params for r in batch.rows] + [SamplingParams()] * (n - len(batch.rows))
-        seeds = [r.seed for r in batch.rows] + [0] * (n - len(batch.rows))
-        counters = [len(r.output_ids) for r in batch.rows] + [0] * (n - len(batch.rows))
-        tokens, logprobs = sample(logits, jnp.asarray([p.temperature for p in params], jnp.float32),
-                                  jnp.asarray([p.top_k for p in params], jnp.int32),
-                                  jnp.asarray([p.top_p for p in params], jnp.float32),
-                                  jnp.asarray(seeds, jnp.uint32), jnp.asarray(counters, jnp.int32))
+        tokens, logprobs = sample(logits, *self._sampling_arrays(batch.rows, logits.shape[0]))
         tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
         finished = []
         for b in rows:

@@ -3,7 +3,8 @@ steps while the cache has room, advance one prefill chunk or one decoded token p
 retire (freeing their blocks) as soon as they finish.
 
 Admission reserves the blocks of a request's whole budget (prompt + max_new_tokens, at most
-infer.max_len), so a running request never waits for memory and nothing is preempted; a
+infer.max_len, plus the layout's lookahead: the draft positions a speculative verification
+writes past the last kept token), so a running request never waits for memory and nothing is preempted; a
 request that does not fit yet waits until retirements free enough blocks.
 """
 
@@ -42,6 +43,8 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     computed: int = 0  # leading tokens whose latent is in the cache
+    mtp_computed: int = 0  # speculative decoding: leading positions final in every MTP cache
+    hidden: dict[int, np.ndarray] = field(default_factory=dict)  # g^0 of positions >= mtp_computed
     finish_reason: str | None = None
     text: str | None = None
 
@@ -93,46 +96,54 @@ class Scheduler:
         """Moves waiting requests into free decode slots, first come first served."""
         while self.waiting and len(self.running) < self.max_seqs:
             request = self.waiting[0]
-            if not self.alloc.can_hold(request.id, request.budget):
+            tokens = request.budget + self.layout.lookahead
+            if not self.alloc.can_hold(request.id, tokens):
                 return
-            self.alloc.reserve(request.id, request.budget)
+            self.alloc.reserve(request.id, tokens)
             self.running.append(self.waiting.popleft())
 
     def retire(self, request: Request) -> None:
         self.alloc.release(request.id)
         self.running.remove(request)
 
-    def prefill_batch(self) -> Batch | None:
-        """The next prompt chunk of every prefilling request; logits at each chunk's last token."""
+    def decoding(self) -> list[Request]:
+        """Running requests past their prompt, each with a sampled token not yet in the cache."""
+        return [r for r in self.running if not r.prefilling and r.finish_reason is None]
+
+    def prefill_batch(self, all_positions: bool = False) -> Batch | None:
+        """The next prompt chunk of every prefilling request; logits at each chunk's last token
+        (at every position with all_positions)."""
         rows = [r for r in self.running if r.prefilling]
         if not rows:
             return None
         counts = [min(self.prefill_chunk, len(r.prompt_ids) - r.computed) for r in rows]
         width = bucket(max(counts), self.prefill_chunk)
-        return self._batch(rows, counts, width, [[c - 1] for c in counts])
+        select = [list(range(width)) if all_positions else [c - 1] for c in counts]
+        return self.batch(rows, [r.computed for r in rows],
+                          [r.prompt_ids[r.computed:r.computed + c] for r, c in zip(rows, counts)], width, select)
 
-    def decode_batch(self) -> Batch | None:
-        """The last sampled token of every decoding request."""
-        rows = [r for r in self.running if not r.prefilling and r.finish_reason is None]
-        if not rows:
-            return None
-        return self._batch(rows, [1] * len(rows), 1, [[0]] * len(rows))
+    def decode_batch(self, rows: list[Request], drafts: list[list[int]] | None = None) -> Batch:
+        """The last sampled token of each request (followed by its draft tokens, if any);
+        logits at every position."""
+        drafts = drafts or [[] for _ in rows]
+        width = 1 + len(drafts[0])
+        return self.batch(rows, [r.computed for r in rows], [r.tokens[r.computed:] + d for r, d in zip(rows, drafts)],
+                          width, [list(range(width))] * len(rows))
 
-    def _batch(self, rows: list[Request], counts: list[int], width: int, select: list[list[int]]) -> Batch:
+    def batch(self, rows: list[Request], starts: list[int], tokens: list[list[int]], width: int,
+              select: list[list[int]]) -> Batch:
+        """Rows b < len(rows): tokens[b] at positions starts[b] ..; padded to a bucket of rows."""
         n = bucket(len(rows), self.max_seqs)
-        k = len(select[0])
         ids = np.zeros((n, width), np.int32)
         positions = np.zeros((n, width), np.int32)
         write = np.zeros((n, width), bool)
-        sel = np.zeros((n, k), np.int32)
-        for b, (request, count) in enumerate(zip(rows, counts)):
-            start = request.computed
-            tokens = request.tokens[start:start + count]
-            ids[b, :len(tokens)] = tokens
+        sel = np.zeros((n, len(select[0])), np.int32)
+        for b, (start, row_tokens) in enumerate(zip(starts, tokens)):
+            ids[b, :len(row_tokens)] = row_tokens
             positions[b] = start + np.arange(width)
-            write[b, :count] = True
+            write[b, :len(row_tokens)] = True
             sel[b] = select[b]
-        blocks = max(self.alloc.blocks_for(r.computed + c) for r, c in zip(rows, counts))
+        blocks = max(self.alloc.blocks_for(s + len(t)) for s, t in zip(starts, tokens))
         table_width = bucket(blocks, self.layout.blocks_per_seq)
         table = self.alloc.table([r.id for r in rows] + [None] * (n - len(rows)), table_width)
         return Batch(ids, positions, write, table, sel, rows)

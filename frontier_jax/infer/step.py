@@ -2,7 +2,7 @@
 the paged latent cache (donated, so it is updated in place), logits at chosen positions.
 
     step(state, cache, ids [B, T], positions [B, T], pages, select [B, K])
-        -> (logits [B, K, vocab] fp32, hidden h [B, K, d] before the final norm, cache)
+        -> (logits [B, K, vocab] fp32, final-normed hidden g [B, K, d], cache)
 
 Prefill chunks take the expanded MLA path, decode steps the absorbed one (`MLA.extend`).  jax.jit
 compiles once per shape; the engine pads B, T and the block table's width to a few buckets so
@@ -28,8 +28,8 @@ def make_step(graphdef: nnx.GraphDef, *, absorbed: bool, impl: str = "xla") -> C
 
     def step(state, cache, ids, positions, pages: Pages, select):
         model = nnx.merge(graphdef, state)
-        h, cache = model.extend(ids, positions, cache, pages, absorbed=absorbed, impl=impl)
-        h = jnp.take_along_axis(h, select[..., None], axis=1)
-        return model.logits_from_hidden(model.final_norm(h)), h, cache
+        g, cache = model.extend(ids, positions, cache, pages, absorbed=absorbed, impl=impl)
+        g = jnp.take_along_axis(g, select[..., None], axis=1)
+        return model.logits_from_hidden(g), g, cache
 
     return jax.jit(step, donate_argnums=(1,))

@@ -93,8 +93,8 @@ class Transformer(nnx.Module):
                absorbed: bool, impl: str = "xla") -> tuple[jax.Array, ModelCache]:
         """T new tokens per row of sequences whose earlier tokens are in the paged latent
         cache (prefill chunks: absorbed=False, decode steps: True, see `MLA.extend`):
-        input_ids, positions [B, T] -> (last hidden states h [B, T, d] before the final norm,
-        the cache with the new tokens written).  Logits: `logits_from_hidden(final_norm(h))`."""
+        input_ids, positions [B, T] -> (final-normed hidden states g [B, T, d], the cache
+        with the new tokens written).  Logits: `logits_from_hidden(g)`; g also feeds `draft`."""
         inputs = SequenceInputs(positions, None, pages.write.astype(jnp.int32))
         h = constrain(self.embed(input_ids), ("batch", "seq", "embed"))
         dense, moe = cache.dense, cache.moe
@@ -102,7 +102,35 @@ class Transformer(nnx.Module):
             h, dense = self.dense_layers.extend(h, inputs, dense, pages, absorbed=absorbed, impl=impl)
         if self.moe_layers is not None:
             h, moe = self.moe_layers.extend(h, inputs, moe, pages, absorbed=absorbed, impl=impl)
-        return h, cache._replace(dense=dense, moe=moe)
+        return self.final_norm(h), cache._replace(dense=dense, moe=moe)
+
+    def draft(self, g0: jax.Array, ahead: jax.Array, known: jax.Array, positions: jax.Array,
+              select: jax.Array, cache: ModelCache, pages: Pages, *, absorbed: bool, impl: str = "xla"
+              ) -> tuple[jax.Array, ModelCache]:
+        """The MTP chain over T positions per row whose main-model g^0 is known, with the
+        MTP caches: depth k at position j reads g^{k-1}_j and Emb(t_{j+k}) (`mtp.py`).
+        g0 [B, T, d]; ahead [D, B, T] the tokens t_{j+k} where known [D, B, T], elsewhere the
+        chain's own prediction at the row's position select [B] (depth k-1's argmax there; 0 at
+        other unknown positions, whose latents the engine recomputes once the tokens are known)
+        -> (drafts [B, D] int32: depth k's argmax at select, cache)."""
+        inputs = SequenceInputs(positions, None, pages.write.astype(jnp.int32))
+        graphdef, state = nnx.split(self.mtp.modules)
+        at_select = jnp.arange(g0.shape[1])[None, :] == select[:, None]
+
+        def body(carry, xs):
+            g, previous, mtp_cache = carry
+            depth_state, depth, ahead_k, known_k = xs
+            tokens = jnp.where(known_k, ahead_k, jnp.where(at_select, previous[:, None], 0))
+            g, mtp_cache = nnx.merge(graphdef, depth_state).extend(
+                g, self.embed(tokens), inputs, mtp_cache, depth, pages, absorbed=absorbed, impl=impl)
+            logits = self.logits_from_hidden(jnp.take_along_axis(g, select[:, None, None], axis=1)[:, 0])
+            token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            return (g, token, mtp_cache), token
+
+        start = jnp.zeros(g0.shape[:1], jnp.int32)
+        (_, _, mtp), drafts = jax.lax.scan(
+            body, (g0, start, cache.mtp), (state, jnp.arange(self.cfg.mtp_depth), ahead, known))
+        return drafts.T, cache._replace(mtp=mtp)
 
     def expert_loads(self, out: ModelOutput) -> dict:
         """The per-layer expert loads of `out` laid out like this model's expert biases
