@@ -14,14 +14,16 @@ the others run on.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from frontier_jax.convert import from_hf
@@ -35,6 +37,8 @@ from frontier_jax.infer.speculative import MTPDecoder, accept
 from frontier_jax.infer.step import make_step
 from frontier_jax.model import Transformer
 from frontier_jax.model.latent_cache import Pages
+from frontier_jax.parallel.mesh import state_shardings
+from frontier_jax.parallel.rules import DEFAULT_RULES, use_sharding
 
 
 def _infer_config(base: InferConfig, changes: InferConfig | dict | None) -> InferConfig:
@@ -45,7 +49,12 @@ def _infer_config(base: InferConfig, changes: InferConfig | dict | None) -> Infe
 
 class Engine:
     def __init__(self, model: Transformer, *, tokenizer: Tokenizer | None = None,
-                 infer: InferConfig | None = None, seed: int = 0, verbose: bool = False):
+                 infer: InferConfig | None = None, mesh: Mesh | None = None,
+                 rules: Mapping[str, Sequence[str]] | None = None, seed: int = 0, verbose: bool = False):
+        """mesh, rules: parameters sharded by the logical-axis rules (default
+        `parallel.rules.DEFAULT_RULES`), activations constrained by them, the cache replicated and
+        every step's rows a multiple of the batch split; build `model` with the matching expert
+        dispatcher (`parallel.expert.expert_dispatcher(mesh, rules)`).  None: one device."""
         self.cfg = model.cfg
         self.infer = (infer or InferConfig()).validate()
         self.tokenizer = tokenizer
@@ -58,18 +67,25 @@ class Engine:
         self.layout = CacheLayout.plan(self.cfg, self.infer, dtype, self.cfg.mtp_depth if speculative else 0)
         if verbose:
             print(self.layout.describe(self.cfg, dtype))
-        graphdef, self.state = nnx.split(model)
+        graphdef, state = nnx.split(model)
         self.cache = allocate_cache(self.cfg, self.layout, dtype)
+        self.mesh, self.rules = mesh, dict(rules or DEFAULT_RULES)
+        if mesh is None:
+            self.state, min_rows = state, 1
+        else:
+            self.state = jax.device_put(nnx.to_pure_dict(state), state_shardings(state, mesh, self.rules))
+            self.cache = jax.device_put(self.cache, NamedSharding(mesh, PartitionSpec()))
+            min_rows = math.prod(mesh.shape[a] for a in self.rules["batch"] if a in mesh.shape)
         impl = DecodeAttentionImpl(self.infer.decode_attention_impl).value
         self._prefill = make_step(graphdef, absorbed=False)
         self._decode = make_step(graphdef, absorbed=True, impl=impl)
-        self.scheduler = Scheduler(self.layout, self.infer.max_seqs, self.infer.prefill_chunk)
+        self.scheduler = Scheduler(self.layout, self.infer.max_seqs, self.infer.prefill_chunk, min_rows)
         self._mtp = (MTPDecoder(graphdef, self.cfg, self.scheduler, self.infer.prefill_chunk, impl)
                      if speculative else None)
         self._next_id = 0
         self._done: dict[int, Completion] = {}
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0,
-                      "forwards": 0}
+                      "forwards": 0, "decode_steps": 0, "decode_context": 0}
 
     @property
     def speculative_stats(self) -> dict:
@@ -87,7 +103,7 @@ class Engine:
                 **kwargs) -> Engine:
         """An engine over the Hugging Face checkpoint directory `path` (`convert.from_hf`), with
         its tokenizer.json when present."""
-        _, model = from_hf(path, dtype=dtype, mesh=mesh)
+        _, model = from_hf(path, dtype=dtype, mesh=mesh, rules=kwargs.get("rules"))
         tokenizer_file = Path(path) / "tokenizer.json"
         tokenizer = load_tokenizer(str(tokenizer_file)) if tokenizer_file.is_file() else None
         return cls(model, tokenizer=tokenizer, infer=_infer_config(InferConfig(), infer), **kwargs)
@@ -147,6 +163,12 @@ class Engine:
     # ----------------------------------------------------------------------- stepping
     def step(self) -> list[int]:
         """One scheduler iteration (module docstring); returns the ids of requests finished in it."""
+        if self.mesh is None:
+            return self._step()
+        with use_sharding(self.mesh, self.rules):
+            return self._step()
+
+    def _step(self) -> list[int]:
         sched = self.scheduler
         sched.admit()
         finished = []
@@ -165,6 +187,8 @@ class Engine:
         decode_start = time.perf_counter()
         self.stats["prefill_s"] += decode_start - start
         rows = sched.decoding()
+        self.stats["decode_steps"] += bool(rows)
+        self.stats["decode_context"] += sum(r.computed for r in rows)  # cached tokens the step reads
         if rows and self._mtp is not None:
             finished += self._speculative_step(rows)
         elif rows:

@@ -79,8 +79,10 @@ def bucket(n: int, cap: int) -> int:
 
 
 class Scheduler:
-    def __init__(self, layout: CacheLayout, max_seqs: int, prefill_chunk: int):
+    def __init__(self, layout: CacheLayout, max_seqs: int, prefill_chunk: int, min_rows: int = 1):
+        """min_rows: the fewest rows of a step (the ways the batch is split over a mesh)."""
         self.layout, self.max_seqs, self.prefill_chunk = layout, max_seqs, prefill_chunk
+        self.min_rows = min_rows
         self.alloc = BlockAllocator(layout)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -133,7 +135,7 @@ class Scheduler:
     def batch(self, rows: list[Request], starts: list[int], tokens: list[list[int]], width: int,
               select: list[list[int]]) -> Batch:
         """Rows b < len(rows): tokens[b] at positions starts[b] ..; padded to a bucket of rows."""
-        n = bucket(len(rows), self.max_seqs)
+        n = max(bucket(len(rows), self.max_seqs), self.min_rows)
         ids = np.zeros((n, width), np.int32)
         positions = np.zeros((n, width), np.int32)
         write = np.zeros((n, width), bool)
