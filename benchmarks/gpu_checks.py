@@ -4,9 +4,9 @@
 
 Each check prints ||out - ref|| / ||ref|| (fp32 reference computed from the same bf16 inputs)
 and fails (exit 1) above its stated bound:
-  * attention: `attention_impl=cudnn` and `tokamax` vs `xla`, causal and with document segment ids,
+  * attention: `impl.attention=cudnn` and `tokamax` vs `xla`, causal and with document segment ids,
     forward and input gradients (bf16 operands: bound 2e-2);
-  * grouped matmul: `gmm_impl=tokamax` vs `ragged_dot`, forward and gradients (bound 2e-2);
+  * grouped matmul: `impl.gmm=tokamax` vs `ragged_dot`, forward and gradients (bound 2e-2);
   * a whole bench-1b-shaped layer stack: logits with cudnn + tokamax vs xla + ragged_dot.
 """
 
@@ -90,10 +90,10 @@ def model_check() -> None:
     base = ["model.num_layers=3", "model.vocab_size=4096", "model.mtp_depth=0"]
     ids = jax.random.randint(jax.random.key(2), (2, 256), 0, 4096)
     logits = {}
-    for name, extra in (("reference", ["model.attention_impl=xla", "model.gmm_impl=ragged_dot"]),
-                        ("kernels", ["model.attention_impl=cudnn", "model.gmm_impl=tokamax"])):
+    for name, extra in (("reference", ["impl.attention=xla", "impl.gmm=ragged_dot"]),
+                        ("kernels", ["impl.attention=cudnn", "impl.gmm=tokamax"])):
         cfg = load_config("model/bench-1b", base + extra)
-        model = Transformer(cfg.model, policy=get_policy("bf16"), rngs=nnx.Rngs(0))
+        model = Transformer(cfg.model, impl=cfg.impl, policy=get_policy("bf16"), rngs=nnx.Rngs(0))
         logits[name] = nnx.jit(lambda m, x: m(x))(model, ids)
     check("bench-1b 3-layer logits, cudnn+tokamax vs xla+ragged_dot", logits["kernels"], logits["reference"],
           3e-2)

@@ -244,10 +244,11 @@ def main() -> None:
     report("4. whole MoE layer (router, dispatch, experts, shared expert, combine), forward + backward")
     xin = jnp.asarray(rng.standard_normal((1, tokens, d)), jnp.bfloat16)
     mask = jnp.ones((1, tokens), jnp.int32)
-    for label, dispatch_overrides in (("dropless, Pallas kernel", ["model.moe_dispatch=dropless", "model.gmm_impl=pallas"]),
-                                      ("capacity 1.25, batched einsum", ["model.moe_dispatch=capacity"])):
-        layer_cfg = load_config(args.config, overrides + dispatch_overrides).model
-        moe = MoE(layer_cfg, policy=get_policy("bf16"), rngs=nnx.Rngs(0))
+    for label, dispatch_overrides in (
+            ("dropless, Pallas kernel", ["impl.moe_dispatch=dropless", "impl.gmm=pallas"]),
+            ("capacity 1.25, batched einsum", ["impl.moe_dispatch=capacity"])):
+        layer_cfg = load_config(args.config, overrides + dispatch_overrides)
+        moe = MoE(layer_cfg.model, policy=get_policy("bf16"), impl=layer_cfg.impl, rngs=nnx.Rngs(0))
         graphdef, params = nnx.split(moe)
 
         def loss(params, x):

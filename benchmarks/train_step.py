@@ -162,9 +162,9 @@ def main() -> None:
     ours = []
     for name, extra in variants:
         vcfg = load_config(args.config, overrides + extra)
-        m = vcfg.model
-        print(f"{name}: precision {vcfg.precision.policy}, attention {m.attention_impl}, dispatch "
-              f"{m.moe_dispatch}, gmm {m.gmm_impl}, remat {m.remat_policy}", flush=True)
+        m = vcfg.impl
+        print(f"{name}: precision {vcfg.precision.policy}, attention {m.attention}, dispatch "
+              f"{m.moe_dispatch}, gmm {m.gmm}, remat {m.remat}", flush=True)
         try:
             times, footprint = bench_jax(vcfg, args.batch, args.seq_len, args.steps, args.warmup)
         except Exception as e:  # noqa: BLE001 - one variant out of memory must not end the run

@@ -1,4 +1,4 @@
-"""The resolved run configuration: the packages' typed config dataclasses (`model.config`,
+"""The resolved run configuration: the packages' typed config dataclasses (`model.config`: model and impl,
 `data.config`, `train.config`, `infer.config`, `parallel.config`, `precision.config`) composed into one
 `Config`, loaded from YAML files and dotted command-line overrides (OmegaConf structured
 configs).  It only composes: each section's fields and checks live with its package.
@@ -11,6 +11,7 @@ and wrongly typed values are rejected with the key named; every section is then 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -22,20 +23,28 @@ from omegaconf.errors import OmegaConfBaseException
 from frontier_jax.data.config import DataConfig
 from frontier_jax.eval.config import EvalConfig
 from frontier_jax.infer.config import InferConfig
-from frontier_jax.model.config import ModelConfig
+from frontier_jax.model.config import ImplConfig, ModelConfig
 from frontier_jax.parallel.config import MeshAxes, MeshConfig
 from frontier_jax.precision.config import PrecisionConfig
 from frontier_jax.train.config import CheckpointConfig, TrainConfig
 
-__all__ = ["CONFIG_DIR", "CheckpointConfig", "Config", "DataConfig", "EvalConfig", "InferConfig", "MeshAxes", "MeshConfig",
-           "ModelConfig", "PrecisionConfig", "TrainConfig", "load_config", "resolve_config_path"]
+__all__ = ["CONFIG_DIR", "CheckpointConfig", "Config", "DataConfig", "EvalConfig", "ImplConfig", "InferConfig",
+           "MeshAxes", "MeshConfig", "ModelConfig", "PrecisionConfig", "TrainConfig", "load_config",
+           "resolve_config_path"]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Implementation choices that left the `model:` section for `impl:` (named in the error)
+_MOVED = {"model.attention_impl": "impl.attention", "model.gmm_impl": "impl.gmm",
+          "model.moe_dispatch": "impl.moe_dispatch", "model.moe_capacity_factor": "impl.moe_capacity_factor",
+          "model.ep_overlap_chunks": "impl.ep_overlap_chunks", "model.remat_policy": "impl.remat"}
+# OmegaConf's message for a value outside an Enum field's members
+_BAD_CHOICE = re.compile(r"Invalid value '(?P<value>.*)', expected one of \[(?P<allowed>.*)\]")
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    impl: ImplConfig = field(default_factory=ImplConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -50,7 +59,7 @@ class Config:
         return self
 
     def to_dict(self) -> dict:
-        return OmegaConf.to_container(OmegaConf.structured(self))
+        return OmegaConf.to_container(OmegaConf.structured(self), enum_to_str=True)
 
     def to_yaml(self) -> str:
         return OmegaConf.to_yaml(OmegaConf.structured(self))
@@ -109,6 +118,13 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
+        choice = _BAD_CHOICE.match(str(err))
+        if key in _MOVED:
+            raise ValueError(f"{key} is now {_MOVED[key]} (implementation choices have their own "
+                             "impl: section)") from None
+        if key and choice:  # a closed choice (an Enum field)
+            raise ValueError(f"{key}={choice['value']!r} is invalid: allowed values are "
+                             f"{choice['allowed']}") from None
         raise ValueError(f"invalid config{f' key {key!r}' if key else ''}: {err}".split("\n")[0]
                          + " (fields and types: each package's config.py, e.g. frontier_jax/train/config.py)") from err
     return cfg.validate()

@@ -19,7 +19,7 @@ MTP layer).  The MTP depth imported is the configured `num_nextn_predict_layers`
 number of consecutive MTP layers present -- transformers' `save_pretrained` writes
 num_nextn_predict_layers = 1 without MTP weights, and such checkpoints import with
 mtp_depth = 0.  `config_overrides` (ModelConfig fields) are applied last, e.g.
-{"mtp_depth": 0} to drop MTP layers or {"attention_impl": "cudnn"}.
+{"mtp_depth": 0} to drop MTP layers; `impl` (an `ImplConfig`) picks how the model computes.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from frontier_jax.convert import layout
 from frontier_jax.convert.fp8 import DEFAULT_BLOCK, dequantize_blocks, fp8_block_size
 from frontier_jax.convert.hf_config import hf_config_to_model_config, rope_interleaved
 from frontier_jax.convert.safetensors_io import CheckpointReader, read_json
-from frontier_jax.model.config import ModelConfig
+from frontier_jax.model.config import ImplConfig, ModelConfig
 from frontier_jax.model.transformer import Transformer
 from frontier_jax.parallel.mesh import check_divisible, state_shardings
 from frontier_jax.parallel.rules import DEFAULT_RULES
@@ -204,8 +204,8 @@ def _place(value: layout.Lazy, shape: tuple[int, ...], dtype, sharding: Sharding
 
 
 def from_hf(path: str, *, dtype="float32", mesh: Mesh | None = None,
-            rules: Mapping[str, Sequence[str]] | None = None, config_overrides: dict | None = None
-            ) -> tuple[ModelConfig, Transformer]:
+            rules: Mapping[str, Sequence[str]] | None = None, config_overrides: dict | None = None,
+            impl: ImplConfig = ImplConfig()) -> tuple[ModelConfig, Transformer]:
     """Imports the checkpoint directory `path` (config.json + safetensors, sharded or not).
 
     dtype: "float32" / "bfloat16" (or jnp.float32 / jnp.bfloat16) picks the precision policy
@@ -218,7 +218,8 @@ def from_hf(path: str, *, dtype="float32", mesh: Mesh | None = None,
     reader = CheckpointReader(path)
     hf_config, cfg = _load_config(path, reader, config_overrides)
     policy = get_policy(DTYPE_POLICIES[name])
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, policy=policy, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: Transformer(cfg, impl=impl, policy=policy, rngs=nnx.Rngs(0))))
     variables = dict(nnx.to_flat_state(state))
     if mesh is None:
         shardings = {p: SingleDeviceSharding(jax.devices()[0]) for p in variables}

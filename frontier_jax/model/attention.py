@@ -1,6 +1,6 @@
 """The attention core, softmax(scale q k^T + mask) v, behind one interface.
 
-Implementations (chosen by `model.attention_impl`):
+Implementations (chosen by `impl.attention`):
   * "xla":   explicit einsums with an fp32 softmax; runs everywhere, the reference.
   * "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, the fused flash kernel on
              NVIDIA GPUs.  cuDNN needs equal q/k and v head dims, so v is zero-padded to the
@@ -74,8 +74,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
     if impl == "cudnn":
         return _cudnn_attention(q, k, v, scale, mask_args)
     if impl == "tokamax":
-        return tokamax("model.attention_impl").dot_product_attention(q, k, v, scale=scale, **mask_args)
-    raise ValueError(f"model.attention_impl={impl!r} is unknown; allowed: xla, cudnn, tokamax")
+        return tokamax("impl.attention").dot_product_attention(q, k, v, scale=scale, **mask_args)
+    raise ValueError(f"impl.attention={impl!r} is unknown; allowed: xla, cudnn, tokamax")
 
 
 def latent_attention(q_latent: jax.Array, q_rope: jax.Array, c_kv: jax.Array, k_rope: jax.Array, *,

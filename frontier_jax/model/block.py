@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from frontier_jax.model.config import ModelConfig
+from frontier_jax.model.config import ImplConfig, ModelConfig
 from frontier_jax.model.latent_cache import LatentCache, Pages
 from frontier_jax.model.layers import RMSNorm
 from frontier_jax.model.mla import MLA
@@ -39,13 +39,14 @@ class SequenceInputs(NamedTuple):
 
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, moe: bool, policy: PrecisionPolicy,
-                 experts: ExpertDispatcher = LocalExperts(), rngs: nnx.Rngs):
+                 impl: ImplConfig = ImplConfig(), experts: ExpertDispatcher = LocalExperts(),
+                 rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.attn = MLA(cfg, policy=policy, rngs=rngs)
+        self.attn = MLA(cfg, policy=policy, attention=impl.attention, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.is_moe = moe
         if moe:
-            self.ffn = MoE(cfg, policy=policy, experts=experts, rngs=rngs)
+            self.ffn = MoE(cfg, policy=policy, impl=impl, experts=experts, rngs=rngs)
         else:
             self.ffn = SwiGLU(cfg.hidden_size, cfg.dense_ffn_dim, std=cfg.init_std, policy=policy,
                               rngs=rngs, name="dense_ffn")
@@ -73,7 +74,7 @@ class Block(nnx.Module):
 
 
 def _remat(fn, policy_name: str):
-    """fn under `model.remat_policy`: full recomputes every activation in the backward,
+    """fn under `impl.remat`: full recomputes every activation in the backward,
     save_dots keeps the matmul outputs, save_attention_out the attention core's; experts keeps
     everything but the routed experts' rows (dispatch gathers, grouped GEMMs, combine), which
     `RoutedExperts` recomputes under its own checkpoint.  All keep the fp8 policies' quantized weights (`FP8_WEIGHT`: 1 byte per parameter; none in bf16/fp32),
@@ -101,14 +102,15 @@ class LayerStack(nnx.Module):
     """`num_layers` blocks with stacked parameters, applied in sequence by `lax.scan`."""
 
     def __init__(self, cfg: ModelConfig, num_layers: int, *, moe: bool, policy: PrecisionPolicy,
-                 experts: ExpertDispatcher = LocalExperts(), rngs: nnx.Rngs):
+                 impl: ImplConfig = ImplConfig(), experts: ExpertDispatcher = LocalExperts(),
+                 rngs: nnx.Rngs):
         @nnx.split_rngs(splits=num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def create(layer_rngs: nnx.Rngs) -> Block:
-            return Block(cfg, moe=moe, policy=policy, experts=experts, rngs=layer_rngs)
+            return Block(cfg, moe=moe, policy=policy, impl=impl, experts=experts, rngs=layer_rngs)
 
         self.num_layers = num_layers
-        self.remat_policy = cfg.remat_policy
+        self.remat_policy = impl.remat
         self.blocks = create(rngs)
         prepend_logical_axis(self.blocks, "layers")
 

@@ -1,22 +1,51 @@
-"""Typed model configuration: every architectural number of a DeepSeek-V3-style model.
+"""Typed model configuration: every architectural number of a DeepSeek-V3-style model
+(`ModelConfig`, the run config's `model:` section), and apart from it the implementation
+choices that do not change what the model computes (`ImplConfig`, the `impl:` section), so
+that a checkpoint's architecture can be compared without them.
 
 Field names follow the paper (and, where they differ, Hugging Face's DeepseekV3Config names
 are given in the comment) so that a published config reads across directly.
-All checks run in `validate()` before anything is traced or compiled.
+Closed choices are Enums (OmegaConf rejects other values when a config is loaded, naming the
+field and the allowed values); numeric and cross-field checks run in `validate()` before
+anything is traced or compiled.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 
-from frontier_jax.ops.grouped_matmul import GMM_IMPLS
+from frontier_jax.ops.dispatch import MoeDispatch
+from frontier_jax.ops.grouped_matmul import GmmImpl
 
-ATTENTION_IMPLS = ("xla", "cudnn", "tokamax")
-MOE_DISPATCH = ("dropless", "capacity")
-SCORING_FUNCS = ("sigmoid", "softmax")
-ROPE_SCALING_TYPES = ("none", "yarn")
-REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out", "experts")
+
+class AttentionImpl(enum.StrEnum):
+    """The attention core (`model.attention.dot_product_attention`)."""
+
+    xla = "xla"
+    cudnn = "cudnn"
+    tokamax = "tokamax"
+
+
+class RematPolicy(enum.StrEnum):
+    """What a rematerialised layer keeps for the backward pass (`model.block`)."""
+
+    none = "none"
+    full = "full"
+    save_dots = "save_dots"
+    save_attention_out = "save_attention_out"
+    experts = "experts"  # only the routed experts' dispatch + grouped GEMMs are recomputed
+
+
+class ScoringFunc(enum.StrEnum):
+    sigmoid = "sigmoid"  # V3
+    softmax = "softmax"  # V2
+
+
+class RopeScalingType(enum.StrEnum):
+    none = "none"
+    yarn = "yarn"
 
 
 def _fail(field_name: str, value, allowed: str) -> None:
@@ -32,7 +61,7 @@ class RopeScalingConfig:
     mscale / mscale_all_dim give the attention temperature correction 0.1 * m * ln(s) + 1.
     """
 
-    type: str = "none"
+    type: RopeScalingType = RopeScalingType.none
     factor: float = 1.0
     original_max_position_embeddings: int = 4096
     beta_fast: float = 32.0
@@ -71,19 +100,12 @@ class ModelConfig:
     topk_group: int = 1  # groups a token may reach (M)
     routed_scaling_factor: float = 1.0
     norm_topk_prob: bool = True
-    scoring_func: str = "sigmoid"
+    scoring_func: ScoringFunc = ScoringFunc.sigmoid
     # --- MTP ---
     mtp_depth: int = 0  # D (HF num_nextn_predict_layers)
     # --- misc ---
     tie_embeddings: bool = False
     init_std: float = 0.006
-    # --- implementation choices (do not change the math) ---
-    attention_impl: str = "xla"
-    moe_dispatch: str = "dropless"
-    moe_capacity_factor: float = 1.25
-    gmm_impl: str = "auto"
-    ep_overlap_chunks: int = 1  # expert parallelism: chunks whose all-to-all overlaps the others' compute
-    remat_policy: str = "none"
 
     # ------------------------------------------------------------------ derived
     @property
@@ -126,20 +148,10 @@ class ModelConfig:
         self._validate_rope_scaling()
         if self.num_moe_layers > 0 or self.mtp_depth > 0:
             self._validate_moe()
-        for name, allowed in [
-            ("attention_impl", ATTENTION_IMPLS), ("moe_dispatch", MOE_DISPATCH),
-            ("gmm_impl", GMM_IMPLS), ("scoring_func", SCORING_FUNCS),
-            ("remat_policy", REMAT_POLICIES),
-        ]:
-            value = getattr(self, name)
-            if value not in allowed:
-                _fail(name, value, f"allowed values are {', '.join(allowed)}")
         return self
 
     def _validate_rope_scaling(self) -> None:
         rs = self.rope_scaling
-        if rs.type not in ROPE_SCALING_TYPES:
-            _fail("rope_scaling.type", rs.type, f"allowed values are {', '.join(ROPE_SCALING_TYPES)}")
         if rs.type == "yarn":
             if rs.factor < 1:
                 _fail("rope_scaling.factor", rs.factor, "YaRN needs factor >= 1")
@@ -173,10 +185,35 @@ class ModelConfig:
                   "group scores sum each group's top-2 experts, so a group needs >= 2 experts")
         if self.routed_scaling_factor <= 0:
             _fail("routed_scaling_factor", self.routed_scaling_factor, "must be > 0")
-        if self.ep_overlap_chunks <= 0:
-            _fail("ep_overlap_chunks", self.ep_overlap_chunks, "must be a positive integer")
-        if self.moe_capacity_factor <= 0:
-            _fail("moe_capacity_factor", self.moe_capacity_factor, "must be > 0")
 
     def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes).validate()
+
+
+@dataclass(unsafe_hash=True)
+class ImplConfig:
+    """How the model is computed, not what (the `impl:` section): the attention core, the
+    expert grouped-matmul kernel, token dispatch, expert-parallel overlap and the remat policy.
+    The modules receive it from their builder (`Transformer(cfg, impl=...)`).
+
+    moe_dispatch "capacity" drops the assignments past C = ceil(moe_capacity_factor N K / E)
+    per expert (counted); ep_overlap_chunks: chunks of each device's tokens whose all-to-all
+    overlaps the other chunks' expert compute under expert parallelism."""
+
+    attention: AttentionImpl = AttentionImpl.xla
+    gmm: GmmImpl = GmmImpl.auto
+    moe_dispatch: MoeDispatch = MoeDispatch.dropless
+    moe_capacity_factor: float = 1.25
+    ep_overlap_chunks: int = 1
+    remat: RematPolicy = RematPolicy.none
+
+    def validate(self) -> "ImplConfig":
+        if self.moe_capacity_factor <= 0:
+            raise ValueError(f"impl.moe_capacity_factor={self.moe_capacity_factor} is invalid: must be > 0")
+        if not isinstance(self.ep_overlap_chunks, int) or self.ep_overlap_chunks <= 0:
+            raise ValueError(f"impl.ep_overlap_chunks={self.ep_overlap_chunks!r} is invalid: "
+                             "must be a positive integer")
+        return self
+
+    def replace(self, **changes) -> "ImplConfig":
         return dataclasses.replace(self, **changes).validate()

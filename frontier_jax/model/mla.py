@@ -41,7 +41,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from frontier_jax.model.attention import dot_product_attention, latent_attention
-from frontier_jax.model.config import ModelConfig
+from frontier_jax.model.config import AttentionImpl, ModelConfig
 from frontier_jax.model.latent_cache import LatentCache, Pages, read_latent, write_latent
 from frontier_jax.model.layers import Linear, RMSNorm, project_jointly
 from frontier_jax.model.rope import RotaryEmbedding, softmax_scale
@@ -52,9 +52,11 @@ LATENT_NORM_EPS = 1e-6
 
 
 class MLA(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, policy: PrecisionPolicy, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, policy: PrecisionPolicy,
+                 attention: AttentionImpl = AttentionImpl.xla, rngs: nnx.Rngs):
+        """attention: the attention core of the expanded path (`impl.attention`)."""
         d, h, std = cfg.hidden_size, cfg.num_heads, cfg.init_std
-        self.cfg = cfg
+        self.cfg, self.attention_impl = cfg, attention
         self.rope = RotaryEmbedding.from_config(cfg)
         self.scale = softmax_scale(cfg)
         lin = dict(std=std, policy=policy, rngs=rngs)
@@ -107,7 +109,7 @@ class MLA(nnx.Module):
         k_rope = jnp.broadcast_to(k_rope[:, :, None, :], k_nope.shape[:3] + k_rope.shape[-1:])
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         k = jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1)
-        o = dot_product_attention(q, k, v, scale=self.scale, impl=self.cfg.attention_impl,
+        o = dot_product_attention(q, k, v, scale=self.scale, impl=self.attention_impl,
                                   q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                                   q_offset=q_offset)
         o = checkpoint_name(constrain(o, ("batch", "seq", "heads", "v_head")), "attention_out")

@@ -4,7 +4,7 @@
 
 Shared experts are one SwiGLU of width N_s * f.  Routed experts are SwiGLUs stacked as
 W_gate, W_up [N_r, d, f] and W_down [N_r, f, d]; how their tokens are dispatched (locally, or
-over the mesh with all-to-all; "dropless" or "capacity" by `model.moe_dispatch`) is the
+over the mesh with all-to-all; "dropless" or "capacity" by `impl.moe_dispatch`) is the
 `ExpertDispatcher` the model is given (`frontier_jax.ops.dispatch`).
 
 Returned statistics: per-expert load (assignments of real tokens), the sequence-wise balance
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from frontier_jax.model.config import ModelConfig
+from frontier_jax.model.config import ImplConfig, ModelConfig
 from frontier_jax.model.layers import normal_param
 from frontier_jax.model.mlp import SwiGLU
 from frontier_jax.model.routing import Router
@@ -61,21 +61,21 @@ def groups_per_token(experts: jax.Array, cfg: ModelConfig) -> jax.Array:
     return jnp.mean(jnp.sum(groups.max(axis=1), axis=-1))
 
 
-def dispatch_spec(cfg: ModelConfig) -> ExpertDispatchSpec:
+def dispatch_spec(cfg: ModelConfig, impl: ImplConfig) -> ExpertDispatchSpec:
     """The model's numbers and implementation choices an expert dispatcher needs."""
     return ExpertDispatchSpec(n_experts=cfg.n_routed_experts, top_k=cfg.num_experts_per_tok,
-                              dispatch=cfg.moe_dispatch, capacity_factor=cfg.moe_capacity_factor,
-                              gmm_impl=cfg.gmm_impl, overlap_chunks=cfg.ep_overlap_chunks)
+                              dispatch=impl.moe_dispatch, capacity_factor=impl.moe_capacity_factor,
+                              gmm_impl=impl.gmm, overlap_chunks=impl.ep_overlap_chunks)
 
 
 class RoutedExperts(nnx.Module):
     """N_r SwiGLU experts as stacked weights, computed by the given dispatcher."""
 
-    def __init__(self, cfg: ModelConfig, *, policy: PrecisionPolicy,
+    def __init__(self, cfg: ModelConfig, *, policy: PrecisionPolicy, impl: ImplConfig = ImplConfig(),
                  experts: ExpertDispatcher = LocalExperts(), rngs: nnx.Rngs):
         e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_ffn_dim
-        self.spec, self.policy, self.dispatcher = dispatch_spec(cfg), policy, experts
-        self.remat_experts = cfg.remat_policy == "experts"
+        self.spec, self.policy, self.dispatcher = dispatch_spec(cfg, impl), policy, experts
+        self.remat_experts = impl.remat == "experts"
         self.w_gate = normal_param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), cfg.init_std)
         self.w_up = normal_param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), cfg.init_std)
         self.w_down = normal_param(rngs, (e, f, d), ("expert", "moe_mlp", "embed"), cfg.init_std)
@@ -83,7 +83,7 @@ class RoutedExperts(nnx.Module):
     def __call__(self, x: jax.Array, routing: Routing) -> RoutedOutput:
         """x [N, d] -> (sum_k g_k FFN_{e_k}(x) [N, d], dropped assignments, all-to-all bytes).
 
-        `model.remat_policy=experts`: the dispatcher runs under its own checkpoint, so the
+        `impl.remat=experts`: the dispatcher runs under its own checkpoint, so the
         backward recomputes its dispatch gathers, grouped GEMMs and combine instead of keeping
         their rows (the quantized fp8 weights, `FP8_WEIGHT`, are kept)."""
         def routed(x, routing, w_gate, w_up, w_down):
@@ -96,11 +96,11 @@ class RoutedExperts(nnx.Module):
 
 
 class MoE(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, policy: PrecisionPolicy,
+    def __init__(self, cfg: ModelConfig, *, policy: PrecisionPolicy, impl: ImplConfig = ImplConfig(),
                  experts: ExpertDispatcher = LocalExperts(), rngs: nnx.Rngs):
         self.cfg = cfg
         self.router = Router(cfg, rngs=rngs)
-        self.experts = RoutedExperts(cfg, policy=policy, experts=experts, rngs=rngs)
+        self.experts = RoutedExperts(cfg, policy=policy, impl=impl, experts=experts, rngs=rngs)
         if cfg.n_shared_experts:
             self.shared = SwiGLU(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_ffn_dim,
                                  std=cfg.init_std, policy=policy, rngs=rngs, name="moe.shared")

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from frontier_jax.model.block import Block, SequenceInputs, prepend_logical_axis
-from frontier_jax.model.config import ModelConfig
+from frontier_jax.model.config import ImplConfig, ModelConfig
 from frontier_jax.model.latent_cache import LatentCache, Pages
 from frontier_jax.model.layers import Linear, RMSNorm
 from frontier_jax.model.moe import MoEStats
@@ -31,14 +31,14 @@ from frontier_jax.precision import PrecisionPolicy
 
 
 class MTPModule(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, policy: PrecisionPolicy,
+    def __init__(self, cfg: ModelConfig, *, policy: PrecisionPolicy, impl: ImplConfig = ImplConfig(),
                  experts: ExpertDispatcher = LocalExperts(), rngs: nnx.Rngs):
         d = cfg.hidden_size
         self.emb_norm = RMSNorm(d, eps=cfg.rms_norm_eps)
         self.hidden_norm = RMSNorm(d, eps=cfg.rms_norm_eps)
         self.proj = Linear((2 * d,), (d,), ("concat_embed", "embed"), name="mtp.proj",
                            std=cfg.init_std, policy=policy, rngs=rngs)
-        self.block = Block(cfg, moe=True, policy=policy, experts=experts, rngs=rngs)
+        self.block = Block(cfg, moe=True, policy=policy, impl=impl, experts=experts, rngs=rngs)
         self.out_norm = RMSNorm(d, eps=cfg.rms_norm_eps)
 
     def __call__(self, g_prev: jax.Array, emb_ahead: jax.Array, inputs: SequenceInputs):
@@ -57,12 +57,12 @@ class MTPModule(nnx.Module):
 
 
 class MTPStack(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, policy: PrecisionPolicy,
+    def __init__(self, cfg: ModelConfig, *, policy: PrecisionPolicy, impl: ImplConfig = ImplConfig(),
                  experts: ExpertDispatcher = LocalExperts(), rngs: nnx.Rngs):
         @nnx.split_rngs(splits=cfg.mtp_depth)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def create(depth_rngs: nnx.Rngs) -> MTPModule:
-            return MTPModule(cfg, policy=policy, experts=experts, rngs=depth_rngs)
+            return MTPModule(cfg, policy=policy, impl=impl, experts=experts, rngs=depth_rngs)
 
         self.modules = create(rngs)
         prepend_logical_axis(self.modules, "layers")

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from frontier_jax.model.block import LayerStack, SequenceInputs
-from frontier_jax.model.config import ModelConfig
+from frontier_jax.model.config import ImplConfig, ModelConfig
 from frontier_jax.model.latent_cache import ModelCache, Pages
 from frontier_jax.model.layers import Embed, LMHead, RMSNorm
 from frontier_jax.model.moe import MoEStats
@@ -37,24 +37,29 @@ class ModelOutput(NamedTuple):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, policy: PrecisionPolicy | None = None,
-                 experts: ExpertDispatcher = LocalExperts(), rngs: nnx.Rngs):
-        """policy: the precision of every projection (default fp32); experts: how routed
-        experts are dispatched (default `LocalExperts`; `parallel.expert.expert_dispatcher`
-        gives the all-to-all one for a mesh with an `expert` axis)."""
+    def __init__(self, cfg: ModelConfig, *, impl: ImplConfig = ImplConfig(),
+                 policy: PrecisionPolicy | None = None, experts: ExpertDispatcher = LocalExperts(),
+                 rngs: nnx.Rngs):
+        """impl: how it is computed (the run config's `impl:` section: attention core, grouped
+        matmul, dispatch, remat); policy: the precision of every projection (default fp32);
+        experts: how routed experts are dispatched (default `LocalExperts`;
+        `parallel.expert.expert_dispatcher` gives the all-to-all one for a mesh with an `expert`
+        axis)."""
         cfg.validate()
+        impl.validate()
         policy = policy or get_policy("fp32")
         self.cfg, self.policy = cfg, policy
         self.embed = Embed(cfg.vocab_size, cfg.hidden_size, std=cfg.init_std, policy=policy, rngs=rngs)
-        self.dense_layers = (LayerStack(cfg, cfg.first_k_dense, moe=False, policy=policy, rngs=rngs)
+        stack = dict(policy=policy, impl=impl, rngs=rngs)
+        self.dense_layers = (LayerStack(cfg, cfg.first_k_dense, moe=False, **stack)
                              if cfg.first_k_dense else None)
-        self.moe_layers = (LayerStack(cfg, cfg.num_moe_layers, moe=True, policy=policy, experts=experts,
-                                      rngs=rngs)
+        self.moe_layers = (LayerStack(cfg, cfg.num_moe_layers, moe=True, experts=experts, **stack)
                            if cfg.num_moe_layers else None)
         self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.head = (None if cfg.tie_embeddings else
                      LMHead(cfg.hidden_size, cfg.vocab_size, std=cfg.init_std, policy=policy, rngs=rngs))
-        self.mtp = MTPStack(cfg, policy=policy, experts=experts, rngs=rngs) if cfg.mtp_depth else None
+        self.mtp = (MTPStack(cfg, policy=policy, impl=impl, experts=experts, rngs=rngs)
+                    if cfg.mtp_depth else None)
 
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
         """Shared output head on already-normalised hidden states [..., d] -> [..., vocab]."""

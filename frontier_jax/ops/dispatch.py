@@ -21,6 +21,7 @@ with the assignments laid out by `spec.dispatch` (`expert_compute` gives the lay
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -38,9 +39,14 @@ from frontier_jax.ops.expert_compute import (
     swiglu_batched,
     swiglu_grouped,
 )
-from frontier_jax.ops.grouped_matmul import fp8_experts, row_alignment
+from frontier_jax.ops.grouped_matmul import GmmImpl, fp8_experts, row_alignment
 from frontier_jax.ops.routing import Routing
 from frontier_jax.precision import PrecisionPolicy
+
+
+class MoeDispatch(enum.StrEnum):
+    dropless = "dropless"
+    capacity = "capacity"
 
 
 @dataclass(frozen=True)
@@ -49,9 +55,9 @@ class ExpertDispatchSpec:
 
     n_experts: int  # E = N_r routed experts
     top_k: int  # K experts per token
-    dispatch: str  # "dropless" or "capacity"
+    dispatch: MoeDispatch
     capacity_factor: float  # "capacity": C = ceil(capacity_factor N K / E)
-    gmm_impl: str  # grouped matmul kernel (`grouped_matmul.GMM_IMPLS`)
+    gmm_impl: GmmImpl  # grouped matmul kernel
     overlap_chunks: int = 1  # expert parallelism: chunks whose all-to-all overlaps the others' compute
 
 

@@ -1,4 +1,4 @@
-"""Grouped matrix multiply: one interface, several kernels (`model.gmm_impl`).
+"""Grouped matrix multiply: one interface, several kernels (`impl.gmm`).
 
 Rows of lhs [M, K] are laid out group by group; group g owns rows [o_g, o_g + n_g) with
 n = group_sizes [G] and o_g = sum_{h<g} n_h (sum(n) <= M; rows past the sum produce zeros).
@@ -23,6 +23,8 @@ its fp8 grouped matmul replaces the kernel chosen by `impl` (all three GEMMs in 
 
 from __future__ import annotations
 
+import enum
+
 import jax
 import jax.numpy as jnp
 
@@ -30,13 +32,18 @@ from frontier_jax.kernels.grouped_gemm import TILE_ROWS, tiled_grouped_matmul
 from frontier_jax.ops.tokamax_import import tokamax
 from frontier_jax.precision import PrecisionPolicy
 
-GMM_IMPLS = ("auto", "pallas", "ragged_dot", "tokamax")
+
+class GmmImpl(enum.StrEnum):
+    auto = "auto"
+    pallas = "pallas"
+    ragged_dot = "ragged_dot"
+    tokamax = "tokamax"
 
 
 def resolve_impl(impl: str) -> str:
-    """`model.gmm_impl` with "auto" replaced by the kernel for the default backend."""
-    if impl not in GMM_IMPLS:
-        raise ValueError(f"model.gmm_impl={impl!r} is unknown; allowed: {', '.join(GMM_IMPLS)}")
+    """`impl.gmm` with "auto" replaced by the kernel for the default backend."""
+    if impl not in set(GmmImpl):
+        raise ValueError(f"impl.gmm={impl!r} is unknown; allowed: {', '.join(GmmImpl)}")
     if impl == "auto":
         return "pallas" if jax.default_backend() == "gpu" else "ragged_dot"
     return impl
@@ -73,5 +80,5 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, im
     else:
         # fp32 accumulation inside the kernel; its backward kernels need operands of one dtype,
         # so the output (hence the incoming cotangent) stays in `dtype`.
-        out = tokamax("model.gmm_impl").ragged_dot(lhs, rhs, group_sizes, preferred_element_type=dtype)
+        out = tokamax("impl.gmm").ragged_dot(lhs, rhs, group_sizes, preferred_element_type=dtype)
     return out.astype(dtype)

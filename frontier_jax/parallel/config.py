@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from frontier_jax.parallel.rules import RULE_SETS
+
+# The rules tables' names (`rules.RULE_SETS`), so OmegaConf rejects any other on load.
+RuleSetName = enum.StrEnum("RuleSetName", {name: name for name in RULE_SETS})
 
 
 @dataclass
@@ -25,6 +29,7 @@ class MeshConfig:
     `dcn` gives, per axis, the factor of its size that spans slices / hosts over the slow
     data-centre network (DCN); the rest of each axis lies within a slice or node (ICI /
     NVLink).  `rules` names the logical-axis -> mesh-axis table (`frontier_jax.parallel.rules`).
+    `stage` must stay 1 until pipeline stages exist.
     """
 
     stage: int = 1
@@ -33,7 +38,7 @@ class MeshConfig:
     expert: int = 1
     tensor: int = 1
     dcn: MeshAxes = field(default_factory=MeshAxes)
-    rules: str = "default"
+    rules: RuleSetName = RuleSetName("default")
 
     def validate(self) -> "MeshConfig":
         for name in ("stage", "fsdp", "expert", "tensor"):
@@ -47,6 +52,7 @@ class MeshConfig:
                 raise ValueError(f"mesh.dcn.{name}={factor} must be > 0")
             if size != -1 and size % factor:
                 raise ValueError(f"mesh.dcn.{name}={factor} must divide mesh.{name}={size}")
-        if self.rules not in RULE_SETS:
-            raise ValueError(f"mesh.rules={self.rules!r} is unknown; allowed: {', '.join(RULE_SETS)}")
+        if self.stage > 1:
+            raise ValueError(f"mesh.stage={self.stage}: pipeline stages are not implemented yet; keep "
+                             "mesh.stage=1 and split the devices over mesh.fsdp or mesh.data instead")
         return self

@@ -14,7 +14,7 @@ With P devices on the `expert` axis, device p owns experts [p E/P, (p+1) E/P).  
 Tokens are split over the mesh axes of the `batch` rule (which must include `expert`); shared
 experts and everything else stay outside, under XLA's automatic partitioning.
 
-Overlap (`spec.overlap_chunks` = c > 1, from `model.ep_overlap_chunks`): each device's tokens are processed as c independent
+Overlap (`impl.ep_overlap_chunks` = c > 1): each device's tokens are processed as c independent
 chunks, so the scheduler can run one chunk's all-to-alls while another chunk's experts compute
 (the report's idea of hiding dispatch/combine behind work).  Results are identical.
 
@@ -134,7 +134,7 @@ def expert_parallel_ffn(x: jax.Array, routing: Routing, w_gate: jax.Array, w_up:
     chunks = spec.overlap_chunks
     if x.shape[0] % (ways * chunks):
         raise ValueError(f"{x.shape[0]} tokens do not split over the {ways}-way batch axes {batch} "
-                         f"into model.ep_overlap_chunks={chunks} chunks")
+                         f"into impl.ep_overlap_chunks={chunks} chunks")
     tensor_axis = _tensor_axis(mesh, rules)
     assignments = x.shape[0] // (ways * chunks) * spec.top_k
     capacity = (assignments if spec.dispatch == "dropless"  # per chunk

@@ -32,7 +32,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("tensor",),
     "moe_mlp": ("tensor",),
     "expert": ("expert",),
-    "layers": ("stage",),
+    "layers": (),  # stacked layers stay whole until pipeline stages split them over `stage`
     "norm": (),
     "concat_embed": (),
 }

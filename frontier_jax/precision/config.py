@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from frontier_jax.precision.policy import POLICIES
 
+# The registered policies' names (`policy.POLICIES`), so OmegaConf rejects any other on load.
+PolicyName = enum.StrEnum("PolicyName", {name: name for name in POLICIES})
+
 
 @dataclass
 class PrecisionConfig:
-    policy: str = "fp32"
+    policy: PolicyName = PolicyName("fp32")
 
     def validate(self) -> "PrecisionConfig":
-        if self.policy not in POLICIES:
-            raise ValueError(f"precision.policy={self.policy!r}: allowed values are {', '.join(POLICIES)}")
         return self

@@ -88,7 +88,7 @@ class PrecisionPolicy:
     def grouped_matmul(self, layer: str) -> GroupedMatmul | None:
         """(x [M, K], w [G, K, N], group_sizes [G]) -> [M, N] in fp8 for the expert matmul
         `layer` (e.g. "moe.experts.w_up"), or None: the layer then runs in the compute dtype
-        through `model.gmm_impl`."""
+        through `impl.gmm`."""
         if not self.uses_fp8(layer):
             return None
         from frontier_jax.precision.fp8_grouped import fp8_grouped_matmul  # needs qwix

@@ -24,19 +24,19 @@ pass.  Per device:
       E ceil(cf N K / E) / N         capacity, no expert parallelism ([E, C, d] buffer)
       P K                            dropless over P expert-parallel devices (each device's
                                      send buffer [P, C, d] has C = N K rows per destination)
-      P ceil(cf N' K / P) / N'       capacity over P devices (N' = N / model.ep_overlap_chunks)
+      P ceil(cf N' K / P) / N'       capacity over P devices (N' = N / impl.ep_overlap_chunks)
   per token of one layer, in bytes:
     input    c d                                     (the scan carry: saved by every policy)
     MLA      dots   c (q' + h d_qk + d_c + d_h^R + h d_h + h d_v + d)   projection outputs
              other  c (d + q' + d_c + 2 h d_qk + h d_v + d)           norms, q/k concat, o, residual
-                    + attention probabilities: (4 + c) h T with attention_impl "xla"
+                    + attention probabilities: (4 + c) h T with impl.attention "xla"
                       (fp32 scores, probabilities in c), 4 h (log-sum-exp) with flash kernels
     dense    dots   c (2 f + d)                      other  c (f + 2 d)
     MoE      dots   4 E + c rho (2 f_e + d) + c (2 f_s + d)           router logits, experts, shared
              other  4 E + c rho (f_e + 2 d) + c f_s + 3 c d           scores, expert rows in/out,
                     + c rho 2 d with expert parallelism               the all-to-all buffers
                     (the shared-expert terms c (2 f_s + d) and c f_s only when N_s > 0)
-  saved per layer by model.remat_policy:
+  saved per layer by impl.remat:
     none                input + dots + other
     full                input
     save_dots           input + dots
@@ -66,7 +66,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh
 
-from frontier_jax.model.config import ModelConfig
+from frontier_jax.model.config import ImplConfig, ModelConfig
 from frontier_jax.model.routing import ExpertBias
 from frontier_jax.model.transformer import Transformer
 from frontier_jax.parallel.expert import expert_parallel_size
@@ -129,15 +129,16 @@ def _local(size: int, axes: Sequence[str], position: int, mesh, rules) -> int:
     return -(-size // _ways(axes, position, mesh, rules))
 
 
-def _expert_rows_per_token(cfg: ModelConfig, tokens: int, mesh: AbstractMesh, rules) -> float:
+def _expert_rows_per_token(cfg: ModelConfig, impl: ImplConfig, tokens: int, mesh: AbstractMesh,
+                           rules) -> float:
     """rho of the module docstring."""
-    k, e, cf = cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.moe_capacity_factor
+    k, e, cf = cfg.num_experts_per_tok, cfg.n_routed_experts, impl.moe_capacity_factor
     p = expert_parallel_size(mesh, rules)
     if p == 1:
-        return k if cfg.moe_dispatch == "dropless" else e * math.ceil(cf * tokens * k / e) / tokens
-    if cfg.moe_dispatch == "dropless":
+        return k if impl.moe_dispatch == "dropless" else e * math.ceil(cf * tokens * k / e) / tokens
+    if impl.moe_dispatch == "dropless":
         return p * k
-    chunk = max(tokens // cfg.ep_overlap_chunks, 1)
+    chunk = max(tokens // impl.ep_overlap_chunks, 1)
     return p * math.ceil(cf * chunk * k / p) / chunk
 
 
@@ -152,7 +153,7 @@ def activation_bytes(cfg: Config, mesh: AbstractMesh, rules) -> tuple[int, int]:
     q_lat, d_c, d_r, d_qk = m.q_lora_rank, m.kv_lora_rank, m.qk_rope_head_dim, m.qk_head_dim
 
     mla_dots = c * (q_lat + h * d_qk + d_c + d_r + h * m.qk_nope_head_dim + h * m.v_head_dim + d)
-    probs = (4 + c) * h * T if m.attention_impl == "xla" else 4 * h
+    probs = (4 + c) * h * T if cfg.impl.attention == "xla" else 4 * h
     mla_other = c * (d + q_lat + d_c + 2 * h * d_qk + h * m.v_head_dim + d) + probs
     kinds = {}  # layer kind -> (number of layers, dots, other) bytes per token
     if m.first_k_dense:
@@ -163,7 +164,7 @@ def activation_bytes(cfg: Config, mesh: AbstractMesh, rules) -> tuple[int, int]:
         f_e = _local(m.moe_ffn_dim, ("batch", "seq", "moe_mlp"), 2, mesh, rules)
         f_s = _local(m.n_shared_experts * m.moe_ffn_dim, ("batch", "seq", "mlp"), 2, mesh, rules)
         shared = (c * (2 * f_s + d), c * f_s) if m.n_shared_experts else (0, 0)
-        rho = _expert_rows_per_token(m, b * T, mesh, rules)
+        rho = _expert_rows_per_token(m, cfg.impl, b * T, mesh, rules)
         a2a = 2 * d if expert_parallel_size(mesh, rules) > 1 else 0
         moe = (mla_dots + 4 * m.n_routed_experts + c * rho * (2 * f_e + d) + shared[0],
                mla_other + 4 * m.n_routed_experts + c * rho * (f_e + 2 * d + a2a) + shared[1] + 3 * c * d)
@@ -174,7 +175,7 @@ def activation_bytes(cfg: Config, mesh: AbstractMesh, rules) -> tuple[int, int]:
     def saved(dots: float, other: float, expert_rows: float) -> float:
         return c * d + {"none": dots + other, "full": 0, "save_dots": dots,
                         "save_attention_out": c * h * m.v_head_dim,
-                        "experts": dots + other - expert_rows}[m.remat_policy]
+                        "experts": dots + other - expert_rows}[cfg.impl.remat]
 
     per_token = sum(n * saved(dots, other, rows) for n, dots, other, rows in kinds.values())
     per_token += max(dots + other for _, dots, other, _ in kinds.values())
@@ -221,9 +222,9 @@ def format_memory(mem: DeviceMemory, cfg: Config, device_memory_gib: float | Non
             (f"optimizer (2 x {t.moment_dtype})", mem.optimizer, ""),
             ("activations (estimate)", mem.activations,
              f"micro-batch {mem.batch_per_device} x {t.seq_len} tokens per device, remat "
-             f"{cfg.model.remat_policy}, precision {cfg.precision.policy}"),
+             f"{cfg.impl.remat}, precision {cfg.precision.policy}"),
             ("total", mem.total, "")]
-    lines = [f"per device on mesh {mesh} ({math.prod(mem.mesh.values())} devices, rules {cfg.mesh.rules!r})"]
+    lines = [f"per device on mesh {mesh} ({math.prod(mem.mesh.values())} devices, rules '{cfg.mesh.rules}')"]
     lines += [f"  {label:<30} {n / GIB:10.2f} GiB" + (f"   ({note})" if note else "") for label, n, note in rows]
     if device_memory_gib is not None:
         lines.append("  " + verdict(mem, device_memory_gib))

@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from frontier_jax.model import ModelConfig, Transformer
+from frontier_jax.model.config import ImplConfig
 from frontier_jax.model.routing import ExpertBias
 from frontier_jax.ops.dispatch import ExpertDispatcher
 from frontier_jax.parallel.config import MeshConfig
@@ -42,6 +43,7 @@ class ModelSections:
     model: ModelConfig
     mesh: MeshConfig
     precision: PrecisionConfig
+    impl: ImplConfig = dataclasses.field(default_factory=ImplConfig)
 
 
 RunConfig = Union["Config", ModelSections]
@@ -85,7 +87,8 @@ def model_program(cfg: RunConfig, mesh: Mesh | None = None) -> ModelProgram:
     dispatcher for `mesh`."""
     policy, rules = get_policy(cfg.precision.policy), RULE_SETS[cfg.mesh.rules]
     experts = expert_dispatcher(mesh, rules)
-    abstract = nnx.eval_shape(lambda: Transformer(cfg.model, policy=policy, experts=experts, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Transformer(cfg.model, impl=cfg.impl, policy=policy, experts=experts,
+                                                  rngs=nnx.Rngs(0)))
     graphdef, params, biases = nnx.split(abstract, nnx.Param, ExpertBias)
     return ModelProgram(cfg, mesh, rules, policy, experts, graphdef, params, biases)
 

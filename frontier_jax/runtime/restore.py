@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from omegaconf import OmegaConf
 
 from frontier_jax.model import ModelConfig, Transformer
+from frontier_jax.model.config import ImplConfig
 from frontier_jax.parallel.config import MeshConfig
 from frontier_jax.parallel.mesh import build_mesh
 from frontier_jax.precision.config import PrecisionConfig
@@ -65,7 +66,7 @@ def _on_mesh(saved: dict, mesh: Mesh | MeshConfig | None) -> ModelProgram:
     """The model program of the saved config on `mesh` (a MeshConfig replaces the saved mesh
     section, rules included)."""
     cfg = ModelSections(_section(ModelConfig, saved, "model"), _section(MeshConfig, saved, "mesh"),
-                        _section(PrecisionConfig, saved, "precision"))
+                        _section(PrecisionConfig, saved, "precision"), _section(ImplConfig, saved, "impl"))
     if isinstance(mesh, MeshConfig):
         return build_model_program(dataclasses.replace(cfg, mesh=mesh.validate()))
     if mesh is None:  # the first device alone

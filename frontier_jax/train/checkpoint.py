@@ -61,12 +61,12 @@ def _differences(saved: dict, current: dict) -> list[str]:
 
 
 def check_same_model(saved: dict, current: dict, directory: Path) -> None:
-    """Raises if the checkpoint's model config differs from the current one (names fields)."""
+    """Raises if the checkpoint's architecture (the `model:` section, but its `name`) differs
+    from the current one, naming the fields; the `impl:` section may change on resume."""
     saved_model, current_model = _flatten(saved.get("model", {})), _flatten(current.get("model", {}))
-    implementation = {"attention_impl", "moe_dispatch", "moe_capacity_factor", "gmm_impl", "remat_policy"}
     diffs = [f"model.{k}: checkpoint {saved_model.get(k)!r} vs config {current_model.get(k)!r}"
              for k in sorted(set(saved_model) | set(current_model))
-             if k not in implementation and k != "name" and saved_model.get(k) != current_model.get(k)]
+             if k != "name" and saved_model.get(k) != current_model.get(k)]
     if diffs:
         raise ValueError(f"checkpoint directory {directory} holds a different model:\n  " + "\n  ".join(diffs)
                          + "\nuse a new --run-dir, or the config the checkpoint was written with")

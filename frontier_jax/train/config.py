@@ -1,13 +1,26 @@
 """The training sections of the run configuration: optimisation (`train:`) and checkpoints
-(`checkpoint:`)."""
+(`checkpoint:`).  Closed choices are Enums: OmegaConf rejects other values on load."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
-SCHEDULES = ("constant", "cosine", "deepseek")
-MOMENT_DTYPES = ("float32", "bfloat16")
-NONFINITE_POLICIES = ("stop", "skip")
+
+class Schedule(enum.StrEnum):
+    constant = "constant"
+    cosine = "cosine"
+    deepseek = "deepseek"
+
+
+class MomentDtype(enum.StrEnum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+class NonFinitePolicy(enum.StrEnum):
+    stop = "stop"  # raise, keeping the last good checkpoint
+    skip = "skip"  # leave the state unchanged and go on
 
 
 @dataclass
@@ -23,7 +36,7 @@ class TrainConfig:
     micro_batches: int = 1  # gradient accumulation: global_batch is split into this many
     lr: float = 3e-3
     lr_min: float = 3e-4
-    schedule: str = "cosine"
+    schedule: Schedule = Schedule.cosine
     warmup_steps: int = 20
     decay_start: int = 0  # "deepseek" schedule: step where cosine decay begins
     decay_steps: int = 0  # "deepseek" schedule: length of the cosine decay
@@ -34,12 +47,12 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    moment_dtype: str = "float32"
+    moment_dtype: MomentDtype = MomentDtype.float32
     mtp_lambda: float = 0.3
     balance_alpha: float = 1e-4
     bias_update_speed: float = 1e-3  # gamma of auxiliary-loss-free balancing
     z_loss: float = 0.0
-    on_nonfinite: str = "stop"
+    on_nonfinite: NonFinitePolicy = NonFinitePolicy.stop
     max_skipped_steps: int = 5  # on_nonfinite=skip: more non-finite steps in a row stop the run
     log_every: int = 1
 
@@ -50,12 +63,6 @@ class TrainConfig:
         if self.global_batch % self.micro_batches:
             raise ValueError(f"train.global_batch={self.global_batch} is not divisible by "
                              f"train.micro_batches={self.micro_batches}; pick a divisor")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"train.schedule={self.schedule!r}: allowed values are {', '.join(SCHEDULES)}")
-        if self.moment_dtype not in MOMENT_DTYPES:
-            raise ValueError(f"train.moment_dtype={self.moment_dtype!r}: allowed {', '.join(MOMENT_DTYPES)}")
-        if self.on_nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"train.on_nonfinite={self.on_nonfinite!r}: allowed {', '.join(NONFINITE_POLICIES)}")
         if self.lr <= 0 or self.lr_min < 0 or self.lr_min > self.lr:
             raise ValueError(f"train.lr={self.lr} / train.lr_min={self.lr_min}: need 0 <= lr_min <= lr, lr > 0")
         if self.warmup_steps < 0 or self.decay_start < 0 or self.decay_steps < 0:

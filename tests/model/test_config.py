@@ -1,9 +1,14 @@
-"""ModelConfig.validate(): invalid configurations raise ValueError naming the offending field."""
+"""Model and impl configs: invalid values raise ValueError naming the offending field (and, for
+closed choices, the allowed values)."""
+
+import re
 
 import pytest
 from flax import nnx
 
+from frontier_jax.config import load_config
 from frontier_jax.model import ModelConfig, RopeScalingConfig, Transformer
+from frontier_jax.model.config import ImplConfig
 
 from . import common
 
@@ -36,14 +41,7 @@ def test_default_and_tiny_configs_are_valid():
     (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
     (dict(rms_norm_eps=0.0), "rms_norm_eps"),
     (dict(rope_theta=-1.0), "rope_theta"),
-    (dict(attention_impl="flash"), "attention_impl"),
-    (dict(moe_dispatch="token_choice"), "moe_dispatch"),
-    (dict(scoring_func="relu"), "scoring_func"),
-    (dict(remat_policy="some"), "remat_policy"),
-    (dict(gmm_impl="megablox"), "gmm_impl"),
     (dict(routed_scaling_factor=0.0), "routed_scaling_factor"),
-    (dict(moe_capacity_factor=-1.0), "moe_capacity_factor"),
-    (dict(rope_scaling=RopeScalingConfig(type="ntk")), "rope_scaling.type"),
     (dict(rope_scaling=RopeScalingConfig(type="yarn", factor=0.5)), "rope_scaling.factor"),
     (dict(rope_scaling=RopeScalingConfig(type="yarn", factor=4, beta_fast=1, beta_slow=2)),
      "rope_scaling.beta_fast"),
@@ -51,6 +49,29 @@ def test_default_and_tiny_configs_are_valid():
 def test_invalid_config_raises_value_error_naming_the_field(changes, field):
     with pytest.raises(ValueError, match=rf"model\.{field}="):
         common.tiny_config(**changes)
+
+
+@pytest.mark.parametrize("override,field,allowed", [
+    ("impl.attention=flash", "impl.attention", "xla, cudnn, tokamax"),
+    ("impl.moe_dispatch=token_choice", "impl.moe_dispatch", "dropless, capacity"),
+    ("model.scoring_func=relu", "model.scoring_func", "sigmoid, softmax"),
+    ("impl.remat=some", "impl.remat", "none, full, save_dots, save_attention_out"),
+    ("impl.gmm=megablox", "impl.gmm", "auto, pallas, ragged_dot, tokamax"),
+    ("model.rope_scaling.type=ntk", "model.rope_scaling.type", "none, yarn"),
+])
+def test_closed_choice_outside_its_enum_names_the_field_and_the_allowed_values(override, field, allowed):
+    with pytest.raises(ValueError, match=rf"^{re.escape(field)}='\w+' is invalid: allowed values are "
+                                         rf"{re.escape(allowed)}$"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("changes,field", [
+    (dict(moe_capacity_factor=-1.0), "moe_capacity_factor"),
+    (dict(ep_overlap_chunks=0), "ep_overlap_chunks"),
+])
+def test_invalid_impl_config_raises_value_error_naming_the_field(changes, field):
+    with pytest.raises(ValueError, match=rf"impl\.{field}="):
+        ImplConfig(**changes).validate()
 
 
 def test_moe_fields_are_not_checked_for_a_dense_only_model():
@@ -67,5 +88,6 @@ def test_replace_validates_and_transformer_validates():
     cfg = common.tiny_config()
     with pytest.raises(ValueError, match=r"model\.num_heads="):
         cfg.replace(num_heads=0)
-    with pytest.raises(ValueError, match=r"model\.attention_impl="):
-        nnx.eval_shape(lambda: Transformer(ModelConfig(attention_impl="flash"), rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"impl\.moe_capacity_factor="):
+        nnx.eval_shape(lambda: Transformer(ModelConfig(), impl=ImplConfig(moe_capacity_factor=0.0),
+                                           rngs=nnx.Rngs(0)))

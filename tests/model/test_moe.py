@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from frontier_jax.model.config import ImplConfig
 from frontier_jax.model.moe import MoE
 
 from . import common
@@ -18,9 +19,9 @@ MASK[1, 8:] = 0  # padding at the end of row 1
 MASK[2, :] = 0  # row 2 is all padding
 
 
-def _moe(seed=0, **overrides):
+def _moe(seed=0, impl=ImplConfig(), **overrides):
     cfg = common.tiny_config(**overrides)
-    return cfg, common.build(lambda: MoE(cfg, policy=common.FP32, rngs=nnx.Rngs(0)), seed)
+    return cfg, common.build(lambda: MoE(cfg, policy=common.FP32, impl=impl, rngs=nnx.Rngs(0)), seed)
 
 
 _apply = common.jit(lambda m, x, mask: m(x, mask))
@@ -58,8 +59,8 @@ def test_pallas_grouped_gemm_matches_naive_loop_and_ragged_dot_gradients():
     # the Pallas kernel (interpreted on CPU) with tile-aligned dispatch: output vs the float64
     # loop (rtol 1e-4, atol 1e-5) and every parameter gradient vs the ragged_dot path (fp32,
     # different summation orders: ||ours - theirs|| / ||theirs|| < 1e-5 per parameter)
-    cfg, moe = _moe(seed=6, moe_ffn_dim=16, gmm_impl="pallas")
-    ref_cfg, ref_moe = _moe(seed=6, moe_ffn_dim=16, gmm_impl="ragged_dot")
+    cfg, moe = _moe(seed=6, moe_ffn_dim=16, impl=ImplConfig(gmm="pallas"))
+    ref_cfg, ref_moe = _moe(seed=6, moe_ffn_dim=16, impl=ImplConfig(gmm="ragged_dot"))
     x = _x(cfg, 7)
     y, stats = _run(moe, x)
     want = ref.moe(common.params_f64(moe), x.reshape(B * T, -1), cfg, token_mask=MASK)
@@ -82,7 +83,7 @@ def test_capacity_with_large_factor_equals_dropless():
     # (grouped vs batched) sum in different orders, so "equal" means equal to fp32 rounding of
     # O(5) outputs: rtol 1e-5, atol 2e-5 (observed max difference 4e-6).
     cfg, dropless = _moe(seed=3)
-    cap_cfg, capacity = _moe(seed=3, moe_dispatch="capacity", moe_capacity_factor=4.0)
+    cap_cfg, capacity = _moe(seed=3, impl=ImplConfig(moe_dispatch="capacity", moe_capacity_factor=4.0))
     assert ref.capacity(cap_cfg, B * T, 4.0) == B * T
     x = _x(cfg, 2)
     y0, s0 = _run(dropless, x)
@@ -98,7 +99,7 @@ def test_capacity_drops_match_first_come_naive_count(factor):
     # each expert keeps its first C = ceil(f N K / N_r) assignments in token order: the dropped
     # count equals the naive count exactly and the output equals the naive loop that skips the
     # dropped assignments (rtol 1e-4, atol 1e-5)
-    cfg, moe = _moe(seed=4, moe_dispatch="capacity", moe_capacity_factor=factor)
+    cfg, moe = _moe(seed=4, impl=ImplConfig(moe_dispatch="capacity", moe_capacity_factor=factor))
     x = _x(cfg, 5)
     y, stats = _run(moe, x)
     want = ref.moe(common.params_f64(moe), x.reshape(B * T, -1), cfg, token_mask=MASK,
@@ -186,9 +187,9 @@ def test_tokamax_grouped_matmul_without_the_package_names_the_setting():
 
     if importlib.util.find_spec("tokamax") is not None:
         pytest.skip("tokamax installed")
-    with pytest.raises(ImportError, match="model.gmm_impl"):
+    with pytest.raises(ImportError, match="impl.gmm"):
         grouped_matmul(jnp.ones((4, 3)), jnp.ones((2, 3, 5)), jnp.asarray([1, 3]), impl="tokamax")
-    with pytest.raises(ValueError, match="model.gmm_impl"):
+    with pytest.raises(ValueError, match="impl.gmm"):
         grouped_matmul(jnp.ones((4, 3)), jnp.ones((2, 3, 5)), jnp.asarray([1, 3]), impl="megablox")
 
 
@@ -216,10 +217,11 @@ def test_capacity_dispatch_runs_the_experts_in_fp8_under_an_fp8_policy():
     # shared and routed experts chain three fp8 GEMMs each)
     from frontier_jax.precision import get_policy
 
-    cfg = common.tiny_config(moe_dispatch="capacity", moe_capacity_factor=0.75, moe_ffn_dim=16)
+    cfg = common.tiny_config(moe_ffn_dim=16)
+    impl = ImplConfig(moe_dispatch="capacity", moe_capacity_factor=0.75)
     outputs = {}
     for name in ("bf16", "fp8_deepseek"):
-        moe = common.build(lambda: MoE(cfg, policy=get_policy(name), rngs=nnx.Rngs(0)), 8)
+        moe = common.build(lambda: MoE(cfg, policy=get_policy(name), impl=impl, rngs=nnx.Rngs(0)), 8)
         outputs[name] = _run(moe, _x(cfg, 9))
     (y16, s16), (y8, s8) = outputs["bf16"], outputs["fp8_deepseek"]
     assert s8.dropped == s16.dropped > 0

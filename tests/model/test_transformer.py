@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from frontier_jax.model import Transformer
+from frontier_jax.model.config import ImplConfig
 from frontier_jax.precision import get_policy
 
 from . import common
@@ -110,8 +111,9 @@ REMAT_CFG = dict(num_layers=2, first_k_dense=1, mtp_depth=0)
 
 
 def _loss_and_grads(policy_name):
-    cfg = common.tiny_config(remat_policy=policy_name, **REMAT_CFG)
-    model = common.build(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), seed=5)
+    cfg = common.tiny_config(**REMAT_CFG)
+    impl = ImplConfig(remat=policy_name)
+    model = common.build(lambda: Transformer(cfg, impl=impl, rngs=nnx.Rngs(0)), seed=5)
     ids = jnp.asarray(common.token_ids(cfg, 6))
     r = jnp.asarray(np.random.default_rng(7).standard_normal((common.B, common.T, cfg.vocab_size)),
                     jnp.float32)
@@ -167,9 +169,9 @@ def test_remat_keeps_the_quantized_fp8_weights(policy):
     # the backward of a rematerialised layer reuses the forward's fp8 weights (FP8_WEIGHT):
     # as many weight quantizations in the gradient as without remat
     def count(remat):
-        cfg = common.tiny_config(remat_policy=remat, **REMAT_CFG)
-        model = nnx.eval_shape(lambda: Transformer(cfg, policy=get_policy("fp8_deepseek"),
-                                                   rngs=nnx.Rngs(0)))
+        cfg = common.tiny_config(**REMAT_CFG)
+        model = nnx.eval_shape(lambda: Transformer(cfg, impl=ImplConfig(remat=remat),
+                                                   policy=get_policy("fp8_deepseek"), rngs=nnx.Rngs(0)))
         graphdef, state = nnx.split(model)
         ids = jnp.zeros((common.B, common.T), jnp.int32)
         grad = jax.grad(lambda s: nnx.merge(graphdef, s)(ids).astype(jnp.float32).sum())

@@ -14,6 +14,7 @@ from flax import nnx
 
 from frontier_jax.config import MeshConfig
 from frontier_jax.model import ModelConfig
+from frontier_jax.model.config import ImplConfig
 from frontier_jax.model.moe import MoE, RoutedExperts
 from frontier_jax.ops.routing import Routing
 from frontier_jax.parallel.expert import ExpertParallel
@@ -64,9 +65,10 @@ def _naive(x, experts, weights, w_gate, w_up, w_down, capacity):
 
 @pytest.mark.parametrize("factor", [0.5, 1.0, 4.0])
 def test_expert_parallel_capacity_matches_naive_drops_and_bytes(factor):
-    cfg = _cfg(moe_dispatch="capacity", moe_capacity_factor=factor)
+    cfg = _cfg()
     mesh = build_mesh(MeshConfig(data=2, expert=EP))
-    layer = RoutedExperts(cfg, policy=get_policy("fp32"), experts=ExpertParallel(mesh, DEFAULT_RULES),
+    layer = RoutedExperts(cfg, policy=get_policy("fp32"), impl=ImplConfig(moe_dispatch="capacity",
+                          moe_capacity_factor=factor), experts=ExpertParallel(mesh, DEFAULT_RULES),
                           rngs=nnx.Rngs(0))
     x, experts, weights = _inputs()
     with use_sharding(mesh):
@@ -82,14 +84,14 @@ def test_expert_parallel_capacity_matches_naive_drops_and_bytes(factor):
         assert dropped_ref == 0
 
 
-@pytest.mark.parametrize("kernel", [dict(), dict(gmm_impl="pallas", moe_ffn_dim=16)],
+@pytest.mark.parametrize("model, kernel", [(dict(), dict()), (dict(moe_ffn_dim=16), dict(gmm="pallas"))],
                          ids=["ragged_dot", "pallas"])
-def test_expert_parallel_dropless_equals_local_dispatch(kernel):
-    cfg = _cfg(**kernel)
+def test_expert_parallel_dropless_equals_local_dispatch(model, kernel):
+    cfg, impl = _cfg(**model), ImplConfig(**kernel)
     mesh = build_mesh(MeshConfig(data=2, expert=EP))
-    layer = RoutedExperts(cfg, policy=get_policy("fp32"), rngs=nnx.Rngs(1))
-    ep_layer = RoutedExperts(cfg, policy=get_policy("fp32"), experts=ExpertParallel(mesh, DEFAULT_RULES),
-                             rngs=nnx.Rngs(1))
+    layer = RoutedExperts(cfg, policy=get_policy("fp32"), impl=impl, rngs=nnx.Rngs(1))
+    ep_layer = RoutedExperts(cfg, policy=get_policy("fp32"), impl=impl,
+                             experts=ExpertParallel(mesh, DEFAULT_RULES), rngs=nnx.Rngs(1))
     np.testing.assert_array_equal(ep_layer.w_down[...], layer.w_down[...])  # same seed, same experts
     x, experts, weights = _inputs(1)
     routing = Routing(jnp.asarray(weights), jnp.asarray(experts), None)
@@ -125,7 +127,7 @@ def test_overlap_chunks_give_identical_results_and_split_the_all_to_alls():
     outputs, counts = [], []
     mesh = build_mesh(MeshConfig(data=2, expert=EP))
     for chunks in (1, 2):
-        layer = RoutedExperts(_cfg(ep_overlap_chunks=chunks), policy=get_policy("fp32"),
+        layer = RoutedExperts(_cfg(), policy=get_policy("fp32"), impl=ImplConfig(ep_overlap_chunks=chunks),
                               experts=ExpertParallel(mesh, DEFAULT_RULES), rngs=nnx.Rngs(4))
         with use_sharding(mesh):
             fn = jax.jit(lambda layer, x, r: layer(x, r))

@@ -129,8 +129,8 @@ def test_deepseek_v3_fits_a_deepseek_sized_cluster():
     capacity dispatch (dropless expert parallelism sizes its all-to-all buffers for the worst
     case, P K rows per token: far over 80 GiB at P = 64)."""
     cfg_overrides = ["mesh.expert=64", "mesh.fsdp=32", "train.global_batch=2048", "train.micro_batches=2",
-                     "train.seq_len=4096", "model.remat_policy=full", "precision.policy=bf16",
-                     "train.moment_dtype=bfloat16", "model.attention_impl=cudnn", "model.moe_dispatch=capacity"]
+                     "train.seq_len=4096", "impl.remat=full", "precision.policy=bf16",
+                     "train.moment_dtype=bfloat16", "impl.attention=cudnn", "impl.moe_dispatch=capacity"]
     cfg = _v3(*cfg_overrides)
     mem = device_memory(cfg)
     assert mem.batch_per_device == 1 and fits(mem, 80)
@@ -143,15 +143,15 @@ def test_activation_estimate_follows_the_remat_policy_and_batch():
         return device_memory(load_config("model/toy", ["mesh.data=2", "mesh.expert=4", "train.global_batch=16",
                                                        *overrides])).activations
 
-    policies = [act(f"model.remat_policy={p}") for p in ("full", "save_attention_out", "save_dots", "none")]
+    policies = [act(f"impl.remat={p}") for p in ("full", "save_attention_out", "save_dots", "none")]
     assert policies == sorted(policies) and len(set(policies)) == 4
     # recomputing only the routed experts' rows saves less than full remat, more than none
-    assert policies[0] < act("model.remat_policy=experts") < policies[-1]
+    assert policies[0] < act("impl.remat=experts") < policies[-1]
     assert act("train.micro_batches=2") * 2 == act()  # B = 16 / 2 / 8 rows instead of 16 / 8
     assert act("precision.policy=bf16") < act()
-    assert act("model.attention_impl=cudnn") < act()
+    assert act("impl.attention=cudnn") < act()
     # expert parallelism (expert axis 4): dropless all-to-all buffers hold 4 K rows per token
-    assert act("model.moe_dispatch=capacity") < act()
+    assert act("impl.moe_dispatch=capacity") < act()
 
 
 # ---------------------------------------------------------------- errors

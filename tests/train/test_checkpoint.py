@@ -202,3 +202,23 @@ def test_checkpoint_restores_the_loop_data_iterator_to_the_next_batch(tmp_path, 
         got = next(fresh)
         for key in BATCH_KEYS:
             np.testing.assert_array_equal(got[key], batch[key], err_msg=f"batch {3 + k} {key}")
+
+
+def test_resume_compares_the_architecture_not_the_implementation(tmp_path):
+    """check_same_model: the `impl:` section and model.name may change on resume; any
+    architecture field may not, and the error names it with both values."""
+    import json
+
+    from frontier_jax.config import load_config
+    from frontier_jax.train.checkpoint import check_same_model
+
+    saved = json.loads(json.dumps(load_config("model/toy").to_dict()))  # as the checkpoint stores it
+    other_impl = load_config("model/toy", ["impl.remat=full", "impl.attention=cudnn", "impl.gmm=pallas",
+                                           "impl.moe_dispatch=capacity", "impl.ep_overlap_chunks=2",
+                                           "model.name=renamed"])
+    check_same_model(saved, other_impl.to_dict(), tmp_path)
+    deeper = load_config("model/toy", ["model.num_layers=4", "model.scoring_func=softmax"])
+    with pytest.raises(ValueError, match=r"holds a different model:\n  model\.num_layers: checkpoint 3 vs "
+                                         r"config 4\n  model\.scoring_func: checkpoint 'sigmoid' vs config "
+                                         r"'softmax'\n"):
+        check_same_model(saved, deeper.to_dict(), tmp_path)
