@@ -55,7 +55,7 @@ def test_invalid_config_raises_value_error_naming_the_field(changes, field):
     ("impl.attention=flash", "impl.attention", "xla, cudnn, tokamax"),
     ("impl.moe_dispatch=token_choice", "impl.moe_dispatch", "dropless, capacity"),
     ("model.scoring_func=relu", "model.scoring_func", "sigmoid, softmax"),
-    ("impl.remat=some", "impl.remat", "none, full, save_dots, save_attention_out"),
+    ("impl.remat=some", "impl.remat", "none, full, save_dots, save_attention_out, experts"),
     ("impl.gmm=megablox", "impl.gmm", "auto, pallas, ragged_dot, tokamax"),
     ("model.rope_scaling.type=ntk", "model.rope_scaling.type", "none, yarn"),
 ])
