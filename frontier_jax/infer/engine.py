@@ -24,12 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from frontier_jax.convert import from_hf
 from frontier_jax.data.tokenizer import Tokenizer, load_tokenizer
 from frontier_jax.infer.cache import CacheLayout, allocate_cache
-from frontier_jax.infer.checkpoint import load_checkpoint
 from frontier_jax.infer.config import DecodeAttentionImpl, InferConfig, Speculative
 from frontier_jax.infer.sampling import SamplingParams, sample
 from frontier_jax.infer.scheduler import Batch, Completion, Request, Scheduler
@@ -39,6 +39,7 @@ from frontier_jax.model import Transformer
 from frontier_jax.model.latent_cache import Pages
 from frontier_jax.parallel.mesh import state_shardings
 from frontier_jax.parallel.rules import DEFAULT_RULES, use_sharding
+from frontier_jax.runtime.restore import restore_params
 
 
 def _infer_config(base: InferConfig, changes: InferConfig | dict | None) -> InferConfig:
@@ -112,11 +113,17 @@ class Engine:
     def from_checkpoint(cls, run_dir: str, step: int | None = None, *, mesh=None, dtype=None,
                         infer: InferConfig | dict | None = None, **kwargs) -> Engine:
         """An engine over a training run's checkpoint (latest step, or `step`, or the step of a
-        checkpoints/STEP path): its parameters only, its config (the `infer` section updated by
-        `infer`) and its tokenizer."""
-        model, data, saved_infer = load_checkpoint(run_dir, step, dtype=dtype)
-        return cls(model, tokenizer=load_tokenizer(data.tokenizer), infer=_infer_config(saved_infer, infer),
-                   **kwargs)
+        checkpoints/STEP path): its parameters only (`runtime.restore.restore_params`, onto
+        `mesh`: a Mesh, a MeshConfig or None for one device; floating parameters cast to
+        `dtype`), its config (the `infer` section updated by `infer`) and its tokenizer."""
+        restored = restore_params(run_dir, step, mesh=mesh, dtype=dtype)
+        saved = restored.config
+        data = saved.get("data", {})
+        tokenizer = load_tokenizer(data.get("tokenizer", "byte"), data.get("special_tokens") or None)
+        saved_infer = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(InferConfig), saved.get("infer", {})))
+        program = restored.program
+        return cls(restored.model(), tokenizer=tokenizer, infer=_infer_config(saved_infer, infer),
+                   mesh=None if mesh is None else program.mesh, rules=program.rules, **kwargs)
 
     # ----------------------------------------------------------------------- requests
     def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> int:
