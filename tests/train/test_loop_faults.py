@@ -81,6 +81,25 @@ def test_stop_policy_never_cites_a_checkpoint_that_is_not_there(reference_run, t
     assert "checkpoint (step" not in str(err.value)
 
 
+# ------------------------------------------------------------------ 21.1 data
+def test_a_source_with_no_usable_record_stops_training_with_exit_4(reference_run, tmp_path, capsys):
+    """A source of records without a `text` field used to spin at step 0 for ever."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "no text field"}\n' * 3)
+    config = tmp_path / "bad_source.yaml"
+    config.write_text(f"include: [{REPO / 'configs' / 'model' / 'toy.yaml'}]\n"
+                      f"data:\n  max_skipped_in_a_row: 500\n  sources:\n"
+                      f"    - {{name: code, kind: embedded_code, weight: 0.9}}\n"
+                      f"    - {{name: broken, kind: jsonl, path: {bad}, weight: 0.1}}\n")
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(config), "--run-dir", str(run), *tiny_overrides("train.steps=3")]
+    assert cli.main(argv) == 4
+    err = _error_line(capsys.readouterr().err)
+    assert err.startswith("error: data source 'broken' gave no document in its last 500 records"), err
+    assert "missing_field=500" in err
+    assert not (run / "metrics.jsonl").exists() or not read_metrics(run)
+
+
 # ------------------------------------------------------------------ 21.9 vocabulary
 def test_tokenizer_larger_than_the_vocabulary_is_rejected_before_training(tmp_path, no_compile, capsys):  # noqa: F811
     assert _cli_train(tmp_path / "run", "model.vocab_size=128") == 2
