@@ -5,6 +5,9 @@
                           [--mesh mesh/gpu-8] [--devices N] [--device-memory-gib G] [key=value ...]
     frontier-jax convert  {check,export} --hf PATH [...]
     frontier-jax generate (--hf PATH | --checkpoint RUN_DIR) (--prompt TEXT ... | --prompts FILE) [...]
+    frontier-jax eval     (--checkpoint RUN_DIR[/checkpoints/STEP] | --hf PATH) [--data FILE ...]
+                          [--tasks TASK ...] [--out DIR] [--step N] [--dtype bfloat16] [mesh.* / eval.* ...]
+    frontier-jax ablate   --config ablations/NAME.yaml [--out DIR]
 """
 
 from __future__ import annotations
@@ -79,12 +82,75 @@ def _train(args) -> int:
 
     _configure_logging(args.verbose)
     cfg = load_config(args.config, args.overrides)
-    history = train(cfg, args.run_dir, restart_data=args.restart_data)
+    evaluate = None
+    if cfg.eval.every:
+        from frontier_jax.data import load_tokenizer
+        from frontier_jax.eval.run import training_evaluator
+
+        evaluate = training_evaluator(cfg, load_tokenizer(cfg.data.tokenizer, cfg.data.special_tokens))
+    history = train(cfg, args.run_dir, restart_data=args.restart_data, evaluate=evaluate)
     if history:
         first, last = history[0], history[-1]
         print(f"done: step {last['step']}, loss {first['loss']:.4f} (step {first['step']}) -> "
               f"{last['loss']:.4f}; metrics in {Path(args.run_dir) / 'metrics.jsonl'}, "
               f"curve in {Path(args.run_dir) / 'loss.png'}")
+    return 0
+
+
+def _distributed_init() -> None:
+    import jax
+
+    # Cluster auto-detection (Cloud TPU, SLURM, ...), or JAX_COORDINATOR_ADDRESS with
+    # JAX_NUM_PROCESSES and JAX_PROCESS_ID set by the launcher (launch/local.sh).
+    explicit = {key: int(os.environ[var]) for key, var in
+                (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")) if var in os.environ}
+    jax.distributed.initialize(**explicit)
+
+
+def _eval(args) -> int:
+    if args.distributed:
+        _distributed_init()
+    from frontier_jax.config import load_config
+    from frontier_jax.eval.datasets import source_from_path
+    from frontier_jax.eval.model import load_checkpoint, load_hf
+    from frontier_jax.eval.run import evaluate, format_table, format_tasks, write_results
+    from frontier_jax.eval.tasks import resolve_task
+
+    if (args.checkpoint is None) == (args.hf is None):
+        raise ValueError("eval: give exactly one of --checkpoint RUN_DIR and --hf PATH")
+    bad = [o for o in args.overrides if not o.startswith(("mesh.", "eval.", "model.", "data.tokenizer"))]
+    if bad:
+        raise ValueError(f"eval override {bad[0]!r}: only mesh.*, eval.* (and model.* to check the checkpoint) "
+                         "apply to evaluation")
+    cfg = load_config(None, args.overrides)
+    model_overrides = {o.split("=", 1)[0][len("model."):]: getattr(cfg.model, o.split("=", 1)[0][len("model."):])
+                       for o in args.overrides if o.startswith("model.")}
+    tasks = [resolve_task(t) for t in args.tasks]  # bad task names / files fail before the model loads
+    if args.checkpoint is not None:
+        model = load_checkpoint(args.checkpoint, args.step, mesh=cfg.mesh, dtype=args.dtype,
+                                model_overrides=model_overrides, devices=args.devices)
+    else:
+        tokenizer = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("data.tokenizer=")), None)
+        model = load_hf(args.hf, mesh=cfg.mesh, dtype=args.dtype, tokenizer=tokenizer, devices=args.devices)
+    sources = [source_from_path(p) for p in args.data] if args.data else cfg.eval.data
+    results = evaluate(model, cfg.eval, sources, tasks=tasks)
+    path = write_results(args.out, results)
+    print(format_table(results["datasets"]))
+    if tasks:
+        print(format_tasks(results["tasks"]))
+    print(f"step {results['step']}, window {results['window']}, stride {results['stride']}; results in {path}")
+    return 0
+
+
+def _ablate(args) -> int:
+    from frontier_jax.config import load_config
+    from frontier_jax.eval.ablate import run_ablation
+
+    _configure_logging(False)
+    out = args.out or str(Path("runs") / "ablations" / Path(args.config).stem)
+    result = run_ablation(args.config, out, load_config=load_config)
+    print(result["table"])
+    print(f"results in {Path(out) / 'results.json'}, {Path(out) / 'results.md'}, curves in {Path(out) / 'curves.png'}")
     return 0
 
 
@@ -133,6 +199,27 @@ def build_parser() -> argparse.ArgumentParser:
                       help="memory of one device; prints whether the run fits")
     desc.add_argument("overrides", nargs="*")
     desc.set_defaults(func=_describe)
+
+    ev = sub.add_parser("eval", help="perplexity / CE / bits per byte of a checkpoint or HF model on held-out data")
+    ev.add_argument("--checkpoint", default=None, help="a training run directory (or its checkpoints/<step>)")
+    ev.add_argument("--hf", default=None, help="a Hugging Face DeepseekV3 directory")
+    ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    ev.add_argument("--data", nargs="*", default=[], help="JSONL / Parquet / ArrayRecord files with a 'text' "
+                    "field (default: eval.data, the held-out arithmetic problems)")
+    ev.add_argument("--tasks", nargs="*", default=[], help="benchmark tasks: built-in arithmetic / "
+                    "arithmetic_choice, or task YAML files (frontier_jax/eval/tasks.py)")
+    ev.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="parameter dtype on load")
+    ev.add_argument("--devices", type=int, default=None, help="evaluate on the first N devices (default all)")
+    ev.add_argument("--out", default="eval-results", help="directory of results.json")
+    ev.add_argument("--distributed", action="store_true", help="multi-process: jax.distributed.initialize() first")
+    ev.add_argument("overrides", nargs="*", help="mesh.* / eval.* overrides, e.g. eval.stride=64 mesh.tensor=2")
+    ev.set_defaults(func=_eval)
+
+    ab = sub.add_parser("ablate", help="arms x seeds of a training config, held-out eval, table and plots")
+    ab.add_argument("--config", required=True, help="ablation YAML, e.g. ablations/toy-mtp.yaml")
+    ab.add_argument("--out", default=None, help="output directory (default runs/ablations/NAME); re-running "
+                    "skips finished runs")
+    ab.set_defaults(func=_ablate)
 
     sub.add_parser("convert", help="Hugging Face DeepseekV3 checkpoints in and out "
                    "(frontier-jax convert --help)")

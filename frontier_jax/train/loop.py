@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from frontier_jax.data import DataStats, build_train_iterator, load_tokenizer
 from frontier_jax.model.describe import describe
 from frontier_jax.parallel.mesh import batch_sharding, check_batch_fits, state_shardings
-from frontier_jax.runtime.program import build_model_program
+from frontier_jax.runtime.program import ModelProgram, build_model_program
 from frontier_jax.train.checkpoint import (
     Checkpointer,
     abstract_with_shardings,
@@ -152,8 +152,11 @@ def _nonfinite_error(step: int, metrics: dict, last_saved: int | None, skipped: 
            f" (train.max_skipped_steps={skipped - 1} skipped steps in a row are allowed)"))
 
 
-def train(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_data: bool = False) -> list[dict]:
+def train(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_data: bool = False,
+          evaluate: Callable[[ModelProgram, dict, dict], dict] | None = None) -> list[dict]:
     """Trains (or resumes) `cfg` in `run_dir` until `cfg.train.steps`; returns logged metrics.
+    evaluate(program, params, biases) -> {name: figure}: called every `eval.every` steps, its
+    figures logged with that step (held-out evaluation, given by the caller: `eval` sits above).
 
     Raises `Preempted` after saving on SIGTERM/SIGINT, `NonFiniteLossError`, `CheckpointError`
     (a save failed, or no checkpoint restores), `DataError`; ValueError for a config that cannot
@@ -196,7 +199,10 @@ def train(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_da
                 record = _record(step + 1, metrics, seconds, flops_per_token)
                 skipped = 0 if metrics["finite"] else skipped + 1
                 last_step = step + 1 == cfg.train.steps
-                if (step + 1) % cfg.train.log_every == 0 or last_step or skipped:
+                evaluated = evaluate is not None and cfg.eval.every and (step + 1) % cfg.eval.every == 0
+                if evaluated:
+                    record.update(evaluate(runner.trainer.program, state.params, state.biases))
+                if evaluated or (step + 1) % cfg.train.log_every == 0 or last_step or skipped:
                     record.update(DataStats.from_state(data.get_state()).as_metrics())
                     logger.log(record)
                     history.append(record)

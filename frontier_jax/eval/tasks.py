@@ -1,0 +1,185 @@
+"""Benchmark tasks from YAML + JSONL files, and the built-in offline arithmetic tasks.
+
+    name: my_task
+    type: multiple_choice | generate
+    data: path/to/rows.jsonl            # relative to the YAML file; one JSON object per line
+    prompt: "Q: {question}\\nA:"         # str.format over the row's fields
+    # multiple_choice
+    choices: choices                    # the row's field holding the list of continuations
+    answer: answer                      # the field holding the index of the right one
+    # generate
+    target: answer                      # the field holding the expected answer (a string)
+    few_shot: 3                         # the first k rows, rendered prompt + " " + target, as examples
+    stop: ["\\n"]                        # stop strings of the generation
+    extract: "-?\\d+"                    # regex: the first match of the generation is the answer
+    max_new_tokens: 16
+
+Metrics, over the N rows scored (few-shot rows excluded):
+    multiple_choice  acc      = (1/N) #{argmax_c sum_i log p(c_i | prompt) = answer}
+                     acc_norm = the same with the sum divided by the choice's UTF-8 bytes
+    generate         exact_match = (1/N) #{extract(generation).strip() == target.strip()}
+Built-in (`arithmetic`, `arithmetic_choice`): the embedded generator's problems of a held-out
+seed, "Q: 3 + 4 = ?\\nA:" -> " 7" (choices: the answer and answer +1, -1, +10).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from frontier_jax.data.embedded import math_problem
+from frontier_jax.data.tokenizer import Tokenizer
+from frontier_jax.eval.scorer import Scorer
+from frontier_jax.eval.windows import Window
+from frontier_jax.infer import Engine, SamplingParams
+
+TYPES = ("multiple_choice", "generate")
+_KEYS = {"name", "type", "data", "prompt", "choices", "answer", "target", "few_shot", "stop", "extract",
+         "max_new_tokens"}
+BUILTIN = ("arithmetic", "arithmetic_choice")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    type: str
+    rows: list[dict]
+    prompt: str
+    choices: str = "choices"
+    answer: str = "answer"
+    target: str = "answer"
+    few_shot: int = 0
+    stop: tuple[str, ...] = ("\n",)
+    extract: str | None = None
+    max_new_tokens: int = 16
+
+    def render(self, row: dict) -> str:
+        try:
+            return self.prompt.format(**row)
+        except KeyError as err:
+            raise ValueError(f"task {self.name}: prompt names field {err} that a row lacks "
+                             f"(row fields: {sorted(row)})") from None
+
+
+def load_task(path: str | Path) -> Task:
+    """A task file, checked: errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"task file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"task file {path}: YAML syntax error: {err}".split("\n")[0]) from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"task file {path}: the top level must be a mapping (name, type, data, prompt, ...)")
+    unknown = set(raw) - _KEYS
+    if unknown:
+        raise ValueError(f"task file {path}: unknown keys {sorted(unknown)}; allowed: {sorted(_KEYS)}")
+    for key in ("type", "data", "prompt"):
+        if key not in raw:
+            raise ValueError(f"task file {path}: '{key}' is missing")
+    if raw["type"] not in TYPES:
+        raise ValueError(f"task file {path}: type={raw['type']!r}; allowed: {', '.join(TYPES)}")
+    data = path.parent / raw.pop("data")
+    if not data.is_file():
+        raise FileNotFoundError(f"task file {path}: data file {data} does not exist")
+    rows = []
+    for number, line in enumerate(data.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{data}:{number}: invalid JSON ({err.msg})") from None
+    raw.setdefault("name", path.stem)
+    if "stop" in raw:
+        raw["stop"] = tuple(raw["stop"])
+    task = Task(rows=rows, **raw)
+    if len(rows) <= task.few_shot:
+        raise ValueError(f"task file {path}: {len(rows)} rows in {data}, but few_shot={task.few_shot} leaves none "
+                         "to score")
+    return task
+
+
+def builtin_task(name: str, *, rows: int = 50, seed: int = 4321) -> Task:
+    """`arithmetic` (generate, 3-shot) or `arithmetic_choice` (multiple choice) of held-out problems."""
+    problems = []
+    for index in range(rows):
+        question, answer = math_problem(seed, index).split("\nA: ")
+        problems.append({"question": question[len("Q: "):], "answer": answer.strip()})
+    if name == "arithmetic":
+        return Task(name, "generate", problems, "Q: {question}\nA:", few_shot=3, extract=r"-?\d+",
+                    max_new_tokens=8)
+    if name == "arithmetic_choice":
+        for row in problems:
+            value = int(row["answer"])
+            row["choices"] = [f" {value + d}" for d in (0, 1, -1, 10)]
+            row["answer"] = 0
+        return Task(name, "multiple_choice", problems, "Q: {question}\nA:")
+    raise ValueError(f"unknown task {name!r}: built-in tasks are {', '.join(BUILTIN)}, or give a task YAML path")
+
+
+def resolve_task(spec: str) -> Task:
+    return load_task(spec) if spec.endswith((".yaml", ".yml")) else builtin_task(spec)
+
+
+def continuation_windows(tokenizer: Tokenizer, pairs: list[tuple[str, str]], context: int) -> list[Window]:
+    """One window per (prompt, continuation): <bos> prompt continuation, scoring the continuation's
+    tokens, cut to the last `context` pairs."""
+    windows = []
+    for k, (prompt, continuation) in enumerate(pairs):
+        head = [tokenizer.special_id("bos")] + tokenizer.encode(prompt)
+        tail = tokenizer.encode(continuation)
+        ids = np.asarray((head + tail)[-(context + 1):], np.int32)
+        scored = np.zeros(len(ids) - 1, np.int32)
+        scored[-len(tail):] = 1
+        windows.append(Window(ids[:-1], ids[1:], scored, k))
+    return windows
+
+
+def run_multiple_choice(task: Task, scorer: Scorer, tokenizer: Tokenizer) -> dict:
+    rows = task.rows[task.few_shot:]
+    pairs, owner = [], []
+    for k, row in enumerate(rows):
+        for choice in row[task.choices]:
+            pairs.append((task.render(row), choice))
+            owner.append(k)
+    windows = continuation_windows(tokenizer, pairs, scorer.context)
+    sums = [float(np.sum(lp[w.scored.astype(bool)], dtype=np.float64))
+            for w, (lp, _) in zip(windows, scorer.score(windows, desc=task.name))]
+    correct = correct_norm = 0
+    cursor = 0
+    for row in rows:
+        n = len(row[task.choices])
+        ll = np.asarray(sums[cursor:cursor + n])
+        sizes = np.asarray([len(c.encode("utf-8")) for c in row[task.choices]])
+        correct += int(np.argmax(ll) == row[task.answer])
+        correct_norm += int(np.argmax(ll / sizes) == row[task.answer])
+        cursor += n
+    return {"acc": correct / len(rows), "acc_norm": correct_norm / len(rows), "rows": len(rows)}
+
+
+def extract_answer(task: Task, text: str) -> str:
+    if task.extract is None:
+        return text.strip()
+    match = re.search(task.extract, text)
+    return match.group(0) if match else ""
+
+
+def run_generate(task: Task, engine: Engine) -> dict:
+    shots = "".join(f"{task.render(r)} {r[task.target]}\n\n" for r in task.rows[:task.few_shot])
+    rows = task.rows[task.few_shot:]
+    params = SamplingParams(max_new_tokens=task.max_new_tokens, stop=task.stop)
+    completions = engine.generate([shots + task.render(r) for r in rows], params)
+    hits, samples = 0, []
+    for row, completion in zip(rows, completions):
+        if completion.finish_reason == "error":
+            raise ValueError(f"task {task.name}: {completion.error}")
+        answer = extract_answer(task, completion.text)
+        hits += int(answer.strip() == str(row[task.target]).strip())
+        samples.append({"generation": completion.text, "answer": answer, "target": row[task.target]})
+    return {"exact_match": hits / len(rows), "rows": len(rows), "samples": samples[:5]}

@@ -1,0 +1,122 @@
+"""`frontier-jax eval` on a training checkpoint: results.json and the table, the same figures on
+1 device, on an 8-device layout and on 2 processes x 4 devices, held-out figures logged during
+training equal to the CLI's on the same checkpoint, and bad input as one error line (exit 2)
+with no results file written."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from frontier_jax.cli import main
+from frontier_jax.config import load_config
+from frontier_jax.data import load_tokenizer
+from frontier_jax.eval.run import training_evaluator
+from frontier_jax.train.loop import train
+
+from .common import DOCUMENTS, TINY_MODEL
+
+REPO = Path(__file__).resolve().parents[2]
+WINDOW = ["eval.seq_len=16", "eval.stride=8", "eval.batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 2-step tiny training run with held-out evaluation at step 2, and its data file."""
+    root = tmp_path_factory.mktemp("eval_cli")
+    data = root / "held_out.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCUMENTS))
+    cfg = load_config("model/toy", TINY_MODEL + WINDOW + [
+        "train.seq_len=16", "train.global_batch=8", "train.steps=2", "train.warmup_steps=1",
+        "checkpoint.every=0", "eval.every=2", "eval.max_documents=0",
+        f"eval.data=[{{name: held_out, kind: jsonl, path: {data}}}]"])
+    evaluate = training_evaluator(cfg, load_tokenizer("byte"))
+    train(cfg, root / "run", progress=False, evaluate=evaluate)
+    return root
+
+
+def _eval(run, out, *extra):
+    return main(["eval", "--checkpoint", str(run / "run"), "--data", str(run / "held_out.jsonl"),
+                 "--out", str(out), *WINDOW, *extra])
+
+
+def _figures(out) -> dict:
+    return json.loads((Path(out) / "results.json").read_text())["datasets"]["held_out"]
+
+
+def test_eval_writes_results_and_table_with_exact_counts(run, tmp_path, capsys):
+    assert _eval(run, tmp_path / "one", "mesh.data=1", "--devices", "1") == 0
+    printed = capsys.readouterr().out
+    assert "bits/byte" in printed and "held_out" in printed
+    results = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert results["step"] == 2 and results["window"] == 16 and results["stride"] == 8
+    got = results["datasets"]["held_out"]
+    assert got["tokens"] == sum(len(d.encode()) + 1 for d in DOCUMENTS)  # text bytes + <eos>
+    assert got["bytes"] == sum(len(d.encode()) for d in DOCUMENTS)
+    np.testing.assert_allclose(got["bits_per_byte"], got["nll"] / got["bytes"] / np.log(2), rtol=1e-12)
+
+
+def test_training_logs_the_held_out_figures_of_its_checkpoint(run, tmp_path):
+    rows = [json.loads(line) for line in (run / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "eval/held_out/bits_per_byte" in r]
+    assert [r["step"] for r in logged] == [2]
+    assert _eval(run, tmp_path / "cli", "mesh.data=1", "--devices", "1") == 0
+    np.testing.assert_allclose(logged[0]["eval/held_out/bits_per_byte"], _figures(tmp_path / "cli")["bits_per_byte"],
+                               rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_same_figures_on_8_devices_and_on_2_processes(run, tmp_path):
+    assert _eval(run, tmp_path / "one", "mesh.data=1", "--devices", "1", "--dtype", "float32") == 0
+    want = _figures(tmp_path / "one")
+    assert _eval(run, tmp_path / "eight", "mesh.data=2", "mesh.expert=2", "mesh.tensor=2") == 0
+    got = _figures(tmp_path / "eight")
+    np.testing.assert_allclose(got["nll"], want["nll"], rtol=1e-6)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(i), JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+                   XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=4"]))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "frontier_jax", "eval", "--distributed", "--checkpoint", str(run / "run"),
+             "--data", str(run / "held_out.jsonl"), "--out", str(tmp_path / "two"), *WINDOW,
+             "mesh.data=2", "mesh.expert=2", "mesh.tensor=2"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    got = _figures(tmp_path / "two")
+    assert got["tokens"] == want["tokens"]
+    np.testing.assert_allclose(got["nll"], want["nll"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("case,args,message", [
+    ("no checkpoint", ["--checkpoint", "{tmp}"], "no checkpoint in"),
+    ("missing step", ["--checkpoint", "{run}", "--step", "7"], "no checkpoint of step 7"),
+    ("model mismatch", ["--checkpoint", "{run}", "model.hidden_size=64"], "model.hidden_size=64 does not match"),
+    ("empty dataset", ["--checkpoint", "{run}", "--data", "{empty}"], "holds no document"),
+    ("unknown file type", ["--checkpoint", "{run}", "--data", "{tmp}/x.txt"], "unknown file type"),
+    ("train override", ["--checkpoint", "{run}", "train.steps=3"], "only mesh.*, eval.*"),
+    ("both sources", ["--checkpoint", "{run}", "--hf", "{tmp}"], "exactly one of"),
+])
+def test_bad_input_is_one_error_line_and_writes_nothing(run, tmp_path, capsys, case, args, message):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": ""}\n')
+    args = [a.format(tmp=tmp_path, run=run / "run", empty=empty) for a in args]
+    options, overrides = [a for a in args if "=" not in a], [a for a in args if "=" in a]
+    assert main(["eval", *options, "--out", str(tmp_path / "out"), "--devices", "1", *WINDOW, "mesh.data=1",
+                 *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,102 @@
+"""The benchmark harness: multiple-choice acc / acc_norm from log-likelihoods equal to a float64
+reference (the model run on each prompt + choice alone), generative exact match equal to a naive
+greedy loop over full forwards with the same stop string and answer extraction, and bad task
+files named."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from frontier_jax.config import load_config
+from frontier_jax.data.tokenizer import byte_tokenizer
+from frontier_jax.eval.scorer import Scorer
+from frontier_jax.eval.tasks import builtin_task, load_task, run_generate, run_multiple_choice
+from frontier_jax.infer import Engine
+from frontier_jax.runtime.program import build_model_program
+
+from .common import TINY_MODEL
+
+ROWS = [{"question": "2 + 3", "choices": [" 5", " 6", " 23"], "answer": 0},
+        {"question": "7 * 2", "choices": [" 14", " 9"], "answer": 1},
+        {"question": "9 - 9", "choices": [" 0", " -1", " 100"], "answer": 2}]
+
+
+@pytest.fixture(scope="module")
+def model():
+    program = build_model_program(load_config("model/toy", TINY_MODEL + ["model.mtp_depth=0"]), jax.devices()[:1])
+    params, biases = program.init(7)
+    return program, params, biases
+
+
+def _logp(model, ids):
+    program, params, biases = model
+    logits = np.asarray(program.model(params, biases)(np.asarray([ids], np.int32))[0], np.float64)
+    return logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
+        logits.max(-1, keepdims=True)
+
+
+def test_multiple_choice_accuracy_equals_float64_reference(tmp_path, model):
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (tmp_path / "mc.yaml").write_text('type: multiple_choice\ndata: rows.jsonl\nprompt: "Q: {question} =\\nA:"\n')
+    task = load_task(tmp_path / "mc.yaml")
+    tok = byte_tokenizer()
+    acc = acc_norm = 0
+    for row in ROWS:
+        head = [tok.special_id("bos")] + tok.encode(f"Q: {row['question']} =\nA:")
+        sums = []
+        for choice in row["choices"]:
+            tail = tok.encode(choice)
+            logp = _logp(model, head + tail[:-1])
+            sums.append(sum(logp[len(head) - 1 + i, t] for i, t in enumerate(tail)))
+        sizes = [len(c.encode()) for c in row["choices"]]
+        acc += int(np.argmax(sums) == row["answer"])
+        acc_norm += int(np.argmax(np.asarray(sums) / sizes) == row["answer"])
+    scorer = Scorer(*model, context=32, batch_size=2, progress=False)
+    got = run_multiple_choice(task, scorer, tok)
+    assert got == {"acc": acc / 3, "acc_norm": acc_norm / 3, "rows": 3}
+
+
+def test_generate_exact_match_equals_naive_greedy_loop(model):
+    task = builtin_task("arithmetic", rows=3)
+    task = type(task)(**{**task.__dict__, "few_shot": 1, "max_new_tokens": 4, "stop": (" ",), "extract": r"\d"})
+    tok = byte_tokenizer()
+    shots = f"{task.render(task.rows[0])} {task.rows[0]['answer']}\n\n"
+    hits = 0
+    for row in task.rows[1:]:
+        ids = [tok.special_id("bos")] + tok.encode(shots + task.render(row))
+        out = []
+        for _ in range(task.max_new_tokens):
+            nxt = int(np.argmax(_logp(model, ids + out)[-1]))
+            if nxt == tok.special_id("eos"):
+                break
+            out.append(nxt)
+            if " " in tok.decode(out):
+                break
+        text = tok.decode(out).split(" ")[0]
+        match = __import__("re").search(r"\d", text)
+        hits += int((match.group(0) if match else "") == row["answer"])
+    program, params, biases = model
+    got = run_generate(task, Engine(program.model(params, biases), tokenizer=tok))
+    assert got["exact_match"] == hits / 2 and got["rows"] == 2
+
+
+@pytest.mark.parametrize("body,rows,message", [
+    ("type: mc\ndata: rows.jsonl\nprompt: x\n", "{}", "type='mc'"),
+    ("type: generate\ndata: rows.jsonl\nprompt: x\nshots: 2\n", "{}", "unknown keys"),
+    ("type: generate\ndata: missing.jsonl\nprompt: x\n", "{}", "missing.jsonl does not exist"),
+    ("type: generate\ndata: rows.jsonl\nprompt: x\n", "{bad", "rows.jsonl:1: invalid JSON"),
+    ("type: generate\ndata: rows.jsonl\nprompt: x\nfew_shot: 1\n", "{}", "leaves none"),
+    ("type: [\n", "{}", "YAML syntax error"),
+])
+def test_malformed_task_file_names_the_problem(tmp_path, body, rows, message):
+    (tmp_path / "rows.jsonl").write_text(rows + "\n")
+    (tmp_path / "t.yaml").write_text(body)
+    with pytest.raises(ValueError if "exist" not in message else FileNotFoundError, match=message):
+        load_task(tmp_path / "t.yaml")
+
+
+def test_unknown_task_name_lists_the_built_ins():
+    with pytest.raises(ValueError, match="built-in tasks are arithmetic, arithmetic_choice"):
+        builtin_task("hellaswag")
