@@ -15,7 +15,10 @@ ranks (DeepSeek-V3's Table 2, `tests/parallel/pipeline/test_simulate.py` checks 
 - ZB-H1 ("ZB1P"): bubble ``(P - 1)(F + B - 2W)``;
 - DualPipeV: bubble ``(PP/2 - 1)(F&B + B - 3W)`` where **PP = 2P is the number of chunks
   (pipeline stages)**, i.e. ``(P - 1)(F&B + B - 3W)`` on P ranks; F, B, W are the costs of one
-  chunk (half a 1F1B stage).
+  chunk (half a 1F1B stage). This one is exact when ``I = F`` (an input gradient costs a
+  forward, as DeepSeek's count assumes) and ``W <= F``; with other costs the worst rank's
+  critical path changes and the simulated bubble differs from the formula;
+- interleaved 1F1B with v chunks per rank: ``(P - 1)(F + B) / v`` (F, B of a 1F1B stage).
 
 Live activations: a micro-batch's residuals on a rank are live from the start of its F to the
 end of its B (or of its W when split); the peak per rank sizes the executor's stash.

@@ -30,6 +30,14 @@ def test_1f1b_bubble_is_p_minus_1_times_f_plus_b(P, k):
 
 @pytest.mark.parametrize("P", [2, 4, 8])
 @pytest.mark.parametrize("k", [1, 2, 4])
+def test_interleaved_bubble_is_1f1b_bubble_over_chunks_per_rank(P, k):
+    """With v = 2 chunks per rank each chunk costs half a 1F1B stage: bubble (P-1)(F+B)/2."""
+    sim = simulate(S.interleaved_1f1b(P, k * P), Costs(F / 2, B / 2, W / 2, FB / 2))
+    assert sim.bubble == pytest.approx([(P - 1) * (F + B) / 2] * P)
+
+
+@pytest.mark.parametrize("P", [2, 4, 8])
+@pytest.mark.parametrize("k", [1, 2, 4])
 def test_zb_h1_bubble_is_p_minus_1_times_f_plus_b_minus_2w(P, k):
     sim = simulate(S.zero_bubble_h1(P, k * P), COSTS)
     assert sim.bubble == pytest.approx([(P - 1) * (F + B - 2 * W)] * P)
