@@ -115,6 +115,7 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_resume_matches(sigterm_run, 
     assert stopped_at < REF_STEPS, "the signal arrived too late to test anything"
     assert latest == stopped_at  # the checkpoint of the step at which the signal arrived
     assert f"preempted: SIGTERM received: saved step {stopped_at} in " in out and "done:" not in out
+    assert "INFO absl" not in out and "orbax" not in out.replace(str(run), "")  # library INFO only with --verbose
     state, _ = restore_checkpoint(run, stopped_at, tiny_config())
     assert int(state.step) == stopped_at
     ref_state, _ = restore_checkpoint(reference_run, REF_STEPS, tiny_config())

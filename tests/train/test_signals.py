@@ -112,10 +112,12 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     from tests.parallel.test_multihost import OVERRIDES, _free_port, _start
 
     run = tmp_path / "run"
-    overrides = OVERRIDES + ["train.steps=1000", "checkpoint.every=0"]
+    # data parallel over 2 processes x 2 devices: the smallest program with collectives across the
+    # processes (a long compile skew between them would time out gloo's first connection, 30 s)
+    overrides = OVERRIDES + ["mesh.expert=1", "mesh.data=4", "train.steps=1000", "checkpoint.every=0"]
     logs = {i: tmp_path / f"process_{i}.log" for i in range(2)}
     port = _free_port()
-    procs = {i: _start("preempt", logs[i], run, i, 2, port, 4, overrides) for i in range(2)}
+    procs = {i: _start("preempt", logs[i], run, i, 2, port, 2, overrides) for i in range(2)}
     try:
         deadline = time.monotonic() + 400
         while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2):
