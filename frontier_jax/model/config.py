@@ -196,8 +196,9 @@ class ImplConfig:
     expert grouped-matmul kernel, token dispatch, expert-parallel overlap and the remat policy.
     The modules receive it from their builder (`Transformer(cfg, impl=...)`).
 
-    moe_dispatch "capacity" drops the assignments past C = ceil(moe_capacity_factor N K / E)
-    per expert (counted); ep_overlap_chunks: chunks of each device's tokens whose all-to-all
+    moe_dispatch "capacity" drops the real tokens' assignments past C = ceil(moe_capacity_factor
+    N K / E) per expert (counted; N: the tokens dispatched together, each device's shard under
+    expert parallelism, `ops.dispatch`); ep_overlap_chunks: chunks of each device's tokens whose all-to-all
     overlaps the other chunks' expert compute under expert parallelism."""
 
     attention: AttentionImpl = AttentionImpl.xla

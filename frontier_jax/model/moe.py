@@ -8,8 +8,10 @@ over the mesh with all-to-all; "dropless" or "capacity" by `impl.moe_dispatch`) 
 `ExpertDispatcher` the model is given (`frontier_jax.ops.dispatch`).
 
 Returned statistics: per-expert load (assignments of real tokens), the sequence-wise balance
-loss L_bal = sum_i f_i P_i averaged over rows (eqs. 17-20; multiplied by alpha in training),
-and the number of dropped assignments.
+loss L_bal = sum_i f_i P_i SUMMED over rows (eqs. 17-20; training divides it by the number of
+rows of the whole global batch that hold real tokens and multiplies by alpha, so that rows
+switched off by the batch-size ramp or without tokens neither count nor dilute it), and the
+number of dropped assignments.
 """
 
 from __future__ import annotations
@@ -33,17 +35,19 @@ from frontier_jax.precision.recipe import FP8_WEIGHT
 
 class MoEStats(NamedTuple):
     load: jax.Array  # [N_r] assignments per expert (fp32, real tokens only)
-    balance_loss: jax.Array  # scalar, sequence-wise L_bal without alpha
+    balance_loss: jax.Array  # scalar, sequence-wise L_bal summed over rows, without alpha
     dropped: jax.Array  # scalar, assignments dropped by the capacity limit
     groups_per_token: jax.Array  # scalar, mean number of distinct expert groups a token reaches
     a2a_bytes: jax.Array  # scalar, bytes sent to other devices by the expert all-to-alls
 
 
 def sequence_balance_loss(routing: Routing, token_mask: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """L_bal averaged over rows.  token_mask [B, T]; routing arrays flattened over B*T.
+    """sum over rows of L_bal (a row without real tokens adds 0).  token_mask [B, T]; routing
+    arrays flattened over B*T.
 
-    Per row with T' real tokens: f_i = N_r / (K T') sum_t 1[i in TopK_t],
-    P_i = (1/T') sum_t s_{i,t} / sum_j s_{j,t},  L = sum_i f_i P_i."""
+    Per row with T' >= 1 real tokens: f_i = N_r / (K T') sum_t 1[i in TopK_t],
+    P_i = (1/T') sum_t s_{i,t} / sum_j s_{j,t},  L = sum_i f_i P_i.  The mean over rows is this
+    sum over `rows_with_tokens(token_mask)` (of the whole batch when it is split)."""
     b, t = token_mask.shape
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     mask = token_mask.astype(jnp.float32)
@@ -52,7 +56,12 @@ def sequence_balance_loss(routing: Routing, token_mask: jax.Array, cfg: ModelCon
     n_tok = jnp.maximum(mask.sum(1), 1.0)[:, None]
     f = e / k * (chosen * mask[..., None]).sum(1) / n_tok
     p = (normed * mask[..., None]).sum(1) / n_tok
-    return jnp.mean((f * p).sum(-1))
+    return jnp.sum(f * p)
+
+
+def rows_with_tokens(token_mask: jax.Array) -> jax.Array:
+    """Number of rows of token_mask [B, T] with at least one real token (int32)."""
+    return jnp.sum(jnp.any(token_mask != 0, axis=1)).astype(jnp.int32)
 
 
 def groups_per_token(experts: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -80,19 +89,21 @@ class RoutedExperts(nnx.Module):
         self.w_up = normal_param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), cfg.init_std)
         self.w_down = normal_param(rngs, (e, f, d), ("expert", "moe_mlp", "embed"), cfg.init_std)
 
-    def __call__(self, x: jax.Array, routing: Routing) -> RoutedOutput:
-        """x [N, d] -> (sum_k g_k FFN_{e_k}(x) [N, d], dropped assignments, all-to-all bytes).
+    def __call__(self, x: jax.Array, routing: Routing, token_mask: jax.Array | None = None) -> RoutedOutput:
+        """x [N, d], token_mask [N] (1 = real token; padding takes no capacity slot) ->
+        (sum_k g_k FFN_{e_k}(x) [N, d], dropped assignments of real tokens, all-to-all bytes).
 
         `impl.remat=experts`: the dispatcher runs under its own checkpoint, so the
         backward recomputes its dispatch gathers, grouped GEMMs and combine instead of keeping
         their rows (the quantized fp8 weights, `FP8_WEIGHT`, are kept)."""
-        def routed(x, routing, w_gate, w_up, w_down):
-            return self.dispatcher(x, routing, w_gate, w_up, w_down, spec=self.spec, policy=self.policy)
+        def routed(x, routing, token_mask, w_gate, w_up, w_down):
+            return self.dispatcher(x, routing, w_gate, w_up, w_down, spec=self.spec, policy=self.policy,
+                                   token_mask=token_mask)
 
         if self.remat_experts:
             routed = jax.checkpoint(routed, policy=jax.checkpoint_policies.save_only_these_names(FP8_WEIGHT),
                                     prevent_cse=False)
-        return routed(x, routing, self.w_gate[...], self.w_up[...], self.w_down[...])
+        return routed(x, routing, token_mask, self.w_gate[...], self.w_up[...], self.w_down[...])
 
 
 class MoE(nnx.Module):
@@ -110,7 +121,7 @@ class MoE(nnx.Module):
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
         routing = self.router(flat)
-        routed, dropped, a2a_bytes = self.experts(flat, routing)
+        routed, dropped, a2a_bytes = self.experts(flat, routing, token_mask.reshape(-1))
         y = routed.reshape(b, t, d)
         if self.cfg.n_shared_experts:
             y = y + self.shared(x)

@@ -13,10 +13,19 @@ W_down [E, f, d]),
 with the assignments laid out by `spec.dispatch` (`expert_compute` gives the layouts):
   * "dropless": the N K assignments laid out expert by expert (each expert's rows padded to the
     grouped matmul's row alignment), one grouped matmul per projection;
-  * "capacity": each expert takes at most C = ceil(capacity_factor N K / E) assignments (first
-    come, in token order) into an [E, C, d] buffer (batched matmuls; fp8 grouped matmuls over
-    128-row-aligned groups when the precision policy runs the experts in fp8); the overflow is
-    dropped (contributes zero) and counted.
+  * "capacity": each expert takes at most C = ceil(capacity_factor N K / E) assignments of
+    real tokens (first come, in token order) into an [E, C, d] buffer (batched matmuls; fp8
+    grouped matmuls over 128-row-aligned groups when the precision policy runs the experts in
+    fp8); the overflow is dropped (contributes zero) and counted.  Padding tokens (token_mask
+    0: padding, rows switched off by the batch-size ramp) take no place and get no routed
+    output.  N is the number of token positions dispatched together, so C is static; i.e. the
+    factor is relative to the mean load of a fully real batch.
+
+What "dispatched together" means is the one difference between the dispatchers: `LocalExperts`
+ranks all N tokens of the layer; `ExpertParallel` applies the same rule to each device's token
+shard (per overlap chunk), C = ceil(capacity_factor n K / E) for its n tokens, so each expert
+holds the same total capacity and a shard's tokens drop exactly as `LocalExperts` would drop
+them if given that shard alone.
 """
 
 from __future__ import annotations
@@ -69,9 +78,17 @@ class RoutedOutput(NamedTuple):
 
 class ExpertDispatcher(Protocol):
     def __call__(self, x: jax.Array, routing: Routing, w_gate: jax.Array, w_up: jax.Array,
-                 w_down: jax.Array, *, spec: ExpertDispatchSpec,
-                 policy: PrecisionPolicy) -> RoutedOutput:
-        """x [N, d] (all tokens), routing over N -> the routed experts' output."""
+                 w_down: jax.Array, *, spec: ExpertDispatchSpec, policy: PrecisionPolicy,
+                 token_mask: jax.Array | None = None) -> RoutedOutput:
+        """x [N, d] (all tokens), routing over N, token_mask [N] (1 = real token, None = all)
+        -> the routed experts' output."""
+
+
+def assignment_mask(token_mask: jax.Array | None, n: int, k: int) -> jax.Array:
+    """token_mask [N] (None: all real) -> [N K] bool, token-major like the assignments."""
+    if token_mask is None:
+        return jnp.ones((n * k,), bool)
+    return jnp.repeat(token_mask.reshape(-1) != 0, k)
 
 
 @dataclass(frozen=True)
@@ -79,8 +96,8 @@ class LocalExperts:
     """All tokens and all experts in one program: no all-to-all (a2a_bytes = 0)."""
 
     def __call__(self, x: jax.Array, routing: Routing, w_gate: jax.Array, w_up: jax.Array,
-                 w_down: jax.Array, *, spec: ExpertDispatchSpec,
-                 policy: PrecisionPolicy) -> RoutedOutput:
+                 w_down: jax.Array, *, spec: ExpertDispatchSpec, policy: PrecisionPolicy,
+                 token_mask: jax.Array | None = None) -> RoutedOutput:
         n, d = x.shape
         e, k = spec.n_experts, spec.top_k
         weights = (w_gate, w_up, w_down)
@@ -94,16 +111,17 @@ class LocalExperts:
             dropped = jnp.zeros((), jnp.int32)
         else:
             capacity = math.ceil(spec.capacity_factor * n * k / e)
+            valid = assignment_mask(token_mask, n, k)
             if fp8_experts(policy):  # fp8 grouped GEMMs over equal, tile-aligned groups
                 stride = -(-capacity // TILE_ROWS) * TILE_ROWS
-                slot, keep = capacity_slots(flat_expert, e, capacity, stride)
+                slot, keep = capacity_slots(flat_expert, e, capacity, stride, valid)
                 out = swiglu_grouped(dispatch(x.astype(dtype), slot, e * stride),
                                      jnp.full((e,), stride, jnp.int32), *weights,
                                      impl=spec.gmm_impl, dtype=dtype, policy=policy)
             else:
-                slot, keep = capacity_slots(flat_expert, e, capacity)
+                slot, keep = capacity_slots(flat_expert, e, capacity, valid=valid)
                 buf = dispatch(x.astype(dtype), slot, e * capacity).reshape(e, capacity, d)
                 out = swiglu_batched(buf, *weights, dtype=dtype).reshape(e * capacity, d)
-            dropped = (n * k - keep.sum()).astype(jnp.int32)
+            dropped = (valid.sum() - keep.sum()).astype(jnp.int32)
         y = combine(collect(out, slot), routing.weights)
         return RoutedOutput(y.astype(x.dtype), dropped, jnp.zeros((), jnp.float32))

@@ -14,7 +14,8 @@ Layouts (`slot` == R means dropped):
     GEMM needs its row tile) -- R = the static bound `padded_rows_bound(A, G, align)`;
   * capacity: group g owns rows [g C, (g+1) C); the (C+1)-th and later assignments of a group
     (in token order) are dropped -- R = G C (with fp8 experts each group's rows start at a
-    multiple of the 128-row tile: stride S = C rounded up, R = G S).
+    multiple of the 128-row tile: stride S = C rounded up, R = G S).  Assignments marked
+    invalid (padding tokens) take no row and do not count towards C.
 """
 
 from __future__ import annotations
@@ -88,13 +89,19 @@ def dropless_slots(groups: jax.Array, num_groups: int, align: int = 1) -> tuple[
 
 
 def capacity_slots(groups: jax.Array, num_groups: int, capacity: int,
-                   stride: int | None = None) -> tuple[jax.Array, jax.Array]:
-    """groups [A] -> (slot [A], keep [A] bool): the r-th assignment of group g (token order)
-    goes to row g S + r if r < C, else it is dropped (slot G S); the stride S >= C (default C)
-    leaves rows [g S + C, (g+1) S) empty, e.g. to align groups to a kernel's row tile."""
+                   stride: int | None = None, valid: jax.Array | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+    """groups [A] -> (slot [A], keep [A] bool): the r-th valid assignment of group g (token
+    order) goes to row g S + r if r < C, else it is dropped (slot G S); invalid ones (valid [A]
+    False: padding) get no row and no rank.  The stride S >= C (default C) leaves rows
+    [g S + C, (g+1) S) empty, e.g. to align groups to a kernel's row tile."""
     stride = capacity if stride is None else stride
-    rank, _ = rank_in_group(groups, num_groups)
-    keep = rank < capacity
+    if valid is None:
+        rank, _ = rank_in_group(groups, num_groups)
+        keep = rank < capacity
+    else:  # invalid assignments rank in an extra group of their own
+        rank, _ = rank_in_group(jnp.where(valid, groups, num_groups), num_groups + 1)
+        keep = valid & (rank < capacity)
     return _materialized(jnp.where(keep, groups * stride + rank, num_groups * stride), keep)
 
 

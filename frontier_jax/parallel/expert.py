@@ -3,11 +3,15 @@ devices that own their experts and back with all-to-all, inside `shard_map`.
 
 With P devices on the `expert` axis, device p owns experts [p E/P, (p+1) E/P).  Per device
 (n local tokens, A = n K assignments):
-  1-2. pack assignments into a send buffer [P, C, d] by owning device: the r-th assignment
-     (token order) bound for device q goes to row (q, r) if r < C, else it is dropped (counted).  C = A ("dropless": nothing can drop)
-     or ceil(capacity_factor A / P) ("capacity");
-  3. all_to_all over `expert`: device q receives [P, C, d] (row (p, r) = p's r-th assignment
-     for q), with the local expert id of each row (-1 = empty);
+  1-2. pack assignments into a send buffer [P, R, d], R rows per destination device:
+     "dropless": the r-th assignment (token order) bound for device q goes to row (q, r),
+     R = A (nothing can drop);
+     "capacity": the same rule as `ops.dispatch.LocalExperts` applied to this device's tokens:
+     expert e takes the first C = ceil(capacity_factor A / E) assignments of real tokens
+     (token_mask 1) bound for it, row (q, j C + r) for the r-th one of q's j-th expert,
+     R = (E/P) C; the rest are dropped (counted), padding takes no row;
+  3. all_to_all over `expert`: device q receives [P, R, d] (block p = p's rows for q), with the
+     local expert id of each row (-1 = empty);
   4. local SwiGLU of the received rows with a grouped matmul (rows laid out by local expert);
      with `moe_mlp` split over `tensor`, partial sums of the down projection are psum-ed;
   5. all_to_all back, unpack, and combine y_t = sum_k g_{t,k} y_{t,k} at the token's device.
@@ -35,7 +39,13 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from frontier_jax.kernels.grouped_gemm import padded_rows_bound
-from frontier_jax.ops.dispatch import ExpertDispatcher, ExpertDispatchSpec, LocalExperts, RoutedOutput
+from frontier_jax.ops.dispatch import (
+    ExpertDispatcher,
+    ExpertDispatchSpec,
+    LocalExperts,
+    RoutedOutput,
+    assignment_mask,
+)
 from frontier_jax.ops.expert_compute import (
     capacity_slots,
     collect,
@@ -85,22 +95,27 @@ def _tensor_axis(mesh: Mesh, rules) -> str | None:
     return axes[0] if axes else None
 
 
-def _local_ffn(x, experts, gates, w_gate, w_up, w_down, *, spec: ExpertDispatchSpec, policy, devices: int,
-               capacity: int, tensor_axis: str | None):
-    """Runs on one device: x [n, d], experts/gates [n, K], local weights [E/P, ...]."""
+def _local_ffn(x, experts, gates, token_mask, w_gate, w_up, w_down, *, spec: ExpertDispatchSpec, policy,
+               devices: int, tensor_axis: str | None):
+    """Runs on one device: x [n, d], experts/gates [n, K], token_mask [n], local weights [E/P, ...]."""
     n, d = x.shape
     k = spec.top_k
     dtype = policy.compute_dtype
     local_experts = spec.n_experts // devices
     flat = experts.reshape(-1)
     dest = flat // local_experts
-    slot, keep = capacity_slots(dest, devices, capacity)
-    num_slots = devices * capacity
+    if spec.dispatch == "dropless":  # by destination device, room for every assignment
+        slot, keep = capacity_slots(dest, devices, n * k)
+        num_slots = devices * n * k
+    else:  # by expert (device-major, as experts are), C real assignments each
+        capacity = math.ceil(spec.capacity_factor * n * k / spec.n_experts)
+        slot, keep = capacity_slots(flat, spec.n_experts, capacity, valid=assignment_mask(token_mask, n, k))
+        num_slots = spec.n_experts * capacity
     send = dispatch(x.astype(dtype), slot, num_slots)
     send_ids = jnp.append(flat % local_experts, -1)[invert(slot, num_slots)]  # -1: an empty row
     a2a = functools.partial(jax.lax.all_to_all, axis_name=EXPERT_AXIS, split_axis=0, concat_axis=0)
-    recv = a2a(send.reshape(devices, capacity, d)).reshape(num_slots, d)
-    recv_ids = a2a(send_ids.reshape(devices, capacity)).reshape(-1)
+    recv = a2a(send.reshape(devices, num_slots // devices, d)).reshape(num_slots, d)
+    recv_ids = a2a(send_ids.reshape(devices, num_slots // devices)).reshape(-1)
     # local experts: received rows laid out expert by expert, empty rows (-1) in a last group
     key = jnp.where(recv_ids < 0, local_experts, recv_ids)
     align = row_alignment(spec.gmm_impl, policy)
@@ -111,20 +126,23 @@ def _local_ffn(x, experts, gates, w_gate, w_up, w_down, *, spec: ExpertDispatchS
     out = collect(out, local_slot)
     if tensor_axis is not None:
         out = jax.lax.psum(out, tensor_axis)
-    back = a2a(out.reshape(devices, capacity, d)).reshape(num_slots, d)
+    back = a2a(out.reshape(devices, num_slots // devices, d)).reshape(num_slots, d)
     y = combine(collect(back, slot), gates)
     me = jax.lax.axis_index(EXPERT_AXIS)
     remote_rows = jnp.sum(keep & (dest != me))
     sent_bytes = 2.0 * remote_rows * d * jnp.dtype(dtype).itemsize
-    dropped = (n * k - keep.sum()).astype(jnp.int32)
+    real = n * k if spec.dispatch == "dropless" else assignment_mask(token_mask, n, k).sum()
+    dropped = (real - keep.sum()).astype(jnp.int32)
     return y.astype(x.dtype), dropped, sent_bytes
 
 
 def expert_parallel_ffn(x: jax.Array, routing: Routing, w_gate: jax.Array, w_up: jax.Array,
                         w_down: jax.Array, *, spec: ExpertDispatchSpec, policy: PrecisionPolicy,
-                        mesh: Mesh, rules: Mapping[str, Sequence[str]]) -> RoutedOutput:
-    """x [N, d] (N = all tokens), routing over N -> (routed-expert output [N, d], dropped
-    assignments (global), bytes sent to other devices (global))."""
+                        mesh: Mesh, rules: Mapping[str, Sequence[str]],
+                        token_mask: jax.Array | None = None) -> RoutedOutput:
+    """x [N, d] (N = all tokens), routing over N, token_mask [N] (None: all real) ->
+    (routed-expert output [N, d], dropped assignments (global), bytes sent to other devices
+    (global))."""
     devices = expert_parallel_size(mesh, rules)
     if spec.n_experts % devices:
         raise ValueError(f"model.n_routed_experts={spec.n_experts} is not divisible by the "
@@ -136,28 +154,26 @@ def expert_parallel_ffn(x: jax.Array, routing: Routing, w_gate: jax.Array, w_up:
         raise ValueError(f"{x.shape[0]} tokens do not split over the {ways}-way batch axes {batch} "
                          f"into impl.ep_overlap_chunks={chunks} chunks")
     tensor_axis = _tensor_axis(mesh, rules)
-    assignments = x.shape[0] // (ways * chunks) * spec.top_k
-    capacity = (assignments if spec.dispatch == "dropless"  # per chunk
-                else math.ceil(spec.capacity_factor * assignments / devices))
     w_in = P(EXPERT_AXIS, None, tensor_axis)
     w_out = P(EXPERT_AXIS, tensor_axis, None)
     tokens = P(batch, None)
-    local = functools.partial(_local_ffn, spec=spec, policy=policy, devices=devices, capacity=capacity,
-                              tensor_axis=tensor_axis)
+    local = functools.partial(_local_ffn, spec=spec, policy=policy, devices=devices, tensor_axis=tensor_axis)
 
     replicas = math.prod(size for axis, size in mesh.shape.items() if axis not in batch)
 
-    def per_device(x, experts, gates, w_gate, w_up, w_down):
-        parts = [local(*(a.reshape((chunks, -1) + a.shape[1:])[c] for a in (x, experts, gates)),
+    def per_device(x, experts, gates, token_mask, w_gate, w_up, w_down):
+        parts = [local(*(a.reshape((chunks, -1) + a.shape[1:])[c] for a in (x, experts, gates, token_mask)),
                        w_gate, w_up, w_down) for c in range(chunks)]
         y = jnp.concatenate([p[0] for p in parts])
         dropped, sent = sum(p[1] for p in parts), sum(p[2] for p in parts)
         total = lambda v: jax.lax.psum(v, tuple(mesh.axis_names)) / replicas  # replicas count once
         return y, total(dropped).astype(jnp.int32), total(sent)
 
-    fn = _smap(per_device, mesh, in_specs=(tokens, tokens, tokens, w_in, w_in, w_out),
+    if token_mask is None:
+        token_mask = jnp.ones((x.shape[0],), jnp.int32)
+    fn = _smap(per_device, mesh, in_specs=(tokens, tokens, tokens, P(batch), w_in, w_in, w_out),
                out_specs=(tokens, P(), P()))
-    return RoutedOutput(*fn(x, routing.experts, routing.weights, w_gate, w_up, w_down))
+    return RoutedOutput(*fn(x, routing.experts, routing.weights, token_mask, w_gate, w_up, w_down))
 
 
 @dataclass(frozen=True)
@@ -174,9 +190,10 @@ class ExpertParallel:
         object.__setattr__(self, "rules", tuple(sorted((k, tuple(v)) for k, v in rules.items())))
 
     def __call__(self, x: jax.Array, routing: Routing, w_gate: jax.Array, w_up: jax.Array,
-                 w_down: jax.Array, *, spec: ExpertDispatchSpec, policy: PrecisionPolicy) -> RoutedOutput:
+                 w_down: jax.Array, *, spec: ExpertDispatchSpec, policy: PrecisionPolicy,
+                 token_mask: jax.Array | None = None) -> RoutedOutput:
         return expert_parallel_ffn(x, routing, w_gate, w_up, w_down, spec=spec, policy=policy,
-                                   mesh=self.mesh, rules=dict(self.rules))
+                                   mesh=self.mesh, rules=dict(self.rules), token_mask=token_mask)
 
 
 def expert_dispatcher(mesh: Mesh | None, rules: Mapping[str, Sequence[str]]) -> ExpertDispatcher:

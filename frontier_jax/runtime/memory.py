@@ -24,7 +24,8 @@ pass.  Per device:
       E ceil(cf N K / E) / N         capacity, no expert parallelism ([E, C, d] buffer)
       P K                            dropless over P expert-parallel devices (each device's
                                      send buffer [P, C, d] has C = N K rows per destination)
-      P ceil(cf N' K / P) / N'       capacity over P devices (N' = N / impl.ep_overlap_chunks)
+      E ceil(cf N' K / E) / N'       capacity over P devices, per expert of each device's chunk
+                                     of N' = N / impl.ep_overlap_chunks tokens
   per token of one layer, in bytes:
     input    c d                                     (the scan carry: saved by every policy)
     MLA      dots   c (q' + h d_qk + d_c + d_h^R + h d_h + h d_v + d)   projection outputs
@@ -134,12 +135,10 @@ def _expert_rows_per_token(cfg: ModelConfig, impl: ImplConfig, tokens: int, mesh
     """rho of the module docstring."""
     k, e, cf = cfg.num_experts_per_tok, cfg.n_routed_experts, impl.moe_capacity_factor
     p = expert_parallel_size(mesh, rules)
-    if p == 1:
-        return k if impl.moe_dispatch == "dropless" else e * math.ceil(cf * tokens * k / e) / tokens
     if impl.moe_dispatch == "dropless":
         return p * k
-    chunk = max(tokens // impl.ep_overlap_chunks, 1)
-    return p * math.ceil(cf * chunk * k / p) / chunk
+    chunk = tokens if p == 1 else max(tokens // impl.ep_overlap_chunks, 1)
+    return e * math.ceil(cf * chunk * k / e) / chunk
 
 
 def activation_bytes(cfg: Config, mesh: AbstractMesh, rules) -> tuple[int, int]:

@@ -12,9 +12,15 @@ from transformers.modeling_layers import MtpModel
 
 from frontier_jax.convert import from_hf
 
-from .helpers import (LOGIT_RTOL, flat_params, read_config, read_tensors, rel_err,
-                      write_checkpoint, write_mtp_checkpoint)
-
+from .helpers import (
+    LOGIT_RTOL,
+    flat_params,
+    read_config,
+    read_tensors,
+    rel_err,
+    write_checkpoint,
+    write_mtp_checkpoint,
+)
 
 # (MTP depth, rms_norm_eps): eps 1e-5 (Moonlight's) checks that the MTP norms take rms_norm_eps
 # while the latent norms keep 1e-6

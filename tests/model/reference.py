@@ -215,7 +215,8 @@ def capacity(cfg, n_tokens, capacity_factor):
 def moe(p, x, cfg, token_mask=None, capacity_factor=None):
     """DeepSeekMoE on flat tokens x [N, d].  Returns dict(y [N, d], dropped, load [N_r],
     experts, gates, scores).  capacity_factor=None: dropless; else each expert keeps its first
-    C assignments in token order and drops the rest."""
+    C = ceil(factor N K / N_r) assignments of real tokens (token_mask 1) in token order and
+    drops the rest (counted); padding tokens get no routed output and take no place."""
     x = np.asarray(x, np.float64)
     n, _ = x.shape
     n_exp = cfg.n_routed_experts
@@ -233,6 +234,8 @@ def moe(p, x, cfg, token_mask=None, capacity_factor=None):
         for e, g in zip(experts, gates):
             load[e] += mask[t]
             if cap is not None:
+                if not mask[t]:
+                    continue
                 if taken[e] >= cap:
                     dropped += 1
                     continue
@@ -246,22 +249,25 @@ def moe(p, x, cfg, token_mask=None, capacity_factor=None):
 
 
 def sequence_balance_loss(experts, scores, token_mask, cfg):
-    """L_bal = sum_i f_i P_i per row, averaged over rows.  experts [B, T, K], scores [B, T, N_r],
-    token_mask [B, T].  With T' real tokens of the row (at least 1):
+    """L_bal = sum_i f_i P_i per row, SUMMED over the rows that hold real tokens (training divides
+    by the number of such rows in the global batch).  experts [B, T, K], scores [B, T, N_r],
+    token_mask [B, T].  With T' >= 1 real tokens of the row:
     f_i = N_r / (K T') sum_t 1[i in TopK_t],  P_i = (1/T') sum_t s_{i,t} / sum_j s_{j,t}."""
     bsz, t_len = token_mask.shape
     n_exp, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     losses = []
     for b in range(bsz):
         real = [t for t in range(t_len) if token_mask[b, t]]
-        t_real = max(len(real), 1)
+        if not real:
+            continue
+        t_real = len(real)
         total = 0.0
         for i in range(n_exp):
             f_i = n_exp / (k * t_real) * sum(1.0 for t in real if i in list(experts[b, t]))
             p_i = sum(scores[b, t, i] / scores[b, t].sum() for t in real) / t_real
             total += f_i * p_i
         losses.append(total)
-    return float(np.mean(losses))
+    return float(np.sum(losses))
 
 
 # --------------------------------------------------------------------------- blocks / model
@@ -307,11 +313,11 @@ def transformer(params, ids, cfg, positions=None, segment_ids=None):
         positions = np.tile(np.arange(t_len), (bsz, 1))
     emb = params["embed"]["embedding"]
     h = emb[ids]
-    for l in range(cfg.first_k_dense):
-        h, _ = block(layer(params["dense_layers"]["blocks"], l), h, positions, segment_ids, cfg, False)
+    for index in range(cfg.first_k_dense):
+        h, _ = block(layer(params["dense_layers"]["blocks"], index), h, positions, segment_ids, cfg, False)
     moe_stats = []
-    for l in range(cfg.num_layers - cfg.first_k_dense):
-        h, st = block(layer(params["moe_layers"]["blocks"], l), h, positions, segment_ids, cfg, True)
+    for index in range(cfg.num_layers - cfg.first_k_dense):
+        h, st = block(layer(params["moe_layers"]["blocks"], index), h, positions, segment_ids, cfg, True)
         moe_stats.append(st)
     eps = cfg.rms_norm_eps
     normed = rms_norm(h, params["final_norm"]["scale"], eps)

@@ -88,21 +88,29 @@ def test_capacity_with_large_factor_equals_dropless():
     x = _x(cfg, 2)
     y0, s0 = _run(dropless, x)
     y1, s1 = _run(capacity, x)
-    np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=2e-5)
+    real = MASK == 1  # (padding tokens get no routed output under capacity dispatch)
+    np.testing.assert_allclose(y1[real], y0[real], rtol=1e-5, atol=2e-5)
     assert s1.dropped == 0
     np.testing.assert_array_equal(s1.load, s0.load)
     assert s1.balance_loss == s0.balance_loss
 
 
-@pytest.mark.parametrize("factor", [0.5])
-def test_capacity_drops_match_first_come_naive_count(factor):
-    # each expert keeps its first C = ceil(f N K / N_r) assignments in token order: the dropped
-    # count equals the naive count exactly and the output equals the naive loop that skips the
-    # dropped assignments (rtol 1e-4, atol 1e-5)
+LEADING_PADDING = np.ones((B, T), np.int32)
+LEADING_PADDING[0, :5] = 0  # padding ahead of real tokens in token order
+LEADING_PADDING[1, 8:] = 0
+
+
+@pytest.mark.parametrize("mask", [MASK, LEADING_PADDING], ids=["trailing_padding", "leading_padding"])
+def test_capacity_drops_match_first_come_naive_count(mask):
+    # each expert keeps its first C = ceil(f N K / N_r) assignments of real tokens in token
+    # order (padding takes no place and is not counted as dropped): the dropped count equals the
+    # naive count exactly and the output equals the naive loop that skips the dropped
+    # assignments (rtol 1e-4, atol 1e-5)
+    factor = 0.5
     cfg, moe = _moe(seed=4, impl=ImplConfig(moe_dispatch="capacity", moe_capacity_factor=factor))
     x = _x(cfg, 5)
-    y, stats = _run(moe, x)
-    want = ref.moe(common.params_f64(moe), x.reshape(B * T, -1), cfg, token_mask=MASK,
+    y, stats = _run(moe, x, mask)
+    want = ref.moe(common.params_f64(moe), x.reshape(B * T, -1), cfg, token_mask=mask,
                    capacity_factor=factor)
     assert want["dropped"] > 0  # the test is about drops
     assert int(stats.dropped) == want["dropped"]
@@ -126,7 +134,7 @@ def test_load_counts_assignments_of_real_tokens_only():
 
 @pytest.mark.parametrize("overrides", [dict(), SOFTMAX_NO_SHARED], ids=["sigmoid", "softmax"])
 def test_sequence_balance_loss_matches_reference(overrides):
-    # rows: one full, one padded, one entirely padding (contributes 0 to the mean); rtol 1e-5
+    # rows: one full, one padded, one entirely padding (adds 0 to the sum over rows); rtol 1e-5
     cfg, moe = _moe(seed=8, **overrides)
     x = _x(cfg, 9)
     _, stats = _run(moe, x)
@@ -134,8 +142,8 @@ def test_sequence_balance_loss_matches_reference(overrides):
     loss = ref.sequence_balance_loss(want["experts"].reshape(B, T, -1),
                                      want["scores"].reshape(B, T, -1), MASK, cfg)
     np.testing.assert_allclose(stats.balance_loss, loss, rtol=1e-5)
-    # sanity of the reference itself: each real row's L lies in (0, N_r]
-    assert 0 < loss <= cfg.n_routed_experts
+    # sanity of the reference itself: each of the 2 real rows' L lies in (0, N_r]
+    assert 0 < loss <= 2 * cfg.n_routed_experts
 
 
 def test_gradients_match_finite_differences_of_reference_and_reach_router():

@@ -72,6 +72,16 @@ def test_capacity_slots_keep_the_first_assignments_in_token_order():
     np.testing.assert_array_equal(keep, [True, True, True, False, True, False, True])
 
 
+def test_capacity_slots_give_invalid_assignments_no_row_and_no_rank():
+    # assignments 0 and 2 (padding) are invalid: group 2's valid ones are 3 and 5, both kept;
+    # group 0 keeps 1 and 6.  Rows as if the invalid assignments were not there.
+    groups = np.array([2, 0, 2, 2, 1, 2, 0])
+    valid = np.array([False, True, False, True, True, True, True])
+    slot, keep = capacity_slots(jnp.asarray(groups, jnp.int32), 3, 2, valid=jnp.asarray(valid))
+    np.testing.assert_array_equal(keep, [False, True, False, True, True, True, True])
+    np.testing.assert_array_equal(slot, [6, 0, 6, 4, 2, 5, 1])
+
+
 def test_dispatch_collect_combine_values_and_gradient():
     # each group's buffer rows are scaled by (group + 1), so a row placed in the wrong group
     # changes the result; the reference keeps, by a Python loop, the first `capacity`

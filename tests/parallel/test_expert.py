@@ -1,8 +1,10 @@
 """Expert parallelism (all-to-all dispatch in shard_map) against naive numpy references, on 8
-fake CPU devices laid out as data 2 x expert 4.
+fake CPU devices laid out as data 2 x expert 4 (or data 2 x expert 2 x tensor 2).
 
-Token shard i (of 8 along the batch axes data, fsdp, expert) sits at expert coordinate i % 4;
-it sends each assignment to device expert_id // (E / 4), at most C per destination."""
+Token shard i (of the data x expert ways along the batch axes data, fsdp, expert) sits at
+expert coordinate i % EP and sends each assignment to device expert_id // (E / EP).  With
+capacity dispatch each expert takes, from each shard, its first C = ceil(factor n K / E) real
+tokens' assignments (n tokens per shard) -- the rule of the local dispatch applied per shard."""
 
 import math
 
@@ -40,48 +42,86 @@ def _inputs(seed=0):
     return x, experts, weights
 
 
-def _naive(x, experts, weights, w_gate, w_up, w_down, capacity):
-    """Per token shard, assignments in (token, choice) order; the r-th one bound for a
-    destination device is kept iff r < capacity.  Returns (y, dropped, remote kept rows)."""
-    n_local, per_device = N // SHARDS, E // EP
+def _token_mask(seed=0):
+    """[N] 1 = real token; about a quarter padding, some of it before real tokens of a shard."""
+    mask = (np.random.default_rng(seed + 100).random(N) > 0.25).astype(np.int32)
+    mask[:3] = 0
+    return mask
+
+
+def _naive(x, experts, weights, w_gate, w_up, w_down, token_mask, factor, shards, ep):
+    """Per token shard, assignments in (token, choice) order: the r-th one of a real token bound
+    for expert e is kept iff r < C = ceil(factor n K / E); padding tokens take no place and get
+    no output.  Returns (y, dropped real assignments, kept rows sent to another expert device)."""
+    n_local, per_device = N // shards, E // ep
+    capacity = math.ceil(factor * n_local * K / E)
     y = np.zeros((N, D))
     dropped = remote = 0
-    for shard in range(SHARDS):
-        tokens = range(shard * n_local, (shard + 1) * n_local)
-        assignments = [(experts[t, c], t, c) for t in tokens for c in range(K)]
-        sent = np.zeros(EP, int)
-        for e, t, c in assignments:
-            dest = e // per_device
-            if sent[dest] >= capacity:
-                dropped += 1
-                continue
-            sent[dest] += 1
-            remote += dest != shard % EP
-            h = (x[t] @ w_gate[e])
-            h = h / (1 + np.exp(-h)) * (x[t] @ w_up[e])
-            y[t] += weights[t, c] * (h @ w_down[e])
+    for shard in range(shards):
+        taken = np.zeros(E, int)
+        for t in range(shard * n_local, (shard + 1) * n_local):
+            for c in range(K):
+                e = experts[t, c]
+                if not token_mask[t]:
+                    continue
+                if taken[e] >= capacity:
+                    dropped += 1
+                    continue
+                taken[e] += 1
+                remote += e // per_device != shard % ep
+                h = x[t] @ w_gate[e]
+                h = h / (1 + np.exp(-h)) * (x[t] @ w_up[e])
+                y[t] += weights[t, c] * (h @ w_down[e])
     return y, dropped, remote
 
 
+LAYOUTS = {"data2_expert4": dict(data=2, expert=4), "data2_expert2_tensor2": dict(data=2, expert=2, tensor=2)}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("factor", [0.5, 1.0, 4.0])
-def test_expert_parallel_capacity_matches_naive_drops_and_bytes(factor):
+def test_expert_parallel_capacity_matches_naive_drops_and_bytes(factor, layout):
+    # fp32 vs float64, rtol 1e-4 / atol 1e-5; dropped and bytes exact (counted once, not once
+    # per replica: with tensor 2 every token shard lives on two devices)
+    axes = LAYOUTS[layout]
+    shards, ep = axes["data"] * axes["expert"], axes["expert"]
     cfg = _cfg()
-    mesh = build_mesh(MeshConfig(data=2, expert=EP))
+    mesh = build_mesh(MeshConfig(**axes))
     layer = RoutedExperts(cfg, policy=get_policy("fp32"), impl=ImplConfig(moe_dispatch="capacity",
                           moe_capacity_factor=factor), experts=ExpertParallel(mesh, DEFAULT_RULES),
                           rngs=nnx.Rngs(0))
     x, experts, weights = _inputs()
+    mask = _token_mask()
     with use_sharding(mesh):
-        y, dropped, sent = jax.jit(lambda layer, *a: layer(a[0], Routing(a[2], a[1], None)))(
-            layer, x, experts, weights)
-    capacity = math.ceil(factor * (N // SHARDS) * K / EP)
+        y, dropped, sent = jax.jit(lambda layer, *a: layer(a[0], Routing(a[2], a[1], None), a[3]))(
+            layer, x, experts, weights, mask)
     w = [np.asarray(v[...], np.float64) for v in (layer.w_gate, layer.w_up, layer.w_down)]
-    y_ref, dropped_ref, remote = _naive(x, experts, weights, *w, capacity)
+    y_ref, dropped_ref, remote = _naive(x, experts, weights, *w, mask, factor, shards, ep)
     np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5)
     assert int(dropped) == dropped_ref
     assert float(sent) == 2 * remote * D * 4  # both directions, fp32 rows
-    if factor >= 4.0:
-        assert dropped_ref == 0
+    assert (dropped_ref == 0) == (factor >= 4.0)
+
+
+def test_capacity_factor_drops_per_shard_as_the_local_dispatch_does():
+    """The capacity factor means the same with and without expert parallelism: each device's
+    shard drops exactly what the local dispatch drops when given that shard alone."""
+    cfg, impl = _cfg(), ImplConfig(moe_dispatch="capacity", moe_capacity_factor=0.75)
+    mesh = build_mesh(MeshConfig(data=2, expert=EP))
+    local = RoutedExperts(cfg, policy=get_policy("fp32"), impl=impl, rngs=nnx.Rngs(5))
+    ep_layer = RoutedExperts(cfg, policy=get_policy("fp32"), impl=impl,
+                             experts=ExpertParallel(mesh, DEFAULT_RULES), rngs=nnx.Rngs(5))
+    x, experts, weights = _inputs(5)
+    mask = _token_mask(5)
+    with use_sharding(mesh):
+        y, dropped, _ = jax.jit(lambda layer, *a: layer(a[0], Routing(a[2], a[1], None), a[3]))(
+            ep_layer, x, experts, weights, mask)
+    n = N // SHARDS
+    parts = [local(jnp.asarray(x[i:i + n]), Routing(jnp.asarray(weights[i:i + n]), jnp.asarray(experts[i:i + n]),
+                                                    None), jnp.asarray(mask[i:i + n]))
+             for i in range(0, N, n)]
+    np.testing.assert_allclose(y, np.concatenate([p.y for p in parts]), rtol=1e-5, atol=1e-6)
+    assert int(dropped) == sum(int(p.dropped) for p in parts) > 0
 
 
 @pytest.mark.parametrize("model, kernel", [(dict(), dict()), (dict(moe_ffn_dim=16), dict(gmm="pallas"))],

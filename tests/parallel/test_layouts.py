@@ -43,9 +43,8 @@ def _batch(cfg):
 
 
 def _loss_and_grads(trainer, state, batch):
-    norm = {"tokens": jnp.float32(batch["loss_mask"].size), "micro_batches": jnp.float32(1),
-            "mtp_targets": jnp.float32([batch["loss_mask"].size - batch["loss_mask"].shape[0]])}
     mb = Batch(*(jnp.asarray(batch[k]) for k in BATCH_KEYS), token_mask=jnp.asarray(batch["loss_mask"]))
+    norm = trainer.objective.normalisers(mb, 1)
     loss, grads = jax.value_and_grad(
         lambda params: trainer.objective(trainer.model(params, state.biases), mb, norm)[0])(state.params)
     return loss, grads

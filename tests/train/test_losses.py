@@ -135,6 +135,7 @@ def test_mtp_targets_match_naive_loop(with_segments, depth):
 
 # ---------------------------------------------------------------- balance loss
 def _balance_reference(experts, scores, token_mask, n_experts, k):
+    """sum over the rows holding real tokens of sum_i f_i P_i (float64 loops)."""
     b, t = token_mask.shape
     experts = experts.reshape(b, t, k)
     scores = scores.reshape(b, t, n_experts).astype(np.float64)
@@ -142,6 +143,8 @@ def _balance_reference(experts, scores, token_mask, n_experts, k):
     for r in range(b):
         real = np.flatnonzero(token_mask[r])
         n = len(real)
+        if n == 0:
+            continue
         f = np.zeros(n_experts)
         p = np.zeros(n_experts)
         for tok in real:
@@ -151,7 +154,7 @@ def _balance_reference(experts, scores, token_mask, n_experts, k):
         f *= n_experts / (k * n)
         p /= n
         per_row.append((f * p).sum())
-    return np.mean(per_row)
+    return np.sum(per_row)
 
 
 @pytest.mark.parametrize("scoring", ["sigmoid", "softmax"])
@@ -159,7 +162,7 @@ def test_sequence_balance_loss_matches_reference(scoring):
     cfg = ModelConfig(n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
                       scoring_func=scoring).validate()
     rng = np.random.default_rng(5)
-    b, t = 3, 20
+    b, t = 4, 20
     logits = jnp.asarray(2.0 * rng.standard_normal((b * t, 8)), jnp.float32)
     bias = jnp.asarray(0.3 * rng.standard_normal(8), jnp.float32)
     routing = route(logits, bias, cfg)
@@ -167,6 +170,7 @@ def test_sequence_balance_loss_matches_reference(scoring):
     token_mask[0, 15:] = 0
     token_mask[2, :4] = 0
     token_mask[2, 10:] = 0
+    token_mask[3] = 0  # a row without real tokens adds nothing
     got = sequence_balance_loss(routing, jnp.asarray(token_mask), cfg)
     ref = _balance_reference(np.asarray(routing.experts), np.asarray(routing.scores), token_mask, 8, 3)
     np.testing.assert_allclose(float(got), ref, rtol=RTOL)

@@ -2,7 +2,9 @@
 
     L = L_CE + lambda L_MTP + alpha sum_layers L_Bal + z L_z
 per micro-batch, every term normalised by counts of the WHOLE global batch (tokens, MTP targets
-per depth, micro-batches), so that accumulation equals one large batch up to fp32 rounding.
+per depth, rows with real tokens for L_Bal -- the mean over the rows the step trains on, rows
+switched off by the batch-size ramp and empty rows excluded -- micro-batches), so that
+accumulation equals one large batch up to fp32 rounding.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from frontier_jax.model import Transformer
+from frontier_jax.model.moe import rows_with_tokens
 from frontier_jax.train.losses import masked_sum, mtp_targets, token_cross_entropy
 
 if TYPE_CHECKING:  # the composed config sits above train
@@ -53,8 +56,10 @@ class Pretrain:
                      token_mask=(batch["segment_ids"] != 0).astype(jnp.int32) * active)
 
     def normalisers(self, batch: Batch, micro_batches: int) -> dict:
-        """tokens: loss-masked targets; mtp_targets [D]: targets per MTP depth; micro_batches."""
+        """tokens: loss-masked targets; mtp_targets [D]: targets per MTP depth; balance_rows:
+        rows with real tokens (ramp-inactive and empty rows excluded); micro_batches."""
         norm = {"tokens": jnp.maximum(batch.loss_mask.sum(), 1).astype(jnp.float32),
+                "balance_rows": jnp.maximum(rows_with_tokens(batch.token_mask), 1).astype(jnp.float32),
                 "micro_batches": jnp.float32(micro_batches)}
         if self.cfg.model.mtp_depth:
             _, masks = mtp_targets(batch.targets, batch.loss_mask, self._segments(batch),
@@ -83,7 +88,7 @@ class Pretrain:
             metrics["mtp_loss"] = mtp_loss
         layers = [stats for stats in (out.moe_stats, out.mtp_stats) if stats is not None]
         total = lambda field: sum(getattr(stats, field).sum() for stats in layers) if layers else jnp.zeros(())
-        balance = total("balance_loss") / norm["micro_batches"]
+        balance = total("balance_loss") / norm["balance_rows"]
         loss += cfg.train.balance_alpha * balance
         n_layers = sum(stats.load.shape[0] for stats in layers)
         metrics.update(balance_loss=balance, dropped=total("dropped"), a2a_bytes=total("a2a_bytes"),
