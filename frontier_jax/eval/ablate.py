@@ -36,7 +36,6 @@ import yaml
 
 from frontier_jax.eval.model import load_checkpoint
 from frontier_jax.eval.run import evaluate
-from frontier_jax.parallel.config import MeshConfig
 from frontier_jax.train.loop import train
 
 HELD_OUT = ("ce", "perplexity", "bits_per_byte")
@@ -100,7 +99,7 @@ def run_one(ablation: Ablation, arm: str, seed: int, out: Path, *, load_config: 
         return json.loads(done.read_text())
     cfg = load_config(ablation.base, run_overrides(ablation, arm, seed))
     train(cfg, run_dir, progress=progress)
-    model = load_checkpoint(str(run_dir), None, mesh=MeshConfig(data=1), dtype=None)
+    model = load_checkpoint(str(run_dir), None, mesh=cfg.mesh, dtype=None)  # the training layout
     held_out = evaluate(model, cfg.eval, cfg.eval.data, progress=progress)["datasets"]
     result = {"arm": arm, "seed": seed, "step": model.step, "train": _last_metrics(run_dir, ablation.metrics),
               "held_out": {name: {k: figures[k] for k in HELD_OUT + ("tokens", "bytes")}

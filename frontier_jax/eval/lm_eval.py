@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from frontier_jax.eval.config import EvalConfig
 from frontier_jax.eval.model import EvalModel, load_checkpoint, load_hf
 from frontier_jax.eval.run import build_scorer
+from frontier_jax.eval.scorer import batch_split
 from frontier_jax.eval.windows import Window
 from frontier_jax.infer import Engine, SamplingParams
 from frontier_jax.parallel.config import MeshConfig
@@ -53,6 +54,8 @@ class FrontierJaxLM(TemplateLM):
         self._max_length = int(max_length) if max_length else self.model.train_seq_len
         self.max_gen_toks = int(max_gen_toks)
         batch = 8 if str(batch_size) == "auto" else int(str(batch_size).split(":")[0])
+        ways = batch_split(self.model.program)
+        batch = -(-batch // ways) * ways  # rounded up to the mesh's batch split
         self.scorer, _ = build_scorer(self.model, EvalConfig(seq_len=self._max_length, batch_size=batch),
                                       progress=False)
         self._engine: Engine | None = None

@@ -27,6 +27,11 @@ from frontier_jax.runtime.program import ModelProgram
 _KEYS = ("input_ids", "targets", "segment_ids", "positions")
 
 
+def batch_split(program: ModelProgram) -> int:
+    """How many ways the mesh splits the batch (the product of the `batch` rule's mesh axes)."""
+    return math.prod(program.mesh.shape[a] for a in program.rules["batch"] if a in program.mesh.shape)
+
+
 class Scorer:
     """`score(windows)` -> per window (logprob [L] float32, greedy [L] bool) numpy arrays."""
 
@@ -34,7 +39,7 @@ class Scorer:
                  pad_id: int = 0, progress: bool = True):
         if program.mesh is None:
             raise ValueError("Scorer needs a model program on a mesh (runtime.build_model_program)")
-        ways = math.prod(program.mesh.shape[a] for a in program.rules["batch"] if a in program.mesh.shape)
+        ways = batch_split(program)
         if batch_size % ways:
             raise ValueError(f"eval.batch_size={batch_size} is not divisible by the {ways}-way batch split of "
                              f"the mesh {dict(program.mesh.shape)}; use a multiple of {ways}")
