@@ -20,6 +20,7 @@ request is one `windows.Window` scored by the shared `Scorer` (batched, sharded 
 
 from __future__ import annotations
 
+import lm_eval.models  # noqa: F401  (lm-eval's own models first: it fills an empty registry only)
 import numpy as np
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
