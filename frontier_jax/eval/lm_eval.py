@@ -25,7 +25,6 @@ import numpy as np
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from tqdm.auto import tqdm
 
 from frontier_jax.eval.config import EvalConfig
 from frontier_jax.eval.model import EvalModel, load_checkpoint, load_hf
@@ -133,12 +132,16 @@ class FrontierJaxLM(TemplateLM):
             params.append(SamplingParams(max_new_tokens=max_new, temperature=temperature,
                                          stop=tuple(s for s in until if s and s != eos)))
         completions = self._engine.generate(prompts, params, progress=not disable_tqdm)
-        out = []
-        for req, completion in zip(tqdm(requests, disable=True), completions):
+        out, specials = [], set(self.tokenizer.special_ids.values())
+        for req, completion, p in zip(requests, completions, params):
             if completion.finish_reason == "error":
                 raise ValueError(f"generate_until: {completion.error}")
-            out.append(completion.text)
-            self.cache_hook.add_partial("generate_until", req.args, completion.text)
+            # as lm-eval's hf backend: special tokens skipped in decoding, cut at the first stop string
+            text = self.tokenizer.decode([t for t in completion.output_ids if t not in specials])
+            for stop in p.stop:
+                text = text.split(stop)[0]
+            out.append(text)
+            self.cache_hook.add_partial("generate_until", req.args, text)
         return out
 
 

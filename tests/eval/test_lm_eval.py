@@ -75,7 +75,7 @@ def setup(tmp_path_factory):
 
 def _run(model: str, model_args: str, manager) -> dict:
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=list(TASKS), task_manager=manager,
-                                   batch_size=2, log_samples=True, apply_chat_template=False)
+                                   batch_size=2, log_samples=True, apply_chat_template=False, device="cpu")
 
 
 def test_adapter_matches_hf_backend_per_request_and_metrics(setup):
