@@ -34,7 +34,7 @@ NN = (((1,), (0,)), ((), ()))  # a [M, K] . b [K, N]
 
 
 def gemm_ceilings(size: int, batches: int, calls: int) -> list[dict]:
-    flops = 2 * size ** 3
+    flops = 2 * size**3
     rows = []
 
     def timed(name, fn, inputs):
@@ -43,17 +43,29 @@ def gemm_ceilings(size: int, batches: int, calls: int) -> list[dict]:
         print(f"{name:48s} {seconds * 1e3:8.3f} ms {flops / seconds / 1e12:8.1f} TFLOP/s", flush=True)
 
     for layout, dims in (("[K,N]", NN), ("[N,K]", NT)):
-        inputs = [(random((size, size), 2 * s).astype(jnp.bfloat16),
-                   random((size, size), 2 * s + 1).astype(jnp.bfloat16)) for s in range(SETS)]
-        timed(f"bf16 GEMM {size}^3, B {layout}",
-              lambda a, b, dims=dims: jax.lax.dot_general(a, b, dims), inputs)
+        inputs = [
+            (
+                random((size, size), 2 * s).astype(jnp.bfloat16),
+                random((size, size), 2 * s + 1).astype(jnp.bfloat16),
+            )
+            for s in range(SETS)
+        ]
+        timed(
+            f"bf16 GEMM {size}^3, B {layout}", lambda a, b, dims=dims: jax.lax.dot_general(a, b, dims), inputs
+        )
     for layout, dims in (("[N,K]", NT), ("[K,N]", NN)):
-        inputs = [(quantize(random((size, size), 2 * s), E4M3, (None, None)),
-                   quantize(random((size, size), 2 * s + 1), E4M3, (None, None))) for s in range(SETS)]
+        inputs = [
+            (
+                quantize(random((size, size), 2 * s), E4M3, (None, None)),
+                quantize(random((size, size), 2 * s + 1), E4M3, (None, None)),
+            )
+            for s in range(SETS)
+        ]
 
         def fp8(a, b, dims=dims):
             out = jax.lax.dot_general(a.qvalue, b.qvalue, dims, preferred_element_type=jnp.float32)
             return (out * (a.scale * b.scale)).astype(jnp.bfloat16)
+
         timed(f"fp8 e4m3 GEMM {size}^3 (per-tensor), B {layout}", fp8, inputs)
     return rows
 
@@ -63,13 +75,18 @@ def copy_bandwidth(gib: float, batches: int, calls: int) -> dict:
     inputs = [(random((n,), s).astype(jnp.bfloat16),) for s in range(SETS)]
     seconds = median_seconds(jax.jit(lambda x: x * 2), inputs, batches, calls)
     gbs = 2 * 2 * n / seconds / 1e9
-    print(f"{'HBM copy y = 2x, ' + f'{gib:g} GiB bf16 (read + write)':48s} {seconds * 1e3:8.3f} ms "
-          f"{gbs:8.0f} GB/s", flush=True)
+    print(
+        f"{'HBM copy y = 2x, ' + f'{gib:g} GiB bf16 (read + write)':48s} {seconds * 1e3:8.3f} ms "
+        f"{gbs:8.0f} GB/s",
+        flush=True,
+    )
     return {"what": f"HBM copy {gib:g} GiB bf16, read + write", "ms": seconds * 1e3, "gb_per_s": gbs}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", type=int, default=8192)
     parser.add_argument("--copy-gib", type=float, default=2.0)
     parser.add_argument("--batches", type=int, default=10)
@@ -80,7 +97,9 @@ def main() -> None:
     rows = gemm_ceilings(args.size, args.batches, args.calls)
     rows.append(copy_bandwidth(args.copy_gib, args.batches, args.calls))
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": jax.devices()[0].device_kind, "rows": rows}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"device": jax.devices()[0].device_kind, "rows": rows}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -53,7 +53,9 @@ def run(engine: Engine, prompts, params) -> tuple[dict, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="model/toy")
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -64,8 +66,12 @@ def main() -> None:
     parser.add_argument("--speculative", action="store_true")
     args = parser.parse_args()
     for batch in [int(b) for b in args.batches.split(",")]:
-        infer = InferConfig(max_seqs=batch, max_len=args.prompt_len + args.new_tokens + 1,
-                            prefill_chunk=args.prefill_chunk, speculative="mtp" if args.speculative else "none")
+        infer = InferConfig(
+            max_seqs=batch,
+            max_len=args.prompt_len + args.new_tokens + 1,
+            prefill_chunk=args.prefill_chunk,
+            speculative="mtp" if args.speculative else "none",
+        )
         engine = build_engine(args, infer)
         cfg = engine.cfg
         rng = np.random.default_rng(0)
@@ -79,15 +85,19 @@ def main() -> None:
         cache_read = stats["decode_context"] * per_token / steps
         weights = sum(math.prod(x.shape) for x in jax.tree.leaves(engine.state)) * dtype.itemsize
         step_s = stats["decode_s"] / steps
-        print(f"B={batch:4d}  prefill {stats['prompt_tokens'] / max(stats['prefill_s'], 1e-9):10,.0f} tok/s  "
-              f"decode {stats['generated_tokens'] / max(stats['decode_s'], 1e-9):9,.0f} tok/s  "
-              f"({step_s * 1e3:.2f} ms/step)  cache read {cache_read / 2**20:8.3f} MiB/step  "
-              f"weights {weights / 2**20:8.1f} MiB  bandwidth {(cache_read + weights) / step_s / 1e9:7.2f} GB/s  "
-              f"(wall {wall:.1f} s)")
+        print(
+            f"B={batch:4d}  prefill {stats['prompt_tokens'] / max(stats['prefill_s'], 1e-9):10,.0f} tok/s  "
+            f"decode {stats['generated_tokens'] / max(stats['decode_s'], 1e-9):9,.0f} tok/s  "
+            f"({step_s * 1e3:.2f} ms/step)  cache read {cache_read / 2**20:8.3f} MiB/step  "
+            f"weights {weights / 2**20:8.1f} MiB  bandwidth {(cache_read + weights) / step_s / 1e9:7.2f} GB/s  "
+            f"(wall {wall:.1f} s)"
+        )
         if args.speculative:
             s = engine.speculative_stats
-            print(f"        MTP: acceptance {s['acceptance_rate']:.1%}, {s['tokens_per_forward']:.2f} tokens per "
-                  f"forward ({s['accepted']}/{s['drafted']} drafts kept)")
+            print(
+                f"        MTP: acceptance {s['acceptance_rate']:.1%}, {s['tokens_per_forward']:.2f} tokens per "
+                f"forward ({s['accepted']}/{s['drafted']} drafts kept)"
+            )
 
 
 if __name__ == "__main__":

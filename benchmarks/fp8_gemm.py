@@ -31,6 +31,7 @@ result times the two scales; cuBLASLt), and the XLA blockwise path once at 4096^
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -48,19 +49,39 @@ from frontier_jax.precision.recipe import E4M3, E5M2
 
 # dense 8192^3 sweep: today's kernel (Pallas dot) as the baseline, then the native fp8 dot over
 # warps per 128-row tile (one warpgroup vs two), pipeline depth, program order and tile shape
-SWEEP = ["64x128w4s4g1p", "64x128w4s4g8", "128x128w4s4g8", "128x128w8s3g8", "128x128w8s4g8",
-         "128x128w8s5g8", "128x128w8s4g1", "128x128w8s4g16", "128x128w8s4g8l", "128x256w8s3g8",
-         "256x128w8s3g8", "64x256w4s3g8", "128x64w4s4g8"]
+SWEEP = [
+    "64x128w4s4g1p",
+    "64x128w4s4g8",
+    "128x128w4s4g8",
+    "128x128w8s3g8",
+    "128x128w8s4g8",
+    "128x128w8s5g8",
+    "128x128w8s4g1",
+    "128x128w8s4g16",
+    "128x128w8s4g8l",
+    "128x256w8s3g8",
+    "256x128w8s3g8",
+    "64x256w4s3g8",
+    "128x64w4s4g8",
+]
 # Mosaic GPU dense kernel (Hopper): CTA tile 128 x tile_n, pipeline stages, snake order
-MGPU_TILINGS = [fp8_gemm_mgpu.MgpuTiling(), fp8_gemm_mgpu.MgpuTiling(grid_minor="m"),
-                fp8_gemm_mgpu.MgpuTiling(stages=5, grid_minor="m")]
+MGPU_TILINGS = [
+    fp8_gemm_mgpu.MgpuTiling(),
+    fp8_gemm_mgpu.MgpuTiling(grid_minor="m"),
+    fp8_gemm_mgpu.MgpuTiling(stages=5, grid_minor="m"),
+]
 # the dense fp8 projections of a bench-1b step (16 x 2048 tokens; K -> N, joint projections
 # as one GEMM, N padded to 128): each runs as forward [T, K] x [N, K], dgrad [T, N] x [K, N] and
 # wgrad [K, T] x [N, T] (timed here with b in 128 x 128 blocks, as the forward's W)
 STEP_TOKENS = 32768
-STEP_SHAPES = [("mla W^DQ|W^DKV|W^KR", 1024, 768), ("mla W^UQ", 384, 1536),
-               ("mla W^UK|W^UV", 256, 2048), ("mla W^O", 1024, 1024),
-               ("shared gate|up", 1024, 768), ("shared down", 384, 1024)]
+STEP_SHAPES = [
+    ("mla W^DQ|W^DKV|W^KR", 1024, 768),
+    ("mla W^UQ", 384, 1536),
+    ("mla W^UK|W^UV", 256, 2048),
+    ("mla W^O", 1024, 1024),
+    ("shared gate|up", 1024, 768),
+    ("shared down", 384, 1024),
+]
 PER_TENSOR_FAST = "128x256w8s3g8f"  # per-tensor path, tensor-core accumulation over all of K
 SETS = 3  # input sets rotated through while timing
 RESULTS: list[dict] = []
@@ -85,11 +106,12 @@ def rel_err(got, want) -> float:
 
 
 def record(problem: str, impl: str, flops: float, seconds: float, **extra) -> None:
-    RESULTS.append(dict(problem=problem, impl=impl, ms=seconds * 1e3,
-                        tflops=flops / seconds / 1e12, **extra))
+    RESULTS.append(dict(problem=problem, impl=impl, ms=seconds * 1e3, tflops=flops / seconds / 1e12, **extra))
     err = f"  err {extra['rel_err']:.1e}" if "rel_err" in extra else ""
-    print(f"{problem:22s} {impl:40s} {seconds * 1e3:9.3f} ms {flops / seconds / 1e12:8.1f} "
-          f"TFLOP/s{err}", flush=True)
+    print(
+        f"{problem:22s} {impl:40s} {seconds * 1e3:9.3f} ms {flops / seconds / 1e12:8.1f} TFLOP/s{err}",
+        flush=True,
+    )
 
 
 def time_kernel(problem, name, make, inputs, want, flops, args, **extra) -> None:
@@ -106,8 +128,7 @@ def time_kernel(problem, name, make, inputs, want, flops, args, **extra) -> None
         print(f"{problem:22s} {name:40s} FAILED: {message}", flush=True)
         RESULTS.append(dict(problem=problem, impl=name, failed=message, **extra))
         return
-    record(problem, name, flops, seconds, rel_err=err, wall_s=time.perf_counter() - start,
-           **extra)
+    record(problem, name, flops, seconds, rel_err=err, wall_s=time.perf_counter() - start, **extra)
 
 
 def random(shape, seed):
@@ -116,56 +137,117 @@ def random(shape, seed):
 
 def time_bf16(problem, m, n, k, args):
     """cuBLAS bf16 GEMM of [m, k] x [k, n] (the reference of the ratios)."""
-    inputs = [(random((m, k), 2 * s).astype(jnp.bfloat16),
-               random((k, n), 2 * s + 1).astype(jnp.bfloat16)) for s in range(SETS)]
-    record(problem, "bf16 jnp.dot (B [K,N])", 2 * m * n * k,
-           median_seconds(jax.jit(jnp.dot), inputs, args.batches, args.calls))
+    inputs = [
+        (random((m, k), 2 * s).astype(jnp.bfloat16), random((k, n), 2 * s + 1).astype(jnp.bfloat16))
+        for s in range(SETS)
+    ]
+    record(
+        problem,
+        "bf16 jnp.dot (B [K,N])",
+        2 * m * n * k,
+        median_seconds(jax.jit(jnp.dot), inputs, args.batches, args.calls),
+    )
 
 
 def dense(problem, m, n, k, tilings, args, xla_blockwise=False, extras=False):
     """Dense NT problem: bf16, XLA per-tensor fp8, the kernel tilings (, XLA blockwise; extras:
     the kernel's per-tensor path and e5m2 x e4m3 operands with the best tiling)."""
     flops = 2 * m * n * k
-    quantized = [(quantize(random((m, k), 2 * s), E4M3, (1, 128)),
-                  quantize(random((n, k), 2 * s + 1), E4M3, (128, 128))) for s in range(SETS)]
+    quantized = [
+        (
+            quantize(random((m, k), 2 * s), E4M3, (1, 128)),
+            quantize(random((n, k), 2 * s + 1), E4M3, (128, 128)),
+        )
+        for s in range(SETS)
+    ]
     want = jax.jit(gemm._xla_scaled_matmul)(*quantized[0])
-    check = lambda out: rel_err(out, want)
+    check = functools.partial(rel_err, want=want)
     time_bf16(problem, m, n, k, args)
-    per_tensor = [(quantize(random((m, k), 2 * s), E4M3, (None, None)),
-                   quantize(random((n, k), 2 * s + 1), E4M3, (None, None))) for s in range(SETS)]
-    fp8_pt = jax.jit(lambda a, b: (jax.lax.dot_general(
-        a.qvalue, b.qvalue, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        * (a.scale * b.scale)).astype(jnp.bfloat16))
-    record(problem, "fp8_pt XLA per-tensor (B [N,K])", flops,
-           median_seconds(fp8_pt, per_tensor, args.batches, args.calls))
-    kernel = lambda t: lambda: jax.jit(lambda a, b: fp8_gemm.fp8_matmul_nt(
-        a.qvalue, a.scale, b.qvalue, b.scale, out_dtype=jnp.bfloat16, tiling=t))
+    per_tensor = [
+        (
+            quantize(random((m, k), 2 * s), E4M3, (None, None)),
+            quantize(random((n, k), 2 * s + 1), E4M3, (None, None)),
+        )
+        for s in range(SETS)
+    ]
+    fp8_pt = jax.jit(
+        lambda a, b: (
+            jax.lax.dot_general(
+                a.qvalue, b.qvalue, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+            )
+            * (a.scale * b.scale)
+        ).astype(jnp.bfloat16)
+    )
+    record(
+        problem,
+        "fp8_pt XLA per-tensor (B [N,K])",
+        flops,
+        median_seconds(fp8_pt, per_tensor, args.batches, args.calls),
+    )
+    kernel = lambda t: (
+        lambda: jax.jit(
+            lambda a, b: fp8_gemm.fp8_matmul_nt(
+                a.qvalue, a.scale, b.qvalue, b.scale, out_dtype=jnp.bfloat16, tiling=t
+            )
+        )
+    )
     for t in tilings:
-        time_kernel(problem, f"kernel {t.name}", kernel(t), quantized, check, flops, args,
-                    tiling=t.name)
+        time_kernel(problem, f"kernel {t.name}", kernel(t), quantized, check, flops, args, tiling=t.name)
     if fp8_gemm_mgpu.is_hopper():
-        mgpu = lambda t: lambda: jax.jit(lambda a, b: fp8_gemm_mgpu.fp8_matmul_nt_mgpu(
-            a.qvalue, b.qvalue, *fp8_gemm_mgpu.chunk_scales(a.scale, b.scale, m, n, k),
-            out_dtype=jnp.bfloat16, tiling=t))
+        mgpu = lambda t: (
+            lambda: jax.jit(
+                lambda a, b: fp8_gemm_mgpu.fp8_matmul_nt_mgpu(
+                    a.qvalue,
+                    b.qvalue,
+                    *fp8_gemm_mgpu.chunk_scales(a.scale, b.scale, m, n, k),
+                    out_dtype=jnp.bfloat16,
+                    tiling=t,
+                )
+            )
+        )
         for t in MGPU_TILINGS:
             time_kernel(problem, f"kernel {t.name}", mgpu(t), quantized, check, flops, args)
-    del want
+    del want, check
     if extras and (best := best_tilings(problem, 1)):
-        pt_want = jax.jit(lambda a, b: jax.lax.dot_general(
-            a.qvalue, b.qvalue, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-            * (a.scale * b.scale))(*per_tensor[0])
+        pt_want = jax.jit(
+            lambda a, b: (
+                jax.lax.dot_general(
+                    a.qvalue, b.qvalue, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+                )
+                * (a.scale * b.scale)
+            )
+        )(*per_tensor[0])
         for t in dict.fromkeys([best[0], Fp8Tiling.parse(PER_TENSOR_FAST)]):
-            time_kernel(problem, f"kernel per-tensor {t.name}", kernel(t), per_tensor,
-                        lambda out: rel_err(out, pt_want), flops, args, per_tensor=t.name)
+            time_kernel(
+                problem,
+                f"kernel per-tensor {t.name}",
+                kernel(t),
+                per_tensor,
+                lambda out: rel_err(out, pt_want),
+                flops,
+                args,
+                per_tensor=t.name,
+            )
         del pt_want
-        mixed = [(quantize(random((m, k), 2 * s), E5M2, (1, 128)), b)
-                 for s, (_, b) in enumerate(quantized)]
+        mixed = [(quantize(random((m, k), 2 * s), E5M2, (1, 128)), b) for s, (_, b) in enumerate(quantized)]
         mixed_want = jax.jit(gemm._xla_scaled_matmul)(*mixed[0])
-        time_kernel(problem, f"kernel e5m2 x e4m3 {best[0].name}", kernel(best[0]), mixed,
-                    lambda out: rel_err(out, mixed_want), flops, args, mixed=best[0].name)
+        time_kernel(
+            problem,
+            f"kernel e5m2 x e4m3 {best[0].name}",
+            kernel(best[0]),
+            mixed,
+            lambda out: rel_err(out, mixed_want),
+            flops,
+            args,
+            mixed=best[0].name,
+        )
     if xla_blockwise:
-        record(problem, "xla blockwise (gemm._xla_scaled_matmul)", flops,
-               median_seconds(jax.jit(gemm._xla_scaled_matmul), quantized, 2, 2))
+        record(
+            problem,
+            "xla blockwise (gemm._xla_scaled_matmul)",
+            flops,
+            median_seconds(jax.jit(gemm._xla_scaled_matmul), quantized, 2, 2),
+        )
 
 
 def grouped_inputs(rows, groups, k, n, seed):
@@ -183,21 +265,42 @@ def grouped_rows(problem, rows, groups, k, n, tilings, args):
     x, w, _ = inputs[0]
     head = 2 * (rows // groups)  # the rows of the first two groups
     want = jax.jit(gemm._xla_scaled_grouped_matmul)(
-        jax.tree.map(lambda a: a[:head], x), w, sizes.at[2:].set(0))
+        jax.tree.map(lambda a: a[:head], x), w, sizes.at[2:].set(0)
+    )
     time_bf16(problem, rows, n, k, args)
     for t in tilings:
-        make = lambda t=t: jax.jit(lambda x, w, tg: fp8_gemm.fp8_grouped_rows_nt(
-            x.qvalue, x.scale, w.qvalue, w.scale, tg, out_dtype=jnp.bfloat16, tiling=t))
-        time_kernel(problem, f"kernel {t.name}", make, inputs,
-                    lambda out: rel_err(out[:head], want), 2 * rows * n * k, args, tiling=t.name)
+        make = lambda t=t: jax.jit(
+            lambda x, w, tg: fp8_gemm.fp8_grouped_rows_nt(
+                x.qvalue, x.scale, w.qvalue, w.scale, tg, out_dtype=jnp.bfloat16, tiling=t
+            )
+        )
+        time_kernel(
+            problem,
+            f"kernel {t.name}",
+            make,
+            inputs,
+            lambda out: rel_err(out[:head], want),
+            2 * rows * n * k,
+            args,
+            tiling=t.name,
+        )
     if fp8_gemm_mgpu.is_hopper():
+
         def mgpu(x, w, tg):
             sa, sw = fp8_gemm_mgpu.chunk_scales(x.scale, w.scale, rows, n, k)
-            return fp8_gemm_mgpu.fp8_grouped_rows_nt_mgpu(x.qvalue, w.qvalue, sa, sw, tg,
-                                                          out_dtype=jnp.bfloat16)
-        time_kernel(problem, f"kernel {fp8_gemm_mgpu.DEFAULT_MGPU_TILING.name}",
-                    lambda: jax.jit(mgpu), inputs, lambda out: rel_err(out[:head], want),
-                    2 * rows * n * k, args)
+            return fp8_gemm_mgpu.fp8_grouped_rows_nt_mgpu(
+                x.qvalue, w.qvalue, sa, sw, tg, out_dtype=jnp.bfloat16
+            )
+
+        time_kernel(
+            problem,
+            f"kernel {fp8_gemm_mgpu.DEFAULT_MGPU_TILING.name}",
+            lambda: jax.jit(mgpu),
+            inputs,
+            lambda out: rel_err(out[:head], want),
+            2 * rows * n * k,
+            args,
+        )
 
 
 def weight_grad(problem, rows, groups, k, n, tilings, args):
@@ -205,26 +308,44 @@ def weight_grad(problem, rows, groups, k, n, tilings, args):
     sizes = jnp.full((groups,), rows // groups, jnp.int32)
     tile_group = gemm.row_groups(sizes // TILE_ROWS, rows // TILE_ROWS)
     tile_start = jnp.searchsorted(tile_group, jnp.arange(groups + 1), side="left")
-    inputs = [(quantize(random((k, rows), 2 * s), E4M3, (1, 128)),
-               quantize(random((n, rows), 2 * s + 1), E4M3, (1, 128)), tile_start)
-              for s in range(SETS)]
+    inputs = [
+        (
+            quantize(random((k, rows), 2 * s), E4M3, (1, 128)),
+            quantize(random((n, rows), 2 * s + 1), E4M3, (1, 128)),
+            tile_start,
+        )
+        for s in range(SETS)
+    ]
     a, b, _ = inputs[0]
     head = 2 * (rows // groups)
-    first = lambda q: jax.tree.map(lambda v: v[:, :v.shape[1] * head // rows], q)
+    first = lambda q: jax.tree.map(lambda v: v[:, : v.shape[1] * head // rows], q)
     want = jax.jit(gemm._xla_scaled_grouped_matmul_tn, static_argnums=3)(
-        first(a), first(b), tile_group[:head // TILE_ROWS], 2)
+        first(a), first(b), tile_group[: head // TILE_ROWS], 2
+    )
     time_bf16(problem, k, n, rows, args)
     for t in tilings:
-        make = lambda t=t: jax.jit(lambda a, b, ts: fp8_gemm.fp8_grouped_weight_grad_nt(
-            a.qvalue, a.scale, b.qvalue, b.scale, ts, out_dtype=jnp.bfloat16, tiling=t))
-        time_kernel(problem, f"kernel {t.name}", make, inputs,
-                    lambda out: rel_err(out[:2], want), 2 * rows * n * k, args, tiling=t.name)
+        make = lambda t=t: jax.jit(
+            lambda a, b, ts: fp8_gemm.fp8_grouped_weight_grad_nt(
+                a.qvalue, a.scale, b.qvalue, b.scale, ts, out_dtype=jnp.bfloat16, tiling=t
+            )
+        )
+        time_kernel(
+            problem,
+            f"kernel {t.name}",
+            make,
+            inputs,
+            lambda out: rel_err(out[:2], want),
+            2 * rows * n * k,
+            args,
+            tiling=t.name,
+        )
 
 
 def best_tilings(problem: str, top: int, rows_tile_max: int | None = None) -> list[Fp8Tiling]:
     """The `top` fastest kernel tilings measured on `problem` (block_m <= rows_tile_max)."""
-    timed = sorted((r for r in RESULTS if r["problem"] == problem and "tiling" in r
-                    and "ms" in r), key=lambda r: r["ms"])
+    timed = sorted(
+        (r for r in RESULTS if r["problem"] == problem and "tiling" in r and "ms" in r), key=lambda r: r["ms"]
+    )
     tilings = [Fp8Tiling.parse(r["tiling"]) for r in timed]
     tilings = [t for t in tilings if rows_tile_max is None or t.block_m <= rows_tile_max]
     return tilings[:top] or [fp8_gemm.DEFAULT_TILING]
@@ -237,30 +358,39 @@ def summary() -> None:
         rows = [r for r in RESULTS if r["problem"] == problem]
         bf16 = next(r for r in rows if r["impl"].startswith("bf16"))
         refs = [r for r in rows if "ms" in r and not r["impl"].startswith("kernel")]
-        kernels = sorted((r for r in rows if "ms" in r and r["impl"].startswith("kernel")),
-                         key=lambda r: r["ms"])
+        kernels = sorted(
+            (r for r in rows if "ms" in r and r["impl"].startswith("kernel")), key=lambda r: r["ms"]
+        )
         for r in refs + kernels:
             err = f"{r['rel_err']:8.1e}" if "rel_err" in r else ""
-            print(f"{problem:22s} {r['impl']:40s} {r['ms']:8.3f} {r['tflops']:8.1f} "
-                  f"{bf16['ms'] / r['ms']:7.2f} {err}")
+            print(
+                f"{problem:22s} {r['impl']:40s} {r['ms']:8.3f} {r['tflops']:8.1f} "
+                f"{bf16['ms'] / r['ms']:7.2f} {err}"
+            )
         for r in rows:
             if "failed" in r:
                 print(f"{problem:22s} {r['impl']:40s} FAILED: {r['failed'][:80]}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (runs on CPU)")
     parser.add_argument("--batches", type=int, default=15, help="timed batches per figure")
     parser.add_argument("--calls", type=int, default=10, help="calls per batch")
-    parser.add_argument("--sweep", default=",".join(SWEEP),
-                        help="comma-separated tilings for dense 8192^3 (default: SWEEP)")
-    parser.add_argument("--step-shapes", action="store_true",
-                        help="only the dense GEMMs of a bench-1b step (STEP_SHAPES): bf16, "
-                             "XLA per-tensor and the Mosaic GPU kernel")
-    parser.add_argument("--top", type=int, default=2,
-                        help="how many of the best sweep tilings run on the other problems")
+    parser.add_argument(
+        "--sweep", default=",".join(SWEEP), help="comma-separated tilings for dense 8192^3 (default: SWEEP)"
+    )
+    parser.add_argument(
+        "--step-shapes",
+        action="store_true",
+        help="only the dense GEMMs of a bench-1b step (STEP_SHAPES): bf16, "
+        "XLA per-tensor and the Mosaic GPU kernel",
+    )
+    parser.add_argument(
+        "--top", type=int, default=2, help="how many of the best sweep tilings run on the other problems"
+    )
     args = parser.parse_args()
     sweep = [Fp8Tiling.parse(t) for t in args.sweep.split(",") if t.strip()]
     if args.smoke:
@@ -274,8 +404,11 @@ def main() -> None:
     start = time.perf_counter()
     if args.step_shapes:
         for name, k, n in STEP_SHAPES:
-            for gemm_name, (m_, n_, k_) in [("fwd", (STEP_TOKENS, n, k)), ("dgrad", (STEP_TOKENS, k, n)),
-                                           ("wgrad", (k, n, STEP_TOKENS))]:
+            for gemm_name, (m_, n_, k_) in [
+                ("fwd", (STEP_TOKENS, n, k)),
+                ("dgrad", (STEP_TOKENS, k, n)),
+                ("wgrad", (k, n, STEP_TOKENS)),
+            ]:
                 dense(f"{name} {gemm_name} {m_}x{n_}x{k_}", m_, n_, k_, [], args)
         summary()
         return
@@ -283,8 +416,7 @@ def main() -> None:
     dense(sweep_problem, big, big, big, sweep, args, xla_blockwise=args.smoke, extras=True)
     best = best_tilings(sweep_problem, args.top)
     rows_best = best_tilings(sweep_problem, args.top, rows_tile_max=TILE_ROWS)
-    print(f"best tilings: {[t.name for t in best]}; grouped rows: {[t.name for t in rows_best]}",
-          flush=True)
+    print(f"best tilings: {[t.name for t in best]}; grouped rows: {[t.name for t in rows_best]}", flush=True)
     if not args.smoke:
         for size, xla in dense_shapes:
             dense(f"dense {size}^3", size, size, size, best, args, xla_blockwise=xla)
@@ -296,8 +428,15 @@ def main() -> None:
     if os.environ.get("OUT"):
         path = os.path.join(os.environ["OUT"], "fp8_gemm.json")
         with open(path, "w") as fh:
-            json.dump({"device": jax.devices()[0].device_kind, "sweep": [t.name for t in sweep],
-                       "results": RESULTS}, fh, indent=1)
+            json.dump(
+                {
+                    "device": jax.devices()[0].device_kind,
+                    "sweep": [t.name for t in sweep],
+                    "results": RESULTS,
+                },
+                fh,
+                indent=1,
+            )
         print(f"wrote {path}")
 
 

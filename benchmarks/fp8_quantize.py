@@ -40,14 +40,19 @@ def xla_both(x):
 
 
 def same_bits(got, want) -> bool:
-    return all(np.array_equal(np.asarray(g).view(np.uint8) if g.dtype == E4M3 else np.asarray(g),
-                              np.asarray(w).view(np.uint8) if w.dtype == E4M3 else np.asarray(w))
-               for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+    return all(
+        np.array_equal(
+            np.asarray(g).view(np.uint8) if g.dtype == E4M3 else np.asarray(g),
+            np.asarray(w).view(np.uint8) if w.dtype == E4M3 else np.asarray(w),
+        )
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want))
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (runs on CPU)")
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--calls", type=int, default=10)
@@ -58,19 +63,37 @@ def main() -> None:
     results = []
     print(f"{'shape':>14s} {'impl':28s} {'ms':>8s} {'GB/s':>7s} {'x copy':>7s}")
     for m, k in shapes:
-        inputs = [(jax.random.normal(jax.random.key(s), (m, k), jnp.float32).astype(jnp.bfloat16),)
-                  for s in range(3)]
+        inputs = [
+            (jax.random.normal(jax.random.key(s), (m, k), jnp.float32).astype(jnp.bfloat16),)
+            for s in range(3)
+        ]
         want = jax.jit(xla_both)(*inputs[0])
         elements, copy_ms = m * k, None
-        cases = [("copy (-x)", jax.jit(jnp.negative), 4.0, None),
-                 ("xla quantize rows+cols", jax.jit(xla_both), 6 + 8 / 128, None)]
+        cases = [
+            ("copy (-x)", jax.jit(jnp.negative), 4.0, None),
+            ("xla quantize rows+cols", jax.jit(xla_both), 6 + 8 / 128, None),
+        ]
         for w in WARPS:
-            cases += [(f"fused rows+cols w{w}", jax.jit(lambda x, w=w: quantize_rows_cols(
-                          x, E4M3, num_warps=w)), 4 + 8 / 128, want),
-                      (f"fused rows w{w}", jax.jit(lambda x, w=w: quantize_rows_cols(
-                          x, E4M3, cols=False, num_warps=w)[:1]), 3 + 4 / 128, want[:1]),
-                      (f"fused cols w{w}", jax.jit(lambda x, w=w: quantize_rows_cols(
-                          x, E4M3, rows=False, num_warps=w)[1:]), 3 + 4 / 128, want[1:])]
+            cases += [
+                (
+                    f"fused rows+cols w{w}",
+                    jax.jit(lambda x, w=w: quantize_rows_cols(x, E4M3, num_warps=w)),
+                    4 + 8 / 128,
+                    want,
+                ),
+                (
+                    f"fused rows w{w}",
+                    jax.jit(lambda x, w=w: quantize_rows_cols(x, E4M3, cols=False, num_warps=w)[:1]),
+                    3 + 4 / 128,
+                    want[:1],
+                ),
+                (
+                    f"fused cols w{w}",
+                    jax.jit(lambda x, w=w: quantize_rows_cols(x, E4M3, rows=False, num_warps=w)[1:]),
+                    3 + 4 / 128,
+                    want[1:],
+                ),
+            ]
         for name, fn, bytes_per_element, check in cases:
             if check is not None and not same_bits(fn(*inputs[0]), check):
                 raise SystemExit(f"{name} at {m}x{k}: bits differ from XLA's quantize")
@@ -78,8 +101,10 @@ def main() -> None:
             copy_ms = copy_ms or seconds * 1e3
             gbps = elements * bytes_per_element / seconds / 1e9
             results.append(dict(m=m, k=k, impl=name, ms=seconds * 1e3, gbps=gbps))
-            print(f"{m:>7d}x{k:<6d} {name:28s} {seconds * 1e3:8.3f} {gbps:7.0f} "
-                  f"{seconds * 1e3 / copy_ms:7.2f}", flush=True)
+            print(
+                f"{m:>7d}x{k:<6d} {name:28s} {seconds * 1e3:8.3f} {gbps:7.0f} {seconds * 1e3 / copy_ms:7.2f}",
+                flush=True,
+            )
     out = Path(os.environ.get("OUT", ".")) / "fp8_quantize.json"
     out.write_text(json.dumps(dict(device=str(jax.devices()[0]), results=results), indent=1))
 

@@ -45,14 +45,22 @@ def attention_checks() -> None:
     v = jax.random.normal(keys[2], (b, t, h, dv), jnp.bfloat16)
     seg = jnp.sort(jax.random.randint(keys[3], (b, t), 1, 4), axis=1)
     for name, segs in (("causal", None), ("causal + segment ids", seg)):
+
         def f(impl, q, k, v):
-            return dot_product_attention(q, k, v, scale=dqk ** -0.5, impl=impl, q_segment_ids=segs,
-                                         kv_segment_ids=segs)
-        loss = lambda impl: (lambda q, k, v: jnp.sum(f(impl, q, k, v).astype(jnp.float32) ** 2))
+            return dot_product_attention(
+                q, k, v, scale=dqk**-0.5, impl=impl, q_segment_ids=segs, kv_segment_ids=segs
+            )
+
+        loss = lambda impl: lambda q, k, v: jnp.sum(f(impl, q, k, v).astype(jnp.float32) ** 2)
         ref = jax.jit(lambda *a: f("xla", *a))(q, k, v)
         g_ref = jax.jit(jax.grad(loss("xla"), argnums=(0, 1, 2)))(q, k, v)
         for impl in ("cudnn", "tokamax"):
-            check(f"attention {impl} vs xla, {name}, forward", jax.jit(lambda *a: f(impl, *a))(q, k, v), ref, 2e-2)
+            check(
+                f"attention {impl} vs xla, {name}, forward",
+                jax.jit(lambda *a: f(impl, *a))(q, k, v),
+                ref,
+                2e-2,
+            )
             g_out = jax.jit(jax.grad(loss(impl), argnums=(0, 1, 2)))(q, k, v)
             for arg, go, gr in zip("qkv", g_out, g_ref):
                 check(f"attention {impl} vs xla, {name}, d{arg}", go, gr, 2e-2)
@@ -64,10 +72,14 @@ def grouped_matmul_checks() -> None:
     lhs = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
     rhs = jax.random.normal(keys[1], (g, k, n), jnp.bfloat16) * 0.03
     sizes = jnp.bincount(jax.random.randint(keys[2], (m,), 0, g), length=g).astype(jnp.int32)
-    f = lambda impl: (lambda a, b: grouped_matmul(a, b, sizes, impl=impl, dtype=jnp.bfloat16))
-    check("grouped matmul tokamax vs ragged_dot, forward",
-          jax.jit(f("tokamax"))(lhs, rhs), jax.jit(f("ragged_dot"))(lhs, rhs), 2e-2)
-    loss = lambda impl: (lambda a, b: jnp.sum(f(impl)(a, b).astype(jnp.float32) ** 2))
+    f = lambda impl: lambda a, b: grouped_matmul(a, b, sizes, impl=impl, dtype=jnp.bfloat16)
+    check(
+        "grouped matmul tokamax vs ragged_dot, forward",
+        jax.jit(f("tokamax"))(lhs, rhs),
+        jax.jit(f("ragged_dot"))(lhs, rhs),
+        2e-2,
+    )
+    loss = lambda impl: lambda a, b: jnp.sum(f(impl)(a, b).astype(jnp.float32) ** 2)
     g_out = jax.jit(jax.grad(loss("tokamax"), argnums=(0, 1)))(lhs, rhs)
     g_ref = jax.jit(jax.grad(loss("ragged_dot"), argnums=(0, 1)))(lhs, rhs)
     check("grouped matmul tokamax vs ragged_dot, d lhs", g_out[0], g_ref[0], 2e-2)
@@ -75,7 +87,9 @@ def grouped_matmul_checks() -> None:
     # float64 reference of d rhs_g = lhs_g^T (2 out_g), out_g = lhs_g rhs_g (from the bf16 inputs)
     a, w = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)
     ends = np.cumsum(np.asarray(sizes))
-    d_rhs = np.stack([a[e - n:e].T @ (2 * a[e - n:e] @ w[i]) for i, (e, n) in enumerate(zip(ends, np.asarray(sizes)))])
+    d_rhs = np.stack(
+        [a[e - n : e].T @ (2 * a[e - n : e] @ w[i]) for i, (e, n) in enumerate(zip(ends, np.asarray(sizes)))]
+    )
     check("grouped matmul ragged_dot d rhs vs float64", g_ref[1], d_rhs, 2e-2)
     check("grouped matmul tokamax d rhs vs float64", g_out[1], d_rhs, 2e-2)
 
@@ -90,13 +104,19 @@ def model_check() -> None:
     base = ["model.num_layers=3", "model.vocab_size=4096", "model.mtp_depth=0"]
     ids = jax.random.randint(jax.random.key(2), (2, 256), 0, 4096)
     logits = {}
-    for name, extra in (("reference", ["impl.attention=xla", "impl.gmm=ragged_dot"]),
-                        ("kernels", ["impl.attention=cudnn", "impl.gmm=tokamax"])):
+    for name, extra in (
+        ("reference", ["impl.attention=xla", "impl.gmm=ragged_dot"]),
+        ("kernels", ["impl.attention=cudnn", "impl.gmm=tokamax"]),
+    ):
         cfg = load_config("model/bench-1b", base + extra)
         model = Transformer(cfg.model, impl=cfg.impl, policy=get_policy("bf16"), rngs=nnx.Rngs(0))
         logits[name] = nnx.jit(lambda m, x: m(x))(model, ids)
-    check("bench-1b 3-layer logits, cudnn+tokamax vs xla+ragged_dot", logits["kernels"], logits["reference"],
-          3e-2)
+    check(
+        "bench-1b 3-layer logits, cudnn+tokamax vs xla+ragged_dot",
+        logits["kernels"],
+        logits["reference"],
+        3e-2,
+    )
 
 
 if __name__ == "__main__":

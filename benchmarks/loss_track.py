@@ -37,8 +37,9 @@ def run_policy(config: str, overrides: list[str], policy: str, batches: list[dic
     spec = runner.trainer.objective.batch_spec  # the step's batch keys and dtypes
     losses, times = [], []
     for batch in tqdm(batches, desc=policy, unit="step", dynamic_ncols=True):
-        batch = jax.device_put({k: np.asarray(batch[k], dtype) for k, dtype in spec.items()},
-                               runner.batch_sharding)
+        batch = jax.device_put(
+            {k: np.asarray(batch[k], dtype) for k, dtype in spec.items()}, runner.batch_sharding
+        )
         t = time.perf_counter()
         state, metrics = runner.step(state, batch)
         loss = float(metrics["ce_loss"])  # waits for the step
@@ -54,17 +55,25 @@ def run_policy(config: str, overrides: list[str], policy: str, batches: list[dic
 def compare(run: dict, ref: dict, window: int) -> dict:
     got, want = np.asarray(run["ce_loss"]), np.asarray(ref["ce_loss"])
     rel = np.abs(got - want) / want
-    return {"mean_rel_diff": float(rel.mean()), "last_window_rel_diff": float(rel[-window:].mean()),
-            "last_window_loss": float(got[-window:].mean()),
-            "window_mean_diff": float(got[-window:].mean() - want[-window:].mean())}
+    return {
+        "mean_rel_diff": float(rel.mean()),
+        "last_window_rel_diff": float(rel[-window:].mean()),
+        "last_window_loss": float(got[-window:].mean()),
+        "window_mean_diff": float(got[-window:].mean() - want[-window:].mean()),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="model/bench-moonlight-4l")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--policies", default="bf16,fp8_deepseek,fp32",
-                        help="comma-separated precision policies; the first is the reference")
+    parser.add_argument(
+        "--policies",
+        default="bf16,fp8_deepseek,fp32",
+        help="comma-separated precision policies; the first is the reference",
+    )
     parser.add_argument("--every", type=int, default=25, help="print the loss every N steps")
     parser.add_argument("--window", type=int, default=20, help="steps averaged at the end")
     parser.add_argument("--json", help="write the losses and comparisons to this JSON file")
@@ -74,8 +83,11 @@ def main() -> None:
     cfg = load_config(args.config, overrides)
     data = data_iterator(cfg)
     batches = [dict(b) for b in itertools.islice(data, args.steps)]
-    print(f"{cfg.model.name}: {args.steps} steps of {cfg.train.global_batch} x {cfg.train.seq_len} tokens "
-          f"(embedded data), lr {cfg.train.lr}, device {jax.devices()[0].device_kind}", flush=True)
+    print(
+        f"{cfg.model.name}: {args.steps} steps of {cfg.train.global_batch} x {cfg.train.seq_len} tokens "
+        f"(embedded data), lr {cfg.train.lr}, device {jax.devices()[0].device_kind}",
+        flush=True,
+    )
     runs = []
     for policy in args.policies.split(","):
         try:
@@ -93,14 +105,23 @@ def report(runs: list[dict], cfg, args) -> None:
     for s in steps:
         print(f"{s + 1:6d} " + " ".join(f"{r['ce_loss'][s]:14.4f}" for r in runs))
     ref = runs[0]
-    out = {"config": cfg.model.name, "steps": args.steps, "batch": cfg.train.global_batch,
-           "seq_len": cfg.train.seq_len, "runs": runs, "against": ref["policy"], "comparisons": {}}
+    out = {
+        "config": cfg.model.name,
+        "steps": args.steps,
+        "batch": cfg.train.global_batch,
+        "seq_len": cfg.train.seq_len,
+        "runs": runs,
+        "against": ref["policy"],
+        "comparisons": {},
+    }
     for run in runs[1:]:
         c = compare(run, ref, args.window)
         out["comparisons"][run["policy"]] = c
-        print(f"{run['policy']} vs {ref['policy']}: mean |dL|/L {c['mean_rel_diff']:.2e} over all steps, "
-              f"{c['last_window_rel_diff']:.2e} over the last {args.window}; window-mean loss "
-              f"{c['last_window_loss']:.4f} ({c['window_mean_diff']:+.4f})")
+        print(
+            f"{run['policy']} vs {ref['policy']}: mean |dL|/L {c['mean_rel_diff']:.2e} over all steps, "
+            f"{c['last_window_rel_diff']:.2e} over the last {args.window}; window-mean loss "
+            f"{c['last_window_loss']:.4f} ({c['window_mean_diff']:+.4f})"
+        )
     for run in runs:
         print(f"{run['policy']}: median step {run['median_step_ms']:.1f} ms", flush=True)
     if args.json:

@@ -36,11 +36,21 @@ from frontier_jax.model.moe import MoE
 from frontier_jax.ops.expert_compute import dropless_slots, swiglu_batched, swiglu_grouped
 from frontier_jax.precision import get_policy
 
-ROW_TILINGS = [gg.RowTiling(256, 64, 8, 3), gg.RowTiling(256, 64, 8, 4), gg.RowTiling(128, 64, 8, 3),
-               gg.RowTiling(256, 32, 8, 5), gg.RowTiling(128, 128, 8, 3)]
-WEIGHT_TILINGS = [gg.WeightTiling(128, 128, 128, 8, 3), gg.WeightTiling(128, 256, 64, 8, 3),
-                  gg.WeightTiling(128, 256, 64, 8, 4), gg.WeightTiling(256, 128, 64, 8, 4),
-                  gg.WeightTiling(128, 128, 64, 4, 4), gg.WeightTiling(128, 128, 64, 8, 5)]
+ROW_TILINGS = [
+    gg.RowTiling(256, 64, 8, 3),
+    gg.RowTiling(256, 64, 8, 4),
+    gg.RowTiling(128, 64, 8, 3),
+    gg.RowTiling(256, 32, 8, 5),
+    gg.RowTiling(128, 128, 8, 3),
+]
+WEIGHT_TILINGS = [
+    gg.WeightTiling(128, 128, 128, 8, 3),
+    gg.WeightTiling(128, 256, 64, 8, 3),
+    gg.WeightTiling(128, 256, 64, 8, 4),
+    gg.WeightTiling(256, 128, 64, 8, 4),
+    gg.WeightTiling(128, 128, 64, 4, 4),
+    gg.WeightTiling(128, 128, 64, 8, 5),
+]
 
 
 def time_ms(fn, *args, iters: int = 20) -> float:
@@ -75,8 +85,10 @@ def aligned_layout(sizes: np.ndarray) -> tuple[jax.Array, int]:
 
 def fwd_bwd(swiglu):
     """f(x, wg, wu, wd, dy) -> (dx, dwg, dwu, dwd) of sum(swiglu(x, wg, wu, wd) * dy)."""
+
     def loss(x, wg, wu, wd, dy):
         return jnp.sum(swiglu(x, wg, wu, wd).astype(jnp.float32) * dy)
+
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
 
 
@@ -87,8 +99,9 @@ def swiglu_fwd_bwd(gmm):
 
 def ours_fwd_bwd(sizes):
     """The model's own expert SwiGLU (gate/up fused) with the Pallas kernel, default tilings."""
-    return fwd_bwd(lambda x, wg, wu, wd: swiglu_grouped(x, sizes, wg, wu, wd, impl="pallas",
-                                                         dtype=jnp.bfloat16))
+    return fwd_bwd(
+        lambda x, wg, wu, wd: swiglu_grouped(x, sizes, wg, wu, wd, impl="pallas", dtype=jnp.bfloat16)
+    )
 
 
 def sweep_kernels(rng, rows, sizes_aligned, d, f, e, iters, report):
@@ -100,21 +113,50 @@ def sweep_kernels(rng, rows, sizes_aligned, d, f, e, iters, report):
         w = jnp.asarray(rng.standard_normal((e, c, o)) * 0.03, jnp.bfloat16)
         dy = jnp.asarray(rng.standard_normal((rows, o)), jnp.bfloat16)
         flops = 2.0 * int(sizes_aligned.sum()) * c * o
-        cases = [("forward", t, jax.jit(lambda x, w, tg, t=t: gg._row_matmul(
-                      x, w, tg, contract_last=False, tiling=t)), (x, w, tile_group)) for t in ROW_TILINGS]
-        cases += [("input_grad", t, jax.jit(lambda dy, w, tg, t=t: gg._row_matmul(
-                       dy, w, tg, contract_last=True, tiling=t)), (dy, w, tile_group)) for t in ROW_TILINGS]
-        cases += [("weight_grad", t, jax.jit(lambda x, dy, ts, t=t: gg._weight_grad(
-                       x, dy, ts, tiling=t)), (x, dy, tile_start)) for t in WEIGHT_TILINGS]
+        cases = [
+            (
+                "forward",
+                t,
+                jax.jit(lambda x, w, tg, t=t: gg._row_matmul(x, w, tg, contract_last=False, tiling=t)),
+                (x, w, tile_group),
+            )
+            for t in ROW_TILINGS
+        ]
+        cases += [
+            (
+                "input_grad",
+                t,
+                jax.jit(lambda dy, w, tg, t=t: gg._row_matmul(dy, w, tg, contract_last=True, tiling=t)),
+                (dy, w, tile_group),
+            )
+            for t in ROW_TILINGS
+        ]
+        cases += [
+            (
+                "weight_grad",
+                t,
+                jax.jit(lambda x, dy, ts, t=t: gg._weight_grad(x, dy, ts, tiling=t)),
+                (x, dy, tile_start),
+            )
+            for t in WEIGHT_TILINGS
+        ]
         for kernel, tiling, fn, args in cases:
             try:
                 ms = time_ms(fn, *args, iters=iters)
             except Exception as err:  # a tiling the compiler rejects (e.g. shared memory)
                 report(f"  {name:8s} {kernel:12s} {tiling}: failed ({type(err).__name__})")
                 continue
-            report(f"  {name:8s} {kernel:12s} {tiling}: {ms:7.3f} ms  {flops / ms / 1e9:6.1f} TFLOP/s",
-                   {"section": "kernels", "shape": name, "kernel": kernel, "tiling": str(tiling),
-                    "ms": ms, "tflops": flops / ms / 1e9})
+            report(
+                f"  {name:8s} {kernel:12s} {tiling}: {ms:7.3f} ms  {flops / ms / 1e9:6.1f} TFLOP/s",
+                {
+                    "section": "kernels",
+                    "shape": name,
+                    "kernel": kernel,
+                    "tiling": str(tiling),
+                    "ms": ms,
+                    "tflops": flops / ms / 1e9,
+                },
+            )
             times.setdefault((kernel, tiling), {})[name] = ms
     # one tiling per kernel for both shapes: the least summed time among those that ran on both
     chosen = {}
@@ -136,7 +178,9 @@ class Reporter:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="model/bench-1b")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=2048)
@@ -145,9 +189,19 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU check of the script)")
     parser.add_argument("--json", help="write all figures here")
     args = parser.parse_intermixed_args()
-    overrides = ["model.hidden_size=64", "model.moe_ffn_dim=32", "model.n_routed_experts=8",
-                 "model.num_experts_per_tok=2", "model.n_group=4", "model.topk_group=2",
-                 "model.num_heads=2"] if args.smoke else []
+    overrides = (
+        [
+            "model.hidden_size=64",
+            "model.moe_ffn_dim=32",
+            "model.n_routed_experts=8",
+            "model.num_experts_per_tok=2",
+            "model.n_group=4",
+            "model.topk_group=2",
+            "model.num_heads=2",
+        ]
+        if args.smoke
+        else []
+    )
     cfg = load_config(args.config, overrides).model
     tokens = 256 if args.smoke else args.batch * args.seq
     iters = 2 if args.smoke else args.iters
@@ -167,8 +221,10 @@ def main() -> None:
         report(f"   fastest: {fastest}\n   (the model runs gg.DEFAULT_TILINGS = {gg.DEFAULT_TILINGS})")
 
     def weights(scale=0.03):
-        return [jnp.asarray(rng.standard_normal(s) * scale, jnp.bfloat16)
-                for s in ((e, d, f), (e, d, f), (e, f, d))]
+        return [
+            jnp.asarray(rng.standard_normal(s) * scale, jnp.bfloat16)
+            for s in ((e, d, f), (e, d, f), (e, f, d))
+        ]
 
     wg, wu, wd = weights()
     ours = ours_fwd_bwd(sizes_aligned)
@@ -182,50 +238,81 @@ def main() -> None:
     dy_packed = jnp.asarray(rng.standard_normal((int(small_sizes.sum()), d)), jnp.float32)
     dy_aligned = jnp.zeros((small_rows, d), jnp.float32).at[slot].set(dy_packed)
     small_ours = ours_fwd_bwd(small_aligned)
-    ref = swiglu_fwd_bwd(lambda a, w: jax.lax.ragged_dot(a.astype(jnp.float32), w.astype(jnp.float32),
-                                                           jnp.asarray(small_sizes, jnp.int32)))
+    ref = swiglu_fwd_bwd(
+        lambda a, w: jax.lax.ragged_dot(
+            a.astype(jnp.float32), w.astype(jnp.float32), jnp.asarray(small_sizes, jnp.int32)
+        )
+    )
     got = small_ours(x_aligned, wg, wu, wd, dy_aligned)
     want = ref(packed, wg, wu, wd, dy_packed)
     for name, a, b in zip(("dx", "dW_gate", "dW_up", "dW_down"), got, want):
         a = a[slot] if name == "dx" else a
-        report(f"   {name:8s} rel. error {rel(a, b):.2e}", {"section": "check", "name": name, "rel": rel(a, b)})
+        report(
+            f"   {name:8s} rel. error {rel(a, b):.2e}", {"section": "check", "name": name, "rel": rel(a, b)}
+        )
 
     report("3. expert compute, forward + backward")
     x = jnp.asarray(rng.standard_normal((rows, d)), jnp.bfloat16)
     dy = jnp.asarray(rng.standard_normal((rows, d)), jnp.float32)
 
     def row(name, ms, n):
-        report(f"   {name:44s} {ms:8.3f} ms  {flops(n) / ms / 1e9:6.1f} TFLOP/s  "
-               f"{n / k / ms * 1e3:12,.0f} tokens/s",
-               {"section": "expert_compute", "path": name, "ms": ms, "tflops": flops(n) / ms / 1e9, "rows": n})
+        report(
+            f"   {name:44s} {ms:8.3f} ms  {flops(n) / ms / 1e9:6.1f} TFLOP/s  "
+            f"{n / k / ms * 1e3:12,.0f} tokens/s",
+            {"section": "expert_compute", "path": name, "ms": ms, "tflops": flops(n) / ms / 1e9, "rows": n},
+        )
         return ms
 
-    results = {"ours": row("ours: Pallas grouped GEMM (tile-aligned)", time_ms(ours, x, wg, wu, wd, dy, iters=iters),
-                           assignments)}
+    results = {
+        "ours": row(
+            "ours: Pallas grouped GEMM (tile-aligned)",
+            time_ms(ours, x, wg, wu, wd, dy, iters=iters),
+            assignments,
+        )
+    }
     packed_x, packed_dy = x[:assignments], dy[:assignments]
     try:
         import tokamax
-        tok = swiglu_fwd_bwd(lambda a, w: tokamax.ragged_dot(a, w, jnp.asarray(sizes, jnp.int32),
-                                                             preferred_element_type=jnp.bfloat16))
-        row("tokamax.ragged_dot (Mosaic GPU)", time_ms(tok, packed_x, wg, wu, wd, packed_dy, iters=iters),
-            assignments)
+
+        tok = swiglu_fwd_bwd(
+            lambda a, w: tokamax.ragged_dot(
+                a, w, jnp.asarray(sizes, jnp.int32), preferred_element_type=jnp.bfloat16
+            )
+        )
+        row(
+            "tokamax.ragged_dot (Mosaic GPU)",
+            time_ms(tok, packed_x, wg, wu, wd, packed_dy, iters=iters),
+            assignments,
+        )
     except ImportError:
         report("   tokamax not installed: skipped")
     capacity = math.ceil(1.25 * assignments / e)
-    cap = jax.jit(jax.grad(lambda xb, wg, wu, wd, dy: jnp.sum(
-        swiglu_batched(xb, wg, wu, wd, dtype=jnp.bfloat16).astype(jnp.float32) * dy), argnums=(0, 1, 2, 3)))
+    cap = jax.jit(
+        jax.grad(
+            lambda xb, wg, wu, wd, dy: jnp.sum(
+                swiglu_batched(xb, wg, wu, wd, dtype=jnp.bfloat16).astype(jnp.float32) * dy
+            ),
+            argnums=(0, 1, 2, 3),
+        )
+    )
     xb = jnp.asarray(rng.standard_normal((e, capacity, d)), jnp.bfloat16)
     dyb = jnp.asarray(rng.standard_normal((e, capacity, d)), jnp.float32)
     row("capacity batched einsum (factor 1.25)", time_ms(cap, xb, wg, wu, wd, dyb, iters=iters), assignments)
     dense = swiglu_fwd_bwd(lambda a, w: jnp.dot(a, w[0]))  # cuBLAS: bf16 in/out, fp32 accumulation
-    results["dense"] = row("dense-equivalent (one weight, same rows)",
-                           time_ms(dense, packed_x, wg, wu, wd, packed_dy, iters=iters), assignments)
+    results["dense"] = row(
+        "dense-equivalent (one weight, same rows)",
+        time_ms(dense, packed_x, wg, wu, wd, packed_dy, iters=iters),
+        assignments,
+    )
     small = jnp.asarray(routed_sizes(rng, tokens // 8, e, k), jnp.int32)
     n_small = int(small.sum())
     rd = swiglu_fwd_bwd(lambda a, w: jax.lax.ragged_dot(a, w, small))
     try:
-        row("jax.lax.ragged_dot at 1/8 rows", time_ms(rd, x[:n_small], wg, wu, wd, dy[:n_small], iters=iters),
-            n_small)
+        row(
+            "jax.lax.ragged_dot at 1/8 rows",
+            time_ms(rd, x[:n_small], wg, wu, wd, dy[:n_small], iters=iters),
+            n_small,
+        )
     except Exception as err:  # out of memory on GPU images that pad it to dense
         report(f"   jax.lax.ragged_dot at 1/8 rows: failed ({type(err).__name__})")
     group_of_row = jnp.asarray(np.repeat(np.arange(e), np.asarray(small)), jnp.int32)
@@ -235,8 +322,11 @@ def main() -> None:
         return jnp.einsum("re,rc,eco->ro", mask, a, w)
 
     try:
-        row("naive all-experts masked at 1/8 rows",
-            time_ms(swiglu_fwd_bwd(naive_gmm), x[:n_small], wg, wu, wd, dy[:n_small], iters=iters), n_small)
+        row(
+            "naive all-experts masked at 1/8 rows",
+            time_ms(swiglu_fwd_bwd(naive_gmm), x[:n_small], wg, wu, wd, dy[:n_small], iters=iters),
+            n_small,
+        )
     except Exception as err:
         report(f"   naive masked at 1/8 rows: failed ({type(err).__name__})")
     report(f"   ours / dense-equivalent = {results['ours'] / results['dense']:.2f}x the time")
@@ -245,8 +335,9 @@ def main() -> None:
     xin = jnp.asarray(rng.standard_normal((1, tokens, d)), jnp.bfloat16)
     mask = jnp.ones((1, tokens), jnp.int32)
     for label, dispatch_overrides in (
-            ("dropless, Pallas kernel", ["impl.moe_dispatch=dropless", "impl.gmm=pallas"]),
-            ("capacity 1.25, batched einsum", ["impl.moe_dispatch=capacity"])):
+        ("dropless, Pallas kernel", ["impl.moe_dispatch=dropless", "impl.gmm=pallas"]),
+        ("capacity 1.25, batched einsum", ["impl.moe_dispatch=capacity"]),
+    ):
         layer_cfg = load_config(args.config, overrides + dispatch_overrides)
         moe = MoE(layer_cfg.model, policy=get_policy("bf16"), impl=layer_cfg.impl, rngs=nnx.Rngs(0))
         graphdef, params = nnx.split(moe)
@@ -257,13 +348,22 @@ def main() -> None:
 
         step = jax.jit(jax.grad(loss, argnums=(0, 1)))
         ms = time_ms(step, params, xin, iters=iters)
-        report(f"   {label:44s} {ms:8.3f} ms  {tokens / ms * 1e3:12,.0f} tokens/s",
-               {"section": "layer", "path": label, "ms": ms, "tokens_per_s": tokens / ms * 1e3})
+        report(
+            f"   {label:44s} {ms:8.3f} ms  {tokens / ms * 1e3:12,.0f} tokens/s",
+            {"section": "layer", "path": label, "ms": ms, "tokens_per_s": tokens / ms * 1e3},
+        )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": jax.devices()[0].device_kind, "tokens": tokens,
-                       "tilings": str(gg.DEFAULT_TILINGS),
-                       "rows": report.rows}, fh, indent=1)
+            json.dump(
+                {
+                    "device": jax.devices()[0].device_kind,
+                    "tokens": tokens,
+                    "tilings": str(gg.DEFAULT_TILINGS),
+                    "rows": report.rows,
+                },
+                fh,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

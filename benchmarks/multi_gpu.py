@@ -37,7 +37,6 @@ from frontier_jax.parallel.mesh import build_mesh  # noqa: E402
 from frontier_jax.train.loop import build_runner  # noqa: E402
 from frontier_jax.train.metrics import peak_flops_per_device  # noqa: E402
 
-
 COLLECTIVES = ("all-to-all", "all-reduce", "all-gather", "reduce-scatter", "collective-permute")
 
 
@@ -92,7 +91,9 @@ def timed(cfg, devices, batch, steps: int, profile_dir: Path | None) -> tuple[fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="model/bench-1b")
     parser.add_argument("--mesh", default="configs/mesh/gpu-8.yaml", help="a YAML with a mesh: block")
     parser.add_argument("--per-device-batch", type=int, default=16)
@@ -106,17 +107,27 @@ def main() -> None:
     devices = jax.devices()
     n = len(devices)
     mesh_cfg = load_config(args.mesh).mesh
-    mesh_overrides = [f"mesh.{axis}={getattr(mesh_cfg, axis)}" for axis in ("stage", "data", "fsdp", "expert", "tensor")]
-    mesh_overrides += [f"mesh.dcn.{axis}={getattr(mesh_cfg.dcn, axis)}" for axis in ("stage", "data", "fsdp", "expert", "tensor")]
+    mesh_overrides = [
+        f"mesh.{axis}={getattr(mesh_cfg, axis)}" for axis in ("stage", "data", "fsdp", "expert", "tensor")
+    ]
+    mesh_overrides += [
+        f"mesh.dcn.{axis}={getattr(mesh_cfg.dcn, axis)}"
+        for axis in ("stage", "data", "fsdp", "expert", "tensor")
+    ]
     base = ["precision.policy=bf16", "model.mtp_depth=0", f"train.seq_len={args.seq_len}"]
     global_batch = args.per_device_batch * n
-    cfg = load_config(args.config, base + mesh_overrides + [f"train.global_batch={global_batch}",
-                                                            *args.overrides])
+    cfg = load_config(
+        args.config, base + mesh_overrides + [f"train.global_batch={global_batch}", *args.overrides]
+    )
     one_device = [a for a in args.overrides if not a.startswith("mesh.")] + ["mesh.data=1", "mesh.expert=1"]
-    one = load_config(args.config, base + [f"train.global_batch={global_batch}",
-                                           f"train.micro_batches={n}", *one_device])
-    print(f"{n} x {devices[0].device_kind}; mesh {dict(build_mesh(cfg.mesh, devices).shape)}; "
-          f"global batch {global_batch} x seq {args.seq_len}", flush=True)
+    one = load_config(
+        args.config, base + [f"train.global_batch={global_batch}", f"train.micro_batches={n}", *one_device]
+    )
+    print(
+        f"{n} x {devices[0].device_kind}; mesh {dict(build_mesh(cfg.mesh, devices).shape)}; "
+        f"global batch {global_batch} x seq {args.seq_len}",
+        flush=True,
+    )
 
     batches = synthetic_batches(cfg.model.vocab_size, global_batch, args.seq_len, args.check_steps)
     mesh_losses = losses(cfg, devices, batches)
@@ -136,14 +147,19 @@ def main() -> None:
     seconds, a2a = timed(cfg, devices, batches[0], args.steps, Path(args.profile_dir))
     per_device = global_batch * args.seq_len / seconds / n
     single = load_config(args.config, base + [f"train.global_batch={args.per_device_batch}", *one_device])
-    single_seconds, _ = timed(single, devices[:1], {k: v[:args.per_device_batch] for k, v in batches[0].items()},
-                              args.steps, None)
+    single_seconds, _ = timed(
+        single, devices[:1], {k: v[: args.per_device_batch] for k, v in batches[0].items()}, args.steps, None
+    )
     single_tps = args.per_device_batch * args.seq_len / single_seconds
     mfu = f"{flops * per_device / peak:.1%}" if peak else "n/a"
-    print(f"mesh: step {seconds * 1e3:.1f} ms, {per_device:,.0f} tokens/s per device, MFU {mfu}, "
-          f"all-to-all {'n/a' if a2a is None else f'{a2a:.1%}'} of device time")
-    print(f"one device, per-device batch: step {single_seconds * 1e3:.1f} ms, {single_tps:,.0f} tokens/s; "
-          f"scaling efficiency {per_device / single_tps:.1%}")
+    print(
+        f"mesh: step {seconds * 1e3:.1f} ms, {per_device:,.0f} tokens/s per device, MFU {mfu}, "
+        f"all-to-all {'n/a' if a2a is None else f'{a2a:.1%}'} of device time"
+    )
+    print(
+        f"one device, per-device batch: step {single_seconds * 1e3:.1f} ms, {single_tps:,.0f} tokens/s; "
+        f"scaling efficiency {per_device / single_tps:.1%}"
+    )
 
 
 if __name__ == "__main__":

@@ -74,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.stages > len(jax.devices()):
         print(f"error: --stages={args.stages} exceeds the {len(jax.devices())} devices", file=sys.stderr)
         return 2
-    print(f"{'schedule':18} {'ticks':>5} {'stash':>5} {'recv':>5} {'makespan':>8} {'bubble':>7} "
-          f"{'peak':>5} {'lockstep':>8} {'ms/tick':>8}")
+    print(
+        f"{'schedule':18} {'ticks':>5} {'stash':>5} {'recv':>5} {'makespan':>8} {'bubble':>7} "
+        f"{'peak':>5} {'lockstep':>8} {'ms/tick':>8}"
+    )
     for name in S.ScheduleName:
         try:
             sched = S.build(name, args.stages, args.microbatches)
@@ -87,9 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         table = S.lower(sched)
         sim = simulate(sched, costs)
         per_tick = _time_per_tick(table, args.dim)
-        print(f"{name.value:18} {table.ticks:5d} {table.stash_slots:5d} {table.act_slots + table.grad_slots:5d} "
-              f"{sim.makespan:8.2f} {sim.bubble_fraction:7.1%} {max(sim.peak_live):5d} "
-              f"{lockstep_makespan(table, costs):8.2f} {per_tick * 1e3:8.3f}")
+        print(
+            f"{name.value:18} {table.ticks:5d} {table.stash_slots:5d} {table.act_slots + table.grad_slots:5d} "
+            f"{sim.makespan:8.2f} {sim.bubble_fraction:7.1%} {max(sim.peak_live):5d} "
+            f"{lockstep_makespan(table, costs):8.2f} {per_tick * 1e3:8.3f}"
+        )
     return 0
 
 

@@ -32,7 +32,9 @@ from synthetic import synthetic_batches  # noqa: E402
 def run_steps(cfg, steps: int, out: Path, hlo: str | None = None) -> None:
     trainer = Trainer(cfg)
     state = jax.jit(trainer.init, static_argnums=0)(cfg.train.seed)
-    batch = jax.device_put(synthetic_batches(cfg.model.vocab_size, cfg.train.global_batch, cfg.train.seq_len)[0])
+    batch = jax.device_put(
+        synthetic_batches(cfg.model.vocab_size, cfg.train.global_batch, cfg.train.seq_len)[0]
+    )
     step = jax.jit(trainer.train_step, donate_argnums=0)
     if hlo:
         Path(hlo).write_text(step.lower(state, batch).compile().as_text())
@@ -46,13 +48,17 @@ def run_steps(cfg, steps: int, out: Path, hlo: str | None = None) -> None:
         jax.block_until_ready(metrics)
 
 
-def summarise(out: Path, steps: int, top: int, device_filter: str = "/device:GPU",
-              exact_names: bool = False) -> list[tuple[str, float, int]]:
+def summarise(
+    out: Path, steps: int, top: int, device_filter: str = "/device:GPU", exact_names: bool = False
+) -> list[tuple[str, float, int]]:
     """(op name, ms per step, count per step) sorted by time, from the device streams."""
     trace_file = max(out.rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
     trace = json.loads(gzip.open(trace_file).read())
-    processes = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"]
-                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+    processes = {
+        e["pid"]: e["args"]["name"]
+        for e in trace["traceEvents"]
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
     device_pids = {pid for pid, name in processes.items() if device_filter in name}
     totals: dict[str, float] = collections.defaultdict(float)
     counts: dict[str, int] = collections.defaultdict(int)
@@ -86,7 +92,9 @@ def by_category(rows: list[tuple[str, float, int]]) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="model/bench-1b")
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=3)
@@ -95,8 +103,16 @@ def main() -> None:
     parser.add_argument("--hlo", help="write the compiled step's optimized HLO here")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
-    cfg = load_config(args.config, ["precision.policy=bf16", "model.mtp_depth=0", "train.seq_len=2048",
-                                    "train.global_batch=16", *args.overrides])
+    cfg = load_config(
+        args.config,
+        [
+            "precision.policy=bf16",
+            "model.mtp_depth=0",
+            "train.seq_len=2048",
+            "train.global_batch=16",
+            *args.overrides,
+        ],
+    )
     out = Path(args.out)
     run_steps(cfg, args.steps, out, args.hlo)
     rows = summarise(out, args.steps, args.top, exact_names=args.exact_names)

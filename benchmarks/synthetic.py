@@ -12,7 +12,13 @@ def synthetic_batches(vocab: int, batch: int, seq: int, count: int = 1, seed: in
     out = []
     for _ in range(count):
         ids = rng.integers(0, vocab, (batch, seq + 1), dtype=np.int32)
-        out.append({"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((batch, seq), np.int32),
-                    "segment_ids": np.ones((batch, seq), np.int32),
-                    "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()})
+        out.append(
+            {
+                "input_ids": ids[:, :-1],
+                "targets": ids[:, 1:],
+                "loss_mask": np.ones((batch, seq), np.int32),
+                "segment_ids": np.ones((batch, seq), np.int32),
+                "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+            }
+        )
     return out

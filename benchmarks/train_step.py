@@ -38,17 +38,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import synthetic_batches  # noqa: E402
 
 
-def _report(name: str, times: list[float], tokens: int, flops_per_token: float, peak_bytes: int | None,
-            peak: float | None):
+def _report(
+    name: str,
+    times: list[float],
+    tokens: int,
+    flops_per_token: float,
+    peak_bytes: int | None,
+    peak: float | None,
+):
     median = statistics.median(times)
     tps = tokens / median
-    row = {"system": name, "median_step_ms": median * 1e3, "tokens_per_s": tps,
-           "mfu": flops_per_token * tps / peak if peak else None,
-           "peak_memory_gib": peak_bytes / 2**30 if peak_bytes else None}
+    row = {
+        "system": name,
+        "median_step_ms": median * 1e3,
+        "tokens_per_s": tps,
+        "mfu": flops_per_token * tps / peak if peak else None,
+        "peak_memory_gib": peak_bytes / 2**30 if peak_bytes else None,
+    }
     mfu = f"{row['mfu'] * 100:.1f}%" if row["mfu"] is not None else "n/a"
     mem = f"{row['peak_memory_gib']:.1f} GiB" if row["peak_memory_gib"] is not None else "n/a"
-    print(f"{name:40s} step {median * 1e3:8.1f} ms  {tps:12,.0f} tok/s  MFU {mfu:>6s}  peak mem {mem}",
-          flush=True)
+    print(
+        f"{name:40s} step {median * 1e3:8.1f} ms  {tps:12,.0f} tok/s  MFU {mfu:>6s}  peak mem {mem}",
+        flush=True,
+    )
     return row
 
 
@@ -57,8 +69,12 @@ def compiled_footprint(compiled) -> int | None:
     mem = compiled.memory_analysis()
     if mem is None:
         return None
-    return (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-            - mem.alias_size_in_bytes)
+    return (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        + mem.temp_size_in_bytes
+        - mem.alias_size_in_bytes
+    )
 
 
 def bench_jax(cfg, batch: int, seq: int, steps: int, warmup: int) -> tuple[list[float], int | None]:
@@ -71,8 +87,10 @@ def bench_jax(cfg, batch: int, seq: int, steps: int, warmup: int) -> tuple[list[
     footprint = compiled_footprint(step)
     state, metrics = step(state, device_batch)
     jax.block_until_ready(metrics)
-    print(f"jax compile + first step: {time.perf_counter() - t:.1f} s (loss {float(metrics['loss']):.3f})",
-          flush=True)
+    print(
+        f"jax compile + first step: {time.perf_counter() - t:.1f} s (loss {float(metrics['loss']):.3f})",
+        flush=True,
+    )
     times = []
     for i in range(warmup + steps):
         t = time.perf_counter()
@@ -85,7 +103,9 @@ def bench_jax(cfg, batch: int, seq: int, steps: int, warmup: int) -> tuple[list[
     return times, footprint
 
 
-def bench_torch(cfg, batch: int, seq: int, steps: int, warmup: int, compile_model: bool) -> tuple[list[float], int]:
+def bench_torch(
+    cfg, batch: int, seq: int, steps: int, warmup: int, compile_model: bool
+) -> tuple[list[float], int]:
     import torch
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -95,8 +115,9 @@ def bench_torch(cfg, batch: int, seq: int, steps: int, warmup: int, compile_mode
     hf_cfg._attn_implementation = "sdpa"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = DeepseekV3ForCausalLM(hf_cfg).to(device=device, dtype=torch.bfloat16)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                            fused=device == "cuda")
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device == "cuda"
+    )
     ids = torch.randint(0, cfg.model.vocab_size, (batch, seq), device=device)
 
     def train_step():
@@ -126,7 +147,9 @@ def bench_torch(cfg, batch: int, seq: int, steps: int, warmup: int, compile_mode
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="model/bench-1b")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=16)
@@ -134,28 +157,45 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--torch", action="store_true", help="also run transformers eager")
     parser.add_argument("--torch-compile", action="store_true", help="also run transformers + torch.compile")
-    parser.add_argument("--variant", action="append", default=[],
-                        help="NAME:key=value,key=value -- one more frontier_jax run (repeatable)")
-    parser.add_argument("--peak-tflops", type=float,
-                        help="bf16 peak for MFU (default: the measured figure of train.metrics.PEAK_FLOPS)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME:key=value,key=value -- one more frontier_jax run (repeatable)",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="bf16 peak for MFU (default: the measured figure of train.metrics.PEAK_FLOPS)",
+    )
     parser.add_argument("--json", help="write the rows to this JSON file")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
 
-    overrides = ["precision.policy=bf16", "model.mtp_depth=0", f"train.seq_len={args.seq_len}",
-                 f"train.global_batch={args.batch}", *args.overrides]
+    overrides = [
+        "precision.policy=bf16",
+        "model.mtp_depth=0",
+        f"train.seq_len={args.seq_len}",
+        f"train.global_batch={args.batch}",
+        *args.overrides,
+    ]
     variants = [_parse_variant(v) for v in args.variant] or [("frontier_jax", [])]
     cfg = load_config(args.config, overrides)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops_per_device()
     info = describe(cfg.model, args.seq_len)
     tokens = args.batch * args.seq_len
-    print(f"model {cfg.model.name}: "
-          f"{info['active_non_embedding_params'] / 1e6:.1f}M active non-embedding params, "
-          f"{info['flops_per_token'] / 1e9:.3f} GFLOP/token; batch {args.batch} x seq {args.seq_len}; "
-          f"MFU against {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s", flush=True)
+    print(
+        f"model {cfg.model.name}: "
+        f"{info['active_non_embedding_params'] / 1e6:.1f}M active non-embedding params, "
+        f"{info['flops_per_token'] / 1e9:.3f} GFLOP/token; batch {args.batch} x seq {args.seq_len}; "
+        f"MFU against {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s",
+        flush=True,
+    )
     baselines = []
-    for name, enabled, compiled in (("transformers eager", args.torch, False),
-                                    ("transformers torch.compile", args.torch_compile, True)):
+    for name, enabled, compiled in (
+        ("transformers eager", args.torch, False),
+        ("transformers torch.compile", args.torch_compile, True),
+    ):
         if enabled:  # before JAX touches the GPU, so that each side has the whole memory
             t, peak_bytes = bench_torch(cfg, args.batch, args.seq_len, args.steps, args.warmup, compiled)
             baselines.append(_report(name, t, tokens, info["flops_per_token"], peak_bytes, peak))
@@ -163,8 +203,11 @@ def main() -> None:
     for name, extra in variants:
         vcfg = load_config(args.config, overrides + extra)
         m = vcfg.impl
-        print(f"{name}: precision {vcfg.precision.policy}, attention {m.attention}, dispatch "
-              f"{m.moe_dispatch}, gmm {m.gmm}, remat {m.remat}", flush=True)
+        print(
+            f"{name}: precision {vcfg.precision.policy}, attention {m.attention}, dispatch "
+            f"{m.moe_dispatch}, gmm {m.gmm}, remat {m.remat}",
+            flush=True,
+        )
         try:
             times, footprint = bench_jax(vcfg, args.batch, args.seq_len, args.steps, args.warmup)
         except Exception as e:  # noqa: BLE001 - one variant out of memory must not end the run
@@ -180,15 +223,26 @@ def main() -> None:
     for row in ours:
         for base in baselines:
             if "tokens_per_s" in row:
-                print(f"{row['system']} / {base['system']}: {row['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s")
+                print(
+                    f"{row['system']} / {base['system']}: {row['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s"
+                )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": cfg.model.name, "batch": args.batch, "seq_len": args.seq_len,
-                       "peak_flops": peak, "rows": rows}, f, indent=1)
+            json.dump(
+                {
+                    "config": cfg.model.name,
+                    "batch": args.batch,
+                    "seq_len": args.seq_len,
+                    "peak_flops": peak,
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
 
 
 def _parse_variant(text: str) -> tuple[str, list[str]]:
-    """"NAME:key=value,key=value" -> (NAME, [key=value, ...])."""
+    """ "NAME:key=value,key=value" -> (NAME, [key=value, ...])."""
     name, _, overrides = text.partition(":")
     return name, [o for o in overrides.split(",") if o]
 

@@ -1,13 +1,13 @@
 """`frontier-jax` command line: train, describe, convert.
 
-    frontier-jax train    --config configs/train/toy.yaml --run-dir DIR [key=value ...]
-    frontier-jax describe --config configs/model/deepseek-v3-671b.yaml [--seq-len T] [--json]
-                          [--mesh mesh/gpu-8] [--devices N] [--device-memory-gib G] [key=value ...]
-    frontier-jax convert  {check,export} --hf PATH [...]
-    frontier-jax generate (--hf PATH | --checkpoint RUN_DIR) (--prompt TEXT ... | --prompts FILE) [...]
-    frontier-jax eval     (--checkpoint RUN_DIR[/checkpoints/STEP] | --hf PATH) [--data FILE ...]
-                          [--tasks TASK ...] [--out DIR] [--step N] [--dtype bfloat16] [mesh.* / eval.* ...]
-    frontier-jax ablate   --config ablations/NAME.yaml [--out DIR]
+frontier-jax train    --config configs/train/toy.yaml --run-dir DIR [key=value ...]
+frontier-jax describe --config configs/model/deepseek-v3-671b.yaml [--seq-len T] [--json]
+                      [--mesh mesh/gpu-8] [--devices N] [--device-memory-gib G] [key=value ...]
+frontier-jax convert  {check,export} --hf PATH [...]
+frontier-jax generate (--hf PATH | --checkpoint RUN_DIR) (--prompt TEXT ... | --prompts FILE) [...]
+frontier-jax eval     (--checkpoint RUN_DIR[/checkpoints/STEP] | --hf PATH) [--data FILE ...]
+                      [--tasks TASK ...] [--out DIR] [--step N] [--dtype bfloat16] [mesh.* / eval.* ...]
+frontier-jax ablate   --config ablations/NAME.yaml [--out DIR]
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ def _mesh_overrides(preset: str) -> list[str]:
     def flatten(tree: dict, prefix: str) -> list[str]:
         out = []
         for key, value in tree.items():
-            out += flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}={value}"]
+            out += (
+                flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}={value}"]
+            )
         return out
 
     return flatten(OmegaConf.to_container(OmegaConf.structured(load_config(preset).mesh)), "mesh.")
@@ -46,8 +48,11 @@ def _describe(args) -> int:
     from frontier_jax.config import load_config
     from frontier_jax.model.describe import describe, format_description
 
-    for flag, value in (("--seq-len", args.seq_len), ("--devices", args.devices),
-                        ("--device-memory-gib", args.device_memory_gib)):
+    for flag, value in (
+        ("--seq-len", args.seq_len),
+        ("--devices", args.devices),
+        ("--device-memory-gib", args.device_memory_gib),
+    ):
         if value is not None and value <= 0:
             raise ValueError(f"describe {flag} {value}: must be > 0")
     overrides = (_mesh_overrides(args.mesh) if args.mesh else []) + list(args.overrides)
@@ -58,9 +63,13 @@ def _describe(args) -> int:
         from frontier_jax.runtime.memory import device_memory, fits, format_memory, verdict
 
         mem = device_memory(cfg, args.devices)
-        info.update(mesh=mem.mesh, batch_per_device=mem.batch_per_device, per_device_bytes=mem.per_device_bytes(),
-                    device_memory_gib=args.device_memory_gib,
-                    fits=None if args.device_memory_gib is None else fits(mem, args.device_memory_gib))
+        info.update(
+            mesh=mem.mesh,
+            batch_per_device=mem.batch_per_device,
+            per_device_bytes=mem.per_device_bytes(),
+            device_memory_gib=args.device_memory_gib,
+            fits=None if args.device_memory_gib is None else fits(mem, args.device_memory_gib),
+        )
         text += "\n" + format_memory(mem, cfg, args.device_memory_gib)
         if info["fits"] is False and args.json:  # stdout stays one JSON object
             print(verdict(mem, args.device_memory_gib), file=sys.stderr)
@@ -74,8 +83,11 @@ def _train(args) -> int:
 
         # Cluster auto-detection (Cloud TPU, SLURM, ...), or JAX_COORDINATOR_ADDRESS with
         # JAX_NUM_PROCESSES and JAX_PROCESS_ID set by the launcher (launch/local.sh).
-        explicit = {key: int(os.environ[var]) for key, var in
-                    (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")) if var in os.environ}
+        explicit = {
+            key: int(os.environ[var])
+            for key, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
+            if var in os.environ
+        }
         jax.distributed.initialize(**explicit)
     from frontier_jax.config import load_config
     from frontier_jax.train.loop import train
@@ -91,9 +103,11 @@ def _train(args) -> int:
     history = train(cfg, args.run_dir, restart_data=args.restart_data, evaluate=evaluate)
     if history:
         first, last = history[0], history[-1]
-        print(f"done: step {last['step']}, loss {first['loss']:.4f} (step {first['step']}) -> "
-              f"{last['loss']:.4f}; metrics in {Path(args.run_dir) / 'metrics.jsonl'}, "
-              f"curve in {Path(args.run_dir) / 'loss.png'}")
+        print(
+            f"done: step {last['step']}, loss {first['loss']:.4f} (step {first['step']}) -> "
+            f"{last['loss']:.4f}; metrics in {Path(args.run_dir) / 'metrics.jsonl'}, "
+            f"curve in {Path(args.run_dir) / 'loss.png'}"
+        )
     return 0
 
 
@@ -102,8 +116,11 @@ def _distributed_init() -> None:
 
     # Cluster auto-detection (Cloud TPU, SLURM, ...), or JAX_COORDINATOR_ADDRESS with
     # JAX_NUM_PROCESSES and JAX_PROCESS_ID set by the launcher (launch/local.sh).
-    explicit = {key: int(os.environ[var]) for key, var in
-                (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")) if var in os.environ}
+    explicit = {
+        key: int(os.environ[var])
+        for key, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
+        if var in os.environ
+    }
     jax.distributed.initialize(**explicit)
 
 
@@ -120,17 +137,30 @@ def _eval(args) -> int:
         raise ValueError("eval: give exactly one of --checkpoint RUN_DIR and --hf PATH")
     bad = [o for o in args.overrides if not o.startswith(("mesh.", "eval.", "model.", "data.tokenizer"))]
     if bad:
-        raise ValueError(f"eval override {bad[0]!r}: only mesh.*, eval.* (and model.* to check the checkpoint) "
-                         "apply to evaluation")
+        raise ValueError(
+            f"eval override {bad[0]!r}: only mesh.*, eval.* (and model.* to check the checkpoint) "
+            "apply to evaluation"
+        )
     cfg = load_config(None, args.overrides)
-    model_overrides = {o.split("=", 1)[0][len("model."):]: getattr(cfg.model, o.split("=", 1)[0][len("model."):])
-                       for o in args.overrides if o.startswith("model.")}
+    model_overrides = {
+        o.split("=", 1)[0][len("model.") :]: getattr(cfg.model, o.split("=", 1)[0][len("model.") :])
+        for o in args.overrides
+        if o.startswith("model.")
+    }
     tasks = [resolve_task(t) for t in args.tasks]  # bad task names / files fail before the model loads
     if args.checkpoint is not None:
-        model = load_checkpoint(args.checkpoint, args.step, mesh=cfg.mesh, dtype=args.dtype,
-                                model_overrides=model_overrides, devices=args.devices)
+        model = load_checkpoint(
+            args.checkpoint,
+            args.step,
+            mesh=cfg.mesh,
+            dtype=args.dtype,
+            model_overrides=model_overrides,
+            devices=args.devices,
+        )
     else:
-        tokenizer = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("data.tokenizer=")), None)
+        tokenizer = next(
+            (o.split("=", 1)[1] for o in args.overrides if o.startswith("data.tokenizer=")), None
+        )
         model = load_hf(args.hf, mesh=cfg.mesh, dtype=args.dtype, tokenizer=tokenizer, devices=args.devices)
     sources = [source_from_path(p) for p in args.data] if args.data else cfg.eval.data
     results = evaluate(model, cfg.eval, sources, tasks=tasks)
@@ -138,7 +168,9 @@ def _eval(args) -> int:
     print(format_table(results["datasets"]))
     if tasks:
         print(format_tasks(results["tasks"]))
-    print(f"step {results['step']}, window {results['window']}, stride {results['stride']}; results in {path}")
+    print(
+        f"step {results['step']}, window {results['window']}, stride {results['stride']}; results in {path}"
+    )
     return 0
 
 
@@ -150,7 +182,9 @@ def _ablate(args) -> int:
     out = args.out or str(Path("runs") / "ablations" / Path(args.config).stem)
     result = run_ablation(args.config, out, load_config=load_config)
     print(result["table"])
-    print(f"results in {Path(out) / 'results.json'}, {Path(out) / 'results.md'}, curves in {Path(out) / 'curves.png'}")
+    print(
+        f"results in {Path(out) / 'results.json'}, {Path(out) / 'results.md'}, curves in {Path(out) / 'curves.png'}"
+    )
     return 0
 
 
@@ -161,8 +195,11 @@ def _configure_logging(verbose: bool) -> None:
     import logging
 
     # force: libraries imported earlier (absl via orbax) may already have configured logging
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
     logging.getLogger("frontier_jax").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.INFO if verbose else logging.CRITICAL)
     # one warning per scalar of a non-finite step; the loop's own warning says it once
@@ -170,59 +207,101 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="frontier-jax", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="frontier-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model (resumes from --run-dir if it has checkpoints)")
     train.add_argument("--config", required=True, help="YAML path or name under configs/, e.g. train/toy")
     train.add_argument("--run-dir", required=True, help="checkpoints, metrics.jsonl, TensorBoard, plots")
-    train.add_argument("--distributed", action="store_true",
-                       help="multi-process run: call jax.distributed.initialize() first (see launch/)")
-    train.add_argument("--restart-data", action="store_true",
-                       help="resume the trained state but read the data stream from its start (after changing "
-                       "data.* / seq_len / global_batch, which the saved data position belongs to)")
-    train.add_argument("--verbose", action="store_true", help="also print the libraries' INFO logs (orbax ...)")
+    train.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-process run: call jax.distributed.initialize() first (see launch/)",
+    )
+    train.add_argument(
+        "--restart-data",
+        action="store_true",
+        help="resume the trained state but read the data stream from its start (after changing "
+        "data.* / seq_len / global_batch, which the saved data position belongs to)",
+    )
+    train.add_argument(
+        "--verbose", action="store_true", help="also print the libraries' INFO logs (orbax ...)"
+    )
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     train.set_defaults(func=_train)
 
-    desc = sub.add_parser("describe", help="parameter counts, KV-cache bytes, FLOPs and per-device memory "
-                          "of a config")
+    desc = sub.add_parser(
+        "describe", help="parameter counts, KV-cache bytes, FLOPs and per-device memory of a config"
+    )
     desc.add_argument("--config", required=True)
     desc.add_argument("--seq-len", type=int, default=None, help="sequence length for the FLOPs figure")
     desc.add_argument("--json", action="store_true", help="print one JSON object")
-    desc.add_argument("--mesh", default=None, help="mesh preset replacing the config's mesh section, "
-                      "e.g. mesh/gpu-8; prints per-device memory (batch and seq from train.*)")
-    desc.add_argument("--devices", type=int, default=None,
-                      help="device count (default: the product of the mesh sizes; needed with mesh.data=-1)")
-    desc.add_argument("--device-memory-gib", type=float, default=None,
-                      help="memory of one device; prints whether the run fits")
+    desc.add_argument(
+        "--mesh",
+        default=None,
+        help="mesh preset replacing the config's mesh section, "
+        "e.g. mesh/gpu-8; prints per-device memory (batch and seq from train.*)",
+    )
+    desc.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="device count (default: the product of the mesh sizes; needed with mesh.data=-1)",
+    )
+    desc.add_argument(
+        "--device-memory-gib",
+        type=float,
+        default=None,
+        help="memory of one device; prints whether the run fits",
+    )
     desc.add_argument("overrides", nargs="*")
     desc.set_defaults(func=_describe)
 
-    ev = sub.add_parser("eval", help="perplexity / CE / bits per byte of a checkpoint or HF model on held-out data")
+    ev = sub.add_parser(
+        "eval", help="perplexity / CE / bits per byte of a checkpoint or HF model on held-out data"
+    )
     ev.add_argument("--checkpoint", default=None, help="a training run directory (or its checkpoints/<step>)")
     ev.add_argument("--hf", default=None, help="a Hugging Face DeepseekV3 directory")
     ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    ev.add_argument("--data", nargs="*", default=[], help="JSONL / Parquet / ArrayRecord files with a 'text' "
-                    "field (default: eval.data, the held-out arithmetic problems)")
-    ev.add_argument("--tasks", nargs="*", default=[], help="benchmark tasks: built-in arithmetic / "
-                    "arithmetic_choice, or task YAML files (frontier_jax/eval/tasks.py)")
+    ev.add_argument(
+        "--data",
+        nargs="*",
+        default=[],
+        help="JSONL / Parquet / ArrayRecord files with a 'text' "
+        "field (default: eval.data, the held-out arithmetic problems)",
+    )
+    ev.add_argument(
+        "--tasks",
+        nargs="*",
+        default=[],
+        help="benchmark tasks: built-in arithmetic / "
+        "arithmetic_choice, or task YAML files (frontier_jax/eval/tasks.py)",
+    )
     ev.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="parameter dtype on load")
     ev.add_argument("--devices", type=int, default=None, help="evaluate on the first N devices (default all)")
     ev.add_argument("--out", default="eval-results", help="directory of results.json")
-    ev.add_argument("--distributed", action="store_true", help="multi-process: jax.distributed.initialize() first")
-    ev.add_argument("overrides", nargs="*", help="mesh.* / eval.* overrides, e.g. eval.stride=64 mesh.tensor=2")
+    ev.add_argument(
+        "--distributed", action="store_true", help="multi-process: jax.distributed.initialize() first"
+    )
+    ev.add_argument(
+        "overrides", nargs="*", help="mesh.* / eval.* overrides, e.g. eval.stride=64 mesh.tensor=2"
+    )
     ev.set_defaults(func=_eval)
 
     ab = sub.add_parser("ablate", help="arms x seeds of a training config, held-out eval, table and plots")
     ab.add_argument("--config", required=True, help="ablation YAML, e.g. ablations/toy-mtp.yaml")
-    ab.add_argument("--out", default=None, help="output directory (default runs/ablations/NAME); re-running "
-                    "skips finished runs")
+    ab.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default runs/ablations/NAME); re-running skips finished runs",
+    )
     ab.set_defaults(func=_ablate)
 
-    sub.add_parser("convert", help="Hugging Face DeepseekV3 checkpoints in and out "
-                   "(frontier-jax convert --help)")
+    sub.add_parser(
+        "convert", help="Hugging Face DeepseekV3 checkpoints in and out (frontier-jax convert --help)"
+    )
     from frontier_jax.infer.cli import add_generate_parser
 
     add_generate_parser(sub)
@@ -236,8 +315,13 @@ def _exit_code(err: Exception) -> int | None:
     from frontier_jax.train.loop import NonFiniteLossError
     from frontier_jax.train.signals import EXIT_PREEMPTED, Preempted
 
-    codes = ((Preempted, EXIT_PREEMPTED), (NonFiniteLossError, EXIT_NONFINITE), (DataError, EXIT_DATA),
-             (CheckpointError, EXIT_CHECKPOINT), ((ValueError, OSError), EXIT_USAGE))
+    codes = (
+        (Preempted, EXIT_PREEMPTED),
+        (NonFiniteLossError, EXIT_NONFINITE),
+        (DataError, EXIT_DATA),
+        (CheckpointError, EXIT_CHECKPOINT),
+        ((ValueError, OSError), EXIT_USAGE),
+    )
     return next((code for kind, code in codes if isinstance(err, kind)), None)
 
 

@@ -28,15 +28,33 @@ from frontier_jax.parallel.config import MeshAxes, MeshConfig
 from frontier_jax.precision.config import PrecisionConfig
 from frontier_jax.train.config import CheckpointConfig, TrainConfig
 
-__all__ = ["CONFIG_DIR", "CheckpointConfig", "Config", "DataConfig", "EvalConfig", "ImplConfig", "InferConfig",
-           "MeshAxes", "MeshConfig", "ModelConfig", "PrecisionConfig", "TrainConfig", "load_config",
-           "resolve_config_path"]
+__all__ = [
+    "CONFIG_DIR",
+    "CheckpointConfig",
+    "Config",
+    "DataConfig",
+    "EvalConfig",
+    "ImplConfig",
+    "InferConfig",
+    "MeshAxes",
+    "MeshConfig",
+    "ModelConfig",
+    "PrecisionConfig",
+    "TrainConfig",
+    "load_config",
+    "resolve_config_path",
+]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # Implementation choices that left the `model:` section for `impl:` (named in the error)
-_MOVED = {"model.attention_impl": "impl.attention", "model.gmm_impl": "impl.gmm",
-          "model.moe_dispatch": "impl.moe_dispatch", "model.moe_capacity_factor": "impl.moe_capacity_factor",
-          "model.ep_overlap_chunks": "impl.ep_overlap_chunks", "model.remat_policy": "impl.remat"}
+_MOVED = {
+    "model.attention_impl": "impl.attention",
+    "model.gmm_impl": "impl.gmm",
+    "model.moe_dispatch": "impl.moe_dispatch",
+    "model.moe_capacity_factor": "impl.moe_capacity_factor",
+    "model.ep_overlap_chunks": "impl.ep_overlap_chunks",
+    "model.remat_policy": "impl.remat",
+}
 # OmegaConf's message for a value outside an Enum field's members
 _BAD_CHOICE = re.compile(r"Invalid value '(?P<value>.*)', expected one of \[(?P<allowed>.*)\]")
 
@@ -76,15 +94,20 @@ def _load_yaml_with_includes(path: Path, seen: tuple[Path, ...] = ()):
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ValueError(f"config file {path}: YAML syntax error{where}: "
-                         f"{getattr(err, 'problem', None) or err}; fix the file") from err
+        raise ValueError(
+            f"config file {path}: YAML syntax error{where}: "
+            f"{getattr(err, 'problem', None) or err}; fix the file"
+        ) from err
     if not isinstance(raw, DictConfig):
-        raise ValueError(f"config file {path}: the top level is a list, not a mapping of "
-                         "sections (model:, train:, ...)")
+        raise ValueError(
+            f"config file {path}: the top level is a list, not a mapping of sections (model:, train:, ...)"
+        )
     includes = raw.pop("include", []) or []
     if not isinstance(includes, (list, ListConfig)) or not all(isinstance(i, str) for i in includes):
-        raise ValueError(f"config file {path}: include={includes!r} must be a list of YAML paths, "
-                         "e.g. include: [../model/toy.yaml]")
+        raise ValueError(
+            f"config file {path}: include={includes!r} must be a list of YAML paths, "
+            "e.g. include: [../model/toy.yaml]"
+        )
     parts = [_load_yaml_with_includes(path.parent / inc, seen + (path,)) for inc in includes]
     return OmegaConf.merge(*parts, raw) if parts else raw
 
@@ -113,18 +136,24 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
             try:
                 merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
             except TypeError as err:  # e.g. data.sources.0.weight=0.5: a dotlist cannot index a list
-                raise ValueError(f"overrides {' '.join(overrides)}: {err}; a list (e.g. data.sources) is "
-                                 "replaced whole: give it in a YAML file") from err
+                raise ValueError(
+                    f"overrides {' '.join(overrides)}: {err}; a list (e.g. data.sources) is "
+                    "replaced whole: give it in a YAML file"
+                ) from err
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         choice = _BAD_CHOICE.match(str(err))
         if key in _MOVED:
-            raise ValueError(f"{key} is now {_MOVED[key]} (implementation choices have their own "
-                             "impl: section)") from None
+            raise ValueError(
+                f"{key} is now {_MOVED[key]} (implementation choices have their own impl: section)"
+            ) from None
         if key and choice:  # a closed choice (an Enum field)
-            raise ValueError(f"{key}={choice['value']!r} is invalid: allowed values are "
-                             f"{choice['allowed']}") from None
-        raise ValueError(f"invalid config{f' key {key!r}' if key else ''}: {err}".split("\n")[0]
-                         + " (fields and types: each package's config.py, e.g. frontier_jax/train/config.py)") from err
+            raise ValueError(
+                f"{key}={choice['value']!r} is invalid: allowed values are {choice['allowed']}"
+            ) from None
+        raise ValueError(
+            f"invalid config{f' key {key!r}' if key else ''}: {err}".split("\n")[0]
+            + " (fields and types: each package's config.py, e.g. frontier_jax/train/config.py)"
+        ) from err
     return cfg.validate()

@@ -7,8 +7,10 @@ import pytest
 from frontier_jax import cli
 
 
-@pytest.mark.parametrize("flag, value", [("--seq-len", "-5"), ("--seq-len", "0"), ("--devices", "0"),
-                                         ("--device-memory-gib", "-1")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--seq-len", "-5"), ("--seq-len", "0"), ("--devices", "0"), ("--device-memory-gib", "-1")],
+)
 def test_describe_rejects_a_nonpositive_size(capsys, flag, value):
     assert cli.main(["describe", "--config", "model/toy", flag, value]) == 2
     out, err = capsys.readouterr()

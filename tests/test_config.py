@@ -9,13 +9,19 @@ from frontier_jax import cli
 from frontier_jax.config import load_config
 
 
-@pytest.mark.parametrize("text, message", [
-    ("model:\n  hidden_size: [32\n", r"YAML syntax error at line 3, column 1: did not find expected ',' or ']'"),
-    ("model:\n\thidden_size: 32\n", r"YAML syntax error at line 2, column 1"),
-    ("- model\n- train\n", r"the top level is a list, not a mapping of sections"),
-    ("include: model/toy.yaml\n", r"include='model/toy.yaml' must be a list of YAML paths"),
-    ("include: [3]\n", r"include=\[3\] must be a list of YAML paths"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "model:\n  hidden_size: [32\n",
+            r"YAML syntax error at line 3, column 1: did not find expected ',' or ']'",
+        ),
+        ("model:\n\thidden_size: 32\n", r"YAML syntax error at line 2, column 1"),
+        ("- model\n- train\n", r"the top level is a list, not a mapping of sections"),
+        ("include: model/toy.yaml\n", r"include='model/toy.yaml' must be a list of YAML paths"),
+        ("include: [3]\n", r"include=\[3\] must be a list of YAML paths"),
+    ],
+)
 def test_unreadable_config_file_is_named_with_the_problem(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -40,5 +46,7 @@ def test_included_files_still_merge_in_order(tmp_path):
 
 
 def test_an_override_into_a_list_is_a_value_error_not_a_type_error():
-    with pytest.raises(ValueError, match=r"data\.sources\.0\.weight=0\.5: .*a list \(e\.g\. data\.sources\) is replaced"):
+    with pytest.raises(
+        ValueError, match=r"data\.sources\.0\.weight=0\.5: .*a list \(e\.g\. data\.sources\) is replaced"
+    ):
         load_config("model/toy", ["data.sources.0.weight=0.5"])

@@ -15,8 +15,14 @@ LINT = Path(sys.executable).with_name("lint-imports")
 
 def _lint(package_parent: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(package_parent)}
-    return subprocess.run([str(LINT), str(ROOT / "pyproject.toml"), "--no-cache"],
-                          cwd=package_parent, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(LINT), str(ROOT / "pyproject.toml"), "--no-cache"],
+        cwd=package_parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_package_layers_are_kept():
@@ -26,8 +32,9 @@ def test_package_layers_are_kept():
 
 
 def test_a_kernel_importing_the_model_breaks_the_layers(tmp_path):
-    shutil.copytree(ROOT / "frontier_jax", tmp_path / "frontier_jax",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "frontier_jax", tmp_path / "frontier_jax", ignore=shutil.ignore_patterns("__pycache__")
+    )
     kernels = tmp_path / "frontier_jax" / "kernels" / "__init__.py"
     kernels.write_text(kernels.read_text() + "\nfrom frontier_jax.model import Transformer\n")
     result = _lint(tmp_path)

@@ -1,10 +1,10 @@
 """`frontier-jax convert` subcommands.
 
-    convert check  --hf PATH [--dtype float32|bfloat16] [--tokens N]
-        import the checkpoint, print its config and parameter count, run a forward pass on N
-        tokens and print the logits' shape and range (a smoke test of a download).
-    convert export --hf PATH --out DIR [--dtype float32|bfloat16] [--max-shard-mb M]
-        import, then export again into DIR (round trips, or re-sharding / re-typing).
+convert check  --hf PATH [--dtype float32|bfloat16] [--tokens N]
+    import the checkpoint, print its config and parameter count, run a forward pass on N
+    tokens and print the logits' shape and range (a smoke test of a download).
+convert export --hf PATH --out DIR [--dtype float32|bfloat16] [--max-shard-mb M]
+    import, then export again into DIR (round trips, or re-sharding / re-typing).
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ def _check(args) -> int:
     ids = jnp.arange(args.tokens, dtype=jnp.int32)[None] % cfg.vocab_size
     logits = jax.device_get(model(ids))
     finite = bool(np.isfinite(logits).all())
-    print(f"forward on {args.tokens} tokens: logits {logits.shape}, "
-          f"range [{logits.min():.4g}, {logits.max():.4g}], finite={finite}")
+    print(
+        f"forward on {args.tokens} tokens: logits {logits.shape}, "
+        f"range [{logits.min():.4g}, {logits.max():.4g}], finite={finite}"
+    )
     return 0 if finite else 1
 
 
@@ -45,8 +47,9 @@ def _export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="frontier-jax convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="frontier-jax convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="import a HF checkpoint and run a forward pass")
     check.add_argument("--hf", required=True, help="HF checkpoint directory (config.json + safetensors)")

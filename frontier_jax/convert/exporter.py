@@ -42,8 +42,9 @@ def _hf_tensors(model: Transformer, interleaved: bool) -> Iterator[tuple[str, np
     yield "model.embed_tokens.weight", top["model.embed_tokens.weight"]
     for i in range(cfg.num_layers):
         moe = i >= cfg.first_k_dense
-        root, index = ((("moe_layers", "blocks"), i - cfg.first_k_dense) if moe
-                       else (("dense_layers", "blocks"), i))
+        root, index = (
+            (("moe_layers", "blocks"), i - cfg.first_k_dense) if moe else (("dense_layers", "blocks"), i)
+        )
         layer = _layer(params, root, index)
         yield from layout.block_to_hf(layer, f"model.layers.{i}.", cfg, interleaved, moe).items()
     yield from ((name, value) for name, value in top.items() if name != "model.embed_tokens.weight")
@@ -61,8 +62,10 @@ def to_hf(model: Transformer, path: str, *, max_shard_bytes: int = 5 * 2**30, dt
     hf_config = model_config_to_hf_config(model.cfg)
     hf_config["torch_dtype"] = dtype
     target = EXPORT_DTYPES[dtype]
-    tensors = ((name, np.ascontiguousarray(value, np.float32 if name.endswith(_FP32_TENSORS) else target))
-               for name, value in _hf_tensors(model, rope_interleaved(hf_config)))
+    tensors = (
+        (name, np.ascontiguousarray(value, np.float32 if name.endswith(_FP32_TENSORS) else target))
+        for name, value in _hf_tensors(model, rope_interleaved(hf_config))
+    )
     write_checkpoint(path, tensors, max_shard_bytes)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)

@@ -27,8 +27,10 @@ def fp8_block_size(hf_config: dict) -> tuple[int, int] | None:
         return None
     method, fmt = quant.get("quant_method"), quant.get("fmt", "e4m3")
     if method != "fp8" or fmt != "e4m3":
-        raise ValueError(f"HF config quantization_config (quant_method={method!r}, fmt={fmt!r}) is not "
-                         "supported; only block-scaled fp8 e4m3 (quant_method 'fp8') is")
+        raise ValueError(
+            f"HF config quantization_config (quant_method={method!r}, fmt={fmt!r}) is not "
+            "supported; only block-scaled fp8 e4m3 (quant_method 'fp8') is"
+        )
     block = tuple(quant.get("weight_block_size") or DEFAULT_BLOCK)
     if len(block) != 2:
         raise ValueError(f"HF config quantization_config.weight_block_size={list(block)} must have 2 entries")
@@ -42,7 +44,9 @@ def dequantize_blocks(q: np.ndarray, scale_inv: np.ndarray, block: tuple[int, in
     (rows, cols), (b0, b1) = q.shape, block
     expected = (math.ceil(rows / b0), math.ceil(cols / b1))
     if scale_inv.shape != expected:
-        raise ValueError(f"HF tensor {name}_scale_inv: expected shape {expected} for weight {q.shape} "
-                         f"with {b0}x{b1} blocks, found {scale_inv.shape}")
+        raise ValueError(
+            f"HF tensor {name}_scale_inv: expected shape {expected} for weight {q.shape} "
+            f"with {b0}x{b1} blocks, found {scale_inv.shape}"
+        )
     scale = np.repeat(np.repeat(scale_inv.astype(np.float32), b0, axis=0), b1, axis=1)[:rows, :cols]
     return q.astype(np.float32) * scale

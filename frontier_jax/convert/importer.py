@@ -110,8 +110,9 @@ def _read_params(src: _Source, cfg: ModelConfig, interleaved: bool):
         yield path, None, value
     for i in range(cfg.num_layers):
         moe = i >= cfg.first_k_dense
-        root, index = ((("moe_layers", "blocks"), i - cfg.first_k_dense) if moe
-                       else (("dense_layers", "blocks"), i))
+        root, index = (
+            (("moe_layers", "blocks"), i - cfg.first_k_dense) if moe else (("dense_layers", "blocks"), i)
+        )
         for path, value in layout.block_from_hf(src, f"model.layers.{i}.", cfg, interleaved, moe).items():
             yield root + path, index, value
     for k in range(cfg.mtp_depth):
@@ -131,8 +132,10 @@ def _check_copies(src: _Source, cfg: ModelConfig) -> None:
         if name in src and original in src:
             shape = src.reader.shape(original)
             if not np.array_equal(np.array(src.get(name, shape)), src.get(original, shape)):
-                raise ValueError(f"HF tensor {name} should be a copy of the shared embedding/output head "
-                                 "but differs from it")
+                raise ValueError(
+                    f"HF tensor {name} should be a copy of the shared embedding/output head "
+                    "but differs from it"
+                )
 
 
 def _load_config(path: str, reader: CheckpointReader, overrides: dict | None) -> tuple[dict, ModelConfig]:
@@ -152,14 +155,15 @@ def _load_config(path: str, reader: CheckpointReader, overrides: dict | None) ->
 
 
 def _dtype_name(dtype) -> str:
-    """"float32" / "bfloat16" from a name or a dtype object (jnp.float32, np.dtype, ...)."""
+    """ "float32" / "bfloat16" from a name or a dtype object (jnp.float32, np.dtype, ...)."""
     try:
         name = jnp.dtype(dtype).name
     except TypeError:
         name = str(dtype)
     if name not in DTYPE_POLICIES:
-        raise ValueError(f"dtype={dtype!r} is not supported; allowed: {', '.join(DTYPE_POLICIES)} "
-                         "(as a string or a dtype)")
+        raise ValueError(
+            f"dtype={dtype!r} is not supported; allowed: {', '.join(DTYPE_POLICIES)} (as a string or a dtype)"
+        )
     return name
 
 
@@ -178,8 +182,11 @@ def _zeros(shape: tuple[int, ...], dtype, sharding: Sharding):
 @functools.cache
 def _write_layer(sharding: Sharding):
     """stack [L, ...], layer [...], i -> stack with stack[i] = layer, in place (stack donated)."""
-    return jax.jit(lambda stack, layer, i: jax.lax.dynamic_update_index_in_dim(stack, layer, i, 0),
-                   donate_argnums=0, out_shardings=sharding)
+    return jax.jit(
+        lambda stack, layer, i: jax.lax.dynamic_update_index_in_dim(stack, layer, i, 0),
+        donate_argnums=0,
+        out_shardings=sharding,
+    )
 
 
 def _place(value: layout.Lazy, shape: tuple[int, ...], dtype, sharding: Sharding, what: str) -> jax.Array:
@@ -203,9 +210,15 @@ def _place(value: layout.Lazy, shape: tuple[int, ...], dtype, sharding: Sharding
     return jax.make_array_from_callback(shape, sharding, rows)
 
 
-def from_hf(path: str, *, dtype="float32", mesh: Mesh | None = None,
-            rules: Mapping[str, Sequence[str]] | None = None, config_overrides: dict | None = None,
-            impl: ImplConfig = ImplConfig()) -> tuple[ModelConfig, Transformer]:
+def from_hf(
+    path: str,
+    *,
+    dtype="float32",
+    mesh: Mesh | None = None,
+    rules: Mapping[str, Sequence[str]] | None = None,
+    config_overrides: dict | None = None,
+    impl: ImplConfig = ImplConfig(),
+) -> tuple[ModelConfig, Transformer]:
     """Imports the checkpoint directory `path` (config.json + safetensors, sharded or not).
 
     dtype: "float32" / "bfloat16" (or jnp.float32 / jnp.bfloat16) picks the precision policy
@@ -218,15 +231,18 @@ def from_hf(path: str, *, dtype="float32", mesh: Mesh | None = None,
     reader = CheckpointReader(path)
     hf_config, cfg = _load_config(path, reader, config_overrides)
     policy = get_policy(DTYPE_POLICIES[name])
-    graphdef, state = nnx.split(nnx.eval_shape(
-        lambda: Transformer(cfg, impl=impl, policy=policy, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(
+        nnx.eval_shape(lambda: Transformer(cfg, impl=impl, policy=policy, rngs=nnx.Rngs(0)))
+    )
     variables = dict(nnx.to_flat_state(state))
     if mesh is None:
         shardings = {p: SingleDeviceSharding(jax.devices()[0]) for p in variables}
     else:
         if any(t != AxisType.Auto for t in mesh.axis_types):
-            raise ValueError(f"from_hf: mesh axis types {mesh.axis_types} are not all Auto; build the mesh "
-                             "with parallel.mesh.build_mesh (or jax.make_mesh(..., axis_types=Auto))")
+            raise ValueError(
+                f"from_hf: mesh axis types {mesh.axis_types} are not all Auto; build the mesh "
+                "with parallel.mesh.build_mesh (or jax.make_mesh(..., axis_types=Auto))"
+            )
         rules = DEFAULT_RULES if rules is None else rules
         check_divisible(state, mesh, rules)
         shardings = nnx.traversals.flatten_mapping(state_shardings(state, mesh, rules))
@@ -249,10 +265,15 @@ def from_hf(path: str, *, dtype="float32", mesh: Mesh | None = None,
     _check_copies(src, cfg)
 
     if src.missing:
-        raise ValueError(f"the checkpoint lacks {len(src.missing)} tensor(s) the model needs: "
-                         + _listing(sorted(src.missing)))
-    unfilled = [".".join(p) for p, got in filled.items()
-                if got != (set(range(variables[p].shape[0])) if p[0] in _STACKS else {None})]
+        raise ValueError(
+            f"the checkpoint lacks {len(src.missing)} tensor(s) the model needs: "
+            + _listing(sorted(src.missing))
+        )
+    unfilled = [
+        ".".join(p)
+        for p, got in filled.items()
+        if got != (set(range(variables[p].shape[0])) if p[0] in _STACKS else {None})
+    ]
     if unfilled:
         raise ValueError(f"model variable(s) not filled from the checkpoint: {_listing(unfilled)}")
     unused = sorted(n for n in reader.names() - src.used if not _ignorable(n, cfg))

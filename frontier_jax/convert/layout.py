@@ -72,8 +72,10 @@ LazyParams = dict[Path, Lazy]
 
 def _stack(part: Callable[[int], np.ndarray], n: int) -> Lazy:
     """The [n, ...] stack of part(0), ..., part(n - 1), row slices reading only their parts."""
+
     def rows(s: slice) -> np.ndarray:
         return np.stack([part(i) for i in range(n)[s]])
+
     return Lazy(lambda: rows(slice(None)), rows)
 
 
@@ -117,8 +119,11 @@ def attention_from_hf(src: Source, p: str, cfg: ModelConfig, interleaved: bool) 
         q_name, q_in, key = f"{p}self_attn.q_b_proj.weight", ql, ("wq_b", "kernel")
     else:
         q_name, q_in, key = f"{p}self_attn.q_proj.weight", d, ("wq", "kernel")
-    out[key] = Lazy(lambda: _reorder_rows(src.get(q_name, (h * qk, q_in)).reshape(h, qk, -1), dn, order)
-                    .transpose(2, 0, 1))
+    out[key] = Lazy(
+        lambda: _reorder_rows(src.get(q_name, (h * qk, q_in)).reshape(h, qk, -1), dn, order).transpose(
+            2, 0, 1
+        )
+    )
 
     def kv_a() -> np.ndarray:
         return _reorder_rows(src.get(f"{p}self_attn.kv_a_proj_with_mqa.weight", (kv + dr, d)), kv, order)
@@ -131,7 +136,9 @@ def attention_from_hf(src: Source, p: str, cfg: ModelConfig, interleaved: bool) 
     out[("kv_norm", "scale")] = Lazy(lambda: src.get(f"{p}self_attn.kv_a_layernorm.weight", (kv,)))
     out[("wk_b", "kernel")] = Lazy(lambda: kv_b()[:, :dn].transpose(2, 0, 1))
     out[("wv_b", "kernel")] = Lazy(lambda: kv_b()[:, dn:].transpose(2, 0, 1))
-    out[("wo", "kernel")] = Lazy(lambda: src.get(f"{p}self_attn.o_proj.weight", (d, h * dv)).T.reshape(h, dv, d))
+    out[("wo", "kernel")] = Lazy(
+        lambda: src.get(f"{p}self_attn.o_proj.weight", (d, h * dv)).T.reshape(h, dv, d)
+    )
     return _prefixed(("attn",), out)
 
 
@@ -158,9 +165,11 @@ def attention_to_hf(params: Params, p: str, cfg: ModelConfig, interleaved: bool)
 
 # ------------------------------------------------------------------------------------ FFNs
 def _swiglu_from_hf(src: Source, p: str, d: int, f: int) -> LazyParams:
-    return {("w_gate", "kernel"): Lazy(lambda: src.get(f"{p}gate_proj.weight", (f, d)).T),
-            ("w_up", "kernel"): Lazy(lambda: src.get(f"{p}up_proj.weight", (f, d)).T),
-            ("w_down", "kernel"): Lazy(lambda: src.get(f"{p}down_proj.weight", (d, f)).T)}
+    return {
+        ("w_gate", "kernel"): Lazy(lambda: src.get(f"{p}gate_proj.weight", (f, d)).T),
+        ("w_up", "kernel"): Lazy(lambda: src.get(f"{p}up_proj.weight", (f, d)).T),
+        ("w_down", "kernel"): Lazy(lambda: src.get(f"{p}down_proj.weight", (d, f)).T),
+    }
 
 
 def _swiglu_to_hf(w: Params, p: str) -> HFTensors:
@@ -170,18 +179,26 @@ def _swiglu_to_hf(w: Params, p: str) -> HFTensors:
 def moe_from_hf(src: Source, p: str, cfg: ModelConfig) -> LazyParams:
     e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_ffn_dim
     out: LazyParams = {("router", "kernel"): Lazy(lambda: src.get(f"{p}mlp.gate.weight", (e, d)).T)}
-    out[("router", "bias")] = Lazy(lambda: src.get(f"{p}mlp.gate.e_score_correction_bias", (e,))
-                                   if cfg.scoring_func == "sigmoid" else np.zeros((e,), np.float32))
+    out[("router", "bias")] = Lazy(
+        lambda: (
+            src.get(f"{p}mlp.gate.e_score_correction_bias", (e,))
+            if cfg.scoring_func == "sigmoid"
+            else np.zeros((e,), np.float32)
+        )
+    )
     if f"{p}mlp.experts.gate_up_proj" in src:
         gate_up = f"{p}mlp.experts.gate_up_proj"
         out[("experts", "w_gate")] = Lazy(lambda: src.get(gate_up, (e, 2 * f, d))[:, :f].transpose(0, 2, 1))
         out[("experts", "w_up")] = Lazy(lambda: src.get(gate_up, (e, 2 * f, d))[:, f:].transpose(0, 2, 1))
         out[("experts", "w_down")] = Lazy(
-            lambda: src.get(f"{p}mlp.experts.down_proj", (e, d, f)).transpose(0, 2, 1))
+            lambda: src.get(f"{p}mlp.experts.down_proj", (e, d, f)).transpose(0, 2, 1)
+        )
     else:
         for name, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
+
             def expert(i: int, name: str = name, shape: tuple[int, int] = shape) -> np.ndarray:
                 return src.get(f"{p}mlp.experts.{i}.{name}_proj.weight", shape).T
+
             out[("experts", f"w_{name}")] = _stack(expert, e)
     if cfg.n_shared_experts:
         shared = _swiglu_from_hf(src, f"{p}mlp.shared_experts.", d, cfg.n_shared_experts * f)
@@ -196,8 +213,10 @@ def moe_to_hf(params: Params, p: str, cfg: ModelConfig) -> HFTensors:
     if cfg.scoring_func == "sigmoid":
         out[f"{p}mlp.gate.e_score_correction_bias"] = bias
     elif np.any(bias):
-        raise ValueError("the router biases are nonzero, but softmax-routed (DeepseekV2) checkpoints "
-                         "have no e_score_correction_bias to hold them")
+        raise ValueError(
+            "the router biases are nonzero, but softmax-routed (DeepseekV2) checkpoints "
+            "have no e_score_correction_bias to hold them"
+        )
     for name in ("gate", "up", "down"):
         stacked = w[("experts", f"w_{name}")]
         out.update({f"{p}mlp.experts.{e}.{name}_proj.weight": stacked[e].T for e in range(len(stacked))})
@@ -209,8 +228,10 @@ def moe_to_hf(params: Params, p: str, cfg: ModelConfig) -> HFTensors:
 # ----------------------------------------------------------------------------- blocks, MTP
 def block_from_hf(src: Source, p: str, cfg: ModelConfig, interleaved: bool, moe: bool) -> LazyParams:
     d = cfg.hidden_size
-    out = {("attn_norm", "scale"): Lazy(lambda: src.get(f"{p}input_layernorm.weight", (d,))),
-           ("ffn_norm", "scale"): Lazy(lambda: src.get(f"{p}post_attention_layernorm.weight", (d,)))}
+    out = {
+        ("attn_norm", "scale"): Lazy(lambda: src.get(f"{p}input_layernorm.weight", (d,))),
+        ("ffn_norm", "scale"): Lazy(lambda: src.get(f"{p}post_attention_layernorm.weight", (d,))),
+    }
     out.update(attention_from_hf(src, p, cfg, interleaved))
     if moe:
         out.update(moe_from_hf(src, p, cfg))
@@ -220,8 +241,10 @@ def block_from_hf(src: Source, p: str, cfg: ModelConfig, interleaved: bool, moe:
 
 
 def block_to_hf(params: Params, p: str, cfg: ModelConfig, interleaved: bool, moe: bool) -> HFTensors:
-    out = {f"{p}input_layernorm.weight": params[("attn_norm", "scale")],
-           f"{p}post_attention_layernorm.weight": params[("ffn_norm", "scale")]}
+    out = {
+        f"{p}input_layernorm.weight": params[("attn_norm", "scale")],
+        f"{p}post_attention_layernorm.weight": params[("ffn_norm", "scale")],
+    }
     out.update(attention_to_hf(params, p, cfg, interleaved))
     out.update(moe_to_hf(params, p, cfg) if moe else _swiglu_to_hf(_sub(params, ("ffn",)), f"{p}mlp."))
     return out
@@ -230,19 +253,23 @@ def block_to_hf(params: Params, p: str, cfg: ModelConfig, interleaved: bool, moe
 def mtp_from_hf(src: Source, p: str, cfg: ModelConfig, interleaved: bool) -> LazyParams:
     """One MTP module (without the embedding / head copies, see `mtp_copies`)."""
     d = cfg.hidden_size
-    out = {("emb_norm", "scale"): Lazy(lambda: src.get(f"{p}enorm.weight", (d,))),
-           ("hidden_norm", "scale"): Lazy(lambda: src.get(f"{p}hnorm.weight", (d,))),
-           ("proj", "kernel"): Lazy(lambda: src.get(f"{p}eh_proj.weight", (d, 2 * d)).T),
-           ("out_norm", "scale"): Lazy(lambda: src.get(f"{p}shared_head.norm.weight", (d,)))}
+    out = {
+        ("emb_norm", "scale"): Lazy(lambda: src.get(f"{p}enorm.weight", (d,))),
+        ("hidden_norm", "scale"): Lazy(lambda: src.get(f"{p}hnorm.weight", (d,))),
+        ("proj", "kernel"): Lazy(lambda: src.get(f"{p}eh_proj.weight", (d, 2 * d)).T),
+        ("out_norm", "scale"): Lazy(lambda: src.get(f"{p}shared_head.norm.weight", (d,))),
+    }
     out.update(_prefixed(("block",), block_from_hf(src, p, cfg, interleaved, moe=True)))
     return out
 
 
 def mtp_to_hf(params: Params, p: str, cfg: ModelConfig, interleaved: bool) -> HFTensors:
-    out = {f"{p}enorm.weight": params[("emb_norm", "scale")],
-           f"{p}hnorm.weight": params[("hidden_norm", "scale")],
-           f"{p}eh_proj.weight": params[("proj", "kernel")].T,
-           f"{p}shared_head.norm.weight": params[("out_norm", "scale")]}
+    out = {
+        f"{p}enorm.weight": params[("emb_norm", "scale")],
+        f"{p}hnorm.weight": params[("hidden_norm", "scale")],
+        f"{p}eh_proj.weight": params[("proj", "kernel")].T,
+        f"{p}shared_head.norm.weight": params[("out_norm", "scale")],
+    }
     out.update(block_to_hf(_sub(params, ("block",)), p, cfg, interleaved, moe=True))
     return out
 
@@ -260,16 +287,20 @@ TOP_LEVEL = ("embed", "final_norm", "head")  # our unstacked modules
 def top_from_hf(src: Source, cfg: ModelConfig) -> LazyParams:
     """Embedding, final norm and (untied) output head."""
     v, d = cfg.vocab_size, cfg.hidden_size
-    out = {("embed", "embedding"): Lazy(lambda: src.get("model.embed_tokens.weight", (v, d))),
-           ("final_norm", "scale"): Lazy(lambda: src.get("model.norm.weight", (d,)))}
+    out = {
+        ("embed", "embedding"): Lazy(lambda: src.get("model.embed_tokens.weight", (v, d))),
+        ("final_norm", "scale"): Lazy(lambda: src.get("model.norm.weight", (d,))),
+    }
     if not cfg.tie_embeddings:
         out[("head", "kernel")] = Lazy(lambda: src.get("lm_head.weight", (v, d)).T)
     return out
 
 
 def top_to_hf(params: Params, cfg: ModelConfig) -> HFTensors:
-    out = {"model.embed_tokens.weight": params[("embed", "embedding")],
-           "model.norm.weight": params[("final_norm", "scale")]}
+    out = {
+        "model.embed_tokens.weight": params[("embed", "embedding")],
+        "model.norm.weight": params[("final_norm", "scale")],
+    }
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = params[("head", "kernel")].T
     return out
@@ -290,6 +321,7 @@ def hf_copies(cfg: ModelConfig) -> dict[str, str]:
     layer's embed_tokens and shared_head.head."""
     copies = {"lm_head.weight": "model.embed_tokens.weight"} if cfg.tie_embeddings else {}
     for k in range(cfg.mtp_depth):
-        copies.update(mtp_copies(f"model.layers.{cfg.num_layers + k}.", "model.embed_tokens.weight",
-                                 hf_head_name(cfg)))
+        copies.update(
+            mtp_copies(f"model.layers.{cfg.num_layers + k}.", "model.embed_tokens.weight", hf_head_name(cfg))
+        )
     return copies

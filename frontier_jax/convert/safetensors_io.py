@@ -26,11 +26,18 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 _DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32), "I16": np.dtype(np.int16), "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
 }
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 
@@ -62,12 +69,16 @@ def _read_header(path: str) -> tuple[dict, int]:
     for name, info in header.items():
         begin, end = info["data_offsets"]
         if 8 + n + end > size:
-            raise ValueError(f"{path}: truncated safetensors file: tensor {name} ends at byte {8 + n + end}, "
-                             f"the file has {size}; download it again")
+            raise ValueError(
+                f"{path}: truncated safetensors file: tensor {name} ends at byte {8 + n + end}, "
+                f"the file has {size}; download it again"
+            )
         dtype = _DTYPES.get(info["dtype"])
         if dtype is not None and end - begin != dtype.itemsize * int(np.prod(info["shape"])):
-            raise ValueError(f"{path}: tensor {name} holds {end - begin} bytes, its dtype {info['dtype']} "
-                             f"and shape {info['shape']} need {dtype.itemsize * int(np.prod(info['shape']))}")
+            raise ValueError(
+                f"{path}: tensor {name} holds {end - begin} bytes, its dtype {info['dtype']} "
+                f"and shape {info['shape']} need {dtype.itemsize * int(np.prod(info['shape']))}"
+            )
     return header, 8 + n
 
 
@@ -109,15 +120,18 @@ class CheckpointReader:
         if file_path not in self._maps:
             self._maps[file_path] = np.memmap(file_path, dtype=np.uint8, mode="r")
         begin, end = info["data_offsets"]
-        raw = self._maps[file_path][data_start + begin:data_start + end]
+        raw = self._maps[file_path][data_start + begin : data_start + end]
         return np.array(raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"]))
 
 
 def _write_file(path: str, tensors: list[tuple[str, np.ndarray]]) -> None:
     header, offset = {}, 0
     for name, array in tensors:
-        header[name] = {"dtype": _CODES[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
+        header[name] = {
+            "dtype": _CODES[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
         offset += array.nbytes
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()

@@ -1,9 +1,9 @@
 """Input pipeline: sources -> screen -> mixture -> tokenize -> pack -> batch.
 
-    it = build_train_iterator(cfg.data, seq_len=T, global_batch=B)
-    batch = next(it)                          # dict of int32 [B, T] arrays (the whole global batch)
-    stats = DataStats.from_state(it.get_state())   # skipped / split document counts per source
-    state = it.get_state()                    # JSON-serialisable; it.set_state(state) resumes
+it = build_train_iterator(cfg.data, seq_len=T, global_batch=B)
+batch = next(it)                          # dict of int32 [B, T] arrays (the whole global batch)
+stats = DataStats.from_state(it.get_state())   # skipped / split document counts per source
+state = it.get_state()                    # JSON-serialisable; it.set_state(state) resumes
 """
 
 from frontier_jax.data.checkpoint import (

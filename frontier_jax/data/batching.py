@@ -20,8 +20,9 @@ from frontier_jax.data.packing import padding_rows
 
 
 class _RampBatchIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, global_batch: int, rows_at: Callable[[int], int],
-                 pad_id: int):
+    def __init__(
+        self, parent: grain.DatasetIterator, global_batch: int, rows_at: Callable[[int], int], pad_id: int
+    ):
         super().__init__(parent)
         self._global_batch, self._rows_at, self._pad_id = global_batch, rows_at, pad_id
         self._batches = 0
@@ -29,8 +30,10 @@ class _RampBatchIterator(grain.DatasetIterator):
     def __next__(self) -> dict[str, np.ndarray]:
         rows = int(self._rows_at(self._batches))
         if not 1 <= rows <= self._global_batch:
-            raise ValueError(f"batch {self._batches}: the ramp asks for {rows} rows, outside "
-                             f"[1, global_batch={self._global_batch}]")
+            raise ValueError(
+                f"batch {self._batches}: the ramp asks for {rows} rows, outside "
+                f"[1, global_batch={self._global_batch}]"
+            )
         taken = [next(self._parent) for _ in range(rows)]  # the stream's end drops the incomplete batch
         batch = {key: np.stack([row[key] for row in taken]) for key in taken[0]}
         if rows < self._global_batch:
@@ -52,8 +55,9 @@ class RampBatchIterDataset(grain.IterDataset):
     """IterDataset of dicts of [global_batch, T] arrays whose first `rows_at(k)` rows (batch k,
     from 0) are read from `parent` (an IterDataset of dicts of [T] rows) and the rest padding."""
 
-    def __init__(self, parent: grain.IterDataset, *, global_batch: int, rows_at: Callable[[int], int],
-                 pad_id: int):
+    def __init__(
+        self, parent: grain.IterDataset, *, global_batch: int, rows_at: Callable[[int], int], pad_id: int
+    ):
         super().__init__(parent)
         self._global_batch, self._rows_at, self._pad_id = global_batch, rows_at, pad_id
 

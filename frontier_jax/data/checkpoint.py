@@ -44,7 +44,9 @@ class AnyProcessCountHandler(grain.checkpoint.CheckpointHandler):
         item = item or args.item
         saved = sorted(epath.Path(directory).glob("process_*-of-*.json"))
         if not saved:
-            raise FileNotFoundError(f"data iterator checkpoint {directory} holds no process_*-of-*.json state")
+            raise FileNotFoundError(
+                f"data iterator checkpoint {directory} holds no process_*-of-*.json state"
+            )
         item.set_state(json.loads(saved[0].read_text()))
         item.start_prefetch()  # as grain's restore: the first batch is read while the model restores
         return item

@@ -26,9 +26,11 @@ class RecordFormat(str, enum.Enum):
 
 
 # The SourceConfig attributes naming the fields of each format.
-_FORMAT_FIELDS = {RecordFormat.text: ("text_field",),
-                  RecordFormat.prompt_response: ("prompt_field", "response_field"),
-                  RecordFormat.chat: ("messages_field",)}
+_FORMAT_FIELDS = {
+    RecordFormat.text: ("text_field",),
+    RecordFormat.prompt_response: ("prompt_field", "response_field"),
+    RecordFormat.chat: ("messages_field",),
+}
 
 
 @dataclasses.dataclass
@@ -66,20 +68,16 @@ class SourceConfig:
         if not self.name:
             raise ValueError(f"{where}.name is empty: give every source a unique name.")
         if self.kind not in SOURCE_KINDS:
-            raise ValueError(
-                f"{where}.kind={self.kind!r} is not supported: use one of {list(SOURCE_KINDS)}."
-            )
+            raise ValueError(f"{where}.kind={self.kind!r} is not supported: use one of {list(SOURCE_KINDS)}.")
         if self.kind in FILE_KINDS and not self.path:
-            raise ValueError(
-                f"{where}.path is not set for kind={self.kind!r}: give a file path or a glob."
-            )
+            raise ValueError(f"{where}.path is not set for kind={self.kind!r}: give a file path or a glob.")
         if not self.weight > 0:
-            raise ValueError(
-                f"{where}.weight={self.weight!r} must be > 0: drop the source to exclude it."
-            )
+            raise ValueError(f"{where}.weight={self.weight!r} must be > 0: drop the source to exclude it.")
         if self.kind in EMBEDDED_KINDS and self.format != RecordFormat.text:
-            raise ValueError(f"{where}.format={RecordFormat(self.format).value!r}: embedded sources are "
-                             "plain text; use format=text or a file source.")
+            raise ValueError(
+                f"{where}.format={RecordFormat(self.format).value!r}: embedded sources are "
+                "plain text; use format=text or a file source."
+            )
         for field_name in _FORMAT_FIELDS[RecordFormat(self.format)]:
             if self.kind in FILE_KINDS and not getattr(self, field_name):
                 raise ValueError(f"{where}.{field_name} is empty: name the field holding it.")
@@ -142,9 +140,7 @@ class DataConfig:
         if not self.tokenizer:
             raise ValueError('data.tokenizer is empty: use "byte" or a path to tokenizer.json.')
         if self.min_document_chars < 1:
-            raise ValueError(
-                f"data.min_document_chars={self.min_document_chars} must be >= 1."
-            )
+            raise ValueError(f"data.min_document_chars={self.min_document_chars} must be >= 1.")
         if self.max_document_chars < self.min_document_chars:
             raise ValueError(
                 f"data.max_document_chars={self.max_document_chars} is below "

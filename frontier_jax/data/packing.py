@@ -39,8 +39,10 @@ class TokenizeDocument(grain.experimental.FlatMapTransform):
     def flat_map(self, document: Document) -> list[dict[str, np.ndarray]]:
         ids, train = render(self._tokenizer, document_pieces(document))
         pairs = {"inputs": ids[:-1], "targets": ids[1:], "loss_mask": train[1:].astype(np.int32)}
-        return [{k: v[i : i + self._max_len] for k, v in pairs.items()}
-                for i in range(0, len(ids) - 1, self._max_len)]
+        return [
+            {k: v[i : i + self._max_len] for k, v in pairs.items()}
+            for i in range(0, len(ids) - 1, self._max_len)
+        ]
 
 
 class _JsonStateIterator(grain.DatasetIterator):
@@ -89,8 +91,13 @@ def padding_rows(n: int, seq_len: int, *, pad_id: int) -> dict[str, np.ndarray]:
     """n rows of padding with the features of `_row`: pad_id tokens, every mask and id 0."""
     zeros = np.zeros((n, seq_len), np.int32)
     pads = np.full((n, seq_len), pad_id, np.int32)
-    return {"input_ids": pads, "targets": pads.copy(), "loss_mask": zeros, "segment_ids": zeros.copy(),
-            "positions": zeros.copy()}
+    return {
+        "input_ids": pads,
+        "targets": pads.copy(),
+        "loss_mask": zeros,
+        "segment_ids": zeros.copy(),
+        "positions": zeros.copy(),
+    }
 
 
 def pack_documents(

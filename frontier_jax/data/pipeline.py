@@ -103,16 +103,22 @@ def build_train_dataset(
         {s.name: source_documents(cfg, s, num_epochs) for s in cfg.sources},
         {s.name: s.weight for s in cfg.sources},
     )
-    rows = pack_documents(mixture, tokenizer=tokenizer, seq_len=seq_len, mask_documents=cfg.mask_documents,
-                          num_bins=max(global_batch, _MIN_PACKING_BINS))
+    rows = pack_documents(
+        mixture,
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+        mask_documents=cfg.mask_documents,
+        num_bins=max(global_batch, _MIN_PACKING_BINS),
+    )
     if cfg.worker_count:
         # grain 0.2.18 workers read absl flags, which fails unless they were parsed
         # (google/grain#1355); programs that do not use absl.app parse none.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         rows = rows.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
-    return RampBatchIterDataset(rows, global_batch=global_batch, rows_at=rows_at or (lambda _: global_batch),
-                                pad_id=tokenizer.pad_id)
+    return RampBatchIterDataset(
+        rows, global_batch=global_batch, rows_at=rows_at or (lambda _: global_batch), pad_id=tokenizer.pad_id
+    )
 
 
 def build_train_iterator(
@@ -124,5 +130,8 @@ def build_train_iterator(
     num_epochs: Optional[int] = None,
 ) -> grain.DatasetIterator:
     """Iterator of the global batches; supports `get_state()` / `set_state()`."""
-    return iter(build_train_dataset(cfg, seq_len=seq_len, global_batch=global_batch, rows_at=rows_at,
-                                    num_epochs=num_epochs))
+    return iter(
+        build_train_dataset(
+            cfg, seq_len=seq_len, global_batch=global_batch, rows_at=rows_at, num_epochs=num_epochs
+        )
+    )

@@ -56,8 +56,14 @@ def screen(record: Record, *, min_chars: int, max_chars: int) -> tuple[list[Docu
 class _ScreenIterator(grain.DatasetIterator):
     """State: parent state before the current record, pieces of it already emitted, counts."""
 
-    def __init__(self, parent: grain.DatasetIterator, source: str, min_chars: int, max_chars: int,
-                 max_skipped_in_a_row: int):
+    def __init__(
+        self,
+        parent: grain.DatasetIterator,
+        source: str,
+        min_chars: int,
+        max_chars: int,
+        max_skipped_in_a_row: int,
+    ):
         super().__init__(parent)
         self._source = source
         self._limits = {"min_chars": min_chars, "max_chars": max_chars}
@@ -76,7 +82,8 @@ class _ScreenIterator(grain.DatasetIterator):
                 raise DataError(
                     f"data source {self._source!r} gave no document in its last {skipped_in_a_row} records "
                     f"(counts so far: {counts}): check its path / text_field, or drop it from data.sources "
-                    "(the bound is data.max_skipped_in_a_row)")
+                    "(the bound is data.max_skipped_in_a_row)"
+                )
             self._record_state = self._parent.get_state()
             self._pieces, self._next_piece = [], 0
             record = next(self._parent)
@@ -109,8 +116,15 @@ class _ScreenIterator(grain.DatasetIterator):
 class ScreenIterDataset(grain.IterDataset):
     """IterDataset[Document] of the documents of an IterDataset[Record] of one source."""
 
-    def __init__(self, parent: grain.IterDataset, *, source: str, min_chars: int, max_chars: int,
-                 max_skipped_in_a_row: int):
+    def __init__(
+        self,
+        parent: grain.IterDataset,
+        *,
+        source: str,
+        min_chars: int,
+        max_chars: int,
+        max_skipped_in_a_row: int,
+    ):
         super().__init__(parent)
         self._source = source
         self._min_chars = min_chars
@@ -118,8 +132,13 @@ class ScreenIterDataset(grain.IterDataset):
         self._max_skipped_in_a_row = max_skipped_in_a_row
 
     def __iter__(self) -> grain.DatasetIterator:
-        return _ScreenIterator(self._parent.__iter__(), self._source, self._min_chars, self._max_chars,
-                               self._max_skipped_in_a_row)
+        return _ScreenIterator(
+            self._parent.__iter__(),
+            self._source,
+            self._min_chars,
+            self._max_chars,
+            self._max_skipped_in_a_row,
+        )
 
     def __str__(self) -> str:
         return f"ScreenIterDataset(source={self._source!r})"

@@ -102,7 +102,9 @@ class ParquetSource:
         try:
             file = pq.ParquetFile(path)
         except pa.ArrowException as err:
-            raise ValueError(f"{path} is not a Parquet file ({err}): fix data.sources[].path or .kind.") from err
+            raise ValueError(
+                f"{path} is not a Parquet file ({err}): fix data.sources[].path or .kind."
+            ) from err
         metadata, columns = file.metadata, file.schema_arrow.names
         for column in source.fields():
             if column not in columns:

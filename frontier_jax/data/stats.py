@@ -19,8 +19,14 @@ DOCUMENTS = "documents"  # accepted documents (before splitting)
 EMPTY = "empty"  # skipped: only whitespace
 TOO_SHORT = "too_short"  # skipped: fewer than data.min_document_chars characters
 SPLIT_OVERLONG = "split_overlong"  # accepted, split: over data.max_document_chars
-SKIPPED = (records.INVALID_UTF8, records.INVALID_JSON, records.MISSING_FIELD, records.WRONG_TYPE, EMPTY,
-           TOO_SHORT)
+SKIPPED = (
+    records.INVALID_UTF8,
+    records.INVALID_JSON,
+    records.MISSING_FIELD,
+    records.WRONG_TYPE,
+    EMPTY,
+    TOO_SHORT,
+)
 COUNTERS = (DOCUMENTS, SPLIT_OVERLONG) + SKIPPED
 
 

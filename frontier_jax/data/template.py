@@ -48,8 +48,11 @@ def chat_pieces(messages: Sequence[Message]) -> list[Piece]:
     pieces = [Piece(special=BOS, train=False)]
     for role, content in messages:
         answer = role == ASSISTANT
-        pieces += [Piece(special=role, train=False), Piece(content, train=answer),
-                   Piece(special=END, train=answer)]
+        pieces += [
+            Piece(special=role, train=False),
+            Piece(content, train=answer),
+            Piece(special=END, train=answer),
+        ]
     return pieces + [Piece(special=EOS, train=False)]
 
 

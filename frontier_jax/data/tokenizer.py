@@ -38,8 +38,7 @@ FIM_SPECIALS = (FIM_BEGIN, FIM_HOLE, FIM_END)
 # this order after the 256 bytes.
 SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
     PAD: ("<pad>", "[PAD]", "<|pad|>", "<｜▁pad▁｜>", "<|finetune_right_pad_id|>"),
-    BOS: ("<bos>", "<s>", "<|begin_of_text|>", "<｜begin▁of▁sentence｜>", "<|startoftext|>",
-          "<|endoftext|>"),
+    BOS: ("<bos>", "<s>", "<|begin_of_text|>", "<｜begin▁of▁sentence｜>", "<|startoftext|>", "<|endoftext|>"),
     EOS: ("<eos>", "</s>", "<|end_of_text|>", "<｜end▁of▁sentence｜>", "<|endoftext|>"),
     SYSTEM: ("<|system|>",),
     USER: ("<|user|>", "<｜User｜>"),
@@ -115,10 +114,13 @@ def _candidates(overrides: Mapping[str, str] | None) -> dict[str, tuple[str, ...
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(SPECIAL_TOKENS))
     if unknown:
-        raise ValueError(f"data.special_tokens.{unknown[0]} is not a special token name: use one of "
-                         f"{list(SPECIAL_TOKENS)}.")
-    return {name: (overrides[name],) if name in overrides else strings
-            for name, strings in SPECIAL_TOKENS.items()}
+        raise ValueError(
+            f"data.special_tokens.{unknown[0]} is not a special token name: use one of "
+            f"{list(SPECIAL_TOKENS)}."
+        )
+    return {
+        name: (overrides[name],) if name in overrides else strings for name, strings in SPECIAL_TOKENS.items()
+    }
 
 
 def byte_tokenizer(special_tokens: Mapping[str, str] | None = None) -> Tokenizer:
@@ -130,8 +132,9 @@ def byte_tokenizer(special_tokens: Mapping[str, str] | None = None) -> Tokenizer
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
     tok.add_special_tokens([tokenizers.AddedToken(s, special=True) for s in strings])
-    return Tokenizer(tok, {name: tok.token_to_id(s) for name, s in zip(SPECIAL_TOKENS, strings)},
-                     BYTE_TOKENIZER)
+    return Tokenizer(
+        tok, {name: tok.token_to_id(s) for name, s in zip(SPECIAL_TOKENS, strings)}, BYTE_TOKENIZER
+    )
 
 
 def load_tokenizer(spec: str, special_tokens: Mapping[str, str] | None = None) -> Tokenizer:
@@ -153,11 +156,16 @@ def load_tokenizer(spec: str, special_tokens: Mapping[str, str] | None = None) -
     try:
         tok = tokenizers.Tokenizer.from_file(spec)
     except Exception as err:  # tokenizers raises a bare Exception for any parse failure
-        raise ValueError(f"data.tokenizer={spec!r} is not a valid Hugging Face tokenizer.json "
-                         f"({str(err).splitlines()[0]}): give the tokenizer.json file itself") from err
+        raise ValueError(
+            f"data.tokenizer={spec!r} is not a valid Hugging Face tokenizer.json "
+            f"({str(err).splitlines()[0]}): give the tokenizer.json file itself"
+        ) from err
     added = {token.content: token_id for token_id, token in tok.get_added_tokens_decoder().items()}
-    found = {name: next(added[s] for s in strings if s in added)
-             for name, strings in candidates.items() if any(s in added for s in strings)}
+    found = {
+        name: next(added[s] for s in strings if s in added)
+        for name, strings in candidates.items()
+        if any(s in added for s in strings)
+    }
     for required in (BOS, EOS):
         if required not in found:
             raise ValueError(

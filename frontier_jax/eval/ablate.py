@@ -61,7 +61,9 @@ def load_ablation(path: str | Path, load_config: Callable) -> Ablation:
         raise ValueError(f"{path}: the top level must be a mapping with base, seeds and arms")
     unknown = set(raw) - {"base", "overrides", "seeds", "arms", "metrics"}
     if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: base, overrides, seeds, arms, metrics")
+        raise ValueError(
+            f"{path}: unknown keys {sorted(unknown)}; allowed: base, overrides, seeds, arms, metrics"
+        )
     for key in ("base", "seeds", "arms"):
         if not raw.get(key):
             raise ValueError(f"{path}: '{key}' is missing or empty (see frontier_jax/eval/ablate.py)")
@@ -72,10 +74,20 @@ def load_ablation(path: str | Path, load_config: Callable) -> Ablation:
         if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
             raise ValueError(f"{path}: arms.{name} must be a list of key=value overrides, got {overrides!r}")
     seeds = raw["seeds"]
-    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
+    if (
+        not isinstance(seeds, list)
+        or not all(isinstance(s, int) for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
         raise ValueError(f"{path}: 'seeds' must be a list of distinct integers, got {seeds!r}")
-    ablation = Ablation(path.stem, str(raw["base"]), list(raw.get("overrides") or []), seeds,
-                        {str(k): list(v) for k, v in arms.items()}, list(raw.get("metrics") or ["ce_loss"]))
+    ablation = Ablation(
+        path.stem,
+        str(raw["base"]),
+        list(raw.get("overrides") or []),
+        seeds,
+        {str(k): list(v) for k, v in arms.items()},
+        list(raw.get("metrics") or ["ce_loss"]),
+    )
     for arm in ablation.arms:  # every run's config is valid before anything trains
         load_config(ablation.base, run_overrides(ablation, arm, seeds[0]))
     return ablation
@@ -91,7 +103,9 @@ def _last_metrics(run_dir: Path, names: list[str]) -> dict:
     return {name: float(np.mean(last[name])) for name in names if name in last}
 
 
-def run_one(ablation: Ablation, arm: str, seed: int, out: Path, *, load_config: Callable, progress: bool) -> dict:
+def run_one(
+    ablation: Ablation, arm: str, seed: int, out: Path, *, load_config: Callable, progress: bool
+) -> dict:
     """Trains (or resumes) one run, evaluates its last checkpoint on cfg.eval.data; cached."""
     run_dir = out / arm / f"seed-{seed}"
     done = run_dir / "result.json"
@@ -101,9 +115,16 @@ def run_one(ablation: Ablation, arm: str, seed: int, out: Path, *, load_config: 
     train(cfg, run_dir, progress=progress)
     model = load_checkpoint(str(run_dir), None, mesh=cfg.mesh, dtype=None)  # the training layout
     held_out = evaluate(model, cfg.eval, cfg.eval.data, progress=progress)["datasets"]
-    result = {"arm": arm, "seed": seed, "step": model.step, "train": _last_metrics(run_dir, ablation.metrics),
-              "held_out": {name: {k: figures[k] for k in HELD_OUT + ("tokens", "bytes")}
-                           for name, figures in held_out.items()}}
+    result = {
+        "arm": arm,
+        "seed": seed,
+        "step": model.step,
+        "train": _last_metrics(run_dir, ablation.metrics),
+        "held_out": {
+            name: {k: figures[k] for k in HELD_OUT + ("tokens", "bytes")}
+            for name, figures in held_out.items()
+        },
+    }
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(done)
@@ -111,8 +132,12 @@ def run_one(ablation: Ablation, arm: str, seed: int, out: Path, *, load_config: 
 
 
 def _figures(result: dict) -> dict[str, float]:
-    out = {f"held_out/{name}/{k}": v[k] for name, v in result["held_out"].items() for k in HELD_OUT
-           if k != "perplexity"}
+    out = {
+        f"held_out/{name}/{k}": v[k]
+        for name, v in result["held_out"].items()
+        for k in HELD_OUT
+        if k != "perplexity"
+    }
     out.update({f"train/{k}": v for k, v in result["train"].items()})
     return out
 
@@ -148,15 +173,22 @@ def markdown_table(ablation: Ablation, summary: dict) -> str:
     head = ["figure"] + [f"{a} (mean ± std)" for a in arms] + [f"{a} − {reference}" for a in arms[1:]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for figure, stats in summary.items():
-        cells = [figure] + [f"{stats[a]['mean']:.4f} ± {stats[a]['std']:.4f}" if a in stats else "–" for a in arms]
+        cells = [figure] + [
+            f"{stats[a]['mean']:.4f} ± {stats[a]['std']:.4f}" if a in stats else "–" for a in arms
+        ]
         for a in arms[1:]:
             s = stats.get(a, {})
-            verdict = {True: "exceeds noise", False: "within noise", None: "no noise estimate"}[s.get("exceeds_noise")]
+            verdict = {True: "exceeds noise", False: "within noise", None: "no noise estimate"}[
+                s.get("exceeds_noise")
+            ]
             cells.append(f"{s['diff']:+.4f} (2σ {s['noise']:.4f}: {verdict})" if "diff" in s else "–")
         lines.append("| " + " | ".join(cells) + " |")
     seeds = ", ".join(map(str, ablation.seeds))
-    return f"Ablation `{ablation.name}` ({len(ablation.seeds)} seeds: {seeds}; base {ablation.base})\n\n" + \
-        "\n".join(lines) + "\n"
+    return (
+        f"Ablation `{ablation.name}` ({len(ablation.seeds)} seeds: {seeds}; base {ablation.base})\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
 
 
 def plot_curves(ablation: Ablation, out: Path, metric: str = "ce_loss") -> Path:
@@ -169,14 +201,17 @@ def plot_curves(ablation: Ablation, out: Path, metric: str = "ce_loss") -> Path:
     for arm in ablation.arms:
         curves = []
         for seed in ablation.seeds:
-            rows = [json.loads(x) for x in (out / arm / f"seed-{seed}" / "metrics.jsonl").read_text().splitlines()
-                    if x.strip()]
+            rows = [
+                json.loads(x)
+                for x in (out / arm / f"seed-{seed}" / "metrics.jsonl").read_text().splitlines()
+                if x.strip()
+            ]
             by_step = {r["step"]: r[metric] for r in rows}
             curves.append([by_step[s] for s in sorted(by_step)])
         length = min(map(len, curves))
         values = np.asarray([c[:length] for c in curves])
         steps = np.arange(1, length + 1)
-        line, = ax.plot(steps, values.mean(0), label=arm)
+        (line,) = ax.plot(steps, values.mean(0), label=arm)
         ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
     ax.set_xlabel("step")
     ax.set_ylabel(f"training {metric}")
@@ -195,11 +230,15 @@ def run_ablation(path: str | Path, out: str | Path, *, load_config: Callable, pr
     ablation = load_ablation(path, load_config)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results = [run_one(ablation, arm, seed, out, load_config=load_config, progress=progress)
-               for arm in ablation.arms for seed in ablation.seeds]
+    results = [
+        run_one(ablation, arm, seed, out, load_config=load_config, progress=progress)
+        for arm in ablation.arms
+        for seed in ablation.seeds
+    ]
     summary = summarize(ablation, results)
-    (out / "results.json").write_text(json.dumps({"ablation": dataclasses.asdict(ablation), "runs": results,
-                                                  "summary": summary}, indent=2))
+    (out / "results.json").write_text(
+        json.dumps({"ablation": dataclasses.asdict(ablation), "runs": results, "summary": summary}, indent=2)
+    )
     table = markdown_table(ablation, summary)
     (out / "results.md").write_text(table)
     plot_curves(ablation, out)

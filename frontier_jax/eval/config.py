@@ -44,7 +44,9 @@ class EvalConfig:
         for i, source in enumerate(self.data):
             source.validate(f"eval.data[{i}]")
             if source.kind == "embedded_math" and self.max_documents <= 0:
-                raise ValueError(f"eval.data[{i}] is the endless embedded_math source: set eval.max_documents > 0")
+                raise ValueError(
+                    f"eval.data[{i}] is the endless embedded_math source: set eval.max_documents > 0"
+                )
         for name in ("max_documents", "seq_len", "stride", "every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"eval.{name}={getattr(self, name)} must be >= 0")
@@ -53,8 +55,10 @@ class EvalConfig:
         if self.seq_len and self.seq_len < 2:
             raise ValueError(f"eval.seq_len={self.seq_len} must be >= 2 (or 0 for train.seq_len)")
         if self.stride and self.seq_len and self.stride > self.seq_len:
-            raise ValueError(f"eval.stride={self.stride} exceeds eval.seq_len={self.seq_len}: windows would "
-                             "skip tokens; use a stride <= seq_len")
+            raise ValueError(
+                f"eval.stride={self.stride} exceeds eval.seq_len={self.seq_len}: windows would "
+                "skip tokens; use a stride <= seq_len"
+            )
         return self
 
     def window(self, train_seq_len: int) -> tuple[int, int]:

@@ -21,8 +21,10 @@ def source_from_path(path: str) -> SourceConfig:
     """A text source for a data file named on the command line (kind from its suffix)."""
     kind = _SUFFIX_KINDS.get(Path(path).suffix)
     if kind is None:
-        raise ValueError(f"--data {path}: unknown file type; use a .jsonl, .parquet or .array_record file "
-                         "with a 'text' field")
+        raise ValueError(
+            f"--data {path}: unknown file type; use a .jsonl, .parquet or .array_record file "
+            "with a 'text' field"
+        )
     if not Path(path).is_file():
         raise FileNotFoundError(f"--data {path}: no such file")
     return SourceConfig(name=Path(path).stem, kind=kind, path=path)
@@ -48,6 +50,8 @@ def read_documents(source: SourceConfig, *, max_documents: int, seed: int) -> Ev
         else:
             documents.append(record.text if record.text is not None else record.messages)
     if not documents:
-        raise ValueError(f"eval data source {source.name!r} ({source.path or source.kind}) holds no document "
-                         f"({skipped} records skipped): give a file with non-empty '{source.text_field}' fields")
+        raise ValueError(
+            f"eval data source {source.name!r} ({source.path or source.kind}) holds no document "
+            f"({skipped} records skipped): give a file with non-empty '{source.text_field}' fields"
+        )
     return EvalDocuments(source.name, documents, skipped)

@@ -37,27 +37,46 @@ from frontier_jax.parallel.config import MeshConfig
 
 @register_model("frontier_jax")
 class FrontierJaxLM(TemplateLM):
-    def __init__(self, checkpoint: str | None = None, hf: str | None = None, step: int | None = None,
-                 dtype: str | None = None, batch_size: int | str = 8, max_length: int | None = None,
-                 max_gen_toks: int = 256, devices: int | None = None, mesh_data: int = -1, mesh_fsdp: int = 1,
-                 mesh_expert: int = 1, mesh_tensor: int = 1, tokenizer: str | None = None, **_ignored):
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        hf: str | None = None,
+        step: int | None = None,
+        dtype: str | None = None,
+        batch_size: int | str = 8,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        devices: int | None = None,
+        mesh_data: int = -1,
+        mesh_fsdp: int = 1,
+        mesh_expert: int = 1,
+        mesh_tensor: int = 1,
+        tokenizer: str | None = None,
+        **_ignored,
+    ):
         super().__init__()
         if (checkpoint is None) == (hf is None):
             raise ValueError("frontier_jax model_args: give exactly one of checkpoint=RUN_DIR and hf=PATH")
-        mesh = MeshConfig(data=int(mesh_data), fsdp=int(mesh_fsdp), expert=int(mesh_expert),
-                          tensor=int(mesh_tensor))
+        mesh = MeshConfig(
+            data=int(mesh_data), fsdp=int(mesh_fsdp), expert=int(mesh_expert), tensor=int(mesh_tensor)
+        )
         devices = None if devices is None else int(devices)
         self.model: EvalModel = (
-            load_checkpoint(checkpoint, None if step is None else int(step), mesh=mesh, dtype=dtype, devices=devices)
-            if checkpoint is not None else load_hf(hf, mesh=mesh, dtype=dtype, tokenizer=tokenizer, devices=devices))
+            load_checkpoint(
+                checkpoint, None if step is None else int(step), mesh=mesh, dtype=dtype, devices=devices
+            )
+            if checkpoint is not None
+            else load_hf(hf, mesh=mesh, dtype=dtype, tokenizer=tokenizer, devices=devices)
+        )
         self.tokenizer = self.model.tokenizer
         self._max_length = int(max_length) if max_length else self.model.train_seq_len
         self.max_gen_toks = int(max_gen_toks)
         batch = 8 if str(batch_size) == "auto" else int(str(batch_size).split(":")[0])
         ways = batch_split(self.model.program)
         batch = -(-batch // ways) * ways  # rounded up to the mesh's batch split
-        self.scorer, _ = build_scorer(self.model, EvalConfig(seq_len=self._max_length, batch_size=batch),
-                                      progress=False)
+        self.scorer, _ = build_scorer(
+            self.model, EvalConfig(seq_len=self._max_length, batch_size=batch), progress=False
+        )
         self._engine: Engine | None = None
 
     # ---------------------------------------------------------------- tokens
@@ -77,13 +96,15 @@ class FrontierJaxLM(TemplateLM):
         return self.tokenizer.encode(string)
 
     # ---------------------------------------------------------------- log-likelihoods
-    def _score(self, pairs: list[tuple[list[int], list[int]]], disable_tqdm: bool) -> list[tuple[float, bool]]:
+    def _score(
+        self, pairs: list[tuple[list[int], list[int]]], disable_tqdm: bool
+    ) -> list[tuple[float, bool]]:
         """(context ids, continuation ids) -> (sum log p(continuation), continuation is greedy)."""
         windows = []
         for context, continuation in pairs:
-            ids = (list(context) + list(continuation))[-(self._max_length + 1):]
+            ids = (list(context) + list(continuation))[-(self._max_length + 1) :]
             scored = np.zeros(len(ids) - 1, np.int32)
-            scored[-len(continuation):] = 1
+            scored[-len(continuation) :] = 1
             windows.append(Window(np.asarray(ids[:-1], np.int32), np.asarray(ids[1:], np.int32), scored, 0))
         out = []
         scores = self.scorer.score(windows, desc="loglikelihood")
@@ -92,8 +113,12 @@ class FrontierJaxLM(TemplateLM):
             out.append((float(np.sum(logprob[mask], dtype=np.float64)), bool(greedy[mask].all())))
         return out
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        results = self._score([(context, continuation) for _, context, continuation in requests], disable_tqdm)
+    def _loglikelihood_tokens(
+        self, requests, disable_tqdm: bool = False, **kwargs
+    ) -> list[tuple[float, bool]]:
+        results = self._score(
+            [(context, continuation) for _, context, continuation in requests], disable_tqdm
+        )
         for (cache_key, _, _), result in zip(requests, results):
             if cache_key is not None:
                 self.cache_hook.add_partial("loglikelihood", cache_key, result)
@@ -102,9 +127,15 @@ class FrontierJaxLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         pairs, owner = [], []
         for k, (string,) in enumerate(req.args for req in requests):
-            for window in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                    max_seq_len=self._max_length, context_len=1)):
+            for window in map(
+                lm_utils.make_disjoint_window,
+                lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self._max_length,
+                    context_len=1,
+                ),
+            ):
                 pairs.append(window)
                 owner.append(k)
         totals = [0.0] * len(requests)
@@ -117,8 +148,9 @@ class FrontierJaxLM(TemplateLM):
     # ---------------------------------------------------------------- generation
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         if self._engine is None:
-            self._engine = Engine(self.model.program.model(self.model.params, self.model.biases),
-                                  tokenizer=self.tokenizer)
+            self._engine = Engine(
+                self.model.program.model(self.model.params, self.model.biases), tokenizer=self.tokenizer
+            )
         prompts, params = [], []
         eos = self.tokenizer.decode([self.eot_token_id])
         for context, gen_kwargs in (req.args for req in requests):
@@ -127,10 +159,15 @@ class FrontierJaxLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
             temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.get("do_sample", True) else 0.0
-            ids = self.tok_encode(context)[-max(self._max_length - max_new, 1):]
+            ids = self.tok_encode(context)[-max(self._max_length - max_new, 1) :]
             prompts.append(ids)
-            params.append(SamplingParams(max_new_tokens=max_new, temperature=temperature,
-                                         stop=tuple(s for s in until if s and s != eos)))
+            params.append(
+                SamplingParams(
+                    max_new_tokens=max_new,
+                    temperature=temperature,
+                    stop=tuple(s for s in until if s and s != eos),
+                )
+            )
         completions = self._engine.generate(prompts, params, progress=not disable_tqdm)
         out, specials = [], set(self.tokenizer.special_ids.values())
         for req, completion, p in zip(requests, completions, params):

@@ -35,8 +35,10 @@ class EvalModel:
 def _checkpoint_model_matches(saved: dict, model_overrides: dict, where: str) -> None:
     for key, value in model_overrides.items():
         if saved.get("model", {}).get(key) != value:
-            raise ValueError(f"model.{key}={value!r} does not match the checkpoint in {where} "
-                             f"(model.{key}={saved.get('model', {}).get(key)!r}); drop the override")
+            raise ValueError(
+                f"model.{key}={value!r} does not match the checkpoint in {where} "
+                f"(model.{key}={saved.get('model', {}).get(key)!r}); drop the override"
+            )
 
 
 def _devices(count: int | None) -> list:
@@ -46,8 +48,15 @@ def _devices(count: int | None) -> list:
     return devices[:count] if count else devices
 
 
-def load_checkpoint(path: str, step: int | None, *, mesh: MeshConfig, dtype: str | None,
-                    model_overrides: dict | None = None, devices: int | None = None) -> EvalModel:
+def load_checkpoint(
+    path: str,
+    step: int | None,
+    *,
+    mesh: MeshConfig,
+    dtype: str | None,
+    model_overrides: dict | None = None,
+    devices: int | None = None,
+) -> EvalModel:
     """Parameters of `path` (a run dir, its checkpoints/ or one checkpoints/<step>/) on `mesh` over
     the first `devices` devices (default all)."""
     restored = restore_params(path, step, mesh=build_mesh(mesh.validate(), _devices(devices)), dtype=dtype)
@@ -55,24 +64,47 @@ def load_checkpoint(path: str, step: int | None, *, mesh: MeshConfig, dtype: str
     data = restored.config.get("data", {})
     tokenizer = load_tokenizer(data.get("tokenizer", "byte"), data.get("special_tokens") or {})
     seq_len = restored.config.get("train", {}).get("seq_len", 128)
-    return EvalModel(restored.program, restored.params, restored.biases, tokenizer, str(path), restored.step,
-                     restored.config, seq_len)
+    return EvalModel(
+        restored.program,
+        restored.params,
+        restored.biases,
+        tokenizer,
+        str(path),
+        restored.step,
+        restored.config,
+        seq_len,
+    )
 
 
-def load_hf(path: str, *, mesh: MeshConfig, dtype: str | None, tokenizer: str | None = None,
-            devices: int | None = None) -> EvalModel:
+def load_hf(
+    path: str,
+    *,
+    mesh: MeshConfig,
+    dtype: str | None,
+    tokenizer: str | None = None,
+    devices: int | None = None,
+) -> EvalModel:
     """A Hugging Face DeepseekV3 directory; tokenizer: its tokenizer.json unless given."""
     dtype = dtype or "float32"
     device_mesh = build_mesh(mesh.validate(), _devices(devices))
     from frontier_jax.parallel.rules import RULE_SETS
 
     model_cfg, model = from_hf(path, dtype=dtype, mesh=device_mesh, rules=RULE_SETS[mesh.rules])
-    program = build_model_program(ModelSections(model_cfg, mesh, PrecisionConfig(policy=DTYPE_POLICIES[dtype])),
-                                  mesh=device_mesh)
+    program = build_model_program(
+        ModelSections(model_cfg, mesh, PrecisionConfig(policy=DTYPE_POLICIES[dtype])), mesh=device_mesh
+    )
     _, params, biases = nnx.split(model, nnx.Param, ExpertBias)
     if tokenizer is None:
         local = Path(path) / "tokenizer.json"
         tokenizer = str(local) if local.is_file() else "byte"
     config = {"model": dataclasses.asdict(model_cfg), "data": {"tokenizer": tokenizer}}
-    return EvalModel(program, nnx.to_pure_dict(params), nnx.to_pure_dict(biases), load_tokenizer(tokenizer),
-                     str(path), None, config, model_cfg.max_position_embeddings)
+    return EvalModel(
+        program,
+        nnx.to_pure_dict(params),
+        nnx.to_pure_dict(biases),
+        load_tokenizer(tokenizer),
+        str(path),
+        None,
+        config,
+        model_cfg.max_position_embeddings,
+    )

@@ -33,12 +33,19 @@ def scored_sequence(tokenizer: Tokenizer, document: Document) -> tuple[np.ndarra
 def summarize(nll: float, tokens: int, n_bytes: int) -> dict:
     """The figures of a total negative log-likelihood (nats) over `tokens` tokens and `n_bytes` bytes."""
     ce = nll / tokens
-    return {"ce": ce, "perplexity": math.exp(ce), "bits_per_byte": nll / (n_bytes * math.log(2)) if n_bytes else
-            float("nan"), "tokens": tokens, "bytes": n_bytes, "nll": nll}
+    return {
+        "ce": ce,
+        "perplexity": math.exp(ce),
+        "bits_per_byte": nll / (n_bytes * math.log(2)) if n_bytes else float("nan"),
+        "tokens": tokens,
+        "bytes": n_bytes,
+        "nll": nll,
+    }
 
 
-def evaluate_documents(scorer: Scorer, tokenizer: Tokenizer, documents: list[Document], *, stride: int,
-                       desc: str = "eval") -> dict:
+def evaluate_documents(
+    scorer: Scorer, tokenizer: Tokenizer, documents: list[Document], *, stride: int, desc: str = "eval"
+) -> dict:
     """CE / perplexity / bits per byte of `documents` (module docstring), summed in float64."""
     windows, n_bytes = [], 0
     for k, document in enumerate(documents):

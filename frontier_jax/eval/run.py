@@ -29,28 +29,42 @@ from frontier_jax.infer import Engine
 def build_scorer(model: EvalModel, cfg: EvalConfig, *, progress: bool = True) -> tuple[Scorer, int]:
     """(Scorer of `model` over cfg's window, stride)."""
     context, stride = cfg.window(model.train_seq_len)
-    scorer = Scorer(model.program, model.params, model.biases, context=context, batch_size=cfg.batch_size,
-                    pad_id=model.tokenizer.pad_id, progress=progress)
+    scorer = Scorer(
+        model.program,
+        model.params,
+        model.biases,
+        context=context,
+        batch_size=cfg.batch_size,
+        pad_id=model.tokenizer.pad_id,
+        progress=progress,
+    )
     return scorer, stride
 
 
-def evaluate_sources(scorer: Scorer, tokenizer, sources: list[SourceConfig], cfg: EvalConfig,
-                     stride: int) -> dict[str, dict]:
+def evaluate_sources(
+    scorer: Scorer, tokenizer, sources: list[SourceConfig], cfg: EvalConfig, stride: int
+) -> dict[str, dict]:
     """{source name: figures} (`perplexity.evaluate_documents`) for each source."""
     out = {}
     for source in sources:
         docs = read_documents(source, max_documents=cfg.max_documents, seed=cfg.seed)
-        figures = evaluate_documents(scorer, tokenizer, docs.documents, stride=stride, desc=f"eval {docs.name}")
+        figures = evaluate_documents(
+            scorer, tokenizer, docs.documents, stride=stride, desc=f"eval {docs.name}"
+        )
         out[docs.name] = {**figures, "skipped": docs.skipped}
     return out
 
 
 def format_table(datasets: dict[str, dict]) -> str:
-    header = f"{'dataset':<24} {'tokens':>10} {'bytes':>10} {'CE (nats)':>10} {'perplexity':>11} {'bits/byte':>10}"
+    header = (
+        f"{'dataset':<24} {'tokens':>10} {'bytes':>10} {'CE (nats)':>10} {'perplexity':>11} {'bits/byte':>10}"
+    )
     lines = [header, "-" * len(header)]
     for name, f in datasets.items():
-        lines.append(f"{name:<24} {f['tokens']:>10,} {f['bytes']:>10,} {f['ce']:>10.4f} {f['perplexity']:>11.3f} "
-                     f"{f['bits_per_byte']:>10.4f}")
+        lines.append(
+            f"{name:<24} {f['tokens']:>10,} {f['bytes']:>10,} {f['ce']:>10.4f} {f['perplexity']:>11.3f} "
+            f"{f['bits_per_byte']:>10.4f}"
+        )
     return "\n".join(lines)
 
 
@@ -79,14 +93,28 @@ def evaluate_tasks(model: EvalModel, scorer: Scorer, tasks: list[Task]) -> dict[
     return out
 
 
-def evaluate(model: EvalModel, cfg: EvalConfig, sources: list[SourceConfig], *, tasks: list[Task] = (),
-             progress: bool = True) -> dict:
+def evaluate(
+    model: EvalModel,
+    cfg: EvalConfig,
+    sources: list[SourceConfig],
+    *,
+    tasks: list[Task] = (),
+    progress: bool = True,
+) -> dict:
     """The results object of the module docstring."""
     scorer, stride = build_scorer(model, cfg, progress=progress)
     datasets = evaluate_sources(scorer, model.tokenizer, sources, cfg, stride)
-    return {"source": model.source, "step": model.step, "window": scorer.context, "stride": stride,
-            "batch_size": cfg.batch_size, "mesh": dict(model.program.mesh.shape), "config": model.config,
-            "datasets": datasets, "tasks": evaluate_tasks(model, scorer, list(tasks))}
+    return {
+        "source": model.source,
+        "step": model.step,
+        "window": scorer.context,
+        "stride": stride,
+        "batch_size": cfg.batch_size,
+        "mesh": dict(model.program.mesh.shape),
+        "config": model.config,
+        "datasets": datasets,
+        "tasks": evaluate_tasks(model, scorer, list(tasks)),
+    }
 
 
 def format_tasks(tasks: dict[str, dict]) -> str:
@@ -102,18 +130,29 @@ def training_evaluator(cfg, tokenizer, *, progress: bool = False):
     {"eval/<source>/ce", "eval/<source>/perplexity", "eval/<source>/bits_per_byte"}.  The documents
     are read once; the scorer is built on the training mesh at the first call."""
     context, stride = cfg.eval.window(cfg.train.seq_len)
-    sources = [read_documents(s, max_documents=cfg.eval.max_documents, seed=cfg.eval.seed) for s in cfg.eval.data]
+    sources = [
+        read_documents(s, max_documents=cfg.eval.max_documents, seed=cfg.eval.seed) for s in cfg.eval.data
+    ]
     scorers: dict = {}
 
     def evaluate_now(program, params, biases) -> dict:
         if "scorer" not in scorers:
-            scorers["scorer"] = Scorer(program, params, biases, context=context, batch_size=cfg.eval.batch_size,
-                                       pad_id=tokenizer.pad_id, progress=progress)
+            scorers["scorer"] = Scorer(
+                program,
+                params,
+                biases,
+                context=context,
+                batch_size=cfg.eval.batch_size,
+                pad_id=tokenizer.pad_id,
+                progress=progress,
+            )
         scorer = scorers["scorer"]
         scorer.params, scorer.biases = params, biases
         out = {}
         for docs in sources:
-            figures = evaluate_documents(scorer, tokenizer, docs.documents, stride=stride, desc=f"eval {docs.name}")
+            figures = evaluate_documents(
+                scorer, tokenizer, docs.documents, stride=stride, desc=f"eval {docs.name}"
+            )
             out.update({f"eval/{docs.name}/{k}": figures[k] for k in ("ce", "perplexity", "bits_per_byte")})
         return out
 

@@ -35,14 +35,25 @@ def batch_split(program: ModelProgram) -> int:
 class Scorer:
     """`score(windows)` -> per window (logprob [L] float32, greedy [L] bool) numpy arrays."""
 
-    def __init__(self, program: ModelProgram, params: dict, biases: dict, *, context: int, batch_size: int,
-                 pad_id: int = 0, progress: bool = True):
+    def __init__(
+        self,
+        program: ModelProgram,
+        params: dict,
+        biases: dict,
+        *,
+        context: int,
+        batch_size: int,
+        pad_id: int = 0,
+        progress: bool = True,
+    ):
         if program.mesh is None:
             raise ValueError("Scorer needs a model program on a mesh (runtime.build_model_program)")
         ways = batch_split(program)
         if batch_size % ways:
-            raise ValueError(f"eval.batch_size={batch_size} is not divisible by the {ways}-way batch split of "
-                             f"the mesh {dict(program.mesh.shape)}; use a multiple of {ways}")
+            raise ValueError(
+                f"eval.batch_size={batch_size} is not divisible by the {ways}-way batch split of "
+                f"the mesh {dict(program.mesh.shape)}; use a multiple of {ways}"
+            )
         self.program, self.params, self.biases = program, params, biases
         self.context, self.batch_size, self.pad_id, self.progress = context, batch_size, pad_id, progress
         self._in = batch_sharding(program.mesh, program.rules)
@@ -52,8 +63,9 @@ class Scorer:
     def _forward(self, params, biases, batch):
         with self.program.sharding_context():
             model = self.program.model(params, biases)
-            logits = model.forward(batch["input_ids"], batch["positions"], batch["segment_ids"],
-                                   with_mtp=False).logits.astype(jnp.float32)
+            logits = model.forward(
+                batch["input_ids"], batch["positions"], batch["segment_ids"], with_mtp=False
+            ).logits.astype(jnp.float32)
         logprobs = jax.nn.log_softmax(logits, axis=-1)
         target = batch["targets"][..., None]
         logprob = jnp.take_along_axis(logprobs, target, axis=-1)[..., 0]
@@ -71,21 +83,31 @@ class Scorer:
         n_batches = -(-n_rows // self.batch_size)
         logprob = np.zeros((n_batches * self.batch_size, self.context), np.float32)
         greedy = np.zeros(logprob.shape, bool)
-        bar = tqdm(total=n_batches, desc=desc, unit="batch", dynamic_ncols=True,
-                   disable=not self.progress or jax.process_index() != 0)
+        bar = tqdm(
+            total=n_batches,
+            desc=desc,
+            unit="batch",
+            dynamic_ncols=True,
+            disable=not self.progress or jax.process_index() != 0,
+        )
         for k in range(n_batches):
             sl = slice(k * self.batch_size, (k + 1) * self.batch_size)
             batch = {}
             for key in _KEYS:
-                block = np.full((self.batch_size, self.context), self.pad_id if key in ("input_ids", "targets")
-                                else 0, np.int32)
+                block = np.full(
+                    (self.batch_size, self.context),
+                    self.pad_id if key in ("input_ids", "targets") else 0,
+                    np.int32,
+                )
                 part = getattr(rows, key)[sl]
-                block[:len(part)] = part
+                block[: len(part)] = part
                 batch[key] = self._assemble(block)
             lp, gr = self._step(self.params, self.biases, batch)
             logprob[sl] = np.asarray(lp.addressable_data(0))
             greedy[sl] = np.asarray(gr.addressable_data(0))
             bar.update(1)
         bar.close()
-        return [(logprob[row, start:start + len(w.input_ids)], greedy[row, start:start + len(w.input_ids)])
-                for w, (row, start) in zip(windows, rows.placement)]
+        return [
+            (logprob[row, start : start + len(w.input_ids)], greedy[row, start : start + len(w.input_ids)])
+            for w, (row, start) in zip(windows, rows.placement)
+        ]

@@ -39,8 +39,19 @@ from frontier_jax.eval.windows import Window
 from frontier_jax.infer import Engine, SamplingParams
 
 TYPES = ("multiple_choice", "generate")
-_KEYS = {"name", "type", "data", "prompt", "choices", "answer", "target", "few_shot", "stop", "extract",
-         "max_new_tokens"}
+_KEYS = {
+    "name",
+    "type",
+    "data",
+    "prompt",
+    "choices",
+    "answer",
+    "target",
+    "few_shot",
+    "stop",
+    "extract",
+    "max_new_tokens",
+}
 BUILTIN = ("arithmetic", "arithmetic_choice")
 
 
@@ -62,8 +73,9 @@ class Task:
         try:
             return self.prompt.format(**row)
         except KeyError as err:
-            raise ValueError(f"task {self.name}: prompt names field {err} that a row lacks "
-                             f"(row fields: {sorted(row)})") from None
+            raise ValueError(
+                f"task {self.name}: prompt names field {err} that a row lacks (row fields: {sorted(row)})"
+            ) from None
 
 
 def load_task(path: str | Path) -> Task:
@@ -100,8 +112,9 @@ def load_task(path: str | Path) -> Task:
         raw["stop"] = tuple(raw["stop"])
     task = Task(rows=rows, **raw)
     if len(rows) <= task.few_shot:
-        raise ValueError(f"task file {path}: {len(rows)} rows in {data}, but few_shot={task.few_shot} leaves none "
-                         "to score")
+        raise ValueError(
+            f"task file {path}: {len(rows)} rows in {data}, but few_shot={task.few_shot} leaves none to score"
+        )
     return task
 
 
@@ -110,17 +123,20 @@ def builtin_task(name: str, *, rows: int = 50, seed: int = 4321) -> Task:
     problems = []
     for index in range(rows):
         question, answer = math_problem(seed, index).split("\nA: ")
-        problems.append({"question": question[len("Q: "):], "answer": answer.strip()})
+        problems.append({"question": question[len("Q: ") :], "answer": answer.strip()})
     if name == "arithmetic":
-        return Task(name, "generate", problems, "Q: {question}\nA:", few_shot=3, extract=r"-?\d+",
-                    max_new_tokens=8)
+        return Task(
+            name, "generate", problems, "Q: {question}\nA:", few_shot=3, extract=r"-?\d+", max_new_tokens=8
+        )
     if name == "arithmetic_choice":
         for row in problems:
             value = int(row["answer"])
             row["choices"] = [f" {value + d}" for d in (0, 1, -1, 10)]
             row["answer"] = 0
         return Task(name, "multiple_choice", problems, "Q: {question}\nA:")
-    raise ValueError(f"unknown task {name!r}: built-in tasks are {', '.join(BUILTIN)}, or give a task YAML path")
+    raise ValueError(
+        f"unknown task {name!r}: built-in tasks are {', '.join(BUILTIN)}, or give a task YAML path"
+    )
 
 
 def resolve_task(spec: str) -> Task:
@@ -134,28 +150,30 @@ def continuation_windows(tokenizer: Tokenizer, pairs: list[tuple[str, str]], con
     for k, (prompt, continuation) in enumerate(pairs):
         head = [tokenizer.special_id("bos")] + tokenizer.encode(prompt)
         tail = tokenizer.encode(continuation)
-        ids = np.asarray((head + tail)[-(context + 1):], np.int32)
+        ids = np.asarray((head + tail)[-(context + 1) :], np.int32)
         scored = np.zeros(len(ids) - 1, np.int32)
-        scored[-len(tail):] = 1
+        scored[-len(tail) :] = 1
         windows.append(Window(ids[:-1], ids[1:], scored, k))
     return windows
 
 
 def run_multiple_choice(task: Task, scorer: Scorer, tokenizer: Tokenizer) -> dict:
-    rows = task.rows[task.few_shot:]
+    rows = task.rows[task.few_shot :]
     pairs, owner = [], []
     for k, row in enumerate(rows):
         for choice in row[task.choices]:
             pairs.append((task.render(row), choice))
             owner.append(k)
     windows = continuation_windows(tokenizer, pairs, scorer.context)
-    sums = [float(np.sum(lp[w.scored.astype(bool)], dtype=np.float64))
-            for w, (lp, _) in zip(windows, scorer.score(windows, desc=task.name))]
+    sums = [
+        float(np.sum(lp[w.scored.astype(bool)], dtype=np.float64))
+        for w, (lp, _) in zip(windows, scorer.score(windows, desc=task.name))
+    ]
     correct = correct_norm = 0
     cursor = 0
     for row in rows:
         n = len(row[task.choices])
-        ll = np.asarray(sums[cursor:cursor + n])
+        ll = np.asarray(sums[cursor : cursor + n])
         sizes = np.asarray([len(c.encode("utf-8")) for c in row[task.choices]])
         correct += int(np.argmax(ll) == row[task.answer])
         correct_norm += int(np.argmax(ll / sizes) == row[task.answer])
@@ -171,8 +189,8 @@ def extract_answer(task: Task, text: str) -> str:
 
 
 def run_generate(task: Task, engine: Engine) -> dict:
-    shots = "".join(f"{task.render(r)} {r[task.target]}\n\n" for r in task.rows[:task.few_shot])
-    rows = task.rows[task.few_shot:]
+    shots = "".join(f"{task.render(r)} {r[task.target]}\n\n" for r in task.rows[: task.few_shot])
+    rows = task.rows[task.few_shot :]
     params = SamplingParams(max_new_tokens=task.max_new_tokens, stop=task.stop)
     completions = engine.generate([shots + task.render(r) for r in rows], params)
     hits, samples = 0, []

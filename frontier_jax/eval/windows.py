@@ -22,6 +22,7 @@ import numpy as np
 class Window:
     """input_ids / targets / scored: int32 [L] (L <= T); `sequence`: the index of the scored
     sequence it belongs to."""
+
     input_ids: np.ndarray
     targets: np.ndarray
     scored: np.ndarray
@@ -33,16 +34,18 @@ def sliding_windows(ids, scored, *, context: int, stride: int, sequence: int = 0
     ids, scored = np.asarray(ids, np.int32), np.asarray(scored, np.int32)
     n = len(ids) - 1
     if n < 1 or len(scored) != n:
-        raise ValueError(f"a scored sequence needs >= 2 ids and one flag per pair (got {len(ids)} ids, "
-                         f"{len(scored)} flags)")
+        raise ValueError(
+            f"a scored sequence needs >= 2 ids and one flag per pair (got {len(ids)} ids, "
+            f"{len(scored)} flags)"
+        )
     if not 0 < stride <= context:
         raise ValueError(f"stride={stride} must be in [1, context={context}]")
     windows, done, begin = [], 0, 0
     while done < n:
         end = min(begin + context, n)
         flags = scored[begin:end].copy()
-        flags[:done - begin] = 0
-        windows.append(Window(ids[begin:end], ids[begin + 1:end + 1], flags, sequence))
+        flags[: done - begin] = 0
+        windows.append(Window(ids[begin:end], ids[begin + 1 : end + 1], flags, sequence))
         done, begin = end, begin + stride
     return windows
 
@@ -50,6 +53,7 @@ def sliding_windows(ids, scored, *, context: int, stride: int, sequence: int = 0
 @dataclasses.dataclass(frozen=True)
 class Rows:
     """Packed rows [R, T] (int32) and where each window lies: (row, start) per window."""
+
     input_ids: np.ndarray
     targets: np.ndarray
     scored: np.ndarray
@@ -68,7 +72,9 @@ def pack_rows(windows: list[Window], context: int, pad_id: int = 0) -> Rows:
         placement.append((len(fill) - 1, fill[-1]))
         fill[-1] += length
     shape = (len(fill), context)
-    out = {k: np.zeros(shape, np.int32) for k in ("input_ids", "targets", "scored", "segment_ids", "positions")}
+    out = {
+        k: np.zeros(shape, np.int32) for k in ("input_ids", "targets", "scored", "segment_ids", "positions")
+    }
     out["input_ids"][:] = out["targets"][:] = pad_id
     seg_of_row = [0] * len(fill)
     for window, (row, start) in zip(windows, placement):

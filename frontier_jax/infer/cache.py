@@ -26,7 +26,11 @@ DEFAULT_MAX_LEN = 2048  # infer.max_len=0: this, or the model's context if short
 
 def cache_bytes_per_token(cfg: ModelConfig, dtype) -> int:
     """(L + D) (d_c + d_h^R) x itemsize: the latent cache of one token over all layers."""
-    return (cfg.num_layers + cfg.mtp_depth) * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(dtype).itemsize
+    return (
+        (cfg.num_layers + cfg.mtp_depth)
+        * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        * jnp.dtype(dtype).itemsize
+    )
 
 
 @dataclass(frozen=True)
@@ -53,26 +57,32 @@ class CacheLayout:
         max_len = infer.max_len or min(DEFAULT_MAX_LEN, cfg.max_position_embeddings)
         per_seq = math.ceil((max_len + lookahead) / infer.block_size)
         if max_len > cfg.max_position_embeddings:
-            raise ValueError(f"infer.max_len={max_len} exceeds the model's context "
-                             f"(model.max_position_embeddings={cfg.max_position_embeddings}); lower it")
+            raise ValueError(
+                f"infer.max_len={max_len} exceeds the model's context "
+                f"(model.max_position_embeddings={cfg.max_position_embeddings}); lower it"
+            )
         if infer.memory_budget_gb > 0:
             per_block = infer.block_size * cache_bytes_per_token(cfg, dtype)
             num_blocks = int(infer.memory_budget_gb * 2**30 // per_block)
             needed = 1 + per_seq
             if num_blocks < needed:
-                raise ValueError(f"infer.memory_budget_gb={infer.memory_budget_gb} holds {num_blocks} blocks "
-                                 f"of {per_block:,} B, fewer than one sequence of infer.max_len={max_len} "
-                                 f"needs ({needed}); raise the budget or lower infer.max_len")
+                raise ValueError(
+                    f"infer.memory_budget_gb={infer.memory_budget_gb} holds {num_blocks} blocks "
+                    f"of {per_block:,} B, fewer than one sequence of infer.max_len={max_len} "
+                    f"needs ({needed}); raise the budget or lower infer.max_len"
+                )
         else:
             num_blocks = 1 + infer.max_seqs * per_seq
         return cls(num_blocks, infer.block_size, max_len, lookahead)
 
     def describe(self, cfg: ModelConfig, dtype) -> str:
         per_token = cache_bytes_per_token(cfg, dtype)
-        return (f"latent cache: {self.num_blocks - 1} blocks x {self.block_size} tokens = "
-                f"{self.capacity_tokens:,} tokens ({(self.num_blocks - 1) // self.blocks_per_seq} sequences x "
-                f"{self.max_len} context), {per_token:,} B/token, "
-                f"{self.num_blocks * self.block_size * per_token / 2**30:.3f} GiB")
+        return (
+            f"latent cache: {self.num_blocks - 1} blocks x {self.block_size} tokens = "
+            f"{self.capacity_tokens:,} tokens ({(self.num_blocks - 1) // self.blocks_per_seq} sequences x "
+            f"{self.max_len} context), {per_token:,} B/token, "
+            f"{self.num_blocks * self.block_size * per_token / 2**30:.3f} GiB"
+        )
 
 
 def allocate_cache(cfg: ModelConfig, layout: CacheLayout, dtype) -> ModelCache:
@@ -81,8 +91,9 @@ def allocate_cache(cfg: ModelConfig, layout: CacheLayout, dtype) -> ModelCache:
     def stack(num_layers: int) -> LatentCache | None:
         if not num_layers:
             return None
-        return empty_cache(num_layers, layout.num_blocks, layout.block_size, cfg.kv_lora_rank,
-                           cfg.qk_rope_head_dim, dtype)
+        return empty_cache(
+            num_layers, layout.num_blocks, layout.block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype
+        )
 
     return ModelCache(stack(cfg.first_k_dense), stack(cfg.num_moe_layers), stack(cfg.mtp_depth))
 
@@ -111,8 +122,9 @@ class BlockAllocator:
         owned = self._owned.setdefault(seq_id, [])
         missing = self.blocks_for(num_tokens) - len(owned)
         if missing > len(self._free):
-            raise RuntimeError(f"latent cache full: sequence {seq_id} needs {missing} more blocks, "
-                               f"{len(self._free)} free")
+            raise RuntimeError(
+                f"latent cache full: sequence {seq_id} needs {missing} more blocks, {len(self._free)} free"
+            )
         for _ in range(missing):
             owned.append(self._free.pop())
         return owned
@@ -125,5 +137,5 @@ class BlockAllocator:
         table = np.full((len(seq_ids), num_blocks), NULL_BLOCK, np.int32)
         for row, seq_id in enumerate(seq_ids):
             blocks = self._owned.get(seq_id, [])[:num_blocks] if seq_id is not None else []
-            table[row, :len(blocks)] = blocks
+            table[row, : len(blocks)] = blocks
         return table

@@ -20,8 +20,12 @@ from pathlib import Path
 
 
 def add_generate_parser(sub) -> None:
-    gen = sub.add_parser("generate", help="generate text from --hf PATH or --checkpoint RUN_DIR",
-                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    gen = sub.add_parser(
+        "generate",
+        help="generate text from --hf PATH or --checkpoint RUN_DIR",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf", help="Hugging Face DeepseekV3 checkpoint directory")
     source.add_argument("--checkpoint", help="training run directory (latest step) or one checkpoints/STEP")
@@ -33,10 +37,18 @@ def add_generate_parser(sub) -> None:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--speculative", choices=["none", "mtp"], default=None,
-                     help="mtp: draft with the model's MTP modules (default: infer.speculative)")
-    gen.add_argument("--dtype", default=None, help="float32 or bfloat16 compute (default: float32 for --hf, "
-                     "the run's precision policy for --checkpoint)")
+    gen.add_argument(
+        "--speculative",
+        choices=["none", "mtp"],
+        default=None,
+        help="mtp: draft with the model's MTP modules (default: infer.speculative)",
+    )
+    gen.add_argument(
+        "--dtype",
+        default=None,
+        help="float32 or bfloat16 compute (default: float32 for --hf, "
+        "the run's precision policy for --checkpoint)",
+    )
     gen.add_argument("--out", help="write the completions as JSONL here")
     gen.add_argument("overrides", nargs="*", help="infer.* overrides, e.g. infer.max_seqs=16")
     gen.set_defaults(func=generate_command)
@@ -73,22 +85,31 @@ def _infer_overrides(overrides: list[str]) -> dict:
 
     bad = [o for o in overrides if not o.startswith("infer.") or "=" not in o]
     if bad:
-        raise ValueError(f"override {bad[0]!r}: generate takes infer.key=value overrides only (e.g. infer.max_seqs=16)")
+        raise ValueError(
+            f"override {bad[0]!r}: generate takes infer.key=value overrides only (e.g. infer.max_seqs=16)"
+        )
     if not overrides:
         return {}
     try:
-        given = OmegaConf.from_dotlist([o[len("infer."):] for o in overrides])
+        given = OmegaConf.from_dotlist([o[len("infer.") :] for o in overrides])
         infer = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(InferConfig), given)).validate()
     except OmegaConfBaseException as err:
-        raise ValueError(f"invalid override: {str(err).splitlines()[0]} (fields: frontier_jax/infer/config.py)") from err
+        raise ValueError(
+            f"invalid override: {str(err).splitlines()[0]} (fields: frontier_jax/infer/config.py)"
+        ) from err
     return {k: getattr(infer, k) for k in OmegaConf.to_container(given)}
 
 
 def generate_command(args) -> int:
     from frontier_jax.infer import Engine, SamplingParams
 
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     params.check()
     prompts = _read_prompts(args)
     infer = _infer_overrides(args.overrides)
@@ -114,11 +135,16 @@ def generate_command(args) -> int:
             if c.error is None:
                 print(c.text if c.text is not None else " ".join(map(str, c.output_ids)))
                 print("---")
-    print(f"{len(completions)} prompts in {elapsed:.1f} s (compilation included): prompt {s['prompt_tokens'] / max(s['prefill_s'], 1e-9):,.0f} "
-          f"tok/s, generated {s['generated_tokens']} tokens at {s['generated_tokens'] / max(s['decode_s'], 1e-9):,.0f} "
-          "tok/s", file=sys.stderr)
+    print(
+        f"{len(completions)} prompts in {elapsed:.1f} s (compilation included): prompt {s['prompt_tokens'] / max(s['prefill_s'], 1e-9):,.0f} "
+        f"tok/s, generated {s['generated_tokens']} tokens at {s['generated_tokens'] / max(s['decode_s'], 1e-9):,.0f} "
+        "tok/s",
+        file=sys.stderr,
+    )
     spec = engine.speculative_stats
     if spec:
-        print(f"MTP: acceptance {spec['acceptance_rate']:.1%}, {spec['tokens_per_forward']:.2f} tokens per forward",
-              file=sys.stderr)
+        print(
+            f"MTP: acceptance {spec['acceptance_rate']:.1%}, {spec['tokens_per_forward']:.2f} tokens per forward",
+            file=sys.stderr,
+        )
     return 2 if len(errors) == len(completions) else 0

@@ -45,10 +45,14 @@ class InferConfig:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"infer.{name}={value!r} must be a positive integer")
         if not isinstance(self.max_len, int) or self.max_len < 0:
-            raise ValueError(f"infer.max_len={self.max_len!r} must be an integer >= 0 (0: min(2048, model context))")
+            raise ValueError(
+                f"infer.max_len={self.max_len!r} must be an integer >= 0 (0: min(2048, model context))"
+            )
         if self.memory_budget_gb < 0:
-            raise ValueError(f"infer.memory_budget_gb={self.memory_budget_gb} must be >= 0 (0: size the "
-                             "cache from infer.max_seqs x infer.max_len)")
+            raise ValueError(
+                f"infer.memory_budget_gb={self.memory_budget_gb} must be >= 0 (0: size the "
+                "cache from infer.max_seqs x infer.max_len)"
+            )
         DecodeAttentionImpl(self.decode_attention_impl)
         Speculative(self.speculative)
         return self

@@ -49,9 +49,17 @@ def _infer_config(base: InferConfig, changes: InferConfig | dict | None) -> Infe
 
 
 class Engine:
-    def __init__(self, model: Transformer, *, tokenizer: Tokenizer | None = None,
-                 infer: InferConfig | None = None, mesh: Mesh | None = None,
-                 rules: Mapping[str, Sequence[str]] | None = None, seed: int = 0, verbose: bool = False):
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        tokenizer: Tokenizer | None = None,
+        infer: InferConfig | None = None,
+        mesh: Mesh | None = None,
+        rules: Mapping[str, Sequence[str]] | None = None,
+        seed: int = 0,
+        verbose: bool = False,
+    ):
         """mesh, rules: parameters sharded by the logical-axis rules (default
         `parallel.rules.DEFAULT_RULES`), activations constrained by them, the cache replicated and
         every step's rows a multiple of the batch split; build `model` with the matching expert
@@ -63,8 +71,10 @@ class Engine:
         dtype = model.policy.compute_dtype
         speculative = Speculative(self.infer.speculative) == Speculative.MTP
         if speculative and not self.cfg.mtp_depth:
-            raise ValueError("infer.speculative=mtp needs a model with MTP modules (model.mtp_depth > 0); "
-                             "this one has none: use infer.speculative=none")
+            raise ValueError(
+                "infer.speculative=mtp needs a model with MTP modules (model.mtp_depth > 0); "
+                "this one has none: use infer.speculative=none"
+            )
         self.layout = CacheLayout.plan(self.cfg, self.infer, dtype, self.cfg.mtp_depth if speculative else 0)
         if verbose:
             print(self.layout.describe(self.cfg, dtype))
@@ -81,12 +91,22 @@ class Engine:
         self._prefill = make_step(graphdef, absorbed=False)
         self._decode = make_step(graphdef, absorbed=True, impl=impl)
         self.scheduler = Scheduler(self.layout, self.infer.max_seqs, self.infer.prefill_chunk, min_rows)
-        self._mtp = (MTPDecoder(graphdef, self.cfg, self.scheduler, self.infer.prefill_chunk, impl)
-                     if speculative else None)
+        self._mtp = (
+            MTPDecoder(graphdef, self.cfg, self.scheduler, self.infer.prefill_chunk, impl)
+            if speculative
+            else None
+        )
         self._next_id = 0
         self._done: dict[int, Completion] = {}
-        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0,
-                      "forwards": 0, "decode_steps": 0, "decode_context": 0}
+        self.stats = {
+            "prompt_tokens": 0,
+            "generated_tokens": 0,
+            "prefill_s": 0.0,
+            "decode_s": 0.0,
+            "forwards": 0,
+            "decode_steps": 0,
+            "decode_context": 0,
+        }
 
     @property
     def speculative_stats(self) -> dict:
@@ -95,13 +115,17 @@ class Engine:
         if self._mtp is None:
             return {}
         s = self._mtp.stats
-        return {**s, "acceptance_rate": s["accepted"] / max(s["drafted"], 1),
-                "tokens_per_forward": (s["accepted"] + s["verify_forwards"]) / max(s["verify_forwards"], 1)}
+        return {
+            **s,
+            "acceptance_rate": s["accepted"] / max(s["drafted"], 1),
+            "tokens_per_forward": (s["accepted"] + s["verify_forwards"]) / max(s["verify_forwards"], 1),
+        }
 
     # ----------------------------------------------------------------------- loading
     @classmethod
-    def from_hf(cls, path: str, *, dtype="float32", mesh=None, infer: InferConfig | dict | None = None,
-                **kwargs) -> Engine:
+    def from_hf(
+        cls, path: str, *, dtype="float32", mesh=None, infer: InferConfig | dict | None = None, **kwargs
+    ) -> Engine:
         """An engine over the Hugging Face checkpoint directory `path` (`convert.from_hf`), with
         its tokenizer.json when present."""
         _, model = from_hf(path, dtype=dtype, mesh=mesh, rules=kwargs.get("rules"))
@@ -110,8 +134,16 @@ class Engine:
         return cls(model, tokenizer=tokenizer, infer=_infer_config(InferConfig(), infer), **kwargs)
 
     @classmethod
-    def from_checkpoint(cls, run_dir: str, step: int | None = None, *, mesh=None, dtype=None,
-                        infer: InferConfig | dict | None = None, **kwargs) -> Engine:
+    def from_checkpoint(
+        cls,
+        run_dir: str,
+        step: int | None = None,
+        *,
+        mesh=None,
+        dtype=None,
+        infer: InferConfig | dict | None = None,
+        **kwargs,
+    ) -> Engine:
         """An engine over a training run's checkpoint (latest step, or `step`, or the step of a
         checkpoints/STEP path): its parameters only (`runtime.restore.restore_params`, onto
         `mesh`: a Mesh, a MeshConfig or None for one device; floating parameters cast to
@@ -120,10 +152,18 @@ class Engine:
         saved = restored.config
         data = saved.get("data", {})
         tokenizer = load_tokenizer(data.get("tokenizer", "byte"), data.get("special_tokens") or None)
-        saved_infer = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(InferConfig), saved.get("infer", {})))
+        saved_infer = OmegaConf.to_object(
+            OmegaConf.merge(OmegaConf.structured(InferConfig), saved.get("infer", {}))
+        )
         program = restored.program
-        return cls(restored.model(), tokenizer=tokenizer, infer=_infer_config(saved_infer, infer),
-                   mesh=None if mesh is None else program.mesh, rules=program.rules, **kwargs)
+        return cls(
+            restored.model(),
+            tokenizer=tokenizer,
+            infer=_infer_config(saved_infer, infer),
+            mesh=None if mesh is None else program.mesh,
+            rules=program.rules,
+            **kwargs,
+        )
 
     # ----------------------------------------------------------------------- requests
     def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> int:
@@ -155,13 +195,17 @@ class Engine:
         vocab = self.cfg.vocab_size
         bad = [(j, i) for j, i in enumerate(ids) if not 0 <= i < vocab]
         if bad:
-            raise ValueError(f"prompt token id {bad[0][1]} at index {bad[0][0]} is outside [0, {vocab}) "
-                             f"(model.vocab_size={vocab})")
+            raise ValueError(
+                f"prompt token id {bad[0][1]} at index {bad[0][0]} is outside [0, {vocab}) "
+                f"(model.vocab_size={vocab})"
+            )
         limit = self.layout.max_len - 1
         if len(ids) > limit:
-            raise ValueError(f"the prompt has {len(ids)} tokens; at most {limit} fit (infer.max_len="
-                             f"{self.layout.max_len} holds prompt + generation; model context "
-                             f"{self.cfg.max_position_embeddings}): shorten it or raise infer.max_len")
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens; at most {limit} fit (infer.max_len="
+                f"{self.layout.max_len} holds prompt + generation; model context "
+                f"{self.cfg.max_position_embeddings}): shorten it or raise infer.max_len"
+            )
         return ids
 
     def result(self, request_id: int) -> Completion | None:
@@ -208,8 +252,14 @@ class Engine:
     def _forward(self, step, batch: Batch) -> tuple[jax.Array, jax.Array]:
         """Runs `step` on `batch`, advances each row's cached length; (logits, hidden)."""
         pages = Pages(jnp.asarray(batch.block_table), jnp.asarray(batch.write))
-        logits, hidden, self.cache = step(self.state, self.cache, jnp.asarray(batch.ids),
-                                          jnp.asarray(batch.positions), pages, jnp.asarray(batch.select))
+        logits, hidden, self.cache = step(
+            self.state,
+            self.cache,
+            jnp.asarray(batch.ids),
+            jnp.asarray(batch.positions),
+            pages,
+            jnp.asarray(batch.select),
+        )
         self.stats["forwards"] += 1
         for request, count in zip(batch.rows, batch.write.sum(1)):
             request.computed += int(count)
@@ -227,11 +277,13 @@ class Engine:
         """Per-row (temperature, top_k, top_p, seed, tokens generated so far), padded to n rows."""
         pad = n - len(rows)
         params = [r.params for r in rows] + [SamplingParams()] * pad
-        return (jnp.asarray([p.temperature for p in params], jnp.float32),
-                jnp.asarray([p.top_k for p in params], jnp.int32),
-                jnp.asarray([p.top_p for p in params], jnp.float32),
-                jnp.asarray([r.seed for r in rows] + [0] * pad, jnp.uint32),
-                jnp.asarray([len(r.output_ids) for r in rows] + [0] * pad, jnp.int32))
+        return (
+            jnp.asarray([p.temperature for p in params], jnp.float32),
+            jnp.asarray([p.top_k for p in params], jnp.int32),
+            jnp.asarray([p.top_p for p in params], jnp.float32),
+            jnp.asarray([r.seed for r in rows] + [0] * pad, jnp.uint32),
+            jnp.asarray([len(r.output_ids) for r in rows] + [0] * pad, jnp.int32),
+        )
 
     def _speculative_step(self, rows: list[Request]) -> list[int]:
         """Draft, verify, accept and roll back (`speculative.py`) for every decoding request."""
@@ -241,7 +293,7 @@ class Engine:
         logits, hidden = self._forward(self._decode, batch)
         n = logits.shape[0]
         padded = np.zeros((n, drafts.shape[1]), np.int32)
-        padded[:len(rows)] = drafts
+        padded[: len(rows)] = drafts
         kept, tokens, logprobs = accept(logits, jnp.asarray(padded), *self._sampling_arrays(rows, n))
         kept, tokens, logprobs = np.asarray(kept), np.asarray(tokens), np.asarray(logprobs)
         stats = self._mtp.stats
@@ -252,7 +304,7 @@ class Engine:
             stats["drafted"] += drafts.shape[1]
             stats["accepted"] += k
             request.computed = length + k  # the cache keeps t_{L-1} and the k kept drafts
-            self._keep_hidden([request], [length - 1], hidden[b:b + 1], [k + 1])
+            self._keep_hidden([request], [length - 1], hidden[b : b + 1], [k + 1])
             for i in range(k + 1):
                 if self._append(request, int(tokens[b, i]), float(logprobs[b, i])):
                     finished.append(request.id)
@@ -278,7 +330,9 @@ class Engine:
         request.logprobs.append(logprob)
         self.stats["generated_tokens"] += 1
         params, tok = request.params, self.tokenizer
-        stops = set(params.stop_token_ids) | ({tok.eos_id} if tok is not None and not params.ignore_eos else set())
+        stops = set(params.stop_token_ids) | (
+            {tok.eos_id} if tok is not None and not params.ignore_eos else set()
+        )
         out = request.output_ids
         if token in stops:
             request.finish_reason, out = "stop", out[:-1]
@@ -286,9 +340,10 @@ class Engine:
         if text is not None and request.finish_reason is None:
             hits = [text.index(s) for s in params.stop if s in text]
             if hits:
-                request.finish_reason, text = "stop", text[:min(hits)]
-        if request.finish_reason is None and (len(request.output_ids) >= params.max_new_tokens
-                                              or len(request.tokens) >= request.budget):
+                request.finish_reason, text = "stop", text[: min(hits)]
+        if request.finish_reason is None and (
+            len(request.output_ids) >= params.max_new_tokens or len(request.tokens) >= request.budget
+        ):
             request.finish_reason = "length"
         if request.finish_reason is None:
             return False
@@ -298,9 +353,13 @@ class Engine:
         return True
 
     # ----------------------------------------------------------------------- batch API
-    def generate(self, prompts: Sequence[str | Sequence[int]],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-                 progress: bool = False) -> list[Completion]:
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        progress: bool = False,
+    ) -> list[Completion]:
         """Runs every prompt to completion (continuous batching); completions in prompt order."""
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)

@@ -121,19 +121,35 @@ class Scheduler:
         counts = [min(self.prefill_chunk, len(r.prompt_ids) - r.computed) for r in rows]
         width = bucket(max(counts), self.prefill_chunk)
         select = [list(range(width)) if all_positions else [c - 1] for c in counts]
-        return self.batch(rows, [r.computed for r in rows],
-                          [r.prompt_ids[r.computed:r.computed + c] for r, c in zip(rows, counts)], width, select)
+        return self.batch(
+            rows,
+            [r.computed for r in rows],
+            [r.prompt_ids[r.computed : r.computed + c] for r, c in zip(rows, counts)],
+            width,
+            select,
+        )
 
     def decode_batch(self, rows: list[Request], drafts: list[list[int]] | None = None) -> Batch:
         """The last sampled token of each request (followed by its draft tokens, if any);
         logits at every position."""
         drafts = drafts or [[] for _ in rows]
         width = 1 + len(drafts[0])
-        return self.batch(rows, [r.computed for r in rows], [r.tokens[r.computed:] + d for r, d in zip(rows, drafts)],
-                          width, [list(range(width))] * len(rows))
+        return self.batch(
+            rows,
+            [r.computed for r in rows],
+            [r.tokens[r.computed :] + d for r, d in zip(rows, drafts)],
+            width,
+            [list(range(width))] * len(rows),
+        )
 
-    def batch(self, rows: list[Request], starts: list[int], tokens: list[list[int]], width: int,
-              select: list[list[int]]) -> Batch:
+    def batch(
+        self,
+        rows: list[Request],
+        starts: list[int],
+        tokens: list[list[int]],
+        width: int,
+        select: list[list[int]],
+    ) -> Batch:
         """Rows b < len(rows): tokens[b] at positions starts[b] ..; padded to a bucket of rows."""
         n = max(bucket(len(rows), self.max_seqs), self.min_rows)
         ids = np.zeros((n, width), np.int32)
@@ -141,9 +157,9 @@ class Scheduler:
         write = np.zeros((n, width), bool)
         sel = np.zeros((n, len(select[0])), np.int32)
         for b, (start, row_tokens) in enumerate(zip(starts, tokens)):
-            ids[b, :len(row_tokens)] = row_tokens
+            ids[b, : len(row_tokens)] = row_tokens
             positions[b] = start + np.arange(width)
-            write[b, :len(row_tokens)] = True
+            write[b, : len(row_tokens)] = True
             sel[b] = select[b]
         blocks = max(self.alloc.blocks_for(s + len(t)) for s, t in zip(starts, tokens))
         table_width = bucket(blocks, self.layout.blocks_per_seq)

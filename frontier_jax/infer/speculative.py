@@ -56,8 +56,9 @@ def accept(logits, drafts, temperature, top_k, top_p, seeds, counters):
     log p_model of those tokens [B, D+1])."""
     b, t, vocab = logits.shape
     d = t - 1
-    z = filter_logits(logits.reshape(b * t, vocab), jnp.repeat(temperature, t), jnp.repeat(top_k, t),
-                      jnp.repeat(top_p, t)).reshape(b, t, vocab)
+    z = filter_logits(
+        logits.reshape(b * t, vocab), jnp.repeat(temperature, t), jnp.repeat(top_k, t), jnp.repeat(top_p, t)
+    ).reshape(b, t, vocab)
     p = jax.nn.softmax(z, axis=-1)
     greedy = temperature == 0
     best = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, D+1]
@@ -69,8 +70,9 @@ def accept(logits, drafts, temperature, top_k, top_p, seeds, counters):
     p_n = jnp.take_along_axis(p, n[:, None, None], axis=1)[:, 0]
     rejected = jnp.take_along_axis(drafts, jnp.minimum(n, d - 1)[:, None], axis=1)[:, 0]
     residual = jnp.where((n < d)[:, None], p_n * (1 - jax.nn.one_hot(rejected, vocab)), p_n)
-    drawn = jax.vmap(jax.random.categorical)(jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys),
-                                             jnp.log(residual))
+    drawn = jax.vmap(jax.random.categorical)(
+        jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys), jnp.log(residual)
+    )
     last = jnp.where(greedy, jnp.take_along_axis(best, n[:, None], axis=1)[:, 0], drawn).astype(jnp.int32)
     tokens = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
     tokens = jnp.where(jnp.arange(t)[None] == n[:, None], last[:, None], tokens)
@@ -81,8 +83,9 @@ def accept(logits, drafts, temperature, top_k, top_p, seeds, counters):
 class MTPDecoder:
     """Runs steps 1-4 for the engine's decoding requests (`Engine` with infer.speculative=mtp)."""
 
-    def __init__(self, graphdef: nnx.GraphDef, cfg: ModelConfig, scheduler: Scheduler, prefill_chunk: int,
-                 impl: str):
+    def __init__(
+        self, graphdef: nnx.GraphDef, cfg: ModelConfig, scheduler: Scheduler, prefill_chunk: int, impl: str
+    ):
         self.depth, self.hidden_size = cfg.mtp_depth, cfg.hidden_size
         self.scheduler, self.chunk = scheduler, prefill_chunk
         self._catch_up = make_draft_step(graphdef, absorbed=False)
@@ -98,14 +101,16 @@ class MTPDecoder:
             if not behind:
                 break
             counts = [min(self.chunk, len(r.tokens) - 1 - r.mtp_computed - window) for r in behind]
-            _, cache = self._run(self._catch_up, state, cache, behind, counts, bucket(max(counts), self.chunk))
+            _, cache = self._run(
+                self._catch_up, state, cache, behind, counts, bucket(max(counts), self.chunk)
+            )
             for r, c in zip(behind, counts):
                 self._advance(r, r.mtp_computed + c)
         counts = [len(r.tokens) - 1 - r.mtp_computed for r in rows]
         drafts, cache = self._run(self._draft, state, cache, rows, counts, window)
         for r in rows:
             self._advance(r, max(len(r.tokens) - self.depth, r.mtp_computed))
-        return np.asarray(drafts)[:len(rows)], cache
+        return np.asarray(drafts)[: len(rows)], cache
 
     @staticmethod
     def _advance(request: Request, mtp_computed: int) -> None:
@@ -116,7 +121,9 @@ class MTPDecoder:
     def _run(self, step, state, cache, rows: list[Request], counts: list[int], width: int):
         """The MTP chain over positions mtp_computed .. + counts[b] - 1 of each row."""
         starts = [r.mtp_computed for r in rows]
-        batch = self.scheduler.batch(rows, starts, [[0] * c for c in counts], width, [[c - 1] for c in counts])
+        batch = self.scheduler.batch(
+            rows, starts, [[0] * c for c in counts], width, [[c - 1] for c in counts]
+        )
         n = batch.ids.shape[0]
         g0 = np.zeros((n, width, self.hidden_size), np.float32)
         ahead = np.zeros((self.depth, n, width), np.int32)
@@ -129,5 +136,13 @@ class MTPDecoder:
                     if start + t + k < len(tokens):
                         ahead[k - 1, b, t], known[k - 1, b, t] = tokens[start + t + k], True
         pages = Pages(jnp.asarray(batch.block_table), jnp.asarray(batch.write))
-        return step(state, cache, jnp.asarray(g0), jnp.asarray(ahead), jnp.asarray(known),
-                    jnp.asarray(batch.positions), pages, jnp.asarray(batch.select[:, 0]))
+        return step(
+            state,
+            cache,
+            jnp.asarray(g0),
+            jnp.asarray(ahead),
+            jnp.asarray(known),
+            jnp.asarray(batch.positions),
+            pages,
+            jnp.asarray(batch.select[:, 0]),
+        )

@@ -69,7 +69,7 @@ except ImportError:  # pragma: no cover - other jax layouts: Pallas' own dot low
     _triton_lowering = None
 
 CHUNK = 128  # contraction chunk: every chunk's partial product is promoted to fp32
-FAST_ACCUM = 2 ** 30  # maxNumImpreciseAcc: never split the tensor-core accumulation
+FAST_ACCUM = 2**30  # maxNumImpreciseAcc: never split the tensor-core accumulation
 FP8_DTYPES = (jnp.float8_e4m3fn, jnp.float8_e5m2)
 NATIVE_MIXED_FP8 = True  # e5m2 x e4m3 straight into the wgmma (False: both as bf16, slower)
 
@@ -88,6 +88,7 @@ class Fp8Tiling:
         instead of promoting every chunk to fp32.
     native_dot: emit tt.dot with maxNumImpreciseAcc (see the module docstring); False uses
         Pallas' dot_general lowering (Triton's split fp8 accumulation; for comparison)."""
+
     block_m: int = 64  # 64 x 128, 4 warps, 4 stages: fastest of the H100 sweep (RESULTS.md)
     block_n: int = 128
     num_warps: int = 4
@@ -99,10 +100,10 @@ class Fp8Tiling:
 
     @property
     def name(self) -> str:
-        flags = "".join(f for f, on in (("l", self.lag), ("f", self.fast_accum),
-                                         ("p", not self.native_dot)) if on)
-        return (f"{self.block_m}x{self.block_n}w{self.num_warps}s{self.num_stages}"
-                f"g{self.group_m}{flags}")
+        flags = "".join(
+            f for f, on in (("l", self.lag), ("f", self.fast_accum), ("p", not self.native_dot)) if on
+        )
+        return f"{self.block_m}x{self.block_n}w{self.num_warps}s{self.num_stages}g{self.group_m}{flags}"
 
     @classmethod
     def parse(cls, text: str) -> "Fp8Tiling":
@@ -111,8 +112,9 @@ class Fp8Tiling:
         if not match:
             raise ValueError(f"tiling {text!r} is not like 128x128w8s4g8 (+ flags l, f, p)")
         bm, bn, w, s, g, flags = match.groups()
-        return cls(int(bm), int(bn), int(w), int(s), int(g or 8), "l" in flags, "f" in flags,
-                   "p" not in flags)
+        return cls(
+            int(bm), int(bn), int(w), int(s), int(g or 8), "l" in flags, "f" in flags, "p" not in flags
+        )
 
 
 DEFAULT_TILING = Fp8Tiling()
@@ -129,11 +131,15 @@ def _check(condition: bool, message: str) -> None:
 
 def _chunks(k: int, scale_blocks: int, what: str) -> int:
     """Number of CHUNK-wide chunks of a contraction of width k with `scale_blocks` scales."""
-    _check(k % CHUNK == 0, f"{what}: contraction width {k} is not a multiple of {CHUNK} "
-                           "(pad it: quantize.pad_to_multiple)")
-    _check((k // CHUNK) % scale_blocks == 0,
-           f"{what}: {scale_blocks} scale blocks along a contraction of {k} are not a whole "
-           f"number of {CHUNK}-wide chunks each")
+    _check(
+        k % CHUNK == 0,
+        f"{what}: contraction width {k} is not a multiple of {CHUNK} (pad it: quantize.pad_to_multiple)",
+    )
+    _check(
+        (k // CHUNK) % scale_blocks == 0,
+        f"{what}: {scale_blocks} scale blocks along a contraction of {k} are not a whole "
+        f"number of {CHUNK}-wide chunks each",
+    )
     return k // CHUNK
 
 
@@ -144,8 +150,7 @@ def chunk_row_scales(scale: jax.Array, rows: int, chunks: int, what: str) -> jax
     return jnp.swapaxes(expand_scale(scale.astype(jnp.float32), (*lead, rows, chunks)), -1, -2)
 
 
-def _col_scales(scale: jax.Array, cols: int, chunks: int, block_n: int,
-                what: str) -> tuple[jax.Array, bool]:
+def _col_scales(scale: jax.Array, cols: int, chunks: int, block_n: int, what: str) -> tuple[jax.Array, bool]:
     """b's scale [..., cols / t, K / B] -> ([..., chunks, cols / block_n], True): one scale per
     program's columns, when t is a multiple of block_n; else ([..., chunks, cols], False)."""
     _check(cols % scale.shape[-2] == 0, f"{what}: scale {scale.shape} does not tile {cols} rows")
@@ -183,8 +188,7 @@ def _fp8_dot_triton(ctx, a, b, *acc, max_imprecise):
     else:
         f32 = _ir.F32Type.get()
         zeros = _ir.RankedTensorType.get([p, q], f32)
-        c = _arith.constant(zeros, _ir.DenseElementsAttr.get_splat(zeros,
-                                                                    _ir.FloatAttr.get(f32, 0.0)))
+        c = _arith.constant(zeros, _ir.DenseElementsAttr.get_splat(zeros, _ir.FloatAttr.get(f32, 0.0)))
     return _tt.dot(a, _tt.trans(b, (1, 0)), c, max_num_imprecise_acc=max_imprecise)
 
 
@@ -196,19 +200,24 @@ def _register_fp8_dot():
         return None
     try:
         import jax.extend.core
+
         shaped_array = getattr(jax.core, "ShapedArray", None)
         if shaped_array is None:
             from jax._src.core import ShapedArray as shaped_array
         primitive = jax.extend.core.Primitive("fp8_nt_dot")
         primitive.def_impl(_reference_dot)
-        primitive.def_abstract_eval(lambda a, b, *acc, max_imprecise: shaped_array(
-            (a.shape[0], b.shape[0]), jnp.dtype(jnp.float32)))
+        primitive.def_abstract_eval(
+            lambda a, b, *acc, max_imprecise: shaped_array((a.shape[0], b.shape[0]), jnp.dtype(jnp.float32))
+        )
         mlir.register_lowering(primitive, mlir.lower_fun(_reference_dot, multiple_results=False))
         _triton_lowering.register_lowering(primitive)(_fp8_dot_triton)
     except Exception as e:  # pragma: no cover - jax internals moved
         import warnings
-        warnings.warn(f"fp8_gemm: native fp8 tt.dot unavailable ({e!r}); Pallas' dot_general "
-                      "lowering is used (Triton's split fp8 accumulation: slow)")
+
+        warnings.warn(
+            f"fp8_gemm: native fp8 tt.dot unavailable ({e!r}); Pallas' dot_general "
+            "lowering is used (Triton's split fp8 accumulation: slow)"
+        )
         return None
     return primitive
 
@@ -216,11 +225,11 @@ def _register_fp8_dot():
 _fp8_dot_p = _register_fp8_dot()
 
 
-def _fp8_dot(a: jax.Array, b: jax.Array, acc: jax.Array | None, tiling: "Fp8Tiling",
-             max_imprecise: int = FAST_ACCUM) -> jax.Array:
+def _fp8_dot(
+    a: jax.Array, b: jax.Array, acc: jax.Array | None, tiling: "Fp8Tiling", max_imprecise: int = FAST_ACCUM
+) -> jax.Array:
     """a [P, C] . b [Q, C]^T (+ acc) in fp32, C = CHUNK (one chunk)."""
-    fp8 = a.dtype in FP8_DTYPES and b.dtype in FP8_DTYPES and (a.dtype == b.dtype
-                                                                or NATIVE_MIXED_FP8)
+    fp8 = a.dtype in FP8_DTYPES and b.dtype in FP8_DTYPES and (a.dtype == b.dtype or NATIVE_MIXED_FP8)
     if tiling.native_dot and fp8 and _fp8_dot_p is not None:
         return _fp8_dot_p.bind(a, b, *([] if acc is None else [acc]), max_imprecise=max_imprecise)
     out = _reference_dot(a, b, max_imprecise=0)
@@ -245,8 +254,9 @@ def _tile_ids(pid, ni: int, nj: int, group_m: int):
     return first + rem(local, rows), div(local, rows)
 
 
-def _gemm_tile(load_a, load_b, load_sa, load_sb, start, stop, shape, tiling: Fp8Tiling,
-               blocked: bool) -> jax.Array:
+def _gemm_tile(
+    load_a, load_b, load_sa, load_sb, start, stop, shape, tiling: Fp8Tiling, blocked: bool
+) -> jax.Array:
     """fp32 [bm, bn] = sum over chunks c in [start, stop) of dot(a_c, b_c^T) sa_c sb_c;
     load_a / load_b (chunk slice -> [bm or bn, CHUNK]), load_sa (c -> [bm]), load_sb (c -> a
     scalar: one scale for all columns, or [bn]).  Unblocked (scales constant along K, chunk
@@ -263,10 +273,12 @@ def _gemm_tile(load_a, load_b, load_sa, load_sb, start, stop, shape, tiling: Fp8
     if not blocked:
         imprecise = FAST_ACCUM if tiling.fast_accum else CHUNK
         acc = jax.lax.fori_loop(
-            start, stop, lambda c, acc: _fp8_dot(*operands(c), acc, tiling, imprecise), zeros)
+            start, stop, lambda c, acc: _fp8_dot(*operands(c), acc, tiling, imprecise), zeros
+        )
         return acc * scale(load_sa(0), load_sb(0))
 
     if not tiling.lag:
+
         def step(c, acc):
             return acc + _fp8_dot(*operands(c), None, tiling) * scale(load_sa(c), load_sb(c))
 
@@ -300,14 +312,23 @@ def _dense_kernel(a_ref, b_ref, sa_ref, sb_ref, out_ref, *, tiles, per_program, 
     sa_ref [K / CHUNK, M], sb_ref [K / CHUNK, N or N / bn] (one row when unblocked)."""
     bm, bn = out_ref.shape
     i, j = _tile_ids(pl.program_id(0), *tiles, tiling.group_m)
-    acc = _gemm_tile(lambda ks: a_ref[:, ks], lambda ks: b_ref[:, ks], _row_loader(sa_ref, i, bm),
-                     _col_loader(sb_ref, j, bn, per_program), 0, a_ref.shape[1] // CHUNK,
-                     (bm, bn), tiling, blocked)
+    acc = _gemm_tile(
+        lambda ks: a_ref[:, ks],
+        lambda ks: b_ref[:, ks],
+        _row_loader(sa_ref, i, bm),
+        _col_loader(sb_ref, j, bn, per_program),
+        0,
+        a_ref.shape[1] // CHUNK,
+        (bm, bn),
+        tiling,
+        blocked,
+    )
     out_ref[...] = acc.astype(out_ref.dtype)
 
 
-def _rows_kernel(tile_group_ref, a_ref, w_ref, sa_ref, sw_ref, out_ref, *, tiles, num_groups,
-                 per_program, blocked, tiling):
+def _rows_kernel(
+    tile_group_ref, a_ref, w_ref, sa_ref, sw_ref, out_ref, *, tiles, num_groups, per_program, blocked, tiling
+):
     """out tile [bm, bn] = a tile [bm, K] . W[g]^T (W[g] [N, K]) with g the tile's group;
     zeros where g >= num_groups.  sw_ref [G, K / CHUNK, N or N / bn]."""
     bm, bn = out_ref.shape
@@ -317,9 +338,17 @@ def _rows_kernel(tile_group_ref, a_ref, w_ref, sa_ref, sw_ref, out_ref, *, tiles
     @pl.when(group < num_groups)
     def _():
         cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
-        acc = _gemm_tile(lambda ks: a_ref[:, ks], lambda ks: w_ref[group, cols, ks],
-                         _row_loader(sa_ref, i, bm), _col_loader(sw_ref, j, bn, per_program, group),
-                         0, a_ref.shape[1] // CHUNK, (bm, bn), tiling, blocked)
+        acc = _gemm_tile(
+            lambda ks: a_ref[:, ks],
+            lambda ks: w_ref[group, cols, ks],
+            _row_loader(sa_ref, i, bm),
+            _col_loader(sw_ref, j, bn, per_program, group),
+            0,
+            a_ref.shape[1] // CHUNK,
+            (bm, bn),
+            tiling,
+            blocked,
+        )
         out_ref[...] = acc.astype(out_ref.dtype)
 
     @pl.when(group >= num_groups)
@@ -327,17 +356,26 @@ def _rows_kernel(tile_group_ref, a_ref, w_ref, sa_ref, sw_ref, out_ref, *, tiles
         out_ref[...] = jnp.zeros(out_ref.shape, out_ref.dtype)
 
 
-def _weight_grad_kernel(tile_start_ref, a_ref, b_ref, sa_ref, sb_ref, out_ref, *, tiles,
-                        per_program, blocked, tiling):
+def _weight_grad_kernel(
+    tile_start_ref, a_ref, b_ref, sa_ref, sb_ref, out_ref, *, tiles, per_program, blocked, tiling
+):
     """out [bm, bn] of group g = sum over g's row tiles t of sa sb dot(a[:, t], b[:, t]^T);
     a_ref [bm, P] (rows of x^T), b_ref [bn, P] (rows of dy^T), sa_ref [P / 128, K],
     sb_ref [P / 128, N or N / bn] (one row when unblocked); an empty group gives zeros."""
     bm, bn = out_ref.shape
     g, ij = _tile_ids(pl.program_id(0), 1, tiles[0] * tiles[1], 1)  # (group, tile in group)
     i, j = _tile_ids(ij, *tiles, 1)
-    acc = _gemm_tile(lambda ts: a_ref[:, ts], lambda ts: b_ref[:, ts], _row_loader(sa_ref, i, bm),
-                     _col_loader(sb_ref, j, bn, per_program), tile_start_ref[g],
-                     tile_start_ref[g + 1], (bm, bn), tiling, blocked)
+    acc = _gemm_tile(
+        lambda ts: a_ref[:, ts],
+        lambda ts: b_ref[:, ts],
+        _row_loader(sa_ref, i, bm),
+        _col_loader(sb_ref, j, bn, per_program),
+        tile_start_ref[g],
+        tile_start_ref[g + 1],
+        (bm, bn),
+        tiling,
+        blocked,
+    )
     out_ref[...] = acc.astype(out_ref.dtype)
 
 
@@ -352,8 +390,11 @@ def _full(shape):
 
 def _check_tiles(what: str, dims: dict, tiling: Fp8Tiling) -> None:
     for name, (size, tile) in dims.items():
-        _check(size % tile == 0, f"{what}: {name} = {size} is not a multiple of its tile {tile} "
-                                 f"({tiling}); pad it (quantize.pad_to_multiple)")
+        _check(
+            size % tile == 0,
+            f"{what}: {name} = {size} is not a multiple of its tile {tile} "
+            f"({tiling}); pad it (quantize.pad_to_multiple)",
+        )
 
 
 def _prepared_scales(a_scale, b_scale, k: int, rows: int, cols: int, block_n: int, what: str):
@@ -366,8 +407,15 @@ def _prepared_scales(a_scale, b_scale, k: int, rows: int, cols: int, block_n: in
     return sa, sb, per_program, blocked
 
 
-def fp8_matmul_nt(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.Array, *,
-                  out_dtype=jnp.float32, tiling: Fp8Tiling = DEFAULT_TILING) -> jax.Array:
+def fp8_matmul_nt(
+    a: jax.Array,
+    a_scale: jax.Array,
+    b: jax.Array,
+    b_scale: jax.Array,
+    *,
+    out_dtype=jnp.float32,
+    tiling: Fp8Tiling = DEFAULT_TILING,
+) -> jax.Array:
     """out [M, N] = sum_c sa[m, c] sb[n, c] (a_c b_c^T) for a [M, K], b [N, K] fp8 with scales
     a_scale [M or 1, K / B], b_scale [N / t, K / B] (see the module docstring)."""
     (m, k), (n, kb) = a.shape, b.shape
@@ -379,21 +427,34 @@ def fp8_matmul_nt(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.A
     tiles = (m // bm, n // bn)
     tile = lambda p: _tile_ids(p, *tiles, tiling.group_m)
     return pl.pallas_call(
-        functools.partial(_dense_kernel, tiles=tiles, per_program=per_program, blocked=blocked,
-                          tiling=tiling),
+        functools.partial(
+            _dense_kernel, tiles=tiles, per_program=per_program, blocked=blocked, tiling=tiling
+        ),
         out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
         grid=(tiles[0] * tiles[1],),
-        in_specs=[pl.BlockSpec((bm, k), lambda p: (tile(p)[0], 0)),
-                  pl.BlockSpec((bn, k), lambda p: (tile(p)[1], 0)), _full(sa.shape),
-                  _full(sb.shape)],
+        in_specs=[
+            pl.BlockSpec((bm, k), lambda p: (tile(p)[0], 0)),
+            pl.BlockSpec((bn, k), lambda p: (tile(p)[1], 0)),
+            _full(sa.shape),
+            _full(sb.shape),
+        ],
         out_specs=pl.BlockSpec((bm, bn), tile),
-        compiler_params=_params(tiling), interpret=_interpret(), name="fp8_gemm_nt",
+        compiler_params=_params(tiling),
+        interpret=_interpret(),
+        name="fp8_gemm_nt",
     )(a, b, sa, sb)
 
 
-def fp8_grouped_rows_nt(a: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale: jax.Array,
-                        tile_group: jax.Array, *, out_dtype=jnp.float32,
-                        tiling: Fp8Tiling = DEFAULT_TILING) -> jax.Array:
+def fp8_grouped_rows_nt(
+    a: jax.Array,
+    a_scale: jax.Array,
+    w: jax.Array,
+    w_scale: jax.Array,
+    tile_group: jax.Array,
+    *,
+    out_dtype=jnp.float32,
+    tiling: Fp8Tiling = DEFAULT_TILING,
+) -> jax.Array:
     """out[r] = sum_c sa[r, c] sw[g, n, c] (a[r]_c W[g]_c^T) with g = tile_group[r // 128]:
     a [M, K] rows (tile-aligned layout), a_scale [M or 1, K / B], w [G, N, K],
     w_scale [G, N / t, K / B], tile_group [M / 128] (G or more: zero rows) -> [M, N]."""
@@ -401,29 +462,45 @@ def fp8_grouped_rows_nt(a: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
     what = f"rows {a.shape} {a.dtype}, W {w.shape} {w.dtype}"
     _check(k == kw, f"{what}: contraction widths differ")
     _check(TILE_ROWS % tiling.block_m == 0, f"block_m {tiling.block_m} must divide {TILE_ROWS}")
-    _check(tile_group.shape == (m // TILE_ROWS,), f"{what}: tile_group {tile_group.shape} is not "
-                                                 f"one group per {TILE_ROWS} rows")
+    _check(
+        tile_group.shape == (m // TILE_ROWS,),
+        f"{what}: tile_group {tile_group.shape} is not one group per {TILE_ROWS} rows",
+    )
     _check_tiles(what, {"M": (m, TILE_ROWS), "N": (n, tiling.block_n)}, tiling)
     sa, sw, per_program, blocked = _prepared_scales(a_scale, w_scale, k, m, n, tiling.block_n, what)
     bm, bn = tiling.block_m, tiling.block_n
     tiles = (m // bm, n // bn)
     tile = lambda p: _tile_ids(p, *tiles, 1)
     return pl.pallas_call(
-        functools.partial(_rows_kernel, tiles=tiles, num_groups=g, per_program=per_program,
-                          blocked=blocked, tiling=tiling),
+        functools.partial(
+            _rows_kernel, tiles=tiles, num_groups=g, per_program=per_program, blocked=blocked, tiling=tiling
+        ),
         out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
         grid=(tiles[0] * tiles[1],),
-        in_specs=[_full(tile_group.shape), pl.BlockSpec((bm, k), lambda p: (tile(p)[0], 0)),
-                  _full(w.shape), _full(sa.shape), _full(sw.shape)],
+        in_specs=[
+            _full(tile_group.shape),
+            pl.BlockSpec((bm, k), lambda p: (tile(p)[0], 0)),
+            _full(w.shape),
+            _full(sa.shape),
+            _full(sw.shape),
+        ],
         out_specs=pl.BlockSpec((bm, bn), tile),
-        compiler_params=_params(tiling), interpret=_interpret(), name="fp8_grouped_rows_nt",
+        compiler_params=_params(tiling),
+        interpret=_interpret(),
+        name="fp8_grouped_rows_nt",
     )(tile_group.astype(jnp.int32), a, w, sa, sw)
 
 
-def fp8_grouped_weight_grad_nt(a: jax.Array, a_scale: jax.Array, b: jax.Array,
-                               b_scale: jax.Array, tile_start: jax.Array, *,
-                               out_dtype=jnp.float32,
-                               tiling: Fp8Tiling = DEFAULT_TILING) -> jax.Array:
+def fp8_grouped_weight_grad_nt(
+    a: jax.Array,
+    a_scale: jax.Array,
+    b: jax.Array,
+    b_scale: jax.Array,
+    tile_start: jax.Array,
+    *,
+    out_dtype=jnp.float32,
+    tiling: Fp8Tiling = DEFAULT_TILING,
+) -> jax.Array:
     """out[g] = sum_{t in [tile_start[g], tile_start[g+1])} sa[:, t] sb[:, t] (a_t b_t^T) for
     a = x^T [K, P], b = dy^T [N, P] (P rows in 128-row tiles, quantized per 128 x 1 tile of the
     rows: a_scale [K or 1, P / 128 or 1], b_scale [N or 1, P / 128 or 1]) -> [G, K, N] with
@@ -443,14 +520,20 @@ def fp8_grouped_weight_grad_nt(a: jax.Array, a_scale: jax.Array, b: jax.Array,
         return (e, *_tile_ids(ij, *tiles, 1))
 
     return pl.pallas_call(
-        functools.partial(_weight_grad_kernel, tiles=tiles, per_program=per_program,
-                          blocked=blocked, tiling=tiling),
+        functools.partial(
+            _weight_grad_kernel, tiles=tiles, per_program=per_program, blocked=blocked, tiling=tiling
+        ),
         out_shape=jax.ShapeDtypeStruct((g, k, n), out_dtype),
         grid=(g * per_group,),
-        in_specs=[_full(tile_start.shape), pl.BlockSpec((bm, p), lambda q: (tile(q)[1], 0)),
-                  pl.BlockSpec((bn, p), lambda q: (tile(q)[2], 0)), _full(sa.shape),
-                  _full(sb.shape)],
+        in_specs=[
+            _full(tile_start.shape),
+            pl.BlockSpec((bm, p), lambda q: (tile(q)[1], 0)),
+            pl.BlockSpec((bn, p), lambda q: (tile(q)[2], 0)),
+            _full(sa.shape),
+            _full(sb.shape),
+        ],
         out_specs=pl.BlockSpec((None, bm, bn), tile),
-        compiler_params=_params(tiling), interpret=_interpret(),
+        compiler_params=_params(tiling),
+        interpret=_interpret(),
         name="fp8_grouped_weight_grad_nt",
     )(tile_start.astype(jnp.int32), a, b, sa, sb)

@@ -31,8 +31,7 @@ NUM_WARPS = 4  # per [B, B] tile (benchmarks/fp8_quantize.py sweeps it)
 def _amax(x: jax.Array, axis: int) -> jax.Array:
     """max |x| along axis, NaN where that line holds a NaN or inf: Triton's max (and clip)
     ignore NaN, so the NaN is carried by a sum of x * 0 (0 for finite x, NaN otherwise)."""
-    return (jnp.max(jnp.abs(x), axis=axis, keepdims=True)
-            + jnp.sum(x * 0.0, axis=axis, keepdims=True))
+    return jnp.max(jnp.abs(x), axis=axis, keepdims=True) + jnp.sum(x * 0.0, axis=axis, keepdims=True)
 
 
 def _kernel(x_ref, *out_refs, qtype, rows: bool, cols: bool):
@@ -50,32 +49,43 @@ def _kernel(x_ref, *out_refs, qtype, rows: bool, cols: bool):
         st_ref[...] = scale.T
 
 
-def quantize_rows_cols(x: jax.Array, qtype, *, rows: bool = True, cols: bool = True,
-                       num_warps: int = NUM_WARPS) -> tuple[qwix.QArray | None, qwix.QArray | None]:
+def quantize_rows_cols(
+    x: jax.Array, qtype, *, rows: bool = True, cols: bool = True, num_warps: int = NUM_WARPS
+) -> tuple[qwix.QArray | None, qwix.QArray | None]:
     """x [M, K] -> (quantize(x, qtype, (1, 128)) if rows, quantize(x, qtype, (128, 1)).T if
     cols), None for the one not asked for."""
     m, k = x.shape
     if m % BLOCK or k % BLOCK or not (rows or cols):
-        raise ValueError(f"fused fp8 quantization: x {x.shape} must be [M, K] with M, K "
-                         f"multiples of {BLOCK} (pad it: quantize.pad_to_multiple), rows={rows}, "
-                         f"cols={cols} (one at least)")
+        raise ValueError(
+            f"fused fp8 quantization: x {x.shape} must be [M, K] with M, K "
+            f"multiples of {BLOCK} (pad it: quantize.pad_to_multiple), rows={rows}, "
+            f"cols={cols} (one at least)"
+        )
     grid = (m // BLOCK, k // BLOCK)
     tile = pl.BlockSpec((BLOCK, BLOCK), lambda i, j: (i, j))
     out_shape, out_specs = [], []
     if rows:
-        out_shape += [jax.ShapeDtypeStruct((m, k), qtype),
-                      jax.ShapeDtypeStruct((m, k // BLOCK), jnp.float32)]
+        out_shape += [jax.ShapeDtypeStruct((m, k), qtype), jax.ShapeDtypeStruct((m, k // BLOCK), jnp.float32)]
         out_specs += [tile, pl.BlockSpec((BLOCK, 1), lambda i, j: (i, j))]
     if cols:
-        out_shape += [jax.ShapeDtypeStruct((k, m), qtype),
-                      jax.ShapeDtypeStruct((k, m // BLOCK), jnp.float32)]
-        out_specs += [pl.BlockSpec((BLOCK, BLOCK), lambda i, j: (j, i)),
-                      pl.BlockSpec((BLOCK, 1), lambda i, j: (j, i))]
-    outs = iter(pl.pallas_call(
-        functools.partial(_kernel, qtype=qtype, rows=rows, cols=cols),
-        out_shape=out_shape, grid=grid, in_specs=[tile], out_specs=out_specs,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=jax.default_backend() != "gpu", name="fp8_quantize_rows_cols",
-    )(x))
-    return (qwix.QArray(next(outs), next(outs)) if rows else None,
-            qwix.QArray(next(outs), next(outs)) if cols else None)
+        out_shape += [jax.ShapeDtypeStruct((k, m), qtype), jax.ShapeDtypeStruct((k, m // BLOCK), jnp.float32)]
+        out_specs += [
+            pl.BlockSpec((BLOCK, BLOCK), lambda i, j: (j, i)),
+            pl.BlockSpec((BLOCK, 1), lambda i, j: (j, i)),
+        ]
+    outs = iter(
+        pl.pallas_call(
+            functools.partial(_kernel, qtype=qtype, rows=rows, cols=cols),
+            out_shape=out_shape,
+            grid=grid,
+            in_specs=[tile],
+            out_specs=out_specs,
+            compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+            interpret=jax.default_backend() != "gpu",
+            name="fp8_quantize_rows_cols",
+        )(x)
+    )
+    return (
+        qwix.QArray(next(outs), next(outs)) if rows else None,
+        qwix.QArray(next(outs), next(outs)) if cols else None,
+    )

@@ -38,6 +38,7 @@ TILE_ROWS = 128
 class RowTiling:
     """Tiles of the forward / input-gradient kernel: output [TILE_ROWS, block_out] per
     program, contraction in steps of block_contract."""
+
     block_out: int = 256
     block_contract: int = 64
     num_warps: int = 8
@@ -48,6 +49,7 @@ class RowTiling:
 class WeightTiling:
     """Tiles of the weight-gradient kernel: output [block_k, block_n] per program, the rows
     contracted in steps of block_rows (a divisor of TILE_ROWS)."""
+
     block_k: int = 128
     block_n: int = 256
     block_rows: int = 64
@@ -72,8 +74,10 @@ def _block(size: int, preferred: int, what: str) -> int:
         if size % block == 0:
             return block
         block //= 2
-    raise ValueError(f"grouped GEMM: {what} = {size} must be a multiple of 16 (Triton tiles); "
-                     "choose model sizes (hidden_size, moe_ffn_dim) that are")
+    raise ValueError(
+        f"grouped GEMM: {what} = {size} must be a multiple of 16 (Triton tiles); "
+        "choose model sizes (hidden_size, moe_ffn_dim) that are"
+    )
 
 
 def _interpret() -> bool:
@@ -101,8 +105,7 @@ def tile_groups(group_sizes: jax.Array, num_tiles: int) -> tuple[jax.Array, jax.
     return tile_group.astype(jnp.int32), jnp.concatenate([jnp.zeros((1,), jnp.int32), ends])
 
 
-def _row_kernel(tile_group_ref, x_ref, w_ref, out_ref, *, num_groups, block_contract,
-                contract_last):
+def _row_kernel(tile_group_ref, x_ref, w_ref, out_ref, *, num_groups, block_contract, contract_last):
     """out tile [R, bo] = x tile [R, C] @ W[g] (C-blocks), W[g] stored [C, O] or, when
     contract_last, [O, C].  Grid (column block, row tile): the column block varies fastest,
     so the programs running together share row tiles (and groups) in L2 instead of each
@@ -125,8 +128,9 @@ def _row_kernel(tile_group_ref, x_ref, w_ref, out_ref, *, num_groups, block_cont
                 dims = (((1,), (0,)), ((), ()))
             return acc + jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
-        acc = jax.lax.fori_loop(0, contract // block_contract, step,
-                                jnp.zeros((rows, block_out), jnp.float32))
+        acc = jax.lax.fori_loop(
+            0, contract // block_contract, step, jnp.zeros((rows, block_out), jnp.float32)
+        )
         out_ref[...] = acc.astype(out_ref.dtype)
 
     @pl.when(group >= num_groups)
@@ -134,26 +138,27 @@ def _row_kernel(tile_group_ref, x_ref, w_ref, out_ref, *, num_groups, block_cont
         out_ref[...] = jnp.zeros(out_ref.shape, out_ref.dtype)
 
 
-def _row_matmul(x: jax.Array, w: jax.Array, tile_group: jax.Array, *, contract_last: bool,
-                tiling: RowTiling) -> jax.Array:
+def _row_matmul(
+    x: jax.Array, w: jax.Array, tile_group: jax.Array, *, contract_last: bool, tiling: RowTiling
+) -> jax.Array:
     """x [M, C] rows, W [G, C, O] (or [G, O, C] when contract_last) -> [M, O]."""
     m, c = x.shape
     g = w.shape[0]
     o = w.shape[1] if contract_last else w.shape[2]
     bo = _block(o, tiling.block_out, "output width")
     bc = _block(c, tiling.block_contract, "contraction width")
-    kernel = functools.partial(_row_kernel, num_groups=g, block_contract=bc,
-                               contract_last=contract_last)
+    kernel = functools.partial(_row_kernel, num_groups=g, block_contract=bc, contract_last=contract_last)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((m, o), x.dtype),
         grid=(o // bo, m // TILE_ROWS),
-        in_specs=[pl.BlockSpec(tile_group.shape, lambda j, t: (0,)),
-                  pl.BlockSpec((TILE_ROWS, c), lambda j, t: (t, 0)),
-                  pl.BlockSpec(w.shape, lambda j, t: (0, 0, 0))],
+        in_specs=[
+            pl.BlockSpec(tile_group.shape, lambda j, t: (0,)),
+            pl.BlockSpec((TILE_ROWS, c), lambda j, t: (t, 0)),
+            pl.BlockSpec(w.shape, lambda j, t: (0, 0, 0)),
+        ],
         out_specs=pl.BlockSpec((TILE_ROWS, bo), lambda j, t: (t, j)),
-        compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps,
-                                             num_stages=tiling.num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
         interpret=_interpret(),
         name="grouped_gemm_rows_t" if contract_last else "grouped_gemm_rows",
     )(tile_group, x, w)
@@ -171,17 +176,20 @@ def _weight_grad_kernel(tile_start_ref, x_ref, dy_ref, out_ref, *, block_rows):
 
     def step(i, acc):
         rows = pl.ds(pl.multiple_of(i * block_rows, block_rows), block_rows)
-        return acc + jax.lax.dot_general(x_ref[rows, ks], dy_ref[rows, ns],
-                                         (((0,), (0,)), ((), ())),
-                                         preferred_element_type=jnp.float32)
+        return acc + jax.lax.dot_general(
+            x_ref[rows, ks], dy_ref[rows, ns], (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
 
-    acc = jax.lax.fori_loop(tile_start_ref[g] * per_tile, tile_start_ref[g + 1] * per_tile, step,
-                            jnp.zeros((block_k, block_n), jnp.float32))
+    acc = jax.lax.fori_loop(
+        tile_start_ref[g] * per_tile,
+        tile_start_ref[g + 1] * per_tile,
+        step,
+        jnp.zeros((block_k, block_n), jnp.float32),
+    )
     out_ref[...] = acc.astype(out_ref.dtype)
 
 
-def _weight_grad(x: jax.Array, dy: jax.Array, tile_start: jax.Array, *,
-                 tiling: WeightTiling) -> jax.Array:
+def _weight_grad(x: jax.Array, dy: jax.Array, tile_start: jax.Array, *, tiling: WeightTiling) -> jax.Array:
     """x [M, K], dy [M, N], tile_start [G + 1] -> dW [G, K, N] in x's dtype."""
     k, n, g = x.shape[1], dy.shape[1], tile_start.shape[0] - 1
     bk = _block(k, tiling.block_k, "weight-gradient rows (K)")
@@ -192,19 +200,21 @@ def _weight_grad(x: jax.Array, dy: jax.Array, tile_start: jax.Array, *,
         functools.partial(_weight_grad_kernel, block_rows=tiling.block_rows),
         out_shape=jax.ShapeDtypeStruct((g, k, n), x.dtype),
         grid=(n // bn, k // bk, g),
-        in_specs=[pl.BlockSpec(tile_start.shape, lambda j, i, e: (0,)),
-                  pl.BlockSpec(x.shape, lambda j, i, e: (0, 0)),
-                  pl.BlockSpec(dy.shape, lambda j, i, e: (0, 0))],
+        in_specs=[
+            pl.BlockSpec(tile_start.shape, lambda j, i, e: (0,)),
+            pl.BlockSpec(x.shape, lambda j, i, e: (0, 0)),
+            pl.BlockSpec(dy.shape, lambda j, i, e: (0, 0)),
+        ],
         out_specs=pl.BlockSpec((None, bk, bn), lambda j, i, e: (e, i, j)),
-        compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps,
-                                             num_stages=tiling.num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
         interpret=_interpret(),
         name="grouped_gemm_weight_grad",
     )(tile_start, x, dy)
 
 
-def tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
-                         tilings: Tilings = DEFAULT_TILINGS) -> jax.Array:
+def tiled_grouped_matmul(
+    x: jax.Array, w: jax.Array, group_sizes: jax.Array, tilings: Tilings = DEFAULT_TILINGS
+) -> jax.Array:
     """y [M, N] with y[r] = x[r] W[g(r)], for x [M, K] in tile-aligned group layout (M a
     multiple of TILE_ROWS, every group_sizes[g] a multiple of TILE_ROWS, sum <= M) and
     W [G, K, N] of x's dtype.  Rows past sum(group_sizes) give zeros.  Differentiable in x
@@ -212,8 +222,10 @@ def tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
     if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
         raise ValueError(f"grouped GEMM: x {x.shape} and W {w.shape} must be [M, K] and [G, K, N]")
     if x.shape[0] % TILE_ROWS:
-        raise ValueError(f"grouped GEMM: {x.shape[0]} rows are not a multiple of the row tile "
-                         f"{TILE_ROWS}; lay the rows out with expert_compute.dropless_slots")
+        raise ValueError(
+            f"grouped GEMM: {x.shape[0]} rows are not a multiple of the row tile "
+            f"{TILE_ROWS}; lay the rows out with expert_compute.dropless_slots"
+        )
     return _grouped(x, w.astype(x.dtype), group_sizes.astype(jnp.int32), tilings)
 
 

@@ -21,8 +21,13 @@ from frontier_jax.ops.tokamax_import import tokamax
 _MASKED = -1e30  # finite, so that a fully masked (padding) row yields no NaN
 
 
-def attention_mask(q_len: int, kv_len: int, q_segment_ids: jax.Array | None,
-                   kv_segment_ids: jax.Array | None, q_offset: int | jax.Array = 0) -> jax.Array:
+def attention_mask(
+    q_len: int,
+    kv_len: int,
+    q_segment_ids: jax.Array | None,
+    kv_segment_ids: jax.Array | None,
+    q_offset: int | jax.Array = 0,
+) -> jax.Array:
     """Boolean mask [B or 1, 1, T, S]: True where query i may attend to key j.  q_offset is a
     scalar or one offset per row [B] (rows of a chunked prefill that start at different positions)."""
     q_idx = jnp.arange(q_len)[None, :, None] + jnp.reshape(q_offset, (-1, 1, 1))
@@ -57,10 +62,17 @@ def _cudnn_attention(q, k, v, scale, mask_args):
     return out[..., :dv]
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
-                          impl: str = "xla", q_segment_ids: jax.Array | None = None,
-                          kv_segment_ids: jax.Array | None = None,
-                          q_offset: int | jax.Array = 0) -> jax.Array:
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float,
+    impl: str = "xla",
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    q_offset: int | jax.Array = 0,
+) -> jax.Array:
     """q [B, T, H, Dqk], k [B, S, H, Dqk], v [B, S, H, Dv] -> [B, T, H, Dv] in v's dtype.
 
     q_segment_ids [B, T] / kv_segment_ids [B, S]: document ids (0 = padding) or None for plain
@@ -78,8 +90,16 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
     raise ValueError(f"impl.attention={impl!r} is unknown; allowed: xla, cudnn, tokamax")
 
 
-def latent_attention(q_latent: jax.Array, q_rope: jax.Array, c_kv: jax.Array, k_rope: jax.Array, *,
-                     scale: float, positions: jax.Array, impl: str = "xla") -> jax.Array:
+def latent_attention(
+    q_latent: jax.Array,
+    q_rope: jax.Array,
+    c_kv: jax.Array,
+    k_rope: jax.Array,
+    *,
+    scale: float,
+    positions: jax.Array,
+    impl: str = "xla",
+) -> jax.Array:
     """Attention of per-head queries over a latent shared by all heads (absorbed MLA decode):
 
         s_{t,h,j} = scale (q~_{t,h} . c_j + q^R_{t,h} . k^R_j),   o~_{t,h} = sum_j softmax_j(s) c_j
@@ -90,8 +110,10 @@ def latent_attention(q_latent: jax.Array, q_rope: jax.Array, c_kv: jax.Array, k_
     "xla" (einsums, fp32 softmax), the slot for a FlashMLA-style kernel."""
     if impl != "xla":
         raise ValueError(f"infer.decode_attention_impl={impl!r} is unknown; allowed: xla")
-    logits = (jnp.einsum("bthc,bsc->bhts", q_latent, c_kv, preferred_element_type=jnp.float32)
-              + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, preferred_element_type=jnp.float32)) * scale
+    logits = (
+        jnp.einsum("bthc,bsc->bhts", q_latent, c_kv, preferred_element_type=jnp.float32)
+        + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, preferred_element_type=jnp.float32)
+    ) * scale
     mask = jnp.arange(c_kv.shape[1])[None, None, None, :] <= positions[:, None, :, None]
     probs = jax.nn.softmax(jnp.where(mask, logits, _MASKED), axis=-1)
     return jnp.einsum("bhts,bsc->bthc", probs, c_kv.astype(jnp.float32)).astype(q_latent.dtype)

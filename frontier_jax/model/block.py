@@ -38,9 +38,16 @@ class SequenceInputs(NamedTuple):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, moe: bool, policy: PrecisionPolicy,
-                 impl: ImplConfig = ImplConfig(), experts: ExpertDispatcher = LocalExperts(),
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        moe: bool,
+        policy: PrecisionPolicy,
+        impl: ImplConfig = ImplConfig(),
+        experts: ExpertDispatcher = LocalExperts(),
+        rngs: nnx.Rngs,
+    ):
         self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.attn = MLA(cfg, policy=policy, attention=impl.attention, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
@@ -48,19 +55,36 @@ class Block(nnx.Module):
         if moe:
             self.ffn = MoE(cfg, policy=policy, impl=impl, experts=experts, rngs=rngs)
         else:
-            self.ffn = SwiGLU(cfg.hidden_size, cfg.dense_ffn_dim, std=cfg.init_std, policy=policy,
-                              rngs=rngs, name="dense_ffn")
+            self.ffn = SwiGLU(
+                cfg.hidden_size,
+                cfg.dense_ffn_dim,
+                std=cfg.init_std,
+                policy=policy,
+                rngs=rngs,
+                name="dense_ffn",
+            )
 
     def __call__(self, x: jax.Array, inputs: SequenceInputs) -> tuple[jax.Array, MoEStats | None]:
-        return self._ffn_residual(x + self.attn(self.attn_norm(x), inputs.positions, inputs.segment_ids),
-                                  inputs)
+        return self._ffn_residual(
+            x + self.attn(self.attn_norm(x), inputs.positions, inputs.segment_ids), inputs
+        )
 
-    def extend(self, x: jax.Array, inputs: SequenceInputs, cache: LatentCache, layer, pages: Pages, *,
-               absorbed: bool, impl: str = "xla") -> tuple[jax.Array, LatentCache]:
+    def extend(
+        self,
+        x: jax.Array,
+        inputs: SequenceInputs,
+        cache: LatentCache,
+        layer,
+        pages: Pages,
+        *,
+        absorbed: bool,
+        impl: str = "xla",
+    ) -> tuple[jax.Array, LatentCache]:
         """The block over T new tokens per row attending to their cached sequence
         (`MLA.extend`): x [B, T, d] -> (y [B, T, d], cache with layer `layer` written)."""
-        u, cache = self.attn.extend(self.attn_norm(x), inputs.positions, cache, layer, pages,
-                                    absorbed=absorbed, impl=impl)
+        u, cache = self.attn.extend(
+            self.attn_norm(x), inputs.positions, cache, layer, pages, absorbed=absorbed, impl=impl
+        )
         return self._ffn_residual(x + u, inputs)[0], cache
 
     def _ffn_residual(self, h: jax.Array, inputs: SequenceInputs) -> tuple[jax.Array, MoEStats | None]:
@@ -85,7 +109,8 @@ def _remat(fn, policy_name: str):
     policies = {
         "full": names(FP8_WEIGHT),
         "save_dots": jax.checkpoint_policies.save_from_both_policies(
-            jax.checkpoint_policies.dots_with_no_batch_dims_saveable, names(FP8_WEIGHT)),
+            jax.checkpoint_policies.dots_with_no_batch_dims_saveable, names(FP8_WEIGHT)
+        ),
         "save_attention_out": names("attention_out", FP8_WEIGHT),
     }
     return jax.checkpoint(fn, policy=policies[policy_name], prevent_cse=False)
@@ -101,9 +126,17 @@ def prepend_logical_axis(module: nnx.Module, axis: str) -> None:
 class LayerStack(nnx.Module):
     """`num_layers` blocks with stacked parameters, applied in sequence by `lax.scan`."""
 
-    def __init__(self, cfg: ModelConfig, num_layers: int, *, moe: bool, policy: PrecisionPolicy,
-                 impl: ImplConfig = ImplConfig(), experts: ExpertDispatcher = LocalExperts(),
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_layers: int,
+        *,
+        moe: bool,
+        policy: PrecisionPolicy,
+        impl: ImplConfig = ImplConfig(),
+        experts: ExpertDispatcher = LocalExperts(),
+        rngs: nnx.Rngs,
+    ):
         @nnx.split_rngs(splits=num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def create(layer_rngs: nnx.Rngs) -> Block:
@@ -123,8 +156,16 @@ class LayerStack(nnx.Module):
 
         return jax.lax.scan(_remat(body, self.remat_policy), x, state)
 
-    def extend(self, x: jax.Array, inputs: SequenceInputs, cache: LatentCache, pages: Pages, *,
-               absorbed: bool, impl: str = "xla") -> tuple[jax.Array, LatentCache]:
+    def extend(
+        self,
+        x: jax.Array,
+        inputs: SequenceInputs,
+        cache: LatentCache,
+        pages: Pages,
+        *,
+        absorbed: bool,
+        impl: str = "xla",
+    ) -> tuple[jax.Array, LatentCache]:
         """`Block.extend` through the L layers; cache [L, ...] is carried whole through the scan
         (each layer writes its new tokens in place) -> (x after all layers, cache)."""
         graphdef, state = nnx.split(self.blocks)
@@ -132,8 +173,9 @@ class LayerStack(nnx.Module):
         def body(carry, xs):
             h, cache = carry
             layer_state, layer = xs
-            return nnx.merge(graphdef, layer_state).extend(h, inputs, cache, layer, pages,
-                                                           absorbed=absorbed, impl=impl), None
+            return nnx.merge(graphdef, layer_state).extend(
+                h, inputs, cache, layer, pages, absorbed=absorbed, impl=impl
+            ), None
 
         (x, cache), _ = jax.lax.scan(body, (x, cache), (state, jnp.arange(self.num_layers)))
         return x, cache

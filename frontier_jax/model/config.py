@@ -119,8 +119,15 @@ class ModelConfig:
     # --------------------------------------------------------------- validation
     def validate(self) -> "ModelConfig":
         positive = [
-            "vocab_size", "hidden_size", "num_layers", "num_heads", "kv_lora_rank",
-            "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "max_position_embeddings",
         ]
         for name in positive:
             value = getattr(self, name)
@@ -136,13 +143,13 @@ class ModelConfig:
         if self.init_std <= 0:
             _fail("init_std", self.init_std, "must be > 0")
         if self.first_k_dense > self.num_layers:
-            _fail("first_k_dense", self.first_k_dense,
-                  f"must be <= model.num_layers ({self.num_layers})")
+            _fail("first_k_dense", self.first_k_dense, f"must be <= model.num_layers ({self.num_layers})")
         if self.first_k_dense > 0 and self.dense_ffn_dim <= 0:
             _fail("dense_ffn_dim", self.dense_ffn_dim, "must be > 0 when model.first_k_dense > 0")
         if self.qk_rope_head_dim % 2:
-            _fail("qk_rope_head_dim", self.qk_rope_head_dim,
-                  "must be even (RoPE rotates pairs of dimensions)")
+            _fail(
+                "qk_rope_head_dim", self.qk_rope_head_dim, "must be even (RoPE rotates pairs of dimensions)"
+            )
         if self.rope_theta <= 0:
             _fail("rope_theta", self.rope_theta, "must be > 0")
         self._validate_rope_scaling()
@@ -156,11 +163,17 @@ class ModelConfig:
             if rs.factor < 1:
                 _fail("rope_scaling.factor", rs.factor, "YaRN needs factor >= 1")
             if rs.original_max_position_embeddings <= 0:
-                _fail("rope_scaling.original_max_position_embeddings",
-                      rs.original_max_position_embeddings, "must be > 0")
+                _fail(
+                    "rope_scaling.original_max_position_embeddings",
+                    rs.original_max_position_embeddings,
+                    "must be > 0",
+                )
             if rs.beta_fast <= rs.beta_slow:
-                _fail("rope_scaling.beta_fast", rs.beta_fast,
-                      f"must exceed rope_scaling.beta_slow ({rs.beta_slow})")
+                _fail(
+                    "rope_scaling.beta_fast",
+                    rs.beta_fast,
+                    f"must exceed rope_scaling.beta_slow ({rs.beta_slow})",
+                )
 
     def _validate_moe(self) -> None:
         for name in ["n_routed_experts", "num_experts_per_tok", "moe_ffn_dim", "n_group", "topk_group"]:
@@ -168,21 +181,29 @@ class ModelConfig:
             if not isinstance(value, int) or value <= 0:
                 _fail(name, value, "must be a positive integer")
         if self.num_experts_per_tok > self.n_routed_experts:
-            _fail("num_experts_per_tok", self.num_experts_per_tok,
-                  f"must be <= model.n_routed_experts ({self.n_routed_experts})")
+            _fail(
+                "num_experts_per_tok",
+                self.num_experts_per_tok,
+                f"must be <= model.n_routed_experts ({self.n_routed_experts})",
+            )
         if self.n_routed_experts % self.n_group:
-            _fail("n_group", self.n_group,
-                  f"must divide model.n_routed_experts ({self.n_routed_experts})")
+            _fail("n_group", self.n_group, f"must divide model.n_routed_experts ({self.n_routed_experts})")
         if self.topk_group > self.n_group:
             _fail("topk_group", self.topk_group, f"must be <= model.n_group ({self.n_group})")
         experts_reachable = self.topk_group * (self.n_routed_experts // self.n_group)
         if experts_reachable < self.num_experts_per_tok:
-            _fail("topk_group", self.topk_group,
-                  f"topk_group * experts per group = {experts_reachable} is fewer than "
-                  f"model.num_experts_per_tok ({self.num_experts_per_tok}); raise topk_group")
+            _fail(
+                "topk_group",
+                self.topk_group,
+                f"topk_group * experts per group = {experts_reachable} is fewer than "
+                f"model.num_experts_per_tok ({self.num_experts_per_tok}); raise topk_group",
+            )
         if self.n_group > 1 and self.n_routed_experts // self.n_group < 2:
-            _fail("n_group", self.n_group,
-                  "group scores sum each group's top-2 experts, so a group needs >= 2 experts")
+            _fail(
+                "n_group",
+                self.n_group,
+                "group scores sum each group's top-2 experts, so a group needs >= 2 experts",
+            )
         if self.routed_scaling_factor <= 0:
             _fail("routed_scaling_factor", self.routed_scaling_factor, "must be > 0")
 
@@ -212,8 +233,9 @@ class ImplConfig:
         if self.moe_capacity_factor <= 0:
             raise ValueError(f"impl.moe_capacity_factor={self.moe_capacity_factor} is invalid: must be > 0")
         if not isinstance(self.ep_overlap_chunks, int) or self.ep_overlap_chunks <= 0:
-            raise ValueError(f"impl.ep_overlap_chunks={self.ep_overlap_chunks!r} is invalid: "
-                             "must be a positive integer")
+            raise ValueError(
+                f"impl.ep_overlap_chunks={self.ep_overlap_chunks!r} is invalid: must be a positive integer"
+            )
         return self
 
     def replace(self, **changes) -> "ImplConfig":

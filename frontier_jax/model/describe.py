@@ -1,15 +1,15 @@
 """Model arithmetic without allocating a single weight (`nnx.eval_shape`).
 
-  total_params   main model (embedding, blocks, final norm, head); MTP excluded
-  mtp_params     MTP modules (their embedding and head are shared, so not counted again)
-  mtp_params_stored  the same plus the copies of embedding and head that released checkpoints
-                 store inside each MTP layer (DeepSeek-V3's "685B" counts these)
-  active_params  parameters touched per token: total minus the unselected fraction
-                 (1 - K_r / N_r) of every main-model MoE layer's routed experts
-  kv_cache_bytes_per_token   L (d_c + d_h^R) * 2 bytes: MLA's latent cache in bf16
-  flops_per_token  6 N_act + 3 L n_h (d_qk + d_v) T: training FLOPs per token with N_act the
-                 active non-embedding parameters (head included) and the causal attention term
-                 (QK^T and AV over T/2 keys on average, forward + backward) at sequence length T
+total_params   main model (embedding, blocks, final norm, head); MTP excluded
+mtp_params     MTP modules (their embedding and head are shared, so not counted again)
+mtp_params_stored  the same plus the copies of embedding and head that released checkpoints
+               store inside each MTP layer (DeepSeek-V3's "685B" counts these)
+active_params  parameters touched per token: total minus the unselected fraction
+               (1 - K_r / N_r) of every main-model MoE layer's routed experts
+kv_cache_bytes_per_token   L (d_c + d_h^R) * 2 bytes: MLA's latent cache in bf16
+flops_per_token  6 N_act + 3 L n_h (d_qk + d_v) T: training FLOPs per token with N_act the
+               active non-embedding parameters (head included) and the causal attention term
+               (QK^T and AV over T/2 keys on average, forward + backward) at sequence length T
 """
 
 from __future__ import annotations
@@ -60,13 +60,15 @@ def format_description(d: dict) -> str:
     def b(n):
         return f"{n / 1e9:,.2f}B" if n >= 1e9 else f"{n / 1e6:,.1f}M"
 
-    return "\n".join([
-        f"model {d['name']}",
-        f"  total parameters (main model)   {b(d['total_params'])}  ({d['total_params']:,})",
-        f"  MTP parameters                  {b(d['mtp_params'])}  (with MTP: {b(d['total_params_with_mtp'])}; "
-        f"{b(d['total_params'] + d['mtp_params_stored'])} as stored, with MTP's embedding/head copies)",
-        f"  activated per token             {b(d['active_params'])}  "
-        f"(non-embedding: {b(d['active_non_embedding_params'])})",
-        f"  latent KV cache per token       {d['kv_cache_bytes_per_token']:,} bytes (bf16, all layers)",
-        f"  training FLOPs per token        {d['flops_per_token'] / 1e9:,.3f} GFLOP at seq {d['seq_len']}",
-    ])
+    return "\n".join(
+        [
+            f"model {d['name']}",
+            f"  total parameters (main model)   {b(d['total_params'])}  ({d['total_params']:,})",
+            f"  MTP parameters                  {b(d['mtp_params'])}  (with MTP: {b(d['total_params_with_mtp'])}; "
+            f"{b(d['total_params'] + d['mtp_params_stored'])} as stored, with MTP's embedding/head copies)",
+            f"  activated per token             {b(d['active_params'])}  "
+            f"(non-embedding: {b(d['active_non_embedding_params'])})",
+            f"  latent KV cache per token       {d['kv_cache_bytes_per_token']:,} bytes (bf16, all layers)",
+            f"  training FLOPs per token        {d['flops_per_token'] / 1e9:,.3f} GFLOP at seq {d['seq_len']}",
+        ]
+    )

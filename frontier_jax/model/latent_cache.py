@@ -49,8 +49,9 @@ class Pages(NamedTuple):
     write: jax.Array
 
 
-def write_latent(cache: LatentCache, layer, c_kv: jax.Array, k_rope: jax.Array, positions: jax.Array,
-                 pages: Pages) -> LatentCache:
+def write_latent(
+    cache: LatentCache, layer, c_kv: jax.Array, k_rope: jax.Array, positions: jax.Array, pages: Pages
+) -> LatentCache:
     """Stores c_kv [B, T, d_c] and k_rope [B, T, d_h^R] of tokens at `positions` [B, T] into
     layer `layer`; tokens with pages.write False go to the null block."""
     p = cache.block_size
@@ -58,8 +59,10 @@ def write_latent(cache: LatentCache, layer, c_kv: jax.Array, k_rope: jax.Array, 
     block = jnp.take_along_axis(pages.block_table, slot, axis=1)
     block = jnp.where(pages.write, block, NULL_BLOCK)
     offset = jnp.where(pages.write, positions % p, 0)
-    return LatentCache(cache.c_kv.at[layer, block, offset].set(c_kv.astype(cache.c_kv.dtype)),
-                       cache.k_rope.at[layer, block, offset].set(k_rope.astype(cache.k_rope.dtype)))
+    return LatentCache(
+        cache.c_kv.at[layer, block, offset].set(c_kv.astype(cache.c_kv.dtype)),
+        cache.k_rope.at[layer, block, offset].set(k_rope.astype(cache.k_rope.dtype)),
+    )
 
 
 def read_latent(cache: LatentCache, layer, block_table: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -75,8 +78,11 @@ def read_latent(cache: LatentCache, layer, block_table: jax.Array) -> tuple[jax.
     return gather(cache.c_kv), gather(cache.k_rope)
 
 
-def empty_cache(num_layers: int, num_blocks: int, block_size: int, kv_lora_rank: int,
-                rope_dim: int, dtype) -> LatentCache:
+def empty_cache(
+    num_layers: int, num_blocks: int, block_size: int, kv_lora_rank: int, rope_dim: int, dtype
+) -> LatentCache:
     """A zero-filled cache of one stack of layers."""
-    return LatentCache(jnp.zeros((num_layers, num_blocks, block_size, kv_lora_rank), dtype),
-                       jnp.zeros((num_layers, num_blocks, block_size, rope_dim), dtype))
+    return LatentCache(
+        jnp.zeros((num_layers, num_blocks, block_size, kv_lora_rank), dtype),
+        jnp.zeros((num_layers, num_blocks, block_size, rope_dim), dtype),
+    )

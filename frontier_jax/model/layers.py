@@ -14,8 +14,9 @@ from frontier_jax.precision import PrecisionPolicy
 from frontier_jax.precision.mixed import einsum_fp32
 
 
-def normal_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], std: float,
-                 dtype=jnp.float32) -> nnx.Param:
+def normal_param(
+    rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], std: float, dtype=jnp.float32
+) -> nnx.Param:
     """A trainable weight ~ N(0, std^2) whose dimensions carry the logical names `axes`."""
     if len(shape) != len(axes):
         raise ValueError(f"shape {tuple(shape)} and logical axes {tuple(axes)} differ in rank")
@@ -31,8 +32,17 @@ class Linear(nnx.Module):
     policy (keyed by `name`), so fp8 recipes replace it without touching model code.
     """
 
-    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], axes: Sequence[str], *,
-                 name: str, std: float, policy: PrecisionPolicy, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        axes: Sequence[str],
+        *,
+        name: str,
+        std: float,
+        policy: PrecisionPolicy,
+        rngs: nnx.Rngs,
+    ):
         self.in_rank = len(in_shape)
         self.name = name
         self.policy = policy
@@ -42,8 +52,7 @@ class Linear(nnx.Module):
         return _project(x, self.kernel[...], self.in_rank, self.policy, self.name)
 
 
-def _project(x: jax.Array, kernel: jax.Array, in_rank: int, policy: PrecisionPolicy,
-             layer: str) -> jax.Array:
+def _project(x: jax.Array, kernel: jax.Array, in_rank: int, policy: PrecisionPolicy, layer: str) -> jax.Array:
     """x [..., *in] . kernel [*in, *out] -> [..., *out] through the policy's dot-general of
     `layer`, both operands in the compute dtype."""
     dtype = policy.compute_dtype
@@ -65,9 +74,11 @@ def project_jointly(x: jax.Array, linears: Sequence[Linear]) -> list[jax.Array]:
     first = linears[0]
     kernels = [lin.kernel[...] for lin in linears]
     names = [lin.name for lin in linears]
-    alike = (all(lin.policy is first.policy and lin.in_rank == first.in_rank for lin in linears)
-             and len({first.policy.uses_fp8(name) for name in names}) == 1
-             and len({k.shape[:-1] for k in kernels}) == 1)
+    alike = (
+        all(lin.policy is first.policy and lin.in_rank == first.in_rank for lin in linears)
+        and len({first.policy.uses_fp8(name) for name in names}) == 1
+        and len({k.shape[:-1] for k in kernels}) == 1
+    )
     if not alike:
         return [lin(x) for lin in linears]
     stacked = len({k.shape for k in kernels}) == 1
@@ -98,11 +109,9 @@ class Embed(nnx.Module):
     """Token embedding E [vocab, d]: ids [...] -> E[ids] [..., d] in the compute dtype; `attend`
     gives logits h E^T for tied output heads."""
 
-    def __init__(self, vocab_size: int, dim: int, *, std: float, policy: PrecisionPolicy,
-                 rngs: nnx.Rngs):
+    def __init__(self, vocab_size: int, dim: int, *, std: float, policy: PrecisionPolicy, rngs: nnx.Rngs):
         self.policy = policy
-        self.embedding = normal_param(rngs, (vocab_size, dim), ("vocab", "embed"), std,
-                                      policy.param_dtype)
+        self.embedding = normal_param(rngs, (vocab_size, dim), ("vocab", "embed"), std, policy.param_dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.policy.compute_dtype)
@@ -118,8 +127,7 @@ class LMHead(nnx.Module):
     compute dtype, `precision.mixed`).  Kept out of the precision policy's fp8 recipes (the
     report keeps the head in high precision)."""
 
-    def __init__(self, dim: int, vocab_size: int, *, std: float, policy: PrecisionPolicy,
-                 rngs: nnx.Rngs):
+    def __init__(self, dim: int, vocab_size: int, *, std: float, policy: PrecisionPolicy, rngs: nnx.Rngs):
         self.policy = policy
         self.kernel = normal_param(rngs, (dim, vocab_size), ("embed", "vocab"), std, policy.param_dtype)
 

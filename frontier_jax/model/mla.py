@@ -52,8 +52,14 @@ LATENT_NORM_EPS = 1e-6
 
 
 class MLA(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, policy: PrecisionPolicy,
-                 attention: AttentionImpl = AttentionImpl.xla, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        policy: PrecisionPolicy,
+        attention: AttentionImpl = AttentionImpl.xla,
+        rngs: nnx.Rngs,
+    ):
         """attention: the attention core of the expanded path (`impl.attention`)."""
         d, h, std = cfg.hidden_size, cfg.num_heads, cfg.init_std
         self.cfg, self.attention_impl = cfg, attention
@@ -63,17 +69,28 @@ class MLA(nnx.Module):
         if cfg.q_lora_rank:
             self.wq_a = Linear((d,), (cfg.q_lora_rank,), ("embed", "q_lora"), name="mla.wq_a", **lin)
             self.q_norm = RMSNorm(cfg.q_lora_rank, eps=LATENT_NORM_EPS)
-            self.wq_b = Linear((cfg.q_lora_rank,), (h, cfg.qk_head_dim), ("q_lora", "heads", "qk_head"),
-                               name="mla.wq_b", **lin)
+            self.wq_b = Linear(
+                (cfg.q_lora_rank,),
+                (h, cfg.qk_head_dim),
+                ("q_lora", "heads", "qk_head"),
+                name="mla.wq_b",
+                **lin,
+            )
         else:
             self.wq = Linear((d,), (h, cfg.qk_head_dim), ("embed", "heads", "qk_head"), name="mla.wq", **lin)
         self.wkv_a = Linear((d,), (cfg.kv_lora_rank,), ("embed", "kv_lora"), name="mla.wkv_a", **lin)
         self.wk_rope = Linear((d,), (cfg.qk_rope_head_dim,), ("embed", "rope"), name="mla.wk_rope", **lin)
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, eps=LATENT_NORM_EPS)
-        self.wk_b = Linear((cfg.kv_lora_rank,), (h, cfg.qk_nope_head_dim), ("kv_lora", "heads", "qk_head"),
-                           name="mla.wk_b", **lin)
-        self.wv_b = Linear((cfg.kv_lora_rank,), (h, cfg.v_head_dim), ("kv_lora", "heads", "v_head"),
-                           name="mla.wv_b", **lin)
+        self.wk_b = Linear(
+            (cfg.kv_lora_rank,),
+            (h, cfg.qk_nope_head_dim),
+            ("kv_lora", "heads", "qk_head"),
+            name="mla.wk_b",
+            **lin,
+        )
+        self.wv_b = Linear(
+            (cfg.kv_lora_rank,), (h, cfg.v_head_dim), ("kv_lora", "heads", "v_head"), name="mla.wv_b", **lin
+        )
         self.wo = Linear((h, cfg.v_head_dim), (d,), ("heads", "v_head", "embed"), name="mla.wo", **lin)
 
     def query(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -101,17 +118,25 @@ class MLA(nnx.Module):
         """(W^DKV h, W^KR h) -> (c^KV, k^R) as in `latent`."""
         return self.kv_norm(kv), self.rope(k_rope[:, :, None, :], positions)[:, :, 0, :]
 
-    def attend(self, q_nope, q_rope, c_kv, k_rope, *, q_segment_ids=None, kv_segment_ids=None,
-               q_offset=0) -> jax.Array:
+    def attend(
+        self, q_nope, q_rope, c_kv, k_rope, *, q_segment_ids=None, kv_segment_ids=None, q_offset=0
+    ) -> jax.Array:
         """Expands the latent into per-head keys/values (W^UK and W^UV as one projection of
         c^KV) and attends; returns u [B, T, d]."""
         k_nope, v = project_jointly(c_kv, [self.wk_b, self.wv_b])
         k_rope = jnp.broadcast_to(k_rope[:, :, None, :], k_nope.shape[:3] + k_rope.shape[-1:])
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         k = jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1)
-        o = dot_product_attention(q, k, v, scale=self.scale, impl=self.attention_impl,
-                                  q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                                  q_offset=q_offset)
+        o = dot_product_attention(
+            q,
+            k,
+            v,
+            scale=self.scale,
+            impl=self.attention_impl,
+            q_segment_ids=q_segment_ids,
+            kv_segment_ids=kv_segment_ids,
+            q_offset=q_offset,
+        )
         o = checkpoint_name(constrain(o, ("batch", "seq", "heads", "v_head")), "attention_out")
         return self.wo(o)
 
@@ -121,14 +146,32 @@ class MLA(nnx.Module):
         positions [B, T] seeing keys j <= position; returns u [B, T, d]."""
         dtype = self.wk_b.policy.compute_dtype
         w_uk, w_uv = self.wk_b.kernel[...].astype(dtype), self.wv_b.kernel[...].astype(dtype)
-        q_latent = jnp.einsum("bthk,chk->bthc", q_nope.astype(dtype), w_uk, preferred_element_type=jnp.float32)
-        o_latent = latent_attention(q_latent.astype(dtype), q_rope.astype(dtype), c_kv.astype(dtype),
-                                    k_rope.astype(dtype), scale=self.scale, positions=positions, impl=impl)
+        q_latent = jnp.einsum(
+            "bthk,chk->bthc", q_nope.astype(dtype), w_uk, preferred_element_type=jnp.float32
+        )
+        o_latent = latent_attention(
+            q_latent.astype(dtype),
+            q_rope.astype(dtype),
+            c_kv.astype(dtype),
+            k_rope.astype(dtype),
+            scale=self.scale,
+            positions=positions,
+            impl=impl,
+        )
         o = jnp.einsum("bthc,chv->bthv", o_latent, w_uv, preferred_element_type=jnp.float32).astype(dtype)
         return self.wo(constrain(o, ("batch", "seq", "heads", "v_head")))
 
-    def extend(self, x: jax.Array, positions: jax.Array, cache: LatentCache, layer, pages: Pages, *,
-               absorbed: bool, impl: str = "xla") -> tuple[jax.Array, LatentCache]:
+    def extend(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        cache: LatentCache,
+        layer,
+        pages: Pages,
+        *,
+        absorbed: bool,
+        impl: str = "xla",
+    ) -> tuple[jax.Array, LatentCache]:
         """Self-attention of T new tokens per row over their sequence's cached tokens and
         themselves: x [B, T, d] at positions [B, T] (consecutive per row) -> (u [B, T, d], the
         cache with the new tokens' c^KV, k^R written into layer `layer`).  absorbed=False: the
@@ -148,5 +191,6 @@ class MLA(nnx.Module):
         q, kv, k_rope = project_jointly(x, [self._q_down, self.wkv_a, self.wk_rope])
         q_nope, q_rope = self._query(q, positions)
         c_kv, k_rope = self._latent(kv, k_rope, positions)
-        return self.attend(q_nope, q_rope, c_kv, k_rope, q_segment_ids=segment_ids,
-                           kv_segment_ids=segment_ids)
+        return self.attend(
+            q_nope, q_rope, c_kv, k_rope, q_segment_ids=segment_ids, kv_segment_ids=segment_ids
+        )

@@ -13,8 +13,17 @@ from frontier_jax.precision import PrecisionPolicy
 
 
 class SwiGLU(nnx.Module):
-    def __init__(self, dim: int, hidden: int, *, std: float, policy: PrecisionPolicy,
-                 rngs: nnx.Rngs, name: str = "mlp", hidden_axis: str = "mlp"):
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        *,
+        std: float,
+        policy: PrecisionPolicy,
+        rngs: nnx.Rngs,
+        name: str = "mlp",
+        hidden_axis: str = "mlp",
+    ):
         lin = dict(std=std, policy=policy, rngs=rngs)
         self.w_gate = Linear((dim,), (hidden,), ("embed", hidden_axis), name=f"{name}.w_gate", **lin)
         self.w_up = Linear((dim,), (hidden,), ("embed", hidden_axis), name=f"{name}.w_up", **lin)

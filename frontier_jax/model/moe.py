@@ -72,16 +72,28 @@ def groups_per_token(experts: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 def dispatch_spec(cfg: ModelConfig, impl: ImplConfig) -> ExpertDispatchSpec:
     """The model's numbers and implementation choices an expert dispatcher needs."""
-    return ExpertDispatchSpec(n_experts=cfg.n_routed_experts, top_k=cfg.num_experts_per_tok,
-                              dispatch=impl.moe_dispatch, capacity_factor=impl.moe_capacity_factor,
-                              gmm_impl=impl.gmm, overlap_chunks=impl.ep_overlap_chunks)
+    return ExpertDispatchSpec(
+        n_experts=cfg.n_routed_experts,
+        top_k=cfg.num_experts_per_tok,
+        dispatch=impl.moe_dispatch,
+        capacity_factor=impl.moe_capacity_factor,
+        gmm_impl=impl.gmm,
+        overlap_chunks=impl.ep_overlap_chunks,
+    )
 
 
 class RoutedExperts(nnx.Module):
     """N_r SwiGLU experts as stacked weights, computed by the given dispatcher."""
 
-    def __init__(self, cfg: ModelConfig, *, policy: PrecisionPolicy, impl: ImplConfig = ImplConfig(),
-                 experts: ExpertDispatcher = LocalExperts(), rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        policy: PrecisionPolicy,
+        impl: ImplConfig = ImplConfig(),
+        experts: ExpertDispatcher = LocalExperts(),
+        rngs: nnx.Rngs,
+    ):
         e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_ffn_dim
         self.spec, self.policy, self.dispatcher = dispatch_spec(cfg, impl), policy, experts
         self.remat_experts = impl.remat == "experts"
@@ -96,25 +108,41 @@ class RoutedExperts(nnx.Module):
         `impl.remat=experts`: the dispatcher runs under its own checkpoint, so the
         backward recomputes its dispatch gathers, grouped GEMMs and combine instead of keeping
         their rows (the quantized fp8 weights, `FP8_WEIGHT`, are kept)."""
+
         def routed(x, routing, token_mask, w_gate, w_up, w_down):
-            return self.dispatcher(x, routing, w_gate, w_up, w_down, spec=self.spec, policy=self.policy,
-                                   token_mask=token_mask)
+            return self.dispatcher(
+                x, routing, w_gate, w_up, w_down, spec=self.spec, policy=self.policy, token_mask=token_mask
+            )
 
         if self.remat_experts:
-            routed = jax.checkpoint(routed, policy=jax.checkpoint_policies.save_only_these_names(FP8_WEIGHT),
-                                    prevent_cse=False)
+            routed = jax.checkpoint(
+                routed, policy=jax.checkpoint_policies.save_only_these_names(FP8_WEIGHT), prevent_cse=False
+            )
         return routed(x, routing, token_mask, self.w_gate[...], self.w_up[...], self.w_down[...])
 
 
 class MoE(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, policy: PrecisionPolicy, impl: ImplConfig = ImplConfig(),
-                 experts: ExpertDispatcher = LocalExperts(), rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        policy: PrecisionPolicy,
+        impl: ImplConfig = ImplConfig(),
+        experts: ExpertDispatcher = LocalExperts(),
+        rngs: nnx.Rngs,
+    ):
         self.cfg = cfg
         self.router = Router(cfg, rngs=rngs)
         self.experts = RoutedExperts(cfg, policy=policy, impl=impl, experts=experts, rngs=rngs)
         if cfg.n_shared_experts:
-            self.shared = SwiGLU(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_ffn_dim,
-                                 std=cfg.init_std, policy=policy, rngs=rngs, name="moe.shared")
+            self.shared = SwiGLU(
+                cfg.hidden_size,
+                cfg.n_shared_experts * cfg.moe_ffn_dim,
+                std=cfg.init_std,
+                policy=policy,
+                rngs=rngs,
+                name="moe.shared",
+            )
 
     def __call__(self, x: jax.Array, token_mask: jax.Array) -> tuple[jax.Array, MoEStats]:
         """x [B, T, d], token_mask [B, T] (1 = real token) -> ([B, T, d], MoEStats)."""
@@ -125,8 +153,16 @@ class MoE(nnx.Module):
         y = routed.reshape(b, t, d)
         if self.cfg.n_shared_experts:
             y = y + self.shared(x)
-        load = jnp.zeros((self.cfg.n_routed_experts,), jnp.float32).at[routing.experts].add(
-            jnp.broadcast_to(token_mask.reshape(-1, 1), routing.experts.shape).astype(jnp.float32))
-        stats = MoEStats(load, sequence_balance_loss(routing, token_mask, self.cfg), dropped,
-                         groups_per_token(routing.experts, self.cfg), a2a_bytes)
+        load = (
+            jnp.zeros((self.cfg.n_routed_experts,), jnp.float32)
+            .at[routing.experts]
+            .add(jnp.broadcast_to(token_mask.reshape(-1, 1), routing.experts.shape).astype(jnp.float32))
+        )
+        stats = MoEStats(
+            load,
+            sequence_balance_loss(routing, token_mask, self.cfg),
+            dropped,
+            groups_per_token(routing.experts, self.cfg),
+            a2a_bytes,
+        )
         return constrain(y, ("batch", "seq", "embed")), stats

@@ -31,13 +31,27 @@ from frontier_jax.precision import PrecisionPolicy
 
 
 class MTPModule(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, policy: PrecisionPolicy, impl: ImplConfig = ImplConfig(),
-                 experts: ExpertDispatcher = LocalExperts(), rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        policy: PrecisionPolicy,
+        impl: ImplConfig = ImplConfig(),
+        experts: ExpertDispatcher = LocalExperts(),
+        rngs: nnx.Rngs,
+    ):
         d = cfg.hidden_size
         self.emb_norm = RMSNorm(d, eps=cfg.rms_norm_eps)
         self.hidden_norm = RMSNorm(d, eps=cfg.rms_norm_eps)
-        self.proj = Linear((2 * d,), (d,), ("concat_embed", "embed"), name="mtp.proj",
-                           std=cfg.init_std, policy=policy, rngs=rngs)
+        self.proj = Linear(
+            (2 * d,),
+            (d,),
+            ("concat_embed", "embed"),
+            name="mtp.proj",
+            std=cfg.init_std,
+            policy=policy,
+            rngs=rngs,
+        )
         self.block = Block(cfg, moe=True, policy=policy, impl=impl, experts=experts, rngs=rngs)
         self.out_norm = RMSNorm(d, eps=cfg.rms_norm_eps)
 
@@ -47,8 +61,18 @@ class MTPModule(nnx.Module):
         h, stats = self.block(self.proj(x), inputs)
         return self.out_norm(h), stats
 
-    def extend(self, g_prev: jax.Array, emb_ahead: jax.Array, inputs: SequenceInputs, cache: LatentCache,
-               layer, pages: Pages, *, absorbed: bool, impl: str = "xla") -> tuple[jax.Array, LatentCache]:
+    def extend(
+        self,
+        g_prev: jax.Array,
+        emb_ahead: jax.Array,
+        inputs: SequenceInputs,
+        cache: LatentCache,
+        layer,
+        pages: Pages,
+        *,
+        absorbed: bool,
+        impl: str = "xla",
+    ) -> tuple[jax.Array, LatentCache]:
         """`__call__` over T new positions per row attending to this depth's cached positions
         (`Block.extend`, cache layer `layer`) -> (g^k [B, T, d], cache)."""
         x = jnp.concatenate([self.emb_norm(emb_ahead), self.hidden_norm(g_prev).astype(emb_ahead.dtype)], -1)
@@ -57,8 +81,15 @@ class MTPModule(nnx.Module):
 
 
 class MTPStack(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, policy: PrecisionPolicy, impl: ImplConfig = ImplConfig(),
-                 experts: ExpertDispatcher = LocalExperts(), rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        policy: PrecisionPolicy,
+        impl: ImplConfig = ImplConfig(),
+        experts: ExpertDispatcher = LocalExperts(),
+        rngs: nnx.Rngs,
+    ):
         @nnx.split_rngs(splits=cfg.mtp_depth)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def create(depth_rngs: nnx.Rngs) -> MTPModule:
@@ -67,8 +98,9 @@ class MTPStack(nnx.Module):
         self.modules = create(rngs)
         prepend_logical_axis(self.modules, "layers")
 
-    def __call__(self, g0: jax.Array, emb_ahead: jax.Array, inputs: SequenceInputs
-                 ) -> tuple[jax.Array, MoEStats]:
+    def __call__(
+        self, g0: jax.Array, emb_ahead: jax.Array, inputs: SequenceInputs
+    ) -> tuple[jax.Array, MoEStats]:
         """g0 = RMSNorm_final(h^L) [B, T, d], emb_ahead [D, B, T, d] (Emb of tokens k ahead,
         k = 1..D) -> (g^1..g^D [D, B, T, d] to feed the shared head, stats [D, ...])."""
         graphdef, state = nnx.split(self.modules)

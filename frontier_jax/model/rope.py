@@ -46,8 +46,11 @@ def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
         return freqs
 
     def correction_dim(num_rotations: float) -> float:
-        return dim * math.log(rs.original_max_position_embeddings / (num_rotations * 2 * math.pi)) / (
-            2 * math.log(base))
+        return (
+            dim
+            * math.log(rs.original_max_position_embeddings / (num_rotations * 2 * math.pi))
+            / (2 * math.log(base))
+        )
 
     lo = max(math.floor(correction_dim(rs.beta_fast)), 0)
     hi = min(math.ceil(correction_dim(rs.beta_slow)), dim - 1)
@@ -69,7 +72,7 @@ def rope_amplitude(cfg: ModelConfig) -> float:
 
 def softmax_scale(cfg: ModelConfig) -> float:
     """Attention logit scale 1/sqrt(d_h + d_h^R), times m(s, mscale_all_dim)^2 under YaRN."""
-    scale = cfg.qk_head_dim ** -0.5
+    scale = cfg.qk_head_dim**-0.5
     rs = cfg.rope_scaling
     if rs.type == "yarn" and rs.mscale_all_dim:
         scale *= yarn_mscale(rs.factor, rs.mscale_all_dim) ** 2

@@ -55,8 +55,9 @@ class Router(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.kernel = normal_param(rngs, (cfg.hidden_size, cfg.n_routed_experts), ("embed", "expert"),
-                                   cfg.init_std)
+        self.kernel = normal_param(
+            rngs, (cfg.hidden_size, cfg.n_routed_experts), ("embed", "expert"), cfg.init_std
+        )
         self.bias = ExpertBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32), logical_axes=("expert",))
 
     def __call__(self, x: jax.Array) -> Routing:

@@ -37,9 +37,15 @@ class ModelOutput(NamedTuple):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, impl: ImplConfig = ImplConfig(),
-                 policy: PrecisionPolicy | None = None, experts: ExpertDispatcher = LocalExperts(),
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        impl: ImplConfig = ImplConfig(),
+        policy: PrecisionPolicy | None = None,
+        experts: ExpertDispatcher = LocalExperts(),
+        rngs: nnx.Rngs,
+    ):
         """impl: how it is computed (the run config's `impl:` section: attention core, grouped
         matmul, dispatch, remat); policy: the precision of every projection (default fp32);
         experts: how routed experts are dispatched (default `LocalExperts`;
@@ -51,23 +57,37 @@ class Transformer(nnx.Module):
         self.cfg, self.policy = cfg, policy
         self.embed = Embed(cfg.vocab_size, cfg.hidden_size, std=cfg.init_std, policy=policy, rngs=rngs)
         stack = dict(policy=policy, impl=impl, rngs=rngs)
-        self.dense_layers = (LayerStack(cfg, cfg.first_k_dense, moe=False, **stack)
-                             if cfg.first_k_dense else None)
-        self.moe_layers = (LayerStack(cfg, cfg.num_moe_layers, moe=True, experts=experts, **stack)
-                           if cfg.num_moe_layers else None)
+        self.dense_layers = (
+            LayerStack(cfg, cfg.first_k_dense, moe=False, **stack) if cfg.first_k_dense else None
+        )
+        self.moe_layers = (
+            LayerStack(cfg, cfg.num_moe_layers, moe=True, experts=experts, **stack)
+            if cfg.num_moe_layers
+            else None
+        )
         self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.head = (None if cfg.tie_embeddings else
-                     LMHead(cfg.hidden_size, cfg.vocab_size, std=cfg.init_std, policy=policy, rngs=rngs))
-        self.mtp = (MTPStack(cfg, policy=policy, impl=impl, experts=experts, rngs=rngs)
-                    if cfg.mtp_depth else None)
+        self.head = (
+            None
+            if cfg.tie_embeddings
+            else LMHead(cfg.hidden_size, cfg.vocab_size, std=cfg.init_std, policy=policy, rngs=rngs)
+        )
+        self.mtp = (
+            MTPStack(cfg, policy=policy, impl=impl, experts=experts, rngs=rngs) if cfg.mtp_depth else None
+        )
 
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
         """Shared output head on already-normalised hidden states [..., d] -> [..., vocab]."""
         return self.embed.attend(h) if self.head is None else self.head(h)
 
-    def forward(self, input_ids: jax.Array, positions: jax.Array | None = None,
-                segment_ids: jax.Array | None = None, *, token_mask: jax.Array | None = None,
-                with_mtp: bool = True) -> ModelOutput:
+    def forward(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        *,
+        token_mask: jax.Array | None = None,
+        with_mtp: bool = True,
+    ) -> ModelOutput:
         """input_ids [B, T] int32; positions [B, T] (default 0..T-1); segment_ids [B, T] document
         ids with 0 = padding, or None for unmasked packing (plain causal attention);
         token_mask [B, T]: tokens counted in the MoE statistics (expert loads, balance loss),
@@ -76,8 +96,9 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if token_mask is None:
-            token_mask = (jnp.ones((b, t), jnp.int32) if segment_ids is None
-                          else (segment_ids != 0).astype(jnp.int32))
+            token_mask = (
+                jnp.ones((b, t), jnp.int32) if segment_ids is None else (segment_ids != 0).astype(jnp.int32)
+            )
         inputs = SequenceInputs(positions, segment_ids, token_mask)
         h = constrain(self.embed(input_ids), ("batch", "seq", "embed"))
         if self.dense_layers is not None:
@@ -94,8 +115,16 @@ class Transformer(nnx.Module):
             mtp_logits = self.logits_from_hidden(normed)
         return ModelOutput(logits, mtp_logits, moe_stats, mtp_stats)
 
-    def extend(self, input_ids: jax.Array, positions: jax.Array, cache: ModelCache, pages: Pages, *,
-               absorbed: bool, impl: str = "xla") -> tuple[jax.Array, ModelCache]:
+    def extend(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        cache: ModelCache,
+        pages: Pages,
+        *,
+        absorbed: bool,
+        impl: str = "xla",
+    ) -> tuple[jax.Array, ModelCache]:
         """T new tokens per row of sequences whose earlier tokens are in the paged latent
         cache (prefill chunks: absorbed=False, decode steps: True, see `MLA.extend`):
         input_ids, positions [B, T] -> (final-normed hidden states g [B, T, d], the cache
@@ -109,9 +138,19 @@ class Transformer(nnx.Module):
             h, moe = self.moe_layers.extend(h, inputs, moe, pages, absorbed=absorbed, impl=impl)
         return self.final_norm(h), cache._replace(dense=dense, moe=moe)
 
-    def draft(self, g0: jax.Array, ahead: jax.Array, known: jax.Array, positions: jax.Array,
-              select: jax.Array, cache: ModelCache, pages: Pages, *, absorbed: bool, impl: str = "xla"
-              ) -> tuple[jax.Array, ModelCache]:
+    def draft(
+        self,
+        g0: jax.Array,
+        ahead: jax.Array,
+        known: jax.Array,
+        positions: jax.Array,
+        select: jax.Array,
+        cache: ModelCache,
+        pages: Pages,
+        *,
+        absorbed: bool,
+        impl: str = "xla",
+    ) -> tuple[jax.Array, ModelCache]:
         """The MTP chain over T positions per row whose main-model g^0 is known, with the
         MTP caches: depth k at position j reads g^{k-1}_j and Emb(t_{j+k}) (`mtp.py`).
         g0 [B, T, d]; ahead [D, B, T] the tokens t_{j+k} where known [D, B, T], elsewhere the
@@ -127,14 +166,16 @@ class Transformer(nnx.Module):
             depth_state, depth, ahead_k, known_k = xs
             tokens = jnp.where(known_k, ahead_k, jnp.where(at_select, previous[:, None], 0))
             g, mtp_cache = nnx.merge(graphdef, depth_state).extend(
-                g, self.embed(tokens), inputs, mtp_cache, depth, pages, absorbed=absorbed, impl=impl)
+                g, self.embed(tokens), inputs, mtp_cache, depth, pages, absorbed=absorbed, impl=impl
+            )
             logits = self.logits_from_hidden(jnp.take_along_axis(g, select[:, None, None], axis=1)[:, 0])
             token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
             return (g, token, mtp_cache), token
 
         start = jnp.zeros(g0.shape[:1], jnp.int32)
         (_, _, mtp), drafts = jax.lax.scan(
-            body, (g0, start, cache.mtp), (state, jnp.arange(self.cfg.mtp_depth), ahead, known))
+            body, (g0, start, cache.mtp), (state, jnp.arange(self.cfg.mtp_depth), ahead, known)
+        )
         return drafts.T, cache._replace(mtp=mtp)
 
     def expert_loads(self, out: ModelOutput) -> dict:
@@ -146,10 +187,13 @@ class Transformer(nnx.Module):
         missing = [stack for stack in biases if stats[stack] is None]
         if missing:
             raise ValueError(f"no expert loads of {missing} in this output (forward with with_mtp=True)")
-        return {stack: jax.tree.unflatten(jax.tree.structure(tree), [stats[stack].load])
-                for stack, tree in biases.items()}  # one router bias per stack
+        return {
+            stack: jax.tree.unflatten(jax.tree.structure(tree), [stats[stack].load])
+            for stack, tree in biases.items()
+        }  # one router bias per stack
 
-    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, input_ids: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
         """input_ids [B, T] -> next-token logits [B, T, vocab] (fp32)."""
         return self.forward(input_ids, positions, segment_ids, with_mtp=False).logits

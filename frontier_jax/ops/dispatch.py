@@ -77,9 +77,18 @@ class RoutedOutput(NamedTuple):
 
 
 class ExpertDispatcher(Protocol):
-    def __call__(self, x: jax.Array, routing: Routing, w_gate: jax.Array, w_up: jax.Array,
-                 w_down: jax.Array, *, spec: ExpertDispatchSpec, policy: PrecisionPolicy,
-                 token_mask: jax.Array | None = None) -> RoutedOutput:
+    def __call__(
+        self,
+        x: jax.Array,
+        routing: Routing,
+        w_gate: jax.Array,
+        w_up: jax.Array,
+        w_down: jax.Array,
+        *,
+        spec: ExpertDispatchSpec,
+        policy: PrecisionPolicy,
+        token_mask: jax.Array | None = None,
+    ) -> RoutedOutput:
         """x [N, d] (all tokens), routing over N, token_mask [N] (1 = real token, None = all)
         -> the routed experts' output."""
 
@@ -95,9 +104,18 @@ def assignment_mask(token_mask: jax.Array | None, n: int, k: int) -> jax.Array:
 class LocalExperts:
     """All tokens and all experts in one program: no all-to-all (a2a_bytes = 0)."""
 
-    def __call__(self, x: jax.Array, routing: Routing, w_gate: jax.Array, w_up: jax.Array,
-                 w_down: jax.Array, *, spec: ExpertDispatchSpec, policy: PrecisionPolicy,
-                 token_mask: jax.Array | None = None) -> RoutedOutput:
+    def __call__(
+        self,
+        x: jax.Array,
+        routing: Routing,
+        w_gate: jax.Array,
+        w_up: jax.Array,
+        w_down: jax.Array,
+        *,
+        spec: ExpertDispatchSpec,
+        policy: PrecisionPolicy,
+        token_mask: jax.Array | None = None,
+    ) -> RoutedOutput:
         n, d = x.shape
         e, k = spec.n_experts, spec.top_k
         weights = (w_gate, w_up, w_down)
@@ -115,9 +133,14 @@ class LocalExperts:
             if fp8_experts(policy):  # fp8 grouped GEMMs over equal, tile-aligned groups
                 stride = -(-capacity // TILE_ROWS) * TILE_ROWS
                 slot, keep = capacity_slots(flat_expert, e, capacity, stride, valid)
-                out = swiglu_grouped(dispatch(x.astype(dtype), slot, e * stride),
-                                     jnp.full((e,), stride, jnp.int32), *weights,
-                                     impl=spec.gmm_impl, dtype=dtype, policy=policy)
+                out = swiglu_grouped(
+                    dispatch(x.astype(dtype), slot, e * stride),
+                    jnp.full((e,), stride, jnp.int32),
+                    *weights,
+                    impl=spec.gmm_impl,
+                    dtype=dtype,
+                    policy=policy,
+                )
             else:
                 slot, keep = capacity_slots(flat_expert, e, capacity, valid=valid)
                 buf = dispatch(x.astype(dtype), slot, e * capacity).reshape(e, capacity, d)

@@ -88,9 +88,13 @@ def dropless_slots(groups: jax.Array, num_groups: int, align: int = 1) -> tuple[
     return _materialized(start[groups] + rank, padded)
 
 
-def capacity_slots(groups: jax.Array, num_groups: int, capacity: int,
-                   stride: int | None = None, valid: jax.Array | None = None
-                   ) -> tuple[jax.Array, jax.Array]:
+def capacity_slots(
+    groups: jax.Array,
+    num_groups: int,
+    capacity: int,
+    stride: int | None = None,
+    valid: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """groups [A] -> (slot [A], keep [A] bool): the r-th valid assignment of group g (token
     order) goes to row g S + r if r < C, else it is dropped (slot G S); invalid ones (valid [A]
     False: padding) get no row and no rank.  The stride S >= C (default C) leaves rows
@@ -123,14 +127,16 @@ def combine(rows: jax.Array, weights: jax.Array) -> jax.Array:
     return einsum_fp32("nkd,nk->nd", rows.reshape(n, k, -1), weights.astype(rows.dtype))
 
 
-def swiglu_grouped(xs: jax.Array, group_sizes: jax.Array, w_gate, w_up, w_down, *, impl: str,
-                   dtype, policy=None) -> jax.Array:
+def swiglu_grouped(
+    xs: jax.Array, group_sizes: jax.Array, w_gate, w_up, w_down, *, impl: str, dtype, policy=None
+) -> jax.Array:
     """Per-group SwiGLU over rows laid out group by group: xs [R, d] -> [R, d]; weights
     [G, d, f], [G, d, f], [G, f, d]; rows past sum(group_sizes) give zeros.  `policy` (a
     PrecisionPolicy) may run the three matmuls (`moe.experts.w_gate/w_up/w_down`) in fp8.
     Gate and up run as one grouped matmul against [W_gate | W_up] ([G, d, 2f]: one pass (and
     one quantization) of xs, and one input-gradient product instead of two plus a sum) unless
     the policy runs one of them in fp8 and the other not."""
+
     def gmm(a, w, layer):
         return grouped_matmul(a, w, group_sizes, impl=impl, dtype=dtype, policy=policy, layer=layer)
 
@@ -138,8 +144,9 @@ def swiglu_grouped(xs: jax.Array, group_sizes: jax.Array, w_gate, w_up, w_down, 
     if policy is not None and policy.uses_fp8(gate_layer) != policy.uses_fp8(up_layer):
         gate, up = gmm(xs, w_gate, gate_layer), gmm(xs, w_up, up_layer)
     else:
-        gate, up = jnp.split(gmm(xs, jnp.concatenate([w_gate, w_up], axis=2),
-                                 f"{gate_layer}+{up_layer}"), 2, axis=1)
+        gate, up = jnp.split(
+            gmm(xs, jnp.concatenate([w_gate, w_up], axis=2), f"{gate_layer}+{up_layer}"), 2, axis=1
+        )
     return gmm(jax.nn.silu(gate) * up, w_down, "moe.experts.w_down")
 
 

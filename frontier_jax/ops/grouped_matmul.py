@@ -54,8 +54,7 @@ EXPERT_LAYERS = ("moe.experts.w_gate", "moe.experts.w_up", "moe.experts.w_down")
 
 def fp8_experts(policy: PrecisionPolicy | None) -> bool:
     """Whether the policy runs any routed-expert matmul in fp8."""
-    return policy is not None and any(policy.grouped_matmul(layer) is not None
-                                      for layer in EXPERT_LAYERS)
+    return policy is not None and any(policy.grouped_matmul(layer) is not None for layer in EXPERT_LAYERS)
 
 
 def row_alignment(impl: str, policy: PrecisionPolicy | None = None) -> int:
@@ -64,9 +63,16 @@ def row_alignment(impl: str, policy: PrecisionPolicy | None = None) -> int:
     return TILE_ROWS if fp8_experts(policy) or resolve_impl(impl) == "pallas" else 1
 
 
-def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str,
-                   dtype=jnp.bfloat16, policy: PrecisionPolicy | None = None,
-                   layer: str = "moe.experts") -> jax.Array:
+def grouped_matmul(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    impl: str,
+    dtype=jnp.bfloat16,
+    policy: PrecisionPolicy | None = None,
+    layer: str = "moe.experts",
+) -> jax.Array:
     lhs, rhs = lhs.astype(dtype), rhs.astype(dtype)
     group_sizes = group_sizes.astype(jnp.int32)
     fp8 = None if policy is None else policy.grouped_matmul(layer)

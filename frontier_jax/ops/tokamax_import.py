@@ -13,5 +13,6 @@ def tokamax(setting: str):
     except ImportError as err:
         raise ImportError(
             f"{setting}='tokamax' needs the tokamax package: pip install 'frontier_jax[gpu]' "
-            "(Python >= 3.12), or choose another implementation for that setting") from err
+            "(Python >= 3.12), or choose another implementation for that setting"
+        ) from err
     return module

@@ -53,6 +53,8 @@ class MeshConfig:
             if size != -1 and size % factor:
                 raise ValueError(f"mesh.dcn.{name}={factor} must divide mesh.{name}={size}")
         if self.stage > 1:
-            raise ValueError(f"mesh.stage={self.stage}: pipeline stages are not implemented yet; keep "
-                             "mesh.stage=1 and split the devices over mesh.fsdp or mesh.data instead")
+            raise ValueError(
+                f"mesh.stage={self.stage}: pipeline stages are not implemented yet; keep "
+                "mesh.stage=1 and split the devices over mesh.fsdp or mesh.data instead"
+            )
         return self

@@ -83,8 +83,10 @@ def expert_parallel_size(mesh: Mesh, rules: Mapping[str, Sequence[str]]) -> int:
 def _batch_axes(mesh: Mesh, rules) -> tuple[str, ...]:
     axes = tuple(a for a in rules["batch"] if a in mesh.shape)
     if EXPERT_AXIS not in axes:
-        raise ValueError("expert parallelism needs the `batch` rule to include the `expert` mesh axis "
-                         f"(tokens are split over it); got batch -> {axes}")
+        raise ValueError(
+            "expert parallelism needs the `batch` rule to include the `expert` mesh axis "
+            f"(tokens are split over it); got batch -> {axes}"
+        )
     return axes
 
 
@@ -95,8 +97,20 @@ def _tensor_axis(mesh: Mesh, rules) -> str | None:
     return axes[0] if axes else None
 
 
-def _local_ffn(x, experts, gates, token_mask, w_gate, w_up, w_down, *, spec: ExpertDispatchSpec, policy,
-               devices: int, tensor_axis: str | None):
+def _local_ffn(
+    x,
+    experts,
+    gates,
+    token_mask,
+    w_gate,
+    w_up,
+    w_down,
+    *,
+    spec: ExpertDispatchSpec,
+    policy,
+    devices: int,
+    tensor_axis: str | None,
+):
     """Runs on one device: x [n, d], experts/gates [n, K], token_mask [n], local weights [E/P, ...]."""
     n, d = x.shape
     k = spec.top_k
@@ -121,8 +135,16 @@ def _local_ffn(x, experts, gates, token_mask, w_gate, w_up, w_down, *, spec: Exp
     align = row_alignment(spec.gmm_impl, policy)
     local_slot, sizes = dropless_slots(key, local_experts + 1, align)
     local_rows = padded_rows_bound(num_slots, local_experts + 1, align)
-    out = swiglu_grouped(dispatch(recv, local_slot, local_rows), sizes[:-1],
-                         w_gate, w_up, w_down, impl=spec.gmm_impl, dtype=dtype, policy=policy)
+    out = swiglu_grouped(
+        dispatch(recv, local_slot, local_rows),
+        sizes[:-1],
+        w_gate,
+        w_up,
+        w_down,
+        impl=spec.gmm_impl,
+        dtype=dtype,
+        policy=policy,
+    )
     out = collect(out, local_slot)
     if tensor_axis is not None:
         out = jax.lax.psum(out, tensor_axis)
@@ -136,23 +158,36 @@ def _local_ffn(x, experts, gates, token_mask, w_gate, w_up, w_down, *, spec: Exp
     return y.astype(x.dtype), dropped, sent_bytes
 
 
-def expert_parallel_ffn(x: jax.Array, routing: Routing, w_gate: jax.Array, w_up: jax.Array,
-                        w_down: jax.Array, *, spec: ExpertDispatchSpec, policy: PrecisionPolicy,
-                        mesh: Mesh, rules: Mapping[str, Sequence[str]],
-                        token_mask: jax.Array | None = None) -> RoutedOutput:
+def expert_parallel_ffn(
+    x: jax.Array,
+    routing: Routing,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    *,
+    spec: ExpertDispatchSpec,
+    policy: PrecisionPolicy,
+    mesh: Mesh,
+    rules: Mapping[str, Sequence[str]],
+    token_mask: jax.Array | None = None,
+) -> RoutedOutput:
     """x [N, d] (N = all tokens), routing over N, token_mask [N] (None: all real) ->
     (routed-expert output [N, d], dropped assignments (global), bytes sent to other devices
     (global))."""
     devices = expert_parallel_size(mesh, rules)
     if spec.n_experts % devices:
-        raise ValueError(f"model.n_routed_experts={spec.n_experts} is not divisible by the "
-                         f"expert mesh axis ({devices} devices); change mesh.expert")
+        raise ValueError(
+            f"model.n_routed_experts={spec.n_experts} is not divisible by the "
+            f"expert mesh axis ({devices} devices); change mesh.expert"
+        )
     batch = _batch_axes(mesh, rules)
     ways = math.prod(mesh.shape[a] for a in batch)
     chunks = spec.overlap_chunks
     if x.shape[0] % (ways * chunks):
-        raise ValueError(f"{x.shape[0]} tokens do not split over the {ways}-way batch axes {batch} "
-                         f"into impl.ep_overlap_chunks={chunks} chunks")
+        raise ValueError(
+            f"{x.shape[0]} tokens do not split over the {ways}-way batch axes {batch} "
+            f"into impl.ep_overlap_chunks={chunks} chunks"
+        )
     tensor_axis = _tensor_axis(mesh, rules)
     w_in = P(EXPERT_AXIS, None, tensor_axis)
     w_out = P(EXPERT_AXIS, tensor_axis, None)
@@ -162,8 +197,15 @@ def expert_parallel_ffn(x: jax.Array, routing: Routing, w_gate: jax.Array, w_up:
     replicas = math.prod(size for axis, size in mesh.shape.items() if axis not in batch)
 
     def per_device(x, experts, gates, token_mask, w_gate, w_up, w_down):
-        parts = [local(*(a.reshape((chunks, -1) + a.shape[1:])[c] for a in (x, experts, gates, token_mask)),
-                       w_gate, w_up, w_down) for c in range(chunks)]
+        parts = [
+            local(
+                *(a.reshape((chunks, -1) + a.shape[1:])[c] for a in (x, experts, gates, token_mask)),
+                w_gate,
+                w_up,
+                w_down,
+            )
+            for c in range(chunks)
+        ]
         y = jnp.concatenate([p[0] for p in parts])
         dropped, sent = sum(p[1] for p in parts), sum(p[2] for p in parts)
         total = lambda v: jax.lax.psum(v, tuple(mesh.axis_names)) / replicas  # replicas count once
@@ -171,8 +213,12 @@ def expert_parallel_ffn(x: jax.Array, routing: Routing, w_gate: jax.Array, w_up:
 
     if token_mask is None:
         token_mask = jnp.ones((x.shape[0],), jnp.int32)
-    fn = _smap(per_device, mesh, in_specs=(tokens, tokens, tokens, P(batch), w_in, w_in, w_out),
-               out_specs=(tokens, P(), P()))
+    fn = _smap(
+        per_device,
+        mesh,
+        in_specs=(tokens, tokens, tokens, P(batch), w_in, w_in, w_out),
+        out_specs=(tokens, P(), P()),
+    )
     return RoutedOutput(*fn(x, routing.experts, routing.weights, token_mask, w_gate, w_up, w_down))
 
 
@@ -189,11 +235,30 @@ class ExpertParallel:
         object.__setattr__(self, "mesh", mesh)
         object.__setattr__(self, "rules", tuple(sorted((k, tuple(v)) for k, v in rules.items())))
 
-    def __call__(self, x: jax.Array, routing: Routing, w_gate: jax.Array, w_up: jax.Array,
-                 w_down: jax.Array, *, spec: ExpertDispatchSpec, policy: PrecisionPolicy,
-                 token_mask: jax.Array | None = None) -> RoutedOutput:
-        return expert_parallel_ffn(x, routing, w_gate, w_up, w_down, spec=spec, policy=policy,
-                                   mesh=self.mesh, rules=dict(self.rules), token_mask=token_mask)
+    def __call__(
+        self,
+        x: jax.Array,
+        routing: Routing,
+        w_gate: jax.Array,
+        w_up: jax.Array,
+        w_down: jax.Array,
+        *,
+        spec: ExpertDispatchSpec,
+        policy: PrecisionPolicy,
+        token_mask: jax.Array | None = None,
+    ) -> RoutedOutput:
+        return expert_parallel_ffn(
+            x,
+            routing,
+            w_gate,
+            w_up,
+            w_down,
+            spec=spec,
+            policy=policy,
+            mesh=self.mesh,
+            rules=dict(self.rules),
+            token_mask=token_mask,
+        )
 
 
 def expert_dispatcher(mesh: Mesh | None, rules: Mapping[str, Sequence[str]]) -> ExpertDispatcher:

@@ -21,12 +21,16 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
     others = math.prod(v for k, v in sizes.items() if k != "data")
     if sizes["data"] == -1:
         if num_devices % others:
-            raise ValueError(f"mesh: stage*fsdp*expert*tensor = {others} does not divide the "
-                             f"{num_devices} devices; change the mesh.* sizes")
+            raise ValueError(
+                f"mesh: stage*fsdp*expert*tensor = {others} does not divide the "
+                f"{num_devices} devices; change the mesh.* sizes"
+            )
         sizes["data"] = num_devices // others
     if math.prod(sizes.values()) != num_devices:
-        raise ValueError(f"mesh: axis sizes {sizes} multiply to {math.prod(sizes.values())}, but there "
-                         f"are {num_devices} devices; make the product equal the device count")
+        raise ValueError(
+            f"mesh: axis sizes {sizes} multiply to {math.prod(sizes.values())}, but there "
+            f"are {num_devices} devices; make the product equal the device count"
+        )
     return sizes
 
 
@@ -44,26 +48,32 @@ def build_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> 
     # (e.g. GPU hosts, or CPU processes under jax.distributed, all of which report slice 0).
     slices = {getattr(d, "slice_index", None) for d in devices}
     grid = mesh_utils.create_hybrid_device_mesh(
-        ici, dcn, devices, process_is_granule=len(slices) != math.prod(dcn))
+        ici, dcn, devices, process_is_granule=len(slices) != math.prod(dcn)
+    )
     return Mesh(grid, tuple(sizes), axis_types=axis_types)
 
 
-def check_batch_fits(global_batch: int, mesh: Mesh,
-                     rules: Mapping[str, Sequence[str]] = DEFAULT_RULES) -> None:
+def check_batch_fits(
+    global_batch: int, mesh: Mesh, rules: Mapping[str, Sequence[str]] = DEFAULT_RULES
+) -> None:
     """The batch dimension is split over the mesh axes the `batch` rule names; their product
     must divide train.global_batch."""
     axes = [a for a in rules["batch"] if a in mesh.shape]
     ways = math.prod(mesh.shape[a] for a in axes)
     if global_batch % ways:
-        raise ValueError(f"train.global_batch={global_batch} is not divisible by the {ways}-way batch "
-                         f"split over mesh axes {axes} ({dict(mesh.shape)}); use a multiple of {ways} "
-                         "or change mesh.*")
+        raise ValueError(
+            f"train.global_batch={global_batch} is not divisible by the {ways}-way batch "
+            f"split over mesh axes {axes} ({dict(mesh.shape)}); use a multiple of {ways} "
+            "or change mesh.*"
+        )
 
 
 def check_divisible(state: nnx.State, mesh: Mesh, rules: Mapping[str, Sequence[str]] = DEFAULT_RULES) -> None:
     """Every parameter dimension must split evenly over the mesh axes its logical name maps
     to; raises naming the parameter, the logical axis, the dimension and the sizes."""
-    for path, var in jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    for path, var in jax.tree_util.tree_leaves_with_path(
+        state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    ):
         axes = var.get_metadata().get("logical_axes")
         if axes is None:
             continue
@@ -74,7 +84,8 @@ def check_divisible(state: nnx.State, mesh: Mesh, rules: Mapping[str, Sequence[s
                 raise ValueError(
                     f"parameter {jax.tree_util.keystr(path)}: its {name!r} dimension ({dim}) does not split "
                     f"over mesh axes {list(mesh_axes)} of sizes {[mesh.shape[a] for a in mesh_axes]} "
-                    f"({ways}-way); change mesh.{mesh_axes[0]} or the model size")
+                    f"({ways}-way); change mesh.{mesh_axes[0]} or the model size"
+                )
 
 
 def batch_sharding(mesh: Mesh, rules: Mapping[str, Sequence[str]] = DEFAULT_RULES) -> NamedSharding:
@@ -82,9 +93,9 @@ def batch_sharding(mesh: Mesh, rules: Mapping[str, Sequence[str]] = DEFAULT_RULE
     return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules))
 
 
-def state_shardings(state: nnx.State, mesh: Mesh,
-                    rules: Mapping[str, Sequence[str]] = DEFAULT_RULES):
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, Sequence[str]] = DEFAULT_RULES):
     """Pure-dict pytree of NamedShardings for an nnx State whose variables carry `logical_axes`."""
+
     def sharding(var):
         axes = var.get_metadata().get("logical_axes")
         spec = PartitionSpec() if axes is None else logical_to_spec(axes, rules)

@@ -39,7 +39,8 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
 
 # Pure data parallelism: only the batch is split; every parameter is replicated.
 REPLICATED_RULES: dict[str, tuple[str, ...]] = {name: () for name in DEFAULT_RULES} | {
-    "batch": ("data", "fsdp", "expert")}
+    "batch": ("data", "fsdp", "expert")
+}
 
 RULE_SETS: dict[str, dict[str, tuple[str, ...]]] = {"default": DEFAULT_RULES, "replicated": REPLICATED_RULES}
 

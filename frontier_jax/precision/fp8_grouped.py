@@ -27,16 +27,17 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from frontier_jax.kernels.grouped_gemm import TILE_ROWS, padded_groups, padded_rows_bound
 from frontier_jax.precision import gemm
 from frontier_jax.precision.gemm import row_groups, scaled_grouped_matmul, scaled_grouped_matmul_tn
 from frontier_jax.precision.quantize import pad_to_multiple, quantize
 from frontier_jax.precision.quantize_activation import quantize_activation
-from frontier_jax.kernels.grouped_gemm import TILE_ROWS, padded_groups, padded_rows_bound
 from frontier_jax.precision.recipe import E4M3, FP8_WEIGHT, Fp8Recipe
 
 
-def fp8_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
-                       recipe: Fp8Recipe, where: str = "") -> jax.Array:
+def fp8_grouped_matmul(
+    x: jax.Array, w: jax.Array, group_sizes: jax.Array, recipe: Fp8Recipe, where: str = ""
+) -> jax.Array:
     """x [M, K], w [G, K, N], group_sizes [G] -> [M, N] in x's dtype; `where` names the layer
     in a warning should a GEMM fall back to the XLA path."""
     return _grouped(x, w.astype(x.dtype), group_sizes.astype(jnp.int32), recipe, where, x.shape[1])
@@ -94,16 +95,17 @@ def _quantize_for_gemms(a: jax.Array, group_sizes: jax.Array, qtype, recipe: Fp8
 def _grouped(x, w, group_sizes, recipe, where, k):
     """Without a gradient (evaluation, inference) only the forward GEMM's x is quantized."""
     x_rows, _ = quantize_activation(x, E4M3, recipe, cols=False)
-    return _product(x_rows, _weight_t(w, recipe), group_sizes, x.shape[0], w.shape[2], x.dtype,
-                    where)
+    return _product(x_rows, _weight_t(w, recipe), group_sizes, x.shape[0], w.shape[2], x.dtype, where)
 
 
 def _weight_t(w: jax.Array, recipe: Fp8Recipe):
     """W^T [G, N, K], each expert quantized in weight_tiles, named `FP8_WEIGHT` for the remat
     policies."""
     b = recipe.multiple
-    return checkpoint_name(quantize(pad_to_multiple(w.transpose(0, 2, 1), (1, b, b)), E4M3,
-                                    (1, *recipe.weight_tiles)), FP8_WEIGHT)
+    return checkpoint_name(
+        quantize(pad_to_multiple(w.transpose(0, 2, 1), (1, b, b)), E4M3, (1, *recipe.weight_tiles)),
+        FP8_WEIGHT,
+    )
 
 
 def _product(x_rows, wq, group_sizes, m: int, n: int, dtype, where: str) -> jax.Array:

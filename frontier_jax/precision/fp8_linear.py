@@ -43,8 +43,7 @@ def _fp8_matmul(x, w, recipe, where, k):
 def _weight_t(w: jax.Array, recipe: Fp8Recipe):
     """W^T [N, K] quantized in weight_tiles, named `FP8_WEIGHT` for the remat policies."""
     b = recipe.multiple
-    return checkpoint_name(quantize(pad_to_multiple(w.T, (b, b)), E4M3, recipe.weight_tiles),
-                           FP8_WEIGHT)
+    return checkpoint_name(quantize(pad_to_multiple(w.T, (b, b)), E4M3, recipe.weight_tiles), FP8_WEIGHT)
 
 
 def _product(xq, wq, n: int, dtype, where: str) -> jax.Array:
@@ -80,18 +79,28 @@ def fp8_dot_general(recipe: Fp8Recipe, *, layer: str, policy: str):
         del precision  # the recipe fixes the arithmetic
         (lhs_c, rhs_c), batch = dimension_numbers
         r = len(lhs_c)
-        supported = (tuple(lhs_c) == tuple(range(lhs.ndim - r, lhs.ndim))
-                     and tuple(rhs_c) == tuple(range(r)) and not any(batch)
-                     and jnp.issubdtype(lhs.dtype, jnp.floating) and lhs.dtype.itemsize > 1)
+        supported = (
+            tuple(lhs_c) == tuple(range(lhs.ndim - r, lhs.ndim))
+            and tuple(rhs_c) == tuple(range(r))
+            and not any(batch)
+            and jnp.issubdtype(lhs.dtype, jnp.floating)
+            and lhs.dtype.itemsize > 1
+        )
         if not supported:
             raise ValueError(
                 f"layer {layer!r}: precision.policy={policy} runs fp8 GEMMs for x[..., K] @ "
                 f"W[K, ...] on bf16/fp16/fp32 operands only; got lhs {lhs.shape} {lhs.dtype}, "
-                f"rhs {rhs.shape}, dimension_numbers {dimension_numbers}")
-        k = math.prod(lhs.shape[lhs.ndim - r:])
-        y = fp8_matmul(lhs.reshape(-1, k), rhs.reshape(k, -1), recipe,
-                       where=f"layer {layer!r} (precision.policy={policy})")
-        return y.reshape(*lhs.shape[:lhs.ndim - r], *rhs.shape[r:]).astype(
-            preferred_element_type or lhs.dtype)
+                f"rhs {rhs.shape}, dimension_numbers {dimension_numbers}"
+            )
+        k = math.prod(lhs.shape[lhs.ndim - r :])
+        y = fp8_matmul(
+            lhs.reshape(-1, k),
+            rhs.reshape(k, -1),
+            recipe,
+            where=f"layer {layer!r} (precision.policy={policy})",
+        )
+        return y.reshape(*lhs.shape[: lhs.ndim - r], *rhs.shape[r:]).astype(
+            preferred_element_type or lhs.dtype
+        )
 
     return dot_general

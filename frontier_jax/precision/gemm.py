@@ -51,8 +51,9 @@ def use_kernel() -> bool:
 @functools.cache
 def _warn_fallback(where: str, reason: str) -> None:
     """Logged once per (layer, reason)."""
-    logging.getLogger(__name__).warning("fp8 GEMM of %s runs on the XLA path (slower): %s",
-                                        where or "an unnamed caller", reason)
+    logging.getLogger(__name__).warning(
+        "fp8 GEMM of %s runs on the XLA path (slower): %s", where or "an unnamed caller", reason
+    )
 
 
 def _blocks(lhs: qwix.QArray, rhs: qwix.QArray) -> tuple[int, int]:
@@ -60,8 +61,10 @@ def _blocks(lhs: qwix.QArray, rhs: qwix.QArray) -> tuple[int, int]:
     [..., K] (scale [..., K / B])."""
     k, nb = lhs.shape[-1], lhs.scale.shape[-1]
     if nb != rhs.scale.shape[-1] or k != rhs.shape[-1]:
-        raise ValueError(f"contractions differ: lhs {lhs.shape} (scale {lhs.scale.shape}), "
-                         f"rhs {rhs.shape} (scale {rhs.scale.shape})")
+        raise ValueError(
+            f"contractions differ: lhs {lhs.shape} (scale {lhs.scale.shape}), "
+            f"rhs {rhs.shape} (scale {rhs.scale.shape})"
+        )
     return nb, k // nb
 
 
@@ -70,13 +73,15 @@ def _kernel_contraction(lhs: qwix.QArray, rhs: qwix.QArray, where: str):
     (a single block: one scale along K), or None (warned) when blocks are not whole chunks."""
     nb, bk = _blocks(lhs, rhs)
     if nb == 1:
-        pad = lambda q: qwix.QArray(jnp.pad(q.qvalue, [(0, 0)] * (q.ndim - 1) + [(0, -bk % 128)]),
-                                    q.scale)
+        pad = lambda q: qwix.QArray(jnp.pad(q.qvalue, [(0, 0)] * (q.ndim - 1) + [(0, -bk % 128)]), q.scale)
         return pad(lhs), pad(rhs)
     if bk % 128 == 0:
         return lhs, rhs
-    _warn_fallback(where, f"contraction blocks of {bk} (lhs {lhs.shape}, rhs {rhs.shape}) are "
-                          "not multiples of the kernel's 128-wide chunks")
+    _warn_fallback(
+        where,
+        f"contraction blocks of {bk} (lhs {lhs.shape}, rhs {rhs.shape}) are "
+        "not multiples of the kernel's 128-wide chunks",
+    )
     return None
 
 
@@ -102,15 +107,17 @@ def _kernel_rows(operands, multiples, where: str):
     """The operands with rows padded to the kernel tiles, or None (warned) where impossible."""
     padded = [_pad_rows(q, m) for q, m in zip(operands, multiples)]
     if any(q is None for q in padded):
-        _warn_fallback(where, "row blocks of the scales of "
-                              f"{[(q.shape, q.scale.shape) for q in operands]} cannot be padded "
-                              f"to the kernel tiles {multiples}")
+        _warn_fallback(
+            where,
+            "row blocks of the scales of "
+            f"{[(q.shape, q.scale.shape) for q in operands]} cannot be padded "
+            f"to the kernel tiles {multiples}",
+        )
         return None
     return padded
 
 
-def scaled_matmul(lhs: qwix.QArray, rhs: qwix.QArray, out_dtype=jnp.float32,
-                  where: str = "") -> jax.Array:
+def scaled_matmul(lhs: qwix.QArray, rhs: qwix.QArray, out_dtype=jnp.float32, where: str = "") -> jax.Array:
     """lhs [M, K] (scale [M or 1, K / B]) . rhs [N, K] (scale [N / t, K / B]) -> [M, N] in
     out_dtype (fp32 accumulation).  `where` names the caller in a fallback warning."""
     (m, _), n = lhs.shape, rhs.shape[0]
@@ -120,14 +127,14 @@ def scaled_matmul(lhs: qwix.QArray, rhs: qwix.QArray, out_dtype=jnp.float32,
                 a, b = ops
                 (mp, k), np_ = a.shape, b.shape[0]
                 sa, sb = fp8_gemm_mgpu.chunk_scales(a.scale, b.scale, mp, np_, k)
-                out = fp8_gemm_mgpu.fp8_matmul_nt_mgpu(a.qvalue, b.qvalue, sa, sb,
-                                                       out_dtype=out_dtype)
+                out = fp8_gemm_mgpu.fp8_matmul_nt_mgpu(a.qvalue, b.qvalue, sa, sb, out_dtype=out_dtype)
                 return out[:m, :n]
         tiling = fp8_gemm.DEFAULT_TILING
         if ops := _kernel_rows(ops, (tiling.block_m, tiling.block_n), where):
             a, b = ops
-            out = fp8_gemm.fp8_matmul_nt(a.qvalue, a.scale, b.qvalue, b.scale,
-                                         out_dtype=out_dtype, tiling=tiling)
+            out = fp8_gemm.fp8_matmul_nt(
+                a.qvalue, a.scale, b.qvalue, b.scale, out_dtype=out_dtype, tiling=tiling
+            )
             return out[:m, :n]
     return _xla_scaled_matmul(lhs, rhs).astype(out_dtype)
 
@@ -137,8 +144,12 @@ def _xla_scaled_matmul(lhs: qwix.QArray, rhs: qwix.QArray) -> jax.Array:
     one batched dot, are scaled by the outer product of the block scales and summed in fp32."""
     (m, _), n = lhs.shape, rhs.shape[0]
     nb, bk = _blocks(lhs, rhs)
-    partial = jnp.einsum("mbk,nbk->bmn", lhs.qvalue.reshape(m, nb, bk),
-                         rhs.qvalue.reshape(n, nb, bk), preferred_element_type=jnp.float32)
+    partial = jnp.einsum(
+        "mbk,nbk->bmn",
+        lhs.qvalue.reshape(m, nb, bk),
+        rhs.qvalue.reshape(n, nb, bk),
+        preferred_element_type=jnp.float32,
+    )
     sl = expand_scale(lhs.scale, (m, nb)).T[:, :, None]  # [nb, M, 1]
     sr = expand_scale(rhs.scale, (n, nb)).T[:, None, :]  # [nb, 1, N]
     return jnp.sum(partial * sl * sr, axis=0)
@@ -156,8 +167,9 @@ def flag_unaligned(out: jax.Array, group_sizes: jax.Array) -> jax.Array:
     return jnp.where(jnp.all(group_sizes % TILE_ROWS == 0), out, jnp.nan).astype(out.dtype)
 
 
-def scaled_grouped_matmul(lhs: qwix.QArray, rhs: qwix.QArray, group_sizes: jax.Array,
-                          out_dtype=jnp.float32, where: str = "") -> jax.Array:
+def scaled_grouped_matmul(
+    lhs: qwix.QArray, rhs: qwix.QArray, group_sizes: jax.Array, out_dtype=jnp.float32, where: str = ""
+) -> jax.Array:
     """out[r] = lhs[r] . rhs[g(r)] for rows sorted by group (forward and dgrad of the experts).
 
     lhs [M, K] (scale [M or 1, K / B]), rhs [G, N, K] (scale [G, N / t, K / B]),
@@ -172,21 +184,22 @@ def scaled_grouped_matmul(lhs: qwix.QArray, rhs: qwix.QArray, group_sizes: jax.A
                 (mp, k), np_ = a.shape, w.shape[1]
                 sa, sw = fp8_gemm_mgpu.chunk_scales(a.scale, w.scale, mp, np_, k)
                 tile_group, _ = tile_groups(group_sizes, mp // TILE_ROWS)
-                out = fp8_gemm_mgpu.fp8_grouped_rows_nt_mgpu(a.qvalue, w.qvalue, sa, sw,
-                                                             tile_group, out_dtype=out_dtype)
+                out = fp8_gemm_mgpu.fp8_grouped_rows_nt_mgpu(
+                    a.qvalue, w.qvalue, sa, sw, tile_group, out_dtype=out_dtype
+                )
                 return flag_unaligned(out[:m, :n], group_sizes)
         tiling = fp8_gemm.DEFAULT_TILING
         if ops := _kernel_rows(ops, (TILE_ROWS, tiling.block_n), where):
             a, w = ops
             tile_group, _ = tile_groups(group_sizes, a.shape[0] // TILE_ROWS)
-            out = fp8_gemm.fp8_grouped_rows_nt(a.qvalue, a.scale, w.qvalue, w.scale, tile_group,
-                                               out_dtype=out_dtype, tiling=tiling)
+            out = fp8_gemm.fp8_grouped_rows_nt(
+                a.qvalue, a.scale, w.qvalue, w.scale, tile_group, out_dtype=out_dtype, tiling=tiling
+            )
             return flag_unaligned(out[:m, :n], group_sizes)
     return _xla_scaled_grouped_matmul(lhs, rhs, group_sizes).astype(out_dtype)
 
 
-def _xla_scaled_grouped_matmul(lhs: qwix.QArray, rhs: qwix.QArray,
-                               group_sizes: jax.Array) -> jax.Array:
+def _xla_scaled_grouped_matmul(lhs: qwix.QArray, rhs: qwix.QArray, group_sizes: jax.Array) -> jax.Array:
     """XLA path of `scaled_grouped_matmul` -> fp32, for any group sizes: a scan over the K
     blocks adds each block's scaled fp8 `ragged_dot` into the fp32 accumulator (one
     `ragged_dot_general` batched over the blocks would do, but XLA:GPU rejects batch
@@ -194,10 +207,12 @@ def _xla_scaled_grouped_matmul(lhs: qwix.QArray, rhs: qwix.QArray,
     (m, _), (g, n, _) = lhs.shape, rhs.shape
     nb, bk = _blocks(lhs, rhs)
     group = row_groups(group_sizes, m)
-    blocks = (lhs.qvalue.reshape(m, nb, bk).transpose(1, 0, 2),  # [nb, M, B]
-              rhs.qvalue.reshape(g, n, nb, bk).transpose(2, 0, 3, 1),  # [nb, G, B, N]
-              expand_scale(lhs.scale, (m, nb)).T,  # [nb, M]
-              rhs.scale[jnp.minimum(group, g - 1)].transpose(2, 0, 1))  # [nb, M, N / t]
+    blocks = (
+        lhs.qvalue.reshape(m, nb, bk).transpose(1, 0, 2),  # [nb, M, B]
+        rhs.qvalue.reshape(g, n, nb, bk).transpose(2, 0, 3, 1),  # [nb, G, B, N]
+        expand_scale(lhs.scale, (m, nb)).T,  # [nb, M]
+        rhs.scale[jnp.minimum(group, g - 1)].transpose(2, 0, 1),
+    )  # [nb, M, N / t]
 
     def add_block(acc, block):
         ql, qr, sl, sr = block
@@ -208,8 +223,14 @@ def _xla_scaled_grouped_matmul(lhs: qwix.QArray, rhs: qwix.QArray,
     return jnp.where((group < g)[:, None], out, 0.0)
 
 
-def scaled_grouped_matmul_tn(lhs: qwix.QArray, rhs: qwix.QArray, tile_groups: jax.Array,
-                             num_groups: int, out_dtype=jnp.float32, where: str = "") -> jax.Array:
+def scaled_grouped_matmul_tn(
+    lhs: qwix.QArray,
+    rhs: qwix.QArray,
+    tile_groups: jax.Array,
+    num_groups: int,
+    out_dtype=jnp.float32,
+    where: str = "",
+) -> jax.Array:
     """out[g] = sum over g's row tiles t of lhs_t . rhs_t^T (the experts' weight gradient).
 
     lhs = x^T [K, P] (scale [K or 1, P / B or 1]), rhs = dy^T [N, P] (scale [N or 1,
@@ -223,21 +244,26 @@ def scaled_grouped_matmul_tn(lhs: qwix.QArray, rhs: qwix.QArray, tile_groups: ja
         if ops := _kernel_rows((lhs, rhs), (tiling.block_m, tiling.block_n), where):
             a, b = ops
             tile_start = jnp.searchsorted(tile_groups, jnp.arange(num_groups + 1), side="left")
-            out = fp8_gemm.fp8_grouped_weight_grad_nt(a.qvalue, a.scale, b.qvalue, b.scale,
-                                                      tile_start, out_dtype=out_dtype,
-                                                      tiling=tiling)
+            out = fp8_gemm.fp8_grouped_weight_grad_nt(
+                a.qvalue, a.scale, b.qvalue, b.scale, tile_start, out_dtype=out_dtype, tiling=tiling
+            )
             return out[:, :k, :n]
     elif use_kernel():
         _warn_fallback(where, f"weight-gradient row tiles of {p // t} rows, not {TILE_ROWS}")
     return _xla_scaled_grouped_matmul_tn(lhs, rhs, tile_groups, num_groups).astype(out_dtype)
 
 
-def _xla_scaled_grouped_matmul_tn(lhs: qwix.QArray, rhs: qwix.QArray, tile_groups: jax.Array,
-                                  num_groups: int) -> jax.Array:
+def _xla_scaled_grouped_matmul_tn(
+    lhs: qwix.QArray, rhs: qwix.QArray, tile_groups: jax.Array, num_groups: int
+) -> jax.Array:
     """XLA path of `scaled_grouped_matmul_tn` -> fp32 (tile_groups in any order)."""
     (k, p), n, t = lhs.shape, rhs.shape[0], tile_groups.shape[0]
-    partial = jnp.einsum("ktp,ntp->tkn", lhs.qvalue.reshape(k, t, p // t),
-                         rhs.qvalue.reshape(n, t, p // t), preferred_element_type=jnp.float32)
+    partial = jnp.einsum(
+        "ktp,ntp->tkn",
+        lhs.qvalue.reshape(k, t, p // t),
+        rhs.qvalue.reshape(n, t, p // t),
+        preferred_element_type=jnp.float32,
+    )
     sl = expand_scale(lhs.scale, (k, t)).T[:, :, None]
     sr = expand_scale(rhs.scale, (n, t)).T[:, None, :]
     return jax.ops.segment_sum(partial * sl * sr, tile_groups, num_segments=num_groups)

@@ -40,9 +40,11 @@ def _fp32_out_low_precision_grad(product: Callable) -> Callable:
 
 
 _dot_general = _fp32_out_low_precision_grad(
-    lambda dims, a, b, out: jax.lax.dot_general(a, b, dims, preferred_element_type=out))
+    lambda dims, a, b, out: jax.lax.dot_general(a, b, dims, preferred_element_type=out)
+)
 _einsum = _fp32_out_low_precision_grad(
-    lambda equation, a, b, out: jnp.einsum(equation, a, b, preferred_element_type=out))
+    lambda equation, a, b, out: jnp.einsum(equation, a, b, preferred_element_type=out)
+)
 
 
 def dot_general_fp32(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> jax.Array:

@@ -33,8 +33,7 @@ DotGeneral = Callable[..., jax.Array]
 GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def _dot_general_accumulate_fp32(lhs, rhs, dimension_numbers, precision=None,
-                                 preferred_element_type=None):
+def _dot_general_accumulate_fp32(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     """`lax.dot_general` on operands in the compute dtype, accumulated in fp32 and returned in
     the operands' dtype (what cuBLAS does for bf16 GEMMs); its backward GEMMs run in the
     operands' dtype too (`mixed.dot_general_fp32`)."""
@@ -50,10 +49,14 @@ def _note_fp8_backend(policy: str, platform: str, compute_capability: str) -> No
     and their products are exact in fp32), without the fp8 speed-up."""
     native = platform == "gpu" and float(compute_capability or 0) >= 8.9
     logging.getLogger(__name__).log(
-        logging.INFO if native else logging.WARNING, "precision.policy=%s: fp8 GEMMs run %s",
-        policy, "as Pallas kernels on gpu" if native else
-        f"through the XLA reference path on {platform} (no fp8 matrix units: emulated, same "
-        "numerics, no speed-up)")
+        logging.INFO if native else logging.WARNING,
+        "precision.policy=%s: fp8 GEMMs run %s",
+        policy,
+        "as Pallas kernels on gpu"
+        if native
+        else f"through the XLA reference path on {platform} (no fp8 matrix units: emulated, same "
+        "numerics, no speed-up)",
+    )
 
 
 @dataclass(frozen=True)
@@ -71,8 +74,9 @@ class PrecisionPolicy:
     def uses_fp8(self, layer: str) -> bool:
         """Whether `layer` runs in fp8; a joint projection "a+b" (`layers.project_jointly`)
         does when all its parts do."""
-        return self.fp8 is not None and all(any(fnmatch(part, p) for p in self.fp8_layers)
-                                            for part in layer.split("+"))
+        return self.fp8 is not None and all(
+            any(fnmatch(part, p) for p in self.fp8_layers) for part in layer.split("+")
+        )
 
     def dot_general(self, layer: str) -> DotGeneral:
         """The dot-general used by the projection called `layer` (e.g. "mla.wq_b")."""
@@ -94,8 +98,9 @@ class PrecisionPolicy:
         from frontier_jax.precision.fp8_grouped import fp8_grouped_matmul  # needs qwix
 
         self._note_backend()
-        return functools.partial(fp8_grouped_matmul, recipe=self.fp8,
-                                 where=f"layer {layer!r} (precision.policy={self.name})")
+        return functools.partial(
+            fp8_grouped_matmul, recipe=self.fp8, where=f"layer {layer!r} (precision.policy={self.name})"
+        )
 
     def _note_backend(self) -> None:
         device = jax.devices()[0]
@@ -113,6 +118,6 @@ POLICIES = {
 def get_policy(name: str) -> PrecisionPolicy:
     if name not in POLICIES:
         raise ValueError(
-            f"precision.policy={name!r} is not a known policy; allowed values are "
-            f"{', '.join(POLICIES)}")
+            f"precision.policy={name!r} is not a known policy; allowed values are {', '.join(POLICIES)}"
+        )
     return POLICIES[name]

@@ -33,8 +33,10 @@ def tile_amax(x: jax.Array, tiles: Sequence[int | None]) -> jax.Array:
     for axis, (d, t) in enumerate(zip(x.shape, tiles)):
         t = d if t is None else t
         if d % t:
-            raise ValueError(f"axis {axis} of {x.shape} is not a multiple of its tile {t} "
-                             f"(tiles {tuple(tiles)}): pad it first (pad_to_multiple)")
+            raise ValueError(
+                f"axis {axis} of {x.shape} is not a multiple of its tile {t} "
+                f"(tiles {tuple(tiles)}): pad it first (pad_to_multiple)"
+            )
         split += [d // t, t]
         reduce.append(2 * axis + 1)
     return jnp.max(jnp.abs(x).reshape(split), axis=tuple(reduce))

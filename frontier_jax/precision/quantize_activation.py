@@ -18,15 +18,17 @@ from frontier_jax.precision.quantize import pad_to_multiple, quantize
 from frontier_jax.precision.recipe import Fp8Recipe
 
 
-def quantize_activation(x: jax.Array, qtype, recipe: Fp8Recipe, *, rows: bool = True,
-                        cols: bool = True) -> tuple[qwix.QArray | None, qwix.QArray | None]:
+def quantize_activation(
+    x: jax.Array, qtype, recipe: Fp8Recipe, *, rows: bool = True, cols: bool = True
+) -> tuple[qwix.QArray | None, qwix.QArray | None]:
     """(rows operand or None, cols operand (transposed) or None) of x [M, K] (see above)."""
     b = recipe.multiple
     if gemm.use_kernel() and recipe.block == BLOCK:
-        q_rows, q_cols = quantize_rows_cols(pad_to_multiple(x, (b, b)), qtype, rows=rows,
-                                            cols=cols)
+        q_rows, q_cols = quantize_rows_cols(pad_to_multiple(x, (b, b)), qtype, rows=rows, cols=cols)
         if q_rows is not None:  # one scale per row: the padding rows drop out exactly
-            q_rows = qwix.QArray(q_rows.qvalue[:x.shape[0]], q_rows.scale[:x.shape[0]])
+            q_rows = qwix.QArray(q_rows.qvalue[: x.shape[0]], q_rows.scale[: x.shape[0]])
         return q_rows, q_cols
-    return (quantize(pad_to_multiple(x, (1, b)), qtype, recipe.row_tiles) if rows else None,
-            quantize(pad_to_multiple(x, (b, b)), qtype, recipe.col_tiles).T if cols else None)
+    return (
+        quantize(pad_to_multiple(x, (1, b)), qtype, recipe.row_tiles) if rows else None,
+        quantize(pad_to_multiple(x, (b, b)), qtype, recipe.col_tiles).T if cols else None,
+    )

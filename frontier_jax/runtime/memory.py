@@ -97,8 +97,13 @@ class DeviceMemory:
         return self.params + self.grads + self.optimizer + self.activations
 
     def per_device_bytes(self) -> dict[str, int]:
-        return {"params": self.params, "grads": self.grads, "optimizer": self.optimizer,
-                "activations": self.activations, "total": self.total}
+        return {
+            "params": self.params,
+            "grads": self.grads,
+            "optimizer": self.optimizer,
+            "activations": self.activations,
+            "total": self.total,
+        }
 
 
 @functools.lru_cache(maxsize=8)
@@ -130,8 +135,9 @@ def _local(size: int, axes: Sequence[str], position: int, mesh, rules) -> int:
     return -(-size // _ways(axes, position, mesh, rules))
 
 
-def _expert_rows_per_token(cfg: ModelConfig, impl: ImplConfig, tokens: int, mesh: AbstractMesh,
-                           rules) -> float:
+def _expert_rows_per_token(
+    cfg: ModelConfig, impl: ImplConfig, tokens: int, mesh: AbstractMesh, rules
+) -> float:
     """rho of the module docstring."""
     k, e, cf = cfg.num_experts_per_tok, cfg.n_routed_experts, impl.moe_capacity_factor
     p = expert_parallel_size(mesh, rules)
@@ -165,16 +171,25 @@ def activation_bytes(cfg: Config, mesh: AbstractMesh, rules) -> tuple[int, int]:
         shared = (c * (2 * f_s + d), c * f_s) if m.n_shared_experts else (0, 0)
         rho = _expert_rows_per_token(m, cfg.impl, b * T, mesh, rules)
         a2a = 2 * d if expert_parallel_size(mesh, rules) > 1 else 0
-        moe = (mla_dots + 4 * m.n_routed_experts + c * rho * (2 * f_e + d) + shared[0],
-               mla_other + 4 * m.n_routed_experts + c * rho * (f_e + 2 * d + a2a) + shared[1] + 3 * c * d)
+        moe = (
+            mla_dots + 4 * m.n_routed_experts + c * rho * (2 * f_e + d) + shared[0],
+            mla_other + 4 * m.n_routed_experts + c * rho * (f_e + 2 * d + a2a) + shared[1] + 3 * c * d,
+        )
         expert_rows = c * rho * (3 * f_e + 3 * d + a2a)
         if m.num_moe_layers:
             kinds["moe"] = (m.num_moe_layers, *moe, expert_rows)
 
     def saved(dots: float, other: float, expert_rows: float) -> float:
-        return c * d + {"none": dots + other, "full": 0, "save_dots": dots,
-                        "save_attention_out": c * h * m.v_head_dim,
-                        "experts": dots + other - expert_rows}[cfg.impl.remat]
+        return (
+            c * d
+            + {
+                "none": dots + other,
+                "full": 0,
+                "save_dots": dots,
+                "save_attention_out": c * h * m.v_head_dim,
+                "experts": dots + other - expert_rows,
+            }[cfg.impl.remat]
+        )
 
     per_token = sum(n * saved(dots, other, rows) for n, dots, other, rows in kinds.values())
     per_token += max(dots + other for _, dots, other, _ in kinds.values())
@@ -189,8 +204,10 @@ def device_memory(cfg: Config, num_devices: int | None = None) -> DeviceMemory:
     Raises, naming the sizes, where the mesh does not fit the devices, a parameter or the batch."""
     if num_devices is None:
         if cfg.mesh.data == -1:
-            raise ValueError("mesh.data=-1 (all remaining devices) needs the device count: pass it "
-                             "(describe --devices N) or set mesh.data explicitly")
+            raise ValueError(
+                "mesh.data=-1 (all remaining devices) needs the device count: pass it "
+                "(describe --devices N) or set mesh.data explicitly"
+            )
         num_devices = math.prod(getattr(cfg.mesh, a) for a in MESH_AXES)
     sizes = mesh_shape(cfg.mesh, num_devices)
     mesh = AbstractMesh(tuple(sizes.values()), tuple(sizes))
@@ -200,31 +217,42 @@ def device_memory(cfg: Config, num_devices: int | None = None) -> DeviceMemory:
     check_divisible(biases, mesh, rules)
     batch_ways = _ways(("batch",), 0, mesh, rules)
     if cfg.train.global_batch % batch_ways:
-        raise ValueError(f"train.global_batch={cfg.train.global_batch} is not divisible by the {batch_ways}-way "
-                         f"batch split over mesh axes {list(rules['batch'])} ({sizes}); use a multiple of "
-                         f"{batch_ways} or change mesh.*")
+        raise ValueError(
+            f"train.global_batch={cfg.train.global_batch} is not divisible by the {batch_ways}-way "
+            f"batch split over mesh axes {list(rules['batch'])} ({sizes}); use a multiple of "
+            f"{batch_ways} or change mesh.*"
+        )
     rows, activations = activation_bytes(cfg, mesh, rules)
     return DeviceMemory(
-        mesh=sizes, batch_per_device=rows,
+        mesh=sizes,
+        batch_per_device=rows,
         params=_state_bytes(params, mesh, rules) + _state_bytes(biases, mesh, rules),
         grads=_state_bytes(params, mesh, rules, itemsize=4),
         optimizer=2 * _state_bytes(params, mesh, rules, itemsize=jnp.dtype(cfg.train.moment_dtype).itemsize),
-        activations=activations)
+        activations=activations,
+    )
 
 
 def format_memory(mem: DeviceMemory, cfg: Config, device_memory_gib: float | None) -> str:
     """The per-device table, and a verdict when a device memory size is given."""
     mesh = " x ".join(f"{a} {n}" for a, n in mem.mesh.items() if n > 1) or "1 device"
     t = cfg.train
-    rows = [("params (fp32)", mem.params, ""),
-            ("grads (fp32)", mem.grads, ""),
-            (f"optimizer (2 x {t.moment_dtype})", mem.optimizer, ""),
-            ("activations (estimate)", mem.activations,
-             f"micro-batch {mem.batch_per_device} x {t.seq_len} tokens per device, remat "
-             f"{cfg.impl.remat}, precision {cfg.precision.policy}"),
-            ("total", mem.total, "")]
+    rows = [
+        ("params (fp32)", mem.params, ""),
+        ("grads (fp32)", mem.grads, ""),
+        (f"optimizer (2 x {t.moment_dtype})", mem.optimizer, ""),
+        (
+            "activations (estimate)",
+            mem.activations,
+            f"micro-batch {mem.batch_per_device} x {t.seq_len} tokens per device, remat "
+            f"{cfg.impl.remat}, precision {cfg.precision.policy}",
+        ),
+        ("total", mem.total, ""),
+    ]
     lines = [f"per device on mesh {mesh} ({math.prod(mem.mesh.values())} devices, rules '{cfg.mesh.rules}')"]
-    lines += [f"  {label:<30} {n / GIB:10.2f} GiB" + (f"   ({note})" if note else "") for label, n, note in rows]
+    lines += [
+        f"  {label:<30} {n / GIB:10.2f} GiB" + (f"   ({note})" if note else "") for label, n, note in rows
+    ]
     if device_memory_gib is not None:
         lines.append("  " + verdict(mem, device_memory_gib))
     return "\n".join(lines)
@@ -235,7 +263,7 @@ def fits(mem: DeviceMemory, device_memory_gib: float) -> bool:
 
 
 def verdict(mem: DeviceMemory, device_memory_gib: float) -> str:
-    """"fits: X GiB <= G GiB ..." or "WARNING: does not fit: X GiB > G GiB ..."."""
+    """ "fits: X GiB <= G GiB ..." or "WARNING: does not fit: X GiB > G GiB ..."."""
     if fits(mem, device_memory_gib):
         return f"fits: {mem.total / GIB:.2f} GiB <= {device_memory_gib:g} GiB per device"
     return f"WARNING: does not fit: {mem.total / GIB:.2f} GiB > {device_memory_gib:g} GiB per device"

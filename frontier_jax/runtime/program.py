@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 @dataclasses.dataclass(frozen=True)
 class ModelSections:
     """The sections of a run config that a model program reads."""
+
     model: ModelConfig
     mesh: MeshConfig
     precision: PrecisionConfig
@@ -74,8 +75,10 @@ class ModelProgram:
         """NamedShardings of (params, biases) on the mesh, by the rules table."""
         if self.mesh is None:
             raise ValueError("this model program has no mesh; build it with build_model_program")
-        return (state_shardings(self.abstract_params, self.mesh, self.rules),
-                state_shardings(self.abstract_biases, self.mesh, self.rules))
+        return (
+            state_shardings(self.abstract_params, self.mesh, self.rules),
+            state_shardings(self.abstract_biases, self.mesh, self.rules),
+        )
 
     def sharding_context(self):
         """Activations constrained to the mesh by the rules table (nothing without a mesh)."""
@@ -87,14 +90,16 @@ def model_program(cfg: RunConfig, mesh: Mesh | None = None) -> ModelProgram:
     dispatcher for `mesh`."""
     policy, rules = get_policy(cfg.precision.policy), RULE_SETS[cfg.mesh.rules]
     experts = expert_dispatcher(mesh, rules)
-    abstract = nnx.eval_shape(lambda: Transformer(cfg.model, impl=cfg.impl, policy=policy, experts=experts,
-                                                  rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(
+        lambda: Transformer(cfg.model, impl=cfg.impl, policy=policy, experts=experts, rngs=nnx.Rngs(0))
+    )
     graphdef, params, biases = nnx.split(abstract, nnx.Param, ExpertBias)
     return ModelProgram(cfg, mesh, rules, policy, experts, graphdef, params, biases)
 
 
-def build_model_program(cfg: RunConfig, devices: Sequence[jax.Device] | None = None, *,
-                        mesh: Mesh | None = None) -> ModelProgram:
+def build_model_program(
+    cfg: RunConfig, devices: Sequence[jax.Device] | None = None, *, mesh: Mesh | None = None
+) -> ModelProgram:
     """`model_program` on `mesh` (default: `cfg.mesh` over `devices`, default all), with every
     parameter's sharded dimensions checked to divide by their mesh axes."""
     mesh = build_mesh(cfg.mesh, devices) if mesh is None else mesh

@@ -38,7 +38,7 @@ class RestoredModel(NamedTuple):
     params: dict  # pure dict, sharded on the program's mesh, in the requested dtype
     biases: dict  # expert-selection biases (float32)
     program: ModelProgram  # the model of `config` on the mesh the arrays live on (`program.cfg`:
-                           # its typed model / mesh / precision sections, mesh as restored onto)
+    # its typed model / mesh / precision sections, mesh as restored onto)
 
     def model(self) -> Transformer:
         return self.program.model(self.params, self.biases)
@@ -53,8 +53,10 @@ def _checkpoint_directory(path: Path) -> tuple[Path, int | None]:
         return path.parent, int(path.name)
     if path.is_dir() and any(p.name.isdigit() for p in path.iterdir()):
         return path, None
-    raise ValueError(f"no checkpoint in {path}: expected a run directory holding checkpoints/<step>/, "
-                     "its checkpoints/ directory or one checkpoints/<step>/ directory")
+    raise ValueError(
+        f"no checkpoint in {path}: expected a run directory holding checkpoints/<step>/, "
+        "its checkpoints/ directory or one checkpoints/<step>/ directory"
+    )
 
 
 def _section(cls, saved: dict, name: str):
@@ -65,8 +67,12 @@ def _section(cls, saved: dict, name: str):
 def _on_mesh(saved: dict, mesh: Mesh | MeshConfig | None) -> ModelProgram:
     """The model program of the saved config on `mesh` (a MeshConfig replaces the saved mesh
     section, rules included)."""
-    cfg = ModelSections(_section(ModelConfig, saved, "model"), _section(MeshConfig, saved, "mesh"),
-                        _section(PrecisionConfig, saved, "precision"), _section(ImplConfig, saved, "impl"))
+    cfg = ModelSections(
+        _section(ModelConfig, saved, "model"),
+        _section(MeshConfig, saved, "mesh"),
+        _section(PrecisionConfig, saved, "precision"),
+        _section(ImplConfig, saved, "impl"),
+    )
     if isinstance(mesh, MeshConfig):
         return build_model_program(dataclasses.replace(cfg, mesh=mesh.validate()))
     if mesh is None:  # the first device alone
@@ -76,6 +82,7 @@ def _on_mesh(saved: dict, mesh: Mesh | MeshConfig | None) -> ModelProgram:
 
 def _target(abstract: nnx.State, shardings: dict, dtype) -> dict:
     """ShapeDtypeStructs with target shardings and (floating leaves) dtype."""
+
     def leaf(var, sharding):
         cast = dtype is not None and jnp.issubdtype(var.dtype, jnp.floating)
         return jax.ShapeDtypeStruct(var.shape, jnp.dtype(dtype) if cast else var.dtype, sharding=sharding)
@@ -83,8 +90,9 @@ def _target(abstract: nnx.State, shardings: dict, dtype) -> dict:
     return jax.tree.map(leaf, nnx.to_pure_dict(abstract), shardings)
 
 
-def restore_params(path: str | Path, step: int | None = None, *, mesh: Mesh | MeshConfig | None = None,
-                   dtype=None) -> RestoredModel:
+def restore_params(
+    path: str | Path, step: int | None = None, *, mesh: Mesh | MeshConfig | None = None, dtype=None
+) -> RestoredModel:
     """Parameters and expert biases of checkpoint `step` (None: the latest; or the step of a
     step directory) of the run at `path`.
 
@@ -103,14 +111,24 @@ def restore_params(path: str | Path, step: int | None = None, *, mesh: Mesh | Me
             raise ValueError(f"no checkpoint in {directory}: it holds no checkpoints/<step>/ directory")
         step = steps[-1] if step is None else step
         if step not in steps:
-            raise ValueError(f"no checkpoint of step {step} in {directory}; its steps: "
-                             f"{', '.join(map(str, steps))}")
+            raise ValueError(
+                f"no checkpoint of step {step} in {directory}; its steps: {', '.join(map(str, steps))}"
+            )
         saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
         program = _on_mesh(saved, mesh)
         param_shardings, bias_shardings = program.shardings()
-        target = {"params": _target(program.abstract_params, param_shardings, dtype),
-                  "biases": _target(program.abstract_biases, bias_shardings, None)}
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True))).state
+        target = {
+            "params": _target(program.abstract_params, param_shardings, dtype),
+            "biases": _target(program.abstract_biases, bias_shardings, None),
+        }
+        state = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True,
+                )
+            ),
+        ).state
     return RestoredModel(saved, step, state["params"], state["biases"], program)

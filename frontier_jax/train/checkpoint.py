@@ -56,20 +56,28 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _differences(saved: dict, current: dict) -> list[str]:
-    return [f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
-            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    return [
+        f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
+        for k in sorted(set(saved) | set(current))
+        if saved.get(k) != current.get(k)
+    ]
 
 
 def check_same_model(saved: dict, current: dict, directory: Path) -> None:
     """Raises if the checkpoint's architecture (the `model:` section, but its `name`) differs
     from the current one, naming the fields; the `impl:` section may change on resume."""
     saved_model, current_model = _flatten(saved.get("model", {})), _flatten(current.get("model", {}))
-    diffs = [f"model.{k}: checkpoint {saved_model.get(k)!r} vs config {current_model.get(k)!r}"
-             for k in sorted(set(saved_model) | set(current_model))
-             if k != "name" and saved_model.get(k) != current_model.get(k)]
+    diffs = [
+        f"model.{k}: checkpoint {saved_model.get(k)!r} vs config {current_model.get(k)!r}"
+        for k in sorted(set(saved_model) | set(current_model))
+        if k != "name" and saved_model.get(k) != current_model.get(k)
+    ]
     if diffs:
-        raise ValueError(f"checkpoint directory {directory} holds a different model:\n  " + "\n  ".join(diffs)
-                         + "\nuse a new --run-dir, or the config the checkpoint was written with")
+        raise ValueError(
+            f"checkpoint directory {directory} holds a different model:\n  "
+            + "\n  ".join(diffs)
+            + "\nuse a new --run-dir, or the config the checkpoint was written with"
+        )
 
 
 # The saved data-iterator position is a position in the stream these fields define: every
@@ -80,8 +88,11 @@ _NOT_STREAM_FIELDS = ("data.max_skipped_in_a_row",)
 
 def _stream(config: dict) -> dict:
     flat = _flatten({"data": config.get("data", {}), "train": config.get("train", {})})
-    return {k: v for k, v in flat.items()
-            if (k.startswith("data.") and k not in _NOT_STREAM_FIELDS) or k in _STREAM_FIELDS}
+    return {
+        k: v
+        for k, v in flat.items()
+        if (k.startswith("data.") and k not in _NOT_STREAM_FIELDS) or k in _STREAM_FIELDS
+    }
 
 
 def check_same_data_stream(saved: dict, current: dict, directory: Path) -> None:
@@ -89,19 +100,25 @@ def check_same_data_stream(saved: dict, current: dict, directory: Path) -> None:
     sources, tokenizer, seq_len, batch ...): its position cannot be applied to this one."""
     saved_stream, current_stream = _stream(saved), _stream(current)
     # a field newer than the checkpoint has its default value there (sources are compared whole)
-    current_stream = {k: v for k, v in current_stream.items() if k in saved_stream or k.startswith("data.sources.")}
+    current_stream = {
+        k: v for k, v in current_stream.items() if k in saved_stream or k.startswith("data.sources.")
+    }
     diffs = _differences(saved_stream, current_stream)
     if diffs:
-        raise ValueError(f"checkpoint directory {directory} saved its data position in another data stream ("
-                         + "; ".join(diffs) + "). Resume with the checkpoint's data settings, or pass "
-                         "--restart-data to keep the trained state and read this stream from its start")
+        raise ValueError(
+            f"checkpoint directory {directory} saved its data position in another data stream ("
+            + "; ".join(diffs)
+            + "). Resume with the checkpoint's data settings, or pass "
+            "--restart-data to keep the trained state and read this stream from its start"
+        )
 
 
 class Checkpointer:
     def __init__(self, directory: str | Path, cfg: CheckpointConfig):
         self.directory = Path(directory).resolve()
-        options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True,
-                                               enable_async_checkpointing=cfg.async_save)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep, create=True, enable_async_checkpointing=cfg.async_save
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._pending: int | None = None  # step of an asynchronous save not yet checked
 
@@ -112,8 +129,10 @@ class Checkpointer:
         self.manager.reload()
         latest = self.latest_step()
         kept = "no checkpoint is kept" if latest is None else f"the latest checkpoint is still {latest}"
-        return CheckpointError(f"saving checkpoint {step} in {self.directory} failed ({_first_line(err)}); {kept}. "
-                               "Free space or fix the directory, then run the same command again to resume")
+        return CheckpointError(
+            f"saving checkpoint {step} in {self.directory} failed ({_first_line(err)}); {kept}. "
+            "Free space or fix the directory, then run the same command again to resume"
+        )
 
     def _check_writable(self, step: int) -> None:
         """Orbax creates a step's directory in a helper thread and waits for it without a bound,
@@ -134,9 +153,15 @@ class Checkpointer:
         self._check_writable(step)
         self.wait()  # the previous save's errors, before starting another
         try:
-            self.manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=orbax_save_args(data_iterator),
-                config=ocp.args.JsonSave(config)), force=True)
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=orbax_save_args(data_iterator),
+                    config=ocp.args.JsonSave(config),
+                ),
+                force=True,
+            )
         except Exception as err:
             raise self._save_failed(step, err) from err
         self._pending = step
@@ -166,8 +191,12 @@ class Checkpointer:
         self.manager.reload()
         return target
 
-    def restore_latest(self, abstract_state: Any, data_iterator: grain.DatasetIterator | None,
-                       check_config: Callable[[dict], None]) -> tuple[int, Any] | None:
+    def restore_latest(
+        self,
+        abstract_state: Any,
+        data_iterator: grain.DatasetIterator | None,
+        check_config: Callable[[dict], None],
+    ) -> tuple[int, Any] | None:
         """(step, state) of the newest checkpoint that restores, or None when there is none.
 
         `check_config(saved_config)` raises (ValueError) when the run's config cannot resume from
@@ -178,8 +207,13 @@ class Checkpointer:
         for step in sorted(self.manager.all_steps(), reverse=True):
             missing = self._missing_file(step)
             if missing is not None:
-                failures.append((step, "missing-" + missing.split("/")[-1].strip("_"),
-                                 f"{self.directory / str(step) / missing} is missing"))
+                failures.append(
+                    (
+                        step,
+                        "missing-" + missing.split("/")[-1].strip("_"),
+                        f"{self.directory / str(step) / missing} is missing",
+                    )
+                )
                 continue
             try:
                 saved_config = self.read_config(step)
@@ -194,13 +228,20 @@ class Checkpointer:
                 continue
             for bad, reason, detail in failures:
                 target = self._move_aside(bad, reason)
-                log.warning("checkpoint %d does not restore (%s): moved to %s; resuming from step %d",
-                            bad, detail, target, step)
+                log.warning(
+                    "checkpoint %d does not restore (%s): moved to %s; resuming from step %d",
+                    bad,
+                    detail,
+                    target,
+                    step,
+                )
             return step, state
         if failures:
             step, _, detail = failures[0]
-            raise CheckpointError(f"no checkpoint in {self.directory} restores; the latest, step {step}: {detail}. "
-                                  "Move the broken step directories away to start afresh")
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} restores; the latest, step {step}: {detail}. "
+                "Move the broken step directories away to start afresh"
+            )
         return None
 
     def wait(self) -> None:
@@ -225,5 +266,6 @@ def _first_line(err: BaseException, limit: int = 300) -> str:
 
 def abstract_with_shardings(state_shapes: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying target shardings, for `Checkpointer.restore`."""
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        state_shapes, shardings)
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, shardings
+    )

@@ -61,20 +61,28 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be > 0")
         if self.global_batch % self.micro_batches:
-            raise ValueError(f"train.global_batch={self.global_batch} is not divisible by "
-                             f"train.micro_batches={self.micro_batches}; pick a divisor")
+            raise ValueError(
+                f"train.global_batch={self.global_batch} is not divisible by "
+                f"train.micro_batches={self.micro_batches}; pick a divisor"
+            )
         if self.lr <= 0 or self.lr_min < 0 or self.lr_min > self.lr:
-            raise ValueError(f"train.lr={self.lr} / train.lr_min={self.lr_min}: need 0 <= lr_min <= lr, lr > 0")
+            raise ValueError(
+                f"train.lr={self.lr} / train.lr_min={self.lr_min}: need 0 <= lr_min <= lr, lr > 0"
+            )
         if self.warmup_steps < 0 or self.decay_start < 0 or self.decay_steps < 0:
             raise ValueError("train.warmup_steps, train.decay_start and train.decay_steps must be >= 0")
         if self.schedule == "deepseek" and not self.decay_steps:
-            raise ValueError("train.decay_steps=0 with train.schedule='deepseek' would drop the lr from its peak "
-                             "to lr_min in one step; set train.decay_steps to the cosine's length (V3: about "
-                             "a third of training), or use train.schedule=cosine")
+            raise ValueError(
+                "train.decay_steps=0 with train.schedule='deepseek' would drop the lr from its peak "
+                "to lr_min in one step; set train.decay_steps to the cosine's length (V3: about "
+                "a third of training), or use train.schedule=cosine"
+            )
         if self.batch_ramp_steps:
             if not 0 < self.batch_ramp_start <= self.global_batch:
-                raise ValueError(f"train.batch_ramp_start={self.batch_ramp_start} must be in "
-                                 f"(0, train.global_batch={self.global_batch}] when batch_ramp_steps > 0")
+                raise ValueError(
+                    f"train.batch_ramp_start={self.batch_ramp_start} must be in "
+                    f"(0, train.global_batch={self.global_batch}] when batch_ramp_steps > 0"
+                )
         for name in ("b1", "b2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be in [0, 1)")

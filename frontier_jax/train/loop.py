@@ -59,18 +59,32 @@ def train_state_shardings(trainer: Trainer, mesh) -> TrainState:
     optimizer moments like their parameters, step and rng replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
     params = state_shardings(trainer.abstract_params, mesh, trainer.rules)
-    opt_shapes = jax.eval_shape(trainer.optimizer.init,
-                                jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
-                                             jax.eval_shape(lambda: trainer.init(0).params)))
-    opt = optax.tree_map_params(trainer.optimizer, lambda _, sharding: sharding, opt_shapes, params,
-                                transform_non_params=lambda _: replicated)
-    return TrainState(params=params, biases=state_shardings(trainer.abstract_biases, mesh, trainer.rules),
-                      opt_state=opt, step=replicated, rng=replicated)
+    opt_shapes = jax.eval_shape(
+        trainer.optimizer.init,
+        jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), jax.eval_shape(lambda: trainer.init(0).params)
+        ),
+    )
+    opt = optax.tree_map_params(
+        trainer.optimizer,
+        lambda _, sharding: sharding,
+        opt_shapes,
+        params,
+        transform_non_params=lambda _: replicated,
+    )
+    return TrainState(
+        params=params,
+        biases=state_shardings(trainer.abstract_biases, mesh, trainer.rules),
+        opt_state=opt,
+        step=replicated,
+        rng=replicated,
+    )
 
 
 class Runner(NamedTuple):
     """Everything a training loop needs for `cfg` on a mesh: `init(seed)` makes the sharded
     state, `step(state, batch)` is the jitted train step (state donated)."""
+
     trainer: Trainer
     mesh: Mesh
     state_shardings: TrainState
@@ -90,16 +104,24 @@ def build_runner(cfg: Config, devices=None) -> Runner:
     in_batch = batch_sharding(mesh, trainer.rules)
     init = jax.jit(trainer.init, static_argnums=0, out_shardings=shardings)
     batch_shardings = {k: in_batch for k in trainer.objective.batch_spec}
-    step = jax.jit(trainer.train_step, in_shardings=(shardings, batch_shardings),
-                   out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
+    step = jax.jit(
+        trainer.train_step,
+        in_shardings=(shardings, batch_shardings),
+        out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=0,
+    )
     return Runner(trainer, mesh, shardings, in_batch, init, step)
 
 
 def data_iterator(cfg: Config):
     """The grain iterator of the global batches, the same on every process (see `_global_batch`).
     Batch k reads only the batch-size ramp's rows at step k; the rest of its rows are padding."""
-    return build_train_iterator(cfg.data, seq_len=cfg.train.seq_len, global_batch=cfg.train.global_batch,
-                                rows_at=lambda step: batch_size_at(cfg.train, step))
+    return build_train_iterator(
+        cfg.data,
+        seq_len=cfg.train.seq_len,
+        global_batch=cfg.train.global_batch,
+        rows_at=lambda step: batch_size_at(cfg.train, step),
+    )
 
 
 def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
@@ -107,6 +129,7 @@ def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
     process's devices gets exactly the block `sharding` assigns it, so every layout is right: rows
     split across processes (data, fsdp, expert spanning hosts), replicated across them (tensor
     spanning hosts), or both."""
+
     def assemble(host: np.ndarray) -> jax.Array:
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
@@ -118,13 +141,16 @@ def check_vocabulary(cfg: Config) -> None:
     turn into NaN at the first step)."""
     size = load_tokenizer(cfg.data.tokenizer, cfg.data.special_tokens).vocab_size
     if size > cfg.model.vocab_size:
-        raise ValueError(f"data.tokenizer={cfg.data.tokenizer!r} has {size} token ids but model.vocab_size="
-                         f"{cfg.model.vocab_size}: set model.vocab_size >= {size}, or use a smaller tokenizer")
+        raise ValueError(
+            f"data.tokenizer={cfg.data.tokenizer!r} has {size} token ids but model.vocab_size="
+            f"{cfg.model.vocab_size}: set model.vocab_size >= {size}, or use a smaller tokenizer"
+        )
 
 
 def _resume(checkpointer: Checkpointer, runner: Runner, cfg: Config, data, restart_data: bool):
     """(start step, state): the newest checkpoint that restores (data iterator moved to its
     position, or left at the stream's start with `restart_data`), else a fresh state at 0."""
+
     def check_config(saved: dict) -> None:
         check_same_model(saved, cfg.to_dict(), checkpointer.directory)
         if not restart_data:
@@ -142,18 +168,31 @@ def _resume(checkpointer: Checkpointer, runner: Runner, cfg: Config, data, resta
 
 
 def _nonfinite_error(step: int, metrics: dict, last_saved: int | None, skipped: int) -> NonFiniteLossError:
-    kept = (f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None
-            else "no checkpoint was written")
+    kept = (
+        f"the last good checkpoint (step {last_saved}) is kept"
+        if last_saved is not None
+        else "no checkpoint was written"
+    )
     what = f"steps {step - skipped + 1}..{step} were all" if skipped > 1 else f"step {step}:"
     return NonFiniteLossError(
         f"{what} non-finite (loss {float(metrics['loss'])}, grad norm {float(metrics['grad_norm'])}); the update "
         f"was not applied and {kept}. Lower train.lr, check the data"
-        + (", or set train.on_nonfinite=skip to skip such steps" if skipped <= 1 else
-           f" (train.max_skipped_steps={skipped - 1} skipped steps in a row are allowed)"))
+        + (
+            ", or set train.on_nonfinite=skip to skip such steps"
+            if skipped <= 1
+            else f" (train.max_skipped_steps={skipped - 1} skipped steps in a row are allowed)"
+        )
+    )
 
 
-def train(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_data: bool = False,
-          evaluate: Callable[[ModelProgram, dict, dict], dict] | None = None) -> list[dict]:
+def train(
+    cfg: Config,
+    run_dir: str | Path,
+    *,
+    progress: bool = True,
+    restart_data: bool = False,
+    evaluate: Callable[[ModelProgram, dict, dict], dict] | None = None,
+) -> list[dict]:
     """Trains (or resumes) `cfg` in `run_dir` until `cfg.train.steps`; returns logged metrics.
     evaluate(program, params, biases) -> {name: figure}: called every `eval.every` steps, its
     figures logged with that step (held-out evaluation, given by the caller: `eval` sits above).
@@ -183,14 +222,21 @@ def train(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_da
     last_saved = start or None
     skipped = 0  # non-finite steps in a row
     stopped = None
-    bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress or jax.process_index() != 0,
-               desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.train.steps,
+        initial=start,
+        disable=not progress or jax.process_index() != 0,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
     with StopSignal(cfg.checkpoint.stop_timeout_s) as stop:
         try:
             for step in range(start, cfg.train.steps):
                 local = next(data)
-                batch = _global_batch({k: np.asarray(local[k], dtype) for k, dtype in batch_spec.items()},
-                                      in_batch)
+                batch = _global_batch(
+                    {k: np.asarray(local[k], dtype) for k, dtype in batch_spec.items()}, in_batch
+                )
                 t0 = time.perf_counter()
                 state, metrics = step_fn(state, batch)
                 metrics = jax.device_get(metrics)
@@ -227,9 +273,15 @@ def train(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_da
     if jax.process_index() == 0 and history:
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
     if stopped is not None:
-        name = signal.Signals(stop.received).name if stop.received is not None else "a stop signal on another process"
-        raise Preempted(f"{name} received: saved step {stopped} in {checkpointer.directory}; "
-                        "run the same command to resume")
+        name = (
+            signal.Signals(stop.received).name
+            if stop.received is not None
+            else "a stop signal on another process"
+        )
+        raise Preempted(
+            f"{name} received: saved step {stopped} in {checkpointer.directory}; "
+            "run the same command to resume"
+        )
     return history
 
 

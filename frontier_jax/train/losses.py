@@ -28,8 +28,9 @@ def masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(values * mask.astype(jnp.float32))
 
 
-def mtp_targets(targets: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array | None,
-                depth: int) -> tuple[jax.Array, jax.Array]:
+def mtp_targets(
+    targets: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array | None, depth: int
+) -> tuple[jax.Array, jax.Array]:
     """Targets and mask [D, B, T] for MTP depths k = 1..D: target_k[t] = targets[t + k]."""
     b, t = targets.shape
     pos = jnp.arange(t)

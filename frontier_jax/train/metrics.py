@@ -54,13 +54,18 @@ class MetricsLogger:
 
         path = Path(run_dir) / "metrics.jsonl"
         if resumed_at and path.exists():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if (step := _step_of(line)) is not None and step <= resumed_at]
+            kept = [
+                line
+                for line in path.read_text(encoding="utf-8").splitlines()
+                if (step := _step_of(line)) is not None and step <= resumed_at
+            ]
             tmp = path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             os.replace(tmp, path)
         self.jsonl = open(path, "a", encoding="utf-8")
-        self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resumed_at + 1 if resumed_at else None)
+        self.tb = SummaryWriter(
+            str(Path(run_dir) / "tensorboard"), purge_step=resumed_at + 1 if resumed_at else None
+        )
 
     def log(self, record: dict) -> None:
         if not self.enabled:

@@ -27,15 +27,17 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
         after = optax.constant_schedule(cfg.lr)
         return optax.join_schedules([warmup, after], [cfg.warmup_steps])
     if cfg.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(cfg.lr, max(cfg.steps - cfg.warmup_steps, 1),
-                                            alpha=cfg.lr_min / cfg.lr)
+        decay = optax.cosine_decay_schedule(
+            cfg.lr, max(cfg.steps - cfg.warmup_steps, 1), alpha=cfg.lr_min / cfg.lr
+        )
         return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
     hold = optax.constant_schedule(cfg.lr)
     decay = optax.cosine_decay_schedule(cfg.lr, max(cfg.decay_steps, 1), alpha=cfg.lr_min / cfg.lr)
     tail = optax.constant_schedule(cfg.lr_min)
     decay_start = max(cfg.decay_start, cfg.warmup_steps)
-    return optax.join_schedules([warmup, hold, decay, tail],
-                                [cfg.warmup_steps, decay_start, decay_start + cfg.decay_steps])
+    return optax.join_schedules(
+        [warmup, hold, decay, tail], [cfg.warmup_steps, decay_start, decay_start + cfg.decay_steps]
+    )
 
 
 def batch_size_at(cfg: TrainConfig, step: int) -> int:
@@ -52,6 +54,7 @@ def batch_size_at(cfg: TrainConfig, step: int) -> int:
 
 def with_moment_dtype(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
     """Stores every floating state leaf of `inner` in `dtype`; computes in fp32."""
+
     def cast(tree, to):
         return jax.tree.map(lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
@@ -69,6 +72,7 @@ def scale_by_schedule_at_step(schedule: optax.Schedule) -> optax.GradientTransfo
     """updates -> -schedule(t) * updates, with t the `step` passed to `update` (the train state's
     step, which keeps counting through skipped non-finite steps whose optimizer state is rolled
     back), or this transformation's own count when no step is passed."""
+
     def init(params):
         del params
         return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))

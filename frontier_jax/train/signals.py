@@ -55,9 +55,14 @@ class StopSignal:
         if self.received is not None:
             _exit_now(f"second signal {signal.Signals(signum).name}: exiting at once, without saving")
         self.received = signum
-        self._watchdog = threading.Timer(self.grace_s, _exit_now, args=(
-            f"{signal.Signals(signum).name} received but the run did not save and stop within "
-            f"{self.grace_s:g} s (checkpoint.stop_timeout_s); exiting without saving",))
+        self._watchdog = threading.Timer(
+            self.grace_s,
+            _exit_now,
+            args=(
+                f"{signal.Signals(signum).name} received but the run did not save and stop within "
+                f"{self.grace_s:g} s (checkpoint.stop_timeout_s); exiting without saving",
+            ),
+        )
         self._watchdog.daemon = True
         self._watchdog.start()
 

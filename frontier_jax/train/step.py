@@ -43,8 +43,15 @@ def _stack_tag(path) -> str:
 class Trainer:
     """Builds the model's abstract structure once and exposes pure `init` / `train_step`."""
 
-    def __init__(self, cfg: Config, mesh: Mesh | None = None, *, objective: Objective | None = None,
-                 strategy: GradientStrategy | None = None, program: ModelProgram | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        mesh: Mesh | None = None,
+        *,
+        objective: Objective | None = None,
+        strategy: GradientStrategy | None = None,
+        program: ModelProgram | None = None,
+    ):
         """mesh: when given, activations are constrained to it by the `cfg.mesh.rules` table.
         objective: default `Pretrain(cfg)`; strategy: default micro-batch accumulation over
         `cfg.train.micro_batches`; program: the model program of `cfg` on `mesh`, when already built."""
@@ -57,16 +64,23 @@ class Trainer:
         self.objective = objective or Pretrain(cfg)
         self.strategy = strategy or MicroBatchScan(self.program.model, cfg.train.micro_batches)
         decay_mask = jax.tree.map(
-            lambda v: "norm" not in v.get_metadata()["logical_axes"], self.abstract_params,
-            is_leaf=lambda x: isinstance(x, nnx.Variable))
+            lambda v: "norm" not in v.get_metadata()["logical_axes"],
+            self.abstract_params,
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        )
         self.optimizer = build_optimizer(cfg.train, nnx.to_pure_dict(decay_mask))
         self.schedule = learning_rate_schedule(cfg.train)
 
     # ------------------------------------------------------------------ state
     def init(self, seed: int) -> TrainState:
         params, biases = self.program.init(seed)
-        return TrainState(params=params, biases=biases, opt_state=self.optimizer.init(params),
-                          step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(seed + 1)))
+        return TrainState(
+            params=params,
+            biases=biases,
+            opt_state=self.optimizer.init(params),
+            step=jnp.zeros((), jnp.int32),
+            rng=jax.random.key_data(jax.random.key(seed + 1)),
+        )
 
     def model(self, params: dict, biases: dict) -> Transformer:
         return self.program.model(params, biases)
@@ -82,13 +96,21 @@ class Trainer:
         rows = rows_in_use.sum(dtype=jnp.int32)
         prepared = self.objective.prepare(batch, rows_in_use)
         norm = self.objective.normalisers(prepared, self.strategy.micro_batches)
-        loss, metrics, loads, grads = self.strategy(state.params, state.biases, prepared,
-                                                    self.objective, norm)
-        new_state, grad_norm, finite = apply_update(state, loss, grads, loads, self.optimizer,
-                                                    cfg.bias_update_speed)
+        loss, metrics, loads, grads = self.strategy(
+            state.params, state.biases, prepared, self.objective, norm
+        )
+        new_state, grad_norm, finite = apply_update(
+            state, loss, grads, loads, self.optimizer, cfg.bias_update_speed
+        )
 
-        out = {"loss": loss, **self.objective.summarize(metrics, norm), "grad_norm": grad_norm,
-               "lr": self.schedule(state.step), "batch_rows": rows, "finite": finite.astype(jnp.int32)}
+        out = {
+            "loss": loss,
+            **self.objective.summarize(metrics, norm),
+            "grad_norm": grad_norm,
+            "lr": self.schedule(state.step),
+            "batch_rows": rows,
+            "finite": finite.astype(jnp.int32),
+        }
         for path, load in jax.tree_util.tree_leaves_with_path(loads):
             out[f"{_stack_tag(path)}_load_max_over_mean"] = load.max(-1) / jnp.maximum(load.mean(-1), 1e-9)
         for path, bias in jax.tree_util.tree_leaves_with_path(new_state.biases):

@@ -22,9 +22,9 @@ from frontier_jax.train.objectives import Objective
 class GradientStrategy(Protocol):
     micro_batches: int  # pieces the global batch is split into (what the normalisers count)
 
-    def __call__(self, params: dict, biases: dict, batch: Any, objective: Objective,
-                 normalisers: dict) -> tuple[jax.Array, dict, Any, dict]:
-        ...
+    def __call__(
+        self, params: dict, biases: dict, batch: Any, objective: Objective, normalisers: dict
+    ) -> tuple[jax.Array, dict, Any, dict]: ...
 
 
 class MicroBatchScan:
@@ -51,8 +51,10 @@ class MicroBatchScan:
             return jax.tree.map(jnp.add, carry, (loss, metrics, aux, grads)), None
 
         (loss_shape, (metrics_shape, aux_shape)), grads_shape = jax.eval_shape(
-            grad_fn, params, jax.tree.map(lambda x: x[0], micro))
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                             (loss_shape, metrics_shape, aux_shape, grads_shape))
+            grad_fn, params, jax.tree.map(lambda x: x[0], micro)
+        )
+        zeros = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype), (loss_shape, metrics_shape, aux_shape, grads_shape)
+        )
         (loss, metrics, aux, grads), _ = jax.lax.scan(accumulate, zeros, micro)
         return loss, metrics, aux, grads

@@ -17,13 +17,36 @@ from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Conf
 # 3 layers: one dense, two MoE; 8 experts in 4 groups; every head/rank size distinct so that a
 # transposed or mis-split weight cannot go unnoticed.
 TINY = dict(
-    vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
-    first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=24, kv_lora_rank=16,
-    qk_nope_head_dim=10, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, n_shared_experts=1,
-    num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5, initializer_range=0.2,
-    max_position_embeddings=256)
-YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64,
-            mscale=1.0, mscale_all_dim=1.0)
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    num_hidden_layers=3,
+    first_k_dense_replace=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    q_lora_rank=24,
+    kv_lora_rank=16,
+    qk_nope_head_dim=10,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    routed_scaling_factor=2.5,
+    initializer_range=0.2,
+    max_position_embeddings=256,
+)
+YARN = dict(
+    rope_type="yarn",
+    rope_theta=10000.0,
+    factor=4.0,
+    original_max_position_embeddings=64,
+    mscale=1.0,
+    mscale_all_dim=1.0,
+)
 LOGIT_RTOL = 1e-4
 
 
@@ -75,8 +98,11 @@ def read_tensors(path: str) -> dict[str, torch.Tensor]:
 def write_checkpoint(path: str, tensors: dict[str, torch.Tensor], config: dict) -> str:
     """A single-file checkpoint directory with `config` as config.json."""
     os.makedirs(path, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(path, "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        os.path.join(path, "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
     return path
@@ -99,8 +125,9 @@ def assert_same_params(a, b) -> None:
         np.testing.assert_array_equal(pa[path], pb[path], err_msg=".".join(path))
 
 
-def write_mtp_checkpoint(path: str, depth: int = 1, **overrides
-                         ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+def write_mtp_checkpoint(
+    path: str, depth: int = 1, **overrides
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """A checkpoint of a 2-layer main model plus `depth` MTP modules (HF layers 2 .. 1 + depth),
     built from a random (2 + depth)-layer model whose last decoder layers serve as the MTP blocks
     (`overrides`: DeepseekV3Config fields).  Returns (the (2 + depth)-layer HF model, the
@@ -114,12 +141,16 @@ def write_mtp_checkpoint(path: str, depth: int = 1, **overrides
     extras = {}
     for k in range(depth):
         p = f"model.layers.{2 + k}."
-        extras.update({f"{p}enorm.weight": 1 + 0.1 * torch.randn(d, generator=gen),
-                       f"{p}hnorm.weight": 1 + 0.1 * torch.randn(d, generator=gen),
-                       f"{p}eh_proj.weight": 0.2 * torch.randn(d, 2 * d, generator=gen),
-                       f"{p}shared_head.norm.weight": 1 + 0.1 * torch.randn(d, generator=gen),
-                       f"{p}shared_head.head.weight": tensors["lm_head.weight"].clone(),
-                       f"{p}embed_tokens.weight": tensors["model.embed_tokens.weight"].clone()})
+        extras.update(
+            {
+                f"{p}enorm.weight": 1 + 0.1 * torch.randn(d, generator=gen),
+                f"{p}hnorm.weight": 1 + 0.1 * torch.randn(d, generator=gen),
+                f"{p}eh_proj.weight": 0.2 * torch.randn(d, 2 * d, generator=gen),
+                f"{p}shared_head.norm.weight": 1 + 0.1 * torch.randn(d, generator=gen),
+                f"{p}shared_head.head.weight": tensors["lm_head.weight"].clone(),
+                f"{p}embed_tokens.weight": tensors["model.embed_tokens.weight"].clone(),
+            }
+        )
     config = {**read_config(path), "num_hidden_layers": 2, "num_nextn_predict_layers": depth}
     write_checkpoint(path, {**tensors, **extras}, config)
     return source, extras

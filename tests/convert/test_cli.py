@@ -47,19 +47,28 @@ def _truncate(size):
     def cut(path):
         with open(path / SINGLE_FILE, "r+b") as f:
             f.truncate(size)
+
     return cut
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda p: shutil.rmtree(p), r"HF checkpoint directory {path} does not exist"),
-    (lambda p: (p / "config.json").unlink(), r"HF checkpoint directory {path} has no config\.json"),
-    (_break_config, r"{path}/config\.json: the model config is not valid JSON"),
-    (_wrong_model_type, r"{path}/config\.json: HF config model_type='llama' is not supported"),
-    (lambda p: (p / SINGLE_FILE).unlink(), r"{path} has neither model\.safetensors\.index\.json nor"),
-    (_truncate(100), r"{path}/model\.safetensors: truncated safetensors file \(100 bytes"),
-    (_truncate(20_000), r"{path}/model\.safetensors: truncated safetensors file: tensor \S+ ends at byte"),
-])
-def test_every_bad_checkpoint_is_one_error_line_naming_the_file(saved_tiny, tmp_path, capsys, damage, message):
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: shutil.rmtree(p), r"HF checkpoint directory {path} does not exist"),
+        (lambda p: (p / "config.json").unlink(), r"HF checkpoint directory {path} has no config\.json"),
+        (_break_config, r"{path}/config\.json: the model config is not valid JSON"),
+        (_wrong_model_type, r"{path}/config\.json: HF config model_type='llama' is not supported"),
+        (lambda p: (p / SINGLE_FILE).unlink(), r"{path} has neither model\.safetensors\.index\.json nor"),
+        (_truncate(100), r"{path}/model\.safetensors: truncated safetensors file \(100 bytes"),
+        (
+            _truncate(20_000),
+            r"{path}/model\.safetensors: truncated safetensors file: tensor \S+ ends at byte",
+        ),
+    ],
+)
+def test_every_bad_checkpoint_is_one_error_line_naming_the_file(
+    saved_tiny, tmp_path, capsys, damage, message
+):
     path = _copy_of(saved_tiny, tmp_path)
     damage(path)
     for command in ("check", "export"):
@@ -77,7 +86,13 @@ def test_check_with_no_tokens_is_an_error(saved_tiny, capsys):
 def test_a_missing_path_from_the_command_line_prints_no_traceback(tmp_path):
     """As a user runs it: one line on stderr, exit code 2 (it used to bypass the error handler)."""
     missing = tmp_path / "nowhere"
-    proc = subprocess.run([sys.executable, "-m", "frontier_jax", "convert", "check", "--hf", str(missing)],
-                          env=subprocess_env(devices=None), cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "frontier_jax", "convert", "check", "--hf", str(missing)],
+        env=subprocess_env(devices=None),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr == f"error: HF checkpoint directory {missing} does not exist\n"

@@ -10,8 +10,15 @@ from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from frontier_jax.convert import from_hf, to_hf
 from frontier_jax.convert.safetensors_io import INDEX_FILE, CheckpointReader
 
-from .helpers import (YARN, assert_same_params, hf_logits, read_tensors, rel_err, tiny_hf_model,
-                      write_mtp_checkpoint)
+from .helpers import (
+    YARN,
+    assert_same_params,
+    hf_logits,
+    read_tensors,
+    rel_err,
+    tiny_hf_model,
+    write_mtp_checkpoint,
+)
 
 
 def test_round_trip_reproduces_every_tensor_of_the_checkpoint_and_every_parameter(tmp_path):

@@ -26,8 +26,9 @@ def test_fused_expert_tensors_import_like_per_expert_ones(saved_tiny, tmp_path):
     tensors = read_tensors(path)
     for i in range(TINY["first_k_dense_replace"], TINY["num_hidden_layers"]):
         p = f"model.layers.{i}.mlp.experts."
-        pop = lambda name: torch.stack([tensors.pop(f"{p}{e}.{name}_proj.weight")
-                                        for e in range(TINY["n_routed_experts"])])
+        pop = lambda name: torch.stack(
+            [tensors.pop(f"{p}{e}.{name}_proj.weight") for e in range(TINY["n_routed_experts"])]
+        )
         gate, up, down = pop("gate"), pop("up"), pop("down")
         tensors[f"{p}gate_up_proj"], tensors[f"{p}down_proj"] = torch.cat([gate, up], dim=1), down
     fused = write_checkpoint(str(tmp_path), tensors, read_config(path))

@@ -9,8 +9,16 @@ from transformers import DeepseekV3ForCausalLM
 from frontier_jax.convert import from_hf
 from frontier_jax.convert.fp8 import fp8_block_size
 
-from .helpers import (LOGIT_RTOL, assert_same_params, hf_logits, our_logits, read_config, read_tensors,
-                      rel_err, write_checkpoint)
+from .helpers import (
+    LOGIT_RTOL,
+    assert_same_params,
+    hf_logits,
+    our_logits,
+    read_config,
+    read_tensors,
+    rel_err,
+    write_checkpoint,
+)
 
 E4M3_MAX = 448.0
 
@@ -45,8 +53,12 @@ def test_fp8_block_scaled_import_equals_the_dequantized_weights(block, saved_tin
             assert not torch.equal(dequantized[name], w)  # the rounding is real
         else:
             quantized[name] = dequantized[name] = w
-    quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                    "weight_block_size": list(block)}
+    quant = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": list(block),
+    }
     fp8_dir = write_checkpoint(str(tmp_path / "fp8"), quantized, {**config, "quantization_config": quant})
     ref_dir = write_checkpoint(str(tmp_path / "ref"), dequantized, config)
     _, fp8_model = from_hf(fp8_dir)

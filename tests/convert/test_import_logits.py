@@ -34,8 +34,12 @@ def test_imported_v3_logits_match_transformers(case, tmp_path, ids):
 
 
 def test_imported_v2_softmax_group_limited_logits_match_transformers(tmp_path, ids):
-    hf = tiny_hf_model(model_type="deepseek_v2", topk_method="group_limited_greedy", norm_topk_prob=False,
-                       rope_parameters={**YARN, "mscale": 0.707, "mscale_all_dim": 0.707})
+    hf = tiny_hf_model(
+        model_type="deepseek_v2",
+        topk_method="group_limited_greedy",
+        norm_topk_prob=False,
+        rope_parameters={**YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
+    )
     hf.save_pretrained(tmp_path)
     cfg, model = from_hf(str(tmp_path))
     assert (cfg.scoring_func, cfg.n_group, cfg.topk_group) == ("softmax", 4, 2)

@@ -17,15 +17,31 @@ from .helpers import assert_same_params, tiny_hf_model
 
 # "tens of MB": 8 layers (1 dense, 7 MoE of 16 experts), about 53 MiB of float32 parameters
 # whose largest single tensor is 2 MiB.
-MEDIUM = dict(vocab_size=2048, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
-              num_hidden_layers=8, n_routed_experts=16, num_attention_heads=4, num_key_value_heads=4,
-              q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32)
+MEDIUM = dict(
+    vocab_size=2048,
+    hidden_size=256,
+    intermediate_size=512,
+    moe_intermediate_size=128,
+    num_hidden_layers=8,
+    n_routed_experts=16,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    q_lora_rank=64,
+    kv_lora_rank=64,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=16,
+    v_head_dim=32,
+)
 
 
 def _mesh(**sizes):
     """A mesh over the 8 fake devices as `parallel.mesh.build_mesh` makes it (Auto axes)."""
-    return jax.make_mesh(tuple(sizes.get(a, 1) for a in MESH_AXES), MESH_AXES,
-                         axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=jax.devices()[:8])
+    return jax.make_mesh(
+        tuple(sizes.get(a, 1) for a in MESH_AXES),
+        MESH_AXES,
+        axis_types=(AxisType.Auto,) * len(MESH_AXES),
+        devices=jax.devices()[:8],
+    )
 
 
 def _variables(model):
@@ -64,8 +80,10 @@ def test_mesh_that_does_not_divide_a_parameter_is_an_error_naming_it(saved_tiny)
         from_hf(path, mesh=_mesh(tensor=8))  # 2 heads
 
 
-@pytest.mark.parametrize("dtype, policy", [("bfloat16", "bf16"), (jnp.bfloat16, "bf16"), (jnp.float32, "fp32"),
-                                           (np.dtype("float32"), "fp32")])
+@pytest.mark.parametrize(
+    "dtype, policy",
+    [("bfloat16", "bf16"), (jnp.bfloat16, "bf16"), (jnp.float32, "fp32"), (np.dtype("float32"), "fp32")],
+)
 def test_dtype_is_accepted_as_a_string_or_a_dtype_object(saved_tiny, dtype, policy):
     _, model = from_hf(saved_tiny[0], dtype=dtype)
     assert model.policy.name == policy and model.embed.embedding[...].dtype == jnp.float32

@@ -54,7 +54,7 @@ def _transformers_mtp_logits(path, ids, depth):
         hidden, mtp_logits = out.hidden_states[-1], []
         for k in range(1, depth + 1):
             positions = torch.arange(k, t)[None].expand(b, -1)
-            hidden = mtp.forward_layer(k - 1, hidden[:, :t - k], positions, None, input_ids=x[:, k:])
+            hidden = mtp.forward_layer(k - 1, hidden[:, : t - k], positions, None, input_ids=x[:, k:])
             mtp_logits.append(mtp._project_to_logits(hidden).numpy())
     return out.logits.numpy(), mtp_logits
 
@@ -72,21 +72,29 @@ def test_mtp_layers_land_in_model_mtp_and_match_transformers_mtp_model(mtp_check
         np.testing.assert_array_equal(mtp("hidden_norm", "scale"), extras[f"{p}hnorm.weight"].numpy())
         np.testing.assert_array_equal(mtp("proj", "kernel"), extras[f"{p}eh_proj.weight"].numpy().T)
         np.testing.assert_array_equal(mtp("out_norm", "scale"), extras[f"{p}shared_head.norm.weight"].numpy())
-        np.testing.assert_array_equal(mtp("block", "attn_norm", "scale"),
-                                      layer.input_layernorm.weight.detach().numpy())
-        np.testing.assert_array_equal(mtp("block", "ffn", "router", "bias"),
-                                      layer.mlp.gate.e_score_correction_bias.numpy())
-        np.testing.assert_array_equal(mtp("block", "ffn", "experts", "w_down"),
-                                      layer.mlp.experts.down_proj.detach().numpy().transpose(0, 2, 1))
+        np.testing.assert_array_equal(
+            mtp("block", "attn_norm", "scale"), layer.input_layernorm.weight.detach().numpy()
+        )
+        np.testing.assert_array_equal(
+            mtp("block", "ffn", "router", "bias"), layer.mlp.gate.e_score_correction_bias.numpy()
+        )
+        np.testing.assert_array_equal(
+            mtp("block", "ffn", "experts", "w_down"),
+            layer.mlp.experts.down_proj.detach().numpy().transpose(0, 2, 1),
+        )
 
     graphdef, state = nnx.split(model)
     out = jax.jit(lambda s, x: nnx.merge(graphdef, s).forward(x))(state, jnp.asarray(ids, jnp.int32))
     main_ref, mtp_ref = _transformers_mtp_logits(path, ids, depth)
     main_err = rel_err(np.asarray(out.logits), main_ref)
-    mtp_errs = [rel_err(np.asarray(out.mtp_logits[k - 1, :, :ids.shape[1] - k]), mtp_ref[k - 1])
-                for k in range(1, depth + 1)]
-    print(f"mtp checkpoint: main logits {main_err:.2e}, mtp logits per depth "
-          + ", ".join(f"{e:.2e}" for e in mtp_errs))
+    mtp_errs = [
+        rel_err(np.asarray(out.mtp_logits[k - 1, :, : ids.shape[1] - k]), mtp_ref[k - 1])
+        for k in range(1, depth + 1)
+    ]
+    print(
+        f"mtp checkpoint: main logits {main_err:.2e}, mtp logits per depth "
+        + ", ".join(f"{e:.2e}" for e in mtp_errs)
+    )
     assert main_err < LOGIT_RTOL and max(mtp_errs) < LOGIT_RTOL
 
 

@@ -26,8 +26,12 @@ def jsonl_config(write_jsonl):
 
     def make(docs_by_source, weights=None, **fields):
         sources = [
-            SourceConfig(name=name, kind="jsonl", weight=(weights or {}).get(name, 1.0),
-                         path=write_jsonl(f"{name}.jsonl", [{"text": d} for d in docs]))
+            SourceConfig(
+                name=name,
+                kind="jsonl",
+                weight=(weights or {}).get(name, 1.0),
+                path=write_jsonl(f"{name}.jsonl", [{"text": d} for d in docs]),
+            )
             for name, docs in docs_by_source.items()
         ]
         return DataConfig(sources=sources, **fields)

@@ -33,10 +33,15 @@ def test_ramp_batches_hold_the_next_rows_of_the_stream_then_padding(mask_documen
         batch = next(ramp)
         for key in KEYS:
             assert batch[key].shape == (8, 32) and batch[key].dtype == np.int32, key
-            np.testing.assert_array_equal(batch[key][:rows], stream[key][start:start + rows],
-                                          err_msg=f"batch {k} {key}")
+            np.testing.assert_array_equal(
+                batch[key][:rows], stream[key][start : start + rows], err_msg=f"batch {k} {key}"
+            )
         pad = {key: batch[key][rows:] for key in KEYS}
-        assert (pad["loss_mask"] == 0).all() and (pad["segment_ids"] == 0).all() and (pad["positions"] == 0).all()
+        assert (
+            (pad["loss_mask"] == 0).all()
+            and (pad["segment_ids"] == 0).all()
+            and (pad["positions"] == 0).all()
+        )
         assert (pad["input_ids"] == 256).all() and (pad["targets"] == 256).all()  # the byte tokenizer's pad
         start += rows
     assert start == sum(RAMP)  # rows consumed = the ramp's rows

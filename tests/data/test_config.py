@@ -28,9 +28,14 @@ def test_config_works_as_omegaconf_structured_config():
         (DataConfig(sources=[]), ["data.sources"]),
         (DataConfig(sources=[SourceConfig("a", "csv", "x.csv")]), ["data.sources[0].kind", "'csv'", "jsonl"]),
         (DataConfig(sources=[SourceConfig("a", "jsonl")]), ["data.sources[0].path", "glob"]),
-        (DataConfig(sources=[SourceConfig("a", "embedded_math", weight=0.0)]), ["data.sources[0].weight", "0.0"]),
-        (DataConfig(sources=[SourceConfig("a", "embedded_math"), SourceConfig("a", "embedded_code")]),
-         ["data.sources[1].name", "unique"]),
+        (
+            DataConfig(sources=[SourceConfig("a", "embedded_math", weight=0.0)]),
+            ["data.sources[0].weight", "0.0"],
+        ),
+        (
+            DataConfig(sources=[SourceConfig("a", "embedded_math"), SourceConfig("a", "embedded_code")]),
+            ["data.sources[1].name", "unique"],
+        ),
         (DataConfig(min_document_chars=0), ["data.min_document_chars"]),
         (DataConfig(max_document_chars=5, min_document_chars=10), ["data.max_document_chars=5"]),
         (DataConfig(worker_count=-1), ["data.worker_count=-1"]),
@@ -46,12 +51,15 @@ def test_invalid_config_error_names_field_and_value(cfg, fragments):
 def test_record_format_and_special_tokens_load_from_omegaconf_and_bad_formats_name_the_choices():
     merged = omegaconf.OmegaConf.merge(
         omegaconf.OmegaConf.structured(DataConfig),
-        {"special_tokens": {"fim_begin": "<PRE>"},
-         "sources": [{"name": "sft", "kind": "jsonl", "path": "/d/*.jsonl", "format": "chat"}]},
+        {
+            "special_tokens": {"fim_begin": "<PRE>"},
+            "sources": [{"name": "sft", "kind": "jsonl", "path": "/d/*.jsonl", "format": "chat"}],
+        },
     )
     cfg = omegaconf.OmegaConf.to_object(merged)
     assert cfg.sources[0].format == RecordFormat.chat and cfg.special_tokens == {"fim_begin": "<PRE>"}
     assert cfg.sources[0].fields() == ("messages",)
     with pytest.raises(omegaconf.ValidationError, match="prompt_response"):
-        omegaconf.OmegaConf.merge(omegaconf.OmegaConf.structured(SourceConfig),
-                                  {"name": "a", "kind": "jsonl", "format": "dialogue"})
+        omegaconf.OmegaConf.merge(
+            omegaconf.OmegaConf.structured(SourceConfig), {"name": "a", "kind": "jsonl", "format": "dialogue"}
+        )

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from frontier_jax.data import (
-    DataConfig, DataStats, SourceConfig, build_train_iterator, restore_iterator_state, save_iterator_state)
+    DataConfig,
+    DataStats,
+    SourceConfig,
+    build_train_iterator,
+    restore_iterator_state,
+    save_iterator_state,
+)
 
 KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -64,16 +70,25 @@ def test_restored_iterator_yields_exactly_the_next_batches(mask_documents, taken
 
 
 def test_same_config_gives_the_same_batches_and_another_seed_other_ones():
-    first = _take(build_train_iterator(DataConfig(seed=1, max_document_chars=100), seq_len=32, global_batch=4), 2)
-    again = _take(build_train_iterator(DataConfig(seed=1, max_document_chars=100), seq_len=32, global_batch=4), 2)
-    other = _take(build_train_iterator(DataConfig(seed=2, max_document_chars=100), seq_len=32, global_batch=4), 2)
+    first = _take(
+        build_train_iterator(DataConfig(seed=1, max_document_chars=100), seq_len=32, global_batch=4), 2
+    )
+    again = _take(
+        build_train_iterator(DataConfig(seed=1, max_document_chars=100), seq_len=32, global_batch=4), 2
+    )
+    other = _take(
+        build_train_iterator(DataConfig(seed=2, max_document_chars=100), seq_len=32, global_batch=4), 2
+    )
     _assert_same_batches(again, first)
     assert not np.array_equal(other[0]["input_ids"], first[0]["input_ids"])
 
 
 def test_mixture_follows_the_weights_over_many_documents(jsonl_config):
-    cfg = jsonl_config({"a": [f"a{i}" for i in range(100)], "b": [f"b{i}" for i in range(100)]},
-                       weights={"a": 3.0, "b": 1.0}, seed=5)
+    cfg = jsonl_config(
+        {"a": [f"a{i}" for i in range(100)], "b": [f"b{i}" for i in range(100)]},
+        weights={"a": 3.0, "b": 1.0},
+        seed=5,
+    )
     it = build_train_iterator(cfg, seq_len=64, global_batch=8)
     firsts = []
     for batch in _take(it, 20):
@@ -98,7 +113,10 @@ def test_data_stats_are_read_from_the_iterator_state(write_jsonl):
     stats = DataStats.from_state(json.loads(json.dumps(it.get_state())))
     counts = stats.counts["web"]
     assert counts["documents"] > 3
-    assert abs(counts["invalid_json"] - counts["documents"]) <= 1 and abs(counts["empty"] - counts["documents"]) <= 1
+    assert (
+        abs(counts["invalid_json"] - counts["documents"]) <= 1
+        and abs(counts["empty"] - counts["documents"]) <= 1
+    )
 
 
 def test_worker_processes_give_resumable_batches_and_stats_summed_over_workers():
@@ -116,12 +134,25 @@ def test_worker_processes_give_resumable_batches_and_stats_summed_over_workers()
 
 
 @pytest.mark.parametrize("mask_documents", [False, True])
-def test_restored_iterator_over_chats_and_texts_yields_exactly_the_next_batches(mask_documents, write_jsonl,
-                                                                                tmp_path):
-    chats = [{"messages": [{"role": "user", "content": f"q{i} " * (i % 5 + 1)},
-                           {"role": "assistant", "content": f"a{i} " * (i % 7 + 1)}]} for i in range(40)]
-    cfg = DataConfig(sources=[SourceConfig("chat", "jsonl", write_jsonl("c.jsonl", chats), format="chat"),
-                              SourceConfig("math", "embedded_math")], mask_documents=mask_documents)
+def test_restored_iterator_over_chats_and_texts_yields_exactly_the_next_batches(
+    mask_documents, write_jsonl, tmp_path
+):
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": f"q{i} " * (i % 5 + 1)},
+                {"role": "assistant", "content": f"a{i} " * (i % 7 + 1)},
+            ]
+        }
+        for i in range(40)
+    ]
+    cfg = DataConfig(
+        sources=[
+            SourceConfig("chat", "jsonl", write_jsonl("c.jsonl", chats), format="chat"),
+            SourceConfig("math", "embedded_math"),
+        ],
+        mask_documents=mask_documents,
+    )
     it = build_train_iterator(cfg, seq_len=32, global_batch=4)
     _take(it, 5)
     save_iterator_state(it, tmp_path / "data.json")

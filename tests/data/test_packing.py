@@ -25,8 +25,10 @@ def _random_chats(n, seed):
     """Chats of 1-3 turns with random roles and short random contents."""
     rng = random.Random(seed)
     texts = _random_documents(3 * n, seed + 100)
-    return [tuple((rng.choice(list(ROLE_IDS)), texts[3 * i + j][:T // 2]) for j in range(rng.randint(1, 3)))
-            for i in range(n)]
+    return [
+        tuple((rng.choice(list(ROLE_IDS)), texts[3 * i + j][: T // 2]) for j in range(rng.randint(1, 3)))
+        for i in range(n)
+    ]
 
 
 def _reference_ids(doc):
@@ -90,8 +92,13 @@ def _reference_concat_split(docs):
 
 
 def _packed_rows(docs, mask_documents, num_bins=4):
-    ds = pack_documents(grain.MapDataset.source(docs).to_iter_dataset(), tokenizer=TOK, seq_len=T,
-                        mask_documents=mask_documents, num_bins=num_bins)
+    ds = pack_documents(
+        grain.MapDataset.source(docs).to_iter_dataset(),
+        tokenizer=TOK,
+        seq_len=T,
+        mask_documents=mask_documents,
+        num_bins=num_bins,
+    )
     rows = list(ds)
     for row in rows:
         assert all(v.dtype == np.int32 and v.shape == (T,) for v in row.values())
@@ -135,7 +142,7 @@ def test_document_masked_batches_have_per_document_segments_positions_and_target
             assert (ids[seg == 0] == TOK.pad_id).all()
             real = seg[seg > 0]
             assert (np.diff(real) >= 0).all() and (np.diff(real) <= 1).all() and real[0] == 1
-            assert (seg[len(real):] == 0).all()  # padding only at the end
+            assert (seg[len(real) :] == 0).all()  # padding only at the end
             starts = np.flatnonzero(np.diff(np.concatenate([[0], seg])) != 0)
             for s in starts:
                 if seg[s] > 0:
@@ -147,7 +154,9 @@ def test_document_masked_batches_have_per_document_segments_positions_and_target
 
 
 def test_pretraining_batches_have_positions_0_to_T_one_segment_and_next_token_targets():
-    it = build_train_iterator(DataConfig(mask_documents=False, max_document_chars=40), seq_len=32, global_batch=4)
+    it = build_train_iterator(
+        DataConfig(mask_documents=False, max_document_chars=40), seq_len=32, global_batch=4
+    )
     batch = next(it)
     np.testing.assert_array_equal(batch["positions"], np.broadcast_to(np.arange(32), (4, 32)))
     assert (batch["segment_ids"] == 1).all() and (batch["loss_mask"] == 1).all()

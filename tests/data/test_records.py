@@ -26,8 +26,17 @@ def test_chat_records_read_roles_and_contents_or_say_what_is_wrong(write_jsonl):
     path = write_jsonl("chat.jsonl", BAD_CHAT_LINES)
     got = list(source_records(SourceConfig("c", "jsonl", path, format="chat"), seed=0))
     assert got[0] == Record(f"{path}:1", messages=(("user", "hi"), ("assistant", "hello")))
-    assert [r.problem for r in got] == [None, MISSING_FIELD, WRONG_TYPE, WRONG_TYPE, WRONG_TYPE, WRONG_TYPE,
-                                        MISSING_FIELD, None, None]
+    assert [r.problem for r in got] == [
+        None,
+        MISSING_FIELD,
+        WRONG_TYPE,
+        WRONG_TYPE,
+        WRONG_TYPE,
+        WRONG_TYPE,
+        MISSING_FIELD,
+        None,
+        None,
+    ]
 
 
 def test_bad_chat_records_are_skipped_counted_and_logged_with_file_and_line(write_jsonl, caplog):
@@ -38,14 +47,21 @@ def test_bad_chat_records_are_skipped_counted_and_logged_with_file_and_line(writ
         docs = list(it)
     assert docs == [(("user", "hi"), ("assistant", "hello")), (("assistant", "hello"), ("user", "hi"))]
     counts = DataStats.from_state(it.get_state()).counts["chat"]
-    assert (counts["documents"], counts["missing_field"], counts["wrong_type"], counts["empty"]) == (2, 2, 4, 1)
+    assert (counts["documents"], counts["missing_field"], counts["wrong_type"], counts["empty"]) == (
+        2,
+        2,
+        4,
+        1,
+    )
     messages = [r.getMessage() for r in caplog.records]
     assert f"'chat': skipped {path}:2 (missing_field)" in messages[0]
     assert f"{path}:3 (wrong_type)" in messages[1]
 
 
 def test_prompt_response_records_with_a_missing_or_non_text_field_are_rejected(write_jsonl):
-    path = write_jsonl("qa.jsonl", [{"prompt": "p", "response": "r"}, {"prompt": "p"}, {"prompt": "p", "response": 1}])
+    path = write_jsonl(
+        "qa.jsonl", [{"prompt": "p", "response": "r"}, {"prompt": "p"}, {"prompt": "p", "response": 1}]
+    )
     got = list(source_records(SourceConfig("qa", "jsonl", path, format="prompt_response"), seed=0))
     assert got[0].messages == (("user", "p"), ("assistant", "r"))
     assert [r.problem for r in got] == [None, MISSING_FIELD, WRONG_TYPE]
@@ -54,7 +70,9 @@ def test_prompt_response_records_with_a_missing_or_non_text_field_are_rejected(w
 def test_parquet_chat_column_of_structs_is_read_as_messages(tmp_path):
     path = str(tmp_path / "chat.parquet")
     pq.write_table(pa.table({"turns": [GOOD, [{"role": "user", "content": "q"}]]}), path)
-    got = list(source_records(SourceConfig("c", "parquet", path, format="chat", messages_field="turns"), seed=0))
+    got = list(
+        source_records(SourceConfig("c", "parquet", path, format="chat", messages_field="turns"), seed=0)
+    )
     assert [r.messages for r in got] == [(("user", "hi"), ("assistant", "hello")), (("user", "q"),)]
 
 

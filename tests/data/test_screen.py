@@ -29,8 +29,12 @@ BAD_DATA_LINES = [
 
 
 def _documents_and_stats(path, epochs=1):
-    cfg = DataConfig(sources=[SourceConfig("web", "jsonl", path)], shuffle=False,
-                     min_document_chars=3, max_document_chars=10)
+    cfg = DataConfig(
+        sources=[SourceConfig("web", "jsonl", path)],
+        shuffle=False,
+        min_document_chars=3,
+        max_document_chars=10,
+    )
     it = iter(source_documents(cfg, cfg.sources[0], num_epochs=epochs))
     docs = list(it)
     return docs, DataStats.from_state(it.get_state())
@@ -39,9 +43,18 @@ def _documents_and_stats(path, epochs=1):
 def test_bad_records_are_skipped_and_counted_per_reason(write_jsonl):
     docs, stats = _documents_and_stats(write_jsonl("web.jsonl", BAD_DATA_LINES))
     assert docs == ["good one", "0123456789", "0123456789", "abcde", "good two"]
-    assert stats.counts == {"web": {
-        "documents": 3, "split_overlong": 1, "invalid_utf8": 1, "invalid_json": 2,
-        "missing_field": 2, "wrong_type": 0, "empty": 2, "too_short": 1}}
+    assert stats.counts == {
+        "web": {
+            "documents": 3,
+            "split_overlong": 1,
+            "invalid_utf8": 1,
+            "invalid_json": 2,
+            "missing_field": 2,
+            "wrong_type": 0,
+            "empty": 2,
+            "too_short": 1,
+        }
+    }
     assert stats.skipped("web") == 8
     assert stats.as_metrics()["data/web/invalid_json"] == 2
 
@@ -62,8 +75,12 @@ def test_first_skipped_records_are_logged_with_file_and_line(write_jsonl, caplog
 
 def test_resume_in_the_middle_of_a_split_document_continues_pieces_and_counts(write_jsonl):
     path = write_jsonl("web.jsonl", BAD_DATA_LINES)
-    cfg = DataConfig(sources=[SourceConfig("web", "jsonl", path)], shuffle=False,
-                     min_document_chars=3, max_document_chars=10)
+    cfg = DataConfig(
+        sources=[SourceConfig("web", "jsonl", path)],
+        shuffle=False,
+        min_document_chars=3,
+        max_document_chars=10,
+    )
     dataset = source_documents(cfg, cfg.sources[0], num_epochs=1)
     it = iter(dataset)
     for _ in range(2):  # "good one", first piece of the split document
@@ -95,7 +112,9 @@ def test_a_source_of_only_bad_records_is_an_error_naming_it_not_a_hang(write_jso
     it = iter(source_documents(cfg, cfg.sources[0], num_epochs=None))
     with pytest.raises(DataError, match=r"data source 'bad' gave no document in its last 50 records") as err:
         next(it)
-    counts = dict(kv.split("=") for kv in re.search(r"counts so far: ([^)]*)\)", str(err.value))[1].split(", "))
+    counts = dict(
+        kv.split("=") for kv in re.search(r"counts so far: ([^)]*)\)", str(err.value))[1].split(", ")
+    )
     assert set(counts) == {"missing_field", "empty", "invalid_json"} and sum(map(int, counts.values())) == 50
 
 
@@ -111,8 +130,13 @@ def test_a_bad_source_in_a_mixture_stops_the_batches_with_its_name(write_jsonl):
     """At 10% weight in a mixture, an all-bad source used to stall the whole pipeline."""
     good = write_jsonl("good.jsonl", [{"text": f"document number {i}"} for i in range(50)])
     bad = write_jsonl("bad.jsonl", [{"body": "wrong field"}])
-    cfg = DataConfig(sources=[SourceConfig("good", "jsonl", good, weight=0.9),
-                              SourceConfig("bad", "jsonl", bad, weight=0.1)], max_skipped_in_a_row=100)
+    cfg = DataConfig(
+        sources=[
+            SourceConfig("good", "jsonl", good, weight=0.9),
+            SourceConfig("bad", "jsonl", bad, weight=0.1),
+        ],
+        max_skipped_in_a_row=100,
+    )
     it = build_train_iterator(cfg, seq_len=16, global_batch=2)
     with pytest.raises(DataError, match=r"'bad' .*missing_field=100"):
         for _ in range(100):

@@ -41,7 +41,9 @@ def test_glob_path_reads_matching_files_in_sorted_order(write_jsonl, tmp_path):
 
 def test_parquet_reader_reads_column_across_row_groups(tmp_path):
     path = str(tmp_path / "a.parquet")
-    pq.write_table(pa.table({"body": ["a", "b", None, "d", "e"], "n": [1, 2, 3, 4, 5]}), path, row_group_size=2)
+    pq.write_table(
+        pa.table({"body": ["a", "b", None, "d", "e"], "n": [1, 2, 3, 4, 5]}), path, row_group_size=2
+    )
     got = _records("parquet", path, "body")
     assert [r.text for r in got] == ["a", "b", None, "d", "e"]
     assert got[2] == Record(f"{path}#2", problem=MISSING_FIELD)
@@ -58,7 +60,10 @@ def test_parquet_without_the_text_column_is_an_error_naming_file_and_column(tmp_
 def test_array_record_reader_reads_utf8_text_records(tmp_path):
     path = _write_array_record(tmp_path / "a.array_record", ["héllo".encode(), b"\xff\xfe", b"bye"])
     assert _records("array_record", path) == [
-        Record(f"{path}#0", "héllo"), Record(f"{path}#1", problem=INVALID_UTF8), Record(f"{path}#2", "bye")]
+        Record(f"{path}#0", "héllo"),
+        Record(f"{path}#1", problem=INVALID_UTF8),
+        Record(f"{path}#2", "bye"),
+    ]
 
 
 def test_array_record_reader_reads_json_records_text_field(tmp_path):

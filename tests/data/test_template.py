@@ -57,8 +57,13 @@ def test_chat_loss_mask_covers_exactly_the_assistant_turns(write_jsonl):
 def test_prompt_response_record_trains_on_the_response_and_its_end_only(write_jsonl):
     rows = [{"q": f"question {i}?", "a": f"answer {i}."} for i in range(8)]
     path = write_jsonl("qa.jsonl", rows)
-    cfg = DataConfig(sources=[SourceConfig("qa", "jsonl", path, format="prompt_response", prompt_field="q",
-                                           response_field="a")], mask_documents=True, shuffle=False)
+    cfg = DataConfig(
+        sources=[
+            SourceConfig("qa", "jsonl", path, format="prompt_response", prompt_field="q", response_field="a")
+        ],
+        mask_documents=True,
+        shuffle=False,
+    )
     whole, trained = next(_segments(next(build_train_iterator(cfg, seq_len=64, global_batch=1))))
     assert whole == "<bos><|user|>question 0?<|end|><|assistant|>answer 0.<|end|><eos>"
     assert trained == "answer 0.<|end|>"
@@ -79,11 +84,15 @@ def test_render_concatenates_pieces_with_their_training_flags():
 
 
 def test_chat_source_needs_the_role_tokens_of_the_tokenizer(write_jsonl, tmp_path):
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "<s>": 1, "</s>": 2}, unk_token="[UNK]"))
+    tok = tokenizers.Tokenizer(
+        tokenizers.models.WordLevel({"[UNK]": 0, "<s>": 1, "</s>": 2}, unk_token="[UNK]")
+    )
     tok.add_special_tokens(["<s>", "</s>"])
     tok.save(str(tmp_path / "tokenizer.json"))
     path = write_jsonl("chat.jsonl", _chats(2, seed=0))
-    cfg = DataConfig(sources=[SourceConfig("chat", "jsonl", path, format="chat")],
-                     tokenizer=str(tmp_path / "tokenizer.json"))
+    cfg = DataConfig(
+        sources=[SourceConfig("chat", "jsonl", path, format="chat")],
+        tokenizer=str(tmp_path / "tokenizer.json"),
+    )
     with pytest.raises(ValueError, match="no 'system' special token"):
         build_train_iterator(cfg, seq_len=16, global_batch=1)

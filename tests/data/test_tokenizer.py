@@ -8,7 +8,13 @@ from omegaconf import OmegaConf
 from frontier_jax.data import byte_tokenizer, load_tokenizer
 from frontier_jax.data.tokenizer import SPECIAL_TOKENS
 
-TEXTS = ["", "hello world", "naïve café — 日本語 🎉\n\ttabs  and  spaces ", "<bos> and <eos> in text", "\x00\x7f"]
+TEXTS = [
+    "",
+    "hello world",
+    "naïve café — 日本語 🎉\n\ttabs  and  spaces ",
+    "<bos> and <eos> in text",
+    "\x00\x7f",
+]
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -26,8 +32,17 @@ def test_byte_tokenizer_has_266_ids_with_named_specials_after_the_bytes():
     assert tok.decode([tok.bos_id, 104, 105, tok.eos_id]) == "<bos>hi<eos>"
     assert [tok.special_id(name) for name in SPECIAL_TOKENS] == list(range(256, 266))
     assert [tok.decode([tok.special_id(name)]) for name in SPECIAL_TOKENS] == [
-        "<pad>", "<bos>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
-        "<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>"]
+        "<pad>",
+        "<bos>",
+        "<eos>",
+        "<|system|>",
+        "<|user|>",
+        "<|assistant|>",
+        "<|end|>",
+        "<|fim_begin|>",
+        "<|fim_hole|>",
+        "<|fim_end|>",
+    ]
 
 
 def test_toy_model_vocabulary_holds_every_byte_tokenizer_id():
@@ -99,8 +114,15 @@ def test_missing_tokenizer_file_error_names_path_and_config_field(tmp_path):
     assert missing in str(err.value) and "data.tokenizer" in str(err.value)
 
 
-DEEPSEEK_SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
-                     "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"]
+DEEPSEEK_SPECIALS = [
+    "<｜begin▁of▁sentence｜>",
+    "<｜end▁of▁sentence｜>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+    "<｜fim▁begin｜>",
+    "<｜fim▁hole｜>",
+    "<｜fim▁end｜>",
+]
 
 
 def test_tokenizer_json_specials_are_found_by_name_among_added_tokens(tmp_path):
@@ -108,9 +130,16 @@ def test_tokenizer_json_specials_are_found_by_name_among_added_tokens(tmp_path):
     _write_word_level_tokenizer(path, DEEPSEEK_SPECIALS, words=["<|system|>"])  # a plain word
     tok = load_tokenizer(str(path))
     by_name = {name: tok.decode([tok.special_id(name)]) for name in tok.special_ids}
-    assert by_name == {"bos": "<｜begin▁of▁sentence｜>", "eos": "<｜end▁of▁sentence｜>",
-                       "pad": "<｜end▁of▁sentence｜>", "user": "<｜User｜>", "assistant": "<｜Assistant｜>",
-                       "fim_begin": "<｜fim▁begin｜>", "fim_hole": "<｜fim▁hole｜>", "fim_end": "<｜fim▁end｜>"}
+    assert by_name == {
+        "bos": "<｜begin▁of▁sentence｜>",
+        "eos": "<｜end▁of▁sentence｜>",
+        "pad": "<｜end▁of▁sentence｜>",
+        "user": "<｜User｜>",
+        "assistant": "<｜Assistant｜>",
+        "fim_begin": "<｜fim▁begin｜>",
+        "fim_hole": "<｜fim▁hole｜>",
+        "fim_end": "<｜fim▁end｜>",
+    }
     with pytest.raises(ValueError, match="no 'system' special token") as err:  # a vocab word is not one
         tok.special_id("system")
     assert str(path) in str(err.value) and "data.special_tokens.system" in str(err.value)

@@ -32,18 +32,29 @@ def test_ablation_runs_every_arm_and_seed_summarises_and_resumes(tmp_path, monke
     out = tmp_path / "out"
     result = ablate.run_ablation(path, out, load_config=load_config, progress=False)
     runs = result["runs"]
-    assert sorted((r["arm"], r["seed"]) for r in runs) == [("mtp_off", 0), ("mtp_off", 1), ("mtp_on", 0), ("mtp_on", 1)]
+    assert sorted((r["arm"], r["seed"]) for r in runs) == [
+        ("mtp_off", 0),
+        ("mtp_off", 1),
+        ("mtp_on", 0),
+        ("mtp_on", 1),
+    ]
     assert all(r["step"] == 3 for r in runs)
     key = "held_out/math_held_out/bits_per_byte"
-    values = {arm: np.asarray([r["held_out"]["math_held_out"]["bits_per_byte"] for r in runs if r["arm"] == arm])
-              for arm in ("mtp_on", "mtp_off")}
+    values = {
+        arm: np.asarray([r["held_out"]["math_held_out"]["bits_per_byte"] for r in runs if r["arm"] == arm])
+        for arm in ("mtp_on", "mtp_off")
+    }
     assert values["mtp_on"][0] != values["mtp_on"][1]  # the seeds change the initialisation
     stats = result["summary"][key]
     for arm, v in values.items():
-        np.testing.assert_allclose([stats[arm]["mean"], stats[arm]["std"]], [v.mean(), v.std(ddof=1)], rtol=1e-12)
+        np.testing.assert_allclose(
+            [stats[arm]["mean"], stats[arm]["std"]], [v.mean(), v.std(ddof=1)], rtol=1e-12
+        )
     diff = values["mtp_off"].mean() - values["mtp_on"].mean()
     noise = 2 * np.sqrt(values["mtp_off"].var(ddof=1) / 2 + values["mtp_on"].var(ddof=1) / 2)
-    np.testing.assert_allclose([stats["mtp_off"]["diff"], stats["mtp_off"]["noise"]], [diff, noise], rtol=1e-12)
+    np.testing.assert_allclose(
+        [stats["mtp_off"]["diff"], stats["mtp_off"]["noise"]], [diff, noise], rtol=1e-12
+    )
     assert stats["mtp_off"]["exceeds_noise"] == bool(abs(diff) > noise)
     assert "mtp_off − mtp_on" in (out / "results.md").read_text()
     assert (out / "curves.png").stat().st_size > 0
@@ -58,12 +69,15 @@ def test_ablation_runs_every_arm_and_seed_summarises_and_resumes(tmp_path, monke
     assert again["summary"] == result["summary"]
 
 
-@pytest.mark.parametrize("body,message", [
-    ("base: model/toy\nseeds: [0]\narms: {a: [train.steps=1]}\n", "at least two arm names"),
-    ("base: model/toy\nseeds: [0, 0]\narms: {a: [], b: []}\n", "distinct integers"),
-    ("base: model/toy\nseeds: [0]\narms: {a: [], b: [train.nope=1]}\n", "train.nope"),
-    ("base: model/toy\nseed: [0]\narms: {a: [], b: []}\n", "unknown keys"),
-])
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ("base: model/toy\nseeds: [0]\narms: {a: [train.steps=1]}\n", "at least two arm names"),
+        ("base: model/toy\nseeds: [0, 0]\narms: {a: [], b: []}\n", "distinct integers"),
+        ("base: model/toy\nseeds: [0]\narms: {a: [], b: [train.nope=1]}\n", "train.nope"),
+        ("base: model/toy\nseed: [0]\narms: {a: [], b: []}\n", "unknown keys"),
+    ],
+)
 def test_bad_ablation_file_names_the_problem(tmp_path, body, message):
     path = tmp_path / "bad.yaml"
     path.write_text(body)

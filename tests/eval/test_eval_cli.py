@@ -33,18 +33,40 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_cli")
     data = root / "held_out.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCUMENTS))
-    cfg = load_config("model/toy", TINY_MODEL + WINDOW + [
-        "train.seq_len=16", "train.global_batch=8", "train.steps=2", "train.warmup_steps=1",
-        "checkpoint.every=0", "eval.every=2", "eval.max_documents=0",
-        f"eval.data=[{{name: held_out, kind: jsonl, path: {data}}}]"])
+    cfg = load_config(
+        "model/toy",
+        TINY_MODEL
+        + WINDOW
+        + [
+            "train.seq_len=16",
+            "train.global_batch=8",
+            "train.steps=2",
+            "train.warmup_steps=1",
+            "checkpoint.every=0",
+            "eval.every=2",
+            "eval.max_documents=0",
+            f"eval.data=[{{name: held_out, kind: jsonl, path: {data}}}]",
+        ],
+    )
     evaluate = training_evaluator(cfg, load_tokenizer("byte"))
     train(cfg, root / "run", progress=False, evaluate=evaluate)
     return root
 
 
 def _eval(run, out, *extra):
-    return main(["eval", "--checkpoint", str(run / "run"), "--data", str(run / "held_out.jsonl"),
-                 "--out", str(out), *WINDOW, *extra])
+    return main(
+        [
+            "eval",
+            "--checkpoint",
+            str(run / "run"),
+            "--data",
+            str(run / "held_out.jsonl"),
+            "--out",
+            str(out),
+            *WINDOW,
+            *extra,
+        ]
+    )
 
 
 def _figures(out) -> dict:
@@ -68,8 +90,9 @@ def test_training_logs_the_held_out_figures_of_its_checkpoint(run, tmp_path):
     logged = [r for r in rows if "eval/held_out/bits_per_byte" in r]
     assert [r["step"] for r in logged] == [2]
     assert _eval(run, tmp_path / "cli", "mesh.data=1", "--devices", "1") == 0
-    np.testing.assert_allclose(logged[0]["eval/held_out/bits_per_byte"], _figures(tmp_path / "cli")["bits_per_byte"],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        logged[0]["eval/held_out/bits_per_byte"], _figures(tmp_path / "cli")["bits_per_byte"], rtol=1e-6
+    )
 
 
 @pytest.mark.slow
@@ -86,14 +109,40 @@ def test_same_figures_on_8_devices_and_on_2_processes(run, tmp_path):
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
     procs = []
     for i in range(2):
-        env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                   JAX_PROCESS_ID=str(i), JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-                   XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=4"]))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "frontier_jax", "eval", "--distributed", "--checkpoint", str(run / "run"),
-             "--data", str(run / "held_out.jsonl"), "--out", str(tmp_path / "two"), *WINDOW,
-             "mesh.data=2", "mesh.expert=2", "mesh.tensor=2"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = dict(
+            os.environ,
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(i),
+            JAX_PLATFORMS="cpu",
+            PYTHONPATH=str(REPO),
+            XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=4"]),
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "frontier_jax",
+                    "eval",
+                    "--distributed",
+                    "--checkpoint",
+                    str(run / "run"),
+                    "--data",
+                    str(run / "held_out.jsonl"),
+                    "--out",
+                    str(tmp_path / "two"),
+                    *WINDOW,
+                    "mesh.data=2",
+                    "mesh.expert=2",
+                    "mesh.tensor=2",
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     got = _figures(tmp_path / "two")
@@ -101,22 +150,43 @@ def test_same_figures_on_8_devices_and_on_2_processes(run, tmp_path):
     np.testing.assert_allclose(got["nll"], want["nll"], rtol=1e-6)
 
 
-@pytest.mark.parametrize("case,args,message", [
-    ("no checkpoint", ["--checkpoint", "{tmp}"], "no checkpoint in"),
-    ("missing step", ["--checkpoint", "{run}", "--step", "7"], "no checkpoint of step 7"),
-    ("model mismatch", ["--checkpoint", "{run}", "model.hidden_size=64"], "model.hidden_size=64 does not match"),
-    ("empty dataset", ["--checkpoint", "{run}", "--data", "{empty}"], "holds no document"),
-    ("unknown file type", ["--checkpoint", "{run}", "--data", "{tmp}/x.txt"], "unknown file type"),
-    ("train override", ["--checkpoint", "{run}", "train.steps=3"], "only mesh.*, eval.*"),
-    ("both sources", ["--checkpoint", "{run}", "--hf", "{tmp}"], "exactly one of"),
-])
+@pytest.mark.parametrize(
+    "case,args,message",
+    [
+        ("no checkpoint", ["--checkpoint", "{tmp}"], "no checkpoint in"),
+        ("missing step", ["--checkpoint", "{run}", "--step", "7"], "no checkpoint of step 7"),
+        (
+            "model mismatch",
+            ["--checkpoint", "{run}", "model.hidden_size=64"],
+            "model.hidden_size=64 does not match",
+        ),
+        ("empty dataset", ["--checkpoint", "{run}", "--data", "{empty}"], "holds no document"),
+        ("unknown file type", ["--checkpoint", "{run}", "--data", "{tmp}/x.txt"], "unknown file type"),
+        ("train override", ["--checkpoint", "{run}", "train.steps=3"], "only mesh.*, eval.*"),
+        ("both sources", ["--checkpoint", "{run}", "--hf", "{tmp}"], "exactly one of"),
+    ],
+)
 def test_bad_input_is_one_error_line_and_writes_nothing(run, tmp_path, capsys, case, args, message):
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": ""}\n')
     args = [a.format(tmp=tmp_path, run=run / "run", empty=empty) for a in args]
     options, overrides = [a for a in args if "=" not in a], [a for a in args if "=" in a]
-    assert main(["eval", *options, "--out", str(tmp_path / "out"), "--devices", "1", *WINDOW, "mesh.data=1",
-                 *overrides]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                *options,
+                "--out",
+                str(tmp_path / "out"),
+                "--devices",
+                "1",
+                *WINDOW,
+                "mesh.data=1",
+                *overrides,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()

@@ -48,9 +48,24 @@ metric_list: [{metric: exact_match}]
 """,
 }
 ROWS = [
-    {"question": "Q: 2 + 3 = ?\nA:", "choices": [" 5", " 6", " 23"], "answer": 0, "text": "def f(x):\n    return x\n"},
-    {"question": "Q: 7 * 2 = ?\nA:", "choices": [" 14", " 9"], "answer": 0, "text": "héllo wörld, 12 + 30 = 42"},
-    {"question": "The sky is", "choices": [" blue", " green", " a very long answer"], "answer": 1, "text": "x"},
+    {
+        "question": "Q: 2 + 3 = ?\nA:",
+        "choices": [" 5", " 6", " 23"],
+        "answer": 0,
+        "text": "def f(x):\n    return x\n",
+    },
+    {
+        "question": "Q: 7 * 2 = ?\nA:",
+        "choices": [" 14", " 9"],
+        "answer": 0,
+        "text": "héllo wörld, 12 + 30 = 42",
+    },
+    {
+        "question": "The sky is",
+        "choices": [" blue", " green", " a very long answer"],
+        "answer": 1,
+        "text": "x",
+    },
 ]
 
 
@@ -60,8 +75,9 @@ def setup(tmp_path_factory):
     model_dir = root / "hf"
     tiny_hf_model(seed=1, vocab_size=272).save_pretrained(model_dir)
     byte_tokenizer()._tok.save(str(root / "byte.json"))
-    PreTrainedTokenizerFast(tokenizer_file=str(root / "byte.json"), bos_token="<bos>", eos_token="<eos>",
-                            pad_token="<pad>").save_pretrained(model_dir)
+    PreTrainedTokenizerFast(
+        tokenizer_file=str(root / "byte.json"), bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    ).save_pretrained(model_dir)
     data = root / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     tasks = root / "tasks"
@@ -69,13 +85,22 @@ def setup(tmp_path_factory):
     for name, body in TASKS.items():
         (tasks / f"{name}.yaml").write_text(
             f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-            f"test_split: test\n{body}")
+            f"test_split: test\n{body}"
+        )
     return model_dir, TaskManager(include_path=str(tasks))
 
 
 def _run(model: str, model_args: str, manager) -> dict:
-    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=list(TASKS), task_manager=manager,
-                                   batch_size=2, log_samples=True, apply_chat_template=False, device="cpu")
+    return lm_eval.simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=list(TASKS),
+        task_manager=manager,
+        batch_size=2,
+        log_samples=True,
+        apply_chat_template=False,
+        device="cpu",
+    )
 
 
 def test_adapter_matches_hf_backend_per_request_and_metrics(setup):

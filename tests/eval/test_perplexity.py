@@ -64,18 +64,38 @@ def test_figures_equal_float64_reference_from_full_sequence_logits(stride, batch
     np.testing.assert_allclose(got["bits_per_byte"], nll / n_bytes / math.log(2), rtol=1e-6)
 
 
-@pytest.mark.parametrize("layout", [("mesh.data=8",), ("mesh.data=2", "mesh.expert=2", "mesh.tensor=2"),
-                                    ("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2")])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ("mesh.data=8",),
+        ("mesh.data=2", "mesh.expert=2", "mesh.tensor=2"),
+        ("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"),
+    ],
+)
 def test_figures_same_on_8_device_layouts_as_on_one_device(layout):
     single = _program()
     params, biases = single.init(5)
-    want = evaluate_documents(Scorer(single, params, biases, context=CONTEXT, batch_size=8, progress=False),
-                              byte_tokenizer(), DOCUMENTS, stride=7)
+    want = evaluate_documents(
+        Scorer(single, params, biases, context=CONTEXT, batch_size=8, progress=False),
+        byte_tokenizer(),
+        DOCUMENTS,
+        stride=7,
+    )
     program = _program(*layout)
     shard_p, shard_b = program.shardings()
-    got = evaluate_documents(Scorer(program, jax.device_put(params, shard_p), jax.device_put(biases, shard_b),
-                                    context=CONTEXT, batch_size=8, progress=False),
-                             byte_tokenizer(), DOCUMENTS, stride=7)
+    got = evaluate_documents(
+        Scorer(
+            program,
+            jax.device_put(params, shard_p),
+            jax.device_put(biases, shard_b),
+            context=CONTEXT,
+            batch_size=8,
+            progress=False,
+        ),
+        byte_tokenizer(),
+        DOCUMENTS,
+        stride=7,
+    )
     assert (got["tokens"], got["bytes"], got["windows"]) == (want["tokens"], want["bytes"], want["windows"])
     np.testing.assert_allclose(got["nll"], want["nll"], rtol=1e-6)
     np.testing.assert_allclose(got["bits_per_byte"], want["bits_per_byte"], rtol=1e-6)

@@ -18,14 +18,18 @@ from frontier_jax.runtime.program import build_model_program
 
 from .common import TINY_MODEL
 
-ROWS = [{"question": "2 + 3", "choices": [" 5", " 6", " 23"], "answer": 0},
-        {"question": "7 * 2", "choices": [" 14", " 9"], "answer": 1},
-        {"question": "9 - 9", "choices": [" 0", " -1", " 100"], "answer": 2}]
+ROWS = [
+    {"question": "2 + 3", "choices": [" 5", " 6", " 23"], "answer": 0},
+    {"question": "7 * 2", "choices": [" 14", " 9"], "answer": 1},
+    {"question": "9 - 9", "choices": [" 0", " -1", " 100"], "answer": 2},
+]
 
 
 @pytest.fixture(scope="module")
 def model():
-    program = build_model_program(load_config("model/toy", TINY_MODEL + ["model.mtp_depth=0"]), jax.devices()[:1])
+    program = build_model_program(
+        load_config("model/toy", TINY_MODEL + ["model.mtp_depth=0"]), jax.devices()[:1]
+    )
     params, biases = program.init(7)
     return program, params, biases
 
@@ -33,13 +37,18 @@ def model():
 def _logp(model, ids):
     program, params, biases = model
     logits = np.asarray(program.model(params, biases)(np.asarray([ids], np.int32))[0], np.float64)
-    return logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
-        logits.max(-1, keepdims=True)
+    return (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - logits.max(-1, keepdims=True)
+    )
 
 
 def test_multiple_choice_accuracy_equals_float64_reference(tmp_path, model):
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    (tmp_path / "mc.yaml").write_text('type: multiple_choice\ndata: rows.jsonl\nprompt: "Q: {question} =\\nA:"\n')
+    (tmp_path / "mc.yaml").write_text(
+        'type: multiple_choice\ndata: rows.jsonl\nprompt: "Q: {question} =\\nA:"\n'
+    )
     task = load_task(tmp_path / "mc.yaml")
     tok = byte_tokenizer()
     acc = acc_norm = 0
@@ -60,7 +69,9 @@ def test_multiple_choice_accuracy_equals_float64_reference(tmp_path, model):
 
 def test_generate_exact_match_equals_naive_greedy_loop(model):
     task = builtin_task("arithmetic", rows=3)
-    task = type(task)(**{**task.__dict__, "few_shot": 1, "max_new_tokens": 4, "stop": (" ",), "extract": r"\d"})
+    task = type(task)(
+        **{**task.__dict__, "few_shot": 1, "max_new_tokens": 4, "stop": (" ",), "extract": r"\d"}
+    )
     tok = byte_tokenizer()
     shots = f"{task.render(task.rows[0])} {task.rows[0]['answer']}\n\n"
     hits = 0
@@ -82,14 +93,17 @@ def test_generate_exact_match_equals_naive_greedy_loop(model):
     assert got["exact_match"] == hits / 2 and got["rows"] == 2
 
 
-@pytest.mark.parametrize("body,rows,message", [
-    ("type: mc\ndata: rows.jsonl\nprompt: x\n", "{}", "type='mc'"),
-    ("type: generate\ndata: rows.jsonl\nprompt: x\nshots: 2\n", "{}", "unknown keys"),
-    ("type: generate\ndata: missing.jsonl\nprompt: x\n", "{}", "missing.jsonl does not exist"),
-    ("type: generate\ndata: rows.jsonl\nprompt: x\n", "{bad", "rows.jsonl:1: invalid JSON"),
-    ("type: generate\ndata: rows.jsonl\nprompt: x\nfew_shot: 1\n", "{}", "leaves none"),
-    ("type: [\n", "{}", "YAML syntax error"),
-])
+@pytest.mark.parametrize(
+    "body,rows,message",
+    [
+        ("type: mc\ndata: rows.jsonl\nprompt: x\n", "{}", "type='mc'"),
+        ("type: generate\ndata: rows.jsonl\nprompt: x\nshots: 2\n", "{}", "unknown keys"),
+        ("type: generate\ndata: missing.jsonl\nprompt: x\n", "{}", "missing.jsonl does not exist"),
+        ("type: generate\ndata: rows.jsonl\nprompt: x\n", "{bad", "rows.jsonl:1: invalid JSON"),
+        ("type: generate\ndata: rows.jsonl\nprompt: x\nfew_shot: 1\n", "{}", "leaves none"),
+        ("type: [\n", "{}", "YAML syntax error"),
+    ],
+)
 def test_malformed_task_file_names_the_problem(tmp_path, body, rows, message):
     (tmp_path / "rows.jsonl").write_text(rows + "\n")
     (tmp_path / "t.yaml").write_text(body)

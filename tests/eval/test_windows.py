@@ -6,8 +6,9 @@ import pytest
 from frontier_jax.eval.windows import pack_rows, sliding_windows
 
 
-@pytest.mark.parametrize("n,context,stride", [(1, 4, 4), (10, 4, 4), (10, 4, 1), (10, 4, 3), (9, 16, 8),
-                                              (17, 5, 2)])
+@pytest.mark.parametrize(
+    "n,context,stride", [(1, 4, 4), (10, 4, 4), (10, 4, 1), (10, 4, 3), (9, 16, 8), (17, 5, 2)]
+)
 def test_windows_score_every_pair_once_with_full_context(n, context, stride):
     ids = np.arange(100, 101 + n)
     scored = np.ones(n, np.int32)

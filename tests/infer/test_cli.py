@@ -19,12 +19,30 @@ def hf_dir(tmp_path_factory):
 
 
 def test_generate_writes_one_completion_per_prompt(hf_dir, tmp_path, capsys):
-    prompts = [np.random.default_rng(i).integers(0, TINY["vocab_size"], n).tolist() for i, n in enumerate((4, 9))]
+    prompts = [
+        np.random.default_rng(i).integers(0, TINY["vocab_size"], n).tolist() for i, n in enumerate((4, 9))
+    ]
     source = tmp_path / "prompts.jsonl"
     source.write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in prompts))
     out = tmp_path / "out.jsonl"
-    assert main(["generate", "--hf", str(hf_dir), "--prompts", str(source), "--max-new-tokens", "6",
-                 "--out", str(out), "infer.max_len=32", "infer.block_size=8"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--hf",
+                str(hf_dir),
+                "--prompts",
+                str(source),
+                "--max-new-tokens",
+                "6",
+                "--out",
+                str(out),
+                "infer.max_len=32",
+                "infer.block_size=8",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     _, model = from_hf(str(hf_dir))
     alone = Engine(model).generate(prompts, SamplingParams(max_new_tokens=6))
@@ -34,12 +52,16 @@ def test_generate_writes_one_completion_per_prompt(hf_dir, tmp_path, capsys):
     assert "tok/s" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--checkpoint", "{tmp}"], "no checkpoint"),
-    (["--hf", "{hf}", "--temperature", "-1"], "temperature=-1.0 must be >= 0"),
-    (["--hf", "{hf}", "infer.max_seqs=0"], "infer.max_seqs=0 must be a positive integer"),
-    (["--hf", "{hf}", "train.steps=3"], "generate takes infer.key=value overrides only"),
-], ids=["empty_run_dir", "temperature", "max_seqs", "not_infer"])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--checkpoint", "{tmp}"], "no checkpoint"),
+        (["--hf", "{hf}", "--temperature", "-1"], "temperature=-1.0 must be >= 0"),
+        (["--hf", "{hf}", "infer.max_seqs=0"], "infer.max_seqs=0 must be a positive integer"),
+        (["--hf", "{hf}", "train.steps=3"], "generate takes infer.key=value overrides only"),
+    ],
+    ids=["empty_run_dir", "temperature", "max_seqs", "not_infer"],
+)
 def test_user_errors_are_one_line_with_exit_code_2(hf_dir, tmp_path, capsys, args, message):
     args = [a.format(tmp=tmp_path, hf=hf_dir) for a in args]
     assert main(["generate", *args, "--prompt", "x"]) == 2

@@ -33,9 +33,14 @@ def hf_greedy(hf, prompt: list[int], new_tokens: int) -> list[int]:
     hf.generation_config.eos_token_id = None
     ids = torch.tensor([prompt])
     with torch.no_grad():  # explicit mask: generate would otherwise take pad-id tokens for padding
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                          do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        out = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 def test_greedy_generation_equals_transformers_generate(tiny):
@@ -68,18 +73,31 @@ def test_request_admitted_mid_stream_gives_the_same_tokens_as_alone(tiny):
         np.testing.assert_allclose(together.logprobs, alone.logprobs, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("prompt, params, message", [
-    ([], SamplingParams(), "prompt is empty"),
-    ([3, TINY["vocab_size"]], SamplingParams(), r"token id 64 at index 1 is outside \[0, 64\)"),
-    ([-1], SamplingParams(), "outside"),
-    (list(range(64)), SamplingParams(), "the prompt has 64 tokens; at most 63 fit"),
-    ([1, 2], SamplingParams(temperature=-0.5), "temperature=-0.5 must be >= 0"),
-    ([1, 2], SamplingParams(top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
-    ([1, 2], SamplingParams(top_p=1.5), "top_p=1.5"),
-    ([1, 2], SamplingParams(top_k=-1), "top_k=-1 must be an integer >= 0"),
-    ("text", SamplingParams(), "no tokenizer"),
-], ids=["empty", "id_past_vocab", "negative_id", "too_long", "temperature", "top_p_zero", "top_p_big",
-        "top_k", "text_without_tokenizer"])
+@pytest.mark.parametrize(
+    "prompt, params, message",
+    [
+        ([], SamplingParams(), "prompt is empty"),
+        ([3, TINY["vocab_size"]], SamplingParams(), r"token id 64 at index 1 is outside \[0, 64\)"),
+        ([-1], SamplingParams(), "outside"),
+        (list(range(64)), SamplingParams(), "the prompt has 64 tokens; at most 63 fit"),
+        ([1, 2], SamplingParams(temperature=-0.5), "temperature=-0.5 must be >= 0"),
+        ([1, 2], SamplingParams(top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
+        ([1, 2], SamplingParams(top_p=1.5), "top_p=1.5"),
+        ([1, 2], SamplingParams(top_k=-1), "top_k=-1 must be an integer >= 0"),
+        ("text", SamplingParams(), "no tokenizer"),
+    ],
+    ids=[
+        "empty",
+        "id_past_vocab",
+        "negative_id",
+        "too_long",
+        "temperature",
+        "top_p_zero",
+        "top_p_big",
+        "top_k",
+        "text_without_tokenizer",
+    ],
+)
 def test_bad_request_fails_alone(tiny, prompt, params, message):
     _, model = tiny
     good = prompts([5], seed=2)[0]

@@ -18,7 +18,11 @@ NEW_TOKENS = 8
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("infer_run") / "run"
-    train(tiny_config("train.steps=2", "checkpoint.every=2", "checkpoint.async_save=false"), run_dir, progress=False)
+    train(
+        tiny_config("train.steps=2", "checkpoint.every=2", "checkpoint.async_save=false"),
+        run_dir,
+        progress=False,
+    )
     return run_dir
 
 

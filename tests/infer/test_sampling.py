@@ -16,7 +16,7 @@ def filtered_softmax(logits: np.ndarray, temperature: float, top_k: int, top_p: 
     z = logits.astype(np.float64) / temperature
     order = np.argsort(-z)
     keep = np.zeros(z.shape, bool)
-    keep[order[:top_k or len(z)]] = True
+    keep[order[: top_k or len(z)]] = True
     p = np.where(keep, np.exp(z - z.max()), 0.0)
     p /= p.sum()
     cumulative = np.cumsum(p[order])
@@ -29,17 +29,27 @@ def filtered_softmax(logits: np.ndarray, temperature: float, top_k: int, top_p: 
 
 def draw(logits: np.ndarray, params: SamplingParams, seeds: np.ndarray) -> np.ndarray:
     n = len(seeds)
-    tokens, _ = sample(jnp.asarray(np.broadcast_to(logits, (n, len(logits)))),
-                       jnp.full((n,), params.temperature, jnp.float32), jnp.full((n,), params.top_k, jnp.int32),
-                       jnp.full((n,), params.top_p, jnp.float32), jnp.asarray(seeds, jnp.uint32),
-                       jnp.zeros((n,), jnp.int32))
+    tokens, _ = sample(
+        jnp.asarray(np.broadcast_to(logits, (n, len(logits)))),
+        jnp.full((n,), params.temperature, jnp.float32),
+        jnp.full((n,), params.top_k, jnp.int32),
+        jnp.full((n,), params.top_p, jnp.float32),
+        jnp.asarray(seeds, jnp.uint32),
+        jnp.zeros((n,), jnp.int32),
+    )
     return np.asarray(tokens)
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=5),
-                                    SamplingParams(temperature=1.3, top_p=0.8),
-                                    SamplingParams(temperature=0.9, top_k=6, top_p=0.7)],
-                         ids=["plain", "top_k", "top_p", "top_k_top_p"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.7, top_k=5),
+        SamplingParams(temperature=1.3, top_p=0.8),
+        SamplingParams(temperature=0.9, top_k=6, top_p=0.7),
+    ],
+    ids=["plain", "top_k", "top_p", "top_k_top_p"],
+)
 def test_sampled_token_distribution_is_the_filtered_softmax(params):
     logits = np.random.default_rng(0).normal(0, 1.5, 12).astype(np.float32)
     expected = filtered_softmax(logits, params.temperature, params.top_k, params.top_p)

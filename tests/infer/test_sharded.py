@@ -27,13 +27,17 @@ def single_device():
     return cfg, model, prompts, params, Engine(model, infer=INFER).generate(prompts, params)
 
 
-@pytest.mark.parametrize("axes", [dict(tensor=2, expert=4, data=1), dict(data=2, expert=4)],
-                         ids=["tensor2_expert4", "data2_expert4"])
+@pytest.mark.parametrize(
+    "axes",
+    [dict(tensor=2, expert=4, data=1), dict(data=2, expert=4)],
+    ids=["tensor2_expert4", "data2_expert4"],
+)
 def test_sharded_decode_equals_single_device(single_device, axes):
     cfg, model, prompts, params, expected = single_device
     mesh = build_mesh(MeshConfig(**axes), jax.devices()[:8])
-    sharded = nnx.eval_shape(lambda: Transformer(cfg, experts=expert_dispatcher(mesh, DEFAULT_RULES),
-                                                 rngs=nnx.Rngs(0)))
+    sharded = nnx.eval_shape(
+        lambda: Transformer(cfg, experts=expert_dispatcher(mesh, DEFAULT_RULES), rngs=nnx.Rngs(0))
+    )
     nnx.update(sharded, nnx.state(model))
     got = Engine(sharded, infer=INFER, mesh=mesh).generate(prompts, params)
     for a, b in zip(expected, got):

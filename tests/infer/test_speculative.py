@@ -37,18 +37,26 @@ def test_mtp_speculative_greedy_equals_plain_greedy():
 
 
 @pytest.mark.parametrize("draft_rank", [0, 3], ids=["likely_draft", "unlikely_draft"])
-@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_k=6, top_p=0.9)],
-                         ids=["plain", "filtered"])
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_k=6, top_p=0.9)],
+    ids=["plain", "filtered"],
+)
 def test_first_speculatively_sampled_token_follows_the_filtered_softmax(params, draft_rank):
     rng = np.random.default_rng(0)
     vocab, depth = 10, 2
     logits = rng.normal(0, 1.5, (depth + 1, vocab)).astype(np.float32)
     drafts = np.array([np.argsort(-logits[0])[draft_rank], 1], np.int32)
     n = DRAWS
-    kept, tokens, _ = accept(jnp.asarray(np.broadcast_to(logits, (n, depth + 1, vocab))),
-                             jnp.asarray(np.broadcast_to(drafts, (n, depth))),
-                             jnp.full((n,), params.temperature), jnp.full((n,), params.top_k, jnp.int32),
-                             jnp.full((n,), params.top_p), jnp.arange(n, dtype=jnp.uint32), jnp.zeros((n,), jnp.int32))
+    kept, tokens, _ = accept(
+        jnp.asarray(np.broadcast_to(logits, (n, depth + 1, vocab))),
+        jnp.asarray(np.broadcast_to(drafts, (n, depth))),
+        jnp.full((n,), params.temperature),
+        jnp.full((n,), params.top_k, jnp.int32),
+        jnp.full((n,), params.top_p),
+        jnp.arange(n, dtype=jnp.uint32),
+        jnp.zeros((n,), jnp.int32),
+    )
     first = np.asarray(tokens)[:, 0]
     expected = filtered_softmax(logits[0], params.temperature, params.top_k, params.top_p)
     counts = np.bincount(first, minlength=vocab)

@@ -30,8 +30,9 @@ def run_cached(model, ids: np.ndarray, prefill_lengths, chunk: int) -> list[np.n
     """Logits [n_b, vocab] of every position of each row: positions < prefill_lengths[b] by
     prefill chunks of `chunk` tokens (all positions' logits), the rest one decode step each."""
     cfg = model.cfg
-    layout = CacheLayout.plan(cfg, InferConfig(block_size=BLOCK, max_seqs=len(LENGTHS), max_len=16),
-                              jnp.float32)
+    layout = CacheLayout.plan(
+        cfg, InferConfig(block_size=BLOCK, max_seqs=len(LENGTHS), max_len=16), jnp.float32
+    )
     alloc = BlockAllocator(layout)
     cache = allocate_cache(cfg, layout, jnp.float32)
     graphdef, state = nnx.split(model)
@@ -50,7 +51,7 @@ def run_cached(model, ids: np.ndarray, prefill_lengths, chunk: int) -> list[np.n
         select = jnp.broadcast_to(jnp.arange(width), (len(LENGTHS), width))
         logits, _, cache = step(state, cache, jnp.asarray(tok), jnp.asarray(pos), pages, select)
         for b in rows:
-            out[b].extend(np.asarray(logits[b, :counts[b]]))
+            out[b].extend(np.asarray(logits[b, : counts[b]]))
 
     done = [0] * len(LENGTHS)
     while any(d < p for d, p in zip(done, prefill_lengths)):

@@ -10,8 +10,13 @@ import numpy as np
 import pytest
 import qwix
 
-from frontier_jax.kernels.fp8_gemm import (Fp8Tiling, _tile_ids, fp8_grouped_rows_nt,
-                                           fp8_grouped_weight_grad_nt, fp8_matmul_nt)
+from frontier_jax.kernels.fp8_gemm import (
+    Fp8Tiling,
+    _tile_ids,
+    fp8_grouped_rows_nt,
+    fp8_grouped_weight_grad_nt,
+    fp8_matmul_nt,
+)
 from frontier_jax.precision import FP8_DEEPSEEK, FP8_TENSOR, gemm
 from frontier_jax.precision.fp8_grouped import fp8_grouped_matmul
 from frontier_jax.precision.fp8_linear import fp8_matmul
@@ -30,14 +35,14 @@ SCALES = {  # name -> (a format, a tiles, b format, b tiles)
 def _data(shape, seed):
     """Normal data whose rows span magnitudes 1e-2 .. 1e2."""
     rng = np.random.default_rng(seed)
-    return jnp.asarray(rng.standard_normal(shape) * 10.0 ** rng.uniform(-2, 2, (shape[0], 1)),
-                       jnp.float32)
+    return jnp.asarray(rng.standard_normal(shape) * 10.0 ** rng.uniform(-2, 2, (shape[0], 1)), jnp.float32)
 
 
 def _float64(q: qwix.QArray) -> np.ndarray:
     """The dequantized operand q s in float64."""
-    return (np.asarray(q.qvalue.astype(jnp.float32), np.float64)
-            * np.asarray(expand_scale(q.scale, q.shape), np.float64))
+    return np.asarray(q.qvalue.astype(jnp.float32), np.float64) * np.asarray(
+        expand_scale(q.scale, q.shape), np.float64
+    )
 
 
 def _rel(got, want):
@@ -51,12 +56,10 @@ def _operands(scales, m=M, n=N, k=K, seed=0):
 
 # default; wide; lagged scaling over a partial band of row blocks (4 blocks in bands of 3);
 # row by row with Pallas' own dot lowering; tensor-core accumulation over all of K
-DENSE_TILINGS = ["128x128w8s4g8", "64x256w4s4g8", "64x128w4s3g3l", "128x128w4s4g1p",
-                 "64x128w4s4g2f"]
+DENSE_TILINGS = ["128x128w8s4g8", "64x256w4s4g8", "64x128w4s3g3l", "128x128w4s4g1p", "64x128w4s4g2f"]
 
 
-@pytest.mark.parametrize("tiling", [Fp8Tiling.parse(t) for t in DENSE_TILINGS],
-                         ids=DENSE_TILINGS)
+@pytest.mark.parametrize("tiling", [Fp8Tiling.parse(t) for t in DENSE_TILINGS], ids=DENSE_TILINGS)
 @pytest.mark.parametrize("scales", SCALES)
 def test_dense_kernel_matches_xla_and_float64(scales, tiling):
     a, b = _operands(scales)
@@ -66,8 +69,9 @@ def test_dense_kernel_matches_xla_and_float64(scales, tiling):
     assert _rel(got, _float64(a) @ _float64(b).T) < 1e-6
 
 
-@pytest.mark.parametrize("ni, nj, group_m", [(4, 3, 8), (5, 3, 2), (7, 4, 3), (1, 5, 8),
-                                             (6, 1, 4), (3, 3, 1)])
+@pytest.mark.parametrize(
+    "ni, nj, group_m", [(4, 3, 8), (5, 3, 2), (7, 4, 3), (1, 5, 8), (6, 1, 4), (3, 3, 1)]
+)
 def test_program_order_visits_every_tile_once(ni, nj, group_m):
     pids = jnp.arange(ni * nj, dtype=jnp.int32)
     i, j = jax.vmap(lambda p: _tile_ids(p, ni, nj, group_m))(pids)
@@ -130,11 +134,11 @@ ROWS = int(GROUP_SIZES.sum()) + 128
 def test_grouped_rows_kernel_matches_xla_and_per_group_float64(scales, tiling):
     fa, ta, fb, tb = SCALES[scales]
     a = quantize(_data((ROWS, K), 5), fa, ta)
-    w = quantize(_data((len(GROUP_SIZES) * N, K), 6).reshape(len(GROUP_SIZES), N, K), fb,
-                 (1, *tb))
+    w = quantize(_data((len(GROUP_SIZES) * N, K), 6).reshape(len(GROUP_SIZES), N, K), fb, (1, *tb))
     tile_group = gemm.row_groups(jnp.asarray(GROUP_SIZES) // 128, ROWS // 128)
-    got = np.asarray(fp8_grouped_rows_nt(a.qvalue, a.scale, w.qvalue, w.scale, tile_group,
-                                         tiling=Fp8Tiling.parse(tiling)))
+    got = np.asarray(
+        fp8_grouped_rows_nt(a.qvalue, a.scale, w.qvalue, w.scale, tile_group, tiling=Fp8Tiling.parse(tiling))
+    )
     xla = np.asarray(gemm._xla_scaled_grouped_matmul(a, w, jnp.asarray(GROUP_SIZES)), np.float64)
     assert _rel(got, xla) < 1e-6
     ad, wd, start = _float64(a), _float64(w), 0
@@ -154,8 +158,11 @@ def test_grouped_weight_grad_kernel_matches_xla_and_float64(tiles, tiling):
     dy_t = quantize(_data((N, ROWS), 8), E4M3, tiles)
     tile_group = gemm.row_groups(jnp.asarray(GROUP_SIZES) // 128, ROWS // 128)
     tile_start = jnp.searchsorted(tile_group, jnp.arange(len(GROUP_SIZES) + 1), side="left")
-    got = np.asarray(fp8_grouped_weight_grad_nt(x_t.qvalue, x_t.scale, dy_t.qvalue, dy_t.scale,
-                                                tile_start, tiling=Fp8Tiling.parse(tiling)))
+    got = np.asarray(
+        fp8_grouped_weight_grad_nt(
+            x_t.qvalue, x_t.scale, dy_t.qvalue, dy_t.scale, tile_start, tiling=Fp8Tiling.parse(tiling)
+        )
+    )
     xla = gemm._xla_scaled_grouped_matmul_tn(x_t, dy_t, tile_group, len(GROUP_SIZES))
     assert _rel(got, np.asarray(xla, np.float64)) < 1e-6
     xd, dyd, start = _float64(x_t), _float64(dy_t), 0
@@ -175,9 +182,12 @@ def kernel_path(monkeypatch):
 
 
 def _linear_with_grads(x, w, dy, recipe):
-    return jax.jit(lambda a, b, c: (fp8_matmul(a, b, recipe),
-                                    *jax.vjp(lambda p, q: fp8_matmul(p, q, recipe), a, b)[1](c))
-                   )(x, w, dy)
+    return jax.jit(
+        lambda a, b, c: (
+            fp8_matmul(a, b, recipe),
+            *jax.vjp(lambda p, q: fp8_matmul(p, q, recipe), a, b)[1](c),
+        )
+    )(x, w, dy)
 
 
 def _grouped_with_grads(x, w, dy, sizes, recipe):

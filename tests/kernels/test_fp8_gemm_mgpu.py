@@ -27,10 +27,12 @@ def _spec(shape, dtype=jnp.float32):
 @pytest.mark.parametrize("m,n,k,col_blocks", [(256, 768, 384, True), (128, 256, 256, False)])
 def test_lowers_for_cuda(m, n, k, col_blocks):
     sb_cols = n // 128 if col_blocks else n
-    fn = jax.jit(lambda a, b, sa, sb: mgpu.fp8_matmul_nt_mgpu(a, b, sa, sb, num_sms=132,
-                                                              out_dtype=jnp.bfloat16))
-    lowered = fn.trace(_spec((m, k), F8), _spec((n, k), F8), _spec((k // 128, m)),
-                       _spec((k // 128, sb_cols))).lower(lowering_platforms=("cuda",))
+    fn = jax.jit(
+        lambda a, b, sa, sb: mgpu.fp8_matmul_nt_mgpu(a, b, sa, sb, num_sms=132, out_dtype=jnp.bfloat16)
+    )
+    lowered = fn.trace(
+        _spec((m, k), F8), _spec((n, k), F8), _spec((k // 128, m)), _spec((k // 128, sb_cols))
+    ).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
     assert "mosaic_gpu" in text and f"{m}x{n}xbf16" in text
 
@@ -38,9 +40,17 @@ def test_lowers_for_cuda(m, n, k, col_blocks):
 def test_grouped_lowers_for_cuda():
     m, g, n, k = 512, 3, 768, 384
     fn = jax.jit(lambda *x: mgpu.fp8_grouped_rows_nt_mgpu(*x, num_sms=132))
-    text = fn.trace(_spec((m, k), F8), _spec((g, n, k), F8), _spec((k // 128, m)),
-                    _spec((g, k // 128, n // 128)), _spec((m // 128,), jnp.int32)).lower(
-        lowering_platforms=("cuda",)).as_text()
+    text = (
+        fn.trace(
+            _spec((m, k), F8),
+            _spec((g, n, k), F8),
+            _spec((k // 128, m)),
+            _spec((g, k // 128, n // 128)),
+            _spec((m // 128,), jnp.int32),
+        )
+        .lower(lowering_platforms=("cuda",))
+        .as_text()
+    )
     assert "mosaic_gpu" in text and f"{m}x{n}xf32" in text
 
 
@@ -51,11 +61,11 @@ def test_chunk_scales_match_loop():
     for b_rows, blocks in ((n // 128, True), (n, False), (1, True)):
         b_scale = rng.uniform(0.5, 2, (b_rows, k // 128)).astype(np.float32)
         sa, sb = mgpu.chunk_scales(jnp.asarray(a_scale), jnp.asarray(b_scale), m, n, k)
-        want_a = np.array([[a_scale[r, c * 128 // 256] for r in range(m)]
-                           for c in range(k // 128)])
+        want_a = np.array([[a_scale[r, c * 128 // 256] for r in range(m)] for c in range(k // 128)])
         cols = n // 128 if blocks else n
-        want_b = np.array([[b_scale[j * (n // cols) // (n // b_rows), c] for j in range(cols)]
-                           for c in range(k // 128)])
+        want_b = np.array(
+            [[b_scale[j * (n // cols) // (n // b_rows), c] for j in range(cols)] for c in range(k // 128)]
+        )
         np.testing.assert_array_equal(np.asarray(sa), want_a)
         np.testing.assert_array_equal(np.asarray(sb), want_b)
 
@@ -72,8 +82,9 @@ def test_bad_shapes_and_scales_are_named():
     with pytest.raises(ValueError, match="block column scales need tile_n 128"):
         mgpu.fp8_matmul_nt_mgpu(a, b, sa, sb[:, :2], tiling=mgpu.MgpuTiling(tile_n=256))
     with pytest.raises(ValueError, match=r"tile_group \(3,\) are not"):
-        mgpu.fp8_grouped_rows_nt_mgpu(a, jnp.zeros((2, 256, 384), F8), sa, jnp.ones((2, 3, 2)),
-                                      jnp.zeros((3,), jnp.int32))
+        mgpu.fp8_grouped_rows_nt_mgpu(
+            a, jnp.zeros((2, 256, 384), F8), sa, jnp.ones((2, 3, 2)), jnp.zeros((3,), jnp.int32)
+        )
     with pytest.raises(ValueError, match="along K = 384 are not multiples of 128"):
         mgpu.chunk_scales(jnp.ones((256, 6)), jnp.ones((2, 3)), 256, 256, 384)
 
@@ -101,8 +112,7 @@ def test_grouped_matches_xla_reference_on_hopper():
     tile_group = gemm.row_groups(sizes // 128, m // 128)
     sa, sw = mgpu.chunk_scales(a.scale, w.scale, m, n, k)
     assert sw.shape == (g, k // 128, n // 128)
-    got = np.asarray(mgpu.fp8_grouped_rows_nt_mgpu(a.qvalue, w.qvalue, sa, sw, tile_group),
-                     np.float64)
+    got = np.asarray(mgpu.fp8_grouped_rows_nt_mgpu(a.qvalue, w.qvalue, sa, sw, tile_group), np.float64)
     want = np.asarray(gemm._xla_scaled_grouped_matmul(a, w, sizes), np.float64)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
     assert not got[384:].any()

@@ -18,8 +18,9 @@ from frontier_jax.precision.recipe import E4M3, E5M2
 
 
 def _same(a, b):
-    np.testing.assert_array_equal(np.asarray(a.qvalue.astype(jnp.float32)),
-                                  np.asarray(b.qvalue.astype(jnp.float32)))
+    np.testing.assert_array_equal(
+        np.asarray(a.qvalue.astype(jnp.float32)), np.asarray(b.qvalue.astype(jnp.float32))
+    )
     np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(b.scale))
 
 
@@ -67,17 +68,20 @@ def test_projection_gradients_equal_xla_quantization(monkeypatch):
     wg = jnp.asarray(rng.standard_normal((3, 256, 128)) * 0.05, jnp.float32)
 
     def losses():
-        dense = jax.value_and_grad(lambda x, w: jnp.sum(fp8_matmul(x, w, FP8_DEEPSEEK) ** 2),
-                                   argnums=(0, 1))(x, w)
-        grouped = jax.value_and_grad(lambda x, w: jnp.sum(
-            fp8_grouped_matmul(x, w, sizes, FP8_DEEPSEEK) ** 2), argnums=(0, 1))(xg, wg)
+        dense = jax.value_and_grad(lambda x, w: jnp.sum(fp8_matmul(x, w, FP8_DEEPSEEK) ** 2), argnums=(0, 1))(
+            x, w
+        )
+        grouped = jax.value_and_grad(
+            lambda x, w: jnp.sum(fp8_grouped_matmul(x, w, sizes, FP8_DEEPSEEK) ** 2), argnums=(0, 1)
+        )(xg, wg)
         return dense, grouped
 
     monkeypatch.setattr(gemm, "use_kernel", lambda: True)
     fused = losses()
     calls = []
-    monkeypatch.setattr(qa, "quantize_rows_cols",
-                        lambda *a, **k: calls.append(1) or quantize_rows_cols(*a, **k))
+    monkeypatch.setattr(
+        qa, "quantize_rows_cols", lambda *a, **k: calls.append(1) or quantize_rows_cols(*a, **k)
+    )
     assert losses() and calls  # the kernel path is the one taken
     monkeypatch.setattr(qa, "BLOCK", -1)  # recipe.block != BLOCK: the XLA quantization
     reference = losses()

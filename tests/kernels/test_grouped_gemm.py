@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from frontier_jax.kernels.grouped_gemm import (
-    TILE_ROWS, RowTiling, Tilings, WeightTiling, tiled_grouped_matmul, tile_groups)
+    TILE_ROWS,
+    RowTiling,
+    Tilings,
+    WeightTiling,
+    tile_groups,
+    tiled_grouped_matmul,
+)
 
 
 def _reference(x, w, dy, sizes):
@@ -27,21 +33,22 @@ def _problem(seed, sizes, tiles, k, n, dtype):
     rng = np.random.default_rng(seed)
     m = tiles * TILE_ROWS
     x = rng.standard_normal((m, k)).astype(np.float32)
-    x[int(np.sum(sizes)):] = 0.0  # the dispatch leaves rows past the groups zero
+    x[int(np.sum(sizes)) :] = 0.0  # the dispatch leaves rows past the groups zero
     w = rng.standard_normal((len(sizes), k, n)).astype(np.float32)
     dy = rng.standard_normal((m, n)).astype(np.float32)
-    dy[int(np.sum(sizes)):] = 0.0
+    dy[int(np.sum(sizes)) :] = 0.0
     return (jnp.asarray(a, dtype) for a in (x, w, dy))
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
 def test_forward_and_both_gradients_match_float64(dtype, tol):
-    sizes = np.array([128, 0, 256, 128, 0]) # empty groups, and one unused tile at the end
+    sizes = np.array([128, 0, 256, 128, 0])  # empty groups, and one unused tile at the end
     x, w, dy = _problem(0, sizes, 5, 64, 96, dtype)
     y, vjp = jax.vjp(lambda x, w: tiled_grouped_matmul(x, w, jnp.asarray(sizes)), x, w)
     dx, dw = vjp(dy)
-    ref_y, ref_dx, ref_dw = _reference(x.astype(jnp.float32), w.astype(jnp.float32),
-                                       dy.astype(jnp.float32), sizes)
+    ref_y, ref_dx, ref_dw = _reference(
+        x.astype(jnp.float32), w.astype(jnp.float32), dy.astype(jnp.float32), sizes
+    )
     assert y.dtype == dx.dtype == dw.dtype == dtype
     assert _rel(y, ref_y) < tol and _rel(dx, ref_dx) < tol and _rel(dw, ref_dw) < tol
     assert not np.asarray(y[512:], np.float32).any()  # the unused tile is written as zeros
@@ -50,8 +57,11 @@ def test_forward_and_both_gradients_match_float64(dtype, tol):
 
 def test_small_tiles_cover_several_blocks_per_dimension():
     sizes = np.array([256, 128])
-    tilings = Tilings(RowTiling(block_out=32, block_contract=16), RowTiling(32, 16),
-                      WeightTiling(block_k=16, block_n=32, block_rows=32))
+    tilings = Tilings(
+        RowTiling(block_out=32, block_contract=16),
+        RowTiling(32, 16),
+        WeightTiling(block_k=16, block_n=32, block_rows=32),
+    )
     x, w, dy = _problem(1, sizes, 3, 48, 64, jnp.float32)
     y, vjp = jax.vjp(lambda x, w: tiled_grouped_matmul(x, w, jnp.asarray(sizes), tilings), x, w)
     dx, dw = vjp(dy)

@@ -15,8 +15,11 @@ from frontier_jax.precision import get_policy
 
 # XLA:CPU options that cut compile time of these tiny programs by ~3x (compile dominates the
 # test time); they change fp32 rounding only at the 1e-7 level.
-_WANTED_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
-                   "xla_cpu_use_fusion_emitters": False}
+_WANTED_OPTIONS = {
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+    "xla_cpu_use_fusion_emitters": False,
+}
 
 
 def _supported(options: dict) -> dict:
@@ -61,17 +64,39 @@ BF16 = get_policy("bf16")
 # YaRN with a small original context so that the ramp is active for d_R = 8, and
 # mscale != mscale_all_dim so both the cos/sin amplitude and the softmax-scale correction are
 # exercised.
-TINY_YARN = RopeScalingConfig(type="yarn", factor=4.0, original_max_position_embeddings=64,
-                              beta_fast=4.0, beta_slow=0.5, mscale=1.0, mscale_all_dim=0.5)
+TINY_YARN = RopeScalingConfig(
+    type="yarn",
+    factor=4.0,
+    original_max_position_embeddings=64,
+    beta_fast=4.0,
+    beta_slow=0.5,
+    mscale=1.0,
+    mscale_all_dim=0.5,
+)
 
 
 def tiny_config(**overrides) -> ModelConfig:
     base = dict(
-        vocab_size=48, hidden_size=32, num_layers=3, first_k_dense=1, dense_ffn_dim=40,
-        num_heads=2, q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=8,
-        v_head_dim=6, rope_scaling=TINY_YARN, n_routed_experts=8, n_shared_experts=1,
-        num_experts_per_tok=2, moe_ffn_dim=12, n_group=4, topk_group=2,
-        routed_scaling_factor=2.5, mtp_depth=1,
+        vocab_size=48,
+        hidden_size=32,
+        num_layers=3,
+        first_k_dense=1,
+        dense_ffn_dim=40,
+        num_heads=2,
+        q_lora_rank=16,
+        kv_lora_rank=12,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=6,
+        rope_scaling=TINY_YARN,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        moe_ffn_dim=12,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        mtp_depth=1,
     )
     base.update(overrides)
     return ModelConfig(**base).validate()
@@ -97,7 +122,8 @@ def randomize(module: nnx.Module, seed: int) -> nnx.Module:
     state = nnx.state(module)
     pure = state.to_pure_dict()
     new = jax.tree_util.tree_map_with_path(
-        lambda path, leaf: jnp.asarray(_random_value([p.key for p in path], leaf.shape, rng)), pure)
+        lambda path, leaf: jnp.asarray(_random_value([p.key for p in path], leaf.shape, rng)), pure
+    )
     state.replace_by_pure_dict(new)
     nnx.update(module, state)
     return module
@@ -119,8 +145,13 @@ def copy_state(src: nnx.Module, dst: nnx.Module) -> nnx.Module:
 
 
 def assert_close(actual, expected, rtol, atol, err_msg=""):
-    np.testing.assert_allclose(np.asarray(actual, np.float64), np.asarray(expected, np.float64),
-                               rtol=rtol, atol=atol, err_msg=err_msg)
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float64),
+        np.asarray(expected, np.float64),
+        rtol=rtol,
+        atol=atol,
+        err_msg=err_msg,
+    )
 
 
 # --------------------------------------------------------------------------- whole models

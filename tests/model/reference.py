@@ -87,8 +87,14 @@ def frequencies_for(cfg):
     rs = cfg.rope_scaling
     if rs.type != "yarn":
         return base_frequencies(cfg.qk_rope_head_dim, cfg.rope_theta)
-    return yarn_frequencies(cfg.qk_rope_head_dim, cfg.rope_theta, rs.factor,
-                            rs.original_max_position_embeddings, rs.beta_fast, rs.beta_slow)
+    return yarn_frequencies(
+        cfg.qk_rope_head_dim,
+        cfg.rope_theta,
+        rs.factor,
+        rs.original_max_position_embeddings,
+        rs.beta_fast,
+        rs.beta_slow,
+    )
 
 
 def amplitude_for(cfg):
@@ -197,9 +203,9 @@ def route_token(logits, bias, cfg):
         per_group = n_exp // cfg.n_group
         group_score = []
         for g in range(cfg.n_group):
-            members = sorted(biased[g * per_group:(g + 1) * per_group], reverse=True)
+            members = sorted(biased[g * per_group : (g + 1) * per_group], reverse=True)
             group_score.append(members[0] + members[1] if cfg.scoring_func == "sigmoid" else members[0])
-        top_groups = sorted(range(cfg.n_group), key=lambda g: -group_score[g])[:cfg.topk_group]
+        top_groups = sorted(range(cfg.n_group), key=lambda g: -group_score[g])[: cfg.topk_group]
         eligible = [e for e in range(n_exp) if e // per_group in top_groups]
     experts = sorted(eligible, key=lambda e: -biased[e])[:k]
     gates = np.array([scores[e] for e in experts])
@@ -244,8 +250,14 @@ def moe(p, x, cfg, token_mask=None, capacity_factor=None):
         if cfg.n_shared_experts:
             sh = p["shared"]
             y[t] += swiglu(x[t], sh["w_gate"]["kernel"], sh["w_up"]["kernel"], sh["w_down"]["kernel"])
-    return dict(y=y, dropped=dropped, load=load, experts=np.array(all_experts),
-                gates=np.array(all_gates), scores=np.array(all_scores))
+    return dict(
+        y=y,
+        dropped=dropped,
+        load=load,
+        experts=np.array(all_experts),
+        gates=np.array(all_gates),
+        scores=np.array(all_scores),
+    )
 
 
 def sequence_balance_loss(experts, scores, token_mask, cfg):
@@ -292,8 +304,12 @@ def block(p, x, positions, segment_ids, cfg, moe_ffn):
     mask = np.ones((bsz, t_len)) if segment_ids is None else (np.asarray(segment_ids) != 0)
     flat = np.nan_to_num(hn.reshape(bsz * t_len, d))  # padding rows may be NaN; they never matter
     r = moe(p["ffn"], flat, cfg, token_mask=mask)
-    stats = dict(load=r["load"], balance_loss=sequence_balance_loss(
-        r["experts"].reshape(bsz, t_len, -1), r["scores"].reshape(bsz, t_len, -1), mask, cfg))
+    stats = dict(
+        load=r["load"],
+        balance_loss=sequence_balance_loss(
+            r["experts"].reshape(bsz, t_len, -1), r["scores"].reshape(bsz, t_len, -1), mask, cfg
+        ),
+    )
     return h + r["y"].reshape(bsz, t_len, d), stats
 
 
@@ -332,15 +348,19 @@ def transformer(params, ids, cfg, positions=None, segment_ids=None):
             mtp_logits.append(head(params, normed, cfg))
             mtp_stats.append(st)
         mtp_logits = np.stack(mtp_logits)
-    return dict(logits=logits, mtp_logits=mtp_logits, hidden=h, moe_stats=moe_stats,
-                mtp_stats=mtp_stats)
+    return dict(logits=logits, mtp_logits=mtp_logits, hidden=h, moe_stats=moe_stats, mtp_stats=mtp_stats)
 
 
 def mtp_module(m, h_prev, emb_ahead, positions, segment_ids, cfg):
     """One MTP depth: h' = M [RMSNorm(Emb(t_{i+k})) ; RMSNorm(g^{k-1})], h^k = TRM(h'),
     returns (g^k = RMSNorm_k(h^k), stats)."""
     eps = cfg.rms_norm_eps
-    cat = np.concatenate([rms_norm(emb_ahead, m["emb_norm"]["scale"], eps),
-                          rms_norm(np.nan_to_num(h_prev), m["hidden_norm"]["scale"], eps)], axis=-1)
+    cat = np.concatenate(
+        [
+            rms_norm(emb_ahead, m["emb_norm"]["scale"], eps),
+            rms_norm(np.nan_to_num(h_prev), m["hidden_norm"]["scale"], eps),
+        ],
+        axis=-1,
+    )
     h, st = block(m["block"], cat @ m["proj"]["kernel"], positions, segment_ids, cfg, True)
     return rms_norm(h, m["out_norm"]["scale"], eps), st

@@ -21,8 +21,9 @@ def _expected_mask(t, s, q_offset=0, q_seg=None, kv_seg=None):
     for b in range(bsz):
         for i in range(t):
             for j in range(s):
-                out[b, 0, i, j] = ref.may_attend(i, j, q_offset, None if q_seg is None else q_seg[b],
-                                                 None if kv_seg is None else kv_seg[b])
+                out[b, 0, i, j] = ref.may_attend(
+                    i, j, q_offset, None if q_seg is None else q_seg[b], None if kv_seg is None else kv_seg[b]
+                )
     return out
 
 
@@ -65,8 +66,11 @@ def test_mask_segments_with_q_offset():
 
 
 def _random_qkv(rng, b=2, t=6, s=6, h=2, d=5, dv=3):
-    return (rng.standard_normal((b, t, h, d)), rng.standard_normal((b, s, h, d)),
-            rng.standard_normal((b, s, h, dv)))
+    return (
+        rng.standard_normal((b, t, h, d)),
+        rng.standard_normal((b, s, h, d)),
+        rng.standard_normal((b, s, h, dv)),
+    )
 
 
 def test_xla_attention_matches_reference_with_padding_rows():
@@ -75,9 +79,14 @@ def test_xla_attention_matches_reference_with_padding_rows():
     rng = np.random.default_rng(0)
     q, k, v = _random_qkv(rng)
     seg = np.array([[1, 1, 1, 2, 2, 0], [1, 2, 2, 2, 0, 0]])
-    got = np.asarray(_attend(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)),
-                                           scale=0.37, q_segment_ids=jnp.asarray(seg),
-                                           kv_segment_ids=jnp.asarray(seg)))
+    got = np.asarray(
+        _attend(
+            *(jnp.asarray(a, jnp.float32) for a in (q, k, v)),
+            scale=0.37,
+            q_segment_ids=jnp.asarray(seg),
+            kv_segment_ids=jnp.asarray(seg),
+        )
+    )
     assert np.isfinite(got).all()
     for b in range(2):
         want = ref.attention(q[b], k[b], v[b], 0.37, 0, seg[b], seg[b])
@@ -88,11 +97,9 @@ def test_xla_attention_matches_reference_with_padding_rows():
 def test_xla_attention_matches_reference_with_q_offset():
     rng = np.random.default_rng(1)
     q, k, v = _random_qkv(rng, t=2, s=7)
-    got = np.asarray(_attend(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)),
-                                           scale=0.5, q_offset=5))
+    got = np.asarray(_attend(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), scale=0.5, q_offset=5))
     for b in range(2):
-        np.testing.assert_allclose(got[b], ref.attention(q[b], k[b], v[b], 0.5, 5), rtol=1e-5,
-                                   atol=1e-6)
+        np.testing.assert_allclose(got[b], ref.attention(q[b], k[b], v[b], 0.5, 5), rtol=1e-5, atol=1e-6)
 
 
 def test_gradient_is_finite_with_fully_masked_rows():
@@ -101,8 +108,7 @@ def test_gradient_is_finite_with_fully_masked_rows():
     seg = jnp.asarray([[1, 1, 0, 0, 0, 0], [2, 2, 2, 2, 2, 0]])
 
     def loss(q, k, v):
-        return dot_product_attention(q, k, v, scale=0.4, q_segment_ids=seg,
-                                     kv_segment_ids=seg).sum()
+        return dot_product_attention(q, k, v, scale=0.4, q_segment_ids=seg, kv_segment_ids=seg).sum()
 
     for g in common.fast_jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v):
         assert np.isfinite(np.asarray(g)).all()

@@ -19,8 +19,10 @@ CFG = dict(init_std=0.02, num_layers=2, first_k_dense=0, mtp_depth=2)
 def initial_values():
     cfg = common.tiny_config(**CFG)
     pure = common.fast_jit(lambda: nnx.state(Transformer(cfg, rngs=nnx.Rngs(0))).to_pure_dict())()
-    return {jax.tree_util.keystr(path): np.asarray(leaf)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]}
+    return {
+        jax.tree_util.keystr(path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]
+    }
 
 
 def test_weights_are_normal_with_init_std_and_norms_one_bias_zero(initial_values):
@@ -36,15 +38,20 @@ def test_weights_are_normal_with_init_std_and_norms_one_bias_zero(initial_values
 
 
 def test_stacked_layers_and_mtp_depths_are_initialised_independently(initial_values):
-    stacked = {k: v for k, v in initial_values.items()
-               if k.startswith(("['moe_layers']", "['mtp']")) and "scale" not in k and "bias" not in k}
+    stacked = {
+        k: v
+        for k, v in initial_values.items()
+        if k.startswith(("['moe_layers']", "['mtp']")) and "scale" not in k and "bias" not in k
+    }
     assert stacked
     for name, value in stacked.items():
         assert value.shape[0] == 2, name
         assert not np.allclose(value[0], value[1]), name
     # and different module kinds do not share draws
-    assert not np.allclose(initial_values["['moe_layers']['blocks']['attn']['wq_a']['kernel']"][0],
-                           initial_values["['mtp']['modules']['block']['attn']['wq_a']['kernel']"][0])
+    assert not np.allclose(
+        initial_values["['moe_layers']['blocks']['attn']['wq_a']['kernel']"][0],
+        initial_values["['mtp']['modules']['block']['attn']['wq_a']['kernel']"][0],
+    )
 
 
 def test_every_variable_has_logical_axes_of_its_rank_with_a_sharding_rule():

@@ -8,9 +8,9 @@ import pytest
 from flax import nnx
 
 from frontier_jax.model.layers import Embed, Linear, LMHead, RMSNorm, normal_param, project_jointly
+from frontier_jax.model.mlp import SwiGLU
 from frontier_jax.precision import PrecisionPolicy
 from frontier_jax.precision.recipe import FP8_DEEPSEEK
-from frontier_jax.model.mlp import SwiGLU
 
 from . import common
 from . import reference as ref
@@ -31,15 +31,26 @@ def test_rmsnorm_eps_matters_for_small_inputs_and_keeps_dtype():
     norm = RMSNorm(8, eps=1e-2)
     x = np.full((1, 8), 0.05)
     # mean(x^2) = 0.0025, so y = 0.05 / sqrt(0.0125) = 0.4472136 (not 1)
-    common.assert_close(_call(norm, jnp.asarray(x, jnp.float32)), np.full((1, 8), 0.05 / np.sqrt(0.0125)),
-                        1e-6, 0)
+    common.assert_close(
+        _call(norm, jnp.asarray(x, jnp.float32)), np.full((1, 8), 0.05 / np.sqrt(0.0125)), 1e-6, 0
+    )
     assert _call(norm, jnp.ones((2, 8), jnp.bfloat16)).dtype == jnp.bfloat16
 
 
 def test_linear_contracts_trailing_input_dims():
     # in_shape (heads, v_head) -> out (d): y[..., o] = sum_{h, v} x[..., h, v] W[h, v, o]; rtol 1e-5
-    lin = common.build(lambda: Linear((3, 4), (5,), ("heads", "v_head", "embed"), name="t", std=1.0,
-                                      policy=common.FP32, rngs=nnx.Rngs(0)), seed=2)
+    lin = common.build(
+        lambda: Linear(
+            (3, 4),
+            (5,),
+            ("heads", "v_head", "embed"),
+            name="t",
+            std=1.0,
+            policy=common.FP32,
+            rngs=nnx.Rngs(0),
+        ),
+        seed=2,
+    )
     x = np.random.default_rng(1).standard_normal((2, 6, 3, 4))
     w = common.params_f64(lin)["kernel"]
     common.assert_close(_call(lin, jnp.asarray(x, jnp.float32)), np.einsum("bthv,hvo->bto", x, w), 1e-5, 1e-6)
@@ -47,14 +58,30 @@ def test_linear_contracts_trailing_input_dims():
 
 
 def _linears(in_shape, out_shapes, policy, names=("a", "b", "c")):
-    return [common.build(lambda: Linear(in_shape, out, ("embed",) * (len(in_shape) + len(out)),
-                                        name=name, std=1.0, policy=policy, rngs=nnx.Rngs(0)),
-                         seed=10 + i)
-            for i, (out, name) in enumerate(zip(out_shapes, names))]
+    return [
+        common.build(
+            lambda: Linear(
+                in_shape,
+                out,
+                ("embed",) * (len(in_shape) + len(out)),
+                name=name,
+                std=1.0,
+                policy=policy,
+                rngs=nnx.Rngs(0),
+            ),
+            seed=10 + i,
+        )
+        for i, (out, name) in enumerate(zip(out_shapes, names))
+    ]
 
 
-@pytest.mark.parametrize("out_shapes", [[(5,), (3,), (7,)],  # concatenated along the last dim
-                                        [(2, 4), (2, 4)]])  # equal: stacked
+@pytest.mark.parametrize(
+    "out_shapes",
+    [
+        [(5,), (3,), (7,)],  # concatenated along the last dim
+        [(2, 4), (2, 4)],
+    ],
+)  # equal: stacked
 def test_joint_projection_equals_each_layer(out_shapes):
     # fp32 vs float64: rtol 1e-5, atol 1e-6
     linears = _linears((6,), out_shapes, common.FP32)
@@ -69,6 +96,7 @@ def test_joint_projection_equals_each_layer(out_shapes):
 def _value_and_grads(fn, linears, x):
     """fn(linears, x) -> outputs; (outputs, d sum_i <y_i, c_i> / d (x, kernels)) for fixed
     random cotangents c_i."""
+
     def loss(ls, x):
         ys = fn(ls, x)
         return sum(jnp.vdot(y, jax.random.normal(jax.random.key(i), y.shape)) for i, y in enumerate(ys)), ys
@@ -122,8 +150,10 @@ def test_bf16_policy_computes_in_bf16_and_heads_return_fp32():
     h = _call(emb, jnp.asarray([[1, 2]]))
     assert h.dtype == jnp.bfloat16
     assert _attend(emb, h).dtype == jnp.float32 and _call(headm, h).dtype == jnp.float32
-    lin = common.build(lambda: Linear((6,), (4,), ("embed", "mlp"), name="t", std=1.0,
-                                      policy=common.BF16, rngs=nnx.Rngs(0)), seed=5)
+    lin = common.build(
+        lambda: Linear((6,), (4,), ("embed", "mlp"), name="t", std=1.0, policy=common.BF16, rngs=nnx.Rngs(0)),
+        seed=5,
+    )
     assert _call(lin, jnp.ones((1, 6), jnp.float32)).dtype == jnp.bfloat16
 
 

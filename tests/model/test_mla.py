@@ -103,7 +103,8 @@ def test_latent_and_query_shapes(q_lora_rank):
     x = jnp.ones((B, T, cfg.hidden_size))
     pos = jnp.zeros((B, T), jnp.int32)
     c_kv, k_rope, q_nope, q_rope, out = common.jit(
-        lambda m, x, pos: (*m.latent(x, pos), *m.query(x, pos), m(x, pos)))(mla, x, pos)
+        lambda m, x, pos: (*m.latent(x, pos), *m.query(x, pos), m(x, pos))
+    )(mla, x, pos)
     assert c_kv.shape == (B, T, cfg.kv_lora_rank)
     assert k_rope.shape == (B, T, cfg.qk_rope_head_dim)
     assert q_nope.shape == (B, T, cfg.num_heads, cfg.qk_nope_head_dim)
@@ -128,11 +129,13 @@ def test_latent_norms_use_eps_1e_6_whatever_rms_norm_eps(q_lora_rank):
     x = 0.1 * np.random.default_rng(3).standard_normal((B, T, cfg.hidden_size))
     pos = np.tile(np.arange(T), (B, 1))
     c_kv, _, q_nope, _ = common.jit(lambda m, x, pos: (*m.latent(x, pos), *m.query(x, pos)))(
-        mla, jnp.asarray(x, jnp.float32), jnp.asarray(pos))
+        mla, jnp.asarray(x, jnp.float32), jnp.asarray(pos)
+    )
     p = common.params_f64(mla)
-    common.assert_close(c_kv, ref.rms_norm(x @ p["wkv_a"]["kernel"], p["kv_norm"]["scale"], 1e-6),
-                        rtol=1e-5, atol=1e-6)
+    common.assert_close(
+        c_kv, ref.rms_norm(x @ p["wkv_a"]["kernel"], p["kv_norm"]["scale"], 1e-6), rtol=1e-5, atol=1e-6
+    )
     if q_lora_rank:
         c_q = ref.rms_norm(x @ p["wq_a"]["kernel"], p["q_norm"]["scale"], 1e-6)
-        want_q = np.einsum("btc,chd->bthd", c_q, p["wq_b"]["kernel"])[..., :cfg.qk_nope_head_dim]
+        want_q = np.einsum("btc,chd->bthd", c_q, p["wq_b"]["kernel"])[..., : cfg.qk_nope_head_dim]
         common.assert_close(q_nope, want_q, rtol=1e-5, atol=1e-6)

@@ -36,15 +36,20 @@ def _run(moe, x, mask=MASK):
     return np.asarray(y), jax.tree.map(np.asarray, stats)
 
 
-SOFTMAX_NO_SHARED = dict(n_shared_experts=0, scoring_func="softmax", norm_topk_prob=False,
-                         num_experts_per_tok=3)
+SOFTMAX_NO_SHARED = dict(
+    n_shared_experts=0, scoring_func="softmax", norm_topk_prob=False, num_experts_per_tok=3
+)
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(),  # V3-style: sigmoid, 4 groups / top-2 groups, 1 shared expert, scaling 2.5
-    dict(n_shared_experts=2, n_group=1, topk_group=1, routed_scaling_factor=1.0),
-    SOFTMAX_NO_SHARED,
-], ids=["v3", "two_shared_ungrouped", "softmax_no_shared"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),  # V3-style: sigmoid, 4 groups / top-2 groups, 1 shared expert, scaling 2.5
+        dict(n_shared_experts=2, n_group=1, topk_group=1, routed_scaling_factor=1.0),
+        SOFTMAX_NO_SHARED,
+    ],
+    ids=["v3", "two_shared_ungrouped", "softmax_no_shared"],
+)
 def test_dropless_matches_naive_per_token_loop(overrides):
     # fp32 vs float64: rtol 1e-4, atol 1e-5 on O(1) outputs
     cfg, moe = _moe(**overrides)
@@ -70,6 +75,7 @@ def test_pallas_grouped_gemm_matches_naive_loop_and_ragged_dot_gradients():
         def loss(m):
             y, _ = m(jnp.asarray(x, jnp.float32), jnp.asarray(MASK))
             return jnp.sum(jnp.sin(y))
+
         return nnx.state(nnx.grad(loss)(module), nnx.Param).to_pure_dict()
 
     ours, theirs = grads(moe), grads(ref_moe)
@@ -110,8 +116,7 @@ def test_capacity_drops_match_first_come_naive_count(mask):
     cfg, moe = _moe(seed=4, impl=ImplConfig(moe_dispatch="capacity", moe_capacity_factor=factor))
     x = _x(cfg, 5)
     y, stats = _run(moe, x, mask)
-    want = ref.moe(common.params_f64(moe), x.reshape(B * T, -1), cfg, token_mask=mask,
-                   capacity_factor=factor)
+    want = ref.moe(common.params_f64(moe), x.reshape(B * T, -1), cfg, token_mask=mask, capacity_factor=factor)
     assert want["dropped"] > 0  # the test is about drops
     assert int(stats.dropped) == want["dropped"]
     common.assert_close(y.reshape(B * T, -1), want["y"], rtol=1e-4, atol=1e-5)
@@ -139,8 +144,9 @@ def test_sequence_balance_loss_matches_reference(overrides):
     x = _x(cfg, 9)
     _, stats = _run(moe, x)
     want = ref.moe(common.params_f64(moe), x.reshape(B * T, -1), cfg, token_mask=MASK)
-    loss = ref.sequence_balance_loss(want["experts"].reshape(B, T, -1),
-                                     want["scores"].reshape(B, T, -1), MASK, cfg)
+    loss = ref.sequence_balance_loss(
+        want["experts"].reshape(B, T, -1), want["scores"].reshape(B, T, -1), MASK, cfg
+    )
     np.testing.assert_allclose(stats.balance_loss, loss, rtol=1e-5)
     # sanity of the reference itself: each of the 2 real rows' L lies in (0, N_r]
     assert 0 < loss <= 2 * cfg.n_routed_experts
@@ -177,8 +183,10 @@ def test_gradients_match_finite_differences_of_reference_and_reach_router():
         fd = (ref_loss(plus, t) - ref_loss(minus, t)) / (2 * h)
         np.testing.assert_allclose(g[t, j], fd, rtol=2e-3, atol=2e-4)
 
-    named = {"/".join(str(k.key) for k in path): np.asarray(leaf) for path, leaf in
-             jax.tree_util.tree_flatten_with_path(grads.to_pure_dict())[0]}
+    named = {
+        "/".join(str(k.key) for k in path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(grads.to_pure_dict())[0]
+    }
     assert all(np.isfinite(v).all() for v in named.values())
     assert np.abs(named["router/kernel"]).max() > 0
     assert not any("bias" in k for k in named)
@@ -209,9 +217,9 @@ def test_grouped_matmul_matches_per_row_products_and_zero_tail():
     rng = np.random.default_rng(20)
     lhs, rhs = rng.standard_normal((9, 4)), rng.standard_normal((3, 4, 5))
     sizes = np.array([2, 0, 4])  # rows 0-1 -> group 0, rows 2-5 -> group 2, rows 6-8 unowned
-    got = common.fast_jit(lambda a, b, s: grouped_matmul(a, b, s, impl="ragged_dot",
-                                                         dtype=jnp.float32))(
-        jnp.asarray(lhs, jnp.float32), jnp.asarray(rhs, jnp.float32), jnp.asarray(sizes))
+    got = common.fast_jit(lambda a, b, s: grouped_matmul(a, b, s, impl="ragged_dot", dtype=jnp.float32))(
+        jnp.asarray(lhs, jnp.float32), jnp.asarray(rhs, jnp.float32), jnp.asarray(sizes)
+    )
     owner = [0, 0, 2, 2, 2, 2]
     want = np.zeros((9, 5))
     for r, g in enumerate(owner):

@@ -17,10 +17,12 @@ def test_mtp_logits_match_reference(any_model):
     want = ref.transformer(common.params_f64(model), ids, cfg)
     assert out.mtp_logits.shape == (cfg.mtp_depth, common.B, common.T, cfg.vocab_size)
     common.assert_close(out.mtp_logits, want["mtp_logits"], rtol=1e-4, atol=5e-5)
-    np.testing.assert_array_equal(np.asarray(out.mtp_stats.load),
-                                  np.stack([s["load"] for s in want["mtp_stats"]]))
-    np.testing.assert_allclose(np.asarray(out.mtp_stats.balance_loss),
-                               [s["balance_loss"] for s in want["mtp_stats"]], rtol=1e-5)
+    np.testing.assert_array_equal(
+        np.asarray(out.mtp_stats.load), np.stack([s["load"] for s in want["mtp_stats"]])
+    )
+    np.testing.assert_allclose(
+        np.asarray(out.mtp_stats.balance_loss), [s["balance_loss"] for s in want["mtp_stats"]], rtol=1e-5
+    )
 
 
 def test_mtp_depth_k_sees_tokens_up_to_i_plus_k(moe_only_tied_model):
@@ -37,12 +39,13 @@ def test_mtp_depth_k_sees_tokens_up_to_i_plus_k(moe_only_tied_model):
     assert (np.abs(lb[:, 5] - la[:, 5]).max(-1) > 1e-3).all()
     for k in range(1, cfg.mtp_depth + 1):
         ma, mb = np.asarray(a.mtp_logits[k - 1]), np.asarray(b.mtp_logits[k - 1])
-        np.testing.assert_allclose(mb[:, :5 - k], ma[:, :5 - k], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(mb[:, : 5 - k], ma[:, : 5 - k], rtol=0, atol=1e-5)
         assert (np.abs(mb[:, 5 - k] - ma[:, 5 - k]).max(-1) > 1e-3).all()
 
 
 def test_mtp_depth_1_reads_the_final_normed_hidden_state_and_depth_2_the_normed_depth_1_output(
-        moe_only_tied_model):
+    moe_only_tied_model,
+):
     # feeding the reference the other plausible inputs (the pre-final-norm h^L at depth 1; depth
     # 1's un-normed block output at depth 2) changes the MTP logits by > 1e-3, so the agreement
     # of the model with the reference (fp32 vs float64, rtol 1e-4, atol 5e-5) pins the choice
@@ -57,8 +60,13 @@ def test_mtp_depth_1_reads_the_final_normed_hidden_state_and_depth_2_the_normed_
     assert np.abs(ref.head(params, pre_norm, cfg) - want["mtp_logits"][0]).max() > 1e-3
     eps, m1 = cfg.rms_norm_eps, depth(1)
     normed0 = ref.rms_norm(want["hidden"], params["final_norm"]["scale"], eps)
-    cat = np.concatenate([ref.rms_norm(emb(1), m1["emb_norm"]["scale"], eps),
-                          ref.rms_norm(normed0, m1["hidden_norm"]["scale"], eps)], axis=-1)
+    cat = np.concatenate(
+        [
+            ref.rms_norm(emb(1), m1["emb_norm"]["scale"], eps),
+            ref.rms_norm(normed0, m1["hidden_norm"]["scale"], eps),
+        ],
+        axis=-1,
+    )
     h1, _ = ref.block(m1["block"], cat @ m1["proj"]["kernel"], positions, None, cfg, True)
     un_normed, _ = ref.mtp_module(depth(2), h1, emb(2), positions, None, cfg)
     assert np.abs(ref.head(params, un_normed, cfg) - want["mtp_logits"][1]).max() > 1e-3

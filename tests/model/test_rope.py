@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 
 from frontier_jax.model.config import ModelConfig, RopeScalingConfig
-from frontier_jax.model.rope import (RotaryEmbedding, rope_amplitude, rope_frequencies,
-                                     softmax_scale, yarn_mscale)
+from frontier_jax.model.rope import (
+    RotaryEmbedding,
+    rope_amplitude,
+    rope_frequencies,
+    softmax_scale,
+    yarn_mscale,
+)
 
 from . import common
 from . import reference as ref
@@ -19,14 +24,24 @@ _apply = common.fast_jit(lambda rot, x, pos: rot(x, pos), static_argnums=0)
 
 
 def _cfg(rope_dim=64, theta=10000.0, scaling=None, nope=128):
-    return ModelConfig(qk_rope_head_dim=rope_dim, qk_nope_head_dim=nope, rope_theta=theta,
-                       rope_scaling=scaling or RopeScalingConfig()).validate()
+    return ModelConfig(
+        qk_rope_head_dim=rope_dim,
+        qk_nope_head_dim=nope,
+        rope_theta=theta,
+        rope_scaling=scaling or RopeScalingConfig(),
+    ).validate()
 
 
 def _yarn(factor, beta_fast=32.0, beta_slow=1.0, original=4096, mscale=1.0, mscale_all_dim=0.0):
-    return RopeScalingConfig(type="yarn", factor=factor, original_max_position_embeddings=original,
-                             beta_fast=beta_fast, beta_slow=beta_slow, mscale=mscale,
-                             mscale_all_dim=mscale_all_dim)
+    return RopeScalingConfig(
+        type="yarn",
+        factor=factor,
+        original_max_position_embeddings=original,
+        beta_fast=beta_fast,
+        beta_slow=beta_slow,
+        mscale=mscale,
+        mscale_all_dim=mscale_all_dim,
+    )
 
 
 DEEPSEEK_V3_YARN = _yarn(40.0, 32.0, 1.0, 4096, mscale=1.0, mscale_all_dim=1.0)
@@ -35,8 +50,9 @@ DEEPSEEK_V3_YARN = _yarn(40.0, 32.0, 1.0, 4096, mscale=1.0, mscale_all_dim=1.0)
 @pytest.mark.parametrize("dim,theta", [(8, 10000.0), (64, 10000.0), (16, 500000.0)])
 def test_frequencies_without_yarn_match_reference(dim, theta):
     # float64 on both sides: rtol 1e-12
-    np.testing.assert_allclose(rope_frequencies(_cfg(dim, theta)), ref.base_frequencies(dim, theta),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        rope_frequencies(_cfg(dim, theta)), ref.base_frequencies(dim, theta), rtol=1e-12
+    )
 
 
 @pytest.mark.parametrize("factor", [1.0, 2.0, 8.0, 40.0])
@@ -62,8 +78,9 @@ def test_yarn_frequencies_deepseek_v3_by_hand():
 
 
 def test_yarn_with_factor_one_leaves_frequencies_unchanged():
-    np.testing.assert_allclose(rope_frequencies(_cfg(32, scaling=_yarn(1.0))),
-                               ref.base_frequencies(32, 10000.0), rtol=1e-12)
+    np.testing.assert_allclose(
+        rope_frequencies(_cfg(32, scaling=_yarn(1.0))), ref.base_frequencies(32, 10000.0), rtol=1e-12
+    )
 
 
 def test_softmax_scale_and_amplitude_deepseek_v3_by_hand():
@@ -80,13 +97,13 @@ def test_softmax_scale_and_amplitude_deepseek_v3_by_hand():
 def test_softmax_scale_and_amplitude_other_mscales_by_hand():
     # mscale_all_dim = 0: no softmax correction, amplitude m(40, 1) = 1.3688879454113936.
     cfg = _cfg(64, scaling=_yarn(40.0, mscale=1.0, mscale_all_dim=0.0), nope=128)
-    assert softmax_scale(cfg) == pytest.approx(192 ** -0.5, rel=1e-14)
+    assert softmax_scale(cfg) == pytest.approx(192**-0.5, rel=1e-14)
     assert rope_amplitude(cfg) == pytest.approx(1.3688879454113936, rel=1e-14)
     # mscale 0.707, mscale_all_dim 1, factor 4: amplitude (0.0707 ln 4 + 1) / (0.1 ln 4 + 1)
     #   = 1.0980110113 / 1.1386294361 = 0.9643269149; scale = 192^-0.5 * 1.1386294361^2.
     cfg = _cfg(64, scaling=_yarn(4.0, mscale=0.707, mscale_all_dim=1.0), nope=128)
     assert rope_amplitude(cfg) == pytest.approx(0.9643269149, rel=1e-9)
-    assert softmax_scale(cfg) == pytest.approx(192 ** -0.5 * 1.1386294361 ** 2, rel=1e-9)
+    assert softmax_scale(cfg) == pytest.approx(192**-0.5 * 1.1386294361**2, rel=1e-9)
     assert rope_amplitude(cfg) == pytest.approx(ref.amplitude_for(cfg), rel=1e-14)
     # without scaling: plain 1/sqrt(d) and amplitude 1
     cfg = _cfg(64, nope=128)
@@ -107,8 +124,12 @@ def test_rotation_matches_reference(scaling):
     pos = rng.integers(0, 64, (2, 5))
     got = np.asarray(_apply(_rope(cfg), jnp.asarray(x, jnp.float32), jnp.asarray(pos)))
     freqs, amp = ref.frequencies_for(cfg), ref.amplitude_for(cfg)
-    want = np.array([[[ref.rotate(x[b, t, h], pos[b, t], freqs, amp) for h in range(3)]
-                      for t in range(5)] for b in range(2)])
+    want = np.array(
+        [
+            [[ref.rotate(x[b, t, h], pos[b, t], freqs, amp) for h in range(3)] for t in range(5)]
+            for b in range(2)
+        ]
+    )
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # a rank-3 input [B, T, d_R] (the shared rope key) rotates the same way
     got3 = np.asarray(_apply(_rope(cfg), jnp.asarray(x[:, :, 0], jnp.float32), jnp.asarray(pos)))
@@ -125,8 +146,9 @@ def test_rotation_preserves_norm_and_scales_it_by_amplitude():
     cfg = _cfg(32, scaling=_yarn(16.0, mscale=1.0, mscale_all_dim=0.0))
     amp = ref.amplitude_for(cfg)  # m(16, 1) = 1.277
     assert amp == pytest.approx(1 + 0.1 * math.log(16))
-    np.testing.assert_allclose(np.linalg.norm(np.asarray(_apply(_rope(cfg), x, pos)), axis=-1), amp * norm,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        np.linalg.norm(np.asarray(_apply(_rope(cfg), x, pos)), axis=-1), amp * norm, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("scaling", [None, _yarn(40.0, mscale=1.0, mscale_all_dim=1.0)])
@@ -178,5 +200,7 @@ def test_rotation_keeps_input_dtype():
     x = jnp.ones((1, 3, 2, 8), jnp.bfloat16)
     assert _apply(rot, x, jnp.zeros((1, 3), jnp.int32)).dtype == jnp.bfloat16
     # position 0 is the identity (amplitude 1)
-    np.testing.assert_array_equal(np.asarray(_apply(rot, x, jnp.zeros((1, 3), jnp.int32)), np.float32),
-                                  np.ones((1, 3, 2, 8), np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(_apply(rot, x, jnp.zeros((1, 3), jnp.int32)), np.float32),
+        np.ones((1, 3, 2, 8), np.float32),
+    )

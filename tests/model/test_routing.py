@@ -15,9 +15,15 @@ N = 64
 
 
 def _cfg(scoring="sigmoid", n_group=1, topk_group=1, norm=True, experts=16, k=4, scale=2.5):
-    return common.tiny_config(scoring_func=scoring, n_group=n_group, topk_group=topk_group,
-                              norm_topk_prob=norm, n_routed_experts=experts,
-                              num_experts_per_tok=k, routed_scaling_factor=scale)
+    return common.tiny_config(
+        scoring_func=scoring,
+        n_group=n_group,
+        topk_group=topk_group,
+        norm_topk_prob=norm,
+        n_routed_experts=experts,
+        num_experts_per_tok=k,
+        routed_scaling_factor=scale,
+    )
 
 
 def _logits_bias(seed, experts=16):
@@ -26,8 +32,9 @@ def _logits_bias(seed, experts=16):
 
 
 def _route(logits, bias, cfg):
-    r = common.fast_jit(route, static_argnums=2)(jnp.asarray(logits, jnp.float32),
-                                         jnp.asarray(bias, jnp.float32), cfg)
+    r = common.fast_jit(route, static_argnums=2)(
+        jnp.asarray(logits, jnp.float32), jnp.asarray(bias, jnp.float32), cfg
+    )
     return np.asarray(r.weights), np.asarray(r.experts), np.asarray(r.scores)
 
 

@@ -39,10 +39,12 @@ def test_moe_statistics_match_reference(any_model):
     want = _ref(any_model, ids)
     n_moe = cfg.num_layers - cfg.first_k_dense
     assert out.moe_stats.load.shape == (n_moe, cfg.n_routed_experts)
-    np.testing.assert_array_equal(np.asarray(out.moe_stats.load),
-                                  np.stack([s["load"] for s in want["moe_stats"]]))
-    np.testing.assert_allclose(np.asarray(out.moe_stats.balance_loss),
-                               [s["balance_loss"] for s in want["moe_stats"]], rtol=1e-5)
+    np.testing.assert_array_equal(
+        np.asarray(out.moe_stats.load), np.stack([s["load"] for s in want["moe_stats"]])
+    )
+    np.testing.assert_allclose(
+        np.asarray(out.moe_stats.balance_loss), [s["balance_loss"] for s in want["moe_stats"]], rtol=1e-5
+    )
     np.testing.assert_array_equal(np.asarray(out.moe_stats.dropped), np.zeros(n_moe))
 
 
@@ -57,12 +59,15 @@ def test_packed_documents_match_reference(dense_moe_model):
     real = seg != 0
     assert np.isfinite(np.asarray(out.logits)).all()
     common.assert_close(np.asarray(out.logits)[real], want["logits"][real], rtol=1e-4, atol=5e-5)
-    common.assert_close(np.asarray(out.mtp_logits)[:, real], want["mtp_logits"][:, real],
-                        rtol=1e-4, atol=5e-5)
-    np.testing.assert_array_equal(np.asarray(out.moe_stats.load).sum(-1),
-                                  real.sum() * cfg.num_experts_per_tok)
-    np.testing.assert_allclose(np.asarray(out.moe_stats.balance_loss),
-                               [s["balance_loss"] for s in want["moe_stats"]], rtol=1e-5)
+    common.assert_close(
+        np.asarray(out.mtp_logits)[:, real], want["mtp_logits"][:, real], rtol=1e-4, atol=5e-5
+    )
+    np.testing.assert_array_equal(
+        np.asarray(out.moe_stats.load).sum(-1), real.sum() * cfg.num_experts_per_tok
+    )
+    np.testing.assert_allclose(
+        np.asarray(out.moe_stats.balance_loss), [s["balance_loss"] for s in want["moe_stats"]], rtol=1e-5
+    )
 
 
 def test_documents_do_not_see_each_other(dense_moe_model):
@@ -115,8 +120,9 @@ def _loss_and_grads(policy_name):
     impl = ImplConfig(remat=policy_name)
     model = common.build(lambda: Transformer(cfg, impl=impl, rngs=nnx.Rngs(0)), seed=5)
     ids = jnp.asarray(common.token_ids(cfg, 6))
-    r = jnp.asarray(np.random.default_rng(7).standard_normal((common.B, common.T, cfg.vocab_size)),
-                    jnp.float32)
+    r = jnp.asarray(
+        np.random.default_rng(7).standard_normal((common.B, common.T, cfg.vocab_size)), jnp.float32
+    )
 
     def loss(m):
         logits = m(ids)
@@ -146,8 +152,9 @@ def test_remat_policies_give_identical_logits_and_gradients(policy):
     assert len(flat) == len(flat_base)
     for (path, want), got in zip(flat_base, flat):
         assert np.isfinite(got).all()
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(),
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=jax.tree_util.keystr(path)
+        )
 
 
 def _weight_quantizations(jaxpr) -> int:
@@ -170,8 +177,11 @@ def test_remat_keeps_the_quantized_fp8_weights(policy):
     # as many weight quantizations in the gradient as without remat
     def count(remat):
         cfg = common.tiny_config(**REMAT_CFG)
-        model = nnx.eval_shape(lambda: Transformer(cfg, impl=ImplConfig(remat=remat),
-                                                   policy=get_policy("fp8_deepseek"), rngs=nnx.Rngs(0)))
+        model = nnx.eval_shape(
+            lambda: Transformer(
+                cfg, impl=ImplConfig(remat=remat), policy=get_policy("fp8_deepseek"), rngs=nnx.Rngs(0)
+            )
+        )
         graphdef, state = nnx.split(model)
         ids = jnp.zeros((common.B, common.T), jnp.int32)
         grad = jax.grad(lambda s: nnx.merge(graphdef, s)(ids).astype(jnp.float32).sum())
@@ -203,6 +213,10 @@ def test_parameters_carry_logical_axes_with_layer_axis(dense_moe_model):
     cfg, model = dense_moe_model
     kernel = model.moe_layers.blocks.ffn.experts.w_gate
     assert kernel.get_metadata()["logical_axes"] == ("layers", "expert", "embed", "moe_mlp")
-    assert kernel[...].shape == (cfg.num_layers - cfg.first_k_dense, cfg.n_routed_experts,
-                                 cfg.hidden_size, cfg.moe_ffn_dim)
+    assert kernel[...].shape == (
+        cfg.num_layers - cfg.first_k_dense,
+        cfg.n_routed_experts,
+        cfg.hidden_size,
+        cfg.moe_ffn_dim,
+    )
     assert model.embed.embedding.get_metadata()["logical_axes"] == ("vocab", "embed")

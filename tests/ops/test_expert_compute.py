@@ -113,5 +113,5 @@ def test_dispatch_collect_combine_values_and_gradient():
     buf = np.asarray(dispatch(x, slot, groups * capacity))
     used = np.zeros(groups * capacity, bool)
     for g in range(groups):
-        used[g * capacity:g * capacity + min(seen[g], capacity)] = True
+        used[g * capacity : g * capacity + min(seen[g], capacity)] = True
     assert not buf[~used].any()  # unused rows are zero

@@ -74,7 +74,9 @@ def restore_data(cfg, run_dir: Path):
     from frontier_jax.train.loop import data_iterator
 
     data, state = data_iterator(cfg), _replicated_state()
-    abstract = abstract_with_shardings(jax.eval_shape(lambda: state), jax.tree.map(lambda x: x.sharding, state))
+    abstract = abstract_with_shardings(
+        jax.eval_shape(lambda: state), jax.tree.map(lambda x: x.sharding, state)
+    )
     saver = Checkpointer(run_dir / "checkpoints", CheckpointConfig(async_save=False))
     restored = saver.restore(saver.latest_step(), abstract, data)
     saver.close()
@@ -82,11 +84,17 @@ def restore_data(cfg, run_dir: Path):
     return data
 
 
-def main(mode: str, run_dir: str, process_id: int, num_processes: int, port: int, overrides: list[str]) -> None:
+def main(
+    mode: str, run_dir: str, process_id: int, num_processes: int, port: int, overrides: list[str]
+) -> None:
     if num_processes > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
-                                   process_id=process_id, initialization_timeout=60)
+        jax.distributed.initialize(
+            coordinator_address=f"127.0.0.1:{port}",
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=60,
+        )
     from frontier_jax.config import load_config
 
     cfg = load_config("model/toy", overrides)
@@ -105,14 +113,20 @@ def main(mode: str, run_dir: str, process_id: int, num_processes: int, port: int
         from frontier_jax.train.loop import train
 
         train(cfg, run_dir, progress=False)
-        print(f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local of "
-              f"{jax.device_count()} devices, done", flush=True)
+        print(
+            f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local of "
+            f"{jax.device_count()} devices, done",
+            flush=True,
+        )
     elif mode == "mesh":
         from frontier_jax.parallel.mesh import build_mesh
 
         mesh = build_mesh(cfg.mesh)
-        coords = [dict(zip(mesh.axis_names, map(int, index))) for index, device in np.ndenumerate(mesh.devices)
-                  if device.process_index == jax.process_index()]
+        coords = [
+            dict(zip(mesh.axis_names, map(int, index)))
+            for index, device in np.ndenumerate(mesh.devices)
+            if device.process_index == jax.process_index()
+        ]
         print(json.dumps({"process": jax.process_index(), "coords": coords}), flush=True)
     elif mode == "batch":
         for n, layout in enumerate(json.loads((run_dir / "layouts.json").read_text())):

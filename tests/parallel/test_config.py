@@ -11,8 +11,11 @@ from frontier_jax.parallel.rules import RULE_SETS
 
 @pytest.mark.parametrize("stage", [2, 4])
 def test_stage_above_one_is_rejected_naming_the_field_and_the_alternative(stage):
-    with pytest.raises(ValueError, match=rf"^mesh\.stage={stage}: pipeline stages are not implemented yet.*"
-                                         r"mesh\.fsdp or mesh\.data instead$"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^mesh\.stage={stage}: pipeline stages are not implemented yet.*"
+        r"mesh\.fsdp or mesh\.data instead$",
+    ):
         load_config("model/toy", [f"mesh.stage={stage}", "mesh.data=1"])
     assert load_config("model/toy", ["mesh.stage=1"]).mesh.stage == 1
 
@@ -24,6 +27,9 @@ def test_no_rules_table_maps_a_logical_axis_to_stage(name):
 
 
 def test_unknown_rules_table_names_the_field_and_the_tables():
-    with pytest.raises(ValueError, match=r"^mesh\.rules='pipeline' is invalid: allowed values are "
-                                         r"default, replicated$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^mesh\.rules='pipeline' is invalid: allowed values are "
+        r"default, replicated$",
+    ):
         load_config("model/toy", ["mesh.rules=pipeline"])

@@ -29,8 +29,15 @@ SHARDS, EP = 8, 4
 
 
 def _cfg(**kw):
-    base = dict(hidden_size=D, n_routed_experts=E, num_experts_per_tok=K, moe_ffn_dim=F, n_group=4,
-                topk_group=2, init_std=0.3)
+    base = dict(
+        hidden_size=D,
+        n_routed_experts=E,
+        num_experts_per_tok=K,
+        moe_ffn_dim=F,
+        n_group=4,
+        topk_group=2,
+        init_std=0.3,
+    )
     return ModelConfig(**{**base, **kw})
 
 
@@ -87,14 +94,19 @@ def test_expert_parallel_capacity_matches_naive_drops_and_bytes(factor, layout):
     shards, ep = axes["data"] * axes["expert"], axes["expert"]
     cfg = _cfg()
     mesh = build_mesh(MeshConfig(**axes))
-    layer = RoutedExperts(cfg, policy=get_policy("fp32"), impl=ImplConfig(moe_dispatch="capacity",
-                          moe_capacity_factor=factor), experts=ExpertParallel(mesh, DEFAULT_RULES),
-                          rngs=nnx.Rngs(0))
+    layer = RoutedExperts(
+        cfg,
+        policy=get_policy("fp32"),
+        impl=ImplConfig(moe_dispatch="capacity", moe_capacity_factor=factor),
+        experts=ExpertParallel(mesh, DEFAULT_RULES),
+        rngs=nnx.Rngs(0),
+    )
     x, experts, weights = _inputs()
     mask = _token_mask()
     with use_sharding(mesh):
         y, dropped, sent = jax.jit(lambda layer, *a: layer(a[0], Routing(a[2], a[1], None), a[3]))(
-            layer, x, experts, weights, mask)
+            layer, x, experts, weights, mask
+        )
     w = [np.asarray(v[...], np.float64) for v in (layer.w_gate, layer.w_up, layer.w_down)]
     y_ref, dropped_ref, remote = _naive(x, experts, weights, *w, mask, factor, shards, ep)
     np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5)
@@ -109,29 +121,48 @@ def test_capacity_factor_drops_per_shard_as_the_local_dispatch_does():
     cfg, impl = _cfg(), ImplConfig(moe_dispatch="capacity", moe_capacity_factor=0.75)
     mesh = build_mesh(MeshConfig(data=2, expert=EP))
     local = RoutedExperts(cfg, policy=get_policy("fp32"), impl=impl, rngs=nnx.Rngs(5))
-    ep_layer = RoutedExperts(cfg, policy=get_policy("fp32"), impl=impl,
-                             experts=ExpertParallel(mesh, DEFAULT_RULES), rngs=nnx.Rngs(5))
+    ep_layer = RoutedExperts(
+        cfg,
+        policy=get_policy("fp32"),
+        impl=impl,
+        experts=ExpertParallel(mesh, DEFAULT_RULES),
+        rngs=nnx.Rngs(5),
+    )
     x, experts, weights = _inputs(5)
     mask = _token_mask(5)
     with use_sharding(mesh):
         y, dropped, _ = jax.jit(lambda layer, *a: layer(a[0], Routing(a[2], a[1], None), a[3]))(
-            ep_layer, x, experts, weights, mask)
+            ep_layer, x, experts, weights, mask
+        )
     n = N // SHARDS
-    parts = [local(jnp.asarray(x[i:i + n]), Routing(jnp.asarray(weights[i:i + n]), jnp.asarray(experts[i:i + n]),
-                                                    None), jnp.asarray(mask[i:i + n]))
-             for i in range(0, N, n)]
+    parts = [
+        local(
+            jnp.asarray(x[i : i + n]),
+            Routing(jnp.asarray(weights[i : i + n]), jnp.asarray(experts[i : i + n]), None),
+            jnp.asarray(mask[i : i + n]),
+        )
+        for i in range(0, N, n)
+    ]
     np.testing.assert_allclose(y, np.concatenate([p.y for p in parts]), rtol=1e-5, atol=1e-6)
     assert int(dropped) == sum(int(p.dropped) for p in parts) > 0
 
 
-@pytest.mark.parametrize("model, kernel", [(dict(), dict()), (dict(moe_ffn_dim=16), dict(gmm="pallas"))],
-                         ids=["ragged_dot", "pallas"])
+@pytest.mark.parametrize(
+    "model, kernel",
+    [(dict(), dict()), (dict(moe_ffn_dim=16), dict(gmm="pallas"))],
+    ids=["ragged_dot", "pallas"],
+)
 def test_expert_parallel_dropless_equals_local_dispatch(model, kernel):
     cfg, impl = _cfg(**model), ImplConfig(**kernel)
     mesh = build_mesh(MeshConfig(data=2, expert=EP))
     layer = RoutedExperts(cfg, policy=get_policy("fp32"), impl=impl, rngs=nnx.Rngs(1))
-    ep_layer = RoutedExperts(cfg, policy=get_policy("fp32"), impl=impl,
-                             experts=ExpertParallel(mesh, DEFAULT_RULES), rngs=nnx.Rngs(1))
+    ep_layer = RoutedExperts(
+        cfg,
+        policy=get_policy("fp32"),
+        impl=impl,
+        experts=ExpertParallel(mesh, DEFAULT_RULES),
+        rngs=nnx.Rngs(1),
+    )
     np.testing.assert_array_equal(ep_layer.w_down[...], layer.w_down[...])  # same seed, same experts
     x, experts, weights = _inputs(1)
     routing = Routing(jnp.asarray(weights), jnp.asarray(experts), None)
@@ -167,8 +198,13 @@ def test_overlap_chunks_give_identical_results_and_split_the_all_to_alls():
     outputs, counts = [], []
     mesh = build_mesh(MeshConfig(data=2, expert=EP))
     for chunks in (1, 2):
-        layer = RoutedExperts(_cfg(), policy=get_policy("fp32"), impl=ImplConfig(ep_overlap_chunks=chunks),
-                              experts=ExpertParallel(mesh, DEFAULT_RULES), rngs=nnx.Rngs(4))
+        layer = RoutedExperts(
+            _cfg(),
+            policy=get_policy("fp32"),
+            impl=ImplConfig(ep_overlap_chunks=chunks),
+            experts=ExpertParallel(mesh, DEFAULT_RULES),
+            rngs=nnx.Rngs(4),
+        )
         with use_sharding(mesh):
             fn = jax.jit(lambda layer, x, r: layer(x, r))
             outputs.append(fn(layer, x, routing)[0])

@@ -16,11 +16,27 @@ from frontier_jax.parallel.rules import DEFAULT_RULES, logical_to_spec, use_shar
 from frontier_jax.train.objectives.pretrain import BATCH_KEYS, Batch
 from frontier_jax.train.step import Trainer
 
-TINY = ["model.hidden_size=32", "model.num_layers=2", "model.first_k_dense=1", "model.num_heads=4",
-        "model.q_lora_rank=16", "model.kv_lora_rank=16", "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=4",
-        "model.v_head_dim=8", "model.n_routed_experts=8", "model.moe_ffn_dim=16", "model.num_experts_per_tok=2",
-        "model.n_group=4", "model.topk_group=2", "model.mtp_depth=1", "model.dense_ffn_dim=64",
-        "model.init_std=0.2", "train.seq_len=16", "train.global_batch=8"]
+TINY = [
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.first_k_dense=1",
+    "model.num_heads=4",
+    "model.q_lora_rank=16",
+    "model.kv_lora_rank=16",
+    "model.qk_nope_head_dim=8",
+    "model.qk_rope_head_dim=4",
+    "model.v_head_dim=8",
+    "model.n_routed_experts=8",
+    "model.moe_ffn_dim=16",
+    "model.num_experts_per_tok=2",
+    "model.n_group=4",
+    "model.topk_group=2",
+    "model.mtp_depth=1",
+    "model.dense_ffn_dim=64",
+    "model.init_std=0.2",
+    "train.seq_len=16",
+    "train.global_batch=8",
+]
 
 LAYOUTS = {
     "data": {"mesh.data": 8},
@@ -37,16 +53,21 @@ def _batch(cfg):
     rng = np.random.default_rng(0)
     b, t = cfg.train.global_batch, cfg.train.seq_len
     ids = rng.integers(0, cfg.model.vocab_size, (b, t + 1)).astype(np.int32)
-    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((b, t), np.int32),
-            "segment_ids": np.ones((b, t), np.int32),
-            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()}
+    return {
+        "input_ids": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "loss_mask": np.ones((b, t), np.int32),
+        "segment_ids": np.ones((b, t), np.int32),
+        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+    }
 
 
 def _loss_and_grads(trainer, state, batch):
     mb = Batch(*(jnp.asarray(batch[k]) for k in BATCH_KEYS), token_mask=jnp.asarray(batch["loss_mask"]))
     norm = trainer.objective.normalisers(mb, 1)
     loss, grads = jax.value_and_grad(
-        lambda params: trainer.objective(trainer.model(params, state.biases), mb, norm)[0])(state.params)
+        lambda params: trainer.objective(trainer.model(params, state.biases), mb, norm)[0]
+    )(state.params)
     return loss, grads
 
 

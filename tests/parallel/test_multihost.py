@@ -48,12 +48,30 @@ TIMEOUT_S = 300
 RTOL = 1e-5
 
 OVERRIDES = [  # one MoE layer (MLA, router with bias update, 8 experts, shared expert)
-    "model.vocab_size=272", "model.hidden_size=32", "model.num_layers=1", "model.first_k_dense=0",
-    "model.num_heads=2", "model.q_lora_rank=16", "model.kv_lora_rank=16", "model.qk_nope_head_dim=8",
-    "model.qk_rope_head_dim=4", "model.v_head_dim=8", "model.n_routed_experts=8", "model.n_shared_experts=1",
-    "model.num_experts_per_tok=2", "model.moe_ffn_dim=16", "model.n_group=2", "model.topk_group=1",
-    "model.mtp_depth=0", "train.seq_len=32", "train.global_batch=8", "train.steps=3", "train.warmup_steps=1",
-    "checkpoint.every=3", "mesh.data=1", "mesh.expert=8",
+    "model.vocab_size=272",
+    "model.hidden_size=32",
+    "model.num_layers=1",
+    "model.first_k_dense=0",
+    "model.num_heads=2",
+    "model.q_lora_rank=16",
+    "model.kv_lora_rank=16",
+    "model.qk_nope_head_dim=8",
+    "model.qk_rope_head_dim=4",
+    "model.v_head_dim=8",
+    "model.n_routed_experts=8",
+    "model.n_shared_experts=1",
+    "model.num_experts_per_tok=2",
+    "model.moe_ffn_dim=16",
+    "model.n_group=2",
+    "model.topk_group=1",
+    "model.mtp_depth=0",
+    "train.seq_len=32",
+    "train.global_batch=8",
+    "train.steps=3",
+    "train.warmup_steps=1",
+    "checkpoint.every=3",
+    "mesh.data=1",
+    "mesh.expert=8",
 ]
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 COMPARED = ("loss", "ce_loss", "balance_loss", "grad_norm", "lr", "tokens")
@@ -74,9 +92,26 @@ def _env(devices: int) -> dict:
     return env
 
 
-def _start(mode: str, log: Path, run_dir: Path, process_id: int, processes: int, port: int, devices: int,
-           overrides: list[str]) -> subprocess.Popen:
-    args = [sys.executable, str(WORKER), mode, str(run_dir), str(process_id), str(processes), str(port), *overrides]
+def _start(
+    mode: str,
+    log: Path,
+    run_dir: Path,
+    process_id: int,
+    processes: int,
+    port: int,
+    devices: int,
+    overrides: list[str],
+) -> subprocess.Popen:
+    args = [
+        sys.executable,
+        str(WORKER),
+        mode,
+        str(run_dir),
+        str(process_id),
+        str(processes),
+        str(port),
+        *overrides,
+    ]
     return subprocess.Popen(args, env=_env(devices), cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
@@ -94,8 +129,9 @@ def _wait(procs: dict[str, subprocess.Popen], logs: dict[str, Path]) -> None:
         if p.poll() is None:
             p.kill()
             p.wait()
-    report = "\n".join(f"--- {name} (exit {p.returncode}):\n{logs[name].read_text()[-3000:]}"
-                       for name, p in procs.items())
+    report = "\n".join(
+        f"--- {name} (exit {p.returncode}):\n{logs[name].read_text()[-3000:]}" for name, p in procs.items()
+    )
     raise AssertionError(f"a training process failed or exceeded {TIMEOUT_S} s\n{report}")
 
 
@@ -108,8 +144,10 @@ def _restored_params(run_dir: Path, step: int):
     item holds one iterator state per writing process)."""
     trainer = Trainer(load_config("model/toy", OVERRIDES))
     first = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=first),
-                            jax.eval_shape(lambda: trainer.init(0)))
+    abstract = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=first),
+        jax.eval_shape(lambda: trainer.init(0)),
+    )
     with ocp.CheckpointManager(run_dir / "checkpoints") as manager:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     return restored.state.params
@@ -135,8 +173,11 @@ def test_two_processes_train_like_one(tmp_path):
 
     data_states = sorted(p.name for p in (multi / "checkpoints" / "3" / "data").glob("process_*.json"))
     assert data_states == ["process_0-of-2.json", "process_1-of-2.json"]  # one iterator state per process
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=1e-7),
-                 _restored_params(multi, 3), _restored_params(single, 3))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=1e-7),
+        _restored_params(multi, 3),
+        _restored_params(single, 3),
+    )
 
 
 def test_dcn_axis_spans_the_processes(tmp_path):
@@ -145,8 +186,10 @@ def test_dcn_axis_spans_the_processes(tmp_path):
     port = _free_port()
     overrides = ["mesh.data=2", "mesh.expert=4", "mesh.dcn.data=2"]
     logs = {f"process{i}": tmp_path / f"process{i}.log" for i in range(2)}
-    procs = {name: _start("mesh", log, tmp_path, i, 2, port, 4, overrides)
-             for i, (name, log) in enumerate(logs.items())}
+    procs = {
+        name: _start("mesh", log, tmp_path, i, 2, port, 4, overrides)
+        for i, (name, log) in enumerate(logs.items())
+    }
     _wait(procs, logs)
     for i, log in enumerate(logs.values()):
         line = next(line for line in log.read_text().splitlines() if line.startswith("{"))
@@ -159,8 +202,12 @@ def test_dcn_axis_spans_the_processes(tmp_path):
 LAYOUTS = {
     "data across processes": ["mesh.data=4", "mesh.expert=1"],
     "data across, tensor within": ["mesh.data=2", "mesh.tensor=2", "mesh.dcn.data=2", "mesh.expert=1"],
-    "tensor across (batch replicated over processes)": ["mesh.data=2", "mesh.tensor=2", "mesh.dcn.tensor=2",
-                                                        "mesh.expert=1"],
+    "tensor across (batch replicated over processes)": [
+        "mesh.data=2",
+        "mesh.tensor=2",
+        "mesh.dcn.tensor=2",
+        "mesh.expert=1",
+    ],
     "expert across, data within (rows interleaved)": ["mesh.data=2", "mesh.expert=2", "mesh.dcn.expert=2"],
 }
 
@@ -168,8 +215,13 @@ LAYOUTS = {
 def _run_two(mode: str, run_dir: Path, overrides: list[str], devices: int = 2) -> None:
     port = _free_port()
     logs = {f"process{i}": run_dir / f"{mode}_process{i}.log" for i in range(2)}
-    _wait({name: _start(mode, log, run_dir, i, 2, port, devices, overrides)
-           for i, (name, log) in enumerate(logs.items())}, logs)
+    _wait(
+        {
+            name: _start(mode, log, run_dir, i, 2, port, devices, overrides)
+            for i, (name, log) in enumerate(logs.items())
+        },
+        logs,
+    )
 
 
 def _single_process_batches(overrides: list[str], n: int) -> list[dict]:
@@ -194,8 +246,11 @@ def test_each_device_gets_its_block_of_the_global_batch_in_every_layout(tmp_path
                 assert tuple(got[f"{key}_shape"]) == want[key].shape, (name, key)
                 for shard in range(2):  # 2 local devices
                     (r, c), value = got[f"{key}_{shard}_start"], got[f"{key}_{shard}_value"]
-                    np.testing.assert_array_equal(value, want[key][r:r + len(value), c:c + value.shape[1]],
-                                                  err_msg=f"{name}: process {p} shard {shard} {key}")
+                    np.testing.assert_array_equal(
+                        value,
+                        want[key][r : r + len(value), c : c + value.shape[1]],
+                        err_msg=f"{name}: process {p} shard {shard} {key}",
+                    )
                     covered[p].update(range(r, r + len(value)))
         assert covered[0] | covered[1] == set(range(rows)), name
         if name.startswith("tensor across"):
@@ -209,7 +264,9 @@ def test_data_iterator_saved_by_two_processes_resumes_in_one(tmp_path):
     (tmp_path / "steps.txt").write_text("3")
     _run_two("data_save", tmp_path, DATA_OVERRIDES)
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "3" / "data").glob("process_*.json")) == [
-        "process_0-of-2.json", "process_1-of-2.json"]
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
     want = _single_process_batches(DATA_OVERRIDES, 4)[3]
     got = next(restore_data(load_config("model/toy", DATA_OVERRIDES), tmp_path))
     for key in BATCH_KEYS:

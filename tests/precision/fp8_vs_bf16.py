@@ -19,15 +19,24 @@ WINDOW = 20
 POLICIES = ("bf16", "fp8_deepseek")
 
 
-def train_losses(policy: str, run_dir: Path, *, steps: int, seq_len: int = 64, batch: int = 8,
-                 seed: int = 0) -> list[float]:
+def train_losses(
+    policy: str, run_dir: Path, *, steps: int, seq_len: int = 64, batch: int = 8, seed: int = 0
+) -> list[float]:
     """Per-step training loss of the toy config under `policy` (checkpointing only at the end)."""
     from frontier_jax.config import load_config
     from frontier_jax.train.loop import train
 
-    cfg = load_config("train/toy", [f"precision.policy={policy}", f"train.steps={steps}",
-                                    f"train.seq_len={seq_len}", f"train.global_batch={batch}",
-                                    f"train.seed={seed}", "checkpoint.every=0"])
+    cfg = load_config(
+        "train/toy",
+        [
+            f"precision.policy={policy}",
+            f"train.steps={steps}",
+            f"train.seq_len={seq_len}",
+            f"train.global_batch={batch}",
+            f"train.seed={seed}",
+            "checkpoint.every=0",
+        ],
+    )
     return [record["loss"] for record in train(cfg, run_dir, progress=False)]
 
 
@@ -75,8 +84,11 @@ def main() -> None:
         curves = {p: train_losses(p, Path(root) / p, **run) for p in args.policies}
     args.json.write_text(json.dumps(curves))
     if args.plot:
-        plot(curves, args.plot, f"toy model, {args.steps} steps of seq {args.seq_len} x batch "
-                                f"{args.batch}, seed {args.seed}")
+        plot(
+            curves,
+            args.plot,
+            f"toy model, {args.steps} steps of seq {args.seq_len} x batch {args.batch}, seed {args.seed}",
+        )
 
 
 if __name__ == "__main__":

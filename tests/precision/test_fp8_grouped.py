@@ -29,7 +29,7 @@ def _forward_and_grads(x, w, dy, group_sizes, recipe):
 def _operands(k, n, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((M, k)) * 10.0 ** rng.uniform(-2, 2, (M, 1))
-    x[GROUP_SIZES.sum():] *= 1e-3  # rows past the groups: not the amax of a per-tensor scale
+    x[GROUP_SIZES.sum() :] *= 1e-3  # rows past the groups: not the amax of a per-tensor scale
     w = 0.05 * rng.standard_normal((len(GROUP_SIZES), k, n))
     dy = 1e-3 * rng.standard_normal((M, n))
     return tuple(a.astype(np.float32) for a in (x, w, dy))
@@ -40,8 +40,9 @@ def _rel(got, want):
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-@pytest.mark.parametrize("recipe,grad_fmt", [(FP8_DEEPSEEK, "e4m3"), (FP8_TENSOR, "e5m2")],
-                         ids=["fp8_deepseek", "fp8_tensor"])
+@pytest.mark.parametrize(
+    "recipe,grad_fmt", [(FP8_DEEPSEEK, "e4m3"), (FP8_TENSOR, "e5m2")], ids=["fp8_deepseek", "fp8_tensor"]
+)
 def test_grouped_gemms_match_the_per_group_reference(recipe, grad_fmt, shape):
     x, w, dy = _operands(*shape)
     y, dx, dw = _forward_and_grads(x, w, dy, jnp.asarray(GROUP_SIZES), recipe)
@@ -58,8 +59,12 @@ def test_grouped_equals_a_loop_of_dense_fp8_projections():
     fp8_deepseek projection of its own rows (per-tensor scales would span all groups instead)."""
     x, w, dy = _operands(*SHAPES["padded"], seed=1)
     y, dx, dw = _forward_and_grads(x, w, dy, jnp.asarray(GROUP_SIZES), FP8_DEEPSEEK)
-    dense = jax.jit(lambda a, b, c: (fp8_matmul(a, b, FP8_DEEPSEEK),
-                                     *jax.vjp(lambda p, q: fp8_matmul(p, q, FP8_DEEPSEEK), a, b)[1](c)))
+    dense = jax.jit(
+        lambda a, b, c: (
+            fp8_matmul(a, b, FP8_DEEPSEEK),
+            *jax.vjp(lambda p, q: fp8_matmul(p, q, FP8_DEEPSEEK), a, b)[1](c),
+        )
+    )
     start = 0
     for g, n in enumerate(GROUP_SIZES):
         if n:
@@ -84,8 +89,9 @@ def test_group_aligned_layout():
 def test_grouped_matmul_routes_expert_layers_through_the_policy():
     x, w, _ = _operands(*SHAPES["padded"], seed=2)
     sizes = jnp.asarray(GROUP_SIZES)
-    run = lambda policy, layer="moe.experts.w_up": np.asarray(grouped_matmul(
-        x, w, sizes, impl="ragged_dot", dtype=jnp.float32, policy=policy, layer=layer))
+    run = lambda policy, layer="moe.experts.w_up": np.asarray(
+        grouped_matmul(x, w, sizes, impl="ragged_dot", dtype=jnp.float32, policy=policy, layer=layer)
+    )
     fp8 = np.asarray(fp8_grouped_matmul(x, w, sizes, FP8_DEEPSEEK))
     plain = np.asarray(grouped_matmul(x, w, sizes, impl="ragged_dot", dtype=jnp.float32))
     np.testing.assert_array_equal(run(get_policy("fp8_deepseek")), fp8)

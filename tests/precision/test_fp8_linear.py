@@ -101,9 +101,11 @@ def test_bf16_operands_give_bf16_results():
 
 def _amaxes(jaxpr) -> int:
     """reduce_max equations (one per quantized operand) in a jaxpr and its sub-jaxprs."""
-    return sum((eqn.primitive.name == "reduce_max")
-               + sum(_amaxes(sub) for sub in jax.core.jaxprs_in_params(eqn.params))
-               for eqn in jaxpr.eqns)
+    return sum(
+        (eqn.primitive.name == "reduce_max")
+        + sum(_amaxes(sub) for sub in jax.core.jaxprs_in_params(eqn.params))
+        for eqn in jaxpr.eqns
+    )
 
 
 def test_a_forward_without_gradient_quantizes_only_its_operands():
@@ -115,8 +117,10 @@ def test_a_forward_without_gradient_quantizes_only_its_operands():
     x, w, _ = _operands(256, 256, 128)
     sizes = jnp.array([128, 128], jnp.int32)
     grouped_w = np.stack([w, w])
-    for fn, args in [(lambda x, w: fp8_matmul(x, w, FP8_DEEPSEEK), (x, w)),
-                     (lambda x, w: fp8_grouped_matmul(x, w, sizes, FP8_DEEPSEEK), (x, grouped_w))]:
+    for fn, args in [
+        (lambda x, w: fp8_matmul(x, w, FP8_DEEPSEEK), (x, w)),
+        (lambda x, w: fp8_grouped_matmul(x, w, sizes, FP8_DEEPSEEK), (x, grouped_w)),
+    ]:
         assert _amaxes(jax.make_jaxpr(fn)(*args).jaxpr) == 2
         forward_for_grad = jax.make_jaxpr(lambda x, w: jax.vjp(fn, x, w)[0])(*args).jaxpr
         assert _amaxes(forward_for_grad) == 3

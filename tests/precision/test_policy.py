@@ -17,11 +17,22 @@ from frontier_jax.precision import policy as policy_module
 from tests.model import common
 
 # every projection of a model with q-LoRA, a dense prefix, shared experts and MTP (policy.py)
-LINEAR_LAYERS = {"mla.wq_a", "mla.wq_b", "mla.wkv_a", "mla.wk_rope", "mla.wk_b", "mla.wv_b", "mla.wo",
-                 *(f"{ffn}.{w}" for ffn in ("dense_ffn", "moe.shared") for w in ("w_gate", "w_up", "w_down")),
-                 "mtp.proj"}
-JOINT_LAYERS = {"mla.wq_a+mla.wkv_a+mla.wk_rope", "mla.wk_b+mla.wv_b",
-                *(f"{ffn}.w_gate+{ffn}.w_up" for ffn in ("dense_ffn", "moe.shared"))}
+LINEAR_LAYERS = {
+    "mla.wq_a",
+    "mla.wq_b",
+    "mla.wkv_a",
+    "mla.wk_rope",
+    "mla.wk_b",
+    "mla.wv_b",
+    "mla.wo",
+    *(f"{ffn}.{w}" for ffn in ("dense_ffn", "moe.shared") for w in ("w_gate", "w_up", "w_down")),
+    "mtp.proj",
+}
+JOINT_LAYERS = {
+    "mla.wq_a+mla.wkv_a+mla.wk_rope",
+    "mla.wk_b+mla.wv_b",
+    *(f"{ffn}.w_gate+{ffn}.w_up" for ffn in ("dense_ffn", "moe.shared")),
+}
 
 
 def test_registry_and_unknown_name():
@@ -90,8 +101,15 @@ def test_linear_with_multi_dim_shapes_is_close_to_fp32():
     x = jax.random.normal(jax.random.key(0), (2, 8, 4, 24))
 
     def make(policy):
-        return Linear((4, 24), (96,), ("heads", "v_head", "embed"), name="mla.wo", std=0.1,
-                      policy=get_policy(policy), rngs=nnx.Rngs(0))
+        return Linear(
+            (4, 24),
+            (96,),
+            ("heads", "v_head", "embed"),
+            name="mla.wo",
+            std=0.1,
+            policy=get_policy(policy),
+            rngs=nnx.Rngs(0),
+        )
 
     want = np.asarray(make("fp32")(x))
     got = make("fp8_deepseek")(x)
@@ -105,8 +123,10 @@ def test_model_forward_with_fp8_is_close_to_fp32():
     cfg = common.tiny_config()
     ids = common.token_ids(cfg)
     reference = Transformer(cfg, policy=get_policy("fp32"), rngs=nnx.Rngs(0))
-    fp8 = common.copy_state(reference, nnx.eval_shape(
-        lambda: Transformer(cfg, policy=get_policy("fp8_deepseek"), rngs=nnx.Rngs(0))))
+    fp8 = common.copy_state(
+        reference,
+        nnx.eval_shape(lambda: Transformer(cfg, policy=get_policy("fp8_deepseek"), rngs=nnx.Rngs(0))),
+    )
     forward = common.jit(lambda m, i: m.forward(i).logits)
     want, got = (np.asarray(forward(m, ids), np.float64) for m in (reference, fp8))
     assert np.all(np.isfinite(got))

@@ -21,13 +21,16 @@ def _data(shape, seed=0):
     return (rng.standard_normal(shape) * 10.0 ** rng.uniform(-4, 4, (shape[0], 1))).astype(np.float32)
 
 
-@pytest.mark.parametrize("shape,tiles,scale_shape", [
-    ((256, 384), (1, 128), (256, 3)),  # activations, 1 x 128 along K: [M, K / 128]
-    ((256, 384), (128, 128), (2, 3)),  # weights, 128 x 128 blocks: [K / 128, N / 128]
-    ((256, 384), (128, 1), (2, 384)),  # wgrad operands, 128 x 1 along tokens: [M / 128, K]
-    ((256, 384), (None, None), (1, 1)),  # per tensor
-    ((4, 256, 128), (1, 128, 128), (4, 2, 1)),  # stacked experts, blocks per expert
-])
+@pytest.mark.parametrize(
+    "shape,tiles,scale_shape",
+    [
+        ((256, 384), (1, 128), (256, 3)),  # activations, 1 x 128 along K: [M, K / 128]
+        ((256, 384), (128, 128), (2, 3)),  # weights, 128 x 128 blocks: [K / 128, N / 128]
+        ((256, 384), (128, 1), (2, 384)),  # wgrad operands, 128 x 1 along tokens: [M / 128, K]
+        ((256, 384), (None, None), (1, 1)),  # per tensor
+        ((4, 256, 128), (1, 128, 128), (4, 2, 1)),  # stacked experts, blocks per expert
+    ],
+)
 def test_scale_shapes(shape, tiles, scale_shape):
     q = quantize(jnp.ones(shape), E4M3, tiles)
     assert q.qvalue.shape == shape and q.qvalue.dtype == E4M3
@@ -60,8 +63,9 @@ def test_saturation_maps_each_tile_amax_to_the_format_max(fmt):
     np.testing.assert_array_equal(np.abs(qv).max(-1), fmax)  # clipped at, never past, the max
     got = np.asarray(qwix.dequantize(q))
     np.testing.assert_allclose(got[5, 200], 3.0e38, rtol=rel)
-    np.testing.assert_allclose(np.abs(got).reshape(64, 4, 128).max(-1),
-                               np.abs(x).reshape(64, 4, 128).max(-1), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.abs(got).reshape(64, 4, 128).max(-1), np.abs(x).reshape(64, 4, 128).max(-1), rtol=1e-6
+    )
 
 
 def test_all_zero_tile_gets_scale_one_and_zero_values():

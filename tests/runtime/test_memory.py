@@ -52,13 +52,19 @@ def test_cpu8_preset_builds_on_the_test_devices():
 # ------------------------------------------------- state bytes vs real shards
 def _device0_bytes(tree) -> int:
     device = jax.devices()[0]
-    return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == device)
+    return sum(
+        s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == device
+    )
 
 
-@pytest.mark.parametrize("layout", [
-    ["mesh.data=2", "mesh.expert=4"],
-    ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"],
-], ids=["data2-expert4", "fsdp2-expert2-tensor2"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["mesh.data=2", "mesh.expert=4"],
+        ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"],
+    ],
+    ids=["data2-expert4", "fsdp2-expert2-tensor2"],
+)
 def test_state_bytes_equal_the_sharded_arrays(layout):
     """The training state laid out by the training loop's own shardings on the 8 devices: the
     shards on device 0 hold exactly the bytes `device_memory` computes."""
@@ -66,10 +72,16 @@ def test_state_bytes_equal_the_sharded_arrays(layout):
     mesh = build_mesh(cfg.mesh)
     trainer = Trainer(cfg, mesh)
     shapes = jax.eval_shape(lambda: trainer.init(0))
-    state = jax.tree.map(lambda s, sh: jax.device_put(np.zeros(s.shape, s.dtype), sh),
-                         shapes, train_state_shardings(trainer, mesh))
-    grads = jax.tree.map(lambda p, sh: jax.device_put(np.zeros(p.shape, np.float32), sh),
-                         shapes.params, state_shardings(trainer.abstract_params, mesh, trainer.rules))
+    state = jax.tree.map(
+        lambda s, sh: jax.device_put(np.zeros(s.shape, s.dtype), sh),
+        shapes,
+        train_state_shardings(trainer, mesh),
+    )
+    grads = jax.tree.map(
+        lambda p, sh: jax.device_put(np.zeros(p.shape, np.float32), sh),
+        shapes.params,
+        state_shardings(trainer.abstract_params, mesh, trainer.rules),
+    )
     moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]  # mu, nu (not the step counts)
 
     mem = device_memory(cfg)
@@ -82,7 +94,9 @@ def test_state_bytes_equal_the_sharded_arrays(layout):
 
 def test_bf16_moments_halve_the_optimizer_bytes():
     fp32 = device_memory(load_config("model/toy", ["mesh.data=2", "mesh.expert=4"]))
-    bf16 = device_memory(load_config("model/toy", ["mesh.data=2", "mesh.expert=4", "train.moment_dtype=bfloat16"]))
+    bf16 = device_memory(
+        load_config("model/toy", ["mesh.data=2", "mesh.expert=4", "train.moment_dtype=bfloat16"])
+    )
     assert bf16.optimizer * 2 == fp32.optimizer
     assert (bf16.params, bf16.grads, bf16.activations) == (fp32.params, fp32.grads, fp32.activations)
 
@@ -92,7 +106,10 @@ def test_deepseek_v3_does_not_fit_one_8_gpu_node(capsys):
     assert cli_main(["describe", "--config", V3, "--mesh", "mesh/gpu-8", "--device-memory-gib", "80"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"WARNING: does not fit: [\d.]+ GiB > 80 GiB", out), out
-    assert cli_main(["describe", "--config", V3, "--mesh", "mesh/gpu-8", "--device-memory-gib", "80", "--json"]) == 0
+    assert (
+        cli_main(["describe", "--config", V3, "--mesh", "mesh/gpu-8", "--device-memory-gib", "80", "--json"])
+        == 0
+    )
     captured = capsys.readouterr()
     info = json.loads(captured.out)
     assert "does not fit" in captured.err
@@ -128,9 +145,18 @@ def test_deepseek_v3_fits_a_deepseek_sized_cluster():
     """2048 GPUs (expert 64 x fsdp 32), bf16 compute and moments, full remat, flash attention,
     capacity dispatch (dropless expert parallelism sizes its all-to-all buffers for the worst
     case, P K rows per token: far over 80 GiB at P = 64)."""
-    cfg_overrides = ["mesh.expert=64", "mesh.fsdp=32", "train.global_batch=2048", "train.micro_batches=2",
-                     "train.seq_len=4096", "impl.remat=full", "precision.policy=bf16",
-                     "train.moment_dtype=bfloat16", "impl.attention=cudnn", "impl.moe_dispatch=capacity"]
+    cfg_overrides = [
+        "mesh.expert=64",
+        "mesh.fsdp=32",
+        "train.global_batch=2048",
+        "train.micro_batches=2",
+        "train.seq_len=4096",
+        "impl.remat=full",
+        "precision.policy=bf16",
+        "train.moment_dtype=bfloat16",
+        "impl.attention=cudnn",
+        "impl.moe_dispatch=capacity",
+    ]
     cfg = _v3(*cfg_overrides)
     mem = device_memory(cfg)
     assert mem.batch_per_device == 1 and fits(mem, 80)
@@ -140,8 +166,9 @@ def test_deepseek_v3_fits_a_deepseek_sized_cluster():
 # ------------------------------------------------------------ activations
 def test_activation_estimate_follows_the_remat_policy_and_batch():
     def act(*overrides):
-        return device_memory(load_config("model/toy", ["mesh.data=2", "mesh.expert=4", "train.global_batch=16",
-                                                       *overrides])).activations
+        return device_memory(
+            load_config("model/toy", ["mesh.data=2", "mesh.expert=4", "train.global_batch=16", *overrides])
+        ).activations
 
     policies = [act(f"impl.remat={p}") for p in ("full", "save_attention_out", "save_dots", "none")]
     assert policies == sorted(policies) and len(set(policies)) == 4
@@ -155,13 +182,21 @@ def test_activation_estimate_follows_the_remat_policy_and_batch():
 
 
 # ---------------------------------------------------------------- errors
-@pytest.mark.parametrize("overrides, devices, expected", [
-    (["mesh.data=2", "mesh.expert=3"], 8, [r"multiply to 6", r"8 devices", r"'expert': 3"]),
-    (["mesh.expert=16"], 16, [r"'expert' dimension \(8\)", r"\['expert'\] of sizes \[16\]", r"mesh\.expert"]),
-    (["mesh.tensor=8"], 8, [r"'heads' dimension \(4\)", r"\['tensor'\] of sizes \[8\]", r"mesh\.tensor"]),
-    (["mesh.expert=8", "train.global_batch=4"], 8, [r"train\.global_batch=4", r"8-way"]),
-    ([], None, [r"mesh\.data=-1", r"--devices"]),
-], ids=["product", "experts", "heads", "batch", "data-unset"])
+@pytest.mark.parametrize(
+    "overrides, devices, expected",
+    [
+        (["mesh.data=2", "mesh.expert=3"], 8, [r"multiply to 6", r"8 devices", r"'expert': 3"]),
+        (
+            ["mesh.expert=16"],
+            16,
+            [r"'expert' dimension \(8\)", r"\['expert'\] of sizes \[16\]", r"mesh\.expert"],
+        ),
+        (["mesh.tensor=8"], 8, [r"'heads' dimension \(4\)", r"\['tensor'\] of sizes \[8\]", r"mesh\.tensor"]),
+        (["mesh.expert=8", "train.global_batch=4"], 8, [r"train\.global_batch=4", r"8-way"]),
+        ([], None, [r"mesh\.data=-1", r"--devices"]),
+    ],
+    ids=["product", "experts", "heads", "batch", "data-unset"],
+)
 def test_invalid_mesh_names_the_axis_and_sizes(overrides, devices, expected):
     cfg = load_config("model/toy", overrides)
     with pytest.raises(ValueError) as err:
@@ -171,9 +206,25 @@ def test_invalid_mesh_names_the_axis_and_sizes(overrides, devices, expected):
 
 
 def test_cli_mesh_preset_then_overrides(capsys):
-    assert cli_main(["describe", "--config", "model/toy", "--mesh", "mesh/gpu-8", "--json",
-                     "mesh.expert=4", "mesh.data=2"]) == 0
+    assert (
+        cli_main(
+            [
+                "describe",
+                "--config",
+                "model/toy",
+                "--mesh",
+                "mesh/gpu-8",
+                "--json",
+                "mesh.expert=4",
+                "mesh.data=2",
+            ]
+        )
+        == 0
+    )
     info = json.loads(capsys.readouterr().out)
     assert info["mesh"]["expert"] == 4 and info["mesh"]["data"] == 2 and info["fits"] is None
     assert cli_main(["describe", "--config", "model/toy", "--mesh", "mesh/gpu-8", "mesh.expert=3"]) == 2
-    assert "'expert' dimension (8) does not split over mesh axes ['expert'] of sizes [3]" in capsys.readouterr().err
+    assert (
+        "'expert' dimension (8) does not split over mesh axes ['expert'] of sizes [3]"
+        in capsys.readouterr().err
+    )

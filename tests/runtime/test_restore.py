@@ -71,11 +71,16 @@ def test_restores_an_earlier_step_by_number_or_by_its_directory(run, trained):
     for restored in (restore_params(run_dir, 2), restore_params(run_dir / "checkpoints" / "2")):
         assert restored.step == 2
         assert_trees_equal(restored.params, trained[2].params, "params")
-    assert not np.array_equal(trained[2].params["embed"]["embedding"], trained[STEPS].params["embed"]["embedding"])
+    assert not np.array_equal(
+        trained[2].params["embed"]["embedding"], trained[STEPS].params["embed"]["embedding"]
+    )
 
 
-@pytest.mark.parametrize("layout", [{"data": 1, "tensor": 2, "expert": 4}, {"data": 1, "fsdp": 8}],
-                         ids=["tensor2_expert4", "fsdp8"])
+@pytest.mark.parametrize(
+    "layout",
+    [{"data": 1, "tensor": 2, "expert": 4}, {"data": 1, "fsdp": 8}],
+    ids=["tensor2_expert4", "fsdp8"],
+)
 def test_restores_onto_eight_devices_sharded_by_the_rules(run, trained, layout):
     run_dir, _ = run
     restored = restore_params(run_dir, mesh=MeshConfig(**layout))
@@ -92,11 +97,13 @@ def test_restores_onto_eight_devices_sharded_by_the_rules(run, trained, layout):
 def test_restores_in_bfloat16_with_float32_biases(run, trained):
     run_dir, _ = run
     restored = restore_params(run_dir, dtype=jnp.bfloat16)
-    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(restored.params),
-                                 jax.tree.leaves(trained[STEPS].params)):
+    for (path, got), want in zip(
+        jax.tree_util.tree_leaves_with_path(restored.params), jax.tree.leaves(trained[STEPS].params)
+    ):
         assert got.dtype == jnp.bfloat16, jax.tree_util.keystr(path)
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want).astype(jnp.bfloat16),
-                                      err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_array_equal(
+            np.asarray(got), np.asarray(want).astype(jnp.bfloat16), err_msg=jax.tree_util.keystr(path)
+        )
     assert_trees_equal(restored.biases, trained[STEPS].biases, "biases")  # fp32, unchanged
     # and the bf16 model runs: its logits stay within bf16 weight rounding of the fp32 model's
     # (each weight moves by <= 2^-9 relative; observed max |diff| 0.2% of the logits' range)
@@ -113,10 +120,15 @@ def test_a_checkpoint_without_optimizer_state_still_restores_params(run, trained
     state = trained[STEPS]
     stripped = tmp_path / "stripped" / "checkpoints"
     with ocp.CheckpointManager(stripped) as manager:
-        manager.save(STEPS, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"params": state.params, "biases": state.biases,
-                                         "step": state.step, "rng": state.rng}),
-            config=ocp.args.JsonSave(cfg.to_dict())))
+        manager.save(
+            STEPS,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(
+                    {"params": state.params, "biases": state.biases, "step": state.step, "rng": state.rng}
+                ),
+                config=ocp.args.JsonSave(cfg.to_dict()),
+            ),
+        )
     shutil.copytree(run_dir / "checkpoints" / str(STEPS) / "data", stripped / str(STEPS) / "data")
     with pytest.raises(Exception, match="opt_state"):
         restore_checkpoint(stripped.parent, STEPS, cfg)
@@ -127,7 +139,9 @@ def test_a_checkpoint_without_optimizer_state_still_restores_params(run, trained
 
 def test_missing_checkpoints_are_named_with_the_steps_that_exist(run, tmp_path):
     run_dir, _ = run
-    with pytest.raises(ValueError, match=rf"no checkpoint of step 7 in .*checkpoints; its steps: 2, {STEPS}$"):
+    with pytest.raises(
+        ValueError, match=rf"no checkpoint of step 7 in .*checkpoints; its steps: 2, {STEPS}$"
+    ):
         restore_params(run_dir, 7)
     with pytest.raises(ValueError, match=rf"no checkpoint in {tmp_path / 'nowhere'}"):
         restore_params(tmp_path / "nowhere")

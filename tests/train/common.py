@@ -11,20 +11,39 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parents[2]
 
 TINY_MODEL = [
-    "model.vocab_size=272", "model.hidden_size=32", "model.num_layers=3", "model.first_k_dense=1",
-    "model.dense_ffn_dim=64", "model.num_heads=2", "model.q_lora_rank=16", "model.kv_lora_rank=16",
-    "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=4", "model.v_head_dim=8",
-    "model.n_routed_experts=4", "model.n_shared_experts=1", "model.num_experts_per_tok=2",
-    "model.moe_ffn_dim=16", "model.n_group=2", "model.topk_group=1", "model.mtp_depth=1",
+    "model.vocab_size=272",
+    "model.hidden_size=32",
+    "model.num_layers=3",
+    "model.first_k_dense=1",
+    "model.dense_ffn_dim=64",
+    "model.num_heads=2",
+    "model.q_lora_rank=16",
+    "model.kv_lora_rank=16",
+    "model.qk_nope_head_dim=8",
+    "model.qk_rope_head_dim=4",
+    "model.v_head_dim=8",
+    "model.n_routed_experts=4",
+    "model.n_shared_experts=1",
+    "model.num_experts_per_tok=2",
+    "model.moe_ffn_dim=16",
+    "model.n_group=2",
+    "model.topk_group=1",
+    "model.mtp_depth=1",
 ]
 TINY_TRAIN = [
-    "train.seq_len=32", "train.global_batch=8", "train.lr=3e-3", "train.lr_min=3e-4",
-    "train.schedule=deepseek", "train.warmup_steps=2", "train.decay_start=4", "train.decay_steps=4",
-    "train.balance_alpha=1e-2", "train.z_loss=1e-3",  # both terms visibly enter the gradient
+    "train.seq_len=32",
+    "train.global_batch=8",
+    "train.lr=3e-3",
+    "train.lr_min=3e-4",
+    "train.schedule=deepseek",
+    "train.warmup_steps=2",
+    "train.decay_start=4",
+    "train.decay_steps=4",
+    "train.balance_alpha=1e-2",
+    "train.z_loss=1e-3",  # both terms visibly enter the gradient
     "checkpoint.async_save=true",
 ]
 TINY = TINY_MODEL + TINY_TRAIN
@@ -60,10 +79,18 @@ def subprocess_env(devices: int | None = 8) -> dict:
     return env
 
 
-def run_python(code: str, *, devices: int | None = 8, timeout: float = 300, cwd=None) -> subprocess.CompletedProcess:
+def run_python(
+    code: str, *, devices: int | None = 8, timeout: float = 300, cwd=None
+) -> subprocess.CompletedProcess:
     """Runs `python -c code` in a fresh interpreter; returns the completed process."""
-    return subprocess.run([sys.executable, "-c", code], env=subprocess_env(devices), cwd=cwd or REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env=subprocess_env(devices),
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @contextlib.contextmanager
@@ -130,10 +157,21 @@ REF_EVERY = 4
 
 
 def reference_overrides(*extra: str) -> list[str]:
-    return tiny_overrides(f"train.steps={REF_STEPS}", f"checkpoint.every={REF_EVERY}", "checkpoint.keep=100", *extra)
+    return tiny_overrides(
+        f"train.steps={REF_STEPS}", f"checkpoint.every={REF_EVERY}", "checkpoint.keep=100", *extra
+    )
 
 
 def cli_train_command(run_dir, *overrides: str) -> list[str]:
     """`python -m frontier_jax train --config model/toy --run-dir DIR <tiny overrides> ...`."""
-    return [sys.executable, "-m", "frontier_jax", "train", "--config", "model/toy", "--run-dir", str(run_dir),
-            *tiny_overrides(*overrides)]
+    return [
+        sys.executable,
+        "-m",
+        "frontier_jax",
+        "train",
+        "--config",
+        "model/toy",
+        "--run-dir",
+        str(run_dir),
+        *tiny_overrides(*overrides),
+    ]

@@ -36,8 +36,14 @@ def test_global_batch_not_divisible_by_data_parallel_devices(tmp_path, no_compil
 
 
 def test_global_batch_error_through_the_cli(tmp_path, capsys, no_compile):
-    argv = ["train", "--config", "model/toy", "--run-dir", str(tmp_path / "run"),
-            *tiny_overrides("train.global_batch=12")]
+    argv = [
+        "train",
+        "--config",
+        "model/toy",
+        "--run-dir",
+        str(tmp_path / "run"),
+        *tiny_overrides("train.global_batch=12"),
+    ]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "train.global_batch=12" in err
@@ -48,11 +54,14 @@ def test_mesh_that_does_not_match_the_device_count(tmp_path, no_compile):
         train(tiny_config("mesh.data=3"), tmp_path / "run", progress=False)
 
 
-@pytest.mark.parametrize("override, named", [
-    ("train.stepz=5", "train.stepz"),
-    ("trian.steps=5", "trian"),
-    ("model.hidden=64", "model.hidden"),
-])
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("train.stepz=5", "train.stepz"),
+        ("trian.steps=5", "trian"),
+        ("model.hidden=64", "model.hidden"),
+    ],
+)
 def test_unknown_override_key_is_named(override, named):
     with pytest.raises(ValueError, match=named.replace(".", r"\.")) as err:
         load_config("model/toy", [override])
@@ -60,23 +69,28 @@ def test_unknown_override_key_is_named(override, named):
 
 
 def test_unknown_key_through_the_cli(tmp_path, capsys, no_compile):
-    assert cli.main(["train", "--config", "model/toy", "--run-dir", str(tmp_path / "run"), "train.stepz=5"]) == 2
+    assert (
+        cli.main(["train", "--config", "model/toy", "--run-dir", str(tmp_path / "run"), "train.stepz=5"]) == 2
+    )
     err = capsys.readouterr().err
     assert "train.stepz" in err
     assert not (tmp_path / "run").exists()  # rejected before anything was written
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.steps=abc", r"train\.steps"),
-    ("train.schedule=linear", r"train\.schedule='linear'.*constant, cosine, deepseek"),
-    ("train.micro_batches=3", r"train\.global_batch=16 is not divisible by train\.micro_batches=3"),
-    ("train.moment_dtype=float16", r"train\.moment_dtype"),
-    ("train.on_nonfinite=ignore", r"train\.on_nonfinite"),
-    ("train.lr_min=1.0", r"train\.lr_min"),
-    ("checkpoint.keep=0", r"checkpoint\.keep"),
-    ("mesh.fsdp=0", r"mesh\.fsdp"),
-    ("train.steps", r"not of the form key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.steps=abc", r"train\.steps"),
+        ("train.schedule=linear", r"train\.schedule='linear'.*constant, cosine, deepseek"),
+        ("train.micro_batches=3", r"train\.global_batch=16 is not divisible by train\.micro_batches=3"),
+        ("train.moment_dtype=float16", r"train\.moment_dtype"),
+        ("train.on_nonfinite=ignore", r"train\.on_nonfinite"),
+        ("train.lr_min=1.0", r"train\.lr_min"),
+        ("checkpoint.keep=0", r"checkpoint\.keep"),
+        ("mesh.fsdp=0", r"mesh\.fsdp"),
+        ("train.steps", r"not of the form key=value"),
+    ],
+)
 def test_invalid_values_are_named(override, message):
     with pytest.raises(ValueError, match=message):
         load_config("model/toy", [override])

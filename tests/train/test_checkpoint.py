@@ -95,14 +95,18 @@ def _flip_a_byte_of_state_files(step_dir):
         open(path, "wb").write(bytes(raw))
 
 
-@pytest.mark.parametrize("damage, reason", [
-    (_truncate_state_files, "unreadable"),
-    (_flip_a_byte_of_state_files, "unreadable"),
-    (lambda d: os.remove(d / "state" / "_METADATA"), "missing-METADATA"),
-    (lambda d: (d / "data" / "process_0-of-1.json").write_text("{oops"), "unreadable"),
-])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (_truncate_state_files, "unreadable"),
+        (_flip_a_byte_of_state_files, "unreadable"),
+        (lambda d: os.remove(d / "state" / "_METADATA"), "missing-METADATA"),
+        (lambda d: (d / "data" / "process_0-of-1.json").write_text("{oops"), "unreadable"),
+    ],
+)
 def test_a_latest_checkpoint_that_does_not_restore_is_moved_aside_and_the_previous_one_used(
-        tmp_path, caplog, damage, reason):
+    tmp_path, caplog, damage, reason
+):
     iterator_states = _saved_run(tmp_path)
     damage(tmp_path / "3")
     (step, state), data_state = _restore_latest(tmp_path)
@@ -110,7 +114,11 @@ def test_a_latest_checkpoint_that_does_not_restore_is_moved_aside_and_the_previo
     np.testing.assert_array_equal(np.asarray(state["w"]), np.full((4, 8), 2.0))
     assert data_state == iterator_states[1]  # the data position of step 2, not 3
     assert sorted(os.listdir(tmp_path)) == ["1", "2", f"3.corrupt-{reason}"]  # kept, not deleted
-    warning = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "checkpoint 3" in r.getMessage())
+    warning = next(
+        r.getMessage()
+        for r in caplog.records
+        if r.levelname == "WARNING" and "checkpoint 3" in r.getMessage()
+    )
     assert f"moved to {tmp_path}/3.corrupt-{reason}; resuming from step 2" in warning
     if reason == "missing-METADATA":
         assert f"{tmp_path}/3/state/_METADATA is missing" in warning
@@ -167,8 +175,11 @@ def test_a_save_failing_in_the_background_is_reported_by_the_next_poll(tmp_path,
     monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", disk_full)
     checkpointer.save(2, _state(2), data, CONFIG)
     deadline = time.monotonic() + 30
-    with pytest.raises(CheckpointError, match=rf"saving checkpoint 2 in {tmp_path} failed \(.*No space left.*"
-                       r"the latest checkpoint is still 1"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"saving checkpoint 2 in {tmp_path} failed \(.*No space left.*"
+        r"the latest checkpoint is still 1",
+    ):
         while time.monotonic() < deadline:
             checkpointer.poll()
             time.sleep(0.05)
@@ -183,8 +194,9 @@ BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 def test_checkpoint_restores_the_loop_data_iterator_to_the_next_batch(tmp_path, ramp):
     """The fast guard of resume's data half (the slow end-to-end resume tests train): a
     checkpoint taken after 3 batches, restored into a fresh loop iterator, gives batches 4, 5."""
-    cfg = tiny_config(*(["train.batch_ramp_steps=6", "train.batch_ramp_start=2", "train.micro_batches=2"]
-                        if ramp else []))
+    cfg = tiny_config(
+        *(["train.batch_ramp_steps=6", "train.batch_ramp_start=2", "train.micro_batches=2"] if ramp else [])
+    )
     data = loop.data_iterator(cfg)
     for _ in range(3):
         next(data)
@@ -213,12 +225,23 @@ def test_resume_compares_the_architecture_not_the_implementation(tmp_path):
     from frontier_jax.train.checkpoint import check_same_model
 
     saved = json.loads(json.dumps(load_config("model/toy").to_dict()))  # as the checkpoint stores it
-    other_impl = load_config("model/toy", ["impl.remat=full", "impl.attention=cudnn", "impl.gmm=pallas",
-                                           "impl.moe_dispatch=capacity", "impl.ep_overlap_chunks=2",
-                                           "model.name=renamed"])
+    other_impl = load_config(
+        "model/toy",
+        [
+            "impl.remat=full",
+            "impl.attention=cudnn",
+            "impl.gmm=pallas",
+            "impl.moe_dispatch=capacity",
+            "impl.ep_overlap_chunks=2",
+            "model.name=renamed",
+        ],
+    )
     check_same_model(saved, other_impl.to_dict(), tmp_path)
     deeper = load_config("model/toy", ["model.num_layers=4", "model.scoring_func=softmax"])
-    with pytest.raises(ValueError, match=r"holds a different model:\n  model\.num_layers: checkpoint 3 vs "
-                                         r"config 4\n  model\.scoring_func: checkpoint 'sigmoid' vs config "
-                                         r"'softmax'\n"):
+    with pytest.raises(
+        ValueError,
+        match=r"holds a different model:\n  model\.num_layers: checkpoint 3 vs "
+        r"config 4\n  model\.scoring_func: checkpoint 'sigmoid' vs config "
+        r"'softmax'\n",
+    ):
         check_same_model(saved, deeper.to_dict(), tmp_path)

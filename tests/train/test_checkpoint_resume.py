@@ -22,8 +22,20 @@ from frontier_jax.train import loop
 from frontier_jax.train.checkpoint import Checkpointer
 from frontier_jax.train.loop import NonFiniteLossError, train
 
-from .common import (REF_EVERY, REF_STEPS, REPO, assert_trees_equal, cli_train_command, computed_metrics,
-                     read_metrics, restore_checkpoint, run_python, subprocess_env, tiny_config, tiny_overrides)
+from .common import (
+    REF_EVERY,
+    REF_STEPS,
+    REPO,
+    assert_trees_equal,
+    cli_train_command,
+    computed_metrics,
+    read_metrics,
+    restore_checkpoint,
+    run_python,
+    subprocess_env,
+    tiny_config,
+    tiny_overrides,
+)
 
 N = REF_EVERY  # checkpoint interval of the split runs
 
@@ -79,7 +91,7 @@ def _wait_for_lines(path, count, proc, timeout):
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return
-        if path.exists() and len([l for l in path.read_text().splitlines() if l.strip()]) >= count:
+        if path.exists() and len([line for line in path.read_text().splitlines() if line.strip()]) >= count:
             return
         time.sleep(0.02)
     raise AssertionError(f"{path} did not reach {count} lines in {timeout}s")
@@ -92,8 +104,9 @@ def sigterm_run(reference_run, tmp_path_factory):
     step, latest checkpoint) after it, CompletedProcess of the second)."""
     run = tmp_path_factory.mktemp("sigterm") / "run"
     command = cli_train_command(run, f"train.steps={REF_STEPS}", "checkpoint.every=0")
-    proc = subprocess.Popen(command, env=subprocess_env(8), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        command, env=subprocess_env(8), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         _wait_for_lines(run / "metrics.jsonl", 2, proc, timeout=600)
         assert proc.poll() is None, "the run ended before it could be signalled:\n" + proc.stdout.read()
@@ -105,7 +118,9 @@ def sigterm_run(reference_run, tmp_path_factory):
     assert proc.returncode == 75, out  # EX_TEMPFAIL: preempted, run again (not "done")
     stopped_at = read_metrics(run)[-1]["step"]
     latest = Checkpointer(run / "checkpoints", tiny_config().checkpoint).latest_step()
-    again = subprocess.run(command, env=subprocess_env(8), cwd=REPO, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        command, env=subprocess_env(8), cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     return run, out, (stopped_at, latest), again
 
 
@@ -115,7 +130,9 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_resume_matches(sigterm_run, 
     assert stopped_at < REF_STEPS, "the signal arrived too late to test anything"
     assert latest == stopped_at  # the checkpoint of the step at which the signal arrived
     assert f"preempted: SIGTERM received: saved step {stopped_at} in " in out and "done:" not in out
-    assert "INFO absl" not in out and "orbax" not in out.replace(str(run), "")  # library INFO only with --verbose
+    assert "INFO absl" not in out and "orbax" not in out.replace(
+        str(run), ""
+    )  # library INFO only with --verbose
     state, _ = restore_checkpoint(run, stopped_at, tiny_config())
     assert int(state.step) == stopped_at
     ref_state, _ = restore_checkpoint(reference_run, REF_STEPS, tiny_config())
@@ -136,9 +153,11 @@ def test_cli_resume_says_where_it_resumed(sigterm_run):
     _, _, (stopped_at, _), again = sigterm_run
     assert again.returncode == 0
     reported = f"resumed from step {stopped_at}" in again.stderr
-    assert reported, ("no 'resumed from step N' line: logging.basicConfig(level=INFO) in cli._train "
-                      "is a no-op once an import (absl via orbax) has configured the root logger; stderr "
-                      "tail:\n" + again.stderr[-600:])
+    assert reported, (
+        "no 'resumed from step N' line: logging.basicConfig(level=INFO) in cli._train "
+        "is a no-op once an import (absl via orbax) has configured the root logger; stderr "
+        "tail:\n" + again.stderr[-600:]
+    )
 
 
 # ----------------------------------------------------------------- crash safety
@@ -167,9 +186,12 @@ def test_crash_right_after_async_save_keeps_a_restorable_checkpoint(reference_ru
     training resumes to 4N (re-saving 3N over the stale temporary) and matches bitwise."""
     run = tmp_path / "run"
     steps, crash_step = 4 * N, 3 * N
-    overrides = tiny_overrides(f"train.steps={steps}", f"checkpoint.every={N}", "checkpoint.keep=10",
-                               "checkpoint.async_save=true")
-    proc = run_python(CRASH_SCRIPT.format(crash_step=crash_step, overrides=overrides, run=str(run)), timeout=400)
+    overrides = tiny_overrides(
+        f"train.steps={steps}", f"checkpoint.every={N}", "checkpoint.keep=10", "checkpoint.async_save=true"
+    )
+    proc = run_python(
+        CRASH_SCRIPT.format(crash_step=crash_step, overrides=overrides, run=str(run)), timeout=400
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     ckpt_dir = run / "checkpoints"
     entries = sorted(p.name for p in ckpt_dir.iterdir())
@@ -263,8 +285,10 @@ def test_nonfinite_loss_skip_policy_skips_the_update_and_continues(skip_run):
     assert int(after.step) == 6  # the step counter numbers batches: it advances
     final, _ = restore_checkpoint(run, 7, cfg)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(final.params))
-    assert any(not np.array_equal(np.asarray(a), np.asarray(b))
-               for a, b in zip(jax.tree.leaves(final.params), jax.tree.leaves(after.params)))
+    assert any(
+        not np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(final.params), jax.tree.leaves(after.params))
+    )
 
 
 def test_skipped_step_does_not_desynchronise_the_logged_and_applied_lr(skip_run):
@@ -278,7 +302,11 @@ def test_skipped_step_does_not_desynchronise_the_logged_and_applied_lr(skip_run)
     assert history[1]["lr"] == pytest.approx(1.5e-3)
     skipped, _ = restore_checkpoint(run, 1, cfg)
     after, _ = restore_checkpoint(run, 2, cfg)
-    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-                for a, b in zip(jax.tree.leaves(after.params), jax.tree.leaves(skipped.params)))
-    assert moved > 1e-4, ("step 2 logged lr=1.5e-3 but applied lr=0: the optimizer's schedule count "
-                          "was rolled back with the skipped step while the step counter advanced")
+    moved = max(
+        float(np.abs(np.asarray(a) - np.asarray(b)).max())
+        for a, b in zip(jax.tree.leaves(after.params), jax.tree.leaves(skipped.params))
+    )
+    assert moved > 1e-4, (
+        "step 2 logged lr=1.5e-3 but applied lr=0: the optimizer's schedule count "
+        "was rolled back with the skipped step while the step counter advanced"
+    )

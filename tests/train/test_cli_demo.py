@@ -63,8 +63,14 @@ def test_readme_demo_trains_logs_plots_and_resumes(tmp_path):
 
 
 def test_describe_deepseek_v3_671b():
-    proc = subprocess.run(_frontier_jax() + ["describe", "--config", "model/deepseek-v3-671b", "--json"],
-                          env=subprocess_env(devices=None), cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        _frontier_jax() + ["describe", "--config", "model/deepseek-v3-671b", "--json"],
+        env=subprocess_env(devices=None),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert abs(info["total_params"] - 671e9) <= 0.005 * 671e9, info["total_params"]

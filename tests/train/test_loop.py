@@ -34,7 +34,9 @@ def test_batch_ramp_reads_only_the_rows_it_trains_on():
         assert int(batch["segment_ids"].any(axis=1).sum()) == rows, step
         assert not batch["loss_mask"][rows:].any(), step
         for key in KEYS:
-            np.testing.assert_array_equal(batch[key][:rows], stream[key][read:read + rows], err_msg=f"{step} {key}")
+            np.testing.assert_array_equal(
+                batch[key][:rows], stream[key][read : read + rows], err_msg=f"{step} {key}"
+            )
         read += rows
     assert read == sum(ramp)
 

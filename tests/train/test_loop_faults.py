@@ -36,7 +36,9 @@ N = REF_EVERY
 
 
 def _cli_train(run_dir, *overrides: str) -> int:
-    return cli.main(["train", "--config", "model/toy", "--run-dir", str(run_dir), *tiny_overrides(*overrides)])
+    return cli.main(
+        ["train", "--config", "model/toy", "--run-dir", str(run_dir), *tiny_overrides(*overrides)]
+    )
 
 
 def _error_line(stderr: str) -> str:
@@ -62,8 +64,9 @@ def test_skip_policy_fails_past_max_skipped_steps_in_a_row(reference_run, tmp_pa
     cfg = tiny_config()
     _poison_batch_at(monkeypatch, range(1, 100), cfg.model.vocab_size)
     run = tmp_path / "run"
-    code = _cli_train(run, "train.steps=10", "checkpoint.every=5", "train.on_nonfinite=skip",
-                      "train.max_skipped_steps=2")
+    code = _cli_train(
+        run, "train.steps=10", "checkpoint.every=5", "train.on_nonfinite=skip", "train.max_skipped_steps=2"
+    )
     out, err = capsys.readouterr()
     assert code == 3 and "done:" not in out
     err = _error_line(err)
@@ -76,7 +79,9 @@ def test_skip_policy_fails_past_max_skipped_steps_in_a_row(reference_run, tmp_pa
 def test_stop_policy_never_cites_a_checkpoint_that_is_not_there(reference_run, tmp_path, monkeypatch):
     cfg = tiny_config("train.steps=3")
     _poison_batch_at(monkeypatch, 2, cfg.model.vocab_size)
-    with pytest.raises(loop.NonFiniteLossError, match=r"^step 2: non-finite .*no checkpoint was written") as err:
+    with pytest.raises(
+        loop.NonFiniteLossError, match=r"^step 2: non-finite .*no checkpoint was written"
+    ) as err:
         train(cfg, tmp_path / "run", progress=False)
     assert "checkpoint (step" not in str(err.value)
 
@@ -87,10 +92,12 @@ def test_a_source_with_no_usable_record_stops_training_with_exit_4(reference_run
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"body": "no text field"}\n' * 3)
     config = tmp_path / "bad_source.yaml"
-    config.write_text(f"include: [{REPO / 'configs' / 'model' / 'toy.yaml'}]\n"
-                      f"data:\n  max_skipped_in_a_row: 500\n  sources:\n"
-                      f"    - {{name: code, kind: embedded_code, weight: 0.9}}\n"
-                      f"    - {{name: broken, kind: jsonl, path: {bad}, weight: 0.1}}\n")
+    config.write_text(
+        f"include: [{REPO / 'configs' / 'model' / 'toy.yaml'}]\n"
+        f"data:\n  max_skipped_in_a_row: 500\n  sources:\n"
+        f"    - {{name: code, kind: embedded_code, weight: 0.9}}\n"
+        f"    - {{name: broken, kind: jsonl, path: {bad}, weight: 0.1}}\n"
+    )
     run = tmp_path / "run"
     argv = ["train", "--config", str(config), "--run-dir", str(run), *tiny_overrides("train.steps=3")]
     assert cli.main(argv) == 4
@@ -104,13 +111,17 @@ def test_a_source_with_no_usable_record_stops_training_with_exit_4(reference_run
 def test_tokenizer_larger_than_the_vocabulary_is_rejected_before_training(tmp_path, no_compile, capsys):  # noqa: F811
     assert _cli_train(tmp_path / "run", "model.vocab_size=128") == 2
     err = capsys.readouterr().err
-    assert err == ("error: data.tokenizer='byte' has 266 token ids but model.vocab_size=128: set "
-                   "model.vocab_size >= 266, or use a smaller tokenizer\n")
+    assert err == (
+        "error: data.tokenizer='byte' has 266 token ids but model.vocab_size=128: set "
+        "model.vocab_size >= 266, or use a smaller tokenizer\n"
+    )
     assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------ 21.2 failed saves
-def test_a_save_failing_in_the_background_stops_the_run_with_exit_5(reference_run, tmp_path, monkeypatch, capsys):
+def test_a_save_failing_in_the_background_stops_the_run_with_exit_5(
+    reference_run, tmp_path, monkeypatch, capsys
+):
     """A full disk during the asynchronous save of step 2N: reported before the next save, the
     run stops with the directory named, and checkpoint N stays the latest."""
     original = ocp.handlers.JsonCheckpointHandler._save_fn
@@ -132,7 +143,9 @@ def test_a_save_failing_in_the_background_stops_the_run_with_exit_5(reference_ru
 
 
 # ------------------------------------------------------------------ 21.4 / 21.11 fallback, one record per step
-def test_resume_falls_back_past_a_corrupt_latest_checkpoint_with_one_record_per_step(reference_run, tmp_path, caplog):
+def test_resume_falls_back_past_a_corrupt_latest_checkpoint_with_one_record_per_step(
+    reference_run, tmp_path, caplog
+):
     """Checkpoint 2N truncated: a warning names it, it is kept as 2N.corrupt-unreadable, training
     resumes from N and replays N+1..2N exactly; metrics.jsonl, which held steps 1..2N from before
     the crash, ends with one record per step."""
@@ -142,16 +155,21 @@ def test_resume_falls_back_past_a_corrupt_latest_checkpoint_with_one_record_per_
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 2)
     reference = _reference_records(reference_run)
-    (run / "metrics.jsonl").write_text("".join(json.dumps(reference[s]) + "\n" for s in range(1, 2 * N + 1))
-                                       + '{"step": 9, "lo')  # and a line cut short by the crash
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps(reference[s]) + "\n" for s in range(1, 2 * N + 1)) + '{"step": 9, "lo'
+    )  # and a line cut short by the crash
     history = train(tiny_config(f"train.steps={2 * N}", f"checkpoint.every={N}"), run, progress=False)
     assert [r["step"] for r in history] == list(range(N + 1, 2 * N + 1))
     assert all(computed_metrics(r) == computed_metrics(reference[r["step"]]) for r in history)
     assert [r["step"] for r in read_metrics(run)] == list(range(1, 2 * N + 1))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(
-        [str(N), str(2 * N), f"{2 * N}.corrupt-unreadable"])
-    assert any(f"checkpoint {2 * N} does not restore" in r.getMessage() and f"resuming from step {N}" in r.getMessage()
-               for r in caplog.records)
+        [str(N), str(2 * N), f"{2 * N}.corrupt-unreadable"]
+    )
+    assert any(
+        f"checkpoint {2 * N} does not restore" in r.getMessage()
+        and f"resuming from step {N}" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 # ------------------------------------------------------------------ 21.6 / 21.7 mismatched resumes
@@ -163,14 +181,21 @@ data:
 """
 
 
-@pytest.mark.parametrize("override, named", [
-    ("data.mask_documents=true", "data.mask_documents: checkpoint False vs config True"),
-    ("mixture 0.5/0.5", "data.sources.0.weight: checkpoint 0.7 vs config 0.5; data.sources.1.weight: "
-                        "checkpoint 0.3 vs config 0.5"),
-    ("train.seq_len=16", "train.seq_len: checkpoint 32 vs config 16"),
-])
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("data.mask_documents=true", "data.mask_documents: checkpoint False vs config True"),
+        (
+            "mixture 0.5/0.5",
+            "data.sources.0.weight: checkpoint 0.7 vs config 0.5; data.sources.1.weight: "
+            "checkpoint 0.3 vs config 0.5",
+        ),
+        ("train.seq_len=16", "train.seq_len: checkpoint 32 vs config 16"),
+    ],
+)
 def test_resume_into_another_data_stream_is_refused_and_leaves_the_run_dir_alone(
-        reference_run, tmp_path, capsys, override, named):
+    reference_run, tmp_path, capsys, override, named
+):
     """A changed packing mode used to crash inside grain (KeyError: 'parent'), a changed mixture
     to apply the old position to the new sources silently."""
     run = tmp_path / "run"
@@ -181,11 +206,24 @@ def test_resume_into_another_data_stream_is_refused_and_leaves_the_run_dir_alone
         config = tmp_path / "mixture.yaml"
         config.write_text(MIXTURE_50_50.format(toy=REPO / "configs" / "model" / "toy.yaml"))
         override = "train.seed=0"
-    argv = ["train", "--config", str(config), "--run-dir", str(run), *tiny_overrides(f"train.steps={N + 1}", override)]
+    argv = [
+        "train",
+        "--config",
+        str(config),
+        "--run-dir",
+        str(run),
+        *tiny_overrides(f"train.steps={N + 1}", override),
+    ]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: checkpoint directory {(run / 'checkpoints').resolve()} saved its data position "
-                          "in another data stream (") and named in err and "--restart-data" in err
+    assert (
+        err.startswith(
+            f"error: checkpoint directory {(run / 'checkpoints').resolve()} saved its data position "
+            "in another data stream ("
+        )
+        and named in err
+        and "--restart-data" in err
+    )
     assert (run / "config.yaml").read_text() == "the config of the run that wrote the checkpoint\n"
     assert not (run / "metrics.jsonl").exists()
 
@@ -199,13 +237,22 @@ def test_rejected_model_does_not_overwrite_config_yaml(reference_run, tmp_path):
     assert (run / "config.yaml").read_text() == "original\n"
 
 
-def test_restart_data_keeps_the_state_and_reads_the_new_stream_from_its_start(reference_run, tmp_path, capsys):
+def test_restart_data_keeps_the_state_and_reads_the_new_stream_from_its_start(
+    reference_run, tmp_path, capsys
+):
     """--restart-data with another packing mode: the state of step N is resumed (same lr and step
     count as the reference), the data counters start again from zero."""
     run = tmp_path / "run"
     _copy_checkpoints(reference_run, run, (N,))
-    argv = ["train", "--config", "model/toy", "--run-dir", str(run), "--restart-data",
-            *tiny_overrides(f"train.steps={N + 1}", "data.mask_documents=true")]
+    argv = [
+        "train",
+        "--config",
+        "model/toy",
+        "--run-dir",
+        str(run),
+        "--restart-data",
+        *tiny_overrides(f"train.steps={N + 1}", "data.mask_documents=true"),
+    ]
     assert cli.main(argv) == 0
     (record,) = read_metrics(run)
     assert record["step"] == N + 1 and record["lr"] == _reference_records(reference_run)[N + 1]["lr"]

@@ -72,7 +72,7 @@ def test_masked_sums_of_cross_entropy_and_z_loss_match_reference():
     # test_step.py::test_loss_terms_match_numpy_from_a_forward_pass)
     # z-loss sum: sum_t m_t lse_t^2
     z = masked_sum(lse * lse, jnp.asarray(mask))
-    np.testing.assert_allclose(float(z), (lse_ref ** 2 * mask).sum(), rtol=RTOL)
+    np.testing.assert_allclose(float(z), (lse_ref**2 * mask).sum(), rtol=RTOL)
     # masked positions contribute nothing, whatever their value
     poisoned = jnp.where(jnp.asarray(mask) == 1, ce, 1e6)
     np.testing.assert_allclose(float(masked_sum(poisoned, jnp.asarray(mask))), float(total), rtol=1e-6)
@@ -102,7 +102,7 @@ def _packed_rows(rng, b, t):
         end = t - rng.integers(0, t // 3)  # padding tail
         while j < end:
             n = int(rng.integers(1, 8))
-            seg[i, j:min(j + n, end)] = doc
+            seg[i, j : min(j + n, end)] = doc
             j, doc = j + n, doc + 1
     loss_mask = (seg > 0).astype(np.int32)
     loss_mask[rng.random((b, t)) < 0.1] = 0  # a few more masked targets
@@ -116,8 +116,12 @@ def test_mtp_targets_match_naive_loop(with_segments, depth):
     rng = np.random.default_rng(3 + depth)
     targets, loss_mask, seg = _packed_rows(rng, 5, 24)
     segment_ids = seg if with_segments else None
-    got_t, got_m = mtp_targets(jnp.asarray(targets), jnp.asarray(loss_mask),
-                               None if segment_ids is None else jnp.asarray(segment_ids), depth)
+    got_t, got_m = mtp_targets(
+        jnp.asarray(targets),
+        jnp.asarray(loss_mask),
+        None if segment_ids is None else jnp.asarray(segment_ids),
+        depth,
+    )
     ref_t, ref_m = _mtp_reference(targets, loss_mask, segment_ids, depth)
     assert got_t.shape == got_m.shape == (depth, 5, 24)
     np.testing.assert_array_equal(np.asarray(got_m), ref_m)
@@ -125,7 +129,7 @@ def test_mtp_targets_match_naive_loop(with_segments, depth):
     np.testing.assert_array_equal(np.where(ref_m == 1, np.asarray(got_t), 0), np.where(ref_m == 1, ref_t, 0))
     # nothing past the row is ever a target
     for k in range(1, depth + 1):
-        assert not np.asarray(got_m)[k - 1, :, 24 - k:].any()
+        assert not np.asarray(got_m)[k - 1, :, 24 - k :].any()
     if with_segments:  # and no target crosses a document boundary
         for k in range(1, depth + 1):
             crossing = np.zeros_like(seg, bool)
@@ -159,8 +163,9 @@ def _balance_reference(experts, scores, token_mask, n_experts, k):
 
 @pytest.mark.parametrize("scoring", ["sigmoid", "softmax"])
 def test_sequence_balance_loss_matches_reference(scoring):
-    cfg = ModelConfig(n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
-                      scoring_func=scoring).validate()
+    cfg = ModelConfig(
+        n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2, scoring_func=scoring
+    ).validate()
     rng = np.random.default_rng(5)
     b, t = 4, 20
     logits = jnp.asarray(2.0 * rng.standard_normal((b * t, 8)), jnp.float32)
@@ -178,8 +183,9 @@ def test_sequence_balance_loss_matches_reference(scoring):
     other = route(-logits, bias, cfg)
     # row 2's tokens 10..19 (flat 50..59) are masked: give them a different routing
     mixed = jax.tree.map(lambda a, o: a.at[50:].set(o[50:]), routing, other)
-    np.testing.assert_allclose(float(sequence_balance_loss(mixed, jnp.asarray(token_mask), cfg)),
-                               float(got), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(sequence_balance_loss(mixed, jnp.asarray(token_mask), cfg)), float(got), rtol=1e-6
+    )
 
 
 def test_sequence_balance_loss_is_one_for_perfectly_balanced_uniform_routing():
@@ -189,11 +195,15 @@ def test_sequence_balance_loss_is_one_for_perfectly_balanced_uniform_routing():
     experts = np.array([[0, 1], [2, 3]] * (t // 2), np.int32)  # each expert exactly t/2 times
     scores = np.full((t, 4), 0.5, np.float32)
     routing = route(jnp.zeros((t, 4)), jnp.zeros(4), cfg)._replace(
-        experts=jnp.asarray(experts), scores=jnp.asarray(scores))
+        experts=jnp.asarray(experts), scores=jnp.asarray(scores)
+    )
     got = sequence_balance_loss(routing, jnp.ones((1, t), jnp.int32), cfg)
     np.testing.assert_allclose(float(got), 1.0, rtol=1e-6)
     # all tokens on experts {0, 1} with all affinity there: f = (2, 2, 0, 0), P = (.5, .5, 0, 0)
-    skewed = routing._replace(experts=jnp.asarray(np.array([[0, 1]] * t, np.int32)),
-                              scores=jnp.asarray(np.tile(np.array([0.9, 0.9, 0.0, 0.0], np.float32), (t, 1))))
-    np.testing.assert_allclose(float(sequence_balance_loss(skewed, jnp.ones((1, t), jnp.int32), cfg)),
-                               2.0, rtol=1e-6)
+    skewed = routing._replace(
+        experts=jnp.asarray(np.array([[0, 1]] * t, np.int32)),
+        scores=jnp.asarray(np.tile(np.array([0.9, 0.9, 0.0, 0.0], np.float32), (t, 1))),
+    )
+    np.testing.assert_allclose(
+        float(sequence_balance_loss(skewed, jnp.ones((1, t), jnp.int32), cfg)), 2.0, rtol=1e-6
+    )

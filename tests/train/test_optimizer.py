@@ -58,8 +58,15 @@ def test_cosine_schedule_key_steps():
 
 def test_deepseek_schedule_warmup_hold_cosine_tail():
     lr, lr_min = 2.2e-4, 2.2e-5
-    cfg = TrainConfig(schedule="deepseek", lr=lr, lr_min=lr_min, warmup_steps=20, decay_start=100,
-                      decay_steps=400, steps=10_000).validate()
+    cfg = TrainConfig(
+        schedule="deepseek",
+        lr=lr,
+        lr_min=lr_min,
+        warmup_steps=20,
+        decay_start=100,
+        decay_steps=400,
+        steps=10_000,
+    ).validate()
     expected = {
         0: 0.0,
         5: lr / 4,
@@ -81,8 +88,9 @@ def test_deepseek_schedule_warmup_hold_cosine_tail():
 
 
 def test_deepseek_schedule_decay_start_before_warmup_end_starts_decay_at_warmup_end():
-    cfg = TrainConfig(schedule="deepseek", lr=1e-3, lr_min=1e-4, warmup_steps=10, decay_start=0,
-                      decay_steps=20).validate()
+    cfg = TrainConfig(
+        schedule="deepseek", lr=1e-3, lr_min=1e-4, warmup_steps=10, decay_start=0, decay_steps=20
+    ).validate()
     assert _lr(cfg, 10) == pytest.approx(1e-3, rel=1e-6)
     assert _lr(cfg, 20) == pytest.approx(_cos(1e-3, 1e-4, 0.5), rel=1e-6)
     assert _lr(cfg, 30) == pytest.approx(1e-4, rel=1e-6)
@@ -98,8 +106,9 @@ def test_deepseek_schedule_without_decay_steps_is_rejected_naming_the_field():
 
 def test_no_warmup_starts_at_peak():
     for schedule in ("constant", "cosine", "deepseek"):
-        cfg = TrainConfig(schedule=schedule, lr=1e-3, lr_min=1e-4, warmup_steps=0, steps=100,
-                          decay_start=50, decay_steps=10).validate()
+        cfg = TrainConfig(
+            schedule=schedule, lr=1e-3, lr_min=1e-4, warmup_steps=0, steps=100, decay_start=50, decay_steps=10
+        ).validate()
         assert _lr(cfg, 0) == pytest.approx(1e-3, rel=1e-6), schedule
 
 
@@ -137,7 +146,7 @@ def _numpy_adamw(params, grads_seq, cfg: TrainConfig):
     v2 = {k: np.zeros_like(v) for k, v in flat_p.items()}
     for t, grads in enumerate(grads_seq):
         g = {k: np.asarray(x, np.float64) for k, x in _flat(grads).items()}
-        norm = math.sqrt(sum((x ** 2).sum() for x in g.values()))
+        norm = math.sqrt(sum((x**2).sum() for x in g.values()))
         if norm > cfg.grad_clip:
             g = {k: x * cfg.grad_clip / norm for k, x in g.items()}
         lr_t = cfg.lr * min(t / cfg.warmup_steps, 1.0) if cfg.warmup_steps else cfg.lr
@@ -164,8 +173,11 @@ def _flat(tree, prefix=""):
 
 
 def _random_tree(rng, scale):
-    return jax.tree.map(lambda shape: jnp.asarray(scale * rng.standard_normal(shape), jnp.float32),
-                        PARAM_SHAPES, is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree.map(
+        lambda shape: jnp.asarray(scale * rng.standard_normal(shape), jnp.float32),
+        PARAM_SHAPES,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
 
 
 def _run_optimizer(cfg, params, grads_seq):
@@ -183,8 +195,17 @@ def _run_optimizer(cfg, params, grads_seq):
 
 
 def test_adamw_matches_numpy_reference():
-    cfg = TrainConfig(schedule="constant", lr=1e-2, lr_min=0.0, warmup_steps=2, b1=0.9, b2=0.95,
-                      eps=1e-8, weight_decay=0.1, grad_clip=1.0).validate()
+    cfg = TrainConfig(
+        schedule="constant",
+        lr=1e-2,
+        lr_min=0.0,
+        warmup_steps=2,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,
+        grad_clip=1.0,
+    ).validate()
     rng = np.random.default_rng(0)
     params = _random_tree(rng, 1.0)
     # step 0: norm ~ 0.2 (not clipped); step 1: norm ~ 20 (clipped); step 2: mixed
@@ -268,8 +289,12 @@ def test_bf16_moments_are_stored_in_bf16_and_track_fp32():
     # the stored moments are the fp32 moments to bf16 precision
     for a, b in zip(jax.tree.leaves(s16), jax.tree.leaves(s32)):
         if jnp.issubdtype(a.dtype, jnp.floating):
-            np.testing.assert_allclose(np.asarray(a.astype(jnp.float32)), np.asarray(b), rtol=2e-2,
-                                       atol=1e-2 * float(jnp.abs(b).max()))
+            np.testing.assert_allclose(
+                np.asarray(a.astype(jnp.float32)),
+                np.asarray(b),
+                rtol=2e-2,
+                atol=1e-2 * float(jnp.abs(b).max()),
+            )
 
 
 def test_trainer_state_holds_bf16_moments_when_configured():

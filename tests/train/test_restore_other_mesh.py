@@ -16,7 +16,6 @@ near-tie); and both resumes give bitwise the same metrics (same program, state a
 
 from __future__ import annotations
 
-
 import jax
 import numpy as np
 import pytest
@@ -28,7 +27,7 @@ from frontier_jax.train import loop
 from frontier_jax.train.checkpoint import Checkpointer
 from frontier_jax.train.step import Trainer
 
-from .common import (REF_EVERY, computed_metrics, read_metrics, restore_checkpoint, run_python, tiny_config)
+from .common import REF_EVERY, computed_metrics, read_metrics, restore_checkpoint, run_python, tiny_config
 
 N = REF_EVERY
 pytestmark = pytest.mark.slow  # a child process that compiles the 1-device train step
@@ -53,8 +52,10 @@ for name in ("from_data8", "from_fsdp8"):
 
 
 def _flat(state) -> dict:
-    return {jax.tree_util.keystr(p): np.asarray(jax.device_get(x))
-            for p, x in jax.tree_util.tree_leaves_with_path(state)}
+    return {
+        jax.tree_util.keystr(p): np.asarray(jax.device_get(x))
+        for p, x in jax.tree_util.tree_leaves_with_path(state)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -105,11 +106,15 @@ def test_one_device_resume_matches_the_eight_device_run(reference_run, resumed_o
         for r in records:
             ref = reference[r["step"]]
             for key in ("loss", "ce_loss", "mtp_loss", "z_loss", "balance_loss", "grad_norm"):
-                np.testing.assert_allclose(r[key], ref[key], rtol=1e-5, err_msg=f"{name} step {r['step']} {key}")
+                np.testing.assert_allclose(
+                    r[key], ref[key], rtol=1e-5, err_msg=f"{name} step {r['step']} {key}"
+                )
             for key in ("lr", "tokens", "batch_rows", "finite"):
                 assert r[key] == ref[key], (name, r["step"], key)
     # the two 1-device resumes ran the same program on the same state and data
-    assert [computed_metrics(r) for r in runs["from_data8"]] == [computed_metrics(r) for r in runs["from_fsdp8"]]
+    assert [computed_metrics(r) for r in runs["from_data8"]] == [
+        computed_metrics(r) for r in runs["from_fsdp8"]
+    ]
 
     gamma = tiny_config().train.bias_update_speed
     final_ref = _flat(restore_checkpoint(reference_run, 2 * N, tiny_config())[0])
@@ -119,7 +124,8 @@ def test_one_device_resume_matches_the_eight_device_run(reference_run, resumed_o
             if key.startswith((".params", ".opt_state")):
                 np.testing.assert_allclose(final[key], value, rtol=0, atol=1e-6, err_msg=f"{name} {key}")
             elif key.startswith(".biases"):
-                np.testing.assert_allclose(final[key], value, rtol=0, atol=2 * gamma * N + 1e-7,
-                                           err_msg=f"{name} {key}")
+                np.testing.assert_allclose(
+                    final[key], value, rtol=0, atol=2 * gamma * N + 1e-7, err_msg=f"{name} {key}"
+                )
             else:
                 np.testing.assert_array_equal(final[key], value, err_msg=f"{name} {key}")

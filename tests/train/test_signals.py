@@ -39,11 +39,22 @@ raise SystemExit(cli.main({argv!r}))
 
 def _start_stuck(tmp_path: Path, name: str, stop_timeout_s: float) -> tuple[subprocess.Popen, Path]:
     marker = tmp_path / f"{name}.waiting"
-    argv = ["train", "--config", "model/toy", "--run-dir", str(tmp_path / name),
-            *tiny_overrides(f"checkpoint.stop_timeout_s={stop_timeout_s}")]
-    proc = subprocess.Popen([sys.executable, "-c", STUCK_SCRIPT.format(marker=str(marker), argv=argv)],
-                            env=subprocess_env(devices=None), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    argv = [
+        "train",
+        "--config",
+        "model/toy",
+        "--run-dir",
+        str(tmp_path / name),
+        *tiny_overrides(f"checkpoint.stop_timeout_s={stop_timeout_s}"),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STUCK_SCRIPT.format(marker=str(marker), argv=argv)],
+        env=subprocess_env(devices=None),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     return proc, marker
 
 
@@ -52,7 +63,8 @@ def _wait_for(path: Path, procs, timeout: float) -> None:
     while not path.exists():
         assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
         assert all(p.poll() is None for p in procs), "a process ended early:\n" + "\n".join(
-            p.communicate()[1][-3000:] for p in procs if p.poll() is not None)
+            p.communicate()[1][-3000:] for p in procs if p.poll() is not None
+        )
         time.sleep(0.1)
 
 
@@ -87,8 +99,10 @@ def test_a_run_stuck_after_sigterm_ends_after_the_stop_timeout(stuck_runs):
     (code, err, seconds), tmp_path = stuck_runs[0]["timeout"], stuck_runs[1]
     assert code == 75, err[-3000:]
     assert 3 <= seconds < 40, seconds
-    assert err.rstrip().endswith("preempted: SIGTERM received but the run did not save and stop within 3 s "
-                                 "(checkpoint.stop_timeout_s); exiting without saving"), err[-3000:]
+    assert err.rstrip().endswith(
+        "preempted: SIGTERM received but the run did not save and stop within 3 s "
+        "(checkpoint.stop_timeout_s); exiting without saving"
+    ), err[-3000:]
     assert Checkpointer(tmp_path / "timeout" / "checkpoints", tiny_config().checkpoint).latest_step() is None
 
 
@@ -96,7 +110,9 @@ def test_a_second_signal_ends_the_run_at_once(stuck_runs):
     code, err, seconds = stuck_runs[0]["twice"]
     assert code == 75, err[-3000:]
     assert seconds < 30  # not the 600 s stop timeout
-    assert err.rstrip().endswith("preempted: second signal SIGINT: exiting at once, without saving"), err[-3000:]
+    assert err.rstrip().endswith("preempted: second signal SIGINT: exiting at once, without saving"), err[
+        -3000:
+    ]
 
 
 def test_the_cli_prints_no_library_info_logs(stuck_runs):
@@ -120,9 +136,12 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     procs = {i: _start("preempt", logs[i], run, i, 2, port, 2, overrides) for i in range(2)}
     try:
         deadline = time.monotonic() + 400
-        while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2):
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs.values()), \
-                "\n".join(f"--- {i}:\n{logs[i].read_text()[-3000:]}" for i in procs)
+        while not (
+            (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2
+        ):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs.values()), "\n".join(
+                f"--- {i}:\n{logs[i].read_text()[-3000:]}" for i in procs
+            )
             time.sleep(0.2)
         procs[0].send_signal(signal.SIGTERM)  # process 1 gets no signal
         for p in procs.values():

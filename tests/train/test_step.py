@@ -52,12 +52,19 @@ def make_state(trainer: Trainer, seed: int) -> TrainState:
         return (0.05 * rng.standard_normal(shape.shape)).astype(np.float32)
 
     params = jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(trainer.abstract_params))
-    biases = jax.tree.map(lambda s: (0.01 * rng.standard_normal(s.shape)).astype(np.float32),
-                          nnx.to_pure_dict(trainer.abstract_biases))
+    biases = jax.tree.map(
+        lambda s: (0.01 * rng.standard_normal(s.shape)).astype(np.float32),
+        nnx.to_pure_dict(trainer.abstract_biases),
+    )
     params, biases = jax.tree.map(jnp.asarray, (params, biases))
     opt_state = jax.jit(trainer.optimizer.init)(params)
-    return TrainState(params=params, biases=biases, opt_state=opt_state,
-                      step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(seed)))
+    return TrainState(
+        params=params,
+        biases=biases,
+        opt_state=opt_state,
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.key_data(jax.random.key(seed)),
+    )
 
 
 def make_batch(seed: int, rows: int = 8, seq: int = 32, vocab: int = 259) -> dict:
@@ -71,11 +78,11 @@ def make_batch(seed: int, rows: int = 8, seq: int = 32, vocab: int = 259) -> dic
         while j < real:
             n = min(int(rng.integers(2, 14)), real - j)
             tokens = rng.integers(0, vocab, n + 1)
-            out["input_ids"][r, j:j + n] = tokens[:-1]
-            out["targets"][r, j:j + n] = tokens[1:]
-            out["segment_ids"][r, j:j + n] = doc
-            out["positions"][r, j:j + n] = np.arange(n)
-            out["loss_mask"][r, j:j + n] = 1
+            out["input_ids"][r, j : j + n] = tokens[:-1]
+            out["targets"][r, j : j + n] = tokens[1:]
+            out["segment_ids"][r, j : j + n] = doc
+            out["positions"][r, j : j + n] = np.arange(n)
+            out["loss_mask"][r, j : j + n] = 1
             j, doc = j + n, doc + 1
     return out
 
@@ -89,8 +96,11 @@ def setup():
     trainer = Trainer(_cfg())
     state = make_state(trainer, seed=0)
     batch = {k: jnp.asarray(v) for k, v in make_batch(seed=1).items()}
-    forward = jax.jit(lambda p, b, batch: trainer.model(p, b).forward(
-        batch["input_ids"], batch["positions"], batch["segment_ids"]))
+    forward = jax.jit(
+        lambda p, b, batch: trainer.model(p, b).forward(
+            batch["input_ids"], batch["positions"], batch["segment_ids"]
+        )
+    )
     return trainer, state, batch, forward
 
 
@@ -130,15 +140,23 @@ def test_gradient_accumulation_matches_one_large_batch(setup, stepped, m):
         np.testing.assert_allclose(mm[key], m1[key], rtol=LOSS_RTOL, err_msg=key)
     assert mm["finite"] == m1["finite"] == 1
     train = setup[0].cfg.train
-    grads_m, grads_1 = (jax.tree.map(lambda mu: mu / (1 - train.b1), optax.tree_utils.tree_get(s.opt_state, "mu"))
-                        for s in (sm, s1))
-    for (path, a), b, g_m, g_1 in zip(jax.tree_util.tree_leaves_with_path(sm.params), jax.tree.leaves(s1.params),
-                                      jax.tree.leaves(grads_m), jax.tree.leaves(grads_1)):
+    grads_m, grads_1 = (
+        jax.tree.map(lambda mu: mu / (1 - train.b1), optax.tree_utils.tree_get(s.opt_state, "mu"))
+        for s in (sm, s1)
+    )
+    for (path, a), b, g_m, g_1 in zip(
+        jax.tree_util.tree_leaves_with_path(sm.params),
+        jax.tree.leaves(s1.params),
+        jax.tree.leaves(grads_m),
+        jax.tree.leaves(grads_1),
+    ):
         bound = 1e-5 + float(m1["lr"]) * np.abs(g_m - g_1) / train.eps
         assert np.all(np.abs(a - b) <= bound), (jax.tree_util.keystr(path), float(np.abs(a - b).max()))
     # (and they did move: lr is at its peak from step 0)
-    assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s1.params),
-                                                        jax.tree.leaves(jax.device_get(setup[1].params))))
+    assert all(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(jax.device_get(setup[1].params)))
+    )
     for a, b in zip(jax.tree.leaves(sm.opt_state), jax.tree.leaves(s1.opt_state)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
     # loads are counts of real tokens: the bias update is identical
@@ -185,8 +203,9 @@ def test_loss_terms_match_numpy_from_a_forward_pass(shared_dir):
         _, metrics = jax.device_get(jax.jit(trainer.train_step)(state, batch))
     assert metrics["batch_rows"] == rows
     model = trainer.model(state.params, state.biases)
-    out = jax.device_get(jax.jit(lambda m, b: m.forward(b["input_ids"], b["positions"], b["segment_ids"]))(
-        model, batch))
+    out = jax.device_get(
+        jax.jit(lambda m, b: m.forward(b["input_ids"], b["positions"], b["segment_ids"]))(model, batch)
+    )
 
     mask = host["loss_mask"][:rows].astype(np.float64)
     logits = np.asarray(out.logits[:rows], np.float64)
@@ -194,30 +213,40 @@ def test_loss_terms_match_numpy_from_a_forward_pass(shared_dir):
     lse = (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[..., 0]
     ce = lse - np.take_along_axis(logits, host["targets"][:rows, :, None], -1)[..., 0]
     np.testing.assert_allclose(metrics["ce_loss"], (ce * mask).sum() / mask.sum(), rtol=LOSS_RTOL)
-    np.testing.assert_allclose(metrics["z_loss"], (lse ** 2 * mask).sum() / mask.sum(), rtol=LOSS_RTOL)
+    np.testing.assert_allclose(metrics["z_loss"], (lse**2 * mask).sum() / mask.sum(), rtol=LOSS_RTOL)
     assert metrics["tokens"] == mask.sum() == 32 + 32 + 24 + 24 + 12
 
     per_depth = []
     for k in range(1, depth + 1):
-        losses = [_ce64(out.mtp_logits[k - 1, r, i], host["targets"][r, i + k])
-                  for r in range(rows) for start, end in _document_spans(host["segment_ids"][r])
-                  for i in range(start, end - k)]
+        losses = [
+            _ce64(out.mtp_logits[k - 1, r, i], host["targets"][r, i + k])
+            for r in range(rows)
+            for start, end in _document_spans(host["segment_ids"][r])
+            for i in range(start, end - k)
+        ]
         per_depth.append(np.mean(losses))
     np.testing.assert_allclose(metrics["mtp_loss"], np.mean(per_depth), rtol=LOSS_RTOL)
 
-    want = ref.transformer(params_f64(model), host["input_ids"], trainer.cfg.model, host["positions"],
-                           host["segment_ids"])
+    want = ref.transformer(
+        params_f64(model), host["input_ids"], trainer.cfg.model, host["positions"], host["segment_ids"]
+    )
     balance = sum(st["balance_loss"] for st in want["moe_stats"] + want["mtp_stats"]) / rows
     np.testing.assert_allclose(metrics["balance_loss"], balance, rtol=LOSS_RTOL)
-    total = (metrics["ce_loss"] + cfg.mtp_lambda * metrics["mtp_loss"] + cfg.balance_alpha * balance
-             + cfg.z_loss * metrics["z_loss"])
+    total = (
+        metrics["ce_loss"]
+        + cfg.mtp_lambda * metrics["mtp_loss"]
+        + cfg.balance_alpha * balance
+        + cfg.z_loss * metrics["z_loss"]
+    )
     np.testing.assert_allclose(metrics["loss"], total, rtol=LOSS_RTOL)
 
 
 # -------------------------------------------------------------- expert bias
 def _loads(out) -> dict:
-    return {"moe_layers": {"blocks": {"ffn": {"router": {"bias": np.asarray(out.moe_stats.load)}}}},
-            "mtp": {"modules": {"block": {"ffn": {"router": {"bias": np.asarray(out.mtp_stats.load)}}}}}}
+    return {
+        "moe_layers": {"blocks": {"ffn": {"router": {"bias": np.asarray(out.moe_stats.load)}}}},
+        "mtp": {"modules": {"block": {"ffn": {"router": {"bias": np.asarray(out.mtp_stats.load)}}}}},
+    }
 
 
 def test_bias_update_follows_sign_rule(setup, step_m1):
@@ -233,10 +262,15 @@ def test_bias_update_follows_sign_rule(setup, step_m1):
         np.testing.assert_array_equal(load.sum(-1), real * k)
     expected = jax.tree.map(
         lambda b, load: np.asarray(b, np.float64) + gamma * np.sign(load.mean(-1, keepdims=True) - load),
-        jax.device_get(state.biases), loads)
+        jax.device_get(state.biases),
+        loads,
+    )
     changed = 0
-    for (path, got), want, old in zip(jax.tree_util.tree_leaves_with_path(new_state.biases),
-                                      jax.tree.leaves(expected), jax.tree.leaves(state.biases)):
+    for (path, got), want, old in zip(
+        jax.tree_util.tree_leaves_with_path(new_state.biases),
+        jax.tree.leaves(expected),
+        jax.tree.leaves(state.biases),
+    ):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-7, err_msg=jax.tree_util.keystr(path))
         changed += int(np.sum(np.asarray(got) != np.asarray(old)))
     assert changed > 0
@@ -299,8 +333,9 @@ def test_nonfinite_step_leaves_state_unchanged(setup, step_m1):
     assert not np.isfinite(metrics["loss"])
     old = jax.device_get(poisoned)
     for key in ("params", "biases", "opt_state", "rng"):
-        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(getattr(new_state, key)),
-                                jax.tree.leaves(getattr(old, key))):
+        for (path, a), b in zip(
+            jax.tree_util.tree_leaves_with_path(getattr(new_state, key)), jax.tree.leaves(getattr(old, key))
+        ):
             np.testing.assert_array_equal(a, b, err_msg=f"{key}{jax.tree_util.keystr(path)}")
     # the step counter still advances (it numbers attempted steps, like the loop and checkpoints)
     assert int(new_state.step) == int(old.step) + 1
@@ -319,8 +354,10 @@ def test_nonfinite_batch_leaves_state_unchanged(setup, step_m1):
     # and a finite step from the same state does change the params
     good_state, good = jax.device_get(step_m1(state, batch))
     assert good["finite"] == 1
-    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(good_state.params),
-                                                         jax.tree.leaves(old.params)))
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(good_state.params), jax.tree.leaves(old.params))
+    )
 
 
 @jax.custom_vjp
@@ -352,8 +389,9 @@ def test_nonfinite_gradient_with_a_finite_loss_leaves_state_unchanged(setup):
     assert metrics["finite"] == 0
     old = jax.device_get(state)
     for key in ("params", "biases", "opt_state", "rng"):
-        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(getattr(new_state, key)),
-                                jax.tree.leaves(getattr(old, key))):
+        for (path, a), b in zip(
+            jax.tree_util.tree_leaves_with_path(getattr(new_state, key)), jax.tree.leaves(getattr(old, key))
+        ):
             np.testing.assert_array_equal(a, b, err_msg=f"{key}{jax.tree_util.keystr(path)}")
     assert int(new_state.step) == int(old.step) + 1
 

@@ -76,7 +76,9 @@ def pipeline_value_and_grad(
         x = jax.lax.cond(global_chunk == 0, lambda: embed(ep, batch_m).astype(x_in.dtype), lambda: x_in)
         y = chunk(params_j, x)
         loss = jax.lax.cond(
-            global_chunk == last, lambda: head_loss(hp, y, batch_m).astype(jnp.float32), lambda: jnp.float32(0)
+            global_chunk == last,
+            lambda: head_loss(hp, y, batch_m).astype(jnp.float32),
+            lambda: jnp.float32(0),
         )
         return y, loss
 
@@ -91,9 +93,12 @@ def pipeline_value_and_grad(
             return jnp.broadcast_to(fill, (n,) + fill.shape)
 
         carry0 = dict(
-            act=buffers(table.act_slots), grad=buffers(table.grad_slots),
-            stash_x=buffers(table.stash_slots), stash_g=buffers(table.stash_slots),
-            grads=zeros_like_params, loss=jnp.float32(0),
+            act=buffers(table.act_slots),
+            grad=buffers(table.grad_slots),
+            stash_x=buffers(table.stash_slots),
+            stash_g=buffers(table.stash_slots),
+            grads=zeros_like_params,
+            loss=jnp.float32(0),
         )
 
         def pick(tree, j):
@@ -172,7 +177,14 @@ def pipeline_value_and_grad(
             return c, y, dx
 
         branches = [None] * len(Op)
-        for op, fn in ((Op.IDLE, idle), (Op.F, op_f), (Op.B, op_b), (Op.I, op_i), (Op.W, op_w), (Op.FB, op_fb)):
+        for op, fn in (
+            (Op.IDLE, idle),
+            (Op.F, op_f),
+            (Op.B, op_b),
+            (Op.I, op_i),
+            (Op.W, op_w),
+            (Op.FB, op_fb),
+        ):
             branches[op] = fn
 
         def write(buf, slot, value):
@@ -183,10 +195,18 @@ def pipeline_value_and_grad(
             row = table_t[rank]
             c, act_out, grad_out = jax.lax.switch(row[Field.OP], branches, c, row)
             ring = s.ranks
-            to_next = jnp.stack([jnp.where(row[Field.F_SEND] == Send.NEXT, act_out, fill),
-                                 jnp.where(row[Field.B_SEND] == Send.NEXT, grad_out, fill)])
-            to_prev = jnp.stack([jnp.where(row[Field.F_SEND] == Send.PREV, act_out, fill),
-                                 jnp.where(row[Field.B_SEND] == Send.PREV, grad_out, fill)])
+            to_next = jnp.stack(
+                [
+                    jnp.where(row[Field.F_SEND] == Send.NEXT, act_out, fill),
+                    jnp.where(row[Field.B_SEND] == Send.NEXT, grad_out, fill),
+                ]
+            )
+            to_prev = jnp.stack(
+                [
+                    jnp.where(row[Field.F_SEND] == Send.PREV, act_out, fill),
+                    jnp.where(row[Field.B_SEND] == Send.PREV, grad_out, fill),
+                ]
+            )
             from_prev = jax.lax.ppermute(to_next, STAGE, [(i, (i + 1) % ring) for i in range(ring)])
             from_next = jax.lax.ppermute(to_prev, STAGE, [(i, (i - 1) % ring) for i in range(ring)])
             act, grad = c["act"], c["grad"]
@@ -210,7 +230,10 @@ def pipeline_value_and_grad(
         stage_spec = jax.tree.map(lambda _: P(STAGE), stacked)
         rep = lambda t: jax.tree.map(lambda _: P(), t)  # noqa: E731
         return jax.shard_map(
-            body, mesh=mesh, axis_names={STAGE}, check_vma=False,
+            body,
+            mesh=mesh,
+            axis_names={STAGE},
+            check_vma=False,
             in_specs=(stage_spec, rep(ep), rep(hp), rep(batch)),
             out_specs=(P(), (stage_spec, rep(ep), rep(hp)), P(None, STAGE)),
         )(stacked, ep, hp, batch)

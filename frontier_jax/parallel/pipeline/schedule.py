@@ -259,7 +259,9 @@ def _one_f_one_b_rank(r: int, ranks: int, microbatches: int, backward: Op) -> li
 def one_f_one_b(ranks: int, microbatches: int) -> Schedule:
     """1F1B (PipeDream-flush): at most P-r micro-batches live on rank r; bubble (P-1)(F+B)."""
     _check_sizes("1f1b", ranks, microbatches, ranks)
-    return Schedule(tuple(tuple(_one_f_one_b_rank(r, ranks, microbatches, Op.B)) for r in range(ranks)), "1f1b")
+    return Schedule(
+        tuple(tuple(_one_f_one_b_rank(r, ranks, microbatches, Op.B)) for r in range(ranks)), "1f1b"
+    )
 
 
 def zero_bubble_h1(ranks: int, microbatches: int) -> Schedule:
@@ -333,9 +335,7 @@ def dualpipev(ranks: int, microbatches: int) -> Schedule:
             row.append(pending_w.pop(0))
 
         def forward_backward(f_phase, b_phase):
-            row.append(
-                Action(Op.FB, chunk[f_phase], next_f[f_phase], chunk[b_phase], next_b[b_phase])
-            )
+            row.append(Action(Op.FB, chunk[f_phase], next_f[f_phase], chunk[b_phase], next_b[b_phase]))
             next_f[f_phase] += 1
             next_b[b_phase] += 1
 
@@ -403,7 +403,9 @@ def build(name: ScheduleName | str, ranks: int, microbatches: int) -> Schedule:
         key = ScheduleName(name)
     except ValueError:
         choices = ", ".join(s.value for s in ScheduleName)
-        raise ScheduleError(f"train.pipeline.schedule={name!r} is not a schedule; choose one of {choices}") from None
+        raise ScheduleError(
+            f"train.pipeline.schedule={name!r} is not a schedule; choose one of {choices}"
+        ) from None
     return BUILDERS[key](ranks, microbatches)
 
 
@@ -457,11 +459,16 @@ class TickTable:
 
     def trace(self) -> list[list[str]]:
         """Per tick, per rank: the action string (global chunks) or '' when idle; for diffing."""
-        return [[str(row_action(self.schedule, r, row) or "") for r, row in enumerate(tick)] for tick in self.table]
+        return [
+            [str(row_action(self.schedule, r, row) or "") for r, row in enumerate(tick)]
+            for tick in self.table
+        ]
 
     def orders(self) -> tuple[tuple[Action, ...], ...]:
         """The per-rank action orders this table executes (idle ticks dropped)."""
-        rows = [[row_action(self.schedule, r, tick[r]) for tick in self.table] for r in range(self.schedule.ranks)]
+        rows = [
+            [row_action(self.schedule, r, tick[r]) for tick in self.table] for r in range(self.schedule.ranks)
+        ]
         return tuple(tuple(a for a in row if a is not None) for row in rows)
 
 
@@ -543,7 +550,9 @@ def lower(schedule: Schedule) -> TickTable:
                 if all(_ready(s, p, done, arrived, t) for p in action.parts()):
                     running.append((r, action))
         if not running:
-            blocked = "; ".join(f"rank {r} waits at {s.orders[r][pos[r]]}" for r in range(P) if pos[r] < len(s.orders[r]))
+            blocked = "; ".join(
+                f"rank {r} waits at {s.orders[r][pos[r]]}" for r in range(P) if pos[r] < len(s.orders[r])
+            )
             raise ScheduleError(f"schedule {s.name}: deadlock at tick {t}: {blocked}")
         deliveries = []
         for r, action in running:

@@ -118,7 +118,9 @@ def simulate(schedule: Schedule | TickTable, costs: Costs = Costs()) -> Simulati
                 pos[r] += 1
                 moved = True
         if not moved:
-            blocked = "; ".join(f"rank {r} waits at {orders[r][pos[r]]}" for r in range(s.ranks) if pos[r] < len(orders[r]))
+            blocked = "; ".join(
+                f"rank {r} waits at {orders[r][pos[r]]}" for r in range(s.ranks) if pos[r] < len(orders[r])
+            )
             raise ScheduleError(f"schedule {s.name}: deadlock: {blocked}")
     busy = tuple(sum(i.end - i.start for i in intervals if i.rank == r) for r in range(s.ranks))
     return Simulation(s, costs, tuple(intervals), max(clock), busy, _peak_live(s, intervals))

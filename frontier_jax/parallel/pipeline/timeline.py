@@ -33,8 +33,14 @@ def plot(sim: Simulation, path: str, title: str | None = None) -> None:
         for k, (op, chunk, mb) in enumerate(parts):
             second = s.local_index(chunk) > 0
             ax.barh(
-                iv.rank, width, left=iv.start + k * width, height=0.8, color=_COLOURS[op],
-                edgecolor="black", linewidth=0.5, alpha=0.65 if second else 1.0,
+                iv.rank,
+                width,
+                left=iv.start + k * width,
+                height=0.8,
+                color=_COLOURS[op],
+                edgecolor="black",
+                linewidth=0.5,
+                alpha=0.65 if second else 1.0,
                 hatch="//" if second else None,
             )
             ax.text(iv.start + (k + 0.5) * width, iv.rank, str(mb), ha="center", va="center", fontsize=7)
@@ -47,8 +53,11 @@ def plot(sim: Simulation, path: str, title: str | None = None) -> None:
     legend = [Patch(color=c, label=op.name) for op, c in _COLOURS.items()]
     legend.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="second chunk"))
     ax.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=len(legend), fontsize=8)
-    ax.set_title(title or f"{s.name}: {s.ranks} ranks, {s.microbatches} micro-batches, "
-                 f"bubble {sim.bubble_fraction:.1%}", fontsize=9)
+    ax.set_title(
+        title
+        or f"{s.name}: {s.ranks} ranks, {s.microbatches} micro-batches, bubble {sim.bubble_fraction:.1%}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -73,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     plot(sim, args.out)
-    print(f"{args.out}: makespan {sim.makespan:g}, bubble {sim.bubble_fraction:.1%}, peak live {max(sim.peak_live)}")
+    print(
+        f"{args.out}: makespan {sim.makespan:g}, bubble {sim.bubble_fraction:.1%}, peak live {max(sim.peak_live)}"
+    )
     return 0
 
 

@@ -23,8 +23,9 @@ from frontier_jax.train.losses import masked_sum, mtp_targets, token_cross_entro
 if TYPE_CHECKING:  # the composed config sits above train
     from frontier_jax.config import Config
 
-BATCH_SPEC: dict[str, np.dtype] = {k: np.dtype(np.int32) for k in
-                                   ("input_ids", "targets", "loss_mask", "segment_ids", "positions")}
+BATCH_SPEC: dict[str, np.dtype] = {
+    k: np.dtype(np.int32) for k in ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
+}
 BATCH_KEYS = tuple(BATCH_SPEC)
 
 
@@ -52,18 +53,23 @@ class Pretrain:
     def prepare(self, batch: Mapping[str, jax.Array], rows_in_use: jax.Array) -> Batch:
         """Rows not in use get a zero loss mask and no tokens in the routing statistics."""
         active = rows_in_use[:, None].astype(batch["loss_mask"].dtype)
-        return Batch(*(batch[k] * active if k == "loss_mask" else batch[k] for k in BATCH_KEYS),
-                     token_mask=(batch["segment_ids"] != 0).astype(jnp.int32) * active)
+        return Batch(
+            *(batch[k] * active if k == "loss_mask" else batch[k] for k in BATCH_KEYS),
+            token_mask=(batch["segment_ids"] != 0).astype(jnp.int32) * active,
+        )
 
     def normalisers(self, batch: Batch, micro_batches: int) -> dict:
         """tokens: loss-masked targets; mtp_targets [D]: targets per MTP depth; balance_rows:
         rows with real tokens (ramp-inactive and empty rows excluded); micro_batches."""
-        norm = {"tokens": jnp.maximum(batch.loss_mask.sum(), 1).astype(jnp.float32),
-                "balance_rows": jnp.maximum(rows_with_tokens(batch.token_mask), 1).astype(jnp.float32),
-                "micro_batches": jnp.float32(micro_batches)}
+        norm = {
+            "tokens": jnp.maximum(batch.loss_mask.sum(), 1).astype(jnp.float32),
+            "balance_rows": jnp.maximum(rows_with_tokens(batch.token_mask), 1).astype(jnp.float32),
+            "micro_batches": jnp.float32(micro_batches),
+        }
         if self.cfg.model.mtp_depth:
-            _, masks = mtp_targets(batch.targets, batch.loss_mask, self._segments(batch),
-                                   self.cfg.model.mtp_depth)
+            _, masks = mtp_targets(
+                batch.targets, batch.loss_mask, self._segments(batch), self.cfg.model.mtp_depth
+            )
             norm["mtp_targets"] = jnp.maximum(masks.sum((1, 2)), 1).astype(jnp.float32)
         return norm
 
@@ -87,12 +93,18 @@ class Pretrain:
             loss += cfg.train.mtp_lambda * mtp_loss
             metrics["mtp_loss"] = mtp_loss
         layers = [stats for stats in (out.moe_stats, out.mtp_stats) if stats is not None]
-        total = lambda field: sum(getattr(stats, field).sum() for stats in layers) if layers else jnp.zeros(())
+        total = lambda field: (
+            sum(getattr(stats, field).sum() for stats in layers) if layers else jnp.zeros(())
+        )
         balance = total("balance_loss") / norm["balance_rows"]
         loss += cfg.train.balance_alpha * balance
         n_layers = sum(stats.load.shape[0] for stats in layers)
-        metrics.update(balance_loss=balance, dropped=total("dropped"), a2a_bytes=total("a2a_bytes"),
-                       groups_per_token=total("groups_per_token") / max(n_layers, 1) / norm["micro_batches"])
+        metrics.update(
+            balance_loss=balance,
+            dropped=total("dropped"),
+            a2a_bytes=total("a2a_bytes"),
+            groups_per_token=total("groups_per_token") / max(n_layers, 1) / norm["micro_batches"],
+        )
         return loss, metrics, model.expert_loads(out)
 
     def summarize(self, metrics: dict, norm: dict) -> dict:

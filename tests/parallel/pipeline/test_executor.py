@@ -72,7 +72,11 @@ def run_pipeline(name, P, M, fill=float("nan")):
     step = jax.jit(pipeline_value_and_grad(table, mesh, embed, chunk, head_loss, bubble_fill=fill))
     loss, (d_stacked, d_ep, d_hp), trace = step(stack_for_stages(table, chunks), ep, hp, batch)
     np.testing.assert_array_equal(np.asarray(trace), table.table[:, :, S.Field.OP])
-    return table, (loss, (unstack_from_stages(table, d_stacked), d_ep, d_hp)), reference(chunks, ep, hp, batch)
+    return (
+        table,
+        (loss, (unstack_from_stages(table, d_stacked), d_ep, d_hp)),
+        reference(chunks, ep, hp, batch),
+    )
 
 
 def assert_close(got, want):
@@ -125,4 +129,6 @@ def test_stage_axis_composes_with_a_data_axis():
     batch = jax.tree.map(lambda a: jax.device_put(jnp.tile(a, (1, 2, 1)), rows), batch)  # 4 rows per mb
     step = jax.jit(pipeline_value_and_grad(table, mesh, embed, chunk, head_loss))
     loss, (d_stacked, d_ep, d_hp), _ = step(stack_for_stages(table, chunks), ep, hp, batch)
-    assert_close((loss, (unstack_from_stages(table, d_stacked), d_ep, d_hp)), reference(chunks, ep, hp, batch))
+    assert_close(
+        (loss, (unstack_from_stages(table, d_stacked), d_ep, d_hp)), reference(chunks, ep, hp, batch)
+    )

@@ -81,7 +81,13 @@ def test_deadlocked_orders_are_reported():
 
 def test_timeline_png_is_written(tmp_path, capsys):
     out = tmp_path / "dv.png"
-    assert timeline_main(["--schedule", "dualpipev", "--stages", "4", "--microbatches", "8", "--out", str(out)]) == 0
+    assert (
+        timeline_main(["--schedule", "dualpipev", "--stages", "4", "--microbatches", "8", "--out", str(out)])
+        == 0
+    )
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert timeline_main(["--schedule", "dualpipev", "--stages", "4", "--microbatches", "6", "--out", str(out)]) == 2
+    assert (
+        timeline_main(["--schedule", "dualpipev", "--stages", "4", "--microbatches", "6", "--out", str(out)])
+        == 2
+    )
     assert "error: train.pipeline.microbatches=6" in capsys.readouterr().err
