@@ -26,6 +26,7 @@ metrics: [ce_loss]
 """
 
 
+@pytest.mark.slow
 def test_ablation_runs_every_arm_and_seed_summarises_and_resumes(tmp_path, monkeypatch):
     path = tmp_path / "micro.yaml"
     path.write_text(MICRO)

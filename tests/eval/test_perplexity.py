@@ -64,6 +64,7 @@ def test_figures_equal_float64_reference_from_full_sequence_logits(stride, batch
     np.testing.assert_allclose(got["bits_per_byte"], nll / n_bytes / math.log(2), rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layout",
     [

@@ -12,6 +12,8 @@ from frontier_jax.train.loop import train
 from tests.model.common import jit
 from tests.train.common import tiny_config
 
+pytestmark = pytest.mark.slow  # long: excluded from the default run (pyproject addopts)
+
 NEW_TOKENS = 8
 
 

@@ -14,6 +14,8 @@ from frontier_jax.parallel.mesh import build_mesh
 from frontier_jax.parallel.rules import DEFAULT_RULES
 from tests.model import common
 
+pytestmark = pytest.mark.slow  # long: excluded from the default run (pyproject addopts)
+
 INFER = InferConfig(block_size=8, max_seqs=8, max_len=32, prefill_chunk=6)
 
 

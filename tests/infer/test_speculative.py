@@ -36,6 +36,7 @@ def test_mtp_speculative_greedy_equals_plain_greedy():
     assert s["tokens_per_forward"] > 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("draft_rank", [0, 3], ids=["likely_draft", "unlikely_draft"])
 @pytest.mark.parametrize(
     "params",

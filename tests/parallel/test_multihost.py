@@ -35,6 +35,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from frontier_jax.config import load_config
 from frontier_jax.data import build_train_iterator
@@ -153,6 +154,7 @@ def _restored_params(run_dir: Path, step: int):
     return restored.state.params
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     port = _free_port()
@@ -180,6 +182,7 @@ def test_two_processes_train_like_one(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_dcn_axis_spans_the_processes(tmp_path):
     """mesh.dcn.data=2 over two processes: each process's 4 devices form one row of the data
     axis (data index = process index) and span the whole ICI expert axis."""

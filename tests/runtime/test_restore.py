@@ -76,6 +76,7 @@ def test_restores_an_earlier_step_by_number_or_by_its_directory(run, trained):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layout",
     [{"data": 1, "tensor": 2, "expert": 4}, {"data": 1, "fsdp": 8}],
@@ -94,6 +95,7 @@ def test_restores_onto_eight_devices_sharded_by_the_rules(run, trained, layout):
     assert_trees_equal(restored.biases, trained[STEPS].biases, "biases")
 
 
+@pytest.mark.slow
 def test_restores_in_bfloat16_with_float32_biases(run, trained):
     run_dir, _ = run
     restored = restore_params(run_dir, dtype=jnp.bfloat16)

@@ -15,8 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from .common import REPO, read_metrics, subprocess_env
 
 DEMO_STEPS = 300  # configs/train/toy.yaml
@@ -27,7 +25,6 @@ def _frontier_jax() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "frontier_jax"]
 
 
-@pytest.mark.slow
 def test_readme_demo_trains_logs_plots_and_resumes(tmp_path):
     run = tmp_path / "demo"
     command = [sys.executable, "-m", "frontier_jax", "train", "--config", "train/toy", "--run-dir", str(run)]

@@ -123,6 +123,7 @@ def test_the_cli_prints_no_library_info_logs(stuck_runs):
         assert len(err.splitlines()) <= 3, err[-3000:]
 
 
+@pytest.mark.slow
 # ------------------------------------------------------------------ several processes
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     from tests.parallel.test_multihost import OVERRIDES, _free_port, _start

@@ -113,11 +113,13 @@ def test_temp_memory_flat_in_microbatches_for_1f1b_and_growing_for_gpipe():
     assert grow >= 2 * P * MB * SEQ * D * 4  # at least 2P more stashed inputs
 
 
+@pytest.mark.slow
 def test_stage8_1f1b_equals_jax_grad():
     _, got, want = run_pipeline("1f1b", 8, 8)
     assert_close(got, want)
 
 
+@pytest.mark.slow
 def test_stage_axis_composes_with_a_data_axis():
     """mesh stage 2 x data 4: the executor is manual over `stage` only; the micro-batch rows are
     sharded over `data` by the compiler (auto axis) and the result is unchanged."""
