@@ -79,16 +79,7 @@ def _describe(args) -> int:
 
 def _train(args) -> int:
     if args.distributed:
-        import jax
-
-        # Cluster auto-detection (Cloud TPU, SLURM, ...), or JAX_COORDINATOR_ADDRESS with
-        # JAX_NUM_PROCESSES and JAX_PROCESS_ID set by the launcher (launch/local.sh).
-        explicit = {
-            key: int(os.environ[var])
-            for key, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
-            if var in os.environ
-        }
-        jax.distributed.initialize(**explicit)
+        _distributed_init()
     from frontier_jax.config import load_config
     from frontier_jax.train.loop import train
 
