@@ -4,6 +4,8 @@
     python benchmarks/decode.py --config model/bench-1b --dtype bfloat16 --batches 1,32,256 \\
         --prompt-len 1024 --new-tokens 256                                                       # GPU
     python benchmarks/decode.py --checkpoint runs/toy --batches 4 --speculative                  # MTP
+    python benchmarks/decode.py --config model/bench-1b --dtype bfloat16 --batches 1,32 \\
+        --prompt-len 4000 --new-tokens 64 --hf-peer --profile DIR                                # GPU
 
 For each batch size B: B random prompts of --prompt-len tokens, --new-tokens greedy tokens
 each (the model: random weights from --config, or a training run's --checkpoint).  One
@@ -15,13 +17,23 @@ untimed run compiles every program; the timed run reports
   weights read    parameter bytes in the compute dtype (an upper bound: all experts)
   bandwidth       (cache read + weights read) / decode step time
 With --speculative (a model with MTP modules): acceptance rate and tokens per main forward.
+With --profile DIR: a few more decode steps under `jax.profiler.trace(DIR)`; device time per
+decode step by kernel family and the top device ops, next to the wall time per step (the rest
+is host work and launch gaps).  With --hf-peer: transformers `generate` (greedy, its default
+cache) on the same architecture with random weights, same batch / prompt / new tokens, run
+before JAX touches the GPU:
+  prefill tok/s   B x prompt / time of generate(max_new_tokens=1)
+  decode tok/s    B x (N - 1) / (time of generate(N) - time of generate(1))
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +44,13 @@ from frontier_jax.config import load_config
 from frontier_jax.infer import Engine, InferConfig, SamplingParams
 from frontier_jax.infer.cache import cache_bytes_per_token
 from frontier_jax.model import Transformer
+from frontier_jax.model.config import AttentionImpl, ImplConfig
 from frontier_jax.precision import get_policy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_step import by_category, summarise  # noqa: E402
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU (--hf-peer)
 
 
 def build_engine(args, infer: InferConfig) -> Engine:
@@ -40,7 +58,8 @@ def build_engine(args, infer: InferConfig) -> Engine:
         return Engine.from_checkpoint(args.checkpoint, dtype=args.dtype, infer=infer)
     cfg = load_config(args.config).model
     policy = get_policy({"float32": "fp32", "bfloat16": "bf16"}[args.dtype])
-    model = Transformer(cfg, policy=policy, rngs=nnx.Rngs(0))
+    impl = ImplConfig(attention=AttentionImpl(args.attention))
+    model = Transformer(cfg, impl=impl, policy=policy, rngs=nnx.Rngs(0))
     return Engine(model, infer=infer)
 
 
@@ -50,6 +69,66 @@ def run(engine: Engine, prompts, params) -> tuple[dict, float]:
     start = time.perf_counter()
     engine.generate(prompts, params)
     return dict(engine.stats), time.perf_counter() - start
+
+
+def profile_decode(engine: Engine, prompts, new_tokens: int, out: Path, wall_step_s: float) -> None:
+    """Device time per decode step under the profiler (module docstring)."""
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    out.mkdir(parents=True, exist_ok=True)
+    with jax.profiler.trace(str(out)):
+        stats, _ = run(engine, prompts, params)
+    steps = max(stats["decode_steps"], 1)
+    every = summarise(out, steps, 10**6)  # over the whole trace: the one prefill is amortised too
+    total = sum(ms for _, ms, _ in every)
+    print(
+        f"        profile: {total:.2f} ms device time per decode step (prefill included, over {steps} "
+        f"steps) against {wall_step_s * 1e3:.2f} ms wall"
+    )
+    for category, ms in by_category(every).items():
+        print(f"          {category:40s} {ms:8.3f} ms {ms / total:6.1%}")
+    for name, ms, count in every[:12]:
+        print(f"          {name[:60]:60s} {ms:8.3f} ms {ms / total:6.1%} {count:5d} calls")
+
+
+def hf_generate(cfg, batch: int, prompt_len: int, new_tokens: int, dtype: str) -> str:
+    """transformers `generate` on the same architecture, random weights (module docstring)."""
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from frontier_jax.convert import model_config_to_hf_config
+
+    hf_cfg = DeepseekV3Config(**model_config_to_hf_config(cfg))
+    hf_cfg._attn_implementation = "sdpa"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = DeepseekV3ForCausalLM(hf_cfg).to(device=device, dtype=torch_dtype).eval()
+    ids = torch.randint(0, min(cfg.vocab_size, 256), (batch, prompt_len), device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def timed(n: int) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        sync()
+        return time.perf_counter() - start
+
+    timed(2)  # warm-up
+    first, full = timed(1), timed(new_tokens)
+    model = None  # the closure holds the cell: drop the weights before JAX runs
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    decode_s = (full - first) / max(new_tokens - 1, 1)
+    return (
+        f"B={batch:4d}  transformers generate: prefill {batch * prompt_len / first:10,.0f} tok/s  "
+        f"decode {batch / decode_s:9,.0f} tok/s  ({decode_s * 1e3:.2f} ms/step)"
+    )
 
 
 def main() -> None:
@@ -64,8 +143,16 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prefill-chunk", type=int, default=256)
     parser.add_argument("--speculative", action="store_true")
+    parser.add_argument("--attention", default="xla", choices=[a.value for a in AttentionImpl])
+    parser.add_argument("--profile", type=Path, help="trace a few decode steps into this directory")
+    parser.add_argument("--hf-peer", action="store_true", help="also time transformers generate")
     args = parser.parse_args()
-    for batch in [int(b) for b in args.batches.split(",")]:
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.hf_peer:  # before JAX allocates on the GPU
+        model_cfg = load_config(args.config).model
+        for batch in batches:
+            print(hf_generate(model_cfg, batch, args.prompt_len, args.new_tokens, args.dtype), flush=True)
+    for batch in batches:
         infer = InferConfig(
             max_seqs=batch,
             max_len=args.prompt_len + args.new_tokens + 1,
@@ -90,8 +177,11 @@ def main() -> None:
             f"decode {stats['generated_tokens'] / max(stats['decode_s'], 1e-9):9,.0f} tok/s  "
             f"({step_s * 1e3:.2f} ms/step)  cache read {cache_read / 2**20:8.3f} MiB/step  "
             f"weights {weights / 2**20:8.1f} MiB  bandwidth {(cache_read + weights) / step_s / 1e9:7.2f} GB/s  "
-            f"(wall {wall:.1f} s)"
+            f"(wall {wall:.1f} s)",
+            flush=True,
         )
+        if args.profile:
+            profile_decode(engine, prompts, min(args.new_tokens, 8), args.profile / f"b{batch}", step_s)
         if args.speculative:
             s = engine.speculative_stats
             print(

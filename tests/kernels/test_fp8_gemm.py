@@ -45,6 +45,12 @@ def _float64(q: qwix.QArray) -> np.ndarray:
     )
 
 
+# The bound on |kernel - reference|_max / |reference|_max.  The CPU interpreter sums the fp8
+# products in exact fp32: 1e-6.  Hopper's fp8 tensor cores accumulate in reduced precision
+# (DeepSeek-V3 report, section 3.3.2; measured 2.0e-4 on an H200): 1e-3 on a GPU.
+EXACT = 1e-6 if jax.default_backend() == "cpu" else 1e-3
+
+
 def _rel(got, want):
     return np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()
 
@@ -65,8 +71,8 @@ def test_dense_kernel_matches_xla_and_float64(scales, tiling):
     a, b = _operands(scales)
     got = fp8_matmul_nt(a.qvalue, a.scale, b.qvalue, b.scale, tiling=tiling)
     assert got.dtype == jnp.float32 and got.shape == (M, N)
-    assert _rel(got, np.asarray(gemm._xla_scaled_matmul(a, b), np.float64)) < 1e-6
-    assert _rel(got, _float64(a) @ _float64(b).T) < 1e-6
+    assert _rel(got, np.asarray(gemm._xla_scaled_matmul(a, b), np.float64)) < EXACT
+    assert _rel(got, _float64(a) @ _float64(b).T) < EXACT
 
 
 @pytest.mark.parametrize(
@@ -140,12 +146,12 @@ def test_grouped_rows_kernel_matches_xla_and_per_group_float64(scales, tiling):
         fp8_grouped_rows_nt(a.qvalue, a.scale, w.qvalue, w.scale, tile_group, tiling=Fp8Tiling.parse(tiling))
     )
     xla = np.asarray(gemm._xla_scaled_grouped_matmul(a, w, jnp.asarray(GROUP_SIZES)), np.float64)
-    assert _rel(got, xla) < 1e-6
+    assert _rel(got, xla) < EXACT
     ad, wd, start = _float64(a), _float64(w), 0
     for g, size in enumerate(GROUP_SIZES):
         if size:
             rows = slice(start, start + size)
-            assert _rel(got[rows], ad[rows] @ wd[g].T) < 1e-6
+            assert _rel(got[rows], ad[rows] @ wd[g].T) < EXACT
         start += size
     assert np.all(got[start:] == 0)
 
@@ -164,12 +170,12 @@ def test_grouped_weight_grad_kernel_matches_xla_and_float64(tiles, tiling):
         )
     )
     xla = gemm._xla_scaled_grouped_matmul_tn(x_t, dy_t, tile_group, len(GROUP_SIZES))
-    assert _rel(got, np.asarray(xla, np.float64)) < 1e-6
+    assert _rel(got, np.asarray(xla, np.float64)) < EXACT
     xd, dyd, start = _float64(x_t), _float64(dy_t), 0
     for g, size in enumerate(GROUP_SIZES):
         rows = slice(start, start + size)
         if size:
-            assert _rel(got[g], xd[:, rows] @ dyd[:, rows].T) < 1e-6
+            assert _rel(got[g], xd[:, rows] @ dyd[:, rows].T) < EXACT
         else:
             assert np.all(got[g] == 0)
         start += size
@@ -198,7 +204,7 @@ def _grouped_with_grads(x, w, dy, sizes, recipe):
 def _assert_same(got, want):
     for g, w in zip(got, want):
         w = np.asarray(w, np.float64)
-        assert _rel(g, w) < 1e-6 and np.array_equal(np.isnan(np.asarray(g)), np.isnan(w))
+        assert _rel(g, w) < EXACT and np.array_equal(np.isnan(np.asarray(g)), np.isnan(w))
 
 
 def test_projection_runs_through_the_kernels_with_the_xla_semantics(monkeypatch):

@@ -25,6 +25,11 @@ def _reference(x, w, dy, sizes):
     return y, dx, dw
 
 
+# The float32 bound on the relative Frobenius error: 1e-5 in the CPU interpreter; on a GPU the
+# Pallas (Triton) fp32 dot runs as TF32 (10-bit mantissa; measured 2.9e-4 on an H200): 2e-3.
+FP32_TOL = 1e-5 if jax.default_backend() == "cpu" else 2e-3
+
+
 def _rel(a, b):
     return np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
 
@@ -40,7 +45,7 @@ def _problem(seed, sizes, tiles, k, n, dtype):
     return (jnp.asarray(a, dtype) for a in (x, w, dy))
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, FP32_TOL), (jnp.bfloat16, 1e-2)])
 def test_forward_and_both_gradients_match_float64(dtype, tol):
     sizes = np.array([128, 0, 256, 128, 0])  # empty groups, and one unused tile at the end
     x, w, dy = _problem(0, sizes, 5, 64, 96, dtype)
@@ -66,7 +71,7 @@ def test_small_tiles_cover_several_blocks_per_dimension():
     y, vjp = jax.vjp(lambda x, w: tiled_grouped_matmul(x, w, jnp.asarray(sizes), tilings), x, w)
     dx, dw = vjp(dy)
     for ours, ref in zip((y, dx, dw), _reference(x, w, dy, sizes)):
-        assert _rel(ours, ref) < 1e-5
+        assert _rel(ours, ref) < FP32_TOL
 
 
 def test_tile_groups_marks_tiles_past_the_last_group():
