@@ -8,6 +8,8 @@ frontier-jax generate (--hf PATH | --checkpoint RUN_DIR) (--prompt TEXT ... | --
 frontier-jax eval     (--checkpoint RUN_DIR[/checkpoints/STEP] | --hf PATH) [--data FILE ...]
                       [--tasks TASK ...] [--out DIR] [--step N] [--dtype bfloat16] [mesh.* / eval.* ...]
 frontier-jax ablate   --config ablations/NAME.yaml [--out DIR]
+frontier-jax data prepare --config train/toy --out DIR [--records-per-shard N] [--max-records N]
+                      [--workers N] [key=value ...]
 """
 
 from __future__ import annotations
@@ -179,6 +181,32 @@ def _ablate(args) -> int:
     return 0
 
 
+def _data_prepare(args) -> int:
+    from frontier_jax.config import load_config
+    from frontier_jax.data.prepare import prepare, prepared_sources
+
+    cfg = load_config(args.config, args.overrides)
+    options = {"records_per_shard": args.records_per_shard, "workers": args.workers}
+    results = prepare(
+        cfg.data,
+        args.out,
+        max_records=args.max_records,
+        **{k: v for k, v in options.items() if v is not None},  # else prepare's defaults
+    )
+    for result in results:
+        shards = result.manifest["shards"]
+        print(
+            f"{result.directory}: {len(shards)} shards ({len(result.written)} written, "
+            f"{len(shards) - len(result.written)} kept), {sum(s['documents'] for s in shards):,} documents, "
+            f"{sum(s['tokens'] for s in shards):,} tokens, {sum(s['bytes'] for s in shards) / 2**20:.1f} MiB"
+        )
+    cfg.data.sources = prepared_sources(cfg.data, args.out)
+    config_path = Path(args.out) / "config.yaml"
+    config_path.write_text(cfg.to_yaml())
+    print(f"train on the shards: frontier-jax train --config {config_path} --run-dir RUN_DIR")
+    return 0
+
+
 def _configure_logging(verbose: bool) -> None:
     """The project's INFO messages and every library's warnings; library INFO (orbax, through
     absl: ~100 lines per run) and orbax's error tracebacks only with --verbose (a failure is
@@ -289,6 +317,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="output directory (default runs/ablations/NAME); re-running skips finished runs",
     )
     ab.set_defaults(func=_ablate)
+
+    data = sub.add_parser("data", help="prepare training data (frontier-jax data prepare --help)")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prep = data_sub.add_parser(
+        "prepare",
+        help="screen and tokenize the config's data sources once into ArrayRecord shards with a "
+        "manifest (resumable: run again to finish or repair); writes OUT/config.yaml reading them",
+    )
+    prep.add_argument("--config", required=True, help="YAML path or name under configs/, e.g. train/toy")
+    prep.add_argument("--out", required=True, help="output directory: OUT/<source name>/ per source")
+    prep.add_argument(
+        "--records-per-shard", type=int, default=None, help="source records per shard (default 10000)"
+    )
+    prep.add_argument(
+        "--max-records",
+        type=int,
+        default=None,
+        help="prepare only the first N records of each source (needed for embedded_math)",
+    )
+    prep.add_argument(
+        "--workers", type=int, default=None, help="processes writing shards in parallel (default 1)"
+    )
+    prep.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.tokenizer=PATH")
+    prep.set_defaults(func=_data_prepare)
 
     sub.add_parser(
         "convert", help="Hugging Face DeepseekV3 checkpoints in and out (frontier-jax convert --help)"

@@ -8,7 +8,8 @@ from typing import Optional
 
 FILE_KINDS = ("jsonl", "parquet", "array_record")
 EMBEDDED_KINDS = ("embedded_code", "embedded_math")
-SOURCE_KINDS = FILE_KINDS + EMBEDDED_KINDS
+PREPARED_KIND = "prepared"  # a directory written by `frontier-jax data prepare` (prepared.py)
+SOURCE_KINDS = FILE_KINDS + EMBEDDED_KINDS + (PREPARED_KIND,)
 
 
 class RecordFormat(str, enum.Enum):
@@ -40,9 +41,11 @@ class SourceConfig:
     Attributes:
       name: unique label, used in data stats and in the iterator state.
       kind: one of `SOURCE_KINDS`.
-      path: a file or a glob pattern; required for file kinds, unused otherwise.
+      path: a file or a glob pattern; required for file kinds; for kind prepared the
+        directory of one prepared source (`<data prepare --out>/<name>`); unused otherwise.
       weight: relative share of documents drawn from this source (> 0).
-      format: what a record holds (`RecordFormat`); embedded sources are text.
+      format: what a record holds (`RecordFormat`); embedded sources are text, a prepared
+        source's format is the one it was prepared from (leave it text).
       text_field: JSON key (jsonl, JSON array_record records) or Parquet column
         holding the document text (format text).
       prompt_field, response_field: the keys / columns of a prompt_response record.
@@ -71,12 +74,22 @@ class SourceConfig:
             raise ValueError(f"{where}.kind={self.kind!r} is not supported: use one of {list(SOURCE_KINDS)}.")
         if self.kind in FILE_KINDS and not self.path:
             raise ValueError(f"{where}.path is not set for kind={self.kind!r}: give a file path or a glob.")
+        if self.kind == PREPARED_KIND and not self.path:
+            raise ValueError(
+                f"{where}.path is not set for kind={self.kind!r}: give the directory of a prepared "
+                "source (frontier-jax data prepare --out DIR writes DIR/<source name>)."
+            )
         if not self.weight > 0:
             raise ValueError(f"{where}.weight={self.weight!r} must be > 0: drop the source to exclude it.")
         if self.kind in EMBEDDED_KINDS and self.format != RecordFormat.text:
             raise ValueError(
                 f"{where}.format={RecordFormat(self.format).value!r}: embedded sources are "
                 "plain text; use format=text or a file source."
+            )
+        if self.kind == PREPARED_KIND and self.format != RecordFormat.text:
+            raise ValueError(
+                f"{where}.format={RecordFormat(self.format).value!r}: a prepared source holds documents "
+                "rendered at preparation in the format they were read with; leave format unset."
             )
         for field_name in _FORMAT_FIELDS[RecordFormat(self.format)]:
             if self.kind in FILE_KINDS and not getattr(self, field_name):

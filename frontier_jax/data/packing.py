@@ -23,7 +23,7 @@ import functools
 import grain
 import numpy as np
 
-from frontier_jax.data.template import Document, document_pieces, render
+from frontier_jax.data.template import Document, render_document
 from frontier_jax.data.tokenizer import Tokenizer
 
 _LENGTH_KEYS = ("inputs", "targets", "loss_mask")
@@ -37,7 +37,7 @@ class TokenizeDocument(grain.experimental.FlatMapTransform):
         self._max_len = max_len
 
     def flat_map(self, document: Document) -> list[dict[str, np.ndarray]]:
-        ids, train = render(self._tokenizer, document_pieces(document))
+        ids, train = render_document(self._tokenizer, document)
         pairs = {"inputs": ids[:-1], "targets": ids[1:], "loss_mask": train[1:].astype(np.int32)}
         return [
             {k: v[i : i + self._max_len] for k, v in pairs.items()}

@@ -32,6 +32,7 @@ from absl import flags
 from frontier_jax.data.batching import RampBatchIterDataset
 from frontier_jax.data.config import DataConfig, RecordFormat, SourceConfig
 from frontier_jax.data.packing import pack_documents
+from frontier_jax.data.prepared import check_prepared
 from frontier_jax.data.screen import ScreenIterDataset
 from frontier_jax.data.sources import source_records
 from frontier_jax.data.tokenizer import CHAT_SPECIALS, load_tokenizer
@@ -99,6 +100,7 @@ def build_train_dataset(
     if any(s.format != RecordFormat.text for s in cfg.sources):
         for name in CHAT_SPECIALS:
             tokenizer.special_id(name)  # the chat template's tokens exist, before any data is read
+    check_prepared(cfg, tokenizer)  # prepared shards intact and of this tokenizer, before training
     mixture = grain.IterDataset.mix(
         {s.name: source_documents(cfg, s, num_epochs) for s in cfg.sources},
         {s.name: s.weight for s in cfg.sources},

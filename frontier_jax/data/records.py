@@ -8,6 +8,8 @@ A record of a `SourceConfig` is read from its fields by `source.format`:
                    r in ROLES
 A field that is absent (or null) is MISSING_FIELD; a field of the wrong type, a message that
 is not an object, or a role outside ROLES is WRONG_TYPE.
+A record of a prepared shard (`prepared.py`) is a document already screened and rendered:
+Record.rendered.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import dataclasses
 import json
 from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 from frontier_jax.data.config import RecordFormat, SourceConfig
 
@@ -28,6 +32,15 @@ ROLES = ("system", "user", "assistant")
 Message = tuple[str, str]  # (role, content)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Rendered:
+    """A document rendered by the chat template (`template.render`): ids int32 [n] and whether
+    each id is trained on, train bool [n]."""
+
+    ids: np.ndarray
+    train: np.ndarray
+
+
 @dataclasses.dataclass(frozen=True)
 class Record:
     """One record read from a source.
@@ -38,12 +51,14 @@ class Record:
       problem: None, or why there is no document (INVALID_UTF8, INVALID_JSON, MISSING_FIELD,
         WRONG_TYPE).
       messages: the (role, content) turns of a structured record, or None.
+      rendered: the document of a prepared shard, screened and rendered at preparation, or None.
     """
 
     origin: str
     text: str | None = None
     problem: str | None = None
     messages: tuple[Message, ...] | None = None
+    rendered: Rendered | None = None
 
 
 def from_value(origin: str, value: Any) -> Record:

@@ -9,6 +9,7 @@ A document is a plain text (str) or the messages of a structured record (a tuple
   characters (the last one shorter), each emitted as a document of its own;
   nothing is dropped. Structured records are never split (the packer cuts every
   document into chunks of seq_len tokens).
+A prepared record (`Record.rendered`) was screened at preparation: it passes as it is.
 Every outcome is counted (see `stats.COUNTERS`); the first few skipped records
 of each source are logged with their origin ("file:line" or "file#index").
 A source that skips `max_skipped_in_a_row` records in a row without emitting a
@@ -37,6 +38,8 @@ class DataError(ValueError):
 
 def screen(record: Record, *, min_chars: int, max_chars: int) -> tuple[list[Document], list[str]]:
     """Returns (documents to emit, counters to increment) for one record."""
+    if record.rendered is not None:
+        return [record.rendered], [stats.DOCUMENTS]
     if record.problem is not None:
         return [], [record.problem]
     structured = record.messages is not None

@@ -9,6 +9,7 @@ File formats (the fields read are those of the source's `format`, see `records.p
                 starts with "{".
 A file that holds no record at all is an error naming it; a record that cannot
 be read becomes a `Record` with a `problem` (counted and skipped downstream).
+A prepared source (kind prepared) is the directory of shards of `prepared.py`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from frontier_jax.data import embedded, records
-from frontier_jax.data.config import RecordFormat, SourceConfig
+from frontier_jax.data.config import PREPARED_KIND, RecordFormat, SourceConfig
+from frontier_jax.data.prepared import PreparedSource
 
 _SCAN_CHUNK = 1 << 24
 
@@ -178,6 +180,8 @@ def source_records(source: SourceConfig, *, seed: int) -> grain.MapDataset:
 
     `seed` drives the generated (embedded_math) source.
     """
+    if source.kind == PREPARED_KIND:
+        return grain.MapDataset.source(PreparedSource(source.path))
     if source.kind in _FILE_SOURCES:
         reader = _FILE_SOURCES[source.kind]
         parts = [grain.MapDataset.source(reader(p, source)) for p in resolve_paths(source)]

@@ -9,6 +9,7 @@ are trained on, i.e. predicted with loss:
                                                                 assistant turn and its <|end|>
   pieces      as given (e.g. the FIM transform's <|fim_begin|> prefix <|fim_hole|> suffix
               <|fim_end|> middle)
+  rendered    a prepared shard's document (`records.Rendered`), already rendered
 
 `render` returns ids int32 [n] and train bool [n]; the packer makes the pairs
 (ids[i], ids[i + 1]) with loss_mask[i] = train[i + 1], so the first token is never a target.
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from frontier_jax.data.records import Message
+from frontier_jax.data.records import Message, Rendered
 from frontier_jax.data.tokenizer import ASSISTANT, BOS, END, EOS, Tokenizer
 
 
@@ -35,7 +36,7 @@ class Piece:
     train: bool = True
 
 
-Document = str | tuple[Message, ...] | list[Piece]
+Document = str | tuple[Message, ...] | list[Piece] | Rendered
 
 
 def text_pieces(text: str) -> list[Piece]:
@@ -74,3 +75,10 @@ def render(tokenizer: Tokenizer, pieces: Sequence[Piece]) -> tuple[np.ndarray, n
         ids += piece_ids
         train += [piece.train] * len(piece_ids)
     return np.asarray(ids, np.int32), np.asarray(train, bool)
+
+
+def render_document(tokenizer: Tokenizer, document: Document) -> tuple[np.ndarray, np.ndarray]:
+    """-> (ids int32 [n], train bool [n]) of any document; a `Rendered` one as it is."""
+    if isinstance(document, Rendered):
+        return document.ids.astype(np.int32), document.train.astype(bool)
+    return render(tokenizer, document_pieces(document))

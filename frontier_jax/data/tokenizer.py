@@ -85,6 +85,10 @@ class Tokenizer:
         """Returns the text of `ids`; special tokens are written out as their names."""
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
+    def to_str(self) -> str:
+        """The Hugging Face tokenizer JSON: vocabulary, merges, normalisation and added tokens."""
+        return self._tok.to_str()
+
     # `encode_special_tokens` is not pickled by `tokenizers`: rebuild from JSON.
     def __getstate__(self) -> dict:
         return {"json": self._tok.to_str(), "special_ids": self.special_ids, "origin": self.origin}

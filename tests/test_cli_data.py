@@ -1,0 +1,64 @@
+"""`frontier-jax data prepare`: shards and a config that reads them; errors as one line, exit code 2."""
+
+import json
+
+import numpy as np
+
+from frontier_jax import cli
+from frontier_jax.config import CONFIG_DIR, load_config
+from frontier_jax.data import build_train_iterator
+
+
+def _config(tmp_path, n=40):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"document {i} " * (i % 7 + 1)}) + "\n" for i in range(n)))
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "include: [" + str(CONFIG_DIR / "model" / "toy.yaml") + "]\n"
+        f"data:\n  sources: [{{name: docs, kind: jsonl, path: {docs}}}]\n"
+        "train: {seq_len: 32, global_batch: 8}\n"
+    )
+    return str(config)
+
+
+def test_prepare_writes_shards_and_a_config_that_gives_the_raw_batches(tmp_path, capsys):
+    config, out = _config(tmp_path), tmp_path / "out"
+    argv = ["data", "prepare", "--config", config, "--out", str(out), "--records-per-shard", "16"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"{out / 'docs'}: 3 shards (3 written, 0 kept), 40 documents" in printed
+    assert f"frontier-jax train --config {out / 'config.yaml'}" in printed
+    raw, prepared = (load_config(c, ["data.shuffle=false"]) for c in (config, str(out / "config.yaml")))
+    assert prepared.data.sources[0].kind == "prepared" and prepared.model == raw.model
+    batches = [
+        [next(it) for _ in range(5)]
+        for it in (build_train_iterator(c.data, seq_len=32, global_batch=8) for c in (raw, prepared))
+    ]
+    for want, got in zip(*batches):
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert cli.main(argv) == 0
+    assert "3 shards (0 written, 3 kept)" in capsys.readouterr().out
+
+
+def test_prepare_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert cli.main(["data", "prepare", "--config", "model/toy", "--out", out]) == 2  # embedded math
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data.sources[1] ('math', kind='embedded_math') generates 2^31 records")
+    assert "\n" not in err
+
+
+def test_training_on_a_corrupt_shard_stops_before_training_naming_the_shard(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["data", "prepare", "--config", _config(tmp_path), "--out", str(out)]) == 0
+    shard = out / "docs" / "shard-00000-of-00001.array_record"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    run = tmp_path / "run"
+    assert cli.main(["train", "--config", str(out / "config.yaml"), "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: prepared shard {shard} is corrupt: checksum mismatch") and "\n" not in err
+    assert not run.exists()  # nothing written
