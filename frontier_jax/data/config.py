@@ -50,6 +50,9 @@ class SourceConfig:
         holding the document text (format text).
       prompt_field, response_field: the keys / columns of a prompt_response record.
       messages_field: the key / column of a chat record's list of messages.
+      fim_rate: share of this source's documents made fill-in-the-middle examples (`fim.py`),
+        in [0, 1]; the DeepSeek-V3 report uses 0.1. Plain text (format text), not prepared.
+      fim_spm_share: share of the FIM examples in the SPM layout, the rest PSM, in [0, 1].
     """
 
     name: str
@@ -61,6 +64,8 @@ class SourceConfig:
     prompt_field: str = "prompt"
     response_field: str = "response"
     messages_field: str = "messages"
+    fim_rate: float = 0.0
+    fim_spm_share: float = 0.0
 
     def fields(self) -> tuple[str, ...]:
         """The keys / columns a record of this source's format is read from."""
@@ -90,6 +95,22 @@ class SourceConfig:
             raise ValueError(
                 f"{where}.format={RecordFormat(self.format).value!r}: a prepared source holds documents "
                 "rendered at preparation in the format they were read with; leave format unset."
+            )
+        for field_name in ("fim_rate", "fim_spm_share"):
+            if not 0 <= getattr(self, field_name) <= 1:
+                raise ValueError(
+                    f"{where}.{field_name}={getattr(self, field_name)!r} is a share of documents: "
+                    "give a value in [0, 1]."
+                )
+        if self.fim_rate and self.format != RecordFormat.text:
+            raise ValueError(
+                f"{where}.fim_rate={self.fim_rate!r} with format={RecordFormat(self.format).value!r}: "
+                "fill-in-the-middle applies to plain text; set fim_rate=0 for this source."
+            )
+        if self.fim_rate and self.kind == PREPARED_KIND:
+            raise ValueError(
+                f"{where}.fim_rate={self.fim_rate!r} with kind={PREPARED_KIND!r}: fill-in-the-middle cuts "
+                "text and a prepared source holds token ids; read the source raw for FIM, or set fim_rate=0."
             )
         for field_name in _FORMAT_FIELDS[RecordFormat(self.format)]:
             if self.kind in FILE_KINDS and not getattr(self, field_name):

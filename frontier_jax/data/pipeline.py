@@ -31,11 +31,12 @@ from absl import flags
 
 from frontier_jax.data.batching import RampBatchIterDataset
 from frontier_jax.data.config import DataConfig, RecordFormat, SourceConfig
+from frontier_jax.data.fim import fim_documents
 from frontier_jax.data.packing import pack_documents
 from frontier_jax.data.prepared import check_prepared
 from frontier_jax.data.screen import ScreenIterDataset
 from frontier_jax.data.sources import source_records
-from frontier_jax.data.tokenizer import CHAT_SPECIALS, load_tokenizer
+from frontier_jax.data.tokenizer import CHAT_SPECIALS, FIM_SPECIALS, load_tokenizer
 
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
 _MIN_PACKING_BINS = 16
@@ -58,25 +59,33 @@ def validate_train_args(
         raise ValueError(f"num_epochs={num_epochs} must be >= 1, or None to repeat forever.")
 
 
-def _source_seed(cfg: DataConfig, source: SourceConfig) -> int:
-    """Shuffle seed of one source: from data.seed and the source's name (not its list position)."""
-    return (cfg.seed + zlib.crc32(source.name.encode())) % 2**32
+def _source_seed(cfg: DataConfig, source: SourceConfig, purpose: str = "") -> int:
+    """Seed of one source's shuffle (purpose "") or other draws: from data.seed, the purpose and
+    the source's name (not its list position)."""
+    return (cfg.seed + zlib.crc32((purpose + source.name).encode())) % 2**32
 
 
 def source_documents(cfg: DataConfig, source: SourceConfig, num_epochs: Optional[int]) -> grain.IterDataset:
     """IterDataset[str] of the screened documents of one source, repeated `num_epochs` times.
 
-    With data.shuffle each epoch is globally shuffled, differently per epoch.
+    With data.shuffle each epoch is globally shuffled, differently per epoch. With
+    `source.fim_rate` > 0 some documents are fill-in-the-middle examples (`fim.py`).
     """
     records = source_records(source, seed=cfg.seed)
     if cfg.shuffle:
         records = records.shuffle(seed=_source_seed(cfg, source))
-    return ScreenIterDataset(
+    documents = ScreenIterDataset(
         records.repeat(num_epochs).to_iter_dataset(_READ_OPTIONS),
         source=source.name,
         min_chars=cfg.min_document_chars,
         max_chars=cfg.max_document_chars,
         max_skipped_in_a_row=cfg.max_skipped_in_a_row,
+    )
+    return fim_documents(
+        documents,
+        rate=source.fim_rate,
+        spm_share=source.fim_spm_share,
+        seed=_source_seed(cfg, source, "fim/"),
     )
 
 
@@ -100,6 +109,9 @@ def build_train_dataset(
     if any(s.format != RecordFormat.text for s in cfg.sources):
         for name in CHAT_SPECIALS:
             tokenizer.special_id(name)  # the chat template's tokens exist, before any data is read
+    if any(s.fim_rate for s in cfg.sources):
+        for name in FIM_SPECIALS:
+            tokenizer.special_id(name)
     check_prepared(cfg, tokenizer)  # prepared shards intact and of this tokenizer, before training
     mixture = grain.IterDataset.mix(
         {s.name: source_documents(cfg, s, num_epochs) for s in cfg.sources},

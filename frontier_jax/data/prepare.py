@@ -217,6 +217,12 @@ def validate_prepare_args(
                 f"data.sources[{i}] ({source.name!r}) is already prepared (kind={PREPARED_KIND!r}): "
                 "prepare the config it was made from."
             )
+        if source.fim_rate:
+            raise ValueError(
+                f"data.sources[{i}].fim_rate={source.fim_rate!r} ({source.name!r}): fill-in-the-middle is "
+                "drawn on the text while training and shards hold token ids; prepare with fim_rate=0, or "
+                "train this source from its raw files for FIM."
+            )
         if source.kind in GENERATED_KINDS and max_records is None:
             raise ValueError(
                 f"data.sources[{i}] ({source.name!r}, kind={source.kind!r}) generates 2^31 records: give "
