@@ -19,6 +19,7 @@ the newest earlier one that restores is used (`restore_latest`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -29,6 +30,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from frontier_jax.data import SourceConfig
 from frontier_jax.data.checkpoint import orbax_restore_args, orbax_save_args
 from frontier_jax.train.config import CheckpointConfig
 
@@ -95,11 +97,21 @@ def _stream(config: dict) -> dict:
     }
 
 
+def _with_source_defaults(stream: dict) -> dict:
+    """`stream` with the source fields newer than it (absent) at their `SourceConfig` defaults."""
+    defaults = {
+        f.name: f.default for f in dataclasses.fields(SourceConfig) if f.default is not dataclasses.MISSING
+    }
+    sources = {k.split(".")[2] for k in stream if k.startswith("data.sources.")}
+    return {**{f"data.sources.{i}.{name}": v for i in sources for name, v in defaults.items()}, **stream}
+
+
 def check_same_data_stream(saved: dict, current: dict, directory: Path) -> None:
     """Raises if the checkpoint's data iterator was saved for another data stream (packing mode,
     sources, tokenizer, seq_len, batch ...): its position cannot be applied to this one."""
-    saved_stream, current_stream = _stream(saved), _stream(current)
-    # a field newer than the checkpoint has its default value there (sources are compared whole)
+    saved_stream, current_stream = _with_source_defaults(_stream(saved)), _stream(current)
+    # a field newer than the checkpoint has its default value there; sources are compared whole
+    # (their newer fields at the defaults), so a source the checkpoint lacks is a difference
     current_stream = {
         k: v for k, v in current_stream.items() if k in saved_stream or k.startswith("data.sources.")
     }
