@@ -71,18 +71,25 @@ def run(engine: Engine, prompts, params) -> tuple[dict, float]:
     return dict(engine.stats), time.perf_counter() - start
 
 
-def profile_decode(engine: Engine, prompts, new_tokens: int, out: Path, wall_step_s: float) -> None:
-    """Device time per decode step under the profiler (module docstring)."""
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+def profile_decode(engine: Engine, prompts, steps: int, out: Path, wall_step_s: float) -> None:
+    """Device time per decode step under the profiler (module docstring): the prompts are
+    prefilled and decoded for two steps outside the trace, then `steps` decode steps traced."""
+    params = SamplingParams(max_new_tokens=steps + 4, ignore_eos=True)
+    for prompt in prompts:
+        engine.submit(prompt, params)
+    start = engine.stats["decode_steps"]
+    while engine.stats["decode_steps"] < start + 2:  # every row past its prefill
+        engine.step()
     out.mkdir(parents=True, exist_ok=True)
     with jax.profiler.trace(str(out)):
-        stats, _ = run(engine, prompts, params)
-    steps = max(stats["decode_steps"], 1)
-    every = summarise(out, steps, 10**6)  # over the whole trace: the one prefill is amortised too
+        for _ in range(steps):
+            engine.step()
+    while not engine.scheduler.idle:
+        engine.step()
+    every = summarise(out, steps, 10**6)
     total = sum(ms for _, ms, _ in every)
     print(
-        f"        profile: {total:.2f} ms device time per decode step (prefill included, over {steps} "
-        f"steps) against {wall_step_s * 1e3:.2f} ms wall"
+        f"        profile: {total:.3f} ms device time per decode step against {wall_step_s * 1e3:.2f} ms wall"
     )
     for category, ms in by_category(every).items():
         print(f"          {category:40s} {ms:8.3f} ms {ms / total:6.1%}")
@@ -144,6 +151,11 @@ def main() -> None:
     parser.add_argument("--prefill-chunk", type=int, default=256)
     parser.add_argument("--speculative", action="store_true")
     parser.add_argument("--attention", default="xla", choices=[a.value for a in AttentionImpl])
+    parser.add_argument(
+        "--decode-attention",
+        default="xla",
+        help="comma-separated infer.decode_attention_impl values, each run in turn (e.g. xla,pallas)",
+    )
     parser.add_argument("--profile", type=Path, help="trace a few decode steps into this directory")
     parser.add_argument("--hf-peer", action="store_true", help="also time transformers generate")
     args = parser.parse_args()
@@ -152,11 +164,12 @@ def main() -> None:
         model_cfg = load_config(args.config).model
         for batch in batches:
             print(hf_generate(model_cfg, batch, args.prompt_len, args.new_tokens, args.dtype), flush=True)
-    for batch in batches:
+    for batch, impl in [(b, i) for b in batches for i in args.decode_attention.split(",")]:
         infer = InferConfig(
             max_seqs=batch,
             max_len=args.prompt_len + args.new_tokens + 1,
             prefill_chunk=args.prefill_chunk,
+            decode_attention_impl=impl,
             speculative="mtp" if args.speculative else "none",
         )
         engine = build_engine(args, infer)
@@ -173,7 +186,7 @@ def main() -> None:
         weights = sum(math.prod(x.shape) for x in jax.tree.leaves(engine.state)) * dtype.itemsize
         step_s = stats["decode_s"] / steps
         print(
-            f"B={batch:4d}  prefill {stats['prompt_tokens'] / max(stats['prefill_s'], 1e-9):10,.0f} tok/s  "
+            f"B={batch:4d} {impl:6s}  prefill {stats['prompt_tokens'] / max(stats['prefill_s'], 1e-9):10,.0f} tok/s  "
             f"decode {stats['generated_tokens'] / max(stats['decode_s'], 1e-9):9,.0f} tok/s  "
             f"({step_s * 1e3:.2f} ms/step)  cache read {cache_read / 2**20:8.3f} MiB/step  "
             f"weights {weights / 2**20:8.1f} MiB  bandwidth {(cache_read + weights) / step_s / 1e9:7.2f} GB/s  "
@@ -181,7 +194,7 @@ def main() -> None:
             flush=True,
         )
         if args.profile:
-            profile_decode(engine, prompts, min(args.new_tokens, 8), args.profile / f"b{batch}", step_s)
+            profile_decode(engine, prompts, 8, args.profile / f"b{batch}_{impl}", step_s)
         if args.speculative:
             s = engine.speculative_stats
             print(

@@ -7,9 +7,12 @@ from dataclasses import dataclass
 
 
 class DecodeAttentionImpl(str, enum.Enum):
-    """The absorbed-MLA attention core of decode steps (`model.attention.latent_attention`)."""
+    """The absorbed-MLA attention core of decode steps (`model.attention.cached_latent_attention`):
+    xla gathers each row's blocks and scores every slot; pallas reads the paged cache in place
+    (`kernels.latent_decode`; the Pallas interpreter off the GPU: slow there, for tests)."""
 
     XLA = "xla"
+    PALLAS = "pallas"
 
 
 class Speculative(str, enum.Enum):

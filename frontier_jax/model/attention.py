@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from frontier_jax.kernels.latent_decode import paged_latent_attention
+from frontier_jax.model.latent_cache import LatentCache, read_latent
 from frontier_jax.ops.tokamax_import import tokamax
 
 _MASKED = -1e30  # finite, so that a fully masked (padding) row yields no NaN
@@ -98,7 +100,6 @@ def latent_attention(
     *,
     scale: float,
     positions: jax.Array,
-    impl: str = "xla",
 ) -> jax.Array:
     """Attention of per-head queries over a latent shared by all heads (absorbed MLA decode):
 
@@ -106,10 +107,7 @@ def latent_attention(
 
     q_latent [B, T, H, d_c], q_rope [B, T, H, d_h^R], c_kv [B, S, d_c], k_rope [B, S, d_h^R]
     -> o~ [B, T, H, d_c] in q_latent's dtype.  Key j is the token at position j; query t at
-    positions [B, T] sees keys j <= positions[b, t].  Implementations (`infer.decode_attention_impl`):
-    "xla" (einsums, fp32 softmax), the slot for a FlashMLA-style kernel."""
-    if impl != "xla":
-        raise ValueError(f"infer.decode_attention_impl={impl!r} is unknown; allowed: xla")
+    positions [B, T] sees keys j <= positions[b, t].  Einsums with an fp32 softmax: the reference."""
     logits = (
         jnp.einsum("bthc,bsc->bhts", q_latent, c_kv, preferred_element_type=jnp.float32)
         + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, preferred_element_type=jnp.float32)
@@ -117,3 +115,32 @@ def latent_attention(
     mask = jnp.arange(c_kv.shape[1])[None, None, None, :] <= positions[:, None, :, None]
     probs = jax.nn.softmax(jnp.where(mask, logits, _MASKED), axis=-1)
     return jnp.einsum("bhts,bsc->bthc", probs, c_kv.astype(jnp.float32)).astype(q_latent.dtype)
+
+
+def cached_latent_attention(
+    q_latent: jax.Array,
+    q_rope: jax.Array,
+    cache: LatentCache,
+    layer,
+    block_table: jax.Array,
+    positions: jax.Array,
+    *,
+    scale: float,
+    impl: str = "xla",
+) -> jax.Array:
+    """`latent_attention` over layer `layer` of the paged cache, for the rows of block_table
+    [B, M] (`latent_cache.py`).  Implementations (`infer.decode_attention_impl`):
+      "xla":    gathers each row's M blocks into [B, M P, d_c] and scores every slot;
+      "pallas": `kernels.latent_decode`, which reads only the blocks up to each query's
+                position, in place (Triton on GPUs, the Pallas interpreter elsewhere)."""
+    if impl == "xla":
+        c_kv, k_rope = read_latent(cache, layer, block_table)
+        dtype = q_latent.dtype
+        return latent_attention(
+            q_latent, q_rope, c_kv.astype(dtype), k_rope.astype(dtype), scale=scale, positions=positions
+        )
+    if impl == "pallas":
+        return paged_latent_attention(
+            q_latent, q_rope, cache.c_kv, cache.k_rope, layer, block_table, positions, scale=scale
+        ).astype(q_latent.dtype)
+    raise ValueError(f"infer.decode_attention_impl={impl!r} is unknown; allowed: xla, pallas")

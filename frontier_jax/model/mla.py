@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from frontier_jax.model.attention import dot_product_attention, latent_attention
+from frontier_jax.model.attention import cached_latent_attention, dot_product_attention
 from frontier_jax.model.config import AttentionImpl, ModelConfig
 from frontier_jax.model.latent_cache import LatentCache, Pages, read_latent, write_latent
 from frontier_jax.model.layers import Linear, RMSNorm, project_jointly
@@ -140,22 +140,26 @@ class MLA(nnx.Module):
         o = checkpoint_name(constrain(o, ("batch", "seq", "heads", "v_head")), "attention_out")
         return self.wo(o)
 
-    def attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, positions, *, impl: str = "xla") -> jax.Array:
+    def attend_absorbed(
+        self, q_nope, q_rope, cache: LatentCache, layer, block_table, positions, *, impl: str = "xla"
+    ) -> jax.Array:
         """The absorbed path (module docstring): q^C [B, T, H, d_h], q^R [B, T, H, d_h^R] against
-        the latent c^KV [B, S, d_c], k^R [B, S, d_h^R] of positions 0..S-1, queries at
-        positions [B, T] seeing keys j <= position; returns u [B, T, d]."""
+        the latent c^KV, k^R of layer `layer` of the paged cache (the rows' blocks in
+        block_table [B, M]), queries at positions [B, T] seeing keys j <= position; the attention
+        core `impl` (`attention.cached_latent_attention`); returns u [B, T, d]."""
         dtype = self.wk_b.policy.compute_dtype
         w_uk, w_uv = self.wk_b.kernel[...].astype(dtype), self.wv_b.kernel[...].astype(dtype)
         q_latent = jnp.einsum(
             "bthk,chk->bthc", q_nope.astype(dtype), w_uk, preferred_element_type=jnp.float32
         )
-        o_latent = latent_attention(
+        o_latent = cached_latent_attention(
             q_latent.astype(dtype),
             q_rope.astype(dtype),
-            c_kv.astype(dtype),
-            k_rope.astype(dtype),
+            cache,
+            layer,
+            block_table,
+            positions,
             scale=self.scale,
-            positions=positions,
             impl=impl,
         )
         o = jnp.einsum("bthc,chv->bthv", o_latent, w_uv, preferred_element_type=jnp.float32).astype(dtype)
@@ -179,9 +183,10 @@ class MLA(nnx.Module):
         q, kv, k_rope = project_jointly(x, [self._q_down, self.wkv_a, self.wk_rope])
         q_nope, q_rope = self._query(q, positions)
         cache = write_latent(cache, layer, *self._latent(kv, k_rope, positions), positions, pages)
-        c_kv, k_rope = read_latent(cache, layer, pages.block_table)
         if absorbed:
-            return self.attend_absorbed(q_nope, q_rope, c_kv, k_rope, positions, impl=impl), cache
+            u = self.attend_absorbed(q_nope, q_rope, cache, layer, pages.block_table, positions, impl=impl)
+            return u, cache
+        c_kv, k_rope = read_latent(cache, layer, pages.block_table)
         dtype = self.wk_b.policy.compute_dtype
         return self.attend(q_nope, q_rope, c_kv.astype(dtype), k_rope, q_offset=positions[:, 0]), cache
 

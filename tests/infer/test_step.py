@@ -26,7 +26,7 @@ def rel_err(value, ref) -> float:
     return float(np.abs(np.asarray(value, np.float64) - ref).max() / np.abs(ref).max())
 
 
-def run_cached(model, ids: np.ndarray, prefill_lengths, chunk: int) -> list[np.ndarray]:
+def run_cached(model, ids: np.ndarray, prefill_lengths, chunk: int, impl: str = "xla") -> list[np.ndarray]:
     """Logits [n_b, vocab] of every position of each row: positions < prefill_lengths[b] by
     prefill chunks of `chunk` tokens (all positions' logits), the rest one decode step each."""
     cfg = model.cfg
@@ -36,7 +36,7 @@ def run_cached(model, ids: np.ndarray, prefill_lengths, chunk: int) -> list[np.n
     alloc = BlockAllocator(layout)
     cache = allocate_cache(cfg, layout, jnp.float32)
     graphdef, state = nnx.split(model)
-    prefill, decode = make_step(graphdef, absorbed=False), make_step(graphdef, absorbed=True)
+    prefill, decode = make_step(graphdef, absorbed=False), make_step(graphdef, absorbed=True, impl=impl)
     out = [[] for _ in LENGTHS]
     rows = range(len(LENGTHS))
 
@@ -65,14 +65,17 @@ def run_cached(model, ids: np.ndarray, prefill_lengths, chunk: int) -> list[np.n
     return [np.stack(rows_logits) for rows_logits in out]
 
 
-@pytest.mark.parametrize("q_lora_rank", [16, 0], ids=["q_lora", "full_rank_q"])
-def test_prefill_and_decode_logits_equal_full_forward(q_lora_rank):
+@pytest.mark.parametrize(
+    "q_lora_rank,impl", [(16, "xla"), (0, "xla"), (16, "pallas")], ids=["q_lora", "full_rank_q", "pallas"]
+)
+def test_prefill_and_decode_logits_equal_full_forward(q_lora_rank, impl):
+    """impl: the decode attention core (`infer.decode_attention_impl`)."""
     cfg = common.tiny_config(q_lora_rank=q_lora_rank)  # YaRN on (TINY_YARN)
     model = common.build(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), seed=3)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (len(LENGTHS), max(LENGTHS))).astype(np.int32)
     reference = np.asarray(common.jit(lambda m, x: m(x))(model, jnp.asarray(ids)), np.float64)
     prefill_lengths = (7, 2, 10)  # rows 0 and 1 then decode; chunk 3 divides none of 7, 2, 10
-    cached = run_cached(model, ids, prefill_lengths, chunk=3)
+    cached = run_cached(model, ids, prefill_lengths, chunk=3, impl=impl)
     for b, n in enumerate(LENGTHS):
         assert cached[b].shape == (n, cfg.vocab_size)
         for t in range(n):
