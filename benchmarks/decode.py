@@ -60,6 +60,11 @@ def build_engine(args, infer: InferConfig) -> Engine:
     policy = get_policy({"float32": "fp32", "bfloat16": "bf16"}[args.dtype])
     impl = ImplConfig(attention=AttentionImpl(args.attention))
     model = Transformer(cfg, impl=impl, policy=policy, rngs=nnx.Rngs(0))
+    # stored in the compute dtype, as `Engine.from_checkpoint(dtype=...)` restores them (the
+    # expert biases, not parameters, stay float32): fp32 master weights would be converted
+    # on every step
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda x: x.astype(policy.compute_dtype), params))
     return Engine(model, infer=infer)
 
 

@@ -289,7 +289,7 @@ class Engine:
         """Draft, verify, accept and roll back (`speculative.py`) for every decoding request."""
         drafts, self.cache = self._mtp.draft(self.state, self.cache, rows)
         batch = self.scheduler.decode_batch(rows, drafts.tolist())
-        lengths = [len(r.tokens) for r in rows]
+        lengths = [r.length for r in rows]
         logits, hidden = self._forward(self._decode, batch)
         n = logits.shape[0]
         padded = np.zeros((n, drafts.shape[1]), np.int32)
@@ -342,7 +342,7 @@ class Engine:
             if hits:
                 request.finish_reason, text = "stop", text[: min(hits)]
         if request.finish_reason is None and (
-            len(request.output_ids) >= params.max_new_tokens or len(request.tokens) >= request.budget
+            len(request.output_ids) >= params.max_new_tokens or request.length >= request.budget
         ):
             request.finish_reason = "length"
         if request.finish_reason is None:

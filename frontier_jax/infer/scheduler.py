@@ -49,8 +49,18 @@ class Request:
     text: str | None = None
 
     @property
-    def tokens(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def length(self) -> int:
+        """Tokens of the sequence, prompt + generated (no list is built: host work per decode
+        step stays O(1) per row however long the prompt)."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def tokens_from(self, start: int) -> list[int]:
+        """(prompt_ids + output_ids)[start:], copying only that tail (decode steps need the last few tokens of a
+        sequence whose prompt may hold thousands)."""
+        prompt = len(self.prompt_ids)
+        if start >= prompt:
+            return self.output_ids[start - prompt :]
+        return self.prompt_ids[start:] + self.output_ids
 
     @property
     def prefilling(self) -> bool:
@@ -137,7 +147,7 @@ class Scheduler:
         return self.batch(
             rows,
             [r.computed for r in rows],
-            [r.tokens[r.computed :] + d for r, d in zip(rows, drafts)],
+            [r.tokens_from(r.computed) + d for r, d in zip(rows, drafts)],
             width,
             [list(range(width))] * len(rows),
         )

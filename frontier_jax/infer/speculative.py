@@ -97,19 +97,19 @@ class MTPDecoder:
         2D (right after a prompt) are first caught up in prefill-sized chunks."""
         window = 2 * self.depth
         while True:
-            behind = [r for r in rows if len(r.tokens) - 1 - r.mtp_computed > window]
+            behind = [r for r in rows if r.length - 1 - r.mtp_computed > window]
             if not behind:
                 break
-            counts = [min(self.chunk, len(r.tokens) - 1 - r.mtp_computed - window) for r in behind]
+            counts = [min(self.chunk, r.length - 1 - r.mtp_computed - window) for r in behind]
             _, cache = self._run(
                 self._catch_up, state, cache, behind, counts, bucket(max(counts), self.chunk)
             )
             for r, c in zip(behind, counts):
                 self._advance(r, r.mtp_computed + c)
-        counts = [len(r.tokens) - 1 - r.mtp_computed for r in rows]
+        counts = [r.length - 1 - r.mtp_computed for r in rows]
         drafts, cache = self._run(self._draft, state, cache, rows, counts, window)
         for r in rows:
-            self._advance(r, max(len(r.tokens) - self.depth, r.mtp_computed))
+            self._advance(r, max(r.length - self.depth, r.mtp_computed))
         return np.asarray(drafts)[: len(rows)], cache
 
     @staticmethod
@@ -129,12 +129,12 @@ class MTPDecoder:
         ahead = np.zeros((self.depth, n, width), np.int32)
         known = np.zeros((self.depth, n, width), bool)
         for b, (r, start, count) in enumerate(zip(rows, starts, counts)):
-            tokens = r.tokens
+            tail = r.tokens_from(start)  # tail[i] = tokens[start + i]
             for t in range(count):
                 g0[b, t] = r.hidden[start + t]
                 for k in range(1, self.depth + 1):
-                    if start + t + k < len(tokens):
-                        ahead[k - 1, b, t], known[k - 1, b, t] = tokens[start + t + k], True
+                    if t + k < len(tail):
+                        ahead[k - 1, b, t], known[k - 1, b, t] = tail[t + k], True
         pages = Pages(jnp.asarray(batch.block_table), jnp.asarray(batch.write))
         return step(
             state,

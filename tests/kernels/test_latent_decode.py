@@ -1,6 +1,7 @@
 """The paged latent decode kernel (Pallas interpreter on CPU) against a float64 loop over the
 block table and against the XLA absorbed attention over the gathered cache."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,6 +12,9 @@ from frontier_jax.model.latent_cache import LatentCache, read_latent
 
 LAYERS, BLOCKS, P, WIDTH, ROPE = 2, 12, 16, 64, 16
 SCALE = 0.3
+# float32 bound: exact fp32 in the CPU interpreter; on a GPU Triton's fp32 dots run as TF32
+# (10-bit mantissa; measured 1.9e-3 absolute on values of order 1 on an H200)
+F32_TOL = 1e-5 if jax.default_backend() == "cpu" else 5e-3
 
 
 def _problem(heads, rows=3, queries=2, seed=0):
@@ -59,7 +63,7 @@ def test_kernel_matches_float64_loop(heads, splits):
         )
         assert got.shape == q.shape and got.dtype == jnp.float32
         np.testing.assert_allclose(
-            np.asarray(got), _float64(c, kr, q, qr, table, positions, layer), rtol=1e-5, atol=1e-5
+            np.asarray(got), _float64(c, kr, q, qr, table, positions, layer), rtol=F32_TOL, atol=F32_TOL
         )
 
 
@@ -104,7 +108,7 @@ def test_blocks_past_a_rows_length_are_never_read():
         splits=2,
     )
     np.testing.assert_allclose(
-        np.asarray(got), _float64(c, kr, q, qr, table, positions, 0), rtol=1e-5, atol=1e-5
+        np.asarray(got), _float64(c, kr, q, qr, table, positions, 0), rtol=F32_TOL, atol=F32_TOL
     )
 
 
