@@ -4,6 +4,7 @@ it = build_train_iterator(cfg.data, seq_len=T, global_batch=B)
 batch = next(it)                          # dict of int32 [B, T] arrays (the whole global batch)
 stats = DataStats.from_state(it.get_state())   # skipped / split document counts per source
 state = it.get_state()                    # JSON-serialisable; it.set_state(state) resumes
+continue_documents(it2, state)            # it2 (other seq_len / batch) reads on from it's documents
 """
 
 from frontier_jax.data.checkpoint import (
@@ -13,6 +14,7 @@ from frontier_jax.data.checkpoint import (
     save_iterator_state,
 )
 from frontier_jax.data.config import DataConfig, RecordFormat, SourceConfig
+from frontier_jax.data.continuation import continue_documents
 from frontier_jax.data.pipeline import (
     build_train_dataset,
     build_train_iterator,
@@ -33,6 +35,7 @@ __all__ = [
     "build_train_dataset",
     "build_train_iterator",
     "byte_tokenizer",
+    "continue_documents",
     "load_tokenizer",
     "orbax_restore_args",
     "orbax_save_args",

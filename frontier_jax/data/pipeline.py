@@ -31,6 +31,7 @@ from absl import flags
 
 from frontier_jax.data.batching import RampBatchIterDataset
 from frontier_jax.data.config import DataConfig, RecordFormat, SourceConfig
+from frontier_jax.data.continuation import DocumentStream
 from frontier_jax.data.fim import fim_documents
 from frontier_jax.data.packing import pack_documents
 from frontier_jax.data.prepared import check_prepared
@@ -113,9 +114,11 @@ def build_train_dataset(
         for name in FIM_SPECIALS:
             tokenizer.special_id(name)
     check_prepared(cfg, tokenizer)  # prepared shards intact and of this tokenizer, before training
-    mixture = grain.IterDataset.mix(
-        {s.name: source_documents(cfg, s, num_epochs) for s in cfg.sources},
-        {s.name: s.weight for s in cfg.sources},
+    mixture = DocumentStream(  # its position can be carried to a pipeline of other rows (continuation.py)
+        grain.IterDataset.mix(
+            {s.name: source_documents(cfg, s, num_epochs) for s in cfg.sources},
+            {s.name: s.weight for s in cfg.sources},
+        )
     )
     rows = pack_documents(
         mixture,

@@ -69,6 +69,30 @@ class RopeScalingConfig:
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
 
+    def context(self) -> int | None:
+        """The context the scaling is made for, s L0 (None without scaling)."""
+        if self.type != "yarn":
+            return None
+        return int(self.factor * self.original_max_position_embeddings)
+
+    def validate(self, where: str = "model.rope_scaling") -> "RopeScalingConfig":
+        """Raises ValueError naming `where`.<field>, its value and the rule."""
+        if self.type != "yarn":
+            return self
+        if self.factor < 1:
+            raise ValueError(f"{where}.factor={self.factor!r} is invalid: YaRN needs factor >= 1")
+        if self.original_max_position_embeddings <= 0:
+            raise ValueError(
+                f"{where}.original_max_position_embeddings={self.original_max_position_embeddings!r} "
+                "is invalid: must be > 0"
+            )
+        if self.beta_fast <= self.beta_slow:
+            raise ValueError(
+                f"{where}.beta_fast={self.beta_fast!r} is invalid: must exceed {where}.beta_slow "
+                f"({self.beta_slow})"
+            )
+        return self
+
 
 @dataclass(unsafe_hash=True)
 class ModelConfig:
@@ -152,28 +176,10 @@ class ModelConfig:
             )
         if self.rope_theta <= 0:
             _fail("rope_theta", self.rope_theta, "must be > 0")
-        self._validate_rope_scaling()
+        self.rope_scaling.validate()
         if self.num_moe_layers > 0 or self.mtp_depth > 0:
             self._validate_moe()
         return self
-
-    def _validate_rope_scaling(self) -> None:
-        rs = self.rope_scaling
-        if rs.type == "yarn":
-            if rs.factor < 1:
-                _fail("rope_scaling.factor", rs.factor, "YaRN needs factor >= 1")
-            if rs.original_max_position_embeddings <= 0:
-                _fail(
-                    "rope_scaling.original_max_position_embeddings",
-                    rs.original_max_position_embeddings,
-                    "must be > 0",
-                )
-            if rs.beta_fast <= rs.beta_slow:
-                _fail(
-                    "rope_scaling.beta_fast",
-                    rs.beta_fast,
-                    f"must exceed rope_scaling.beta_slow ({rs.beta_slow})",
-                )
 
     def _validate_moe(self) -> None:
         for name in ["n_routed_experts", "num_experts_per_tok", "moe_ffn_dim", "n_group", "topk_group"]:

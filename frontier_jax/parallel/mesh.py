@@ -54,17 +54,36 @@ def build_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> 
 
 
 def check_batch_fits(
-    global_batch: int, mesh: Mesh, rules: Mapping[str, Sequence[str]] = DEFAULT_RULES
+    global_batch: int,
+    mesh: Mesh,
+    rules: Mapping[str, Sequence[str]] = DEFAULT_RULES,
+    *,
+    field: str = "train.global_batch",
 ) -> None:
     """The batch dimension is split over the mesh axes the `batch` rule names; their product
-    must divide train.global_batch."""
-    axes = [a for a in rules["batch"] if a in mesh.shape]
+    must divide the global batch (the config field `field`)."""
+    _check_split(global_batch, "batch", mesh, rules, field)
+
+
+def check_seq_fits(
+    seq_len: int,
+    mesh: Mesh,
+    rules: Mapping[str, Sequence[str]] = DEFAULT_RULES,
+    *,
+    field: str = "train.seq_len",
+) -> None:
+    """The sequence dimension is split over the mesh axes the `seq` rule names (none in the
+    shipped tables); their product must divide the sequence length (the config field `field`)."""
+    _check_split(seq_len, "seq", mesh, rules, field)
+
+
+def _check_split(size: int, logical: str, mesh: Mesh, rules: Mapping[str, Sequence[str]], field: str) -> None:
+    axes = [a for a in rules[logical] if a in mesh.shape]
     ways = math.prod(mesh.shape[a] for a in axes)
-    if global_batch % ways:
+    if size % ways:
         raise ValueError(
-            f"train.global_batch={global_batch} is not divisible by the {ways}-way batch "
-            f"split over mesh axes {axes} ({dict(mesh.shape)}); use a multiple of {ways} "
-            "or change mesh.*"
+            f"{field}={size} is not divisible by the {ways}-way {logical} split over mesh axes "
+            f"{axes} ({dict(mesh.shape)}); use a multiple of {ways} or change mesh.*"
         )
 
 

@@ -3,7 +3,8 @@
 Each checkpoint step holds three items:
     state   the train state (`TrainState`: params, biases, opt_state, step, rng)   StandardSave
     data    the input iterator's state (JSON, one file per process)         grain's handler
-    config  the resolved run config (JSON)                                   JsonSave
+    config  the resolved run config of the checkpoint's context stage (JSON) JsonSave
+            and, under "stage", the stage's index and steps (`train.stages.Stage`)
 Saves are asynchronous and atomic (orbax writes into a temporary directory and renames it
 when complete, so a crash mid-save leaves the previous checkpoint as the latest).  Restore
 takes an abstract state whose leaves carry the *current* shardings, so a checkpoint written
@@ -125,6 +126,20 @@ def check_same_data_stream(saved: dict, current: dict, directory: Path) -> None:
         )
 
 
+def check_same_stage(saved: dict, stage: dict, step: int, directory: Path) -> None:
+    """Raises if checkpoint `step` was written in another context stage than the one the
+    current `train.stages` put its last step in (`stage`: `Stage.record()`); checkpoints
+    written before stages were recorded are taken as they are."""
+    recorded = saved.get("stage")
+    if recorded is not None and recorded.get("index") != stage["index"]:
+        raise ValueError(
+            f"checkpoint {step} in {directory} was written in context stage {recorded.get('index')} "
+            f"(steps {recorded.get('start_step')}..{recorded.get('until_step')}), but train.stages puts "
+            f"step {step} in stage {stage['index']} (steps {stage['start_step']}..{stage['until_step']}); "
+            "resume with the checkpoint's train.stages"
+        )
+
+
 class Checkpointer:
     def __init__(self, directory: str | Path, cfg: CheckpointConfig):
         self.directory = Path(directory).resolve()
@@ -206,13 +221,15 @@ class Checkpointer:
     def restore_latest(
         self,
         abstract_state: Any,
-        data_iterator: grain.DatasetIterator | None,
-        check_config: Callable[[dict], None],
+        data_for: Callable[[int], grain.DatasetIterator | None],
+        check_config: Callable[[int, dict], None],
     ) -> tuple[int, Any] | None:
         """(step, state) of the newest checkpoint that restores, or None when there is none.
 
-        `check_config(saved_config)` raises (ValueError) when the run's config cannot resume from
-        it; that error ends the search.  Checkpoints newer than the one restored that failed
+        `data_for(step)`: the iterator to move to checkpoint `step`'s data position (a fresh one
+        per call: the pipeline of that step's context stage), or None to leave it unread.
+        `check_config(step, saved_config)` raises (ValueError) when the run's config cannot resume
+        from it; that error ends the search.  Checkpoints newer than the one restored that failed
         to restore are moved aside (`<step>.corrupt-<reason>`) with a warning; if none restores,
         nothing is moved and `CheckpointError` names the latest and why."""
         failures: list[tuple[int, str, str]] = []  # (step, reason, detail)
@@ -232,9 +249,9 @@ class Checkpointer:
             except Exception as err:
                 failures.append((step, "unreadable", f"its config does not read: {_first_line(err)}"))
                 continue
-            check_config(saved_config)
+            check_config(step, saved_config)
             try:
-                state = self.restore(step, abstract_state, data_iterator)
+                state = self.restore(step, abstract_state, data_for(step))
             except Exception as err:
                 failures.append((step, "unreadable", _first_line(err)))
                 continue

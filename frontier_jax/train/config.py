@@ -1,10 +1,14 @@
-"""The training sections of the run configuration: optimisation (`train:`) and checkpoints
-(`checkpoint:`).  Closed choices are Enums: OmegaConf rejects other values on load."""
+"""The training sections of the run configuration: optimisation (`train:`, with its context
+stages `train.stages`) and checkpoints (`checkpoint:`).  Closed choices are Enums: OmegaConf
+rejects other values on load."""
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
+
+from frontier_jax.model.config import RopeScalingConfig
 
 
 class Schedule(enum.StrEnum):
@@ -21,6 +25,20 @@ class MomentDtype(enum.StrEnum):
 class NonFinitePolicy(enum.StrEnum):
     stop = "stop"  # raise, keeping the last good checkpoint
     skip = "skip"  # leave the state unchanged and go on
+
+
+@dataclass
+class ContextStage:
+    """One context stage of `train.stages`: the steps from the previous stage's `until_step` (0
+    for the first) up to `until_step` train on rows of `seq_len` tokens, `global_batch` rows per
+    step, with the RoPE scaling `rope_scaling` (None: `model.rope_scaling`) and, when `lr` is
+    set, a constant learning rate instead of `train.schedule`'s (`train.stages.Stage`)."""
+
+    until_step: int
+    seq_len: int
+    global_batch: int
+    lr: Optional[float] = None
+    rope_scaling: Optional[RopeScalingConfig] = None
 
 
 @dataclass
@@ -55,6 +73,7 @@ class TrainConfig:
     on_nonfinite: NonFinitePolicy = NonFinitePolicy.stop
     max_skipped_steps: int = 5  # on_nonfinite=skip: more non-finite steps in a row stop the run
     log_every: int = 1
+    stages: list[ContextStage] = field(default_factory=list)  # empty: one stage, seq_len x global_batch
 
     def validate(self) -> "TrainConfig":
         for name in ("steps", "seq_len", "global_batch", "micro_batches", "log_every", "max_skipped_steps"):
@@ -78,15 +97,56 @@ class TrainConfig:
                 "a third of training), or use train.schedule=cosine"
             )
         if self.batch_ramp_steps:
-            if not 0 < self.batch_ramp_start <= self.global_batch:
+            batch, name = (
+                (self.stages[0].global_batch, "train.stages[0].global_batch")
+                if self.stages
+                else (self.global_batch, "train.global_batch")
+            )
+            if not 0 < self.batch_ramp_start <= batch:
                 raise ValueError(
                     f"train.batch_ramp_start={self.batch_ramp_start} must be in "
-                    f"(0, train.global_batch={self.global_batch}] when batch_ramp_steps > 0"
+                    f"(0, {name}={batch}] when batch_ramp_steps > 0"
                 )
         for name in ("b1", "b2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be in [0, 1)")
+        self._validate_stages()
         return self
+
+    def _validate_stages(self) -> None:
+        """The stage fields on their own; what the model and the mesh can take is checked
+        against them by `train.stages.check_stages`."""
+        previous = 0
+        for i, stage in enumerate(self.stages):
+            where = f"train.stages[{i}]"
+            if stage.until_step <= previous:
+                raise ValueError(
+                    f"{where}.until_step={stage.until_step} must exceed "
+                    + (f"train.stages[{i - 1}].until_step={previous}" if i else "0")
+                    + ": stages run in order, each until a later step"
+                )
+            previous = stage.until_step
+            if stage.seq_len < 2:
+                raise ValueError(f"{where}.seq_len={stage.seq_len} must be >= 2 (a row needs a next token)")
+            if stage.global_batch <= 0 or stage.global_batch % self.micro_batches:
+                raise ValueError(
+                    f"{where}.global_batch={stage.global_batch} must be a positive multiple of "
+                    f"train.micro_batches={self.micro_batches}"
+                )
+            if stage.lr is not None and stage.lr <= 0:
+                raise ValueError(f"{where}.lr={stage.lr} must be > 0 (or left out: train.schedule's lr)")
+            if stage.rope_scaling is not None:
+                stage.rope_scaling.validate(f"{where}.rope_scaling")
+        if self.stages and previous < self.steps:
+            raise ValueError(
+                f"train.steps={self.steps} runs past the last stage (train.stages[{len(self.stages) - 1}]"
+                f".until_step={previous}): raise that until_step or lower train.steps"
+            )
+        if self.stages and self.batch_ramp_steps > self.stages[0].until_step:
+            raise ValueError(
+                f"train.batch_ramp_steps={self.batch_ramp_steps} must be <= train.stages[0].until_step="
+                f"{self.stages[0].until_step}: the batch-size ramp ends within the first stage"
+            )
 
 
 @dataclass

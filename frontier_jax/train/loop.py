@@ -9,7 +9,9 @@
 
 Running the same command on the same run_dir resumes from the latest checkpoint that restores
 (a broken one is moved aside, see checkpoint.py): same next batch, same loss, one metrics record
-per step.  SIGTERM/SIGINT: save a checkpoint at the current step and raise `Preempted`
+per step.  A run of several context stages (`train.stages`, stages.py) rebuilds the model
+program, the jitted step and the data pipeline at each stage boundary and carries the state
+over; a checkpoint holds its stage's data position and config, so resuming anywhere is exact.  SIGTERM/SIGINT: save a checkpoint at the current step and raise `Preempted`
 (signals.py).  Nothing is written to run_dir before the config is known to run there (model
 and data stream the same as the checkpoint's, tokenizer within the vocabulary).
 """
@@ -28,19 +30,22 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from frontier_jax.data import DataStats, build_train_iterator, load_tokenizer
+from frontier_jax.data import DataStats, build_train_iterator, continue_documents, load_tokenizer
 from frontier_jax.model.describe import describe
-from frontier_jax.parallel.mesh import batch_sharding, check_batch_fits, state_shardings
+from frontier_jax.parallel.mesh import batch_sharding, build_mesh, check_batch_fits, state_shardings
+from frontier_jax.parallel.rules import RULE_SETS
 from frontier_jax.runtime.program import ModelProgram, build_model_program
 from frontier_jax.train.checkpoint import (
     Checkpointer,
     abstract_with_shardings,
     check_same_data_stream,
     check_same_model,
+    check_same_stage,
 )
 from frontier_jax.train.metrics import MetricsLogger, model_flops_utilization, plot_loss_curve
 from frontier_jax.train.optimizer import batch_size_at
 from frontier_jax.train.signals import Preempted, StopSignal
+from frontier_jax.train.stages import Stage, check_stages_fit, checkpoint_stage, context_stages
 from frontier_jax.train.state import TrainState
 from frontier_jax.train.step import Trainer
 
@@ -93,10 +98,11 @@ class Runner(NamedTuple):
     step: Callable
 
 
-def build_runner(cfg: Config, devices=None) -> Runner:
-    """The model program on a mesh over `devices` (default: all; `runtime.build_model_program`)
-    -> Trainer, checked batch split, train-state and batch shardings, and the jitted init and step."""
-    program = build_model_program(cfg, devices)
+def build_runner(cfg: Config, devices=None, *, mesh: Mesh | None = None) -> Runner:
+    """The model program on `mesh` (default: `cfg.mesh` over `devices`, default all;
+    `runtime.build_model_program`) -> Trainer, checked batch split, train-state and batch
+    shardings, and the jitted init and step."""
+    program = build_model_program(cfg, devices, mesh=mesh)
     trainer = Trainer(cfg, program=program)
     mesh = program.mesh
     check_batch_fits(cfg.train.global_batch, mesh, trainer.rules)
@@ -113,15 +119,20 @@ def build_runner(cfg: Config, devices=None) -> Runner:
     return Runner(trainer, mesh, shardings, in_batch, init, step)
 
 
-def data_iterator(cfg: Config):
+def data_iterator(cfg: Config, continue_from: dict | None = None):
     """The grain iterator of the global batches, the same on every process (see `_global_batch`).
-    Batch k reads only the batch-size ramp's rows at step k; the rest of its rows are padding."""
-    return build_train_iterator(
+    Batch k reads only the batch-size ramp's rows at step k; the rest of its rows are padding.
+    continue_from: the iterator state of the previous context stage, whose document stream this
+    one reads on from (packed at this config's seq_len)."""
+    data = build_train_iterator(
         cfg.data,
         seq_len=cfg.train.seq_len,
         global_batch=cfg.train.global_batch,
         rows_at=lambda step: batch_size_at(cfg.train, step),
     )
+    if continue_from is not None:
+        continue_documents(data, continue_from)
+    return data
 
 
 def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
@@ -147,24 +158,41 @@ def check_vocabulary(cfg: Config) -> None:
         )
 
 
-def _resume(checkpointer: Checkpointer, runner: Runner, cfg: Config, data, restart_data: bool):
-    """(start step, state): the newest checkpoint that restores (data iterator moved to its
-    position, or left at the stream's start with `restart_data`), else a fresh state at 0."""
+def _checkpoint_config(stage: Stage) -> dict:
+    """The config saved with a checkpoint of `stage`: the stage's run config and its record."""
+    return {**stage.cfg.to_dict(), "stage": stage.record()}
 
-    def check_config(saved: dict) -> None:
-        check_same_model(saved, cfg.to_dict(), checkpointer.directory)
+
+def _resume(checkpointer: Checkpointer, runner: Runner, stages: list[Stage], restart_data: bool):
+    """(start step, state, stage, data iterator): the newest checkpoint that restores, with its
+    stage's iterator moved to its data position (or at the stream's start with `restart_data`),
+    else a fresh state at step 0 in the first stage.  `runner`: any stage's (same state layout)."""
+    opened = {}  # step -> the iterator restored to that checkpoint's position
+
+    def check_config(step: int, saved: dict) -> None:
+        stage = checkpoint_stage(stages, step)
+        check_same_stage(saved, stage.record(), step, checkpointer.directory)
+        check_same_model(saved, stage.cfg.to_dict(), checkpointer.directory)
         if not restart_data:
-            check_same_data_stream(saved, cfg.to_dict(), checkpointer.directory)
+            check_same_data_stream(saved, stage.cfg.to_dict(), checkpointer.directory)
+
+    def data_for(step: int):
+        if restart_data:
+            return None
+        opened[step] = data_iterator(checkpoint_stage(stages, step).cfg)
+        return opened[step]
 
     abstract = abstract_with_shardings(jax.eval_shape(lambda: runner.trainer.init(0)), runner.state_shardings)
-    found = checkpointer.restore_latest(abstract, None if restart_data else data, check_config)
+    found = checkpointer.restore_latest(abstract, data_for, check_config)
     if found is None:
-        return 0, runner.init(cfg.train.seed)
+        return 0, runner.init(stages[0].cfg.train.seed), stages[0], data_iterator(stages[0].cfg)
     start, state = found
-    log.info("resumed from step %d in %s", start, checkpointer.directory)
+    stage = checkpoint_stage(stages, start)
+    log.info("resumed from step %d (context stage %d) in %s", start, stage.index, checkpointer.directory)
     if restart_data:
         log.warning("--restart-data: the data stream starts again from its beginning at step %d", start)
-    return start, state
+        return start, state, stage, data_iterator(stage.cfg)
+    return start, state, stage, opened[start]
 
 
 def _nonfinite_error(step: int, metrics: dict, last_saved: int | None, skipped: int) -> NonFiniteLossError:
@@ -202,21 +230,22 @@ def train(
     run (checked before anything is written to `run_dir`)."""
     run_dir = Path(run_dir)
     check_vocabulary(cfg)
-    runner = build_runner(cfg)
-    in_batch, batch_spec = runner.batch_sharding, runner.trainer.objective.batch_spec
+    stages = context_stages(cfg)
+    mesh = build_mesh(cfg.mesh)
+    check_stages_fit(stages, mesh, RULE_SETS[cfg.mesh.rules])  # every stage, before anything compiles
+    runner = build_runner(stages[0].cfg, mesh=mesh)
 
-    data = data_iterator(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     try:
-        start, state = _resume(checkpointer, runner, cfg, data, restart_data)
+        start, state, stage, data = _resume(checkpointer, runner, stages, restart_data)
     except BaseException:
         checkpointer.close()
         raise
     (run_dir / "config.yaml").write_text(cfg.to_yaml())  # only once the config is known to run here
-
-    step_fn = runner.step
-    flops_per_token = describe(cfg.model, cfg.train.seq_len)["flops_per_token"]
+    if stage.index:
+        runner = build_runner(stage.cfg, mesh=mesh)
+    flops_per_token = _flops_per_token(stage)
     logger = MetricsLogger(run_dir, enabled=jax.process_index() == 0, resumed_at=start)
     history: list[dict] = []
     last_saved = start or None
@@ -233,16 +262,32 @@ def train(
     with StopSignal(cfg.checkpoint.stop_timeout_s) as stop:
         try:
             for step in range(start, cfg.train.steps):
+                if step >= stage.until_step:  # the next context stage: new rows, RoPE and step
+                    stage = stages[stage.index + 1]
+                    runner, flops_per_token = build_runner(stage.cfg, mesh=mesh), _flops_per_token(stage)
+                    data = data_iterator(stage.cfg, continue_from=data.get_state())
+                    log.info(
+                        "step %d: context stage %d, %d tokens x %d rows",
+                        step,
+                        stage.index,
+                        stage.cfg.train.seq_len,
+                        stage.cfg.train.global_batch,
+                    )
                 local = next(data)
                 batch = _global_batch(
-                    {k: np.asarray(local[k], dtype) for k, dtype in batch_spec.items()}, in_batch
+                    {
+                        k: np.asarray(local[k], dtype)
+                        for k, dtype in runner.trainer.objective.batch_spec.items()
+                    },
+                    runner.batch_sharding,
                 )
                 t0 = time.perf_counter()
-                state, metrics = step_fn(state, batch)
+                state, metrics = runner.step(state, batch)
                 metrics = jax.device_get(metrics)
                 seconds = time.perf_counter() - t0
                 checkpointer.poll()  # a failed background save stops the run here
                 record = _record(step + 1, metrics, seconds, flops_per_token)
+                record.update(stage=stage.index, seq_len=stage.cfg.train.seq_len)
                 skipped = 0 if metrics["finite"] else skipped + 1
                 last_step = step + 1 == cfg.train.steps
                 evaluated = evaluate is not None and cfg.eval.every and (step + 1) % cfg.eval.every == 0
@@ -261,7 +306,7 @@ def train(
                 every = cfg.checkpoint.every
                 stopping = stop.should_stop()
                 if (every and (step + 1) % every == 0) or stopping or (last_step and last_saved != step + 1):
-                    checkpointer.save(step + 1, state, data, cfg.to_dict())
+                    checkpointer.save(step + 1, state, data, _checkpoint_config(stage))
                     last_saved = step + 1
                 if stopping:
                     stopped = step + 1
@@ -283,6 +328,10 @@ def train(
             "run the same command to resume"
         )
     return history
+
+
+def _flops_per_token(stage: Stage) -> float:
+    return describe(stage.cfg.model, stage.cfg.train.seq_len)["flops_per_token"]
 
 
 def _record(step: int, metrics: dict, seconds: float, flops_per_token: float) -> dict:

@@ -19,6 +19,28 @@ from frontier_jax.train.config import TrainConfig
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """lr(step): `train.schedule`'s (`base_schedule`), except in the context stages that set
+    an `lr` (`train.stages`), which train at that constant rate (V3's 32K / 128K extension
+    stages: 7.3e-6, the final pre-training rate)."""
+    base = base_schedule(cfg)
+    constant, start = [], 0
+    for stage in cfg.stages:
+        if stage.lr is not None:
+            constant.append((start, stage.until_step, stage.lr))
+        start = stage.until_step
+    if not constant:
+        return base
+
+    def schedule(step):
+        lr = base(step)
+        for first, until, value in constant:
+            lr = jnp.where((step >= first) & (step < until), value, lr)
+        return lr
+
+    return schedule
+
+
+def base_schedule(cfg: TrainConfig) -> optax.Schedule:
     """lr(step): linear warmup to `lr`, then
     "constant": flat;  "cosine": cosine to lr_min at `steps`;
     "deepseek": flat until decay_start, cosine to lr_min over decay_steps, then flat lr_min."""

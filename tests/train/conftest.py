@@ -105,3 +105,21 @@ def reference_run(shared_dir) -> Path:
             assert [r["step"] for r in history] == list(range(1, REF_STEPS + 1))
             (run_dir / "DONE").touch()
     return run_dir
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+    """Fails the test if the training loop reaches `jax.jit` (init or train step)."""
+    import jax
+
+    from frontier_jax.train import loop
+
+    class JaxWithoutJit:
+        """The jax module as the loop sees it, except that `jit` fails the test."""
+
+        def __getattr__(self, name):
+            if name == "jit":
+                raise AssertionError("the loop got as far as jitting (compiling) before rejecting the config")
+            return getattr(jax, name)
+
+    monkeypatch.setattr(loop, "jax", JaxWithoutJit())

@@ -3,30 +3,13 @@ frontier_jax/train/loop.py, frontier_jax/cli.py)."""
 
 from __future__ import annotations
 
-import jax
 import pytest
 
 from frontier_jax import cli
 from frontier_jax.config import load_config
-from frontier_jax.train import loop
 from frontier_jax.train.loop import train
 
 from .common import tiny_config, tiny_overrides
-
-
-class _JaxWithoutJit:
-    """The jax module as the loop sees it, except that `jit` fails the test."""
-
-    def __getattr__(self, name):
-        if name == "jit":
-            raise AssertionError("the loop got as far as jitting (compiling) before rejecting the config")
-        return getattr(jax, name)
-
-
-@pytest.fixture
-def no_compile(monkeypatch):
-    """Fails the test if the training loop reaches `jax.jit` (init or train step)."""
-    monkeypatch.setattr(loop, "jax", _JaxWithoutJit())
 
 
 def test_global_batch_not_divisible_by_data_parallel_devices(tmp_path, no_compile):

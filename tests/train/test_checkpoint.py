@@ -58,7 +58,7 @@ def _restore_latest(directory):
     checkpointer = Checkpointer(directory, CheckpointConfig())
     data = _iterator()
     try:
-        found = checkpointer.restore_latest(_abstract(), data, lambda saved: None)
+        found = checkpointer.restore_latest(_abstract(), lambda step: data, lambda step, saved: None)
     finally:
         checkpointer.close()
     return found, data.get_state()
@@ -138,11 +138,11 @@ def test_a_rejected_config_stops_the_search_without_moving_anything(tmp_path):
     _saved_run(tmp_path, steps=(1, 2))
     checkpointer = Checkpointer(tmp_path, CheckpointConfig())
 
-    def refuse(saved):
-        raise ValueError(f"different model: {saved['model']}")
+    def refuse(step, saved):
+        raise ValueError(f"step {step}: different model: {saved['model']}")
 
-    with pytest.raises(ValueError, match="different model"):
-        checkpointer.restore_latest(_abstract(), _iterator(), refuse)
+    with pytest.raises(ValueError, match="step 2: different model"):
+        checkpointer.restore_latest(_abstract(), lambda step: _iterator(), refuse)
     checkpointer.close()
     assert sorted(os.listdir(tmp_path)) == ["1", "2"]
 
