@@ -17,6 +17,7 @@ untimed run compiles every program; the timed run reports
   weights read    parameter bytes in the compute dtype (an upper bound: all experts)
   bandwidth       (cache read + weights read) / decode step time
 With --speculative (a model with MTP modules): acceptance rate and tokens per main forward.
+With --host-profile: the host functions that take the most time in the timed run (cProfile).
 With --profile DIR: a few more decode steps under `jax.profiler.trace(DIR)`; device time per
 decode step by kernel family and the top device ops, next to the wall time per step (the rest
 is host work and launch gaps).  With --hf-peer: transformers `generate` (greedy, its default
@@ -29,8 +30,10 @@ before JAX touches the GPU:
 from __future__ import annotations
 
 import argparse
+import cProfile
 import math
 import os
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -163,6 +166,11 @@ def main() -> None:
     )
     parser.add_argument("--profile", type=Path, help="trace a few decode steps into this directory")
     parser.add_argument("--hf-peer", action="store_true", help="also time transformers generate")
+    parser.add_argument(
+        "--host-profile",
+        action="store_true",
+        help="cProfile the timed run: the host functions that take the most",
+    )
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args.hf_peer:  # before JAX allocates on the GPU
@@ -183,7 +191,13 @@ def main() -> None:
         prompts = [rng.integers(0, min(cfg.vocab_size, 256), args.prompt_len).tolist() for _ in range(batch)]
         params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
         run(engine, prompts, params)  # compiles
+        profiler = cProfile.Profile() if args.host_profile else None
+        if profiler:
+            profiler.enable()
         stats, wall = run(engine, prompts, params)
+        if profiler:
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
         dtype = jnp.dtype(args.dtype)
         per_token = cache_bytes_per_token(cfg, dtype)
         steps = max(stats["decode_steps"], 1)

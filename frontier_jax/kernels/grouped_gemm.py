@@ -80,6 +80,18 @@ def _block(size: int, preferred: int, what: str) -> int:
     )
 
 
+# Shared memory a program's pipelined tiles may take: Hopper allows 227 KiB per block; the
+# margin leaves room for what Triton adds (barriers, the epilogue's staging).
+SHARED_MEMORY_BUDGET = 200 * 1024
+
+
+def _stages(preferred: int, itemsize: int, tile_elements: int) -> int:
+    """Pipeline stages: `preferred`, fewer where stages x the tiles of one stage (tile_elements
+    operand elements of itemsize bytes) would not fit SHARED_MEMORY_BUDGET (float32 operands
+    take twice bf16's bytes with the same tiles); at least 1."""
+    return max(1, min(preferred, SHARED_MEMORY_BUDGET // (itemsize * tile_elements)))
+
+
 def _interpret() -> bool:
     return jax.default_backend() != "gpu"
 
@@ -158,7 +170,10 @@ def _row_matmul(
             pl.BlockSpec(w.shape, lambda j, t: (0, 0, 0)),
         ],
         out_specs=pl.BlockSpec((TILE_ROWS, bo), lambda j, t: (t, j)),
-        compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=tiling.num_warps,
+            num_stages=_stages(tiling.num_stages, x.dtype.itemsize, TILE_ROWS * bc + bc * bo),
+        ),
         interpret=_interpret(),
         name="grouped_gemm_rows_t" if contract_last else "grouped_gemm_rows",
     )(tile_group, x, w)
@@ -206,7 +221,10 @@ def _weight_grad(x: jax.Array, dy: jax.Array, tile_start: jax.Array, *, tiling: 
             pl.BlockSpec(dy.shape, lambda j, i, e: (0, 0)),
         ],
         out_specs=pl.BlockSpec((None, bk, bn), lambda j, i, e: (e, i, j)),
-        compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=tiling.num_warps,
+            num_stages=_stages(tiling.num_stages, x.dtype.itemsize, tiling.block_rows * (bk + bn)),
+        ),
         interpret=_interpret(),
         name="grouped_gemm_weight_grad",
     )(tile_start, x, dy)

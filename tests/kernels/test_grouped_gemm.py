@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 
 from frontier_jax.kernels.grouped_gemm import (
+    SHARED_MEMORY_BUDGET,
     TILE_ROWS,
     RowTiling,
     Tilings,
     WeightTiling,
+    _stages,
     tile_groups,
     tiled_grouped_matmul,
 )
@@ -88,3 +90,13 @@ def test_bad_shapes_are_refused_with_the_sizes():
         tiled_grouped_matmul(jnp.zeros((128, 32)), w, jnp.asarray([0, 0]))
     with pytest.raises(ValueError, match="output width = 40"):
         tiled_grouped_matmul(jnp.zeros((128, 64)), jnp.zeros((2, 64, 40)), jnp.asarray([0, 0]))
+
+
+def test_pipeline_stages_fit_shared_memory_for_float32_operands():
+    """The default row tiles (128 x 64 rows tile + 64 x 256 weight tile): 3 stages in bf16
+    (144 KiB), 2 in float32 (3 would ask 288 KiB of Hopper's 227); never fewer than 1."""
+    tile = 128 * 64 + 64 * 256
+    assert _stages(3, 2, tile) == 3
+    assert _stages(3, 4, tile) == 2
+    assert 2 * 4 * tile <= SHARED_MEMORY_BUDGET < 3 * 4 * tile
+    assert _stages(3, 4, 10 * tile) == 1
