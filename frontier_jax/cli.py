@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         default=[],
         help="JSONL / Parquet / ArrayRecord files with a 'text' "
-        "field (default: eval.data, the held-out arithmetic problems)",
+        "field (default: eval.data, the held-out arithmetic problems and code files)",
     )
     ev.add_argument(
         "--tasks",

@@ -7,9 +7,36 @@ import dataclasses
 from frontier_jax.data.config import SourceConfig
 
 
-def _held_out_sources() -> list[SourceConfig]:
-    """Generated arithmetic problems of another seed than training's (`eval.seed`)."""
-    return [SourceConfig(name="math_held_out", kind="embedded_math")]
+@dataclasses.dataclass
+class EvalSourceConfig(SourceConfig):
+    """A held-out source: the keys of a training source (`data.sources[i]`) and how much of it
+    is scored.  The embedded sources have held-out splits (`eval.datasets`): embedded_math is
+    generated with `eval.seed`, embedded_code is the files a training run reads last.
+
+    Attributes:
+      max_documents: documents read (0 = eval.max_documents).
+      max_chars: a plain text's first max_chars characters are scored (0 = all of it).
+    """
+
+    max_documents: int = 0
+    max_chars: int = 0
+
+    def validate(self, where: str = "eval.data[?]") -> None:
+        super().validate(where)
+        for name in ("max_documents", "max_chars"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"{where}.{name}={getattr(self, name)} must be >= 0 (0 = no limit of its own)"
+                )
+
+
+def _held_out_sources() -> list[EvalSourceConfig]:
+    """Arithmetic problems of another seed than training's, and the first 4,000 characters of
+    the 16 standard-library files a training run reads last (`eval.datasets`)."""
+    return [
+        EvalSourceConfig(name="math_held_out", kind="embedded_math"),
+        EvalSourceConfig(name="code_held_out", kind="embedded_code", max_documents=16, max_chars=4000),
+    ]
 
 
 @dataclasses.dataclass
@@ -17,10 +44,11 @@ class EvalConfig:
     """Evaluation of a model on held-out text (`frontier_jax.eval.perplexity`).
 
     Attributes:
-      data: the held-out sources (any training source kind); default: generated arithmetic
-        problems of seed `seed`.
-      max_documents: documents read per source, in file order (0 = all; required > 0 for
-        the endless embedded_math source).
+      data: the held-out sources (any training source kind, `EvalSourceConfig`); default:
+        64 generated arithmetic problems of seed `seed` and the beginnings of 16 held-out
+        standard-library files.
+      max_documents: documents read per source without a max_documents of its own, in file
+        order (0 = all; the endless embedded_math source needs a limit).
       seq_len: the context window (0 = train.seq_len).
       stride: a document longer than the window is scored by windows starting every `stride`
         pairs; each window scores only the pairs that no earlier window scored, the rest of
@@ -30,7 +58,7 @@ class EvalConfig:
       seed: seed of the generated held-out problems (training uses data.seed).
     """
 
-    data: list[SourceConfig] = dataclasses.field(default_factory=_held_out_sources)
+    data: list[EvalSourceConfig] = dataclasses.field(default_factory=_held_out_sources)
     max_documents: int = 64
     seq_len: int = 0
     stride: int = 0
@@ -43,9 +71,10 @@ class EvalConfig:
             raise ValueError("eval.data is empty: list at least one source (same keys as data.sources)")
         for i, source in enumerate(self.data):
             source.validate(f"eval.data[{i}]")
-            if source.kind == "embedded_math" and self.max_documents <= 0:
+            if source.kind == "embedded_math" and self.documents_of(source) <= 0:
                 raise ValueError(
-                    f"eval.data[{i}] is the endless embedded_math source: set eval.max_documents > 0"
+                    f"eval.data[{i}] is the endless embedded_math source: set eval.max_documents > 0 "
+                    f"or eval.data[{i}].max_documents > 0"
                 )
         for name in ("max_documents", "seq_len", "stride", "every"):
             if getattr(self, name) < 0:
@@ -60,6 +89,10 @@ class EvalConfig:
                 "skip tokens; use a stride <= seq_len"
             )
         return self
+
+    def documents_of(self, source: EvalSourceConfig) -> int:
+        """The documents read from `source` (its own max_documents, else eval.max_documents)."""
+        return source.max_documents or self.max_documents
 
     def window(self, train_seq_len: int) -> tuple[int, int]:
         """(context window, stride) with the 0 defaults resolved."""

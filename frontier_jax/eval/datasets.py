@@ -3,6 +3,16 @@
 `--data path/to/file.jsonl` (or .parquet / .array_record) becomes a source of that kind with
 the default field names.  Records with a problem (bad JSON, missing field, ...) and empty texts
 are skipped and counted; a source without any document is an error naming it.
+
+The embedded sources have held-out splits:
+  embedded_math  the problems of `eval.seed` (training generates those of data.seed).
+  embedded_code  the last n documents of the training run's first pass over its embedded_code
+                 source (the shuffle of data.seed and the source's name).  The run reads the
+                 pass in order, so it has not reached them while it has read fewer token pairs
+                 than the P pairs of the documents before them; that is checked against its
+                 upper bound steps x global_batch x seq_len (an error when P is not above it).
+                 Without a training run (a Hugging Face model) or an embedded_code source in
+                 it: the first n files in name order.
 """
 
 from __future__ import annotations
@@ -10,14 +20,18 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from frontier_jax.data.config import SourceConfig
+from frontier_jax.data import embedded
+from frontier_jax.data.config import DataConfig, SourceConfig
+from frontier_jax.data.pipeline import source_documents
 from frontier_jax.data.sources import source_records
 from frontier_jax.data.template import Document
+from frontier_jax.data.tokenizer import Tokenizer
+from frontier_jax.eval.config import EvalConfig, EvalSourceConfig
 
 _SUFFIX_KINDS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".array_record": "array_record"}
 
 
-def source_from_path(path: str) -> SourceConfig:
+def source_from_path(path: str) -> EvalSourceConfig:
     """A text source for a data file named on the command line (kind from its suffix)."""
     kind = _SUFFIX_KINDS.get(Path(path).suffix)
     if kind is None:
@@ -27,7 +41,29 @@ def source_from_path(path: str) -> SourceConfig:
         )
     if not Path(path).is_file():
         raise FileNotFoundError(f"--data {path}: no such file")
-    return SourceConfig(name=Path(path).stem, kind=kind, path=path)
+    return EvalSourceConfig(name=Path(path).stem, kind=kind, path=path)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingRun:
+    """What a checkpoint was trained on, as far as the held-out splits need it: its data config
+    and an upper bound on the token pairs it has read."""
+
+    data: DataConfig
+    tokens: int
+
+    @classmethod
+    def of(cls, config: dict, step: int) -> TrainingRun:
+        """From a checkpoint's saved run config, after `step` steps."""
+
+        def build(kind, values: dict):
+            names = {f.name for f in dataclasses.fields(kind)}
+            return kind(**{k: v for k, v in values.items() if k in names})
+
+        data = dict(config.get("data") or {})
+        data["sources"] = [build(SourceConfig, s) for s in data.get("sources", [])]
+        train = config.get("train", {})
+        return cls(build(DataConfig, data), step * train["global_batch"] * train["seq_len"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,21 +73,56 @@ class EvalDocuments:
     skipped: int  # records without a usable document
 
 
-def read_documents(source: SourceConfig, *, max_documents: int, seed: int) -> EvalDocuments:
-    """The first `max_documents` (0 = all) usable documents of `source`, in order."""
-    records = source_records(source, seed=seed)
+def held_out_code(
+    source: EvalSourceConfig, count: int, tokenizer: Tokenizer, run: TrainingRun | None
+) -> list[str]:
+    """The embedded_code split of the module docstring: `count` (0 = all) documents."""
+    trained = next((s for s in run.data.sources if s.kind == "embedded_code"), None) if run else None
+    if trained is None:
+        texts = list(embedded.code_dataset())
+        return texts[:count] if count else texts
+    # the same order without fill-in-the-middle rewriting (a map after the shuffle): plain texts
+    documents = list(source_documents(run.data, dataclasses.replace(trained, fim_rate=0.0), num_epochs=1))
+    if not count or count >= len(documents):
+        raise ValueError(
+            f"eval source {source.name!r}: the held-out split of the embedded code takes the last "
+            f"files of a pass of {len(documents)}; set its max_documents to fewer"
+        )
+    before = sum(len(tokenizer.encode(d)) + 1 for d in documents[:-count])  # pairs: bos..eos
+    if before <= run.tokens:
+        raise ValueError(
+            f"eval source {source.name!r}: the run may have read {run.tokens:,} token pairs, no fewer "
+            f"than the {before:,} of the {len(documents) - count} code files its pass reads before the "
+            f"last {count}, which may then be trained on; lower its max_documents or give held-out "
+            "files (--data)"
+        )
+    return documents[-count:]
+
+
+def read_documents(
+    source: EvalSourceConfig, cfg: EvalConfig, tokenizer: Tokenizer, run: TrainingRun | None = None
+) -> EvalDocuments:
+    """The first cfg.documents_of(source) (0 = all) usable documents of `source`, in order (the
+    held-out split of an embedded source), each plain text cut to its first source.max_chars."""
+    count = cfg.documents_of(source)
     documents, skipped = [], 0
-    for index in range(len(records)):
-        if max_documents and len(documents) >= max_documents:
-            break
-        record = records[index]
-        if record.problem is not None or (record.text is not None and not record.text.strip()):
-            skipped += 1
-        else:
-            documents.append(record.text if record.text is not None else record.messages)
+    if source.kind == "embedded_code":
+        documents = held_out_code(source, count, tokenizer, run)
+    else:
+        records = source_records(source, seed=cfg.seed)
+        for index in range(len(records)):
+            if count and len(documents) >= count:
+                break
+            record = records[index]
+            if record.problem is not None or (record.text is not None and not record.text.strip()):
+                skipped += 1
+            else:
+                documents.append(record.text if record.text is not None else record.messages)
     if not documents:
         raise ValueError(
             f"eval data source {source.name!r} ({source.path or source.kind}) holds no document "
             f"({skipped} records skipped): give a file with non-empty '{source.text_field}' fields"
         )
+    if source.max_chars:
+        documents = [d[: source.max_chars] if isinstance(d, str) else d for d in documents]
     return EvalDocuments(source.name, documents, skipped)

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import jax
 
-from frontier_jax.data.config import SourceConfig
-from frontier_jax.eval.config import EvalConfig
-from frontier_jax.eval.datasets import read_documents
+from frontier_jax.eval.config import EvalConfig, EvalSourceConfig
+from frontier_jax.eval.datasets import TrainingRun, read_documents
 from frontier_jax.eval.model import EvalModel
 from frontier_jax.eval.perplexity import evaluate_documents
 from frontier_jax.eval.scorer import Scorer
@@ -42,12 +41,18 @@ def build_scorer(model: EvalModel, cfg: EvalConfig, *, progress: bool = True) ->
 
 
 def evaluate_sources(
-    scorer: Scorer, tokenizer, sources: list[SourceConfig], cfg: EvalConfig, stride: int
+    scorer: Scorer,
+    tokenizer,
+    sources: list[EvalSourceConfig],
+    cfg: EvalConfig,
+    stride: int,
+    run: TrainingRun | None = None,
 ) -> dict[str, dict]:
-    """{source name: figures} (`perplexity.evaluate_documents`) for each source."""
+    """{source name: figures} (`perplexity.evaluate_documents`) for each source; `run`: what the
+    model was trained on (the held-out splits of `datasets.py`)."""
     out = {}
     for source in sources:
-        docs = read_documents(source, max_documents=cfg.max_documents, seed=cfg.seed)
+        docs = read_documents(source, cfg, tokenizer, run)
         figures = evaluate_documents(
             scorer, tokenizer, docs.documents, stride=stride, desc=f"eval {docs.name}"
         )
@@ -96,14 +101,15 @@ def evaluate_tasks(model: EvalModel, scorer: Scorer, tasks: list[Task]) -> dict[
 def evaluate(
     model: EvalModel,
     cfg: EvalConfig,
-    sources: list[SourceConfig],
+    sources: list[EvalSourceConfig],
     *,
     tasks: list[Task] = (),
     progress: bool = True,
 ) -> dict:
     """The results object of the module docstring."""
     scorer, stride = build_scorer(model, cfg, progress=progress)
-    datasets = evaluate_sources(scorer, model.tokenizer, sources, cfg, stride)
+    run = TrainingRun.of(model.config, model.step) if model.step is not None else None
+    datasets = evaluate_sources(scorer, model.tokenizer, sources, cfg, stride, run)
     return {
         "source": model.source,
         "step": model.step,
@@ -130,9 +136,8 @@ def training_evaluator(cfg, tokenizer, *, progress: bool = False):
     {"eval/<source>/ce", "eval/<source>/perplexity", "eval/<source>/bits_per_byte"}.  The documents
     are read once; the scorer is built on the training mesh at the first call."""
     context, stride = cfg.eval.window(cfg.train.seq_len)
-    sources = [
-        read_documents(s, max_documents=cfg.eval.max_documents, seed=cfg.eval.seed) for s in cfg.eval.data
-    ]
+    run = TrainingRun(cfg.data, cfg.train.steps * cfg.train.global_batch * cfg.train.seq_len)
+    sources = [read_documents(s, cfg.eval, tokenizer, run) for s in cfg.eval.data]
     scorers: dict = {}
 
     def evaluate_now(program, params, biases) -> dict:

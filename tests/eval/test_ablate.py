@@ -17,7 +17,9 @@ from .common import TINY_MODEL
 MICRO = f"""
 base: model/toy
 overrides: [{", ".join(TINY_MODEL)}, train.seq_len=16, train.global_batch=8, train.steps=3,
-            train.warmup_steps=1, checkpoint.every=0, eval.max_documents=6, eval.seq_len=16, eval.batch_size=8]
+            train.warmup_steps=1, checkpoint.every=0, eval.max_documents=6, eval.seq_len=16, eval.batch_size=8,
+            "eval.data=[{{name: math_held_out, kind: embedded_math}},
+                        {{name: code_held_out, kind: embedded_code, max_documents: 2, max_chars: 200}}]"]
 seeds: [0, 1]
 arms:
   mtp_on: [model.mtp_depth=1]
@@ -40,6 +42,7 @@ def test_ablation_runs_every_arm_and_seed_summarises_and_resumes(tmp_path, monke
         ("mtp_on", 1),
     ]
     assert all(r["step"] == 3 for r in runs)
+    assert all(set(r["held_out"]) == {"math_held_out", "code_held_out"} for r in runs)
     key = "held_out/math_held_out/bits_per_byte"
     values = {
         arm: np.asarray([r["held_out"]["math_held_out"]["bits_per_byte"] for r in runs if r["arm"] == arm])
