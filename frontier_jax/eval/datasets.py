@@ -54,7 +54,8 @@ class TrainingRun:
 
     @classmethod
     def of(cls, config: dict, step: int) -> TrainingRun:
-        """From a checkpoint's saved run config, after `step` steps."""
+        """From a run config (as saved with a checkpoint) after `step` steps: the pairs of
+        `step` full batches, global_batch x seq_len each, per context stage (`train.stages`)."""
 
         def build(kind, values: dict):
             names = {f.name for f in dataclasses.fields(kind)}
@@ -62,8 +63,15 @@ class TrainingRun:
 
         data = dict(config.get("data") or {})
         data["sources"] = [build(SourceConfig, s) for s in data.get("sources", [])]
-        train = config.get("train", {})
-        return cls(build(DataConfig, data), step * train["global_batch"] * train["seq_len"])
+        train = config["train"]
+        stages = train.get("stages") or [{"until_step": step, **train}]
+        tokens, begin = 0, 0
+        for stage in stages:
+            tokens += (
+                max(min(step, stage["until_step"]) - begin, 0) * stage["global_batch"] * stage["seq_len"]
+            )
+            begin = stage["until_step"]
+        return cls(build(DataConfig, data), tokens)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -136,7 +136,7 @@ def training_evaluator(cfg, tokenizer, *, progress: bool = False):
     {"eval/<source>/ce", "eval/<source>/perplexity", "eval/<source>/bits_per_byte"}.  The documents
     are read once; the scorer is built on the training mesh at the first call."""
     context, stride = cfg.eval.window(cfg.train.seq_len)
-    run = TrainingRun(cfg.data, cfg.train.steps * cfg.train.global_batch * cfg.train.seq_len)
+    run = TrainingRun.of(cfg.to_dict(), cfg.train.steps)
     sources = [read_documents(s, cfg.eval, tokenizer, run) for s in cfg.eval.data]
     scorers: dict = {}
 

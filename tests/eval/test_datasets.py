@@ -69,3 +69,14 @@ def test_without_a_training_run_code_is_read_in_name_order_and_limits_apply_per_
     math = read_documents(EvalSourceConfig(name="m", kind="embedded_math"), cfg, tokenizer)
     assert math.documents == [embedded.math_problem(cfg.seed, i) for i in range(5)]
     assert cfg.seed != load_config("train/toy", []).data.seed  # not the problems training generates
+
+
+def test_training_run_bounds_the_pairs_read_per_context_stage():
+    train = {"global_batch": 8, "seq_len": 128}
+    assert TrainingRun.of({"train": train}, 25).tokens == 25 * 8 * 128
+    stages = [
+        {"until_step": 10, "seq_len": 128, "global_batch": 8},
+        {"until_step": 40, "seq_len": 512, "global_batch": 4},
+    ]
+    assert TrainingRun.of({"train": {**train, "stages": stages}}, 25).tokens == 10 * 8 * 128 + 15 * 4 * 512
+    assert TrainingRun.of({"train": {**train, "stages": stages}}, 5).tokens == 5 * 8 * 128
