@@ -134,14 +134,17 @@ def format_tasks(tasks: dict[str, dict]) -> str:
 def training_evaluator(cfg, tokenizer, *, progress: bool = False):
     """`train.loop.train`'s evaluate hook: held-out figures of cfg.eval.data as
     {"eval/<source>/ce", "eval/<source>/perplexity", "eval/<source>/bits_per_byte"}.  The documents
-    are read once; the scorer is built on the training mesh at the first call."""
+    are read once; the scorer is built on the training mesh at the first call, and again when the
+    program changes (a new context stage: other RoPE scaling).  The window is eval.seq_len, or
+    train.seq_len (with `train.stages`: the top-level one, the same in every stage)."""
     context, stride = cfg.eval.window(cfg.train.seq_len)
     run = TrainingRun.of(cfg.to_dict(), cfg.train.steps)
     sources = [read_documents(s, cfg.eval, tokenizer, run) for s in cfg.eval.data]
     scorers: dict = {}
 
     def evaluate_now(program, params, biases) -> dict:
-        if "scorer" not in scorers:
+        if scorers.get("program") is not program:
+            scorers["program"] = program
             scorers["scorer"] = Scorer(
                 program,
                 params,
