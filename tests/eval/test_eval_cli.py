@@ -1,7 +1,9 @@
 """`frontier-jax eval` on a training checkpoint: results.json and the table, the same figures on
 1 device, on an 8-device layout and on 2 processes x 4 devices, held-out figures logged during
 training equal to the CLI's on the same checkpoint, and bad input as one error line (exit 2)
-with no results file written."""
+with no results file written.  The run is trained by `frontier-jax train --config train/toy`
+(the README's command, on a tiny model for 2 steps), so train -> eval -> generate is the README's
+chain on one checkpoint."""
 
 from __future__ import annotations
 
@@ -16,10 +18,6 @@ import numpy as np
 import pytest
 
 from frontier_jax.cli import main
-from frontier_jax.config import load_config
-from frontier_jax.data import load_tokenizer
-from frontier_jax.eval.run import training_evaluator
-from frontier_jax.train.loop import train
 
 from .common import DOCUMENTS, TINY_MODEL
 
@@ -33,8 +31,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_cli")
     data = root / "held_out.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCUMENTS))
-    cfg = load_config(
-        "model/toy",
+    overrides = (
         TINY_MODEL
         + WINDOW
         + [
@@ -46,10 +43,10 @@ def run(tmp_path_factory):
             "eval.every=2",
             "eval.max_documents=0",
             f"eval.data=[{{name: held_out, kind: jsonl, path: {data}}}]",
-        ],
+        ]
     )
-    evaluate = training_evaluator(cfg, load_tokenizer("byte"))
-    train(cfg, root / "run", progress=False, evaluate=evaluate)
+    run_dir = root / "run"
+    assert main(["train", "--config", "train/toy", "--run-dir", str(run_dir), *overrides]) == 0
     return root
 
 
@@ -93,6 +90,13 @@ def test_training_logs_the_held_out_figures_of_its_checkpoint(run, tmp_path):
     np.testing.assert_allclose(
         logged[0]["eval/held_out/bits_per_byte"], _figures(tmp_path / "cli")["bits_per_byte"], rtol=1e-6
     )
+
+
+def test_generate_from_the_evaluated_checkpoint(run, capsys):
+    args = ["generate", "--checkpoint", str(run / "run"), "--prompt", "Q: 3 + 4 = ?", "--max-new-tokens", "5"]
+    assert main(args + ["infer.max_len=32", "infer.block_size=8"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.count("---") == 1 and "generated 5 tokens" in printed.out + printed.err
 
 
 @pytest.mark.slow
