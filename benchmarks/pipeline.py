@@ -32,30 +32,29 @@ from frontier_jax.parallel.pipeline.simulate import Costs, lockstep_makespan, si
 def _toy(chunks: int, microbatches: int, dim: int):
     k = jax.random.split(jax.random.key(0), 4)
     params = 0.1 * jax.random.normal(k[0], (chunks, dim, dim))
-    ep = jax.random.normal(k[1], (97, dim))
-    hp = jax.random.normal(k[2], (dim, 97))
+    ends = {"embed": jax.random.normal(k[1], (97, dim)), "head": jax.random.normal(k[2], (dim, 97))}
     tokens = jax.random.randint(k[3], (microbatches, 4, 33), 0, 97)
     batch = {"tokens": tokens[..., :-1], "labels": tokens[..., 1:]}
 
     def embed(e, b):
-        return e[b["tokens"]]
+        return e["embed"][b["tokens"]]
 
-    def chunk(w, x):
-        return x + jnp.tanh(x @ w)
+    def chunk(w, x, b):
+        return x + jnp.tanh(x @ w), jnp.float32(0), {}
 
-    def head_loss(h, x, b):
-        logp = jax.nn.log_softmax(x @ h, -1)
-        return -jnp.mean(jnp.take_along_axis(logp, b["labels"][..., None], -1))
+    def head(e, x, b):
+        logp = jax.nn.log_softmax(x @ e["head"], -1)
+        return -jnp.mean(jnp.take_along_axis(logp, b["labels"][..., None], -1)), {}
 
-    return (params, ep, hp, batch), (embed, chunk, head_loss)
+    return (params, ends, batch), (embed, chunk, head)
 
 
 def _time_per_tick(table: S.TickTable, dim: int, repeats: int = 5) -> float:
     P = table.schedule.ranks
     mesh = jax.make_mesh((P,), ("stage",), devices=jax.devices()[:P], axis_types=(AxisType.Auto,))
-    (params, ep, hp, batch), fns = _toy(table.schedule.chunks, table.schedule.microbatches, dim)
+    (params, ends, batch), fns = _toy(table.schedule.chunks, table.schedule.microbatches, dim)
     step = jax.jit(pipeline_value_and_grad(table, mesh, *fns))
-    args = (stack_for_stages(table, params), ep, hp, batch)
+    args = (stack_for_stages(table, params), ends, batch)
     jax.block_until_ready(step(*args))
     start = time.perf_counter()
     for _ in range(repeats):

@@ -1,6 +1,6 @@
-"""The SPMD executor gives the loss and gradients of the unpipelined model (jax.grad over the
-same micro-batches, fp32) for every schedule, executes exactly its tick table, and never reads
-a bubble (NaN-filled buffers do not leak)."""
+"""The SPMD executor gives the loss, metrics, per-chunk statistics and gradients of the
+unpipelined model (jax.grad over the same micro-batches, fp32) for every schedule, executes
+exactly its tick table, and never reads a bubble (NaN-filled buffers do not leak)."""
 
 import jax
 import jax.numpy as jnp
@@ -18,21 +18,27 @@ from frontier_jax.parallel.pipeline.executor import (
 VOCAB, D, SEQ, MB, LAYERS = 11, 8, 4, 2, 2  # layers per chunk
 
 
-def embed(ep, b):
-    return ep[b["tokens"]]
+def embed(ends, b):
+    return ends["embed"][b["tokens"]]
 
 
-def chunk(p, x):
+def chunk(p, x, b):
+    """Layers x + tanh(x W + b); a loss term 0.01 mean(y^2) per layer (like a balance loss) and
+    per-layer statistics (the sum of y over the rows and positions, like expert loads)."""
+
     def layer(x, w):
-        return x + jnp.tanh(x @ w["w"] + w["b"]), None
+        y = x + jnp.tanh(x @ w["w"] + w["b"])
+        return y, (0.01 * jnp.mean(y * y), y.sum((0, 1)))
 
-    return jax.lax.scan(layer, x, p)[0]
+    y, (terms, sums) = jax.lax.scan(layer, x, p)
+    return y, terms.sum(), {"sums": sums, "rows": jnp.int32(b["tokens"].shape[0])}
 
 
-def head_loss(hp, x, b):
-    logits = x @ hp
+def head(ends, x, b):
+    logits = x @ ends["head"]
     logp = jax.nn.log_softmax(logits, -1)
-    return -jnp.mean(jnp.take_along_axis(logp, b["labels"][..., None], -1))
+    nll = -jnp.take_along_axis(logp, b["labels"][..., None], -1)
+    return jnp.mean(nll), {"nll_sum": nll.sum(), "tokens": jnp.int32(nll.size)}
 
 
 def model(n_chunks, M, seed=0):
@@ -41,25 +47,31 @@ def model(n_chunks, M, seed=0):
         "w": 0.4 * jax.random.normal(k[0], (n_chunks, LAYERS, D, D)),
         "b": 0.1 * jax.random.normal(k[1], (n_chunks, LAYERS, D)),
     }
-    ep = jax.random.normal(k[2], (VOCAB, D))
-    hp = 0.5 * jax.random.normal(k[3], (D, VOCAB))
+    ends = {"embed": jax.random.normal(k[2], (VOCAB, D)), "head": 0.5 * jax.random.normal(k[3], (D, VOCAB))}
     tokens = jax.random.randint(k[4], (M, MB, SEQ + 1), 0, VOCAB)
-    return chunks, ep, hp, {"tokens": tokens[..., :-1], "labels": tokens[..., 1:]}
+    return chunks, ends, {"tokens": tokens[..., :-1], "labels": tokens[..., 1:]}
 
 
-def reference(chunks, ep, hp, batch):
-    """The unpipelined model: sum over micro-batches of the loss, differentiated by jax.grad."""
+def reference(chunks, ends, batch):
+    """The unpipelined model, micro-batch by micro-batch in a Python loop: the summed loss
+    differentiated by jax.grad, metrics and per-chunk statistics summed."""
 
-    def total(chunks, ep, hp):
-        def one(b):
-            x = embed(ep, b)
+    def total(chunks, ends):
+        loss, metrics, stats = 0.0, [], []
+        for m in range(batch["tokens"].shape[0]):
+            b = jax.tree.map(lambda a: a[m], batch)
+            x, per_chunk = embed(ends, b), []
             for c in range(chunks["w"].shape[0]):
-                x = chunk(jax.tree.map(lambda a: a[c], chunks), x)
-            return head_loss(hp, x, b)
+                x, term, st = chunk(jax.tree.map(lambda a: a[c], chunks), x, b)
+                loss, per_chunk = loss + term, per_chunk + [st]
+            h_loss, met = head(ends, x, b)
+            loss, metrics, stats = loss + h_loss, metrics + [met], stats + [per_chunk]
+        add = lambda trees: jax.tree.map(lambda *a: sum(a), *trees)  # noqa: E731
+        per_chunk = [add([st[c] for st in stats]) for c in range(chunks["w"].shape[0])]
+        return loss, (add(metrics), jax.tree.map(lambda *a: jnp.stack(a), *per_chunk))
 
-        return jnp.sum(jax.vmap(one)(batch))
-
-    return jax.value_and_grad(total, argnums=(0, 1, 2))(chunks, ep, hp)
+    (loss, (metrics, stats)), grads = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(chunks, ends)
+    return loss, metrics, stats, grads
 
 
 def run_pipeline(name, P, M, fill=float("nan")):
@@ -68,15 +80,12 @@ def run_pipeline(name, P, M, fill=float("nan")):
     sched = S.build(name, P, M)
     table = S.lower(sched)
     mesh = jax.make_mesh((P,), ("stage",), devices=jax.devices()[:P], axis_types=(AxisType.Auto,))
-    chunks, ep, hp, batch = model(sched.chunks, M)
-    step = jax.jit(pipeline_value_and_grad(table, mesh, embed, chunk, head_loss, bubble_fill=fill))
-    loss, (d_stacked, d_ep, d_hp), trace = step(stack_for_stages(table, chunks), ep, hp, batch)
+    chunks, ends, batch = model(sched.chunks, M)
+    step = jax.jit(pipeline_value_and_grad(table, mesh, embed, chunk, head, bubble_fill=fill))
+    loss, metrics, stats, (d_stacked, d_ends), trace = step(stack_for_stages(table, chunks), ends, batch)
     np.testing.assert_array_equal(np.asarray(trace), table.table[:, :, S.Field.OP])
-    return (
-        table,
-        (loss, (unstack_from_stages(table, d_stacked), d_ep, d_hp)),
-        reference(chunks, ep, hp, batch),
-    )
+    got = (loss, metrics, unstack_from_stages(table, stats), (unstack_from_stages(table, d_stacked), d_ends))
+    return table, got, reference(chunks, ends, batch)
 
 
 def assert_close(got, want):
@@ -98,9 +107,9 @@ def _temp_bytes(name, P, M):
     sched = S.build(name, P, M)
     table = S.lower(sched)
     mesh = jax.make_mesh((P,), ("stage",), devices=jax.devices()[:P], axis_types=(AxisType.Auto,))
-    chunks, ep, hp, batch = model(sched.chunks, M)
-    step = jax.jit(pipeline_value_and_grad(table, mesh, embed, chunk, head_loss))
-    compiled = step.lower(stack_for_stages(table, chunks), ep, hp, batch).compile()
+    chunks, ends, batch = model(sched.chunks, M)
+    step = jax.jit(pipeline_value_and_grad(table, mesh, embed, chunk, head))
+    compiled = step.lower(stack_for_stages(table, chunks), ends, batch).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
 
@@ -126,11 +135,10 @@ def test_stage_axis_composes_with_a_data_axis():
     sched = S.build("dualpipev", 2, 4)
     table = S.lower(sched)
     mesh = jax.make_mesh((2, 4), ("stage", "data"), axis_types=(AxisType.Auto,) * 2)
-    chunks, ep, hp, batch = model(sched.chunks, 4)
+    chunks, ends, batch = model(sched.chunks, 4)
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
     batch = jax.tree.map(lambda a: jax.device_put(jnp.tile(a, (1, 2, 1)), rows), batch)  # 4 rows per mb
-    step = jax.jit(pipeline_value_and_grad(table, mesh, embed, chunk, head_loss))
-    loss, (d_stacked, d_ep, d_hp), _ = step(stack_for_stages(table, chunks), ep, hp, batch)
-    assert_close(
-        (loss, (unstack_from_stages(table, d_stacked), d_ep, d_hp)), reference(chunks, ep, hp, batch)
-    )
+    step = jax.jit(pipeline_value_and_grad(table, mesh, embed, chunk, head))
+    loss, metrics, stats, (d_stacked, d_ends), _ = step(stack_for_stages(table, chunks), ends, batch)
+    got = (loss, metrics, unstack_from_stages(table, stats), (unstack_from_stages(table, d_stacked), d_ends))
+    assert_close(got, reference(chunks, ends, batch))
