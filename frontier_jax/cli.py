@@ -75,6 +75,12 @@ def _describe(args) -> int:
         text += "\n" + format_memory(mem, cfg, args.device_memory_gib)
         if info["fits"] is False and args.json:  # stdout stays one JSON object
             print(verdict(mem, args.device_memory_gib), file=sys.stderr)
+    from frontier_jax.parallel.pipeline.plan import describe_plan, format_plan, pipeline_plan
+
+    plan = pipeline_plan(cfg)
+    if plan is not None:
+        info["pipeline"] = describe_plan(plan)
+        text += "\n" + format_plan(info["pipeline"])
     print(json.dumps(info) if args.json else text)
     return 0
 
@@ -261,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mesh",
         default=None,
         help="mesh preset replacing the config's mesh section, "
-        "e.g. mesh/gpu-8; prints per-device memory (batch and seq from train.*)",
+        "e.g. mesh/gpu-8; prints per-device memory (batch and seq from train.*) and, with "
+        "mesh.stage > 1 and train.pipeline.schedule, the layers per stage and the simulated bubble",
     )
     desc.add_argument(
         "--devices",

@@ -25,6 +25,7 @@ from frontier_jax.eval.config import EvalConfig
 from frontier_jax.infer.config import InferConfig
 from frontier_jax.model.config import ImplConfig, ModelConfig
 from frontier_jax.parallel.config import MeshAxes, MeshConfig
+from frontier_jax.parallel.pipeline.plan import pipeline_plan
 from frontier_jax.precision.config import PrecisionConfig
 from frontier_jax.train.config import CheckpointConfig, TrainConfig
 
@@ -74,6 +75,7 @@ class Config:
     def validate(self) -> "Config":
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
+        pipeline_plan(self)  # mesh.stage, train.pipeline and the model's layers together
         return self
 
     def to_dict(self) -> dict:

@@ -3,8 +3,9 @@
 Block (pre-norm):  h = x + MLA(RMSNorm(x));  y = h + FFN(RMSNorm(h))
 with FFN a dense SwiGLU (the first `first_k_dense` layers) or DeepSeekMoE.
 
-LayerStack holds L identical blocks as one module whose parameters carry a leading `layers`
-axis ([L, ...]), created with `nnx.vmap` and applied with `jax.lax.scan`, so compile time is
+LayerStack holds L identical blocks as one module whose parameters carry a leading layer axis
+(logical name `layers` for the MoE stack, which pipeline stages split; `dense_layers` for the
+dense prefix) ([L, ...]), created with `nnx.vmap` and applied with `jax.lax.scan`, so compile time is
 flat in depth and the remat policy is one knob.
 """
 
@@ -124,7 +125,8 @@ def prepend_logical_axis(module: nnx.Module, axis: str) -> None:
 
 
 class LayerStack(nnx.Module):
-    """`num_layers` blocks with stacked parameters, applied in sequence by `lax.scan`."""
+    """`num_layers` blocks with stacked parameters, applied in sequence by `lax.scan`; the
+    stacked axis carries the logical name `layer_axis`."""
 
     def __init__(
         self,
@@ -132,6 +134,7 @@ class LayerStack(nnx.Module):
         num_layers: int,
         *,
         moe: bool,
+        layer_axis: str,
         policy: PrecisionPolicy,
         impl: ImplConfig = ImplConfig(),
         experts: ExpertDispatcher = LocalExperts(),
@@ -145,7 +148,7 @@ class LayerStack(nnx.Module):
         self.num_layers = num_layers
         self.remat_policy = impl.remat
         self.blocks = create(rngs)
-        prepend_logical_axis(self.blocks, "layers")
+        prepend_logical_axis(self.blocks, layer_axis)
 
     def __call__(self, x: jax.Array, inputs: SequenceInputs) -> tuple[jax.Array, MoEStats | None]:
         """x [B, T, d] -> (x after all layers, per-layer MoEStats stacked on a leading [L] axis)."""

@@ -96,7 +96,7 @@ class MTPStack(nnx.Module):
             return MTPModule(cfg, policy=policy, impl=impl, experts=experts, rngs=depth_rngs)
 
         self.modules = create(rngs)
-        prepend_logical_axis(self.modules, "layers")
+        prepend_logical_axis(self.modules, "mtp_layers")
 
     def __call__(
         self, g0: jax.Array, emb_ahead: jax.Array, inputs: SequenceInputs

@@ -6,7 +6,9 @@
     MTP depths k = 1..D continue from RMSNorm(h) (`mtp.py`) [D, B, T, vocab]
 
 `model(input_ids)` returns logits; `model.forward(...)` also returns the MTP logits and the
-per-layer MoE statistics that training needs (expert loads, balance loss, drops).
+per-layer MoE statistics that training needs (expert loads, balance loss, drops).  `forward` is
+`front` (embedding + dense prefix), `moe_layers`, `back` (final norm, head, MTP): the three parts
+a pipeline puts in front of its first chunk, into its chunks and after its last chunk.
 """
 
 from __future__ import annotations
@@ -58,10 +60,12 @@ class Transformer(nnx.Module):
         self.embed = Embed(cfg.vocab_size, cfg.hidden_size, std=cfg.init_std, policy=policy, rngs=rngs)
         stack = dict(policy=policy, impl=impl, rngs=rngs)
         self.dense_layers = (
-            LayerStack(cfg, cfg.first_k_dense, moe=False, **stack) if cfg.first_k_dense else None
+            LayerStack(cfg, cfg.first_k_dense, moe=False, layer_axis="dense_layers", **stack)
+            if cfg.first_k_dense
+            else None
         )
         self.moe_layers = (
-            LayerStack(cfg, cfg.num_moe_layers, moe=True, experts=experts, **stack)
+            LayerStack(cfg, cfg.num_moe_layers, moe=True, layer_axis="layers", experts=experts, **stack)
             if cfg.num_moe_layers
             else None
         )
@@ -79,6 +83,23 @@ class Transformer(nnx.Module):
         """Shared output head on already-normalised hidden states [..., d] -> [..., vocab]."""
         return self.embed.attend(h) if self.head is None else self.head(h)
 
+    def sequence_inputs(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        token_mask: jax.Array | None = None,
+    ) -> SequenceInputs:
+        """The per-token inputs every block reads, with `forward`'s defaults filled in."""
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if token_mask is None:
+            token_mask = (
+                jnp.ones((b, t), jnp.int32) if segment_ids is None else (segment_ids != 0).astype(jnp.int32)
+            )
+        return SequenceInputs(positions, segment_ids, token_mask)
+
     def forward(
         self,
         input_ids: jax.Array,
@@ -92,28 +113,33 @@ class Transformer(nnx.Module):
         ids with 0 = padding, or None for unmasked packing (plain causal attention);
         token_mask [B, T]: tokens counted in the MoE statistics (expert loads, balance loss),
         default segment_ids != 0 (all tokens without segment ids)."""
-        b, t = input_ids.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        if token_mask is None:
-            token_mask = (
-                jnp.ones((b, t), jnp.int32) if segment_ids is None else (segment_ids != 0).astype(jnp.int32)
-            )
-        inputs = SequenceInputs(positions, segment_ids, token_mask)
-        h = constrain(self.embed(input_ids), ("batch", "seq", "embed"))
-        if self.dense_layers is not None:
-            h, _ = self.dense_layers(h, inputs)
+        inputs = self.sequence_inputs(input_ids, positions, segment_ids, token_mask)
+        h = self.front(input_ids, inputs)
         moe_stats = None
         if self.moe_layers is not None:
             h, moe_stats = self.moe_layers(h, inputs)
+        logits, mtp_logits, mtp_stats = self.back(h, input_ids, inputs, with_mtp=with_mtp)
+        return ModelOutput(logits, mtp_logits, moe_stats, mtp_stats)
+
+    def front(self, input_ids: jax.Array, inputs: SequenceInputs) -> jax.Array:
+        """h = dense-blocks(Emb(t)): input_ids [B, T] -> [B, T, d]."""
+        h = constrain(self.embed(input_ids), ("batch", "seq", "embed"))
+        if self.dense_layers is not None:
+            h, _ = self.dense_layers(h, inputs)
+        return h
+
+    def back(
+        self, h: jax.Array, input_ids: jax.Array, inputs: SequenceInputs, *, with_mtp: bool = True
+    ) -> tuple[jax.Array, jax.Array | None, MoEStats | None]:
+        """The last blocks' output h [B, T, d] -> (logits [B, T, vocab], MTP logits [D, B, T, vocab]
+        or None, MTP MoE statistics [D, ...] or None)."""
         h = self.final_norm(h)
         logits = self.logits_from_hidden(h)
-        mtp_logits = mtp_stats = None
-        if self.mtp is not None and with_mtp:
-            ahead = jnp.stack([jnp.roll(input_ids, -k, axis=1) for k in range(1, self.cfg.mtp_depth + 1)])
-            normed, mtp_stats = self.mtp(h, self.embed(ahead), inputs)
-            mtp_logits = self.logits_from_hidden(normed)
-        return ModelOutput(logits, mtp_logits, moe_stats, mtp_stats)
+        if self.mtp is None or not with_mtp:
+            return logits, None, None
+        ahead = jnp.stack([jnp.roll(input_ids, -k, axis=1) for k in range(1, self.cfg.mtp_depth + 1)])
+        normed, mtp_stats = self.mtp(h, self.embed(ahead), inputs)
+        return logits, self.logits_from_hidden(normed), mtp_stats
 
     def extend(
         self,

@@ -29,7 +29,8 @@ class MeshConfig:
     `dcn` gives, per axis, the factor of its size that spans slices / hosts over the slow
     data-centre network (DCN); the rest of each axis lies within a slice or node (ICI /
     NVLink).  `rules` names the logical-axis -> mesh-axis table (`frontier_jax.parallel.rules`).
-    `stage` must stay 1 until pipeline stages exist.
+    `stage` > 1 runs pipeline stages, which needs `train.pipeline.schedule` (checked with the
+    model by `parallel.pipeline.plan.pipeline_plan`).
     """
 
     stage: int = 1
@@ -52,9 +53,4 @@ class MeshConfig:
                 raise ValueError(f"mesh.dcn.{name}={factor} must be > 0")
             if size != -1 and size % factor:
                 raise ValueError(f"mesh.dcn.{name}={factor} must divide mesh.{name}={size}")
-        if self.stage > 1:
-            raise ValueError(
-                f"mesh.stage={self.stage}: pipeline stages are not implemented yet; keep "
-                "mesh.stage=1 and split the devices over mesh.fsdp or mesh.data instead"
-            )
         return self

@@ -64,13 +64,26 @@ EXPERT_AXIS = "expert"
 try:  # jax >= 0.7
     from jax import shard_map as _shard_map
 
-    def _smap(f, mesh, in_specs, out_specs):
-        return _shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    def _smap(f, mesh, in_specs, out_specs, manual):
+        return _shard_map(
+            f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=manual, check_vma=False
+        )
 except ImportError:  # pragma: no cover - older jax
     from jax.experimental.shard_map import shard_map as _shard_map
 
-    def _smap(f, mesh, in_specs, out_specs):
-        return _shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+    def _smap(f, mesh, in_specs, out_specs, manual):
+        auto = frozenset(mesh.axis_names) - manual
+        return _shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False, auto=auto)
+
+
+def _free_axes(mesh: Mesh):
+    """(mesh to map over, its axes this map makes manual).  Inside an enclosing `shard_map`
+    (a pipeline stage, manual over `stage`) that is the context's abstract mesh without the
+    axes already manual: the all-to-alls and sums stay among the devices of one stage."""
+    context = jax.sharding.get_abstract_mesh()
+    if context.empty or not context.manual_axes:
+        return mesh, frozenset(mesh.axis_names)
+    return context, frozenset(context.axis_names) - frozenset(context.manual_axes)
 
 
 def expert_parallel_size(mesh: Mesh, rules: Mapping[str, Sequence[str]]) -> int:
@@ -194,7 +207,8 @@ def expert_parallel_ffn(
     tokens = P(batch, None)
     local = functools.partial(_local_ffn, spec=spec, policy=policy, devices=devices, tensor_axis=tensor_axis)
 
-    replicas = math.prod(size for axis, size in mesh.shape.items() if axis not in batch)
+    mesh, manual = _free_axes(mesh)
+    replicas = math.prod(size for axis, size in mesh.shape.items() if axis in manual and axis not in batch)
 
     def per_device(x, experts, gates, token_mask, w_gate, w_up, w_down):
         parts = [
@@ -208,7 +222,9 @@ def expert_parallel_ffn(
         ]
         y = jnp.concatenate([p[0] for p in parts])
         dropped, sent = sum(p[1] for p in parts), sum(p[2] for p in parts)
-        total = lambda v: jax.lax.psum(v, tuple(mesh.axis_names)) / replicas  # replicas count once
+        total = lambda v: (
+            jax.lax.psum(v, tuple(a for a in mesh.axis_names if a in manual)) / replicas
+        )  # replicas count once
         return y, total(dropped).astype(jnp.int32), total(sent)
 
     if token_mask is None:
@@ -218,6 +234,7 @@ def expert_parallel_ffn(
         mesh,
         in_specs=(tokens, tokens, tokens, P(batch), w_in, w_in, w_out),
         out_specs=(tokens, P(), P()),
+        manual=manual,
     )
     return RoutedOutput(*fn(x, routing.experts, routing.weights, token_mask, w_gate, w_up, w_down))
 

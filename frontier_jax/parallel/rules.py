@@ -32,14 +32,18 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("tensor",),
     "moe_mlp": ("tensor",),
     "expert": ("expert",),
-    "layers": (),  # stacked layers stay whole until pipeline stages split them over `stage`
+    "layers": ("stage",),  # the MoE stack's layers: pipeline stages hold their chunks (`pipeline/plan.py`)
+    "dense_layers": (),  # the dense prefix runs with the embedding, on every stage
+    "mtp_layers": (),  # the MTP modules run with the head, on every stage
     "norm": (),
     "concat_embed": (),
 }
 
-# Pure data parallelism: only the batch is split; every parameter is replicated.
+# Pure data parallelism: only the batch is split; every parameter is replicated (but for the
+# MoE layers' split over pipeline stages, which hold only their own chunks).
 REPLICATED_RULES: dict[str, tuple[str, ...]] = {name: () for name in DEFAULT_RULES} | {
-    "batch": ("data", "fsdp", "expert")
+    "batch": ("data", "fsdp", "expert"),
+    "layers": ("stage",),
 }
 
 RULE_SETS: dict[str, dict[str, tuple[str, ...]]] = {"default": DEFAULT_RULES, "replicated": REPLICATED_RULES}

@@ -48,6 +48,11 @@ pass.  Per device:
                     + D (MoE dots + other + 5 c d)               MTP blocks (never rematerialised)
                     + c d (2 + D)                                embeddings, final norm
                     + 2 x 4 V (1 + D) ]                          fp32 logits and their gradient
+With pipeline stages (`train.pipeline.schedule`, `parallel/pipeline/plan.py`) a rank's backward
+holds one chunk's L/C MoE layers (the executor recomputes a chunk from its stashed input), so the
+sum over MoE layers runs over L/C of them, plus the executor's buffers, c d per token of one
+micro-batch for each of its `buffer_slots` (input and cotangent stash, K slots each, and the
+receive slots); the dense prefix, MTP and logits terms stay (every rank's program holds both ends).
 Not counted: XLA temporaries and fusion buffers, collective buffers besides the expert
 all-to-all, weights gathered for FSDP, AdamW's update temporaries, a per-micro-batch gradient
 buffer with micro_batches > 1, allocator fragmentation; under fp8 policies the residuals differ
@@ -72,6 +77,7 @@ from frontier_jax.model.routing import ExpertBias
 from frontier_jax.model.transformer import Transformer
 from frontier_jax.parallel.expert import expert_parallel_size
 from frontier_jax.parallel.mesh import check_divisible, mesh_shape
+from frontier_jax.parallel.pipeline.plan import buffer_slots, pipeline_plan
 from frontier_jax.parallel.rules import MESH_AXES, RULE_SETS, logical_to_spec
 from frontier_jax.precision import get_policy
 
@@ -150,6 +156,7 @@ def _expert_rows_per_token(
 def activation_bytes(cfg: Config, mesh: AbstractMesh, rules) -> tuple[int, int]:
     """(B, estimated activation bytes per device) by the module docstring's formula."""
     m, t = cfg.model, cfg.train
+    plan = pipeline_plan(cfg)
     c = jnp.dtype(get_policy(cfg.precision.policy).compute_dtype).itemsize
     b = _local(t.global_batch // t.micro_batches, ("batch", "seq"), 0, mesh, rules)
     d, T = m.hidden_size, t.seq_len
@@ -177,7 +184,7 @@ def activation_bytes(cfg: Config, mesh: AbstractMesh, rules) -> tuple[int, int]:
         )
         expert_rows = c * rho * (3 * f_e + 3 * d + a2a)
         if m.num_moe_layers:
-            kinds["moe"] = (m.num_moe_layers, *moe, expert_rows)
+            kinds["moe"] = (plan.layers_per_chunk if plan else m.num_moe_layers, *moe, expert_rows)
 
     def saved(dots: float, other: float, expert_rows: float) -> float:
         return (
@@ -195,6 +202,8 @@ def activation_bytes(cfg: Config, mesh: AbstractMesh, rules) -> tuple[int, int]:
     per_token += max(dots + other for _, dots, other, _ in kinds.values())
     per_token += m.mtp_depth * (sum(moe) + 5 * c * d)
     per_token += c * d * (2 + m.mtp_depth) + 2 * 4 * vocab * (1 + m.mtp_depth)
+    if plan:
+        per_token += c * d * buffer_slots(plan.table)
     return b, math.ceil(b * T * per_token)
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from frontier_jax.model.config import RopeScalingConfig
+from frontier_jax.parallel.pipeline.plan import PipelineConfig
 
 
 class Schedule(enum.StrEnum):
@@ -74,6 +75,7 @@ class TrainConfig:
     max_skipped_steps: int = 5  # on_nonfinite=skip: more non-finite steps in a row stop the run
     log_every: int = 1
     stages: list[ContextStage] = field(default_factory=list)  # empty: one stage, seq_len x global_batch
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # stages over mesh.stage
 
     def validate(self) -> "TrainConfig":
         for name in ("steps", "seq_len", "global_batch", "micro_batches", "log_every", "max_skipped_steps"):
@@ -111,6 +113,7 @@ class TrainConfig:
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be in [0, 1)")
         self._validate_stages()
+        self.pipeline.validate()
         return self
 
     def _validate_stages(self) -> None:

@@ -4,7 +4,8 @@
                 what is minimised and which batch it reads (pre-training: `Pretrain`)
     strategy    (params, biases, batch, objective, normalisers)          `strategy.py`
                 -> (loss, metrics, aux loads, grads)
-                how the global batch is turned into gradients (micro-batch scan)
+                how the global batch is turned into gradients (micro-batch scan, or
+                pipeline stages over the mesh's `stage` axis)
     update tail clip + AdamW + loss-free bias update + non-finite guard  `update.py`
 
 One step: the rows in use are the rows holding a real token (the batch-size ramp is applied by the
@@ -28,7 +29,7 @@ from frontier_jax.train.objectives import Objective
 from frontier_jax.train.objectives.pretrain import Pretrain
 from frontier_jax.train.optimizer import build_optimizer, learning_rate_schedule
 from frontier_jax.train.state import TrainState
-from frontier_jax.train.strategy import GradientStrategy, MicroBatchScan
+from frontier_jax.train.strategy import GradientStrategy, gradient_strategy
 from frontier_jax.train.update import apply_update
 
 if TYPE_CHECKING:  # the composed config sits above train
@@ -53,8 +54,8 @@ class Trainer:
         program: ModelProgram | None = None,
     ):
         """mesh: when given, activations are constrained to it by the `cfg.mesh.rules` table.
-        objective: default `Pretrain(cfg)`; strategy: default micro-batch accumulation over
-        `cfg.train.micro_batches`; program: the model program of `cfg` on `mesh`, when already built."""
+        objective: default `Pretrain(cfg)`; strategy: default `gradient_strategy(cfg)` (micro-batch
+        accumulation over `cfg.train.micro_batches`, or pipeline stages with `train.pipeline.schedule`); program: the model program of `cfg` on `mesh`, when already built."""
         self.cfg = cfg
         self.program = program or model_program(cfg, mesh)
         self.mesh = self.program.mesh
@@ -62,7 +63,7 @@ class Trainer:
         self.abstract_params = self.program.abstract_params
         self.abstract_biases = self.program.abstract_biases
         self.objective = objective or Pretrain(cfg)
-        self.strategy = strategy or MicroBatchScan(self.program.model, cfg.train.micro_batches)
+        self.strategy = strategy or gradient_strategy(cfg, self.program)
         decay_mask = jax.tree.map(
             lambda v: "norm" not in v.get_metadata()["logical_axes"],
             self.abstract_params,

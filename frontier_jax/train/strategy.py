@@ -4,19 +4,34 @@ A strategy is called as
     strategy(params, biases, batch, objective, normalisers) -> (loss, metrics, aux, grads)
 with loss, metrics and aux (expert loads) summed over the pieces it splits the batch into and
 grads the gradient of that summed loss w.r.t. params.  `MicroBatchScan` is gradient
-accumulation; a pipeline executor over the `stage` axis is another strategy of this shape.
+accumulation; `PipelineStages` streams the same micro-batches through pipeline stages over the
+mesh's `stage` axis; `gradient_strategy` picks one from the config.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from frontier_jax.model import Transformer
-from frontier_jax.train.objectives import Objective
+from frontier_jax.model.transformer import ModelOutput
+from frontier_jax.parallel.pipeline.executor import (
+    pipeline_value_and_grad,
+    stack_for_stages,
+    unstack_from_stages,
+)
+from frontier_jax.parallel.pipeline.plan import StagePlan, pipeline_plan
+from frontier_jax.runtime.program import ModelProgram
+from frontier_jax.train.objectives import Objective, StagedObjective
+
+if TYPE_CHECKING:  # the composed config sits above train
+    from frontier_jax.config import Config
+
+STACK = "moe_layers"  # the Transformer's stack that pipeline chunks split (`parallel/pipeline/plan.py`)
 
 
 class GradientStrategy(Protocol):
@@ -25,6 +40,11 @@ class GradientStrategy(Protocol):
     def __call__(
         self, params: dict, biases: dict, batch: Any, objective: Objective, normalisers: dict
     ) -> tuple[jax.Array, dict, Any, dict]: ...
+
+
+def split_micro_batches(batch: Any, m: int) -> Any:
+    """Leaves [B, ...] -> [M, B / M, ...]: micro-batch i holds rows i B/M .. (i+1) B/M - 1."""
+    return jax.tree.map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), batch)
 
 
 class MicroBatchScan:
@@ -37,14 +57,12 @@ class MicroBatchScan:
         self.model, self.micro_batches = model, micro_batches
 
     def __call__(self, params, biases, batch, objective, normalisers):
-        m = self.micro_batches
-
         def micro_loss(p, mb):
             loss, metrics, aux = objective(self.model(p, biases), mb, normalisers)
             return loss, (metrics, aux)
 
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-        micro = jax.tree.map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), batch)
+        micro = split_micro_batches(batch, self.micro_batches)
 
         def accumulate(carry, mb):
             (loss, (metrics, aux)), grads = grad_fn(params, mb)
@@ -58,3 +76,99 @@ class MicroBatchScan:
         )
         (loss, metrics, aux, grads), _ = jax.lax.scan(accumulate, zeros, micro)
         return loss, metrics, aux, grads
+
+
+class PipelineStages:
+    """The M micro-batches of `MicroBatchScan`, streamed through the stages of `plan` by the
+    SPMD executor (`parallel.pipeline.executor`): the MoE stack [L, ...] is cut into C chunks of
+    L / C layers; the embedding and dense prefix run in front of chunk 0, final norm, head, loss
+    and MTP after chunk C-1 (`Transformer.front` / `back`).  Per micro-batch m
+
+        loss_m = output_terms(back(x_C)) + routing_terms(MTP stats) + sum_c routing_terms(chunk c's stats)
+
+    which is the objective's loss of the unpipelined model (`StagedObjective`); the MoE statistics
+    of every layer come back from the chunks (loads for the bias update, balance, drops), and
+    grads = sum_m d loss_m / d params, as `MicroBatchScan` gives them."""
+
+    def __init__(self, program: ModelProgram, plan: StagePlan):
+        mesh = program.mesh
+        if mesh is None or mesh.shape.get("stage", 1) != plan.stages:
+            found = None if mesh is None else dict(mesh.shape)
+            raise ValueError(
+                f"pipeline schedule {plan.schedule.name} on {plan.stages} stages needs a mesh with "
+                f"stage={plan.stages}; got {found} (build the trainer on the config's mesh)"
+            )
+        self.program, self.plan, self.micro_batches = program, plan, plan.micro_batches
+        self.table = plan.table
+        abstract = nnx.merge(program.graphdef, program.abstract_params, program.abstract_biases)
+        self._stack_def = nnx.graphdef(getattr(abstract, STACK))
+        self._stack_shapes = (
+            nnx.to_pure_dict(program.abstract_params)[STACK],
+            nnx.to_pure_dict(program.abstract_biases)[STACK],
+        )
+
+    def _model(self, ends) -> Transformer:
+        """The Transformer holding the `ends` parameters and biases; its MoE stack holds only
+        shapes (the chunks run it)."""
+        params, biases = ends
+        return self.program.model(
+            {**params, STACK: self._stack_shapes[0]}, {**biases, STACK: self._stack_shapes[1]}
+        )
+
+    def __call__(self, params, biases, batch, objective: StagedObjective, normalisers):
+        for method in ("sequence_inputs", "output_terms", "routing_terms"):
+            if not hasattr(objective, method):
+                raise TypeError(
+                    f"{type(objective).__name__} cannot be cut into pipeline stages: it has no "
+                    f"{method} (see train.objectives.StagedObjective)"
+                )
+        m, plan = self.micro_batches, self.plan
+        per_micro_batch = {
+            "batch": split_micro_batches(batch, m),
+            "norm": jax.tree.map(lambda v: jnp.broadcast_to(v, (m,) + jnp.shape(v)), normalisers),
+        }
+        ends = tuple({k: v for k, v in tree.items() if k != STACK} for tree in (params, biases))
+        chunks = jax.tree.map(
+            lambda a: a.reshape((plan.chunks, plan.layers_per_chunk) + a.shape[1:]),
+            (params[STACK], biases[STACK]),
+        )
+
+        def embed(ends, b):
+            mb = b["batch"]
+            return self._model(ends).front(mb.input_ids, objective.sequence_inputs(mb))
+
+        def chunk(p, x, b):
+            y, stats = nnx.merge(self._stack_def, *p)(x, objective.sequence_inputs(b["batch"]))
+            return y, objective.routing_terms([stats], b["norm"])[0], stats
+
+        def head(ends, y, b):
+            mb, norm = b["batch"], b["norm"]
+            logits, mtp_logits, mtp_stats = self._model(ends).back(
+                y, mb.input_ids, objective.sequence_inputs(mb)
+            )
+            loss, metrics = objective.output_terms(logits, mtp_logits, mb, norm)
+            return loss + objective.routing_terms([mtp_stats], norm)[0], (metrics, mtp_stats)
+
+        run = pipeline_value_and_grad(self.table, self.program.mesh, embed, chunk, head)
+        loss, (metrics, mtp_stats), stats, (d_chunks, d_ends), _ = run(
+            stack_for_stages(self.table, chunks), ends, per_micro_batch
+        )
+        layers = lambda t: jax.tree.map(
+            lambda a: a.reshape((-1,) + a.shape[2:]), unstack_from_stages(self.table, t)
+        )  # noqa: E731
+        moe_stats = layers(stats)  # [L, ...] summed over micro-batches
+        _, routing = objective.routing_terms(
+            [moe_stats, mtp_stats], normalisers
+        )  # additive: sums in, sums out
+        grads = {**d_ends[0], STACK: layers(d_chunks)[0]}  # expert biases get no gradient
+        loads = self.program.model(params, biases).expert_loads(ModelOutput(None, None, moe_stats, mtp_stats))
+        return loss, metrics | routing, loads, grads
+
+
+def gradient_strategy(cfg: Config, program: ModelProgram) -> GradientStrategy:
+    """`PipelineStages` where `train.pipeline.schedule` is set, else `MicroBatchScan` over
+    `train.micro_batches`."""
+    plan = pipeline_plan(cfg)
+    if plan is None:
+        return MicroBatchScan(program.model, cfg.train.micro_batches)
+    return PipelineStages(program, plan)

@@ -132,7 +132,9 @@ def pipeline_value_and_grad(
         def forward(c, row):
             j, m = row[Field.F_CHUNK], row[Field.F_MB]
             x_in = c["act"][jnp.maximum(row[Field.F_INPUT], 0)]
-            (y, loss), (stats, metrics) = chunk_with_ends(pick(params, j), ends, x_in, pick(batch, m), mine[j])
+            (y, loss), (stats, metrics) = chunk_with_ends(
+                pick(params, j), ends, x_in, pick(batch, m), mine[j]
+            )
             c = dict(
                 c,
                 stash_x=c["stash_x"].at[row[Field.F_STASH]].set(x_in),
@@ -204,16 +206,12 @@ def pipeline_value_and_grad(
             c, y = forward(c, row)
             return c, y, dx
 
-        branches = [None] * len(Op)
-        for op, fn in (
-            (Op.IDLE, idle),
-            (Op.F, op_f),
-            (Op.B, op_b),
-            (Op.I, op_i),
-            (Op.W, op_w),
-            (Op.FB, op_fb),
-        ):
-            branches[op] = fn
+        # only the ops the table uses get a branch (each compiles the chunk once more)
+        ops = {Op.IDLE: idle, Op.F: op_f, Op.B: op_b, Op.I: op_i, Op.W: op_w, Op.FB: op_fb}
+        used = sorted(set(np.unique(table.table[:, :, Field.OP]).tolist()) | {Op.IDLE})
+        branches = [ops[Op(op)] for op in used]
+        branch_of = np.zeros(len(Op), np.int32)
+        branch_of[used] = np.arange(len(used))
 
         def write(buf, slot, value):
             safe = jnp.maximum(slot, 0)
@@ -221,7 +219,7 @@ def pipeline_value_and_grad(
 
         def tick(c, table_t):
             row = table_t[rank]
-            c, act_out, grad_out = jax.lax.switch(row[Field.OP], branches, c, row)
+            c, act_out, grad_out = jax.lax.switch(jnp.asarray(branch_of)[row[Field.OP]], branches, c, row)
             ring = s.ranks
             to_next = jnp.stack(
                 [

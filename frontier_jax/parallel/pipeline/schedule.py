@@ -231,8 +231,8 @@ def _check_sizes(name: str, ranks: int, microbatches: int, least: int, multiple:
     if microbatches < least or microbatches % multiple:
         need = f">= {least}" + (f" and a multiple of {multiple}" if multiple > 1 else "")
         raise ScheduleError(
-            f"train.pipeline.microbatches={microbatches}: schedule {name} on {ranks} stages needs {need}; "
-            "raise train.pipeline.microbatches"
+            f"train.micro_batches={microbatches}: schedule {name} on {ranks} stages needs {need}; "
+            "raise train.micro_batches"
         )
 
 
@@ -407,18 +407,6 @@ def build(name: ScheduleName | str, ranks: int, microbatches: int) -> Schedule:
             f"train.pipeline.schedule={name!r} is not a schedule; choose one of {choices}"
         ) from None
     return BUILDERS[key](ranks, microbatches)
-
-
-def layers_per_chunk(name: ScheduleName | str, stages: int, num_layers: int) -> int:
-    """The rule that splits ``model.num_layers`` blocks into the schedule's chunks: equal
-    consecutive slices, chunk c holding blocks ``[c*L, (c+1)*L)``; an error if they do not divide."""
-    chunks = chunks_for(name, stages)
-    if num_layers < chunks or num_layers % chunks:
-        raise ScheduleError(
-            f"model.num_layers={num_layers}: schedule {ScheduleName(name).value} on mesh.stage={stages} "
-            f"cuts the stack into {chunks} chunks of equal depth; use a multiple of {chunks} layers"
-        )
-    return num_layers // chunks
 
 
 # --------------------------------------------------------------------------- CSV

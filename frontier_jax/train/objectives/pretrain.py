@@ -9,7 +9,7 @@ accumulation equals one large batch up to fp32 rounding.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import jax
@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from frontier_jax.model import Transformer
-from frontier_jax.model.moe import rows_with_tokens
+from frontier_jax.model.block import SequenceInputs
+from frontier_jax.model.moe import MoEStats, rows_with_tokens
 from frontier_jax.train.losses import masked_sum, mtp_targets, token_cross_entropy
 
 if TYPE_CHECKING:  # the composed config sits above train
@@ -74,10 +75,25 @@ class Pretrain:
         return norm
 
     def __call__(self, model: Transformer, mb: Batch, norm: dict) -> tuple[jax.Array, dict, dict]:
+        inputs = self.sequence_inputs(mb)
+        out = model.forward(mb.input_ids, inputs.positions, inputs.segment_ids, token_mask=inputs.token_mask)
+        loss, metrics = self.output_terms(out.logits, out.mtp_logits, mb, norm)
+        routing_loss, routing = self.routing_terms([out.moe_stats, out.mtp_stats], norm)
+        return loss + routing_loss, metrics | routing, model.expert_loads(out)
+
+    # The parts of one micro-batch's loss, so that a pipeline can compute each where its inputs are.
+
+    def sequence_inputs(self, mb: Batch) -> SequenceInputs:
+        """What every block reads: positions, document ids (data.mask_documents), token_mask."""
+        return SequenceInputs(mb.positions, self._segments(mb), mb.token_mask)
+
+    def output_terms(
+        self, logits: jax.Array, mtp_logits: jax.Array | None, mb: Batch, norm: dict
+    ) -> tuple[jax.Array, dict]:
+        """(L_CE + z L_z + lambda L_MTP, their metrics) from the logits [B, T, V] and the MTP
+        logits [D, B, T, V] (None without MTP)."""
         cfg = self.cfg
-        segment_ids = self._segments(mb)
-        out = model.forward(mb.input_ids, mb.positions, segment_ids, token_mask=mb.token_mask)
-        ce, lse = token_cross_entropy(out.logits, mb.targets)
+        ce, lse = token_cross_entropy(logits, mb.targets)
         ce_sum = masked_sum(ce, mb.loss_mask)
         loss = ce_sum / norm["tokens"]
         metrics = {"ce_sum": ce_sum}
@@ -85,27 +101,30 @@ class Pretrain:
             z_sum = masked_sum(lse * lse, mb.loss_mask)
             loss += cfg.train.z_loss * z_sum / norm["tokens"]
             metrics["z_sum"] = z_sum
-        if out.mtp_logits is not None:
-            targets, masks = mtp_targets(mb.targets, mb.loss_mask, segment_ids, cfg.model.mtp_depth)
-            mtp_ce, _ = token_cross_entropy(out.mtp_logits, targets)
+        if mtp_logits is not None:
+            targets, masks = mtp_targets(mb.targets, mb.loss_mask, self._segments(mb), cfg.model.mtp_depth)
+            mtp_ce, _ = token_cross_entropy(mtp_logits, targets)
             per_depth = jnp.sum(mtp_ce * masks, axis=(1, 2))  # [D]
             mtp_loss = jnp.sum(per_depth / norm["mtp_targets"]) / cfg.model.mtp_depth
             loss += cfg.train.mtp_lambda * mtp_loss
             metrics["mtp_loss"] = mtp_loss
-        layers = [stats for stats in (out.moe_stats, out.mtp_stats) if stats is not None]
-        total = lambda field: (
-            sum(getattr(stats, field).sum() for stats in layers) if layers else jnp.zeros(())
-        )
+        return loss, metrics
+
+    def routing_terms(self, stats: Sequence[MoEStats | None], norm: dict) -> tuple[jax.Array, dict]:
+        """(alpha sum_layers L_Bal / balance_rows, routing metrics) of MoE layers' statistics
+        (stacks [L, ...]; None entries skipped).  Additive over disjoint sets of layers and over
+        micro-batches: groups_per_token is divided by the model's count of MoE layers (main + MTP)."""
+        layers = [s for s in stats if s is not None]
+        total = lambda field: sum(getattr(s, field).sum() for s in layers) if layers else jnp.zeros(())  # noqa: E731
         balance = total("balance_loss") / norm["balance_rows"]
-        loss += cfg.train.balance_alpha * balance
-        n_layers = sum(stats.load.shape[0] for stats in layers)
-        metrics.update(
+        n_layers = self.cfg.model.num_moe_layers + self.cfg.model.mtp_depth
+        metrics = dict(
             balance_loss=balance,
             dropped=total("dropped"),
             a2a_bytes=total("a2a_bytes"),
             groups_per_token=total("groups_per_token") / max(n_layers, 1) / norm["micro_batches"],
         )
-        return loss, metrics, model.expert_loads(out)
+        return self.cfg.train.balance_alpha * balance, metrics
 
     def summarize(self, metrics: dict, norm: dict) -> dict:
         ce = metrics["ce_sum"] / norm["tokens"]

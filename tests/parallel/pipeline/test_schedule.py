@@ -150,7 +150,7 @@ def test_invalid_schedules_are_refused(text, match):
 
 def test_bad_sizes_name_the_field():
     with pytest.raises(
-        S.ScheduleError, match=r"train.pipeline.microbatches=6: schedule dualpipev on 4 stages needs >= 8"
+        S.ScheduleError, match=r"train.micro_batches=6: schedule dualpipev on 4 stages needs >= 8"
     ):
         S.build("dualpipev", 4, 6)
     with pytest.raises(S.ScheduleError, match="multiple of 4"):
@@ -159,12 +159,3 @@ def test_bad_sizes_name_the_field():
         S.ScheduleError, match=r"train.pipeline.schedule='zb' is not a schedule; choose one of gpipe"
     ):
         S.build("zb", 4, 8)
-
-
-def test_layers_split_into_equal_chunks_or_error():
-    assert S.layers_per_chunk("1f1b", 4, 8) == 2
-    assert S.layers_per_chunk("dualpipev", 4, 16) == 2
-    with pytest.raises(
-        S.ScheduleError, match=r"model.num_layers=12: schedule dualpipev on mesh.stage=4 .* 8 chunks"
-    ):
-        S.layers_per_chunk("dualpipev", 4, 12)

@@ -90,4 +90,4 @@ def test_timeline_png_is_written(tmp_path, capsys):
         timeline_main(["--schedule", "dualpipev", "--stages", "4", "--microbatches", "6", "--out", str(out)])
         == 2
     )
-    assert "error: train.pipeline.microbatches=6" in capsys.readouterr().err
+    assert "error: train.micro_batches=6" in capsys.readouterr().err

@@ -1,0 +1,216 @@
+"""How a DeepSeek-V3-shaped model is cut into pipeline chunks, and the `train.pipeline:` section.
+
+The rule (printed by ``frontier-jax describe --mesh ...``): with ``C`` chunks (``mesh.stage``
+for gpipe / 1f1b / zb-h1, ``2 mesh.stage`` for interleaved-1f1b and dualpipev) and ``L`` MoE
+blocks (``model.num_layers - model.first_k_dense``),
+
+- chunk 0 starts with the token embedding and the dense prefix (the first_k_dense blocks);
+- the MoE blocks split into C equal runs of consecutive layers: chunk c holds MoE blocks
+  ``[c L/C, (c+1) L/C)``, i.e. model blocks ``first_k_dense + [c L/C, (c+1) L/C)``;
+- the last chunk ends with the final norm, the output head, the loss and the MTP modules;
+- chunk c runs on rank ``schedule.chunk_rank[c]`` (rank r: chunk r in a loop; chunks r and
+  2P-1-r in DualPipeV's V, so rank 0 holds both ends; r, r+P, ... when interleaved).
+
+The MoE stack's parameters (logical axis ``layers``) are sharded over ``stage`` in P contiguous
+blocks, which is each rank's chunk in a loop placement; the V and interleaved placements gather
+their chunks from those blocks each step. Everything else (embedding, dense prefix, head, MTP) is
+replicated over ``stage`` (the SPMD executor runs the ends under a rank-dependent ``cond``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+from typing import TYPE_CHECKING, Optional
+
+from frontier_jax.parallel.pipeline.schedule import (
+    Schedule,
+    ScheduleError,
+    ScheduleName,
+    TickTable,
+    build,
+    chunks_for,
+    lower,
+)
+from frontier_jax.parallel.pipeline.simulate import Costs, lockstep_makespan, simulate
+
+if TYPE_CHECKING:  # the composed config sits above parallel
+    from frontier_jax.config import Config
+
+# The schedule names as config choices (OmegaConf reads an Enum field by member name).
+PipelineSchedule = enum.StrEnum("PipelineSchedule", {s.value: s.value for s in ScheduleName})
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    """`train.pipeline:`.  schedule: the pipeline schedule over the `stage` mesh axis (null: no
+    pipeline, mesh.stage must be 1).  The global batch is split into `train.micro_batches`
+    micro-batches, which the schedule streams through the stages."""
+
+    schedule: Optional[PipelineSchedule] = None
+
+    def validate(self) -> "PipelineConfig":
+        return self  # checked with the mesh and the model: `pipeline_plan`
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    """A schedule (its ranks = mesh.stage, its micro-batches = train.micro_batches) over a model
+    of `dense_prefix` dense and `moe_layers` MoE blocks (+ `mtp_depth` MTP modules)."""
+
+    schedule: Schedule
+    dense_prefix: int
+    moe_layers: int
+    mtp_depth: int
+
+    @property
+    def stages(self) -> int:
+        return self.schedule.ranks
+
+    @property
+    def micro_batches(self) -> int:
+        return self.schedule.microbatches
+
+    @property
+    def chunks(self) -> int:
+        return self.schedule.chunks
+
+    @property
+    def layers_per_chunk(self) -> int:
+        return self.moe_layers // self.chunks
+
+    @functools.cached_property
+    def table(self) -> TickTable:
+        return lower(self.schedule)
+
+    def chunk_blocks(self, chunk: int) -> range:
+        """The model blocks (0 .. num_layers-1, dense prefix first) in chunk `chunk`."""
+        start = self.dense_prefix + chunk * self.layers_per_chunk
+        return range(start, start + self.layers_per_chunk)
+
+    def rank_parts(self, rank: int) -> list[str]:
+        """What rank `rank` runs, chunk by chunk (model block numbers, dense prefix first), e.g.
+        ['chunk 0: embedding, dense blocks 0-0, MoE blocks 1-2']."""
+        parts = []
+        for c in self.schedule.local_chunks[rank]:
+            blocks = self.chunk_blocks(c)
+            what = []
+            if c == 0:
+                what.append(
+                    "embedding" + (f", dense blocks 0-{self.dense_prefix - 1}" if self.dense_prefix else "")
+                )
+            what.append(f"MoE blocks {blocks.start}-{blocks.stop - 1}")
+            if c == self.chunks - 1:
+                what.append("final norm, head, loss" + (f", MTP x{self.mtp_depth}" if self.mtp_depth else ""))
+            parts.append(f"chunk {c}: " + ", ".join(what))
+        return parts
+
+
+def stage_plan(
+    schedule: ScheduleName | str,
+    stages: int,
+    micro_batches: int,
+    *,
+    num_layers: int,
+    first_k_dense: int,
+    mtp_depth: int = 0,
+) -> StagePlan:
+    """The plan of `schedule`, checked: it is a schedule, it builds for these sizes (e.g.
+    DualPipeV needs micro_batches >= 2 stages) and the MoE blocks split into its chunks."""
+    built = build(schedule, stages, micro_batches)
+    name = ScheduleName(schedule)
+    moe = num_layers - first_k_dense
+    chunks = chunks_for(name, stages)
+    if moe < chunks or moe % chunks:
+        fits = max(chunks, moe // chunks * chunks)
+        raise ScheduleError(
+            f"model.num_layers={num_layers} with model.first_k_dense={first_k_dense} leaves {moe} MoE blocks; "
+            f"schedule {name.value} on mesh.stage={stages} cuts them into {chunks} chunks of equal depth "
+            f"(the dense prefix runs with the embedding in chunk 0): use a multiple of {chunks} MoE blocks, "
+            f"e.g. model.num_layers={first_k_dense + fits} or {first_k_dense + fits + chunks}"
+        )
+    return StagePlan(built, first_k_dense, moe, mtp_depth)
+
+
+def pipeline_plan(cfg: Config) -> StagePlan | None:
+    """The stage plan of a run config (None without a pipeline); raises ValueError naming the
+    fields for mesh.stage > 1 without train.pipeline.schedule and for the checks of `stage_plan`."""
+    schedule = cfg.train.pipeline.schedule
+    if schedule is None:
+        if cfg.mesh.stage > 1:
+            choices = ", ".join(s.value for s in PipelineSchedule)
+            raise ValueError(
+                f"mesh.stage={cfg.mesh.stage} needs a pipeline schedule: set train.pipeline.schedule "
+                f"to one of {choices} (and train.micro_batches to the micro-batches it streams), or "
+                "keep mesh.stage=1 and split the devices over mesh.data / mesh.fsdp / mesh.expert"
+            )
+        return None
+    return stage_plan(
+        schedule,
+        cfg.mesh.stage,
+        cfg.train.micro_batches,
+        num_layers=cfg.model.num_layers,
+        first_k_dense=cfg.model.first_k_dense,
+        mtp_depth=cfg.model.mtp_depth,
+    )
+
+
+# Per-chunk pass costs `describe` simulates with: those of one 1F1B stage (F = 1, B = 2 F with
+# W = F, DeepSeek's overlapped F&B = 2.5 F), divided among a rank's chunks.
+STAGE_COSTS = Costs(F=1.0, B=2.0, W=1.0, FB=2.5)
+
+
+def describe_plan(plan: StagePlan, costs: Costs = STAGE_COSTS) -> dict:
+    """Layers per rank and the simulator's figures for `plan`: makespan and bubble fraction (per
+    rank in its own order, and lock-step: each executor tick waits for its slowest rank), peak
+    live micro-batch activations per rank, and the executor's buffers (slots of one micro-batch
+    activation [rows, seq, d] each: input stash and output-cotangent stash of K slots, receive
+    slots)."""
+    v = plan.schedule.chunks_per_rank
+    per_chunk = Costs(
+        costs.F / v, costs.B / v, costs.W / v, None if costs.FB is None else costs.FB / v, costs.p2p
+    )
+    sim = simulate(plan.schedule, per_chunk)
+    lockstep = lockstep_makespan(plan.table, per_chunk)
+    busy = sum(sim.busy)
+    return {
+        "schedule": plan.schedule.name,
+        "stages": plan.stages,
+        "micro_batches": plan.micro_batches,
+        "chunks": plan.chunks,
+        "moe_blocks_per_chunk": plan.layers_per_chunk,
+        "ranks": [plan.rank_parts(r) for r in range(plan.stages)],
+        "costs": dataclasses.asdict(per_chunk),
+        "makespan": sim.makespan,
+        "bubble_fraction": sim.bubble_fraction,
+        "lockstep_makespan": lockstep,
+        "lockstep_bubble_fraction": 1 - busy / (plan.stages * lockstep),
+        "ticks": plan.table.ticks,
+        "peak_live": list(sim.peak_live),
+        "buffer_slots": buffer_slots(plan.table),
+    }
+
+
+def buffer_slots(table: TickTable) -> int:
+    """Micro-batch activations [rows, seq, d] the executor allocates per rank: input stash and
+    cotangent stash (K slots each), activation and gradient receive slots."""
+    return 2 * table.stash_slots + table.act_slots + table.grad_slots
+
+
+def format_plan(d: dict) -> str:
+    c = d["costs"]
+    fb = "" if c["FB"] is None else f", F&B {c['FB']:g}"
+    lines = [
+        f"pipeline {d['schedule']} on {d['stages']} stages, {d['micro_batches']} micro-batches: "
+        f"{d['chunks']} chunks of {d['moe_blocks_per_chunk']} MoE blocks",
+    ]
+    lines += [f"  rank {r}: " + "; ".join(parts) for r, parts in enumerate(d["ranks"])]
+    lines += [
+        f"  simulated with per-chunk costs F {c['F']:g}, B {c['B']:g}, W {c['W']:g}{fb}: bubble "
+        f"{d['bubble_fraction']:.1%} (makespan {d['makespan']:g}); lock-step executor, {d['ticks']} ticks: "
+        f"bubble {d['lockstep_bubble_fraction']:.1%} (makespan {d['lockstep_makespan']:g})",
+        f"  live micro-batch activations per rank (peak): {d['peak_live']}; executor buffers: "
+        f"{d['buffer_slots']} micro-batch activations per rank (stash, cotangent stash, receive slots)",
+    ]
+    return "\n".join(lines)
