@@ -1,8 +1,9 @@
-"""Input pipeline: sources -> screen -> mixture -> tokenize -> pack -> batch.
+"""Input pipeline: per source screen -> tokenize -> window-shuffle -> pack; the mixture schedule
+draws each row of a batch from one source.
 
 it = build_train_iterator(cfg.data, seq_len=T, global_batch=B)
 batch = next(it)                          # dict of int32 [B, T] arrays (the whole global batch)
-stats = DataStats.from_state(it.get_state())   # skipped / split document counts per source
+stats = DataStats.from_state(it.get_state())   # document counts, tokens and shares per source
 state = it.get_state()                    # JSON-serialisable; it.set_state(state) resumes
 continue_documents(it2, state)            # it2 (other seq_len / batch) reads on from it's documents
 """
@@ -13,7 +14,7 @@ from frontier_jax.data.checkpoint import (
     restore_iterator_state,
     save_iterator_state,
 )
-from frontier_jax.data.config import DataConfig, RecordFormat, SourceConfig
+from frontier_jax.data.config import DataConfig, MixtureStage, RecordFormat, SourceConfig
 from frontier_jax.data.continuation import continue_documents
 from frontier_jax.data.pipeline import (
     build_train_dataset,
@@ -29,6 +30,7 @@ __all__ = [
     "DataConfig",
     "DataError",
     "DataStats",
+    "MixtureStage",
     "RecordFormat",
     "SourceConfig",
     "Tokenizer",

@@ -43,7 +43,8 @@ class SourceConfig:
       kind: one of `SOURCE_KINDS`.
       path: a file or a glob pattern; required for file kinds; for kind prepared the
         directory of one prepared source (`<data prepare --out>/<name>`); unused otherwise.
-      weight: relative share of documents drawn from this source (> 0).
+      weight: relative share of the rows (tokens) drawn from this source (>= 0; the
+        weights of all sources must sum to > 0), from step 0 until the first of `data.stages`.
       format: what a record holds (`RecordFormat`); embedded sources are text, a prepared
         source's format is the one it was prepared from (leave it text).
       text_field: JSON key (jsonl, JSON array_record records) or Parquet column
@@ -84,8 +85,10 @@ class SourceConfig:
                 f"{where}.path is not set for kind={self.kind!r}: give the directory of a prepared "
                 "source (frontier-jax data prepare --out DIR writes DIR/<source name>)."
             )
-        if not self.weight > 0:
-            raise ValueError(f"{where}.weight={self.weight!r} must be > 0: drop the source to exclude it.")
+        if not self.weight >= 0:
+            raise ValueError(
+                f"{where}.weight={self.weight!r} must be >= 0: give a share, or 0 to leave the source out."
+            )
         if self.kind in EMBEDDED_KINDS and self.format != RecordFormat.text:
             raise ValueError(
                 f"{where}.format={RecordFormat(self.format).value!r}: embedded sources are "
@@ -117,6 +120,36 @@ class SourceConfig:
                 raise ValueError(f"{where}.{field_name} is empty: name the field holding it.")
 
 
+@dataclasses.dataclass
+class MixtureStage:
+    """Mixture weights from one step on (see `DataConfig.stages`).
+
+    Attributes:
+      start_step: the first step (0-based: the number of steps done before it) whose batch
+        is drawn with these weights.
+      weights: {source name: relative share of rows (>= 0)}; a source not named gets 0.
+    """
+
+    start_step: int
+    weights: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def validate(self, names: list[str], where: str) -> None:
+        """Raises ValueError naming the field, its value and the fix."""
+        for name, weight in self.weights.items():
+            if name not in names:
+                raise ValueError(
+                    f"{where}.weights names source {name!r}, which is not in data.sources "
+                    f"(sources: {names}): fix the name or add the source."
+                )
+            if not weight >= 0:
+                raise ValueError(f"{where}.weights.{name}={weight!r} must be >= 0.")
+        if not sum(self.weights.values()) > 0:
+            raise ValueError(
+                f"{where}.weights={dict(self.weights)} do not sum to a positive total: "
+                "give at least one source a weight > 0."
+            )
+
+
 def _default_sources() -> list[SourceConfig]:
     return [
         SourceConfig(name="code", kind="embedded_code", weight=0.7),
@@ -130,6 +163,8 @@ class DataConfig:
 
     Attributes:
       sources: the mixture; default is the embedded code (0.7) + math (0.3) set.
+      stages: the mixture schedule: from each stage's start_step (strictly increasing) its
+        weights replace the sources' ones; [] = the sources' weights throughout.
       tokenizer: "byte" for the built-in byte-level tokenizer, else a path to a
         Hugging Face tokenizer.json.
       special_tokens: {name: token string} replacing the strings looked up for the named
@@ -142,7 +177,12 @@ class DataConfig:
       min_document_chars: shorter documents are skipped and counted.
       max_skipped_in_a_row: a source that skips this many records in a row
         (bad, empty or too short) without a document is an error naming it.
-      shuffle: shuffle each source globally (reshuffled every epoch).
+      shuffle: shuffle each source globally (reshuffled every epoch), then its chunks
+        through `shuffle_window`; False reads every source in order.
+      shuffle_window: chunks (pieces of at most seq_len tokens of a document) of each source
+        shuffled together before packing, so that the rows of a batch come from many
+        documents and a long document is spread over many batches; 0 = chunks in order.
+        Memory: window x seq_len x 12 bytes per source (and per worker).
       seed: seed of shuffling and of the generated math problems.
       worker_count: grain worker processes (0 = in the training process). Each
         worker packs its own slice of every source, so the batches depend on
@@ -150,6 +190,7 @@ class DataConfig:
     """
 
     sources: list[SourceConfig] = dataclasses.field(default_factory=_default_sources)
+    stages: list[MixtureStage] = dataclasses.field(default_factory=list)
     tokenizer: str = "byte"
     special_tokens: dict[str, str] = dataclasses.field(default_factory=dict)
     mask_documents: bool = False
@@ -157,6 +198,7 @@ class DataConfig:
     min_document_chars: int = 1
     max_skipped_in_a_row: int = 10_000
     shuffle: bool = True
+    shuffle_window: int = 1024
     seed: int = 0
     worker_count: int = 0
 
@@ -171,6 +213,20 @@ class DataConfig:
                 raise ValueError(
                     f"data.sources[{i}].name={source.name!r} is used twice: names must be unique."
                 )
+        if not sum(s.weight for s in self.sources) > 0:
+            raise ValueError(
+                f"data.sources[*].weight={[s.weight for s in self.sources]} do not sum to a positive total: "
+                "give at least one source a weight > 0."
+            )
+        for i, stage in enumerate(self.stages):
+            stage.validate(names, f"data.stages[{i}]")
+            previous = self.stages[i - 1].start_step if i else -1
+            if stage.start_step <= previous:
+                raise ValueError(
+                    f"data.stages[{i}].start_step={stage.start_step} is not after "
+                    + (f"data.stages[{i - 1}].start_step={previous}" if i else "-1 (steps count from 0)")
+                    + ": list the stages by strictly increasing start_step."
+                )
         if not self.tokenizer:
             raise ValueError('data.tokenizer is empty: use "byte" or a path to tokenizer.json.')
         if self.min_document_chars < 1:
@@ -184,5 +240,7 @@ class DataConfig:
             raise ValueError(f"data.max_skipped_in_a_row={self.max_skipped_in_a_row} must be >= 1.")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"data.seed={self.seed} must be in [0, 2**32).")
+        if self.shuffle_window < 0:
+            raise ValueError(f"data.shuffle_window={self.shuffle_window} must be >= 0 (0 = no shuffle window).")
         if self.worker_count < 0:
             raise ValueError(f"data.worker_count={self.worker_count} must be >= 0 (0 = no workers).")

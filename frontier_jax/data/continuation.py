@@ -2,17 +2,19 @@
 
 A staged run (the trainer's context stages) changes seq_len and global_batch at a step: the
 rows are packed afresh at the new length, from the documents the previous stage had not yet
-read. The pipeline marks its document stream (the screened mixture, before tokenizing and
-packing) with `DocumentStream`, whose state is {DOCUMENTS_KEY: the stream's state};
-`continue_documents(new, old_state)` sets a freshly built pipeline's document stream to the
-position found in the previous pipeline's state, leaving everything after it (tokenizer
-buffers, packer, batcher) fresh.
+read. The pipeline marks each source's document stream (its screened documents, before
+tokenizing and packing) with `DocumentStream`, whose state is {DOCUMENTS_KEY: the stream's
+state}, and the batch iterator's step count and mixture counts with POSITION_KEY;
+`continue_documents(new, old_state)` sets a freshly built pipeline's document streams and
+batch position to those found in the previous pipeline's state, leaving everything between
+them (tokenizer buffers, shuffle window, packer) fresh. The batches go on counting steps, so the
+mixture schedule and the batch-size ramp see the run's step, not the stage's.
 
-The position carried is where the previous packer last restarts from (grain's packers hold a
-few documents in their buffers and record the stream's position before them), so those few
+The position carried is where the previous packer (or shuffle window) last restarts from
+(they hold documents in their buffers and record the stream's position before them), so those
 documents are read again by the new stage; none is skipped. With grain workers every worker
 has its own document stream: the i-th stream of the new state gets the i-th of the old one
-(the worker count must not change between the two pipelines).
+(the sources and the worker count must not change between the two pipelines).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import grain
 
 DOCUMENTS_KEY = "frontier_documents"
+POSITION_KEY = "frontier_batch_position"
 
 
 class _DocumentStreamIterator(grain.DatasetIterator):
@@ -46,14 +49,14 @@ class DocumentStream(grain.IterDataset):
         return "DocumentStream"
 
 
-def _marked(state: Any) -> list[dict]:
-    """The dicts holding DOCUMENTS_KEY in a nested iterator state, in depth-first order."""
+def _marked(state: Any, key: str = DOCUMENTS_KEY) -> list[dict]:
+    """The dicts holding `key` in a nested iterator state, in depth-first order."""
     if isinstance(state, dict):
-        if DOCUMENTS_KEY in state:
+        if key in state:
             return [state]
-        return [found for value in state.values() for found in _marked(value)]
+        return [found for value in state.values() for found in _marked(value, key)]
     if isinstance(state, (list, tuple)):
-        return [found for value in state for found in _marked(value)]
+        return [found for value in state for found in _marked(value, key)]
     return []
 
 
@@ -71,4 +74,6 @@ def continue_documents(iterator: grain.DatasetIterator, previous_state: dict) ->
         )
     for target, source in zip(targets, sources):
         target[DOCUMENTS_KEY] = copy.deepcopy(source[DOCUMENTS_KEY])
+    for target, source in zip(_marked(state, POSITION_KEY), _marked(previous_state, POSITION_KEY)):
+        target[POSITION_KEY] = copy.deepcopy(source[POSITION_KEY])
     iterator.set_state(state)

@@ -7,6 +7,12 @@ next token of the same document and eos is predicted but never fed. Documents of
 more than `seq_len` pairs are cut into chunks of `seq_len` pairs. The loss mask
 travels with its pairs through both packers; padding gets 0.
 
+With `shuffle_window` W > 0 the chunks go through grain's window shuffle before packing:
+each run of W consecutive chunks is emitted in a seeded random order (a new permutation per
+window), so a long document's chunks land in rows far apart and each row and batch holds
+chunks of many documents.  Its state is the position of the window's start plus the chunks
+emitted from it (a restore reads the window again), so the stream stays resumable.
+
 Packing, by `mask_documents`:
   False (pre-training): grain's ConcatThenSplit concatenates the pair stream and
     cuts it every `seq_len` pairs: no padding, a document may continue on the
@@ -107,12 +113,17 @@ def pack_documents(
     seq_len: int,
     mask_documents: bool,
     num_bins: int,
+    shuffle_window: int = 0,
+    seed: int = 0,
 ) -> grain.IterDataset:
     """IterDataset[Document] -> IterDataset of rows {input_ids, targets, loss_mask, segment_ids, positions}.
 
     `num_bins`: rows filled at once by the SFT packer (more bins, less padding).
+    `shuffle_window`: chunks shuffled together before packing (0: in document order), with `seed`.
     """
     chunks = grain.experimental.FlatMapIterDataset(documents, TokenizeDocument(tokenizer, seq_len))
+    if shuffle_window:
+        chunks = grain.experimental.WindowShuffleIterDataset(chunks, window_size=shuffle_window, seed=seed)
     length_struct = {key: seq_len for key in _LENGTH_KEYS}
     if mask_documents:
         packed = grain.experimental.FirstFitPackIterDataset(

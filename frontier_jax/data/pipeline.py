@@ -1,4 +1,5 @@
-"""The training input pipeline: sources -> screen -> mixture -> tokenize -> pack -> batch.
+"""The training input pipeline: per source, screen -> tokenize -> window-shuffle -> pack into
+rows; then the mixture schedule draws each row of each batch from one source's rows.
 
 Every process runs the same deterministic pipeline and yields the whole global
 batch of B rows, whatever the number of processes: which rows a process needs
@@ -7,8 +8,11 @@ across them when `tensor` spans hosts, or both), so the training loop hands each
 of its devices the rows that device addresses. The iterator state is then the
 same on every process. The price is that each process tokenizes and packs every row.
 
-With a batch-size ramp only the first rows_at(k) rows of batch k are read; the rest
-are padding rows (loss_mask 0, segment_ids 0; see `batching.py`).
+Each row holds chunks of one source, so the mixture weights (`data.sources[*].weight`, then
+`data.stages`) are shares of rows, i.e. of tokens; batch k draws its rows with the weights of
+the stage of step k (`mixture.py`). With `data.worker_count` > 0 every source's rows are made
+by that many worker processes. With a batch-size ramp only the first rows_at(k) rows of batch
+k are read; the rest are padding rows (loss_mask 0, segment_ids 0; see `batching.py`).
 
 Batches are dicts of int32 numpy arrays [B, T]:
   input_ids    token ids fed to the model (pad_id on padding)
@@ -29,15 +33,16 @@ from typing import Callable, Optional
 import grain
 from absl import flags
 
-from frontier_jax.data.batching import RampBatchIterDataset
+from frontier_jax.data.batching import MixtureBatchIterDataset
 from frontier_jax.data.config import DataConfig, RecordFormat, SourceConfig
 from frontier_jax.data.continuation import DocumentStream
 from frontier_jax.data.fim import fim_documents
+from frontier_jax.data.mixture import MixtureSchedule
 from frontier_jax.data.packing import pack_documents
 from frontier_jax.data.prepared import check_prepared
 from frontier_jax.data.screen import ScreenIterDataset
 from frontier_jax.data.sources import source_records
-from frontier_jax.data.tokenizer import CHAT_SPECIALS, FIM_SPECIALS, load_tokenizer
+from frontier_jax.data.tokenizer import CHAT_SPECIALS, FIM_SPECIALS, Tokenizer, load_tokenizer
 
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
 _MIN_PACKING_BINS = 16
@@ -90,6 +95,35 @@ def source_documents(cfg: DataConfig, source: SourceConfig, num_epochs: Optional
     )
 
 
+def source_rows(
+    cfg: DataConfig,
+    source: SourceConfig,
+    *,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    global_batch: int,
+    num_epochs: Optional[int],
+) -> grain.IterDataset:
+    """IterDataset of the packed rows of one source (`packing.pack_documents`), made by
+    `data.worker_count` worker processes when > 0."""
+    rows = pack_documents(
+        DocumentStream(source_documents(cfg, source, num_epochs)),  # carried to other rows (continuation.py)
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+        mask_documents=cfg.mask_documents,
+        num_bins=max(global_batch, _MIN_PACKING_BINS),
+        shuffle_window=cfg.shuffle_window if cfg.shuffle else 0,
+        seed=_source_seed(cfg, source, "window/"),
+    )
+    if cfg.worker_count:
+        # grain 0.2.18 workers read absl flags, which fails unless they were parsed
+        # (google/grain#1355); programs that do not use absl.app parse none.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        rows = rows.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
+    return rows
+
+
 def build_train_dataset(
     cfg: DataConfig,
     *,
@@ -103,7 +137,8 @@ def build_train_dataset(
     `rows_at(k)`: the rows of batch k (from 0) read from the data, the rest padding (the
     batch-size ramp, `batching.py`); default: all `global_batch` rows.
     `num_epochs`: passes over each source (None = forever); with several sources
-    the mixture ends when its first source runs out. A last incomplete batch is dropped.
+    the mixture ends when the first source it draws from runs out. A last incomplete batch
+    is dropped.
     """
     validate_train_args(cfg, seq_len=seq_len, global_batch=global_batch, num_epochs=num_epochs)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.special_tokens)
@@ -114,27 +149,18 @@ def build_train_dataset(
         for name in FIM_SPECIALS:
             tokenizer.special_id(name)
     check_prepared(cfg, tokenizer)  # prepared shards intact and of this tokenizer, before training
-    mixture = DocumentStream(  # its position can be carried to a pipeline of other rows (continuation.py)
-        grain.IterDataset.mix(
-            {s.name: source_documents(cfg, s, num_epochs) for s in cfg.sources},
-            {s.name: s.weight for s in cfg.sources},
+    rows = {
+        s.name: source_rows(
+            cfg, s, tokenizer=tokenizer, seq_len=seq_len, global_batch=global_batch, num_epochs=num_epochs
         )
-    )
-    rows = pack_documents(
-        mixture,
-        tokenizer=tokenizer,
-        seq_len=seq_len,
-        mask_documents=cfg.mask_documents,
-        num_bins=max(global_batch, _MIN_PACKING_BINS),
-    )
-    if cfg.worker_count:
-        # grain 0.2.18 workers read absl flags, which fails unless they were parsed
-        # (google/grain#1355); programs that do not use absl.app parse none.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        rows = rows.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
-    return RampBatchIterDataset(
-        rows, global_batch=global_batch, rows_at=rows_at or (lambda _: global_batch), pad_id=tokenizer.pad_id
+        for s in cfg.sources
+    }
+    return MixtureBatchIterDataset(
+        rows,
+        schedule=MixtureSchedule.from_config(cfg),
+        global_batch=global_batch,
+        rows_at=rows_at or (lambda _: global_batch),
+        pad_id=tokenizer.pad_id,
     )
 
 

@@ -1,10 +1,12 @@
-"""Per-source counts of accepted, skipped and split documents.
+"""Per-source counts of accepted, skipped and split documents, and of the tokens trained on.
 
-The counts live inside the iterator state (under `STATS_KEY`, one entry per
+The document counts live inside the iterator state (under `STATS_KEY`, one entry per
 source and per grain worker), so they are exact with any `worker_count`, they
 are saved with every checkpoint and they continue after a resume. Being part of
-the restorable position, they trail the newest batch by the few records still
-held in the packer's buffer.
+the restorable position, they trail the newest batch by the records still held in
+the shuffle window and the packer's buffer.  The token counts (under `MIXTURE_KEY`, written
+by the batch iterator) are those of the batches yielded so far: the real tokens
+(segment_ids > 0) of each source, next to the share of the rows the mixture schedule asked for.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 from frontier_jax.data import records
 
 STATS_KEY = "frontier_data_stats"
+MIXTURE_KEY = "frontier_data_mixture"
 DOCUMENTS = "documents"  # accepted documents (before splitting)
 EMPTY = "empty"  # skipped: only whitespace
 TOO_SHORT = "too_short"  # skipped: fewer than data.min_document_chars characters
@@ -37,14 +40,18 @@ def zero_counts() -> dict[str, int]:
 
 @dataclasses.dataclass
 class DataStats:
-    """Counts per source: `counts[source][counter]`, counter in `COUNTERS`."""
+    """Counts per source: `counts[source][counter]`, counter in `COUNTERS`; `tokens[source]`
+    trained on and `target_share[source]`, the share of them the schedule asked for."""
 
     counts: dict[str, dict[str, int]]
+    tokens: dict[str, int] = dataclasses.field(default_factory=dict)
+    target_share: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_state(cls, state: Any) -> DataStats:
         """Sums the counts found anywhere in an iterator state (all workers, all sources)."""
         counts: dict[str, dict[str, int]] = {}
+        mixture = {"tokens": {}, "target_share": {}}
         pending = [state]
         while pending:
             node = pending.pop()
@@ -54,19 +61,30 @@ class DataStats:
                     total = counts.setdefault(entry["source"], zero_counts())
                     for name, value in entry["counts"].items():
                         total[name] += int(value)
+                mixture = node.get(MIXTURE_KEY, mixture)
                 pending.extend(node.values())
             elif isinstance(node, (list, tuple)):
                 pending.extend(node)
-        return cls(counts)
+        return cls(counts, dict(mixture["tokens"]), dict(mixture["target_share"]))
 
     def skipped(self, source: str) -> int:
         """Documents of `source` skipped for any reason."""
         return sum(self.counts[source][name] for name in SKIPPED)
 
-    def as_metrics(self, prefix: str = "data") -> dict[str, int]:
-        """Flat {"data/<source>/<counter>": n} for a metrics logger."""
-        return {
+    def token_share(self, source: str) -> float:
+        """Share of the tokens trained on so far that came from `source`."""
+        return self.tokens[source] / max(sum(self.tokens.values()), 1)
+
+    def as_metrics(self, prefix: str = "data") -> dict[str, float]:
+        """Flat {"data/<source>/<counter>": n, "data/<source>/tokens": n,
+        "data/<source>/token_share": x, "data/<source>/target_share": x} for a metrics logger."""
+        metrics = {
             f"{prefix}/{source}/{name}": value
             for source, per_source in sorted(self.counts.items())
             for name, value in per_source.items()
         }
+        for source in sorted(self.tokens):
+            metrics[f"{prefix}/{source}/tokens"] = self.tokens[source]
+            metrics[f"{prefix}/{source}/token_share"] = self.token_share(source)
+            metrics[f"{prefix}/{source}/target_share"] = self.target_share[source]
+        return metrics

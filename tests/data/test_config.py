@@ -1,7 +1,9 @@
 import omegaconf
 import pytest
 
-from frontier_jax.data import DataConfig, RecordFormat, SourceConfig
+from frontier_jax.data import DataConfig, MixtureStage, RecordFormat, SourceConfig
+
+TWO = [SourceConfig("code", "embedded_code"), SourceConfig("math", "embedded_math")]
 
 
 def test_default_config_is_the_embedded_code_and_math_mixture_and_valid():
@@ -30,8 +32,33 @@ def test_config_works_as_omegaconf_structured_config():
         (DataConfig(sources=[SourceConfig("a", "jsonl")]), ["data.sources[0].path", "glob"]),
         (
             DataConfig(sources=[SourceConfig("a", "embedded_math", weight=0.0)]),
-            ["data.sources[0].weight", "0.0"],
+            ["data.sources[*].weight=[0.0]", "positive total", "weight > 0"],
         ),
+        (
+            DataConfig(sources=[SourceConfig("a", "embedded_math", weight=-1.0)]),
+            ["data.sources[0].weight=-1.0", ">= 0"],
+        ),
+        (
+            DataConfig(sources=TWO, stages=[MixtureStage(10, {"code": 1}), MixtureStage(10, {"math": 1})]),
+            ["data.stages[1].start_step=10", "data.stages[0].start_step=10", "strictly increasing"],
+        ),
+        (
+            DataConfig(sources=TWO, stages=[MixtureStage(-1, {"code": 1})]),
+            ["data.stages[0].start_step=-1", "from 0"],
+        ),
+        (
+            DataConfig(sources=TWO, stages=[MixtureStage(5, {"code": 1, "web": 2})]),
+            ["data.stages[0].weights", "'web'", "not in data.sources", "['code', 'math']"],
+        ),
+        (
+            DataConfig(sources=TWO, stages=[MixtureStage(5, {"code": 0, "math": 0})]),
+            ["data.stages[0].weights", "positive total"],
+        ),
+        (
+            DataConfig(sources=TWO, stages=[MixtureStage(5, {"code": -0.5, "math": 1})]),
+            ["data.stages[0].weights.code=-0.5", ">= 0"],
+        ),
+        (DataConfig(shuffle_window=-1), ["data.shuffle_window=-1"]),
         (
             DataConfig(sources=[SourceConfig("a", "embedded_math"), SourceConfig("a", "embedded_code")]),
             ["data.sources[1].name", "unique"],
@@ -63,3 +90,13 @@ def test_record_format_and_special_tokens_load_from_omegaconf_and_bad_formats_na
         omegaconf.OmegaConf.merge(
             omegaconf.OmegaConf.structured(SourceConfig), {"name": "a", "kind": "jsonl", "format": "dialogue"}
         )
+
+
+def test_mixture_stages_load_from_omegaconf():
+    merged = omegaconf.OmegaConf.merge(
+        omegaconf.OmegaConf.structured(DataConfig),
+        {"stages": [{"start_step": 0, "weights": {"code": 1}}, {"start_step": 200, "weights": {"math": 2.5}}]},
+    )
+    cfg = omegaconf.OmegaConf.to_object(merged)
+    assert cfg.stages == [MixtureStage(0, {"code": 1.0}), MixtureStage(200, {"math": 2.5})]
+    cfg.validate()
