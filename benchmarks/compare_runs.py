@@ -20,7 +20,9 @@ import numpy as np
 
 def read_curve(run_dir: Path, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps, values) of `metric` in run_dir/metrics.jsonl."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [
+        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
+    ]
     by_step = {r["step"]: r[metric] for r in records if metric in r}
     steps = np.array(sorted(by_step))
     return steps, np.array([by_step[s] for s in steps], np.float64)
@@ -37,7 +39,9 @@ def figures(steps: np.ndarray, values: np.ndarray, after: int) -> dict[str, floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--run", action="append", required=True, metavar="LABEL=RUN_DIR")
     parser.add_argument("--out", required=True, type=Path, help="PNG to write")
     parser.add_argument("--metric", default="ce_loss")

@@ -41,7 +41,12 @@ class _MixtureBatchIterator(grain.DatasetIterator):
     ):
         self._sources = [sources[name] for name in schedule.names]
         super().__init__(self._sources)
-        self._schedule, self._global_batch, self._rows_at, self._pad_id = schedule, global_batch, rows_at, pad_id
+        self._schedule, self._global_batch, self._rows_at, self._pad_id = (
+            schedule,
+            global_batch,
+            rows_at,
+            pad_id,
+        )
         self._batches = 0
         self._stage_rows = [[0] * len(schedule.names) for _ in schedule.start_steps]
         self._tokens = [0] * len(schedule.names)
@@ -117,7 +122,12 @@ class MixtureBatchIterDataset(grain.IterDataset):
     ):
         super().__init__([sources[name] for name in schedule.names])
         self._named = dict(sources)
-        self._schedule, self._global_batch, self._rows_at, self._pad_id = schedule, global_batch, rows_at, pad_id
+        self._schedule, self._global_batch, self._rows_at, self._pad_id = (
+            schedule,
+            global_batch,
+            rows_at,
+            pad_id,
+        )
 
     def __iter__(self) -> grain.DatasetIterator:
         return _MixtureBatchIterator(

@@ -241,6 +241,8 @@ class DataConfig:
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"data.seed={self.seed} must be in [0, 2**32).")
         if self.shuffle_window < 0:
-            raise ValueError(f"data.shuffle_window={self.shuffle_window} must be >= 0 (0 = no shuffle window).")
+            raise ValueError(
+                f"data.shuffle_window={self.shuffle_window} must be >= 0 (0 = no shuffle window)."
+            )
         if self.worker_count < 0:
             raise ValueError(f"data.worker_count={self.worker_count} must be >= 0 (0 = no workers).")

@@ -95,7 +95,12 @@ def test_record_format_and_special_tokens_load_from_omegaconf_and_bad_formats_na
 def test_mixture_stages_load_from_omegaconf():
     merged = omegaconf.OmegaConf.merge(
         omegaconf.OmegaConf.structured(DataConfig),
-        {"stages": [{"start_step": 0, "weights": {"code": 1}}, {"start_step": 200, "weights": {"math": 2.5}}]},
+        {
+            "stages": [
+                {"start_step": 0, "weights": {"code": 1}},
+                {"start_step": 200, "weights": {"math": 2.5}},
+            ]
+        },
     )
     cfg = omegaconf.OmegaConf.to_object(merged)
     assert cfg.stages == [MixtureStage(0, {"code": 1.0}), MixtureStage(200, {"math": 2.5})]

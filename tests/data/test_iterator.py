@@ -121,7 +121,10 @@ def test_data_stats_are_read_from_the_iterator_state(write_jsonl):
 
 def test_worker_processes_give_resumable_batches_and_stats_summed_over_workers():
     cfg = DataConfig(
-        sources=[SourceConfig("math", "embedded_math")], worker_count=2, max_document_chars=20, shuffle_window=32
+        sources=[SourceConfig("math", "embedded_math")],
+        worker_count=2,
+        max_document_chars=20,
+        shuffle_window=4,
     )
     it = build_train_iterator(cfg, seq_len=32, global_batch=2)
     try:

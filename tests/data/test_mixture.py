@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from frontier_jax.data import DataConfig, DataStats, MixtureStage, build_train_iterator
+from frontier_jax.data import DataStats, MixtureStage, build_train_iterator, continue_documents
 from frontier_jax.data.mixture import MixtureSchedule
 
 KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
@@ -32,9 +32,11 @@ def letters(jsonl_config):
 
 
 def _row_sources(batch) -> list[str]:
-    """The letter of each real row (all its non-special tokens are one letter)."""
+    """The letter of each real row (all its non-special tokens are one letter); padding rows left out."""
     out = []
     for ids, seg in zip(batch["input_ids"], batch["segment_ids"]):
+        if not seg.any():
+            continue
         letters = {chr(i) for i in ids[seg > 0] if i < 256}
         assert len(letters) == 1, letters  # a row holds one source
         out.append(letters.pop())
@@ -100,7 +102,9 @@ def test_each_batch_draws_its_rows_with_the_weights_of_its_step(letters):
 def test_token_counts_are_the_real_tokens_of_each_source_and_shares_follow_the_targets(
     letters, mask_documents
 ):
-    it = build_train_iterator(letters(stages=STAGES, mask_documents=mask_documents), seq_len=T, global_batch=B)
+    it = build_train_iterator(
+        letters(stages=STAGES, mask_documents=mask_documents), seq_len=T, global_batch=B
+    )
     tokens = {"a": 0, "b": 0}
     rows = {"a": 0.0, "b": 0.0}  # rows the schedule asks for
     for step in range(10):
@@ -158,3 +162,23 @@ def test_a_source_of_weight_zero_until_its_stage_is_not_read_before(jsonl_config
     )
     it = build_train_iterator(cfg, seq_len=T, global_batch=4)
     assert [set(_row_sources(next(it))) for _ in range(5)] == [{"a"}] * 3 + [{"b"}] * 2
+
+
+def test_a_pipeline_of_other_rows_continues_the_step_count_the_schedule_and_the_token_counts(letters):
+    """A context stage rebuilds the pipeline at another seq_len and batch (`continue_documents`):
+    its first batch is the batch of step 5, so the schedule (b alone for steps 4-6, then 2:3)
+    and the batch-size ramp see the run's step, and the token counts go on from the first's."""
+    cfg = letters(stages=STAGES)
+    first = build_train_iterator(cfg, seq_len=T, global_batch=B)
+    for _ in range(5):
+        next(first)
+    before = DataStats.from_state(first.get_state()).tokens
+    second = build_train_iterator(cfg, seq_len=2 * T, global_batch=5, rows_at=lambda k: 3 if k < 7 else 5)
+    continue_documents(second, first.get_state())
+    batches = [next(second) for _ in range(4)]  # steps 5, 6, 7, 8
+    assert [_row_sources(b) for b in batches[:2]] == [["b"] * 3, ["b"] * 3]
+    assert [int(b["segment_ids"].any(axis=1).sum()) for b in batches] == [3, 3, 5, 5]
+    assert sorted(_row_sources(batches[2]) + _row_sources(batches[3])) == ["a"] * 4 + ["b"] * 6
+    tokens = DataStats.from_state(second.get_state()).tokens
+    assert tokens["a"] == before["a"] + 4 * 2 * T
+    assert tokens["b"] == before["b"] + 12 * 2 * T

@@ -154,8 +154,10 @@ def test_document_masked_batches_have_per_document_segments_positions_and_target
 
 
 def test_pretraining_batches_have_positions_0_to_T_one_segment_and_next_token_targets():
+    """Chunks in document order (no shuffle window): a row's next input is its target except
+    where a document ends (a shuffled chunk may also follow a chunk of another document)."""
     it = build_train_iterator(
-        DataConfig(mask_documents=False, max_document_chars=40), seq_len=32, global_batch=4
+        DataConfig(mask_documents=False, max_document_chars=40, shuffle_window=0), seq_len=32, global_batch=4
     )
     batch = next(it)
     np.testing.assert_array_equal(batch["positions"], np.broadcast_to(np.arange(32), (4, 32)))

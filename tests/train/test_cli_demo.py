@@ -3,9 +3,10 @@ train/toy --run-dir DIR` at its full default length (300 steps of the toy model 
 embedded data) on one CPU device, then the same command again (a resume with nothing left
 to do); and `frontier-jax describe` of the DeepSeek-V3 671B config.
 
-Loss threshold: the demo's first-step loss (CE + 0.3 MTP CE + tiny balance term) is ~7.25
-nats; the mean over its last 20 steps was observed at ~3.06 (a decrease of ~4.2 nats, with
-loss spikes along the way), so the test asks for a decrease of at least 3 nats.
+Loss threshold: the demo's first-step loss (CE + 0.3 MTP CE + tiny balance term) is ~7.3
+nats; the mean over its last 20 steps was observed at ~3.06 with documents in order (a
+decrease of ~4.2 nats, with loss spikes along the way) and at ~2.27 with the window shuffle
+(2026-12-02), so the test asks for a decrease of at least 3 nats.
 """
 
 from __future__ import annotations
