@@ -10,6 +10,10 @@ File formats (the fields read are those of the source's `format`, see `records.p
 A file that holds no record at all is an error naming it; a record that cannot
 be read becomes a `Record` with a `problem` (counted and skipped downstream).
 A prepared source (kind prepared) is the directory of shards of `prepared.py`.
+
+Paths are etils `epath` paths: local files, or `gs://` and other object stores where epath's
+backend for them is installed (JSONL and Parquet files are read through it; ArrayRecord files
+through array_record's own reader).
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ from __future__ import annotations
 import bisect
 import functools
 import glob
-import os
+import threading
 
 import grain
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from etils import epath
 
 from frontier_jax.data import embedded, records
 from frontier_jax.data.config import PREPARED_KIND, RecordFormat, SourceConfig
@@ -31,11 +36,24 @@ from frontier_jax.data.prepared import PreparedSource
 _SCAN_CHUNK = 1 << 24
 
 
+def _glob(pattern: str) -> list[str]:
+    """Sorted paths matching `pattern`: the parts after its first wildcard matched under the
+    directory before it (an epath glob, so also in object stores)."""
+    parts = pattern.split("/")
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    directory = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else ".")
+    return sorted(str(p) for p in epath.Path(directory).glob("/".join(parts[first:])))
+
+
+def _size(path: str) -> int:
+    return epath.Path(path).stat().length
+
+
 def resolve_paths(source: SourceConfig) -> list[str]:
     """Sorted files named by `source.path` (a file or a glob); error when there are none."""
     pattern = source.path
-    paths = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-    missing = [p for p in paths if not os.path.isfile(p)]
+    paths = _glob(pattern) if glob.has_magic(pattern) else [pattern]
+    missing = [p for p in paths if not epath.Path(p).is_file()]
     if not paths or missing:
         raise FileNotFoundError(
             f"data source {source.name!r}: path={pattern!r} matches no file"
@@ -51,11 +69,11 @@ def _empty_file_error(path: str, what: str) -> ValueError:
 
 def _line_spans(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(starts, ends) byte offsets [n_lines] of the lines of `path`, newlines excluded."""
-    size = os.path.getsize(path)
+    size = _size(path)
     if size == 0:
         raise _empty_file_error(path, "0 bytes")
     newlines = []
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
         offset = 0
         while chunk := f.read(_SCAN_CHUNK):
             newlines.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == ord("\n")) + offset)
@@ -68,30 +86,30 @@ def _line_spans(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 class JsonlSource:
-    """Random access to the lines of one JSONL file (thread safe: positional reads)."""
+    """Random access to the lines of one JSONL file (thread safe: one open file per thread)."""
 
     def __init__(self, path: str, source: SourceConfig):
         self._path = path
         self._source = source
         self._starts, self._ends = _line_spans(path)
-        self._fd = None
+        self._local = threading.local()
 
     def __len__(self) -> int:
         return len(self._starts)
 
     def __getitem__(self, index: int) -> records.Record:
-        if self._fd is None:
-            self._fd = os.open(self._path, os.O_RDONLY)
+        if getattr(self._local, "file", None) is None:
+            self._local.file = epath.Path(self._path).open("rb")
         start, end = int(self._starts[index]), int(self._ends[index])
-        raw = os.pread(self._fd, end - start, start)
+        self._local.file.seek(start)
+        raw = self._local.file.read(end - start)
         return records.from_json(f"{self._path}:{index + 1}", raw, self._source)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fd": None}
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
 
-    def __del__(self):
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _local=threading.local())
 
 
 class ParquetSource:
@@ -99,15 +117,16 @@ class ParquetSource:
     at a time."""
 
     def __init__(self, path: str, source: SourceConfig):
-        if os.path.getsize(path) == 0:
+        if _size(path) == 0:
             raise _empty_file_error(path, "0 bytes")
         try:
-            file = pq.ParquetFile(path)
+            with epath.Path(path).open("rb") as f:
+                file = pq.ParquetFile(f)
+                metadata, columns = file.metadata, file.schema_arrow.names
         except pa.ArrowException as err:
             raise ValueError(
                 f"{path} is not a Parquet file ({err}): fix data.sources[].path or .kind."
             ) from err
-        metadata, columns = file.metadata, file.schema_arrow.names
         for column in source.fields():
             if column not in columns:
                 raise ValueError(
@@ -129,7 +148,8 @@ class ParquetSource:
     def _row_group(self, group: int) -> list:
         cached_group, values = self._cache
         if cached_group != group:
-            table = pq.ParquetFile(self._path).read_row_group(group, columns=list(self._source.fields()))
+            with epath.Path(self._path).open("rb") as f:
+                table = pq.ParquetFile(f).read_row_group(group, columns=list(self._source.fields()))
             values = table.to_pylist()
             self._cache = (group, values)
         return values
@@ -144,7 +164,7 @@ class ArrayRecordSource:
     """Random access to the records of one ArrayRecord file."""
 
     def __init__(self, path: str, source: SourceConfig):
-        if os.path.getsize(path) == 0:
+        if _size(path) == 0:
             raise _empty_file_error(path, "0 bytes")
         self._data = grain.sources.ArrayRecordDataSource([path])
         if len(self._data) == 0:

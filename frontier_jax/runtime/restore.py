@@ -8,18 +8,19 @@ only `state.params` and `state.biases` (orbax partial restore: the optimizer mom
 twice the parameters' size in fp32, are never read), each array laid out by the rules table and
 floating parameters cast to `dtype` on load.  The expert biases stay float32: they decide the
 top-k selection, which bf16 rounding would change.  This is the entry point that evaluation,
-inference and post-training share.
+inference and post-training share.  The path is an etils `epath` path (local, or an object
+store such as `gs://` where its backends are installed).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 from omegaconf import OmegaConf
@@ -44,7 +45,7 @@ class RestoredModel(NamedTuple):
         return self.program.model(self.params, self.biases)
 
 
-def _checkpoint_directory(path: Path) -> tuple[Path, int | None]:
+def _checkpoint_directory(path: epath.Path) -> tuple[epath.Path, int | None]:
     """(orbax checkpoint directory, step named by the path) for a run directory, its
     `checkpoints/` directory or one step directory `checkpoints/<step>`."""
     if (path / "checkpoints").is_dir():
@@ -91,7 +92,7 @@ def _target(abstract: nnx.State, shardings: dict, dtype) -> dict:
 
 
 def restore_params(
-    path: str | Path, step: int | None = None, *, mesh: Mesh | MeshConfig | None = None, dtype=None
+    path: epath.PathLike, step: int | None = None, *, mesh: Mesh | MeshConfig | None = None, dtype=None
 ) -> RestoredModel:
     """Parameters and expert biases of checkpoint `step` (None: the latest; or the step of a
     step directory) of the run at `path`.
@@ -100,7 +101,7 @@ def restore_params(
     device); arrays are sharded on it by the rules table named by the checkpoint's `mesh.rules`
     (or the MeshConfig's).
     dtype: e.g. jnp.bfloat16 to cast the floating parameters on load (None: as saved, fp32)."""
-    directory, step_in_path = _checkpoint_directory(Path(path))
+    directory, step_in_path = _checkpoint_directory(epath.Path(path))
     if step is not None and step_in_path is not None and step != step_in_path:
         raise ValueError(f"step={step} contradicts the step directory {path}")
     step = step_in_path if step is None else step

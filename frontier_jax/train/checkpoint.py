@@ -16,6 +16,9 @@ it fails in orbax's background thread; the previous checkpoint stays the latest.
 checkpoint that does not restore (truncated or bit-flipped file, missing `_METADATA`, bad
 iterator JSON) is renamed `<step>.corrupt-<reason>` (kept, not deleted) with a warning, and
 the newest earlier one that restores is used (`restore_latest`).
+
+The directory is an etils `epath` path: local, or `gs://` and other object stores where their
+epath and tensorstore backends are installed.
 """
 
 from __future__ import annotations
@@ -23,12 +26,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from pathlib import Path
 from typing import Any, Callable
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 from frontier_jax.data import SourceConfig
@@ -66,7 +69,7 @@ def _differences(saved: dict, current: dict) -> list[str]:
     ]
 
 
-def check_same_model(saved: dict, current: dict, directory: Path) -> None:
+def check_same_model(saved: dict, current: dict, directory: epath.Path) -> None:
     """Raises if the checkpoint's architecture (the `model:` section, but its `name`) differs
     from the current one, naming the fields; the `impl:` section may change on resume."""
     saved_model, current_model = _flatten(saved.get("model", {})), _flatten(current.get("model", {}))
@@ -107,7 +110,7 @@ def _with_source_defaults(stream: dict) -> dict:
     return {**{f"data.sources.{i}.{name}": v for i in sources for name, v in defaults.items()}, **stream}
 
 
-def check_same_data_stream(saved: dict, current: dict, directory: Path) -> None:
+def check_same_data_stream(saved: dict, current: dict, directory: epath.Path) -> None:
     """Raises if the checkpoint's data iterator was saved for another data stream (packing mode,
     sources, tokenizer, seq_len, batch ...): its position cannot be applied to this one."""
     saved_stream, current_stream = _with_source_defaults(_stream(saved)), _stream(current)
@@ -126,7 +129,7 @@ def check_same_data_stream(saved: dict, current: dict, directory: Path) -> None:
         )
 
 
-def check_same_stage(saved: dict, stage: dict, step: int, directory: Path) -> None:
+def check_same_stage(saved: dict, stage: dict, step: int, directory: epath.Path) -> None:
     """Raises if checkpoint `step` was written in another context stage than the one the
     current `train.stages` put its last step in (`stage`: `Stage.record()`); checkpoints
     written before stages were recorded are taken as they are."""
@@ -141,8 +144,8 @@ def check_same_stage(saved: dict, stage: dict, step: int, directory: Path) -> No
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, cfg: CheckpointConfig):
-        self.directory = Path(directory).resolve()
+    def __init__(self, directory: epath.PathLike, cfg: CheckpointConfig):
+        self.directory = epath.Path(directory).resolve()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep, create=True, enable_async_checkpointing=cfg.async_save
         )
@@ -209,10 +212,10 @@ class Checkpointer:
         step_dir = self.directory / str(step)
         return next((name for name in _REQUIRED_FILES if not (step_dir / name).exists()), None)
 
-    def _move_aside(self, step: int, reason: str) -> Path:
+    def _move_aside(self, step: int, reason: str) -> epath.Path:
         target = self.directory / f"{step}.corrupt-{reason}"
         if jax.process_index() == 0:
-            os.replace(self.directory / str(step), target)
+            (self.directory / str(step)).replace(target)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"frontier_jax checkpoint {step} moved aside")
         self.manager.reload()

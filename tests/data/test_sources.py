@@ -4,10 +4,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
+from etils import epath
 
 from frontier_jax.data import SourceConfig
 from frontier_jax.data.records import INVALID_UTF8, MISSING_FIELD, Record
-from frontier_jax.data.sources import source_records
+from frontier_jax.data.sources import resolve_paths, source_records
 
 
 def _records(kind, path, text_field="text"):
@@ -101,3 +102,36 @@ def test_file_that_is_not_parquet_is_an_error_naming_it(write_jsonl):
     with pytest.raises(ValueError, match="is not a Parquet file") as err:
         _records("parquet", path)
     assert path in str(err.value)
+
+
+def test_sources_in_an_object_store_are_globbed_and_read_through_epath(write_jsonl, tmp_path):
+    """gs:// paths go through etils epath: its backend is mapped onto tmp_path here
+    (`epath.testing.mock_epath`), so the glob, the sizes, the JSONL line scan and reads and the
+    Parquet reads all must use epath to find the files."""
+    write_jsonl("web-0.jsonl", [{"text": "alpha"}, {"text": "beta"}])
+    write_jsonl("web-1.jsonl", [{"text": "gamma"}])
+    pq.write_table(pa.table({"text": ["delta", "epsilon"]}), tmp_path / "books.parquet")
+    root = "gs://bucket/corpus"
+    opened = []
+
+    def local(path):
+        return str(path).replace(root, str(tmp_path))
+
+    def mapped(fn, path, *args, **kwargs):
+        opened.append(str(path))
+        return fn(local(path), *args, **kwargs)
+
+    def glob(fn, pattern):
+        return [p.replace(str(tmp_path), root) for p in fn(local(pattern))]
+
+    with epath.testing.mock_epath(open=mapped, stat=mapped, exists=mapped, isdir=mapped, glob=glob):
+        web = SourceConfig("web", "jsonl", f"{root}/web-*.jsonl")
+        assert resolve_paths(web) == [f"{root}/web-0.jsonl", f"{root}/web-1.jsonl"]
+        assert [(r.origin, r.text) for r in source_records(web, seed=0)] == [
+            (f"{root}/web-0.jsonl:1", "alpha"),
+            (f"{root}/web-0.jsonl:2", "beta"),
+            (f"{root}/web-1.jsonl:1", "gamma"),
+        ]
+        books = SourceConfig("books", "parquet", f"{root}/books.parquet")
+        assert [r.text for r in source_records(books, seed=0)] == ["delta", "epsilon"]
+    assert f"{root}/books.parquet" in opened
