@@ -8,9 +8,12 @@ The embedded sources have held-out splits:
   embedded_math  the problems of `eval.seed` (training generates those of data.seed).
   embedded_code  the last n documents of the training run's first pass over its embedded_code
                  source (the shuffle of data.seed and the source's name).  The run reads the
-                 pass in order, so it has not reached them while it has read fewer token pairs
-                 than the P pairs of the documents before them; that is checked against its
-                 upper bound steps x global_batch x seq_len (an error when P is not above it).
+                 pass in order but for its shuffle window (data.shuffle_window chunks of at
+                 most seq_len pairs, read ahead of the batches, and one chunk in the packer), so
+                 it has not reached them while it has read fewer token pairs than the P pairs
+                 of the documents before them; that is checked against its upper bound
+                 steps x global_batch x seq_len + (window + 1) x seq_len (an error when P is
+                 not above it).
                  Without a training run (a Hugging Face model) or an embedded_code source in
                  it: the first n files in name order.
 """
@@ -55,7 +58,8 @@ class TrainingRun:
     @classmethod
     def of(cls, config: dict, step: int) -> TrainingRun:
         """From a run config (as saved with a checkpoint) after `step` steps: the pairs of
-        `step` full batches, global_batch x seq_len each, per context stage (`train.stages`)."""
+        `step` full batches, global_batch x seq_len each, per context stage (`train.stages`),
+        and the (shuffle window + 1) chunks of the longest seq_len reached read ahead of them."""
 
         def build(kind, values: dict):
             names = {f.name for f in dataclasses.fields(kind)}
@@ -65,13 +69,17 @@ class TrainingRun:
         data["sources"] = [build(SourceConfig, s) for s in data.get("sources", [])]
         train = config["train"]
         stages = train.get("stages") or [{"until_step": step, **train}]
-        tokens, begin = 0, 0
+        tokens, begin, longest = 0, 0, 0
         for stage in stages:
             tokens += (
                 max(min(step, stage["until_step"]) - begin, 0) * stage["global_batch"] * stage["seq_len"]
             )
+            if begin < step or not longest:
+                longest = max(longest, stage["seq_len"])
             begin = stage["until_step"]
-        return cls(build(DataConfig, data), tokens)
+        data_cfg = build(DataConfig, data)
+        window = data_cfg.shuffle_window if data_cfg.shuffle else 0
+        return cls(data_cfg, tokens + (window + 1) * longest)
 
 
 @dataclasses.dataclass(frozen=True)
