@@ -77,3 +77,33 @@ def test_unknown_key_through_the_cli(tmp_path, capsys, no_compile):
 def test_invalid_values_are_named(override, message):
     with pytest.raises(ValueError, match=message):
         load_config("model/toy", [override])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "data.stages=[{start_step: 5, weights: {web: 1}}]",
+            "error: data.stages[0].weights names source 'web', which is not in data.sources "
+            "(sources: ['code', 'math']): fix the name or add the source.",
+        ),
+        (
+            "data.stages=[{start_step: 5, weights: {code: 1}}, {start_step: 5, weights: {math: 1}}]",
+            "error: data.stages[1].start_step=5 is not after data.stages[0].start_step=5: list the "
+            "stages by strictly increasing start_step.",
+        ),
+        (
+            "data.stages=[{start_step: 5, weights: {code: 0, math: 0}}]",
+            "error: data.stages[0].weights={'code': 0.0, 'math': 0.0} do not sum to a positive total: "
+            "give at least one source a weight > 0.",
+        ),
+    ],
+    ids=["unknown_source", "not_increasing", "zero_total"],
+)
+def test_a_bad_mixture_schedule_is_one_line_through_the_cli_before_anything_is_written(
+    tmp_path, capsys, override, message
+):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--config", "train/toy", "--run-dir", str(run), override]) == 2
+    assert capsys.readouterr().err.strip() == message
+    assert not run.exists()
