@@ -12,8 +12,8 @@ The state is every source's row-stream state after the last batch, the number of
 and the rows drawn from each source in each stage, so a restored iterator yields exactly the
 next batch, with the next batch's row count and sources, also across a change of weights; a
 pipeline of other rows (a context stage) continues its step count and mixture counts
-(`continuation.py`).  It also carries the real tokens (segment_ids > 0) read from each source and the share the
-schedule asked for (under `stats.MIXTURE_KEY`, read by `DataStats`).
+(`continuation.py`).  It also carries the real tokens (segment_ids > 0) read from each source
+and the share the schedule asked for (under `stats.MIXTURE_KEY`, read by `DataStats`).
 """
 
 from __future__ import annotations
@@ -41,12 +41,8 @@ class _MixtureBatchIterator(grain.DatasetIterator):
     ):
         self._sources = [sources[name] for name in schedule.names]
         super().__init__(self._sources)
-        self._schedule, self._global_batch, self._rows_at, self._pad_id = (
-            schedule,
-            global_batch,
-            rows_at,
-            pad_id,
-        )
+        self._schedule = schedule
+        self._global_batch, self._rows_at, self._pad_id = global_batch, rows_at, pad_id
         self._batches = 0
         self._stage_rows = [[0] * len(schedule.names) for _ in schedule.start_steps]
         self._tokens = [0] * len(schedule.names)
@@ -122,12 +118,8 @@ class MixtureBatchIterDataset(grain.IterDataset):
     ):
         super().__init__([sources[name] for name in schedule.names])
         self._named = dict(sources)
-        self._schedule, self._global_batch, self._rows_at, self._pad_id = (
-            schedule,
-            global_batch,
-            rows_at,
-            pad_id,
-        )
+        self._schedule = schedule
+        self._global_batch, self._rows_at, self._pad_id = global_batch, rows_at, pad_id
 
     def __iter__(self) -> grain.DatasetIterator:
         return _MixtureBatchIterator(
@@ -139,4 +131,5 @@ class MixtureBatchIterDataset(grain.IterDataset):
         )
 
     def __str__(self) -> str:
-        return f"MixtureBatchIterDataset(sources={list(self._schedule.names)}, global_batch={self._global_batch})"
+        names = list(self._schedule.names)
+        return f"MixtureBatchIterDataset(sources={names}, global_batch={self._global_batch})"

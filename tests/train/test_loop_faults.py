@@ -29,7 +29,6 @@ from .common import (
     tiny_config,
     tiny_overrides,
 )
-from .test_bad_input import no_compile  # noqa: F401 - fixture
 from .test_checkpoint_resume import _poison_batch_at
 
 N = REF_EVERY
@@ -108,7 +107,7 @@ def test_a_source_with_no_usable_record_stops_training_with_exit_4(reference_run
 
 
 # ------------------------------------------------------------------ 21.9 vocabulary
-def test_tokenizer_larger_than_the_vocabulary_is_rejected_before_training(tmp_path, no_compile, capsys):  # noqa: F811
+def test_tokenizer_larger_than_the_vocabulary_is_rejected_before_training(tmp_path, no_compile, capsys):
     assert _cli_train(tmp_path / "run", "model.vocab_size=128") == 2
     err = capsys.readouterr().err
     assert err == (
