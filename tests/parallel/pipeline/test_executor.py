@@ -14,6 +14,7 @@ from frontier_jax.parallel.pipeline.executor import (
     stack_for_stages,
     unstack_from_stages,
 )
+from frontier_jax.parallel.pipeline.plan import buffer_slots
 
 VOCAB, D, SEQ, MB, LAYERS = 11, 8, 4, 2, 2  # layers per chunk
 
@@ -104,22 +105,31 @@ def test_pipelined_loss_and_grads_equal_jax_grad_and_trace_equals_table(name, P,
 
 
 def _temp_bytes(name, P, M):
+    """(compiled temp bytes of the executor, the table's buffer slots per rank)."""
     sched = S.build(name, P, M)
     table = S.lower(sched)
     mesh = jax.make_mesh((P,), ("stage",), devices=jax.devices()[:P], axis_types=(AxisType.Auto,))
     chunks, ends, batch = model(sched.chunks, M)
     step = jax.jit(pipeline_value_and_grad(table, mesh, embed, chunk, head))
     compiled = step.lower(stack_for_stages(table, chunks), ends, batch).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
+    return compiled.memory_analysis().temp_size_in_bytes, buffer_slots(table)
 
 
-def test_temp_memory_flat_in_microbatches_for_1f1b_and_growing_for_gpipe():
-    """The stash holds K = the table's peak slots (P for 1F1B, M for GPipe) micro-batch inputs and
-    cotangents of [MB, SEQ, D] fp32 per rank."""
+@pytest.mark.parametrize("name", ["1f1b", "zb-h1", "dualpipev", "gpipe"])
+def test_temp_memory_flat_in_microbatches_except_gpipe_as_the_table_predicts(name):
+    """From 2P to 4P micro-batches the lowered table's buffers (input and cotangent stash of K
+    slots, receive slots: `plan.buffer_slots`) stay the same for 1F1B, ZB-H1 and DualPipeV
+    (K = the worst rank's peak live activations, independent of M) and the compiled program's
+    temporaries with them; GPipe's K = M grows, and its temporaries by at least the added slots of
+    one micro-batch activation [MB, SEQ, D] fp32 each."""
     P = 4
-    assert _temp_bytes("1f1b", P, 2 * P) == _temp_bytes("1f1b", P, 4 * P)
-    grow = _temp_bytes("gpipe", P, 4 * P) - _temp_bytes("gpipe", P, 2 * P)
-    assert grow >= 2 * P * MB * SEQ * D * 4  # at least 2P more stashed inputs
+    (small, slots_2p), (large, slots_4p) = _temp_bytes(name, P, 2 * P), _temp_bytes(name, P, 4 * P)
+    if name == "gpipe":
+        assert slots_4p - slots_2p == 2 * 2 * P  # stash and cotangent stash, 2P more slots each
+        assert large - small >= (slots_4p - slots_2p) * MB * SEQ * D * 4
+    else:
+        assert slots_4p == slots_2p
+        assert large == small
 
 
 @pytest.mark.slow
