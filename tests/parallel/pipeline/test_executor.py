@@ -71,7 +71,9 @@ def reference(chunks, ends, batch):
         per_chunk = [add([st[c] for st in stats]) for c in range(chunks["w"].shape[0])]
         return loss, (add(metrics), jax.tree.map(lambda *a: jnp.stack(a), *per_chunk))
 
-    (loss, (metrics, stats)), grads = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(chunks, ends)
+    (loss, (metrics, stats)), grads = jax.jit(jax.value_and_grad(total, argnums=(0, 1), has_aux=True))(
+        chunks, ends
+    )
     return loss, metrics, stats, grads
 
 
