@@ -19,6 +19,7 @@ and data stream the same as the checkpoint's, tokenizer within the vocabulary).
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -235,12 +236,15 @@ def train(
     check_stages_fit(stages, mesh, RULE_SETS[cfg.mesh.rules])  # every stage, before anything compiles
     runner = build_runner(stages[0].cfg, mesh=mesh)
 
+    fresh = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     try:
         start, state, stage, data = _resume(checkpointer, runner, stages, restart_data)
     except BaseException:
         checkpointer.close()
+        if fresh:  # a new run that cannot start (bad data, e.g. a corrupt shard) leaves nothing behind
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise
     (run_dir / "config.yaml").write_text(cfg.to_yaml())  # only once the config is known to run here
     if stage.index:
