@@ -59,6 +59,7 @@ from jax.interpreters import mlir
 
 from frontier_jax.kernels.fp8_scaling import expand_scale
 from frontier_jax.kernels.grouped_gemm import TILE_ROWS  # the tile-aligned expert row layout
+from frontier_jax.kernels.lowering import interpret
 
 try:  # the Pallas Triton lowering's rule registry (private: checked at import, see _fp8_dot)
     from jax._src.lib.mlir import ir as _ir
@@ -118,10 +119,6 @@ class Fp8Tiling:
 
 
 DEFAULT_TILING = Fp8Tiling()
-
-
-def _interpret() -> bool:
-    return jax.default_backend() != "gpu"
 
 
 def _check(condition: bool, message: str) -> None:
@@ -440,7 +437,7 @@ def fp8_matmul_nt(
         ],
         out_specs=pl.BlockSpec((bm, bn), tile),
         compiler_params=_params(tiling),
-        interpret=_interpret(),
+        interpret=interpret(),
         name="fp8_gemm_nt",
     )(a, b, sa, sb)
 
@@ -486,7 +483,7 @@ def fp8_grouped_rows_nt(
         ],
         out_specs=pl.BlockSpec((bm, bn), tile),
         compiler_params=_params(tiling),
-        interpret=_interpret(),
+        interpret=interpret(),
         name="fp8_grouped_rows_nt",
     )(tile_group.astype(jnp.int32), a, w, sa, sw)
 
@@ -534,6 +531,6 @@ def fp8_grouped_weight_grad_nt(
         ],
         out_specs=pl.BlockSpec((None, bm, bn), tile),
         compiler_params=_params(tiling),
-        interpret=_interpret(),
+        interpret=interpret(),
         name="fp8_grouped_weight_grad_nt",
     )(tile_start.astype(jnp.int32), a, b, sa, sb)

@@ -23,6 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from frontier_jax.kernels.fp8_scaling import scale_from_amax, to_fp8
+from frontier_jax.kernels.lowering import interpret
 
 BLOCK = 128
 NUM_WARPS = 4  # per [B, B] tile (benchmarks/fp8_quantize.py sweeps it)
@@ -81,7 +82,7 @@ def quantize_rows_cols(
             in_specs=[tile],
             out_specs=out_specs,
             compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-            interpret=jax.default_backend() != "gpu",
+            interpret=interpret(),
             name="fp8_quantize_rows_cols",
         )(x)
     )

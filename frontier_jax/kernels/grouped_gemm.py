@@ -27,6 +27,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from frontier_jax.kernels.lowering import interpret
+
 TILE_ROWS = 128
 
 
@@ -90,10 +92,6 @@ def _stages(preferred: int, itemsize: int, tile_elements: int) -> int:
     operand elements of itemsize bytes) would not fit SHARED_MEMORY_BUDGET (float32 operands
     take twice bf16's bytes with the same tiles); at least 1."""
     return max(1, min(preferred, SHARED_MEMORY_BUDGET // (itemsize * tile_elements)))
-
-
-def _interpret() -> bool:
-    return jax.default_backend() != "gpu"
 
 
 def padded_rows_bound(rows: int, num_groups: int, align: int) -> int:
@@ -174,7 +172,7 @@ def _row_matmul(
             num_warps=tiling.num_warps,
             num_stages=_stages(tiling.num_stages, x.dtype.itemsize, TILE_ROWS * bc + bc * bo),
         ),
-        interpret=_interpret(),
+        interpret=interpret(),
         name="grouped_gemm_rows_t" if contract_last else "grouped_gemm_rows",
     )(tile_group, x, w)
 
@@ -225,7 +223,7 @@ def _weight_grad(x: jax.Array, dy: jax.Array, tile_start: jax.Array, *, tiling: 
             num_warps=tiling.num_warps,
             num_stages=_stages(tiling.num_stages, x.dtype.itemsize, tiling.block_rows * (bk + bn)),
         ),
-        interpret=_interpret(),
+        interpret=interpret(),
         name="grouped_gemm_weight_grad",
     )(tile_start, x, dy)
 

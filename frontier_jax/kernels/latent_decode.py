@@ -29,12 +29,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from frontier_jax.kernels.lowering import interpret
+
 _MIN_DOT = 16  # Triton's smallest dot dimension
 _NEG = -1e30  # finite "minus infinity": a split without keys keeps m = _NEG and weight 0
-
-
-def _interpret() -> bool:
-    return jax.default_backend() != "gpu"
 
 
 def default_splits(rows: int, max_blocks: int, programs: int = 128) -> int:
@@ -107,7 +105,7 @@ def paged_latent_attention(
     `default_splits`)."""
     b, t, heads, width = q_latent.shape
     rope = q_rope.shape[-1]
-    if not _interpret() and c_kv.shape[2] % _MIN_DOT:
+    if not interpret() and c_kv.shape[2] % _MIN_DOT:
         raise ValueError(
             f"paged latent attention: cache blocks of {c_kv.shape[2]} tokens; the Triton kernel needs a "
             f"multiple of {_MIN_DOT}: set infer.block_size to one (default 64)"
@@ -151,7 +149,7 @@ def paged_latent_attention(
             pl.BlockSpec((1, 1, 1, padded), lambda i, j, s: (i, j, s, 0)),
         ),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
-        interpret=_interpret(),
+        interpret=interpret(),
         name="paged_latent_attention",
     )(*operands)
     weight = jnp.exp(m - m.max(axis=2, keepdims=True))  # [B, T, S, H]
