@@ -51,6 +51,7 @@ from frontier_jax.model.config import AttentionImpl, ImplConfig
 from frontier_jax.precision import get_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hf_peer import hf_peer_model  # noqa: E402
 from profile_step import by_category, summarise  # noqa: E402
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU (--hf-peer)
@@ -108,15 +109,9 @@ def profile_decode(engine: Engine, prompts, steps: int, out: Path, wall_step_s: 
 def hf_generate(cfg, batch: int, prompt_len: int, new_tokens: int, dtype: str) -> str:
     """transformers `generate` on the same architecture, random weights (module docstring)."""
     import torch
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    from frontier_jax.convert import model_config_to_hf_config
-
-    hf_cfg = DeepseekV3Config(**model_config_to_hf_config(cfg))
-    hf_cfg._attn_implementation = "sdpa"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    model = DeepseekV3ForCausalLM(hf_cfg).to(device=device, dtype=torch_dtype).eval()
+    model, device = hf_peer_model(cfg, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
+    model.eval()
     ids = torch.randint(0, min(cfg.vocab_size, 256), (batch, prompt_len), device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 

@@ -35,6 +35,7 @@ from frontier_jax.train.metrics import peak_flops_per_device
 from frontier_jax.train.step import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hf_peer import hf_peer_model  # noqa: E402
 from synthetic import synthetic_batches  # noqa: E402
 
 
@@ -107,14 +108,8 @@ def bench_torch(
     cfg, batch: int, seq: int, steps: int, warmup: int, compile_model: bool
 ) -> tuple[list[float], int]:
     import torch
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    from frontier_jax.convert import model_config_to_hf_config
-
-    hf_cfg = DeepseekV3Config(**model_config_to_hf_config(cfg.model))
-    hf_cfg._attn_implementation = "sdpa"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = DeepseekV3ForCausalLM(hf_cfg).to(device=device, dtype=torch.bfloat16)
+    model, device = hf_peer_model(cfg.model, torch.bfloat16)
     opt = torch.optim.AdamW(
         model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device == "cuda"
     )
