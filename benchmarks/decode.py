@@ -16,7 +16,11 @@ untimed run compiles every program; the timed run reports
                   (L + D)(d_c + d_h^R) x itemsize (mean per step)
   weights read    parameter bytes in the compute dtype (an upper bound: all experts)
   bandwidth       (cache read + weights read) / decode step time
-With --speculative (a model with MTP modules): acceptance rate and tokens per main forward.
+With --speculative (a model with MTP modules): each batch runs without and then with MTP drafts in
+one process; acceptance rate, tokens per main forward and the decode speed-up of drafting.
+With --text-prompts: prompts are windows of the embedded standard-library code in the model's
+tokenizer (what a model trained by the README's main command has seen the like of) instead of
+random tokens.
 With --host-profile: the host functions that take the most time in the timed run (cProfile).
 With --profile DIR: a few more decode steps under `jax.profiler.trace(DIR)`; device time per
 decode step by kernel family and the top device ops, next to the wall time per step (the rest
@@ -44,6 +48,7 @@ import numpy as np
 from flax import nnx
 
 from frontier_jax.config import load_config
+from frontier_jax.data.embedded import stdlib_code_files
 from frontier_jax.infer import Engine, InferConfig, SamplingParams
 from frontier_jax.infer.cache import cache_bytes_per_token
 from frontier_jax.model import Transformer
@@ -70,6 +75,21 @@ def build_engine(args, infer: InferConfig) -> Engine:
     params = nnx.state(model, nnx.Param)
     nnx.update(model, jax.tree.map(lambda x: x.astype(policy.compute_dtype), params))
     return Engine(model, infer=infer)
+
+
+def text_prompts(engine: Engine, count: int, length: int) -> list[list[int]]:
+    """`count` windows of `length` tokens of the embedded standard-library code, one per file
+    (files too short are skipped), in the engine's tokenizer."""
+    if engine.tokenizer is None:
+        raise SystemExit("error: --text-prompts needs a model with a tokenizer (--checkpoint RUN_DIR)")
+    prompts = []
+    for path in stdlib_code_files():
+        ids = engine.tokenizer.encode(Path(path).read_text(encoding="utf-8"))
+        if len(ids) >= 2 * length:
+            prompts.append(ids[length : 2 * length])  # past the license header
+        if len(prompts) == count:
+            return prompts
+    raise SystemExit(f"error: only {len(prompts)} stdlib files have {2 * length} tokens; lower --prompt-len")
 
 
 def run(engine: Engine, prompts, params) -> tuple[dict, float]:
@@ -152,7 +172,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prefill-chunk", type=int, default=256)
-    parser.add_argument("--speculative", action="store_true")
+    parser.add_argument("--speculative", action="store_true", help="also decode with MTP drafts")
+    parser.add_argument("--text-prompts", action="store_true", help="prompts from the embedded code")
     parser.add_argument("--attention", default="xla", choices=[a.value for a in AttentionImpl])
     parser.add_argument(
         "--decode-attention",
@@ -172,18 +193,27 @@ def main() -> None:
         model_cfg = load_config(args.config).model
         for batch in batches:
             print(hf_generate(model_cfg, batch, args.prompt_len, args.new_tokens, args.dtype), flush=True)
-    for batch, impl in [(b, i) for b in batches for i in args.decode_attention.split(",")]:
+    drafting = ["none", "mtp"] if args.speculative else ["none"]
+    plain_tok_s = {}
+    for batch, impl, speculative in [
+        (b, i, d) for b in batches for i in args.decode_attention.split(",") for d in drafting
+    ]:
         infer = InferConfig(
             max_seqs=batch,
             max_len=args.prompt_len + args.new_tokens + 1,
             prefill_chunk=args.prefill_chunk,
             decode_attention_impl=impl,
-            speculative="mtp" if args.speculative else "none",
+            speculative=speculative,
         )
         engine = build_engine(args, infer)
         cfg = engine.cfg
         rng = np.random.default_rng(0)
-        prompts = [rng.integers(0, min(cfg.vocab_size, 256), args.prompt_len).tolist() for _ in range(batch)]
+        if args.text_prompts:
+            prompts = text_prompts(engine, batch, args.prompt_len)
+        else:
+            prompts = [
+                rng.integers(0, min(cfg.vocab_size, 256), args.prompt_len).tolist() for _ in range(batch)
+            ]
         params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
         run(engine, prompts, params)  # compiles
         profiler = cProfile.Profile() if args.host_profile else None
@@ -199,21 +229,25 @@ def main() -> None:
         cache_read = stats["decode_context"] * per_token / steps
         weights = sum(math.prod(x.shape) for x in jax.tree.leaves(engine.state)) * dtype.itemsize
         step_s = stats["decode_s"] / steps
+        decode_tok_s = stats["generated_tokens"] / max(stats["decode_s"], 1e-9)
         print(
-            f"B={batch:4d} {impl:6s}  prefill {stats['prompt_tokens'] / max(stats['prefill_s'], 1e-9):10,.0f} tok/s  "
-            f"decode {stats['generated_tokens'] / max(stats['decode_s'], 1e-9):9,.0f} tok/s  "
+            f"B={batch:4d} {impl:6s}{' mtp' if speculative == 'mtp' else ''}  prefill {stats['prompt_tokens'] / max(stats['prefill_s'], 1e-9):10,.0f} tok/s  "
+            f"decode {decode_tok_s:9,.0f} tok/s  "
             f"({step_s * 1e3:.2f} ms/step)  cache read {cache_read / 2**20:8.3f} MiB/step  "
             f"weights {weights / 2**20:8.1f} MiB  bandwidth {(cache_read + weights) / step_s / 1e9:7.2f} GB/s  "
             f"(wall {wall:.1f} s)",
             flush=True,
         )
         if args.profile:
-            profile_decode(engine, prompts, 8, args.profile / f"b{batch}_{impl}", step_s)
-        if args.speculative:
+            profile_decode(engine, prompts, 8, args.profile / f"b{batch}_{impl}_{speculative}", step_s)
+        if speculative == "none":
+            plain_tok_s[batch, impl] = decode_tok_s
+        else:
             s = engine.speculative_stats
             print(
                 f"        MTP: acceptance {s['acceptance_rate']:.1%}, {s['tokens_per_forward']:.2f} tokens per "
-                f"forward ({s['accepted']}/{s['drafted']} drafts kept)"
+                f"forward ({s['accepted']}/{s['drafted']} drafts kept), decode "
+                f"{decode_tok_s / plain_tok_s[batch, impl]:.2f}x plain"
             )
 
 

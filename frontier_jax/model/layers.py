@@ -3,6 +3,7 @@ RMSNorm and the token embedding."""
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -70,7 +71,12 @@ def project_jointly(x: jax.Array, linears: Sequence[Linear]) -> list[jax.Array]:
     ([*in, *out[:-1], n, out[-1]]: a sharded last dim stays whole per layer); otherwise they
     must agree but in the last output dim and are concatenated along it.  Layers whose
     precision differs (one in fp8, another not) run one by one.  The joint layer is named
-    "a+b+..." (its fp8 decision: all parts', `PrecisionPolicy.uses_fp8`)."""
+    "a+b+..." (its fp8 decision: all parts', `PrecisionPolicy.uses_fp8`).
+
+    Joining pays only for many rows: the joint kernel is a copy of the n kernels (written and
+    read again: 2 |W| more bytes, |W| = in x sum of the outputs), against (n - 1) passes over x
+    saved (rows x in each).  So the layers run one by one unless rows (n - 1) >= 2 sum(out)
+    (`joining_pays`): training and prefill chunks join, decode steps of a few rows do not."""
     first = linears[0]
     kernels = [lin.kernel[...] for lin in linears]
     names = [lin.name for lin in linears]
@@ -79,7 +85,7 @@ def project_jointly(x: jax.Array, linears: Sequence[Linear]) -> list[jax.Array]:
         and len({first.policy.uses_fp8(name) for name in names}) == 1
         and len({k.shape[:-1] for k in kernels}) == 1
     )
-    if not alike:
+    if not alike or not joining_pays(x, kernels, first.in_rank):
         return [lin(x) for lin in linears]
     stacked = len({k.shape for k in kernels}) == 1
     kernel = jnp.stack(kernels, axis=-2) if stacked else jnp.concatenate(kernels, axis=-1)
@@ -88,6 +94,14 @@ def project_jointly(x: jax.Array, linears: Sequence[Linear]) -> list[jax.Array]:
         return [y[..., i, :] for i in range(len(linears))]
     ends = np.cumsum([k.shape[-1] for k in kernels])[:-1]
     return jnp.split(y, ends, axis=-1)
+
+
+def joining_pays(x: jax.Array, kernels: Sequence[jax.Array], in_rank: int) -> bool:
+    """Whether one projection of x [..., *in] through the n kernels [*in, *out_i] joined reads
+    fewer bytes than n projections (`project_jointly`): rows (n - 1) >= 2 sum_i |out_i|."""
+    rows = math.prod(x.shape[: x.ndim - in_rank])
+    outputs = sum(math.prod(k.shape[in_rank:]) for k in kernels)
+    return rows * (len(kernels) - 1) >= 2 * outputs
 
 
 class RMSNorm(nnx.Module):

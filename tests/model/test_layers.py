@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from frontier_jax.model.layers import Embed, Linear, LMHead, RMSNorm, normal_param, project_jointly
+from frontier_jax.model.layers import (
+    Embed,
+    Linear,
+    LMHead,
+    RMSNorm,
+    joining_pays,
+    normal_param,
+    project_jointly,
+)
 from frontier_jax.model.mlp import SwiGLU
 from frontier_jax.precision import PrecisionPolicy
 from frontier_jax.precision.recipe import FP8_DEEPSEEK
@@ -84,8 +92,10 @@ def _linears(in_shape, out_shapes, policy, names=("a", "b", "c")):
 )  # equal: stacked
 def test_joint_projection_equals_each_layer(out_shapes):
     # fp32 vs float64: rtol 1e-5, atol 1e-6
+    # 3 x 20 rows: enough that the layers are joined (`joining_pays`)
     linears = _linears((6,), out_shapes, common.FP32)
-    x = np.random.default_rng(4).standard_normal((3, 2, 6))
+    x = np.random.default_rng(4).standard_normal((3, 20, 6))
+    assert joining_pays(jnp.asarray(x), [lin.kernel[...] for lin in linears], 1)
     got = common.jit(lambda ls, x: project_jointly(x, ls))(linears, jnp.asarray(x, jnp.float32))
     assert len(got) == len(linears)
     for y, lin in zip(got, linears):
@@ -111,11 +121,24 @@ def test_joint_fp8_projection_quantizes_like_each_layer():
     # order (fp32 compute dtype): rtol 1e-5
     policy = PrecisionPolicy("fp8_fp32", jnp.float32, fp8=FP8_DEEPSEEK)
     linears = _linears((256,), [(128,), (256,)], policy)
-    x = jnp.asarray(np.random.default_rng(5).standard_normal((200, 256)), jnp.float32)
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((800, 256)), jnp.float32)
+    assert joining_pays(x, [lin.kernel[...] for lin in linears], 1)
     joint = _value_and_grads(lambda ls, x: project_jointly(x, ls), linears, x)
     each = _value_and_grads(lambda ls, x: [lin(x) for lin in ls], linears, x)
     for got, want in zip(jax.tree.leaves(joint), jax.tree.leaves(each)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows, joined", [(4, False), (14, False), (15, True), (64, True)])
+def test_layers_are_joined_only_when_it_saves_bytes(rows, joined):
+    # out widths 5 + 3 + 7 = 15, n = 3: joined iff rows x 2 >= 2 x 15; the lowered program has one
+    # dot and a concatenation of the kernels when joined, three dots and no concatenation when not
+    linears = _linears((6,), [(5,), (3,), (7,)], common.FP32)
+    x = jnp.asarray(np.random.default_rng(7).standard_normal((rows, 6)), jnp.float32)
+    jaxpr = str(jax.make_jaxpr(lambda ls, x: project_jointly(x, ls))(linears, x))
+    assert (jaxpr.count("dot_general"), "concatenate" in jaxpr) == ((1, True) if joined else (3, False))
+    for got, lin in zip(project_jointly(x, linears), linears):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(lin(x)), rtol=1e-6, atol=1e-6)
 
 
 def test_layers_of_different_precision_run_one_by_one():
