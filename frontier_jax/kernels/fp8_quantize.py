@@ -22,17 +22,11 @@ import qwix
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from frontier_jax.kernels.fp8_scaling import scale_from_amax, to_fp8
+from frontier_jax.kernels.fp8_scaling import abs_max, scale_from_amax, to_fp8
 from frontier_jax.kernels.lowering import interpret
 
 BLOCK = 128
 NUM_WARPS = 4  # per [B, B] tile (benchmarks/fp8_quantize.py sweeps it)
-
-
-def _amax(x: jax.Array, axis: int) -> jax.Array:
-    """max |x| along axis, NaN where that line holds a NaN or inf: Triton's max (and clip)
-    ignore NaN, so the NaN is carried by a sum of x * 0 (0 for finite x, NaN otherwise)."""
-    return jnp.max(jnp.abs(x), axis=axis, keepdims=True) + jnp.sum(x * 0.0, axis=axis, keepdims=True)
 
 
 def _kernel(x_ref, *out_refs, qtype, rows: bool, cols: bool):
@@ -40,12 +34,12 @@ def _kernel(x_ref, *out_refs, qtype, rows: bool, cols: bool):
     outs = iter(out_refs)
     if rows:
         q_ref, s_ref = next(outs), next(outs)
-        scale = scale_from_amax(_amax(x, 1), qtype)  # [B, 1]
+        scale = scale_from_amax(abs_max(x, 1), qtype)  # [B, 1]
         q_ref[...] = to_fp8(x, 1.0 / scale, qtype)
         s_ref[...] = scale
     if cols:
         qt_ref, st_ref = next(outs), next(outs)
-        scale = scale_from_amax(_amax(x, 0), qtype)  # [1, B]
+        scale = scale_from_amax(abs_max(x, 0), qtype)  # [1, B]
         qt_ref[...] = to_fp8(x.T, 1.0 / scale.T, qtype)
         st_ref[...] = scale.T
 

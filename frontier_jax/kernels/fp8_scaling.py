@@ -5,6 +5,11 @@ both give the same bits (fp_max = 448 for e4m3, 57344 for e5m2; all in fp32):
     q = fp8(clip(x * fp32(1 / s), -fp_max, fp_max))
 Explicit reciprocals, not divisions: XLA rewrites a division into a multiplication by a
 reciprocal or not depending on fusion, which moves s or x / s by 1 ulp.
+
+A tile holding a NaN or inf gets amax = NaN, hence s = NaN and NaN products for every output
+the tile feeds, on every backend.  A max reduction alone does not give that portably: XLA:GPU's
+max propagates NaN, but Triton's max ignores it and XLA:CPU's vectorised reduce_max drops it
+(any reduction of 64+ rows of 128; openxla/xla#21461), so `abs_max` carries the NaN by a sum.
 """
 
 from __future__ import annotations
@@ -16,6 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 _TINY = float(jnp.finfo(jnp.float32).tiny)
+
+
+def abs_max(x: jax.Array, axis) -> jax.Array:
+    """max |x| over axis (an int or a tuple, kept as size-1 dims), NaN where those elements
+    hold a NaN or inf: max |x| + sum(x * 0), the sum being 0 for finite x and NaN otherwise."""
+    return jnp.max(jnp.abs(x), axis=axis, keepdims=True) + jnp.sum(x * 0.0, axis=axis, keepdims=True)
 
 
 def scale_from_amax(amax: jax.Array, qtype) -> jax.Array:

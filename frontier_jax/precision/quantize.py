@@ -4,8 +4,9 @@ For a tile T of x (all arithmetic in fp32, fp_max = 448 for e4m3, 57344 for e5m2
     s = amax(|T|) * fp32(1 / fp_max)      (~ amax / fp_max; 1 when below the smallest normal
                                            fp32, so an all-zero tile never divides by zero)
     q = fp8(clip(x * fp32(1 / s), -fp_max, fp_max))       x ~ q s
-A NaN or inf inside a tile makes its s NaN or inf, hence q s NaN, so it reaches every output the
-tile contributes to instead of being hidden.
+A NaN or inf inside a tile makes its s NaN (`fp8_scaling.abs_max`: on every backend, XLA:CPU's
+max reduction dropping NaN included), hence q s NaN, so it reaches every output the tile
+contributes to instead of being hidden.
 
 The result is a `qwix.QArray` (qvalue, scale with one entry per tile), qwix's representation of
 tiled-scale quantized arrays: its transpose/reshape move qvalue and scale together and
@@ -24,11 +25,12 @@ import jax
 import jax.numpy as jnp
 import qwix
 
-from frontier_jax.kernels.fp8_scaling import expand_scale, scale_from_amax, to_fp8
+from frontier_jax.kernels.fp8_scaling import abs_max, expand_scale, scale_from_amax, to_fp8
 
 
 def tile_amax(x: jax.Array, tiles: Sequence[int | None]) -> jax.Array:
-    """max |x| per tile: x [d_i] -> [1 if t_i is None else d_i / t_i] (t_i = 1: per index)."""
+    """max |x| per tile (NaN for a tile holding NaN or inf): x [d_i] -> [1 if t_i is None else
+    d_i / t_i] (t_i = 1: per index)."""
     split, reduce = [], []
     for axis, (d, t) in enumerate(zip(x.shape, tiles)):
         t = d if t is None else t
@@ -39,7 +41,7 @@ def tile_amax(x: jax.Array, tiles: Sequence[int | None]) -> jax.Array:
             )
         split += [d // t, t]
         reduce.append(2 * axis + 1)
-    return jnp.max(jnp.abs(x).reshape(split), axis=tuple(reduce))
+    return abs_max(x.reshape(split), tuple(reduce)).reshape(split[::2])
 
 
 def quantize(x: jax.Array, qtype, tiles: Sequence[int | None]) -> qwix.QArray:

@@ -107,15 +107,17 @@ def test_dense_kernel_bf16_output_and_zero_tiles():
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_nan_or_inf_in_a_tile_reaches_every_output_it_feeds(bad):
-    """A NaN poisons its own products (row 5 of a, row 130 of b); an inf makes its tile's
-    scale inf, hence every output of that tile non-finite (b's block rows 128..255)."""
+    """A NaN or inf makes its tile's scale NaN (`quantize`, on every backend), hence every
+    output the tile feeds non-finite: row 5 (a's 1 x 128 tile) and the columns of b's block
+    rows 128..255.  (XLA:CPU's max reduction drops NaN: without the NaN-carrying amax only
+    row 5 and column 130 would be, and the GPU, whose max propagates NaN, would disagree.)"""
     x = _data((M, K), 3).at[5, 300].set(bad)
     w = _data((N, K), 4).at[130, 7].set(bad)
     a, b = quantize(x, E4M3, (1, 128)), quantize(w, E4M3, (128, 128))
     got = np.asarray(fp8_matmul_nt(a.qvalue, a.scale, b.qvalue, b.scale))
     poisoned = np.zeros((M, N), bool)
     poisoned[5, :] = True
-    poisoned[:, 130 if np.isnan(bad) else slice(128, 256)] = True
+    poisoned[:, 128:256] = True
     np.testing.assert_array_equal(~np.isfinite(got), poisoned)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(gemm._xla_scaled_matmul(a, b)))
 
