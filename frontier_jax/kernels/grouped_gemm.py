@@ -15,6 +15,13 @@ and multiplies the [R, K] row tile by that group's [K, block] weight slice, K in
 (G, K / block_k, N / block_n) grid: each program sums x_t^T dy_t over its group's tiles (a
 loop with a data-dependent trip count; empty groups give zeros).  Operands are bf16 (or any
 float dtype), accumulation fp32, outputs in the operands' dtype.
+
+Gathered rows (`lhs_rows`): the rows may instead be read straight from a source matrix,
+x_sorted[r] = x[lhs_rows[r]] (a zero row where lhs_rows[r] is outside [0, S)), for x [S, K]:
+the forward and weight-gradient kernels load their row tiles through the index vector (Triton
+gather loads: one pointer per row), so the sorted [M, K] copy is never written.  Its transpose
+needs the inverse map lhs_copies [S, C] (the rows r with lhs_rows[r] = s, padded with M):
+dx[s] = sum_c dx_sorted[lhs_copies[s, c]] -- a gather-sum in XLA, not a scatter-add.
 """
 
 from __future__ import annotations
@@ -64,6 +71,9 @@ class Tilings:
     forward: RowTiling = RowTiling()
     input_grad: RowTiling = RowTiling()
     weight_grad: WeightTiling = WeightTiling()
+    # gathered rows (lhs_rows): 64 x 256 output tiles, 4 warps, 4 stages ran the bench-1b
+    # gate/up weight gradient in 1.18 ms against 1.51 with the default (H200, benchmarks/RESULTS.md)
+    weight_grad_gathered: WeightTiling = WeightTiling(block_k=64, block_n=256, num_warps=4, num_stages=4)
 
 
 DEFAULT_TILINGS = Tilings()
@@ -115,21 +125,31 @@ def tile_groups(group_sizes: jax.Array, num_tiles: int) -> tuple[jax.Array, jax.
     return tile_group.astype(jnp.int32), jnp.concatenate([jnp.zeros((1,), jnp.int32), ends])
 
 
-def _row_kernel(tile_group_ref, x_ref, w_ref, out_ref, *, num_groups, block_contract, contract_last):
+def _row_kernel(*refs, num_groups, block_contract, contract_last, gathered):
     """out tile [R, bo] = x tile [R, C] @ W[g] (C-blocks), W[g] stored [C, O] or, when
-    contract_last, [O, C].  Grid (column block, row tile): the column block varies fastest,
-    so the programs running together share row tiles (and groups) in L2 instead of each
-    row tile being read from memory once per column block."""
+    contract_last, [O, C]; when gathered, the x tile is rows x[lhs_rows[tile]] of the whole
+    source x (zero rows where the index is outside it).  Grid (column block, row tile): the
+    column block varies fastest, so the programs running together share row tiles (and
+    groups) in L2 instead of each row tile being read from memory once per column block."""
+    if gathered:
+        tile_group_ref, lhs_rows_ref, x_ref, w_ref, out_ref = refs
+    else:
+        tile_group_ref, x_ref, w_ref, out_ref = refs
     group = tile_group_ref[pl.program_id(1)]
     rows, block_out = out_ref.shape
     contract = x_ref.shape[1]
     cols = pl.ds(pl.program_id(0) * block_out, block_out)
+    if gathered:
+        source, valid = _source_rows(lhs_rows_ref[...], x_ref.shape[0])
+        load_rows = lambda c: _gather_rows(x_ref, source, valid, c)
+    else:
+        load_rows = lambda c: x_ref[:, c]
 
     @pl.when(group < num_groups)
     def _():
         def step(i, acc):
             c = pl.ds(pl.multiple_of(i * block_contract, block_contract), block_contract)
-            a = x_ref[:, c]
+            a = load_rows(c)
             if contract_last:
                 b = w_ref[group, cols, c]
                 dims = (((1,), (1,)), ((), ()))
@@ -148,23 +168,62 @@ def _row_kernel(tile_group_ref, x_ref, w_ref, out_ref, *, num_groups, block_cont
         out_ref[...] = jnp.zeros(out_ref.shape, out_ref.dtype)
 
 
+def _source_rows(index: jax.Array, num_source_rows: int) -> tuple[jax.Array, jax.Array]:
+    """Row indices into a source of num_source_rows rows -> (index clamped into it, valid:
+    whether the index was inside [0, num_source_rows))."""
+    valid = (index >= 0) & (index < num_source_rows)
+    return jnp.where(valid, index, 0), valid
+
+
+def _gather_rows(x_ref, source: jax.Array, valid: jax.Array, cols) -> jax.Array:
+    """x[source, cols] [R, cols], zero in the rows that are not valid: one masked gather load
+    (Triton: a pointer per element, zero-filled where masked, so the load still pipelines).
+    Both dimensions are indexed by integer arrays (the interpreter's masked load takes no mix
+    of arrays and slices)."""
+    shape = (source.shape[0], cols.size)
+    col = jnp.broadcast_to(cols.start + jnp.arange(cols.size, dtype=jnp.int32), shape)
+    mask = jnp.broadcast_to(valid[:, None], shape)
+    return plgpu.load(x_ref.at[jnp.broadcast_to(source[:, None], shape), col], mask=mask, other=0)
+
+
 def _row_matmul(
-    x: jax.Array, w: jax.Array, tile_group: jax.Array, *, contract_last: bool, tiling: RowTiling
+    x: jax.Array,
+    w: jax.Array,
+    tile_group: jax.Array,
+    *,
+    contract_last: bool,
+    tiling: RowTiling,
+    lhs_rows: jax.Array | None = None,
 ) -> jax.Array:
-    """x [M, C] rows, W [G, C, O] (or [G, O, C] when contract_last) -> [M, O]."""
-    m, c = x.shape
+    """x [M, C] rows (or, given lhs_rows [M], rows x[lhs_rows] of x [S, C]), W [G, C, O] (or
+    [G, O, C] when contract_last) -> [M, O]."""
+    gathered = lhs_rows is not None
+    m = lhs_rows.shape[0] if gathered else x.shape[0]
+    c = x.shape[1]
     g = w.shape[0]
     o = w.shape[1] if contract_last else w.shape[2]
     bo = _block(o, tiling.block_out, "output width")
     bc = _block(c, tiling.block_contract, "contraction width")
-    kernel = functools.partial(_row_kernel, num_groups=g, block_contract=bc, contract_last=contract_last)
+    kernel = functools.partial(
+        _row_kernel, num_groups=g, block_contract=bc, contract_last=contract_last, gathered=gathered
+    )
+    if gathered:  # the whole source; the tile's row indices select from it
+        rows_specs = [
+            pl.BlockSpec((TILE_ROWS,), lambda j, t: (t,)),
+            pl.BlockSpec(x.shape, lambda j, t: (0, 0)),
+        ]
+        operands = (tile_group, lhs_rows, x, w)
+    else:
+        rows_specs = [pl.BlockSpec((TILE_ROWS, c), lambda j, t: (t, 0))]
+        operands = (tile_group, x, w)
+    name = "grouped_gemm_rows_t" if contract_last else "grouped_gemm_rows"
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((m, o), x.dtype),
         grid=(o // bo, m // TILE_ROWS),
         in_specs=[
             pl.BlockSpec(tile_group.shape, lambda j, t: (0,)),
-            pl.BlockSpec((TILE_ROWS, c), lambda j, t: (t, 0)),
+            *rows_specs,
             pl.BlockSpec(w.shape, lambda j, t: (0, 0, 0)),
         ],
         out_specs=pl.BlockSpec((TILE_ROWS, bo), lambda j, t: (t, j)),
@@ -173,14 +232,19 @@ def _row_matmul(
             num_stages=_stages(tiling.num_stages, x.dtype.itemsize, TILE_ROWS * bc + bc * bo),
         ),
         interpret=interpret(),
-        name="grouped_gemm_rows_t" if contract_last else "grouped_gemm_rows",
-    )(tile_group, x, w)
+        name=name + "_gathered" if gathered else name,
+    )(*operands)
 
 
-def _weight_grad_kernel(tile_start_ref, x_ref, dy_ref, out_ref, *, block_rows):
+def _weight_grad_kernel(*refs, block_rows, gathered):
     """out [bk, bn] = sum over the group's rows (in blocks of block_rows) of
-    x[rows, k-block]^T dy[rows, n-block].  Grid (n-block, k-block, group): the group varies
-    slowest, so the programs running together read one group's rows, from L2 after the first."""
+    x[rows, k-block]^T dy[rows, n-block] (x[lhs_rows[rows]] when gathered, zero rows where
+    the index is outside x).  Grid (n-block, k-block, group): the group varies slowest, so
+    the programs running together read one group's rows, from L2 after the first."""
+    if gathered:
+        tile_start_ref, lhs_rows_ref, x_ref, dy_ref, out_ref = refs
+    else:
+        tile_start_ref, x_ref, dy_ref, out_ref = refs
     g = pl.program_id(2)
     block_k, block_n = out_ref.shape
     ks = pl.ds(pl.program_id(1) * block_k, block_k)
@@ -189,8 +253,12 @@ def _weight_grad_kernel(tile_start_ref, x_ref, dy_ref, out_ref, *, block_rows):
 
     def step(i, acc):
         rows = pl.ds(pl.multiple_of(i * block_rows, block_rows), block_rows)
+        if gathered:
+            a = _gather_rows(x_ref, *_source_rows(lhs_rows_ref[rows], x_ref.shape[0]), ks)
+        else:
+            a = x_ref[rows, ks]
         return acc + jax.lax.dot_general(
-            x_ref[rows, ks], dy_ref[rows, ns], (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+            a, dy_ref[rows, ns], (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
         )
 
     acc = jax.lax.fori_loop(
@@ -202,47 +270,86 @@ def _weight_grad_kernel(tile_start_ref, x_ref, dy_ref, out_ref, *, block_rows):
     out_ref[...] = acc.astype(out_ref.dtype)
 
 
-def _weight_grad(x: jax.Array, dy: jax.Array, tile_start: jax.Array, *, tiling: WeightTiling) -> jax.Array:
-    """x [M, K], dy [M, N], tile_start [G + 1] -> dW [G, K, N] in x's dtype."""
+def _weight_grad(
+    x: jax.Array,
+    dy: jax.Array,
+    tile_start: jax.Array,
+    *,
+    tiling: WeightTiling,
+    lhs_rows: jax.Array | None = None,
+) -> jax.Array:
+    """x [M, K] (or, given lhs_rows [M], rows x[lhs_rows] of x [S, K]), dy [M, N],
+    tile_start [G + 1] -> dW [G, K, N] in x's dtype."""
+    gathered = lhs_rows is not None
     k, n, g = x.shape[1], dy.shape[1], tile_start.shape[0] - 1
     bk = _block(k, tiling.block_k, "weight-gradient rows (K)")
     bn = _block(n, tiling.block_n, "weight-gradient columns (N)")
     if TILE_ROWS % tiling.block_rows:
         raise ValueError(f"WeightTiling.block_rows={tiling.block_rows} must divide {TILE_ROWS}")
+    whole = lambda a: pl.BlockSpec(a.shape, lambda j, i, e: (0,) * a.ndim)
+    operands = (tile_start, lhs_rows, x, dy) if gathered else (tile_start, x, dy)
     return pl.pallas_call(
-        functools.partial(_weight_grad_kernel, block_rows=tiling.block_rows),
+        functools.partial(_weight_grad_kernel, block_rows=tiling.block_rows, gathered=gathered),
         out_shape=jax.ShapeDtypeStruct((g, k, n), x.dtype),
         grid=(n // bn, k // bk, g),
-        in_specs=[
-            pl.BlockSpec(tile_start.shape, lambda j, i, e: (0,)),
-            pl.BlockSpec(x.shape, lambda j, i, e: (0, 0)),
-            pl.BlockSpec(dy.shape, lambda j, i, e: (0, 0)),
-        ],
+        in_specs=[whole(a) for a in operands],
         out_specs=pl.BlockSpec((None, bk, bn), lambda j, i, e: (e, i, j)),
         compiler_params=plgpu.CompilerParams(
             num_warps=tiling.num_warps,
             num_stages=_stages(tiling.num_stages, x.dtype.itemsize, tiling.block_rows * (bk + bn)),
         ),
         interpret=interpret(),
-        name="grouped_gemm_weight_grad",
-    )(tile_start, x, dy)
+        name="grouped_gemm_weight_grad_gathered" if gathered else "grouped_gemm_weight_grad",
+    )(*operands)
 
 
 def tiled_grouped_matmul(
-    x: jax.Array, w: jax.Array, group_sizes: jax.Array, tilings: Tilings = DEFAULT_TILINGS
+    x: jax.Array,
+    w: jax.Array,
+    group_sizes: jax.Array,
+    tilings: Tilings = DEFAULT_TILINGS,
+    *,
+    lhs_rows: jax.Array | None = None,
+    lhs_copies: jax.Array | None = None,
 ) -> jax.Array:
     """y [M, N] with y[r] = x[r] W[g(r)], for x [M, K] in tile-aligned group layout (M a
     multiple of TILE_ROWS, every group_sizes[g] a multiple of TILE_ROWS, sum <= M) and
     W [G, K, N] of x's dtype.  Rows past sum(group_sizes) give zeros.  Differentiable in x
-    and W (all three products run as Pallas kernels)."""
+    and W (all three products run as Pallas kernels).
+
+    Gathered rows: given lhs_rows [M] (int) and its inverse lhs_copies [S, C] (the rows r with
+    lhs_rows[r] = s, padded with M; every r with lhs_rows[r] in [0, S) listed exactly once),
+    y[r] = x[lhs_rows[r]] W[g(r)] for x [S, K] (a zero row where lhs_rows[r] is outside
+    [0, S)): the row gather runs inside the forward and weight-gradient kernels, and
+    dx[s] = sum_c dx_sorted[lhs_copies[s, c]]."""
     if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
         raise ValueError(f"grouped GEMM: x {x.shape} and W {w.shape} must be [M, K] and [G, K, N]")
-    if x.shape[0] % TILE_ROWS:
+    if (lhs_rows is None) != (lhs_copies is None):
+        raise ValueError("grouped GEMM: lhs_rows and lhs_copies (its inverse) go together; pass both")
+    if lhs_rows is not None and (lhs_rows.ndim != 1 or lhs_copies.ndim != 2 or len(lhs_copies) != len(x)):
         raise ValueError(
-            f"grouped GEMM: {x.shape[0]} rows are not a multiple of the row tile "
+            f"grouped GEMM: lhs_rows {lhs_rows.shape} and lhs_copies {lhs_copies.shape} must be "
+            f"[M] and [S, C] with S = {len(x)} rows of x"
+        )
+    rows = x.shape[0] if lhs_rows is None else lhs_rows.shape[0]
+    if rows % TILE_ROWS:
+        raise ValueError(
+            f"grouped GEMM: {rows} rows are not a multiple of the row tile "
             f"{TILE_ROWS}; lay the rows out with expert_compute.dropless_slots"
         )
-    return _grouped(x, w.astype(x.dtype), group_sizes.astype(jnp.int32), tilings)
+    w, group_sizes = w.astype(x.dtype), group_sizes.astype(jnp.int32)
+    if lhs_rows is None:
+        return _grouped(x, w, group_sizes, tilings)
+    return _grouped_gathered(
+        x, w, group_sizes, lhs_rows.astype(jnp.int32), lhs_copies.astype(jnp.int32), tilings
+    )
+
+
+def sum_copies(rows: jax.Array, copies: jax.Array) -> jax.Array:
+    """rows [M, ...], copies [S, C] -> [S, ...] with out[s] = sum_c rows[copies[s, c]] (indices
+    outside [0, M) add nothing): the transpose of the row gather x[lhs_rows], fp32 sums."""
+    taken = jnp.take(rows, copies, axis=0, mode="fill", fill_value=0)
+    return jnp.sum(taken.astype(jnp.float32), axis=1).astype(rows.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -265,3 +372,25 @@ def _grouped_bwd(tilings, residuals, dy):
 
 
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _grouped_gathered(x, w, group_sizes, lhs_rows, lhs_copies, tilings):
+    return _grouped_gathered_fwd(x, w, group_sizes, lhs_rows, lhs_copies, tilings)[0]
+
+
+def _grouped_gathered_fwd(x, w, group_sizes, lhs_rows, lhs_copies, tilings):
+    tile_group, tile_start = tile_groups(group_sizes, lhs_rows.shape[0] // TILE_ROWS)
+    y = _row_matmul(x, w, tile_group, contract_last=False, tiling=tilings.forward, lhs_rows=lhs_rows)
+    return y, (x, w, lhs_rows, lhs_copies, tile_group, tile_start)
+
+
+def _grouped_gathered_bwd(tilings, residuals, dy):
+    x, w, lhs_rows, lhs_copies, tile_group, tile_start = residuals
+    dy = dy.astype(x.dtype)
+    dx_sorted = _row_matmul(dy, w, tile_group, contract_last=True, tiling=tilings.input_grad)
+    dw = _weight_grad(x, dy, tile_start, tiling=tilings.weight_grad_gathered, lhs_rows=lhs_rows)
+    return sum_copies(dx_sorted, lhs_copies), dw, None, None, None
+
+
+_grouped_gathered.defvjp(_grouped_gathered_fwd, _grouped_gathered_bwd)

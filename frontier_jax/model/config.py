@@ -17,7 +17,7 @@ import enum
 from dataclasses import dataclass, field
 
 from frontier_jax.ops.dispatch import MoeDispatch
-from frontier_jax.ops.grouped_matmul import GmmImpl
+from frontier_jax.ops.grouped_matmul import GmmGather, GmmImpl
 
 
 class AttentionImpl(enum.StrEnum):
@@ -226,16 +226,25 @@ class ImplConfig:
     moe_dispatch "capacity" drops the real tokens' assignments past C = ceil(moe_capacity_factor
     N K / E) per expert (counted; N: the tokens dispatched together, each device's shard under
     expert parallelism, `ops.dispatch`); ep_overlap_chunks: chunks of each device's tokens whose all-to-all
-    overlaps the other chunks' expert compute under expert parallelism."""
+    overlaps the other chunks' expert compute under expert parallelism.  gmm_gather "fused": the
+    dropless dispatch's token rows are gathered inside the Pallas gate/up kernel's loads instead
+    of by an XLA gather that writes the sorted [N K, d] copy (where the Pallas bf16 kernel runs
+    the experts without expert parallelism; elsewhere the XLA gather runs, same result)."""
 
     attention: AttentionImpl = AttentionImpl.xla
     gmm: GmmImpl = GmmImpl.auto
+    gmm_gather: GmmGather = GmmGather.xla
     moe_dispatch: MoeDispatch = MoeDispatch.dropless
     moe_capacity_factor: float = 1.25
     ep_overlap_chunks: int = 1
     remat: RematPolicy = RematPolicy.none
 
     def validate(self) -> "ImplConfig":
+        if self.gmm_gather == "fused" and self.gmm not in ("auto", "pallas"):
+            raise ValueError(
+                f"impl.gmm_gather=fused is invalid with impl.gmm={self.gmm}: only the Pallas kernel "
+                "gathers rows in its loads; set impl.gmm=pallas (or auto) or impl.gmm_gather=xla"
+            )
         if self.moe_capacity_factor <= 0:
             raise ValueError(f"impl.moe_capacity_factor={self.moe_capacity_factor} is invalid: must be > 0")
         if not isinstance(self.ep_overlap_chunks, int) or self.ep_overlap_chunks <= 0:

@@ -78,6 +78,7 @@ def dispatch_spec(cfg: ModelConfig, impl: ImplConfig) -> ExpertDispatchSpec:
         dispatch=impl.moe_dispatch,
         capacity_factor=impl.moe_capacity_factor,
         gmm_impl=impl.gmm,
+        gmm_gather=impl.gmm_gather,
         overlap_chunks=impl.ep_overlap_chunks,
     )
 

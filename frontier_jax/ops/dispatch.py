@@ -12,7 +12,9 @@ W_down [E, f, d]),
     y_n = sum_k g_{n,k} FFN_{e_{n,k}}(x_n)                                        [N, d]
 with the assignments laid out by `spec.dispatch` (`expert_compute` gives the layouts):
   * "dropless": the N K assignments laid out expert by expert (each expert's rows padded to the
-    grouped matmul's row alignment), one grouped matmul per projection;
+    grouped matmul's row alignment), one grouped matmul per projection (`gmm_gather` "fused":
+    the gate/up kernel reads the token rows itself, where the Pallas bf16 kernel runs;
+    `LocalExperts` only);
   * "capacity": each expert takes at most C = ceil(capacity_factor N K / E) assignments of
     real tokens (first come, in token order) into an [E, C, d] buffer (batched matmuls; fp8
     grouped matmuls over 128-row-aligned groups when the precision policy runs the experts in
@@ -44,11 +46,12 @@ from frontier_jax.ops.expert_compute import (
     collect,
     combine,
     dispatch,
+    dispatch_gather,
     dropless_slots,
     swiglu_batched,
     swiglu_grouped,
 )
-from frontier_jax.ops.grouped_matmul import GmmImpl, fp8_experts, row_alignment
+from frontier_jax.ops.grouped_matmul import GmmGather, GmmImpl, fp8_experts, fuses_gather, row_alignment
 from frontier_jax.ops.routing import Routing
 from frontier_jax.precision import PrecisionPolicy
 
@@ -68,6 +71,7 @@ class ExpertDispatchSpec:
     capacity_factor: float  # "capacity": C = ceil(capacity_factor N K / E)
     gmm_impl: GmmImpl  # grouped matmul kernel
     overlap_chunks: int = 1  # expert parallelism: chunks whose all-to-all overlaps the others' compute
+    gmm_gather: GmmGather = GmmGather.xla  # dropless: "fused" gathers the token rows in the kernel
 
 
 class RoutedOutput(NamedTuple):
@@ -124,8 +128,14 @@ class LocalExperts:
         if spec.dispatch == "dropless":
             align = row_alignment(spec.gmm_impl, policy)
             slot, sizes = dropless_slots(flat_expert, e, align)
-            buf = dispatch(x.astype(dtype), slot, padded_rows_bound(n * k, e, align))
-            out = swiglu_grouped(buf, sizes, *weights, impl=spec.gmm_impl, dtype=dtype, policy=policy)
+            rows = padded_rows_bound(n * k, e, align)
+            if spec.gmm_gather == "fused" and fuses_gather(spec.gmm_impl, policy):
+                xs, gather = x.astype(dtype), dispatch_gather(slot, n, rows)
+            else:
+                xs, gather = dispatch(x.astype(dtype), slot, rows), None
+            out = swiglu_grouped(
+                xs, sizes, *weights, impl=spec.gmm_impl, dtype=dtype, policy=policy, gather=gather
+            )
             dropped = jnp.zeros((), jnp.int32)
         else:
             capacity = math.ceil(spec.capacity_factor * n * k / e)

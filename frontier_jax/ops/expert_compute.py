@@ -6,6 +6,8 @@ flattened token-major (assignment a = token a // K, choice a % K).  Each assignm
 row ("slot") of a buffer laid out group by group; rows move in one gather each way:
 
     dispatch   buf[slot[a]] = x[a // K]           [N, d] -> [R, d]   (unused rows zero)
+               (or not written at all: `dispatch_gather` gives the grouped GEMM the map
+               buf[r] = x[rows[r]] to gather in its loads, `impl.gmm_gather=fused`)
     collect    rows[a]      = buf[slot[a]]        [R, d] -> [A, d]   (dropped rows zero)
     combine    y_n          = sum_k g_{n,k} rows[n K + k]
 
@@ -24,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from frontier_jax.kernels.grouped_gemm import padded_groups
-from frontier_jax.ops.grouped_matmul import grouped_matmul
+from frontier_jax.ops.grouped_matmul import RowGather, grouped_matmul
 from frontier_jax.precision.mixed import einsum_fp32
 
 
@@ -115,6 +117,14 @@ def dispatch(x: jax.Array, slot: jax.Array, num_rows: int) -> jax.Array:
     return move_rows(jnp.repeat(x, k, axis=0), invert(slot, num_rows), slot)
 
 
+def dispatch_gather(slot: jax.Array, num_tokens: int, num_rows: int) -> RowGather:
+    """`dispatch` of N = num_tokens token rows as a row gather for the grouped GEMM to run in
+    its loads: buffer row r reads token rows[r] = invert(slot)[r] // K (N: an unused row, zero),
+    and token n's K copies are the buffer rows copies[n] = slot[n K : (n+1) K] (R: dropped)."""
+    k = slot.shape[0] // num_tokens
+    return RowGather(invert(slot, num_rows) // k, slot.reshape(num_tokens, k))
+
+
 def collect(buf: jax.Array, slot: jax.Array) -> jax.Array:
     """Buffer [R, d] -> assignment rows [A, d] = buf[slot], zero for dropped assignments."""
     return move_rows(buf, slot, invert(slot, buf.shape[0]))
@@ -128,25 +138,28 @@ def combine(rows: jax.Array, weights: jax.Array) -> jax.Array:
 
 
 def swiglu_grouped(
-    xs: jax.Array, group_sizes: jax.Array, w_gate, w_up, w_down, *, impl: str, dtype, policy=None
+    xs: jax.Array, group_sizes: jax.Array, w_gate, w_up, w_down, *, impl: str, dtype, policy=None, gather=None
 ) -> jax.Array:
     """Per-group SwiGLU over rows laid out group by group: xs [R, d] -> [R, d]; weights
     [G, d, f], [G, d, f], [G, f, d]; rows past sum(group_sizes) give zeros.  `policy` (a
     PrecisionPolicy) may run the three matmuls (`moe.experts.w_gate/w_up/w_down`) in fp8.
     Gate and up run as one grouped matmul against [W_gate | W_up] ([G, d, 2f]: one pass (and
     one quantization) of xs, and one input-gradient product instead of two plus a sum) unless
-    the policy runs one of them in fp8 and the other not."""
+    the policy runs one of them in fp8 and the other not.  Given `gather` (a RowGather, where
+    `grouped_matmul.fuses_gather`), xs are the source rows x [S, d] and the rows are x[gather.rows],
+    gathered inside the gate/up kernel."""
 
-    def gmm(a, w, layer):
-        return grouped_matmul(a, w, group_sizes, impl=impl, dtype=dtype, policy=policy, layer=layer)
+    def gmm(a, w, layer, gather=None):
+        return grouped_matmul(
+            a, w, group_sizes, impl=impl, dtype=dtype, policy=policy, layer=layer, gather=gather
+        )
 
     gate_layer, up_layer = "moe.experts.w_gate", "moe.experts.w_up"
     if policy is not None and policy.uses_fp8(gate_layer) != policy.uses_fp8(up_layer):
-        gate, up = gmm(xs, w_gate, gate_layer), gmm(xs, w_up, up_layer)
+        gate, up = gmm(xs, w_gate, gate_layer, gather), gmm(xs, w_up, up_layer, gather)
     else:
-        gate, up = jnp.split(
-            gmm(xs, jnp.concatenate([w_gate, w_up], axis=2), f"{gate_layer}+{up_layer}"), 2, axis=1
-        )
+        w_gate_up = jnp.concatenate([w_gate, w_up], axis=2)
+        gate, up = jnp.split(gmm(xs, w_gate_up, f"{gate_layer}+{up_layer}", gather), 2, axis=1)
     return gmm(jax.nn.silu(gate) * up, w_down, "moe.experts.w_down")
 
 

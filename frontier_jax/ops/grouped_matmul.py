@@ -19,11 +19,17 @@ computed in `dtype` with fp32 accumulation.
 
 When a precision `policy` runs the expert matmul `layer` in fp8 (`PrecisionPolicy.grouped_matmul`),
 its fp8 grouped matmul replaces the kernel chosen by `impl` (all three GEMMs in fp8).
+
+Gathered rows (`impl.gmm_gather`): the dispatch's row gather lhs[r] = x[rows[r]] either runs
+as an XLA gather that writes the sorted [M, K] copy ("xla"), or inside the Pallas kernel's
+loads ("fused": `grouped_matmul(x, ..., gather=RowGather(rows, copies))`, where the Pallas
+bf16 kernel runs; `fuses_gather` says where).
 """
 
 from __future__ import annotations
 
 import enum
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +44,18 @@ class GmmImpl(enum.StrEnum):
     pallas = "pallas"
     ragged_dot = "ragged_dot"
     tokamax = "tokamax"
+
+
+class GmmGather(enum.StrEnum):
+    xla = "xla"  # the dispatch gathers the rows into the sorted buffer (an XLA gather)
+    fused = "fused"  # the Pallas kernel gathers them in its loads (where `fuses_gather`)
+
+
+class RowGather(NamedTuple):
+    """A row gather lhs[r] = x[rows[r]] and its inverse, for x [S, K] and lhs [M, K]."""
+
+    rows: jax.Array  # [M] int: source row of each lhs row (outside [0, S): a zero row)
+    copies: jax.Array  # [S, C] int: the lhs rows reading each source row (M: none)
 
 
 def resolve_impl(impl: str) -> str:
@@ -63,6 +81,11 @@ def row_alignment(impl: str, policy: PrecisionPolicy | None = None) -> int:
     return TILE_ROWS if fp8_experts(policy) or resolve_impl(impl) == "pallas" else 1
 
 
+def fuses_gather(impl: str, policy: PrecisionPolicy | None = None) -> bool:
+    """Whether `grouped_matmul` can take a RowGather (the Pallas bf16 kernel runs the experts)."""
+    return resolve_impl(impl) == "pallas" and not fp8_experts(policy)
+
+
 def grouped_matmul(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -72,12 +95,22 @@ def grouped_matmul(
     dtype=jnp.bfloat16,
     policy: PrecisionPolicy | None = None,
     layer: str = "moe.experts",
+    gather: RowGather | None = None,
 ) -> jax.Array:
+    """out[r] = lhs[r] @ rhs[g(r)] (module docstring); given `gather`, lhs is the source x [S, K]
+    and out[r] = x[gather.rows[r]] @ rhs[g(r)] (only where `fuses_gather(impl, policy)`)."""
     lhs, rhs = lhs.astype(dtype), rhs.astype(dtype)
     group_sizes = group_sizes.astype(jnp.int32)
     fp8 = None if policy is None else policy.grouped_matmul(layer)
     impl = resolve_impl(impl)
-    if fp8 is not None:
+    if gather is not None:
+        if fp8 is not None or impl != "pallas":
+            raise ValueError(
+                f"grouped_matmul: a fused row gather needs the Pallas bf16 kernel, not impl.gmm={impl!r}"
+                f"{' with fp8 ' + layer if fp8 is not None else ''}; gather the rows first"
+            )
+        out = tiled_grouped_matmul(lhs, rhs, group_sizes, lhs_rows=gather.rows, lhs_copies=gather.copies)
+    elif fp8 is not None:
         out = fp8(lhs, rhs, group_sizes)
     elif impl == "pallas":
         out = tiled_grouped_matmul(lhs, rhs, group_sizes)

@@ -100,3 +100,101 @@ def test_pipeline_stages_fit_shared_memory_for_float32_operands():
     assert _stages(3, 4, tile) == 2
     assert 2 * 4 * tile <= SHARED_MEMORY_BUDGET < 3 * 4 * tile
     assert _stages(3, 4, 10 * tile) == 1
+
+
+def _gather_problem(seed, sizes, tiles, sources, k, n, dtype):
+    """x [S, K], W, dy [M, N] and a row map rows [M] with repeated sources, rows without one
+    (index S) and sources read by no row, plus its inverse copies [S, C] (M = none)."""
+    rng = np.random.default_rng(seed)
+    m = tiles * TILE_ROWS
+    rows = rng.integers(0, sources - 2, m)  # the last two sources are read by no row
+    rows[rng.random(m) < 0.2] = sources  # no source: a zero row
+    multiplicity = np.bincount(rows[rows < sources], minlength=sources)
+    copies = np.full((sources, multiplicity.max()), m)
+    for s in range(sources):
+        found = np.flatnonzero(rows == s)
+        copies[s, : len(found)] = found
+    x = rng.standard_normal((sources, k)).astype(np.float32)
+    w = rng.standard_normal((len(sizes), k, n)).astype(np.float32)
+    dy = rng.standard_normal((m, n)).astype(np.float32)  # nonzero on every row, tail included
+    return (*(jnp.asarray(a, dtype) for a in (x, w, dy)), rows, copies)
+
+
+def _gathered_reference(x, w, dy, sizes, rows):
+    """float64 y[r] = x[rows[r]] W[g(r)] (zero without a source or a group), dx[s] = sum over
+    the owned rows r reading s of dy[r] W[g(r)]^T, dW[g] = sum_r x[rows[r]]^T dy[r]."""
+    x, w, dy = (np.asarray(a, np.float64) for a in (x, w, dy))
+    y, dx, dw = np.zeros((len(rows), w.shape[2])), np.zeros_like(x), np.zeros_like(w)
+    for r, g in enumerate(np.repeat(np.arange(len(sizes)), sizes)):
+        if rows[r] < len(x):
+            y[r] = x[rows[r]] @ w[g]
+            dx[rows[r]] += w[g] @ dy[r]
+            dw[g] += np.outer(x[rows[r]], dy[r])
+    return y, dx, dw
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, FP32_TOL), (jnp.bfloat16, 1e-2)])
+def test_gathered_rows_match_gather_then_gemm_and_float64(dtype, tol):
+    # the fused path (rows gathered in the kernels' loads) against float64 and against the XLA
+    # gather followed by the sorted-rows kernel: relative Frobenius error < tol for y, dx and
+    # dW; fused vs gather-then-GEMM within one bf16 rounding (the dx sums run in fp32 for the
+    # fused path, in the operands' dtype through XLA's gather transpose)
+    sizes = np.array([128, 0, 256, 128, 0])  # empty groups, and one unused tile at the end
+    x, w, dy, rows, copies = _gather_problem(2, sizes, 5, 40, 64, 96, dtype)
+    group_sizes = jnp.asarray(sizes)
+
+    def fused(x, w):
+        return tiled_grouped_matmul(
+            x, w, group_sizes, lhs_rows=jnp.asarray(rows), lhs_copies=jnp.asarray(copies)
+        )
+
+    def gather_then_gemm(x, w):
+        return tiled_grouped_matmul(
+            jnp.take(x, jnp.asarray(rows), axis=0, mode="fill", fill_value=0), w, group_sizes
+        )
+
+    y, vjp = jax.vjp(fused, x, w)
+    dx, dw = vjp(dy)
+    y2, vjp2 = jax.vjp(gather_then_gemm, x, w)
+    dx2, dw2 = vjp2(dy)
+    refs = _gathered_reference(*(a.astype(jnp.float32) for a in (x, w, dy)), sizes, rows)
+    assert y.dtype == dx.dtype == dw.dtype == dtype and dx.shape == x.shape
+    for ours, xla, ref in zip((y, dx, dw), (y2, dx2, dw2), refs):
+        assert _rel(ours, ref) < tol and _rel(xla, ref) < tol
+        assert _rel(ours, np.asarray(xla, np.float64)) < tol
+    assert not np.asarray(y[512:], np.float32).any()  # the unused tile is written as zeros
+    assert not np.asarray(y[:512][rows[:512] == 40], np.float32).any()  # rows without a source
+    assert not np.asarray(dx[38:], np.float32).any()  # sources no row reads
+    assert not np.asarray(dw[1], np.float32).any() and not np.asarray(dw[4], np.float32).any()
+
+
+def test_gathered_rows_with_small_tiles_cover_several_blocks_per_dimension():
+    sizes = np.array([256, 128])
+    tilings = Tilings(
+        RowTiling(block_out=32, block_contract=16),
+        RowTiling(32, 16),
+        WeightTiling(16, 32, 32),
+        weight_grad_gathered=WeightTiling(block_k=16, block_n=32, block_rows=32),
+    )
+    x, w, dy, rows, copies = _gather_problem(3, sizes, 3, 200, 48, 64, jnp.float32)
+    y, vjp = jax.vjp(
+        lambda x, w: tiled_grouped_matmul(
+            x, w, jnp.asarray(sizes), tilings, lhs_rows=jnp.asarray(rows), lhs_copies=jnp.asarray(copies)
+        ),
+        x,
+        w,
+    )
+    for ours, ref in zip((y, *vjp(dy)), _gathered_reference(x, w, dy, sizes, rows)):
+        assert _rel(ours, ref) < FP32_TOL
+
+
+def test_gathered_rows_need_their_inverse_and_a_whole_row_tile():
+    x, w, sizes = jnp.zeros((10, 64)), jnp.zeros((2, 64, 64)), jnp.asarray([128, 0])
+    with pytest.raises(ValueError, match="pass both"):
+        tiled_grouped_matmul(x, w, sizes, lhs_rows=jnp.zeros((128,), jnp.int32))
+    with pytest.raises(ValueError, match=r"S = 10 rows of x"):
+        tiled_grouped_matmul(x, w, sizes, lhs_rows=jnp.zeros((128,), jnp.int32), lhs_copies=jnp.zeros((9, 2)))
+    with pytest.raises(ValueError, match="100 rows are not a multiple"):
+        tiled_grouped_matmul(
+            x, w, sizes, lhs_rows=jnp.zeros((100,), jnp.int32), lhs_copies=jnp.zeros((10, 2))
+        )

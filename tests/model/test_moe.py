@@ -84,6 +84,33 @@ def test_pallas_grouped_gemm_matches_naive_loop_and_ragged_dot_gradients():
     assert np.abs(ours["experts"]["w_down"]).max() > 0
 
 
+def test_fused_row_gather_equals_the_xla_gather_in_output_and_gradients():
+    # impl.gmm_gather=fused (token rows gathered in the Pallas gate/up kernel's loads, interpreted
+    # on CPU) against the XLA gather into the sorted buffer: the same products in the same
+    # order, fp32; only dx's K-term sum differs in order: output rtol 1e-6, every parameter's
+    # and the input's gradient ||fused - xla|| / ||xla|| < 1e-6
+    impl = ImplConfig(gmm="pallas")
+    cfg, moe = _moe(seed=8, moe_ffn_dim=16, impl=impl)
+    _, fused = _moe(seed=8, moe_ffn_dim=16, impl=impl.replace(gmm_gather="fused"))
+    x = jnp.asarray(_x(cfg, 9), jnp.float32)
+    kernels = lambda m: str(jax.make_jaxpr(lambda x: m(x, jnp.asarray(MASK)))(x))
+    assert "grouped_gemm_rows_gathered" in kernels(fused) and "gathered" not in kernels(moe)
+
+    def value_and_grads(module):
+        def loss(m, x):
+            y, stats = m(x, jnp.asarray(MASK))
+            return jnp.sum(jnp.sin(y)) + stats.balance_loss, y
+
+        (_, y), (g_params, g_x) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(module, x)
+        return np.asarray(y), {"x": np.asarray(g_x), **nnx.state(g_params, nnx.Param).to_pure_dict()}
+
+    (y_xla, g_xla), (y_fused, g_fused) = value_and_grads(moe), value_and_grads(fused)
+    np.testing.assert_allclose(y_fused, y_xla, rtol=1e-6, atol=1e-7)
+    rel = jax.tree.map(lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b), g_fused, g_xla)
+    assert max(jax.tree.leaves(rel)) < 1e-6, rel
+    assert np.abs(g_fused["experts"]["w_gate"]).max() > 0 and np.abs(g_fused["x"]).max() > 0
+
+
 def test_capacity_with_large_factor_equals_dropless():
     # capacity_factor = N_r / K gives C = N: nothing can be dropped.  Different matmul kernels
     # (grouped vs batched) sum in different orders, so "equal" means equal to fp32 rounding of
