@@ -12,14 +12,18 @@ Sections (forward + backward everywhere, bf16 operands, fp32 accumulation):
      ours (Pallas, tile-aligned rows), tokamax ragged_dot (if installed), capacity-padded
      batched einsum (factor 1.25), the dense-equivalent layer (one weight for all rows: the
      practical floor), and `ragged_dot` / naive all-experts masked at 1/8 of the rows.
+  3b. The dispatch's row gather with the expert compute (from the token rows [B T, d]): an XLA
+     gather into the sorted buffer, then our kernels (`impl.gmm_gather=xla`) vs the rows gathered
+     inside the gate/up kernel's loads (`impl.gmm_gather=fused`).
   4. The whole MoE layer module (router, dispatch, experts, shared expert, combine): dropless
-     with our kernel vs capacity dispatch.
+     with our kernel (XLA gather and fused gather) vs capacity dispatch.
 TFLOP/s counts useful FLOPs only: 3 matmuls x 2 x rows x d x f, times 3 for forward+backward.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -33,7 +37,13 @@ from flax import nnx
 from frontier_jax.config import load_config
 from frontier_jax.kernels import grouped_gemm as gg
 from frontier_jax.model.moe import MoE
-from frontier_jax.ops.expert_compute import dropless_slots, swiglu_batched, swiglu_grouped
+from frontier_jax.ops.expert_compute import (
+    dispatch,
+    dispatch_gather,
+    dropless_slots,
+    swiglu_batched,
+    swiglu_grouped,
+)
 from frontier_jax.precision import get_policy
 
 ROW_TILINGS = [
@@ -71,10 +81,14 @@ def rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def routed_experts(rng, tokens: int, experts: int, k: int) -> np.ndarray:
+    """Uniform random top-k routing: the chosen experts [tokens K], token-major."""
+    return np.argsort(rng.random((tokens, experts)), axis=1)[:, :k].reshape(-1)
+
+
 def routed_sizes(rng, tokens: int, experts: int, k: int) -> np.ndarray:
     """Assignments per expert for uniform random top-k routing."""
-    choice = np.argsort(rng.random((tokens, experts)), axis=1)[:, :k]
-    return np.bincount(choice.reshape(-1), minlength=experts)
+    return np.bincount(routed_experts(rng, tokens, experts, k), minlength=experts)
 
 
 def aligned_layout(sizes: np.ndarray) -> tuple[jax.Array, int]:
@@ -331,11 +345,40 @@ def main() -> None:
         report(f"   naive masked at 1/8 rows: failed ({type(err).__name__})")
     report(f"   ours / dense-equivalent = {results['ours'] / results['dense']:.2f}x the time")
 
+    report("3b. dispatch row gather + expert compute from the token rows, forward + backward")
+    slot, sizes_routed = dropless_slots(jnp.asarray(routed_experts(rng, tokens, e, k)), e, gg.TILE_ROWS)
+    tokens_x = jnp.asarray(rng.standard_normal((tokens, d)), jnp.bfloat16)
+    swiglu = functools.partial(swiglu_grouped, impl="pallas", dtype=jnp.bfloat16)
+    gather_paths = {
+        "xla": lambda x, wg, wu, wd: swiglu(dispatch(x, slot, rows), sizes_routed, wg, wu, wd),
+        "fused": lambda x, wg, wu, wd: swiglu(
+            x, sizes_routed, wg, wu, wd, gather=dispatch_gather(slot, tokens, rows)
+        ),
+    }
+    gathered = {}
+    for name, path in gather_paths.items():
+        gathered[name] = row(
+            f"impl.gmm_gather={name}",
+            time_ms(fwd_bwd(path), tokens_x, wg, wu, wd, dy, iters=iters),
+            assignments,
+        )
+    grads = [fwd_bwd(path)(tokens_x, wg, wu, wd, dy) for path in gather_paths.values()]
+    for name, a, b in zip(("dx", "dW_gate", "dW_up", "dW_down"), *grads):
+        report(
+            f"   fused vs xla {name:8s} rel. difference {rel(b, a):.2e}",
+            {"section": "gather_check", "name": name, "rel": rel(b, a)},
+        )
+    report(f"   fused / xla = {gathered['fused'] / gathered['xla']:.3f}x the time")
+
     report("4. whole MoE layer (router, dispatch, experts, shared expert, combine), forward + backward")
     xin = jnp.asarray(rng.standard_normal((1, tokens, d)), jnp.bfloat16)
     mask = jnp.ones((1, tokens), jnp.int32)
     for label, dispatch_overrides in (
         ("dropless, Pallas kernel", ["impl.moe_dispatch=dropless", "impl.gmm=pallas"]),
+        (
+            "dropless, Pallas kernel, fused gather",
+            ["impl.moe_dispatch=dropless", "impl.gmm=pallas", "impl.gmm_gather=fused"],
+        ),
         ("capacity 1.25, batched einsum", ["impl.moe_dispatch=capacity"]),
     ):
         layer_cfg = load_config(args.config, overrides + dispatch_overrides)

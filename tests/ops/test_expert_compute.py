@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from frontier_jax.kernels.grouped_gemm import padded_rows_bound
+from frontier_jax.kernels.grouped_gemm import padded_rows_bound, sum_copies
 from frontier_jax.ops.expert_compute import (
     capacity_slots,
     collect,
     combine,
     dispatch,
+    dispatch_gather,
     dropless_slots,
     invert,
     move_rows,
@@ -115,3 +116,22 @@ def test_dispatch_collect_combine_values_and_gradient():
     for g in range(groups):
         used[g * capacity : g * capacity + min(seen[g], capacity)] = True
     assert not buf[~used].any()  # unused rows are zero
+
+
+def test_dispatch_gather_is_the_map_dispatch_writes_and_sum_copies_its_gradient():
+    # dropless (aligned, with padding rows) and capacity (with dropped assignments) slots: the
+    # gathered rows x[rows] equal dispatch's buffer, and sum_copies of a buffer cotangent equals
+    # dispatch's gradient (fp32, exact up to summation order: rtol 1e-6)
+    rng = np.random.default_rng(5)
+    n, k, groups, d = 10, 3, 4, 5
+    experts = jnp.asarray(rng.integers(0, groups, n * k), jnp.int32)
+    x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    aligned, _ = dropless_slots(experts, groups, 4)
+    capped, keep = capacity_slots(experts, groups, 5)
+    assert not keep.all()
+    for slot, rows in ((aligned, padded_rows_bound(n * k, groups, 4)), (capped, groups * 5)):
+        gather = dispatch_gather(slot, n, rows)
+        buf, vjp = jax.vjp(lambda x: dispatch(x, slot, rows), x)
+        np.testing.assert_array_equal(jnp.take(x, gather.rows, axis=0, mode="fill", fill_value=0), buf)
+        cot = jnp.asarray(rng.normal(size=buf.shape), jnp.float32)
+        np.testing.assert_allclose(sum_copies(cot, gather.copies), vjp(cot)[0], rtol=1e-6)
