@@ -5,8 +5,10 @@ with FFN a dense SwiGLU (the first `first_k_dense` layers) or DeepSeekMoE.
 
 LayerStack holds L identical blocks as one module whose parameters carry a leading layer axis
 (logical name `layers` for the MoE stack, which pipeline stages split; `dense_layers` for the
-dense prefix) ([L, ...]), created with `nnx.vmap` and applied with `jax.lax.scan`, so compile time is
-flat in depth and the remat policy is one knob.
+dense prefix) ([L, ...]), created with `nnx.vmap` and applied layer after layer by `apply_layers`:
+with `jax.lax.scan` (`impl.scan_layers=true`: compile time flat in depth) or a Python loop over
+the same stacked parameters (false: kept residuals are per-layer buffers instead of [L, ...]
+stacks); the remat policy is one knob either way.
 """
 
 from __future__ import annotations
@@ -98,12 +100,14 @@ class Block(nnx.Module):
         return constrain(h + out, ("batch", "seq", "embed")), stats
 
 
-def _remat(fn, policy_name: str):
+def _remat(fn, policy_name: str, *, scanned: bool):
     """fn under `impl.remat`: full recomputes every activation in the backward,
     save_dots keeps the matmul outputs, save_attention_out the attention core's; experts keeps
     everything but the routed experts' rows (dispatch gathers, grouped GEMMs, combine), which
     `RoutedExperts` recomputes under its own checkpoint.  All keep the fp8 policies' quantized weights (`FP8_WEIGHT`: 1 byte per parameter; none in bf16/fp32),
-    which are not activations: recomputing them would quantize every weight twice a step."""
+    which are not activations: recomputing them would quantize every weight twice a step.
+    Outside a scan (`scanned=False`) the recomputation is kept apart from the forward
+    (`prevent_cse`), else XLA may merge the two and keep the activations after all."""
     if policy_name in ("none", "experts"):
         return fn
     names = jax.checkpoint_policies.save_only_these_names
@@ -114,7 +118,25 @@ def _remat(fn, policy_name: str):
         ),
         "save_attention_out": names("attention_out", FP8_WEIGHT),
     }
-    return jax.checkpoint(fn, policy=policies[policy_name], prevent_cse=False)
+    return jax.checkpoint(fn, policy=policies[policy_name], prevent_cse=not scanned)
+
+
+def apply_layers(body, carry, layers, *, scan: bool):
+    """carry_l, y_l = body(carry_{l-1}, layers[l]) for l = 0 .. L-1, over the pytree `layers`
+    whose leaves carry a leading [L] axis -> (carry_L, the y_l stacked [L, ...]).
+
+    scan=True: one `lax.scan` (the body is compiled once; what it keeps for the backward is
+    written into stacked [L, ...] buffers); False: a Python loop over `lax.unstack` slices (L
+    copies of the body; kept residuals are plain per-layer buffers and the gradient of `layers`
+    is stacked once, the transpose of unstack)."""
+    if scan:
+        return jax.lax.scan(body, carry, layers)
+    leaves, treedef = jax.tree.flatten(layers)
+    ys = []
+    for layer in zip(*(jax.lax.unstack(leaf) for leaf in leaves)):
+        carry, y = body(carry, treedef.unflatten(layer))
+        ys.append(y)
+    return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
 
 
 def prepend_logical_axis(module: nnx.Module, axis: str) -> None:
@@ -125,8 +147,10 @@ def prepend_logical_axis(module: nnx.Module, axis: str) -> None:
 
 
 class LayerStack(nnx.Module):
-    """`num_layers` blocks with stacked parameters, applied in sequence by `lax.scan`; the
-    stacked axis carries the logical name `layer_axis`."""
+    """`num_layers` blocks with stacked parameters, applied in sequence by `apply_layers`
+    (`impl.scan_layers`: a scan or a loop); the stacked axis carries the logical name
+    `layer_axis`.  The layer count is read from the parameters' leading axis, so a pipeline
+    chunk runs this stack's graph on its own L/C layers."""
 
     def __init__(
         self,
@@ -147,6 +171,7 @@ class LayerStack(nnx.Module):
 
         self.num_layers = num_layers
         self.remat_policy = impl.remat
+        self.scan_layers = impl.scan_layers
         self.blocks = create(rngs)
         prepend_logical_axis(self.blocks, layer_axis)
 
@@ -157,7 +182,8 @@ class LayerStack(nnx.Module):
         def body(h, layer_state):
             return nnx.merge(graphdef, layer_state)(h, inputs)
 
-        return jax.lax.scan(_remat(body, self.remat_policy), x, state)
+        layer = _remat(body, self.remat_policy, scanned=self.scan_layers)
+        return apply_layers(layer, x, state, scan=self.scan_layers)
 
     def extend(
         self,
@@ -169,8 +195,8 @@ class LayerStack(nnx.Module):
         absorbed: bool,
         impl: str = "xla",
     ) -> tuple[jax.Array, LatentCache]:
-        """`Block.extend` through the L layers; cache [L, ...] is carried whole through the scan
-        (each layer writes its new tokens in place) -> (x after all layers, cache)."""
+        """`Block.extend` through the L layers; cache [L, ...] is carried whole from layer to
+        layer (each writes its new tokens in place) -> (x after all layers, cache)."""
         graphdef, state = nnx.split(self.blocks)
 
         def body(carry, xs):
@@ -180,5 +206,6 @@ class LayerStack(nnx.Module):
                 h, inputs, cache, layer, pages, absorbed=absorbed, impl=impl
             ), None
 
-        (x, cache), _ = jax.lax.scan(body, (x, cache), (state, jnp.arange(self.num_layers)))
+        layers = (state, jnp.arange(self.num_layers))
+        (x, cache), _ = apply_layers(body, (x, cache), layers, scan=self.scan_layers)
         return x, cache

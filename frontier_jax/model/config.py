@@ -220,8 +220,8 @@ class ModelConfig:
 @dataclass(unsafe_hash=True)
 class ImplConfig:
     """How the model is computed, not what (the `impl:` section): the attention core, the
-    expert grouped-matmul kernel, token dispatch, expert-parallel overlap and the remat policy.
-    The modules receive it from their builder (`Transformer(cfg, impl=...)`).
+    expert grouped-matmul kernel, token dispatch, expert-parallel overlap, the remat policy and
+    how the layer stacks run. The modules receive it from their builder (`Transformer(cfg, impl=...)`).
 
     moe_dispatch "capacity" drops the real tokens' assignments past C = ceil(moe_capacity_factor
     N K / E) per expert (counted; N: the tokens dispatched together, each device's shard under
@@ -229,7 +229,13 @@ class ImplConfig:
     overlaps the other chunks' expert compute under expert parallelism.  gmm_gather "fused": the
     dropless dispatch's token rows are gathered inside the Pallas gate/up kernel's loads instead
     of by an XLA gather that writes the sorted [N K, d] copy (where the Pallas bf16 kernel runs
-    the experts without expert parallelism; elsewhere the XLA gather runs, same result)."""
+    the experts without expert parallelism; elsewhere the XLA gather runs, same result).
+
+    scan_layers: true applies each stack's L blocks with one `lax.scan` (compiled once, compile
+    time flat in L; what a layer keeps for the backward goes into stacked [L, ...] buffers);
+    false with a Python loop over layer slices of the same stacked parameters (L copies in the
+    program, kept residuals are per-layer buffers). Parameters, checkpoints and results are the
+    same either way; the MTP modules always scan."""
 
     attention: AttentionImpl = AttentionImpl.xla
     gmm: GmmImpl = GmmImpl.auto
@@ -238,6 +244,7 @@ class ImplConfig:
     moe_capacity_factor: float = 1.25
     ep_overlap_chunks: int = 1
     remat: RematPolicy = RematPolicy.none
+    scan_layers: bool = True
 
     def validate(self) -> "ImplConfig":
         if self.gmm_gather == "fused" and self.gmm not in ("auto", "pallas"):
@@ -245,6 +252,8 @@ class ImplConfig:
                 f"impl.gmm_gather=fused is invalid with impl.gmm={self.gmm}: only the Pallas kernel "
                 "gathers rows in its loads; set impl.gmm=pallas (or auto) or impl.gmm_gather=xla"
             )
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"impl.scan_layers={self.scan_layers!r} is invalid: must be true or false")
         if self.moe_capacity_factor <= 0:
             raise ValueError(f"impl.moe_capacity_factor={self.moe_capacity_factor} is invalid: must be > 0")
         if not isinstance(self.ep_overlap_chunks, int) or self.ep_overlap_chunks <= 0:

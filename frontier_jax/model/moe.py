@@ -98,6 +98,7 @@ class RoutedExperts(nnx.Module):
         e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_ffn_dim
         self.spec, self.policy, self.dispatcher = dispatch_spec(cfg, impl), policy, experts
         self.remat_experts = impl.remat == "experts"
+        self.scanned = impl.scan_layers
         self.w_gate = normal_param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), cfg.init_std)
         self.w_up = normal_param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), cfg.init_std)
         self.w_down = normal_param(rngs, (e, f, d), ("expert", "moe_mlp", "embed"), cfg.init_std)
@@ -117,7 +118,9 @@ class RoutedExperts(nnx.Module):
 
         if self.remat_experts:
             routed = jax.checkpoint(
-                routed, policy=jax.checkpoint_policies.save_only_these_names(FP8_WEIGHT), prevent_cse=False
+                routed,
+                policy=jax.checkpoint_policies.save_only_these_names(FP8_WEIGHT),
+                prevent_cse=not self.scanned,  # as `block._remat` (conservative in MTP's scan)
             )
         return routed(x, routing, token_mask, self.w_gate[...], self.w_up[...], self.w_down[...])
 

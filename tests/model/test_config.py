@@ -82,6 +82,7 @@ def test_closed_choice_outside_its_enum_names_the_field_and_the_allowed_values(o
         (dict(moe_capacity_factor=-1.0), "moe_capacity_factor"),
         (dict(ep_overlap_chunks=0), "ep_overlap_chunks"),
         (dict(gmm="ragged_dot", gmm_gather="fused"), "gmm_gather"),
+        (dict(scan_layers="no"), "scan_layers"),
     ],
 )
 def test_invalid_impl_config_raises_value_error_naming_the_field(changes, field):
@@ -107,3 +108,9 @@ def test_replace_validates_and_transformer_validates():
         nnx.eval_shape(
             lambda: Transformer(ModelConfig(), impl=ImplConfig(moe_capacity_factor=0.0), rngs=nnx.Rngs(0))
         )
+
+
+def test_scan_layers_loads_from_an_override_and_rejects_a_non_bool():
+    assert load_config(None, ["impl.scan_layers=false"]).impl.scan_layers is False
+    with pytest.raises(ValueError, match=r"impl\.scan_layers.*not a valid bool"):
+        load_config(None, ["impl.scan_layers=maybe"])
