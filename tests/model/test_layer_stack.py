@@ -4,6 +4,7 @@ full / experts, same prefill + decode through the latent cache, and a lowered pr
 loop or stacked-residual writes; fp32 on a tiny MoE model (1 dense + 2 MoE layers)."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -45,11 +46,12 @@ def _assert_trees_close(got, want, rtol, what):
     for (path, w), g in zip(flat_want, flat_got):
         assert g.shape == w.shape, f"{what}{jax.tree_util.keystr(path)}"
         np.testing.assert_allclose(
-            g, w, rtol=rtol, atol=rtol * max(np.abs(w).max(), 1e-30), err_msg=f"{what}{jax.tree_util.keystr(path)}"
+            g,
+            w,
+            rtol=rtol,
+            atol=rtol * max(np.abs(w).max(), 1e-30),
+            err_msg=f"{what}{jax.tree_util.keystr(path)}",
         )
-
-
-_SCANNED = {}
 
 
 @pytest.mark.parametrize("remat", ["none", "full", "experts"])
@@ -61,9 +63,7 @@ def test_unrolled_stack_gives_the_scanned_logits_stats_loss_and_gradients(remat)
     _assert_trees_close(
         nnx.state(unrolled).to_pure_dict(), nnx.state(scanned).to_pure_dict(), 0.0, "params"
     )  # the same parameter tree, logical axes aside
-    if remat not in _SCANNED:
-        _SCANNED[remat] = _loss_stats_and_grads(scanned)
-    want_loss, want_out, want_grads = _SCANNED[remat]
+    want_loss, want_out, want_grads = _loss_stats_and_grads(scanned)
     loss, out, grads = _loss_stats_and_grads(unrolled)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
     assert out.moe_stats.load.shape == (2, common.tiny_config(**CFG).n_routed_experts)  # stacked [L, ...]
@@ -73,22 +73,19 @@ def test_unrolled_stack_gives_the_scanned_logits_stats_loss_and_gradients(remat)
 
 def test_unrolled_stack_keeps_logical_axes_and_applies_remat_per_layer():
     axes = lambda m: jax.tree.map(  # noqa: E731
-        lambda v: v.get_metadata().get("logical_axes"), nnx.state(m), is_leaf=lambda x: isinstance(x, nnx.Variable)
+        lambda v: v.get_metadata().get("logical_axes"),
+        nnx.state(m),
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
-    scanned = nnx.eval_shape(lambda: Transformer(common.tiny_config(**CFG), rngs=nnx.Rngs(0)))
     cfg = common.tiny_config(**CFG)
+    abstract = lambda impl: nnx.eval_shape(lambda: Transformer(cfg, impl=impl, rngs=nnx.Rngs(0)))  # noqa: E731
 
     def checkpoints(remat):
-        impl = ImplConfig(remat=remat, scan_layers=False)
-        model = nnx.eval_shape(lambda: Transformer(cfg, impl=impl, rngs=nnx.Rngs(0)))
-        graphdef, state = nnx.split(model)
+        graphdef, state = nnx.split(abstract(ImplConfig(remat=remat, scan_layers=False)))
         ids = jnp.zeros((common.B, common.T), jnp.int32)
         return _count(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(ids).sum())(state).jaxpr, "remat2")
 
-    unrolled = nnx.eval_shape(
-        lambda: Transformer(common.tiny_config(**CFG), impl=ImplConfig(scan_layers=False), rngs=nnx.Rngs(0))
-    )
-    assert axes(unrolled) == axes(scanned)
+    assert axes(abstract(ImplConfig(scan_layers=False))) == axes(abstract(ImplConfig()))
     # full: one checkpoint per block (3); experts: one per MoE block (2); none: none
     assert (checkpoints("full"), checkpoints("experts"), checkpoints("none")) == (3, 2, 0)
 
@@ -96,7 +93,8 @@ def test_unrolled_stack_keeps_logical_axes_and_applies_remat_per_layer():
 def _count(jaxpr, primitive: str) -> int:
     """Equations of `primitive` in jaxpr and its sub-jaxprs."""
     return sum(
-        (eqn.primitive.name == primitive) + sum(_count(sub, primitive) for sub in jax.core.jaxprs_in_params(eqn.params))
+        (eqn.primitive.name == primitive)
+        + sum(_count(sub, primitive) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
         for eqn in jaxpr.eqns
     )
 
@@ -106,10 +104,8 @@ def test_unrolled_gradient_program_has_no_loop_and_no_stacked_residual_writes(sc
     # remat none: the scan stacks each layer's residuals into [L, ...] buffers inside a while loop
     # (dynamic_update_slice per layer); the unrolled stack keeps them as per-layer values
     cfg = common.tiny_config(**CFG)
-    model = nnx.eval_shape(
-        lambda: Transformer(cfg, impl=ImplConfig(scan_layers=scan_layers), rngs=nnx.Rngs(0))
-    )
-    graphdef, state = nnx.split(model)
+    impl = ImplConfig(scan_layers=scan_layers)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, impl=impl, rngs=nnx.Rngs(0))))
     ids = jnp.zeros((common.B, common.T), jnp.int32)
     grad = jax.grad(lambda s: nnx.merge(graphdef, s)(ids).sum())
     text = jax.jit(grad).lower(state).as_text()
@@ -120,7 +116,9 @@ def test_unrolled_gradient_program_has_no_loop_and_no_stacked_residual_writes(sc
         assert (loops, writes) == (0, 0)
 
 
-def _pages(cfg, block: int, rows: int, tokens: int, width: int, start: int):
+def _pages(block: int, rows: int, tokens: int, width: int, start: int):
+    """Pages for `width` new tokens at positions start.. of each row, every row owning its own
+    blocks for `tokens` tokens -> (pages, positions [rows, width], blocks in the pool)."""
     per_seq = -(-tokens // block)
     table = 1 + np.arange(rows * per_seq, dtype=np.int32).reshape(rows, per_seq)
     write = np.ones((rows, width), bool)
@@ -137,7 +135,7 @@ def test_unrolled_extend_gives_the_scanned_prefill_and_decode():
     for scan_layers in (True, False):
         model = _model(scan_layers)
         graphdef, state = nnx.split(model)
-        pages, positions, num_blocks = _pages(cfg, 4, common.B, common.T + 1, common.T, 0)
+        pages, positions, num_blocks = _pages(4, common.B, common.T + 1, common.T, 0)
 
         def stack(n):
             return empty_cache(n, num_blocks, 4, cfg.kv_lora_rank, cfg.qk_rope_head_dim, jnp.float32)
@@ -149,7 +147,7 @@ def test_unrolled_extend_gives_the_scanned_prefill_and_decode():
 
         extend = common.fast_jit(extend, static_argnums=5)
         g_prefill, cache = extend(state, ids, positions, cache, pages, False)
-        step_pages, step_positions, _ = _pages(cfg, 4, common.B, common.T + 1, 1, common.T)
+        step_pages, step_positions, _ = _pages(4, common.B, common.T + 1, 1, common.T)
         g_decode, cache = extend(state, ids[:, :1], step_positions, cache, step_pages, True)
         results.append(jax.tree.map(np.asarray, (g_prefill, g_decode, cache)))
     _assert_trees_close(results[1], results[0], 1e-5, "extend")

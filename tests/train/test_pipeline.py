@@ -192,9 +192,14 @@ def test_training_steps_on_stage4_data2_follow_the_single_device_losses(tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("remat", ["full", "save_dots"])
-def test_pipeline_strategy_with_layer_remat(remat, inputs, reference):
+@pytest.mark.parametrize(
+    "impl",
+    [("impl.remat=full",), ("impl.remat=save_dots",), ("impl.scan_layers=false", "impl.remat=full")],
+    ids=",".join,
+)
+def test_pipeline_strategy_with_layer_remat(impl, inputs, reference):
     """impl.remat inside each chunk's recomputed forward (the layer scan's checkpoint under the
-    executor's per-chunk VJP) changes nothing but what is kept."""
-    got = _pipelined("zb-h1", STAGE4_EXPERT2, 4, inputs, f"impl.remat={remat}")
+    executor's per-chunk VJP) changes nothing but what is kept; so does unrolling each chunk's
+    layers (impl.scan_layers=false: the loop runs over the chunk's own L/C layer slices)."""
+    got = _pipelined("zb-h1", STAGE4_EXPERT2, 4, inputs, *impl)
     assert_matches(got, reference(4), expert_parallel=True)
