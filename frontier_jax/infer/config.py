@@ -32,7 +32,10 @@ class InferConfig:
     prefill_chunk: prompt tokens per prefill step; memory_budget_gb: when > 0 the cache gets
     as many blocks as fit in this many GiB instead of max_seqs x max_len;
     decode_attention_impl: the absorbed attention kernel; speculative: "mtp" drafts
-    model.mtp_depth tokens per step with the MTP modules and verifies them in one forward."""
+    model.mtp_depth tokens per step with the MTP modules and verifies them in one forward;
+    async_decode: dispatch decode step n+1 (fed step n's sampled tokens on the device) before
+    reading step n's tokens back, so the host's work overlaps the device's (same tokens as
+    False, the synchronous loop; speculative decoding is always synchronous)."""
 
     block_size: int = 64
     max_seqs: int = 8
@@ -41,6 +44,7 @@ class InferConfig:
     memory_budget_gb: float = 0.0
     decode_attention_impl: DecodeAttentionImpl = DecodeAttentionImpl.XLA
     speculative: Speculative = Speculative.NONE
+    async_decode: bool = True
 
     def validate(self) -> "InferConfig":
         for name in ("block_size", "max_seqs", "prefill_chunk"):
@@ -56,6 +60,8 @@ class InferConfig:
                 f"infer.memory_budget_gb={self.memory_budget_gb} must be >= 0 (0: size the "
                 "cache from infer.max_seqs x infer.max_len)"
             )
+        if not isinstance(self.async_decode, bool):
+            raise ValueError(f"infer.async_decode={self.async_decode!r} must be true or false")
         DecodeAttentionImpl(self.decode_attention_impl)
         Speculative(self.speculative)
         return self

@@ -6,7 +6,22 @@
 Each `step()`: admit waiting requests into free decode slots; run one prefill chunk of every
 prefilling request (expanded MLA, writing the cache); run one decode step of every decoding
 request (absorbed MLA); sample each request's next token with its own parameters; retire the
-finished ones and free their blocks.  Bad requests (empty prompt, ids outside the vocabulary,
+finished ones and free their blocks.
+
+Decoding is asynchronous (infer.async_decode, the default): a step dispatches decode step n+1
+before reading back step n's tokens.  Step n+1 takes step n's sampled tokens straight from the
+device; its positions and block tables are known on the host without them (each decoding row
+advances one position).  Then step n's tokens are read back (one transfer) and appended, stop
+conditions checked, while the device runs step n+1.  A row that step n finishes (a stop token
+or string) is already in step n+1: that step's token for it is discarded, never emitted nor
+counted.  Rows whose next token is sure to end them (max_new_tokens, the cache budget) are left
+out of step n+1.  Freeing a finished request's blocks right away is safe: step n+1 has its block
+table already, and any later step that reuses the blocks runs on the cache step n+1 returns
+(donated, so the device runs them in order).  Greedy and seeded tokens equal the synchronous
+loop's (the same programs on the same inputs; token n of a request draws with key
+fold_in(key(seed), n) whichever loop runs it).  Speculative decoding stays synchronous.
+
+Bad requests (empty prompt, ids outside the vocabulary,
 too long, invalid sampling parameters) end at once with finish_reason "error" and a message;
 the others run on.
 """
@@ -34,12 +49,22 @@ from frontier_jax.infer.config import DecodeAttentionImpl, InferConfig, Speculat
 from frontier_jax.infer.sampling import SamplingParams, sample
 from frontier_jax.infer.scheduler import Batch, Completion, Request, Scheduler
 from frontier_jax.infer.speculative import MTPDecoder, accept
-from frontier_jax.infer.step import make_step
+from frontier_jax.infer.step import make_decode_step, make_step, pack_decode
 from frontier_jax.model import Transformer
 from frontier_jax.model.latent_cache import Pages
 from frontier_jax.parallel.mesh import state_shardings
 from frontier_jax.parallel.rules import DEFAULT_RULES, use_sharding
 from frontier_jax.runtime.restore import restore_params
+
+
+@dataclasses.dataclass
+class InFlight:
+    """A dispatched decode step whose sampled tokens are not read back yet: tokens [R] and
+    logprobs [B] of rows b < len(rows) (device arrays)."""
+
+    rows: list[Request]
+    tokens: jax.Array
+    logprobs: jax.Array
 
 
 def _infer_config(base: InferConfig, changes: InferConfig | dict | None) -> InferConfig:
@@ -90,7 +115,10 @@ class Engine:
         impl = DecodeAttentionImpl(self.infer.decode_attention_impl).value
         self._prefill = make_step(graphdef, absorbed=False)
         self._decode = make_step(graphdef, absorbed=True, impl=impl)
+        self._decode_sample = make_decode_step(graphdef, impl=impl)
         self.scheduler = Scheduler(self.layout, self.infer.max_seqs, self.infer.prefill_chunk, min_rows)
+        self._no_tokens = jnp.zeros(self.scheduler.max_rows, jnp.int32)  # `previous` with nothing in flight
+        self._in_flight: InFlight | None = None
         self._mtp = (
             MTPDecoder(graphdef, self.cfg, self.scheduler, self.infer.prefill_chunk, impl)
             if speculative
@@ -238,16 +266,68 @@ class Engine:
         decode_start = time.perf_counter()
         self.stats["prefill_s"] += decode_start - start
         rows = sched.decoding()
-        self.stats["decode_steps"] += bool(rows)
-        self.stats["decode_context"] += sum(r.computed for r in rows)  # cached tokens the step reads
-        if rows and self._mtp is not None:
-            finished += self._speculative_step(rows)
+        if self._mtp is None:
+            finished += self._decode_step(rows)
         elif rows:
-            batch = sched.decode_batch(rows)
-            logits, _ = self._forward(self._decode, batch)
-            finished += self._sample(batch, logits[:, 0], range(len(rows)))
+            self._count_decode(rows)
+            finished += self._speculative_step(rows)
         self.stats["decode_s"] += time.perf_counter() - decode_start
         return finished
+
+    def _count_decode(self, rows: list[Request]) -> None:
+        self.stats["decode_steps"] += 1
+        self.stats["decode_context"] += sum(r.computed for r in rows)  # cached tokens the step reads
+
+    def _decode_step(self, rows: list[Request]) -> list[int]:
+        """Dispatches a decode step of the decoding `rows`, then reads back the step in flight
+        before it (asynchronous) or this one (synchronous); returns the finished ids."""
+        previous, self._in_flight = self._in_flight, None
+        waiting = {r.id: b for b, r in enumerate(previous.rows)} if previous else {}
+        rows = [r for r in rows if not (r.id in waiting and r.reaches_limit(1))]
+        current = self._dispatch(rows, previous, waiting) if rows else None
+        finished = self._read_back(previous) if previous else []
+        if current is not None and not self.infer.async_decode:
+            finished += self._read_back(current)
+        elif current is not None and any(r.finish_reason is None for r in current.rows):
+            self._in_flight = current
+        return finished
+
+    def _dispatch(self, rows: list[Request], previous: InFlight | None, waiting: dict[int, int]) -> InFlight:
+        """Launches one decode-and-sample step (`step.make_decode_step`) of `rows`; a row in
+        `waiting` (id -> row of `previous`) takes its input token from previous's tokens."""
+        self._count_decode(rows)
+        sched = self.scheduler
+        n = sched.rows_for(len(rows))
+        packed = pack_decode(
+            n,
+            [0 if r.id in waiting else r.output_ids[-1] for r in rows],
+            [waiting.get(r.id, -1) for r in rows],
+            [r.computed for r in rows],
+            [r.params for r in rows],
+            [r.seed for r in rows],
+            [len(r.output_ids) + (r.id in waiting) for r in rows],
+            sched.table(rows, [r.computed + 1 for r in rows], n),
+        )
+        previous_tokens = previous.tokens if previous else self._no_tokens
+        tokens, logprobs, self.cache = self._decode_sample(
+            self.state, self.cache, previous_tokens, jnp.asarray(packed)
+        )
+        tokens.copy_to_host_async()
+        logprobs.copy_to_host_async()
+        self.stats["forwards"] += 1
+        for request in rows:
+            request.computed += 1
+        return InFlight(rows, tokens, logprobs)
+
+    def _read_back(self, step: InFlight) -> list[int]:
+        """Appends `step`'s tokens (one transfer) to its rows that are still running; a row
+        finished meanwhile drops its token.  Returns the ids finished now."""
+        tokens, logprobs = jax.device_get((step.tokens, step.logprobs))
+        return [
+            r.id
+            for b, r in enumerate(step.rows)
+            if r.finish_reason is None and self._append(r, int(tokens[b]), float(logprobs[b]))
+        ]
 
     def _forward(self, step, batch: Batch) -> tuple[jax.Array, jax.Array]:
         """Runs `step` on `batch`, advances each row's cached length; (logits, hidden)."""
@@ -341,9 +421,7 @@ class Engine:
             hits = [text.index(s) for s in params.stop if s in text]
             if hits:
                 request.finish_reason, text = "stop", text[: min(hits)]
-        if request.finish_reason is None and (
-            len(request.output_ids) >= params.max_new_tokens or request.length >= request.budget
-        ):
+        if request.finish_reason is None and request.reaches_limit():
             request.finish_reason = "length"
         if request.finish_reason is None:
             return False

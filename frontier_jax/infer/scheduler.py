@@ -62,6 +62,13 @@ class Request:
             return self.output_ids[start - prompt :]
         return self.prompt_ids[start:] + self.output_ids
 
+    def reaches_limit(self, more: int = 0) -> bool:
+        """Whether the request is at max_new_tokens or its cache budget once `more` further
+        tokens are generated."""
+        return (
+            len(self.output_ids) + more >= self.params.max_new_tokens or self.length + more >= self.budget
+        )
+
     @property
     def prefilling(self) -> bool:
         return self.computed < len(self.prompt_ids)
@@ -139,10 +146,9 @@ class Scheduler:
             select,
         )
 
-    def decode_batch(self, rows: list[Request], drafts: list[list[int]] | None = None) -> Batch:
-        """The last sampled token of each request (followed by its draft tokens, if any);
-        logits at every position."""
-        drafts = drafts or [[] for _ in rows]
+    def decode_batch(self, rows: list[Request], drafts: list[list[int]]) -> Batch:
+        """The last sampled token of each request followed by its draft tokens (a speculative
+        verification); logits at every position."""
         width = 1 + len(drafts[0])
         return self.batch(
             rows,
@@ -161,7 +167,7 @@ class Scheduler:
         select: list[list[int]],
     ) -> Batch:
         """Rows b < len(rows): tokens[b] at positions starts[b] ..; padded to a bucket of rows."""
-        n = max(bucket(len(rows), self.max_seqs), self.min_rows)
+        n = self.rows_for(len(rows))
         ids = np.zeros((n, width), np.int32)
         positions = np.zeros((n, width), np.int32)
         write = np.zeros((n, width), bool)
@@ -171,7 +177,21 @@ class Scheduler:
             positions[b] = start + np.arange(width)
             write[b, : len(row_tokens)] = True
             sel[b] = select[b]
-        blocks = max(self.alloc.blocks_for(s + len(t)) for s, t in zip(starts, tokens))
-        table_width = bucket(blocks, self.layout.blocks_per_seq)
-        table = self.alloc.table([r.id for r in rows] + [None] * (n - len(rows)), table_width)
+        table = self.table(rows, [s + len(t) for s, t in zip(starts, tokens)], n)
         return Batch(ids, positions, write, table, sel, rows)
+
+    @property
+    def max_rows(self) -> int:
+        """The most rows of a step."""
+        return self.rows_for(self.max_seqs)
+
+    def rows_for(self, k: int) -> int:
+        """Rows of a step over k requests: a bucket, at least min_rows."""
+        return max(bucket(k, self.max_seqs), self.min_rows)
+
+    def table(self, rows: list[Request], ends: list[int], n: int) -> np.ndarray:
+        """Block table [n, M] of `rows` (then n - len(rows) null rows) covering each row's
+        positions < ends[b], M a bucket of blocks."""
+        blocks = max(self.alloc.blocks_for(end) for end in ends)
+        width = bucket(blocks, self.layout.blocks_per_seq)
+        return self.alloc.table([r.id for r in rows] + [None] * (n - len(rows)), width)

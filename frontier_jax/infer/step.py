@@ -7,6 +7,16 @@ the paged latent cache (donated, so it is updated in place), logits at chosen po
 Prefill chunks take the expanded MLA path, decode steps the absorbed one (`MLA.extend`).  jax.jit
 compiles once per shape; the engine pads B, T and the block table's width to a few buckets so
 that a handful of programs serve every request mix.
+
+Plain decoding runs one program per step that also picks its input tokens and samples:
+
+    decode(state, cache, previous [R], packed [B, 9 + M]) -> (tokens [R], logprobs [B], cache)
+
+row b's input token is previous[source_b] (the token the previous step sampled for that request,
+still on the device) when source_b >= 0, else the host's token_b; `packed` holds every per-row
+host input in one int32 array (`pack_decode`: one transfer per step), floats and seeds by their
+bits; tokens come back padded to R rows (R = the most rows of a step), so that they can feed the
+next step whatever its bucket.
 """
 
 from __future__ import annotations
@@ -16,9 +26,14 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from frontier_jax.infer.sampling import SamplingParams, sample
 from frontier_jax.model.latent_cache import Pages
+
+# columns of the packed decode inputs, then the block table
+TOKEN, SOURCE, POSITION, WRITE, SEED, COUNTER, TOP_K, TEMPERATURE, TOP_P = range(9)
 
 
 @functools.cache
@@ -31,5 +46,62 @@ def make_step(graphdef: nnx.GraphDef, *, absorbed: bool, impl: str = "xla") -> C
         g, cache = model.extend(ids, positions, cache, pages, absorbed=absorbed, impl=impl)
         g = jnp.take_along_axis(g, select[..., None], axis=1)
         return model.logits_from_hidden(g), g, cache
+
+    return jax.jit(step, donate_argnums=(1,))
+
+
+def pack_decode(
+    rows: int,
+    tokens: list[int],
+    sources: list[int],
+    positions: list[int],
+    params: list[SamplingParams],
+    seeds: list[int],
+    counters: list[int],
+    table: np.ndarray,
+) -> np.ndarray:
+    """The host inputs of one decode step (module docstring) for len(tokens) requests, padded
+    to `rows` rows: [rows, 9 + M] int32 with the block table [rows, M] in the last M columns;
+    padding rows write nothing and sample greedily."""
+    k = len(tokens)
+    pad = SamplingParams()
+    packed = np.zeros((rows, TOP_P + 1 + table.shape[1]), np.int32)
+    packed[:, SOURCE] = -1
+    packed[:, TOP_P] = np.float32(pad.top_p).view(np.int32)
+    packed[:k, TOKEN] = tokens
+    packed[:k, SOURCE] = sources
+    packed[:k, POSITION] = positions
+    packed[:k, WRITE] = 1
+    packed[:k, SEED] = np.asarray(seeds, np.uint32).view(np.int32)
+    packed[:k, COUNTER] = counters
+    packed[:k, TOP_K] = [p.top_k for p in params]
+    packed[:k, TEMPERATURE] = np.asarray([p.temperature for p in params], np.float32).view(np.int32)
+    packed[:k, TOP_P] = np.asarray([p.top_p for p in params], np.float32).view(np.int32)
+    packed[:, TOP_P + 1 :] = table
+    return packed
+
+
+@functools.cache
+def make_decode_step(graphdef: nnx.GraphDef, *, impl: str = "xla") -> Callable:
+    """The jitted decode-and-sample step (module docstring) of a model with graph definition
+    `graphdef`, the cache donated."""
+
+    def step(state, cache, previous, packed):
+        model = nnx.merge(graphdef, state)
+        column = functools.partial(jax.lax.index_in_dim, packed, axis=1, keepdims=False)
+        bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.float32)
+        source = column(SOURCE)
+        ids = jnp.where(source >= 0, previous[jnp.maximum(source, 0)], column(TOKEN))[:, None]
+        pages = Pages(packed[:, TOP_P + 1 :], (column(WRITE) > 0)[:, None])
+        g, cache = model.extend(ids, column(POSITION)[:, None], cache, pages, absorbed=True, impl=impl)
+        tokens, logprobs = sample(
+            model.logits_from_hidden(g)[:, 0],
+            bits(column(TEMPERATURE)),
+            column(TOP_K),
+            bits(column(TOP_P)),
+            jax.lax.bitcast_convert_type(column(SEED), jnp.uint32),
+            column(COUNTER),
+        )
+        return jax.lax.dynamic_update_slice(jnp.zeros_like(previous), tokens, (0,)), logprobs, cache
 
     return jax.jit(step, donate_argnums=(1,))
