@@ -18,8 +18,10 @@ counted.  Rows whose next token is sure to end them (max_new_tokens, the cache b
 out of step n+1.  Freeing a finished request's blocks right away is safe: step n+1 has its block
 table already, and any later step that reuses the blocks runs on the cache step n+1 returns
 (donated, so the device runs them in order).  Greedy and seeded tokens equal the synchronous
-loop's (the same programs on the same inputs; token n of a request draws with key
-fold_in(key(seed), n) whichever loop runs it).  Speculative decoding stays synchronous.
+loop's: the same step programs, and token n of a request draws with key fold_in(key(seed), n)
+whichever loop runs it.  A finished request's slot is refilled one step later than in the
+synchronous loop (its last token is read a step later), so batch mates may differ, which moves
+logits by float rounding only.  Speculative decoding stays synchronous.
 
 Bad requests (empty prompt, ids outside the vocabulary,
 too long, invalid sampling parameters) end at once with finish_reason "error" and a message;
