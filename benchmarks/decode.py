@@ -6,6 +6,8 @@
     python benchmarks/decode.py --checkpoint runs/toy --batches 4 --speculative                  # MTP
     python benchmarks/decode.py --config model/bench-1b --dtype bfloat16 --batches 1,32 \\
         --prompt-len 4000 --new-tokens 64 --hf-peer --profile DIR                                # GPU
+    python benchmarks/decode.py --config model/bench-1b --dtype bfloat16 --batches 1,32,256 \\
+        --prompt-len 4000 --new-tokens 32 --decode-attention pallas --async-decode off,on        # GPU
 
 For each batch size B: B random prompts of --prompt-len tokens, --new-tokens greedy tokens
 each (the model: random weights from --config, or a training run's --checkpoint).  One
@@ -16,6 +18,8 @@ untimed run compiles every program; the timed run reports
                   (L + D)(d_c + d_h^R) x itemsize (mean per step)
   weights read    parameter bytes in the compute dtype (an upper bound: all experts)
   bandwidth       (cache read + weights read) / decode step time
+--decode-attention and --async-decode take lists: every combination runs in turn, in one process
+(infer.async_decode off: each step's tokens are read back before the next step is dispatched).
 With --speculative (a model with MTP modules): each batch runs without and then with MTP drafts in
 one process; acceptance rate, tokens per main forward and the decode speed-up of drafting.
 With --text-prompts: prompts are windows of the embedded standard-library code in the model's
@@ -110,9 +114,11 @@ def profile_decode(engine: Engine, prompts, steps: int, out: Path, wall_step_s: 
     while engine.stats["decode_steps"] < start + 2:  # every row past its prefill
         engine.step()
     out.mkdir(parents=True, exist_ok=True)
+    jax.block_until_ready(engine.cache)  # the trace holds the device work of exactly `steps` steps
     with jax.profiler.trace(str(out)):
         for _ in range(steps):
             engine.step()
+        jax.block_until_ready(engine.cache)
     while not engine.scheduler.idle:
         engine.step()
     every = summarise(out, steps, 10**6)
@@ -180,6 +186,11 @@ def main() -> None:
         default="xla",
         help="comma-separated infer.decode_attention_impl values, each run in turn (e.g. xla,pallas)",
     )
+    parser.add_argument(
+        "--async-decode",
+        default="on",
+        help="comma-separated infer.async_decode values (on, off), each run in turn (e.g. off,on)",
+    )
     parser.add_argument("--profile", type=Path, help="trace a few decode steps into this directory")
     parser.add_argument("--hf-peer", action="store_true", help="also time transformers generate")
     parser.add_argument(
@@ -189,21 +200,31 @@ def main() -> None:
     )
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    modes = {"on": True, "off": False}
+    bad = [m for m in args.async_decode.split(",") if m not in modes]
+    if bad:
+        parser.error(f"--async-decode {bad[0]!r}: give on, off or both (e.g. off,on)")
     if args.hf_peer:  # before JAX allocates on the GPU
         model_cfg = load_config(args.config).model
         for batch in batches:
             print(hf_generate(model_cfg, batch, args.prompt_len, args.new_tokens, args.dtype), flush=True)
     drafting = ["none", "mtp"] if args.speculative else ["none"]
     plain_tok_s = {}
-    for batch, impl, speculative in [
-        (b, i, d) for b in batches for i in args.decode_attention.split(",") for d in drafting
-    ]:
+    runs = [
+        (b, i, m, d)
+        for b in batches
+        for i in args.decode_attention.split(",")
+        for m in args.async_decode.split(",")
+        for d in drafting
+    ]
+    for batch, impl, mode, speculative in runs:
         infer = InferConfig(
             max_seqs=batch,
             max_len=args.prompt_len + args.new_tokens + 1,
             prefill_chunk=args.prefill_chunk,
             decode_attention_impl=impl,
             speculative=speculative,
+            async_decode=modes[mode],  # MTP drafting decodes synchronously either way
         )
         engine = build_engine(args, infer)
         cfg = engine.cfg
@@ -231,7 +252,7 @@ def main() -> None:
         step_s = stats["decode_s"] / steps
         decode_tok_s = stats["generated_tokens"] / max(stats["decode_s"], 1e-9)
         print(
-            f"B={batch:4d} {impl:6s}{' mtp' if speculative == 'mtp' else ''}  prefill {stats['prompt_tokens'] / max(stats['prefill_s'], 1e-9):10,.0f} tok/s  "
+            f"B={batch:4d} {impl:6s} {'async' if modes[mode] else 'sync':5s}{' mtp' if speculative == 'mtp' else ''}  prefill {stats['prompt_tokens'] / max(stats['prefill_s'], 1e-9):10,.0f} tok/s  "
             f"decode {decode_tok_s:9,.0f} tok/s  "
             f"({step_s * 1e3:.2f} ms/step)  cache read {cache_read / 2**20:8.3f} MiB/step  "
             f"weights {weights / 2**20:8.1f} MiB  bandwidth {(cache_read + weights) / step_s / 1e9:7.2f} GB/s  "
@@ -239,15 +260,15 @@ def main() -> None:
             flush=True,
         )
         if args.profile:
-            profile_decode(engine, prompts, 8, args.profile / f"b{batch}_{impl}_{speculative}", step_s)
+            profile_decode(engine, prompts, 8, args.profile / f"b{batch}_{impl}_{mode}_{speculative}", step_s)
         if speculative == "none":
-            plain_tok_s[batch, impl] = decode_tok_s
+            plain_tok_s[batch, impl, mode] = decode_tok_s
         else:
             s = engine.speculative_stats
             print(
                 f"        MTP: acceptance {s['acceptance_rate']:.1%}, {s['tokens_per_forward']:.2f} tokens per "
                 f"forward ({s['accepted']}/{s['drafted']} drafts kept), decode "
-                f"{decode_tok_s / plain_tok_s[batch, impl]:.2f}x plain"
+                f"{decode_tok_s / plain_tok_s[batch, impl, mode]:.2f}x plain"
             )
 
 

@@ -65,9 +65,7 @@ class Request:
     def reaches_limit(self, more: int = 0) -> bool:
         """Whether the request is at max_new_tokens or its cache budget once `more` further
         tokens are generated."""
-        return (
-            len(self.output_ids) + more >= self.params.max_new_tokens or self.length + more >= self.budget
-        )
+        return len(self.output_ids) + more >= self.params.max_new_tokens or self.length + more >= self.budget
 
     @property
     def prefilling(self) -> bool:
