@@ -196,7 +196,9 @@ class Transformer(nnx.Module):
             )
             logits = self.logits_from_hidden(jnp.take_along_axis(g, select[:, None, None], axis=1)[:, 0])
             token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            return (g, token, mtp_cache), token
+            # the chain carries g in g0's dtype (the engine's fp32 hidden states), whatever the
+            # compute dtype of the modules (bf16 policies return bf16 g)
+            return (g.astype(g0.dtype), token, mtp_cache), token
 
         start = jnp.zeros(g0.shape[:1], jnp.int32)
         (_, _, mtp), drafts = jax.lax.scan(

@@ -10,6 +10,7 @@ from scipy import stats
 from frontier_jax.infer import Engine, InferConfig, SamplingParams
 from frontier_jax.infer.speculative import accept
 from frontier_jax.model import Transformer
+from frontier_jax.precision import get_policy
 from tests.infer.test_sampling import filtered_softmax
 from tests.model import common
 
@@ -34,6 +35,23 @@ def test_mtp_speculative_greedy_equals_plain_greedy():
     s = engine.speculative_stats
     assert 0 < s["accepted"] < s["drafted"], s  # both the accept and the rejection paths ran
     assert s["tokens_per_forward"] > 1
+
+
+def test_mtp_speculative_decoding_runs_a_bf16_model():
+    # a bf16 policy's MTP modules return bf16 hidden states while the engine feeds g^0 in fp32
+    # (once a scan-carry dtype error on the H200); greedy output: that of plain bf16 decoding
+    # up to bf16 ties, so the first token (prefill, same program) must agree and every request
+    # must run to its length
+    cfg = common.tiny_config(vocab_size=6, mtp_depth=2)
+    model = common.build(lambda: Transformer(cfg, policy=get_policy("bf16"), rngs=nnx.Rngs(0)), seed=5)
+    prompts = [[1, 2, 3], [4, 5, 0, 1, 2, 3, 4]]
+    params = SamplingParams(max_new_tokens=12)
+    plain = Engine(model, infer=INFER).generate(prompts, params)
+    engine = Engine(model, infer=InferConfig(**{**INFER.__dict__, "speculative": "mtp"}))
+    spec = engine.generate(prompts, params)
+    for a, b in zip(plain, spec):
+        assert len(b.output_ids) == 12 and b.output_ids[0] == a.output_ids[0]
+    assert engine.speculative_stats["drafted"] > 0
 
 
 @pytest.mark.slow
