@@ -108,8 +108,10 @@ def model_check() -> None:
         ("reference", ["impl.attention=xla", "impl.gmm=ragged_dot"]),
         ("kernels", ["impl.attention=cudnn", "impl.gmm=tokamax"]),
     ):
-        cfg = load_config("model/bench-1b", base + extra)
-        model = Transformer(cfg.model, impl=cfg.impl, policy=get_policy("bf16"), rngs=nnx.Rngs(0))
+        cfg = load_config("model/bench-1b", base + extra + ["precision.policy=bf16"])
+        model = Transformer(
+            cfg.model, impl=cfg.impl, policy=get_policy(cfg.precision.policy), rngs=nnx.Rngs(0)
+        )
         logits[name] = nnx.jit(lambda m, x: m(x))(model, ids)
     check(
         "bench-1b 3-layer logits, cudnn+tokamax vs xla+ragged_dot",

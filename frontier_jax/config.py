@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+import jax.numpy as jnp
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -23,9 +24,10 @@ from omegaconf.errors import OmegaConfBaseException
 from frontier_jax.data.config import DataConfig
 from frontier_jax.eval.config import EvalConfig
 from frontier_jax.infer.config import InferConfig
-from frontier_jax.model.config import ImplConfig, ModelConfig
+from frontier_jax.model.config import AttentionImpl, ImplConfig, ModelConfig
 from frontier_jax.parallel.config import MeshAxes, MeshConfig
 from frontier_jax.parallel.pipeline.plan import pipeline_plan
+from frontier_jax.precision import get_policy
 from frontier_jax.precision.config import PrecisionConfig
 from frontier_jax.train.config import CheckpointConfig, TrainConfig
 
@@ -76,6 +78,7 @@ class Config:
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
         pipeline_plan(self)  # mesh.stage, train.pipeline and the model's layers together
+        _check_attention_dtype(self.impl.attention, self.precision.policy)
         return self
 
     def to_dict(self) -> dict:
@@ -83,6 +86,18 @@ class Config:
 
     def to_yaml(self) -> str:
         return OmegaConf.to_yaml(OmegaConf.structured(self))
+
+
+def _check_attention_dtype(attention: AttentionImpl, policy) -> None:
+    """cuDNN's fused attention takes 16-bit (or fp8) queries only: refuse an fp32 policy with it
+    here, not as a NotImplementedError from inside the compiled step."""
+    dtype = get_policy(policy).compute_dtype
+    if attention == AttentionImpl.cudnn and jnp.dtype(dtype).itemsize > 2:
+        raise ValueError(
+            f"impl.attention=cudnn needs a 16-bit compute dtype, but precision.policy={str(policy)!r} computes "
+            f"in {jnp.dtype(dtype).name}: use precision.policy=bf16 (or an fp8 policy), or "
+            "impl.attention=xla / tokamax"
+        )
 
 
 def _load_yaml_with_includes(path: Path, seen: tuple[Path, ...] = ()):

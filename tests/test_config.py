@@ -50,3 +50,13 @@ def test_an_override_into_a_list_is_a_value_error_not_a_type_error():
         ValueError, match=r"data\.sources\.0\.weight=0\.5: .*a list \(e\.g\. data\.sources\) is replaced"
     ):
         load_config("model/toy", ["data.sources.0.weight=0.5"])
+
+
+def test_cudnn_attention_with_an_fp32_policy_is_refused_naming_both_fields():
+    # cuDNN's fused attention takes 16-bit queries: on a GPU an fp32 policy failed inside the
+    # compiled step with a NotImplementedError
+    with pytest.raises(ValueError, match=r"impl.attention=cudnn.*precision.policy='fp32'.*bf16"):
+        load_config("train/toy", ["impl.attention=cudnn"])
+    assert (
+        load_config("train/toy", ["impl.attention=cudnn", "precision.policy=bf16"]).impl.attention == "cudnn"
+    )

@@ -230,6 +230,7 @@ def test_resume_compares_the_architecture_not_the_implementation(tmp_path):
         [
             "impl.remat=full",
             "impl.attention=cudnn",
+            "precision.policy=bf16",
             "impl.gmm=pallas",
             "impl.moe_dispatch=capacity",
             "impl.ep_overlap_chunks=2",
