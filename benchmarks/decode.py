@@ -26,9 +26,9 @@ With --text-prompts: prompts are windows of the embedded standard-library code i
 tokenizer (what a model trained by the README's main command has seen the like of) instead of
 random tokens.
 With --host-profile: the host functions that take the most time in the timed run (cProfile).
-With --profile DIR: a few more decode steps under `jax.profiler.trace(DIR)`; device time per
-decode step by kernel family and the top device ops, next to the wall time per step (the rest
-is host work and launch gaps).  With --hf-peer: transformers `generate` (greedy, its default
+With --profile DIR: a few more decode steps, then one more prefill of the prompts, under
+`jax.profiler.trace(DIR)`; device time per decode step and per prefill chunk by kernel family and
+the top device ops, next to the wall time (the rest is host work and launch gaps).  With --hf-peer: transformers `generate` (greedy, its default
 cache) on the same architecture with random weights, same batch / prompt / new tokens, run
 before JAX touches the GPU:
   prefill tok/s   B x prompt / time of generate(max_new_tokens=1)
@@ -121,11 +121,32 @@ def profile_decode(engine: Engine, prompts, steps: int, out: Path, wall_step_s: 
         jax.block_until_ready(engine.cache)
     while not engine.scheduler.idle:
         engine.step()
-    every = summarise(out, steps, 10**6)
+    print_profile(summarise(out, steps, 10**6), "decode step", wall_step_s)
+
+
+def profile_prefill(engine: Engine, prompts, out: Path, wall_prefill_s: float) -> None:
+    """Device time per prefill chunk under the profiler: the engine steps from submission until no
+    row is prefilling, one chunk each (the last one also dispatches the first decode step, a few
+    percent of a chunk's device time at 4K prompts, counted in)."""
+    for prompt in prompts:
+        engine.submit(prompt, SamplingParams(max_new_tokens=2, ignore_eos=True))
+    out.mkdir(parents=True, exist_ok=True)
+    jax.block_until_ready(engine.cache)
+    chunks = 0
+    with jax.profiler.trace(str(out)):
+        while engine.scheduler.waiting or any(r.prefilling for r in engine.scheduler.running):
+            engine.step()
+            chunks += 1
+        jax.block_until_ready(engine.cache)
+    while not engine.scheduler.idle:
+        engine.step()
+    print_profile(summarise(out, chunks, 10**6), f"prefill chunk ({chunks} chunks)", wall_prefill_s / chunks)
+
+
+def print_profile(every: list[tuple[str, float, int]], what: str, wall_s: float) -> None:
+    """Device ms per `what` by kernel family and the top ops (`profile_step.summarise` rows)."""
     total = sum(ms for _, ms, _ in every)
-    print(
-        f"        profile: {total:.3f} ms device time per decode step against {wall_step_s * 1e3:.2f} ms wall"
-    )
+    print(f"        profile: {total:.3f} ms device time per {what} against {wall_s * 1e3:.2f} ms wall")
     for category, ms in by_category(every).items():
         print(f"          {category:40s} {ms:8.3f} ms {ms / total:6.1%}")
     for name, ms, count in every[:12]:
@@ -260,7 +281,9 @@ def main() -> None:
             flush=True,
         )
         if args.profile:
-            profile_decode(engine, prompts, 8, args.profile / f"b{batch}_{impl}_{mode}_{speculative}", step_s)
+            name = f"b{batch}_{impl}_{mode}_{speculative}"
+            profile_decode(engine, prompts, 8, args.profile / name, step_s)
+            profile_prefill(engine, prompts, args.profile / f"{name}_prefill", stats["prefill_s"])
         if speculative == "none":
             plain_tok_s[batch, impl, mode] = decode_tok_s
         else:
