@@ -226,10 +226,13 @@ class ImplConfig:
     moe_dispatch "capacity" drops the real tokens' assignments past C = ceil(moe_capacity_factor
     N K / E) per expert (counted; N: the tokens dispatched together, each device's shard under
     expert parallelism, `ops.dispatch`); ep_overlap_chunks: chunks of each device's tokens whose all-to-all
-    overlaps the other chunks' expert compute under expert parallelism.  gmm_gather "fused": the
+    overlaps the other chunks' expert compute under expert parallelism.  gmm_gather "dispatch": the
     dropless dispatch's token rows are gathered inside the Pallas gate/up kernel's loads instead
-    of by an XLA gather that writes the sorted [N K, d] copy (where the Pallas bf16 kernel runs
-    the experts without expert parallelism; elsewhere the XLA gather runs, same result).
+    of by an XLA gather that writes the sorted [N K, d] copy; "fused": that, and the down kernel
+    stores its rows in token order for the combine (and its backward kernels read the gate-scaled
+    output gradient of each token in their loads) instead of an XLA collect gather of the
+    [N K, d] outputs and its backward gather (where the Pallas bf16 kernel runs the experts
+    without expert parallelism; elsewhere the XLA gathers run, same result).
 
     scan_layers: true applies each stack's L blocks with one `lax.scan` (compiled once, compile
     time flat in L; what a layer keeps for the backward goes into stacked [L, ...] buffers);
@@ -247,10 +250,10 @@ class ImplConfig:
     scan_layers: bool = True
 
     def validate(self) -> "ImplConfig":
-        if self.gmm_gather == "fused" and self.gmm not in ("auto", "pallas"):
+        if self.gmm_gather != "xla" and self.gmm not in ("auto", "pallas"):
             raise ValueError(
-                f"impl.gmm_gather=fused is invalid with impl.gmm={self.gmm}: only the Pallas kernel "
-                "gathers rows in its loads; set impl.gmm=pallas (or auto) or impl.gmm_gather=xla"
+                f"impl.gmm_gather={self.gmm_gather} is invalid with impl.gmm={self.gmm}: only the Pallas "
+                "kernel moves rows in its loads and stores; set impl.gmm=pallas (or auto) or impl.gmm_gather=xla"
             )
         if not isinstance(self.scan_layers, bool):
             raise ValueError(f"impl.scan_layers={self.scan_layers!r} is invalid: must be true or false")

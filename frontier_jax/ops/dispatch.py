@@ -12,9 +12,9 @@ W_down [E, f, d]),
     y_n = sum_k g_{n,k} FFN_{e_{n,k}}(x_n)                                        [N, d]
 with the assignments laid out by `spec.dispatch` (`expert_compute` gives the layouts):
   * "dropless": the N K assignments laid out expert by expert (each expert's rows padded to the
-    grouped matmul's row alignment), one grouped matmul per projection (`gmm_gather` "fused":
-    the gate/up kernel reads the token rows itself, where the Pallas bf16 kernel runs;
-    `LocalExperts` only);
+    grouped matmul's row alignment), one grouped matmul per projection (`gmm_gather` "dispatch":
+    the gate/up kernel reads the token rows itself; "fused": also the down kernel stores its rows
+    in token order for the combine; where the Pallas bf16 kernel runs, `LocalExperts` only);
   * "capacity": each expert takes at most C = ceil(capacity_factor N K / E) assignments of
     real tokens (first come, in token order) into an [E, C, d] buffer (batched matmuls; fp8
     grouped matmuls over 128-row-aligned groups when the precision policy runs the experts in
@@ -45,6 +45,7 @@ from frontier_jax.ops.expert_compute import (
     capacity_slots,
     collect,
     combine,
+    combine_scatter,
     dispatch,
     dispatch_gather,
     dropless_slots,
@@ -71,7 +72,7 @@ class ExpertDispatchSpec:
     capacity_factor: float  # "capacity": C = ceil(capacity_factor N K / E)
     gmm_impl: GmmImpl  # grouped matmul kernel
     overlap_chunks: int = 1  # expert parallelism: chunks whose all-to-all overlaps the others' compute
-    gmm_gather: GmmGather = GmmGather.xla  # dropless: "fused" gathers the token rows in the kernel
+    gmm_gather: GmmGather = GmmGather.xla  # dropless: which row moves run inside the Pallas kernels
 
 
 class RoutedOutput(NamedTuple):
@@ -129,13 +130,23 @@ class LocalExperts:
             align = row_alignment(spec.gmm_impl, policy)
             slot, sizes = dropless_slots(flat_expert, e, align)
             rows = padded_rows_bound(n * k, e, align)
-            if spec.gmm_gather == "fused" and fuses_gather(spec.gmm_impl, policy):
-                xs, gather = x.astype(dtype), dispatch_gather(slot, n, rows)
-            else:
+            in_kernel = spec.gmm_gather if fuses_gather(spec.gmm_impl, policy) else GmmGather.xla
+            if in_kernel == "xla":
                 xs, gather = dispatch(x.astype(dtype), slot, rows), None
+            else:
+                xs, gather = x.astype(dtype), dispatch_gather(slot, n, rows)
+            scatter = combine_scatter(slot, routing.weights, rows) if in_kernel == "fused" else None
             out = swiglu_grouped(
-                xs, sizes, *weights, impl=spec.gmm_impl, dtype=dtype, policy=policy, gather=gather
+                xs,
+                sizes,
+                *weights,
+                impl=spec.gmm_impl,
+                dtype=dtype,
+                policy=policy,
+                gather=gather,
+                combine=scatter,
             )
+            y = out if scatter is not None else combine(collect(out, slot), routing.weights)
             dropped = jnp.zeros((), jnp.int32)
         else:
             capacity = math.ceil(spec.capacity_factor * n * k / e)
@@ -155,6 +166,6 @@ class LocalExperts:
                 slot, keep = capacity_slots(flat_expert, e, capacity, valid=valid)
                 buf = dispatch(x.astype(dtype), slot, e * capacity).reshape(e, capacity, d)
                 out = swiglu_batched(buf, *weights, dtype=dtype).reshape(e * capacity, d)
+            y = combine(collect(out, slot), routing.weights)
             dropped = (valid.sum() - keep.sum()).astype(jnp.int32)
-        y = combine(collect(out, slot), routing.weights)
         return RoutedOutput(y.astype(x.dtype), dropped, jnp.zeros((), jnp.float32))

@@ -10,6 +10,8 @@ row ("slot") of a buffer laid out group by group; rows move in one gather each w
                buf[r] = x[rows[r]] to gather in its loads, `impl.gmm_gather=fused`)
     collect    rows[a]      = buf[slot[a]]        [R, d] -> [A, d]   (dropped rows zero)
     combine    y_n          = sum_k g_{n,k} rows[n K + k]
+               (or the buffer never written: `combine_scatter` gives the down GEMM the map
+               rows[a[r]] = buf[r] to store its rows by, `impl.gmm_gather=fused`)
 
 Layouts (`slot` == R means dropped):
   * dropless: group g's rows start at a multiple of `align` (1 = packed; the Pallas grouped
@@ -26,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from frontier_jax.kernels.grouped_gemm import padded_groups
-from frontier_jax.ops.grouped_matmul import RowGather, grouped_matmul
+from frontier_jax.ops.grouped_matmul import RowCombine, RowGather, grouped_matmul
 from frontier_jax.precision.mixed import einsum_fp32
 
 
@@ -125,6 +127,13 @@ def dispatch_gather(slot: jax.Array, num_tokens: int, num_rows: int) -> RowGathe
     return RowGather(invert(slot, num_rows) // k, slot.reshape(num_tokens, k))
 
 
+def combine_scatter(slot: jax.Array, weights: jax.Array, num_rows: int) -> RowCombine:
+    """`combine(collect(buf, slot), weights)` as a row map for the grouped GEMM to run in its
+    stores: buffer row r is assignment invert(slot)[r] (A: an unused row), and token n sums its
+    K assignments n K + k with the gates weights [N, K]."""
+    return RowCombine(invert(slot, num_rows), weights)
+
+
 def collect(buf: jax.Array, slot: jax.Array) -> jax.Array:
     """Buffer [R, d] -> assignment rows [A, d] = buf[slot], zero for dropped assignments."""
     return move_rows(buf, slot, invert(slot, buf.shape[0]))
@@ -138,7 +147,17 @@ def combine(rows: jax.Array, weights: jax.Array) -> jax.Array:
 
 
 def swiglu_grouped(
-    xs: jax.Array, group_sizes: jax.Array, w_gate, w_up, w_down, *, impl: str, dtype, policy=None, gather=None
+    xs: jax.Array,
+    group_sizes: jax.Array,
+    w_gate,
+    w_up,
+    w_down,
+    *,
+    impl: str,
+    dtype,
+    policy=None,
+    gather: RowGather | None = None,
+    combine: RowCombine | None = None,
 ) -> jax.Array:
     """Per-group SwiGLU over rows laid out group by group: xs [R, d] -> [R, d]; weights
     [G, d, f], [G, d, f], [G, f, d]; rows past sum(group_sizes) give zeros.  `policy` (a
@@ -147,20 +166,21 @@ def swiglu_grouped(
     one quantization) of xs, and one input-gradient product instead of two plus a sum) unless
     the policy runs one of them in fp8 and the other not.  Given `gather` (a RowGather, where
     `grouped_matmul.fuses_gather`), xs are the source rows x [S, d] and the rows are x[gather.rows],
-    gathered inside the gate/up kernel."""
+    gathered inside the gate/up kernel; given `combine` (a RowCombine, there too), the down kernel
+    stores its rows in assignment order and the result is their combine y [N, d] (fp32)."""
 
-    def gmm(a, w, layer, gather=None):
+    def gmm(a, w, layer, **row_maps):
         return grouped_matmul(
-            a, w, group_sizes, impl=impl, dtype=dtype, policy=policy, layer=layer, gather=gather
+            a, w, group_sizes, impl=impl, dtype=dtype, policy=policy, layer=layer, **row_maps
         )
 
     gate_layer, up_layer = "moe.experts.w_gate", "moe.experts.w_up"
     if policy is not None and policy.uses_fp8(gate_layer) != policy.uses_fp8(up_layer):
-        gate, up = gmm(xs, w_gate, gate_layer, gather), gmm(xs, w_up, up_layer, gather)
+        gate, up = gmm(xs, w_gate, gate_layer, gather=gather), gmm(xs, w_up, up_layer, gather=gather)
     else:
         w_gate_up = jnp.concatenate([w_gate, w_up], axis=2)
-        gate, up = jnp.split(gmm(xs, w_gate_up, f"{gate_layer}+{up_layer}", gather), 2, axis=1)
-    return gmm(jax.nn.silu(gate) * up, w_down, "moe.experts.w_down")
+        gate, up = jnp.split(gmm(xs, w_gate_up, f"{gate_layer}+{up_layer}", gather=gather), 2, axis=1)
+    return gmm(jax.nn.silu(gate) * up, w_down, "moe.experts.w_down", combine=combine)
 
 
 def swiglu_batched(xb: jax.Array, w_gate, w_up, w_down, *, dtype) -> jax.Array:

@@ -20,10 +20,13 @@ computed in `dtype` with fp32 accumulation.
 When a precision `policy` runs the expert matmul `layer` in fp8 (`PrecisionPolicy.grouped_matmul`),
 its fp8 grouped matmul replaces the kernel chosen by `impl` (all three GEMMs in fp8).
 
-Gathered rows (`impl.gmm_gather`): the dispatch's row gather lhs[r] = x[rows[r]] either runs
-as an XLA gather that writes the sorted [M, K] copy ("xla"), or inside the Pallas kernel's
-loads ("fused": `grouped_matmul(x, ..., gather=RowGather(rows, copies))`, where the Pallas
-bf16 kernel runs; `fuses_gather` says where).
+Gathered and combined rows (`impl.gmm_gather`): the dispatch's row gather lhs[r] = x[rows[r]]
+either runs as an XLA gather that writes the sorted [M, K] copy ("xla"), or inside the Pallas
+kernel's loads ("dispatch", "fused": `grouped_matmul(x, ..., gather=RowGather(rows, copies))`);
+the combine out[t] = sum_p w[t, p] z[t P + p] of the product rows z[rows[r]] = (lhs rhs)[r]
+either runs after an XLA collect gather of z, or inside the kernel's stores and backward loads
+("fused": `grouped_matmul(..., combine=RowCombine(rows, weights))`).  Both only where the Pallas
+bf16 kernel runs (`fuses_gather` says where).
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ class GmmImpl(enum.StrEnum):
 
 
 class GmmGather(enum.StrEnum):
-    xla = "xla"  # the dispatch gathers the rows into the sorted buffer (an XLA gather)
-    fused = "fused"  # the Pallas kernel gathers them in its loads (where `fuses_gather`)
+    xla = "xla"  # XLA gathers move the rows into the sorted buffer and back into token order
+    dispatch = "dispatch"  # the Pallas gate/up kernel gathers the token rows in its loads
+    fused = "fused"  # that, and the down kernel stores its rows in token order for the combine
 
 
 class RowGather(NamedTuple):
@@ -56,6 +60,14 @@ class RowGather(NamedTuple):
 
     rows: jax.Array  # [M] int: source row of each lhs row (outside [0, S): a zero row)
     copies: jax.Array  # [S, C] int: the lhs rows reading each source row (M: none)
+
+
+class RowCombine(NamedTuple):
+    """A weighted row combine out[t] = sum_p weights[t, p] z[t P + p] of the product rows,
+    z[rows[r]] = out_sorted[r] (a one-to-one map onto [0, T P))."""
+
+    rows: jax.Array  # [M] int: the z row of each product row (outside [0, T P): none)
+    weights: jax.Array  # [T, P]: the weight of each z row in its output row
 
 
 def resolve_impl(impl: str) -> str:
@@ -82,7 +94,8 @@ def row_alignment(impl: str, policy: PrecisionPolicy | None = None) -> int:
 
 
 def fuses_gather(impl: str, policy: PrecisionPolicy | None = None) -> bool:
-    """Whether `grouped_matmul` can take a RowGather (the Pallas bf16 kernel runs the experts)."""
+    """Whether `grouped_matmul` can take a RowGather or a RowCombine (the Pallas bf16 kernel runs
+    the experts)."""
     return resolve_impl(impl) == "pallas" and not fp8_experts(policy)
 
 
@@ -96,21 +109,27 @@ def grouped_matmul(
     policy: PrecisionPolicy | None = None,
     layer: str = "moe.experts",
     gather: RowGather | None = None,
+    combine: RowCombine | None = None,
 ) -> jax.Array:
-    """out[r] = lhs[r] @ rhs[g(r)] (module docstring); given `gather`, lhs is the source x [S, K]
-    and out[r] = x[gather.rows[r]] @ rhs[g(r)] (only where `fuses_gather(impl, policy)`)."""
+    """out[r] = lhs[r] @ rhs[g(r)] [M, N] in `dtype` (module docstring); given `gather`, lhs is
+    the source x [S, K] and out[r] = x[gather.rows[r]] @ rhs[g(r)]; given `combine`, the result
+    is the combine of those rows, [T, N] in fp32 (both only where `fuses_gather(impl, policy)`)."""
     lhs, rhs = lhs.astype(dtype), rhs.astype(dtype)
     group_sizes = group_sizes.astype(jnp.int32)
     fp8 = None if policy is None else policy.grouped_matmul(layer)
     impl = resolve_impl(impl)
-    if gather is not None:
+    if gather is not None or combine is not None:
         if fp8 is not None or impl != "pallas":
             raise ValueError(
-                f"grouped_matmul: a fused row gather needs the Pallas bf16 kernel, not impl.gmm={impl!r}"
-                f"{' with fp8 ' + layer if fp8 is not None else ''}; gather the rows first"
+                f"grouped_matmul: a fused row gather or combine needs the Pallas bf16 kernel, not "
+                f"impl.gmm={impl!r}{' with fp8 ' + layer if fp8 is not None else ''}; move the rows "
+                "with expert_compute.dispatch / collect instead"
             )
-        out = tiled_grouped_matmul(lhs, rhs, group_sizes, lhs_rows=gather.rows, lhs_copies=gather.copies)
-    elif fp8 is not None:
+        gathered = {} if gather is None else dict(lhs_rows=gather.rows, lhs_copies=gather.copies)
+        combined = {} if combine is None else dict(out_rows=combine.rows, out_weights=combine.weights)
+        out = tiled_grouped_matmul(lhs, rhs, group_sizes, **gathered, **combined)
+        return out if combine is not None else out.astype(dtype)
+    if fp8 is not None:
         out = fp8(lhs, rhs, group_sizes)
     elif impl == "pallas":
         out = tiled_grouped_matmul(lhs, rhs, group_sizes)

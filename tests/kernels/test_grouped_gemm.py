@@ -1,10 +1,13 @@
 """The Pallas grouped GEMM (interpreter on CPU) against a float64 loop over rows and groups."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from frontier_jax.kernels import grouped_gemm
 from frontier_jax.kernels.grouped_gemm import (
     SHARED_MEMORY_BUDGET,
     TILE_ROWS,
@@ -198,3 +201,157 @@ def test_gathered_rows_need_their_inverse_and_a_whole_row_tile():
         tiled_grouped_matmul(
             x, w, sizes, lhs_rows=jnp.zeros((100,), jnp.int32), lhs_copies=jnp.zeros((10, 2))
         )
+
+
+def _combine_problem(seed, sizes, tiles, tokens, copies, k, n, dtype):
+    """x [M, K], W, a one-to-one map out_rows [M] of the grouped rows onto the T P combine rows
+    (T = tokens, P = copies; padding rows, inside groups and past them, go nowhere: T P), the
+    weights [T, P] and d_out [T, N]."""
+    rng = np.random.default_rng(seed)
+    m = tiles * TILE_ROWS
+    grouped = np.flatnonzero(rng.random(int(np.sum(sizes))) < 0.8)[: tokens * copies]
+    assert len(grouped) == tokens * copies, "the groups hold too few rows for the combine"
+    out_rows = np.full(m, tokens * copies)
+    out_rows[grouped] = rng.permutation(tokens * copies)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((len(sizes), k, n)).astype(np.float32)
+    weights = rng.random((tokens, copies)).astype(np.float32)
+    d_out = rng.standard_normal((tokens, n)).astype(np.float32)
+    return (*(jnp.asarray(a, dtype) for a in (x, w)), out_rows, jnp.asarray(weights), jnp.asarray(d_out))
+
+
+def _combined_reference(xs, w, sizes, out_rows, weights, d_out):
+    """float64 out[t] = sum_p weights[t, p] z[t P + p] with z[out_rows[r]] = xs[r] W[g(r)], and
+    the gradients: d_xs[r] = weights.flat[a] W[g(r)] d_out[a // P] (a = out_rows[r]),
+    dW[g] = sum_r xs[r]^T weights.flat[a] d_out[a // P], d_weights[t, p] = <z[t P + p], d_out[t]>."""
+    xs, w, weights, d_out = (np.asarray(a, np.float64) for a in (xs, w, weights, d_out))
+    p = weights.shape[1]
+    z, d_xs, dw = np.zeros((weights.size, w.shape[2])), np.zeros_like(xs), np.zeros_like(w)
+    for r, g in enumerate(np.repeat(np.arange(len(sizes)), sizes)):
+        a = out_rows[r]
+        if a < weights.size:
+            z[a] = xs[r] @ w[g]
+            dy = weights.flat[a] * d_out[a // p]
+            d_xs[r] = w[g] @ dy
+            dw[g] += np.outer(xs[r], dy)
+    out = np.einsum("tpn,tp->tn", z.reshape(*weights.shape, -1), weights)
+    return out, d_xs, dw, np.einsum("tpn,tn->tp", z.reshape(*weights.shape, -1), d_out)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, FP32_TOL), (jnp.bfloat16, 1e-2)])
+def test_combined_rows_match_gemm_collect_combine_and_float64(dtype, tol):
+    # the down GEMM storing its rows in combine order (the forward's scatter store, the backward's
+    # gate-scaled gathered loads of d_out) against float64 and against the sorted-rows kernel
+    # followed by XLA's collect gather and weighted sum: relative Frobenius error < tol for the
+    # output and the gradients of x, W and the weights (bf16: the weights round to bf16 in both)
+    sizes = np.array([256, 0, 128, 256, 0])  # empty groups, and one unused tile at the end
+    x, w, out_rows, weights, d_out = _combine_problem(4, sizes, 6, 40, 3, 64, 96, dtype)
+    group_sizes, rows = jnp.asarray(sizes), jnp.asarray(out_rows)
+
+    def fused(x, w, weights):
+        return tiled_grouped_matmul(x, w, group_sizes, out_rows=rows, out_weights=weights)
+
+    def gemm_then_combine(x, w, weights):
+        y = tiled_grouped_matmul(x, w, group_sizes)
+        inverse = jnp.zeros(weights.size, jnp.int32).at[rows].set(jnp.arange(len(rows)), mode="drop")
+        z = y[inverse].reshape(*weights.shape, -1)
+        return jnp.einsum("tpn,tp->tn", z, weights.astype(dtype), preferred_element_type=jnp.float32)
+
+    out, vjp = jax.vjp(fused, x, w, weights)
+    grads = vjp(d_out)
+    out2, vjp2 = jax.vjp(gemm_then_combine, x, w, weights)
+    grads2 = vjp2(d_out)
+    refs = _combined_reference(x.astype(jnp.float32), w.astype(jnp.float32), sizes, out_rows, weights, d_out)
+    assert out.dtype == jnp.float32 and out.shape == (40, 96)
+    assert grads[0].dtype == grads[1].dtype == dtype and grads[2].dtype == jnp.float32
+    for ours, xla, ref in zip((out, *grads), (out2, *grads2), refs):
+        assert _rel(ours, ref) < tol and _rel(xla, ref) < tol
+        assert _rel(ours, np.asarray(xla, np.float64)) < tol
+    padding = out_rows == 120  # rows going nowhere (inside groups, and the unused tile) get no gradient
+    assert padding[:640].any() and not np.asarray(grads[0][padding], np.float32).any()
+    assert not np.asarray(grads[1][1], np.float32).any() and not np.asarray(grads[1][4], np.float32).any()
+
+
+def test_gathered_and_combined_rows_in_one_gemm_with_small_tiles():
+    # both row maps on one GEMM (gathered lhs rows with repeated sources, combined output rows),
+    # tiles small enough for several blocks per dimension: fp32 against float64
+    sizes = np.array([256, 128])
+    tilings = Tilings(
+        RowTiling(block_out=32, block_contract=16),
+        RowTiling(32, 16),
+        WeightTiling(16, 32, 32),
+        weight_grad_gathered=WeightTiling(block_k=16, block_n=32, block_rows=32),
+    )
+    x, w, _, lhs_rows, copies = _gather_problem(5, sizes, 3, 50, 48, 64, jnp.float32)
+    _, _, out_rows, weights, d_out = _combine_problem(6, sizes, 3, 60, 4, 48, 64, jnp.float32)
+
+    def fused(x, w, weights):
+        return tiled_grouped_matmul(
+            x,
+            w,
+            jnp.asarray(sizes),
+            tilings,
+            lhs_rows=jnp.asarray(lhs_rows),
+            lhs_copies=jnp.asarray(copies),
+            out_rows=jnp.asarray(out_rows),
+            out_weights=weights,
+        )
+
+    out, vjp = jax.vjp(fused, x, w, weights)
+    dx, dw, d_weights = vjp(d_out)
+    xs = np.where((lhs_rows < 50)[:, None], np.asarray(x)[np.minimum(lhs_rows, 49)], 0.0)
+    ref_out, ref_dxs, ref_dw, ref_dweights = _combined_reference(xs, w, sizes, out_rows, weights, d_out)
+    ref_dx = np.zeros((50, 48))
+    np.add.at(ref_dx, lhs_rows[lhs_rows < 50], ref_dxs[lhs_rows < 50])
+    for ours, ref in zip((out, dx, dw, d_weights), (ref_out, ref_dx, ref_dw, ref_dweights)):
+        assert _rel(ours, ref) < FP32_TOL
+
+
+def test_combined_rows_need_their_weights_and_one_target_per_row():
+    x, w, sizes = jnp.zeros((128, 64)), jnp.zeros((2, 64, 64)), jnp.asarray([128, 0])
+    with pytest.raises(ValueError, match="pass both"):
+        tiled_grouped_matmul(x, w, sizes, out_rows=jnp.zeros((128,), jnp.int32))
+    with pytest.raises(ValueError, match=r"\[M\] = \[128\] and \[T, P\]"):
+        tiled_grouped_matmul(x, w, sizes, out_rows=jnp.zeros((64,), jnp.int32), out_weights=jnp.ones((8, 2)))
+
+
+def test_every_kernel_variant_lowers_to_triton_for_a_gpu(monkeypatch):
+    # the Pallas -> Triton lowering (not the interpreter) of the forward and both backward kernels
+    # with sorted, gathered and combined rows, exported for CUDA on this CPU machine: a construct
+    # the Triton lowering does not support (e.g. a gather or scatter it cannot index) fails here
+    monkeypatch.setattr(grouped_gemm, "interpret", lambda: False)
+    m, s, t, p, k, n = 384, 50, 40, 3, 64, 128
+    sizes, i32 = jnp.asarray([128, 0, 256]), jnp.int32
+
+    def grads(x, w, weights, lhs_rows, copies, out_rows, gathered, combined):
+        def loss(x, w, weights):  # the value too, so the forward kernel stays in the program
+            maps = dict(lhs_rows=lhs_rows, lhs_copies=copies) if gathered else {}
+            maps |= dict(out_rows=out_rows, out_weights=weights) if combined else {}
+            return jnp.sum(tiled_grouped_matmul(x, w, sizes, **maps))
+
+        x = x if gathered else jnp.zeros((m, k), x.dtype)
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(x, w, weights)
+
+    shapes = [((s, k), jnp.bfloat16), ((3, k, n), jnp.bfloat16), ((t, p), jnp.float32)]
+    shapes += [((m,), i32), ((s, 4), i32), ((m,), i32)]
+    names = set()
+    for gathered, combined in ((False, False), (True, False), (False, True), (True, True)):
+        fn = jax.jit(lambda *a, g=gathered, c=combined: grads(*a, g, c))
+        exported = jax.export.export(
+            fn,
+            platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(*(jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes))
+        names |= set(re.findall(r'name = "(grouped_gemm[a-z_]*)"', exported.mlir_module()))
+    assert names == {
+        "grouped_gemm_rows",
+        "grouped_gemm_rows_t",
+        "grouped_gemm_weight_grad",
+        "grouped_gemm_rows_gathered",
+        "grouped_gemm_weight_grad_gathered",
+        "grouped_gemm_rows_scattered",
+        "grouped_gemm_rows_t_gathered_scaled",
+        "grouped_gemm_weight_grad_dy_gathered_scaled",
+        "grouped_gemm_rows_gathered_scattered",
+        "grouped_gemm_weight_grad_gathered_dy_gathered_scaled",
+    }, names

@@ -82,6 +82,7 @@ def test_closed_choice_outside_its_enum_names_the_field_and_the_allowed_values(o
         (dict(moe_capacity_factor=-1.0), "moe_capacity_factor"),
         (dict(ep_overlap_chunks=0), "ep_overlap_chunks"),
         (dict(gmm="ragged_dot", gmm_gather="fused"), "gmm_gather"),
+        (dict(gmm="tokamax", gmm_gather="dispatch"), "gmm_gather"),
         (dict(scan_layers="no"), "scan_layers"),
     ],
 )

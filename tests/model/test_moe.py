@@ -84,17 +84,20 @@ def test_pallas_grouped_gemm_matches_naive_loop_and_ragged_dot_gradients():
     assert np.abs(ours["experts"]["w_down"]).max() > 0
 
 
-def test_fused_row_gather_equals_the_xla_gather_in_output_and_gradients():
-    # impl.gmm_gather=fused (token rows gathered in the Pallas gate/up kernel's loads, interpreted
-    # on CPU) against the XLA gather into the sorted buffer: the same products in the same
-    # order, fp32; only dx's K-term sum differs in order: output rtol 1e-6, every parameter's
-    # and the input's gradient ||fused - xla|| / ||xla|| < 1e-6
+@pytest.mark.parametrize("gmm_gather", ["dispatch", "fused"])
+def test_row_moves_in_the_kernel_equal_the_xla_gathers_in_output_and_gradients(gmm_gather):
+    # impl.gmm_gather=dispatch (token rows gathered in the Pallas gate/up kernel's loads) and
+    # fused (also the down kernel's rows stored in token order, its gradients read gate-scaled;
+    # interpreted on CPU) against the XLA gathers: the same products, fp32; only sums differ in
+    # order: output rtol 1e-6, every parameter's (the router's through the gates included) and
+    # the input's gradient ||fused - xla|| / ||xla|| < 1e-6
     impl = ImplConfig(gmm="pallas")
     cfg, moe = _moe(seed=8, moe_ffn_dim=16, impl=impl)
-    _, fused = _moe(seed=8, moe_ffn_dim=16, impl=impl.replace(gmm_gather="fused"))
+    _, fused = _moe(seed=8, moe_ffn_dim=16, impl=impl.replace(gmm_gather=gmm_gather))
     x = jnp.asarray(_x(cfg, 9), jnp.float32)
     kernels = lambda m: str(jax.make_jaxpr(lambda x: m(x, jnp.asarray(MASK)))(x))
     assert "grouped_gemm_rows_gathered" in kernels(fused) and "gathered" not in kernels(moe)
+    assert ("grouped_gemm_rows_scattered" in kernels(fused)) == (gmm_gather == "fused")
 
     def value_and_grads(module):
         def loss(m, x):
@@ -109,6 +112,7 @@ def test_fused_row_gather_equals_the_xla_gather_in_output_and_gradients():
     rel = jax.tree.map(lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b), g_fused, g_xla)
     assert max(jax.tree.leaves(rel)) < 1e-6, rel
     assert np.abs(g_fused["experts"]["w_gate"]).max() > 0 and np.abs(g_fused["x"]).max() > 0
+    assert np.abs(g_fused["router"]["kernel"]).max() > 0
 
 
 def test_capacity_with_large_factor_equals_dropless():

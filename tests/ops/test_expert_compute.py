@@ -11,6 +11,7 @@ from frontier_jax.ops.expert_compute import (
     capacity_slots,
     collect,
     combine,
+    combine_scatter,
     dispatch,
     dispatch_gather,
     dropless_slots,
@@ -135,3 +136,26 @@ def test_dispatch_gather_is_the_map_dispatch_writes_and_sum_copies_its_gradient(
         np.testing.assert_array_equal(jnp.take(x, gather.rows, axis=0, mode="fill", fill_value=0), buf)
         cot = jnp.asarray(rng.normal(size=buf.shape), jnp.float32)
         np.testing.assert_allclose(sum_copies(cot, gather.copies), vjp(cot)[0], rtol=1e-6)
+
+
+def test_combine_scatter_is_the_map_collect_reads():
+    # dropless aligned slots (padding rows): storing buffer row r at z[rows[r]] (rows outside
+    # [0, N K) stored nowhere) writes every assignment row once and equals collect's rows;
+    # the weighted sum of z's K rows per token equals combine (exact)
+    rng = np.random.default_rng(6)
+    n, k, groups, d = 9, 2, 4, 5
+    experts = jnp.asarray(rng.integers(0, groups, n * k), jnp.int32)
+    slot, _ = dropless_slots(experts, groups, 4)
+    rows = padded_rows_bound(n * k, groups, 4)
+    buf = jnp.asarray(rng.normal(size=(rows, d)), jnp.float32)
+    weights = jnp.asarray(rng.random((n, k)), jnp.float32)
+    scatter = combine_scatter(slot, weights, rows)
+    target = np.asarray(scatter.rows)
+    stored = target < n * k
+    assert sorted(target[stored]) == list(range(n * k)) and not stored.all()
+    z = np.zeros((n * k, d), np.float32)
+    z[target[stored]] = np.asarray(buf)[stored]
+    np.testing.assert_array_equal(z, collect(buf, slot))
+    np.testing.assert_array_equal(
+        combine(jnp.asarray(z), scatter.weights), combine(collect(buf, slot), weights)
+    )
