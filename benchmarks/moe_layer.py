@@ -12,11 +12,13 @@ Sections (forward + backward everywhere, bf16 operands, fp32 accumulation):
      ours (Pallas, tile-aligned rows), tokamax ragged_dot (if installed), capacity-padded
      batched einsum (factor 1.25), the dense-equivalent layer (one weight for all rows: the
      practical floor), and `ragged_dot` / naive all-experts masked at 1/8 of the rows.
-  3b. The dispatch's row gather with the expert compute (from the token rows [B T, d]): an XLA
-     gather into the sorted buffer, then our kernels (`impl.gmm_gather=xla`) vs the rows gathered
-     inside the gate/up kernel's loads (`impl.gmm_gather=fused`).
+  3b. The row moves with the expert compute (token rows [B T, d] to the gate-weighted token
+     outputs): XLA gathers into the sorted buffer and back, around our kernels
+     (`impl.gmm_gather=xla`), vs the rows gathered inside the gate/up kernel's loads
+     (`dispatch`), vs that and the down kernel storing its rows in token order, its backward
+     reading the gate-scaled token gradients (`fused`); the gradients' differences to `xla`.
   4. The whole MoE layer module (router, dispatch, experts, shared expert, combine): dropless
-     with our kernel (XLA gather and fused gather) vs capacity dispatch.
+     with our kernel (each `impl.gmm_gather`) vs capacity dispatch.
 TFLOP/s counts useful FLOPs only: 3 matmuls x 2 x rows x d x f, times 3 for forward+backward.
 """
 
@@ -38,6 +40,9 @@ from frontier_jax.config import load_config
 from frontier_jax.kernels import grouped_gemm as gg
 from frontier_jax.model.moe import MoE
 from frontier_jax.ops.expert_compute import (
+    collect,
+    combine,
+    combine_scatter,
     dispatch,
     dispatch_gather,
     dropless_slots,
@@ -345,30 +350,48 @@ def main() -> None:
         report(f"   naive masked at 1/8 rows: failed ({type(err).__name__})")
     report(f"   ours / dense-equivalent = {results['ours'] / results['dense']:.2f}x the time")
 
-    report("3b. dispatch row gather + expert compute from the token rows, forward + backward")
+    report("3b. row moves with the expert compute, token rows [B T, d] to token outputs, forward + backward")
     slot, sizes_routed = dropless_slots(jnp.asarray(routed_experts(rng, tokens, e, k)), e, gg.TILE_ROWS)
     tokens_x = jnp.asarray(rng.standard_normal((tokens, d)), jnp.bfloat16)
+    gates = jnp.asarray(rng.random((tokens, k)), jnp.float32)
+    tokens_dy = jnp.asarray(rng.standard_normal((tokens, d)), jnp.float32)
     swiglu = functools.partial(swiglu_grouped, impl="pallas", dtype=jnp.bfloat16)
-    gather_paths = {
-        "xla": lambda x, wg, wu, wd: swiglu(dispatch(x, slot, rows), sizes_routed, wg, wu, wd),
-        "fused": lambda x, wg, wu, wd: swiglu(
-            x, sizes_routed, wg, wu, wd, gather=dispatch_gather(slot, tokens, rows)
+    gather = dispatch_gather(slot, tokens, rows)
+    collect_combine = lambda out, g: combine(collect(out, slot), g)
+    move_paths = {  # impl.gmm_gather: which row moves run inside the kernels
+        "xla": lambda x, wg, wu, wd, g: collect_combine(
+            swiglu(dispatch(x, slot, rows), sizes_routed, wg, wu, wd), g
+        ),
+        "dispatch": lambda x, wg, wu, wd, g: collect_combine(
+            swiglu(x, sizes_routed, wg, wu, wd, gather=gather), g
+        ),
+        "fused": lambda x, wg, wu, wd, g: swiglu(
+            x, sizes_routed, wg, wu, wd, gather=gather, combine=combine_scatter(slot, g, rows)
         ),
     }
-    gathered = {}
-    for name, path in gather_paths.items():
-        gathered[name] = row(
+
+    def moves_fwd_bwd(path):
+        """(dx, dW_gate, dW_up, dW_down, d_gates) of sum(path(x, W..., gates) * dy)."""
+        loss = lambda x, wg, wu, wd, g, dy: jnp.sum(path(x, wg, wu, wd, g).astype(jnp.float32) * dy)
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+
+    moved = {}
+    for name, path in move_paths.items():
+        moved[name] = row(
             f"impl.gmm_gather={name}",
-            time_ms(fwd_bwd(path), tokens_x, wg, wu, wd, dy, iters=iters),
+            time_ms(moves_fwd_bwd(path), tokens_x, wg, wu, wd, gates, tokens_dy, iters=iters),
             assignments,
         )
-    grads = [fwd_bwd(path)(tokens_x, wg, wu, wd, dy) for path in gather_paths.values()]
-    for name, a, b in zip(("dx", "dW_gate", "dW_up", "dW_down"), *grads):
-        report(
-            f"   fused vs xla {name:8s} rel. difference {rel(b, a):.2e}",
-            {"section": "gather_check", "name": name, "rel": rel(b, a)},
-        )
-    report(f"   fused / xla = {gathered['fused'] / gathered['xla']:.3f}x the time")
+    grads = {
+        name: moves_fwd_bwd(path)(tokens_x, wg, wu, wd, gates, tokens_dy) for name, path in move_paths.items()
+    }
+    for mode in ("dispatch", "fused"):
+        for name, a, b in zip(("dx", "dW_gate", "dW_up", "dW_down", "d_gates"), grads[mode], grads["xla"]):
+            report(
+                f"   {mode} vs xla {name:8s} rel. difference {rel(a, b):.2e}",
+                {"section": "gather_check", "path": mode, "name": name, "rel": rel(a, b)},
+            )
+        report(f"   {mode} / xla = {moved[mode] / moved['xla']:.3f}x the time")
 
     report("4. whole MoE layer (router, dispatch, experts, shared expert, combine), forward + backward")
     xin = jnp.asarray(rng.standard_normal((1, tokens, d)), jnp.bfloat16)
@@ -376,7 +399,11 @@ def main() -> None:
     for label, dispatch_overrides in (
         ("dropless, Pallas kernel", ["impl.moe_dispatch=dropless", "impl.gmm=pallas"]),
         (
-            "dropless, Pallas kernel, fused gather",
+            "dropless, Pallas kernel, dispatch gather in it",
+            ["impl.moe_dispatch=dropless", "impl.gmm=pallas", "impl.gmm_gather=dispatch"],
+        ),
+        (
+            "dropless, Pallas kernel, both row moves in it",
             ["impl.moe_dispatch=dropless", "impl.gmm=pallas", "impl.gmm_gather=fused"],
         ),
         ("capacity 1.25, batched einsum", ["impl.moe_dispatch=capacity"]),
@@ -392,7 +419,7 @@ def main() -> None:
         step = jax.jit(jax.grad(loss, argnums=(0, 1)))
         ms = time_ms(step, params, xin, iters=iters)
         report(
-            f"   {label:44s} {ms:8.3f} ms  {tokens / ms * 1e3:12,.0f} tokens/s",
+            f"   {label:48s} {ms:8.3f} ms  {tokens / ms * 1e3:12,.0f} tokens/s",
             {"section": "layer", "path": label, "ms": ms, "tokens_per_s": tokens / ms * 1e3},
         )
     if args.json:

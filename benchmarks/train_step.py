@@ -200,7 +200,7 @@ def main() -> None:
         m = vcfg.impl
         print(
             f"{name}: precision {vcfg.precision.policy}, attention {m.attention}, dispatch "
-            f"{m.moe_dispatch}, gmm {m.gmm}, remat {m.remat}, scan_layers {m.scan_layers}",
+            f"{m.moe_dispatch}, gmm {m.gmm}, gmm_gather {m.gmm_gather}, remat {m.remat}, scan_layers {m.scan_layers}",
             flush=True,
         )
         try:

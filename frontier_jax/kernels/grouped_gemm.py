@@ -81,6 +81,7 @@ class Tilings:
     weight_grad: WeightTiling = WeightTiling()
     # gathered rows (lhs_rows): 64 x 256 output tiles, 4 warps, 4 stages ran the bench-1b
     # gate/up weight gradient in 1.18 ms against 1.51 with the default (H200, benchmarks/RESULTS.md)
+    # (also the combined rows' weight gradient, dy gathered: not yet timed on a GPU)
     weight_grad_gathered: WeightTiling = WeightTiling(block_k=64, block_n=256, num_warps=4, num_stages=4)
 
 
