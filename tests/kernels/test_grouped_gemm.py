@@ -171,14 +171,18 @@ def test_gathered_rows_match_gather_then_gemm_and_float64(dtype, tol):
     assert not np.asarray(dw[1], np.float32).any() and not np.asarray(dw[4], np.float32).any()
 
 
+# tiles small enough that the 48 x 64 problems span several blocks in every dimension
+SMALL_TILES = Tilings(
+    RowTiling(block_out=32, block_contract=16),
+    RowTiling(32, 16),
+    WeightTiling(16, 32, 32),
+    weight_grad_gathered=WeightTiling(block_k=16, block_n=32, block_rows=32),
+)
+
+
 def test_gathered_rows_with_small_tiles_cover_several_blocks_per_dimension():
     sizes = np.array([256, 128])
-    tilings = Tilings(
-        RowTiling(block_out=32, block_contract=16),
-        RowTiling(32, 16),
-        WeightTiling(16, 32, 32),
-        weight_grad_gathered=WeightTiling(block_k=16, block_n=32, block_rows=32),
-    )
+    tilings = SMALL_TILES
     x, w, dy, rows, copies = _gather_problem(3, sizes, 3, 200, 48, 64, jnp.float32)
     y, vjp = jax.vjp(
         lambda x, w: tiled_grouped_matmul(
@@ -276,12 +280,7 @@ def test_gathered_and_combined_rows_in_one_gemm_with_small_tiles():
     # both row maps on one GEMM (gathered lhs rows with repeated sources, combined output rows),
     # tiles small enough for several blocks per dimension: fp32 against float64
     sizes = np.array([256, 128])
-    tilings = Tilings(
-        RowTiling(block_out=32, block_contract=16),
-        RowTiling(32, 16),
-        WeightTiling(16, 32, 32),
-        weight_grad_gathered=WeightTiling(block_k=16, block_n=32, block_rows=32),
-    )
+    tilings = SMALL_TILES
     x, w, _, lhs_rows, copies = _gather_problem(5, sizes, 3, 50, 48, 64, jnp.float32)
     _, _, out_rows, weights, d_out = _combine_problem(6, sizes, 3, 60, 4, 48, 64, jnp.float32)
 
