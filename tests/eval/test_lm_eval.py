@@ -18,12 +18,12 @@ import pytest  # noqa: E402
 
 lm_eval = pytest.importorskip("lm_eval")  # the `test` extra installs it  # noqa: E402
 
-from convert.helpers import tiny_hf_model  # noqa: E402  (tests/ is on sys.path)
 from lm_eval.tasks import TaskManager  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 import frontier_jax.eval.lm_eval  # noqa: E402,F401  (registers the model)
 from frontier_jax.data.tokenizer import byte_tokenizer  # noqa: E402
+from tests.convert.helpers import tiny_hf_model  # noqa: E402
 
 TASKS = {
     "toy_choice": """
