@@ -5,8 +5,8 @@ pool of fixed-size blocks of P tokens shared by all sequences:
     c_kv   [L, N_blocks, P, d_c]        k_rope [L, N_blocks, P, d_h^R]
 A sequence owns a list of blocks, its row of the block table [B, M]: its token at position p
 sits in block table[b, p // P] at offset p % P, so positions 0 .. M P - 1 are addressable.
-Block 0 is the null block: it backs unused table entries and absorbs the writes of padding
-tokens, so that one program serves rows of different lengths.  Allocating blocks (free list,
+Block 0 is the null block: it backs unused table entries, so that one program serves rows of
+different lengths; the writes of padding tokens are dropped.  Allocating blocks (free list,
 block tables) is host-side bookkeeping (`frontier_jax.infer.cache`); this module only moves
 values.
 """
@@ -53,16 +53,53 @@ def write_latent(
     cache: LatentCache, layer, c_kv: jax.Array, k_rope: jax.Array, positions: jax.Array, pages: Pages
 ) -> LatentCache:
     """Stores c_kv [B, T, d_c] and k_rope [B, T, d_h^R] of tokens at `positions` [B, T] into
-    layer `layer`; tokens with pages.write False go to the null block."""
-    p = cache.block_size
+    layer `layer`, one token row at a time: token (b, t) goes to block
+    block_table[b, positions // P] at offset positions % P.  Tokens with pages.write False get
+    an out-of-range block index of their own and are dropped, so every index of the scatter is
+    unique (XLA then writes the rows in parallel, without ordering duplicates)."""
+    p, n_blocks = cache.block_size, cache.c_kv.shape[1]
     slot = jnp.clip(positions // p, 0, pages.block_table.shape[1] - 1)
     block = jnp.take_along_axis(pages.block_table, slot, axis=1)
-    block = jnp.where(pages.write, block, NULL_BLOCK)
-    offset = jnp.where(pages.write, positions % p, 0)
+    dropped = n_blocks + jnp.arange(block.size, dtype=block.dtype).reshape(block.shape)
+    block = jnp.where(pages.write, block, dropped)
+    offset = positions % p
     return LatentCache(
-        cache.c_kv.at[layer, block, offset].set(c_kv.astype(cache.c_kv.dtype)),
-        cache.k_rope.at[layer, block, offset].set(k_rope.astype(cache.k_rope.dtype)),
+        _store(cache.c_kv, (layer, block, offset), c_kv),
+        _store(cache.k_rope, (layer, block, offset), k_rope),
     )
+
+
+def write_latent_blocks(
+    cache: LatentCache, layer, c_kv: jax.Array, k_rope: jax.Array, start: jax.Array, pages: Pages
+) -> LatentCache:
+    """Stores a block-aligned chunk whole blocks at a time: row b's tokens sit at positions
+    start[b] + [0, T) with start[b] % P == 0 and T % P == 0, so c_kv [B, T, d_c] viewed as
+    [B, T/P, P, d_c] puts its j-th slab into block block_table[b, start[b] / P + j] (k_rope
+    likewise).  Slabs without a real token (pages.write all False) are dropped; a slab with some
+    is stored whole: the positions past the row's length hold padding latents that no reader
+    attends to (a key is read only at positions <= the query's) and that the row's next tokens
+    overwrite.  Same cache contents as `write_latent` at every real position."""
+    p, n_blocks = cache.block_size, cache.c_kv.shape[1]
+    b, t = pages.write.shape
+    slabs = t // p
+    slot = jnp.clip(start[:, None] // p + jnp.arange(slabs), 0, pages.block_table.shape[1] - 1)
+    block = jnp.take_along_axis(pages.block_table, slot, axis=1)  # [B, T/P]
+    written = pages.write.reshape(b, slabs, p).any(axis=2)
+    dropped = n_blocks + jnp.arange(block.size, dtype=block.dtype).reshape(block.shape)
+    block = jnp.where(written, block, dropped)
+
+    def slab(values):
+        return values.reshape(b, slabs, p, values.shape[-1])
+
+    return LatentCache(
+        _store(cache.c_kv, (layer, block), slab(c_kv)),
+        _store(cache.k_rope, (layer, block), slab(k_rope)),
+    )
+
+
+def _store(values: jax.Array, index: tuple, rows: jax.Array) -> jax.Array:
+    """values.at[index].set(rows) for unique, possibly out-of-range (dropped) indices."""
+    return values.at[index].set(rows.astype(values.dtype), mode="drop", unique_indices=True)
 
 
 def read_latent(cache: LatentCache, layer, block_table: jax.Array) -> tuple[jax.Array, jax.Array]:
