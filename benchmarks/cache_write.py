@@ -9,7 +9,6 @@ cache, as the model's layer loop does) and is timed over --repeats chunks after 
   padded-scatter  one scatter of every token row, padding rows sent to the null block (the
                   write used until 2026-12-07; duplicate indices)
   token-scatter   `write_latent`: padding rows dropped, indices unique
-  block-store     `write_latent_blocks`: block-aligned chunks stored whole [P, d] slabs at a time
 Reported: ms per chunk, and the bytes written (B T L (d_c + d_h^R) x itemsize) over that time.
 Every way's cache is checked equal to the token scatter's at the real positions first.
 """
@@ -29,7 +28,6 @@ from frontier_jax.model.latent_cache import (
     Pages,
     empty_cache,
     write_latent,
-    write_latent_blocks,
 )
 
 
@@ -51,9 +49,6 @@ WAYS = {
     ),
     "token-scatter": lambda cache, layer, c, r, positions, pages: write_latent(
         cache, layer, c, r, positions, pages
-    ),
-    "block-store": lambda cache, layer, c, r, positions, pages: write_latent_blocks(
-        cache, layer, c, r, positions[:, 0], pages
     ),
 }
 

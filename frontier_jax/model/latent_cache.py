@@ -69,34 +69,6 @@ def write_latent(
     )
 
 
-def write_latent_blocks(
-    cache: LatentCache, layer, c_kv: jax.Array, k_rope: jax.Array, start: jax.Array, pages: Pages
-) -> LatentCache:
-    """Stores a block-aligned chunk whole blocks at a time: row b's tokens sit at positions
-    start[b] + [0, T) with start[b] % P == 0 and T % P == 0, so c_kv [B, T, d_c] viewed as
-    [B, T/P, P, d_c] puts its j-th slab into block block_table[b, start[b] / P + j] (k_rope
-    likewise).  Slabs without a real token (pages.write all False) are dropped; a slab with some
-    is stored whole: the positions past the row's length hold padding latents that no reader
-    attends to (a key is read only at positions <= the query's) and that the row's next tokens
-    overwrite.  Same cache contents as `write_latent` at every real position."""
-    p, n_blocks = cache.block_size, cache.c_kv.shape[1]
-    b, t = pages.write.shape
-    slabs = t // p
-    slot = jnp.clip(start[:, None] // p + jnp.arange(slabs), 0, pages.block_table.shape[1] - 1)
-    block = jnp.take_along_axis(pages.block_table, slot, axis=1)  # [B, T/P]
-    written = pages.write.reshape(b, slabs, p).any(axis=2)
-    dropped = n_blocks + jnp.arange(block.size, dtype=block.dtype).reshape(block.shape)
-    block = jnp.where(written, block, dropped)
-
-    def slab(values):
-        return values.reshape(b, slabs, p, values.shape[-1])
-
-    return LatentCache(
-        _store(cache.c_kv, (layer, block), slab(c_kv)),
-        _store(cache.k_rope, (layer, block), slab(k_rope)),
-    )
-
-
 def _store(values: jax.Array, index: tuple, rows: jax.Array) -> jax.Array:
     """values.at[index].set(rows) for unique, possibly out-of-range (dropped) indices."""
     return values.at[index].set(rows.astype(values.dtype), mode="drop", unique_indices=True)

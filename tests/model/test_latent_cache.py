@@ -1,11 +1,9 @@
-"""Writing a step's latents into the paged cache: the per-token scatter and the whole-block store
-of block-aligned chunks against a loop over tokens in numpy."""
+"""Writing a step's latents into the paged cache against a loop over tokens in numpy."""
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
-from frontier_jax.model.latent_cache import NULL_BLOCK, Pages, empty_cache, write_latent, write_latent_blocks
+from frontier_jax.model.latent_cache import NULL_BLOCK, Pages, empty_cache, write_latent
 
 LAYERS, BLOCKS, P, WIDTH, ROPE = 2, 10, 4, 3, 2
 
@@ -39,15 +37,6 @@ def _naive(table, positions, write, c_kv, k_rope, layer):
     return c, r
 
 
-def _real_slots(table, positions, write, layer):
-    return [
-        (layer, table[b, pos // P], pos % P)
-        for b in range(positions.shape[0])
-        for i, pos in enumerate(positions[b])
-        if write[b, i]
-    ]
-
-
 def test_token_scatter_writes_real_tokens_and_drops_padding():
     table, positions, write, c_kv, k_rope = _chunk(starts=[0, 5], lengths=[6, 2], t=6)
     cache = write_latent(
@@ -61,25 +50,3 @@ def test_token_scatter_writes_real_tokens_and_drops_padding():
     c, r = _naive(table, positions, write, c_kv, k_rope, layer=1)
     np.testing.assert_array_equal(np.asarray(cache.c_kv), c)  # padding left every other slot zero
     np.testing.assert_array_equal(np.asarray(cache.k_rope), r)
-
-
-@pytest.mark.parametrize("lengths", [[8, 8], [5, 1], [0, 8]], ids=["full", "partial-last-block", "idle-row"])
-def test_block_store_equals_token_scatter_at_every_real_position(lengths):
-    table, positions, write, c_kv, k_rope = _chunk(starts=[0, 4], lengths=lengths, t=2 * P, seed=1)
-    cache = write_latent_blocks(
-        empty_cache(LAYERS, BLOCKS, P, WIDTH, ROPE, jnp.float32),
-        0,
-        jnp.asarray(c_kv),
-        jnp.asarray(k_rope),
-        jnp.asarray(positions[:, 0]),
-        Pages(jnp.asarray(table), jnp.asarray(write)),
-    )
-    c, r = _naive(table, positions, write, c_kv, k_rope, layer=0)
-    for slot in _real_slots(table, positions, write, layer=0):
-        np.testing.assert_array_equal(np.asarray(cache.c_kv)[slot], c[slot])
-        np.testing.assert_array_equal(np.asarray(cache.k_rope)[slot], r[slot])
-    # blocks without a real token are untouched: the null block and every block no row wrote to
-    touched = {(b, j) for b in range(2) for j in range(2) if write[b, j * P : (j + 1) * P].any()}
-    written_blocks = {int(table[b, positions[b, 0] // P + j]) for b, j in touched}
-    untouched = [k for k in range(BLOCKS) if k not in written_blocks]
-    assert not np.asarray(cache.c_kv)[:, untouched].any()
