@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -26,6 +27,22 @@ EXIT_USAGE = 2  # a bad config, argument, path or file
 EXIT_NONFINITE = 3  # the loss or gradients are not finite
 EXIT_DATA = 4  # the data stopped feeding training
 EXIT_CHECKPOINT = 5  # a checkpoint could not be written, or none restores
+# 6: generate wrote every completion but some requests failed (frontier_jax/infer/cli.py)
+
+_OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)+=")  # a dotted key=value override, e.g. eval.stride=64
+
+
+class _ValuesAndOverrides(argparse.Action):
+    """A nargs="*" option (eval --data / --tasks) that would swallow the key=value overrides after
+    it: the dotted key=value values join `overrides` (in command-line order; the positional
+    `overrides` takes this action too), the others are the option's values."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        is_override = [self.dest == "overrides" or bool(_OVERRIDE.match(v)) for v in values]
+        namespace.overrides = [*(namespace.overrides or []), *(v for v, o in zip(values, is_override) if o)]
+        if self.dest != "overrides":
+            mine = [v for v, o in zip(values, is_override) if not o]
+            setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), *mine])
 
 
 def _mesh_overrides(preset: str) -> list[str]:
@@ -132,6 +149,7 @@ def _eval(args) -> int:
     from frontier_jax.eval.run import evaluate, format_table, format_tasks, write_results
     from frontier_jax.eval.tasks import resolve_task
 
+    _configure_logging(False)
     if (args.checkpoint is None) == (args.hf is None):
         raise ValueError("eval: give exactly one of --checkpoint RUN_DIR and --hf PATH")
     bad = [o for o in args.overrides if not o.startswith(("mesh.", "eval.", "model.", "data.tokenizer"))]
@@ -295,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         nargs="*",
         default=[],
+        action=_ValuesAndOverrides,
         help="JSONL / Parquet / ArrayRecord files with a 'text' "
         "field (default: eval.data, the held-out arithmetic problems and code files)",
     )
@@ -302,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tasks",
         nargs="*",
         default=[],
+        action=_ValuesAndOverrides,
         help="benchmark tasks: built-in arithmetic / "
         "arithmetic_choice, or task YAML files (frontier_jax/eval/tasks.py)",
     )
@@ -312,7 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--distributed", action="store_true", help="multi-process: jax.distributed.initialize() first"
     )
     ev.add_argument(
-        "overrides", nargs="*", help="mesh.* / eval.* overrides, e.g. eval.stride=64 mesh.tensor=2"
+        "overrides",
+        nargs="*",
+        default=[],
+        action=_ValuesAndOverrides,
+        help="mesh.* / eval.* overrides, e.g. eval.stride=64 mesh.tensor=2 (also after --data / --tasks)",
     )
     ev.set_defaults(func=_eval)
 

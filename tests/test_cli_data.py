@@ -1,12 +1,15 @@
-"""`frontier-jax data prepare`: shards and a config that reads them; errors as one line, exit code 2."""
+"""`frontier-jax data prepare`: shards and a config that reads them; errors (a full disk
+included) as one line, exit code 2."""
 
 import json
 
 import numpy as np
+import pytest
+from array_record.python.array_record_module import ArrayRecordWriter
 
 from frontier_jax import cli
 from frontier_jax.config import CONFIG_DIR, load_config
-from frontier_jax.data import build_train_iterator
+from frontier_jax.data import build_train_iterator, prepare, prepared
 
 
 def _config(tmp_path, n=40):
@@ -62,3 +65,34 @@ def test_training_on_a_corrupt_shard_stops_before_training_naming_the_shard(tmp_
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: prepared shard {shard} is corrupt: checksum mismatch") and "\n" not in err
     assert not run.exists()  # nothing written
+
+
+def _manifest_to_full_disk(directory, manifest):
+    with open("/dev/full", "w") as f:  # every write fails with ENOSPC
+        json.dump(manifest, f)
+
+
+@pytest.mark.parametrize(
+    "target,replacement,written",
+    [
+        (
+            (prepare, "ArrayRecordWriter"),
+            lambda path, options: ArrayRecordWriter("/dev/full", options),
+            "docs/shard-00000-of-00003.array_record.tmp",
+        ),
+        ((prepared, "write_manifest"), _manifest_to_full_disk, "docs/manifest.json"),
+    ],
+    ids=["shard", "manifest"],
+)
+def test_a_full_disk_is_one_error_line_naming_the_file(
+    tmp_path, capsys, monkeypatch, target, replacement, written
+):
+    """ENOSPC injected by writing to /dev/full in place of the shard or the manifest file."""
+    monkeypatch.setattr(*target, replacement)
+    config, out = _config(tmp_path), tmp_path / "out"
+    assert (
+        cli.main(["data", "prepare", "--config", config, "--out", str(out), "--records-per-shard", "16"]) == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: data prepare: writing {out / written} failed (") and "No space left" in err
+    assert "run the same command again" in err

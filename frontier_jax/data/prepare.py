@@ -4,7 +4,8 @@ prepare(cfg, out) writes <out>/<source>/ for every source of `cfg` (format: `pre
 then `prepared_sources(cfg, out)` are the same sources (names, weights) read from the shards.
 
 Resumable: a shard is written to `<file>.tmp` and renamed when closed, then listed in the manifest
-(itself written whole), so an interrupted run leaves only whole, listed shards. Run again with the
+(itself written whole), so an interrupted run leaves only whole, listed shards.  A write that
+fails (disk full, ...) is one OSError naming the file. Run again with the
 same config and `out`: listed shards whose file and sha256 check are kept, every other shard (never
 written, half-written, missing or corrupt) is written again. A directory prepared from another
 source, tokenizer, screening or shard layout is refused, naming what differs.
@@ -48,6 +49,42 @@ class PreparedSourceResult:
     written: list[int]
 
 
+def _write_failed(path: str, err: Exception) -> OSError:
+    """A failed write (disk full, directory gone, ...) as one line naming the file and the fix."""
+    return OSError(
+        f"data prepare: writing {path} failed ({' '.join(str(err).split())}): free disk space or fix the "
+        "directory, then run the same command again (finished shards are kept)"
+    )
+
+
+class _ShardFile:
+    """An ArrayRecordWriter whose failures are `_write_failed` OSErrors naming the file (the
+    library reports a full disk as a RuntimeError)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._writer = self._guarded(ArrayRecordWriter, path, "group_size:1")
+
+    def _guarded(self, fn, *args):
+        try:
+            return fn(*args)
+        except (RuntimeError, OSError) as err:
+            raise _write_failed(self.path, err) from None
+
+    def write(self, record: bytes) -> None:
+        self._guarded(self._writer.write, record)
+
+    def close(self) -> None:
+        self._guarded(self._writer.close)
+
+
+def _write_manifest(directory: str, manifest: dict[str, Any]) -> None:
+    try:
+        prepared.write_manifest(directory, manifest)
+    except OSError as err:
+        raise _write_failed(os.path.join(directory, prepared.MANIFEST), err) from None
+
+
 class _ShardWriter:
     """Writes shard (index, start, end) of one source; sent once to each worker process."""
 
@@ -67,7 +104,7 @@ class _ShardWriter:
         name = prepared.shard_name(index, self._num_shards)
         path = os.path.join(self._directory, name)
         counts, documents, tokens = stats.zero_counts(), 0, 0
-        writer = ArrayRecordWriter(path + ".tmp", "group_size:1")
+        writer = _ShardFile(path + ".tmp")
         try:
             for i in range(start, end):
                 pieces, counters = screen(self._records[i], **self._limits)
@@ -163,7 +200,7 @@ def prepare_source(
 
     def finish(shard: dict[str, Any]) -> None:
         shards[shard["index"]] = shard
-        prepared.write_manifest(directory, {**header, "shards": [shards[i] for i in sorted(shards)]})
+        _write_manifest(directory, {**header, "shards": [shards[i] for i in sorted(shards)]})
         bar.update(shard["records"][1] - shard["records"][0])
 
     writer = _ShardWriter(cfg, source, tokenizer, directory, header)
@@ -171,7 +208,7 @@ def prepare_source(
     with tqdm(
         total=num_records, initial=done, desc=f"prepare {source.name}", unit="record", disable=not progress
     ) as bar:
-        prepared.write_manifest(directory, {**header, "shards": [shards[i] for i in sorted(shards)]})
+        _write_manifest(directory, {**header, "shards": [shards[i] for i in sorted(shards)]})
         if workers > 1 and len(pending) > 1:
             with concurrent.futures.ProcessPoolExecutor(
                 min(workers, len(pending)),

@@ -56,7 +56,14 @@ def load_ablation(path: str | Path, load_config: Callable) -> Ablation:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ablation config {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(
+            f"ablation config {path}: YAML syntax error{where}: {getattr(err, 'problem', None) or err}; fix the file"
+        ) from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: the top level must be a mapping with base, seeds and arms")
     unknown = set(raw) - {"base", "overrides", "seeds", "arms", "metrics"}

@@ -94,9 +94,15 @@ class EvalConfig:
         """The documents read from `source` (its own max_documents, else eval.max_documents)."""
         return source.max_documents or self.max_documents
 
-    def window(self, train_seq_len: int) -> tuple[int, int]:
-        """(context window, stride) with the 0 defaults resolved."""
+    def window(self, train_seq_len: int, max_positions: int) -> tuple[int, int]:
+        """(context window, stride) with the 0 defaults resolved, for a model of `max_positions`
+        positions (model.max_position_embeddings): a longer window is refused."""
         seq_len = self.seq_len or train_seq_len
+        if seq_len > max_positions:
+            raise ValueError(
+                f"eval.seq_len={seq_len} exceeds the model's context, model.max_position_embeddings="
+                f"{max_positions}: lower eval.seq_len"
+            )
         stride = self.stride or seq_len
         if stride > seq_len:
             raise ValueError(f"eval.stride={stride} exceeds the window {seq_len}: use a stride <= seq_len")

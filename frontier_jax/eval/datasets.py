@@ -2,7 +2,8 @@
 
 `--data path/to/file.jsonl` (or .parquet / .array_record) becomes a source of that kind with
 the default field names.  Records with a problem (bad JSON, missing field, ...) and empty texts
-are skipped and counted; a source without any document is an error naming it.
+are skipped and counted (a warning names the count, the reasons and the first one's file:line);
+a source without any document is an error naming it.
 
 The embedded sources have held-out splits:
   embedded_math  the problems of `eval.seed` (training generates those of data.seed).
@@ -20,7 +21,9 @@ The embedded sources have held-out splits:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import logging
 from pathlib import Path
 
 from frontier_jax.data import embedded
@@ -30,6 +33,8 @@ from frontier_jax.data.sources import source_records
 from frontier_jax.data.template import Document
 from frontier_jax.data.tokenizer import Tokenizer
 from frontier_jax.eval.config import EvalConfig, EvalSourceConfig
+
+logger = logging.getLogger(__name__)
 
 _SUFFIX_KINDS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".array_record": "array_record"}
 
@@ -121,7 +126,7 @@ def read_documents(
     """The first cfg.documents_of(source) (0 = all) usable documents of `source`, in order (the
     held-out split of an embedded source), each plain text cut to its first source.max_chars."""
     count = cfg.documents_of(source)
-    documents, skipped = [], 0
+    documents, problems, first_skipped = [], collections.Counter(), None
     if source.kind == "embedded_code":
         documents = held_out_code(source, count, tokenizer, run)
     else:
@@ -131,13 +136,27 @@ def read_documents(
                 break
             record = records[index]
             if record.problem is not None or (record.text is not None and not record.text.strip()):
-                skipped += 1
+                problems[record.problem or "empty_text"] += 1
+                first_skipped = first_skipped or record.origin
             else:
                 documents.append(record.text if record.text is not None else record.messages)
+    skipped = sum(problems.values())
     if not documents:
         raise ValueError(
             f"eval data source {source.name!r} ({source.path or source.kind}) holds no document "
             f"({skipped} records skipped): give a file with non-empty '{source.text_field}' fields"
+        )
+    if skipped:
+        logger.warning(
+            "eval source %r (%s): %d of %d records skipped (%s; the first at %s); the figures cover "
+            "the other %d",
+            source.name,
+            source.path or source.kind,
+            skipped,
+            skipped + len(documents),
+            ", ".join(f"{name} {n}" for name, n in problems.most_common()),
+            first_skipped,
+            len(documents),
         )
     if source.max_chars:
         documents = [d[: source.max_chars] if isinstance(d, str) else d for d in documents]

@@ -27,7 +27,7 @@ from frontier_jax.infer import Engine
 
 def build_scorer(model: EvalModel, cfg: EvalConfig, *, progress: bool = True) -> tuple[Scorer, int]:
     """(Scorer of `model` over cfg's window, stride)."""
-    context, stride = cfg.window(model.train_seq_len)
+    context, stride = cfg.window(model.train_seq_len, model.program.cfg.model.max_position_embeddings)
     scorer = Scorer(
         model.program,
         model.params,
@@ -137,7 +137,7 @@ def training_evaluator(cfg, tokenizer, *, progress: bool = False):
     are read once; the scorer is built on the training mesh at the first call, and again when the
     program changes (a new context stage: other RoPE scaling).  The window is eval.seq_len, or
     train.seq_len (with `train.stages`: the top-level one, the same in every stage)."""
-    context, stride = cfg.eval.window(cfg.train.seq_len)
+    context, stride = cfg.eval.window(cfg.train.seq_len, cfg.model.max_position_embeddings)
     run = TrainingRun.of(cfg.to_dict(), cfg.train.steps)
     sources = [read_documents(s, cfg.eval, tokenizer, run) for s in cfg.eval.data]
     scorers: dict = {}

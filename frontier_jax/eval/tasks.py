@@ -14,6 +14,9 @@
     extract: "-?\\d+"                    # regex: the first match of the generation is the answer
     max_new_tokens: 16
 
+A task file and every row of its data are checked when it loads, before any model work
+(`task_checks.py`: an error names the file, the row as DATA:LINE and the field).
+
 Metrics, over the N rows scored (few-shot rows excluded):
     multiple_choice  acc      = (1/N) #{argmax_c sum_i log p(c_i | prompt) = answer}
                      acc_norm = the same with the sum divided by the choice's UTF-8 bytes
@@ -25,7 +28,6 @@ seed, "Q: 3 + 4 = ?\\nA:" -> " 7" (choices: the answer and answer +1, -1, +10).
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 
@@ -33,8 +35,10 @@ import numpy as np
 import yaml
 
 from frontier_jax.data.embedded import math_problem
+from frontier_jax.data.jsonl import read_jsonl_objects
 from frontier_jax.data.tokenizer import Tokenizer
 from frontier_jax.eval.scorer import Scorer
+from frontier_jax.eval.task_checks import check_row, check_settings
 from frontier_jax.eval.windows import Window
 from frontier_jax.infer import Engine, SamplingParams
 
@@ -79,7 +83,7 @@ class Task:
 
 
 def load_task(path: str | Path) -> Task:
-    """A task file, checked: errors name the file and the key."""
+    """A task file, checked (`task_checks.py`): errors name the file, the row and the field."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"task file {path} does not exist")
@@ -97,24 +101,21 @@ def load_task(path: str | Path) -> Task:
             raise ValueError(f"task file {path}: '{key}' is missing")
     if raw["type"] not in TYPES:
         raise ValueError(f"task file {path}: type={raw['type']!r}; allowed: {', '.join(TYPES)}")
+    check_settings(raw, path)
     data = path.parent / raw.pop("data")
     if not data.is_file():
         raise FileNotFoundError(f"task file {path}: data file {data} does not exist")
-    rows = []
-    for number, line in enumerate(data.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{data}:{number}: invalid JSON ({err.msg})") from None
+    numbered = read_jsonl_objects(data)
     raw.setdefault("name", path.stem)
     if "stop" in raw:
         raw["stop"] = tuple(raw["stop"])
-    task = Task(rows=rows, **raw)
-    if len(rows) <= task.few_shot:
+    task = Task(rows=[row for _, row in numbered], **raw)
+    if len(numbered) <= task.few_shot:
         raise ValueError(
-            f"task file {path}: {len(rows)} rows in {data}, but few_shot={task.few_shot} leaves none to score"
+            f"task file {path}: {len(numbered)} rows in {data}, but few_shot={task.few_shot} leaves none to score"
         )
+    for number, row in numbered:
+        check_row(task, row, f"task file {path}: {data}:{number}")
     return task
 
 

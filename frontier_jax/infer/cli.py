@@ -4,19 +4,29 @@
         (--prompt TEXT ... | --prompts FILE.jsonl) [--max-new-tokens N --temperature T
         --top-p P --top-k K --seed S --speculative mtp --out FILE.jsonl] [infer.key=value ...]
 
-A prompts file holds one JSON object per line with "prompt" (text) or "prompt_ids"; --out
-writes one JSON object per prompt with the Completion fields.  Without --out the texts are
-printed.  A progress bar runs while generating; prompt and generated tokens/s at the end.
+A prompts file holds one JSON object per line with "prompt" (text) or "prompt_ids" (ints), and
+no other key; --out writes one JSON object per prompt, {"index": k, <Completion fields>}, in
+prompt order, each line flushed as soon as the prompts before it are done (`generate_io.py`).
+Without --out the texts are printed.  A progress bar runs while generating; prompt and
+generated tokens/s at the end.  The arguments, the prompts file and the --out path are checked
+before the model loads.
+
+Exit codes: 0 every request completed; 2 a bad argument or file (nothing generated), or every
+request failed; 6 some requests failed (an `error:` line each, and their lines in --out with
+"finish_reason": "error"), the others completed and were written.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
+import contextlib
 import sys
 import time
-from pathlib import Path
+
+from frontier_jax.infer.generate_io import CompletionsFile, check_output_path, read_prompts_file
+
+EXIT_USAGE = 2  # a bad argument or file, or every request failed
+EXIT_SOME_FAILED = 6  # some requests failed, the others completed (and were written to --out)
 
 
 def add_generate_parser(sub) -> None:
@@ -31,12 +41,14 @@ def add_generate_parser(sub) -> None:
     source.add_argument("--checkpoint", help="training run directory (latest step) or one checkpoints/STEP")
     prompts = gen.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt text (repeat for several)")
-    prompts.add_argument("--prompts", help='JSONL file: {"prompt": TEXT} or {"prompt_ids": [...]} per line')
+    prompts.add_argument(
+        "--prompts", help='JSONL file: {"prompt": TEXT} or {"prompt_ids": [INT, ...]} per line, no other key'
+    )
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed, in [0, 2^32)")
     gen.add_argument(
         "--speculative",
         choices=["none", "mtp"],
@@ -49,31 +61,15 @@ def add_generate_parser(sub) -> None:
         help="float32 or bfloat16 compute (default: float32 for --hf, "
         "the run's precision policy for --checkpoint)",
     )
-    gen.add_argument("--out", help="write the completions as JSONL here")
+    gen.add_argument(
+        "--out", help="write the completions as JSONL here, in prompt order as they finish (flushed)"
+    )
     gen.add_argument("overrides", nargs="*", help="infer.* overrides, e.g. infer.max_seqs=16")
     gen.set_defaults(func=generate_command)
 
 
 def _read_prompts(args) -> list:
-    if args.prompt:
-        return list(args.prompt)
-    path = Path(args.prompts)
-    if not path.is_file():
-        raise ValueError(f"--prompts {path}: no such file")
-    prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from err
-        if not isinstance(record, dict) or ("prompt" in record) == ("prompt_ids" in record):
-            raise ValueError(f'{path}:{number}: give exactly one of "prompt" (text) or "prompt_ids" (ints)')
-        prompts.append(record.get("prompt", record.get("prompt_ids")))
-    if not prompts:
-        raise ValueError(f"--prompts {path}: the file holds no prompt")
-    return prompts
+    return list(args.prompt) if args.prompt else read_prompts_file(args.prompts)
 
 
 def _infer_overrides(overrides: list[str]) -> dict:
@@ -100,6 +96,13 @@ def _infer_overrides(overrides: list[str]) -> dict:
     return {k: getattr(infer, k) for k in OmegaConf.to_container(given)}
 
 
+def _check_dtype(dtype: str | None) -> None:
+    from frontier_jax.convert.importer import DTYPE_POLICIES
+
+    if dtype is not None and dtype not in DTYPE_POLICIES:
+        raise ValueError(f"--dtype {dtype}: use one of {', '.join(DTYPE_POLICIES)}")
+
+
 def generate_command(args) -> int:
     from frontier_jax.infer import Engine, SamplingParams
 
@@ -111,26 +114,27 @@ def generate_command(args) -> int:
         seed=args.seed,
     )
     params.check()
+    _check_dtype(args.dtype)
     prompts = _read_prompts(args)
     infer = _infer_overrides(args.overrides)
     if args.speculative:
         infer["speculative"] = args.speculative
+    if args.out:
+        check_output_path(args.out)
     if args.hf:
         engine = Engine.from_hf(args.hf, dtype=args.dtype or "float32", infer=infer, verbose=True)
     else:
         engine = Engine.from_checkpoint(args.checkpoint, dtype=args.dtype, infer=infer, verbose=True)
     start = time.perf_counter()
-    completions = engine.generate(prompts, params, progress=True)
+    with open(args.out, "w") if args.out else contextlib.nullcontext() as out:
+        on_finish = CompletionsFile(out).add if out else None
+        completions = engine.generate(prompts, params, progress=True, on_finish=on_finish)
     elapsed = time.perf_counter() - start
     s = engine.stats
     errors = [c.error for c in completions if c.error]
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
-    if args.out:
-        with open(args.out, "w") as f:
-            for c in completions:
-                f.write(json.dumps(dataclasses.asdict(c)) + "\n")
-    else:
+    if not args.out:
         for c in completions:
             if c.error is None:
                 print(c.text if c.text is not None else " ".join(map(str, c.output_ids)))
@@ -147,4 +151,6 @@ def generate_command(args) -> int:
             f"MTP: acceptance {spec['acceptance_rate']:.1%}, {spec['tokens_per_forward']:.2f} tokens per forward",
             file=sys.stderr,
         )
-    return 2 if len(errors) == len(completions) else 0
+    if not errors:
+        return 0
+    return EXIT_USAGE if len(errors) == len(completions) else EXIT_SOME_FAILED

@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -439,17 +439,27 @@ class Engine:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         progress: bool = False,
+        on_finish: Callable[[int, Completion], None] | None = None,
     ) -> list[Completion]:
-        """Runs every prompt to completion (continuous batching); completions in prompt order."""
+        """Runs every prompt to completion (continuous batching); completions in prompt order.
+        `on_finish(k, completion)` is called as prompt k's request finishes (in finishing order)."""
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts; give one or one each")
         ids = [self.submit(prompt, p) for prompt, p in zip(prompts, params)]
+        index = {request_id: k for k, request_id in enumerate(ids)}
+
+        def report(finished) -> None:
+            for request_id in finished:
+                if on_finish is not None and request_id in index:
+                    on_finish(index[request_id], self._done[request_id])
+
+        report([i for i in ids if i in self._done])  # invalid requests, finished at submission
         total = sum(p.max_new_tokens for i, p in zip(ids, params) if i not in self._done)
         with tqdm(total=total, unit="tok", desc="generate", disable=not progress) as bar:
             while not self.scheduler.idle:
                 before = self.stats["generated_tokens"]
-                self.step()
+                report(self.step())
                 bar.update(self.stats["generated_tokens"] - before)
         return [self._done.pop(i) for i in ids]

@@ -45,6 +45,10 @@ class SamplingParams:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1] (1: off)")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.seed is not None and not (
+            isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**32
+        ):
+            raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2^32)")
 
 
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:

@@ -80,6 +80,7 @@ def test_ablation_runs_every_arm_and_seed_summarises_and_resumes(tmp_path, monke
         ("base: model/toy\nseeds: [0, 0]\narms: {a: [], b: []}\n", "distinct integers"),
         ("base: model/toy\nseeds: [0]\narms: {a: [], b: [train.nope=1]}\n", "train.nope"),
         ("base: model/toy\nseed: [0]\narms: {a: [], b: []}\n", "unknown keys"),
+        ("base: [model/toy\nseeds: [0]\n", "YAML syntax error at line 2, column 6: expected ',' or ']'"),
     ],
 )
 def test_bad_ablation_file_names_the_problem(tmp_path, body, message):

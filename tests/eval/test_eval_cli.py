@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -33,6 +34,7 @@ def run(tmp_path_factory):
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCUMENTS))
     overrides = (
         TINY_MODEL
+        + ["model.num_heads=4"]  # the README's eval command splits the heads 4 ways (mesh.tensor=4)
         + WINDOW
         + [
             "train.seq_len=16",
@@ -97,6 +99,84 @@ def test_generate_from_the_evaluated_checkpoint(run, capsys):
     assert main(args + ["infer.max_len=32", "infer.block_size=8"]) == 0
     printed = capsys.readouterr()
     assert printed.out.count("---") == 1 and "generated 5 tokens" in printed.out + printed.err
+
+
+def test_generate_refuses_an_unknown_dtype_in_one_line(run, capsys):
+    args = ["generate", "--checkpoint", str(run / "run"), "--prompt", "x", "--dtype", "float8"]
+    assert main(args) == 2
+    assert capsys.readouterr().err == "error: --dtype float8: use one of float32, bfloat16\n"
+
+
+def test_overrides_after_data_apply_and_skipped_records_are_reported(run, tmp_path, capsys):
+    """`--data FILE key=value ...` (the overrides no longer read as data files), and a file with
+    3 unusable lines among the documents: the console names the count, the reasons and the
+    first line; the figures count only the documents."""
+    noisy = tmp_path / "noisy.jsonl"
+    lines = [
+        json.dumps({"text": DOCUMENTS[0]}),
+        "{not json",
+        json.dumps({"txt": "a"}),
+        json.dumps({"text": " "}),
+    ]
+    noisy.write_text("\n".join(lines + [json.dumps({"text": d}) for d in DOCUMENTS[1:]]) + "\n")
+    out = tmp_path / "out"
+    argv = [
+        "eval",
+        "--checkpoint",
+        str(run / "run"),
+        "--out",
+        str(out),
+        "--devices",
+        "1",
+        "--data",
+        str(noisy),
+    ]
+    assert main(argv + [*WINDOW, "mesh.data=1"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        f"eval source 'noisy' ({noisy}): 3 of 7 records skipped (invalid_json 1, missing_field 1, "
+        f"empty_text 1; the first at {noisy}:2); the figures cover the other 4"
+    ) in err
+    results = json.loads((out / "results.json").read_text())
+    assert (results["window"], results["stride"], results["batch_size"]) == (16, 8, 8)
+    got = results["datasets"]["noisy"]
+    assert got["skipped"] == 3 and got["tokens"] == sum(len(d.encode()) + 1 for d in DOCUMENTS)
+
+
+def _readme_eval_commands() -> list[str]:
+    """The `frontier-jax eval` commands of the README's Evaluation section, continuation lines
+    joined and trailing comments dropped."""
+    section = (REPO / "README.md").read_text().split("### Evaluation", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    return [
+        line.split("  #")[0].strip() for line in block.splitlines() if line.startswith("frontier-jax eval")
+    ]
+
+
+def test_readme_eval_commands_parse_overrides_after_data_and_tasks():
+    from frontier_jax.cli import build_parser
+
+    commands = _readme_eval_commands()
+    assert any("--tasks" in c for c in commands), commands
+    for command in commands:
+        words = shlex.split(command)[1:]
+        args = build_parser().parse_args(words)
+        assert args.overrides == [w for w in words if "=" in w], command
+        assert all(p.endswith(".jsonl") for p in args.data) and all("=" not in t for t in args.tasks), command
+
+
+@pytest.mark.slow
+def test_readme_eval_command_runs_as_written(run, tmp_path, monkeypatch):
+    """The README's eval command with tasks, its placeholders (runs/toy, held_out.jsonl) the tiny
+    run and its data; results in the default --out, eval-results/."""
+    (command,) = [c for c in _readme_eval_commands() if "--tasks" in c]
+    words = shlex.split(command.replace("runs/toy", str(run / "run")))[1:]
+    monkeypatch.chdir(run)  # held_out.jsonl is the fixture's data file
+    assert main(words) == 0
+    results = json.loads((run / "eval-results" / "results.json").read_text())
+    assert (results["window"], results["stride"]) == (128, 64)
+    assert results["mesh"]["data"] == 2 and results["mesh"]["tensor"] == 4
+    assert set(results["tasks"]) == {"arithmetic", "arithmetic_choice"} and "held_out" in results["datasets"]
 
 
 @pytest.mark.slow
@@ -168,12 +248,25 @@ def test_same_figures_on_8_devices_and_on_2_processes(run, tmp_path):
         ("unknown file type", ["--checkpoint", "{run}", "--data", "{tmp}/x.txt"], "unknown file type"),
         ("train override", ["--checkpoint", "{run}", "train.steps=3"], "only mesh.*, eval.*"),
         ("both sources", ["--checkpoint", "{run}", "--hf", "{tmp}"], "exactly one of"),
+        (
+            "window above the model's context",
+            ["--checkpoint", "{run}", "eval.seq_len=5000"],
+            "eval.seq_len=5000 exceeds the model's context, model.max_position_embeddings=4096",
+        ),
+        (
+            "bad task row, before the model loads",
+            ["--checkpoint", "{tmp}", "--tasks", "{task}"],
+            "rows.jsonl:1: field 'answer' = 5 is not an index of the row's 2 choices",
+        ),
     ],
 )
 def test_bad_input_is_one_error_line_and_writes_nothing(run, tmp_path, capsys, case, args, message):
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": ""}\n')
-    args = [a.format(tmp=tmp_path, run=run / "run", empty=empty) for a in args]
+    (tmp_path / "rows.jsonl").write_text('{"q": "1 + 1", "choices": [" 2", " 3"], "answer": 5}\n')
+    task = tmp_path / "task.yaml"
+    task.write_text("type: multiple_choice\ndata: rows.jsonl\nprompt: '{q} ='\n")
+    args = [a.format(tmp=tmp_path, run=run / "run", empty=empty, task=task) for a in args]
     options, overrides = [a for a in args if "=" not in a], [a for a in args if "=" in a]
     assert (
         main(

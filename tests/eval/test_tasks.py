@@ -114,3 +114,86 @@ def test_malformed_task_file_names_the_problem(tmp_path, body, rows, message):
 def test_unknown_task_name_lists_the_built_ins():
     with pytest.raises(ValueError, match="built-in tasks are arithmetic, arithmetic_choice"):
         builtin_task("hellaswag")
+
+
+_MC = 'type: multiple_choice\ndata: rows.jsonl\nprompt: "Q: {question}\\nA:"\n'
+_GEN = 'type: generate\ndata: rows.jsonl\nprompt: "Q: {question}\\nA:"\n'
+_GOOD_ROW = {"question": "1 + 1", "choices": [" 2", " 3"], "answer": 0}
+
+
+@pytest.mark.parametrize(
+    "body,bad_row,message",
+    [
+        (
+            _MC,
+            {**_GOOD_ROW, "answer": 5},
+            "rows.jsonl:2: field 'answer' = 5 is not an index of the row's 2 choices",
+        ),
+        (_MC, {**_GOOD_ROW, "answer": -1}, "rows.jsonl:2: field 'answer' = -1 is not an index"),
+        (_MC, {**_GOOD_ROW, "answer": "1"}, "rows.jsonl:2: field 'answer' = '1' is not an index"),
+        (_MC, {**_GOOD_ROW, "answer": True}, "rows.jsonl:2: field 'answer' = True is not an index"),
+        (_MC, {**_GOOD_ROW, "choices": []}, "rows.jsonl:2: field 'choices' = [] must be a non-empty list"),
+        (
+            _MC,
+            {**_GOOD_ROW, "choices": " 2"},
+            "rows.jsonl:2: field 'choices' = ' 2' must be a non-empty list",
+        ),
+        (_MC, {"question": "1 + 1", "answer": 0}, "rows.jsonl:2: field 'choices' = None"),
+        (
+            _MC,
+            {"choices": [" 2"], "answer": 0},
+            "rows.jsonl:2: the prompt names field 'question' that the row lacks",
+        ),
+        (_GEN, {"question": "1 + 1"}, "rows.jsonl:2: field 'answer' = None must be the expected answer"),
+        (_GEN, [1, 2], "rows.jsonl:2: a line must be a JSON object, got list"),
+    ],
+)
+def test_bad_task_rows_are_refused_at_load_naming_file_row_and_field(tmp_path, body, bad_row, message):
+    """A bad row (the second line of the data) fails when the task loads, before any model work."""
+    (tmp_path / "rows.jsonl").write_text(json.dumps({**_GOOD_ROW}) + "\n" + json.dumps(bad_row) + "\n")
+    (tmp_path / "t.yaml").write_text(body)
+    with pytest.raises(ValueError) as err:
+        load_task(tmp_path / "t.yaml")
+    assert str(err.value).startswith(f"task file {tmp_path / 't.yaml'}: ") or str(err.value).startswith(
+        str(tmp_path / "rows.jsonl")
+    ), err.value
+    assert message in str(err.value) and "\n" not in str(err.value), err.value
+
+
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ('prompt: "Q: {question"', "is not a valid template (expected '}' before end of string)"),
+        ('prompt: "Q: {}"', "has a positional field {}"),
+        ('prompt: "Q: {0}"', "has a positional field {0}"),
+        (
+            'prompt: "Q: {question:>x}"',
+            "rows.jsonl:1: the prompt 'Q: {question:>x}' does not render this row",
+        ),
+        ("prompt: 5", "prompt=5 must be a string"),
+        (
+            'extract: "(\\\\d+"',
+            "extract='(\\\\d+' is not a valid regular expression (missing ), unterminated",
+        ),
+        ('stop: "###"', "stop='###' must be a list of non-empty strings"),
+        ("stop: ['']", "stop=[''] must be a list of non-empty strings"),
+        ("few_shot: -1", "few_shot=-1 must be an integer >= 0"),
+        ("max_new_tokens: 0", "max_new_tokens=0 must be an integer >= 1"),
+        ("target: 3", "target=3 must be the name of a row field"),
+    ],
+)
+def test_bad_task_settings_are_refused_at_load_naming_the_key(tmp_path, setting, message):
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"question": "1 + 1", "answer": "2"}) + "\n")
+    body = "type: generate\ndata: rows.jsonl\n" + ("" if setting.startswith("prompt") else "prompt: x\n")
+    (tmp_path / "t.yaml").write_text(body + setting + "\n")
+    with pytest.raises(ValueError) as err:
+        load_task(tmp_path / "t.yaml")
+    assert str(err.value).startswith(f"task file {tmp_path / 't.yaml'}: "), err.value
+    assert message in str(err.value) and "\n" not in str(err.value), err.value
+
+
+def test_task_data_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    (tmp_path / "rows.jsonl").write_bytes(b'{"question": "a", "answer": "b"}\n{"question": "\xff"}\n')
+    (tmp_path / "t.yaml").write_text(_GEN)
+    with pytest.raises(ValueError, match=r"rows.jsonl:2: not UTF-8 \(byte 0xff at column 15\)"):
+        load_task(tmp_path / "t.yaml")
