@@ -3,10 +3,13 @@
     frontier-jax generate (--hf PATH | --checkpoint RUN_DIR[/checkpoints/STEP])
         (--prompt TEXT ... | --prompts FILE.jsonl) [--max-new-tokens N --temperature T
         --top-p P --top-k K --seed S --speculative mtp --out FILE.jsonl] [infer.key=value ...]
+        [impl.key=value ...]
 
 A prompts file holds one JSON object per line with "prompt" (text) or "prompt_ids"; --out
 writes one JSON object per prompt with the Completion fields.  Without --out the texts are
 printed.  A progress bar runs while generating; prompt and generated tokens/s at the end.
+The model computes with dropless expert dispatch whatever the run trained with; an
+impl.moe_dispatch=capacity override wins, with a warning (`runtime.program.inference_impl`).
 """
 
 from __future__ import annotations
@@ -50,7 +53,11 @@ def add_generate_parser(sub) -> None:
         "the run's precision policy for --checkpoint)",
     )
     gen.add_argument("--out", help="write the completions as JSONL here")
-    gen.add_argument("overrides", nargs="*", help="infer.* overrides, e.g. infer.max_seqs=16")
+    gen.add_argument(
+        "overrides",
+        nargs="*",
+        help="infer.* and impl.* overrides, e.g. infer.max_seqs=16 impl.attention=cudnn",
+    )
     gen.set_defaults(func=generate_command)
 
 
@@ -76,6 +83,17 @@ def _read_prompts(args) -> list:
     return prompts
 
 
+def _section_overrides(overrides: list[str], section: str) -> list[str]:
+    return [o[len(section) + 1 :] for o in overrides if o.startswith(section + ".")]
+
+
+def _impl_overrides(overrides: list[str]) -> dict:
+    """impl.key=value overrides -> {key: value} (checked by `inference_impl` at load)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.from_dotlist(_section_overrides(overrides, "impl")))
+
+
 def _infer_overrides(overrides: list[str]) -> dict:
     """infer.key=value overrides -> {key: typed value} (checked by InferConfig's types)."""
     from omegaconf import OmegaConf
@@ -83,15 +101,17 @@ def _infer_overrides(overrides: list[str]) -> dict:
 
     from frontier_jax.infer.config import InferConfig
 
-    bad = [o for o in overrides if not o.startswith("infer.") or "=" not in o]
+    bad = [o for o in overrides if not o.startswith(("infer.", "impl.")) or "=" not in o]
     if bad:
         raise ValueError(
-            f"override {bad[0]!r}: generate takes infer.key=value overrides only (e.g. infer.max_seqs=16)"
+            f"override {bad[0]!r}: generate takes infer.key=value and impl.key=value overrides only "
+            "(e.g. infer.max_seqs=16)"
         )
+    overrides = _section_overrides(overrides, "infer")
     if not overrides:
         return {}
     try:
-        given = OmegaConf.from_dotlist([o[len("infer.") :] for o in overrides])
+        given = OmegaConf.from_dotlist(overrides)
         infer = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(InferConfig), given)).validate()
     except OmegaConfBaseException as err:
         raise ValueError(
@@ -115,10 +135,13 @@ def generate_command(args) -> int:
     infer = _infer_overrides(args.overrides)
     if args.speculative:
         infer["speculative"] = args.speculative
+    impl = _impl_overrides(args.overrides)
     if args.hf:
-        engine = Engine.from_hf(args.hf, dtype=args.dtype or "float32", infer=infer, verbose=True)
+        engine = Engine.from_hf(args.hf, dtype=args.dtype or "float32", infer=infer, impl=impl, verbose=True)
     else:
-        engine = Engine.from_checkpoint(args.checkpoint, dtype=args.dtype, infer=infer, verbose=True)
+        engine = Engine.from_checkpoint(
+            args.checkpoint, dtype=args.dtype, infer=infer, impl=impl, verbose=True
+        )
     start = time.perf_counter()
     completions = engine.generate(prompts, params, progress=True)
     elapsed = time.perf_counter() - start

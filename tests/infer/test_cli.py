@@ -39,6 +39,7 @@ def test_generate_writes_one_completion_per_prompt(hf_dir, tmp_path, capsys):
                 str(out),
                 "infer.max_len=32",
                 "infer.block_size=8",
+                "impl.moe_dispatch=dropless",
             ]
         )
         == 0
@@ -58,9 +59,16 @@ def test_generate_writes_one_completion_per_prompt(hf_dir, tmp_path, capsys):
         (["--checkpoint", "{tmp}"], "no checkpoint"),
         (["--hf", "{hf}", "--temperature", "-1"], "temperature=-1.0 must be >= 0"),
         (["--hf", "{hf}", "infer.max_seqs=0"], "infer.max_seqs=0 must be a positive integer"),
-        (["--hf", "{hf}", "train.steps=3"], "generate takes infer.key=value overrides only"),
+        (
+            ["--hf", "{hf}", "train.steps=3"],
+            "generate takes infer.key=value and impl.key=value overrides only",
+        ),
+        (
+            ["--hf", "{hf}", "impl.moe_dispatch=sometimes"],
+            "invalid override impl.moe_dispatch: Invalid value",
+        ),
     ],
-    ids=["empty_run_dir", "temperature", "max_seqs", "not_infer"],
+    ids=["empty_run_dir", "temperature", "max_seqs", "not_infer", "bad_impl"],
 )
 def test_user_errors_are_one_line_with_exit_code_2(hf_dir, tmp_path, capsys, args, message):
     args = [a.format(tmp=tmp_path, hf=hf_dir) for a in args]
