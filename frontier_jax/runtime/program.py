@@ -117,7 +117,8 @@ def inference_impl(trained: ImplConfig, given: Mapping[str, object] | None = Non
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         raise ValueError(
-            f"invalid override impl.{key}: {str(err).splitlines()[0]} (fields: ImplConfig in frontier_jax/model/config.py)"
+            f"invalid override impl.{key}: {str(err).splitlines()[0]} "
+            "(fields: ImplConfig in frontier_jax/model/config.py)"
         ) from None
     if impl.moe_dispatch != MoeDispatch.dropless:
         logging.getLogger(__name__).warning(

@@ -9,8 +9,9 @@ twice the parameters' size in fp32, are never read), each array laid out by the 
 floating parameters cast to `dtype` on load.  The expert biases stay float32: they decide the
 top-k selection, which bf16 rounding would change.  This is the entry point that evaluation,
 inference and post-training share, so the program computes as `runtime.program.inference_impl`
-says (dropless expert dispatch, whatever the run trained with, unless `impl` sets it).  The path is an etils `epath` path (local, or an object
-store such as `gs://` where its backends are installed).
+says (dropless expert dispatch whatever the run trained with, unless `impl` sets it).  The path
+is an etils `epath` path (local, or an object store such as `gs://` where its backends are
+installed).
 """
 
 from __future__ import annotations

@@ -123,7 +123,8 @@ def test_adapter_matches_hf_backend_per_request_and_metrics(setup, max_length):
     adapter = FrontierJaxLM(hf=str(model_dir), max_length=max_length, batch_size=2)
     ours = _run(adapter, None, manager)
     ref = _run(_hf_backend(model_dir, max_length), None, manager)
-    # the generation engine holds batch_size sequences (rounded up to the 8-way batch split) of max_length tokens
+    # the generation engine holds batch_size sequences (rounded up to the 8-way batch split)
+    # of max_length tokens
     assert (adapter._engine.layout.max_len, adapter._engine.infer.max_seqs) == (max_length, 8)
     for task in TASKS:
         mine = sorted(ours["samples"][task], key=lambda s: s["doc_id"])
