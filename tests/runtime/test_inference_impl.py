@@ -93,5 +93,5 @@ def test_impl_given_at_load_wins_with_one_warning(capacity_run, caplog):
         assert restore_params(run_dir).program.cfg.impl.moe_dispatch == MoeDispatch.dropless
         restored = restore_params(run_dir, impl={"moe_dispatch": "capacity"})
     assert restored.program.cfg.impl == CAPACITY
-    ours = [r.getMessage() for r in caplog.records if r.name.startswith("frontier_jax")]
+    ours = [r.getMessage() for r in caplog.records if r.name == "frontier_jax.runtime.program"]
     assert len(ours) == 1 and ours[0].startswith("impl.moe_dispatch=capacity given")
