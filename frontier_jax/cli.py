@@ -6,7 +6,7 @@ frontier-jax describe --config configs/model/deepseek-v3-671b.yaml [--seq-len T]
 frontier-jax convert  {check,export} --hf PATH [...]
 frontier-jax generate (--hf PATH | --checkpoint RUN_DIR) (--prompt TEXT ... | --prompts FILE) [...]
 frontier-jax eval     (--checkpoint RUN_DIR[/checkpoints/STEP] | --hf PATH) [--data FILE ...]
-                      [--tasks TASK ...] [--out DIR] [--step N] [--dtype bfloat16] [mesh.* / eval.* ...]
+                      [--tasks TASK ...] [--out DIR] [--step N] [--dtype bfloat16] [mesh.* / eval.* / impl.* ...]
 frontier-jax ablate   --config ablations/NAME.yaml [--out DIR]
 frontier-jax data prepare --config train/toy --out DIR [--records-per-shard N] [--max-records N]
                       [--workers N] [key=value ...]
@@ -152,18 +152,21 @@ def _eval(args) -> int:
     _configure_logging(False)
     if (args.checkpoint is None) == (args.hf is None):
         raise ValueError("eval: give exactly one of --checkpoint RUN_DIR and --hf PATH")
-    bad = [o for o in args.overrides if not o.startswith(("mesh.", "eval.", "model.", "data.tokenizer"))]
+    bad = [
+        o for o in args.overrides if not o.startswith(("mesh.", "eval.", "impl.", "model.", "data.tokenizer"))
+    ]
     if bad:
         raise ValueError(
-            f"eval override {bad[0]!r}: only mesh.*, eval.* (and model.* to check the checkpoint) "
+            f"eval override {bad[0]!r}: only mesh.*, eval.*, impl.* (and model.* to check the checkpoint) "
             "apply to evaluation"
         )
     cfg = load_config(None, args.overrides)
-    model_overrides = {
-        o.split("=", 1)[0][len("model.") :]: getattr(cfg.model, o.split("=", 1)[0][len("model.") :])
-        for o in args.overrides
-        if o.startswith("model.")
-    }
+
+    def given(section: str) -> dict:  # the section's keys set on the command line, typed
+        keys = [o.split("=", 1)[0][len(section) + 1 :] for o in args.overrides if o.startswith(section + ".")]
+        return {key: getattr(getattr(cfg, section), key) for key in keys}
+
+    model_overrides, impl = given("model"), given("impl")
     tasks = [resolve_task(t) for t in args.tasks]  # bad task names / files fail before the model loads
     if args.checkpoint is not None:
         model = load_checkpoint(
@@ -173,12 +176,15 @@ def _eval(args) -> int:
             dtype=args.dtype,
             model_overrides=model_overrides,
             devices=args.devices,
+            impl=impl,
         )
     else:
         tokenizer = next(
             (o.split("=", 1)[1] for o in args.overrides if o.startswith("data.tokenizer=")), None
         )
-        model = load_hf(args.hf, mesh=cfg.mesh, dtype=args.dtype, tokenizer=tokenizer, devices=args.devices)
+        model = load_hf(
+            args.hf, mesh=cfg.mesh, dtype=args.dtype, tokenizer=tokenizer, devices=args.devices, impl=impl
+        )
     sources = [source_from_path(p) for p in args.data] if args.data else cfg.eval.data
     results = evaluate(model, cfg.eval, sources, tasks=tasks)
     path = write_results(args.out, results)
@@ -336,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         default=[],
         action=_ValuesAndOverrides,
-        help="mesh.* / eval.* overrides, e.g. eval.stride=64 mesh.tensor=2 (also after --data / --tasks)",
+        help="mesh.* / eval.* / impl.* overrides, e.g. eval.stride=64 mesh.tensor=2 (also after --data / "
+        "--tasks; expert dispatch is dropless unless impl.moe_dispatch is given)",
     )
     ev.set_defaults(func=_eval)
 

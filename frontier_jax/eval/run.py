@@ -23,6 +23,7 @@ from frontier_jax.eval.perplexity import evaluate_documents
 from frontier_jax.eval.scorer import Scorer
 from frontier_jax.eval.tasks import Task, run_generate, run_multiple_choice
 from frontier_jax.infer import Engine
+from frontier_jax.runtime.program import inference_impl
 
 
 def build_scorer(model: EvalModel, cfg: EvalConfig, *, progress: bool = True) -> tuple[Scorer, int]:
@@ -135,8 +136,10 @@ def training_evaluator(cfg, tokenizer, *, progress: bool = False):
     """`train.loop.train`'s evaluate hook: held-out figures of cfg.eval.data as
     {"eval/<source>/ce", "eval/<source>/perplexity", "eval/<source>/bits_per_byte"}.  The documents
     are read once; the scorer is built on the training mesh at the first call, and again when the
-    program changes (a new context stage: other RoPE scaling).  The window is eval.seq_len, or
-    train.seq_len (with `train.stages`: the top-level one, the same in every stage)."""
+    program changes (a new context stage: other RoPE scaling), computing as
+    `runtime.program.inference_impl` says (dropless expert dispatch whatever training uses, so the
+    figures do not depend on eval.batch_size).  The window is eval.seq_len, or train.seq_len (with
+    `train.stages`: the top-level one, the same in every stage)."""
     context, stride = cfg.eval.window(cfg.train.seq_len, cfg.model.max_position_embeddings)
     run = TrainingRun.of(cfg.to_dict(), cfg.train.steps)
     sources = [read_documents(s, cfg.eval, tokenizer, run) for s in cfg.eval.data]
@@ -146,7 +149,7 @@ def training_evaluator(cfg, tokenizer, *, progress: bool = False):
         if scorers.get("program") is not program:
             scorers["program"] = program
             scorers["scorer"] = Scorer(
-                program,
+                program.with_impl(inference_impl(program.cfg.impl)),
                 params,
                 biases,
                 context=context,

@@ -53,9 +53,11 @@ from frontier_jax.infer.scheduler import Batch, Completion, Request, Scheduler
 from frontier_jax.infer.speculative import MTPDecoder, accept
 from frontier_jax.infer.step import make_decode_step, make_step, pack_decode
 from frontier_jax.model import Transformer
+from frontier_jax.model.config import ImplConfig
 from frontier_jax.model.latent_cache import Pages
 from frontier_jax.parallel.mesh import state_shardings
 from frontier_jax.parallel.rules import DEFAULT_RULES, use_sharding
+from frontier_jax.runtime.program import inference_impl
 from frontier_jax.runtime.restore import restore_params
 
 
@@ -154,11 +156,20 @@ class Engine:
     # ----------------------------------------------------------------------- loading
     @classmethod
     def from_hf(
-        cls, path: str, *, dtype="float32", mesh=None, infer: InferConfig | dict | None = None, **kwargs
+        cls,
+        path: str,
+        *,
+        dtype="float32",
+        mesh=None,
+        infer: InferConfig | dict | None = None,
+        impl: Mapping | None = None,
+        **kwargs,
     ) -> Engine:
         """An engine over the Hugging Face checkpoint directory `path` (`convert.from_hf`), with
-        its tokenizer.json when present."""
-        _, model = from_hf(path, dtype=dtype, mesh=mesh, rules=kwargs.get("rules"))
+        its tokenizer.json when present; impl: impl.* choices (`runtime.program.inference_impl`)."""
+        _, model = from_hf(
+            path, dtype=dtype, mesh=mesh, rules=kwargs.get("rules"), impl=inference_impl(ImplConfig(), impl)
+        )
         tokenizer_file = Path(path) / "tokenizer.json"
         tokenizer = load_tokenizer(str(tokenizer_file)) if tokenizer_file.is_file() else None
         return cls(model, tokenizer=tokenizer, infer=_infer_config(InferConfig(), infer), **kwargs)
@@ -172,13 +183,15 @@ class Engine:
         mesh=None,
         dtype=None,
         infer: InferConfig | dict | None = None,
+        impl: Mapping | None = None,
         **kwargs,
     ) -> Engine:
         """An engine over a training run's checkpoint (latest step, or `step`, or the step of a
         checkpoints/STEP path): its parameters only (`runtime.restore.restore_params`, onto
         `mesh`: a Mesh, a MeshConfig or None for one device; floating parameters cast to
-        `dtype`), its config (the `infer` section updated by `infer`) and its tokenizer."""
-        restored = restore_params(run_dir, step, mesh=mesh, dtype=dtype)
+        `dtype`; dropless expert dispatch unless `impl` says otherwise), its config (the `infer`
+        section updated by `infer`) and its tokenizer."""
+        restored = restore_params(run_dir, step, mesh=mesh, dtype=dtype, impl=impl)
         saved = restored.config
         data = saved.get("data", {})
         tokenizer = load_tokenizer(data.get("tokenizer", "byte"), data.get("special_tokens") or None)

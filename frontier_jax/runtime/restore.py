@@ -8,13 +8,16 @@ only `state.params` and `state.biases` (orbax partial restore: the optimizer mom
 twice the parameters' size in fp32, are never read), each array laid out by the rules table and
 floating parameters cast to `dtype` on load.  The expert biases stay float32: they decide the
 top-k selection, which bf16 rounding would change.  This is the entry point that evaluation,
-inference and post-training share.  The path is an etils `epath` path (local, or an object
-store such as `gs://` where its backends are installed).
+inference and post-training share, so the program computes as `runtime.program.inference_impl`
+says (dropless expert dispatch whatever the run trained with, unless `impl` sets it).  The path
+is an etils `epath` path (local, or an object store such as `gs://` where its backends are
+installed).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
@@ -30,7 +33,7 @@ from frontier_jax.model.config import ImplConfig
 from frontier_jax.parallel.config import MeshConfig
 from frontier_jax.parallel.mesh import build_mesh
 from frontier_jax.precision.config import PrecisionConfig
-from frontier_jax.runtime.program import ModelProgram, ModelSections, build_model_program
+from frontier_jax.runtime.program import ModelProgram, ModelSections, build_model_program, inference_impl
 
 
 class RestoredModel(NamedTuple):
@@ -65,14 +68,14 @@ def _section(cls, saved: dict, name: str):
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), saved.get(name, {}))).validate()
 
 
-def _on_mesh(saved: dict, mesh: Mesh | MeshConfig | None) -> ModelProgram:
+def _on_mesh(saved: dict, mesh: Mesh | MeshConfig | None, impl: Mapping | None) -> ModelProgram:
     """The model program of the saved config on `mesh` (a MeshConfig replaces the saved mesh
-    section, rules included)."""
+    section, rules included), computed as `inference_impl` says."""
     cfg = ModelSections(
         _section(ModelConfig, saved, "model"),
         _section(MeshConfig, saved, "mesh"),
         _section(PrecisionConfig, saved, "precision"),
-        _section(ImplConfig, saved, "impl"),
+        inference_impl(_section(ImplConfig, saved, "impl"), impl),
     )
     if isinstance(mesh, MeshConfig):
         return build_model_program(dataclasses.replace(cfg, mesh=mesh.validate()))
@@ -92,7 +95,12 @@ def _target(abstract: nnx.State, shardings: dict, dtype) -> dict:
 
 
 def restore_params(
-    path: epath.PathLike, step: int | None = None, *, mesh: Mesh | MeshConfig | None = None, dtype=None
+    path: epath.PathLike,
+    step: int | None = None,
+    *,
+    mesh: Mesh | MeshConfig | None = None,
+    dtype=None,
+    impl: Mapping | None = None,
 ) -> RestoredModel:
     """Parameters and expert biases of checkpoint `step` (None: the latest; or the step of a
     step directory) of the run at `path`.
@@ -100,7 +108,8 @@ def restore_params(
     mesh: a `jax.sharding.Mesh`, a `MeshConfig` (built over all devices) or None (the first
     device); arrays are sharded on it by the rules table named by the checkpoint's `mesh.rules`
     (or the MeshConfig's).
-    dtype: e.g. jnp.bfloat16 to cast the floating parameters on load (None: as saved, fp32)."""
+    dtype: e.g. jnp.bfloat16 to cast the floating parameters on load (None: as saved, fp32).
+    impl: impl.* choices given at load, over the saved ones (`inference_impl`)."""
     directory, step_in_path = _checkpoint_directory(epath.Path(path))
     if step is not None and step_in_path is not None and step != step_in_path:
         raise ValueError(f"step={step} contradicts the step directory {path}")
@@ -116,7 +125,7 @@ def restore_params(
                 f"no checkpoint of step {step} in {directory}; its steps: {', '.join(map(str, steps))}"
             )
         saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-        program = _on_mesh(saved, mesh)
+        program = _on_mesh(saved, mesh, impl)
         param_shardings, bias_shardings = program.shardings()
         target = {
             "params": _target(program.abstract_params, param_shardings, dtype),

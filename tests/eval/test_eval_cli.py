@@ -247,6 +247,11 @@ def test_same_figures_on_8_devices_and_on_2_processes(run, tmp_path):
         ("empty dataset", ["--checkpoint", "{run}", "--data", "{empty}"], "holds no document"),
         ("unknown file type", ["--checkpoint", "{run}", "--data", "{tmp}/x.txt"], "unknown file type"),
         ("train override", ["--checkpoint", "{run}", "train.steps=3"], "only mesh.*, eval.*"),
+        (
+            "impl override",
+            ["--checkpoint", "{run}", "impl.moe_dispatch=sometimes"],
+            "impl.moe_dispatch='sometimes' is invalid",
+        ),
         ("both sources", ["--checkpoint", "{run}", "--hf", "{tmp}"], "exactly one of"),
         (
             "window above the model's context",

@@ -12,7 +12,7 @@ import pytest
 from frontier_jax.config import load_config
 from frontier_jax.data.tokenizer import byte_tokenizer
 from frontier_jax.eval.scorer import Scorer
-from frontier_jax.eval.tasks import builtin_task, load_task, run_generate, run_multiple_choice
+from frontier_jax.eval.tasks import Task, builtin_task, load_task, run_generate, run_multiple_choice
 from frontier_jax.infer import Engine
 from frontier_jax.runtime.program import build_model_program
 
@@ -91,6 +91,21 @@ def test_generate_exact_match_equals_naive_greedy_loop(model):
     program, params, biases = model
     got = run_generate(task, Engine(program.model(params, biases), tokenizer=tok))
     assert got["exact_match"] == hits / 2 and got["rows"] == 2
+
+
+@pytest.mark.parametrize(
+    "choice, message",
+    [("", "has no token of its own"), (" " + "9" * 40, "has 41 tokens, more than the 32-token window")],
+    ids=["empty", "longer_than_the_window"],
+)
+def test_a_choice_that_cannot_be_scored_is_refused_by_name(model, choice, message):
+    """As lm-eval's hf backend: an empty continuation would score nothing (every window position
+    was counted before), one longer than the window would lose its first tokens."""
+    row = {"question": "2 + 3", "choices": [" 5", choice], "answer": 0}
+    task = Task("sums", "multiple_choice", [row], "Q: {question} =\nA:")
+    scorer = Scorer(*model, context=32, batch_size=2, progress=False)
+    with pytest.raises(ValueError, match=rf"task sums, row 0, choice '.*': the continuation {message}"):
+        run_multiple_choice(task, scorer, byte_tokenizer())
 
 
 @pytest.mark.parametrize(
