@@ -8,9 +8,10 @@ across them when `tensor` spans hosts, or both), so the training loop hands each
 of its devices the rows that device addresses. The iterator state is then the
 same on every process. The price is that each process tokenizes and packs every row.
 
-Each row holds chunks of one source, so the mixture weights (`data.sources[*].weight`, then
-`data.stages`) are shares of rows, i.e. of tokens; batch k draws its rows with the weights of
-the stage of step k (`mixture.py`). With `data.worker_count` > 0 every source's rows are made
+Each row holds chunks of one source, and the mixture weights (`data.sources[*].weight`, then
+`data.stages`) are shares of real tokens: the schedule picks each row's source by token deficit,
+so rows that carry padding (mask_documents=True) count only their tokens; batch k draws its
+rows with the weights of the stage of step k (`mixture.py`). With `data.worker_count` > 0 every source's rows are made
 by that many worker processes. With a batch-size ramp only the first rows_at(k) rows of batch
 k are read; the rest are padding rows (loss_mask 0, segment_ids 0; see `batching.py`).
 
@@ -159,6 +160,7 @@ def build_train_dataset(
         rows,
         schedule=MixtureSchedule.from_config(cfg),
         global_batch=global_batch,
+        seq_len=seq_len,
         rows_at=rows_at or (lambda _: global_batch),
         pad_id=tokenizer.pad_id,
     )

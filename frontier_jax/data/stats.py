@@ -6,7 +6,7 @@ are saved with every checkpoint and they continue after a resume. Being part of
 the restorable position, they trail the newest batch by the records still held in
 the shuffle window and the packer's buffer.  The token counts (under `MIXTURE_KEY`, written
 by the batch iterator) are those of the batches yielded so far: the real tokens
-(segment_ids > 0) of each source, next to the share of the rows the mixture schedule asked for.
+(segment_ids > 0) of each source, next to the share of them the mixture schedule asked for.
 """
 
 from __future__ import annotations

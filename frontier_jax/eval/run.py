@@ -3,7 +3,7 @@ printed table.
 
     results.json = {"source": path, "step": s, "window": T, "stride": S, "config": {...},
                     "datasets": {name: {"ce", "perplexity", "bits_per_byte", "tokens", "bytes",
-                                        "nll", "documents", "windows", "skipped"}},
+                                        "nll", "text_nll", "documents", "windows", "skipped"}},
                     "tasks": {name: {"acc", "acc_norm" | "exact_match", "rows", ...}}}
 The file is written to a temporary name and renamed, so a failed run leaves none half written.
 """
