@@ -22,6 +22,8 @@ ROWS = [
     {"question": "2 + 3", "choices": [" 5", " 6", " 23"], "answer": 0},
     {"question": "7 * 2", "choices": [" 14", " 9"], "answer": 1},
     {"question": "9 - 9", "choices": [" 0", " -1", " 100"], "answer": 2},
+    # UTF-8 bytes / characters: 4/2, 4/4, 3/3; acc_norm picks " ☕" by bytes, " tea" by characters
+    {"question": "café", "choices": [" ☕", " tea", " no"], "answer": 0},
 ]
 
 
@@ -51,7 +53,7 @@ def test_multiple_choice_accuracy_equals_float64_reference(tmp_path, model):
     )
     task = load_task(tmp_path / "mc.yaml")
     tok = byte_tokenizer()
-    acc = acc_norm = 0
+    acc = acc_norm = by_characters = 0
     for row in ROWS:
         head = [tok.special_id("bos")] + tok.encode(f"Q: {row['question']} =\nA:")
         sums = []
@@ -62,9 +64,12 @@ def test_multiple_choice_accuracy_equals_float64_reference(tmp_path, model):
         sizes = [len(c.encode()) for c in row["choices"]]
         acc += int(np.argmax(sums) == row["answer"])
         acc_norm += int(np.argmax(np.asarray(sums) / sizes) == row["answer"])
+        by_characters += int(np.argmax(np.asarray(sums) / [len(c) for c in row["choices"]]) == row["answer"])
+    assert by_characters != acc_norm  # the non-ASCII row tells UTF-8 bytes from characters
     scorer = Scorer(*model, context=32, batch_size=2, progress=False)
     got = run_multiple_choice(task, scorer, tok)
-    assert got == {"acc": acc / 3, "acc_norm": acc_norm / 3, "rows": 3}
+    n = len(ROWS)
+    assert got == {"acc": acc / n, "acc_norm": acc_norm / n, "rows": n}
 
 
 def test_generate_exact_match_equals_naive_greedy_loop(model):

@@ -125,6 +125,22 @@ def test_a_latest_checkpoint_that_does_not_restore_is_moved_aside_and_the_previo
     assert Checkpointer(tmp_path, CheckpointConfig()).latest_step() == 2  # a resumed run saves 3 anew
 
 
+def test_every_newer_checkpoint_that_does_not_restore_is_moved_aside(tmp_path, caplog):
+    """Steps 3 and 2 damaged (two ways): step 1 is restored and both are moved aside, each with
+    its own reason and warning, so that a resumed run's checkpoints 2 and 3 are new."""
+    iterator_states = _saved_run(tmp_path)
+    _truncate_state_files(tmp_path / "3")
+    os.remove(tmp_path / "2" / "state" / "_METADATA")
+    (step, state), data_state = _restore_latest(tmp_path)
+    assert step == 1 and data_state == iterator_states[0]
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.full((4, 8), 1.0))
+    assert sorted(os.listdir(tmp_path)) == ["1", "2.corrupt-missing-METADATA", "3.corrupt-unreadable"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    for bad, reason in [(3, "unreadable"), (2, "missing-METADATA")]:
+        assert any(f"moved to {tmp_path}/{bad}.corrupt-{reason}; resuming from step 1" in w for w in warnings)
+    assert Checkpointer(tmp_path, CheckpointConfig()).latest_step() == 1
+
+
 def test_no_checkpoint_that_restores_is_one_error_and_nothing_is_moved(tmp_path):
     _saved_run(tmp_path, steps=(1, 2))
     for step in ("1", "2"):
