@@ -148,8 +148,8 @@ class FrontierJaxLM(TemplateLM):
     # ---------------------------------------------------------------- generation
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         if self._engine is None:
-            self._engine = Engine(
-                self.model.program.model(self.model.params, self.model.biases), tokenizer=self.tokenizer
+            self._engine = Engine.from_program(
+                self.model.program, self.model.params, self.model.biases, tokenizer=self.tokenizer
             )
         prompts, params = [], []
         eos = self.tokenizer.decode([self.eot_token_id])
