@@ -144,7 +144,10 @@ def test_unrolled_extend_gives_the_scanned_prefill_and_decode():
         cache = ModelCache(stack(cfg.first_k_dense), stack(cfg.num_moe_layers), None)  # no MTP
 
         def extend(state, ids, positions, cache, pages, absorbed):
-            return nnx.merge(graphdef, state).extend(ids, positions, cache, ExtendContext(pages, absorbed))[:2]
+            hidden, cache, _ = nnx.merge(graphdef, state).extend(
+                ids, positions, cache, ExtendContext(pages, absorbed)
+            )
+            return hidden, cache
 
         extend = common.fast_jit(extend, static_argnums=5)
         g_prefill, cache = extend(state, ids, positions, cache, pages, False)
