@@ -81,6 +81,30 @@ class Tokenizer:
         """Returns the ids of `text`, without bos/eos or any template tokens."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode` with the character span (start, end) of `text` that each id stands for."""
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
+
+    def special_strings(self) -> dict[str, int]:
+        """The added tokens marked special, {string: id}: the control tokens that `encode`
+        writes as plain text when they occur in a document."""
+        return {
+            token.content: i for i, token in self._tok.get_added_tokens_decoder().items() if token.special
+        }
+
+    def find_specials(self, text: str) -> list[tuple[int, int, int]]:
+        """Where the tokenizer's own matching of added tokens (its strip rules included) finds
+        special tokens in `text`: (start, end, id) of each, in order.  For text whose special
+        strings are all control tokens (a rendered chat template), never for documents."""
+        specials = set(self.special_strings().values())
+        self._tok.encode_special_tokens = False
+        try:
+            encoding = self._tok.encode(text, add_special_tokens=False)
+        finally:
+            self._tok.encode_special_tokens = True
+        return [(start, end, i) for i, (start, end) in zip(encoding.ids, encoding.offsets) if i in specials]
+
     def decode(self, ids: list[int]) -> str:
         """Returns the text of `ids`; special tokens are written out as their names."""
         return self._tok.decode(list(ids), skip_special_tokens=False)

@@ -183,8 +183,10 @@ class FrontierJaxLM(TemplateLM):
                     f"generate_until: max_length={self._max_length} exceeds the model's context "
                     f"({context} positions), which bounds the generation cache; lower max_length"
                 )
-            self._engine = Engine(
-                self.model.program.model(self.model.params, self.model.biases),
+            self._engine = Engine.from_program(
+                self.model.program,
+                self.model.params,
+                self.model.biases,
                 tokenizer=self.tokenizer,
                 infer=self._infer,
             )

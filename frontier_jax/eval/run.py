@@ -94,7 +94,9 @@ def evaluate_tasks(model: EvalModel, scorer: Scorer, tasks: list[Task]) -> dict[
             out[task.name] = run_multiple_choice(task, scorer, model.tokenizer)
         else:
             if engine is None:
-                engine = Engine(model.program.model(model.params, model.biases), tokenizer=model.tokenizer)
+                engine = Engine.from_program(
+                    model.program, model.params, model.biases, tokenizer=model.tokenizer
+                )
             out[task.name] = run_generate(task, engine)
     return out
 
