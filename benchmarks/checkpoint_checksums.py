@@ -7,7 +7,8 @@ The train state's bytes (params, expert biases, AdamW moments, step, rng) come f
 `jax.eval_shape` of the config's `Trainer` (nothing allocated).  A step directory of that size is
 written as files of at most 2 GiB (orbax's OCDBT data files on a local disk) of random bytes
 (--gib: another total instead), then `write_manifest` and `verify_step` are timed with the files
-in the page cache (a fresh read from disk adds the disk's time).  Prints one line per figure.
+in the page cache (a fresh read from disk adds the disk's time): wall time, and CPU time of all
+threads (per-core throughput, meaningful on a busy machine too).  One line per figure.
 """
 
 from __future__ import annotations
@@ -65,12 +66,12 @@ def main() -> None:
             ("write_manifest", lambda: write_manifest(os.path.join(root, "1"), 1)),
             ("verify_step", lambda: verify_step(root, 1)),
         ):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             run()
-            seconds = time.perf_counter() - start
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
             print(
-                f"{what}: {total / 1e9:.2f} GB in {seconds:.1f} s = {total / seconds / 1e9:.2f} GB/s "
-                f"({os.cpu_count()} cores)"
+                f"{what}: {total / 1e9:.2f} GB in {seconds:.1f} s = {total / seconds / 1e9:.2f} GB/s on "
+                f"{os.cpu_count()} cores; {cpu:.1f} CPU-s = {total / cpu / 1e9:.2f} GB per CPU-second"
             )
     finally:
         shutil.rmtree(root)

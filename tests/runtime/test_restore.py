@@ -181,7 +181,7 @@ def _copy(run_dir, tmp_path, checksums: bool = True):
     shutil.copytree(run_dir / "checkpoints", copy / "checkpoints")
     if not checksums:
         for step in (2, STEPS):
-            (copy / "checkpoints" / str(step) / MANIFEST).unlink()
+            (copy / "checkpoints" / str(step) / MANIFEST).unlink(missing_ok=True)
     return copy
 
 
