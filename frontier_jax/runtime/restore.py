@@ -193,8 +193,10 @@ def _verify(directory: epath.Path, step: int) -> None:
 
 
 def _does_not_restore(directory: epath.Path, step: int, err: Exception, what: str) -> CheckpointError:
+    """The error of a step that orbax cannot read; only the first sentence of orbax's message (its
+    advice, e.g. to restore with strict=False, does not apply to a damaged or mismatched step)."""
     raise_interruption(err)
-    why = f"{what}: {first_line(err)}"
+    why = f"{what}: {first_line(err).split('. ')[0]}"
     return CheckpointError(
         f"checkpoint {step} in {directory} does not restore ({why}); {restorable_steps_hint(directory, step)}"
     )
