@@ -241,10 +241,12 @@ def _log_unraisable(unraisable) -> None:
 
 def _configure_logging(verbose: bool) -> None:
     """The project's INFO messages and every library's warnings; library INFO (orbax, through
-    absl: ~100 lines per run), orbax's error tracebacks and the exceptions Python ignores in
-    libraries' background threads and coroutines (sys.unraisablehook: asyncio callbacks of a
-    failed save or restore) only with --verbose (a failure is reported as one `error:` line)."""
+    absl: ~100 lines per run), orbax's error tracebacks, asyncio's errors of orbax's tasks and the
+    exceptions Python ignores in libraries' background threads and coroutines
+    (sys.unraisablehook: asyncio callbacks of a failed save or restore) only with --verbose (a
+    failure is reported as one `error:` line)."""
     import logging
+    import warnings
 
     sys.unraisablehook = sys.__unraisablehook__ if verbose else _log_unraisable
 
@@ -256,6 +258,11 @@ def _configure_logging(verbose: bool) -> None:
     )
     logging.getLogger("frontier_jax").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.INFO if verbose else logging.CRITICAL)
+    # orbax's asyncio tasks of a failed save or restore ("Task exception was never retrieved", and
+    # at exit "coroutine ... was never awaited")
+    logging.getLogger("asyncio").setLevel(logging.INFO if verbose else logging.CRITICAL)
+    if not verbose:
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     # one warning per scalar of a non-finite step; the loop's own warning says it once
     logging.getLogger("tensorboardX").setLevel(logging.INFO if verbose else logging.ERROR)
 
