@@ -10,6 +10,7 @@ frontier-jax eval     (--checkpoint RUN_DIR[/checkpoints/STEP] | --hf PATH) [--d
 frontier-jax ablate   --config ablations/NAME.yaml [--out DIR]
 frontier-jax data prepare --config train/toy --out DIR [--records-per-shard N] [--max-records N]
                       [--workers N] [key=value ...]
+frontier-jax checkpoint verify RUN_DIR
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from pathlib import Path
 EXIT_USAGE = 2  # a bad config, argument, path or file
 EXIT_NONFINITE = 3  # the loss or gradients are not finite
 EXIT_DATA = 4  # the data stopped feeding training
-EXIT_CHECKPOINT = 5  # a checkpoint could not be written, or none restores
+EXIT_CHECKPOINT = 5  # a checkpoint could not be written, is corrupt, or none restores
 # 6: generate wrote every completion but some requests failed (frontier_jax/infer/cli.py)
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT) outside training's own handling: 128 + 2
 
 _OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)+=")  # a dotted key=value override, e.g. eval.stride=64
 
@@ -237,11 +239,40 @@ def _data_prepare(args) -> int:
     return 0
 
 
+def _checkpoint_verify(args) -> int:
+    from frontier_jax.runtime.integrity import CORRUPT, OK, UNVERIFIED, verify_run, verify_step
+    from frontier_jax.runtime.restore import checkpoint_directory
+
+    directory, step = checkpoint_directory(args.run_dir)
+    verdicts = verify_run(directory) if step is None else {step: verify_step(directory, step)}
+    for checked, verdict in verdicts.items():
+        print(f"step {checked}: {verdict.describe()}")
+    counts = {s: sum(v.status == s for v in verdicts.values()) for s in (OK, CORRUPT, UNVERIFIED)}
+    print(
+        f"{len(verdicts)} step{'s' * (len(verdicts) != 1)} in {directory}: "
+        + ", ".join(f"{n} {s}" for s, n in counts.items())
+    )
+    return EXIT_CHECKPOINT if counts[CORRUPT] else 0
+
+
+def _log_unraisable(unraisable) -> None:
+    import logging
+
+    logging.getLogger(__name__).debug(
+        "ignored %s in %r: %s", unraisable.exc_type.__name__, unraisable.object, unraisable.exc_value
+    )
+
+
 def _configure_logging(verbose: bool) -> None:
     """The project's INFO messages and every library's warnings; library INFO (orbax, through
-    absl: ~100 lines per run) and orbax's error tracebacks only with --verbose (a failure is
-    reported as one `error:` line)."""
+    absl: ~100 lines per run), orbax's error tracebacks, asyncio's errors of orbax's tasks and the
+    exceptions Python ignores in libraries' background threads and coroutines
+    (sys.unraisablehook: asyncio callbacks of a failed save or restore) only with --verbose (a
+    failure is reported as one `error:` line)."""
     import logging
+    import warnings
+
+    sys.unraisablehook = sys.__unraisablehook__ if verbose else _log_unraisable
 
     # force: libraries imported earlier (absl via orbax) may already have configured logging
     logging.basicConfig(
@@ -251,6 +282,11 @@ def _configure_logging(verbose: bool) -> None:
     )
     logging.getLogger("frontier_jax").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.INFO if verbose else logging.CRITICAL)
+    # orbax's asyncio tasks of a failed save or restore ("Task exception was never retrieved", and
+    # at exit "coroutine ... was never awaited")
+    logging.getLogger("asyncio").setLevel(logging.INFO if verbose else logging.CRITICAL)
+    if not verbose:
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     # one warning per scalar of a non-finite step; the loop's own warning says it once
     logging.getLogger("tensorboardX").setLevel(logging.INFO if verbose else logging.ERROR)
 
@@ -380,6 +416,18 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.tokenizer=PATH")
     prep.set_defaults(func=_data_prepare)
 
+    ckpt = sub.add_parser("checkpoint", help="training checkpoints (frontier-jax checkpoint verify --help)")
+    ckpt_sub = ckpt.add_subparsers(dest="checkpoint_command", required=True)
+    verify = ckpt_sub.add_parser(
+        "verify",
+        help="check every checkpoint step of a run against its checksums: prints ok / corrupt "
+        "(the file) / unverified (written before checksums) per step; exit 5 if any is corrupt",
+    )
+    verify.add_argument(
+        "run_dir", help="a training run directory, its checkpoints/ or one checkpoints/<step>"
+    )
+    verify.set_defaults(func=_checkpoint_verify)
+
     sub.add_parser(
         "convert", help="Hugging Face DeepseekV3 checkpoints in and out (frontier-jax convert --help)"
     )
@@ -392,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _exit_code(err: Exception) -> int | None:
     """The exit code of an error a user can cause (README "When things go wrong"), None for a bug."""
     from frontier_jax.data import DataError
-    from frontier_jax.train.checkpoint import CheckpointError
+    from frontier_jax.runtime.integrity import CheckpointError
     from frontier_jax.train.loop import NonFiniteLossError
     from frontier_jax.train.signals import EXIT_PREEMPTED, Preempted
 
@@ -414,7 +462,12 @@ def main(argv: list[str] | None = None) -> int:
 
             return convert_main(argv[1:])
         args = build_parser().parse_args(argv)
+        if args.command in ("eval", "generate", "checkpoint"):
+            _configure_logging(False)
         return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted: stopped by Ctrl-C (SIGINT)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as err:
         code = _exit_code(err)
         if code is None:

@@ -33,7 +33,7 @@ from frontier_jax.data.records import Rendered
 from frontier_jax.data.screen import screen
 from frontier_jax.data.sources import source_records
 from frontier_jax.data.template import render_document
-from frontier_jax.data.tokenizer import Tokenizer, load_tokenizer
+from frontier_jax.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_identity
 
 RECORDS_PER_SHARD = 10_000
 GENERATED_KINDS = ("embedded_math",)  # 2^31 generated records: prepare a prefix (max_records)
@@ -143,7 +143,7 @@ def _run_in_worker(index: int, start: int, end: int) -> dict[str, Any]:
 
 
 def _header(cfg: DataConfig, source: SourceConfig, tokenizer: Tokenizer, num_records: int, per_shard: int):
-    identity = prepared.tokenizer_identity(tokenizer)
+    identity = tokenizer_identity(tokenizer)
     return {
         "format_version": prepared.FORMAT_VERSION,
         # what the shards are made of (the weight belongs to a mixture, not to the shards)

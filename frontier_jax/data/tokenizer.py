@@ -22,10 +22,14 @@ so data can never inject control tokens: a special id only comes from `special_i
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
-from typing import Mapping
+from typing import Any, Mapping
 
 import tokenizers
+
+log = logging.getLogger(__name__)
 
 BYTE_TOKENIZER = "byte"
 BOS, EOS, PAD = "bos", "eos", "pad"
@@ -202,3 +206,44 @@ def load_tokenizer(spec: str, special_tokens: Mapping[str, str] | None = None) -
             )
     found.setdefault(PAD, found[EOS])
     return Tokenizer(tok, found, spec)
+
+
+def tokenizer_identity(tokenizer: Tokenizer) -> dict[str, Any]:
+    """What makes two tokenizers give the same ids: the sha256 of its canonical JSON (`to_str()`:
+    vocabulary, merges, normalisation and added tokens, serialised by `tokenizers` itself, so the
+    same content at another path or formatted otherwise hashes the same; the byte tokenizer's too)
+    and the ids of its named special tokens.  `origin` and `vocab_size` are there to be named."""
+    return {
+        "origin": tokenizer.origin,
+        "vocab_size": tokenizer.vocab_size,
+        "special_ids": dict(sorted(tokenizer.special_ids.items())),
+        "sha256": hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
+    }
+
+
+def check_tokenizer(
+    recorded: Mapping[str, Any] | None, tokenizer: Tokenizer, what: str, fix: str, error: type = ValueError
+) -> None:
+    """Raises `error` when `tokenizer` is not the one whose `tokenizer_identity` is `recorded`,
+    naming both: "<what> with another tokenizer (...) than this config's data.tokenizer=... (...):
+    <fix>"; `what` says who recorded it, e.g. "data.sources[0] ('math', path=...) was prepared".
+    recorded None (written before tokenizers were recorded): a warning, nothing checked."""
+    if recorded is None:
+        log.warning(
+            "%s before tokenizers were recorded: data.tokenizer=%r is not checked against the one it used",
+            what,
+            tokenizer.origin,
+        )
+        return
+    current = tokenizer_identity(tokenizer)
+    if (recorded["sha256"], recorded["special_ids"]) == (current["sha256"], current["special_ids"]):
+        return
+
+    def described(identity: Mapping[str, Any]) -> str:
+        return f"{identity['vocab_size']} ids, sha256 {identity['sha256'][:12]}..."
+
+    raise error(
+        f"{what} with another tokenizer (data.tokenizer={recorded['origin']!r}, {described(recorded)}) "
+        f"than this config's data.tokenizer={current['origin']!r} ({described(current)}; "
+        f"data.special_tokens count): {fix}"
+    )

@@ -66,8 +66,7 @@ def load_checkpoint(
         path, step, mesh=build_mesh(mesh.validate(), _devices(devices)), dtype=dtype, impl=impl
     )
     _checkpoint_model_matches(restored.config, model_overrides or {}, path)
-    data = restored.config.get("data", {})
-    tokenizer = load_tokenizer(data.get("tokenizer", "byte"), data.get("special_tokens") or {})
+    tokenizer = restored.tokenizer()
     seq_len = restored.config.get("train", {}).get("seq_len", 128)
     return EvalModel(
         restored.program,

@@ -258,8 +258,7 @@ class Engine:
         section updated by `infer`) and its tokenizer."""
         restored = restore_params(run_dir, step, mesh=mesh, dtype=dtype, impl=impl)
         saved = restored.config
-        data = saved.get("data", {})
-        tokenizer = load_tokenizer(data.get("tokenizer", "byte"), data.get("special_tokens") or None)
+        tokenizer = restored.tokenizer()
         saved_infer = OmegaConf.to_object(
             OmegaConf.merge(OmegaConf.structured(InferConfig), saved.get("infer", {}))
         )

@@ -12,8 +12,8 @@ Running the same command on the same run_dir resumes from the latest checkpoint 
 per step.  A run of several context stages (`train.stages`, stages.py) rebuilds the model
 program, the jitted step and the data pipeline at each stage boundary and carries the state
 over; a checkpoint holds its stage's data position and config, so resuming anywhere is exact.  SIGTERM/SIGINT: save a checkpoint at the current step and raise `Preempted`
-(signals.py).  Nothing is written to run_dir before the config is known to run there (model
-and data stream the same as the checkpoint's, tokenizer within the vocabulary).
+(signals.py).  Nothing is written to run_dir before the config is known to run there (model,
+data stream and tokenizer the same as the checkpoint's, tokenizer within the vocabulary).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from frontier_jax.data import DataStats, build_train_iterator, continue_documents, load_tokenizer
+from frontier_jax.data import DataStats, Tokenizer, build_train_iterator, continue_documents, load_tokenizer
+from frontier_jax.data.tokenizer import check_tokenizer, tokenizer_identity
 from frontier_jax.model.describe import describe
 from frontier_jax.parallel.mesh import batch_sharding, build_mesh, check_batch_fits, state_shardings
 from frontier_jax.parallel.rules import RULE_SETS
@@ -148,10 +149,10 @@ def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
     return {k: assemble(np.asarray(v)) for k, v in batch.items()}
 
 
-def check_vocabulary(cfg: Config) -> None:
+def check_vocabulary(cfg: Config, tokenizer: Tokenizer) -> None:
     """Raises ValueError when the tokenizer has ids the model's embedding cannot hold (they would
     turn into NaN at the first step)."""
-    size = load_tokenizer(cfg.data.tokenizer, cfg.data.special_tokens).vocab_size
+    size = tokenizer.vocab_size
     if size > cfg.model.vocab_size:
         raise ValueError(
             f"data.tokenizer={cfg.data.tokenizer!r} has {size} token ids but model.vocab_size="
@@ -159,21 +160,31 @@ def check_vocabulary(cfg: Config) -> None:
         )
 
 
-def _checkpoint_config(stage: Stage) -> dict:
-    """The config saved with a checkpoint of `stage`: the stage's run config and its record."""
-    return {**stage.cfg.to_dict(), "stage": stage.record()}
+def _checkpoint_config(stage: Stage, tokenizer: Tokenizer) -> dict:
+    """The config saved with a checkpoint of `stage`: the stage's run config, its record and the
+    identity of the run's tokenizer (the sha256 of its content, its size and special ids)."""
+    return {**stage.cfg.to_dict(), "stage": stage.record(), "tokenizer": tokenizer_identity(tokenizer)}
 
 
-def _resume(checkpointer: Checkpointer, runner: Runner, stages: list[Stage], restart_data: bool):
+def _resume(
+    checkpointer: Checkpointer, runner: Runner, stages: list[Stage], restart_data: bool, tokenizer: Tokenizer
+):
     """(start step, state, stage, data iterator): the newest checkpoint that restores, with its
     stage's iterator moved to its data position (or at the stream's start with `restart_data`),
-    else a fresh state at step 0 in the first stage.  `runner`: any stage's (same state layout)."""
+    else a fresh state at step 0 in the first stage.  `runner`: any stage's (same state layout).
+    A checkpoint trained with another tokenizer than `tokenizer` is refused."""
     opened = {}  # step -> the iterator restored to that checkpoint's position
 
     def check_config(step: int, saved: dict) -> None:
         stage = checkpoint_stage(stages, step)
         check_same_stage(saved, stage.record(), step, checkpointer.directory)
         check_same_model(saved, stage.cfg.to_dict(), checkpointer.directory)
+        check_tokenizer(
+            saved.get("tokenizer"),
+            tokenizer,
+            f"checkpoint {step} in {checkpointer.directory} was trained",
+            "train with the tokenizer the run was trained with (the file changed since?), or use a new --run-dir",
+        )
         if not restart_data:
             check_same_data_stream(saved, stage.cfg.to_dict(), checkpointer.directory)
 
@@ -230,7 +241,8 @@ def train(
     (a save failed, or no checkpoint restores), `DataError`; ValueError for a config that cannot
     run (checked before anything is written to `run_dir`)."""
     run_dir = Path(run_dir)
-    check_vocabulary(cfg)
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.special_tokens)
+    check_vocabulary(cfg, tokenizer)
     stages = context_stages(cfg)
     mesh = build_mesh(cfg.mesh)
     check_stages_fit(stages, mesh, RULE_SETS[cfg.mesh.rules])  # every stage, before anything compiles
@@ -240,7 +252,7 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     try:
-        start, state, stage, data = _resume(checkpointer, runner, stages, restart_data)
+        start, state, stage, data = _resume(checkpointer, runner, stages, restart_data, tokenizer)
     except BaseException:
         checkpointer.close()
         if fresh:  # a new run that cannot start (bad data, e.g. a corrupt shard) leaves nothing behind
@@ -310,7 +322,7 @@ def train(
                 every = cfg.checkpoint.every
                 stopping = stop.should_stop()
                 if (every and (step + 1) % every == 0) or stopping or (last_step and last_saved != step + 1):
-                    checkpointer.save(step + 1, state, data, _checkpoint_config(stage))
+                    checkpointer.save(step + 1, state, data, _checkpoint_config(stage, tokenizer))
                     last_saved = step + 1
                 if stopping:
                     stopped = step + 1

@@ -147,7 +147,7 @@ def test_a_save_failing_in_the_background_stops_the_run_with_exit_5(
 def test_resume_falls_back_past_a_corrupt_latest_checkpoint_with_one_record_per_step(
     reference_run, tmp_path, caplog
 ):
-    """Checkpoint 2N truncated: a warning names it, it is kept as 2N.corrupt-unreadable, training
+    """Checkpoint 2N truncated: a warning names it, it is kept as 2N.corrupt-checksum, training
     resumes from N and replays N+1..2N exactly; metrics.jsonl, which held steps 1..2N from before
     the crash, ends with one record per step."""
     run = tmp_path / "run"
@@ -164,7 +164,7 @@ def test_resume_falls_back_past_a_corrupt_latest_checkpoint_with_one_record_per_
     assert all(computed_metrics(r) == computed_metrics(reference[r["step"]]) for r in history)
     assert [r["step"] for r in read_metrics(run)] == list(range(1, 2 * N + 1))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(
-        [str(N), str(2 * N), f"{2 * N}.corrupt-unreadable"]
+        [str(N), str(2 * N), f"{2 * N}.corrupt-checksum"]
     )
     assert any(
         f"checkpoint {2 * N} does not restore" in r.getMessage()
