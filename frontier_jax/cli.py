@@ -26,6 +26,7 @@ EXIT_USAGE = 2  # a bad config, argument, path or file
 EXIT_NONFINITE = 3  # the loss or gradients are not finite
 EXIT_DATA = 4  # the data stopped feeding training
 EXIT_CHECKPOINT = 5  # a checkpoint could not be written, or none restores
+EXIT_LOCKED = 7  # another trainer holds the run directory (frontier_jax/train/run_lock.py)
 
 
 def _mesh_overrides(preset: str) -> list[str]:
@@ -86,20 +87,23 @@ def _describe(args) -> int:
 
 
 def _train(args) -> int:
-    if args.distributed:
-        _distributed_init()
-    from frontier_jax.config import load_config
-    from frontier_jax.train.loop import train
+    from frontier_jax.train.signals import raise_on_stop_signals
 
-    _configure_logging(args.verbose)
-    cfg = load_config(args.config, args.overrides)
-    evaluate = None
-    if cfg.eval.every:
-        from frontier_jax.data import load_tokenizer
-        from frontier_jax.eval.run import training_evaluator
+    with raise_on_stop_signals():  # a signal while starting: `preempted:` and 75, as later ones
+        if args.distributed:
+            _distributed_init()
+        from frontier_jax.config import load_config
+        from frontier_jax.train.loop import train
 
-        evaluate = training_evaluator(cfg, load_tokenizer(cfg.data.tokenizer, cfg.data.special_tokens))
-    history = train(cfg, args.run_dir, restart_data=args.restart_data, evaluate=evaluate)
+        _configure_logging(args.verbose)
+        cfg = load_config(args.config, args.overrides)
+        evaluate = None
+        if cfg.eval.every:
+            from frontier_jax.data import load_tokenizer
+            from frontier_jax.eval.run import training_evaluator
+
+            evaluate = training_evaluator(cfg, load_tokenizer(cfg.data.tokenizer, cfg.data.special_tokens))
+        history = train(cfg, args.run_dir, restart_data=args.restart_data, evaluate=evaluate)
     if history:
         first, last = history[0], history[-1]
         print(
@@ -363,6 +367,7 @@ def _exit_code(err: Exception) -> int | None:
     from frontier_jax.data import DataError
     from frontier_jax.train.checkpoint import CheckpointError
     from frontier_jax.train.loop import NonFiniteLossError
+    from frontier_jax.train.run_lock import RunLockedError
     from frontier_jax.train.signals import EXIT_PREEMPTED, Preempted
 
     codes = (
@@ -370,6 +375,7 @@ def _exit_code(err: Exception) -> int | None:
         (NonFiniteLossError, EXIT_NONFINITE),
         (DataError, EXIT_DATA),
         (CheckpointError, EXIT_CHECKPOINT),
+        (RunLockedError, EXIT_LOCKED),
         ((ValueError, OSError), EXIT_USAGE),
     )
     return next((code for kind, code in codes if isinstance(err, kind)), None)
