@@ -29,6 +29,7 @@ EXIT_NONFINITE = 3  # the loss or gradients are not finite
 EXIT_DATA = 4  # the data stopped feeding training
 EXIT_CHECKPOINT = 5  # a checkpoint could not be written, is corrupt, or none restores
 # 6: generate wrote every completion but some requests failed (frontier_jax/infer/cli.py)
+EXIT_LOCKED = 7  # another trainer holds the run directory (frontier_jax/train/run_lock.py)
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT) outside training's own handling: 128 + 2
 
 _OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)+=")  # a dotted key=value override, e.g. eval.stride=64
@@ -105,20 +106,23 @@ def _describe(args) -> int:
 
 
 def _train(args) -> int:
-    if args.distributed:
-        _distributed_init()
-    from frontier_jax.config import load_config
-    from frontier_jax.train.loop import train
+    from frontier_jax.train.signals import raise_on_stop_signals
 
-    _configure_logging(args.verbose)
-    cfg = load_config(args.config, args.overrides)
-    evaluate = None
-    if cfg.eval.every:
-        from frontier_jax.data import load_tokenizer
-        from frontier_jax.eval.run import training_evaluator
+    with raise_on_stop_signals():  # a signal while starting: `preempted:` and 75, as later ones
+        if args.distributed:
+            _distributed_init()
+        from frontier_jax.config import load_config
+        from frontier_jax.train.loop import train
 
-        evaluate = training_evaluator(cfg, load_tokenizer(cfg.data.tokenizer, cfg.data.special_tokens))
-    history = train(cfg, args.run_dir, restart_data=args.restart_data, evaluate=evaluate)
+        _configure_logging(args.verbose)
+        cfg = load_config(args.config, args.overrides)
+        evaluate = None
+        if cfg.eval.every:
+            from frontier_jax.data import load_tokenizer
+            from frontier_jax.eval.run import training_evaluator
+
+            evaluate = training_evaluator(cfg, load_tokenizer(cfg.data.tokenizer, cfg.data.special_tokens))
+        history = train(cfg, args.run_dir, restart_data=args.restart_data, evaluate=evaluate)
     if history:
         first, last = history[0], history[-1]
         print(
@@ -442,6 +446,7 @@ def _exit_code(err: Exception) -> int | None:
     from frontier_jax.data import DataError
     from frontier_jax.runtime.integrity import CheckpointError
     from frontier_jax.train.loop import NonFiniteLossError
+    from frontier_jax.train.run_lock import RunLockedError
     from frontier_jax.train.signals import EXIT_PREEMPTED, Preempted
 
     codes = (
@@ -449,6 +454,7 @@ def _exit_code(err: Exception) -> int | None:
         (NonFiniteLossError, EXIT_NONFINITE),
         (DataError, EXIT_DATA),
         (CheckpointError, EXIT_CHECKPOINT),
+        (RunLockedError, EXIT_LOCKED),
         ((ValueError, OSError), EXIT_USAGE),
     )
     return next((code for kind, code in codes if isinstance(err, kind)), None)

@@ -28,6 +28,8 @@ Batches are dicts of int32 numpy arrays [B, T]:
 
 from __future__ import annotations
 
+import functools
+import os
 import zlib
 from typing import Callable, Optional
 
@@ -40,6 +42,7 @@ from frontier_jax.data.continuation import DocumentStream
 from frontier_jax.data.fim import fim_documents
 from frontier_jax.data.mixture import MixtureSchedule
 from frontier_jax.data.packing import pack_documents
+from frontier_jax.data.parent_watch import exit_with_grain_parent
 from frontier_jax.data.prepared import check_prepared
 from frontier_jax.data.screen import ScreenIterDataset
 from frontier_jax.data.sources import source_records
@@ -87,6 +90,7 @@ def source_documents(cfg: DataConfig, source: SourceConfig, num_epochs: Optional
         min_chars=cfg.min_document_chars,
         max_chars=cfg.max_document_chars,
         max_skipped_in_a_row=cfg.max_skipped_in_a_row,
+        records_per_epoch=len(records),
     )
     return fim_documents(
         documents,
@@ -121,7 +125,10 @@ def source_rows(
         # (google/grain#1355); programs that do not use absl.app parse none.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        rows = rows.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
+        rows = rows.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=cfg.worker_count),
+            worker_init_fn=functools.partial(exit_with_grain_parent, os.getpid()),  # no orphans
+        )
     return rows
 
 

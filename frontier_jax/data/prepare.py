@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from frontier_jax.data import prepared, stats
 from frontier_jax.data.config import PREPARED_KIND, DataConfig, RecordFormat, SourceConfig
+from frontier_jax.data.parent_watch import exit_with_parent
 from frontier_jax.data.records import Rendered
 from frontier_jax.data.screen import screen
 from frontier_jax.data.sources import source_records
@@ -133,9 +134,10 @@ class _ShardWriter:
 _WORKER: _ShardWriter | None = None
 
 
-def _init_worker(writer: _ShardWriter) -> None:
+def _init_worker(writer: _ShardWriter, parent_pid: int) -> None:
     global _WORKER
     _WORKER = writer
+    exit_with_parent(parent_pid)  # a parent killed with -9 leaves no worker behind
 
 
 def _run_in_worker(index: int, start: int, end: int) -> dict[str, Any]:
@@ -214,7 +216,7 @@ def prepare_source(
                 min(workers, len(pending)),
                 mp_context=multiprocessing.get_context("spawn"),  # forking a threaded process can hang
                 initializer=_init_worker,
-                initargs=(writer,),
+                initargs=(writer, os.getpid()),
             ) as pool:
                 for future in concurrent.futures.as_completed(
                     [pool.submit(_run_in_worker, *p) for p in pending]
