@@ -192,6 +192,7 @@ sys.exit(cli.main(["train", "--config", "model/toy", "--run-dir", {run!r}, *{ove
 """
 
 
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")  # as the CLI does
 def test_a_full_disk_during_a_save_is_a_checkpoint_error_and_no_traceback(tmp_path, monkeypatch, capfd):
     """The fast case of the CLI test below, in process: with the CLI's logging set up (and
     Python's own unraisable hook, as in a CLI process), ENOSPC from an array write under way
