@@ -3,27 +3,36 @@ carries checksums.json (size and SHA-256 of each of its files) written after the
 a bit flip or truncation anywhere in a step is named by file, the step is moved aside and the
 previous one restored; a step without checksums after checksummed ones is corrupt, a run written
 before checksums restores with one "unverified" warning; `frontier-jax checkpoint verify`.  And
-the CLI's one-line errors of a save that hits a full disk and of a run where no step restores.
+the CLI's one-line errors of a save that hits a full disk (in process; the whole CLI run in a
+child process is `slow`) and of a run where no step restores.
 
 The reference for the digests is hashlib over each file's bytes read whole; the reference for
 "restored the right step" is the saved value itself (the small pytree of test_checkpoint.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import gc
 import glob
 import hashlib
 import json
 import os
 import shutil
+import sys
+import time
 
 import numpy as np
 import pytest
+from orbax.checkpoint._src.serialization import serialization
 
 from frontier_jax import cli
-from frontier_jax.runtime.integrity import MANIFEST, verify_step
+from frontier_jax.config import CheckpointConfig
+from frontier_jax.runtime.integrity import MANIFEST, CheckpointError, verify_step
+from frontier_jax.train.checkpoint import Checkpointer
 
 from .common import REF_EVERY, run_python, tiny_overrides
-from .test_checkpoint import _restore_latest, _saved_run, _state
+from .test_checkpoint import _iterator, _restore_latest, _saved_run, _state
 
 N = REF_EVERY
 
@@ -183,6 +192,35 @@ sys.exit(cli.main(["train", "--config", "model/toy", "--run-dir", {run!r}, *{ove
 """
 
 
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")  # as the CLI does
+def test_a_full_disk_during_a_save_is_a_checkpoint_error_and_no_traceback(tmp_path, monkeypatch, capfd):
+    """The fast case of the CLI test below, in process: with the CLI's logging set up (and
+    Python's own unraisable hook, as in a CLI process), ENOSPC from an array write under way
+    (patched into orbax's write path) is a CheckpointError naming the directory, and the writes
+    still in flight when orbax closed its asyncio loop print nothing (they used to print an
+    "Event loop is closed" traceback each)."""
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    cli._configure_logging(False)
+    write, failed = serialization.async_serialize_from_host, []
+
+    async def disk_full(*args, **kwargs):
+        if not failed:  # the first array: the disk fills while it is being written
+            failed.append(asyncio.ensure_future(write(*args, **kwargs)))
+            await asyncio.sleep(0)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await write(*args, **kwargs)
+
+    monkeypatch.setattr(serialization, "async_serialize_from_host", disk_full)
+    checkpointer = Checkpointer(tmp_path, CheckpointConfig(keep=10, async_save=True))
+    with pytest.raises(CheckpointError, match=rf"saving checkpoint 1 in {tmp_path} failed \(.*No space left"):
+        checkpointer.save(1, _state(1), _iterator(), {"model": {}})
+        checkpointer.wait()
+    time.sleep(1)  # the in-flight writes finish after orbax closed its loop
+    gc.collect()
+    assert capfd.readouterr().err == ""
+
+
+@pytest.mark.slow
 def test_a_full_disk_during_a_save_is_one_error_line(reference_run, tmp_path):
     """ENOSPC from an array write of the save of step 1 (patched into orbax's write path, in its
     asyncio loop) while the write is under way: the writes still in flight when orbax closed its
