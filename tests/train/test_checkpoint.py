@@ -139,6 +139,8 @@ def test_every_newer_checkpoint_that_does_not_restore_is_moved_aside(tmp_path, c
     """Steps 3 and 2 damaged (two ways): step 1 is restored and both are moved aside, each with
     its own reason and warning, so that a resumed run's checkpoints 2 and 3 are new."""
     iterator_states = _saved_run(tmp_path)
+    for manifest in glob.glob(f"{tmp_path}/*/{MANIFEST}"):  # orbax's own failures (module docstring)
+        os.remove(manifest)
     _truncate_state_files(tmp_path / "3")
     os.remove(tmp_path / "2" / "state" / "_METADATA")
     (step, state), data_state = _restore_latest(tmp_path)
