@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from frontier_jax.cli import main
+from frontier_jax.cli import EXIT_INTERRUPTED, main
 from frontier_jax.convert import from_hf
 from frontier_jax.infer import Completion, Engine, SamplingParams
 from frontier_jax.infer.generate_io import CompletionsFile
@@ -121,8 +121,7 @@ def test_an_interrupted_run_keeps_the_completions_it_made(hf_dir, tmp_path, monk
 
     monkeypatch.setattr(Engine, "step", interrupted_step)
     args = ["generate", "--hf", str(hf_dir), "--prompts", _prompts_file(tmp_path, prompts), "--out", str(out)]
-    with pytest.raises(KeyboardInterrupt):
-        main(args + ["--max-new-tokens", "2", "infer.max_seqs=1", *GENERATE_LIMITS])
+    assert main(args + ["--max-new-tokens", "2", "infer.max_seqs=1", *GENERATE_LIMITS]) == EXIT_INTERRUPTED
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["index"] for r in rows] == [0]
     assert rows[0]["prompt_ids"] == prompts[0] and rows[0]["finish_reason"] == "length"
