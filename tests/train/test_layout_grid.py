@@ -99,6 +99,14 @@ def _runs():
     ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache():
+    """This module runs without the persistent compilation cache of tests/train/conftest.py
+    (the fixture of that name there): writing a pipeline layout's executable into it crashed
+    jax 0.10.2 on the CPU (a segmentation fault in `compilation_cache.put_executable_and_time`)."""
+    yield
+
+
 @pytest.fixture(scope="module")
 def first_losses():
     return {}
