@@ -91,6 +91,30 @@ def _target(abstract: nnx.State, shardings: dict, dtype) -> dict:
     return jax.tree.map(leaf, nnx.to_pure_dict(abstract), shardings)
 
 
+def _manager(directory: epath.Path) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    return ocp.CheckpointManager(directory.resolve(), options=options)
+
+
+def saved_config(path: epath.PathLike, step: int | None = None) -> tuple[int, dict]:
+    """(step, the saved run config) of checkpoint `step` (None: the latest; or the step of a step
+    directory) of the run at `path`, without reading any array."""
+    directory, step_in_path = _checkpoint_directory(epath.Path(path))
+    if step is not None and step_in_path is not None and step != step_in_path:
+        raise ValueError(f"step={step} contradicts the step directory {path}")
+    step = step_in_path if step is None else step
+    with _manager(directory) as manager:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise ValueError(f"no checkpoint in {directory}: it holds no checkpoints/<step>/ directory")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise ValueError(
+                f"no checkpoint of step {step} in {directory}; its steps: {', '.join(map(str, steps))}"
+            )
+        return step, manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+
 def restore_params(
     path: epath.PathLike, step: int | None = None, *, mesh: Mesh | MeshConfig | None = None, dtype=None
 ) -> RestoredModel:
@@ -101,27 +125,14 @@ def restore_params(
     device); arrays are sharded on it by the rules table named by the checkpoint's `mesh.rules`
     (or the MeshConfig's).
     dtype: e.g. jnp.bfloat16 to cast the floating parameters on load (None: as saved, fp32)."""
-    directory, step_in_path = _checkpoint_directory(epath.Path(path))
-    if step is not None and step_in_path is not None and step != step_in_path:
-        raise ValueError(f"step={step} contradicts the step directory {path}")
-    step = step_in_path if step is None else step
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-    with ocp.CheckpointManager(directory.resolve(), options=options) as manager:
-        steps = sorted(manager.all_steps())
-        if not steps:
-            raise ValueError(f"no checkpoint in {directory}: it holds no checkpoints/<step>/ directory")
-        step = steps[-1] if step is None else step
-        if step not in steps:
-            raise ValueError(
-                f"no checkpoint of step {step} in {directory}; its steps: {', '.join(map(str, steps))}"
-            )
-        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-        program = _on_mesh(saved, mesh)
-        param_shardings, bias_shardings = program.shardings()
-        target = {
-            "params": _target(program.abstract_params, param_shardings, dtype),
-            "biases": _target(program.abstract_biases, bias_shardings, None),
-        }
+    step, saved = saved_config(path, step)
+    program = _on_mesh(saved, mesh)
+    param_shardings, bias_shardings = program.shardings()
+    target = {
+        "params": _target(program.abstract_params, param_shardings, dtype),
+        "biases": _target(program.abstract_biases, bias_shardings, None),
+    }
+    with _manager(_checkpoint_directory(epath.Path(path))[0]) as manager:
         state = manager.restore(
             step,
             args=ocp.args.Composite(
