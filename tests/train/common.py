@@ -107,6 +107,63 @@ def run_lock(shared_dir: Path, name: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def shared_test_dir(tmp_path_factory) -> Path:
+    """A directory of this test run shared by all xdist workers (pytest's base temp dir;
+    under xdist each worker's base is <run>/popen-gwN, so <run>/ is shared)."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = root / "train_tests_shared"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+_CACHE_SETTINGS = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+)
+
+
+def compile_cache_wanted() -> bool:
+    return not os.environ.get("FRONTIER_JAX_TEST_NO_COMPILE_CACHE")
+
+
+def set_compile_cache(directory: Path | None) -> None:
+    """Points jax (this process, and through the environment its children) at `directory`,
+    or switches the persistent cache off again (None)."""
+    import jax
+
+    if directory is not None:
+        directory.mkdir(exist_ok=True)
+    values = (None, 1.0, 0) if directory is None else (str(directory), 0.5, -1)
+    for name, value in zip(_CACHE_SETTINGS, values):
+        jax.config.update(name, value)
+        if directory is None:
+            os.environ.pop(name.upper(), None)
+        else:
+            os.environ[name.upper()] = str(value)
+    try:  # jax sets the cache up at its first compile; make it re-read the settings
+        from jax.experimental.compilation_cache import compilation_cache
+
+        compilation_cache.reset_cache()
+    except Exception:  # pragma: no cover - best effort, only a speed-up
+        pass
+
+
+@contextlib.contextmanager
+def compile_cache(shared_dir: Path):
+    """The test run's persistent compilation cache (shared_dir/jax_compile_cache) switched on
+    for this process and its children while the block runs (see tests/train/conftest.py)."""
+    if not compile_cache_wanted():
+        yield
+        return
+    set_compile_cache(shared_dir / "jax_compile_cache")
+    try:
+        yield
+    finally:
+        set_compile_cache(None)
+
+
 def restore_checkpoint(run_dir, step: int, cfg, shardings=None):
     """(state, data-iterator state) of checkpoint `step` of run_dir, laid out on `shardings`
     (a pytree matching the train state; default: everything on the first device)."""

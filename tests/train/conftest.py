@@ -16,41 +16,20 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from .common import REF_STEPS, reference_overrides, run_lock
-
-_CACHE_SETTINGS = (
-    "jax_compilation_cache_dir",
-    "jax_persistent_cache_min_compile_time_secs",
-    "jax_persistent_cache_min_entry_size_bytes",
+from .common import (
+    REF_STEPS,
+    compile_cache,
+    compile_cache_wanted,
+    reference_overrides,
+    run_lock,
+    set_compile_cache,
+    shared_test_dir,
 )
-
-
-def _set_compile_cache(directory: Path | None) -> None:
-    """Points jax (this process, and through the environment its children) at `directory`,
-    or switches the persistent cache off again (None)."""
-    import jax
-
-    if directory is not None:
-        directory.mkdir(exist_ok=True)
-    values = (None, 1.0, 0) if directory is None else (str(directory), 0.5, -1)
-    for name, value in zip(_CACHE_SETTINGS, values):
-        jax.config.update(name, value)
-        if directory is None:
-            os.environ.pop(name.upper(), None)
-        else:
-            os.environ[name.upper()] = str(value)
-    try:  # jax sets the cache up at its first compile; make it re-read the settings
-        from jax.experimental.compilation_cache import compilation_cache
-
-        compilation_cache.reset_cache()
-    except Exception:  # pragma: no cover - best effort, only a speed-up
-        pass
 
 
 def pytest_collection_modifyitems(config, items):
@@ -64,27 +43,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def shared_dir(tmp_path_factory) -> Path:
-    """A directory of this test run shared by all xdist workers (pytest's base temp dir;
-    under xdist each worker's base is <run>/popen-gwN, so <run>/ is shared)."""
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    path = root / "train_tests_shared"
-    path.mkdir(exist_ok=True)
-    return path
-
-
-def _cache_wanted() -> bool:
-    return not os.environ.get("FRONTIER_JAX_TEST_NO_COMPILE_CACHE")
+    """A directory of this test run shared by all xdist workers."""
+    return shared_test_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _compile_cache(shared_dir):
-    if not _cache_wanted():
+    with compile_cache(shared_dir):
         yield
-        return
-    _set_compile_cache(shared_dir / "jax_compile_cache")
-    yield
-    _set_compile_cache(None)
 
 
 @pytest.fixture(scope="session")
@@ -95,8 +61,8 @@ def reference_run(shared_dir) -> Path:
     from frontier_jax.config import load_config
     from frontier_jax.train.loop import train
 
-    if _cache_wanted():  # (session fixtures are set up before the module's `_compile_cache`)
-        _set_compile_cache(shared_dir / "jax_compile_cache")
+    if compile_cache_wanted():  # (session fixtures are set up before the module's `_compile_cache`)
+        set_compile_cache(shared_dir / "jax_compile_cache")
     run_dir = shared_dir / "reference_run"
     with run_lock(shared_dir, "reference_run"):
         if not (run_dir / "DONE").exists():
