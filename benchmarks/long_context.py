@@ -8,10 +8,12 @@ with YaRN for a short second context stage, and compare three models on 512-toke
     python benchmarks/long_context.py --run-dir runs/long_context [--short-steps 300]
         [--long-steps 60] [--trials 40] [--plot docs/long_context.png] [--json FILE]
 
-Training is one `frontier-jax train` run with two `train.stages` (configs/train/toy.yaml:
-128 x 16 rows, cosine lr 3e-3 -> 3e-4 over the short stage; then 512 x 4 rows, the same
-tokens per step, YaRN s = 4 from 128 with the V3 settings beta 32 / 1, mscale 1 / 1, at the
-constant lr 3e-4); running the script again reuses the finished run.  Evaluation
+Training is one `frontier-jax train --config train/toy-long-context` run, the README's
+context-stage example (configs/train/toy-long-context.yaml: the toy at 128 x 16 rows, cosine lr
+3e-3 -> 3e-4 ending with the short stage; then 512 x 4 rows, the same tokens per step, YaRN
+s = 4 from 128 with the V3 settings beta 32 / 1, mscale 1 / 1, at the constant lr 3e-4; other
+--short-steps / --long-steps move the boundary and the cosine's end with it); running the script
+again reuses the finished run.  Evaluation
 (`frontier_jax.eval.long_context`): perplexity by position over windows of held-out Python
 code (the standard library's sub-packages, which the embedded training data, its top-level
 modules, leaves out) and passkey retrieval at several depths of a 512-token context.  Prints
@@ -41,9 +43,9 @@ from frontier_jax.eval.scorer import Scorer
 from frontier_jax.model.config import RopeScalingConfig
 from frontier_jax.runtime.program import build_model_program
 from frontier_jax.runtime.restore import restore_params
-from frontier_jax.train.config import ContextStage
 from frontier_jax.train.loop import train
 
+CONFIG = "train/toy-long-context"  # the README's context-stage example
 SHORT, LONG = 128, 512
 YARN = RopeScalingConfig(
     type="yarn",
@@ -59,31 +61,18 @@ BINS = [0, 64, 128, 192, 256, 320, 384, 448, 512]
 
 
 def staged_config(short_steps: int, long_steps: int, overrides: list[str]):
-    """configs/train/toy.yaml with its cosine over the short stage, then the YaRN stage."""
-    cfg = load_config(
-        "train/toy",
-        [
-            f"train.steps={short_steps + long_steps}",
-            "train.schedule=deepseek",  # warmup, cosine to lr_min at the end of the short stage, then lr_min
-            f"train.decay_start={20}",
-            f"train.decay_steps={short_steps - 20}",
-            f"checkpoint.every={long_steps}",
-            "checkpoint.keep=2",
-            *overrides,
-        ],
-    )
+    """configs/train/toy-long-context.yaml (300 + 60 steps) with its boundary at `short_steps`,
+    the cosine ending there, and `long_steps` steps of the YaRN stage."""
     if short_steps % long_steps:
         raise ValueError(f"--short-steps {short_steps} must be a multiple of --long-steps {long_steps}")
-    cfg.train.stages = [
-        ContextStage(until_step=short_steps, seq_len=SHORT, global_batch=16),
-        ContextStage(
-            until_step=short_steps + long_steps,
-            seq_len=LONG,
-            global_batch=4,
-            lr=cfg.train.lr_min,
-            rope_scaling=YARN,
-        ),
-    ]
+    cfg = load_config(CONFIG, overrides)
+    short, long = cfg.train.stages
+    if (short.seq_len, long.seq_len, long.rope_scaling) != (SHORT, LONG, YARN):
+        raise ValueError(f"{CONFIG}: its stages are not {SHORT} then {LONG} under {YARN}")
+    short.until_step, long.until_step = short_steps, short_steps + long_steps
+    cfg.train.steps = short_steps + long_steps
+    cfg.train.decay_steps = short_steps - cfg.train.decay_start
+    cfg.checkpoint.every = long_steps  # the two checkpoints compared
     return cfg.validate()
 
 

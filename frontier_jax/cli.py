@@ -6,10 +6,11 @@ frontier-jax describe --config configs/model/deepseek-v3-671b.yaml [--seq-len T]
 frontier-jax convert  {check,export} --hf PATH [...]
 frontier-jax generate (--hf PATH | --checkpoint RUN_DIR) (--prompt TEXT ... | --prompts FILE) [...]
 frontier-jax eval     (--checkpoint RUN_DIR[/checkpoints/STEP] | --hf PATH) [--data FILE ...]
-                      [--tasks TASK ...] [--out DIR] [--step N] [--dtype bfloat16] [mesh.* / eval.* ...]
+                      [--tasks TASK ...] [--out DIR] [--step N] [--dtype bfloat16] [mesh.* / eval.* / impl.* ...]
 frontier-jax ablate   --config ablations/NAME.yaml [--out DIR]
 frontier-jax data prepare --config train/toy --out DIR [--records-per-shard N] [--max-records N]
                       [--workers N] [key=value ...]
+frontier-jax checkpoint verify RUN_DIR
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from pathlib import Path
 EXIT_USAGE = 2  # a bad config, argument, path or file
 EXIT_NONFINITE = 3  # the loss or gradients are not finite
 EXIT_DATA = 4  # the data stopped feeding training
-EXIT_CHECKPOINT = 5  # a checkpoint could not be written, or none restores
+EXIT_CHECKPOINT = 5  # a checkpoint could not be written, is corrupt, or none restores
 # 6: generate wrote every completion but some requests failed (frontier_jax/infer/cli.py)
+EXIT_LOCKED = 7  # another trainer holds the run directory (frontier_jax/train/run_lock.py)
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT) outside training's own handling: 128 + 2
 
 _OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)+=")  # a dotted key=value override, e.g. eval.stride=64
 
@@ -103,20 +106,23 @@ def _describe(args) -> int:
 
 
 def _train(args) -> int:
-    if args.distributed:
-        _distributed_init()
-    from frontier_jax.config import load_config
-    from frontier_jax.train.loop import train
+    from frontier_jax.train.signals import raise_on_stop_signals
 
-    _configure_logging(args.verbose)
-    cfg = load_config(args.config, args.overrides)
-    evaluate = None
-    if cfg.eval.every:
-        from frontier_jax.data import load_tokenizer
-        from frontier_jax.eval.run import training_evaluator
+    with raise_on_stop_signals():  # a signal while starting: `preempted:` and 75, as later ones
+        if args.distributed:
+            _distributed_init()
+        from frontier_jax.config import load_config
+        from frontier_jax.train.loop import train
 
-        evaluate = training_evaluator(cfg, load_tokenizer(cfg.data.tokenizer, cfg.data.special_tokens))
-    history = train(cfg, args.run_dir, restart_data=args.restart_data, evaluate=evaluate)
+        _configure_logging(args.verbose)
+        cfg = load_config(args.config, args.overrides)
+        evaluate = None
+        if cfg.eval.every:
+            from frontier_jax.data import load_tokenizer
+            from frontier_jax.eval.run import training_evaluator
+
+            evaluate = training_evaluator(cfg, load_tokenizer(cfg.data.tokenizer, cfg.data.special_tokens))
+        history = train(cfg, args.run_dir, restart_data=args.restart_data, evaluate=evaluate)
     if history:
         first, last = history[0], history[-1]
         print(
@@ -152,18 +158,21 @@ def _eval(args) -> int:
     _configure_logging(False)
     if (args.checkpoint is None) == (args.hf is None):
         raise ValueError("eval: give exactly one of --checkpoint RUN_DIR and --hf PATH")
-    bad = [o for o in args.overrides if not o.startswith(("mesh.", "eval.", "model.", "data.tokenizer"))]
+    bad = [
+        o for o in args.overrides if not o.startswith(("mesh.", "eval.", "impl.", "model.", "data.tokenizer"))
+    ]
     if bad:
         raise ValueError(
-            f"eval override {bad[0]!r}: only mesh.*, eval.* (and model.* to check the checkpoint) "
+            f"eval override {bad[0]!r}: only mesh.*, eval.*, impl.* (and model.* to check the checkpoint) "
             "apply to evaluation"
         )
     cfg = load_config(None, args.overrides)
-    model_overrides = {
-        o.split("=", 1)[0][len("model.") :]: getattr(cfg.model, o.split("=", 1)[0][len("model.") :])
-        for o in args.overrides
-        if o.startswith("model.")
-    }
+
+    def given(section: str) -> dict:  # the section's keys set on the command line, typed
+        keys = [o.split("=", 1)[0][len(section) + 1 :] for o in args.overrides if o.startswith(section + ".")]
+        return {key: getattr(getattr(cfg, section), key) for key in keys}
+
+    model_overrides, impl = given("model"), given("impl")
     tasks = [resolve_task(t) for t in args.tasks]  # bad task names / files fail before the model loads
     if args.checkpoint is not None:
         model = load_checkpoint(
@@ -173,12 +182,15 @@ def _eval(args) -> int:
             dtype=args.dtype,
             model_overrides=model_overrides,
             devices=args.devices,
+            impl=impl,
         )
     else:
         tokenizer = next(
             (o.split("=", 1)[1] for o in args.overrides if o.startswith("data.tokenizer=")), None
         )
-        model = load_hf(args.hf, mesh=cfg.mesh, dtype=args.dtype, tokenizer=tokenizer, devices=args.devices)
+        model = load_hf(
+            args.hf, mesh=cfg.mesh, dtype=args.dtype, tokenizer=tokenizer, devices=args.devices, impl=impl
+        )
     sources = [source_from_path(p) for p in args.data] if args.data else cfg.eval.data
     results = evaluate(model, cfg.eval, sources, tasks=tasks)
     path = write_results(args.out, results)
@@ -231,11 +243,40 @@ def _data_prepare(args) -> int:
     return 0
 
 
+def _checkpoint_verify(args) -> int:
+    from frontier_jax.runtime.integrity import CORRUPT, OK, UNVERIFIED, verify_run, verify_step
+    from frontier_jax.runtime.restore import checkpoint_directory
+
+    directory, step = checkpoint_directory(args.run_dir)
+    verdicts = verify_run(directory) if step is None else {step: verify_step(directory, step)}
+    for checked, verdict in verdicts.items():
+        print(f"step {checked}: {verdict.describe()}")
+    counts = {s: sum(v.status == s for v in verdicts.values()) for s in (OK, CORRUPT, UNVERIFIED)}
+    print(
+        f"{len(verdicts)} step{'s' * (len(verdicts) != 1)} in {directory}: "
+        + ", ".join(f"{n} {s}" for s, n in counts.items())
+    )
+    return EXIT_CHECKPOINT if counts[CORRUPT] else 0
+
+
+def _log_unraisable(unraisable) -> None:
+    import logging
+
+    logging.getLogger(__name__).debug(
+        "ignored %s in %r: %s", unraisable.exc_type.__name__, unraisable.object, unraisable.exc_value
+    )
+
+
 def _configure_logging(verbose: bool) -> None:
     """The project's INFO messages and every library's warnings; library INFO (orbax, through
-    absl: ~100 lines per run) and orbax's error tracebacks only with --verbose (a failure is
-    reported as one `error:` line)."""
+    absl: ~100 lines per run), orbax's error tracebacks, asyncio's errors of orbax's tasks and the
+    exceptions Python ignores in libraries' background threads and coroutines
+    (sys.unraisablehook: asyncio callbacks of a failed save or restore) only with --verbose (a
+    failure is reported as one `error:` line)."""
     import logging
+    import warnings
+
+    sys.unraisablehook = sys.__unraisablehook__ if verbose else _log_unraisable
 
     # force: libraries imported earlier (absl via orbax) may already have configured logging
     logging.basicConfig(
@@ -245,6 +286,11 @@ def _configure_logging(verbose: bool) -> None:
     )
     logging.getLogger("frontier_jax").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.INFO if verbose else logging.CRITICAL)
+    # orbax's asyncio tasks of a failed save or restore ("Task exception was never retrieved", and
+    # at exit "coroutine ... was never awaited")
+    logging.getLogger("asyncio").setLevel(logging.INFO if verbose else logging.CRITICAL)
+    if not verbose:
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     # one warning per scalar of a non-finite step; the loop's own warning says it once
     logging.getLogger("tensorboardX").setLevel(logging.INFO if verbose else logging.ERROR)
 
@@ -336,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         default=[],
         action=_ValuesAndOverrides,
-        help="mesh.* / eval.* overrides, e.g. eval.stride=64 mesh.tensor=2 (also after --data / --tasks)",
+        help="mesh.* / eval.* / impl.* overrides, e.g. eval.stride=64 mesh.tensor=2 (also after --data / "
+        "--tasks; expert dispatch is dropless unless impl.moe_dispatch is given)",
     )
     ev.set_defaults(func=_eval)
 
@@ -373,6 +420,18 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.tokenizer=PATH")
     prep.set_defaults(func=_data_prepare)
 
+    ckpt = sub.add_parser("checkpoint", help="training checkpoints (frontier-jax checkpoint verify --help)")
+    ckpt_sub = ckpt.add_subparsers(dest="checkpoint_command", required=True)
+    verify = ckpt_sub.add_parser(
+        "verify",
+        help="check every checkpoint step of a run against its checksums: prints ok / corrupt "
+        "(the file) / unverified (written before checksums) per step; exit 5 if any is corrupt",
+    )
+    verify.add_argument(
+        "run_dir", help="a training run directory, its checkpoints/ or one checkpoints/<step>"
+    )
+    verify.set_defaults(func=_checkpoint_verify)
+
     sub.add_parser(
         "convert", help="Hugging Face DeepseekV3 checkpoints in and out (frontier-jax convert --help)"
     )
@@ -385,8 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _exit_code(err: Exception) -> int | None:
     """The exit code of an error a user can cause (README "When things go wrong"), None for a bug."""
     from frontier_jax.data import DataError
-    from frontier_jax.train.checkpoint import CheckpointError
+    from frontier_jax.runtime.integrity import CheckpointError
     from frontier_jax.train.loop import NonFiniteLossError
+    from frontier_jax.train.run_lock import RunLockedError
     from frontier_jax.train.signals import EXIT_PREEMPTED, Preempted
 
     codes = (
@@ -394,6 +454,7 @@ def _exit_code(err: Exception) -> int | None:
         (NonFiniteLossError, EXIT_NONFINITE),
         (DataError, EXIT_DATA),
         (CheckpointError, EXIT_CHECKPOINT),
+        (RunLockedError, EXIT_LOCKED),
         ((ValueError, OSError), EXIT_USAGE),
     )
     return next((code for kind, code in codes if isinstance(err, kind)), None)
@@ -407,7 +468,12 @@ def main(argv: list[str] | None = None) -> int:
 
             return convert_main(argv[1:])
         args = build_parser().parse_args(argv)
+        if args.command in ("eval", "generate", "checkpoint"):
+            _configure_logging(False)
         return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted: stopped by Ctrl-C (SIGINT)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as err:
         code = _exit_code(err)
         if code is None:

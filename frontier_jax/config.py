@@ -101,8 +101,14 @@ def _check_attention_dtype(attention: AttentionImpl, policy) -> None:
 
 
 def _load_yaml_with_includes(path: Path, seen: tuple[Path, ...] = ()):
+    """The merged mapping of the YAML file `path` and its includes; `seen`: the files that
+    include it, outermost first."""
     path = path.resolve()
     if not path.is_file():
+        if seen:
+            raise FileNotFoundError(
+                f"config file {seen[-1]} includes {path}, which does not exist: fix its include: list"
+            )
         raise FileNotFoundError(f"config file {path} does not exist")
     if path in seen:
         raise ValueError(f"config include cycle: {' -> '.join(map(str, seen + (path,)))}")
@@ -118,6 +124,11 @@ def _load_yaml_with_includes(path: Path, seen: tuple[Path, ...] = ()):
     if not isinstance(raw, DictConfig):
         raise ValueError(
             f"config file {path}: the top level is a list, not a mapping of sections (model:, train:, ...)"
+        )
+    if not raw:
+        raise ValueError(
+            f"config file {path} is empty: give it sections (model:, train:, ...) or an include: list"
+            + (f" (it is included by {seen[-1]})" if seen else "")
         )
     includes = raw.pop("include", []) or []
     if not isinstance(includes, (list, ListConfig)) or not all(isinstance(i, str) for i in includes):

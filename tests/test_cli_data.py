@@ -2,6 +2,11 @@
 included) as one line, exit code 2."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -10,6 +15,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from frontier_jax import cli
 from frontier_jax.config import CONFIG_DIR, load_config
 from frontier_jax.data import build_train_iterator, prepare, prepared
+from tests.train.common import REPO, child_pids, running, subprocess_env
 
 
 def _config(tmp_path, n=40):
@@ -96,3 +102,42 @@ def test_a_full_disk_is_one_error_line_naming_the_file(
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: data prepare: writing {out / written} failed (") and "No space left" in err
     assert "run the same command again" in err
+
+
+def test_prepare_workers_end_within_seconds_of_a_kill_9_of_the_command(tmp_path):
+    """`data prepare --workers 2` killed with SIGKILL while both workers write a shard: they are
+    gone within a few seconds (they used to finish their shards, minutes of work, orphaned)."""
+    config = tmp_path / "math.yaml"
+    config.write_text(
+        f"include: [{CONFIG_DIR / 'model' / 'toy.yaml'}]\ndata:\n  sources: [{{name: math, kind: embedded_math}}]\n"
+    )
+    out = tmp_path / "out"
+    argv = ["data", "prepare", "--config", str(config), "--out", str(out), "--workers", "2"]
+    argv += ["--max-records", "2000000", "--records-per-shard", "1000000"]  # ~1 min per shard
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "frontier_jax", *argv],
+        env=subprocess_env(devices=None),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(out.glob("math/*.tmp"))) < 2:  # both workers are writing
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        workers = child_pids(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while running(workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(workers) >= 2 and not running(workers), (workers, running(workers))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in running(workers):  # (left over by a failure above)
+            os.kill(pid, signal.SIGKILL)

@@ -20,6 +20,8 @@ from frontier_jax.config import load_config
         ("- model\n- train\n", r"the top level is a list, not a mapping of sections"),
         ("include: model/toy.yaml\n", r"include='model/toy.yaml' must be a list of YAML paths"),
         ("include: [3]\n", r"include=\[3\] must be a list of YAML paths"),
+        ("", r"is empty: give it sections \(model:, train:, \.\.\.\) or an include: list$"),
+        ("# the sections come later\n", r"is empty: give it sections"),
     ],
 )
 def test_unreadable_config_file_is_named_with_the_problem(tmp_path, text, message):
@@ -36,6 +38,38 @@ def test_unreadable_config_file_through_the_cli_is_one_error_line(tmp_path, caps
     assert cli.main(["describe", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: config file {path}: YAML syntax error") and err.count("\n") == 1
+
+
+def test_an_empty_config_file_is_refused_not_described_as_the_default_model(tmp_path, capsys):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert cli.main(["describe", "--config", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert (
+        captured.err
+        == f"error: config file {path} is empty: give it sections (model:, train:, ...) or an include: list\n"
+    )
+
+
+def test_an_empty_included_file_names_the_file_that_includes_it(tmp_path):
+    (tmp_path / "empty.yaml").write_text("\n")
+    (tmp_path / "run.yaml").write_text("include: [empty.yaml]\ntrain: {seed: 2}\n")
+    with pytest.raises(
+        ValueError,
+        match=rf"^config file {tmp_path / 'empty.yaml'} is empty: .* \(it is included by {tmp_path / 'run.yaml'}\)$",
+    ):
+        load_config(str(tmp_path / "run.yaml"))
+
+
+def test_a_missing_include_names_the_file_that_includes_it(tmp_path):
+    (tmp_path / "run.yaml").write_text("include: [../model/tiny.yaml]\ntrain: {seed: 2}\n")
+    with pytest.raises(FileNotFoundError) as err:
+        load_config(str(tmp_path / "run.yaml"))
+    assert str(err.value) == (
+        f"config file {tmp_path / 'run.yaml'} includes {tmp_path.parent / 'model' / 'tiny.yaml'}, which does not "
+        "exist: fix its include: list"
+    )
 
 
 def test_included_files_still_merge_in_order(tmp_path):

@@ -23,7 +23,7 @@ from frontier_jax.data.pipeline import (
     validate_train_args,
 )
 from frontier_jax.data.screen import DataError
-from frontier_jax.data.stats import DataStats
+from frontier_jax.data.stats import DataStats, warn_rereads
 from frontier_jax.data.tokenizer import Tokenizer, byte_tokenizer, load_tokenizer
 
 __all__ = [
@@ -45,4 +45,5 @@ __all__ = [
     "save_iterator_state",
     "source_documents",
     "validate_train_args",
+    "warn_rereads",
 ]

@@ -8,9 +8,10 @@ across them when `tensor` spans hosts, or both), so the training loop hands each
 of its devices the rows that device addresses. The iterator state is then the
 same on every process. The price is that each process tokenizes and packs every row.
 
-Each row holds chunks of one source, so the mixture weights (`data.sources[*].weight`, then
-`data.stages`) are shares of rows, i.e. of tokens; batch k draws its rows with the weights of
-the stage of step k (`mixture.py`). With `data.worker_count` > 0 every source's rows are made
+Each row holds chunks of one source, and the mixture weights (`data.sources[*].weight`, then
+`data.stages`) are shares of real tokens: the schedule picks each row's source by token deficit,
+so rows that carry padding (mask_documents=True) count only their tokens; batch k draws its
+rows with the weights of the stage of step k (`mixture.py`). With `data.worker_count` > 0 every source's rows are made
 by that many worker processes. With a batch-size ramp only the first rows_at(k) rows of batch
 k are read; the rest are padding rows (loss_mask 0, segment_ids 0; see `batching.py`).
 
@@ -27,6 +28,8 @@ Batches are dicts of int32 numpy arrays [B, T]:
 
 from __future__ import annotations
 
+import functools
+import os
 import zlib
 from typing import Callable, Optional
 
@@ -39,6 +42,7 @@ from frontier_jax.data.continuation import DocumentStream
 from frontier_jax.data.fim import fim_documents
 from frontier_jax.data.mixture import MixtureSchedule
 from frontier_jax.data.packing import pack_documents
+from frontier_jax.data.parent_watch import exit_with_grain_parent
 from frontier_jax.data.prepared import check_prepared
 from frontier_jax.data.screen import ScreenIterDataset
 from frontier_jax.data.sources import source_records
@@ -86,6 +90,7 @@ def source_documents(cfg: DataConfig, source: SourceConfig, num_epochs: Optional
         min_chars=cfg.min_document_chars,
         max_chars=cfg.max_document_chars,
         max_skipped_in_a_row=cfg.max_skipped_in_a_row,
+        records_per_epoch=len(records),
     )
     return fim_documents(
         documents,
@@ -120,7 +125,10 @@ def source_rows(
         # (google/grain#1355); programs that do not use absl.app parse none.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        rows = rows.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
+        rows = rows.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=cfg.worker_count),
+            worker_init_fn=functools.partial(exit_with_grain_parent, os.getpid()),  # no orphans
+        )
     return rows
 
 
@@ -159,6 +167,7 @@ def build_train_dataset(
         rows,
         schedule=MixtureSchedule.from_config(cfg),
         global_batch=global_batch,
+        seq_len=seq_len,
         rows_at=rows_at or (lambda _: global_batch),
         pad_id=tokenizer.pad_id,
     )

@@ -29,11 +29,12 @@ from tqdm import tqdm
 
 from frontier_jax.data import prepared, stats
 from frontier_jax.data.config import PREPARED_KIND, DataConfig, RecordFormat, SourceConfig
+from frontier_jax.data.parent_watch import exit_with_parent
 from frontier_jax.data.records import Rendered
 from frontier_jax.data.screen import screen
 from frontier_jax.data.sources import source_records
 from frontier_jax.data.template import render_document
-from frontier_jax.data.tokenizer import Tokenizer, load_tokenizer
+from frontier_jax.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_identity
 
 RECORDS_PER_SHARD = 10_000
 GENERATED_KINDS = ("embedded_math",)  # 2^31 generated records: prepare a prefix (max_records)
@@ -133,9 +134,10 @@ class _ShardWriter:
 _WORKER: _ShardWriter | None = None
 
 
-def _init_worker(writer: _ShardWriter) -> None:
+def _init_worker(writer: _ShardWriter, parent_pid: int) -> None:
     global _WORKER
     _WORKER = writer
+    exit_with_parent(parent_pid)  # a parent killed with -9 leaves no worker behind
 
 
 def _run_in_worker(index: int, start: int, end: int) -> dict[str, Any]:
@@ -143,7 +145,7 @@ def _run_in_worker(index: int, start: int, end: int) -> dict[str, Any]:
 
 
 def _header(cfg: DataConfig, source: SourceConfig, tokenizer: Tokenizer, num_records: int, per_shard: int):
-    identity = prepared.tokenizer_identity(tokenizer)
+    identity = tokenizer_identity(tokenizer)
     return {
         "format_version": prepared.FORMAT_VERSION,
         # what the shards are made of (the weight belongs to a mixture, not to the shards)
@@ -214,7 +216,7 @@ def prepare_source(
                 min(workers, len(pending)),
                 mp_context=multiprocessing.get_context("spawn"),  # forking a threaded process can hang
                 initializer=_init_worker,
-                initargs=(writer,),
+                initargs=(writer, os.getpid()),
             ) as pool:
                 for future in concurrent.futures.as_completed(
                     [pool.submit(_run_in_worker, *p) for p in pending]

@@ -18,7 +18,7 @@ manifest.json:
   format_version  FORMAT_VERSION
   source          the SourceConfig it was prepared from (a dict)
   screen          {"min_document_chars", "max_document_chars"} it was screened with
-  tokenizer       `tokenizer_identity`: origin, vocab_size, special_ids, sha256 of its JSON
+  tokenizer       `tokenizer.tokenizer_identity`: origin, vocab_size, special_ids, sha256 of its JSON
   dtype, records (N), records_per_shard (R), num_shards (ceil(N / R))
   shards          the written shards in index order: {index, file, records: [start, end], documents,
                   tokens (ids, bos / eos included), counts (screen counters), bytes, sha256}
@@ -41,11 +41,12 @@ from typing import Any
 
 import grain
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from frontier_jax.data import records
 from frontier_jax.data.config import PREPARED_KIND, DataConfig
-from frontier_jax.data.tokenizer import Tokenizer
+from frontier_jax.data.tokenizer import Tokenizer, check_tokenizer
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -78,22 +79,13 @@ def decode_document(raw: bytes, dtype: np.dtype) -> records.Rendered:
     return records.Rendered(ids, train)
 
 
-def tokenizer_identity(tokenizer: Tokenizer) -> dict[str, Any]:
-    """What makes two tokenizers give the same ids: the sha256 of the JSON and the special ids."""
-    return {
-        "origin": tokenizer.origin,
-        "vocab_size": tokenizer.vocab_size,
-        "special_ids": dict(sorted(tokenizer.special_ids.items())),
-        "sha256": hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
-    }
-
-
 def screen_limits(cfg: DataConfig) -> dict[str, int]:
     return {"min_document_chars": cfg.min_document_chars, "max_document_chars": cfg.max_document_chars}
 
 
-def file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
+def file_sha256(path: epath.PathLike) -> str:
+    """The sha256 (hex) of a file's bytes (local, or an object store's through epath)."""
+    with epath.Path(path).open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
@@ -177,21 +169,18 @@ def verify_shards(directory: str, manifest: dict[str, Any]) -> None:
 
 def check_prepared(cfg: DataConfig, tokenizer: Tokenizer) -> None:
     """Every prepared source of `cfg`: complete, intact, same tokenizer and screening; else `PreparedError`."""
-    identity = tokenizer_identity(tokenizer)
     for i, source in enumerate(cfg.sources):
         if source.kind != PREPARED_KIND:
             continue
         where = f"data.sources[{i}] ({source.name!r}, path={source.path!r})"
         manifest = load_manifest(source.path)
-        saved = manifest["tokenizer"]
-        if (saved["sha256"], saved["special_ids"]) != (identity["sha256"], identity["special_ids"]):
-            raise PreparedError(
-                f"{where} was prepared with another tokenizer (data.tokenizer={saved['origin']!r}, "
-                f"{saved['vocab_size']} ids, sha256 {saved['sha256'][:12]}...) than this config's "
-                f"data.tokenizer={identity['origin']!r} ({identity['vocab_size']} ids, sha256 "
-                f"{identity['sha256'][:12]}...; data.special_tokens count): train with the tokenizer it "
-                "was prepared with, or prepare it again with this one."
-            )
+        check_tokenizer(
+            manifest["tokenizer"],
+            tokenizer,
+            f"{where} was prepared",
+            "train with the tokenizer it was prepared with, or prepare it again with this one.",
+            PreparedError,
+        )
         for field, value in screen_limits(cfg).items():
             if manifest["screen"][field] != value:
                 raise PreparedError(

@@ -66,9 +66,11 @@ class _ScreenIterator(grain.DatasetIterator):
         min_chars: int,
         max_chars: int,
         max_skipped_in_a_row: int,
+        records_per_epoch: int,
     ):
         super().__init__(parent)
         self._source = source
+        self._records_per_epoch = records_per_epoch
         self._limits = {"min_chars": min_chars, "max_chars": max_chars}
         self._max_skipped_in_a_row = max_skipped_in_a_row
         self._record_state = parent.get_state()
@@ -104,7 +106,11 @@ class _ScreenIterator(grain.DatasetIterator):
         return {
             "record": self._record_state,
             "next_piece": self._next_piece,
-            stats.STATS_KEY: {"source": self._source, "counts": dict(self._counts)},
+            stats.STATS_KEY: {
+                "source": self._source,
+                "counts": dict(self._counts),
+                "records_per_epoch": self._records_per_epoch,
+            },
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -117,7 +123,8 @@ class _ScreenIterator(grain.DatasetIterator):
 
 
 class ScreenIterDataset(grain.IterDataset):
-    """IterDataset[Document] of the documents of an IterDataset[Record] of one source."""
+    """IterDataset[Document] of the documents of an IterDataset[Record] of one source, whose
+    every pass holds `records_per_epoch` records (the passes read are counted by `DataStats`)."""
 
     def __init__(
         self,
@@ -127,12 +134,14 @@ class ScreenIterDataset(grain.IterDataset):
         min_chars: int,
         max_chars: int,
         max_skipped_in_a_row: int,
+        records_per_epoch: int,
     ):
         super().__init__(parent)
         self._source = source
         self._min_chars = min_chars
         self._max_chars = max_chars
         self._max_skipped_in_a_row = max_skipped_in_a_row
+        self._records_per_epoch = records_per_epoch
 
     def __iter__(self) -> grain.DatasetIterator:
         return _ScreenIterator(
@@ -141,6 +150,7 @@ class ScreenIterDataset(grain.IterDataset):
             self._min_chars,
             self._max_chars,
             self._max_skipped_in_a_row,
+            self._records_per_epoch,
         )
 
     def __str__(self) -> str:

@@ -32,6 +32,7 @@ from etils import epath
 from frontier_jax.data import embedded, records
 from frontier_jax.data.config import PREPARED_KIND, RecordFormat, SourceConfig
 from frontier_jax.data.prepared import PreparedSource
+from frontier_jax.data.screen import DataError
 
 _SCAN_CHUNK = 1 << 24
 
@@ -91,6 +92,7 @@ class JsonlSource:
     def __init__(self, path: str, source: SourceConfig):
         self._path = path
         self._source = source
+        self._size = _size(path)
         self._starts, self._ends = _line_spans(path)
         self._local = threading.local()
 
@@ -103,6 +105,12 @@ class JsonlSource:
         start, end = int(self._starts[index]), int(self._ends[index])
         self._local.file.seek(start)
         raw = self._local.file.read(end - start)
+        if len(raw) < end - start:  # the file lost its end since its lines were found
+            raise DataError(
+                f"data source {self._source.name!r}: {self._path} shrank from {self._size} to "
+                f"{_size(self._path)} bytes while it was read (line {index + 1} is gone): a source file "
+                "must not change under a run; restore it, or train on the new file with --restart-data"
+            )
         return records.from_json(f"{self._path}:{index + 1}", raw, self._source)
 
     def __getstate__(self) -> dict:

@@ -22,10 +22,14 @@ so data can never inject control tokens: a special id only comes from `special_i
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
-from typing import Mapping
+from typing import Any, Mapping
 
 import tokenizers
+
+log = logging.getLogger(__name__)
 
 BYTE_TOKENIZER = "byte"
 BOS, EOS, PAD = "bos", "eos", "pad"
@@ -80,6 +84,30 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Returns the ids of `text`, without bos/eos or any template tokens."""
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode` with the character span (start, end) of `text` that each id stands for."""
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
+
+    def special_strings(self) -> dict[str, int]:
+        """The added tokens marked special, {string: id}: the control tokens that `encode`
+        writes as plain text when they occur in a document."""
+        return {
+            token.content: i for i, token in self._tok.get_added_tokens_decoder().items() if token.special
+        }
+
+    def find_specials(self, text: str) -> list[tuple[int, int, int]]:
+        """Where the tokenizer's own matching of added tokens (its strip rules included) finds
+        special tokens in `text`: (start, end, id) of each, in order.  For text whose special
+        strings are all control tokens (a rendered chat template), never for documents."""
+        specials = set(self.special_strings().values())
+        self._tok.encode_special_tokens = False
+        try:
+            encoding = self._tok.encode(text, add_special_tokens=False)
+        finally:
+            self._tok.encode_special_tokens = True
+        return [(start, end, i) for i, (start, end) in zip(encoding.ids, encoding.offsets) if i in specials]
 
     def decode(self, ids: list[int]) -> str:
         """Returns the text of `ids`; special tokens are written out as their names."""
@@ -178,3 +206,44 @@ def load_tokenizer(spec: str, special_tokens: Mapping[str, str] | None = None) -
             )
     found.setdefault(PAD, found[EOS])
     return Tokenizer(tok, found, spec)
+
+
+def tokenizer_identity(tokenizer: Tokenizer) -> dict[str, Any]:
+    """What makes two tokenizers give the same ids: the sha256 of its canonical JSON (`to_str()`:
+    vocabulary, merges, normalisation and added tokens, serialised by `tokenizers` itself, so the
+    same content at another path or formatted otherwise hashes the same; the byte tokenizer's too)
+    and the ids of its named special tokens.  `origin` and `vocab_size` are there to be named."""
+    return {
+        "origin": tokenizer.origin,
+        "vocab_size": tokenizer.vocab_size,
+        "special_ids": dict(sorted(tokenizer.special_ids.items())),
+        "sha256": hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
+    }
+
+
+def check_tokenizer(
+    recorded: Mapping[str, Any] | None, tokenizer: Tokenizer, what: str, fix: str, error: type = ValueError
+) -> None:
+    """Raises `error` when `tokenizer` is not the one whose `tokenizer_identity` is `recorded`,
+    naming both: "<what> with another tokenizer (...) than this config's data.tokenizer=... (...):
+    <fix>"; `what` says who recorded it, e.g. "data.sources[0] ('math', path=...) was prepared".
+    recorded None (written before tokenizers were recorded): a warning, nothing checked."""
+    if recorded is None:
+        log.warning(
+            "%s before tokenizers were recorded: data.tokenizer=%r is not checked against the one it used",
+            what,
+            tokenizer.origin,
+        )
+        return
+    current = tokenizer_identity(tokenizer)
+    if (recorded["sha256"], recorded["special_ids"]) == (current["sha256"], current["special_ids"]):
+        return
+
+    def described(identity: Mapping[str, Any]) -> str:
+        return f"{identity['vocab_size']} ids, sha256 {identity['sha256'][:12]}..."
+
+    raise error(
+        f"{what} with another tokenizer (data.tokenizer={recorded['origin']!r}, {described(recorded)}) "
+        f"than this config's data.tokenizer={current['origin']!r} ({described(current)}; "
+        f"data.special_tokens count): {fix}"
+    )

@@ -3,6 +3,8 @@
     lm_eval --include_path ... --model frontier_jax \\
         --model_args checkpoint=RUN_DIR[,step=N][,dtype=bfloat16][,mesh_tensor=2][,max_length=2048] \\
         --tasks ...          (or hf=PATH instead of checkpoint=RUN_DIR)
+    further model_args: max_gen_toks, memory_budget_gb (the generation cache, GiB),
+    impl_moe_dispatch (default dropless, whatever the run trained with), devices, tokenizer
 
 (the `lm_eval` console script does not import this module; use `python -m frontier_jax.eval.lm_eval`
 with the same arguments, or `import frontier_jax.eval.lm_eval` before `lm_eval.simple_evaluate`.)
@@ -11,11 +13,17 @@ Built on lm-eval's `TemplateLM`, so contexts and continuations are split into to
 its `hf` backend does (`_encode_pair`; an empty context becomes the prefix token, bos).  Every
 request is one `windows.Window` scored by the shared `Scorer` (batched, sharded over the mesh):
     loglikelihood(ctx, cont)   = sum_i log p(cont_i | ctx, cont_<i), and whether cont is greedy;
-                                 the window is the last max_length + 1 tokens of ctx + cont
+                                 the window is the last max_length + 1 tokens of ctx + cont; a
+                                 continuation with no token of its own, or with more than
+                                 max_length tokens, is refused (ValueError), as the hf backend
+                                 refuses it (AssertionError)
     loglikelihood_rolling(doc) = lm-eval's own disjoint rolling windows (prefix token, context 1)
     generate_until(ctx, {until, max_gen_toks, ...}) = greedy (or sampled) `infer.Engine` decode
                                  with the stop strings, context left-truncated to
-                                 max_length - max_gen_toks tokens
+                                 max_length - max_gen_toks tokens (max_gen_toks < max_length)
+The engine holds batch_size sequences of max_length tokens (prompt and generation), or as many
+cache blocks as memory_budget_gb GiB hold.  The model computes with dropless expert dispatch
+unless impl_moe_dispatch is given (`runtime.program.inference_impl`).
 """
 
 from __future__ import annotations
@@ -30,9 +38,17 @@ from frontier_jax.eval.config import EvalConfig
 from frontier_jax.eval.model import EvalModel, load_checkpoint, load_hf
 from frontier_jax.eval.run import build_scorer
 from frontier_jax.eval.scorer import batch_split
-from frontier_jax.eval.windows import Window
-from frontier_jax.infer import Engine, SamplingParams
+from frontier_jax.eval.windows import continuation_window
+from frontier_jax.infer import Engine, InferConfig, SamplingParams
 from frontier_jax.parallel.config import MeshConfig
+
+
+def _request_name(key: tuple[str, str] | None) -> str:
+    """A loglikelihood request by the end of its context and the start of its continuation."""
+    if key is None:
+        return "loglikelihood request"
+    context, continuation = key
+    return f"loglikelihood request (context ...{context[-40:]!r}, continuation {continuation[:40]!r})"
 
 
 @register_model("frontier_jax")
@@ -52,6 +68,8 @@ class FrontierJaxLM(TemplateLM):
         mesh_expert: int = 1,
         mesh_tensor: int = 1,
         tokenizer: str | None = None,
+        memory_budget_gb: float = 0.0,
+        impl_moe_dispatch: str | None = None,
         **_ignored,
     ):
         super().__init__()
@@ -61,12 +79,18 @@ class FrontierJaxLM(TemplateLM):
             data=int(mesh_data), fsdp=int(mesh_fsdp), expert=int(mesh_expert), tensor=int(mesh_tensor)
         )
         devices = None if devices is None else int(devices)
+        impl = {} if impl_moe_dispatch is None else {"moe_dispatch": impl_moe_dispatch}
         self.model: EvalModel = (
             load_checkpoint(
-                checkpoint, None if step is None else int(step), mesh=mesh, dtype=dtype, devices=devices
+                checkpoint,
+                None if step is None else int(step),
+                mesh=mesh,
+                dtype=dtype,
+                devices=devices,
+                impl=impl,
             )
             if checkpoint is not None
-            else load_hf(hf, mesh=mesh, dtype=dtype, tokenizer=tokenizer, devices=devices)
+            else load_hf(hf, mesh=mesh, dtype=dtype, tokenizer=tokenizer, devices=devices, impl=impl)
         )
         self.tokenizer = self.model.tokenizer
         self._max_length = int(max_length) if max_length else self.model.train_seq_len
@@ -77,6 +101,9 @@ class FrontierJaxLM(TemplateLM):
         self.scorer, _ = build_scorer(
             self.model, EvalConfig(seq_len=self._max_length, batch_size=batch), progress=False
         )
+        self._infer = InferConfig(
+            max_seqs=batch, max_len=self._max_length, memory_budget_gb=float(memory_budget_gb)
+        ).validate()
         self._engine: Engine | None = None
 
     # ---------------------------------------------------------------- tokens
@@ -97,15 +124,14 @@ class FrontierJaxLM(TemplateLM):
 
     # ---------------------------------------------------------------- log-likelihoods
     def _score(
-        self, pairs: list[tuple[list[int], list[int]]], disable_tqdm: bool
+        self, pairs: list[tuple[list[int], list[int]]], names: list[str], disable_tqdm: bool
     ) -> list[tuple[float, bool]]:
-        """(context ids, continuation ids) -> (sum log p(continuation), continuation is greedy)."""
-        windows = []
-        for context, continuation in pairs:
-            ids = (list(context) + list(continuation))[-(self._max_length + 1) :]
-            scored = np.zeros(len(ids) - 1, np.int32)
-            scored[-len(continuation) :] = 1
-            windows.append(Window(np.asarray(ids[:-1], np.int32), np.asarray(ids[1:], np.int32), scored, 0))
+        """(context ids, continuation ids) -> (sum log p(continuation), continuation is greedy);
+        names[k]: pair k's request, for a refusal."""
+        windows = [
+            continuation_window(context, continuation, window=self._max_length, name=name)
+            for (context, continuation), name in zip(pairs, names)
+        ]
         out = []
         scores = self.scorer.score(windows, desc="loglikelihood")
         for window, (logprob, greedy) in zip(windows, scores):
@@ -117,7 +143,9 @@ class FrontierJaxLM(TemplateLM):
         self, requests, disable_tqdm: bool = False, **kwargs
     ) -> list[tuple[float, bool]]:
         results = self._score(
-            [(context, continuation) for _, context, continuation in requests], disable_tqdm
+            [(context, continuation) for _, context, continuation in requests],
+            [_request_name(key) for key, _, _ in requests],
+            disable_tqdm,
         )
         for (cache_key, _, _), result in zip(requests, results):
             if cache_key is not None:
@@ -125,7 +153,7 @@ class FrontierJaxLM(TemplateLM):
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        pairs, owner = [], []
+        pairs, owner, names = [], [], []
         for k, (string,) in enumerate(req.args for req in requests):
             for window in map(
                 lm_utils.make_disjoint_window,
@@ -138,8 +166,9 @@ class FrontierJaxLM(TemplateLM):
             ):
                 pairs.append(window)
                 owner.append(k)
+                names.append(f"loglikelihood_rolling request {k}")
         totals = [0.0] * len(requests)
-        for k, (logprob, _) in zip(owner, self._score(pairs, disable_tqdm)):
+        for k, (logprob, _) in zip(owner, self._score(pairs, names, disable_tqdm)):
             totals[k] += logprob
         for req, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", (req.args[0],), total)
@@ -148,8 +177,18 @@ class FrontierJaxLM(TemplateLM):
     # ---------------------------------------------------------------- generation
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         if self._engine is None:
-            self._engine = Engine(
-                self.model.program.model(self.model.params, self.model.biases), tokenizer=self.tokenizer
+            context = self.model.program.cfg.model.max_position_embeddings
+            if self._max_length > context:
+                raise ValueError(
+                    f"generate_until: max_length={self._max_length} exceeds the model's context "
+                    f"({context} positions), which bounds the generation cache; lower max_length"
+                )
+            self._engine = Engine.from_program(
+                self.model.program,
+                self.model.params,
+                self.model.biases,
+                tokenizer=self.tokenizer,
+                infer=self._infer,
             )
         prompts, params = [], []
         eos = self.tokenizer.decode([self.eot_token_id])
@@ -159,7 +198,12 @@ class FrontierJaxLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
             temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.get("do_sample", True) else 0.0
-            ids = self.tok_encode(context)[-max(self._max_length - max_new, 1) :]
+            if not 0 < max_new < self._max_length:
+                raise ValueError(
+                    f"generate_until: max_gen_toks={max_new} must be in [1, max_length={self._max_length}) "
+                    "so that the context keeps a token, as lm-eval's hf backend requires"
+                )
+            ids = self.tok_encode(context)[-(self._max_length - max_new) :]
             prompts.append(ids)
             params.append(
                 SamplingParams(

@@ -1,5 +1,6 @@
 """The model under evaluation: a training checkpoint (parameters-only restore) or a Hugging
-Face directory (streamed import), on the evaluation mesh, with its tokenizer."""
+Face directory (streamed import), on the evaluation mesh, with its tokenizer, computed with
+dropless expert dispatch unless impl.* set at load says otherwise (`runtime.program.inference_impl`)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from flax import nnx
 from frontier_jax.convert import from_hf
 from frontier_jax.convert.importer import DTYPE_POLICIES
 from frontier_jax.data.tokenizer import Tokenizer, load_tokenizer
+from frontier_jax.model.config import ImplConfig
 from frontier_jax.model.routing import ExpertBias
 from frontier_jax.parallel.config import MeshConfig
 from frontier_jax.parallel.mesh import build_mesh
 from frontier_jax.precision.config import PrecisionConfig
-from frontier_jax.runtime.program import ModelProgram, ModelSections, build_model_program
+from frontier_jax.runtime.program import ModelProgram, ModelSections, build_model_program, inference_impl
 from frontier_jax.runtime.restore import restore_params
 
 
@@ -56,13 +58,15 @@ def load_checkpoint(
     dtype: str | None,
     model_overrides: dict | None = None,
     devices: int | None = None,
+    impl: dict | None = None,
 ) -> EvalModel:
     """Parameters of `path` (a run dir, its checkpoints/ or one checkpoints/<step>/) on `mesh` over
-    the first `devices` devices (default all)."""
-    restored = restore_params(path, step, mesh=build_mesh(mesh.validate(), _devices(devices)), dtype=dtype)
+    the first `devices` devices (default all); impl: impl.* choices given at load."""
+    restored = restore_params(
+        path, step, mesh=build_mesh(mesh.validate(), _devices(devices)), dtype=dtype, impl=impl
+    )
     _checkpoint_model_matches(restored.config, model_overrides or {}, path)
-    data = restored.config.get("data", {})
-    tokenizer = load_tokenizer(data.get("tokenizer", "byte"), data.get("special_tokens") or {})
+    tokenizer = restored.tokenizer()
     seq_len = restored.config.get("train", {}).get("seq_len", 128)
     return EvalModel(
         restored.program,
@@ -83,15 +87,18 @@ def load_hf(
     dtype: str | None,
     tokenizer: str | None = None,
     devices: int | None = None,
+    impl: dict | None = None,
 ) -> EvalModel:
-    """A Hugging Face DeepseekV3 directory; tokenizer: its tokenizer.json unless given."""
+    """A Hugging Face DeepseekV3 directory; tokenizer: its tokenizer.json unless given; impl:
+    impl.* choices given at load."""
     dtype = dtype or "float32"
     device_mesh = build_mesh(mesh.validate(), _devices(devices))
     from frontier_jax.parallel.rules import RULE_SETS
 
-    model_cfg, model = from_hf(path, dtype=dtype, mesh=device_mesh, rules=RULE_SETS[mesh.rules])
+    impl = inference_impl(ImplConfig(), impl)
+    model_cfg, model = from_hf(path, dtype=dtype, mesh=device_mesh, rules=RULE_SETS[mesh.rules], impl=impl)
     program = build_model_program(
-        ModelSections(model_cfg, mesh, PrecisionConfig(policy=DTYPE_POLICIES[dtype])), mesh=device_mesh
+        ModelSections(model_cfg, mesh, PrecisionConfig(policy=DTYPE_POLICIES[dtype]), impl), mesh=device_mesh
     )
     _, params, biases = nnx.split(model, nnx.Param, ExpertBias)
     if tokenizer is None:

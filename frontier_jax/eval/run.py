@@ -3,7 +3,7 @@ printed table.
 
     results.json = {"source": path, "step": s, "window": T, "stride": S, "config": {...},
                     "datasets": {name: {"ce", "perplexity", "bits_per_byte", "tokens", "bytes",
-                                        "nll", "documents", "windows", "skipped"}},
+                                        "nll", "text_nll", "documents", "windows", "skipped"}},
                     "tasks": {name: {"acc", "acc_norm" | "exact_match", "rows", ...}}}
 The file is written to a temporary name and renamed, so a failed run leaves none half written.
 """
@@ -23,6 +23,7 @@ from frontier_jax.eval.perplexity import evaluate_documents
 from frontier_jax.eval.scorer import Scorer
 from frontier_jax.eval.tasks import Task, run_generate, run_multiple_choice
 from frontier_jax.infer import Engine
+from frontier_jax.runtime.program import inference_impl
 
 
 def build_scorer(model: EvalModel, cfg: EvalConfig, *, progress: bool = True) -> tuple[Scorer, int]:
@@ -93,7 +94,9 @@ def evaluate_tasks(model: EvalModel, scorer: Scorer, tasks: list[Task]) -> dict[
             out[task.name] = run_multiple_choice(task, scorer, model.tokenizer)
         else:
             if engine is None:
-                engine = Engine(model.program.model(model.params, model.biases), tokenizer=model.tokenizer)
+                engine = Engine.from_program(
+                    model.program, model.params, model.biases, tokenizer=model.tokenizer
+                )
             out[task.name] = run_generate(task, engine)
     return out
 
@@ -135,8 +138,10 @@ def training_evaluator(cfg, tokenizer, *, progress: bool = False):
     """`train.loop.train`'s evaluate hook: held-out figures of cfg.eval.data as
     {"eval/<source>/ce", "eval/<source>/perplexity", "eval/<source>/bits_per_byte"}.  The documents
     are read once; the scorer is built on the training mesh at the first call, and again when the
-    program changes (a new context stage: other RoPE scaling).  The window is eval.seq_len, or
-    train.seq_len (with `train.stages`: the top-level one, the same in every stage)."""
+    program changes (a new context stage: other RoPE scaling), computing as
+    `runtime.program.inference_impl` says (dropless expert dispatch whatever training uses, so the
+    figures do not depend on eval.batch_size).  The window is eval.seq_len, or train.seq_len (with
+    `train.stages`: the top-level one, the same in every stage)."""
     context, stride = cfg.eval.window(cfg.train.seq_len, cfg.model.max_position_embeddings)
     run = TrainingRun.of(cfg.to_dict(), cfg.train.steps)
     sources = [read_documents(s, cfg.eval, tokenizer, run) for s in cfg.eval.data]
@@ -146,7 +151,7 @@ def training_evaluator(cfg, tokenizer, *, progress: bool = False):
         if scorers.get("program") is not program:
             scorers["program"] = program
             scorers["scorer"] = Scorer(
-                program,
+                program.with_impl(inference_impl(program.cfg.impl)),
                 params,
                 biases,
                 context=context,

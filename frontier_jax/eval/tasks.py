@@ -39,7 +39,7 @@ from frontier_jax.data.jsonl import read_jsonl_objects
 from frontier_jax.data.tokenizer import Tokenizer
 from frontier_jax.eval.scorer import Scorer
 from frontier_jax.eval.task_checks import check_row, check_settings
-from frontier_jax.eval.windows import Window
+from frontier_jax.eval.windows import Window, continuation_window
 from frontier_jax.infer import Engine, SamplingParams
 
 TYPES = ("multiple_choice", "generate")
@@ -144,28 +144,33 @@ def resolve_task(spec: str) -> Task:
     return load_task(spec) if spec.endswith((".yaml", ".yml")) else builtin_task(spec)
 
 
-def continuation_windows(tokenizer: Tokenizer, pairs: list[tuple[str, str]], context: int) -> list[Window]:
+def continuation_windows(
+    tokenizer: Tokenizer, pairs: list[tuple[str, str]], context: int, names: list[str]
+) -> list[Window]:
     """One window per (prompt, continuation): <bos> prompt continuation, scoring the continuation's
-    tokens, cut to the last `context` pairs."""
-    windows = []
-    for k, (prompt, continuation) in enumerate(pairs):
-        head = [tokenizer.special_id("bos")] + tokenizer.encode(prompt)
-        tail = tokenizer.encode(continuation)
-        ids = np.asarray((head + tail)[-(context + 1) :], np.int32)
-        scored = np.zeros(len(ids) - 1, np.int32)
-        scored[-len(tail) :] = 1
-        windows.append(Window(ids[:-1], ids[1:], scored, k))
-    return windows
+    tokens, the prompt cut from the left to the last `context` pairs (`windows.continuation_window`:
+    an empty continuation or one longer than the window is refused, naming names[k])."""
+    bos = tokenizer.special_id("bos")
+    return [
+        continuation_window(
+            [bos] + tokenizer.encode(prompt),
+            tokenizer.encode(continuation),
+            window=context,
+            sequence=k,
+            name=name,
+        )
+        for k, ((prompt, continuation), name) in enumerate(zip(pairs, names))
+    ]
 
 
 def run_multiple_choice(task: Task, scorer: Scorer, tokenizer: Tokenizer) -> dict:
     rows = task.rows[task.few_shot :]
-    pairs, owner = [], []
+    pairs, names = [], []
     for k, row in enumerate(rows):
         for choice in row[task.choices]:
             pairs.append((task.render(row), choice))
-            owner.append(k)
-    windows = continuation_windows(tokenizer, pairs, scorer.context)
+            names.append(f"task {task.name}, row {task.few_shot + k}, choice {choice!r}")
+    windows = continuation_windows(tokenizer, pairs, scorer.context, names)
     sums = [
         float(np.sum(lp[w.scored.astype(bool)], dtype=np.float64))
         for w, (lp, _) in zip(windows, scorer.score(windows, desc=task.name))

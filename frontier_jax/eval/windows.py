@@ -7,6 +7,12 @@ the pairs [e_{k-1}, e_k) that no earlier window scored: every pair is scored exa
 overlap of T - S pairs is context only (the sliding window of "perplexity of fixed-length
 models").  The last window ends at n.
 
+A continuation c_1..c_m after a context a_1..a_k is scored in one window (`continuation_window`):
+the last T + 1 ids of a + c, flags on the last m pairs, so the sum is
+sum_i log p(c_i | a, c_<i) with the context cut from the left to fit.  It needs k >= 1 and
+1 <= m <= T, as lm-eval's `hf` backend asserts: an empty continuation would score nothing, and
+one longer than the window would lose its own first tokens.
+
 Windows are packed in order into rows of T pairs, each window its own segment (segment ids
 1, 2, ...; positions restart at 0; attention never crosses a segment), padding segment 0.
 """
@@ -14,6 +20,7 @@ Windows are packed in order into rows of T pairs, each window its own segment (s
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -48,6 +55,30 @@ def sliding_windows(ids, scored, *, context: int, stride: int, sequence: int = 0
         windows.append(Window(ids[begin:end], ids[begin + 1 : end + 1], flags, sequence))
         done, begin = end, begin + stride
     return windows
+
+
+def continuation_window(
+    context: Sequence[int], continuation: Sequence[int], *, window: int, sequence: int = 0, name: str = ""
+) -> Window:
+    """The window scoring `continuation` after `context` (module docstring); `name` says which
+    request a refusal is about."""
+    if not continuation:
+        raise ValueError(
+            f"{name}: the continuation has no token of its own (it is empty, or the tokenizer merged "
+            "it into the context's last token), so nothing would be scored; lm-eval's hf backend "
+            "refuses it too"
+        )
+    if len(continuation) > window:
+        raise ValueError(
+            f"{name}: the continuation has {len(continuation)} tokens, more than the {window}-token "
+            "window; lm-eval's hf backend refuses it too: widen the window or shorten the continuation"
+        )
+    if not context:
+        raise ValueError(f"{name}: the context has no token; give at least one (e.g. <bos>)")
+    ids = np.asarray((list(context) + list(continuation))[-(window + 1) :], np.int32)
+    scored = np.zeros(len(ids) - 1, np.int32)
+    scored[-len(continuation) :] = 1
+    return Window(ids[:-1], ids[1:], scored, sequence)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,6 +3,6 @@
 from frontier_jax.infer.config import InferConfig
 from frontier_jax.infer.engine import Engine
 from frontier_jax.infer.sampling import SamplingParams
-from frontier_jax.infer.scheduler import Completion
+from frontier_jax.infer.scheduler import Completion, TokenEvent
 
-__all__ = ["Completion", "Engine", "InferConfig", "SamplingParams"]
+__all__ = ["Completion", "Engine", "InferConfig", "SamplingParams", "TokenEvent"]

@@ -1,6 +1,6 @@
 """Host-side bookkeeping of the paged latent cache: how many blocks, which are free, which
-belong to which sequence.  The device arrays and how steps read and write them are in
-`frontier_jax.model.latent_cache`.
+belong to which sequence (a block may be shared: reference counts, `BlockAllocator.share`).  The
+device arrays and how steps read and write them are in `frontier_jax.model.latent_cache`.
 
 Bytes per cached token: (L + D) (d_c + d_h^R) x itemsize, with L main-model layers and D MTP
 modules (each has an attention layer with its own cache).  The pool has N blocks of P tokens,
@@ -11,9 +11,11 @@ block 0 reserved (the null block):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -98,17 +100,38 @@ def allocate_cache(cfg: ModelConfig, layout: CacheLayout, dtype) -> ModelCache:
     return ModelCache(stack(cfg.first_k_dense), stack(cfg.num_moe_layers), stack(cfg.mtp_depth))
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def copy_blocks(cache: ModelCache, src: jax.Array, dst: jax.Array) -> ModelCache:
+    """The cache with every layer's entries of blocks src [n] copied into blocks dst [n] (a
+    forked sequence's own copy of a partly filled block), donated: updated in place."""
+
+    def copy(values: jax.Array) -> jax.Array:
+        return values.at[:, dst].set(values[:, src])
+
+    return jax.tree.map(copy, cache)
+
+
 class BlockAllocator:
-    """Free list over blocks 1 .. N-1 and each sequence's list of blocks."""
+    """Free list over blocks 1 .. N-1, each sequence's list of blocks and each block's
+    reference count (the sequences whose list holds it).  A block is written only while one
+    sequence holds it: forked samples share the full prompt blocks once their prefill is done
+    (`share`), and only read them.  A block returns to the free list when its last holder
+    releases it."""
 
     def __init__(self, layout: CacheLayout):
         self.layout = layout
         self._free = list(range(layout.num_blocks - 1, NULL_BLOCK, -1))
         self._owned: dict[int, list[int]] = {}
+        self._refs = np.zeros(layout.num_blocks, np.int32)
 
     @property
     def free_blocks(self) -> int:
         return len(self._free)
+
+    @property
+    def used_blocks(self) -> int:
+        """Blocks held by at least one sequence (a shared block counts once)."""
+        return self.layout.num_blocks - 1 - len(self._free)
 
     def blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.layout.block_size)
@@ -117,20 +140,37 @@ class BlockAllocator:
         """Whether sequence `seq_id` can grow to num_tokens with the blocks now free."""
         return self.blocks_for(num_tokens) - len(self._owned.get(seq_id, ())) <= len(self._free)
 
-    def reserve(self, seq_id: int, num_tokens: int) -> list[int]:
-        """Grows sequence seq_id's blocks to cover positions 0 .. num_tokens - 1."""
+    def reserve(self, seq_id: int, num_tokens: int, shared: int = 0) -> list[int]:
+        """Grows sequence seq_id's blocks to cover positions 0 .. num_tokens - 1, but for its
+        first `shared` blocks, which it gets from another sequence later (`share`)."""
         owned = self._owned.setdefault(seq_id, [])
-        missing = self.blocks_for(num_tokens) - len(owned)
+        missing = self.blocks_for(num_tokens) - shared - len(owned)
         if missing > len(self._free):
             raise RuntimeError(
                 f"latent cache full: sequence {seq_id} needs {missing} more blocks, {len(self._free)} free"
             )
         for _ in range(missing):
             owned.append(self._free.pop())
+            self._refs[owned[-1]] = 1
         return owned
 
+    def share(self, parent: int, child: int, num_blocks: int) -> None:
+        """Puts the first num_blocks blocks of `parent` in front of `child`'s own (each one's
+        reference count + 1)."""
+        shared = self._owned[parent][:num_blocks]
+        self._owned[child] = shared + self._owned.get(child, [])
+        self._refs[shared] += 1
+
+    def blocks(self, seq_id: int) -> list[int]:
+        return self._owned.get(seq_id, [])
+
+    def refs(self, block: int) -> int:
+        return int(self._refs[block])
+
     def release(self, seq_id: int) -> None:
-        self._free.extend(reversed(self._owned.pop(seq_id, [])))
+        owned = self._owned.pop(seq_id, [])
+        self._refs[owned] -= 1
+        self._free.extend(b for b in reversed(owned) if self._refs[b] == 0)
 
     def table(self, seq_ids: list[int | None], num_blocks: int) -> np.ndarray:
         """Block table [len(seq_ids), num_blocks] int32; None rows and unused entries: null block."""

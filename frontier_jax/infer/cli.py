@@ -3,13 +3,16 @@
     frontier-jax generate (--hf PATH | --checkpoint RUN_DIR[/checkpoints/STEP])
         (--prompt TEXT ... | --prompts FILE.jsonl) [--max-new-tokens N --temperature T
         --top-p P --top-k K --seed S --speculative mtp --out FILE.jsonl] [infer.key=value ...]
+        [impl.key=value ...]
 
 A prompts file holds one JSON object per line with "prompt" (text) or "prompt_ids" (ints), and
 no other key; --out writes one JSON object per prompt, {"index": k, <Completion fields>}, in
 prompt order, each line flushed as soon as the prompts before it are done (`generate_io.py`).
 Without --out the texts are printed.  A progress bar runs while generating; prompt and
 generated tokens/s at the end.  The arguments, the prompts file and the --out path are checked
-before the model loads.
+before the model loads.  The model computes with dropless expert dispatch whatever the run
+trained with; an impl.moe_dispatch=capacity override wins, with a warning
+(`runtime.program.inference_impl`).
 
 Exit codes: 0 every request completed; 2 a bad argument or file (nothing generated), or every
 request failed; 6 some requests failed (an `error:` line each, and their lines in --out with
@@ -64,12 +67,27 @@ def add_generate_parser(sub) -> None:
     gen.add_argument(
         "--out", help="write the completions as JSONL here, in prompt order as they finish (flushed)"
     )
-    gen.add_argument("overrides", nargs="*", help="infer.* overrides, e.g. infer.max_seqs=16")
+    gen.add_argument(
+        "overrides",
+        nargs="*",
+        help="infer.* and impl.* overrides, e.g. infer.max_seqs=16 impl.attention=cudnn",
+    )
     gen.set_defaults(func=generate_command)
 
 
 def _read_prompts(args) -> list:
     return list(args.prompt) if args.prompt else read_prompts_file(args.prompts)
+
+
+def _section_overrides(overrides: list[str], section: str) -> list[str]:
+    return [o[len(section) + 1 :] for o in overrides if o.startswith(section + ".")]
+
+
+def _impl_overrides(overrides: list[str]) -> dict:
+    """impl.key=value overrides -> {key: value} (checked by `inference_impl` at load)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.from_dotlist(_section_overrides(overrides, "impl")))
 
 
 def _infer_overrides(overrides: list[str]) -> dict:
@@ -79,15 +97,17 @@ def _infer_overrides(overrides: list[str]) -> dict:
 
     from frontier_jax.infer.config import InferConfig
 
-    bad = [o for o in overrides if not o.startswith("infer.") or "=" not in o]
+    bad = [o for o in overrides if not o.startswith(("infer.", "impl.")) or "=" not in o]
     if bad:
         raise ValueError(
-            f"override {bad[0]!r}: generate takes infer.key=value overrides only (e.g. infer.max_seqs=16)"
+            f"override {bad[0]!r}: generate takes infer.key=value and impl.key=value overrides only "
+            "(e.g. infer.max_seqs=16)"
         )
+    overrides = _section_overrides(overrides, "infer")
     if not overrides:
         return {}
     try:
-        given = OmegaConf.from_dotlist([o[len("infer.") :] for o in overrides])
+        given = OmegaConf.from_dotlist(overrides)
         infer = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(InferConfig), given)).validate()
     except OmegaConfBaseException as err:
         raise ValueError(
@@ -121,10 +141,13 @@ def generate_command(args) -> int:
         infer["speculative"] = args.speculative
     if args.out:
         check_output_path(args.out)
+    impl = _impl_overrides(args.overrides)
     if args.hf:
-        engine = Engine.from_hf(args.hf, dtype=args.dtype or "float32", infer=infer, verbose=True)
+        engine = Engine.from_hf(args.hf, dtype=args.dtype or "float32", infer=infer, impl=impl, verbose=True)
     else:
-        engine = Engine.from_checkpoint(args.checkpoint, dtype=args.dtype, infer=infer, verbose=True)
+        engine = Engine.from_checkpoint(
+            args.checkpoint, dtype=args.dtype, infer=infer, impl=impl, verbose=True
+        )
     start = time.perf_counter()
     with open(args.out, "w") if args.out else contextlib.nullcontext() as out:
         on_finish = CompletionsFile(out).add if out else None

@@ -26,6 +26,13 @@ logits by float rounding only.  Speculative decoding stays synchronous.
 Bad requests (empty prompt, ids outside the vocabulary,
 too long, invalid sampling parameters) end at once with finish_reason "error" and a message;
 the others run on.
+
+Hooks for serving and rollouts: `submit(..., on_token=f)` hands each token over as it is appended
+(`TokenEvent`: id, log p, text delta from incremental detokenisation, finish reason);
+`cancel(id)` ends a waiting or running request at once; `SamplingParams.n` samples one prompt n
+times with one prefill (forked cache blocks, `scheduler.py`); `expert_load()` reads the tokens
+each MoE layer routed to each expert (`expert_load.py`); `load_weights` swaps in new parameters
+without recompiling (`Engine.from_program` builds an engine on a model program's mesh).
 """
 
 from __future__ import annotations
@@ -46,16 +53,24 @@ from tqdm import tqdm
 
 from frontier_jax.convert import from_hf
 from frontier_jax.data.tokenizer import Tokenizer, load_tokenizer
-from frontier_jax.infer.cache import CacheLayout, allocate_cache
+from frontier_jax.infer.cache import CacheLayout, allocate_cache, copy_blocks
 from frontier_jax.infer.config import DecodeAttentionImpl, InferConfig, Speculative
+from frontier_jax.infer.detokenize import TextStream
+from frontier_jax.infer.expert_load import ExpertLoad, count_experts, empty_load
 from frontier_jax.infer.sampling import SamplingParams, sample
-from frontier_jax.infer.scheduler import Batch, Completion, Request, Scheduler
+from frontier_jax.infer.scheduler import Batch, Completion, Request, Scheduler, TokenEvent
 from frontier_jax.infer.speculative import MTPDecoder, accept
 from frontier_jax.infer.step import make_decode_step, make_step, pack_decode
+from frontier_jax.infer.weights import swap_weights
 from frontier_jax.model import Transformer
+from frontier_jax.model.config import ImplConfig
 from frontier_jax.model.latent_cache import Pages
+from frontier_jax.model.routing import ExpertBias
+from frontier_jax.parallel.config import MeshConfig
 from frontier_jax.parallel.mesh import state_shardings
 from frontier_jax.parallel.rules import DEFAULT_RULES, use_sharding
+from frontier_jax.precision.config import PrecisionConfig
+from frontier_jax.runtime.program import ModelProgram, ModelSections, inference_impl, model_program
 from frontier_jax.runtime.restore import restore_params
 
 
@@ -67,6 +82,7 @@ class InFlight:
     rows: list[Request]
     tokens: jax.Array
     logprobs: jax.Array
+    experts: jax.Array | None  # [L_moe, B, 1, K] routed experts, counted at read-back
 
 
 def _infer_config(base: InferConfig, changes: InferConfig | dict | None) -> InferConfig:
@@ -106,20 +122,30 @@ class Engine:
         if verbose:
             print(self.layout.describe(self.cfg, dtype))
         graphdef, state = nnx.split(model)
-        self.cache = allocate_cache(self.cfg, self.layout, dtype)
         self.mesh, self.rules = mesh, dict(rules or DEFAULT_RULES)
+        # every device array the steps carry is committed to its placement (as `load_weights`
+        # places new parameters), so that each program compiles once whichever step made it
         if mesh is None:
-            self.state, min_rows = state, 1
+            self.state = jax.tree.map(lambda x: jax.device_put(x, x.sharding), nnx.to_pure_dict(state))
+            replicated, min_rows = jax.tree.leaves(self.state)[0].sharding, 1
         else:
             self.state = jax.device_put(nnx.to_pure_dict(state), state_shardings(state, mesh, self.rules))
-            self.cache = jax.device_put(self.cache, NamedSharding(mesh, PartitionSpec()))
+            replicated = NamedSharding(mesh, PartitionSpec())
             min_rows = math.prod(mesh.shape[a] for a in self.rules["batch"] if a in mesh.shape)
+        self.cache = jax.device_put(allocate_cache(self.cfg, self.layout, dtype), replicated)
+        self._expert_load = (
+            empty_load(self.cfg.num_moe_layers, self.cfg.n_routed_experts, replicated)
+            if self.cfg.num_moe_layers
+            else None
+        )
+        self._counted_tokens = 0
         impl = DecodeAttentionImpl(self.infer.decode_attention_impl).value
         self._prefill = make_step(graphdef, absorbed=False)
         self._decode = make_step(graphdef, absorbed=True, impl=impl)
         self._decode_sample = make_decode_step(graphdef, impl=impl)
         self.scheduler = Scheduler(self.layout, self.infer.max_seqs, self.infer.prefill_chunk, min_rows)
-        self._no_tokens = jnp.zeros(self.scheduler.max_rows, jnp.int32)  # `previous` with nothing in flight
+        # `previous` with nothing in flight
+        self._no_tokens = jax.device_put(jnp.zeros(self.scheduler.max_rows, jnp.int32), replicated)
         self._in_flight: InFlight | None = None
         self._mtp = (
             MTPDecoder(graphdef, self.cfg, self.scheduler, self.infer.prefill_chunk, impl)
@@ -153,15 +179,65 @@ class Engine:
 
     # ----------------------------------------------------------------------- loading
     @classmethod
-    def from_hf(
-        cls, path: str, *, dtype="float32", mesh=None, infer: InferConfig | dict | None = None, **kwargs
+    def from_program(
+        cls,
+        program: ModelProgram,
+        params: dict,
+        biases: dict,
+        *,
+        tokenizer: Tokenizer | None = None,
+        infer: InferConfig | dict | None = None,
+        **kwargs,
     ) -> Engine:
-        """An engine over the Hugging Face checkpoint directory `path` (`convert.from_hf`), with
-        its tokenizer.json when present."""
-        _, model = from_hf(path, dtype=dtype, mesh=mesh, rules=kwargs.get("rules"))
+        """An engine over `program`'s model holding `params` and `biases` (pure dicts: a train
+        state's, `restore_params`'), on the program's mesh with its rules table and expert
+        dispatcher (parameters laid out by the rules, activations constrained by them).  A
+        program whose model has a scalar head (a reward / value model) has no tokens to generate:
+        a one-line error."""
+        head = str(getattr(program.cfg.model, "head", "lm"))
+        if head != "lm":
+            raise ValueError(
+                f"model.head={head}: an Engine generates tokens from a language-model head (model.head=lm); "
+                "score a scalar-head model with a forward pass instead"
+            )
+        return cls(
+            program.model(params, biases),
+            tokenizer=tokenizer,
+            infer=_infer_config(InferConfig(), infer),
+            mesh=program.mesh,
+            rules=program.rules,
+            **kwargs,
+        )
+
+    @classmethod
+    def from_hf(
+        cls,
+        path: str,
+        *,
+        dtype="float32",
+        mesh=None,
+        infer: InferConfig | dict | None = None,
+        impl: Mapping | None = None,
+        **kwargs,
+    ) -> Engine:
+        """An engine over the Hugging Face checkpoint directory `path` (`convert.from_hf`, onto
+        `mesh` or one device), with its tokenizer.json when present; impl: impl.* choices
+        (`runtime.program.inference_impl`)."""
+        impl_config = inference_impl(ImplConfig(), impl)
+        cfg, model = from_hf(path, dtype=dtype, mesh=mesh, impl=impl_config)
+        sections = ModelSections(cfg, MeshConfig(), PrecisionConfig(model.policy.name), impl_config)
+        program = model_program(sections, mesh)
+        _, params, biases = nnx.split(model, nnx.Param, ExpertBias)
         tokenizer_file = Path(path) / "tokenizer.json"
         tokenizer = load_tokenizer(str(tokenizer_file)) if tokenizer_file.is_file() else None
-        return cls(model, tokenizer=tokenizer, infer=_infer_config(InferConfig(), infer), **kwargs)
+        return cls.from_program(
+            program,
+            nnx.to_pure_dict(params),
+            nnx.to_pure_dict(biases),
+            tokenizer=tokenizer,
+            infer=infer,
+            **kwargs,
+        )
 
     @classmethod
     def from_checkpoint(
@@ -172,46 +248,119 @@ class Engine:
         mesh=None,
         dtype=None,
         infer: InferConfig | dict | None = None,
+        impl: Mapping | None = None,
         **kwargs,
     ) -> Engine:
         """An engine over a training run's checkpoint (latest step, or `step`, or the step of a
         checkpoints/STEP path): its parameters only (`runtime.restore.restore_params`, onto
         `mesh`: a Mesh, a MeshConfig or None for one device; floating parameters cast to
-        `dtype`), its config (the `infer` section updated by `infer`) and its tokenizer."""
-        restored = restore_params(run_dir, step, mesh=mesh, dtype=dtype)
+        `dtype`; dropless expert dispatch unless `impl` says otherwise), its config (the `infer`
+        section updated by `infer`) and its tokenizer."""
+        restored = restore_params(run_dir, step, mesh=mesh, dtype=dtype, impl=impl)
         saved = restored.config
-        data = saved.get("data", {})
-        tokenizer = load_tokenizer(data.get("tokenizer", "byte"), data.get("special_tokens") or None)
+        tokenizer = restored.tokenizer()
         saved_infer = OmegaConf.to_object(
             OmegaConf.merge(OmegaConf.structured(InferConfig), saved.get("infer", {}))
         )
-        program = restored.program
-        return cls(
-            restored.model(),
+        return cls.from_program(
+            restored.program,
+            restored.params,
+            restored.biases,
             tokenizer=tokenizer,
             infer=_infer_config(saved_infer, infer),
-            mesh=None if mesh is None else program.mesh,
-            rules=program.rules,
             **kwargs,
         )
 
+    def load_weights(self, params: dict, biases: dict) -> None:
+        """Swaps in new parameters and expert biases (pure dicts of the engine's model config,
+        e.g. a trainer's state after an update, on any mesh and in any dtype): each array is
+        cast to the dtype of the one it replaces and laid out with its sharding, so every
+        compiled step runs on without recompiling (`weights.py`).  Refused while requests run
+        (their cached latents come from the old weights): finish or `cancel` them first.
+        Waiting requests stay queued and run on the new weights.  No cache block outlives the
+        requests holding it, so no latent of the old weights is read afterwards."""
+        running = self.scheduler.running
+        if running:
+            raise RuntimeError(
+                f"load_weights while {len(running)} requests run (ids {', '.join(str(r.id) for r in running[:4])}"
+                f"{', ...' if len(running) > 4 else ''}): step until they finish or cancel them first"
+            )
+        self.state = swap_weights(self.state, params, biases)
+
     # ----------------------------------------------------------------------- requests
-    def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> int:
-        """Queues one request; returns its id.  An invalid request is finished at once with
+    def submit(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        on_token: Callable[[TokenEvent], None] | None = None,
+    ) -> int:
+        """Queues one request; returns its id.  With params.n > 1 it queues n samples of the
+        prompt, ids id .. id + n - 1, prefilled once (`scheduler.py`); sample j draws with
+        seed + j (params.seed, or the engine's seed + its id), so it equals a separate
+        submission with that seed.  on_token(TokenEvent) is called with each generated token as
+        it is appended (`TokenEvent`).  An invalid request is finished at once with
         finish_reason "error" (see `result`)."""
-        request_id, self._next_id = self._next_id, self._next_id + 1
         params = params or SamplingParams()
+        first = self._next_id
+        samples = params.n if isinstance(params.n, int) and params.n > 0 else 1
+        self._next_id += samples
         try:
             params.check()
             prompt_ids = self._prompt_ids(prompt)
+            self._check_samples(params, prompt_ids)
         except ValueError as err:
             ids = list(prompt) if not isinstance(prompt, str) else []
-            self._done[request_id] = Completion(ids, [], None, [], "error", f"request {request_id}: {err}")
-            return request_id
+            for request_id in range(first, first + samples):
+                self._done[request_id] = Completion(
+                    ids, [], None, [], "error", f"request {request_id}: {err}"
+                )
+                if on_token is not None:
+                    on_token(TokenEvent(request_id, None, None, None, "error"))
+            return first
         budget = min(len(prompt_ids) + params.max_new_tokens, self.layout.max_len)
-        seed = params.seed if params.seed is not None else self.seed + request_id
-        self.scheduler.add(Request(request_id, prompt_ids, params, seed, budget))
-        return request_id
+        stop_ids = frozenset(params.stop_token_ids) | (
+            {self.tokenizer.eos_id} if self.tokenizer is not None and not params.ignore_eos else set()
+        )
+        group = [
+            Request(
+                first + j,
+                prompt_ids,
+                params,
+                params.seed + j if params.seed is not None else self.seed + first + j,
+                budget,
+                stop_ids,
+                TextStream(self.tokenizer, params.stop) if self.tokenizer is not None else None,
+                on_token,
+            )
+            for j in range(params.n)
+        ]
+        leader, *followers = group
+        leader.followers = followers
+        for follower in followers:
+            follower.leader = leader
+        self.scheduler.add(leader)
+        return first
+
+    def _check_samples(self, params: SamplingParams, prompt_ids: list[int]) -> None:
+        """Raises ValueError where n samples of the prompt can never run together."""
+        if params.n == 1:
+            return
+        if self._mtp is not None:
+            raise ValueError(
+                f"n={params.n} samples with infer.speculative=mtp: the MTP drafts of forked samples would "
+                "write their shared prompt blocks; submit the samples separately or use infer.speculative=none"
+            )
+        if params.n > self.infer.max_seqs:
+            raise ValueError(f"n={params.n} samples exceed infer.max_seqs={self.infer.max_seqs} decode slots")
+        budget = min(len(prompt_ids) + params.max_new_tokens, self.layout.max_len)
+        needed = self.scheduler.group_blocks(len(prompt_ids), budget, params.n)
+        pool = self.layout.num_blocks - 1
+        if needed > pool:
+            raise ValueError(
+                f"n={params.n} samples need {needed} cache blocks and the cache holds {pool}: lower n or "
+                "max_new_tokens, or raise infer.memory_budget_gb"
+            )
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -241,6 +390,49 @@ class Engine:
     def result(self, request_id: int) -> Completion | None:
         return self._done.get(request_id)
 
+    def cancel(self, request_id: int) -> bool:
+        """Ends request `request_id` at once if it is waiting or running: finish_reason
+        "cancelled" (its tokens and text so far kept), its decode slot and cache blocks freed;
+        the other requests run on unchanged.  False if it has already finished."""
+        if not 0 <= request_id < self._next_id:
+            raise ValueError(f"cancel: no request {request_id} was submitted (ids 0 .. {self._next_id - 1})")
+        request = next((r for r in self._requests() if r.id == request_id), None)
+        if request is None:
+            return False
+        self.scheduler.remove(request)
+        self._finish(request, "cancelled", None)
+        if self._in_flight is not None and all(r.finish_reason for r in self._in_flight.rows):
+            self._in_flight = None  # nothing of it is read: its rows' tokens would all be dropped
+        return True
+
+    def _requests(self):
+        """Every waiting or running request, followers of waiting ones included."""
+        for request in self.scheduler.waiting:
+            yield from request.group
+        yield from self.scheduler.running
+
+    def expert_load(self, *, reset: bool = False) -> ExpertLoad:
+        """Tokens each MoE layer routed to each expert in this engine's forwards since it was
+        built (or last reset): `ExpertLoad(load [L_moe, N_r] assignments, tokens counted)`
+        (`expert_load.py`); a decode step still in flight is counted once read back.  The counts
+        are int32 on the device: reset them from time to time in a long-running server."""
+        if self._expert_load is None:
+            raise ValueError(
+                "expert_load: this model has no MoE layers (model.num_layers == model.first_k_dense)"
+            )
+        load = ExpertLoad(np.asarray(self._expert_load), self._counted_tokens)
+        if reset:
+            self._expert_load = empty_load(*self._expert_load.shape, self._expert_load.sharding)
+            self._counted_tokens = 0
+        return load
+
+    def _count_experts(self, experts: jax.Array | None, counted: np.ndarray) -> None:
+        """Adds the loads of a forward's routed experts (None: no MoE layer) at its `counted`
+        [B, T] positions."""
+        if experts is not None and counted.any():
+            self._expert_load = count_experts(self._expert_load, experts, jnp.asarray(counted))
+            self._counted_tokens += int(counted.sum())
+
     # ----------------------------------------------------------------------- stepping
     def step(self) -> list[int]:
         """One scheduler iteration (module docstring); returns the ids of requests finished in it."""
@@ -264,7 +456,13 @@ class Engine:
                 logits = logits[jnp.arange(logits.shape[0]), jnp.asarray(np.maximum(counts - 1, 0))]
             else:
                 logits = logits[:, 0]
-            finished += self._sample(batch, logits, [b for b, r in enumerate(batch.rows) if not r.prefilling])
+            prefilled = [b for b, r in enumerate(batch.rows) if not r.prefilling]
+            followers, rows = self._fork([batch.rows[b] for b in prefilled], prefilled)
+            finished += self._sample(batch.rows, logits, prefilled)
+            if followers:
+                picked = np.zeros(sched.rows_for(len(followers)), np.int32)
+                picked[: len(rows)] = rows
+                finished += self._sample(followers, logits[jnp.asarray(picked)], range(len(followers)))
         decode_start = time.perf_counter()
         self.stats["prefill_s"] += decode_start - start
         rows = sched.decoding()
@@ -275,6 +473,21 @@ class Engine:
             finished += self._speculative_step(rows)
         self.stats["decode_s"] += time.perf_counter() - decode_start
         return finished
+
+    def _fork(self, prefilled: list[Request], rows: list[int]) -> tuple[list[Request], list[int]]:
+        """Hands the prompt of each request in `prefilled` (its prefill just ended, its logits
+        at batch row rows[i]) to its followers (`Scheduler.fork`) -> (the followers, the logits
+        row each samples its first token from)."""
+        followers, picked, copies = [], [], []
+        for request, row in zip(prefilled, rows):
+            forked, copied = self.scheduler.fork(request)
+            followers += forked
+            picked += [row] * len(forked)
+            copies += copied
+        if copies:
+            src, dst = np.asarray(copies, np.int32).T
+            self.cache = copy_blocks(self.cache, jnp.asarray(src), jnp.asarray(dst))
+        return followers, picked
 
     def _count_decode(self, rows: list[Request]) -> None:
         self.stats["decode_steps"] += 1
@@ -311,7 +524,7 @@ class Engine:
             sched.table(rows, [r.computed + 1 for r in rows], n),
         )
         previous_tokens = previous.tokens if previous else self._no_tokens
-        tokens, logprobs, self.cache = self._decode_sample(
+        tokens, logprobs, self.cache, experts = self._decode_sample(
             self.state, self.cache, previous_tokens, jnp.asarray(packed)
         )
         tokens.copy_to_host_async()
@@ -319,22 +532,25 @@ class Engine:
         self.stats["forwards"] += 1
         for request in rows:
             request.computed += 1
-        return InFlight(rows, tokens, logprobs)
+        return InFlight(rows, tokens, logprobs, experts)
 
     def _read_back(self, step: InFlight) -> list[int]:
         """Appends `step`'s tokens (one transfer) to its rows that are still running; a row
-        finished meanwhile drops its token.  Returns the ids finished now."""
+        finished meanwhile drops its token (and is not counted in the expert loads).  Returns
+        the ids finished now."""
         tokens, logprobs = jax.device_get((step.tokens, step.logprobs))
-        return [
-            r.id
-            for b, r in enumerate(step.rows)
-            if r.finish_reason is None and self._append(r, int(tokens[b]), float(logprobs[b]))
-        ]
+        running = [r.finish_reason is None for r in step.rows]
+        if step.experts is not None:
+            counted = np.zeros(step.experts.shape[1:3], bool)
+            counted[: len(running), 0] = running
+            self._count_experts(step.experts, counted)
+        return [r.id for b, r in enumerate(step.rows) if self._append(r, int(tokens[b]), float(logprobs[b]))]
 
     def _forward(self, step, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        """Runs `step` on `batch`, advances each row's cached length; (logits, hidden)."""
+        """Runs `step` on `batch`, advances each row's cached length, counts its expert loads;
+        (logits, hidden)."""
         pages = Pages(jnp.asarray(batch.block_table), jnp.asarray(batch.write))
-        logits, hidden, self.cache = step(
+        logits, hidden, self.cache, experts = step(
             self.state,
             self.cache,
             jnp.asarray(batch.ids),
@@ -342,6 +558,7 @@ class Engine:
             pages,
             jnp.asarray(batch.select),
         )
+        self._count_experts(experts, batch.write)
         self.stats["forwards"] += 1
         for request, count in zip(batch.rows, batch.write.sum(1)):
             request.computed += int(count)
@@ -393,44 +610,51 @@ class Engine:
                     break
         return finished
 
-    def _sample(self, batch: Batch, logits: jax.Array, rows) -> list[int]:
-        """Samples the next token of batch rows `rows` from logits [B, V]; returns finished ids."""
+    def _sample(self, requests: list[Request], logits: jax.Array, rows) -> list[int]:
+        """Samples the next token of requests[b] from logits[b] ([n, V], n >= len(requests))
+        and appends it for b in `rows`; returns the finished ids."""
         if not rows:
             return []
-        tokens, logprobs = sample(logits, *self._sampling_arrays(batch.rows, logits.shape[0]))
+        tokens, logprobs = sample(logits, *self._sampling_arrays(requests, logits.shape[0]))
         tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
-        finished = []
-        for b in rows:
-            request = batch.rows[b]
-            if self._append(request, int(tokens[b]), float(logprobs[b])):
-                finished.append(request.id)
-        return finished
+        return [requests[b].id for b in rows if self._append(requests[b], int(tokens[b]), float(logprobs[b]))]
 
     def _append(self, request: Request, token: int, logprob: float) -> bool:
-        """Adds a generated token; finishes and retires the request when it ends."""
+        """Adds a generated token, hands it over (`on_token`); finishes and retires the request
+        when it ends.  A request that has ended already (a stop in an earlier step, `cancel`)
+        drops the token."""
+        if request.finish_reason is not None:
+            return False
         request.output_ids.append(token)
         request.logprobs.append(logprob)
         self.stats["generated_tokens"] += 1
-        params, tok = request.params, self.tokenizer
-        stops = set(params.stop_token_ids) | (
-            {tok.eos_id} if tok is not None and not params.ignore_eos else set()
-        )
-        out = request.output_ids
-        if token in stops:
-            request.finish_reason, out = "stop", out[:-1]
-        text = tok.decode(out) if tok is not None else None
-        if text is not None and request.finish_reason is None:
-            hits = [text.index(s) for s in params.stop if s in text]
-            if hits:
-                request.finish_reason, text = "stop", text[: min(hits)]
+        text = None if request.stream is None else ""
+        if token in request.stop_ids:
+            request.finish_reason = "stop"
+        elif request.stream is not None:
+            text, stopped = request.stream.push(token)
+            request.finish_reason = "stop" if stopped else None
         if request.finish_reason is None and request.reaches_limit():
             request.finish_reason = "length"
         if request.finish_reason is None:
+            if request.on_token is not None:
+                request.on_token(TokenEvent(request.id, token, logprob, text, None))
             return False
-        request.text = text
         self.scheduler.retire(request)
-        self._done[request.id] = request.completion()
+        self._finish(request, request.finish_reason, (token, logprob, text))
         return True
+
+    def _finish(self, request: Request, reason: str, last: tuple | None) -> None:
+        """Records `request` as ended for `reason` (its text completed) and hands over its last
+        event: the token `last` = (id, logprob, text so far of the delta), or none."""
+        token, logprob, text = last or (None, None, None if request.stream is None else "")
+        if request.stream is not None:
+            text += request.stream.finish()
+            request.text = request.stream.text
+        request.finish_reason = reason
+        self._done[request.id] = request.completion()
+        if request.on_token is not None:
+            request.on_token(TokenEvent(request.id, token, logprob, text, reason))
 
     # ----------------------------------------------------------------------- batch API
     def generate(
@@ -441,13 +665,18 @@ class Engine:
         progress: bool = False,
         on_finish: Callable[[int, Completion], None] | None = None,
     ) -> list[Completion]:
-        """Runs every prompt to completion (continuous batching); completions in prompt order.
-        `on_finish(k, completion)` is called as prompt k's request finishes (in finishing order)."""
+        """Runs every prompt to completion (continuous batching); completions in prompt order,
+        the n samples of a prompt (`SamplingParams.n`) one after another.  `on_finish(k,
+        completion)` is called as the k-th of those completions finishes (in finishing order)."""
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts; give one or one each")
-        ids = [self.submit(prompt, p) for prompt, p in zip(prompts, params)]
+        ids, total = [], 0
+        for prompt, p in zip(prompts, params):
+            first = self.submit(prompt, p)
+            ids += range(first, self._next_id)
+            total += 0 if first in self._done else p.max_new_tokens * p.n
         index = {request_id: k for k, request_id in enumerate(ids)}
 
         def report(finished) -> None:
@@ -456,7 +685,6 @@ class Engine:
                     on_finish(index[request_id], self._done[request_id])
 
         report([i for i in ids if i in self._done])  # invalid requests, finished at submission
-        total = sum(p.max_new_tokens for i, p in zip(ids, params) if i not in self._done)
         with tqdm(total=total, unit="tok", desc="generate", disable=not progress) as bar:
             while not self.scheduler.idle:
                 before = self.stats["generated_tokens"]

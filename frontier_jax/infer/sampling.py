@@ -22,7 +22,9 @@ class SamplingParams:
     """How one request is continued.  max_new_tokens: tokens to generate at most;
     temperature: 0 = greedy; top_k: 0 = off; top_p in (0, 1] (1 = off); seed: None = derived
     from the request's index; stop_token_ids / stop: token ids and strings that end the
-    generation (the tokenizer's eos is added unless ignore_eos)."""
+    generation (the tokenizer's eos is added unless ignore_eos); n: samples of the prompt,
+    requests of consecutive ids that share its prefill (`Engine.submit`), sample j drawing with
+    seed + j."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -32,6 +34,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    n: int = 1
 
     def check(self) -> None:
         """Raises ValueError naming the first invalid field and its allowed range."""
@@ -49,6 +52,8 @@ class SamplingParams:
             isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**32
         ):
             raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2^32)")
+        if not isinstance(self.n, int) or self.n <= 0:
+            raise ValueError(f"n={self.n!r} must be a positive integer (samples of the prompt)")
 
 
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:

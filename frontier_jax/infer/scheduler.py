@@ -6,16 +6,28 @@ Admission reserves the blocks of a request's whole budget (prompt + max_new_toke
 infer.max_len, plus the layout's lookahead: the draft positions a speculative verification
 writes past the last kept token), so a running request never waits for memory and nothing is preempted; a
 request that does not fit yet waits until retirements free enough blocks.
+
+Forked samples (`SamplingParams.n`): the n samples of one prompt are admitted together; the
+first (the leader) prefills the prompt, the others (its followers) wait in their slots with
+blocks of their own for all but the F = floor(prompt / P) full prompt blocks: n ceil(budget / P)
+- (n - 1) F blocks instead of n ceil(budget / P).  When the leader's prefill ends, `fork` hands
+each follower the prompt: the leader's F full blocks, shared (reference-counted, only read from
+then on), and a copy of its partly filled last prompt block in the follower's own block at that
+index (`cache.copy_blocks`), so a block is written only while one sequence holds it; each sample
+then decodes on its own.  A leader cancelled before its prefill ends hands the prefill and its
+full prompt blocks on to its first follower.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from frontier_jax.infer.cache import BlockAllocator, CacheLayout
+from frontier_jax.infer.detokenize import TextStream
 from frontier_jax.infer.sampling import SamplingParams
 
 
@@ -23,7 +35,8 @@ from frontier_jax.infer.sampling import SamplingParams
 class Completion:
     """The result of one request: prompt and generated token ids, the generated text (stop
     string excluded), log p_model of each generated token, and why it ended: "stop" (stop
-    token or string), "length" (max_new_tokens or infer.max_len) or "error" (see `error`)."""
+    token or string), "length" (max_new_tokens or infer.max_len), "cancelled" (`Engine.cancel`)
+    or "error" (see `error`)."""
 
     prompt_ids: list[int]
     output_ids: list[int]
@@ -33,13 +46,33 @@ class Completion:
     error: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
+class TokenEvent:
+    """What `Engine.submit(on_token=...)` hands over for each generated token of request
+    `request_id`: the token id, log p_model(token), the text it adds (None without a
+    tokenizer; text that might start a stop string comes with a later token, `detokenize.py`)
+    and the finish reason when the request ends with it.  A request that ends without a new
+    token (an invalid request, `Engine.cancel`) hands over one event with token None."""
+
+    request_id: int
+    token: int | None
+    logprob: float | None
+    text: str | None
+    finish_reason: str | None
+
+
+@dataclass(eq=False)  # one request is equal only to itself
 class Request:
     id: int
     prompt_ids: list[int]
     params: SamplingParams
     seed: int
     budget: int  # tokens the request may occupy in the cache: prompt + generation
+    stop_ids: frozenset[int] = frozenset()  # token ids that end the generation
+    stream: TextStream | None = None  # the generated text (None without a tokenizer)
+    on_token: Callable[[TokenEvent], None] | None = None
+    leader: Request | None = None  # the sample that prefills this follower's prompt (`fork`)
+    followers: list[Request] = field(default_factory=list)  # samples waiting for this prefill
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     computed: int = 0  # leading tokens whose latent is in the cache
@@ -70,6 +103,11 @@ class Request:
     @property
     def prefilling(self) -> bool:
         return self.computed < len(self.prompt_ids)
+
+    @property
+    def group(self) -> list[Request]:
+        """This request and the followers admitted with it."""
+        return [self, *self.followers]
 
     def completion(self) -> Completion:
         return Completion(self.prompt_ids, self.output_ids, self.text, self.logprobs, self.finish_reason)
@@ -107,17 +145,68 @@ class Scheduler:
         return not self.waiting and not self.running
 
     def add(self, request: Request) -> None:
+        """Queues `request` with its followers (`Request.followers`), admitted together."""
         self.waiting.append(request)
 
+    def group_blocks(self, prompt: int, budget: int, samples: int) -> int:
+        """Blocks that `samples` forked samples of a `prompt`-token prompt with a cache budget of
+        `budget` tokens each take: the shared full prompt blocks once."""
+        own = self.alloc.blocks_for(budget + self.layout.lookahead)
+        return own + (samples - 1) * (own - prompt // self.layout.block_size)
+
+    def shared_blocks(self, request: Request) -> int:
+        """The full prompt blocks that forked samples share: floor(prompt / P)."""
+        return len(request.prompt_ids) // self.layout.block_size
+
     def admit(self) -> None:
-        """Moves waiting requests into free decode slots, first come first served."""
-        while self.waiting and len(self.running) < self.max_seqs:
+        """Moves waiting requests (with their followers) into free decode slots, first come
+        first served."""
+        while self.waiting and len(self.running) + len(self.waiting[0].group) <= self.max_seqs:
             request = self.waiting[0]
-            tokens = request.budget + self.layout.lookahead
-            if not self.alloc.can_hold(request.id, tokens):
+            needed = self.group_blocks(len(request.prompt_ids), request.budget, len(request.group))
+            if needed > self.alloc.free_blocks:
                 return
+            tokens = request.budget + self.layout.lookahead
             self.alloc.reserve(request.id, tokens)
-            self.running.append(self.waiting.popleft())
+            for follower in request.followers:
+                self.alloc.reserve(follower.id, tokens, shared=self.shared_blocks(request))
+            self.running += self.waiting.popleft().group
+
+    def fork(self, request: Request) -> tuple[list[Request], list[tuple[int, int]]]:
+        """The followers of `request`, whose prefill just ended, get its prompt: (followers,
+        (source, destination) blocks to copy: the partly filled last prompt block)."""
+        followers, request.followers = request.followers, []
+        shared, copies = self.shared_blocks(request), []
+        for follower in followers:
+            follower.leader, follower.computed = None, request.computed
+            self.alloc.share(request.id, follower.id, shared)
+            if len(request.prompt_ids) % self.layout.block_size:
+                copies.append((self.alloc.blocks(request.id)[shared], self.alloc.blocks(follower.id)[shared]))
+        return followers, copies
+
+    def remove(self, request: Request) -> None:
+        """Takes `request` out of the queue or its slot (blocks freed), wherever it is; its
+        followers go on without it (the first takes over a prefill not finished yet, with the
+        full prompt blocks)."""
+        running, heir = request in self.running, None
+        if request.leader is not None:
+            request.leader.followers.remove(request)
+        elif request.followers:
+            (heir, *rest), request.followers = request.followers, []
+            heir.leader, heir.followers = None, rest
+            for follower in rest:
+                follower.leader = heir
+            if running:
+                shared = self.shared_blocks(request)
+                self.alloc.share(request.id, heir.id, shared)
+                heir.computed = min(request.computed, shared * self.layout.block_size)
+        if running:
+            self.retire(request)
+        elif request in self.waiting:
+            position = self.waiting.index(request)
+            del self.waiting[position]
+            if heir is not None:
+                self.waiting.insert(position, heir)
 
     def retire(self, request: Request) -> None:
         self.alloc.release(request.id)
@@ -130,7 +219,7 @@ class Scheduler:
     def prefill_batch(self, all_positions: bool = False) -> Batch | None:
         """The next prompt chunk of every prefilling request; logits at each chunk's last token
         (at every position with all_positions)."""
-        rows = [r for r in self.running if r.prefilling]
+        rows = [r for r in self.running if r.prefilling and r.leader is None]
         if not rows:
             return None
         counts = [min(self.prefill_chunk, len(r.prompt_ids) - r.computed) for r in rows]

@@ -33,6 +33,7 @@ from flax import nnx
 from frontier_jax.infer.sampling import filter_logits, token_keys
 from frontier_jax.infer.scheduler import Request, Scheduler, bucket
 from frontier_jax.model.config import ModelConfig
+from frontier_jax.model.extend_context import ExtendContext
 from frontier_jax.model.latent_cache import Pages
 
 
@@ -43,7 +44,7 @@ def make_draft_step(graphdef: nnx.GraphDef, *, absorbed: bool, impl: str = "xla"
 
     def step(state, cache, g0, ahead, known, positions, pages, select):
         model = nnx.merge(graphdef, state)
-        return model.draft(g0, ahead, known, positions, select, cache, pages, absorbed=absorbed, impl=impl)
+        return model.draft(g0, ahead, known, positions, select, cache, ExtendContext(pages, absorbed, impl))
 
     return jax.jit(step, donate_argnums=(1,))
 

@@ -2,7 +2,8 @@
 the paged latent cache (donated, so it is updated in place), logits at chosen positions.
 
     step(state, cache, ids [B, T], positions [B, T], pages, select [B, K])
-        -> (logits [B, K, vocab] fp32, final-normed hidden g [B, K, d], cache)
+        -> (logits [B, K, vocab] fp32, final-normed hidden g [B, K, d], cache,
+            routed experts [L_moe, B, T, K_r] or None)
 
 Prefill chunks take the expanded MLA path, decode steps the absorbed one (`MLA.extend`).  jax.jit
 compiles once per shape; the engine pads B, T and the block table's width to a few buckets so
@@ -10,13 +11,15 @@ that a handful of programs serve every request mix.
 
 Plain decoding runs one program per step that also picks its input tokens and samples:
 
-    decode(state, cache, previous [R], packed [B, 9 + M]) -> (tokens [R], logprobs [B], cache)
+    decode(state, cache, previous [R], packed [B, 9 + M])
+        -> (tokens [R], logprobs [B], cache, routed experts [L_moe, B, 1, K_r] or None)
 
 row b's input token is previous[source_b] (the token the previous step sampled for that request,
 still on the device) when source_b >= 0, else the host's token_b; `packed` holds every per-row
 host input in one int32 array (`pack_decode`: one transfer per step), floats and seeds by their
 bits; tokens come back padded to R rows (R = the most rows of a step), so that they can feed the
-next step whatever its bucket.
+next step whatever its bucket.  The routed experts stay on the device: the engine counts the
+real rows' expert loads from them (`expert_load.count_experts`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from frontier_jax.infer.sampling import SamplingParams, sample
+from frontier_jax.model.extend_context import ExtendContext
 from frontier_jax.model.latent_cache import Pages
 
 # columns of the packed decode inputs, then the block table
@@ -39,13 +43,14 @@ TOKEN, SOURCE, POSITION, WRITE, SEED, COUNTER, TOP_K, TEMPERATURE, TOP_P = range
 @functools.cache
 def make_step(graphdef: nnx.GraphDef, *, absorbed: bool, impl: str = "xla") -> Callable:
     """The jitted step of a model with graph definition `graphdef` (module docstring); one per
-    graph definition, so that engines over the same architecture share compiled programs."""
+    graph definition, so that engines over the same architecture share compiled programs.
+    impl: the absorbed path's attention core (`infer.decode_attention_impl`)."""
 
     def step(state, cache, ids, positions, pages: Pages, select):
         model = nnx.merge(graphdef, state)
-        g, cache = model.extend(ids, positions, cache, pages, absorbed=absorbed, impl=impl)
+        g, cache, experts = model.extend(ids, positions, cache, ExtendContext(pages, absorbed, impl))
         g = jnp.take_along_axis(g, select[..., None], axis=1)
-        return model.logits_from_hidden(g), g, cache
+        return model.logits_from_hidden(g), g, cache, experts
 
     return jax.jit(step, donate_argnums=(1,))
 
@@ -93,7 +98,9 @@ def make_decode_step(graphdef: nnx.GraphDef, *, impl: str = "xla") -> Callable:
         source = column(SOURCE)
         ids = jnp.where(source >= 0, previous[jnp.maximum(source, 0)], column(TOKEN))[:, None]
         pages = Pages(packed[:, TOP_P + 1 :], (column(WRITE) > 0)[:, None])
-        g, cache = model.extend(ids, column(POSITION)[:, None], cache, pages, absorbed=True, impl=impl)
+        g, cache, experts = model.extend(
+            ids, column(POSITION)[:, None], cache, ExtendContext(pages, True, impl)
+        )
         tokens, logprobs = sample(
             model.logits_from_hidden(g)[:, 0],
             bits(column(TEMPERATURE)),
@@ -102,6 +109,6 @@ def make_decode_step(graphdef: nnx.GraphDef, *, impl: str = "xla") -> Callable:
             jax.lax.bitcast_convert_type(column(SEED), jnp.uint32),
             column(COUNTER),
         )
-        return jax.lax.dynamic_update_slice(jnp.zeros_like(previous), tokens, (0,)), logprobs, cache
+        return jax.lax.dynamic_update_slice(jnp.zeros_like(previous), tokens, (0,)), logprobs, cache, experts
 
     return jax.jit(step, donate_argnums=(1,))

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from frontier_jax.model.config import ImplConfig, ModelConfig
-from frontier_jax.model.latent_cache import LatentCache, Pages
+from frontier_jax.model.extend_context import ExtendContext
+from frontier_jax.model.latent_cache import LatentCache
 from frontier_jax.model.layers import RMSNorm
 from frontier_jax.model.mla import MLA
 from frontier_jax.model.mlp import SwiGLU
@@ -68,36 +69,28 @@ class Block(nnx.Module):
             )
 
     def __call__(self, x: jax.Array, inputs: SequenceInputs) -> tuple[jax.Array, MoEStats | None]:
-        return self._ffn_residual(
-            x + self.attn(self.attn_norm(x), inputs.positions, inputs.segment_ids), inputs
-        )
+        h = x + self.attn(self.attn_norm(x), inputs.positions, inputs.segment_ids)
+        return self._ffn_residual(h, lambda u: self.ffn(u, inputs.token_mask))
 
     def extend(
-        self,
-        x: jax.Array,
-        inputs: SequenceInputs,
-        cache: LatentCache,
-        layer,
-        pages: Pages,
-        *,
-        absorbed: bool,
-        impl: str = "xla",
-    ) -> tuple[jax.Array, LatentCache]:
+        self, x: jax.Array, inputs: SequenceInputs, cache: LatentCache, layer, ctx: ExtendContext
+    ) -> tuple[jax.Array, LatentCache, jax.Array | None]:
         """The block over T new tokens per row attending to their cached sequence
-        (`MLA.extend`): x [B, T, d] -> (y [B, T, d], cache with layer `layer` written)."""
-        u, cache = self.attn.extend(
-            self.attn_norm(x), inputs.positions, cache, layer, pages, absorbed=absorbed, impl=impl
-        )
-        return self._ffn_residual(x + u, inputs)[0], cache
+        (`MLA.extend`): x [B, T, d] -> (y [B, T, d], cache with layer `layer` written, the
+        experts each token is routed to [B, T, K] int32 or None in a dense block)."""
+        u, cache = self.attn.extend(self.attn_norm(x), inputs.positions, cache, layer, ctx)
+        y, experts = self._ffn_residual(x + u, lambda u: self.ffn.routed(u, inputs.token_mask))
+        return y, cache, experts
 
-    def _ffn_residual(self, h: jax.Array, inputs: SequenceInputs) -> tuple[jax.Array, MoEStats | None]:
-        """h after attention -> h + FFN(RMSNorm(h))."""
+    def _ffn_residual(self, h: jax.Array, moe):
+        """h after attention -> (h + FFN(RMSNorm(h)), what `moe` returns besides its output, or
+        None in a dense block); moe(u) runs the MoE layer on the normed u."""
         h = constrain(h, ("batch", "seq", "embed"))
         if self.is_moe:
-            out, stats = self.ffn(self.ffn_norm(h), inputs.token_mask)
+            out, aux = moe(self.ffn_norm(h))
         else:
-            out, stats = self.ffn(self.ffn_norm(h)), None
-        return constrain(h + out, ("batch", "seq", "embed")), stats
+            out, aux = self.ffn(self.ffn_norm(h)), None
+        return constrain(h + out, ("batch", "seq", "embed")), aux
 
 
 def _remat(fn, policy_name: str, *, scanned: bool):
@@ -186,26 +179,19 @@ class LayerStack(nnx.Module):
         return apply_layers(layer, x, state, scan=self.scan_layers)
 
     def extend(
-        self,
-        x: jax.Array,
-        inputs: SequenceInputs,
-        cache: LatentCache,
-        pages: Pages,
-        *,
-        absorbed: bool,
-        impl: str = "xla",
-    ) -> tuple[jax.Array, LatentCache]:
+        self, x: jax.Array, inputs: SequenceInputs, cache: LatentCache, ctx: ExtendContext
+    ) -> tuple[jax.Array, LatentCache, jax.Array | None]:
         """`Block.extend` through the L layers; cache [L, ...] is carried whole from layer to
-        layer (each writes its new tokens in place) -> (x after all layers, cache)."""
+        layer (each writes its new tokens in place) -> (x after all layers, cache, the routed
+        experts [L, B, T, K] of an MoE stack or None)."""
         graphdef, state = nnx.split(self.blocks)
 
         def body(carry, xs):
             h, cache = carry
             layer_state, layer = xs
-            return nnx.merge(graphdef, layer_state).extend(
-                h, inputs, cache, layer, pages, absorbed=absorbed, impl=impl
-            ), None
+            h, cache, experts = nnx.merge(graphdef, layer_state).extend(h, inputs, cache, layer, ctx)
+            return (h, cache), experts
 
         layers = (state, jnp.arange(self.num_layers))
-        (x, cache), _ = apply_layers(body, (x, cache), layers, scan=self.scan_layers)
-        return x, cache
+        (x, cache), experts = apply_layers(body, (x, cache), layers, scan=self.scan_layers)
+        return x, cache, experts

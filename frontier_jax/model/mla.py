@@ -42,7 +42,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from frontier_jax.model.attention import cached_latent_attention, dot_product_attention
 from frontier_jax.model.config import AttentionImpl, ModelConfig
-from frontier_jax.model.latent_cache import LatentCache, Pages, read_latent, write_latent
+from frontier_jax.model.extend_context import ExtendContext
+from frontier_jax.model.latent_cache import LatentCache, read_latent, write_latent
 from frontier_jax.model.layers import Linear, RMSNorm, project_jointly
 from frontier_jax.model.rope import RotaryEmbedding, softmax_scale
 from frontier_jax.parallel.rules import constrain
@@ -141,12 +142,12 @@ class MLA(nnx.Module):
         return self.wo(o)
 
     def attend_absorbed(
-        self, q_nope, q_rope, cache: LatentCache, layer, block_table, positions, *, impl: str = "xla"
+        self, q_nope, q_rope, cache: LatentCache, layer, positions, ctx: ExtendContext
     ) -> jax.Array:
         """The absorbed path (module docstring): q^C [B, T, H, d_h], q^R [B, T, H, d_h^R] against
         the latent c^KV, k^R of layer `layer` of the paged cache (the rows' blocks in
-        block_table [B, M]), queries at positions [B, T] seeing keys j <= position; the attention
-        core `impl` (`attention.cached_latent_attention`); returns u [B, T, d]."""
+        ctx.pages.block_table [B, M]), queries at positions [B, T] seeing keys j <= position; the
+        attention core ctx.attention (`attention.cached_latent_attention`); returns u [B, T, d]."""
         dtype = self.wk_b.policy.compute_dtype
         w_uk, w_uv = self.wk_b.kernel[...].astype(dtype), self.wv_b.kernel[...].astype(dtype)
         q_latent = jnp.einsum(
@@ -157,10 +158,10 @@ class MLA(nnx.Module):
             q_rope.astype(dtype),
             cache,
             layer,
-            block_table,
+            ctx.pages.block_table,
             positions,
             scale=self.scale,
-            impl=impl,
+            impl=ctx.attention,
         )
         o = jnp.einsum("bthc,chv->bthv", o_latent, w_uv, preferred_element_type=jnp.float32).astype(dtype)
         return self.wo(constrain(o, ("batch", "seq", "heads", "v_head")))
@@ -171,22 +172,19 @@ class MLA(nnx.Module):
         positions: jax.Array,
         cache: LatentCache,
         layer,
-        pages: Pages,
-        *,
-        absorbed: bool,
-        impl: str = "xla",
+        ctx: ExtendContext,
     ) -> tuple[jax.Array, LatentCache]:
         """Self-attention of T new tokens per row over their sequence's cached tokens and
         themselves: x [B, T, d] at positions [B, T] (consecutive per row) -> (u [B, T, d], the
-        cache with the new tokens' c^KV, k^R written into layer `layer`).  absorbed=False: the
-        expanded path (prefill chunks), True: the absorbed path (decode, `impl` its kernel)."""
+        cache with the new tokens' c^KV, k^R written into layer `layer` at ctx.pages).
+        ctx.absorbed False: the expanded path (prefill chunks), True: the absorbed path (decode,
+        ctx.attention its kernel)."""
         q, kv, k_rope = project_jointly(x, [self._q_down, self.wkv_a, self.wk_rope])
         q_nope, q_rope = self._query(q, positions)
-        cache = write_latent(cache, layer, *self._latent(kv, k_rope, positions), positions, pages)
-        if absorbed:
-            u = self.attend_absorbed(q_nope, q_rope, cache, layer, pages.block_table, positions, impl=impl)
-            return u, cache
-        c_kv, k_rope = read_latent(cache, layer, pages.block_table)
+        cache = write_latent(cache, layer, *self._latent(kv, k_rope, positions), positions, ctx.pages)
+        if ctx.absorbed:
+            return self.attend_absorbed(q_nope, q_rope, cache, layer, positions, ctx), cache
+        c_kv, k_rope = read_latent(cache, layer, ctx.pages.block_table)
         dtype = self.wk_b.policy.compute_dtype
         return self.attend(q_nope, q_rope, c_kv.astype(dtype), k_rope, q_offset=positions[:, 0]), cache
 

@@ -150,13 +150,7 @@ class MoE(nnx.Module):
 
     def __call__(self, x: jax.Array, token_mask: jax.Array) -> tuple[jax.Array, MoEStats]:
         """x [B, T, d], token_mask [B, T] (1 = real token) -> ([B, T, d], MoEStats)."""
-        b, t, d = x.shape
-        flat = x.reshape(b * t, d)
-        routing = self.router(flat)
-        routed, dropped, a2a_bytes = self.experts(flat, routing, token_mask.reshape(-1))
-        y = routed.reshape(b, t, d)
-        if self.cfg.n_shared_experts:
-            y = y + self.shared(x)
+        y, routing, dropped, a2a_bytes = self._mix(x, token_mask)
         load = (
             jnp.zeros((self.cfg.n_routed_experts,), jnp.float32)
             .at[routing.experts]
@@ -169,4 +163,22 @@ class MoE(nnx.Module):
             groups_per_token(routing.experts, self.cfg),
             a2a_bytes,
         )
-        return constrain(y, ("batch", "seq", "embed")), stats
+        return y, stats
+
+    def routed(self, x: jax.Array, token_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """`__call__` without the statistics, for inference: x [B, T, d], token_mask [B, T] ->
+        ([B, T, d], the K experts each token is routed to [B, T, K] int32)."""
+        y, routing, _, _ = self._mix(x, token_mask)
+        return y, routing.experts.reshape(*x.shape[:2], -1)
+
+    def _mix(self, x: jax.Array, token_mask: jax.Array):
+        """x [B, T, d] -> (eq. 12's output [B, T, d], Routing over the B T tokens, dropped
+        assignments, all-to-all bytes)."""
+        b, t, d = x.shape
+        flat = x.reshape(b * t, d)
+        routing = self.router(flat)
+        routed, dropped, a2a_bytes = self.experts(flat, routing, token_mask.reshape(-1))
+        y = routed.reshape(b, t, d)
+        if self.cfg.n_shared_experts:
+            y = y + self.shared(x)
+        return constrain(y, ("batch", "seq", "embed")), routing, dropped, a2a_bytes

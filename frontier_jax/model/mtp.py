@@ -23,7 +23,8 @@ from flax import nnx
 
 from frontier_jax.model.block import Block, SequenceInputs, prepend_logical_axis
 from frontier_jax.model.config import ImplConfig, ModelConfig
-from frontier_jax.model.latent_cache import LatentCache, Pages
+from frontier_jax.model.extend_context import ExtendContext
+from frontier_jax.model.latent_cache import LatentCache
 from frontier_jax.model.layers import Linear, RMSNorm
 from frontier_jax.model.moe import MoEStats
 from frontier_jax.ops.dispatch import ExpertDispatcher, LocalExperts
@@ -68,15 +69,12 @@ class MTPModule(nnx.Module):
         inputs: SequenceInputs,
         cache: LatentCache,
         layer,
-        pages: Pages,
-        *,
-        absorbed: bool,
-        impl: str = "xla",
+        ctx: ExtendContext,
     ) -> tuple[jax.Array, LatentCache]:
         """`__call__` over T new positions per row attending to this depth's cached positions
         (`Block.extend`, cache layer `layer`) -> (g^k [B, T, d], cache)."""
         x = jnp.concatenate([self.emb_norm(emb_ahead), self.hidden_norm(g_prev).astype(emb_ahead.dtype)], -1)
-        h, cache = self.block.extend(self.proj(x), inputs, cache, layer, pages, absorbed=absorbed, impl=impl)
+        h, cache, _ = self.block.extend(self.proj(x), inputs, cache, layer, ctx)
         return self.out_norm(h), cache
 
 

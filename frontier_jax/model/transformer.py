@@ -21,7 +21,8 @@ from flax import nnx
 
 from frontier_jax.model.block import LayerStack, SequenceInputs
 from frontier_jax.model.config import ImplConfig, ModelConfig
-from frontier_jax.model.latent_cache import ModelCache, Pages
+from frontier_jax.model.extend_context import ExtendContext
+from frontier_jax.model.latent_cache import ModelCache
 from frontier_jax.model.layers import Embed, LMHead, RMSNorm
 from frontier_jax.model.moe import MoEStats
 from frontier_jax.model.mtp import MTPStack
@@ -36,6 +37,12 @@ class ModelOutput(NamedTuple):
     mtp_logits: jax.Array | None  # [D, B, T, vocab] fp32; depth k predicts t_{i+k+1}
     moe_stats: MoEStats | None  # main-model MoE layers, stacked [L_moe, ...]
     mtp_stats: MoEStats | None  # MTP blocks, stacked [D, ...]
+
+
+class Extended(NamedTuple):
+    hidden: jax.Array  # final-normed hidden states g [B, T, d]
+    cache: ModelCache  # with the new tokens written
+    experts: jax.Array | None  # [L_moe, B, T, K] int32: the experts each MoE layer routed each token to
 
 
 class Transformer(nnx.Module):
@@ -142,27 +149,21 @@ class Transformer(nnx.Module):
         return logits, self.logits_from_hidden(normed), mtp_stats
 
     def extend(
-        self,
-        input_ids: jax.Array,
-        positions: jax.Array,
-        cache: ModelCache,
-        pages: Pages,
-        *,
-        absorbed: bool,
-        impl: str = "xla",
-    ) -> tuple[jax.Array, ModelCache]:
+        self, input_ids: jax.Array, positions: jax.Array, cache: ModelCache, ctx: ExtendContext
+    ) -> Extended:
         """T new tokens per row of sequences whose earlier tokens are in the paged latent
-        cache (prefill chunks: absorbed=False, decode steps: True, see `MLA.extend`):
-        input_ids, positions [B, T] -> (final-normed hidden states g [B, T, d], the cache
-        with the new tokens written).  Logits: `logits_from_hidden(g)`; g also feeds `draft`."""
-        inputs = SequenceInputs(positions, None, pages.write.astype(jnp.int32))
+        cache (prefill chunks: ctx.absorbed False, decode steps: True, see `MLA.extend`):
+        input_ids, positions [B, T] -> `Extended` (final-normed hidden states g [B, T, d], the
+        cache with the new tokens written, the MoE layers' routed experts).  Logits:
+        `logits_from_hidden(g)`; g also feeds `draft`."""
+        inputs = SequenceInputs(positions, None, ctx.token_mask)
         h = constrain(self.embed(input_ids), ("batch", "seq", "embed"))
-        dense, moe = cache.dense, cache.moe
+        dense, moe, experts = cache.dense, cache.moe, None
         if self.dense_layers is not None:
-            h, dense = self.dense_layers.extend(h, inputs, dense, pages, absorbed=absorbed, impl=impl)
+            h, dense, _ = self.dense_layers.extend(h, inputs, dense, ctx)
         if self.moe_layers is not None:
-            h, moe = self.moe_layers.extend(h, inputs, moe, pages, absorbed=absorbed, impl=impl)
-        return self.final_norm(h), cache._replace(dense=dense, moe=moe)
+            h, moe, experts = self.moe_layers.extend(h, inputs, moe, ctx)
+        return Extended(self.final_norm(h), cache._replace(dense=dense, moe=moe), experts)
 
     def draft(
         self,
@@ -172,39 +173,41 @@ class Transformer(nnx.Module):
         positions: jax.Array,
         select: jax.Array,
         cache: ModelCache,
-        pages: Pages,
-        *,
-        absorbed: bool,
-        impl: str = "xla",
+        ctx: ExtendContext,
     ) -> tuple[jax.Array, ModelCache]:
         """The MTP chain over T positions per row whose main-model g^0 is known, with the
         MTP caches: depth k at position j reads g^{k-1}_j and Emb(t_{j+k}) (`mtp.py`).
-        g0 [B, T, d]; ahead [D, B, T] the tokens t_{j+k} where known [D, B, T], elsewhere the
-        chain's own prediction at the row's position select [B] (depth k-1's argmax there; 0 at
-        other unknown positions, whose latents the engine recomputes once the tokens are known)
+        g0 [B, T, d]; select [B] the row's last position L-2 (t_{L-1} the newest known token);
+        ahead [D, B, T] the tokens t_{j+k} where known [D, B, T], elsewhere (t_{L-1+i}, i >= 1)
+        the chain's own drafts d_i = depth i's argmax at select, so that depth k computes what
+        the training forward computes over t_0 .. t_{L-1}, d_1 .. d_{k-1}
         -> (drafts [B, D] int32: depth k's argmax at select, cache)."""
-        inputs = SequenceInputs(positions, None, pages.write.astype(jnp.int32))
+        inputs = SequenceInputs(positions, None, ctx.token_mask)
         graphdef, state = nnx.split(self.mtp.modules)
-        at_select = jnp.arange(g0.shape[1])[None, :] == select[:, None]
+        b, t, depths = g0.shape[0], g0.shape[1], self.cfg.mtp_depth
+        behind = jnp.arange(t)[None, :] - select[:, None]  # [B, T]: j - (L-2)
 
         def body(carry, xs):
-            g, previous, mtp_cache = carry
-            depth_state, depth, ahead_k, known_k = xs
-            tokens = jnp.where(known_k, ahead_k, jnp.where(at_select, previous[:, None], 0))
+            g, chain, mtp_cache = carry
+            depth_state, depth, ahead_k, known_k = xs  # depth = k - 1
+            # an unknown t_{j+k} (j + k > L-1) is d_i, i = j - (L-2) + k - 1: chain column i - 1
+            column = jnp.clip(behind + depth - 1, 0, depths - 1)
+            tokens = jnp.where(known_k, ahead_k, jnp.take_along_axis(chain, column, axis=1))
             g, mtp_cache = nnx.merge(graphdef, depth_state).extend(
-                g, self.embed(tokens), inputs, mtp_cache, depth, pages, absorbed=absorbed, impl=impl
+                g, self.embed(tokens), inputs, mtp_cache, depth, ctx
             )
             logits = self.logits_from_hidden(jnp.take_along_axis(g, select[:, None, None], axis=1)[:, 0])
             token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            chain = jnp.where(jnp.arange(depths)[None, :] == depth, token[:, None], chain)
             # the chain carries g in g0's dtype (the engine's fp32 hidden states), whatever the
             # compute dtype of the modules (bf16 policies return bf16 g)
-            return (g.astype(g0.dtype), token, mtp_cache), token
+            return (g.astype(g0.dtype), chain, mtp_cache), None
 
-        start = jnp.zeros(g0.shape[:1], jnp.int32)
-        (_, _, mtp), drafts = jax.lax.scan(
-            body, (g0, start, cache.mtp), (state, jnp.arange(self.cfg.mtp_depth), ahead, known)
+        chain = jnp.zeros((b, depths), jnp.int32)
+        (_, drafts, mtp), _ = jax.lax.scan(
+            body, (g0, chain, cache.mtp), (state, jnp.arange(depths), ahead, known)
         )
-        return drafts.T, cache._replace(mtp=mtp)
+        return drafts, cache._replace(mtp=mtp)
 
     def expert_loads(self, out: ModelOutput) -> dict:
         """The per-layer expert loads of `out` laid out like this model's expert biases

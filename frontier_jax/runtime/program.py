@@ -8,24 +8,28 @@ The config is a run `Config` or any object with its `model`, `mesh` and `precisi
 (`ModelSections`; the composed `Config` sits above this package).
 
 Training adds an optimizer, a train state and a jitted step on top (`train.loop.build_runner`);
-evaluation and inference build the same program and merge restored parameters into it.
+evaluation and inference build the same program and merge restored parameters into it, computed
+as `inference_impl` says: with dropless expert dispatch whatever the run trained with.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Union
 
 import jax
 from flax import nnx
 from jax.sharding import Mesh
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from frontier_jax.model import ModelConfig, Transformer
 from frontier_jax.model.config import ImplConfig
 from frontier_jax.model.routing import ExpertBias
-from frontier_jax.ops.dispatch import ExpertDispatcher
+from frontier_jax.ops.dispatch import ExpertDispatcher, MoeDispatch
 from frontier_jax.parallel.config import MeshConfig
 from frontier_jax.parallel.expert import expert_dispatcher
 from frontier_jax.parallel.mesh import build_mesh, check_divisible, state_shardings
@@ -83,6 +87,48 @@ class ModelProgram:
     def sharding_context(self):
         """Activations constrained to the mesh by the rules table (nothing without a mesh)."""
         return contextlib.nullcontext() if self.mesh is None else use_sharding(self.mesh, self.rules)
+
+    def with_impl(self, impl: ImplConfig) -> ModelProgram:
+        """The same model on the same mesh computed as `impl` says.  The `impl` section never
+        changes the parameters' names, shapes or layout, so this program's parameters fit."""
+        if impl == self.cfg.impl:
+            return self
+        return model_program(dataclasses.replace(self.cfg, impl=impl), self.mesh)
+
+
+def inference_impl(trained: ImplConfig, given: Mapping[str, object] | None = None) -> ImplConfig:
+    """How inference and evaluation compute a model trained with `trained`: the same choices but
+    dropless expert dispatch, then `given` (impl.key=value set at load, checked by ImplConfig's
+    types) on top.
+
+    Capacity dispatch keeps at most C = ceil(f N K / E) assignments per expert out of the N
+    tokens of one forward, so under it a request's tokens and a window's log-likelihoods would
+    depend on the requests and windows batched with it.  Dispatch is how the model is computed,
+    not a parameter: the dropless forward is the model the parameters define.  An explicit
+    moe_dispatch other than dropless wins, with one warning."""
+    given = dict(given or {})
+    try:
+        impl = OmegaConf.to_object(
+            OmegaConf.merge(
+                OmegaConf.structured(dataclasses.replace(trained, moe_dispatch=MoeDispatch.dropless)),
+                given,
+            )
+        ).validate()
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ValueError(
+            f"invalid override impl.{key}: {str(err).splitlines()[0]} "
+            "(fields: ImplConfig in frontier_jax/model/config.py)"
+        ) from None
+    if impl.moe_dispatch != MoeDispatch.dropless:
+        logging.getLogger(__name__).warning(
+            "impl.moe_dispatch=%s given: each forward drops expert assignments past the capacity "
+            "(impl.moe_capacity_factor=%s) of the tokens it runs, so outputs depend on what is "
+            "batched together; without the override inference and evaluation dispatch dropless",
+            impl.moe_dispatch,
+            impl.moe_capacity_factor,
+        )
+    return impl
 
 
 def model_program(cfg: RunConfig, mesh: Mesh | None = None) -> ModelProgram:

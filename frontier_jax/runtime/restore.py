@@ -8,13 +8,22 @@ only `state.params` and `state.biases` (orbax partial restore: the optimizer mom
 twice the parameters' size in fp32, are never read), each array laid out by the rules table and
 floating parameters cast to `dtype` on load.  The expert biases stay float32: they decide the
 top-k selection, which bf16 rounding would change.  This is the entry point that evaluation,
-inference and post-training share.  The path is an etils `epath` path (local, or an object
-store such as `gs://` where its backends are installed).
+inference and post-training share, so the program computes as `runtime.program.inference_impl`
+says (dropless expert dispatch whatever the run trained with, unless `impl` sets it).  The path
+is an etils `epath` path (local, or an object store such as `gs://` where its backends are
+installed).
+
+The step is verified against its checksum manifest first (`integrity.py`; a step written before
+manifests existed is restored with a warning).  A step that does not verify or restore raises
+`CheckpointError`, one line naming the step, the file or the reason, and the other steps by
+verdict (which one to load instead); nothing is moved or changed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
@@ -25,29 +34,58 @@ from flax import nnx
 from jax.sharding import Mesh
 from omegaconf import OmegaConf
 
+from frontier_jax.data.tokenizer import BYTE_TOKENIZER, Tokenizer, check_tokenizer, load_tokenizer
 from frontier_jax.model import ModelConfig, Transformer
 from frontier_jax.model.config import ImplConfig
 from frontier_jax.parallel.config import MeshConfig
 from frontier_jax.parallel.mesh import build_mesh
 from frontier_jax.precision.config import PrecisionConfig
-from frontier_jax.runtime.program import ModelProgram, ModelSections, build_model_program
+from frontier_jax.runtime.integrity import (
+    CORRUPT,
+    UNVERIFIED,
+    CheckpointError,
+    first_line,
+    raise_interruption,
+    restorable_steps_hint,
+    verify_step,
+)
+from frontier_jax.runtime.program import ModelProgram, ModelSections, build_model_program, inference_impl
+
+log = logging.getLogger(__name__)
 
 
 class RestoredModel(NamedTuple):
-    config: dict  # the checkpoint's resolved run config, as saved (`Config.to_dict()`)
+    config: dict  # the checkpoint's resolved run config, as saved (`Config.to_dict()`), with
+    # "stage" (its context stage) and "tokenizer" (`data.tokenizer_identity`) records
     step: int
     params: dict  # pure dict, sharded on the program's mesh, in the requested dtype
     biases: dict  # expert-selection biases (float32)
     program: ModelProgram  # the model of `config` on the mesh the arrays live on (`program.cfg`:
     # its typed model / mesh / precision sections, mesh as restored onto)
+    directory: epath.Path  # the orbax checkpoint directory holding step `step`
 
     def model(self) -> Transformer:
         return self.program.model(self.params, self.biases)
 
+    def tokenizer(self) -> Tokenizer:
+        """The run's tokenizer (its config's data.tokenizer and data.special_tokens), refused
+        (ValueError naming both hashes) when its content is not the one recorded with the
+        checkpoint, e.g. tokenizer.json overwritten since training."""
+        data = self.config.get("data", {})
+        tokenizer = load_tokenizer(data.get("tokenizer", BYTE_TOKENIZER), data.get("special_tokens") or None)
+        check_tokenizer(
+            self.config.get("tokenizer"),
+            tokenizer,
+            f"checkpoint {self.step} in {self.directory} was trained",
+            "the file changed since training; put back the tokenizer the run was trained with",
+        )
+        return tokenizer
 
-def _checkpoint_directory(path: epath.Path) -> tuple[epath.Path, int | None]:
+
+def checkpoint_directory(path: epath.PathLike) -> tuple[epath.Path, int | None]:
     """(orbax checkpoint directory, step named by the path) for a run directory, its
     `checkpoints/` directory or one step directory `checkpoints/<step>`."""
+    path = epath.Path(path)
     if (path / "checkpoints").is_dir():
         return path / "checkpoints", None
     if path.name.isdigit() and (path / "state").is_dir():
@@ -65,14 +103,14 @@ def _section(cls, saved: dict, name: str):
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), saved.get(name, {}))).validate()
 
 
-def _on_mesh(saved: dict, mesh: Mesh | MeshConfig | None) -> ModelProgram:
+def _on_mesh(saved: dict, mesh: Mesh | MeshConfig | None, impl: Mapping | None) -> ModelProgram:
     """The model program of the saved config on `mesh` (a MeshConfig replaces the saved mesh
-    section, rules included)."""
+    section, rules included), computed as `inference_impl` says."""
     cfg = ModelSections(
         _section(ModelConfig, saved, "model"),
         _section(MeshConfig, saved, "mesh"),
         _section(PrecisionConfig, saved, "precision"),
-        _section(ImplConfig, saved, "impl"),
+        inference_impl(_section(ImplConfig, saved, "impl"), impl),
     )
     if isinstance(mesh, MeshConfig):
         return build_model_program(dataclasses.replace(cfg, mesh=mesh.validate()))
@@ -92,7 +130,12 @@ def _target(abstract: nnx.State, shardings: dict, dtype) -> dict:
 
 
 def restore_params(
-    path: epath.PathLike, step: int | None = None, *, mesh: Mesh | MeshConfig | None = None, dtype=None
+    path: epath.PathLike,
+    step: int | None = None,
+    *,
+    mesh: Mesh | MeshConfig | None = None,
+    dtype=None,
+    impl: Mapping | None = None,
 ) -> RestoredModel:
     """Parameters and expert biases of checkpoint `step` (None: the latest; or the step of a
     step directory) of the run at `path`.
@@ -100,8 +143,9 @@ def restore_params(
     mesh: a `jax.sharding.Mesh`, a `MeshConfig` (built over all devices) or None (the first
     device); arrays are sharded on it by the rules table named by the checkpoint's `mesh.rules`
     (or the MeshConfig's).
-    dtype: e.g. jnp.bfloat16 to cast the floating parameters on load (None: as saved, fp32)."""
-    directory, step_in_path = _checkpoint_directory(epath.Path(path))
+    dtype: e.g. jnp.bfloat16 to cast the floating parameters on load (None: as saved, fp32).
+    impl: impl.* choices given at load, over the saved ones (`inference_impl`)."""
+    directory, step_in_path = checkpoint_directory(path)
     if step is not None and step_in_path is not None and step != step_in_path:
         raise ValueError(f"step={step} contradicts the step directory {path}")
     step = step_in_path if step is None else step
@@ -115,21 +159,53 @@ def restore_params(
             raise ValueError(
                 f"no checkpoint of step {step} in {directory}; its steps: {', '.join(map(str, steps))}"
             )
-        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-        program = _on_mesh(saved, mesh)
+        _verify(directory, step)
+        try:
+            saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        except Exception as err:
+            raise _does_not_restore(directory, step, err, "its config does not read") from err
+        program = _on_mesh(saved, mesh, impl)
         param_shardings, bias_shardings = program.shardings()
         target = {
             "params": _target(program.abstract_params, param_shardings, dtype),
             "biases": _target(program.abstract_biases, bias_shardings, None),
         }
-        state = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item=target,
-                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                    partial_restore=True,
-                )
-            ),
-        ).state
-    return RestoredModel(saved, step, state["params"], state["biases"], program)
+        try:
+            state = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item=target,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                        partial_restore=True,
+                    )
+                ),
+            ).state
+        except Exception as err:
+            raise _does_not_restore(
+                directory, step, err, "its state does not read as the model of its config"
+            ) from err
+    return RestoredModel(saved, step, state["params"], state["biases"], program, directory)
+
+
+def _verify(directory: epath.Path, step: int) -> None:
+    """Checks checkpoint `step` against its checksum manifest: `CheckpointError` when corrupt, a
+    warning when it has none (written before checkpoints were checksummed)."""
+    verdict = verify_step(directory, step)
+    if verdict.status == CORRUPT:
+        raise CheckpointError(
+            f"checkpoint {step} in {directory} is corrupt: {verdict.detail}; "
+            f"{restorable_steps_hint(directory, step)}"
+        )
+    if verdict.status == UNVERIFIED:
+        log.warning("checkpoint %d in %s is unverified: %s", step, directory, verdict.detail)
+
+
+def _does_not_restore(directory: epath.Path, step: int, err: Exception, what: str) -> CheckpointError:
+    """The error of a step that orbax cannot read; only the first sentence of orbax's message (its
+    advice, e.g. to restore with strict=False, does not apply to a damaged or mismatched step)."""
+    raise_interruption(err)
+    why = f"{what}: {first_line(err).split('. ')[0]}"
+    return CheckpointError(
+        f"checkpoint {step} in {directory} does not restore ({why}); {restorable_steps_hint(directory, step)}"
+    )

@@ -10,12 +10,18 @@ when complete, so a crash mid-save leaves the previous checkpoint as the latest)
 takes an abstract state whose leaves carry the *current* shardings, so a checkpoint written
 on one mesh restores onto another (e.g. 8 devices -> 1).
 
+Integrity: once a save has committed, process 0 writes the step's checksum manifest
+(`runtime.integrity`: the size and SHA-256 of every file of the step), at the next `poll()` or
+`wait()`; restores verify it first.
+
 Faults: a save that cannot be written (directory gone or not writable, disk full) raises
 `CheckpointError` naming the directory, at the save or at the next `poll()` (each step) when
 it fails in orbax's background thread; the previous checkpoint stays the latest.  A latest
-checkpoint that does not restore (truncated or bit-flipped file, missing `_METADATA`, bad
-iterator JSON) is renamed `<step>.corrupt-<reason>` (kept, not deleted) with a warning, and
-the newest earlier one that restores is used (`restore_latest`).
+checkpoint that does not verify or restore (truncated or bit-flipped file, no manifest after
+an earlier step had one, missing `_METADATA`, bad iterator JSON) is renamed
+`<step>.corrupt-<reason>` (kept, not deleted) with a warning, and the newest earlier one that
+restores is used (`restore_latest`); every step it passed over is moved aside.  A step written
+before manifests existed restores with a warning that it is unverified.
 
 The directory is an etils `epath` path: local, or `gs://` and other object stores where their
 epath and tensorstore backends are installed.
@@ -36,16 +42,21 @@ from jax.experimental import multihost_utils
 
 from frontier_jax.data import SourceConfig
 from frontier_jax.data.checkpoint import orbax_restore_args, orbax_save_args
+from frontier_jax.runtime.integrity import (
+    CORRUPT,
+    UNVERIFIED,
+    CheckpointError,
+    first_line,
+    raise_interruption,
+    verify_step,
+    write_manifest,
+)
 from frontier_jax.train.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
 
 # Files without which a step's state cannot be read back (orbax lays the rest out itself).
 _REQUIRED_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "config/metadata")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written, or no checkpoint of a run directory restores."""
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -160,7 +171,7 @@ class Checkpointer:
         latest = self.latest_step()
         kept = "no checkpoint is kept" if latest is None else f"the latest checkpoint is still {latest}"
         return CheckpointError(
-            f"saving checkpoint {step} in {self.directory} failed ({_first_line(err)}); {kept}. "
+            f"saving checkpoint {step} in {self.directory} failed ({first_line(err)}); {kept}. "
             "Free space or fix the directory, then run the same command again to resume"
         )
 
@@ -247,17 +258,25 @@ class Checkpointer:
                     )
                 )
                 continue
+            verdict = verify_step(self.directory, step)
+            if verdict.status == CORRUPT:
+                failures.append((step, verdict.reason, verdict.detail))
+                continue
             try:
                 saved_config = self.read_config(step)
             except Exception as err:
-                failures.append((step, "unreadable", f"its config does not read: {_first_line(err)}"))
+                raise_interruption(err)
+                failures.append((step, "unreadable", f"its config does not read: {first_line(err)}"))
                 continue
             check_config(step, saved_config)
             try:
                 state = self.restore(step, abstract_state, data_for(step))
             except Exception as err:
-                failures.append((step, "unreadable", _first_line(err)))
+                raise_interruption(err)
+                failures.append((step, "unreadable", first_line(err)))
                 continue
+            if verdict.status == UNVERIFIED:
+                log.warning("checkpoint %d in %s is unverified: %s", step, self.directory, verdict.detail)
             for bad, reason, detail in failures:
                 target = self._move_aside(bad, reason)
                 log.warning(
@@ -277,23 +296,29 @@ class Checkpointer:
         return None
 
     def wait(self) -> None:
-        """Blocks until the pending save is written; `CheckpointError` if it failed."""
+        """Blocks until the pending save is written, then writes its checksum manifest (process 0);
+        `CheckpointError` if either failed."""
         step, self._pending = self._pending, None
         try:
             self.manager.wait_until_finished()
         except Exception as err:
             raise self._save_failed(step, err) from err
+        if step is None or jax.process_index() != 0:
+            return
+        try:
+            write_manifest(self.directory / str(step), step)
+        except Exception as err:
+            raise CheckpointError(
+                f"writing the checksums of checkpoint {step} in {self.directory} failed ({first_line(err)}); "
+                "a resumed run takes that step as corrupt. Free space or fix the directory, then run "
+                "the same command again to resume"
+            ) from err
 
     def close(self) -> None:
         try:
             self.wait()
         finally:
             self.manager.close()
-
-
-def _first_line(err: BaseException, limit: int = 300) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def abstract_with_shardings(state_shapes: Any, shardings: Any) -> Any:

@@ -6,21 +6,24 @@
       tensorboard/          TensorBoard event files
       loss.png              loss curve, written at the end
       config.yaml           the resolved config of the latest start
+      run.lock              the running trainer's pid and host (one trainer per run_dir: run_lock.py)
 
 Running the same command on the same run_dir resumes from the latest checkpoint that restores
 (a broken one is moved aside, see checkpoint.py): same next batch, same loss, one metrics record
 per step.  A run of several context stages (`train.stages`, stages.py) rebuilds the model
 program, the jitted step and the data pipeline at each stage boundary and carries the state
-over; a checkpoint holds its stage's data position and config, so resuming anywhere is exact.  SIGTERM/SIGINT: save a checkpoint at the current step and raise `Preempted`
-(signals.py).  Nothing is written to run_dir before the config is known to run there (model
-and data stream the same as the checkpoint's, tokenizer within the vocabulary).
+over; a checkpoint holds its stage's data position and config, so resuming anywhere is exact.
+SIGTERM/SIGINT: save a checkpoint at the current step and raise `Preempted` (signals.py); during
+setup, before the first step, raise it without writing anything.  Nothing is written to run_dir
+before the config is known to run there (model, data stream and tokenizer the same as the
+checkpoint's, tokenizer within the vocabulary) but the lock, which is removed again when the run ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, NamedTuple
@@ -31,7 +34,15 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from frontier_jax.data import DataStats, build_train_iterator, continue_documents, load_tokenizer
+from frontier_jax.data import (
+    DataStats,
+    Tokenizer,
+    build_train_iterator,
+    continue_documents,
+    load_tokenizer,
+    warn_rereads,
+)
+from frontier_jax.data.tokenizer import check_tokenizer, tokenizer_identity
 from frontier_jax.model.describe import describe
 from frontier_jax.parallel.mesh import batch_sharding, build_mesh, check_batch_fits, state_shardings
 from frontier_jax.parallel.rules import RULE_SETS
@@ -45,6 +56,7 @@ from frontier_jax.train.checkpoint import (
 )
 from frontier_jax.train.metrics import MetricsLogger, model_flops_utilization, plot_loss_curve
 from frontier_jax.train.optimizer import batch_size_at
+from frontier_jax.train.run_lock import RunLock, RunLockedError
 from frontier_jax.train.signals import Preempted, StopSignal
 from frontier_jax.train.stages import Stage, check_stages_fit, checkpoint_stage, context_stages
 from frontier_jax.train.state import TrainState
@@ -148,10 +160,10 @@ def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
     return {k: assemble(np.asarray(v)) for k, v in batch.items()}
 
 
-def check_vocabulary(cfg: Config) -> None:
+def check_vocabulary(cfg: Config, tokenizer: Tokenizer) -> None:
     """Raises ValueError when the tokenizer has ids the model's embedding cannot hold (they would
     turn into NaN at the first step)."""
-    size = load_tokenizer(cfg.data.tokenizer, cfg.data.special_tokens).vocab_size
+    size = tokenizer.vocab_size
     if size > cfg.model.vocab_size:
         raise ValueError(
             f"data.tokenizer={cfg.data.tokenizer!r} has {size} token ids but model.vocab_size="
@@ -159,21 +171,31 @@ def check_vocabulary(cfg: Config) -> None:
         )
 
 
-def _checkpoint_config(stage: Stage) -> dict:
-    """The config saved with a checkpoint of `stage`: the stage's run config and its record."""
-    return {**stage.cfg.to_dict(), "stage": stage.record()}
+def _checkpoint_config(stage: Stage, tokenizer: Tokenizer) -> dict:
+    """The config saved with a checkpoint of `stage`: the stage's run config, its record and the
+    identity of the run's tokenizer (the sha256 of its content, its size and special ids)."""
+    return {**stage.cfg.to_dict(), "stage": stage.record(), "tokenizer": tokenizer_identity(tokenizer)}
 
 
-def _resume(checkpointer: Checkpointer, runner: Runner, stages: list[Stage], restart_data: bool):
+def _resume(
+    checkpointer: Checkpointer, runner: Runner, stages: list[Stage], restart_data: bool, tokenizer: Tokenizer
+):
     """(start step, state, stage, data iterator): the newest checkpoint that restores, with its
     stage's iterator moved to its data position (or at the stream's start with `restart_data`),
-    else a fresh state at step 0 in the first stage.  `runner`: any stage's (same state layout)."""
+    else a fresh state at step 0 in the first stage.  `runner`: any stage's (same state layout).
+    A checkpoint trained with another tokenizer than `tokenizer` is refused."""
     opened = {}  # step -> the iterator restored to that checkpoint's position
 
     def check_config(step: int, saved: dict) -> None:
         stage = checkpoint_stage(stages, step)
         check_same_stage(saved, stage.record(), step, checkpointer.directory)
         check_same_model(saved, stage.cfg.to_dict(), checkpointer.directory)
+        check_tokenizer(
+            saved.get("tokenizer"),
+            tokenizer,
+            f"checkpoint {step} in {checkpointer.directory} was trained",
+            "train with the tokenizer the run was trained with (the file changed since?), or use a new --run-dir",
+        )
         if not restart_data:
             check_same_data_stream(saved, stage.cfg.to_dict(), checkpointer.directory)
 
@@ -226,44 +248,67 @@ def train(
     evaluate(program, params, biases) -> {name: figure}: called every `eval.every` steps, its
     figures logged with that step (held-out evaluation, given by the caller: `eval` sits above).
 
-    Raises `Preempted` after saving on SIGTERM/SIGINT, `NonFiniteLossError`, `CheckpointError`
-    (a save failed, or no checkpoint restores), `DataError`; ValueError for a config that cannot
-    run (checked before anything is written to `run_dir`)."""
+    Raises `Preempted` on SIGTERM/SIGINT (after saving; during setup, before anything is
+    written), `RunLockedError` (another trainer holds `run_dir`: run_lock.py),
+    `NonFiniteLossError`, `CheckpointError` (a save failed, or no checkpoint restores),
+    `DataError`; ValueError for a config that cannot run (checked before anything is written
+    to `run_dir`)."""
     run_dir = Path(run_dir)
-    check_vocabulary(cfg)
-    stages = context_stages(cfg)
-    mesh = build_mesh(cfg.mesh)
-    check_stages_fit(stages, mesh, RULE_SETS[cfg.mesh.rules])  # every stage, before anything compiles
-    runner = build_runner(stages[0].cfg, mesh=mesh)
+    # The stop signals are caught from the start: during setup (no step to save yet) the run
+    # ends with Preempted at the next safe point, before it writes anything.
+    with StopSignal(cfg.checkpoint.stop_timeout_s) as stop, contextlib.ExitStack() as held:
+        tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.special_tokens)
+        check_vocabulary(cfg, tokenizer)
+        stages = context_stages(cfg)
+        mesh = build_mesh(cfg.mesh)
+        check_stages_fit(stages, mesh, RULE_SETS[cfg.mesh.rules])  # every stage, before anything compiles
+        runner = build_runner(stages[0].cfg, mesh=mesh)
+        if stop.should_stop():
+            raise _stopped_in_setup(stop, run_dir)
 
-    fresh = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
-    try:
-        start, state, stage, data = _resume(checkpointer, runner, stages, restart_data)
-    except BaseException:
-        checkpointer.close()
-        if fresh:  # a new run that cannot start (bad data, e.g. a corrupt shard) leaves nothing behind
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())  # only once the config is known to run here
-    if stage.index:
-        runner = build_runner(stage.cfg, mesh=mesh)
-    flops_per_token = _flops_per_token(stage)
-    logger = MetricsLogger(run_dir, enabled=jax.process_index() == 0, resumed_at=start)
-    history: list[dict] = []
-    last_saved = start or None
-    skipped = 0  # non-finite steps in a row
-    stopped = None
-    bar = tqdm(
-        total=cfg.train.steps,
-        initial=start,
-        disable=not progress or jax.process_index() != 0,
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
-    )
-    with StopSignal(cfg.checkpoint.stop_timeout_s) as stop:
+        fresh = not run_dir.exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        held.enter_context(_run_dir_lock(run_dir))
+        checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+        try:
+            start, state, stage, data = _resume(checkpointer, runner, stages, restart_data, tokenizer)
+            if stop.should_stop():  # (a restore can take minutes)
+                raise _stopped_in_setup(stop, run_dir)
+        except BaseException:
+            checkpointer.close()
+            if fresh:  # a new run that cannot start (bad data, e.g. a corrupt shard) leaves nothing behind
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        if start >= cfg.train.steps:
+            checkpointer.close()
+            log.warning(
+                "nothing to train: the latest checkpoint in %s is step %d and train.steps=%d%s; "
+                "raise train.steps above %d to train on",
+                checkpointer.directory,
+                start,
+                cfg.train.steps,
+                " is below it" if start > cfg.train.steps else "",
+                start,
+            )
+            return []
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())  # only once the config is known to run here
+        if stage.index:
+            runner = build_runner(stage.cfg, mesh=mesh)
+        flops_per_token = _flops_per_token(stage)
+        logger = MetricsLogger(run_dir, enabled=jax.process_index() == 0, resumed_at=start)
+        history: list[dict] = []
+        last_saved = start or None
+        skipped = 0  # non-finite steps in a row
+        rereads: dict[str, int] = {}  # source -> passes over it already warned about
+        stopped = None
+        bar = tqdm(
+            total=cfg.train.steps,
+            initial=start,
+            disable=not progress or jax.process_index() != 0,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+        )
         try:
             for step in range(start, cfg.train.steps):
                 if step >= stage.until_step:  # the next context stage: new rows, RoPE and step
@@ -298,7 +343,9 @@ def train(
                 if evaluated:
                     record.update(evaluate(runner.trainer.program, state.params, state.biases))
                 if evaluated or (step + 1) % cfg.train.log_every == 0 or last_step or skipped:
-                    record.update(DataStats.from_state(data.get_state()).as_metrics())
+                    data_stats = DataStats.from_state(data.get_state())
+                    record.update(data_stats.as_metrics())
+                    warn_rereads(data_stats, rereads, step + 1)
                     logger.log(record)
                     history.append(record)
                 if skipped and (cfg.train.on_nonfinite == "stop" or skipped > cfg.train.max_skipped_steps):
@@ -310,7 +357,7 @@ def train(
                 every = cfg.checkpoint.every
                 stopping = stop.should_stop()
                 if (every and (step + 1) % every == 0) or stopping or (last_step and last_saved != step + 1):
-                    checkpointer.save(step + 1, state, data, _checkpoint_config(stage))
+                    checkpointer.save(step + 1, state, data, _checkpoint_config(stage, tokenizer))
                     last_saved = step + 1
                 if stopping:
                     stopped = step + 1
@@ -322,16 +369,44 @@ def train(
     if jax.process_index() == 0 and history:
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
     if stopped is not None:
-        name = (
-            signal.Signals(stop.received).name
-            if stop.received is not None
-            else "a stop signal on another process"
-        )
         raise Preempted(
-            f"{name} received: saved step {stopped} in {checkpointer.directory}; "
+            f"{stop.signal_name()} received: saved step {stopped} in {checkpointer.directory}; "
             "run the same command to resume"
         )
     return history
+
+
+def _stopped_in_setup(stop: StopSignal, run_dir: Path) -> Preempted:
+    return Preempted(
+        f"{stop.signal_name()} received during setup, before the first step: nothing was trained "
+        f"or written in {run_dir}; run the same command again"
+    )
+
+
+@contextlib.contextmanager
+def _run_dir_lock(run_dir: Path):
+    """The run directory's lock (run_lock.py), taken by process 0 for all processes: the others
+    learn whether it got it, and all refuse together."""
+    lock, refused = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = RunLock.acquire(run_dir)
+        except RunLockedError as err:
+            refused = err
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if np.any(multihost_utils.process_allgather(np.int32(refused is not None))) and refused is None:
+            refused = RunLockedError(
+                f"process 0 could not lock the run directory {run_dir} (its log says why)"
+            )
+    if refused is not None:
+        raise refused
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _flops_per_token(stage: Stage) -> float:

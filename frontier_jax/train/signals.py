@@ -9,18 +9,21 @@ writes each checkpoint into a temporary directory and renames it only when compl
 
 With several processes a signal may reach some of them only, or at different steps:
 `should_stop()` all-gathers the flag every step, so that every process saves the same step.
+
+Before the first step (config checks, model program, restore) there is no step to save: the
+loop's setup asks `should_stop()` at its safe points (before it creates the run directory,
+before it writes config.yaml) and ends with `Preempted` there, so nothing is half-written.
+Earlier still, while the command starts (imports, config loading), `raise_on_stop_signals`
+makes a signal raise `Preempted` at once: nothing has been written yet.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
-
-import jax
-import numpy as np
-from jax.experimental import multihost_utils
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): a scheduler requeues the job
 
@@ -33,6 +36,25 @@ def _exit_now(message: str) -> None:
     print(f"preempted: {message}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(EXIT_PREEMPTED)
+
+
+@contextlib.contextmanager
+def raise_on_stop_signals():
+    """Within the block SIGTERM / SIGINT raise `Preempted` at once (where `StopSignal` does not
+    take over): for the start of a command, before it has written anything."""
+
+    def handle(signum, frame):
+        raise Preempted(
+            f"{signal.Signals(signum).name} received while starting, before anything was written; "
+            "run the same command again"
+        )
+
+    previous = {sig: signal.signal(sig, handle) for sig in StopSignal.SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class StopSignal:
@@ -68,10 +90,22 @@ class StopSignal:
 
     def should_stop(self) -> bool:
         """Whether any process has received a stop signal (a collective on several processes)."""
+        import jax  # here: the module is imported before jax, by the command's first lines
+        import numpy as np
+        from jax.experimental import multihost_utils
+
         local = self.received is not None
         if jax.process_count() == 1:
             return local
         return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
+
+    def signal_name(self) -> str:
+        """The signal received here, or that another process received one."""
+        return (
+            signal.Signals(self.received).name
+            if self.received is not None
+            else "a stop signal on another process"
+        )
 
     def __exit__(self, *exc) -> None:
         """Leave the block only once the final save is written: the watchdog stops here."""

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from jax.sharding import Mesh
 
 from frontier_jax.parallel.mesh import check_batch_fits, check_seq_fits
+from frontier_jax.parallel.pipeline.plan import check_micro_batch_fits
 
 if TYPE_CHECKING:  # the composed config sits above train
     from frontier_jax.config import Config
@@ -95,10 +96,19 @@ def check_context(stage: Stage) -> None:
 
 
 def check_stages_fit(stages: Sequence[Stage], mesh: Mesh, rules: Mapping[str, Sequence[str]]) -> None:
-    """Every stage's batch and sequence split over the mesh (before anything is compiled)."""
+    """Every stage's batch and sequence split over the mesh (before anything is compiled), and
+    with a pipeline, its micro-batches too."""
     for stage in stages:
         check_batch_fits(stage.cfg.train.global_batch, mesh, rules, field=f"{stage.where}.global_batch")
         check_seq_fits(stage.cfg.train.seq_len, mesh, rules, field=f"{stage.where}.seq_len")
+        if stage.cfg.train.pipeline.schedule is not None:
+            check_micro_batch_fits(
+                stage.cfg.train.global_batch,
+                stage.cfg.train.micro_batches,
+                dict(mesh.shape),
+                rules,
+                field=f"{stage.where}.global_batch",
+            )
 
 
 def stage_at(stages: Sequence[Stage], step: int) -> Stage:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from frontier_jax.model import Transformer
 from frontier_jax.model.transformer import ModelOutput
@@ -25,6 +26,7 @@ from frontier_jax.parallel.pipeline.executor import (
     unstack_from_stages,
 )
 from frontier_jax.parallel.pipeline.plan import StagePlan, pipeline_plan
+from frontier_jax.parallel.rules import logical_to_spec
 from frontier_jax.runtime.program import ModelProgram
 from frontier_jax.train.objectives import Objective, StagedObjective
 
@@ -88,7 +90,14 @@ class PipelineStages:
 
     which is the objective's loss of the unpipelined model (`StagedObjective`); the MoE statistics
     of every layer come back from the chunks (loads for the bias update, balance, drops), and
-    grads = sum_m d loss_m / d params, as `MicroBatchScan` gives them."""
+    grads = sum_m d loss_m / d params, as `MicroBatchScan` gives them.
+
+    The micro-batches [M, B / M, ...] are laid out with each one's rows over the batch axes
+    before the executor runs: split from the data-sharded [B, ...], micro-batch m would lie on
+    a few data shards only, and picking it inside the executor's stage-dependent branches would
+    reshard it there, in a collective that waits for the devices of every stage while the
+    other stages run other branches (a hang).  The rows of a micro-batch must split evenly over
+    the batch axes (`plan.check_micro_batch_fits`)."""
 
     def __init__(self, program: ModelProgram, plan: StagePlan):
         mesh = program.mesh
@@ -123,8 +132,12 @@ class PipelineStages:
                     f"{method} (see train.objectives.StagedObjective)"
                 )
         m, plan = self.micro_batches, self.plan
+        # each micro-batch's rows over the batch axes, resharded here, where every stage runs it
+        rows_sharded = NamedSharding(self.program.mesh, logical_to_spec((None, "batch"), self.program.rules))
         per_micro_batch = {
-            "batch": split_micro_batches(batch, m),
+            "batch": jax.tree.map(
+                lambda x: jax.lax.with_sharding_constraint(x, rows_sharded), split_micro_batches(batch, m)
+            ),
             "norm": jax.tree.map(lambda v: jnp.broadcast_to(v, (m,) + jnp.shape(v)), normalisers),
         }
         ends = tuple({k: v for k, v in tree.items() if k != STACK} for tree in (params, biases))

@@ -1,12 +1,15 @@
+import hashlib
+import json
 import pathlib
 import pickle
+import re
 
 import pytest
 import tokenizers
 from omegaconf import OmegaConf
 
 from frontier_jax.data import byte_tokenizer, load_tokenizer
-from frontier_jax.data.tokenizer import SPECIAL_TOKENS
+from frontier_jax.data.tokenizer import SPECIAL_TOKENS, check_tokenizer, tokenizer_identity
 
 TEXTS = [
     "",
@@ -167,3 +170,43 @@ def test_invalid_tokenizer_json_is_a_value_error_naming_the_file(tmp_path, conte
     with pytest.raises(ValueError, match="is not a valid Hugging Face tokenizer.json") as err:
         load_tokenizer(str(path))
     assert str(path) in str(err.value)
+
+
+def test_tokenizer_identity_is_of_its_content_not_its_path_or_formatting(tmp_path):
+    """The byte tokenizer and its JSON written to a file (re-indented, another path) are the same
+    tokenizer; one more added token, or another special token named, is another."""
+    byte = byte_tokenizer()
+    path = tmp_path / "elsewhere" / "tokenizer.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(json.loads(byte.to_str()), indent=4))
+    same, want = tokenizer_identity(load_tokenizer(str(path))), tokenizer_identity(byte)
+    assert {k: v for k, v in same.items() if k != "origin"} == {
+        k: v for k, v in want.items() if k != "origin"
+    }
+    assert want["sha256"] == hashlib.sha256(byte.to_str().encode()).hexdigest() and want["vocab_size"] == 266
+    check_tokenizer(want, load_tokenizer(str(path)), "run", "fix it")  # passes
+
+    grown = json.loads(byte.to_str())
+    grown["added_tokens"].append({**grown["added_tokens"][-1], "id": 266, "content": "<|new|>"})
+    path.write_text(json.dumps(grown))
+    changed = tokenizer_identity(load_tokenizer(str(path)))
+    assert changed["sha256"] != want["sha256"] and changed["vocab_size"] == 267
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"run was trained with another tokenizer (data.tokenizer='byte', 266 ids, sha256 "
+            f"{want['sha256'][:12]}...) than this config's data.tokenizer='{path}' (267 ids, sha256 "
+            f"{changed['sha256'][:12]}...; data.special_tokens count): fix it"
+        ),
+    ):
+        check_tokenizer(want, load_tokenizer(str(path)), "run was trained", "fix it")
+    with pytest.raises(ValueError, match="another tokenizer"):
+        check_tokenizer(want, byte_tokenizer({"fim_begin": "<|fim_prefix|>"}), "run was trained", "fix it")
+
+
+def test_a_run_recorded_without_a_tokenizer_is_a_warning_not_a_refusal(caplog):
+    check_tokenizer(None, byte_tokenizer(), "checkpoint 4 in /run was trained", "unused")
+    assert [r.getMessage() for r in caplog.records] == [
+        "checkpoint 4 in /run was trained before tokenizers were recorded: data.tokenizer='byte' is "
+        "not checked against the one it used"
+    ]

@@ -79,7 +79,7 @@ def test_eval_writes_results_and_table_with_exact_counts(run, tmp_path, capsys):
     got = results["datasets"]["held_out"]
     assert got["tokens"] == sum(len(d.encode()) + 1 for d in DOCUMENTS)  # text bytes + <eos>
     assert got["bytes"] == sum(len(d.encode()) for d in DOCUMENTS)
-    np.testing.assert_allclose(got["bits_per_byte"], got["nll"] / got["bytes"] / np.log(2), rtol=1e-12)
+    np.testing.assert_allclose(got["bits_per_byte"], got["text_nll"] / got["bytes"] / np.log(2), rtol=1e-12)
 
 
 def test_training_logs_the_held_out_figures_of_its_checkpoint(run, tmp_path):
@@ -209,6 +209,11 @@ def test_same_figures_on_8_devices_and_on_2_processes(run, tmp_path):
         ("empty dataset", ["--checkpoint", "{run}", "--data", "{empty}"], "holds no document"),
         ("unknown file type", ["--checkpoint", "{run}", "--data", "{tmp}/x.txt"], "unknown file type"),
         ("train override", ["--checkpoint", "{run}", "train.steps=3"], "only mesh.*, eval.*"),
+        (
+            "impl override",
+            ["--checkpoint", "{run}", "impl.moe_dispatch=sometimes"],
+            "impl.moe_dispatch='sometimes' is invalid",
+        ),
         ("both sources", ["--checkpoint", "{run}", "--hf", "{tmp}"], "exactly one of"),
         (
             "window above the model's context",

@@ -12,7 +12,7 @@ import pytest
 from frontier_jax.config import load_config
 from frontier_jax.data.tokenizer import byte_tokenizer
 from frontier_jax.eval.scorer import Scorer
-from frontier_jax.eval.tasks import builtin_task, load_task, run_generate, run_multiple_choice
+from frontier_jax.eval.tasks import Task, builtin_task, load_task, run_generate, run_multiple_choice
 from frontier_jax.infer import Engine
 from frontier_jax.runtime.program import build_model_program
 
@@ -22,6 +22,8 @@ ROWS = [
     {"question": "2 + 3", "choices": [" 5", " 6", " 23"], "answer": 0},
     {"question": "7 * 2", "choices": [" 14", " 9"], "answer": 1},
     {"question": "9 - 9", "choices": [" 0", " -1", " 100"], "answer": 2},
+    # UTF-8 bytes / characters: 4/2, 4/4, 3/3; acc_norm picks " ☕" by bytes, " tea" by characters
+    {"question": "café", "choices": [" ☕", " tea", " no"], "answer": 0},
 ]
 
 
@@ -51,7 +53,7 @@ def test_multiple_choice_accuracy_equals_float64_reference(tmp_path, model):
     )
     task = load_task(tmp_path / "mc.yaml")
     tok = byte_tokenizer()
-    acc = acc_norm = 0
+    acc = acc_norm = by_characters = 0
     for row in ROWS:
         head = [tok.special_id("bos")] + tok.encode(f"Q: {row['question']} =\nA:")
         sums = []
@@ -62,9 +64,12 @@ def test_multiple_choice_accuracy_equals_float64_reference(tmp_path, model):
         sizes = [len(c.encode()) for c in row["choices"]]
         acc += int(np.argmax(sums) == row["answer"])
         acc_norm += int(np.argmax(np.asarray(sums) / sizes) == row["answer"])
+        by_characters += int(np.argmax(np.asarray(sums) / [len(c) for c in row["choices"]]) == row["answer"])
+    assert by_characters != acc_norm  # the non-ASCII row tells UTF-8 bytes from characters
     scorer = Scorer(*model, context=32, batch_size=2, progress=False)
     got = run_multiple_choice(task, scorer, tok)
-    assert got == {"acc": acc / 3, "acc_norm": acc_norm / 3, "rows": 3}
+    n = len(ROWS)
+    assert got == {"acc": acc / n, "acc_norm": acc_norm / n, "rows": n}
 
 
 def test_generate_exact_match_equals_naive_greedy_loop(model):
@@ -91,6 +96,21 @@ def test_generate_exact_match_equals_naive_greedy_loop(model):
     program, params, biases = model
     got = run_generate(task, Engine(program.model(params, biases), tokenizer=tok))
     assert got["exact_match"] == hits / 2 and got["rows"] == 2
+
+
+@pytest.mark.parametrize(
+    "choice, message",
+    [("", "has no token of its own"), (" " + "9" * 40, "has 41 tokens, more than the 32-token window")],
+    ids=["empty", "longer_than_the_window"],
+)
+def test_a_choice_that_cannot_be_scored_is_refused_by_name(model, choice, message):
+    """As lm-eval's hf backend: an empty continuation would score nothing (every window position
+    was counted before), one longer than the window would lose its first tokens."""
+    row = {"question": "2 + 3", "choices": [" 5", choice], "answer": 0}
+    task = Task("sums", "multiple_choice", [row], "Q: {question} =\nA:")
+    scorer = Scorer(*model, context=32, batch_size=2, progress=False)
+    with pytest.raises(ValueError, match=rf"task sums, row 0, choice '.*': the continuation {message}"):
+        run_multiple_choice(task, scorer, byte_tokenizer())
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,7 @@ def test_generate_writes_one_completion_per_prompt_and_exits_6_when_some_failed(
     prompts = [valid[0], [vocab + 5], valid[1]]
     out = tmp_path / "out.jsonl"
     args = ["generate", "--hf", str(hf_dir), "--prompts", _prompts_file(tmp_path, prompts), "--out", str(out)]
-    assert main(args + ["--max-new-tokens", "6", *GENERATE_LIMITS]) == 6
+    assert main(args + ["--max-new-tokens", "6", *GENERATE_LIMITS, "impl.moe_dispatch=dropless"]) == 6
     err = capsys.readouterr().err
     assert "tok/s" in err
     assert [line for line in err.splitlines() if line.startswith("error: ")] == [
@@ -63,11 +63,18 @@ def test_generate_writes_one_completion_per_prompt_and_exits_6_when_some_failed(
         (["--checkpoint", "{tmp}"], "no checkpoint"),
         (["--hf", "{hf}", "--temperature", "-1"], "temperature=-1.0 must be >= 0"),
         (["--hf", "{hf}", "infer.max_seqs=0"], "infer.max_seqs=0 must be a positive integer"),
-        (["--hf", "{hf}", "train.steps=3"], "generate takes infer.key=value overrides only"),
+        (
+            ["--hf", "{hf}", "train.steps=3"],
+            "generate takes infer.key=value and impl.key=value overrides only",
+        ),
+        (
+            ["--hf", "{hf}", "impl.moe_dispatch=sometimes"],
+            "invalid override impl.moe_dispatch: Invalid value",
+        ),
         (["--checkpoint", "{tmp}", "--seed", "-1"], "seed=-1 must be an integer in [0, 2^32)"),
         (["--checkpoint", "{tmp}", "--dtype", "float8"], "--dtype float8: use one of float32, bfloat16"),
     ],
-    ids=["empty_run_dir", "temperature", "max_seqs", "not_infer", "seed", "dtype"],
+    ids=["empty_run_dir", "temperature", "max_seqs", "not_infer", "bad_impl", "seed", "dtype"],
 )
 def test_user_errors_are_one_line_with_exit_code_2(hf_dir, tmp_path, capsys, args, message):
     args = [a.format(tmp=tmp_path, hf=hf_dir) for a in args]

@@ -49,7 +49,7 @@ def run_cached(model, ids: np.ndarray, prefill_lengths, chunk: int, impl: str = 
         tok = np.where(write, np.take_along_axis(ids, np.minimum(pos, ids.shape[1] - 1), 1), 0)
         pages = Pages(jnp.asarray(alloc.table(list(rows), layout.blocks_per_seq)), jnp.asarray(write))
         select = jnp.broadcast_to(jnp.arange(width), (len(LENGTHS), width))
-        logits, _, cache = step(state, cache, jnp.asarray(tok), jnp.asarray(pos), pages, select)
+        logits, _, cache, _ = step(state, cache, jnp.asarray(tok), jnp.asarray(pos), pages, select)
         for b in rows:
             out[b].extend(np.asarray(logits[b, : counts[b]]))
 

@@ -12,6 +12,7 @@ from flax import nnx
 
 from frontier_jax.model import Transformer
 from frontier_jax.model.config import ImplConfig
+from frontier_jax.model.extend_context import ExtendContext
 from frontier_jax.model.latent_cache import ModelCache, Pages, empty_cache
 
 from . import common
@@ -143,7 +144,10 @@ def test_unrolled_extend_gives_the_scanned_prefill_and_decode():
         cache = ModelCache(stack(cfg.first_k_dense), stack(cfg.num_moe_layers), None)  # no MTP
 
         def extend(state, ids, positions, cache, pages, absorbed):
-            return nnx.merge(graphdef, state).extend(ids, positions, cache, pages, absorbed=absorbed)
+            hidden, cache, _ = nnx.merge(graphdef, state).extend(
+                ids, positions, cache, ExtendContext(pages, absorbed)
+            )
+            return hidden, cache
 
         extend = common.fast_jit(extend, static_argnums=5)
         g_prefill, cache = extend(state, ids, positions, cache, pages, False)

@@ -1,16 +1,23 @@
 """Parameters-only restore (frontier_jax/runtime/restore.py).
 
-One 3-step toy training run (the shared tiny config of tests/train, default mesh: data=8)
-writes checkpoints at steps 2 and 3.  The reference is the training loop's own full-state
+One 3-step toy training run (the shared tiny config of tests/train, default mesh: data=8, the
+byte tokenizer read from a tokenizer.json file) writes checkpoints at steps 2 and 3.  The reference is the training loop's own full-state
 restore (`Checkpointer.restore`, tested by tests/train) of the same step onto one device.
 Restored parameters and biases must equal it bitwise on one device and on 8 devices in two
 layouts, each array laid out as the rules table says; a bf16 restore equals the fp32 values
 cast to bf16 (round to nearest even, as numpy's ml_dtypes does) with the biases kept in fp32.
+A damaged or mismatched checkpoint, or a tokenizer.json changed since training, is one error
+line in `restore_params`, `eval` and `generate` (exit 5 / 2), naming the file and what to load.
 """
 
 from __future__ import annotations
 
+import glob
+import json
+import os
+import re
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,19 +27,30 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from frontier_jax import cli
+from frontier_jax.data.tokenizer import byte_tokenizer, load_tokenizer, tokenizer_identity
 from frontier_jax.parallel.config import MeshConfig
 from frontier_jax.parallel.rules import RULE_SETS, logical_to_spec
+from frontier_jax.runtime.integrity import MANIFEST, CheckpointError
 from frontier_jax.runtime.restore import restore_params
 from frontier_jax.train.loop import train
-from tests.train.common import assert_trees_equal, restore_checkpoint, tiny_config
+from tests.train.common import assert_trees_equal, restore_checkpoint, run_python, tiny_config
 
 STEPS = 3
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("restore") / "run"
-    cfg = tiny_config(f"train.steps={STEPS}", "checkpoint.every=2", "checkpoint.async_save=false")
+    root = tmp_path_factory.mktemp("restore")
+    tokenizer_file = root / "tokenizer.json"
+    tokenizer_file.write_text(byte_tokenizer().to_str())
+    run_dir = root / "run"
+    cfg = tiny_config(
+        f"train.steps={STEPS}",
+        "checkpoint.every=2",
+        "checkpoint.async_save=false",
+        f"data.tokenizer={tokenizer_file}",
+    )
     train(cfg, run_dir, progress=False)
     return run_dir, cfg
 
@@ -55,7 +73,11 @@ def test_restores_the_latest_trained_params_on_one_device(run, trained):
     run_dir, cfg = run
     restored = restore_params(run_dir)
     assert restored.step == STEPS
-    assert restored.config == {**cfg.to_dict(), "stage": {"index": 0, "start_step": 0, "until_step": STEPS}}
+    assert restored.config == {
+        **cfg.to_dict(),
+        "stage": {"index": 0, "start_step": 0, "until_step": STEPS},
+        "tokenizer": tokenizer_identity(load_tokenizer(cfg.data.tokenizer)),
+    }
     assert restored.program.cfg.model == cfg.model and restored.program.cfg.mesh == cfg.mesh
     assert_trees_equal(restored.params, trained[STEPS].params, "params")
     assert_trees_equal(restored.biases, trained[STEPS].biases, "biases")
@@ -150,3 +172,152 @@ def test_missing_checkpoints_are_named_with_the_steps_that_exist(run, tmp_path):
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     with pytest.raises(ValueError, match="no checkpoint in .*empty/checkpoints: it holds no"):
         restore_params(tmp_path / "empty")
+
+
+# ------------------------------------------------------------------ damaged checkpoints, one line
+def _copy(run_dir, tmp_path, checksums: bool = True):
+    """A copy of the run's checkpoints (without their checksums: a run written before them)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir / "checkpoints", copy / "checkpoints")
+    if not checksums:
+        for step in (2, STEPS):
+            (copy / "checkpoints" / str(step) / MANIFEST).unlink(missing_ok=True)
+    return copy
+
+
+def _state_data_file(step_dir) -> str:
+    path = max(glob.glob(f"{step_dir}/state/**/d/*", recursive=True), key=os.path.getsize)
+    return os.path.relpath(path, step_dir)
+
+
+def _cli_error(capsys, argv: list[str], code: int) -> str:
+    """The one stderr line of the eval / generate command `argv` (warnings aside), which exits `code`."""
+    assert cli.main(argv) == code
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("WARNING")]
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def _eval_and_generate(path, tmp_path) -> list[list[str]]:
+    return [
+        ["eval", "--checkpoint", str(path), "--out", str(tmp_path / "eval")],
+        ["generate", "--checkpoint", str(path), "--prompt", "1 + 1 =", "--max-new-tokens", "2"],
+    ]
+
+
+def test_a_bit_flip_is_one_error_naming_the_file_and_the_step_to_load(run, tmp_path, capsys):
+    """One flipped bit in the middle of the latest step's array data: restore_params, eval and
+    generate used to carry on with other weights (exit 0)."""
+    run_dir, _ = run
+    copy = _copy(run_dir, tmp_path)
+    checkpoints = copy / "checkpoints"
+    name = _state_data_file(checkpoints / str(STEPS))
+    raw = bytearray((checkpoints / str(STEPS) / name).read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    (checkpoints / str(STEPS) / name).write_bytes(bytes(raw))
+    want = (
+        f"checkpoint {STEPS} in {checkpoints} is corrupt: {name} does not match its sha256 in "
+        f"checksums.json (.*); steps whose checksums verify: 2; load {checkpoints}/2 instead$"
+    )
+    with pytest.raises(CheckpointError, match=want):
+        restore_params(copy)
+    for argv in _eval_and_generate(copy, tmp_path):
+        assert re.match("error: " + want, _cli_error(capsys, argv, 5)), argv
+    assert restore_params(copy, 2).step == 2  # the step it names restores
+    assert sorted(os.listdir(checkpoints)) == ["2", str(STEPS)]  # nothing moved
+
+
+def test_a_truncated_checkpoint_is_one_error_line_in_eval_and_generate(run, tmp_path, capsys):
+    """Written before checksums (so orbax reads the cut file): eval used to print 600 lines with
+    44 tracebacks, generate 140, without an error: line."""
+    run_dir, _ = run
+    copy = _copy(run_dir, tmp_path, checksums=False)
+    checkpoints = copy / "checkpoints"
+    for path in glob.glob(f"{checkpoints}/{STEPS}/state/**/d/*", recursive=True):
+        with open(path, "r+b") as f:
+            f.truncate(100)
+    for argv in _eval_and_generate(copy, tmp_path):
+        err = _cli_error(capsys, argv, 5)
+        assert err.startswith(
+            f"error: checkpoint {STEPS} in {checkpoints} does not restore (its state does not"
+        ), err
+        assert err.endswith(f"steps without checksums (not verified): 2; try {checkpoints}/2"), err
+
+
+def test_a_checkpoint_holding_another_models_config_is_one_error_line(run, tmp_path, capsys):
+    """config/metadata of the latest step replaced by another model's: orbax's "set strict=False"
+    advice in 669 lines before; now the checksums name the file, and in a run written before
+    checksums the error says the state does not match the config."""
+    run_dir, cfg = run
+    for checksums, problem in (
+        (True, "is corrupt: config/metadata "),  # its size or digest
+        (False, "does not restore (its state does not read as the model of its config: "),
+    ):
+        copy = _copy(run_dir, tmp_path / str(checksums), checksums=checksums)
+        checkpoints = copy / "checkpoints"
+        other = {**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "hidden_size": 48}}
+        (checkpoints / str(STEPS) / "config" / "metadata").write_text(json.dumps(other))
+        with pytest.raises(
+            CheckpointError, match=f"checkpoint {STEPS} in {checkpoints} {re.escape(problem)}"
+        ):
+            restore_params(copy)
+        err = _cli_error(capsys, _eval_and_generate(copy, tmp_path)[0], 5)
+        assert err.startswith(f"error: checkpoint {STEPS} in {checkpoints} {problem}"), err
+        assert f"{checkpoints}/2" in err and "strict=False" not in err  # what to do, not orbax's advice
+
+
+def test_a_tokenizer_changed_since_training_is_refused_naming_both_hashes(run, tmp_path, capsys):
+    """tokenizer.json overwritten at the same path after training (here: one more added token):
+    eval (CE 7.60 instead of 2.9), generate and resume all used to carry on."""
+    run_dir, cfg = run
+    tokenizer_file = Path(cfg.data.tokenizer)
+    trained = tokenizer_file.read_text()
+    recorded = tokenizer_identity(load_tokenizer(str(tokenizer_file)))["sha256"]
+    changed = json.loads(trained)
+    changed["added_tokens"].append({**changed["added_tokens"][-1], "id": 266, "content": "<|new|>"})
+    try:
+        tokenizer_file.write_text(json.dumps(changed))
+        now = tokenizer_identity(load_tokenizer(str(tokenizer_file)))["sha256"]
+        assert now != recorded
+        want = (
+            f"checkpoint {STEPS} in {run_dir / 'checkpoints'} was trained with another tokenizer "
+            f"(data.tokenizer='{tokenizer_file}', 266 ids, sha256 {recorded[:12]}...) than this config's "
+            f"data.tokenizer='{tokenizer_file}' (267 ids, sha256 {now[:12]}...; data.special_tokens count)"
+        )
+        with pytest.raises(ValueError, match=re.escape(want)):
+            restore_params(run_dir).tokenizer()
+        for argv in _eval_and_generate(run_dir, tmp_path):
+            assert _cli_error(capsys, argv, 2).startswith("error: " + want), argv
+        resumed = tmp_path / "resumed"
+        shutil.copytree(run_dir / "checkpoints", resumed / "checkpoints")
+        with pytest.raises(ValueError, match=re.escape(want.replace(str(run_dir), str(resumed)))):
+            train(cfg, resumed, progress=False)
+    finally:
+        tokenizer_file.write_text(trained)
+    restore_params(run_dir).tokenizer()  # the trained content back: accepted again
+
+
+CTRL_C_SCRIPT = """
+import asyncio, os, signal, sys
+from orbax.checkpoint._src.serialization import serialization
+from frontier_jax import cli
+
+read = serialization._read_shard
+async def read_after_ctrl_c(*args, **kwargs):  # Ctrl-C arrives while orbax reads the arrays
+    os.kill(os.getpid(), signal.SIGINT)
+    await asyncio.sleep(0.2)
+    return await read(*args, **kwargs)
+serialization._read_shard = read_after_ctrl_c
+sys.exit(cli.main(["generate", "--checkpoint", {run!r}, "--prompt", "1 + 1 =", "--max-new-tokens", "2"]))
+"""
+
+
+def test_ctrl_c_during_a_restore_is_one_line_and_exit_130(run):
+    """It used to end in 56 lines of tracebacks (orbax wraps the KeyboardInterrupt in its own
+    error, so it must not be taken for a corrupt checkpoint either)."""
+    run_dir, _ = run
+    proc = run_python(CTRL_C_SCRIPT.format(run=str(run_dir)), devices=None, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("WARNING")]
+    assert proc.returncode == 130 and lines == ["interrupted: stopped by Ctrl-C (SIGINT)"], proc.stderr[
+        -3000:
+    ]

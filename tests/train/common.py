@@ -232,3 +232,29 @@ def cli_train_command(run_dir, *overrides: str) -> list[str]:
         str(run_dir),
         *tiny_overrides(*overrides),
     ]
+
+
+def child_pids(pid: int) -> set[int]:
+    """The live (not zombie) processes whose parent is `pid` (Linux /proc)."""
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            children.add(int(stat.parent.name))
+    return children
+
+
+def running(pids: set[int]) -> set[int]:
+    """Those of `pids` that still run (zombies, which only wait to be reaped, do not)."""
+    alive = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(pid)
+    return alive

@@ -1,7 +1,9 @@
 """Checkpoint faults (frontier_jax/train/checkpoint.py), on a small pytree and the real data
 iterator: failed saves are reported and leave the previous checkpoint the latest; a latest
-checkpoint that does not restore is moved aside and the newest earlier one is used.  And the
-fast guard of resume's data half: a restored loop iterator yields the next batch."""
+checkpoint that does not restore is moved aside and the newest earlier one is used (here with
+its checksums removed, as a run written before checksums: orbax's own failures;
+test_checkpoint_integrity.py checks the checksums).  And the fast guard of resume's data half:
+a restored loop iterator yields the next batch."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import pytest
 
 from frontier_jax.config import CheckpointConfig
 from frontier_jax.data import DataConfig, build_train_iterator
+from frontier_jax.runtime.integrity import MANIFEST
 from frontier_jax.train import loop
 from frontier_jax.train.checkpoint import Checkpointer, CheckpointError
 
@@ -34,7 +37,12 @@ def _iterator():
 
 
 def _state(step: int) -> dict:
-    return {"w": jnp.full((4, 8), float(step)), "step": jnp.int32(step), "pair": (jnp.ones(3), jnp.zeros(2))}
+    return {
+        "w": jnp.full((4, 8), float(step)),
+        "noise": jax.random.normal(jax.random.key(step), (64, 256)),  # incompressible: stored as is
+        "step": jnp.int32(step),
+        "pair": (jnp.ones(3), jnp.zeros(2)),
+    }
 
 
 def _abstract():
@@ -108,6 +116,8 @@ def test_a_latest_checkpoint_that_does_not_restore_is_moved_aside_and_the_previo
     tmp_path, caplog, damage, reason
 ):
     iterator_states = _saved_run(tmp_path)
+    for manifest in glob.glob(f"{tmp_path}/*/{MANIFEST}"):
+        os.remove(manifest)
     damage(tmp_path / "3")
     (step, state), data_state = _restore_latest(tmp_path)
     assert step == 2
@@ -125,10 +135,28 @@ def test_a_latest_checkpoint_that_does_not_restore_is_moved_aside_and_the_previo
     assert Checkpointer(tmp_path, CheckpointConfig()).latest_step() == 2  # a resumed run saves 3 anew
 
 
+def test_every_newer_checkpoint_that_does_not_restore_is_moved_aside(tmp_path, caplog):
+    """Steps 3 and 2 damaged (two ways): step 1 is restored and both are moved aside, each with
+    its own reason and warning, so that a resumed run's checkpoints 2 and 3 are new."""
+    iterator_states = _saved_run(tmp_path)
+    for manifest in glob.glob(f"{tmp_path}/*/{MANIFEST}"):  # orbax's own failures (module docstring)
+        os.remove(manifest)
+    _truncate_state_files(tmp_path / "3")
+    os.remove(tmp_path / "2" / "state" / "_METADATA")
+    (step, state), data_state = _restore_latest(tmp_path)
+    assert step == 1 and data_state == iterator_states[0]
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.full((4, 8), 1.0))
+    assert sorted(os.listdir(tmp_path)) == ["1", "2.corrupt-missing-METADATA", "3.corrupt-unreadable"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    for bad, reason in [(3, "unreadable"), (2, "missing-METADATA")]:
+        assert any(f"moved to {tmp_path}/{bad}.corrupt-{reason}; resuming from step 1" in w for w in warnings)
+    assert Checkpointer(tmp_path, CheckpointConfig()).latest_step() == 1
+
+
 def test_no_checkpoint_that_restores_is_one_error_and_nothing_is_moved(tmp_path):
     _saved_run(tmp_path, steps=(1, 2))
     for step in ("1", "2"):
-        _truncate_state_files(tmp_path / step)
+        _truncate_state_files(tmp_path / step)  # named by their checksums
     with pytest.raises(CheckpointError, match=rf"no checkpoint in {tmp_path} restores; the latest, step 2: "):
         _restore_latest(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["1", "2"]

@@ -147,7 +147,7 @@ def test_a_save_failing_in_the_background_stops_the_run_with_exit_5(
 def test_resume_falls_back_past_a_corrupt_latest_checkpoint_with_one_record_per_step(
     reference_run, tmp_path, caplog
 ):
-    """Checkpoint 2N truncated: a warning names it, it is kept as 2N.corrupt-unreadable, training
+    """Checkpoint 2N truncated: a warning names it, it is kept as 2N.corrupt-checksum, training
     resumes from N and replays N+1..2N exactly; metrics.jsonl, which held steps 1..2N from before
     the crash, ends with one record per step."""
     run = tmp_path / "run"
@@ -164,7 +164,7 @@ def test_resume_falls_back_past_a_corrupt_latest_checkpoint_with_one_record_per_
     assert all(computed_metrics(r) == computed_metrics(reference[r["step"]]) for r in history)
     assert [r["step"] for r in read_metrics(run)] == list(range(1, 2 * N + 1))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(
-        [str(N), str(2 * N), f"{2 * N}.corrupt-unreadable"]
+        [str(N), str(2 * N), f"{2 * N}.corrupt-checksum"]
     )
     assert any(
         f"checkpoint {2 * N} does not restore" in r.getMessage()
@@ -263,3 +263,19 @@ def test_restart_data_keeps_the_state_and_reads_the_new_stream_from_its_start(
     next(fresh)  # the new stream's first batch was step N+1's
     _, saved_position = restore_checkpoint(run, N + 1, cfg)
     assert saved_position == fresh.get_state()
+
+
+def test_train_steps_at_or_below_the_latest_checkpoint_says_that_nothing_is_trained(
+    reference_run, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    _copy_checkpoints(reference_run, run, (2 * N,))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert _cli_train(run, f"train.steps={N}") == 0
+    err = capsys.readouterr().err
+    assert (
+        f"WARNING frontier_jax.train.loop: nothing to train: the latest checkpoint in {run / 'checkpoints'} is "
+        f"step {2 * N} and train.steps={N} is below it; raise train.steps above {2 * N} to train on"
+    ) in err.splitlines()
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing written
+    assert train(tiny_config(f"train.steps={2 * N}"), run, progress=False) == []

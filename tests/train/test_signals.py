@@ -5,12 +5,16 @@
 * on two processes (jax.distributed on 127.0.0.1), SIGTERM to one of them stops both at the
   same step with one complete checkpoint (without the agreement, one process would enter the
   save's collectives while the other enters the next step's, and both would hang).
+* a signal while the command starts (here: loading the config), or during the trainer's setup
+  (here: restoring a checkpoint), exits 75 with the `preempted:` line too, and leaves the run
+  directory as it was (no half-written file, no lock left behind).
 The normal case (save at the current step, exit 75, exact resume) is
 test_checkpoint_resume.py's sigterm_run.  Every wait is bounded, so a hang fails the test.
 """
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +25,7 @@ import pytest
 
 from frontier_jax.train.checkpoint import Checkpointer
 
-from .common import REPO, subprocess_env, tiny_config, tiny_overrides
+from .common import REPO, reference_overrides, subprocess_env, tiny_config, tiny_overrides
 
 STUCK_SCRIPT = """
 import pathlib, sys, threading
@@ -160,3 +164,57 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     assert "process 0: SIGTERM received" in saved[0]
     assert "process 1: a stop signal on another process received" in saved[1]
     assert Checkpointer(run / "checkpoints", tiny_config().checkpoint).latest_step() == steps.pop()
+
+
+# ------------------------------------------------------------------ signals during setup
+SIGNAL_IN_SCRIPT = """
+import os, signal
+from frontier_jax import cli
+import {module} as where
+
+original = where.{name}
+
+def signalled(*args, **kwargs):  # the signal arrives while {module}.{name} runs
+    os.kill(os.getpid(), signal.SIGTERM)
+    return original(*args, **kwargs)
+
+where.{name} = signalled
+raise SystemExit(cli.main({argv!r}))
+"""
+
+
+def _run_signalled_in(module: str, name: str, run_dir: Path, devices: int | None, overrides: list[str]):
+    argv = ["train", "--config", "model/toy", "--run-dir", str(run_dir), *overrides]
+    return subprocess.run(
+        [sys.executable, "-c", SIGNAL_IN_SCRIPT.format(module=module, name=name, argv=argv)],
+        env=subprocess_env(devices=devices),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_a_signal_while_the_command_starts_exits_75_with_the_preempted_line(tmp_path):
+    done = _run_signalled_in("frontier_jax.config", "load_config", tmp_path / "run", None, tiny_overrides())
+    assert done.returncode == 75, done.stderr[-3000:]
+    assert done.stderr.splitlines()[-1] == (
+        "preempted: SIGTERM received while starting, before anything was written; run the same command again"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_signal_during_restore_exits_75_and_leaves_the_run_directory_as_it_was(tmp_path, reference_run):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()}
+    done = _run_signalled_in(
+        "frontier_jax.train.checkpoint", "Checkpointer.restore_latest", run_dir, 8, reference_overrides()
+    )
+    assert done.returncode == 75, done.stderr[-3000:]
+    assert done.stderr.splitlines()[-1] == (
+        f"preempted: SIGTERM received during setup, before the first step: nothing was trained or written in "
+        f"{run_dir}; run the same command again"
+    )
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before  # no checkpoint moved, config.yaml and metrics.jsonl untouched, no lock left

@@ -24,6 +24,7 @@ from frontier_jax.train.optimizer import learning_rate_schedule
 from frontier_jax.train.stages import checkpoint_stage, context_stages, stage_at
 
 from .common import (
+    REPO,
     assert_trees_equal,
     computed_metrics,
     read_metrics,
@@ -214,6 +215,22 @@ def test_deepseek_v3_preset(tmp_path):
         (242_000, 7.3e-6),
     ]:
         assert float(lr(step)) == pytest.approx(want, rel=1e-3), step
+
+
+def test_readme_context_stage_example_is_the_run_behind_its_table():
+    """The README's example is configs/train/toy-long-context.yaml as written (the config
+    benchmarks/long_context.py trains): it loads, and its lr runs on across the boundary (the
+    cosine reaches lr_min there, the extension stage's constant lr; a cosine over all 360 steps
+    would jump from 5.09e-4 to 3.0e-4)."""
+    readme = (REPO / "README.md").read_text()
+    example = readme.split("### Context stages")[1].split("```yaml\n")[1].split("```")[0]
+    path = CONFIG_DIR / "train" / "toy-long-context.yaml"
+    assert yaml.safe_load(example) == yaml.safe_load(path.read_text())
+    cfg = load_config("train/toy-long-context")
+    lr = learning_rate_schedule(cfg.train)
+    boundary = cfg.train.stages[0].until_step
+    assert float(lr(boundary - 1)) == pytest.approx(cfg.train.stages[1].lr, rel=1e-3)
+    assert float(lr(boundary)) == pytest.approx(cfg.train.stages[1].lr) == cfg.train.lr_min
 
 
 # ------------------------------------------------------------------ a two-stage run, resumed

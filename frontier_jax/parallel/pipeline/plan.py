@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import math
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Optional
 
 from frontier_jax.parallel.pipeline.schedule import (
@@ -34,6 +36,7 @@ from frontier_jax.parallel.pipeline.schedule import (
     lower,
 )
 from frontier_jax.parallel.pipeline.simulate import Costs, lockstep_makespan, simulate
+from frontier_jax.parallel.rules import MESH_AXES, RULE_SETS
 
 if TYPE_CHECKING:  # the composed config sits above parallel
     from frontier_jax.config import Config
@@ -133,9 +136,47 @@ def stage_plan(
     return StagePlan(built, first_k_dense, moe, mtp_depth)
 
 
+def check_micro_batch_fits(
+    global_batch: int,
+    micro_batches: int,
+    sizes: Mapping[str, int],
+    rules: Mapping[str, Sequence[str]],
+    *,
+    field: str = "train.global_batch",
+) -> None:
+    """A pipeline's micro-batch, global_batch / micro_batches rows, must split into whole rows
+    over the mesh axes of the `batch` rule (`sizes`: axis -> size, -1 for a size not known yet,
+    left out).  Else XLA pads the rows and reshards the padded activations inside the chunks,
+    the embedding and the head, which the executor runs under stage-dependent `lax.switch` /
+    `lax.cond` branches (executor.py): a resharding collective-permute there waits for the
+    devices of every stage, those of the stages in another branch never arrive, and the step
+    hangs until the runtime aborts it (on CPU: "only 4 of 8 arrived", exit 134 after 40 s)."""
+    axes = [a for a in rules["batch"] if sizes.get(a, 1) > 1]
+    ways = math.prod(sizes[a] for a in axes)
+    rows = global_batch // micro_batches
+    if rows % ways == 0:
+        return
+    # fewer micro-batches of whole rows per shard (global_batch split over the axes, else none)
+    per_shard = global_batch // ways if global_batch % ways == 0 else None
+    fewer = per_shard and max(m for m in range(1, micro_batches) if per_shard % m == 0)
+    larger = math.ceil(global_batch / (micro_batches * ways)) * micro_batches * ways
+    raise ValueError(
+        f"train.micro_batches={micro_batches} cuts {field}={global_batch} into micro-batches of {rows} "
+        f"rows, which the {ways}-way batch split over mesh axes {axes} "
+        f"({', '.join(f'{a}={sizes[a]}' for a in axes)}) cannot divide: a pipeline needs micro-batch rows "
+        f"that are a multiple of {ways} (uneven rows are resharded inside the stage-dependent steps, "
+        "where that collective waits for the other stages for ever); use "
+        + (f"train.micro_batches={fewer} or " if fewer else "")
+        + f"{field}={larger}, or a smaller batch split"
+    )
+
+
 def pipeline_plan(cfg: Config) -> StagePlan | None:
     """The stage plan of a run config (None without a pipeline); raises ValueError naming the
-    fields for mesh.stage > 1 without train.pipeline.schedule and for the checks of `stage_plan`."""
+    fields for mesh.stage > 1 without train.pipeline.schedule, a schedule on mesh.stage=1, a
+    micro-batch that does not split over the batch axes (`check_micro_batch_fits`, with the mesh
+    sizes the config gives; mesh.data=-1 is checked when the mesh is built) and for the checks of
+    `stage_plan`."""
     schedule = cfg.train.pipeline.schedule
     if schedule is None:
         if cfg.mesh.stage > 1:
@@ -146,6 +187,14 @@ def pipeline_plan(cfg: Config) -> StagePlan | None:
                 "keep mesh.stage=1 and split the devices over mesh.data / mesh.fsdp / mesh.expert"
             )
         return None
+    if cfg.mesh.stage == 1:
+        raise ValueError(
+            f"train.pipeline.schedule={schedule.value} needs pipeline stages, but mesh.stage=1: set "
+            "mesh.stage > 1 to pipeline, or remove train.pipeline.schedule (train.micro_batches "
+            "accumulates gradients without a pipeline)"
+        )
+    sizes = {axis: getattr(cfg.mesh, axis) for axis in MESH_AXES}
+    check_micro_batch_fits(cfg.train.global_batch, cfg.train.micro_batches, sizes, RULE_SETS[cfg.mesh.rules])
     return stage_plan(
         schedule,
         cfg.mesh.stage,

@@ -8,17 +8,22 @@ input gradient ``I = B - W``, and ``FB`` (DeepSeek's F&B: one forward and one fu
 other micro-batches, overlapped).
 
 The bubble of rank r is ``makespan - busy_r``. With ``p2p = 0`` and ``M`` micro-batches on ``P``
-ranks (DeepSeek-V3's Table 2, `tests/parallel/pipeline/test_simulate.py` checks each):
+ranks, the simulated bubbles equal DeepSeek-V3's Table 2 (and GPipe's makespan) where the costs
+meet the conditions below; outside them the worst rank's critical path changes and the simulated
+bubble, which is the right one for those costs, differs from the formula
+(`tests/parallel/pipeline/test_simulate.py` checks both sides of each condition):
 
-- GPipe: makespan ``(M + P - 1)(F + B)``;
-- 1F1B: bubble ``(P - 1)(F + B)`` on every rank;
-- ZB-H1 ("ZB1P"): bubble ``(P - 1)(F + B - 2W)``;
-- DualPipeV: bubble ``(PP/2 - 1)(F&B + B - 3W)`` where **PP = 2P is the number of chunks
-  (pipeline stages)**, i.e. ``(P - 1)(F&B + B - 3W)`` on P ranks; F, B, W are the costs of one
-  chunk (half a 1F1B stage). This one is exact when ``I = F`` (an input gradient costs a
-  forward, as DeepSeek's count assumes) and ``W <= F``; with other costs the worst rank's
-  critical path changes and the simulated bubble differs from the formula;
-- interleaved 1F1B with v chunks per rank: ``(P - 1)(F + B) / v`` (F, B of a 1F1B stage).
+- GPipe: makespan ``(M + P - 1)(F + B)``, any costs;
+- 1F1B: bubble ``(P - 1)(F + B)`` on every rank, any costs;
+- ZB-H1 ("ZB1P"): bubble ``(P - 1)(F + B - 2W)`` on every rank **only when W <= F and
+  W <= I = B - W**;
+- DualPipeV: bubble ``(PP/2 - 1)(F&B + B - 3W)`` on the worst rank, where **PP = 2P is the
+  number of chunks (pipeline stages)**, i.e. ``(P - 1)(F&B + B - 3W)`` on P ranks; F, B, W are
+  the costs of one chunk (half a 1F1B stage). It holds **only when I = F** (an input gradient
+  costs a forward, as DeepSeek's count assumes), **W <= F and max(F, B) <= F&B <= F + B** (the
+  overlap saves at most the shorter pass);
+- interleaved 1F1B with v chunks per rank: ``(P - 1)(F + B) / v`` (F, B of a 1F1B stage), any
+  costs.
 
 Live activations: a micro-batch's residuals on a rank are live from the start of its F to the
 end of its B (or of its W when split); the peak per rank sizes the executor's stash.

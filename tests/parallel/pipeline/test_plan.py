@@ -95,6 +95,29 @@ def test_describe_plan_reports_the_simulator_and_the_executor_buffers():
             ],
             r"^model\.num_layers=3 with model\.first_k_dense=3 leaves 0 MoE blocks",
         ),
+        (  # 16 rows in 8 micro-batches of 2 over data=4: hung in a collective, then aborted
+            ["mesh.stage=2", "mesh.data=4", "train.pipeline.schedule=gpipe", "train.micro_batches=8"],
+            r"^train\.micro_batches=8 cuts train\.global_batch=16 into micro-batches of 2 rows, which the "
+            r"4-way batch split over mesh axes \['data'\] \(data=4\) cannot divide: a pipeline needs "
+            r"micro-batch rows that are a multiple of 4 .*; use train\.micro_batches=4 or "
+            r"train\.global_batch=32, or a smaller batch split$",
+        ),
+        (  # with mesh.data=-1 the known axes are checked here, the rest when the mesh is built
+            [
+                "mesh.stage=2",
+                "mesh.expert=2",
+                "model.n_routed_experts=8",
+                "train.pipeline.schedule=1f1b",
+                "train.micro_batches=16",
+            ],
+            r"^train\.micro_batches=16 cuts train\.global_batch=16 into micro-batches of 1 rows, which the "
+            r"2-way batch split over mesh axes \['expert'\] \(expert=2\) cannot divide",
+        ),
+        (
+            ["train.pipeline.schedule=1f1b", "train.micro_batches=2"],
+            r"^train\.pipeline\.schedule=1f1b needs pipeline stages, but mesh\.stage=1: set mesh\.stage > 1 "
+            r"to pipeline, or remove train\.pipeline\.schedule",
+        ),
     ],
 )
 def test_bad_pipeline_configs_are_refused_on_load_naming_fields_sizes_and_fix(overrides, match):

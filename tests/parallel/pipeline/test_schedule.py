@@ -118,9 +118,11 @@ def test_dualpipev_phase_counts_follow_deepseek():
         assert len(row) == 4 * M - n_fb + n_split
 
 
-def test_gpipe_stashes_every_microbatch_and_1f1b_only_the_stages():
+def test_gpipe_stashes_every_microbatch_and_1f1b_and_zb_h1_only_the_stages():
     assert S.lower(S.gpipe(4, 16)).stash_slots == 16
     assert S.lower(S.one_f_one_b(4, 16)).stash_slots == 4
+    # rank r holds 1F1B's P - r forwards plus the r micro-batches whose W it delays
+    assert S.lower(S.zero_bubble_h1(4, 16)).stash_slots == 4
     assert S.lower(S.dualpipev(4, 8)).stash_slots == S.lower(S.dualpipev(4, 16)).stash_slots
 
 

@@ -57,6 +57,41 @@ def test_dualpipev_bubble_is_half_pp_minus_1_times_fb_plus_b_minus_3w(P, k):
     assert sim.peak_live == (2 * P + 1,) * P  # flat in M: no more than 2P+1 chunk activations
 
 
+@pytest.mark.parametrize(
+    "f,b,w,holds",
+    [
+        (11, 20, 9, True),  # W <= F, W <= I = 11
+        (11, 16, 5, True),
+        (6, 20, 9, False),  # W > F
+        (11, 15, 9, False),  # W > I = 6
+    ],
+)
+def test_zb_h1_formula_holds_only_when_w_is_at_most_f_and_i(f, b, w, holds):
+    """Table 2's ZB1P bubble (P-1)(F + B - 2W) is the simulated one when W <= F and W <= I;
+    outside, the simulator's (larger) bubble is the schedule's and the formula undercounts."""
+    sim = simulate(S.zero_bubble_h1(4, 8), Costs(F=f, B=b, W=w))
+    formula = 3 * (f + b - 2 * w)
+    assert (sim.bubble == pytest.approx([formula] * 4)) == holds
+    assert min(sim.bubble) >= formula
+
+
+@pytest.mark.parametrize(
+    "f,b,w,fb,holds",
+    [
+        (11, 20, 9, 27, True),  # I = F, W <= F, max(F, B) <= F&B <= F + B
+        (11, 20, 9, 20, True),  # F&B = max(F, B)
+        (11, 20, 9, 31, True),  # F&B = F + B
+        (11, 24, 9, 27, False),  # I = 15 != F
+        (8, 20, 12, 24, False),  # I = F but W > F
+        (11, 20, 9, 18, False),  # F&B < max(F, B)
+        (11, 20, 9, 32, False),  # F&B > F + B
+    ],
+)
+def test_dualpipev_formula_holds_only_inside_deepseeks_cost_conditions(f, b, w, fb, holds):
+    sim = simulate(S.dualpipev(4, 8), Costs(F=f, B=b, W=w, FB=fb))
+    assert (max(sim.bubble) == pytest.approx(3 * (fb + b - 3 * w))) == holds
+
+
 def test_p2p_latency_lengthens_the_pipeline():
     # GPipe on 2 ranks: the critical path crosses the link once forward and once backward
     for M in (2, 4):

@@ -1,0 +1,55 @@
+"""Data worker processes end with the trainer that started them (frontier_jax/data/parent_watch.py):
+the trainer's data iterator with `data.worker_count=2` is killed with SIGKILL, which leaves it no
+chance to stop its grain workers; they are gone within a few seconds (they used to run on,
+orphaned, for minutes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from .common import REPO, child_pids, running, subprocess_env, tiny_overrides
+
+ITERATOR_SCRIPT = """
+import sys, time
+from frontier_jax.config import load_config
+from frontier_jax.train.loop import data_iterator
+
+data = data_iterator(load_config("model/toy", sys.argv[1:]))
+next(data)
+print("reading", flush=True)
+time.sleep(600)
+"""
+
+
+def test_grain_workers_end_within_seconds_of_a_kill_9_of_the_trainer():
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ITERATOR_SCRIPT, *tiny_overrides("data.worker_count=2")],
+        env=subprocess_env(devices=None),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    workers: set[int] = set()
+    try:
+        assert proc.stdout.readline() == "reading\n", proc.communicate(timeout=60)[1][-3000:]
+        workers = child_pids(proc.pid)
+        assert len(workers) >= 2, workers  # the grain workers (and multiprocessing's resource tracker)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while running(workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not running(workers), (
+            f"workers {running(workers)} still run 10 s after their trainer was killed"
+        )
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in running(workers):  # (left over by a failure above)
+            os.kill(pid, signal.SIGKILL)
