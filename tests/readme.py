@@ -26,7 +26,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 
-SHELL_BLOCK = re.compile(r"^```(?:bash|sh|shell)\n(.*?)^```", re.S | re.M)
+# a ```bash (sh, shell) block, also one indented inside a list item
+SHELL_BLOCK = re.compile(
+    r"^(?P<indent>[ \t]*)```(?:bash|sh|shell)[ \t]*\n(?P<body>.*?)^(?P=indent)```", re.S | re.M
+)
 ASSIGNMENT = re.compile(r"[A-Za-z_]\w*=")  # a leading VAR=value word
 COMMAND_SEPARATORS = ("&&", ";")
 OUTPUT_OPTIONS = ("--run-dir", "--out")  # their values are written by the command, never read
@@ -86,8 +89,8 @@ def readme_commands(text: str | None = None) -> list[Command]:
     text = README.read_text() if text is None else text
     commands = []
     for block in SHELL_BLOCK.finditer(text):
-        first = text.count("\n", 0, block.start(1)) + 1
-        lines = block.group(1).splitlines()
+        first = text.count("\n", 0, block.start("body")) + 1
+        lines = [line.removeprefix(block["indent"]) for line in block["body"].splitlines()]
         i = 0
         while i < len(lines):
             start, logical = i, lines[i]

@@ -230,6 +230,12 @@ def _generated(command: Command, cwd: Path, proc) -> None:
         assert proc.stdout.count("---") == len(prompts), proc.stdout
 
 
+def _verified(command: Command, cwd: Path, proc) -> None:
+    """A verdict per step, every one ok (the placeholder runs are intact)."""
+    steps = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert steps and all(line.endswith(": ok") for line in steps), proc.stdout
+
+
 def _lm_evaluated(command: Command, cwd: Path, proc) -> None:
     tasks = command.argv[command.argv.index("--tasks") + 1].split(",")
     assert all(f"|{task}" in proc.stdout for task in tasks), proc.stdout
@@ -253,6 +259,7 @@ KINDS = {
     ("frontier-jax", "generate"): Kind(
         _parse_frontier_jax, _generated, ("--max-new-tokens", str(NEW_TOKENS))
     ),
+    ("frontier-jax", "checkpoint", "verify"): Kind(_parse_frontier_jax, _verified),
     ("python", "-m", "frontier_jax.eval.lm_eval"): Kind(_parse_lm_eval, _lm_evaluated),
     ("launch/local.sh",): Kind(_parse_launcher, _trained, (f"train.steps={TRAIN_STEPS}",)),
     ("launch/eval_local.sh",): Kind(_parse_launcher, _evaluated),
@@ -443,6 +450,40 @@ def test_readme_command_parses(command, placeholders, tmp_path, monkeypatch):
     prepare_directory(_read_when_parsed(command), tmp_path, placeholders.links)
     monkeypatch.chdir(tmp_path)
     check_parses(command)
+
+
+def test_commands_are_read_as_a_shell_reads_them():
+    """Continuation lines joined, comments dropped, && / ; separating commands, VAR=value
+    assignments as the environment, quotes removed, blocks indented in a list item included,
+    other fences (python, plain) not."""
+    text = (
+        "```bash\n"
+        "pip install -e . && X=1 Y='a b' frontier-jax train --config c \\\n"
+        "    --run-dir 'runs/my run' k.v=2   # a comment\n"
+        "# a comment line\n"
+        "a; b\n"
+        "```\n"
+        "```python\nimport x\n```\n```\noutput\n```\n"
+        "- a list item:\n"
+        "  ```bash\n"
+        "  frontier-jax describe --config model/toy\n"
+        "  ```\n"
+    )
+    commands = readme_commands(text)
+    assert [(c.line, c.words) for c in commands] == [
+        (2, ("pip", "install", "-e", ".")),
+        (2, ("X=1", "Y=a b", "frontier-jax", "train", "--config", "c", "--run-dir", "runs/my run", "k.v=2")),
+        (5, ("a",)),
+        (5, ("b",)),
+        (15, ("frontier-jax", "describe", "--config", "model/toy")),
+    ]
+    train = commands[1]
+    assert train.env == {"X": "1", "Y": "a b"} and train.argv[:2] == ("frontier-jax", "train")
+    assert train.outputs == {"runs/my run"} and train.option("--config") == "c"
+    assert readme_commands("```bash\npython -m frontier_jax eval --out o\n```\n")[0].program[:2] == (
+        "frontier-jax",
+        "eval",
+    )
 
 
 # (a command that passes, the same command broken, what the failure says)
