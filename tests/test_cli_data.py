@@ -2,8 +2,6 @@
 included) as one line, exit code 2."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +13,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from frontier_jax import cli
 from frontier_jax.config import CONFIG_DIR, load_config
 from frontier_jax.data import build_train_iterator, prepare, prepared
-from tests.train.common import REPO, child_pids, running, subprocess_env
+from tests.train.common import REPO, child_pids, end_processes, kill_9_and_wait_for, subprocess_env
 
 
 def _config(tmp_path, n=40):
@@ -129,15 +127,7 @@ def test_prepare_workers_end_within_seconds_of_a_kill_9_of_the_command(tmp_path)
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.1)
         workers = child_pids(proc.pid)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        deadline = time.monotonic() + 10
-        while running(workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert len(workers) >= 2 and not running(workers), (workers, running(workers))
+        left = kill_9_and_wait_for(proc, workers)
+        assert len(workers) >= 2 and not left, (workers, left)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pid in running(workers):  # (left over by a failure above)
-            os.kill(pid, signal.SIGKILL)
+        end_processes(proc, workers)

@@ -7,8 +7,10 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -201,3 +203,23 @@ def running(pids: set[int]) -> set[int]:
         if state != "Z":
             alive.add(pid)
     return alive
+
+
+def kill_9_and_wait_for(proc, workers: set[int], seconds: float = 10) -> set[int]:
+    """SIGKILLs `proc` (its child processes `workers` get no word) and waits up to `seconds` for
+    the workers to end on their own; returns those still running then."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + seconds
+    while running(workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return running(workers)
+
+
+def end_processes(proc, workers: set[int]) -> None:
+    """Cleanup after a test of kill -9: `proc` and any of `workers` left over by a failure."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pid in running(workers):
+        os.kill(pid, signal.SIGKILL)

@@ -5,13 +5,10 @@ orphaned, for minutes)."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 
-from .common import REPO, child_pids, running, subprocess_env, tiny_overrides
+from .common import REPO, child_pids, end_processes, kill_9_and_wait_for, subprocess_env, tiny_overrides
 
 ITERATOR_SCRIPT = """
 import sys, time
@@ -39,17 +36,7 @@ def test_grain_workers_end_within_seconds_of_a_kill_9_of_the_trainer():
         assert proc.stdout.readline() == "reading\n", proc.communicate(timeout=60)[1][-3000:]
         workers = child_pids(proc.pid)
         assert len(workers) >= 2, workers  # the grain workers (and multiprocessing's resource tracker)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        deadline = time.monotonic() + 10
-        while running(workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not running(workers), (
-            f"workers {running(workers)} still run 10 s after their trainer was killed"
-        )
+        left = kill_9_and_wait_for(proc, workers)
+        assert not left, f"workers {left} still run 10 s after their trainer was killed"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pid in running(workers):  # (left over by a failure above)
-            os.kill(pid, signal.SIGKILL)
+        end_processes(proc, workers)
