@@ -43,6 +43,14 @@ BASE = (
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache():
+    """This module runs without the persistent compilation cache of tests/train/conftest.py
+    (the fixture of that name there): writing a pipeline program's executable into it crashed
+    jax 0.10.2 on the CPU (a segmentation fault in `compilation_cache.put_executable_and_time`)."""
+    yield
+
+
 def _cfg(*extra):
     return tiny_config(*BASE, *extra)
 
