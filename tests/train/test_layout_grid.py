@@ -39,6 +39,8 @@ MODEL = (
 # with a micro-batch (1 row) split 8 ways: allowed without a pipeline, no stage-dependent branch.
 DEFAULT_RUNS = {(2, 4, 1, 2)}
 
+PERSISTENT_COMPILE_CACHE = False  # see tests/train/conftest.py::_compile_cache
+
 
 def _overrides(stage: int, data: int, expert: int, micro_batches: int) -> list[str]:
     pipeline = ["train.pipeline.schedule=1f1b"] if stage > 1 else []
@@ -97,14 +99,6 @@ def _runs():
         )
         for layout in sorted(ACCEPTED)
     ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compile_cache():
-    """This module runs without the persistent compilation cache of tests/train/conftest.py
-    (the fixture of that name there): writing a pipeline layout's executable into it crashed
-    jax 0.10.2 on the CPU (a segmentation fault in `compilation_cache.put_executable_and_time`)."""
-    yield
 
 
 @pytest.fixture(scope="module")

@@ -42,13 +42,7 @@ BASE = (
     f"train.global_batch={ROWS}",
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _compile_cache():
-    """This module runs without the persistent compilation cache of tests/train/conftest.py
-    (the fixture of that name there): writing a pipeline program's executable into it crashed
-    jax 0.10.2 on the CPU (a segmentation fault in `compilation_cache.put_executable_and_time`)."""
-    yield
+PERSISTENT_COMPILE_CACHE = False  # see tests/train/conftest.py::_compile_cache
 
 
 def _cfg(*extra):
