@@ -55,7 +55,7 @@ from frontier_jax.config import load_config
 from frontier_jax.data.embedded import stdlib_code_files
 from frontier_jax.infer import Engine, InferConfig, SamplingParams
 from frontier_jax.infer.cache import cache_bytes_per_token
-from frontier_jax.model import Transformer
+from frontier_jax.model import build_model
 from frontier_jax.model.config import AttentionImpl, ImplConfig
 from frontier_jax.precision import get_policy
 
@@ -72,7 +72,7 @@ def build_engine(args, infer: InferConfig) -> Engine:
     cfg = load_config(args.config).model
     policy = get_policy({"float32": "fp32", "bfloat16": "bf16"}[args.dtype])
     impl = ImplConfig(attention=AttentionImpl(args.attention))
-    model = Transformer(cfg, impl=impl, policy=policy, rngs=nnx.Rngs(0))
+    model = build_model(cfg, impl=impl, policy=policy, rngs=nnx.Rngs(0))
     # stored in the compute dtype, as `Engine.from_checkpoint(dtype=...)` restores them (the
     # expert biases, not parameters, stay float32): fp32 master weights would be converted
     # on every step

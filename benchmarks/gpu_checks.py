@@ -98,7 +98,7 @@ def model_check() -> None:
     from flax import nnx
 
     from frontier_jax.config import load_config
-    from frontier_jax.model import Transformer
+    from frontier_jax.model import build_model
     from frontier_jax.precision import get_policy
 
     base = ["model.num_layers=3", "model.vocab_size=4096", "model.mtp_depth=0"]
@@ -109,7 +109,7 @@ def model_check() -> None:
         ("kernels", ["impl.attention=cudnn", "impl.gmm=tokamax"]),
     ):
         cfg = load_config("model/bench-1b", base + extra + ["precision.policy=bf16"])
-        model = Transformer(
+        model = build_model(
             cfg.model, impl=cfg.impl, policy=get_policy(cfg.precision.policy), rngs=nnx.Rngs(0)
         )
         logits[name] = nnx.jit(lambda m, x: m(x))(model, ids)

@@ -69,6 +69,7 @@ def _mesh_overrides(preset: str) -> list[str]:
 def _describe(args) -> int:
     from frontier_jax.config import load_config
     from frontier_jax.model.describe import describe, format_description
+    from frontier_jax.runtime.program import model_program
 
     for flag, value in (
         ("--seq-len", args.seq_len),
@@ -79,12 +80,13 @@ def _describe(args) -> int:
             raise ValueError(f"describe {flag} {value}: must be > 0")
     overrides = (_mesh_overrides(args.mesh) if args.mesh else []) + list(args.overrides)
     cfg = load_config(args.config, overrides)
-    info = describe(cfg.model, seq_len=args.seq_len or cfg.train.seq_len)
+    program = model_program(cfg)  # shapes only, no mesh
+    info = describe(cfg.model, seq_len=args.seq_len or cfg.train.seq_len, params=program.abstract_params)
     text = format_description(info)
     if args.mesh or args.devices or args.device_memory_gib is not None:
         from frontier_jax.runtime.memory import device_memory, fits, format_memory, verdict
 
-        mem = device_memory(cfg, args.devices)
+        mem = device_memory(program, cfg.train, args.devices)
         info.update(
             mesh=mem.mesh,
             batch_per_device=mem.batch_per_device,
@@ -92,12 +94,12 @@ def _describe(args) -> int:
             device_memory_gib=args.device_memory_gib,
             fits=None if args.device_memory_gib is None else fits(mem, args.device_memory_gib),
         )
-        text += "\n" + format_memory(mem, cfg, args.device_memory_gib)
+        text += "\n" + format_memory(mem, program, cfg.train, args.device_memory_gib)
         if info["fits"] is False and args.json:  # stdout stays one JSON object
             print(verdict(mem, args.device_memory_gib), file=sys.stderr)
     from frontier_jax.parallel.pipeline.plan import describe_plan, format_plan, pipeline_plan
 
-    plan = pipeline_plan(cfg)
+    plan = pipeline_plan(cfg.train, cfg.mesh, cfg.model)
     if plan is not None:
         info["pipeline"] = describe_plan(plan)
         text += "\n" + format_plan(info["pipeline"])

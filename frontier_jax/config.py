@@ -77,7 +77,9 @@ class Config:
     def validate(self) -> "Config":
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
-        pipeline_plan(self)  # mesh.stage, train.pipeline and the model's layers together
+        pipeline_plan(
+            self.train, self.mesh, self.model
+        )  # mesh.stage, train.pipeline and the model's layers together
         _check_attention_dtype(self.impl.attention, self.precision.policy)
         return self
 

@@ -47,8 +47,8 @@ from frontier_jax.convert import layout
 from frontier_jax.convert.fp8 import DEFAULT_BLOCK, dequantize_blocks, fp8_block_size
 from frontier_jax.convert.hf_config import hf_config_to_model_config, rope_interleaved
 from frontier_jax.convert.safetensors_io import CheckpointReader, read_json
-from frontier_jax.model.config import ImplConfig, ModelConfig
-from frontier_jax.model.transformer import Transformer
+from frontier_jax.model import ModelConfig, Transformer, build_model
+from frontier_jax.model.config import ImplConfig
 from frontier_jax.parallel.mesh import check_divisible, state_shardings
 from frontier_jax.parallel.rules import DEFAULT_RULES
 from frontier_jax.precision import get_policy
@@ -232,7 +232,7 @@ def from_hf(
     hf_config, cfg = _load_config(path, reader, config_overrides)
     policy = get_policy(DTYPE_POLICIES[name])
     graphdef, state = nnx.split(
-        nnx.eval_shape(lambda: Transformer(cfg, impl=impl, policy=policy, rngs=nnx.Rngs(0)))
+        nnx.eval_shape(lambda: build_model(cfg, impl=impl, policy=policy, rngs=nnx.Rngs(0)))
     )
     variables = dict(nnx.to_flat_state(state))
     if mesh is None:

@@ -7,9 +7,11 @@ state through `set_state`, yields exactly the batch that would have come next.
 With an orbax `CheckpointManager`, put the iterator next to the train state:
     mngr.save(step, args=ocp.args.Composite(state=..., data=orbax_save_args(it)))
     mngr.restore(step, args=ocp.args.Composite(state=..., data=orbax_restore_args(it)))
-grain's handler writes one `process_<i>-of-<n>.json` per JAX process.  Every process runs
-the same pipeline over the whole global batch (see `pipeline`), so these files hold the
-same state, and a restore reads any of them: a run resumes with another process count.
+The handler writes one `process_<i>-of-<n>.json` per JAX process, as grain's does.  Every
+process runs the same pipeline over the whole global batch (see `pipeline`), so these files
+hold the same state, and a restore reads any of them: a run resumes with another process count.
+It saves any object with a JSON-serialisable `get_state()` and `set_state(state)` the same way
+(the trainer's other batch sources, `train.batches`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -38,7 +41,13 @@ def restore_iterator_state(it: grain.DatasetIterator, path: str | os.PathLike) -
 
 class AnyProcessCountHandler(grain.checkpoint.CheckpointHandler):
     """grain's orbax handler, but a restore reads the first saved `process_*-of-*.json`
-    (process 0's when present) instead of requiring this process's index and count."""
+    (process 0's when present) instead of requiring this process's index and count, and the
+    item is anything whose state is a JSON-serialisable dict (a grain iterator or not)."""
+
+    def save(self, directory: epath.Path, item: Any = None, args: Any = None) -> None:
+        item = item or args.item
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        (epath.Path(directory) / name).write_text(json.dumps(item.get_state(), indent=4))
 
     def restore(self, directory: epath.Path, item: Any = None, args: Any = None) -> grain.DatasetIterator:
         item = item or args.item
@@ -48,7 +57,9 @@ class AnyProcessCountHandler(grain.checkpoint.CheckpointHandler):
                 f"data iterator checkpoint {directory} holds no process_*-of-*.json state"
             )
         item.set_state(json.loads(saved[0].read_text()))
-        item.start_prefetch()  # as grain's restore: the first batch is read while the model restores
+        start_prefetch = getattr(item, "start_prefetch", None)  # grain's: read ahead while the model restores
+        if start_prefetch is not None:
+            start_prefetch()
         return item
 
 

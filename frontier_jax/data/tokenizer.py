@@ -247,3 +247,19 @@ def check_tokenizer(
         f"than this config's data.tokenizer={current['origin']!r} ({described(current)}; "
         f"data.special_tokens count): {fix}"
     )
+
+
+def run_tokenizer(run_config: Mapping[str, Any], what: str) -> Tokenizer:
+    """The tokenizer of a saved run config (its data.tokenizer and data.special_tokens), refused
+    (ValueError naming both hashes) when its content is not the one the config records
+    (`tokenizer_identity` under "tokenizer"), e.g. tokenizer.json overwritten since training;
+    `what` names the record, e.g. "checkpoint 8 in RUN/checkpoints was trained"."""
+    data = run_config.get("data", {})
+    tokenizer = load_tokenizer(data.get("tokenizer", BYTE_TOKENIZER), data.get("special_tokens") or None)
+    check_tokenizer(
+        run_config.get("tokenizer"),
+        tokenizer,
+        what,
+        "the file changed since training; put back the tokenizer the run was trained with",
+    )
+    return tokenizer

@@ -12,7 +12,7 @@ from flax import nnx
 
 from frontier_jax.convert import from_hf
 from frontier_jax.convert.importer import DTYPE_POLICIES
-from frontier_jax.data.tokenizer import Tokenizer, load_tokenizer
+from frontier_jax.data.tokenizer import Tokenizer, load_tokenizer, run_tokenizer
 from frontier_jax.model.config import ImplConfig
 from frontier_jax.model.routing import ExpertBias
 from frontier_jax.parallel.config import MeshConfig
@@ -66,7 +66,7 @@ def load_checkpoint(
         path, step, mesh=build_mesh(mesh.validate(), _devices(devices)), dtype=dtype, impl=impl
     )
     _checkpoint_model_matches(restored.config, model_overrides or {}, path)
-    tokenizer = restored.tokenizer()
+    tokenizer = run_tokenizer(restored.config, restored.trained())
     seq_len = restored.config.get("train", {}).get("seq_len", 128)
     return EvalModel(
         restored.program,

@@ -4,7 +4,8 @@ perplexity, the task harness and the lm-eval adapter share.
 For a packed batch [B, T] (`windows.pack_rows`) one step returns, per position,
     logprob[b, t] = log softmax(z[b, t])[y[b, t]]         (fp32)
     greedy[b, t]  = argmax_v z[b, t, v] == y[b, t]
-replicated on every device, so every process reads the whole batch.  Rows are split into
+replicated on every device, so every process reads the whole batch (`runtime.logprobs`: the
+forward post-training shares, over vocabulary chunks).  Rows are split into
 batches of `batch_size`; the last batch is filled with padding rows (segment 0) and their
 outputs ignored, so every window is scored whatever the batch size.  Sums are taken on the host
 in float64 in window order, so figures do not depend on the mesh layout.
@@ -15,16 +16,13 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from frontier_jax.eval.windows import Window, pack_rows
 from frontier_jax.parallel.mesh import batch_sharding
+from frontier_jax.runtime.logprobs import BATCH_KEYS, logprob_step
 from frontier_jax.runtime.program import ModelProgram
-
-_KEYS = ("input_ids", "targets", "segment_ids", "positions")
 
 
 def batch_split(program: ModelProgram) -> int:
@@ -57,20 +55,7 @@ class Scorer:
         self.program, self.params, self.biases = program, params, biases
         self.context, self.batch_size, self.pad_id, self.progress = context, batch_size, pad_id, progress
         self._in = batch_sharding(program.mesh, program.rules)
-        replicated = NamedSharding(program.mesh, PartitionSpec())
-        self._step = jax.jit(self._forward, out_shardings=(replicated, replicated))
-
-    def _forward(self, params, biases, batch):
-        with self.program.sharding_context():
-            model = self.program.model(params, biases)
-            logits = model.forward(
-                batch["input_ids"], batch["positions"], batch["segment_ids"], with_mtp=False
-            ).logits.astype(jnp.float32)
-        logprobs = jax.nn.log_softmax(logits, axis=-1)
-        target = batch["targets"][..., None]
-        logprob = jnp.take_along_axis(logprobs, target, axis=-1)[..., 0]
-        greedy = jnp.argmax(logits, axis=-1) == batch["targets"]
-        return logprob, greedy
+        self._step = logprob_step(program)  # the forward post-training shares
 
     def _assemble(self, host: np.ndarray) -> jax.Array:
         return jax.make_array_from_callback(host.shape, self._in, lambda index: host[index])
@@ -93,7 +78,7 @@ class Scorer:
         for k in range(n_batches):
             sl = slice(k * self.batch_size, (k + 1) * self.batch_size)
             batch = {}
-            for key in _KEYS:
+            for key in BATCH_KEYS:
                 block = np.full(
                     (self.batch_size, self.context),
                     self.pad_id if key in ("input_ids", "targets") else 0,

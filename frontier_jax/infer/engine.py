@@ -52,7 +52,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from frontier_jax.convert import from_hf
-from frontier_jax.data.tokenizer import Tokenizer, load_tokenizer
+from frontier_jax.data.tokenizer import Tokenizer, load_tokenizer, run_tokenizer
 from frontier_jax.infer.cache import CacheLayout, allocate_cache, copy_blocks
 from frontier_jax.infer.config import DecodeAttentionImpl, InferConfig, Speculative
 from frontier_jax.infer.detokenize import TextStream
@@ -258,7 +258,7 @@ class Engine:
         section updated by `infer`) and its tokenizer."""
         restored = restore_params(run_dir, step, mesh=mesh, dtype=dtype, impl=impl)
         saved = restored.config
-        tokenizer = restored.tokenizer()
+        tokenizer = run_tokenizer(restored.config, restored.trained())
         saved_infer = OmegaConf.to_object(
             OmegaConf.merge(OmegaConf.structured(InferConfig), saved.get("infer", {}))
         )

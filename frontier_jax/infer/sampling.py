@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from frontier_jax.model.logprobs import target_logprobs
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -84,5 +86,4 @@ def sample(logits, temperature, top_k, top_p, seeds, counters) -> tuple[jax.Arra
     z = filter_logits(logits, temperature, top_k, top_p)
     drawn = jax.vmap(jax.random.categorical)(token_keys(seeds, counters), z)
     tokens = jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
-    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), -1), tokens[:, None], -1)
-    return tokens, logprobs[:, 0]
+    return tokens, target_logprobs(logits, tokens)[0]

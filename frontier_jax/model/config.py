@@ -48,6 +48,13 @@ class RopeScalingType(enum.StrEnum):
     yarn = "yarn"
 
 
+class Head(enum.StrEnum):
+    """What the model reads out of its final-normed hidden state."""
+
+    lm = "lm"  # next-token logits over the vocabulary (and MTP depths)
+    scalar = "scalar"  # one value per sequence, at its last token (reward / value model, `reward.py`)
+
+
 def _fail(field_name: str, value, allowed: str) -> None:
     raise ValueError(f"model.{field_name}={value!r} is invalid: {allowed}")
 
@@ -128,6 +135,7 @@ class ModelConfig:
     # --- MTP ---
     mtp_depth: int = 0  # D (HF num_nextn_predict_layers)
     # --- misc ---
+    head: Head = Head.lm
     tie_embeddings: bool = False
     init_std: float = 0.006
 
@@ -177,6 +185,15 @@ class ModelConfig:
         if self.rope_theta <= 0:
             _fail("rope_theta", self.rope_theta, "must be > 0")
         self.rope_scaling.validate()
+        if self.head == Head.scalar:
+            if self.mtp_depth:
+                _fail("mtp_depth", self.mtp_depth, "must be 0 with model.head=scalar (MTP predicts tokens)")
+            if self.tie_embeddings:
+                _fail(
+                    "tie_embeddings",
+                    self.tie_embeddings,
+                    "must be false with model.head=scalar (no output head)",
+                )
         if self.num_moe_layers > 0 or self.mtp_depth > 0:
             self._validate_moe()
         return self
@@ -221,7 +238,7 @@ class ModelConfig:
 class ImplConfig:
     """How the model is computed, not what (the `impl:` section): the attention core, the
     expert grouped-matmul kernel, token dispatch, expert-parallel overlap, the remat policy and
-    how the layer stacks run. The modules receive it from their builder (`Transformer(cfg, impl=...)`).
+    how the layer stacks run. The modules receive it from their builder (`build_model(cfg, impl=...)`).
 
     moe_dispatch "capacity" drops the real tokens' assignments past C = ceil(moe_capacity_factor
     N K / E) per expert (counted; N: the tokens dispatched together, each device's shard under

@@ -1,6 +1,7 @@
 """Model arithmetic without allocating a single weight (`nnx.eval_shape`).
 
-total_params   main model (embedding, blocks, final norm, head); MTP excluded
+total_params   main model (embedding, blocks, final norm, head: the LM head, or the scalar
+               head's d weights with model.head=scalar); MTP excluded
 mtp_params     MTP modules (their embedding and head are shared, so not counted again)
 mtp_params_stored  the same plus the copies of embedding and head that released checkpoints
                store inside each MTP layer (DeepSeek-V3's "685B" counts these)
@@ -20,16 +21,18 @@ import jax
 from flax import nnx
 
 from frontier_jax.model.config import ModelConfig
-from frontier_jax.model.transformer import Transformer
+from frontier_jax.model.factory import build_model
 
 
 def _count(tree) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
-def describe(cfg: ModelConfig, seq_len: int = 4096) -> dict:
-    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-    params = nnx.state(model, nnx.Param)
+def describe(cfg: ModelConfig, seq_len: int = 4096, *, params: nnx.State | None = None) -> dict:
+    """The figures of the module docstring.  params: the model's parameters as shapes when at
+    hand (`runtime.ModelProgram.abstract_params`), else built abstractly by `build_model`."""
+    if params is None:
+        params = nnx.state(nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0))), nnx.Param)
     mtp = _count(params["mtp"]) if "mtp" in params else 0
     total = _count(params) - mtp
     embedding = _count(params["embed"])
@@ -37,7 +40,7 @@ def describe(cfg: ModelConfig, seq_len: int = 4096) -> dict:
     if "moe_layers" in params:
         routed = _count(params["moe_layers"]["blocks"]["ffn"]["experts"])
     inactive = routed * (1 - cfg.num_experts_per_tok / cfg.n_routed_experts)
-    head = embedding if cfg.tie_embeddings else _count(params["head"])
+    head = embedding if cfg.tie_embeddings else _count(params["head"]) if "head" in params else 0
     active = int(total - inactive)
     active_non_embedding = active - (0 if cfg.tie_embeddings else embedding)
     attention_flops = 3 * cfg.num_layers * cfg.num_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len

@@ -1,14 +1,19 @@
-"""The DeepSeek-V3-style language model.
+"""The DeepSeek-V3-style model.
 
     h^0 = Emb(t)                                          [B, T, d]
     h   = MoE-blocks(dense-blocks(h^0))                   first_k_dense dense, the rest MoE
-    logits = OutHead(RMSNorm(h))                          [B, T, vocab] (fp32)
-    MTP depths k = 1..D continue from RMSNorm(h) (`mtp.py`) [D, B, T, vocab]
+    g   = RMSNorm(h)                                      [B, T, d]  the final-normed hidden state
+    MTP depths k = 1..D continue from g (`mtp.py`)        g^k [D, B, T, d]
+    model.head lm:     logits = OutHead(g)                [B, T, vocab] (fp32), MTP: OutHead(g^k)
+    model.head scalar: v_s = g_{t_s} . w at each sequence's last token t_s (`reward.py`)
 
-`model(input_ids)` returns logits; `model.forward(...)` also returns the MTP logits and the
-per-layer MoE statistics that training needs (expert loads, balance loss, drops).  `forward` is
-`front` (embedding + dense prefix), `moe_layers`, `back` (final norm, head, MTP): the three parts
-a pipeline puts in front of its first chunk, into its chunks and after its last chunk.
+`model.hidden(...)` returns g, the MTP depths' g^k and the per-layer MoE statistics that training
+needs (expert loads, balance loss, drops); `model.output_head()` reads logits, log-probabilities
+of targets or values off them (`head.py`).  `model(input_ids)` returns logits, `model.forward(...)`
+logits and MTP logits with the statistics, `model.values(...)` a scalar head's values.  `hidden` is
+`front` (embedding + dense prefix), `moe_layers`, `back` (final norm, MTP): the three parts a
+pipeline puts in front of its first chunk, into its chunks and after its last chunk.  Build it
+with `model.build_model`.
 """
 
 from __future__ import annotations
@@ -20,16 +25,25 @@ import jax.numpy as jnp
 from flax import nnx
 
 from frontier_jax.model.block import LayerStack, SequenceInputs
-from frontier_jax.model.config import ImplConfig, ModelConfig
+from frontier_jax.model.config import Head, ImplConfig, ModelConfig
 from frontier_jax.model.extend_context import ExtendContext
+from frontier_jax.model.head import OutputHead
 from frontier_jax.model.latent_cache import ModelCache
 from frontier_jax.model.layers import Embed, LMHead, RMSNorm
 from frontier_jax.model.moe import MoEStats
 from frontier_jax.model.mtp import MTPStack
+from frontier_jax.model.reward import ScalarHead
 from frontier_jax.model.routing import ExpertBias
 from frontier_jax.ops.dispatch import ExpertDispatcher, LocalExperts
 from frontier_jax.parallel.rules import constrain
 from frontier_jax.precision import PrecisionPolicy, get_policy
+
+
+class HiddenOutput(NamedTuple):
+    hidden: jax.Array  # g [B, T, d]: the final-normed hidden state every head reads
+    mtp_hidden: jax.Array | None  # g^k [D, B, T, d]; depth k predicts t_{i+k+1}
+    moe_stats: MoEStats | None  # main-model MoE layers, stacked [L_moe, ...]
+    mtp_stats: MoEStats | None  # MTP blocks, stacked [D, ...]
 
 
 class ModelOutput(NamedTuple):
@@ -77,18 +91,24 @@ class Transformer(nnx.Module):
             else None
         )
         self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        lm = cfg.head == Head.lm
         self.head = (
-            None
-            if cfg.tie_embeddings
-            else LMHead(cfg.hidden_size, cfg.vocab_size, std=cfg.init_std, policy=policy, rngs=rngs)
+            LMHead(cfg.hidden_size, cfg.vocab_size, std=cfg.init_std, policy=policy, rngs=rngs)
+            if lm and not cfg.tie_embeddings
+            else None
         )
+        self.score = None if lm else ScalarHead(cfg.hidden_size, std=cfg.init_std, rngs=rngs)
         self.mtp = (
             MTPStack(cfg, policy=policy, impl=impl, experts=experts, rngs=rngs) if cfg.mtp_depth else None
         )
 
+    def output_head(self) -> OutputHead:
+        """What reads this model's final-normed hidden state: logits, log-probabilities, values."""
+        return OutputHead(self.cfg, self.embed, self.head, self.score)
+
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
         """Shared output head on already-normalised hidden states [..., d] -> [..., vocab]."""
-        return self.embed.attend(h) if self.head is None else self.head(h)
+        return self.output_head().logits(h)
 
     def sequence_inputs(
         self,
@@ -107,7 +127,7 @@ class Transformer(nnx.Module):
             )
         return SequenceInputs(positions, segment_ids, token_mask)
 
-    def forward(
+    def hidden(
         self,
         input_ids: jax.Array,
         positions: jax.Array | None = None,
@@ -115,7 +135,7 @@ class Transformer(nnx.Module):
         *,
         token_mask: jax.Array | None = None,
         with_mtp: bool = True,
-    ) -> ModelOutput:
+    ) -> HiddenOutput:
         """input_ids [B, T] int32; positions [B, T] (default 0..T-1); segment_ids [B, T] document
         ids with 0 = padding, or None for unmasked packing (plain causal attention);
         token_mask [B, T]: tokens counted in the MoE statistics (expert loads, balance loss),
@@ -125,8 +145,36 @@ class Transformer(nnx.Module):
         moe_stats = None
         if self.moe_layers is not None:
             h, moe_stats = self.moe_layers(h, inputs)
-        logits, mtp_logits, mtp_stats = self.back(h, input_ids, inputs, with_mtp=with_mtp)
-        return ModelOutput(logits, mtp_logits, moe_stats, mtp_stats)
+        g, mtp_g, mtp_stats = self.back(h, input_ids, inputs, with_mtp=with_mtp)
+        return HiddenOutput(g, mtp_g, moe_stats, mtp_stats)
+
+    def forward(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        *,
+        token_mask: jax.Array | None = None,
+        with_mtp: bool = True,
+    ) -> ModelOutput:
+        """`hidden` read by the LM head: logits [B, T, vocab] and MTP logits [D, B, T, vocab]."""
+        out = self.hidden(input_ids, positions, segment_ids, token_mask=token_mask, with_mtp=with_mtp)
+        head = self.output_head()
+        mtp_logits = None if out.mtp_hidden is None else head.logits(out.mtp_hidden)
+        return ModelOutput(head.logits(out.hidden), mtp_logits, out.moe_stats, out.mtp_stats)
+
+    def values(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        *,
+        segments: int = 1,
+    ) -> tuple[jax.Array, jax.Array]:
+        """A scalar head's (values [B, S] fp32, present [B, S] bool): sequence s of each row (segment
+        id s + 1; the whole row without segment ids) read at its last token (`reward.py`)."""
+        g = self.hidden(input_ids, positions, segment_ids, with_mtp=False).hidden
+        return self.output_head().segment_values(g, segment_ids, segments)
 
     def front(self, input_ids: jax.Array, inputs: SequenceInputs) -> jax.Array:
         """h = dense-blocks(Emb(t)): input_ids [B, T] -> [B, T, d]."""
@@ -138,15 +186,14 @@ class Transformer(nnx.Module):
     def back(
         self, h: jax.Array, input_ids: jax.Array, inputs: SequenceInputs, *, with_mtp: bool = True
     ) -> tuple[jax.Array, jax.Array | None, MoEStats | None]:
-        """The last blocks' output h [B, T, d] -> (logits [B, T, vocab], MTP logits [D, B, T, vocab]
-        or None, MTP MoE statistics [D, ...] or None)."""
-        h = self.final_norm(h)
-        logits = self.logits_from_hidden(h)
+        """The last blocks' output h [B, T, d] -> (g = RMSNorm(h) [B, T, d], the MTP depths' g^k
+        [D, B, T, d] or None, MTP MoE statistics [D, ...] or None)."""
+        g = self.final_norm(h)
         if self.mtp is None or not with_mtp:
-            return logits, None, None
+            return g, None, None
         ahead = jnp.stack([jnp.roll(input_ids, -k, axis=1) for k in range(1, self.cfg.mtp_depth + 1)])
-        normed, mtp_stats = self.mtp(h, self.embed(ahead), inputs)
-        return logits, self.logits_from_hidden(normed), mtp_stats
+        normed, mtp_stats = self.mtp(g, self.embed(ahead), inputs)
+        return g, normed, mtp_stats
 
     def extend(
         self, input_ids: jax.Array, positions: jax.Array, cache: ModelCache, ctx: ExtendContext
@@ -209,17 +256,22 @@ class Transformer(nnx.Module):
         )
         return drafts, cache._replace(mtp=mtp)
 
-    def expert_loads(self, out: ModelOutput) -> dict:
+    def expert_loads(self, out: HiddenOutput | ModelOutput) -> dict:
         """The per-layer expert loads of `out` laid out like this model's expert biases
         (`nnx.state(self, ExpertBias)` as a pure dict): each stack's bias [L, N_r] gets its
-        stack's loads [L, N_r], the tree that the loss-free bias update adds to."""
+        stack's loads [L, N_r], the tree that the loss-free bias update adds to.  A stack the
+        forward did not run (the MTP modules with with_mtp=False) gets zero loads, under which
+        the bias update leaves its biases as they are."""
         stats = {"moe_layers": out.moe_stats, "mtp": out.mtp_stats}
         biases = nnx.to_pure_dict(nnx.state(self, ExpertBias))
-        missing = [stack for stack in biases if stats[stack] is None]
-        if missing:
-            raise ValueError(f"no expert loads of {missing} in this output (forward with with_mtp=True)")
         return {
-            stack: jax.tree.unflatten(jax.tree.structure(tree), [stats[stack].load])
+            stack: jax.tree.unflatten(
+                jax.tree.structure(tree),
+                [
+                    jnp.zeros_like(b) if stats[stack] is None else stats[stack].load
+                    for b in jax.tree.leaves(tree)
+                ],
+            )
             for stack, tree in biases.items()
         }  # one router bias per stack
 

@@ -108,8 +108,11 @@ def check_divisible(state: nnx.State, mesh: Mesh, rules: Mapping[str, Sequence[s
 
 
 def batch_sharding(mesh: Mesh, rules: Mapping[str, Sequence[str]] = DEFAULT_RULES) -> NamedSharding:
-    """Sharding of [batch, seq] input arrays."""
-    return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules))
+    """Sharding of input arrays [batch, seq, ...] or [batch, ...] (an objective's per-row
+    figures): the leading axis by the `batch` rule, the second by the `seq` rule where that
+    splits it (the arrays then need rank >= 2)."""
+    batch, seq = logical_to_spec(("batch", "seq"), rules)
+    return NamedSharding(mesh, PartitionSpec(batch) if seq is None else PartitionSpec(batch, seq))
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, Sequence[str]] = DEFAULT_RULES):

@@ -37,6 +37,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "mtp_layers": (),  # the MTP modules run with the head, on every stage
     "norm": (),
     "concat_embed": (),
+    "score": (),  # the scalar head's one output (`model/reward.py`)
 }
 
 # Pure data parallelism: only the batch is split; every parameter is replicated (but for the

@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import os
 
 from etils import epath
-
-from frontier_jax.data.prepared import file_sha256
 
 MANIFEST = "checksums.json"
 FORMAT_VERSION = 1
@@ -85,9 +84,14 @@ def _step_files(step_dir: epath.Path) -> list[str]:
     )
 
 
+def _sha256(path: epath.Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _digests(step_dir: epath.Path, files: list[str]) -> dict[str, str]:
     with concurrent.futures.ThreadPoolExecutor(_threads()) as pool:
-        return dict(zip(files, pool.map(lambda f: file_sha256(step_dir / f), files)))
+        return dict(zip(files, pool.map(lambda f: _sha256(step_dir / f), files)))
 
 
 def write_manifest(step_dir: epath.PathLike, step: int) -> dict:

@@ -48,6 +48,7 @@ pass.  Per device:
                     + D (MoE dots + other + 5 c d)               MTP blocks (never rematerialised)
                     + c d (2 + D)                                embeddings, final norm
                     + 2 x 4 V (1 + D) ]                          fp32 logits and their gradient
+                                                                 (V = 1: model.head=scalar's values)
 With pipeline stages (`train.pipeline.schedule`, `parallel/pipeline/plan.py`) a rank's backward
 holds one chunk's L/C MoE layers (the executor recomputes a chunk from its stashed input), so the
 sum over MoE layers runs over L/C of them, plus the executor's buffers, c d per token of one
@@ -62,27 +63,32 @@ buffer with micro_batches > 1, allocator fragmentation; under fp8 policies the r
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh
 
-from frontier_jax.model.config import ImplConfig, ModelConfig
-from frontier_jax.model.routing import ExpertBias
-from frontier_jax.model.transformer import Transformer
+from frontier_jax.model.config import Head, ImplConfig, ModelConfig
 from frontier_jax.parallel.expert import expert_parallel_size
 from frontier_jax.parallel.mesh import check_divisible, mesh_shape
-from frontier_jax.parallel.pipeline.plan import buffer_slots, pipeline_plan
-from frontier_jax.parallel.rules import MESH_AXES, RULE_SETS, logical_to_spec
-from frontier_jax.precision import get_policy
+from frontier_jax.parallel.pipeline.plan import PipelineConfig, buffer_slots, pipeline_plan
+from frontier_jax.parallel.rules import MESH_AXES, logical_to_spec
+from frontier_jax.runtime.program import ModelProgram
 
-if TYPE_CHECKING:  # the composed config sits above runtime
-    from frontier_jax.config import Config
+
+class TrainShape(Protocol):
+    """What the estimate reads of the `train:` section (`train.config.TrainConfig`)."""
+
+    global_batch: int
+    micro_batches: int
+    seq_len: int
+    moment_dtype: str
+    pipeline: PipelineConfig
+
 
 GIB = 2**30
 
@@ -110,14 +116,6 @@ class DeviceMemory:
             "activations": self.activations,
             "total": self.total,
         }
-
-
-@functools.lru_cache(maxsize=8)
-def _abstract_state(model: ModelConfig, policy: str) -> tuple[nnx.State, nnx.State]:
-    """(trained parameters, expert biases) as shapes with their `logical_axes` metadata."""
-    abstract = nnx.eval_shape(lambda: Transformer(model, policy=get_policy(policy), rngs=nnx.Rngs(0)))
-    _, params, biases = nnx.split(abstract, nnx.Param, ExpertBias)
-    return params, biases
 
 
 def _ways(axes: Sequence[str], position: int, mesh: AbstractMesh, rules) -> int:
@@ -153,15 +151,17 @@ def _expert_rows_per_token(
     return e * math.ceil(cf * chunk * k / e) / chunk
 
 
-def activation_bytes(cfg: Config, mesh: AbstractMesh, rules) -> tuple[int, int]:
-    """(B, estimated activation bytes per device) by the module docstring's formula."""
-    m, t = cfg.model, cfg.train
-    plan = pipeline_plan(cfg)
-    c = jnp.dtype(get_policy(cfg.precision.policy).compute_dtype).itemsize
+def activation_bytes(program: ModelProgram, t: TrainShape, mesh: AbstractMesh) -> tuple[int, int]:
+    """(B, estimated activation bytes per device) of `program`'s model trained as `t` says, by
+    the module docstring's formula."""
+    cfg, rules = program.cfg, program.rules
+    m = cfg.model
+    plan = pipeline_plan(t, cfg.mesh, m)
+    c = jnp.dtype(program.policy.compute_dtype).itemsize
     b = _local(t.global_batch // t.micro_batches, ("batch", "seq"), 0, mesh, rules)
     d, T = m.hidden_size, t.seq_len
     h = _local(m.num_heads, ("batch", "seq", "heads", "qk_head"), 2, mesh, rules)
-    vocab = _local(m.vocab_size, ("batch", "seq", "vocab"), 2, mesh, rules)
+    vocab = _local(m.vocab_size, ("batch", "seq", "vocab"), 2, mesh, rules) if m.head == Head.lm else 1
     q_lat, d_c, d_r, d_qk = m.q_lora_rank, m.kv_lora_rank, m.qk_rope_head_dim, m.qk_head_dim
 
     mla_dots = c * (q_lat + h * d_qk + d_c + d_r + h * m.qk_nope_head_dim + h * m.v_head_dim + d)
@@ -207,45 +207,48 @@ def activation_bytes(cfg: Config, mesh: AbstractMesh, rules) -> tuple[int, int]:
     return b, math.ceil(b * T * per_token)
 
 
-def device_memory(cfg: Config, num_devices: int | None = None) -> DeviceMemory:
-    """Per-device bytes of `cfg` trained on the mesh `cfg.mesh` over `num_devices` devices
-    (default: the product of the mesh sizes, which must then all be given: no mesh.data=-1).
-    Raises, naming the sizes, where the mesh does not fit the devices, a parameter or the batch."""
+def device_memory(program: ModelProgram, train: TrainShape, num_devices: int | None = None) -> DeviceMemory:
+    """Per-device bytes of `program`'s model (`runtime.model_program`; no mesh needed) trained as
+    `train` says on the mesh of its `mesh:` section over `num_devices` devices (default: the
+    product of the mesh sizes, which must then all be given: no mesh.data=-1).  Raises, naming
+    the sizes, where the mesh does not fit the devices, a parameter or the batch."""
+    mesh_cfg, rules = program.cfg.mesh, program.rules
     if num_devices is None:
-        if cfg.mesh.data == -1:
+        if mesh_cfg.data == -1:
             raise ValueError(
                 "mesh.data=-1 (all remaining devices) needs the device count: pass it "
                 "(describe --devices N) or set mesh.data explicitly"
             )
-        num_devices = math.prod(getattr(cfg.mesh, a) for a in MESH_AXES)
-    sizes = mesh_shape(cfg.mesh, num_devices)
+        num_devices = math.prod(getattr(mesh_cfg, a) for a in MESH_AXES)
+    sizes = mesh_shape(mesh_cfg, num_devices)
     mesh = AbstractMesh(tuple(sizes.values()), tuple(sizes))
-    rules = RULE_SETS[cfg.mesh.rules]
-    params, biases = _abstract_state(cfg.model, cfg.precision.policy)
+    params, biases = program.abstract_params, program.abstract_biases
     check_divisible(params, mesh, rules)
     check_divisible(biases, mesh, rules)
     batch_ways = _ways(("batch",), 0, mesh, rules)
-    if cfg.train.global_batch % batch_ways:
+    if train.global_batch % batch_ways:
         raise ValueError(
-            f"train.global_batch={cfg.train.global_batch} is not divisible by the {batch_ways}-way "
+            f"train.global_batch={train.global_batch} is not divisible by the {batch_ways}-way "
             f"batch split over mesh axes {list(rules['batch'])} ({sizes}); use a multiple of "
             f"{batch_ways} or change mesh.*"
         )
-    rows, activations = activation_bytes(cfg, mesh, rules)
+    rows, activations = activation_bytes(program, train, mesh)
     return DeviceMemory(
         mesh=sizes,
         batch_per_device=rows,
         params=_state_bytes(params, mesh, rules) + _state_bytes(biases, mesh, rules),
         grads=_state_bytes(params, mesh, rules, itemsize=4),
-        optimizer=2 * _state_bytes(params, mesh, rules, itemsize=jnp.dtype(cfg.train.moment_dtype).itemsize),
+        optimizer=2 * _state_bytes(params, mesh, rules, itemsize=jnp.dtype(train.moment_dtype).itemsize),
         activations=activations,
     )
 
 
-def format_memory(mem: DeviceMemory, cfg: Config, device_memory_gib: float | None) -> str:
+def format_memory(
+    mem: DeviceMemory, program: ModelProgram, train: TrainShape, device_memory_gib: float | None
+) -> str:
     """The per-device table, and a verdict when a device memory size is given."""
+    cfg, t = program.cfg, train
     mesh = " x ".join(f"{a} {n}" for a, n in mem.mesh.items() if n > 1) or "1 device"
-    t = cfg.train
     rows = [
         ("params (fp32)", mem.params, ""),
         ("grads (fp32)", mem.grads, ""),

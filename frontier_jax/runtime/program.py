@@ -4,12 +4,15 @@
                    precision policy, expert dispatcher, graphdef, abstract parameters and
                    expert biases (nnx Variables carrying `logical_axes`)
 
-The config is a run `Config` or any object with its `model`, `mesh` and `precision` sections
-(`ModelSections`; the composed `Config` sits above this package).
+The config is any object with the `model`, `mesh`, `precision` and `impl` sections
+(`ProgramSections`: a run `Config`, or `ModelSections`).  The model comes from the one factory,
+`model.build_model`, with the program's policy and expert dispatcher.
 
-Training adds an optimizer, a train state and a jitted step on top (`train.loop.build_runner`);
-evaluation and inference build the same program and merge restored parameters into it, computed
-as `inference_impl` says: with dropless expert dispatch whatever the run trained with.
+This is the door every consumer takes: training adds an optimizer, a train state and a jitted
+step on top (`train.loop.build_runner`); evaluation, inference, per-token log-probabilities
+(`logprobs.py`), the parameters-only restore (`restore.py`) and memory estimates (`memory.py`)
+build the same program and merge parameters into it.  Evaluation and inference compute as
+`inference_impl` says: with dropless expert dispatch whatever the run trained with.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Union
+from typing import Protocol
 
 import jax
 from flax import nnx
@@ -26,8 +29,9 @@ from jax.sharding import Mesh
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from frontier_jax.model import ModelConfig, Transformer
+from frontier_jax.model import ModelConfig, Transformer, build_model
 from frontier_jax.model.config import ImplConfig
+from frontier_jax.model.head import require_lm_head
 from frontier_jax.model.routing import ExpertBias
 from frontier_jax.ops.dispatch import ExpertDispatcher, MoeDispatch
 from frontier_jax.parallel.config import MeshConfig
@@ -37,13 +41,19 @@ from frontier_jax.parallel.rules import RULE_SETS, use_sharding
 from frontier_jax.precision import PrecisionPolicy, get_policy
 from frontier_jax.precision.config import PrecisionConfig
 
-if TYPE_CHECKING:
-    from frontier_jax.config import Config
+
+class ProgramSections(Protocol):
+    """The sections of a run config that a model program reads (a run `Config` has them)."""
+
+    model: ModelConfig
+    mesh: MeshConfig
+    precision: PrecisionConfig
+    impl: ImplConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSections:
-    """The sections of a run config that a model program reads."""
+    """`ProgramSections` on their own, without a whole run config."""
 
     model: ModelConfig
     mesh: MeshConfig
@@ -51,12 +61,9 @@ class ModelSections:
     impl: ImplConfig = dataclasses.field(default_factory=ImplConfig)
 
 
-RunConfig = Union["Config", ModelSections]
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelProgram:
-    cfg: RunConfig
+    cfg: ProgramSections
     mesh: Mesh | None
     rules: Mapping[str, Sequence[str]]
     policy: PrecisionPolicy
@@ -71,9 +78,19 @@ class ModelProgram:
 
     def init(self, seed: int) -> tuple[dict, dict]:
         """Freshly initialised (params, biases) as pure dicts."""
-        model = Transformer(self.cfg.model, policy=self.policy, experts=self.experts, rngs=nnx.Rngs(seed))
+        model = self.build(nnx.Rngs(seed))
         _, params, biases = nnx.split(model, nnx.Param, ExpertBias)
         return nnx.to_pure_dict(params), nnx.to_pure_dict(biases)
+
+    def build(self, rngs: nnx.Rngs) -> Transformer:
+        """A new model of this program (`model.build_model` with its policy and dispatcher)."""
+        cfg = self.cfg
+        return build_model(cfg.model, impl=cfg.impl, policy=self.policy, experts=self.experts, rngs=rngs)
+
+    def require_lm_head(self, what: str) -> None:
+        """Raises ValueError (one line) naming `what` when this program's model has no LM head
+        (model.head=scalar): an `Engine`, the scorer and log-probabilities need next-token logits."""
+        require_lm_head(self.cfg.model, what)
 
     def shardings(self) -> tuple[dict, dict]:
         """NamedShardings of (params, biases) on the mesh, by the rules table."""
@@ -131,20 +148,20 @@ def inference_impl(trained: ImplConfig, given: Mapping[str, object] | None = Non
     return impl
 
 
-def model_program(cfg: RunConfig, mesh: Mesh | None = None) -> ModelProgram:
+def model_program(cfg: ProgramSections, mesh: Mesh | None = None) -> ModelProgram:
     """The abstract model of `cfg` (no weight allocated), its policy, rules table and expert
     dispatcher for `mesh`."""
     policy, rules = get_policy(cfg.precision.policy), RULE_SETS[cfg.mesh.rules]
     experts = expert_dispatcher(mesh, rules)
     abstract = nnx.eval_shape(
-        lambda: Transformer(cfg.model, impl=cfg.impl, policy=policy, experts=experts, rngs=nnx.Rngs(0))
+        lambda: build_model(cfg.model, impl=cfg.impl, policy=policy, experts=experts, rngs=nnx.Rngs(0))
     )
     graphdef, params, biases = nnx.split(abstract, nnx.Param, ExpertBias)
     return ModelProgram(cfg, mesh, rules, policy, experts, graphdef, params, biases)
 
 
 def build_model_program(
-    cfg: RunConfig, devices: Sequence[jax.Device] | None = None, *, mesh: Mesh | None = None
+    cfg: ProgramSections, devices: Sequence[jax.Device] | None = None, *, mesh: Mesh | None = None
 ) -> ModelProgram:
     """`model_program` on `mesh` (default: `cfg.mesh` over `devices`, default all), with every
     parameter's sharded dimensions checked to divide by their mesh axes."""

@@ -34,7 +34,6 @@ from flax import nnx
 from jax.sharding import Mesh
 from omegaconf import OmegaConf
 
-from frontier_jax.data.tokenizer import BYTE_TOKENIZER, Tokenizer, check_tokenizer, load_tokenizer
 from frontier_jax.model import ModelConfig, Transformer
 from frontier_jax.model.config import ImplConfig
 from frontier_jax.parallel.config import MeshConfig
@@ -67,19 +66,9 @@ class RestoredModel(NamedTuple):
     def model(self) -> Transformer:
         return self.program.model(self.params, self.biases)
 
-    def tokenizer(self) -> Tokenizer:
-        """The run's tokenizer (its config's data.tokenizer and data.special_tokens), refused
-        (ValueError naming both hashes) when its content is not the one recorded with the
-        checkpoint, e.g. tokenizer.json overwritten since training."""
-        data = self.config.get("data", {})
-        tokenizer = load_tokenizer(data.get("tokenizer", BYTE_TOKENIZER), data.get("special_tokens") or None)
-        check_tokenizer(
-            self.config.get("tokenizer"),
-            tokenizer,
-            f"checkpoint {self.step} in {self.directory} was trained",
-            "the file changed since training; put back the tokenizer the run was trained with",
-        )
-        return tokenizer
+    def trained(self) -> str:
+        """Who recorded this checkpoint's tokenizer, for `data.run_tokenizer`."""
+        return f"checkpoint {self.step} in {self.directory} was trained"
 
 
 def checkpoint_directory(path: epath.PathLike) -> tuple[epath.Path, int | None]:
@@ -129,6 +118,46 @@ def _target(abstract: nnx.State, shardings: dict, dtype) -> dict:
     return jax.tree.map(leaf, nnx.to_pure_dict(abstract), shardings)
 
 
+def _manager(directory: epath.Path) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    return ocp.CheckpointManager(directory.resolve(), options=options)
+
+
+def _resolve_step(manager: ocp.CheckpointManager, directory: epath.Path, path, step, step_in_path) -> int:
+    """The step to read: `step`, else the one the path names, else the latest; ValueError naming
+    the steps there are when it is not one of them."""
+    if step is not None and step_in_path is not None and step != step_in_path:
+        raise ValueError(f"step={step} contradicts the step directory {path}")
+    step = step_in_path if step is None else step
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise ValueError(f"no checkpoint in {directory}: it holds no checkpoints/<step>/ directory")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise ValueError(
+            f"no checkpoint of step {step} in {directory}; its steps: {', '.join(map(str, steps))}"
+        )
+    return step
+
+
+def _read_config(manager: ocp.CheckpointManager, directory: epath.Path, step: int) -> dict:
+    """The run config saved with verified step `step`."""
+    try:
+        return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    except Exception as err:
+        raise _does_not_restore(directory, step, err, "its config does not read") from err
+
+
+def saved_config(path: epath.PathLike, step: int | None = None) -> tuple[int, dict]:
+    """(step, the saved run config) of checkpoint `step` (None: the latest; or the step of a step
+    directory) of the run at `path`, verified against its manifest, without reading any array."""
+    directory, step_in_path = checkpoint_directory(path)
+    with _manager(directory) as manager:
+        step = _resolve_step(manager, directory, path, step, step_in_path)
+        _verify(directory, step)
+        return step, _read_config(manager, directory, step)
+
+
 def restore_params(
     path: epath.PathLike,
     step: int | None = None,
@@ -146,24 +175,10 @@ def restore_params(
     dtype: e.g. jnp.bfloat16 to cast the floating parameters on load (None: as saved, fp32).
     impl: impl.* choices given at load, over the saved ones (`inference_impl`)."""
     directory, step_in_path = checkpoint_directory(path)
-    if step is not None and step_in_path is not None and step != step_in_path:
-        raise ValueError(f"step={step} contradicts the step directory {path}")
-    step = step_in_path if step is None else step
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-    with ocp.CheckpointManager(directory.resolve(), options=options) as manager:
-        steps = sorted(manager.all_steps())
-        if not steps:
-            raise ValueError(f"no checkpoint in {directory}: it holds no checkpoints/<step>/ directory")
-        step = steps[-1] if step is None else step
-        if step not in steps:
-            raise ValueError(
-                f"no checkpoint of step {step} in {directory}; its steps: {', '.join(map(str, steps))}"
-            )
+    with _manager(directory) as manager:
+        step = _resolve_step(manager, directory, path, step, step_in_path)
         _verify(directory, step)
-        try:
-            saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-        except Exception as err:
-            raise _does_not_restore(directory, step, err, "its config does not read") from err
+        saved = _read_config(manager, directory, step)
         program = _on_mesh(saved, mesh, impl)
         param_shardings, bias_shardings = program.shardings()
         target = {

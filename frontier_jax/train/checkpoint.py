@@ -1,8 +1,9 @@
 """Checkpoints with orbax-checkpoint's CheckpointManager.
 
-Each checkpoint step holds three items:
+Each checkpoint step holds three items (four with an objective's state):
     state   the train state (`TrainState`: params, biases, opt_state, step, rng)   StandardSave
-    data    the input iterator's state (JSON, one file per process)         grain's handler
+    extra   `TrainState.extra`, the objective's own state, when it holds arrays    StandardSave
+    data    the batch source's state (JSON, one file per process)           grain's handler
     config  the resolved run config of the checkpoint's context stage (JSON) JsonSave
             and, under "stage", the stage's index and steps (`train.stages.Stage`)
 Saves are asynchronous and atomic (orbax writes into a temporary directory and renames it
@@ -39,9 +40,11 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+from omegaconf import OmegaConf
 
 from frontier_jax.data import SourceConfig
 from frontier_jax.data.checkpoint import orbax_restore_args, orbax_save_args
+from frontier_jax.model import ModelConfig
 from frontier_jax.runtime.integrity import (
     CORRUPT,
     UNVERIFIED,
@@ -52,6 +55,7 @@ from frontier_jax.runtime.integrity import (
     write_manifest,
 )
 from frontier_jax.train.config import CheckpointConfig
+from frontier_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +86,11 @@ def _differences(saved: dict, current: dict) -> list[str]:
 
 def check_same_model(saved: dict, current: dict, directory: epath.Path) -> None:
     """Raises if the checkpoint's architecture (the `model:` section, but its `name`) differs
-    from the current one, naming the fields; the `impl:` section may change on resume."""
-    saved_model, current_model = _flatten(saved.get("model", {})), _flatten(current.get("model", {}))
+    from the current one, naming the fields; the `impl:` section may change on resume.  Fields
+    newer than the checkpoint (absent from it) count at their defaults."""
+    defaults = _flatten(OmegaConf.to_container(OmegaConf.structured(ModelConfig), enum_to_str=True))
+    saved_model = {**defaults, **_flatten(saved.get("model", {}))}
+    current_model = _flatten(current.get("model", {}))
     diffs = [
         f"model.{k}: checkpoint {saved_model.get(k)!r} vs config {current_model.get(k)!r}"
         for k in sorted(set(saved_model) | set(current_model))
@@ -191,15 +198,19 @@ class Checkpointer:
             self.wait()
 
     def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator, config: dict) -> None:
+        """`data_iterator`: anything with a JSON-serialisable `get_state()` (a grain iterator, a
+        `train.batches.BatchSource`)."""
         self._check_writable(step)
         self.wait()  # the previous save's errors, before starting another
+        core, extra = _split_extra(state)
+        items = {"state": ocp.args.StandardSave(core)}
+        if extra:
+            items["extra"] = ocp.args.StandardSave(extra)
         try:
             self.manager.save(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
-                    data=orbax_save_args(data_iterator),
-                    config=ocp.args.JsonSave(config),
+                    **items, data=orbax_save_args(data_iterator), config=ocp.args.JsonSave(config)
                 ),
                 force=True,
             )
@@ -211,10 +222,16 @@ class Checkpointer:
         """Returns the state laid out as `abstract_state` (a pytree of ShapeDtypeStructs with
         `sharding` set) and moves `data_iterator` to the saved position (None: leaves the
         saved position unread)."""
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        core, extra = _split_extra(abstract_state)
+        items = {"state": ocp.args.StandardRestore(core)}
+        if extra:
+            items["extra"] = ocp.args.StandardRestore(extra)
         if data_iterator is not None:
             items["data"] = orbax_restore_args(data_iterator)
-        return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if not isinstance(abstract_state, TrainState):
+            return restored.state
+        return TrainState(**restored.state, extra=restored.extra if extra else abstract_state.extra)
 
     def read_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
@@ -319,6 +336,16 @@ class Checkpointer:
             self.wait()
         finally:
             self.manager.close()
+
+
+def _split_extra(state: Any) -> tuple[Any, Any]:
+    """(a `TrainState`'s fields but `extra`, as a dict; `extra` when it holds arrays, else None):
+    a state without objective state is saved exactly as before `extra` existed.  Any other
+    pytree is saved as it is."""
+    if not isinstance(state, TrainState):
+        return state, None
+    core = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "extra"}
+    return core, (state.extra if jax.tree.leaves(state.extra) else None)
 
 
 def abstract_with_shardings(state_shapes: Any, shardings: Any) -> Any:

@@ -50,6 +50,8 @@ class TrainConfig:
 
     steps: int = 300
     seed: int = 0
+    # start a new run from another run's parameters: RUN_DIR[/checkpoints/STEP] or hf:PATH (`init_from.py`)
+    init_from: Optional[str] = None
     seq_len: int = 128
     global_batch: int = 16
     micro_batches: int = 1  # gradient accumulation: global_batch is split into this many
@@ -81,6 +83,11 @@ class TrainConfig:
         for name in ("steps", "seq_len", "global_batch", "micro_batches", "log_every", "max_skipped_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be > 0")
+        if self.init_from is not None and self.init_from.removeprefix("hf:").strip() == "":
+            raise ValueError(
+                f"train.init_from={self.init_from!r} names no source: give RUN_DIR, RUN_DIR/checkpoints/STEP "
+                "or hf:PATH (or leave it out)"
+            )
         if self.global_batch % self.micro_batches:
             raise ValueError(
                 f"train.global_batch={self.global_batch} is not divisible by "

@@ -10,13 +10,17 @@
 
 Running the same command on the same run_dir resumes from the latest checkpoint that restores
 (a broken one is moved aside, see checkpoint.py): same next batch, same loss, one metrics record
-per step.  A run of several context stages (`train.stages`, stages.py) rebuilds the model
-program, the jitted step and the data pipeline at each stage boundary and carries the state
-over; a checkpoint holds its stage's data position and config, so resuming anywhere is exact.
-SIGTERM/SIGINT: save a checkpoint at the current step and raise `Preempted` (signals.py); during
-setup, before the first step, raise it without writing anything.  Nothing is written to run_dir
-before the config is known to run there (model, data stream and tokenizer the same as the
-checkpoint's, tokenizer within the vocabulary) but the lock, which is removed again when the run ends.
+per step.  A run without checkpoints starts from fresh parameters, or from another run's with
+`train.init_from` (init_from.py).  The objective (default `Pretrain`) and the batch source
+(default the grain text pipeline of `data:`, batches.py) plug in: `train(cfg, run_dir,
+objective=..., batches=...)`.  A run of several context stages (`train.stages`, stages.py)
+rebuilds the model program, the jitted step and the data pipeline at each stage boundary and
+carries the state over; a checkpoint holds its stage's data position and config, so resuming
+anywhere is exact.  SIGTERM/SIGINT: save a checkpoint at the current step and raise `Preempted`
+(signals.py); during setup, before the first step, raise it without writing anything.  Nothing
+is written to run_dir before the config is known to run there (model, data stream and tokenizer
+the same as the checkpoint's, tokenizer within the vocabulary) but the lock, which is removed
+again when the run ends.
 """
 
 from __future__ import annotations
@@ -34,19 +38,13 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from frontier_jax.data import (
-    DataStats,
-    Tokenizer,
-    build_train_iterator,
-    continue_documents,
-    load_tokenizer,
-    warn_rereads,
-)
+from frontier_jax.data import Tokenizer, load_tokenizer
 from frontier_jax.data.tokenizer import check_tokenizer, tokenizer_identity
 from frontier_jax.model.describe import describe
 from frontier_jax.parallel.mesh import batch_sharding, build_mesh, check_batch_fits, state_shardings
 from frontier_jax.parallel.rules import RULE_SETS
 from frontier_jax.runtime.program import ModelProgram, build_model_program
+from frontier_jax.train.batches import BatchSource, TextBatches
 from frontier_jax.train.checkpoint import (
     Checkpointer,
     abstract_with_shardings,
@@ -54,8 +52,9 @@ from frontier_jax.train.checkpoint import (
     check_same_model,
     check_same_stage,
 )
+from frontier_jax.train.init_from import initial_parameters, read_source
 from frontier_jax.train.metrics import MetricsLogger, model_flops_utilization, plot_loss_curve
-from frontier_jax.train.optimizer import batch_size_at
+from frontier_jax.train.objectives import Objective, extra_shardings
 from frontier_jax.train.run_lock import RunLock, RunLockedError
 from frontier_jax.train.signals import Preempted, StopSignal
 from frontier_jax.train.stages import Stage, check_stages_fit, checkpoint_stage, context_stages
@@ -74,7 +73,8 @@ class NonFiniteLossError(RuntimeError):
 
 def train_state_shardings(trainer: Trainer, mesh) -> TrainState:
     """NamedShardings of the whole train state: parameters and biases by the rules table,
-    optimizer moments like their parameters, step and rng replicated."""
+    optimizer moments like their parameters, step and rng replicated, the objective's state as
+    the objective lays it out."""
     replicated = NamedSharding(mesh, PartitionSpec())
     params = state_shardings(trainer.abstract_params, mesh, trainer.rules)
     opt_shapes = jax.eval_shape(
@@ -90,38 +90,45 @@ def train_state_shardings(trainer: Trainer, mesh) -> TrainState:
         params,
         transform_non_params=lambda _: replicated,
     )
+    biases = state_shardings(trainer.abstract_biases, mesh, trainer.rules)
     return TrainState(
         params=params,
-        biases=state_shardings(trainer.abstract_biases, mesh, trainer.rules),
+        biases=biases,
         opt_state=opt,
         step=replicated,
         rng=replicated,
+        extra=extra_shardings(trainer.objective, params, biases),
     )
 
 
 class Runner(NamedTuple):
     """Everything a training loop needs for `cfg` on a mesh: `init(seed)` makes the sharded
-    state, `step(state, batch)` is the jitted train step (state donated)."""
+    state, `start(params, biases, seed)` the sharded state of step 0 from given parameters,
+    `step(state, batch)` is the jitted train step (state donated)."""
 
     trainer: Trainer
     mesh: Mesh
     state_shardings: TrainState
     batch_sharding: NamedSharding
     init: Callable
+    start: Callable
     step: Callable
 
 
-def build_runner(cfg: Config, devices=None, *, mesh: Mesh | None = None) -> Runner:
+def build_runner(
+    cfg: Config, devices=None, *, mesh: Mesh | None = None, objective: Objective | None = None
+) -> Runner:
     """The model program on `mesh` (default: `cfg.mesh` over `devices`, default all;
-    `runtime.build_model_program`) -> Trainer, checked batch split, train-state and batch
-    shardings, and the jitted init and step."""
+    `runtime.build_model_program`) -> Trainer (with `objective`, default `Pretrain`), checked
+    batch split, train-state and batch shardings, and the jitted init, start and step."""
     program = build_model_program(cfg, devices, mesh=mesh)
-    trainer = Trainer(cfg, program=program)
+    trainer = Trainer(cfg, program=program, objective=objective)
     mesh = program.mesh
     check_batch_fits(cfg.train.global_batch, mesh, trainer.rules)
     shardings = train_state_shardings(trainer, mesh)
     in_batch = batch_sharding(mesh, trainer.rules)
     init = jax.jit(trainer.init, static_argnums=0, out_shardings=shardings)
+    start = jax.jit(trainer.start, static_argnums=2, out_shardings=shardings)
     batch_shardings = {k: in_batch for k in trainer.objective.batch_spec}
     step = jax.jit(
         trainer.train_step,
@@ -129,23 +136,7 @@ def build_runner(cfg: Config, devices=None, *, mesh: Mesh | None = None) -> Runn
         out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=0,
     )
-    return Runner(trainer, mesh, shardings, in_batch, init, step)
-
-
-def data_iterator(cfg: Config, continue_from: dict | None = None):
-    """The grain iterator of the global batches, the same on every process (see `_global_batch`).
-    Batch k reads only the batch-size ramp's rows at step k; the rest of its rows are padding.
-    continue_from: the iterator state of the previous context stage, whose document stream this
-    one reads on from (packed at this config's seq_len)."""
-    data = build_train_iterator(
-        cfg.data,
-        seq_len=cfg.train.seq_len,
-        global_batch=cfg.train.global_batch,
-        rows_at=lambda step: batch_size_at(cfg.train, step),
-    )
-    if continue_from is not None:
-        continue_documents(data, continue_from)
-    return data
+    return Runner(trainer, mesh, shardings, in_batch, init, start, step)
 
 
 def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
@@ -178,13 +169,22 @@ def _checkpoint_config(stage: Stage, tokenizer: Tokenizer) -> dict:
 
 
 def _resume(
-    checkpointer: Checkpointer, runner: Runner, stages: list[Stage], restart_data: bool, tokenizer: Tokenizer
+    checkpointer: Checkpointer,
+    runner: Runner,
+    stages: list[Stage],
+    restart_data: bool,
+    batches_for: Callable[[Stage], BatchSource],
+    fresh_state: Callable[[], TrainState],
+    text: bool,
+    tokenizer: Tokenizer,
 ):
-    """(start step, state, stage, data iterator): the newest checkpoint that restores, with its
-    stage's iterator moved to its data position (or at the stream's start with `restart_data`),
-    else a fresh state at step 0 in the first stage.  `runner`: any stage's (same state layout).
-    A checkpoint trained with another tokenizer than `tokenizer` is refused."""
-    opened = {}  # step -> the iterator restored to that checkpoint's position
+    """(start step, state, stage, batch source): the newest checkpoint that restores, with its
+    stage's batch source (`batches_for`) moved to its data position (or at the stream's start
+    with `restart_data`), else `fresh_state()` at step 0 in the first stage.  `runner`: any
+    stage's (same state layout); text: the sources are the text pipeline of `data:` (whose
+    stream a checkpoint's data position must belong to).  A checkpoint trained with another
+    tokenizer than `tokenizer` is refused."""
+    opened = {}  # step -> the batch source restored to that checkpoint's position
 
     def check_config(step: int, saved: dict) -> None:
         stage = checkpoint_stage(stages, step)
@@ -196,25 +196,25 @@ def _resume(
             f"checkpoint {step} in {checkpointer.directory} was trained",
             "train with the tokenizer the run was trained with (the file changed since?), or use a new --run-dir",
         )
-        if not restart_data:
+        if not restart_data and text:
             check_same_data_stream(saved, stage.cfg.to_dict(), checkpointer.directory)
 
     def data_for(step: int):
         if restart_data:
             return None
-        opened[step] = data_iterator(checkpoint_stage(stages, step).cfg)
+        opened[step] = batches_for(checkpoint_stage(stages, step))
         return opened[step]
 
     abstract = abstract_with_shardings(jax.eval_shape(lambda: runner.trainer.init(0)), runner.state_shardings)
     found = checkpointer.restore_latest(abstract, data_for, check_config)
     if found is None:
-        return 0, runner.init(stages[0].cfg.train.seed), stages[0], data_iterator(stages[0].cfg)
+        return 0, fresh_state(), stages[0], batches_for(stages[0])
     start, state = found
     stage = checkpoint_stage(stages, start)
     log.info("resumed from step %d (context stage %d) in %s", start, stage.index, checkpointer.directory)
     if restart_data:
         log.warning("--restart-data: the data stream starts again from its beginning at step %d", start)
-        return start, state, stage, data_iterator(stage.cfg)
+        return start, state, stage, batches_for(stage)
     return start, state, stage, opened[start]
 
 
@@ -243,10 +243,15 @@ def train(
     progress: bool = True,
     restart_data: bool = False,
     evaluate: Callable[[ModelProgram, dict, dict], dict] | None = None,
+    objective: Objective | None = None,
+    batches: BatchSource | None = None,
 ) -> list[dict]:
     """Trains (or resumes) `cfg` in `run_dir` until `cfg.train.steps`; returns logged metrics.
     evaluate(program, params, biases) -> {name: figure}: called every `eval.every` steps, its
     figures logged with that step (held-out evaluation, given by the caller: `eval` sits above).
+    objective: what is minimised (default `Pretrain`); batches: where the global batches come
+    from (default the text pipeline of `cfg.data`, `TextBatches`; another source runs one context
+    stage and is checkpointed through its get_state / set_state).
 
     Raises `Preempted` on SIGTERM/SIGINT (after saving; during setup, before anything is
     written), `RunLockedError` (another trainer holds `run_dir`: run_lock.py),
@@ -260,18 +265,45 @@ def train(
         tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.special_tokens)
         check_vocabulary(cfg, tokenizer)
         stages = context_stages(cfg)
+        if batches is not None and len(stages) > 1:
+            raise ValueError(
+                f"train.stages: {len(stages)} context stages need the text pipeline of data: (each stage "
+                "packs its own rows); a batch source of its own runs one stage: leave train.stages out"
+            )
         mesh = build_mesh(cfg.mesh)
         check_stages_fit(stages, mesh, RULE_SETS[cfg.mesh.rules])  # every stage, before anything compiles
-        runner = build_runner(stages[0].cfg, mesh=mesh)
+        runner = build_runner(stages[0].cfg, mesh=mesh, objective=objective)
+        source = None  # train.init_from, checked before anything is written (a new run directory)
+        if cfg.train.init_from and not (run_dir / "checkpoints").exists():
+            source = read_source(cfg.train.init_from, cfg.model)
         if stop.should_stop():
             raise _stopped_in_setup(stop, run_dir)
+
+        def fresh_state() -> TrainState:
+            seed = cfg.train.seed
+            if not cfg.train.init_from:
+                return runner.init(seed)
+            start_from = source or read_source(cfg.train.init_from, cfg.model)
+            return runner.start(*initial_parameters(start_from, runner.trainer.program, seed), seed)
+
+        def batches_for(stage: Stage) -> BatchSource:
+            return TextBatches(stage.cfg) if batches is None else batches
 
         fresh = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
         held.enter_context(_run_dir_lock(run_dir))
         checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
         try:
-            start, state, stage, data = _resume(checkpointer, runner, stages, restart_data, tokenizer)
+            start, state, stage, data = _resume(
+                checkpointer,
+                runner,
+                stages,
+                restart_data,
+                batches_for,
+                fresh_state,
+                text=batches is None,
+                tokenizer=tokenizer,
+            )
             if stop.should_stop():  # (a restore can take minutes)
                 raise _stopped_in_setup(stop, run_dir)
         except BaseException:
@@ -293,13 +325,12 @@ def train(
             return []
         (run_dir / "config.yaml").write_text(cfg.to_yaml())  # only once the config is known to run here
         if stage.index:
-            runner = build_runner(stage.cfg, mesh=mesh)
-        flops_per_token = _flops_per_token(stage)
+            runner = build_runner(stage.cfg, mesh=mesh, objective=objective)
+        flops_per_token = _flops_per_token(stage, runner)
         logger = MetricsLogger(run_dir, enabled=jax.process_index() == 0, resumed_at=start)
         history: list[dict] = []
         last_saved = start or None
         skipped = 0  # non-finite steps in a row
-        rereads: dict[str, int] = {}  # source -> passes over it already warned about
         stopped = None
         bar = tqdm(
             total=cfg.train.steps,
@@ -313,8 +344,9 @@ def train(
             for step in range(start, cfg.train.steps):
                 if step >= stage.until_step:  # the next context stage: new rows, RoPE and step
                     stage = stages[stage.index + 1]
-                    runner, flops_per_token = build_runner(stage.cfg, mesh=mesh), _flops_per_token(stage)
-                    data = data_iterator(stage.cfg, continue_from=data.get_state())
+                    runner = build_runner(stage.cfg, mesh=mesh, objective=objective)
+                    flops_per_token = _flops_per_token(stage, runner)
+                    data = TextBatches(stage.cfg, continue_from=data.get_state())
                     log.info(
                         "step %d: context stage %d, %d tokens x %d rows",
                         step,
@@ -322,7 +354,7 @@ def train(
                         stage.cfg.train.seq_len,
                         stage.cfg.train.global_batch,
                     )
-                local = next(data)
+                local = data.next(state)
                 batch = _global_batch(
                     {
                         k: np.asarray(local[k], dtype)
@@ -334,6 +366,7 @@ def train(
                 state, metrics = runner.step(state, batch)
                 metrics = jax.device_get(metrics)
                 seconds = time.perf_counter() - t0
+                data.after_update(state)
                 checkpointer.poll()  # a failed background save stops the run here
                 record = _record(step + 1, metrics, seconds, flops_per_token)
                 record.update(stage=stage.index, seq_len=stage.cfg.train.seq_len)
@@ -343,16 +376,17 @@ def train(
                 if evaluated:
                     record.update(evaluate(runner.trainer.program, state.params, state.biases))
                 if evaluated or (step + 1) % cfg.train.log_every == 0 or last_step or skipped:
-                    data_stats = DataStats.from_state(data.get_state())
-                    record.update(data_stats.as_metrics())
-                    warn_rereads(data_stats, rereads, step + 1)
+                    record.update(data.metrics(step + 1))
                     logger.log(record)
                     history.append(record)
                 if skipped and (cfg.train.on_nonfinite == "stop" or skipped > cfg.train.max_skipped_steps):
                     raise _nonfinite_error(step + 1, metrics, last_saved, skipped)
                 if skipped:
                     log.warning("step %d: non-finite loss, update skipped", step + 1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}",
+                    **({"tok_s": f"{record['tokens_per_s']:,.0f}"} if "tokens_per_s" in record else {}),
+                )
                 bar.update(1)
                 every = cfg.checkpoint.every
                 stopping = stop.should_stop()
@@ -409,8 +443,9 @@ def _run_dir_lock(run_dir: Path):
             lock.release()
 
 
-def _flops_per_token(stage: Stage) -> float:
-    return describe(stage.cfg.model, stage.cfg.train.seq_len)["flops_per_token"]
+def _flops_per_token(stage: Stage, runner: Runner) -> float:
+    params = runner.trainer.program.abstract_params
+    return describe(stage.cfg.model, stage.cfg.train.seq_len, params=params)["flops_per_token"]
 
 
 def _record(step: int, metrics: dict, seconds: float, flops_per_token: float) -> dict:
@@ -419,8 +454,9 @@ def _record(step: int, metrics: dict, seconds: float, flops_per_token: float) ->
         value = np.asarray(value)
         record[key] = value.item() if value.ndim == 0 else value.tolist()
     record["step_time_s"] = seconds
-    record["tokens_per_s"] = record["tokens"] / seconds
-    mfu = model_flops_utilization(flops_per_token, record["tokens_per_s"])
-    if mfu is not None:
-        record["mfu"] = mfu
+    if "tokens" in record:  # an objective that counts the tokens it trains on
+        record["tokens_per_s"] = record["tokens"] / seconds
+        mfu = model_flops_utilization(flops_per_token, record["tokens_per_s"])
+        if mfu is not None:
+            record["mfu"] = mfu
     return record

@@ -15,13 +15,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from frontier_jax.model.logprobs import target_logprobs
+
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """logits [..., V] fp32, targets [...] -> (CE [...], logsumexp [...])."""
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return lse - target_logit, lse
+    """logits [..., V], targets [...] -> (CE = -log p(target) [...], logsumexp [...]) in fp32."""
+    logprob, lse = target_logprobs(logits, targets)
+    return -logprob, lse
 
 
 def masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:

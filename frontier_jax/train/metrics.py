@@ -89,7 +89,8 @@ class MetricsLogger:
 
 
 def plot_loss_curve(metrics_path: Path, out_path: Path) -> None:
-    """Loss (and MTP loss) against step from metrics.jsonl, saved as a PNG."""
+    """Next-token CE (and MTP loss) against step from metrics.jsonl, saved as a PNG (the
+    objective's loss where it reports no CE)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,11 +100,15 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> None:
     by_step = {r["step"]: r for r in rows}  # a resumed run may log a step twice: keep the last
     steps = sorted(by_step)
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [by_step[s]["ce_loss"] for s in steps], label="next-token CE")
+    language_model = all("ce_loss" in by_step[s] for s in steps)  # else another objective's loss
+    if language_model:
+        ax.plot(steps, [by_step[s]["ce_loss"] for s in steps], label="next-token CE")
+    else:
+        ax.plot(steps, [by_step[s]["loss"] for s in steps], label="loss")
     if all("mtp_loss" in by_step[s] for s in steps):
         ax.plot(steps, [by_step[s]["mtp_loss"] for s in steps], label="MTP CE", alpha=0.7)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel("loss (nats/token)" if language_model else "loss")
     ax.set_title(f"training loss ({Path(metrics_path).parent.name})")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -15,3 +15,5 @@ class TrainState:
     opt_state: Any  # optimizer state (AdamW moments, fp32 or bf16)
     step: jax.Array  # int32: attempted steps (advances through skipped non-finite steps)
     rng: jax.Array  # PRNG key data (for stochastic features; checkpointed for exact resume)
+    # the objective's own state (e.g. a reference model's parameters; `train.objectives`), {} if none
+    extra: Any = struct.field(default_factory=dict)

@@ -1,17 +1,19 @@
 """The pure training step: `train_step(state, batch) -> (state, metrics)`, built from three parts:
 
     objective   (model, batch, normalisers) -> (loss, metrics, aux)      `objectives/`
-                what is minimised and which batch it reads (pre-training: `Pretrain`)
+                what is minimised, which batch it reads and which of its rows are in use
+                (pre-training: `Pretrain`)
     strategy    (params, biases, batch, objective, normalisers)          `strategy.py`
                 -> (loss, metrics, aux loads, grads)
                 how the global batch is turned into gradients (micro-batch scan, or
                 pipeline stages over the mesh's `stage` axis)
     update tail clip + AdamW + loss-free bias update + non-finite guard  `update.py`
 
-One step: the rows in use are the rows holding a real token (the batch-size ramp is applied by the
-data: its batch at step k holds `batch_size_at(k)` rows read from the data, the rest padding, see
-`data/batching.py`), the objective prepares the global batch and computes its normalisers from all of it, the strategy sums the micro-batch losses and gradients,
-the update tail applies them.  State: `TrainState` (params, biases, opt_state, step, rng).
+One step: the objective prepares the global batch (with its own state `TrainState.extra`; the
+batch-size ramp is applied by the data: its batch at step k holds `batch_size_at(k)` rows read
+from the data, the rest padding that the objective switches off, see `data/batching.py`) and
+computes its normalisers from all of it, the strategy sums the micro-batch losses and gradients,
+the update tail applies them.  State: `TrainState` (params, biases, opt_state, step, rng, extra).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from jax.sharding import Mesh
 
 from frontier_jax.model import Transformer
 from frontier_jax.runtime.program import ModelProgram, model_program
-from frontier_jax.train.objectives import Objective
+from frontier_jax.train.objectives import Objective, initial_extra
 from frontier_jax.train.objectives.pretrain import Pretrain
 from frontier_jax.train.optimizer import build_optimizer, learning_rate_schedule
 from frontier_jax.train.state import TrainState
@@ -54,16 +56,17 @@ class Trainer:
         program: ModelProgram | None = None,
     ):
         """mesh: when given, activations are constrained to it by the `cfg.mesh.rules` table.
-        objective: default `Pretrain(cfg)`; strategy: default `gradient_strategy(cfg)` (micro-batch
-        accumulation over `cfg.train.micro_batches`, or pipeline stages with `train.pipeline.schedule`); program: the model program of `cfg` on `mesh`, when already built."""
+        objective: default `Pretrain` of cfg; strategy: default `gradient_strategy(cfg.train, program)`
+        (micro-batch accumulation over `cfg.train.micro_batches`, or pipeline stages with
+        `train.pipeline.schedule`); program: the model program of `cfg` on `mesh`, when already built."""
         self.cfg = cfg
         self.program = program or model_program(cfg, mesh)
         self.mesh = self.program.mesh
         self.rules, self.policy = self.program.rules, self.program.policy
         self.abstract_params = self.program.abstract_params
         self.abstract_biases = self.program.abstract_biases
-        self.objective = objective or Pretrain(cfg)
-        self.strategy = strategy or gradient_strategy(cfg, self.program)
+        self.objective = objective or Pretrain(cfg.train, cfg.model, mask_documents=cfg.data.mask_documents)
+        self.strategy = strategy or gradient_strategy(cfg.train, self.program)
         decay_mask = jax.tree.map(
             lambda v: "norm" not in v.get_metadata()["logical_axes"],
             self.abstract_params,
@@ -74,13 +77,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def init(self, seed: int) -> TrainState:
-        params, biases = self.program.init(seed)
+        """A fresh state: parameters and biases initialised from `seed`."""
+        return self.start(*self.program.init(seed), seed)
+
+    def start(self, params: dict, biases: dict, seed: int) -> TrainState:
+        """The state of step 0 from given parameters and biases (a fresh run's, or another run's:
+        `train.init_from`): new optimizer state, the rng of `seed`, the objective's initial state."""
         return TrainState(
             params=params,
             biases=biases,
             opt_state=self.optimizer.init(params),
             step=jnp.zeros((), jnp.int32),
             rng=jax.random.key_data(jax.random.key(seed + 1)),
+            extra=initial_extra(self.objective, params, biases),
         )
 
     def model(self, params: dict, biases: dict) -> Transformer:
@@ -93,9 +102,7 @@ class Trainer:
 
     def _train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         cfg = self.cfg.train
-        rows_in_use = (batch["segment_ids"] != 0).any(axis=1)  # padding rows: past the ramp
-        rows = rows_in_use.sum(dtype=jnp.int32)
-        prepared = self.objective.prepare(batch, rows_in_use)
+        prepared = self.objective.prepare(batch, state.extra)
         norm = self.objective.normalisers(prepared, self.strategy.micro_batches)
         loss, metrics, loads, grads = self.strategy(
             state.params, state.biases, prepared, self.objective, norm
@@ -109,7 +116,6 @@ class Trainer:
             **self.objective.summarize(metrics, norm),
             "grad_norm": grad_norm,
             "lr": self.schedule(state.step),
-            "batch_rows": rows,
             "finite": finite.astype(jnp.int32),
         }
         for path, load in jax.tree_util.tree_leaves_with_path(loads):

@@ -11,15 +11,14 @@ mesh's `stage` axis; `gradient_strategy` picks one from the config.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from frontier_jax.model import Transformer
-from frontier_jax.model.transformer import ModelOutput
+from frontier_jax.model import HiddenOutput, Transformer
 from frontier_jax.parallel.pipeline.executor import (
     pipeline_value_and_grad,
     stack_for_stages,
@@ -28,10 +27,8 @@ from frontier_jax.parallel.pipeline.executor import (
 from frontier_jax.parallel.pipeline.plan import StagePlan, pipeline_plan
 from frontier_jax.parallel.rules import logical_to_spec
 from frontier_jax.runtime.program import ModelProgram
+from frontier_jax.train.config import TrainConfig
 from frontier_jax.train.objectives import Objective, StagedObjective
-
-if TYPE_CHECKING:  # the composed config sits above train
-    from frontier_jax.config import Config
 
 STACK = "moe_layers"  # the Transformer's stack that pipeline chunks split (`parallel/pipeline/plan.py`)
 
@@ -83,10 +80,10 @@ class MicroBatchScan:
 class PipelineStages:
     """The M micro-batches of `MicroBatchScan`, streamed through the stages of `plan` by the
     SPMD executor (`parallel.pipeline.executor`): the MoE stack [L, ...] is cut into C chunks of
-    L / C layers; the embedding and dense prefix run in front of chunk 0, final norm, head, loss
-    and MTP after chunk C-1 (`Transformer.front` / `back`).  Per micro-batch m
+    L / C layers; the embedding and dense prefix run in front of chunk 0, final norm, MTP, head and
+    loss after chunk C-1 (`Transformer.front` / `back`).  Per micro-batch m
 
-        loss_m = output_terms(back(x_C)) + routing_terms(MTP stats) + sum_c routing_terms(chunk c's stats)
+        loss_m = output_terms(back(x_C), head) + routing_terms(MTP stats) + sum_c routing_terms(chunk c's stats)
 
     which is the objective's loss of the unpipelined model (`StagedObjective`); the MoE statistics
     of every layer come back from the chunks (loads for the bias update, balance, drops), and
@@ -156,10 +153,9 @@ class PipelineStages:
 
         def head(ends, y, b):
             mb, norm = b["batch"], b["norm"]
-            logits, mtp_logits, mtp_stats = self._model(ends).back(
-                y, mb.input_ids, objective.sequence_inputs(mb)
-            )
-            loss, metrics = objective.output_terms(logits, mtp_logits, mb, norm)
+            model = self._model(ends)
+            g, mtp_g, mtp_stats = model.back(y, mb.input_ids, objective.sequence_inputs(mb))
+            loss, metrics = objective.output_terms(g, mtp_g, model.output_head(), mb, norm)
             return loss + objective.routing_terms([mtp_stats], norm)[0], (metrics, mtp_stats)
 
         run = pipeline_value_and_grad(self.table, self.program.mesh, embed, chunk, head)
@@ -174,14 +170,16 @@ class PipelineStages:
             [moe_stats, mtp_stats], normalisers
         )  # additive: sums in, sums out
         grads = {**d_ends[0], STACK: layers(d_chunks)[0]}  # expert biases get no gradient
-        loads = self.program.model(params, biases).expert_loads(ModelOutput(None, None, moe_stats, mtp_stats))
+        loads = self.program.model(params, biases).expert_loads(
+            HiddenOutput(None, None, moe_stats, mtp_stats)
+        )
         return loss, metrics | routing, loads, grads
 
 
-def gradient_strategy(cfg: Config, program: ModelProgram) -> GradientStrategy:
+def gradient_strategy(train: TrainConfig, program: ModelProgram) -> GradientStrategy:
     """`PipelineStages` where `train.pipeline.schedule` is set, else `MicroBatchScan` over
     `train.micro_batches`."""
-    plan = pipeline_plan(cfg)
+    plan = pipeline_plan(train, program.cfg.mesh, program.cfg.model)
     if plan is None:
-        return MicroBatchScan(program.model, cfg.train.micro_batches)
+        return MicroBatchScan(program.model, train.micro_batches)
     return PipelineStages(program, plan)

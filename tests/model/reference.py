@@ -319,6 +319,34 @@ def head(params, h, cfg):
     return h @ params["head"]["kernel"]
 
 
+def trunk(params, ids, cfg, positions, segment_ids):
+    """Embedding and blocks: (h [B, T, d] before the final norm, moe_stats list per MoE layer)."""
+    h = params["embed"]["embedding"][np.asarray(ids)]
+    for index in range(cfg.first_k_dense):
+        h, _ = block(layer(params["dense_layers"]["blocks"], index), h, positions, segment_ids, cfg, False)
+    moe_stats = []
+    for index in range(cfg.num_layers - cfg.first_k_dense):
+        h, st = block(layer(params["moe_layers"]["blocks"], index), h, positions, segment_ids, cfg, True)
+        moe_stats.append(st)
+    return h, moe_stats
+
+
+def segment_values(params, ids, cfg, positions, segment_ids, segments):
+    """A scalar-head model's value of each segment s = 1..S of each row, read at its last token
+    t_s = max{t : segment_ids[t] = s}: RMSNorm(h)[t_s] . w  -> (values [B, S], present [B, S])."""
+    h, _ = trunk(params, ids, cfg, positions, segment_ids)
+    g = rms_norm(h, params["final_norm"]["scale"], cfg.rms_norm_eps)
+    w = params["score"]["kernel"][:, 0]
+    seg = np.asarray(segment_ids)
+    values, present = np.zeros((len(seg), segments)), np.zeros((len(seg), segments), bool)
+    for b in range(len(seg)):
+        for s in range(1, segments + 1):
+            where = np.flatnonzero(seg[b] == s)
+            if len(where):
+                values[b, s - 1], present[b, s - 1] = g[b, where[-1]] @ w, True
+    return values, present
+
+
 def transformer(params, ids, cfg, positions=None, segment_ids=None):
     """Full model.  Returns dict(logits [B, T, V], mtp_logits [D, B, T, V] or None,
     hidden (pre-final-norm), moe_stats list per MoE layer, mtp_stats list per depth).
@@ -328,13 +356,7 @@ def transformer(params, ids, cfg, positions=None, segment_ids=None):
     if positions is None:
         positions = np.tile(np.arange(t_len), (bsz, 1))
     emb = params["embed"]["embedding"]
-    h = emb[ids]
-    for index in range(cfg.first_k_dense):
-        h, _ = block(layer(params["dense_layers"]["blocks"], index), h, positions, segment_ids, cfg, False)
-    moe_stats = []
-    for index in range(cfg.num_layers - cfg.first_k_dense):
-        h, st = block(layer(params["moe_layers"]["blocks"], index), h, positions, segment_ids, cfg, True)
-        moe_stats.append(st)
+    h, moe_stats = trunk(params, ids, cfg, positions, segment_ids)
     eps = cfg.rms_norm_eps
     normed = rms_norm(h, params["final_norm"]["scale"], eps)
     logits = head(params, normed, cfg)

@@ -30,10 +30,10 @@ import numpy as np
 def _batch_shards(cfg, run_dir: Path, layout: int) -> None:
     from frontier_jax.parallel.mesh import batch_sharding, build_mesh
     from frontier_jax.parallel.rules import RULE_SETS
-    from frontier_jax.train import loop
+    from frontier_jax.train import batches, loop
 
     sharding = batch_sharding(build_mesh(cfg.mesh), RULE_SETS[cfg.mesh.rules])
-    batch = loop._global_batch(next(loop.data_iterator(cfg)), sharding)
+    batch = loop._global_batch(next(batches.data_iterator(cfg)), sharding)
     out = {}
     for key, array in batch.items():
         out[f"{key}_shape"] = np.asarray(array.shape)
@@ -55,8 +55,8 @@ def save_data(cfg, run_dir: Path, steps: int) -> None:
     """Takes `steps` batches from a fresh loop data iterator and saves it, with a stand-in
     state, through the loop's Checkpointer in run_dir/checkpoints at step `steps`."""
     from frontier_jax.config import CheckpointConfig
+    from frontier_jax.train.batches import data_iterator
     from frontier_jax.train.checkpoint import Checkpointer
-    from frontier_jax.train.loop import data_iterator
 
     data = data_iterator(cfg)
     for _ in range(steps):
@@ -70,8 +70,8 @@ def restore_data(cfg, run_dir: Path):
     """A fresh loop data iterator moved to the latest checkpoint of run_dir/checkpoints (restored
     with the stand-in state through the loop's Checkpointer)."""
     from frontier_jax.config import CheckpointConfig
+    from frontier_jax.train.batches import data_iterator
     from frontier_jax.train.checkpoint import Checkpointer, abstract_with_shardings
-    from frontier_jax.train.loop import data_iterator
 
     data, state = data_iterator(cfg), _replicated_state()
     abstract = abstract_with_shardings(

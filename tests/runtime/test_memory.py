@@ -15,6 +15,7 @@ from frontier_jax.config import CONFIG_DIR, load_config
 from frontier_jax.model.describe import describe
 from frontier_jax.parallel.mesh import build_mesh, mesh_shape, state_shardings
 from frontier_jax.runtime.memory import GIB, device_memory, fits
+from frontier_jax.runtime.program import model_program
 from frontier_jax.train.loop import train_state_shardings
 from frontier_jax.train.step import Trainer
 
@@ -26,6 +27,11 @@ def _intended_devices(path) -> int:
     found = re.search(r"^# devices: (\d+)$", path.read_text(), re.MULTILINE)
     assert found, f"{path.name} lacks its '# devices: N' header line"
     return int(found.group(1))
+
+
+def _memory(cfg, devices=None):
+    """`device_memory` of a run config: its model program (shapes only) and train section."""
+    return device_memory(model_program(cfg), cfg.train, devices)
 
 
 # ------------------------------------------------------------------------ presets
@@ -84,7 +90,7 @@ def test_state_bytes_equal_the_sharded_arrays(layout):
     )
     moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]  # mu, nu (not the step counts)
 
-    mem = device_memory(cfg)
+    mem = _memory(cfg)
     assert mem.mesh == dict(mesh.shape)
     assert mem.params == _device0_bytes([state.params, state.biases])
     assert mem.grads == _device0_bytes(grads)
@@ -93,10 +99,8 @@ def test_state_bytes_equal_the_sharded_arrays(layout):
 
 
 def test_bf16_moments_halve_the_optimizer_bytes():
-    fp32 = device_memory(load_config("model/toy", ["mesh.data=2", "mesh.expert=4"]))
-    bf16 = device_memory(
-        load_config("model/toy", ["mesh.data=2", "mesh.expert=4", "train.moment_dtype=bfloat16"])
-    )
+    fp32 = _memory(load_config("model/toy", ["mesh.data=2", "mesh.expert=4"]))
+    bf16 = _memory(load_config("model/toy", ["mesh.data=2", "mesh.expert=4", "train.moment_dtype=bfloat16"]))
     assert bf16.optimizer * 2 == fp32.optimizer
     assert (bf16.params, bf16.grads, bf16.activations) == (fp32.params, fp32.grads, fp32.activations)
 
@@ -131,13 +135,13 @@ def test_deepseek_v3_param_bytes_scale_with_the_mesh():
     tensors shrink by f, so params(f=1) - params(f=2) = 2 (params(f=2) - params(f=4))."""
     m = _v3().model
     moe_blocks = m.num_moe_layers + m.mtp_depth
-    one = device_memory(_v3()).params
+    one = _memory(_v3()).params
     biases = 4 * moe_blocks * m.n_routed_experts
     assert one == 4 * describe(m)["total_params_with_mtp"] + biases
     expert_bytes = 4 * moe_blocks * m.n_routed_experts * m.hidden_size * (3 * m.moe_ffn_dim + 1) + biases
     for e in (8, 32, 256):
-        assert device_memory(_v3(f"mesh.expert={e}")).params * e == one * e - expert_bytes * (e - 1)
-    f1, f2, f4 = (device_memory(_v3("mesh.expert=8", f"mesh.fsdp={f}")).params for f in (1, 2, 4))
+        assert _memory(_v3(f"mesh.expert={e}")).params * e == one * e - expert_bytes * (e - 1)
+    f1, f2, f4 = (_memory(_v3("mesh.expert=8", f"mesh.fsdp={f}")).params for f in (1, 2, 4))
     assert f1 - f2 == 2 * (f2 - f4) > 0
 
 
@@ -158,15 +162,15 @@ def test_deepseek_v3_fits_a_deepseek_sized_cluster():
         "impl.moe_dispatch=capacity",
     ]
     cfg = _v3(*cfg_overrides)
-    mem = device_memory(cfg)
+    mem = _memory(cfg)
     assert mem.batch_per_device == 1 and fits(mem, 80)
-    assert not fits(device_memory(_v3(*[o for o in cfg_overrides if "moe_dispatch" not in o])), 80)
+    assert not fits(_memory(_v3(*[o for o in cfg_overrides if "moe_dispatch" not in o])), 80)
 
 
 # ------------------------------------------------------------ activations
 def test_activation_estimate_follows_the_remat_policy_and_batch():
     def act(*overrides):
-        return device_memory(
+        return _memory(
             load_config("model/toy", ["mesh.data=2", "mesh.expert=4", "train.global_batch=16", *overrides])
         ).activations
 
@@ -201,7 +205,7 @@ def test_activation_estimate_follows_the_remat_policy_and_batch():
 def test_invalid_mesh_names_the_axis_and_sizes(overrides, devices, expected):
     cfg = load_config("model/toy", overrides)
     with pytest.raises(ValueError) as err:
-        device_memory(cfg, devices)
+        _memory(cfg, devices)
     for pattern in expected:
         assert re.search(pattern, str(err.value)), str(err.value)
 

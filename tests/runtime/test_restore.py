@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from frontier_jax import cli
-from frontier_jax.data.tokenizer import byte_tokenizer, load_tokenizer, tokenizer_identity
+from frontier_jax.data.tokenizer import byte_tokenizer, load_tokenizer, run_tokenizer, tokenizer_identity
 from frontier_jax.parallel.config import MeshConfig
 from frontier_jax.parallel.rules import RULE_SETS, logical_to_spec
 from frontier_jax.runtime.integrity import MANIFEST, CheckpointError
@@ -285,7 +285,7 @@ def test_a_tokenizer_changed_since_training_is_refused_naming_both_hashes(run, t
             f"data.tokenizer='{tokenizer_file}' (267 ids, sha256 {now[:12]}...; data.special_tokens count)"
         )
         with pytest.raises(ValueError, match=re.escape(want)):
-            restore_params(run_dir).tokenizer()
+            _tokenizer_of(restore_params(run_dir))
         for argv in _eval_and_generate(run_dir, tmp_path):
             assert _cli_error(capsys, argv, 2).startswith("error: " + want), argv
         resumed = tmp_path / "resumed"
@@ -294,7 +294,11 @@ def test_a_tokenizer_changed_since_training_is_refused_naming_both_hashes(run, t
             train(cfg, resumed, progress=False)
     finally:
         tokenizer_file.write_text(trained)
-    restore_params(run_dir).tokenizer()  # the trained content back: accepted again
+    _tokenizer_of(restore_params(run_dir))  # the trained content back: accepted again
+
+
+def _tokenizer_of(restored):
+    return run_tokenizer(restored.config, restored.trained())
 
 
 CTRL_C_SCRIPT = """

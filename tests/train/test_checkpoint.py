@@ -24,7 +24,7 @@ import pytest
 from frontier_jax.config import CheckpointConfig
 from frontier_jax.data import DataConfig, build_train_iterator
 from frontier_jax.runtime.integrity import MANIFEST
-from frontier_jax.train import loop
+from frontier_jax.train import batches
 from frontier_jax.train.checkpoint import Checkpointer, CheckpointError
 
 from .common import tiny_config
@@ -225,7 +225,7 @@ def test_checkpoint_restores_the_loop_data_iterator_to_the_next_batch(tmp_path, 
     cfg = tiny_config(
         *(["train.batch_ramp_steps=6", "train.batch_ramp_start=2", "train.micro_batches=2"] if ramp else [])
     )
-    data = loop.data_iterator(cfg)
+    data = batches.data_iterator(cfg)
     for _ in range(3):
         next(data)
     saver = Checkpointer(tmp_path, CheckpointConfig(async_save=False))
@@ -233,7 +233,7 @@ def test_checkpoint_restores_the_loop_data_iterator_to_the_next_batch(tmp_path, 
     saver.close()
     want = [next(data) for _ in range(2)]
 
-    fresh = loop.data_iterator(cfg)
+    fresh = batches.data_iterator(cfg)
     saver = Checkpointer(tmp_path, CheckpointConfig(async_save=False))
     restored = saver.restore(3, _abstract(), fresh)
     saver.close()

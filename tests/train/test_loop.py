@@ -9,7 +9,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from frontier_jax.data import build_train_iterator
 from frontier_jax.parallel.mesh import build_mesh
-from frontier_jax.train import loop
+from frontier_jax.train import batches, loop
 from frontier_jax.train.optimizer import batch_size_at
 
 from .common import tiny_config
@@ -27,7 +27,7 @@ def test_batch_ramp_reads_only_the_rows_it_trains_on():
     fixed = build_train_iterator(cfg.data, seq_len=cfg.train.seq_len, global_batch=cfg.train.global_batch)
     full_batches = [next(fixed) for _ in range(8)]
     stream = {k: np.concatenate([b[k] for b in full_batches]) for k in KEYS}
-    data, read = loop.data_iterator(cfg), 0
+    data, read = batches.data_iterator(cfg), 0
     for step, rows in enumerate(ramp):
         batch = next(data)
         assert batch["input_ids"].shape == (8, 32)
@@ -45,7 +45,7 @@ def test_global_batch_puts_each_block_on_its_device():
     """8 devices as data 2 x fsdp 2 x tensor 2: rows split 4 ways, replicated over tensor."""
     cfg = tiny_config("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
     sharding = NamedSharding(build_mesh(cfg.mesh), PartitionSpec(("data", "fsdp")))
-    host = next(loop.data_iterator(cfg))
+    host = next(batches.data_iterator(cfg))
     batch = loop._global_batch(host, sharding)
     for key in KEYS:
         assert batch[key].shape == host[key].shape and batch[key].sharding == sharding

@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from frontier_jax import cli
-from frontier_jax.train import loop
+from frontier_jax.train import batches, loop
 from frontier_jax.train.checkpoint import Checkpointer
 from frontier_jax.train.loop import train
 
@@ -259,7 +259,7 @@ def test_restart_data_keeps_the_state_and_reads_the_new_stream_from_its_start(
     assert record["step"] == N + 1 and record["lr"] == _reference_records(reference_run)[N + 1]["lr"]
     assert "--restart-data: the data stream starts again" in capsys.readouterr().err
     cfg = tiny_config("data.mask_documents=true")
-    fresh = loop.data_iterator(cfg)
+    fresh = batches.data_iterator(cfg)
     next(fresh)  # the new stream's first batch was step N+1's
     _, saved_position = restore_checkpoint(run, N + 1, cfg)
     assert saved_position == fresh.get_state()

@@ -64,7 +64,7 @@ def _strategy_outputs(trainer: Trainer, params, biases, batch):
 
     def fn(params, biases, batch):
         with trainer.program.sharding_context():
-            prepared = trainer.objective.prepare(batch, (batch["segment_ids"] != 0).any(axis=1))
+            prepared = trainer.objective.prepare(batch, {})
             norm = trainer.objective.normalisers(prepared, trainer.strategy.micro_batches)
             return trainer.strategy(params, biases, prepared, trainer.objective, norm)
 

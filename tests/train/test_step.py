@@ -382,7 +382,9 @@ def test_nonfinite_gradient_with_a_finite_loss_leaves_state_unchanged(setup):
     """The guard must look at the gradient, not only at the loss (one MoE layer, no MTP: the
     smallest model with every state part, compiled for this test alone)."""
     cfg = _cfg("model.num_layers=1", "model.first_k_dense=0", "model.mtp_depth=0")
-    trainer = Trainer(cfg, objective=_InfiniteGradient(cfg))
+    trainer = Trainer(
+        cfg, objective=_InfiniteGradient(cfg.train, cfg.model, mask_documents=cfg.data.mask_documents)
+    )
     state, batch = make_state(trainer, seed=0), setup[2]
     new_state, metrics = jax.device_get(jax.jit(trainer.train_step)(state, batch))
     assert np.isfinite(metrics["loss"]) and not np.isfinite(metrics["grad_norm"])

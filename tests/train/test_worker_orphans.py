@@ -13,7 +13,7 @@ from .common import REPO, child_pids, end_processes, kill_9_and_wait_for, subpro
 ITERATOR_SCRIPT = """
 import sys, time
 from frontier_jax.config import load_config
-from frontier_jax.train.loop import data_iterator
+from frontier_jax.train.batches import data_iterator
 
 data = data_iterator(load_config("model/toy", sys.argv[1:]))
 next(data)

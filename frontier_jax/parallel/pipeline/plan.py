@@ -24,8 +24,9 @@ import enum
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Optional
+from typing import Optional, Protocol
 
+from frontier_jax.parallel.config import MeshConfig
 from frontier_jax.parallel.pipeline.schedule import (
     Schedule,
     ScheduleError,
@@ -37,9 +38,6 @@ from frontier_jax.parallel.pipeline.schedule import (
 )
 from frontier_jax.parallel.pipeline.simulate import Costs, lockstep_makespan, simulate
 from frontier_jax.parallel.rules import MESH_AXES, RULE_SETS
-
-if TYPE_CHECKING:  # the composed config sits above parallel
-    from frontier_jax.config import Config
 
 # The schedule names as config choices (OmegaConf reads an Enum field by member name).
 PipelineSchedule = enum.StrEnum("PipelineSchedule", {s.value: s.value for s in ScheduleName})
@@ -55,6 +53,22 @@ class PipelineConfig:
 
     def validate(self) -> "PipelineConfig":
         return self  # checked with the mesh and the model: `pipeline_plan`
+
+
+class PipelineRun(Protocol):
+    """What a plan reads of the `train:` section (`train.config.TrainConfig`)."""
+
+    pipeline: PipelineConfig
+    micro_batches: int
+    global_batch: int
+
+
+class ModelLayers(Protocol):
+    """What a plan reads of the `model:` section (`model.config.ModelConfig`)."""
+
+    num_layers: int
+    first_k_dense: int
+    mtp_depth: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,37 +185,37 @@ def check_micro_batch_fits(
     )
 
 
-def pipeline_plan(cfg: Config) -> StagePlan | None:
-    """The stage plan of a run config (None without a pipeline); raises ValueError naming the
-    fields for mesh.stage > 1 without train.pipeline.schedule, a schedule on mesh.stage=1, a
-    micro-batch that does not split over the batch axes (`check_micro_batch_fits`, with the mesh
-    sizes the config gives; mesh.data=-1 is checked when the mesh is built) and for the checks of
-    `stage_plan`."""
-    schedule = cfg.train.pipeline.schedule
+def pipeline_plan(train: PipelineRun, mesh: MeshConfig, model: ModelLayers) -> StagePlan | None:
+    """The stage plan of the `train:`, `mesh:` and `model:` sections (None without a pipeline);
+    raises ValueError naming the fields for mesh.stage > 1 without train.pipeline.schedule, a
+    schedule on mesh.stage=1, a micro-batch that does not split over the batch axes
+    (`check_micro_batch_fits`, with the mesh sizes the config gives; mesh.data=-1 is checked when
+    the mesh is built) and for the checks of `stage_plan`."""
+    schedule = train.pipeline.schedule
     if schedule is None:
-        if cfg.mesh.stage > 1:
+        if mesh.stage > 1:
             choices = ", ".join(s.value for s in PipelineSchedule)
             raise ValueError(
-                f"mesh.stage={cfg.mesh.stage} needs a pipeline schedule: set train.pipeline.schedule "
+                f"mesh.stage={mesh.stage} needs a pipeline schedule: set train.pipeline.schedule "
                 f"to one of {choices} (and train.micro_batches to the micro-batches it streams), or "
                 "keep mesh.stage=1 and split the devices over mesh.data / mesh.fsdp / mesh.expert"
             )
         return None
-    if cfg.mesh.stage == 1:
+    if mesh.stage == 1:
         raise ValueError(
             f"train.pipeline.schedule={schedule.value} needs pipeline stages, but mesh.stage=1: set "
             "mesh.stage > 1 to pipeline, or remove train.pipeline.schedule (train.micro_batches "
             "accumulates gradients without a pipeline)"
         )
-    sizes = {axis: getattr(cfg.mesh, axis) for axis in MESH_AXES}
-    check_micro_batch_fits(cfg.train.global_batch, cfg.train.micro_batches, sizes, RULE_SETS[cfg.mesh.rules])
+    sizes = {axis: getattr(mesh, axis) for axis in MESH_AXES}
+    check_micro_batch_fits(train.global_batch, train.micro_batches, sizes, RULE_SETS[mesh.rules])
     return stage_plan(
         schedule,
-        cfg.mesh.stage,
-        cfg.train.micro_batches,
-        num_layers=cfg.model.num_layers,
-        first_k_dense=cfg.model.first_k_dense,
-        mtp_depth=cfg.model.mtp_depth,
+        mesh.stage,
+        train.micro_batches,
+        num_layers=model.num_layers,
+        first_k_dense=model.first_k_dense,
+        mtp_depth=model.mtp_depth,
     )
 
 

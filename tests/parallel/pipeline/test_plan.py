@@ -136,9 +136,10 @@ def test_a_schedule_that_fits_loads_and_plans():
             "train.micro_batches=4",
         ],
     )
-    plan = pipeline_plan(cfg)
+    plan = pipeline_plan(cfg.train, cfg.mesh, cfg.model)
     assert (plan.stages, plan.micro_batches, plan.chunks, plan.layers_per_chunk) == (4, 4, 4, 1)
-    assert pipeline_plan(load_config("model/toy")) is None
+    toy = load_config("model/toy")
+    assert pipeline_plan(toy.train, toy.mesh, toy.model) is None
 
 
 def test_train_cli_refuses_stage_without_schedule_in_one_line(capsys, tmp_path):

@@ -1,0 +1,93 @@
+"""Batch sources: where the trainer's global batches come from.
+
+    batches.next(state)   -> {key: array [global_batch, ...]}   the next global batch, on the host
+    batches.get_state()   -> a JSON-serialisable dict            saved with every checkpoint
+    batches.set_state(s)                                         a restore: the same next batch
+    batches.after_update(state)                                  after every step the loop runs
+    batches.metrics(step) -> {name: figure}                      logged with step `step`
+
+`state` is the current `TrainState` (its arrays on the devices): a source whose batches depend
+on the model (samples of the current policy, scored by a reward) reads the parameters there and
+hears of every update in `after_update`.  Every process must return the same global batch (the
+loop gives each device its block).  `TextBatches` is the grain text pipeline of the `data:`
+section (pre-training, SFT); `train(cfg, run_dir, batches=...)` takes any other.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from frontier_jax.data import DataStats, build_train_iterator, continue_documents, warn_rereads
+from frontier_jax.train.optimizer import batch_size_at
+from frontier_jax.train.state import TrainState
+
+if TYPE_CHECKING:  # the composed config sits above train
+    from frontier_jax.config import Config
+
+
+class BatchSource(abc.ABC):
+    @abc.abstractmethod
+    def next(self, state: TrainState) -> Mapping[str, np.ndarray]:
+        """The next global batch (the objective's `batch_spec` keys)."""
+
+    @abc.abstractmethod
+    def get_state(self) -> dict[str, Any]:
+        """The position after the last batch, JSON-serialisable."""
+
+    @abc.abstractmethod
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Moves to a position `get_state` returned."""
+
+    def after_update(self, state: TrainState) -> None:
+        """Called with the new state after every step (e.g. to hand new weights to a sampler)."""
+
+    def metrics(self, step: int) -> dict[str, float]:
+        """Figures logged with step `step`."""
+        return {}
+
+
+def data_iterator(cfg: Config, continue_from: dict | None = None):
+    """The grain iterator of the global batches, the same on every process.
+    Batch k reads only the batch-size ramp's rows at step k; the rest of its rows are padding.
+    continue_from: the iterator state of the previous context stage, whose document stream this
+    one reads on from (packed at this config's seq_len)."""
+    data = build_train_iterator(
+        cfg.data,
+        seq_len=cfg.train.seq_len,
+        global_batch=cfg.train.global_batch,
+        rows_at=lambda step: batch_size_at(cfg.train, step),
+    )
+    if continue_from is not None:
+        continue_documents(data, continue_from)
+    return data
+
+
+class TextBatches(BatchSource):
+    """The grain text pipeline of a run config (`data_iterator`); its metrics are the documents
+    and tokens read per source, with a warning when a source is re-read many times over."""
+
+    def __init__(self, cfg: Config, continue_from: dict | None = None):
+        self.iterator = data_iterator(cfg, continue_from)
+        self._rereads: dict[str, int] = {}  # source -> passes over it already warned about
+
+    def next(self, state: TrainState) -> Mapping[str, np.ndarray]:
+        return next(self.iterator)
+
+    def get_state(self) -> dict[str, Any]:
+        return self.iterator.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.iterator.set_state(state)
+
+    def start_prefetch(self) -> None:
+        """Reads ahead (after a checkpoint restore, while the model restores)."""
+        self.iterator.start_prefetch()
+
+    def metrics(self, step: int) -> dict[str, float]:
+        stats = DataStats.from_state(self.get_state())
+        warn_rereads(stats, self._rereads, step)
+        return stats.as_metrics()
