@@ -40,7 +40,6 @@ MAY_DIFFER = ("name", "head", "mtp_depth")  # model fields a source may differ i
 
 class InitSource(NamedTuple):
     spec: str  # train.init_from as given
-    model: ModelConfig  # the source's model section
     step: int | None  # the checkpoint's step (None for a Hugging Face directory)
 
     @property
@@ -94,7 +93,7 @@ def read_source(spec: str, model: ModelConfig) -> InitSource:
             f"train.init_from={spec}: its model differs from this config's in {', '.join(diffs)}; "
             f"only model.head and model.mtp_depth may differ: use the source's model section"
         )
-    return InitSource(spec, source, step)
+    return InitSource(spec, step)
 
 
 def _source_arrays(source: InitSource, program: ModelProgram) -> tuple[dict, dict]:
