@@ -5,12 +5,9 @@
   cosine over 4 steps, then lr_min) does not depend on `train.steps`, so runs of different
   lengths compile to the same program and a long run's losses are a prefix-comparable
   reference for shorter ones.
-* A persistent XLA compilation cache, shared by the pytest-xdist workers and by the
-  subprocesses the tests start (they inherit the environment): each train step is compiled
-  once per device count instead of once per `train()` call or process.  It is per test run
-  (cold every run), in pytest's temporary base directory, holds only programs that took
-  over half a second to compile, and is switched on only while a module of this directory
-  runs.  Set FRONTIER_JAX_TEST_NO_COMPILE_CACHE=1 to switch it off.
+* No persistent XLA compilation cache: with jax 0.10.2 on the CPU, writing executables into it
+  crashed test workers (segfaults in `compilation_cache.put_executable_and_time`), so every
+  process compiles its own programs.
 * `reference_run`: one uninterrupted training run that the checkpoint tests compare with.
 """
 
@@ -23,34 +20,6 @@ from pathlib import Path
 import pytest
 
 from .common import REF_STEPS, reference_overrides, run_lock
-
-_CACHE_SETTINGS = (
-    "jax_compilation_cache_dir",
-    "jax_persistent_cache_min_compile_time_secs",
-    "jax_persistent_cache_min_entry_size_bytes",
-)
-
-
-def _set_compile_cache(directory: Path | None) -> None:
-    """Points jax (this process, and through the environment its children) at `directory`,
-    or switches the persistent cache off again (None)."""
-    import jax
-
-    if directory is not None:
-        directory.mkdir(exist_ok=True)
-    values = (None, 1.0, 0) if directory is None else (str(directory), 0.5, -1)
-    for name, value in zip(_CACHE_SETTINGS, values):
-        jax.config.update(name, value)
-        if directory is None:
-            os.environ.pop(name.upper(), None)
-        else:
-            os.environ[name.upper()] = str(value)
-    try:  # jax sets the cache up at its first compile; make it re-read the settings
-        from jax.experimental.compilation_cache import compilation_cache
-
-        compilation_cache.reset_cache()
-    except Exception:  # pragma: no cover - best effort, only a speed-up
-        pass
 
 
 def pytest_collection_modifyitems(config, items):
@@ -73,23 +42,6 @@ def shared_dir(tmp_path_factory) -> Path:
     return path
 
 
-def _cache_wanted() -> bool:
-    return not os.environ.get("FRONTIER_JAX_TEST_NO_COMPILE_CACHE")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compile_cache(shared_dir, request):
-    """The persistent cache while a module runs, unless the module sets
-    `PERSISTENT_COMPILE_CACHE = False` (pipeline programs: writing their executables into the
-    cache crashed jax 0.10.2 on the CPU, a segfault in `compilation_cache.put_executable_and_time`)."""
-    if not _cache_wanted() or not getattr(request.module, "PERSISTENT_COMPILE_CACHE", True):
-        yield
-        return
-    _set_compile_cache(shared_dir / "jax_compile_cache")
-    yield
-    _set_compile_cache(None)
-
-
 @pytest.fixture(scope="session")
 def reference_run(shared_dir) -> Path:
     """run_dir of an uninterrupted in-process `train()` of the tiny config on the 8 devices:
@@ -98,8 +50,6 @@ def reference_run(shared_dir) -> Path:
     from frontier_jax.config import load_config
     from frontier_jax.train.loop import train
 
-    if _cache_wanted():  # (session fixtures are set up before the module's `_compile_cache`)
-        _set_compile_cache(shared_dir / "jax_compile_cache")
     run_dir = shared_dir / "reference_run"
     with run_lock(shared_dir, "reference_run"):
         if not (run_dir / "DONE").exists():

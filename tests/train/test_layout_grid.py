@@ -39,8 +39,6 @@ MODEL = (
 # with a micro-batch (1 row) split 8 ways: allowed without a pipeline, no stage-dependent branch.
 DEFAULT_RUNS = {(2, 4, 1, 2)}
 
-PERSISTENT_COMPILE_CACHE = False  # see tests/train/conftest.py::_compile_cache
-
 
 def _overrides(stage: int, data: int, expert: int, micro_batches: int) -> list[str]:
     pipeline = ["train.pipeline.schedule=1f1b"] if stage > 1 else []

@@ -42,8 +42,6 @@ BASE = (
     f"train.global_batch={ROWS}",
 )
 
-PERSISTENT_COMPILE_CACHE = False  # see tests/train/conftest.py::_compile_cache
-
 
 def _cfg(*extra):
     return tiny_config(*BASE, *extra)
