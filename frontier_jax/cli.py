@@ -11,6 +11,7 @@ frontier-jax ablate   --config ablations/NAME.yaml [--out DIR]
 frontier-jax data prepare --config train/toy --out DIR [--records-per-shard N] [--max-records N]
                       [--workers N] [key=value ...]
 frontier-jax checkpoint verify RUN_DIR
+frontier-jax rewards score --rewards math,format:0.2 --in completions.jsonl --out scored.jsonl
 """
 
 from __future__ import annotations
@@ -440,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     from frontier_jax.infer.cli import add_generate_parser
 
     add_generate_parser(sub)
+    from frontier_jax.posttrain.cli import add_rewards_parser
+
+    add_rewards_parser(sub)
     return parser
 
 
@@ -470,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return convert_main(argv[1:])
         args = build_parser().parse_args(argv)
-        if args.command in ("eval", "generate", "checkpoint"):
+        if args.command in ("eval", "generate", "checkpoint", "rewards"):
             _configure_logging(False)
         return args.func(args)
     except KeyboardInterrupt:
