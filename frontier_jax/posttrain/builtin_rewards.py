@@ -50,3 +50,22 @@ register_reward("format", builder=_format)
 register_reward("exact", exact_reward)
 register_reward("math", builder=_math)
 register_reward("code", builder=_code)
+
+
+def _model(spec: RewardSpec, config: RewardsConfig):
+    from frontier_jax.posttrain.reward_model import ModelReward
+
+    options = dict(spec.options)
+    if "checkpoint" not in options:
+        raise ValueError(
+            "rewards model: no `checkpoint` (a reward model's run directory): {name: model, checkpoint: RUN}"
+        )
+    unknown = set(options) - {"checkpoint", "step", "mesh", "batch_rows"}
+    if unknown:
+        raise ValueError(
+            f"rewards model: unknown option(s) {sorted(unknown)}; known: checkpoint, step, mesh, batch_rows"
+        )
+    return ModelReward(str(options.pop("checkpoint")), **options)
+
+
+register_reward("model", builder=_model)

@@ -10,6 +10,7 @@ written back with one field per reward function (its name; null for None) and th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -59,6 +60,20 @@ def score_rows(reward_set: RewardSet, rows: list[dict]) -> list[dict]:
     return out
 
 
+def with_model_checkpoint(config: RewardsConfig, checkpoint: str | None) -> RewardsConfig:
+    """`--reward-model RUN` as the `checkpoint` option of the `model` entry of `--rewards`."""
+    names = [spec.name for spec in config.functions]
+    if ("model" in names) != (checkpoint is not None):
+        raise ValueError(
+            "--rewards model and --reward-model RUN go together (the reward model's run directory)"
+        )
+    functions = tuple(
+        dataclasses.replace(spec, options={"checkpoint": checkpoint}) if spec.name == "model" else spec
+        for spec in config.functions
+    )
+    return dataclasses.replace(config, functions=functions)
+
+
 def _score(args: argparse.Namespace) -> int:
     config = RewardsConfig.parse_names(
         args.rewards, unconfined_sandbox=args.unconfined_sandbox, workers=args.workers
@@ -96,7 +111,9 @@ def add_rewards_parser(sub) -> None:
         "(null for None) and the weighted `reward`; prints the None counts",
     )
     score.add_argument(
-        "--rewards", required=True, help="NAME[:WEIGHT],...  e.g. math,format:0.2 (math, format, exact, code)"
+        "--rewards",
+        required=True,
+        help="NAME[:WEIGHT],...  e.g. math,format:0.2 (math, format, exact, code, model)",
     )
     score.add_argument(
         "--in", dest="input", required=True, help="JSONL rows with prompt, completion, answer / tests ..."
