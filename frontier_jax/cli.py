@@ -12,6 +12,7 @@ frontier-jax data prepare --config train/toy --out DIR [--records-per-shard N] [
                       [--workers N] [key=value ...]
 frontier-jax checkpoint verify RUN_DIR
 frontier-jax rewards score --rewards math,format:0.2 --in completions.jsonl --out scored.jsonl
+frontier-jax rejection-sample --checkpoint RUN --prompts FILE --n 8 --rewards math --out sft.jsonl [...]
 """
 
 from __future__ import annotations
@@ -441,9 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     from frontier_jax.infer.cli import add_generate_parser
 
     add_generate_parser(sub)
-    from frontier_jax.posttrain.cli import add_rewards_parser
+    from frontier_jax.posttrain.cli import add_rejection_parser, add_rewards_parser
 
     add_rewards_parser(sub)
+    add_rejection_parser(sub)
     return parser
 
 
@@ -474,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return convert_main(argv[1:])
         args = build_parser().parse_args(argv)
-        if args.command in ("eval", "generate", "checkpoint", "rewards"):
+        if args.command in ("eval", "generate", "checkpoint", "rewards", "rejection-sample"):
             _configure_logging(False)
         return args.func(args)
     except KeyboardInterrupt:

@@ -1,16 +1,23 @@
-"""`frontier-jax rewards score`: score a JSONL of completions with named reward functions.
+"""`frontier-jax rewards score` and `frontier-jax rejection-sample`.
 
     frontier-jax rewards score --rewards math,format:0.2 --in completions.jsonl --out scored.jsonl
 
 Each input row holds `prompt`, `completion` and gold columns (`answer`, `tests`, ...); each is
 written back with one field per reward function (its name; null for None) and the weighted
 `reward`.  The counts of None per function are printed.
+
+    frontier-jax rejection-sample --checkpoint RUN --prompts FILE --n 8 --rewards math --out sft.jsonl
+
+samples n completions per prompt (`posttrain/sampling.py`), keeps them by the rules of
+`posttrain/rejection.py` and writes `{"prompt", "response"}` records, `OUT.stats.jsonl` (one line
+per prompt) and `OUT.summary.json`; run again with the same arguments to resume.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -102,6 +109,79 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prompts_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _rejection_sample(args: argparse.Namespace) -> int:
+    from frontier_jax.infer import Engine, SamplingParams
+    from frontier_jax.posttrain.chat import run_template
+    from frontier_jax.posttrain.rejection import KeepRules, Writer
+    from frontier_jax.posttrain.sampling import sample_and_keep
+    from frontier_jax.runtime.restore import saved_config
+
+    rules = KeepRules(
+        threshold=args.threshold,
+        require_format=args.require_format,
+        min_tokens=args.min_tokens,
+        max_tokens=args.max_tokens,
+        max_per_prompt=args.max_per_prompt,
+        weight=args.weight,
+        keep_truncated=args.keep_truncated,
+    ).check()
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        n=args.n,
+    )
+    params.check()
+    config = with_model_checkpoint(
+        RewardsConfig.parse_names(
+            args.rewards, unconfined_sandbox=args.unconfined_sandbox, workers=args.workers
+        ),
+        args.reward_model,
+    )
+    rows = read_jsonl(args.prompts, ("prompt",))
+    settings = {
+        "checkpoint": str(args.checkpoint),
+        "prompts_sha256": _prompts_digest(args.prompts),
+        "sampling": dataclasses.asdict(params),
+        "rewards": [dataclasses.asdict(spec) for spec in config.functions],
+        "rules": dataclasses.asdict(rules),
+        "batch_prompts": args.batch_prompts,
+    }
+    with RewardSet(config) as rewards:
+        writer = Writer(args.out, settings)
+        if writer.done:
+            print(f"resuming after {writer.done} of {len(rows)} prompts")
+        engine = Engine.from_checkpoint(
+            args.checkpoint, infer={"max_len": args.max_len} if args.max_len else None
+        )
+        summary = sample_and_keep(
+            engine,
+            engine.tokenizer,
+            run_template(saved_config(args.checkpoint)[1]),
+            rows,
+            rewards,
+            rules,
+            writer,
+            params,
+            batch_prompts=args.batch_prompts,
+        )
+    out = Path(args.out)
+    summary_path = out.with_name(out.name + ".summary.json")
+    summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+    print(
+        f"{summary['prompts']} prompts x {args.n}: pass@{args.n} {summary['pass_at_n']:.3f}, pass rate "
+        f"{summary['pass_rate']:.3f}, unscored {summary['unscored']}; kept {summary['kept']} records from "
+        f"{summary['prompts_with_kept']} prompts (tokens mean {summary['kept_tokens_mean']:.1f}, "
+        f"{summary['kept_tokens_min']}..{summary['kept_tokens_max']}) -> {out}; statistics {writer.stats_path}, {summary_path}"
+    )
+    return 0
+
+
 def add_rewards_parser(sub) -> None:
     rewards = sub.add_parser("rewards", help="reward functions (frontier-jax rewards score --help)")
     rewards_sub = rewards.add_subparsers(dest="rewards_command", required=True)
@@ -128,3 +208,52 @@ def add_rewards_parser(sub) -> None:
         help="run `code` with rlimits only where no confining sandbox exists (rewards.unconfined_sandbox)",
     )
     score.set_defaults(func=_score)
+
+
+def add_rejection_parser(sub) -> None:
+    rs = sub.add_parser(
+        "rejection-sample",
+        help="n samples per prompt from a checkpoint, scored by reward functions, kept by rules, written as "
+        "{prompt, response} SFT records (resumable: run the same command again)",
+    )
+    rs.add_argument("--checkpoint", required=True, help="a training run directory (or RUN/checkpoints/STEP)")
+    rs.add_argument(
+        "--prompts", required=True, help="JSONL rows with `prompt` and gold columns (answer, tests, ...)"
+    )
+    rs.add_argument(
+        "--out",
+        required=True,
+        help="the kept records (JSONL); OUT.stats.jsonl and OUT.summary.json beside it",
+    )
+    rs.add_argument("--rewards", required=True, help="NAME[:WEIGHT],...  e.g. math or math,format:0.2")
+    rs.add_argument("--n", type=int, default=8, help="samples per prompt")
+    rs.add_argument("--temperature", type=float, default=1.0)
+    rs.add_argument("--top-p", type=float, default=1.0)
+    rs.add_argument("--max-new-tokens", type=int, default=64)
+    rs.add_argument("--seed", type=int, default=0, help="prompt i draws with seed + i n (+ j for sample j)")
+    rs.add_argument(
+        "--max-len", type=int, help="infer.max_len (prompt + generation), default: the checkpoint's"
+    )
+    rs.add_argument(
+        "--threshold", type=float, default=1.0, help="keep samples whose weighted reward is >= this"
+    )
+    rs.add_argument(
+        "--require-format", action="store_true", help="keep only [<think>..</think>] text <answer>..</answer>"
+    )
+    rs.add_argument("--min-tokens", type=int, default=1)
+    rs.add_argument("--max-tokens", type=int, help="longest response kept, in tokens")
+    rs.add_argument("--max-per-prompt", type=int, default=1, help="k: at most this many records per prompt")
+    rs.add_argument(
+        "--weight",
+        choices=("none", "per_prompt"),
+        default="none",
+        help="per_prompt: weight 1 / kept per record",
+    )
+    rs.add_argument(
+        "--keep-truncated", action="store_true", help="also keep responses cut at --max-new-tokens"
+    )
+    rs.add_argument("--batch-prompts", type=int, default=8, help="prompts generated and scored together")
+    rs.add_argument("--reward-model", help="the `model` reward's checkpoint")
+    rs.add_argument("--workers", type=int, default=2)
+    rs.add_argument("--unconfined-sandbox", action="store_true")
+    rs.set_defaults(func=_rejection_sample)
