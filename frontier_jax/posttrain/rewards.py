@@ -24,8 +24,9 @@ import collections
 import dataclasses
 import logging
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Protocol
 
@@ -56,9 +57,10 @@ class RewardsConfig:
     workers: int = 2  # processes / sandboxes run at once by `math` and `code`
 
     @classmethod
-    def from_dict(cls, raw: Mapping) -> RewardsConfig:
-        """From YAML / JSON: `functions` entries are names or `{name, weight, ...options}`."""
-        raw = dict(raw)
+    def from_dict(cls, raw: Mapping | Sequence) -> RewardsConfig:
+        """From YAML / JSON: `functions` entries are names or `{name, weight, ...options}`; a list
+        alone is the functions (`rewards: [{name: math, weight: 1.0}, {name: format, weight: 0.2}]`)."""
+        raw = {"functions": list(raw)} if isinstance(raw, list | tuple) else dict(raw)
         unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(
@@ -120,6 +122,21 @@ def _load_builtins() -> None:
     from frontier_jax.posttrain import builtin_rewards  # noqa: F401  (registers on import)
 
 
+def _in_thread(fn, *args, **kwargs) -> Future:
+    """fn(*args, **kwargs) in a daemon thread of its own: a call that never returns is abandoned
+    at its timeout and holds up neither later batches nor the interpreter's exit."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # delivered to the caller, which masks the samples
+            future.set_exception(e)
+
+    threading.Thread(target=run, daemon=True, name="reward").start()
+    return future
+
+
 @dataclasses.dataclass
 class Scores:
     """Per-function scores (name -> one value per sample), the weighted `reward` per sample, and
@@ -145,13 +162,11 @@ class RewardSet:
         self.config = config
         self.functions = {spec.name: build_reward(spec, config) for spec in config.functions}
         self.failures: collections.Counter[str] = collections.Counter()
-        self._pool = ThreadPoolExecutor(max_workers=len(self.functions), thread_name_prefix="reward")
 
     def close(self) -> None:
         for fn in self.functions.values():
             if hasattr(fn, "close"):
                 fn.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> RewardSet:
         return self
@@ -166,9 +181,7 @@ class RewardSet:
                 f"rewards: prompts, completions and columns differ in length ({len(prompts)}, {n}, ...)"
             )
         futures = {
-            name: self._pool.submit(
-                fn, list(prompts), list(completions), **{k: list(v) for k, v in columns.items()}
-            )
+            name: _in_thread(fn, list(prompts), list(completions), **{k: list(v) for k, v in columns.items()})
             for name, fn in self.functions.items()
         }
         by_function = {name: self._collect(name, future, n) for name, future in futures.items()}
