@@ -49,8 +49,9 @@ _LAUNCHER_FAILED = 120  # the launcher's exit code when it could not confine its
 _SANDBOX_UID_BASE = 1_000_000  # tier 2: a fresh unprivileged uid per sample above this
 
 
-class SandboxRefused(RuntimeError):
-    """No confining tier is available and the unconfined one was not allowed."""
+class SandboxRefused(ValueError):
+    """No confining tier is available and the unconfined one was not allowed (a configuration
+    error: exit 2 from the CLIs)."""
 
 
 @dataclasses.dataclass(frozen=True)

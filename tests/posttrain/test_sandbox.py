@@ -158,3 +158,30 @@ def test_a_sandbox_that_cannot_start_is_unavailable_and_scores_none(monkeypatch)
     box = Sandbox(LIMITS, tier="namespaces")
     assert box.run("assert True\n").status == "unavailable"
     assert CodeReward(box)(["p"], ["x = 1"], tests=["assert x == 1"]) == [None]
+
+
+def test_code_without_a_confining_tier_is_refused_unless_allowed(monkeypatch, tmp_path, capsys):
+    """Where only the unconfined tier exists, `code` is a one-line configuration error (exit 2)
+    unless --unconfined-sandbox; allowed, it runs with rlimits and blocked sockets."""
+    from frontier_jax.cli import EXIT_USAGE, main
+
+    monkeypatch.setattr(sandbox_module, "sandbox_tier", lambda: "unconfined")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "p", "completion": "x = 1", "tests": "assert x == 1"}\n')
+    command = [
+        "rewards",
+        "score",
+        "--rewards",
+        "code",
+        "--in",
+        str(rows),
+        "--out",
+        str(tmp_path / "out.jsonl"),
+    ]
+    assert main(command) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rewards.unconfined_sandbox=true" in err[0]
+    assert main(command + ["--unconfined-sandbox"]) == 0
+    assert '"code": 1.0' in (tmp_path / "out.jsonl").read_text()
+    blocked = Sandbox(LIMITS, unconfined=True).run("import socket\nsocket.socket()\n")
+    assert blocked.status == "failed" and "network access is disabled" in blocked.stderr
