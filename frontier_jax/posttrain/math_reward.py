@@ -5,7 +5,7 @@
 math-verify bounds parsing and comparison with SIGALRM, which works only in a process's main
 thread, so every sample is verified in a worker of a process pool (forkserver: no fork of a
 process holding JAX threads), whose tasks run in the worker's main thread.  A sample whose parse or
-comparison runs past `timeout_s` is `None`; a batch still unfinished at its wall-clock deadline
+comparison runs past `timeout_s`, or whose gold answer math-verify cannot parse, is `None`; a batch still unfinished at its wall-clock deadline
 (`timeout_s` x 2 per sample and worker, plus the pool's start) gets `None` for the rest and the
 pool is replaced (its workers terminated).  An unparsable answer is 0.
 """
@@ -29,15 +29,11 @@ def verify_answer(gold: str, completion: str, timeout_s: int) -> float | None:
     from math_verify.errors import TimeoutException
 
     try:
+        expected = parse(str(gold), parsing_timeout=timeout_s, raise_on_error=True)
+        if not expected:
+            return None  # a gold answer math-verify cannot read scores nothing
         answer = parse(final_answer(completion), parsing_timeout=timeout_s, raise_on_error=True)
-        return float(
-            verify(
-                parse(str(gold), parsing_timeout=timeout_s),
-                answer,
-                timeout_seconds=timeout_s,
-                raise_on_error=True,
-            )
-        )
+        return float(verify(expected, answer, timeout_seconds=timeout_s, raise_on_error=True))
     except TimeoutException:
         return None
     except Exception:  # math-verify gives up on some inputs (sympy errors): not a correct answer

@@ -198,7 +198,12 @@ def _run(tier: str, program: str, limits: SandboxLimits) -> SandboxResult:
         Path(workdir, "program.py").write_text(program, encoding="utf-8")
         command = [sys.executable, "-I", str(LAUNCHER), _settings(limits, tier, write_verdict)]
         if tier == "namespaces":
-            command = _unshare_command() + command
+            unshare = _unshare_command()
+            if unshare is None:
+                return SandboxResult(
+                    "unavailable", "no `unshare` on PATH", tier, "", "", time.monotonic() - start
+                )
+            command = unshare + command
         if uid is not None:
             os.chown(workdir, uid, uid)
         try:

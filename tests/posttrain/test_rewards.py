@@ -91,7 +91,10 @@ def test_math_reward_equivalent_forms_wrong_unparsable_and_timeouts():
     try:
         golds, completions, expected = zip(*cases)
         assert math(["q"] * len(cases), list(completions), answer=list(golds)) == list(expected)
-        assert math(["q"], ["5"], answer=[None]) == [None]  # no gold: not scored
+        assert math(["q"] * 2, ["5", "5"], answer=[None, "no number here"]) == [
+            None,
+            None,
+        ]  # no gold: not scored
     finally:
         math.close()
 

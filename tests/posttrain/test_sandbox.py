@@ -158,6 +158,8 @@ def test_a_sandbox_that_cannot_start_is_unavailable_and_scores_none(monkeypatch)
     box = Sandbox(LIMITS, tier="namespaces")
     assert box.run("assert True\n").status == "unavailable"
     assert CodeReward(box)(["p"], ["x = 1"], tests=["assert x == 1"]) == [None]
+    monkeypatch.setattr(sandbox_module, "_unshare_command", lambda: None)  # no unshare at all
+    assert box.run("assert True\n").status == "unavailable"
 
 
 def test_code_without_a_confining_tier_is_refused_unless_allowed(monkeypatch, tmp_path, capsys):
