@@ -196,9 +196,9 @@ def generate_command(args) -> int:
         file=sys.stderr,
     )
     if args.expert_stats:
-        stats = engine.expert_ledger.window()
-        save_expert_load(args.expert_stats, stats)
-        print(f"expert load of {stats.tokens} tokens in {args.expert_stats}", file=sys.stderr)
+        steps = engine.expert_ledger.steps()
+        save_expert_load(args.expert_stats, steps)
+        print(f"expert load of {steps.window().tokens} tokens in {args.expert_stats}", file=sys.stderr)
     spec = engine.speculative_stats
     if spec:
         print(

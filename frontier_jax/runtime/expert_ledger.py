@@ -9,21 +9,25 @@ capacity drop).  A step's load may be a device array: it is read only when the w
 total is asked for, so recording never waits for the device.
 
 Files (`save_expert_load`, `read_expert_load`): `.npz` with arrays `load` [L, E] and `tokens`
-(a scalar), or `.json` {"load": [[...]], "tokens": n}; a plain `.npy` [L, E] array reads with
-tokens unknown (None).
+(a scalar) of the window, and its steps `step_loads` [n, L, E] and `step_tokens` [n]; or `.json`
+{"load": [[...]], "tokens": n}; a plain `.npy` [L, E] array reads with tokens unknown (None).
 """
 
 from __future__ import annotations
 
 import collections
+import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from etils import epath
 
 SUFFIXES = (".npz", ".json", ".npy")
+EXPERT_LOAD_FILE = "expert_load.npz"  # the window saved in each training checkpoint step
 
 
 @dataclass
@@ -42,6 +46,16 @@ class ExpertsConfig:
 class ExpertLoad(NamedTuple):
     load: np.ndarray  # [L_moe, N_r] assignments per expert of each MoE layer
     tokens: int | None  # positions counted (None: unknown, a plain .npy array)
+
+
+class LedgerSteps(NamedTuple):
+    """The steps of a ledger's window, oldest first."""
+
+    loads: np.ndarray  # [n, L_moe, N_r] int64
+    tokens: np.ndarray  # [n] int64
+
+    def window(self) -> ExpertLoad:
+        return ExpertLoad(self.loads.sum(0), int(self.tokens.sum()))
 
 
 class ExpertLedger:
@@ -66,12 +80,23 @@ class ExpertLedger:
             self._retired += np.asarray(old, np.int64)
             self._retired_tokens += old_tokens
 
+    def steps(self) -> LedgerSteps:
+        """The last `window_steps` recorded steps, read from the device where they are there."""
+        return LedgerSteps(
+            np.asarray([np.asarray(load, np.int64) for load, _ in self._steps], np.int64).reshape(
+                -1, *self.shape
+            ),
+            np.asarray([tokens for _, tokens in self._steps], np.int64),
+        )
+
+    def extend(self, steps: LedgerSteps) -> None:
+        """Records `steps` in order (a window read back from a checkpoint)."""
+        for load, tokens in zip(steps.loads, steps.tokens):
+            self.record(load, int(tokens))
+
     def window(self) -> ExpertLoad:
         """The sum over the last `window_steps` recorded steps (zeros before any)."""
-        load = np.zeros(self.shape, np.int64)
-        for step, _ in self._steps:
-            load += np.asarray(step, np.int64)
-        return ExpertLoad(load, sum(tokens for _, tokens in self._steps))
+        return self.steps().window()
 
     def total(self) -> ExpertLoad:
         """The sum over every step recorded since the ledger was made or reset."""
@@ -84,29 +109,44 @@ class ExpertLedger:
         self._retired_tokens = 0
 
 
-def _check_suffix(path: Path, suffixes: tuple[str, ...]) -> None:
+def _check_suffix(path: epath.Path | Path, suffixes: tuple[str, ...]) -> None:
     if path.suffix not in suffixes:
         raise ValueError(f"{path}: expert stats files end in {' or '.join(suffixes)}, not {path.suffix!r}")
 
 
-def check_stats_path(path: str | Path) -> None:
+def check_stats_path(path: str | os.PathLike) -> None:
     """ValueError before any work when `save_expert_load` cannot write `path`."""
-    path = Path(path)
+    path = epath.Path(path)
     _check_suffix(path, SUFFIXES[:2])
     if not path.parent.is_dir():
         raise ValueError(f"{path}: its directory {path.parent} does not exist")
 
 
-def save_expert_load(path: str | Path, stats: ExpertLoad) -> None:
-    """Writes `stats` as .npz or .json by the suffix of `path` (module docstring)."""
-    path = Path(path)
+def save_expert_load(path: str | os.PathLike, steps: LedgerSteps) -> None:
+    """Writes the window of `steps` as .npz or .json by the suffix of `path` (module docstring;
+    a local or a cloud path); the .npz also holds the steps themselves (`step_loads` [n, L, E],
+    `step_tokens` [n]), from which `read_ledger_steps` refills a ledger."""
+    path = epath.Path(path)
     check_stats_path(path)
-    load = np.asarray(stats.load, np.int64)
+    window = steps.window()
     if path.suffix == ".npz":
-        with open(path, "wb") as out:  # np.savez would append .npz to another name
-            np.savez(out, load=load, tokens=np.int64(stats.tokens))
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            load=window.load,
+            tokens=np.int64(window.tokens),
+            step_loads=steps.loads,
+            step_tokens=steps.tokens,
+        )
+        path.write_bytes(buffer.getvalue())
     else:
-        path.write_text(json.dumps({"load": load.tolist(), "tokens": int(stats.tokens)}) + "\n")
+        path.write_text(json.dumps({"load": window.load.tolist(), "tokens": window.tokens}) + "\n")
+
+
+def read_ledger_steps(path: str | os.PathLike) -> LedgerSteps:
+    """The steps in an .npz that `save_expert_load` wrote (e.g. a checkpoint's expert_load.npz)."""
+    with epath.Path(path).open("rb") as handle, np.load(handle) as data:
+        return LedgerSteps(data["step_loads"].astype(np.int64), data["step_tokens"].astype(np.int64))
 
 
 def read_expert_load(path: str | Path) -> ExpertLoad:

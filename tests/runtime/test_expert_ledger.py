@@ -8,9 +8,9 @@ import pytest
 
 from frontier_jax.runtime.expert_ledger import (
     ExpertLedger,
-    ExpertLoad,
     ExpertsConfig,
     read_expert_load,
+    read_ledger_steps,
     save_expert_load,
 )
 
@@ -34,12 +34,22 @@ def test_window_is_the_sum_of_the_last_steps():
 
 @pytest.mark.parametrize("suffix", [".npz", ".json"])
 def test_files_round_trip(tmp_path, suffix):
-    stats = ExpertLoad(np.arange(12).reshape(3, 4), 5)
-    save_expert_load(tmp_path / f"stats{suffix}", stats)
+    """The window reads back from .npz and .json; the .npz refills a ledger with its steps."""
+    ledger = ExpertLedger(3, 4, window_steps=2)
+    for k in range(3):
+        ledger.record(np.arange(12).reshape(3, 4) * (k + 1), 2 + k)
+    save_expert_load(tmp_path / f"stats{suffix}", ledger.steps())
     read = read_expert_load(tmp_path / f"stats{suffix}")
-    np.testing.assert_array_equal(read.load, stats.load)
-    assert read.tokens == 5
-    np.save(tmp_path / "plain.npy", stats.load)
+    np.testing.assert_array_equal(read.load, np.arange(12).reshape(3, 4) * (2 + 3))
+    assert read.tokens == 3 + 4
+    if suffix == ".npz":
+        refilled = ExpertLedger(3, 4, window_steps=2)
+        refilled.extend(read_ledger_steps(tmp_path / "stats.npz"))
+        refilled.record(np.ones((3, 4), np.int64), 1)
+        ledger.record(np.ones((3, 4), np.int64), 1)
+        assert refilled.window().tokens == ledger.window().tokens == 4 + 1
+        np.testing.assert_array_equal(refilled.window().load, ledger.window().load)
+    np.save(tmp_path / "plain.npy", read.load)
     assert read_expert_load(tmp_path / "plain.npy").tokens is None
 
 
