@@ -11,6 +11,8 @@ frontier-jax ablate   --config ablations/NAME.yaml [--out DIR]
 frontier-jax data prepare --config train/toy --out DIR [--records-per-shard N] [--max-records N]
                       [--workers N] [key=value ...]
 frontier-jax checkpoint verify RUN_DIR
+frontier-jax experts  plan --stats FILE --replicas R --devices D [--groups G --nodes N] [--out PLAN.json]
+frontier-jax experts  plot --stats FILE --out PNG
 """
 
 from __future__ import annotations
@@ -438,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     from frontier_jax.infer.cli import add_generate_parser
 
     add_generate_parser(sub)
+    from frontier_jax.runtime.expert_cli import add_experts_parser
+
+    add_experts_parser(sub)
     return parser
 
 
@@ -468,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return convert_main(argv[1:])
         args = build_parser().parse_args(argv)
-        if args.command in ("eval", "generate", "checkpoint"):
+        if args.command in ("eval", "generate", "checkpoint", "experts"):
             _configure_logging(False)
         return args.func(args)
     except KeyboardInterrupt:
