@@ -31,7 +31,8 @@ Hooks for serving and rollouts: `submit(..., on_token=f)` hands each token over 
 (`TokenEvent`: id, log p, text delta from incremental detokenisation, finish reason);
 `cancel(id)` ends a waiting or running request at once; `SamplingParams.n` samples one prompt n
 times with one prefill (forked cache blocks, `scheduler.py`); `expert_load()` reads the tokens
-each MoE layer routed to each expert (`expert_load.py`); `load_weights` swaps in new parameters
+each MoE layer routed to each expert (`expert_load.py`), `expert_ledger` the counts of each of
+the last experts.window_steps steps (`runtime/expert_ledger.py`); `load_weights` swaps in new parameters
 without recompiling (`Engine.from_program` builds an engine on a model program's mesh).
 """
 
