@@ -25,6 +25,7 @@ class PlotData(NamedTuple):
     load: np.ndarray | None  # [L, E] window load, or None (metrics.jsonl)
     steps: np.ndarray | None  # [T] step numbers of the time series, or None
     series: np.ndarray | None  # [T, L] max / mean per layer at each step
+    step_label: str = "step"
 
 
 def read_plot_data(path: str | Path) -> PlotData:
@@ -35,7 +36,8 @@ def read_plot_data(path: str | Path) -> PlotData:
     if path.suffix == ".npz":
         steps = read_ledger_steps(path)
         if len(steps.tokens) > 1:
-            return PlotData(stats.load, np.arange(1, len(steps.tokens) + 1), imbalance(steps.loads)[0])
+            series = imbalance(steps.loads)[0]  # each step's own loads
+            return PlotData(stats.load, np.arange(1, len(steps.tokens) + 1), series, "step of the window")
     return PlotData(stats.load, None, None)
 
 
@@ -50,7 +52,8 @@ def _metrics_series(path: Path) -> PlotData:
     if not by_step:
         raise ValueError(f"{path}: no {METRICS_KEY} records (a run of a model with MoE layers logs them)")
     steps = np.asarray(sorted(by_step))
-    return PlotData(None, steps, np.asarray([by_step[s] for s in steps], np.float64))
+    series = np.asarray([by_step[s] for s in steps], np.float64)
+    return PlotData(None, steps, series, "training step (max / mean over the window)")
 
 
 def plot_expert_load(data: PlotData, out: str | Path, title: str) -> None:
@@ -80,7 +83,7 @@ def plot_expert_load(data: PlotData, out: str | Path, title: str) -> None:
     if data.series is not None:
         for layer in range(data.series.shape[1]):
             ax.plot(data.steps, data.series[:, layer], label=f"layer {layer}")
-        ax.set_xlabel("step")
+        ax.set_xlabel(data.step_label)
     else:
         per_layer = imbalance(data.load)[0]
         ax.bar(np.arange(len(per_layer)), per_layer)
