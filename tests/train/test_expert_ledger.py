@@ -1,11 +1,11 @@
 """Training's expert-load ledger (`runtime/expert_ledger.py` in `train/loop.py`): metrics.jsonl
 carries max/mean per MoE layer over the window, and each checkpoint its window's steps as
 expert_load.npz (covered by the checksums).  Each saved step's loads are checked against the
-max/mean the jitted train step computed from its own loads (`moe_load_max_over_mean`, fp32);
-that a resumed run restores the window is checked by test_checkpoint_resume.py (same metrics
-records as the straight run)."""
+max/mean the jitted train step computed from its own loads (`moe_load_max_over_mean`, fp32); a
+run resumed from a checkpoint logs the straight run's window figures (the window refilled)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ import pytest
 from frontier_jax.parallel.placement import imbalance
 from frontier_jax.runtime.expert_ledger import read_expert_load, read_ledger_steps
 from frontier_jax.runtime.integrity import MANIFEST, OK, verify_step
-from frontier_jax.train.loop import WINDOW_IMBALANCE
+from frontier_jax.train.loop import WINDOW_IMBALANCE, train
 
 from .common import REF_EVERY, REF_STEPS, read_metrics, tiny_config
 
@@ -39,3 +39,17 @@ def test_checkpoints_hold_the_window_and_metrics_its_max_over_mean(reference_run
         assert imbalance(window.load)[0].tolist() == pytest.approx(records[step][WINDOW_IMBALANCE], rel=1e-12)
         assert verify_step(directory, step).status == OK
         assert "expert_load.npz" in json.loads((directory / str(step) / MANIFEST).read_text())["files"]
+
+
+def test_a_resumed_run_refills_the_window_from_its_checkpoint(reference_run, tmp_path):
+    """Resuming from checkpoint REF_EVERY (copied from the straight run) to 2 steps past it: the
+    window figures of those steps are bitwise the straight run's (same state, same data; they
+    sum every step since step 1, so an empty window after the resume would differ)."""
+    run = tmp_path / "run"
+    shutil.copytree(reference_run / "checkpoints" / str(REF_EVERY), run / "checkpoints" / str(REF_EVERY))
+    records = train(tiny_config(f"train.steps={REF_EVERY + 2}", "checkpoint.every=0"), run, progress=False)
+    reference = {r["step"]: r for r in read_metrics(reference_run)}
+    assert [r["step"] for r in records] == [REF_EVERY + 1, REF_EVERY + 2]
+    for record in records:
+        assert record["moe_load_max_over_mean"] == reference[record["step"]]["moe_load_max_over_mean"]
+        assert record[WINDOW_IMBALANCE] == reference[record["step"]][WINDOW_IMBALANCE]
