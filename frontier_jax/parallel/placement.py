@@ -202,6 +202,12 @@ def _check_plan_args(load: np.ndarray, replicas: int, devices: int, groups: int,
         raise ValueError(f"{experts} experts do not split into {groups} groups: groups must divide experts")
 
 
+def is_hierarchical(groups: int, nodes: int) -> bool:
+    """Whether `plan` places expert groups onto nodes first: when the nodes divide the groups
+    (EPLB's rule; with one node, the groups' order only breaks ties)."""
+    return groups % nodes == 0
+
+
 def plan(load: np.ndarray, *, replicas: int, devices: int, groups: int = 1, nodes: int = 1) -> Placement:
     """The placement of E logical experts on S = E + R slots over D devices that balances
     `load` [L, E] (tokens per expert, e.g. a ledger window), per layer (DeepSeek's EPLB policy):
@@ -220,7 +226,7 @@ def plan(load: np.ndarray, *, replicas: int, devices: int, groups: int = 1, node
     _check_plan_args(load, replicas, devices, groups, nodes)
     experts = load.shape[1]
     slots = experts + replicas
-    if groups % nodes:
+    if not is_hierarchical(groups, nodes):
         groups = nodes = 1
     elif devices % nodes:
         raise ValueError(

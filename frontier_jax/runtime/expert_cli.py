@@ -73,7 +73,7 @@ def format_imbalance(before, after) -> str:
 
 
 def plan_command(args) -> int:
-    from frontier_jax.parallel.placement import Placement, device_load, imbalance, plan
+    from frontier_jax.parallel.placement import Placement, device_load, imbalance, is_hierarchical, plan
     from frontier_jax.runtime.expert_ledger import read_expert_load
 
     _check_out(args.out, ".json")
@@ -88,8 +88,12 @@ def plan_command(args) -> int:
         if experts % args.devices == 0
         else None
     )
-    hierarchical = args.nodes > 1 and args.groups % args.nodes == 0
-    policy = f"hierarchical ({args.groups} groups onto {args.nodes} nodes)" if hierarchical else "global"
+    hierarchical = is_hierarchical(args.groups, args.nodes)
+    policy = (
+        f"hierarchical ({args.groups} groups onto {args.nodes} node{'s' * (args.nodes != 1)})"
+        if hierarchical
+        else "global"
+    )
     tokens = "" if stats.tokens is None else f", {stats.tokens:,} tokens"
     print(
         f"{layers} MoE layers x {experts} experts{tokens}: {args.replicas} replicas on {args.devices} devices "
