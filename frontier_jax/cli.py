@@ -13,6 +13,8 @@ frontier-jax data prepare --config train/toy --out DIR [--records-per-shard N] [
 frontier-jax checkpoint verify RUN_DIR
 frontier-jax rewards score --rewards math,format:0.2 --in completions.jsonl --out scored.jsonl
 frontier-jax rejection-sample --checkpoint RUN --prompts FILE --n 8 --rewards math --out sft.jsonl [...]
+frontier-jax experts  plan --stats FILE --replicas R --devices D [--groups G --nodes N] [--out PLAN.json]
+frontier-jax experts  plot --stats FILE --out PNG
 """
 
 from __future__ import annotations
@@ -446,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_rewards_parser(sub)
     add_rejection_parser(sub)
+    from frontier_jax.runtime.expert_cli import add_experts_parser
+
+    add_experts_parser(sub)
     return parser
 
 
@@ -476,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return convert_main(argv[1:])
         args = build_parser().parse_args(argv)
-        if args.command in ("eval", "generate", "checkpoint", "rewards", "rejection-sample"):
+        if args.command in ("eval", "generate", "checkpoint", "rewards", "rejection-sample", "experts"):
             _configure_logging(False)
         return args.func(args)
     except KeyboardInterrupt:

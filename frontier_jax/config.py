@@ -1,5 +1,6 @@
 """The resolved run configuration: the packages' typed config dataclasses (`model.config`: model and impl,
-`data.config`, `train.config`, `infer.config`, `parallel.config`, `precision.config`) composed into one
+`data.config`, `train.config`, `infer.config`, `parallel.config`, `precision.config`,
+`runtime.expert_ledger`) composed into one
 `Config`, loaded from YAML files and dotted command-line overrides (OmegaConf structured
 configs).  It only composes: each section's fields and checks live with its package.
 
@@ -29,6 +30,7 @@ from frontier_jax.parallel.config import MeshAxes, MeshConfig
 from frontier_jax.parallel.pipeline.plan import pipeline_plan
 from frontier_jax.precision import get_policy
 from frontier_jax.precision.config import PrecisionConfig
+from frontier_jax.runtime.expert_ledger import ExpertsConfig
 from frontier_jax.train.config import CheckpointConfig, TrainConfig
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "Config",
     "DataConfig",
     "EvalConfig",
+    "ExpertsConfig",
     "ImplConfig",
     "InferConfig",
     "MeshAxes",
@@ -73,6 +76,7 @@ class Config:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
 
     def validate(self) -> "Config":
         for section in dataclasses.fields(self):

@@ -2,13 +2,16 @@
 
     frontier-jax generate (--hf PATH | --checkpoint RUN_DIR[/checkpoints/STEP])
         (--prompt TEXT ... | --prompts FILE.jsonl) [--max-new-tokens N --temperature T
-        --top-p P --top-k K --seed S --speculative mtp --out FILE.jsonl] [infer.key=value ...]
-        [impl.key=value ...]
+        --top-p P --top-k K --seed S --speculative mtp --out FILE.jsonl --expert-stats FILE.npz]
+        [infer.key=value ...] [impl.key=value ...] [experts.window_steps=N]
 
 A prompts file holds one JSON object per line with "prompt" (text) or "prompt_ids" (ints), and
 no other key; --out writes one JSON object per prompt, {"index": k, <Completion fields>}, in
 prompt order, each line flushed as soon as the prompts before it are done (`generate_io.py`).
-Without --out the texts are printed.  A progress bar runs while generating; prompt and
+Without --out the texts are printed.  --expert-stats writes the expert-load ledger's window (the
+tokens each MoE layer routed to each expert over the last experts.window_steps engine steps)
+as `[layers, experts]` with its token count, .npz or .json by the suffix
+(`runtime/expert_ledger.py`; `frontier-jax experts plan --stats FILE` plans a placement from it).  A progress bar runs while generating; prompt and
 generated tokens/s at the end.  The arguments, the prompts file and the --out path are checked
 before the model loads.  The model computes with dropless expert dispatch whatever the run
 trained with; an impl.moe_dispatch=capacity override wins, with a warning
@@ -27,6 +30,7 @@ import sys
 import time
 
 from frontier_jax.infer.generate_io import CompletionsFile, check_output_path, read_prompts_file
+from frontier_jax.runtime.expert_ledger import check_stats_path, save_expert_load
 
 EXIT_USAGE = 2  # a bad argument or file, or every request failed
 EXIT_SOME_FAILED = 6  # some requests failed, the others completed (and were written to --out)
@@ -68,9 +72,13 @@ def add_generate_parser(sub) -> None:
         "--out", help="write the completions as JSONL here, in prompt order as they finish (flushed)"
     )
     gen.add_argument(
+        "--expert-stats",
+        help="write the expert load per MoE layer (the ledger's window) here: FILE.npz or FILE.json",
+    )
+    gen.add_argument(
         "overrides",
         nargs="*",
-        help="infer.* and impl.* overrides, e.g. infer.max_seqs=16 impl.attention=cudnn",
+        help="infer.*, impl.* and experts.* overrides, e.g. infer.max_seqs=16 impl.attention=cudnn",
     )
     gen.set_defaults(func=generate_command)
 
@@ -97,11 +105,11 @@ def _infer_overrides(overrides: list[str]) -> dict:
 
     from frontier_jax.infer.config import InferConfig
 
-    bad = [o for o in overrides if not o.startswith(("infer.", "impl.")) or "=" not in o]
+    bad = [o for o in overrides if not o.startswith(("infer.", "impl.", "experts.")) or "=" not in o]
     if bad:
         raise ValueError(
-            f"override {bad[0]!r}: generate takes infer.key=value and impl.key=value overrides only "
-            "(e.g. infer.max_seqs=16)"
+            f"override {bad[0]!r}: generate takes infer.key=value, impl.key=value and "
+            "experts.key=value overrides only (e.g. infer.max_seqs=16)"
         )
     overrides = _section_overrides(overrides, "infer")
     if not overrides:
@@ -114,6 +122,20 @@ def _infer_overrides(overrides: list[str]) -> dict:
             f"invalid override: {str(err).splitlines()[0]} (fields: frontier_jax/infer/config.py)"
         ) from err
     return {k: getattr(infer, k) for k in OmegaConf.to_container(given)}
+
+
+def _experts_config(overrides: list[str]):
+    """experts.key=value overrides -> the checked ExpertsConfig (`runtime/expert_ledger.py`)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from frontier_jax.runtime.expert_ledger import ExpertsConfig
+
+    try:
+        given = OmegaConf.from_dotlist(_section_overrides(overrides, "experts"))
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExpertsConfig), given)).validate()
+    except OmegaConfBaseException as err:
+        raise ValueError(f"invalid override: {str(err).splitlines()[0]} (fields: window_steps)") from err
 
 
 def _check_dtype(dtype: str | None) -> None:
@@ -141,12 +163,17 @@ def generate_command(args) -> int:
         infer["speculative"] = args.speculative
     if args.out:
         check_output_path(args.out)
+    if args.expert_stats:
+        check_stats_path(args.expert_stats)
     impl = _impl_overrides(args.overrides)
+    experts = _experts_config(args.overrides)
     if args.hf:
-        engine = Engine.from_hf(args.hf, dtype=args.dtype or "float32", infer=infer, impl=impl, verbose=True)
+        engine = Engine.from_hf(
+            args.hf, dtype=args.dtype or "float32", infer=infer, impl=impl, experts=experts, verbose=True
+        )
     else:
         engine = Engine.from_checkpoint(
-            args.checkpoint, dtype=args.dtype, infer=infer, impl=impl, verbose=True
+            args.checkpoint, dtype=args.dtype, infer=infer, impl=impl, experts=experts, verbose=True
         )
     start = time.perf_counter()
     with open(args.out, "w") if args.out else contextlib.nullcontext() as out:
@@ -168,6 +195,10 @@ def generate_command(args) -> int:
         "tok/s",
         file=sys.stderr,
     )
+    if args.expert_stats:
+        steps = engine.expert_ledger.steps()
+        save_expert_load(args.expert_stats, steps)
+        print(f"expert load of {steps.window().tokens} tokens in {args.expert_stats}", file=sys.stderr)
     spec = engine.speculative_stats
     if spec:
         print(

@@ -31,7 +31,8 @@ Hooks for serving and rollouts: `submit(..., on_token=f)` hands each token over 
 (`TokenEvent`: id, log p, text delta from incremental detokenisation, finish reason);
 `cancel(id)` ends a waiting or running request at once; `SamplingParams.n` samples one prompt n
 times with one prefill (forked cache blocks, `scheduler.py`); `expert_load()` reads the tokens
-each MoE layer routed to each expert (`expert_load.py`); `load_weights` swaps in new parameters
+each MoE layer routed to each expert (`expert_load.py`), `expert_ledger` the counts of each of
+the last experts.window_steps steps (`runtime/expert_ledger.py`); `load_weights` swaps in new parameters
 without recompiling (`Engine.from_program` builds an engine on a model program's mesh).
 """
 
@@ -70,6 +71,7 @@ from frontier_jax.parallel.config import MeshConfig
 from frontier_jax.parallel.mesh import state_shardings
 from frontier_jax.parallel.rules import DEFAULT_RULES, use_sharding
 from frontier_jax.precision.config import PrecisionConfig
+from frontier_jax.runtime.expert_ledger import ExpertLedger, ExpertsConfig
 from frontier_jax.runtime.program import ModelProgram, ModelSections, inference_impl, model_program
 from frontier_jax.runtime.restore import restore_params
 
@@ -101,12 +103,14 @@ class Engine:
         mesh: Mesh | None = None,
         rules: Mapping[str, Sequence[str]] | None = None,
         seed: int = 0,
+        experts: ExpertsConfig | None = None,
         verbose: bool = False,
     ):
         """mesh, rules: parameters sharded by the logical-axis rules (default
         `parallel.rules.DEFAULT_RULES`), activations constrained by them, the cache replicated and
         every step's rows a multiple of the batch split; build `model` with the matching expert
-        dispatcher (`parallel.expert.expert_dispatcher(mesh, rules)`).  None: one device."""
+        dispatcher (`parallel.expert.expert_dispatcher(mesh, rules)`).  None: one device.
+        experts: the window of `expert_ledger` (experts.window_steps scheduler steps)."""
         self.cfg = model.cfg
         self.infer = (infer or InferConfig()).validate()
         self.tokenizer = tokenizer
@@ -133,12 +137,16 @@ class Engine:
             replicated = NamedSharding(mesh, PartitionSpec())
             min_rows = math.prod(mesh.shape[a] for a in self.rules["batch"] if a in mesh.shape)
         self.cache = jax.device_put(allocate_cache(self.cfg, self.layout, dtype), replicated)
-        self._expert_load = (
-            empty_load(self.cfg.num_moe_layers, self.cfg.n_routed_experts, replicated)
-            if self.cfg.num_moe_layers
-            else None
+        # this step's expert counts (device, None until a forward counts some) and the ledger
+        # that each step's counts go to
+        self._step_load: jax.Array | None = None
+        self._step_tokens = 0
+        self._load_sharding = replicated
+        self.expert_ledger = ExpertLedger(
+            self.cfg.num_moe_layers,
+            self.cfg.n_routed_experts,
+            (experts or ExpertsConfig()).validate().window_steps,
         )
-        self._counted_tokens = 0
         impl = DecodeAttentionImpl(self.infer.decode_attention_impl).value
         self._prefill = make_step(graphdef, absorbed=False)
         self._decode = make_step(graphdef, absorbed=True, impl=impl)
@@ -414,32 +422,44 @@ class Engine:
     def expert_load(self, *, reset: bool = False) -> ExpertLoad:
         """Tokens each MoE layer routed to each expert in this engine's forwards since it was
         built (or last reset): `ExpertLoad(load [L_moe, N_r] assignments, tokens counted)`
-        (`expert_load.py`); a decode step still in flight is counted once read back.  The counts
-        are int32 on the device: reset them from time to time in a long-running server."""
-        if self._expert_load is None:
+        (`expert_load.py`); a decode step still in flight is counted once read back.  The last
+        experts.window_steps steps of it: `expert_ledger.window()`; reset clears both."""
+        if not self.cfg.num_moe_layers:
             raise ValueError(
                 "expert_load: this model has no MoE layers (model.num_layers == model.first_k_dense)"
             )
-        load = ExpertLoad(np.asarray(self._expert_load), self._counted_tokens)
+        load = self.expert_ledger.total()
         if reset:
-            self._expert_load = empty_load(*self._expert_load.shape, self._expert_load.sharding)
-            self._counted_tokens = 0
+            self.expert_ledger.reset()
         return load
 
     def _count_experts(self, experts: jax.Array | None, counted: np.ndarray) -> None:
         """Adds the loads of a forward's routed experts (None: no MoE layer) at its `counted`
-        [B, T] positions."""
+        [B, T] positions to this step's counts."""
         if experts is not None and counted.any():
-            self._expert_load = count_experts(self._expert_load, experts, jnp.asarray(counted))
-            self._counted_tokens += int(counted.sum())
+            if self._step_load is None:
+                self._step_load = empty_load(
+                    self.cfg.num_moe_layers, self.cfg.n_routed_experts, self._load_sharding
+                )
+            self._step_load = count_experts(self._step_load, experts, jnp.asarray(counted))
+            self._step_tokens += int(counted.sum())
+
+    def _record_expert_step(self) -> None:
+        """This step's expert counts into the ledger (a step that counted nothing adds none)."""
+        if self._step_load is not None:
+            self.expert_ledger.record(self._step_load, self._step_tokens)
+            self._step_load, self._step_tokens = None, 0
 
     # ----------------------------------------------------------------------- stepping
     def step(self) -> list[int]:
         """One scheduler iteration (module docstring); returns the ids of requests finished in it."""
-        if self.mesh is None:
-            return self._step()
-        with use_sharding(self.mesh, self.rules):
-            return self._step()
+        try:
+            if self.mesh is None:
+                return self._step()
+            with use_sharding(self.mesh, self.rules):
+                return self._step()
+        finally:
+            self._record_expert_step()
 
     def _step(self) -> list[int]:
         sched = self.scheduler

@@ -14,16 +14,13 @@ Each counted position adds K (top-k) assignments to its layer's row: load.sum(1)
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from frontier_jax.runtime.expert_ledger import ExpertLoad
 
-class ExpertLoad(NamedTuple):
-    load: np.ndarray  # [L_moe, N_r] int: assignments per expert of each MoE layer
-    tokens: int  # positions counted
+__all__ = ["ExpertLoad", "count_experts", "empty_load"]
 
 
 @functools.partial(jax.jit, donate_argnums=0)

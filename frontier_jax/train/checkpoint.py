@@ -45,6 +45,7 @@ from omegaconf import OmegaConf
 from frontier_jax.data import SourceConfig
 from frontier_jax.data.checkpoint import orbax_restore_args, orbax_save_args
 from frontier_jax.model import ModelConfig
+from frontier_jax.runtime.expert_ledger import EXPERT_LOAD_FILE, LedgerSteps, save_expert_load
 from frontier_jax.runtime.integrity import (
     CORRUPT,
     UNVERIFIED,
@@ -169,6 +170,7 @@ class Checkpointer:
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._pending: int | None = None  # step of an asynchronous save not yet checked
+        self._pending_load: LedgerSteps | None = None  # that step's expert load, written with it
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -197,9 +199,19 @@ class Checkpointer:
         if self._pending is not None and not self.manager.is_saving_in_progress():
             self.wait()
 
-    def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator, config: dict) -> None:
-        """`data_iterator`: anything with a JSON-serialisable `get_state()` (a grain iterator, a
-        `train.batches.BatchSource`)."""
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_iterator: grain.DatasetIterator,
+        config: dict,
+        expert_load: LedgerSteps | None = None,
+    ) -> None:
+        """Starts saving `step` (asynchronously when checkpoint.async_save).  `data_iterator`:
+        anything with a JSON-serialisable `get_state()` (a grain iterator, a
+        `train.batches.BatchSource`); `expert_load` (the
+        expert-load ledger's window, its steps) is written as <step>/expert_load.npz once the
+        step has committed, before its checksums, which cover it."""
         self._check_writable(step)
         self.wait()  # the previous save's errors, before starting another
         core, extra = _split_extra(state)
@@ -217,6 +229,7 @@ class Checkpointer:
         except Exception as err:
             raise self._save_failed(step, err) from err
         self._pending = step
+        self._pending_load = expert_load
 
     def restore(self, step: int, abstract_state: Any, data_iterator: grain.DatasetIterator | None) -> Any:
         """Returns the state laid out as `abstract_state` (a pytree of ShapeDtypeStructs with
@@ -316,6 +329,7 @@ class Checkpointer:
         """Blocks until the pending save is written, then writes its checksum manifest (process 0);
         `CheckpointError` if either failed."""
         step, self._pending = self._pending, None
+        expert_load, self._pending_load = self._pending_load, None
         try:
             self.manager.wait_until_finished()
         except Exception as err:
@@ -323,10 +337,12 @@ class Checkpointer:
         if step is None or jax.process_index() != 0:
             return
         try:
+            if expert_load is not None:
+                save_expert_load(self.directory / str(step) / EXPERT_LOAD_FILE, expert_load)
             write_manifest(self.directory / str(step), step)
         except Exception as err:
             raise CheckpointError(
-                f"writing the checksums of checkpoint {step} in {self.directory} failed ({first_line(err)}); "
+                f"writing the expert load and checksums of checkpoint {step} in {self.directory} failed ({first_line(err)}); "
                 "a resumed run takes that step as corrupt. Free space or fix the directory, then run "
                 "the same command again to resume"
             ) from err

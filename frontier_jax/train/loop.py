@@ -1,8 +1,10 @@
 """The host-side training loop: data, jitted steps, logging, checkpoints, resume, signals.
 
     run_dir/
-      checkpoints/<step>/   orbax checkpoints (state, data iterator, config)
-      metrics.jsonl         one JSON object per logged step ({"step", "loss", ...})
+      checkpoints/<step>/   orbax checkpoints (state, data iterator, config), and
+                            expert_load.npz: the expert-load ledger's window at that step
+      metrics.jsonl         one JSON object per logged step ({"step", "loss", ...,
+                            "moe_window_load_max_over_mean": per MoE layer over the window})
       tensorboard/          TensorBoard event files
       loss.png              loss curve, written at the end
       config.yaml           the resolved config of the latest start
@@ -35,6 +37,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 import jax
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
@@ -42,7 +45,9 @@ from frontier_jax.data import Tokenizer, load_tokenizer
 from frontier_jax.data.tokenizer import check_tokenizer, tokenizer_identity
 from frontier_jax.model.describe import describe
 from frontier_jax.parallel.mesh import batch_sharding, build_mesh, check_batch_fits, state_shardings
+from frontier_jax.parallel.placement import imbalance
 from frontier_jax.parallel.rules import RULE_SETS
+from frontier_jax.runtime.expert_ledger import EXPERT_LOAD_FILE, ExpertLedger, read_ledger_steps
 from frontier_jax.runtime.program import ModelProgram, build_model_program
 from frontier_jax.train.batches import BatchSource, TextBatches
 from frontier_jax.train.checkpoint import (
@@ -59,12 +64,14 @@ from frontier_jax.train.run_lock import RunLock, RunLockedError
 from frontier_jax.train.signals import Preempted, StopSignal
 from frontier_jax.train.stages import Stage, check_stages_fit, checkpoint_stage, context_stages
 from frontier_jax.train.state import TrainState
-from frontier_jax.train.step import Trainer
+from frontier_jax.train.step import EXPERT_LOAD, Trainer
 
 if TYPE_CHECKING:  # the composed config sits above train (frontier_jax.config imports train.config)
     from frontier_jax.config import Config
 
 log = logging.getLogger(__name__)
+# max / mean expert load per MoE layer over the ledger's window (experts.window_steps steps)
+WINDOW_IMBALANCE = "moe_window_load_max_over_mean"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -328,6 +335,7 @@ def train(
             runner = build_runner(stage.cfg, mesh=mesh, objective=objective)
         flops_per_token = _flops_per_token(stage, runner)
         logger = MetricsLogger(run_dir, enabled=jax.process_index() == 0, resumed_at=start)
+        ledger = _expert_ledger(cfg, checkpointer.directory / str(start) if start else None)
         history: list[dict] = []
         last_saved = start or None
         skipped = 0  # non-finite steps in a row
@@ -367,6 +375,7 @@ def train(
                 metrics = jax.device_get(metrics)
                 seconds = time.perf_counter() - t0
                 data.after_update(state)
+                _record_expert_load(ledger, metrics.pop(EXPERT_LOAD, None), cfg.model.num_experts_per_tok)
                 checkpointer.poll()  # a failed background save stops the run here
                 record = _record(step + 1, metrics, seconds, flops_per_token)
                 record.update(stage=stage.index, seq_len=stage.cfg.train.seq_len)
@@ -377,6 +386,9 @@ def train(
                     record.update(evaluate(runner.trainer.program, state.params, state.biases))
                 if evaluated or (step + 1) % cfg.train.log_every == 0 or last_step or skipped:
                     record.update(data.metrics(step + 1))
+                    window = ledger.window()
+                    if window.tokens:
+                        record[WINDOW_IMBALANCE] = imbalance(window.load)[0].tolist()
                     logger.log(record)
                     history.append(record)
                 if skipped and (cfg.train.on_nonfinite == "stop" or skipped > cfg.train.max_skipped_steps):
@@ -391,7 +403,13 @@ def train(
                 every = cfg.checkpoint.every
                 stopping = stop.should_stop()
                 if (every and (step + 1) % every == 0) or stopping or (last_step and last_saved != step + 1):
-                    checkpointer.save(step + 1, state, data, _checkpoint_config(stage, tokenizer))
+                    checkpointer.save(
+                        step + 1,
+                        state,
+                        data,
+                        _checkpoint_config(stage, tokenizer),
+                        expert_load=ledger.steps() if cfg.model.num_moe_layers else None,
+                    )
                     last_saved = step + 1
                 if stopping:
                     stopped = step + 1
@@ -446,6 +464,23 @@ def _run_dir_lock(run_dir: Path):
 def _flops_per_token(stage: Stage, runner: Runner) -> float:
     params = runner.trainer.program.abstract_params
     return describe(stage.cfg.model, stage.cfg.train.seq_len, params=params)["flops_per_token"]
+
+
+def _expert_ledger(cfg: Config, step_dir: epath.Path | None) -> ExpertLedger:
+    """The expert-load ledger, refilled with the window saved in `step_dir` (the checkpoint the
+    run resumes from) when it has one, so a resumed run logs what the straight run logs."""
+    ledger = ExpertLedger(cfg.model.num_moe_layers, cfg.model.n_routed_experts, cfg.experts.window_steps)
+    if step_dir is not None and (step_dir / EXPERT_LOAD_FILE).exists():
+        ledger.extend(read_ledger_steps(step_dir / EXPERT_LOAD_FILE))
+    return ledger
+
+
+def _record_expert_load(ledger: ExpertLedger, load: np.ndarray | None, top_k: int) -> None:
+    """A step's expert loads [L_moe, N_r] (None: no MoE layer) into the ledger, with its routed
+    tokens (each adds top_k assignments to every layer's row)."""
+    if load is not None:
+        load = np.rint(load).astype(np.int64)  # fp32 counts of whole assignments
+        ledger.record(load, int(load[0].sum()) // top_k)
 
 
 def _record(step: int, metrics: dict, seconds: float, flops_per_token: float) -> dict:

@@ -38,6 +38,9 @@ if TYPE_CHECKING:  # the composed config sits above train
     from frontier_jax.config import Config
 
 
+EXPERT_LOAD = "moe_load"  # the step's expert loads [L_moe, N_r] among its metrics
+
+
 def _stack_tag(path) -> str:
     """'mtp' or 'moe': the metric prefix of a bias / load leaf."""
     return "mtp" if "mtp" in jax.tree_util.keystr(path) else "moe"
@@ -120,6 +123,8 @@ class Trainer:
         }
         for path, load in jax.tree_util.tree_leaves_with_path(loads):
             out[f"{_stack_tag(path)}_load_max_over_mean"] = load.max(-1) / jnp.maximum(load.mean(-1), 1e-9)
+            if _stack_tag(path) == "moe":
+                out[EXPERT_LOAD] = load  # [L, N_r] for the loop's expert-load ledger
         for path, bias in jax.tree_util.tree_leaves_with_path(new_state.biases):
             out[f"{_stack_tag(path)}_bias_range"] = bias.max(-1) - bias.min(-1)
         return new_state, out

@@ -13,6 +13,7 @@ from frontier_jax.cli import EXIT_INTERRUPTED, main
 from frontier_jax.convert import from_hf
 from frontier_jax.infer import Completion, Engine, SamplingParams
 from frontier_jax.infer.generate_io import CompletionsFile
+from frontier_jax.runtime.expert_ledger import read_expert_load
 from tests.convert.helpers import TINY, tiny_hf_model
 
 GENERATE_LIMITS = ["infer.max_len=32", "infer.block_size=8"]
@@ -33,12 +34,14 @@ def hf_dir(tmp_path_factory):
 
 def test_generate_writes_one_completion_per_prompt_and_exits_6_when_some_failed(hf_dir, tmp_path, capsys):
     """Prompts 0 and 2 complete as in an engine of their own; prompt 1 (an id outside the
-    vocabulary) fails: exit 6, one `error:` line, and its line in --out says why."""
+    vocabulary) fails: exit 6, one `error:` line, and its line in --out says why.  --expert-stats
+    holds the expert loads that an engine of their own counts."""
     vocab = TINY["vocab_size"]
     valid = [np.random.default_rng(i).integers(0, vocab, n).tolist() for i, n in enumerate((4, 9))]
     prompts = [valid[0], [vocab + 5], valid[1]]
-    out = tmp_path / "out.jsonl"
+    out, stats = tmp_path / "out.jsonl", tmp_path / "stats.npz"
     args = ["generate", "--hf", str(hf_dir), "--prompts", _prompts_file(tmp_path, prompts), "--out", str(out)]
+    args += ["--expert-stats", str(stats)]
     assert main(args + ["--max-new-tokens", "6", *GENERATE_LIMITS, "impl.moe_dispatch=dropless"]) == 6
     err = capsys.readouterr().err
     assert "tok/s" in err
@@ -52,8 +55,12 @@ def test_generate_writes_one_completion_per_prompt_and_exits_6_when_some_failed(
         rows[1]["finish_reason"] == "error" and rows[1]["output_ids"] == [] and "outside" in rows[1]["error"]
     )
     _, model = from_hf(str(hf_dir))
-    alone = Engine(model).generate(valid, SamplingParams(max_new_tokens=6))
+    engine = Engine(model)
+    alone = engine.generate(valid, SamplingParams(max_new_tokens=6))
     assert [rows[0]["output_ids"], rows[2]["output_ids"]] == [c.output_ids for c in alone]
+    dumped, counted = read_expert_load(stats), engine.expert_load()
+    assert dumped.tokens == counted.tokens == 4 + 9 + 2 * 5  # prompts and the fed-back tokens
+    np.testing.assert_array_equal(dumped.load, counted.load)
     assert all(rows[k]["finish_reason"] == "length" and len(rows[k]["logprobs"]) == 6 for k in (0, 2))
 
 
@@ -65,7 +72,12 @@ def test_generate_writes_one_completion_per_prompt_and_exits_6_when_some_failed(
         (["--hf", "{hf}", "infer.max_seqs=0"], "infer.max_seqs=0 must be a positive integer"),
         (
             ["--hf", "{hf}", "train.steps=3"],
-            "generate takes infer.key=value and impl.key=value overrides only",
+            "generate takes infer.key=value, impl.key=value and experts.key=value overrides only",
+        ),
+        (["--hf", "{hf}", "experts.window_steps=0"], "experts.window_steps=0 must be an integer >= 1"),
+        (
+            ["--checkpoint", "{tmp}", "--expert-stats", "{tmp}/stats.csv"],
+            "stats.csv: expert stats files end in .npz or .json, not '.csv'",
         ),
         (
             ["--hf", "{hf}", "impl.moe_dispatch=sometimes"],
@@ -74,7 +86,17 @@ def test_generate_writes_one_completion_per_prompt_and_exits_6_when_some_failed(
         (["--checkpoint", "{tmp}", "--seed", "-1"], "seed=-1 must be an integer in [0, 2^32)"),
         (["--checkpoint", "{tmp}", "--dtype", "float8"], "--dtype float8: use one of float32, bfloat16"),
     ],
-    ids=["empty_run_dir", "temperature", "max_seqs", "not_infer", "bad_impl", "seed", "dtype"],
+    ids=[
+        "empty_run_dir",
+        "temperature",
+        "max_seqs",
+        "not_infer",
+        "window",
+        "stats_suffix",
+        "bad_impl",
+        "seed",
+        "dtype",
+    ],
 )
 def test_user_errors_are_one_line_with_exit_code_2(hf_dir, tmp_path, capsys, args, message):
     args = [a.format(tmp=tmp_path, hf=hf_dir) for a in args]
