@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import socket
 import subprocess
 import sys
@@ -34,7 +33,6 @@ def run(tmp_path_factory):
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCUMENTS))
     overrides = (
         TINY_MODEL
-        + ["model.num_heads=4"]  # the README's eval command splits the heads 4 ways (mesh.tensor=4)
         + WINDOW
         + [
             "train.seq_len=16",
@@ -141,42 +139,6 @@ def test_overrides_after_data_apply_and_skipped_records_are_reported(run, tmp_pa
     assert (results["window"], results["stride"], results["batch_size"]) == (16, 8, 8)
     got = results["datasets"]["noisy"]
     assert got["skipped"] == 3 and got["tokens"] == sum(len(d.encode()) + 1 for d in DOCUMENTS)
-
-
-def _readme_eval_commands() -> list[str]:
-    """The `frontier-jax eval` commands of the README's Evaluation section, continuation lines
-    joined and trailing comments dropped."""
-    section = (REPO / "README.md").read_text().split("### Evaluation", 1)[1]
-    block = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
-    return [
-        line.split("  #")[0].strip() for line in block.splitlines() if line.startswith("frontier-jax eval")
-    ]
-
-
-def test_readme_eval_commands_parse_overrides_after_data_and_tasks():
-    from frontier_jax.cli import build_parser
-
-    commands = _readme_eval_commands()
-    assert any("--tasks" in c for c in commands), commands
-    for command in commands:
-        words = shlex.split(command)[1:]
-        args = build_parser().parse_args(words)
-        assert args.overrides == [w for w in words if "=" in w], command
-        assert all(p.endswith(".jsonl") for p in args.data) and all("=" not in t for t in args.tasks), command
-
-
-@pytest.mark.slow
-def test_readme_eval_command_runs_as_written(run, tmp_path, monkeypatch):
-    """The README's eval command with tasks, its placeholders (runs/toy, held_out.jsonl) the tiny
-    run and its data; results in the default --out, eval-results/."""
-    (command,) = [c for c in _readme_eval_commands() if "--tasks" in c]
-    words = shlex.split(command.replace("runs/toy", str(run / "run")))[1:]
-    monkeypatch.chdir(run)  # held_out.jsonl is the fixture's data file
-    assert main(words) == 0
-    results = json.loads((run / "eval-results" / "results.json").read_text())
-    assert (results["window"], results["stride"]) == (128, 64)
-    assert results["mesh"]["data"] == 2 and results["mesh"]["tensor"] == 4
-    assert set(results["tasks"]) == {"arithmetic", "arithmetic_choice"} and "held_out" in results["datasets"]
 
 
 @pytest.mark.slow

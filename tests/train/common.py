@@ -109,6 +109,16 @@ def run_lock(shared_dir: Path, name: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def shared_test_dir(tmp_path_factory) -> Path:
+    """A directory of this test run shared by all xdist workers (pytest's base temp dir;
+    under xdist each worker's base is <run>/popen-gwN, so <run>/ is shared)."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = root / "train_tests_shared"
+    path.mkdir(exist_ok=True)
+    return path
+
+
 def restore_checkpoint(run_dir, step: int, cfg, shardings=None):
     """(state, data-iterator state) of checkpoint `step` of run_dir, laid out on `shardings`
     (a pytree matching the train state; default: everything on the first device)."""

@@ -13,13 +13,12 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from .common import REF_STEPS, reference_overrides, run_lock
+from .common import REF_STEPS, reference_overrides, run_lock, shared_test_dir
 
 
 def pytest_collection_modifyitems(config, items):
@@ -33,13 +32,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def shared_dir(tmp_path_factory) -> Path:
-    """A directory of this test run shared by all xdist workers (pytest's base temp dir;
-    under xdist each worker's base is <run>/popen-gwN, so <run>/ is shared)."""
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    path = root / "train_tests_shared"
-    path.mkdir(exist_ok=True)
-    return path
+    """A directory of this test run shared by all xdist workers."""
+    return shared_test_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

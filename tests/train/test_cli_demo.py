@@ -1,7 +1,9 @@
-"""The README demo end to end, as a user runs it: `python -m frontier_jax train --config
-train/toy --run-dir DIR` at its full default length (300 steps of the toy model on the
-embedded data) on one CPU device, then the same command again (a resume with nothing left
-to do); and `frontier-jax describe` of the DeepSeek-V3 671B config.
+"""The README demo end to end, as a user runs it: the README's main command (`frontier-jax
+train --config train/toy --run-dir runs/toy`, read from the README, run as written with bash in a
+fresh directory) at its full default length (300 steps of the toy model on the embedded data) on
+one CPU device, then the same command again (a resume with nothing left to do); and
+`frontier-jax describe` of the DeepSeek-V3 671B config. (tests/test_readme_commands.py checks the
+README's other commands.)
 
 Loss threshold: the demo's first-step loss (CE + 0.3 MTP CE + tiny balance term) is ~7.3
 nats; the mean over its last 20 steps was observed at ~3.06 with documents in order (a
@@ -16,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.readme import main_command, run_command
+
 from .common import REPO, read_metrics, subprocess_env
 
 DEMO_STEPS = 300  # configs/train/toy.yaml
@@ -27,10 +31,10 @@ def _frontier_jax() -> list[str]:
 
 
 def test_readme_demo_trains_logs_plots_and_resumes(tmp_path):
-    run = tmp_path / "demo"
-    command = [sys.executable, "-m", "frontier_jax", "train", "--config", "train/toy", "--run-dir", str(run)]
+    command = main_command()
+    run = tmp_path / command.option("--run-dir")
     env = subprocess_env(devices=None)  # a user's machine: jax's single CPU device
-    first = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    first = run_command(command, tmp_path, env, timeout=1500)
     assert first.returncode == 0, first.stdout + first.stderr[-5000:]
     assert f"done: step {DEMO_STEPS}" in first.stdout
 
@@ -52,7 +56,7 @@ def test_readme_demo_trains_logs_plots_and_resumes(tmp_path):
 
     # the same command again: resumes at step 300, trains nothing, exits 0
     png_before = png.read_bytes()
-    again = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    again = run_command(command, tmp_path, env)
     assert again.returncode == 0, again.stdout + again.stderr[-5000:]
     assert "done:" not in again.stdout
     assert read_metrics(run) == records

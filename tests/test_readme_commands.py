@@ -1,0 +1,575 @@
+"""Every command of the README's bash blocks, checked as written (tests/readme.py reads them).
+
+A command's program names its kind (KINDS: `frontier-jax <subcommand>`, `python -m <module>`,
+`launch/<script>`, `sbatch`, `pip install`); a command of no known kind fails with what to do.
+
+* test_readme_command_parses (every command, default run): frontier-jax's argparse and config
+  load (the --config, --mesh preset, key=value overrides, --tasks files; no option may take an
+  override as its value), lm-eval's parser and the adapter's model_args, a launch script's shell
+  syntax and the frontier-jax command it runs, pytest's options, the extras and constraints file
+  of `pip install`. A renamed flag, a missing config or an override that does not parse fails.
+* test_readme_command_runs (runnable kinds): the command as a user runs it on jax's one CPU
+  device, with bash, in a fresh directory holding the placeholders it reads, with only
+  `train.steps=2` / `--max-new-tokens 4` appended; exit 0 and the outputs it promises. The first
+  command of each kind runs by default (every `describe`: it compiles nothing), the others are
+  marked slow. The README's main command runs at its full length in tests/train/test_cli_demo.py.
+
+Placeholders (the paths a user following the README has) are made once per test run, in a
+directory shared by the xdist workers: runs/toy and data/toy by the first command run here that
+writes them (so the eval / generate commands read what the README's train command wrote), the
+others by the small functions below. A command's XLA_FLAGS is added to the tests' compile-speed
+flags (tests/conftest.py), which change no result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import socket
+import subprocess
+import sys
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+from tests.readme import REPO, Command, main_command, prepare_directory, readme_commands, run_command
+from tests.train.common import run_lock, shared_test_dir, subprocess_env
+
+OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)+=")  # a dotted key=value override
+TRAIN_STEPS = 2
+NEW_TOKENS = 4
+SHELL_OPERATORS = "|&<>()"  # a word of these alone is a pipe, redirection, background job or subshell
+READ_WHEN_PARSED = ("--config", "--mesh", "--tasks", "--include_path")  # files that parsing reads
+
+
+# ---------------------------------------------------------------- parse checks (raise AssertionError)
+def _parse_frontier_jax_argv(argv: list[str]) -> None:
+    """frontier-jax's argparse, then the config as the command loads it."""
+    from frontier_jax.cli import build_parser
+    from frontier_jax.config import load_config
+    from frontier_jax.eval.tasks import resolve_task
+
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            args = build_parser().parse_args(argv)
+    except SystemExit:
+        raise AssertionError(f"frontier-jax refuses the arguments: {stderr.getvalue().strip()}") from None
+    overrides = list(getattr(args, "overrides", []) or [])
+    dotted = [w for w in argv if OVERRIDE.match(w)]
+    assert overrides == dotted, f"an option took key=value overrides as its values: overrides {overrides}"
+    try:
+        load_config(getattr(args, "config", None), overrides)
+        if getattr(args, "mesh", None):
+            load_config(args.mesh)
+        for task in getattr(args, "tasks", None) or []:
+            resolve_task(task)
+    except Exception as err:
+        raise AssertionError(f"{type(err).__name__}: {err}") from err
+
+
+def _parse_frontier_jax(command: Command) -> None:
+    _parse_frontier_jax_argv(list(command.program[1:]))
+
+
+# launch script -> (the frontier-jax subcommand it runs, the options its leading arguments fill;
+# None: an argument of the launcher itself, e.g. a TPU name)
+LAUNCHED = {
+    "launch/local.sh": ("train", ("--config", "--run-dir")),
+    "launch/slurm_gpu.sbatch": ("train", ("--config", "--run-dir")),
+    "launch/tpu_vm.sh": ("train", (None, None, "--config", "--run-dir")),
+    "launch/eval_local.sh": ("eval", ("--checkpoint", "--out")),
+    "launch/eval_slurm_gpu.sbatch": ("eval", ("--checkpoint", "--out")),
+    "launch/eval_tpu_vm.sh": ("eval", (None, None, "--checkpoint", "--out")),
+}
+
+
+def _launched_argv(command: Command) -> list[str]:
+    """The frontier-jax arguments that the command's launch script runs (`sbatch [options] SCRIPT
+    ARGS` or `SCRIPT ARGS`)."""
+    words = list(command.argv[1:] if command.argv[0] == "sbatch" else command.argv)
+    while words and words[0].startswith("-"):  # sbatch's options
+        words.pop(0)
+    script, args = words[0], words[1:]
+    assert script in LAUNCHED, f"{script}: not a launch script this test knows (LAUNCHED)"
+    subcommand, options = LAUNCHED[script]
+    assert len(args) >= len(options), f"{script} takes {len(options)} leading arguments, got {args}"
+    filled = [w for option, arg in zip(options, args) if option for w in (option, arg)]
+    return [subcommand, *filled, *args[len(options) :]]
+
+
+def _parse_launcher(command: Command) -> None:
+    """The script exists and is valid shell; the frontier-jax command it runs parses."""
+    script = next(w for w in command.argv if w.startswith("launch/"))
+    syntax = subprocess.run(["bash", "-n", str(REPO / script)], capture_output=True, text=True)
+    assert syntax.returncode == 0, f"{script}: {syntax.stderr.strip() or 'not valid bash'}"
+    _parse_frontier_jax_argv(_launched_argv(command))
+
+
+def _parse_lm_eval(command: Command) -> None:
+    """lm-eval's own parser; the task folder exists; model_args are the adapter's arguments."""
+    import inspect
+
+    from lm_eval.__main__ import HarnessCLI
+    from lm_eval.utils import simple_parse_args_string
+
+    from frontier_jax.eval.lm_eval import FrontierJaxLM
+
+    argv, stderr = ["lm-eval", *command.argv[3:]], io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr), mock.patch.object(sys, "argv", argv):
+            args = HarnessCLI().parse_args()
+    except SystemExit:
+        raise AssertionError(f"lm-eval refuses the arguments: {stderr.getvalue().strip()}") from None
+    if args.include_path:
+        assert Path(args.include_path).is_dir(), f"--include_path {args.include_path}: no such folder"
+    if args.model == "frontier_jax":
+        given = (
+            args.model_args
+            if isinstance(args.model_args, dict)
+            else simple_parse_args_string(args.model_args)
+        )
+        parameters = inspect.signature(FrontierJaxLM).parameters.values()
+        known = [p.name for p in parameters if p.kind is not p.VAR_KEYWORD]
+        unknown = sorted(set(given) - set(known))
+        assert not unknown, f"model_args {unknown} are not arguments of the frontier_jax model ({known})"
+
+
+def _parse_pytest(command: Command) -> None:
+    """pytest's own option parsing (and its plugins': -n needs pytest-xdist), in the repository
+    root with its configuration, collecting nothing (every file ignored; exit 5)."""
+    proc = subprocess.run(
+        [sys.executable, *command.argv[1:], "--collect-only", "-p", "no:cacheprovider", "--ignore-glob=*"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode in (0, 5), (
+        f"pytest refuses the arguments (exit {proc.returncode}): {proc.stderr.strip()}"
+    )
+
+
+def _check_pip_install(command: Command) -> None:
+    """Installs nothing: the project paths have a pyproject.toml that defines the extras named,
+    and the constraints / requirements files exist."""
+    words, i = list(command.argv[2:]), 0
+    while i < len(words):
+        word = words[i]
+        if word in ("-c", "--constraint", "-r", "--requirement"):
+            assert (REPO / words[i + 1]).is_file(), f"{word} {words[i + 1]}: no such file"
+            i += 2
+            continue
+        if word in ("-e", "--editable"):
+            i += 1
+            word = words[i]
+        elif word.startswith("-"):
+            raise AssertionError(f"pip option {word}: unknown to this check (tests/test_readme_commands.py)")
+        path, _, extras = word.partition("[")
+        pyproject = REPO / path / "pyproject.toml"
+        assert pyproject.is_file(), f"{word}: no pyproject.toml in {path}"
+        defined = tomllib.loads(pyproject.read_text())["project"].get("optional-dependencies", {})
+        missing = sorted({e.strip() for e in extras.rstrip("]").split(",") if e.strip()} - set(defined))
+        assert not missing, f"{word}: extras {missing} are not in pyproject.toml ({sorted(defined)})"
+        i += 1
+
+
+# ---------------------------------------------------------------- output checks of a run
+def _frontier_args(command: Command):
+    from frontier_jax.cli import build_parser
+
+    argv = _launched_argv(command) if command.program[0] != "frontier-jax" else list(command.program[1:])
+    return build_parser().parse_args(argv)
+
+
+def _trained(command: Command, cwd: Path, proc) -> None:
+    run_dir = cwd / _frontier_args(command).run_dir
+    assert f"done: step {TRAIN_STEPS}" in proc.stdout, proc.stdout
+    assert (run_dir / "checkpoints" / str(TRAIN_STEPS)).is_dir(), sorted((run_dir / "checkpoints").iterdir())
+
+
+def _described(command: Command, cwd: Path, proc) -> None:
+    assert proc.stdout.startswith("model "), proc.stdout
+
+
+def _prepared(command: Command, cwd: Path, proc) -> None:
+    config = cwd / _frontier_args(command).out / "config.yaml"
+    assert config.is_file() and f"--config {config.relative_to(cwd)}" in proc.stdout, proc.stdout
+
+
+def _evaluated(command: Command, cwd: Path, proc) -> None:
+    """results.json in --out, with the window, stride, mesh, data files and tasks asked for."""
+    args = _frontier_args(command)
+    results = json.loads((cwd / args.out / "results.json").read_text())
+    given = dict(o.split("=", 1) for o in args.overrides)
+    for key, field in (("eval.seq_len", "window"), ("eval.stride", "stride")):
+        if key in given:
+            assert results[field] == int(given[key]), (key, results[field])
+    for key, value in given.items():
+        if key.startswith("mesh."):
+            assert results["mesh"][key[len("mesh.") :]] == int(value), (key, results["mesh"])
+    assert set(results["tasks"]) == set(args.tasks)
+    assert {Path(d).stem for d in args.data} <= set(results["datasets"]), results["datasets"].keys()
+
+
+def _generated(command: Command, cwd: Path, proc) -> None:
+    """One completion per prompt: the --out lines in prompt order, else printed."""
+    args = _frontier_args(command)
+    prompts = args.prompt or (cwd / args.prompts).read_text().splitlines()
+    if args.out:
+        lines = [json.loads(line) for line in (cwd / args.out).read_text().splitlines()]
+        assert [line["index"] for line in lines] == list(range(len(prompts))), lines
+        assert all(line["finish_reason"] != "error" for line in lines), lines
+    else:
+        assert proc.stdout.count("---") == len(prompts), proc.stdout
+
+
+def _verified(command: Command, cwd: Path, proc) -> None:
+    """A verdict per step, every one ok (the placeholder runs are intact)."""
+    steps = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert steps and all(line.endswith(": ok") for line in steps), proc.stdout
+
+
+def _lm_evaluated(command: Command, cwd: Path, proc) -> None:
+    tasks = command.argv[command.argv.index("--tasks") + 1].split(",")
+    assert all(f"|{task}" in proc.stdout for task in tasks), proc.stdout
+
+
+# ---------------------------------------------------------------- kinds
+@dataclass(frozen=True)
+class Kind:
+    parse: Callable[[Command], None]  # raises AssertionError naming what is wrong
+    outputs: Callable | None = None  # (command, cwd, completed process) -> asserts; None: parsed only
+    append: tuple[str, ...] = ()  # what a run appends, to keep it short
+    every_run_by_default: bool = False  # cheap: not only the first of the kind runs by default
+    not_run: str = ""  # why a parsed-only kind is not run
+
+
+KINDS = {
+    ("frontier-jax", "train"): Kind(_parse_frontier_jax, _trained, (f"train.steps={TRAIN_STEPS}",)),
+    ("frontier-jax", "describe"): Kind(_parse_frontier_jax, _described, every_run_by_default=True),
+    ("frontier-jax", "data", "prepare"): Kind(_parse_frontier_jax, _prepared),
+    ("frontier-jax", "eval"): Kind(_parse_frontier_jax, _evaluated),
+    ("frontier-jax", "generate"): Kind(
+        _parse_frontier_jax, _generated, ("--max-new-tokens", str(NEW_TOKENS))
+    ),
+    ("frontier-jax", "checkpoint", "verify"): Kind(_parse_frontier_jax, _verified),
+    ("python", "-m", "frontier_jax.eval.lm_eval"): Kind(_parse_lm_eval, _lm_evaluated),
+    ("launch/local.sh",): Kind(_parse_launcher, _trained, (f"train.steps={TRAIN_STEPS}",)),
+    ("launch/eval_local.sh",): Kind(_parse_launcher, _evaluated),
+    ("sbatch",): Kind(_parse_launcher, not_run="needs a SLURM cluster"),
+    ("launch/tpu_vm.sh",): Kind(_parse_launcher, not_run="needs a Cloud TPU slice"),
+    ("launch/eval_tpu_vm.sh",): Kind(_parse_launcher, not_run="needs a Cloud TPU slice"),
+    ("pip", "install"): Kind(_check_pip_install, not_run="installs packages"),
+    ("python", "-m", "pytest"): Kind(_parse_pytest, not_run="the test suite itself"),
+}
+
+
+def kind_of(command: Command) -> tuple[str, ...] | None:
+    """The longest KINDS key that begins the command's program, None for an unknown program."""
+    if any(word and set(word) <= set(SHELL_OPERATORS) for word in command.words):
+        return None
+    keys = [k for k in KINDS if command.program[: len(k)] == k]
+    return max(keys, key=len) if keys else None
+
+
+def _unknown(command: Command) -> str:
+    return (
+        f"{command}\n  no kind for this command: add its program to KINDS in "
+        "tests/test_readme_commands.py, with a parse check and either the outputs a run checks "
+        "(and the placeholders it reads in MADE_HERE / MADE_BY_README) or why it is parsed only; "
+        "pipes and redirections are not run: write plain commands (joined by && or ;)"
+    )
+
+
+# ---------------------------------------------------------------- placeholders
+def _held_out(path: Path) -> None:
+    from tests.eval.common import DOCUMENTS
+
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCUMENTS))
+
+
+def _prompts(path: Path) -> None:
+    """The two forms of a prompts line: text and token ids."""
+    path.write_text(
+        json.dumps({"prompt": "def fib(n):"}) + "\n" + json.dumps({"prompt_ids": [100, 101, 102]}) + "\n"
+    )
+
+
+def _lm_eval_tasks(path: Path) -> None:
+    """An lm-eval task folder: `my_task`, multiple choice over two local rows."""
+    path.mkdir()
+    rows = [
+        {"question": "Q: 2 + 3 = ?\nA:", "choices": [" 5", " 6"], "answer": 0},
+        {"question": "Q: 7 - 4 = ?\nA:", "choices": [" 2", " 3"], "answer": 1},
+    ]
+    (path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "my_task.yaml").write_text(
+        f"task: my_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {path / 'rows.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        "metric_list: [{metric: acc}]\n"
+    )
+
+
+def _hf_model(path: Path) -> None:
+    """A tiny random Hugging Face DeepseekV3 with an MTP layer (for --speculative mtp), the byte
+    tokenizer as tokenizer.json and a 4096-token context (the README's infer.max_len)."""
+    from frontier_jax.data.tokenizer import byte_tokenizer
+    from tests.convert.helpers import write_mtp_checkpoint
+
+    write_mtp_checkpoint(str(path), depth=1, vocab_size=272, max_position_embeddings=4096)
+    (path / "tokenizer.json").write_text(byte_tokenizer().to_str())
+
+
+# README path -> the function that makes it (at the path it is given)
+MADE_HERE = {
+    "held_out.jsonl": _held_out,
+    "prompts.jsonl": _prompts,
+    "my_tasks": _lm_eval_tasks,
+    "path/to/DeepSeek-V3": _hf_model,
+    "path/to/hf_dir": _hf_model,
+}
+MADE_BY_README = ("runs/toy", "data/toy")  # made by the first command run here that writes them
+
+COMMANDS = readme_commands()
+MAIN = main_command()  # run at full length by tests/train/test_cli_demo.py
+
+
+def _runs_here(command: Command) -> bool:
+    key = kind_of(command)
+    return key is not None and KINDS[key].outputs is not None and command != MAIN
+
+
+PRODUCERS = {
+    name: next(c for c in COMMANDS if _runs_here(c) and name in c.outputs) for name in MADE_BY_README
+}
+
+
+def _env() -> dict:
+    """A user's machine: jax's one CPU device, offline; a free
+    port for the launch scripts' local coordinator."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    return {**subprocess_env(devices=None), **offline, "COORDINATOR_PORT": str(port)}
+
+
+def _run(command: Command, cwd: Path, placeholders: Placeholders) -> subprocess.CompletedProcess:
+    append = KINDS[kind_of(command)].append
+    return run_command(command, cwd, _env(), append, placeholders.links, timeout=1200)
+
+
+class Placeholders:
+    """The README's placeholders, each made on first use, once per test run: in its own folder
+    of `root` (shared by the xdist workers), under a lock."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    @property
+    def links(self) -> dict[str, Callable[[], Path]]:
+        """README path -> a function returning it here (made on the call)."""
+        return {name: (lambda name=name: self.path(name)) for name in [*MADE_HERE, *MADE_BY_README]}
+
+    def path(self, name: str) -> Path:
+        if name in MADE_HERE:
+            make = MADE_HERE[name]
+            return self._made(make.__name__, lambda home: make(home / "made")) / "made"
+        home, proc = self.run_of(name)
+        assert proc.returncode == 0, f"{name}: {PRODUCERS[name]} failed (see its test)"
+        return home / name
+
+    def run_of(self, name: str) -> tuple[Path, subprocess.CompletedProcess]:
+        """The run of the README command that makes `name`: the folder it ran in, its process."""
+        home = self._made(name.replace("/", "_"), lambda home: self._produce(name, home))
+        recorded = json.loads((home / "result.json").read_text())
+        return home, subprocess.CompletedProcess(PRODUCERS[name].text, **recorded)
+
+    def _produce(self, name: str, home: Path) -> None:
+        proc = _run(PRODUCERS[name], home, self)
+        fields = ("returncode", "stdout", "stderr")
+        (home / "result.json").write_text(json.dumps({k: getattr(proc, k) for k in fields}))
+
+    def _made(self, folder: str, make: Callable[[Path], None]) -> Path:
+        home = self.root / folder
+        with run_lock(self.root, folder):
+            if not (home / "DONE").exists():
+                home.mkdir(parents=True, exist_ok=True)
+                make(home)
+                (home / "DONE").touch()
+        return home
+
+
+@pytest.fixture(scope="module")
+def placeholders(tmp_path_factory) -> Placeholders:
+    return Placeholders(shared_test_dir(tmp_path_factory) / "readme")
+
+
+# ---------------------------------------------------------------- tests
+def _id(command: Command) -> str:
+    return f"L{command.line}:{' '.join(kind_of(command) or command.program[:2])}"
+
+
+def _read_when_parsed(command: Command) -> Command:
+    """The command's words that its parse check reads files of: the values of READ_WHEN_PARSED."""
+    read, taking = [], False
+    for word in command.argv:
+        if word.startswith("-"):
+            taking = word in READ_WHEN_PARSED
+        elif taking:
+            read.append(word)
+    return Command(command.line, tuple(read))
+
+
+def check_parses(command: Command) -> None:
+    """The parse check of the command's kind; AssertionError naming the command and the fault."""
+    key = kind_of(command)
+    assert key is not None, _unknown(command)
+    try:
+        KINDS[key].parse(command)
+    except AssertionError as err:
+        raise AssertionError(f"{command}\n  {err}") from None
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=_id)
+def test_readme_command_parses(command, placeholders, tmp_path, monkeypatch):
+    prepare_directory(_read_when_parsed(command), tmp_path, placeholders.links)
+    monkeypatch.chdir(tmp_path)
+    check_parses(command)
+
+
+def test_commands_are_read_as_a_shell_reads_them():
+    """Continuation lines joined, comments dropped, && / ; separating commands, VAR=value
+    assignments as the environment, quotes removed, blocks indented in a list item included,
+    other fences (python, plain) not."""
+    text = (
+        "```bash\n"
+        "pip install -e . && X=1 Y='a b' frontier-jax train --config c \\\n"
+        "    --run-dir 'runs/my run' k.v=2   # a comment\n"
+        "# a comment line\n"
+        "a; b\n"
+        "```\n"
+        "```python\nimport x\n```\n```\noutput\n```\n"
+        "- a list item:\n"
+        "  ```bash\n"
+        "  frontier-jax describe --config model/toy\n"
+        "  ```\n"
+    )
+    commands = readme_commands(text)
+    assert [(c.line, c.words) for c in commands] == [
+        (2, ("pip", "install", "-e", ".")),
+        (2, ("X=1", "Y=a b", "frontier-jax", "train", "--config", "c", "--run-dir", "runs/my run", "k.v=2")),
+        (5, ("a",)),
+        (5, ("b",)),
+        (15, ("frontier-jax", "describe", "--config", "model/toy")),
+    ]
+    train = commands[1]
+    assert train.env == {"X": "1", "Y": "a b"} and train.argv[:2] == ("frontier-jax", "train")
+    assert train.outputs == {"runs/my run"} and train.option("--config") == "c"
+    assert readme_commands("```bash\npython -m frontier_jax eval --out o\n```\n")[0].program[:2] == (
+        "frontier-jax",
+        "eval",
+    )
+
+
+# (a command that passes, the same command broken, what the failure says)
+BROKEN = [
+    (
+        "frontier-jax train --config train/toy --run-dir runs/toy",
+        "frontier-jax train --config train/toy --run_dir runs/toy",
+        "the following arguments are required: --run-dir",
+    ),
+    (
+        "frontier-jax train --config train/toy --run-dir r train.steps=3",
+        "frontier-jax train --config train/toy --run-dir r train.stepz=3",
+        "stepz",
+    ),
+    (
+        "frontier-jax describe --config model/toy",
+        "frontier-jax describe --config model/tyo",
+        "'model/tyo' not found",
+    ),
+    (
+        "frontier-jax describe --config model/toy --mesh mesh/cpu-8",
+        "frontier-jax describe --config model/toy --mesh mesh/cpu-9",
+        "'mesh/cpu-9' not found",
+    ),
+    (
+        "frontier-jax eval --checkpoint r --tasks arithmetic eval.stride=64",
+        "frontier-jax eval --checkpoint r --tasks arithmetic eval.stride=sixty",
+        "eval.stride",
+    ),
+    (
+        "frontier-jax generate --checkpoint r --prompt x --speculative mtp infer.max_len=64",
+        "frontier-jax generate --checkpoint r --prompt x --speculative mtp infer.max_lenn=64",
+        "max_lenn",
+    ),
+    ("frontier-jax describe --config model/toy", "frontier-jax frobnicate --config model/toy", "no kind"),
+    (
+        "frontier-jax describe --config model/toy",
+        "frontier-jax describe --config model/toy | tee x",
+        "no kind",
+    ),
+    ("pip install -e '.[test]'", "pip install -e '.[tests]'", "extras ['tests'] are not in pyproject.toml"),
+    ("pip install -e . -c .ci/constraints.txt", "pip install -e . -c .ci/constraint.txt", "no such file"),
+    ("python -m pytest -n 2 -q", "python -m pytest -n 2 -q --no-such-option", "pytest refuses"),
+    (
+        "sbatch --nodes=2 launch/eval_slurm_gpu.sbatch runs/x results/x mesh.tensor=8",
+        "sbatch --nodes=2 launch/eval_slurm_gpu.sbatch runs/x results/x mesh.tensr=8",
+        "tensr",
+    ),
+    (
+        "launch/tpu_vm.sh tpu zone train/toy gs://b/runs/x mesh.fsdp=4",
+        "launch/tpu_vm.sh tpu zone train/tyo gs://b/runs/x mesh.fsdp=4",
+        "'train/tyo' not found",
+    ),
+    (
+        "python -m frontier_jax.eval.lm_eval --model frontier_jax --model_args checkpoint=r,max_length=8 --tasks t",
+        "python -m frontier_jax.eval.lm_eval --model frontier_jax --model_args checkpoint=r,max_lenght=8 --tasks t",
+        "model_args ['max_lenght']",
+    ),
+]
+
+
+@pytest.mark.parametrize("good,broken,message", BROKEN, ids=[b[1] for b in BROKEN])
+def test_a_broken_command_fails_its_check(good, broken, message, tmp_path, monkeypatch):
+    """The checks can fail: each broken command is refused naming the fault, the command it was
+    made from passes."""
+    monkeypatch.chdir(tmp_path)
+    ((good,), (broken,)) = (readme_commands(f"```bash\n{text}\n```\n") for text in (good, broken))
+    check_parses(good)
+    with pytest.raises(AssertionError, match=re.escape(message)):
+        check_parses(broken)
+
+
+def _run_params():
+    first_of_kind = set()
+    for command in COMMANDS:
+        if not _runs_here(command):
+            continue
+        key = kind_of(command)
+        default = key not in first_of_kind or KINDS[key].every_run_by_default
+        first_of_kind.add(key)
+        yield pytest.param(command, id=_id(command), marks=() if default else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("command", list(_run_params()))
+def test_readme_command_runs(command, placeholders, tmp_path):
+    made = [name for name, producer in PRODUCERS.items() if producer == command]
+    if made:  # it ran to make its placeholder, which later commands read
+        cwd, proc = placeholders.run_of(made[0])
+    else:
+        cwd = tmp_path
+        proc = _run(command, cwd, placeholders)
+    assert proc.returncode == 0, (
+        f"{command}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
+    KINDS[kind_of(command)].outputs(command, cwd, proc)
