@@ -3,6 +3,6 @@
 from frontier_jax.infer.config import InferConfig
 from frontier_jax.infer.engine import Engine
 from frontier_jax.infer.sampling import SamplingParams
-from frontier_jax.infer.scheduler import Completion, TokenEvent
+from frontier_jax.infer.scheduler import Completion, PrefixCacheStats, TokenEvent
 
-__all__ = ["Completion", "Engine", "InferConfig", "SamplingParams", "TokenEvent"]
+__all__ = ["Completion", "Engine", "InferConfig", "PrefixCacheStats", "SamplingParams", "TokenEvent"]

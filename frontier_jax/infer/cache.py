@@ -12,7 +12,10 @@ block 0 reserved (the null block):
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jax
@@ -111,48 +114,90 @@ def copy_blocks(cache: ModelCache, src: jax.Array, dst: jax.Array) -> ModelCache
     return jax.tree.map(copy, cache)
 
 
+def chain_keys(parent: bytes, tokens: Sequence[int], block_size: int) -> list[bytes]:
+    """Prefix-cache keys of the full blocks of `tokens`, the block before them keyed `parent`
+    (b"" at position 0): k_i = blake2b(k_{i-1} || int32 bytes of block i's tokens), so a key
+    names every token from position 0 to the end of its block."""
+    keys = []
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        block = np.asarray(tokens[start : start + block_size], "<i4").tobytes()
+        parent = hashlib.blake2b(parent + block, digest_size=16).digest()
+        keys.append(parent)
+    return keys
+
+
 class BlockAllocator:
-    """Free list over blocks 1 .. N-1, each sequence's list of blocks and each block's
-    reference count (the sequences whose list holds it).  A block is written only while one
-    sequence holds it: forked samples share the full prompt blocks once their prefill is done
-    (`share`), and only read them.  A block returns to the free list when its last holder
-    releases it."""
+    """Free blocks 1 .. N-1, each sequence's list of blocks and each block's reference count
+    (the sequences whose list holds it).  A block is written only while one sequence holds it:
+    forked samples and prefix-cache hits share full blocks and only read them (`share`,
+    `adopt`).  A block whose last holder releases it is free.
+
+    Prefix cache: a full block whose latents are final may be keyed (`register`, keys from
+    `chain_keys`).  A keyed block stays keyed when freed: it waits in an LRU of evictable
+    blocks, where a later sequence with the same prefix picks it up (`lookup`, `adopt`), until
+    its space is needed; blocks are handed out from the unkeyed free blocks first, then from the
+    least recently used evictable one, whose key is dropped (it is about to be rewritten).
+    `tail`: with MTP drafting, the D tokens after a block on which its MTP latents depend (its
+    last positions read them), None while those latents are not final."""
 
     def __init__(self, layout: CacheLayout):
         self.layout = layout
         self._free = list(range(layout.num_blocks - 1, NULL_BLOCK, -1))
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # keyed, free; least recent first
         self._owned: dict[int, list[int]] = {}
         self._refs = np.zeros(layout.num_blocks, np.int32)
+        self._block_of: dict[bytes, int] = {}
+        self._key_of: dict[int, bytes] = {}
+        self._tail: dict[int, tuple[int, ...]] = {}
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks no sequence holds: unkeyed or evictable."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def used_blocks(self) -> int:
         """Blocks held by at least one sequence (a shared block counts once)."""
-        return self.layout.num_blocks - 1 - len(self._free)
+        return self.layout.num_blocks - 1 - self.free_blocks
+
+    @property
+    def cached_blocks(self) -> int:
+        """Keyed blocks, held or evictable."""
+        return len(self._key_of)
 
     def blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.layout.block_size)
 
     def can_hold(self, seq_id: int, num_tokens: int) -> bool:
         """Whether sequence `seq_id` can grow to num_tokens with the blocks now free."""
-        return self.blocks_for(num_tokens) - len(self._owned.get(seq_id, ())) <= len(self._free)
+        return self.blocks_for(num_tokens) - len(self._owned.get(seq_id, ())) <= self.free_blocks
 
     def reserve(self, seq_id: int, num_tokens: int, shared: int = 0) -> list[int]:
         """Grows sequence seq_id's blocks to cover positions 0 .. num_tokens - 1, but for its
         first `shared` blocks, which it gets from another sequence later (`share`)."""
         owned = self._owned.setdefault(seq_id, [])
         missing = self.blocks_for(num_tokens) - shared - len(owned)
-        if missing > len(self._free):
+        if missing > self.free_blocks:
             raise RuntimeError(
-                f"latent cache full: sequence {seq_id} needs {missing} more blocks, {len(self._free)} free"
+                f"latent cache full: sequence {seq_id} needs {missing} more blocks, {self.free_blocks} free"
             )
         for _ in range(missing):
-            owned.append(self._free.pop())
+            owned.append(self._take())
             self._refs[owned[-1]] = 1
         return owned
+
+    def _take(self) -> int:
+        """A free block to be written: an unkeyed one, else the least recently used evictable
+        one, unkeyed."""
+        if self._free:
+            return self._free.pop()
+        block, _ = self._evictable.popitem(last=False)
+        self._unkey(block)
+        return block
+
+    def _unkey(self, block: int) -> None:
+        del self._block_of[self._key_of.pop(block)]
+        self._tail.pop(block, None)
 
     def share(self, parent: int, child: int, num_blocks: int) -> None:
         """Puts the first num_blocks blocks of `parent` in front of `child`'s own (each one's
@@ -161,6 +206,57 @@ class BlockAllocator:
         self._owned[child] = shared + self._owned.get(child, [])
         self._refs[shared] += 1
 
+    def lookup(self, keys: list[bytes], tails: list[tuple[int, ...]] | None = None) -> list[int]:
+        """The keyed blocks of the longest prefix of `keys` (block i keyed keys[i] and, with
+        `tails`, its tail equal to tails[i])."""
+        found = []
+        for i, key in enumerate(keys):
+            block = self._block_of.get(key)
+            if block is None or (tails is not None and self._tail.get(block) != tails[i]):
+                break
+            found.append(block)
+        return found
+
+    def evictable(self, blocks: list[int]) -> int:
+        """How many of `blocks` no sequence holds (adopting them takes them from the free ones)."""
+        return sum(self._refs[b] == 0 for b in blocks)
+
+    def adopt(self, seq_id: int, blocks: list[int]) -> None:
+        """Starts sequence seq_id's (empty) list with the cached `blocks` (`lookup`), each
+        one's reference count + 1: read, never written by it."""
+        for block in blocks:
+            self._evictable.pop(block, None)
+        self._owned[seq_id] = list(blocks)
+        self._refs[blocks] += 1
+
+    def register(self, seq_id: int, keys: list[bytes], first: int = 0, tails=None) -> None:
+        """Keys the blocks first .. first + len(keys) - 1 of sequence seq_id (full, their
+        latents final) with `keys`; with `tails` (MTP latents final too) their tails.  A key
+        that names another block already stays there, unless only this block has a tail."""
+        owned = self._owned[seq_id]
+        for i, key in enumerate(keys):
+            block, tail = owned[first + i], None if tails is None else tails[i]
+            other = self._block_of.get(key)
+            if other is not None and other != block:
+                if tail is None or other in self._tail:
+                    continue
+                self._unkey(other)
+                if other in self._evictable:
+                    del self._evictable[other]
+                    self._free.append(other)
+            self._block_of[key], self._key_of[block] = block, key
+            if tail is not None:
+                self._tail[block] = tail
+
+    def flush(self) -> None:
+        """Drops every key (e.g. new weights: the cached latents are stale); evictable blocks
+        become plain free blocks."""
+        self._free.extend(self._evictable)
+        self._evictable.clear()
+        self._block_of.clear()
+        self._key_of.clear()
+        self._tail.clear()
+
     def blocks(self, seq_id: int) -> list[int]:
         return self._owned.get(seq_id, [])
 
@@ -168,9 +264,17 @@ class BlockAllocator:
         return int(self._refs[block])
 
     def release(self, seq_id: int) -> None:
+        """Drops sequence seq_id's hold on its blocks; a block nobody holds any more is free:
+        evictable (most recently used, its sequence's last block first to go) when keyed."""
         owned = self._owned.pop(seq_id, [])
         self._refs[owned] -= 1
-        self._free.extend(b for b in reversed(owned) if self._refs[b] == 0)
+        for block in reversed(owned):
+            if self._refs[block]:
+                continue
+            if block in self._key_of:
+                self._evictable[block] = None
+            else:
+                self._free.append(block)
 
     def table(self, seq_ids: list[int | None], num_blocks: int) -> np.ndarray:
         """Block table [len(seq_ids), num_blocks] int32; None rows and unused entries: null block."""

@@ -35,7 +35,9 @@ class InferConfig:
     model.mtp_depth tokens per step with the MTP modules and verifies them in one forward;
     async_decode: dispatch decode step n+1 (fed step n's sampled tokens on the device) before
     reading step n's tokens back, so the host's work overlaps the device's (same tokens as
-    False, the synchronous loop; speculative decoding is always synchronous)."""
+    False, the synchronous loop; speculative decoding is always synchronous); prefix_cache: full
+    cache blocks stay keyed by the tokens up to their end, and a prompt reuses the longest cached
+    prefix instead of prefilling it (`scheduler.py`)."""
 
     block_size: int = 64
     max_seqs: int = 8
@@ -45,6 +47,7 @@ class InferConfig:
     decode_attention_impl: DecodeAttentionImpl = DecodeAttentionImpl.XLA
     speculative: Speculative = Speculative.NONE
     async_decode: bool = True
+    prefix_cache: bool = True
 
     def validate(self) -> "InferConfig":
         for name in ("block_size", "max_seqs", "prefill_chunk"):
@@ -60,8 +63,9 @@ class InferConfig:
                 f"infer.memory_budget_gb={self.memory_budget_gb} must be >= 0 (0: size the "
                 "cache from infer.max_seqs x infer.max_len)"
             )
-        if not isinstance(self.async_decode, bool):
-            raise ValueError(f"infer.async_decode={self.async_decode!r} must be true or false")
+        for name in ("async_decode", "prefix_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"infer.{name}={getattr(self, name)!r} must be true or false")
         DecodeAttentionImpl(self.decode_attention_impl)
         Speculative(self.speculative)
         return self

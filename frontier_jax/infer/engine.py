@@ -30,9 +30,11 @@ the others run on.
 Hooks for serving and rollouts: `submit(..., on_token=f)` hands each token over as it is appended
 (`TokenEvent`: id, log p, text delta from incremental detokenisation, finish reason);
 `cancel(id)` ends a waiting or running request at once; `SamplingParams.n` samples one prompt n
-times with one prefill (forked cache blocks, `scheduler.py`); `expert_load()` reads the tokens
-each MoE layer routed to each expert (`expert_load.py`), `expert_ledger` the counts of each of
-the last experts.window_steps steps (`runtime/expert_ledger.py`); `load_weights` swaps in new parameters
+times with one prefill (forked cache blocks, `scheduler.py`); the prefix cache (infer.prefix_cache)
+prefills only what no earlier request has cached (`scheduler.py`; `prefix_cache_stats()`,
+`Completion.cached_tokens`); `expert_load()` reads the tokens each MoE layer routed to each
+expert (`expert_load.py`), `expert_ledger` the counts of each of the last experts.window_steps
+steps (`runtime/expert_ledger.py`); `load_weights` swaps in new parameters
 without recompiling (`Engine.from_program` builds an engine on a model program's mesh).
 """
 
@@ -59,7 +61,7 @@ from frontier_jax.infer.config import DecodeAttentionImpl, InferConfig, Speculat
 from frontier_jax.infer.detokenize import TextStream
 from frontier_jax.infer.expert_load import ExpertLoad, count_experts, empty_load
 from frontier_jax.infer.sampling import SamplingParams, sample
-from frontier_jax.infer.scheduler import Batch, Completion, Request, Scheduler, TokenEvent
+from frontier_jax.infer.scheduler import Batch, Completion, PrefixCacheStats, Request, Scheduler, TokenEvent
 from frontier_jax.infer.speculative import MTPDecoder, accept
 from frontier_jax.infer.step import make_decode_step, make_step, pack_decode
 from frontier_jax.infer.weights import swap_weights
@@ -151,7 +153,14 @@ class Engine:
         self._prefill = make_step(graphdef, absorbed=False)
         self._decode = make_step(graphdef, absorbed=True, impl=impl)
         self._decode_sample = make_decode_step(graphdef, impl=impl)
-        self.scheduler = Scheduler(self.layout, self.infer.max_seqs, self.infer.prefill_chunk, min_rows)
+        self.scheduler = Scheduler(
+            self.layout,
+            self.infer.max_seqs,
+            self.infer.prefill_chunk,
+            min_rows,
+            prefix_cache=self.infer.prefix_cache,
+            draft_depth=self.layout.lookahead,
+        )
         # `previous` with nothing in flight
         self._no_tokens = jax.device_put(jnp.zeros(self.scheduler.max_rows, jnp.int32), replicated)
         self._in_flight: InFlight | None = None
@@ -184,6 +193,11 @@ class Engine:
             "acceptance_rate": s["accepted"] / max(s["drafted"], 1),
             "tokens_per_forward": (s["accepted"] + s["verify_forwards"]) / max(s["verify_forwards"], 1),
         }
+
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """Prompt tokens looked up in the prefix cache and tokens served from it since the
+        engine was built (`scheduler.py`); hit rate = hit_tokens / queried_tokens."""
+        return PrefixCacheStats(self.scheduler.queried_tokens, self.scheduler.hit_tokens)
 
     # ----------------------------------------------------------------------- loading
     @classmethod
@@ -285,8 +299,9 @@ class Engine:
         cast to the dtype of the one it replaces and laid out with its sharding, so every
         compiled step runs on without recompiling (`weights.py`).  Refused while requests run
         (their cached latents come from the old weights): finish or `cancel` them first.
-        Waiting requests stay queued and run on the new weights.  No cache block outlives the
-        requests holding it, so no latent of the old weights is read afterwards."""
+        Waiting requests stay queued and run on the new weights.  The prefix cache is flushed
+        (its blocks hold latents of the old weights), so no latent of the old weights is read
+        afterwards."""
         running = self.scheduler.running
         if running:
             raise RuntimeError(
@@ -294,6 +309,7 @@ class Engine:
                 f"{', ...' if len(running) > 4 else ''}): step until they finish or cancel them first"
             )
         self.state = swap_weights(self.state, params, biases)
+        self.scheduler.alloc.flush()
 
     # ----------------------------------------------------------------------- requests
     def submit(
@@ -471,6 +487,8 @@ class Engine:
             counts = batch.write.sum(1)
             logits, hidden = self._forward(self._prefill, batch)
             self.stats["prompt_tokens"] += int(counts.sum())
+            for request in batch.rows:
+                sched.register(request)
             if self._mtp is not None:
                 self._keep_hidden(batch.rows, batch.positions[:, 0], hidden, counts)
                 logits = logits[jnp.arange(logits.shape[0]), jnp.asarray(np.maximum(counts - 1, 0))]

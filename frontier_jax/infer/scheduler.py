@@ -16,6 +16,20 @@ then on), and a copy of its partly filled last prompt block in the follower's ow
 index (`cache.copy_blocks`), so a block is written only while one sequence holds it; each sample
 then decodes on its own.  A leader cancelled before its prefill ends hands the prefill and its
 full prompt blocks on to its first follower.
+
+Prefix caching (infer.prefix_cache): every full block whose latents are final is keyed by the
+hash chain of the tokens from position 0 to its end (`cache.chain_keys`: a cryptographic hash,
+so equal keys mean equal prefixes), after each prefill chunk and when its sequence retires
+(generated tokens included).  Admission looks up the longest keyed prefix of a prompt's full
+blocks, takes those blocks reference-counted (read only: positions below `computed` are never
+written again) and prefills only the rest.  At most floor((prompt - 1) / P) blocks are reused,
+so the last prompt token is always computed again: its logits give the first token (and with MTP
+its hidden state g^0 feeds the drafts).  With MTP drafting the MTP latents of a block's last
+positions depend on the D tokens after it (depth k at j reads t_{j+k}), so a block is reused
+only when its MTP latents are final (keyed with that tail when its sequence retires) and its
+tail equals the prompt's next D tokens; the drafts then start at the first position prefilled.
+Released keyed blocks stay cached until the allocator needs their space, least recently used
+first (`cache.BlockAllocator`).
 """
 
 from __future__ import annotations
@@ -26,7 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from frontier_jax.infer.cache import BlockAllocator, CacheLayout
+from frontier_jax.infer.cache import BlockAllocator, CacheLayout, chain_keys
 from frontier_jax.infer.detokenize import TextStream
 from frontier_jax.infer.sampling import SamplingParams
 
@@ -36,7 +50,8 @@ class Completion:
     """The result of one request: prompt and generated token ids, the generated text (stop
     string excluded), log p_model of each generated token, and why it ended: "stop" (stop
     token or string), "length" (max_new_tokens or infer.max_len), "cancelled" (`Engine.cancel`)
-    or "error" (see `error`)."""
+    or "error" (see `error`); cached_tokens: the prompt tokens whose latents came from the
+    prefix cache instead of a prefill (the same for the n samples of a prompt)."""
 
     prompt_ids: list[int]
     output_ids: list[int]
@@ -44,6 +59,7 @@ class Completion:
     logprobs: list[float]
     finish_reason: str
     error: str | None = None
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -78,6 +94,9 @@ class Request:
     computed: int = 0  # leading tokens whose latent is in the cache
     mtp_computed: int = 0  # speculative decoding: leading positions final in every MTP cache
     hidden: dict[int, np.ndarray] = field(default_factory=dict)  # g^0 of positions >= mtp_computed
+    keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its leading full blocks
+    registered: int = 0  # leading blocks keyed in the prefix cache (by it or before it)
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
     finish_reason: str | None = None
     text: str | None = None
 
@@ -110,7 +129,23 @@ class Request:
         return [self, *self.followers]
 
     def completion(self) -> Completion:
-        return Completion(self.prompt_ids, self.output_ids, self.text, self.logprobs, self.finish_reason)
+        return Completion(
+            self.prompt_ids,
+            self.output_ids,
+            self.text,
+            self.logprobs,
+            self.finish_reason,
+            cached_tokens=self.cached_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class PrefixCacheStats:
+    """Prompt tokens looked up in the prefix cache (every admitted prompt, once for n samples)
+    and those served from it; both 0 with infer.prefix_cache off."""
+
+    queried_tokens: int
+    hit_tokens: int
 
 
 @dataclass
@@ -132,10 +167,23 @@ def bucket(n: int, cap: int) -> int:
 
 
 class Scheduler:
-    def __init__(self, layout: CacheLayout, max_seqs: int, prefill_chunk: int, min_rows: int = 1):
-        """min_rows: the fewest rows of a step (the ways the batch is split over a mesh)."""
+    def __init__(
+        self,
+        layout: CacheLayout,
+        max_seqs: int,
+        prefill_chunk: int,
+        min_rows: int = 1,
+        *,
+        prefix_cache: bool = False,
+        draft_depth: int = 0,
+    ):
+        """min_rows: the fewest rows of a step (the ways the batch is split over a mesh);
+        prefix_cache: reuse cached prefixes (module docstring); draft_depth: D, the MTP drafts
+        of a speculative engine (0: none)."""
         self.layout, self.max_seqs, self.prefill_chunk = layout, max_seqs, prefill_chunk
         self.min_rows = min_rows
+        self.prefix_cache, self.draft_depth = prefix_cache, draft_depth
+        self.queried_tokens = self.hit_tokens = 0
         self.alloc = BlockAllocator(layout)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -163,14 +211,64 @@ class Scheduler:
         first served."""
         while self.waiting and len(self.running) + len(self.waiting[0].group) <= self.max_seqs:
             request = self.waiting[0]
+            hits = self.lookup(request)
             needed = self.group_blocks(len(request.prompt_ids), request.budget, len(request.group))
-            if needed > self.alloc.free_blocks:
+            if needed - len(hits) + self.alloc.evictable(hits) > self.alloc.free_blocks:
                 return
             tokens = request.budget + self.layout.lookahead
+            self.alloc.adopt(request.id, hits)
             self.alloc.reserve(request.id, tokens)
             for follower in request.followers:
                 self.alloc.reserve(follower.id, tokens, shared=self.shared_blocks(request))
+            if self.prefix_cache:
+                cached = len(hits) * self.layout.block_size
+                self.queried_tokens += len(request.prompt_ids)
+                self.hit_tokens += cached
+                request.computed = request.mtp_computed = cached
+                request.registered = len(hits)
+                for sample in request.group:
+                    sample.cached_tokens = cached
             self.running += self.waiting.popleft().group
+
+    def lookup(self, request: Request) -> list[int]:
+        """The cached blocks of the longest keyed prefix of `request`'s prompt: at most
+        floor((prompt - max(1, D)) / P) blocks (the last prompt token computed again; with MTP
+        drafting each block's tail of D tokens inside the prompt and equal to its cached tail)."""
+        if not self.prefix_cache:
+            return []
+        size, depth, prompt = self.layout.block_size, self.draft_depth, request.prompt_ids
+        n = (len(prompt) - max(1, depth)) // size
+        tails = [tuple(prompt[(i + 1) * size : (i + 1) * size + depth]) for i in range(n)] if depth else None
+        return self.alloc.lookup(self.keys(request, n), tails)
+
+    def keys(self, request: Request, n: int) -> list[bytes]:
+        """The prefix-cache keys of `request`'s first n full blocks (hashed once, kept)."""
+        have, size = len(request.keys), self.layout.block_size
+        if n > have:
+            tokens = request.tokens_from(have * size)[: (n - have) * size]
+            request.keys += chain_keys(request.keys[-1] if have else b"", tokens, size)
+        return request.keys[:n]
+
+    def register(self, request: Request) -> None:
+        """Keys `request`'s full blocks whose latents are final (positions < computed, their
+        tokens known) in the prefix cache."""
+        if not self.prefix_cache:
+            return
+        n = min(request.computed, request.length) // self.layout.block_size
+        if n > request.registered:
+            self.alloc.register(request.id, self.keys(request, n)[request.registered :], request.registered)
+            request.registered = n
+
+    def register_tails(self, request: Request) -> None:
+        """With MTP drafting: gives `request`'s own keyed blocks whose MTP latents are final
+        (positions < mtp_computed, their D next tokens known) those tails."""
+        size, depth = self.layout.block_size, self.draft_depth
+        first = request.cached_tokens // size  # the blocks before came with their tails
+        n = min(request.mtp_computed, request.computed, request.length - depth) // size
+        if n > first:
+            tokens = request.tokens_from(0)
+            tails = [tuple(tokens[(i + 1) * size : (i + 1) * size + depth]) for i in range(first, n)]
+            self.alloc.register(request.id, self.keys(request, n)[first:], first, tails)
 
     def fork(self, request: Request) -> tuple[list[Request], list[tuple[int, int]]]:
         """The followers of `request`, whose prefill just ended, get its prompt: (followers,
@@ -179,6 +277,7 @@ class Scheduler:
         shared, copies = self.shared_blocks(request), []
         for follower in followers:
             follower.leader, follower.computed = None, request.computed
+            follower.keys, follower.registered = request.keys[:shared], min(request.registered, shared)
             self.alloc.share(request.id, follower.id, shared)
             if len(request.prompt_ids) % self.layout.block_size:
                 copies.append((self.alloc.blocks(request.id)[shared], self.alloc.blocks(follower.id)[shared]))
@@ -209,6 +308,10 @@ class Scheduler:
                 self.waiting.insert(position, heir)
 
     def retire(self, request: Request) -> None:
+        """Frees `request`'s slot and blocks, its full blocks keyed in the prefix cache first."""
+        self.register(request)
+        if self.prefix_cache and self.draft_depth:
+            self.register_tails(request)
         self.alloc.release(request.id)
         self.running.remove(request)
 
