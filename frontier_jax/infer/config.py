@@ -35,7 +35,11 @@ class InferConfig:
     model.mtp_depth tokens per step with the MTP modules and verifies them in one forward;
     async_decode: dispatch decode step n+1 (fed step n's sampled tokens on the device) before
     reading step n's tokens back, so the host's work overlaps the device's (same tokens as
-    False, the synchronous loop; speculative decoding is always synchronous)."""
+    False, the synchronous loop; speculative decoding is always synchronous);
+    expert_placement: a placement file of redundant experts (`frontier-jax experts plan --out`,
+    `parallel.placement.Placement.load`) the MoE layers run on, "" for none; replan_every: when
+    > 0, every that many engine steps the placement is planned afresh from the expert loads
+    counted since the last plan (same replica count) and applied between steps (`Engine.replan`)."""
 
     block_size: int = 64
     max_seqs: int = 8
@@ -45,6 +49,8 @@ class InferConfig:
     decode_attention_impl: DecodeAttentionImpl = DecodeAttentionImpl.XLA
     speculative: Speculative = Speculative.NONE
     async_decode: bool = True
+    expert_placement: str = ""
+    replan_every: int = 0
 
     def validate(self) -> "InferConfig":
         for name in ("block_size", "max_seqs", "prefill_chunk"):
@@ -60,6 +66,8 @@ class InferConfig:
                 f"infer.memory_budget_gb={self.memory_budget_gb} must be >= 0 (0: size the "
                 "cache from infer.max_seqs x infer.max_len)"
             )
+        if not isinstance(self.replan_every, int) or self.replan_every < 0:
+            raise ValueError(f"infer.replan_every={self.replan_every!r} must be an integer >= 0 (0: never)")
         if not isinstance(self.async_decode, bool):
             raise ValueError(f"infer.async_decode={self.async_decode!r} must be true or false")
         DecodeAttentionImpl(self.decode_attention_impl)
