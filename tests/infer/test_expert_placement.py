@@ -69,6 +69,8 @@ def test_decode_with_replicas_equals_without_and_a_new_placement_compiles_nothin
     np.testing.assert_array_equal(
         stored, np.take_along_axis(w_up, third.physical_to_logical[..., None, None], 1)
     )
+    engine.load_weights(params, biases)  # logical parameters, copied onto the slots again
+    np.testing.assert_array_equal(engine.state["moe_layers"]["blocks"]["ffn"]["experts"]["w_up"], stored)
 
 
 def test_replan_every_plans_from_the_counted_loads(setup, tmp_path):
