@@ -5,12 +5,14 @@ experts: one prefill forward of the engine's step over held-out text, on D fake 
         [--plan PLAN.json] [--rows 16 --seq 128]
 
 The text is the last standard-library files of the embedded code data (the toy run trains on
-the others first; held out in practice).  The forward runs the engine's prefill step with the
+the others first; held out in practice): its first rows x seq tokens to plan from, the next
+rows x seq to measure on.  The forward runs the engine's prefill step with the
 placement applied on mesh expert=D (the experts on the slots' copies, `Engine.set_placement`);
 its routed experts give the assignments each device receives as the dispatch routes them
 (`parallel.expert.received_per_device`), before (expert e on device e // (E/D)) and after.  The
-placement is `--plan` (a `frontier-jax experts plan` file) or planned from this forward's own
-expert load with `parallel.placement.plan`.  Prints max/mean over devices per layer and overall.
+placement is `--plan` (a `frontier-jax experts plan` file) or planned with
+`parallel.placement.plan` from the expert load of a forward over the planning text.  Prints
+max/mean over devices per layer and overall.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from frontier_jax.runtime.restore import restore_params  # noqa: E402
 
 
 def held_out_tokens(rows: int, seq: int) -> np.ndarray:
-    """[rows, seq] byte-tokenizer ids of the last standard-library files."""
+    """[rows, seq] byte-tokenizer ids of the standard-library files, from the last one backwards."""
     tokenizer, files, ids = byte_tokenizer(), code_dataset(), []
     for index in range(len(files) - 1, -1, -1):
         ids += tokenizer.encode(files[index])
@@ -102,11 +104,12 @@ def main(args: argparse.Namespace) -> None:
         program = build_model_program(ModelSections(cfg.model, mesh, PrecisionConfig()))
         params, biases = program.init(0)
     infer = InferConfig(block_size=args.seq, max_seqs=args.rows, max_len=args.seq, prefill_chunk=args.seq)
-    ids = held_out_tokens(args.rows, args.seq)
+    planning_ids, ids = np.split(held_out_tokens(2 * args.rows, args.seq), 2)
     plain = Engine.from_program(program, params, biases, infer=infer)
     experts = routed_experts(plain, program, params, biases, ids)
     layers, experts_per_layer = experts.shape[0], program.cfg.model.n_routed_experts
-    load = np.stack([np.bincount(e.reshape(-1), minlength=experts_per_layer) for e in experts])
+    seen = routed_experts(plain, program, params, biases, planning_ids)
+    load = np.stack([np.bincount(e.reshape(-1), minlength=experts_per_layer) for e in seen])
     if args.plan:
         placement = Placement.load(args.plan)
     else:

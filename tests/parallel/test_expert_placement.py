@@ -82,7 +82,7 @@ def test_replicas_give_the_same_outputs_and_gradients_as_the_logical_experts():
 
     routing = Routing(jnp.asarray(weights), jnp.asarray(experts), None)
     with use_sharding(mesh):
-        step = jax.jit(nnx.grad(loss, has_aux=True))
+        step = common.fast_jit(nnx.grad(loss, has_aux=True))
         grads_plain, y_plain = step(plain, x, routing)
         grads_placed, y_placed = step(placed, x, routing)
     np.testing.assert_allclose(y_placed, y_plain, rtol=1e-5, atol=1e-6)
@@ -118,7 +118,7 @@ def test_per_device_counts_fall_on_a_skewed_load_and_match_the_dispatch():
     # the dispatch routes as counted: its all-to-all bytes are those of the remote rows
     mesh, _, placed = _layers(placement)
     with use_sharding(mesh):
-        out = jax.jit(lambda layer, x, r: layer(x, r))(placed, x, Routing(weights, experts, None))
+        out = common.fast_jit(lambda layer, x, r: layer(x, r))(placed, x, Routing(weights, experts, None))
     assert float(out.a2a_bytes) == 2 * remote * D * 4
 
 
@@ -139,7 +139,7 @@ def test_training_forward_with_replicas_equals_the_model_without():
     nnx.update(placed, state)
     ids = jax.random.randint(jax.random.key(1), (8, 6), 0, cfg.vocab_size)
     with use_sharding(mesh):
-        forward = jax.jit(lambda model, ids: model.forward(ids).logits)
+        forward = common.fast_jit(lambda model, ids: model.forward(ids).logits)
         np.testing.assert_allclose(forward(placed, ids), forward(plain, ids), rtol=1e-5, atol=1e-5)
 
 
