@@ -5,8 +5,8 @@ experts: one prefill forward of the engine's step over held-out text, on D fake 
         [--plan PLAN.json] [--rows 16 --seq 128]
 
 The text is the last standard-library files of the embedded code data (the toy run trains on
-the others first; held out in practice): its first rows x seq tokens to plan from, the next
-rows x seq to measure on.  The forward runs the engine's prefill step with the
+the others first; held out in practice), cut into 2 rows sequences of seq tokens: the even
+ones to plan from, the odd ones to measure on.  The forward runs the engine's prefill step with the
 placement applied on mesh expert=D (the experts on the slots' copies, `Engine.set_placement`);
 its routed experts give the assignments each device receives as the dispatch routes them
 (`parallel.expert.received_per_device`), before (expert e on device e // (E/D)) and after.  The
@@ -78,8 +78,8 @@ def routed_experts(engine: Engine, program: ModelProgram, params, biases, ids: n
     table = 1 + np.arange(rows * per_seq, dtype=np.int32).reshape(rows, per_seq)
     pages = Pages(jnp.asarray(table), jnp.ones((rows, seq), bool))
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (rows, seq))
-    with use_sharding(engine.mesh, engine.rules):
-        *_, experts = step(
+    with use_sharding(engine.mesh, engine.rules):  # the cache is donated: keep the step's
+        _, _, engine.cache, experts = step(
             engine.state, engine.cache, jnp.asarray(ids), positions, pages, jnp.zeros((rows, 1), jnp.int32)
         )
     experts = np.asarray(experts)
@@ -104,7 +104,8 @@ def main(args: argparse.Namespace) -> None:
         program = build_model_program(ModelSections(cfg.model, mesh, PrecisionConfig()))
         params, biases = program.init(0)
     infer = InferConfig(block_size=args.seq, max_seqs=args.rows, max_len=args.seq, prefill_chunk=args.seq)
-    planning_ids, ids = np.split(held_out_tokens(2 * args.rows, args.seq), 2)
+    tokens = held_out_tokens(2 * args.rows, args.seq)
+    planning_ids, ids = tokens[0::2], tokens[1::2]
     plain = Engine.from_program(program, params, biases, infer=infer)
     experts = routed_experts(plain, program, params, biases, ids)
     layers, experts_per_layer = experts.shape[0], program.cfg.model.n_routed_experts
