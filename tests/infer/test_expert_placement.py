@@ -1,6 +1,7 @@
 """The engine with a placement of redundant experts on 8 fake CPU devices (expert axis 8): decode
-equals the engine without replicas, a new placement re-copies the weights without compiling
-anything, `infer.replan_every` re-plans from the counted loads, bad placements are one line."""
+equals the unsharded model without replicas, `infer.replan_every` re-plans from the counted
+loads and a new placement re-copies the weights without compiling anything, bad placements are
+one line."""
 
 import jax
 import numpy as np
@@ -15,6 +16,7 @@ from frontier_jax.precision.config import PrecisionConfig
 from frontier_jax.runtime.program import ModelSections, build_model_program, model_program
 from tests.infer import tiny
 from tests.infer.test_load_weights import CompileCounter
+from tests.model import common
 from tests.parallel.hot_experts import replicate_hot
 
 R, DEVICES = 8, 8
@@ -29,53 +31,33 @@ def weights():
     return program, nnx.to_pure_dict(params), nnx.to_pure_dict(biases)
 
 
-@pytest.fixture(scope="module")
-def setup(weights):
-    """weights + (prompts, the tokens of the one-device engine without replicas)."""
-    prompts = tiny.prompts([7, 10, 4], seed=5)
-    return *weights, prompts, Engine(tiny.model(seed=3), infer=tiny.INFER).generate(prompts, PARAMS)
-
-
 def skewed_placement(seed: int) -> Placement:
     """A placement replicating the experts of a random skewed load (2 MoE layers x 8 experts)."""
     load = np.random.default_rng(seed).pareto(1.0, (2, 8)) + 1
     return replicate_hot(load, replicas=R, devices=DEVICES)
 
 
-def assert_same(got, expected):
-    # fp32: the same greedy tokens, log-probabilities within 1e-4 (8 rows a step on 8 devices
-    # against the one-device engine's rows, sums in another order)
-    for a, b in zip(got, expected):
-        assert a.output_ids == b.output_ids
-        np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-4, atol=1e-4)
+def assert_model_outputs(prompts, completions):
+    """The completions are the unsharded model's without replicas: each greedy token the argmax
+    of its one-device forward over prompt + output, each log-probability its log-softmax
+    (fp32, within 1e-4: 8 rows a step on 8 devices, sums in another order)."""
+    sequences = [p + c.output_ids for p, c in zip(prompts, completions)]
+    ids = np.zeros((len(sequences), max(map(len, sequences))), np.int32)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = sequence
+    logp = np.asarray(jax.nn.log_softmax(common.fast_jit(lambda m, ids: m(ids))(tiny.model(seed=3), ids), -1))
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        positions = np.arange(len(prompt) - 1, len(sequences[row]) - 1)
+        assert completion.output_ids == logp[row, positions].argmax(-1).tolist()
+        np.testing.assert_allclose(
+            completion.logprobs, logp[row, positions, completion.output_ids], rtol=1e-4, atol=1e-4
+        )
 
 
-def test_decode_with_replicas_equals_without_and_a_new_placement_compiles_nothing(setup):
-    program, params, biases, prompts, expected = setup
-    first, second, third = (skewed_placement(seed) for seed in range(3))
-    engine = Engine.from_program(program, params, biases, infer=tiny.INFER, placement=first)
-    experts = engine.state["moe_layers"]["blocks"]["ffn"]["experts"]
-    assert experts["w_up"].shape[1] == 8 + R  # the slots' copies are stored
-    assert_same(engine.generate(prompts, PARAMS), expected)
-    engine.set_placement(second)
-    with CompileCounter() as compiles:
-        engine.set_placement(third)
-        got = engine.generate(prompts, PARAMS)
-    assert compiles.count == 0
-    assert_same(got, expected)
-    # the stored copies are the logical weights gathered by the placement
-    w_up = np.asarray(params["moe_layers"]["blocks"]["ffn"]["experts"]["w_up"])
-    stored = np.asarray(engine.state["moe_layers"]["blocks"]["ffn"]["experts"]["w_up"])
-    np.testing.assert_array_equal(
-        stored, np.take_along_axis(w_up, third.physical_to_logical[..., None, None], 1)
-    )
-    engine.load_weights(params, biases)  # logical parameters, copied onto the slots again
-    np.testing.assert_array_equal(engine.state["moe_layers"]["blocks"]["ffn"]["experts"]["w_up"], stored)
-
-
-def test_replan_every_plans_from_the_counted_loads(setup, tmp_path):
-    program, params, biases, prompts, expected = setup
-    first = skewed_placement(0)
+def test_decode_with_replicas_equals_the_model_and_replans_without_compiling(weights, tmp_path):
+    program, params, biases = weights
+    prompts = tiny.prompts([7, 10, 4], seed=5)
+    first, second = skewed_placement(0), skewed_placement(1)
     first.save(tmp_path / "plan.json")
     calls = []
 
@@ -86,15 +68,32 @@ def test_replan_every_plans_from_the_counted_loads(setup, tmp_path):
     infer = {**vars(tiny.INFER), "expert_placement": str(tmp_path / "plan.json"), "replan_every": 2}
     engine = Engine.from_program(program, params, biases, infer=infer, planner=planner)
     np.testing.assert_array_equal(engine.placement.physical_to_logical, first.physical_to_logical)
-    assert_same(engine.generate(prompts, PARAMS), expected)
-    assert calls and all(r == R and d == DEVICES for _, r, d in calls)
-    # the windows of the re-plans add up to the loads counted until the last one
-    assert sum(load for load, _, _ in calls).sum() <= engine.expert_load().load.sum()
-    assert calls[0][0].shape == (2, 8) and calls[0][0].sum() > 0
-    np.testing.assert_array_equal(
-        engine.placement.physical_to_logical,
-        planner(calls[-1][0], replicas=R, devices=DEVICES).physical_to_logical,
+    experts = engine.state["moe_layers"]["blocks"]["ffn"]["experts"]
+    assert experts["w_up"].shape[1] == 8 + R  # the slots' copies are stored
+    engine.set_placement(second)  # compiles the copy from slots to slots
+    completions = engine.generate(prompts, PARAMS)  # compiles the steps
+    planned = len(calls)
+    with CompileCounter() as compiles:  # new placements every 2 steps: values change, not shapes
+        again = engine.generate(prompts, PARAMS)
+    assert compiles.count == 0 and len(calls) > planned > 0
+    assert_model_outputs(prompts, completions)
+    assert [c.output_ids for c in again] == [c.output_ids for c in completions]
+    # the planner saw the loads counted since the previous plan, with the engine's R and devices
+    assert len(calls) >= 2 and all(r == R and d == DEVICES for _, r, d in calls)
+    assert (
+        calls[0][0].shape == (2, 8)
+        and sum(load for load, _, _ in calls).sum() <= engine.expert_load().load.sum()
     )
+    planned = planner(calls[-1][0], replicas=R, devices=DEVICES)
+    np.testing.assert_array_equal(engine.placement.physical_to_logical, planned.physical_to_logical)
+    # the stored copies are the logical weights gathered by the placement
+    w_up = np.asarray(params["moe_layers"]["blocks"]["ffn"]["experts"]["w_up"])
+    stored = np.asarray(engine.state["moe_layers"]["blocks"]["ffn"]["experts"]["w_up"])
+    np.testing.assert_array_equal(
+        stored, np.take_along_axis(w_up, planned.physical_to_logical[..., None, None], 1)
+    )
+    engine.load_weights(params, biases)  # logical parameters, copied onto the slots again
+    np.testing.assert_array_equal(engine.state["moe_layers"]["blocks"]["ffn"]["experts"]["w_up"], stored)
 
 
 def test_placements_that_do_not_fit_are_one_line_errors(weights):
