@@ -37,7 +37,11 @@ class InferConfig:
     reading step n's tokens back, so the host's work overlaps the device's (same tokens as
     False, the synchronous loop; speculative decoding is always synchronous); prefix_cache: full
     cache blocks stay keyed by the tokens up to their end, and a prompt reuses the longest cached
-    prefix instead of prefilling it (`scheduler.py`)."""
+    prefix instead of prefilling it (`scheduler.py`); expert_placement: a placement file of
+    redundant experts (`frontier-jax experts plan --out`, `parallel.placement.Placement.load`) the
+    MoE layers run on, "" for none; replan_every: when > 0, every that many engine steps the
+    placement is planned afresh from the expert loads counted since the last plan (same replica
+    count) and applied between steps (`Engine.replan`)."""
 
     block_size: int = 64
     max_seqs: int = 8
@@ -48,6 +52,8 @@ class InferConfig:
     speculative: Speculative = Speculative.NONE
     async_decode: bool = True
     prefix_cache: bool = True
+    expert_placement: str = ""
+    replan_every: int = 0
 
     def validate(self) -> "InferConfig":
         for name in ("block_size", "max_seqs", "prefill_chunk"):
@@ -63,6 +69,8 @@ class InferConfig:
                 f"infer.memory_budget_gb={self.memory_budget_gb} must be >= 0 (0: size the "
                 "cache from infer.max_seqs x infer.max_len)"
             )
+        if not isinstance(self.replan_every, int) or self.replan_every < 0:
+            raise ValueError(f"infer.replan_every={self.replan_every!r} must be an integer >= 0 (0: never)")
         for name in ("async_decode", "prefix_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"infer.{name}={getattr(self, name)!r} must be true or false")

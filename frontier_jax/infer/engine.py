@@ -49,7 +49,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from omegaconf import OmegaConf
 from tqdm import tqdm
@@ -60,6 +60,7 @@ from frontier_jax.infer.cache import CacheLayout, allocate_cache, copy_blocks
 from frontier_jax.infer.config import DecodeAttentionImpl, InferConfig, Speculative
 from frontier_jax.infer.detokenize import TextStream
 from frontier_jax.infer.expert_load import ExpertLoad, count_experts, empty_load
+from frontier_jax.infer.expert_slots import logical_experts, place_experts, slot_arrays, slot_count
 from frontier_jax.infer.sampling import SamplingParams, sample
 from frontier_jax.infer.scheduler import Batch, Completion, PrefixCacheStats, Request, Scheduler, TokenEvent
 from frontier_jax.infer.speculative import MTPDecoder, accept
@@ -68,9 +69,12 @@ from frontier_jax.infer.weights import swap_weights
 from frontier_jax.model import Transformer
 from frontier_jax.model.config import ImplConfig
 from frontier_jax.model.latent_cache import Pages
+from frontier_jax.model.moe import default_slots
 from frontier_jax.model.routing import ExpertBias
 from frontier_jax.parallel.config import MeshConfig
+from frontier_jax.parallel.expert import expert_parallel_size
 from frontier_jax.parallel.mesh import state_shardings
+from frontier_jax.parallel.placement import Placement
 from frontier_jax.parallel.rules import DEFAULT_RULES, use_sharding
 from frontier_jax.precision.config import PrecisionConfig
 from frontier_jax.runtime.expert_ledger import ExpertLedger, ExpertsConfig
@@ -107,14 +111,24 @@ class Engine:
         seed: int = 0,
         experts: ExpertsConfig | None = None,
         verbose: bool = False,
+        placement: Placement | None = None,
+        planner: Callable[..., Placement] | None = None,
     ):
         """mesh, rules: parameters sharded by the logical-axis rules (default
         `parallel.rules.DEFAULT_RULES`), activations constrained by them, the cache replicated and
         every step's rows a multiple of the batch split; build `model` with the matching expert
         dispatcher (`parallel.expert.expert_dispatcher(mesh, rules)`).  None: one device.
-        experts: the window of `expert_ledger` (experts.window_steps scheduler steps)."""
+        experts: the window of `expert_ledger` (experts.window_steps scheduler steps).
+
+        placement (default: the file `infer.expert_placement`, if set): redundant experts, the
+        MoE layers' experts run on its E + R physical slots (`set_placement`); `model` must be
+        built with impl.expert_replicas=R on a mesh with an `expert` axis (`from_program` builds
+        it so).  planner(load [L, E], replicas=R, devices=D) -> Placement re-plans every
+        `infer.replan_every` steps (default `parallel.placement.plan`)."""
         self.cfg = model.cfg
         self.infer = (infer or InferConfig()).validate()
+        if placement is None and self.infer.expert_placement:
+            placement = Placement.load(self.infer.expert_placement)
         self.tokenizer = tokenizer
         self.seed = seed
         dtype = model.policy.compute_dtype
@@ -138,6 +152,17 @@ class Engine:
             self.state = jax.device_put(nnx.to_pure_dict(state), state_shardings(state, mesh, self.rules))
             replicated = NamedSharding(mesh, PartitionSpec())
             min_rows = math.prod(mesh.shape[a] for a in self.rules["batch"] if a in mesh.shape)
+        self.placement, self._planner = None, planner
+        self._check_placement(placement)
+        slots = slot_count(self.state)
+        if slots is not None:  # store the slots' copies (the default placement unless one is given)
+            default = default_slots(
+                {
+                    "physical_to_logical": np.zeros((self.cfg.num_moe_layers, slots)),
+                    "copies": np.zeros((self.cfg.num_moe_layers, self.cfg.n_routed_experts)),
+                }
+            )
+            self.set_placement(placement or Placement(**default))
         self.cache = jax.device_put(allocate_cache(self.cfg, self.layout, dtype), replicated)
         # this step's expert counts (device, None until a forward counts some) and the ledger
         # that each step's counts go to
@@ -149,6 +174,7 @@ class Engine:
             self.cfg.n_routed_experts,
             (experts or ExpertsConfig()).validate().window_steps,
         )
+        self._steps, self._load_at_plan = 0, None
         impl = DecodeAttentionImpl(self.infer.decode_attention_impl).value
         self._prefill = make_step(graphdef, absorbed=False)
         self._decode = make_step(graphdef, absorbed=True, impl=impl)
@@ -209,25 +235,33 @@ class Engine:
         *,
         tokenizer: Tokenizer | None = None,
         infer: InferConfig | dict | None = None,
+        placement: Placement | None = None,
         **kwargs,
     ) -> Engine:
         """An engine over `program`'s model holding `params` and `biases` (pure dicts: a train
         state's, `restore_params`'), on the program's mesh with its rules table and expert
         dispatcher (parameters laid out by the rules, activations constrained by them).  A
         program whose model has a scalar head (a reward / value model) has no tokens to generate:
-        a one-line error."""
+        a one-line error.  placement (default: the file `infer.expert_placement`, if set):
+        the model runs its experts on the placement's slots (impl.expert_replicas set to its R)."""
         head = str(getattr(program.cfg.model, "head", "lm"))
         if head != "lm":
             raise ValueError(
                 f"model.head={head}: an Engine generates tokens from a language-model head (model.head=lm); "
                 "score a scalar-head model with a forward pass instead"
             )
+        infer = _infer_config(InferConfig(), infer)
+        if placement is None and infer.expert_placement:
+            placement = Placement.load(infer.expert_placement)
+        if placement is not None and placement.replicas > 0:
+            program = program.with_impl(program.cfg.impl.replace(expert_replicas=placement.replicas))
         return cls(
             program.model(params, biases),
             tokenizer=tokenizer,
-            infer=_infer_config(InferConfig(), infer),
+            infer=infer,
             mesh=program.mesh,
             rules=program.rules,
+            placement=placement,
             **kwargs,
         )
 
@@ -308,8 +342,74 @@ class Engine:
                 f"load_weights while {len(running)} requests run (ids {', '.join(str(r.id) for r in running[:4])}"
                 f"{', ...' if len(running) > 4 else ''}): step until they finish or cancel them first"
             )
-        self.state = swap_weights(self.state, params, biases)
+        if self.placement is None:
+            self.state = swap_weights(self.state, params, biases)
+        else:
+            logical = swap_weights(logical_experts(self.state, self.placement), params, biases)
+            flat = {**traverse_util.flatten_dict(logical), **slot_arrays(self.state)}
+            self.state = place_experts(traverse_util.unflatten_dict(flat), self.placement, None)
         self.scheduler.alloc.flush()
+
+    # ----------------------------------------------------------------------- expert placement
+    def _check_placement(self, placement: Placement | None) -> None:
+        """One-line ValueError where `placement` cannot run on this engine's model and mesh."""
+        slots = slot_count(self.state)
+        if placement is None:
+            if self.infer.replan_every and slots is None:
+                raise ValueError(
+                    f"infer.replan_every={self.infer.replan_every} re-plans a placement of redundant experts "
+                    "and there is none: give one (infer.expert_placement=FILE or placement=)"
+                )
+            return
+        devices = 1 if self.mesh is None else expert_parallel_size(self.mesh, self.rules)
+        if devices == 1:
+            raise ValueError(
+                "an expert placement needs expert parallelism: a mesh with an `expert` axis > 1 that the "
+                "`expert` rule uses (mesh.expert=D); this engine has none"
+            )
+        if placement.replicas == 0:
+            raise ValueError(
+                "the placement has no redundant experts (0 replicas): plan it with replicas >= 1, or run "
+                "without a placement"
+            )
+        placement.check_fits(self.cfg.num_moe_layers, self.cfg.n_routed_experts, devices)
+        if placement.num_slots != slots:
+            runs = "no replicas" if slots is None else f"{slots - self.cfg.n_routed_experts} replicas"
+            raise ValueError(
+                f"the placement has {placement.replicas} replicas per layer and the model runs {runs}: build "
+                f"it with impl.expert_replicas={placement.replicas} (Engine.from_program does)"
+            )
+
+    def set_placement(self, placement: Placement) -> None:
+        """Runs the MoE layers' experts on `placement`'s slots from the next step on: the expert
+        weights are re-copied into the slots (`expert_slots.py`) with the same shapes, dtypes
+        and shardings, so no step recompiles; the outputs stay the same (dropless dispatch).
+        Its replica count must be the model's (impl.expert_replicas)."""
+        self._check_placement(placement)
+        self.state = place_experts(self.state, placement, self.placement)
+        self.placement = placement
+
+    def replan(self) -> Placement | None:
+        """A placement planned from the expert loads counted since the last plan (`expert_load`)
+        with this placement's replica count over the expert devices, applied with
+        `set_placement`; None (nothing changed) when no token was counted since."""
+        if self.placement is None:
+            raise ValueError("replan: this engine runs no placement of redundant experts")
+        load = self.expert_load().load.astype(np.float64)
+        window = load - (0 if self._load_at_plan is None else self._load_at_plan)
+        if (window < 0).any():  # the counts were reset since: all of them are new
+            window = load
+        self._load_at_plan = load
+        if not window.any():
+            return None
+        if self._planner is None:
+            from frontier_jax.parallel.placement import plan as planner
+        else:
+            planner = self._planner
+        devices = expert_parallel_size(self.mesh, self.rules)
+        placement = planner(window, replicas=self.placement.replicas, devices=devices)
+        self.set_placement(placement)
+        return placement
 
     # ----------------------------------------------------------------------- requests
     def submit(
@@ -471,11 +571,16 @@ class Engine:
         """One scheduler iteration (module docstring); returns the ids of requests finished in it."""
         try:
             if self.mesh is None:
-                return self._step()
-            with use_sharding(self.mesh, self.rules):
-                return self._step()
+                finished = self._step()
+            else:
+                with use_sharding(self.mesh, self.rules):
+                    finished = self._step()
         finally:
             self._record_expert_step()
+        self._steps += 1
+        if self.infer.replan_every and self._steps % self.infer.replan_every == 0:
+            self.replan()
+        return finished
 
     def _step(self) -> list[int]:
         sched = self.scheduler

@@ -255,7 +255,12 @@ class ImplConfig:
     time flat in L; what a layer keeps for the backward goes into stacked [L, ...] buffers);
     false with a Python loop over layer slices of the same stacked parameters (L copies in the
     program, kept residuals are per-layer buffers). Parameters, checkpoints and results are the
-    same either way; the MTP modules always scan."""
+    same either way; the MTP modules always scan.
+
+    expert_replicas R (None: none): each MoE layer runs its N_r experts on N_r + R physical expert
+    slots under expert parallelism, slot s holding a copy of logical expert
+    `physical_to_logical[s]` (`parallel.placement`; the placement is state of the model, not a
+    parameter, so a new placement with the same R changes values, not shapes)."""
 
     attention: AttentionImpl = AttentionImpl.xla
     gmm: GmmImpl = GmmImpl.auto
@@ -265,8 +270,16 @@ class ImplConfig:
     ep_overlap_chunks: int = 1
     remat: RematPolicy = RematPolicy.none
     scan_layers: bool = True
+    expert_replicas: int | None = None
 
     def validate(self) -> "ImplConfig":
+        if self.expert_replicas is not None and (
+            not isinstance(self.expert_replicas, int) or self.expert_replicas < 1
+        ):
+            raise ValueError(
+                f"impl.expert_replicas={self.expert_replicas!r} is invalid: a positive integer (redundant "
+                "expert slots per MoE layer), or null for none"
+            )
         if self.gmm_gather != "xla" and self.gmm not in ("auto", "pallas"):
             raise ValueError(
                 f"impl.gmm_gather={self.gmm_gather} is invalid with impl.gmm={self.gmm}: only the Pallas "

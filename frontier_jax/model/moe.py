@@ -7,6 +7,12 @@ W_gate, W_up [N_r, d, f] and W_down [N_r, f, d]; how their tokens are dispatched
 over the mesh with all-to-all; "dropless" or "capacity" by `impl.moe_dispatch`) is the
 `ExpertDispatcher` the model is given (`frontier_jax.ops.dispatch`).
 
+With `impl.expert_replicas` = R the layer's experts run on E + R physical slots (a placement,
+`parallel.placement`, held as `ExpertSlots` state: physical_to_logical [E+R],
+logical_to_physical [E, R+1], copies [E]); the weights stay the E logical experts' unless
+whoever runs the model stores the slots' copies in their place (the inference engine, which
+materialises them when it applies a placement).
+
 Returned statistics: per-expert load (assignments of real tokens), the sequence-wise balance
 loss L_bal = sum_i f_i P_i SUMMED over rows (eqs. 17-20; training divides it by the number of
 rows of the whole global batch that hold real tokens and multiplies by alpha, so that rows
@@ -16,18 +22,27 @@ number of dropped assignments.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from frontier_jax.model.config import ImplConfig, ModelConfig
 from frontier_jax.model.layers import normal_param
 from frontier_jax.model.mlp import SwiGLU
 from frontier_jax.model.routing import Router
-from frontier_jax.ops.dispatch import ExpertDispatcher, ExpertDispatchSpec, LocalExperts, RoutedOutput
+from frontier_jax.ops.dispatch import (
+    ExpertDispatcher,
+    ExpertDispatchSpec,
+    ExpertSlotMap,
+    LocalExperts,
+    RoutedOutput,
+)
 from frontier_jax.ops.routing import Routing
+from frontier_jax.parallel.placement import Placement
 from frontier_jax.parallel.rules import constrain
 from frontier_jax.precision import PrecisionPolicy
 from frontier_jax.precision.recipe import FP8_WEIGHT
@@ -83,8 +98,32 @@ def dispatch_spec(cfg: ModelConfig, impl: ImplConfig) -> ExpertDispatchSpec:
     )
 
 
+class ExpertSlots(nnx.Variable):
+    """A MoE layer's placement of its experts on physical slots (int32; set, never trained)."""
+
+
+SLOT_ARRAYS = ("physical_to_logical", "logical_to_physical", "copies")  # the ExpertSlots of a layer
+
+
+def default_slots(slots: dict) -> dict:
+    """The pure dict of `ExpertSlots` arrays (`nnx.State`'s pure dict, abstract or not) filled
+    with the default placement: slot s holds expert s mod E in every layer."""
+    if "physical_to_logical" not in slots:
+        return {key: default_slots(value) for key, value in slots.items()}
+    *layers, num_slots = slots["physical_to_logical"].shape
+    num_experts = slots["copies"].shape[-1]
+    placement = Placement.from_physical(
+        np.tile(np.arange(num_slots) % num_experts, (math.prod(layers), 1)), num_experts
+    )
+    return {
+        name: getattr(placement, name).reshape(*layers, *getattr(placement, name).shape[1:])
+        for name in SLOT_ARRAYS
+    }
+
+
 class RoutedExperts(nnx.Module):
-    """N_r SwiGLU experts as stacked weights, computed by the given dispatcher."""
+    """N_r SwiGLU experts as stacked weights, computed by the given dispatcher; with
+    `impl.expert_replicas` = R on the N_r + R slots of the layer's placement (`ExpertSlots`)."""
 
     def __init__(
         self,
@@ -102,18 +141,51 @@ class RoutedExperts(nnx.Module):
         self.w_gate = normal_param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), cfg.init_std)
         self.w_up = normal_param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), cfg.init_std)
         self.w_down = normal_param(rngs, (e, f, d), ("expert", "moe_mlp", "embed"), cfg.init_std)
+        self.replicas = impl.expert_replicas
+        if self.replicas is not None:
+            if isinstance(experts, LocalExperts):
+                raise ValueError(
+                    f"impl.expert_replicas={self.replicas} needs expert parallelism (a mesh whose `expert` axis "
+                    "> 1 splits the experts); without it set impl.expert_replicas=null"
+                )
+            default = default_slots(
+                {"physical_to_logical": np.zeros(e + self.replicas), "copies": np.zeros(e)}
+            )
+            self.physical_to_logical = ExpertSlots(default["physical_to_logical"], logical_axes=(None,))
+            self.logical_to_physical = ExpertSlots(default["logical_to_physical"], logical_axes=(None, None))
+            self.copies = ExpertSlots(default["copies"], logical_axes=(None,))
 
     def __call__(self, x: jax.Array, routing: Routing, token_mask: jax.Array | None = None) -> RoutedOutput:
         """x [N, d], token_mask [N] (1 = real token; padding takes no capacity slot) ->
         (sum_k g_k FFN_{e_k}(x) [N, d], dropped assignments of real tokens, all-to-all bytes).
 
+        With a placement the weights are the slots' copies: W[physical_to_logical] [E+R, ...],
+        gathered here from the logical [E, ...] weights (so gradients sum back over an expert's
+        copies and the optimizer sees only the logical weights), or already stored [E+R, ...]
+        (the engine's; told apart by the leading dimension, R >= 1).
+
         `impl.remat=experts`: the dispatcher runs under its own checkpoint, so the
         backward recomputes its dispatch gathers, grouped GEMMs and combine instead of keeping
         their rows (the quantized fp8 weights, `FP8_WEIGHT`, are kept)."""
 
-        def routed(x, routing, token_mask, w_gate, w_up, w_down):
+        weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
+        slots = None
+        if self.replicas is not None:
+            slots = ExpertSlotMap(self.logical_to_physical[...], self.copies[...])
+            if weights[0].shape[0] == self.spec.n_experts:  # logical: copy them to the slots
+                weights = tuple(jnp.take(w, self.physical_to_logical[...], axis=0) for w in weights)
+
+        def routed(x, routing, token_mask, w_gate, w_up, w_down, slots):
             return self.dispatcher(
-                x, routing, w_gate, w_up, w_down, spec=self.spec, policy=self.policy, token_mask=token_mask
+                x,
+                routing,
+                w_gate,
+                w_up,
+                w_down,
+                spec=self.spec,
+                policy=self.policy,
+                token_mask=token_mask,
+                slots=slots,
             )
 
         if self.remat_experts:
@@ -122,7 +194,7 @@ class RoutedExperts(nnx.Module):
                 policy=jax.checkpoint_policies.save_only_these_names(FP8_WEIGHT),
                 prevent_cse=not self.scanned,  # as `block._remat` (conservative in MTP's scan)
             )
-        return routed(x, routing, token_mask, self.w_gate[...], self.w_up[...], self.w_down[...])
+        return routed(x, routing, token_mask, *weights, slots)
 
 
 class MoE(nnx.Module):

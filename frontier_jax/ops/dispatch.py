@@ -81,6 +81,14 @@ class RoutedOutput(NamedTuple):
     a2a_bytes: jax.Array  # fp32 scalar: bytes sent to other devices by the all-to-alls
 
 
+class ExpertSlotMap(NamedTuple):
+    """Where each logical expert of one layer has copies (`parallel.placement`): an assignment to
+    expert e goes to one of the slots logical_to_physical[e, :copies[e]]."""
+
+    logical_to_physical: jax.Array  # [E, R+1] int32 physical slots of each expert, padded with -1
+    copies: jax.Array  # [E] int32 slots holding each expert (>= 1)
+
+
 class ExpertDispatcher(Protocol):
     def __call__(
         self,
@@ -93,9 +101,12 @@ class ExpertDispatcher(Protocol):
         spec: ExpertDispatchSpec,
         policy: PrecisionPolicy,
         token_mask: jax.Array | None = None,
+        slots: ExpertSlotMap | None = None,
     ) -> RoutedOutput:
         """x [N, d] (all tokens), routing over N, token_mask [N] (1 = real token, None = all)
-        -> the routed experts' output."""
+        -> the routed experts' output.  With `slots` (a placement, expert parallelism only) the
+        weights are those of the E + R physical slots [E+R, ...] and each assignment runs on one
+        copy of its expert."""
 
 
 def assignment_mask(token_mask: jax.Array | None, n: int, k: int) -> jax.Array:
@@ -120,7 +131,10 @@ class LocalExperts:
         spec: ExpertDispatchSpec,
         policy: PrecisionPolicy,
         token_mask: jax.Array | None = None,
+        slots: ExpertSlotMap | None = None,
     ) -> RoutedOutput:
+        if slots is not None:
+            raise ValueError("redundant expert slots (a placement) run under expert parallelism only")
         n, d = x.shape
         e, k = spec.n_experts, spec.top_k
         weights = (w_gate, w_up, w_down)

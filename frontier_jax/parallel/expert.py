@@ -24,10 +24,29 @@ chunks, so the scheduler can run one chunk's all-to-alls while another chunk's e
 
 Bytes that leave a device (rows for other devices, both directions, in the compute dtype) are
 returned, so the all-to-all traffic is visible per step.
+
+Redundant experts (a placement, `parallel.placement`; `slots` given): the weights are those of
+the S = E + R physical slots, [S, ...], slot s on device s // (S/P) holding a copy of logical
+expert physical_to_logical[s].  Step 1 first maps each assignment of token t (t = its index in
+the whole batch) to expert e onto a copy, round-robin by token position:
+
+    slot = logical_to_physical[e, t mod copies[e]]
+
+and the steps above run over the S slots as they ran over the E experts; the combine sums as
+before, so under dropless dispatch the output is the same as without replicas (up to the
+order of fp32 sums).  Round-robin rather than "the copy on the sender's own device": it splits
+each expert's tokens evenly over its copies wherever they sit (+-1 per sender), which is the
+load per copy (load / copies) that the planner balances devices by.  Preferring the local copy
+would save traffic, but a copy's load would then depend on which devices send that expert's
+tokens, and the planned balance would not hold (a copy on a device that sends much of the
+expert's traffic takes all of it).  Under capacity dispatch each *slot* takes
+C = ceil(capacity_factor n K / S) assignments of a shard, so replicas change which assignments
+are dropped (a hot expert with c copies holds c C of them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -35,6 +54,7 @@ from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -42,6 +62,7 @@ from frontier_jax.kernels.grouped_gemm import padded_rows_bound
 from frontier_jax.ops.dispatch import (
     ExpertDispatcher,
     ExpertDispatchSpec,
+    ExpertSlotMap,
     LocalExperts,
     RoutedOutput,
     assignment_mask,
@@ -57,6 +78,7 @@ from frontier_jax.ops.expert_compute import (
 )
 from frontier_jax.ops.grouped_matmul import row_alignment
 from frontier_jax.ops.routing import Routing
+from frontier_jax.parallel.placement import Placement
 from frontier_jax.precision import PrecisionPolicy
 
 EXPERT_AXIS = "expert"
@@ -108,6 +130,37 @@ def _tensor_axis(mesh: Mesh, rules) -> str | None:
     if len(axes) > 1:
         raise ValueError(f"expert parallelism supports moe_mlp over at most one mesh axis, got {axes}")
     return axes[0] if axes else None
+
+
+def physical_slots(experts: jax.Array, first: jax.Array | int, slots: ExpertSlotMap) -> jax.Array:
+    """experts [n, K] logical ids of the tokens at batch positions first .. first + n - 1 ->
+    [n, K] the physical slot of each assignment: logical_to_physical[e, t mod copies[e]]."""
+    position = first + jnp.arange(experts.shape[0], dtype=jnp.int32)[:, None]
+    return slots.logical_to_physical[experts, position % slots.copies[experts]]
+
+
+def received_per_device(
+    experts: np.ndarray, placement: Placement, devices: int, token_mask: np.ndarray | None = None
+) -> np.ndarray:
+    """The assignments (token rows) each of the `devices` expert devices receives in each MoE
+    layer from one forward, as the dispatch routes them: experts [L, N, K] logical ids of the
+    forward's N tokens in batch order (`Transformer.extend`'s routed experts flattened over
+    [B, T]), token_mask [N] (None: all count) -> [L, devices] counts.  Each assignment goes to
+    the slot `physical_slots` picks, slot s on device s // (S / devices);
+    `Placement.identity` is the model without replicas (expert e on device e // (E / devices))."""
+    experts = np.asarray(experts, np.int32)
+    layers, n, k = experts.shape
+    weight = (
+        np.ones((n, k)) if token_mask is None else np.repeat(np.asarray(token_mask, float)[:, None], k, 1)
+    )
+    counts = np.zeros((layers, devices))
+    for layer in range(layers):
+        slot_map = ExpertSlotMap(
+            jnp.asarray(placement.logical_to_physical[layer]), jnp.asarray(placement.copies[layer])
+        )
+        slot = np.asarray(physical_slots(jnp.asarray(experts[layer]), 0, slot_map))
+        np.add.at(counts[layer], slot // (placement.num_slots // devices), weight)
+    return counts
 
 
 def _local_ffn(
@@ -183,8 +236,10 @@ def expert_parallel_ffn(
     mesh: Mesh,
     rules: Mapping[str, Sequence[str]],
     token_mask: jax.Array | None = None,
+    slots: ExpertSlotMap | None = None,
 ) -> RoutedOutput:
-    """x [N, d] (N = all tokens), routing over N, token_mask [N] (None: all real) ->
+    """x [N, d] (N = all tokens), routing over N, token_mask [N] (None: all real), slots: the
+    layer's placement (weights [E+R, ...] of its physical slots) or None (weights [E, ...]) ->
     (routed-expert output [N, d], dropped assignments (global), bytes sent to other devices
     (global))."""
     devices = expert_parallel_size(mesh, rules)
@@ -193,6 +248,13 @@ def expert_parallel_ffn(
             f"model.n_routed_experts={spec.n_experts} is not divisible by the "
             f"expert mesh axis ({devices} devices); change mesh.expert"
         )
+    if slots is not None:  # the S physical slots are the experts the all-to-alls address
+        spec = dataclasses.replace(spec, n_experts=w_gate.shape[0])
+        if spec.n_experts % devices:
+            raise ValueError(
+                f"{spec.n_experts} expert slots (impl.expert_replicas included) do not split over "
+                f"the expert mesh axis ({devices} devices); change impl.expert_replicas"
+            )
     batch = _batch_axes(mesh, rules)
     ways = math.prod(mesh.shape[a] for a in batch)
     chunks = spec.overlap_chunks
@@ -210,7 +272,10 @@ def expert_parallel_ffn(
     mesh, manual = _free_axes(mesh)
     replicas = math.prod(size for axis, size in mesh.shape.items() if axis in manual and axis not in batch)
 
-    def per_device(x, experts, gates, token_mask, w_gate, w_up, w_down):
+    def per_device(x, experts, gates, token_mask, w_gate, w_up, w_down, slots):
+        if slots is not None:  # tokens of this shard sit at batch positions shard n .. shard n + n - 1
+            first = jax.lax.axis_index(batch) * experts.shape[0]
+            experts = physical_slots(experts, first, slots)
         parts = [
             local(
                 *(a.reshape((chunks, -1) + a.shape[1:])[c] for a in (x, experts, gates, token_mask)),
@@ -232,11 +297,11 @@ def expert_parallel_ffn(
     fn = _smap(
         per_device,
         mesh,
-        in_specs=(tokens, tokens, tokens, P(batch), w_in, w_in, w_out),
+        in_specs=(tokens, tokens, tokens, P(batch), w_in, w_in, w_out, P()),
         out_specs=(tokens, P(), P()),
         manual=manual,
     )
-    return RoutedOutput(*fn(x, routing.experts, routing.weights, token_mask, w_gate, w_up, w_down))
+    return RoutedOutput(*fn(x, routing.experts, routing.weights, token_mask, w_gate, w_up, w_down, slots))
 
 
 @dataclass(frozen=True)
@@ -263,6 +328,7 @@ class ExpertParallel:
         spec: ExpertDispatchSpec,
         policy: PrecisionPolicy,
         token_mask: jax.Array | None = None,
+        slots: ExpertSlotMap | None = None,
     ) -> RoutedOutput:
         return expert_parallel_ffn(
             x,
@@ -275,6 +341,7 @@ class ExpertParallel:
             mesh=self.mesh,
             rules=dict(self.rules),
             token_mask=token_mask,
+            slots=slots,
         )
 
 

@@ -1,8 +1,9 @@
 """A model program: the model of a config set up on a mesh, without an optimizer.
 
     ModelProgram = config, mesh (or None: no activation constraints), rules table,
-                   precision policy, expert dispatcher, graphdef, abstract parameters and
-                   expert biases (nnx Variables carrying `logical_axes`)
+                   precision policy, expert dispatcher, graphdef, abstract parameters,
+                   expert biases and expert slots (nnx Variables carrying `logical_axes`;
+                   slots only with `impl.expert_replicas`, filled with the default placement)
 
 The config is any object with the `model`, `mesh`, `precision` and `impl` sections
 (`ProgramSections`: a run `Config`, or `ModelSections`).  The model comes from the one factory,
@@ -32,6 +33,7 @@ from omegaconf.errors import OmegaConfBaseException
 from frontier_jax.model import ModelConfig, Transformer, build_model
 from frontier_jax.model.config import ImplConfig
 from frontier_jax.model.head import require_lm_head
+from frontier_jax.model.moe import ExpertSlots, default_slots
 from frontier_jax.model.routing import ExpertBias
 from frontier_jax.ops.dispatch import ExpertDispatcher, MoeDispatch
 from frontier_jax.parallel.config import MeshConfig
@@ -71,10 +73,13 @@ class ModelProgram:
     graphdef: nnx.GraphDef
     abstract_params: nnx.State  # trained parameters (nnx.Param), shapes only
     abstract_biases: nnx.State  # expert-selection biases (ExpertBias), shapes only
+    abstract_slots: nnx.State  # expert placements (ExpertSlots, impl.expert_replicas), shapes only
 
     def model(self, params: dict, biases: dict) -> Transformer:
-        """The Transformer holding `params` and `biases` (pure dicts, as in the train state)."""
-        return nnx.merge(self.graphdef, params, biases)
+        """The Transformer holding `params` and `biases` (pure dicts, as in the train state), its
+        expert slots (if any) holding the default placement (`model.moe.default_slots`)."""
+        slots = default_slots(nnx.to_pure_dict(self.abstract_slots))
+        return nnx.merge(self.graphdef, params, biases, slots)
 
     def init(self, seed: int) -> tuple[dict, dict]:
         """Freshly initialised (params, biases) as pure dicts."""
@@ -156,8 +161,8 @@ def model_program(cfg: ProgramSections, mesh: Mesh | None = None) -> ModelProgra
     abstract = nnx.eval_shape(
         lambda: build_model(cfg.model, impl=cfg.impl, policy=policy, experts=experts, rngs=nnx.Rngs(0))
     )
-    graphdef, params, biases = nnx.split(abstract, nnx.Param, ExpertBias)
-    return ModelProgram(cfg, mesh, rules, policy, experts, graphdef, params, biases)
+    graphdef, params, biases, slots = nnx.split(abstract, nnx.Param, ExpertBias, ExpertSlots)
+    return ModelProgram(cfg, mesh, rules, policy, experts, graphdef, params, biases, slots)
 
 
 def build_model_program(
