@@ -15,9 +15,10 @@ A command's program names its kind (KINDS: `frontier-jax <subcommand>`, `python 
   marked slow. The README's main command runs at its full length in tests/train/test_cli_demo.py.
 
 Placeholders (the paths a user following the README has) are made once per test run, in a
-directory shared by the xdist workers: runs/toy and data/toy by the first command run here that
-writes them (so the eval / generate commands read what the README's train command wrote), the
-others by the small functions below. A command's XLA_FLAGS is added to the tests' compile-speed
+directory shared by the xdist workers: runs/toy, data/toy and held_out_prompts.jsonl by the first
+command run here that writes them (so the eval / generate commands read what the README's train
+command wrote), runs/toy-experts, serve_load.npz and runs/sft from runs/toy (MADE_FROM_TOY: a
+60-step run costs minutes), the others by the small functions below. A command's XLA_FLAGS is added to the tests' compile-speed
 flags (tests/conftest.py), which change no result.
 """
 
@@ -286,6 +287,9 @@ def _evaluated(command: Command, cwd: Path, proc) -> None:
     """results.json in --out, with the window, stride, mesh, data files and tasks asked for."""
     args = _frontier_args(command)
     results = json.loads((cwd / args.out / "results.json").read_text())
+    if getattr(args, "preferences", None):  # eval --preferences (from the `pt-sft` branch)
+        assert "preferences" in results, sorted(results)
+        return
     given = dict(o.split("=", 1) for o in args.overrides)
     for key, field in (("eval.seq_len", "window"), ("eval.stride", "stride")):
         if key in given:
@@ -743,6 +747,47 @@ BROKEN = [
         "python -m frontier_jax.eval.lm_eval --model frontier_jax --model_args checkpoint=r,max_length=8 --tasks t",
         "python -m frontier_jax.eval.lm_eval --model frontier_jax --model_args checkpoint=r,max_lenght=8 --tasks t",
         "model_args ['max_lenght']",
+    ),
+    (
+        "python benchmarks/held_out_prompts.py --checkpoint runs/toy --out p.jsonl",
+        "python benchmarks/held_out_prompts.py --run-dir runs/toy --out p.jsonl",
+        "the following arguments are required: --checkpoint",
+    ),
+    (
+        "python benchmarks/held_out_prompts.py --checkpoint runs/toy --out p.jsonl",
+        "python benchmarks/held_out_promps.py --checkpoint runs/toy --out p.jsonl",
+        "no kind",
+    ),
+    (
+        "frontier-jax experts plan --stats s.npz --replicas 8 --devices 8 --groups 4 --nodes 2",
+        "frontier-jax experts plan --stats s.npz --replicas eight --devices 8 --groups 4 --nodes 2",
+        "argument --replicas: invalid int value: 'eight'",
+    ),
+    (
+        "frontier-jax experts plot --stats s.npz --out p.png",
+        "frontier-jax experts plots --stats s.npz --out p.png",
+        "no kind",
+    ),
+    (
+        "frontier-jax rewards score --rewards model --reward-model runs/rm --in s.jsonl --out o.jsonl",
+        "frontier-jax rewards score --rewards model --reward-modle runs/rm --in s.jsonl --out o.jsonl",
+        "unrecognized arguments: --reward-modle",
+    ),
+    (
+        "frontier-jax rejection-sample --checkpoint r --prompts p.jsonl --rewards math --out o.jsonl --top-p 1.0",
+        "frontier-jax rejection-sample --checkpoint r --prompts p.jsonl --rewards math --out o.jsonl --top_p 1.0",
+        "unrecognized arguments: --top_p",
+    ),
+    (
+        "pip install 'lm-eval[api]'",
+        "pip install 'lm-eval[apii]'",
+        "extras ['apii'] are not extras of lm-eval",
+    ),
+    ("pip install 'lm-eval[api]'", "pip install 'lm-evall[api]'", "lm-evall is not installed"),
+    (
+        "lm_eval --model local-completions --tasks t --batch_size 1 --model_args model=toy",
+        "lm_eval --model local-completions --tasks t --batch_sizes 1 --model_args model=toy",
+        "lm-eval refuses",
     ),
 ]
 
