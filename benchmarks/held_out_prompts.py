@@ -1,7 +1,7 @@
 """Prompts from the held-out text of the embedded data, to record expert loads while a model
 generates over text its run did not train on.
 
-    python benchmarks/held_out_prompts.py --run-dir runs/toy --out held_out.jsonl [--chars 512]
+    python benchmarks/held_out_prompts.py --checkpoint runs/toy --out held_out_prompts.jsonl [--chars 512]
 
 Every document of the default eval.data (the arithmetic problems of eval.seed and the code
 excerpts that the run's first pass reads last, `frontier_jax.eval.datasets`) cut to its first
@@ -24,11 +24,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--run-dir", required=True, help="a training run (its config.yaml)")
+    parser.add_argument("--checkpoint", required=True, help="a training run directory (its config.yaml)")
     parser.add_argument("--out", required=True, help="prompts JSONL")
     parser.add_argument("--chars", type=int, default=512, help="characters of each document kept")
     args = parser.parse_args()
-    cfg = load_config(str(Path(args.run_dir) / "config.yaml"))
+    cfg = load_config(str(Path(args.checkpoint) / "config.yaml"))
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.special_tokens)
     run = TrainingRun.of(cfg.to_dict(), cfg.train.steps)  # an upper bound on what it read
     eval_cfg = EvalConfig()

@@ -32,7 +32,7 @@ SHELL_BLOCK = re.compile(
 )
 ASSIGNMENT = re.compile(r"[A-Za-z_]\w*=")  # a leading VAR=value word
 COMMAND_SEPARATORS = ("&&", ";")
-OUTPUT_OPTIONS = ("--run-dir", "--out")  # their values are written by the command, never read
+OUTPUT_OPTIONS = ("--run-dir", "--out", "--expert-stats")  # their values are written, never read
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class Command:
 
     @property
     def outputs(self) -> set[str]:
-        """The paths the command writes: the values of --run-dir / --out."""
+        """The paths the command writes: the values of OUTPUT_OPTIONS."""
         return {self.argv[i + 1] for i, w in enumerate(self.argv[:-1]) if w in OUTPUT_OPTIONS}
 
     @property

@@ -4,7 +4,8 @@
 
 Each input row holds `prompt`, `completion` and gold columns (`answer`, `tests`, ...); each is
 written back with one field per reward function (its name; null for None) and the weighted
-`reward`.  The counts of None per function are printed.
+`reward`.  The counts of None per function are printed.  `--rewards model` scores with a reward
+model: `--reward-model RUN` names its run directory.
 
     frontier-jax rejection-sample --checkpoint RUN --prompts FILE --n 8 --rewards math --out sft.jsonl
 
@@ -82,8 +83,11 @@ def with_model_checkpoint(config: RewardsConfig, checkpoint: str | None) -> Rewa
 
 
 def _score(args: argparse.Namespace) -> int:
-    config = RewardsConfig.parse_names(
-        args.rewards, unconfined_sandbox=args.unconfined_sandbox, workers=args.workers
+    config = with_model_checkpoint(
+        RewardsConfig.parse_names(
+            args.rewards, unconfined_sandbox=args.unconfined_sandbox, workers=args.workers
+        ),
+        args.reward_model,
     )
     rows = read_jsonl(args.input, ("prompt", "completion"))
     with RewardSet(config) as reward_set:
@@ -199,6 +203,7 @@ def add_rewards_parser(sub) -> None:
         "--in", dest="input", required=True, help="JSONL rows with prompt, completion, answer / tests ..."
     )
     score.add_argument("--out", required=True, help="the scored JSONL")
+    score.add_argument("--reward-model", help="the `model` reward's checkpoint (a reward model's run)")
     score.add_argument(
         "--workers", type=int, default=2, help="processes / sandboxes run at once (math, code)"
     )

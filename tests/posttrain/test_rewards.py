@@ -155,3 +155,7 @@ def test_rewards_score_cli(tmp_path, capsys):
     src.write_text('{"prompt": "x"}\n')
     assert main(["rewards", "score", "--rewards", "exact", "--in", str(src), "--out", str(out)]) == EXIT_USAGE
     assert "completions.jsonl:1: no string field 'completion'" in capsys.readouterr().err
+
+    for pair in (["--rewards", "model"], ["--rewards", "exact", "--reward-model", "runs/rm"]):
+        assert main(["rewards", "score", *pair, "--in", str(src), "--out", str(out)]) == EXIT_USAGE
+        assert "--rewards model and --reward-model RUN go together" in capsys.readouterr().err
