@@ -36,7 +36,9 @@ class Completion:
     """The result of one request: prompt and generated token ids, the generated text (stop
     string excluded), log p_model of each generated token, and why it ended: "stop" (stop
     token or string), "length" (max_new_tokens or infer.max_len), "cancelled" (`Engine.cancel`)
-    or "error" (see `error`)."""
+    or "error" (see `error`).  With `SamplingParams.logprobs` = k: top_logprobs[i], the k most
+    likely (id, log p) of generated token i; with prompt_logprobs = k: prompt_logprobs[i], None
+    for i = 0, else (log p(prompt_i | prompt_<i), the k most likely (id, log p) there)."""
 
     prompt_ids: list[int]
     output_ids: list[int]
@@ -44,6 +46,8 @@ class Completion:
     logprobs: list[float]
     finish_reason: str
     error: str | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list | None = None
 
 
 @dataclass(frozen=True)
@@ -52,13 +56,17 @@ class TokenEvent:
     `request_id`: the token id, log p_model(token), the text it adds (None without a
     tokenizer; text that might start a stop string comes with a later token, `detokenize.py`)
     and the finish reason when the request ends with it.  A request that ends without a new
-    token (an invalid request, `Engine.cancel`) hands over one event with token None."""
+    token (an invalid request, `Engine.cancel`) hands over one event with token None.
+    top_logprobs: the token's `Completion.top_logprobs` entry (SamplingParams.logprobs > 0);
+    prompt_logprobs: `Completion.prompt_logprobs`, with the first token only."""
 
     request_id: int
     token: int | None
     logprob: float | None
     text: str | None
     finish_reason: str | None
+    top_logprobs: list[tuple[int, float]] | None = None
+    prompt_logprobs: list | None = None
 
 
 @dataclass(eq=False)  # one request is equal only to itself
@@ -75,6 +83,8 @@ class Request:
     followers: list[Request] = field(default_factory=list)  # samples waiting for this prefill
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # with params.logprobs
+    prompt_logprobs: list | None = None  # with params.prompt_logprobs (`Completion`)
     computed: int = 0  # leading tokens whose latent is in the cache
     mtp_computed: int = 0  # speculative decoding: leading positions final in every MTP cache
     hidden: dict[int, np.ndarray] = field(default_factory=dict)  # g^0 of positions >= mtp_computed
@@ -110,7 +120,15 @@ class Request:
         return [self, *self.followers]
 
     def completion(self) -> Completion:
-        return Completion(self.prompt_ids, self.output_ids, self.text, self.logprobs, self.finish_reason)
+        return Completion(
+            self.prompt_ids,
+            self.output_ids,
+            self.text,
+            self.logprobs,
+            self.finish_reason,
+            top_logprobs=self.top_logprobs if self.params.logprobs else None,
+            prompt_logprobs=self.prompt_logprobs,
+        )
 
 
 @dataclass
