@@ -5,6 +5,7 @@ frontier-jax describe --config configs/model/deepseek-v3-671b.yaml [--seq-len T]
                       [--mesh mesh/gpu-8] [--devices N] [--device-memory-gib G] [key=value ...]
 frontier-jax convert  {check,export} --hf PATH [...]
 frontier-jax generate (--hf PATH | --checkpoint RUN_DIR) (--prompt TEXT ... | --prompts FILE) [...]
+frontier-jax serve    (--checkpoint RUN_DIR[/checkpoints/STEP] | --hf PATH) [--host H] [--port P] [...]
 frontier-jax eval     (--checkpoint RUN_DIR[/checkpoints/STEP] | --hf PATH) [--data FILE ...]
                       [--tasks TASK ...] [--out DIR] [--step N] [--dtype bfloat16] [mesh.* / eval.* / impl.* ...]
 frontier-jax ablate   --config ablations/NAME.yaml [--out DIR]
@@ -438,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     from frontier_jax.infer.cli import add_generate_parser
 
     add_generate_parser(sub)
+    from frontier_jax.serve.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -468,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return convert_main(argv[1:])
         args = build_parser().parse_args(argv)
-        if args.command in ("eval", "generate", "checkpoint"):
+        if args.command in ("eval", "generate", "checkpoint", "serve"):
             _configure_logging(False)
         return args.func(args)
     except KeyboardInterrupt:

@@ -307,10 +307,7 @@ class Engine:
         samples = params.n if isinstance(params.n, int) and params.n > 0 else 1
         self._next_id += samples
         try:
-            params.check()
-            prompt_ids = self._prompt_ids(prompt)
-            self._check_samples(params, prompt_ids)
-            stop_ids = self._stop_ids(params)
+            prompt_ids, stop_ids = self.check(prompt, params)
         except ValueError as err:
             ids = list(prompt) if not isinstance(prompt, str) else []
             for request_id in range(first, first + samples):
@@ -340,6 +337,14 @@ class Engine:
             follower.leader = leader
         self.scheduler.add(leader)
         return first
+
+    def check(self, prompt: str | Sequence[int], params: SamplingParams) -> tuple[list[int], frozenset[int]]:
+        """Raises the ValueError that `submit` would end the request with (reads only the
+        engine's configuration: safe from any thread); else (prompt ids, stop ids)."""
+        params.check()
+        prompt_ids = self._prompt_ids(prompt)
+        self._check_samples(params, prompt_ids)
+        return prompt_ids, self._stop_ids(params)
 
     def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
         """The token ids that end a request: stop_token_ids and the tokenizer's eos (unless
