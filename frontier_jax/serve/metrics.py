@@ -98,7 +98,8 @@ class _Snapshot:
 
 class Metrics:
     def __init__(self):
-        disable_created_metrics()  # no `_created` timestamp series beside each counter        self.registry = CollectorRegistry()
+        disable_created_metrics()  # no `_created` timestamp series beside each counter
+        self.registry = CollectorRegistry()
         self.engine_view = _Snapshot()
         self.registry.register(self.engine_view)
         r = self.registry

@@ -29,7 +29,9 @@ TIMEOUT = 60.0  # seconds, every client call
 
 
 def program_and_params():
-    program = build_model_program(load_config("model/toy", TINY_MODEL + ["model.mtp_depth=0"]), jax.devices()[:1])
+    program = build_model_program(
+        load_config("model/toy", TINY_MODEL + ["model.mtp_depth=0"]), jax.devices()[:1]
+    )
     params, biases = program.init(7)
     return program, params, biases
 
