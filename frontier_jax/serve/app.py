@@ -21,7 +21,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
@@ -219,8 +219,13 @@ def create_app(server: Server) -> FastAPI:
         yield
         server.loop.stop()
 
+    async def authorize(request: Request) -> None:
+        if server.api_key is not None and request.headers.get("authorization") != f"Bearer {server.api_key}":
+            raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY)")
+
     app = FastAPI(title="frontier_jax", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
+    api = APIRouter(dependencies=[Depends(authorize)])  # every route but /health
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError):
@@ -230,20 +235,13 @@ def create_app(server: Server) -> FastAPI:
     async def unexpected(request: Request, err: Exception):
         return JSONResponse(error_body(500, f"internal error: {err!r}"), 500)
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if server.api_key is not None and request.url.path != "/health":
-            if request.headers.get("authorization") != f"Bearer {server.api_key}":
-                return error_response(APIError(401, "invalid or missing API key (Authorization: Bearer KEY)"))
-        return await call_next(request)
-
     @app.get("/health")
     async def health():
         if not server.loop.alive:
             return error_response(APIError(503, "the engine stopped"))
         return Response(status_code=200)
 
-    @app.get("/v1/models")
+    @api.get("/v1/models")
     async def models():
         card = {
             "id": server.model_name,
@@ -256,12 +254,12 @@ def create_app(server: Server) -> FastAPI:
         }
         return {"object": "list", "data": [card]}
 
-    @app.get("/metrics")
+    @api.get("/metrics")
     async def metrics():
         view = await server.loop.call(lambda engine: snapshot(engine, server.loop.waiting))
         return PlainTextResponse(server.metrics.render(view), media_type="text/plain; version=0.0.4")
 
-    @app.get("/tokenizer_info")
+    @api.get("/tokenizer_info")
     async def tokenizer_info():
         names = {i: s for s, i in server.tokenizer.special_strings().items()}
         tok = server.tokenizer
@@ -275,7 +273,7 @@ def create_app(server: Server) -> FastAPI:
             "chat_template": server.template.source if server.template is not None else None,
         }
 
-    @app.post("/tokenize")
+    @api.post("/tokenize")
     async def tokenize(request: Request):
         body = await parse(request, schemas.TokenizeRequest)
         server.check_model(body.model)
@@ -287,7 +285,7 @@ def create_app(server: Server) -> FastAPI:
             ids = server.chat_ids(body.messages, body.add_generation_prompt)
         return {"count": len(ids), "max_model_len": server.max_len, "tokens": ids}
 
-    @app.post("/detokenize")
+    @api.post("/detokenize")
     async def detokenize(request: Request):
         body = await parse(request, schemas.DetokenizeRequest)
         server.check_model(body.model)
@@ -297,7 +295,7 @@ def create_app(server: Server) -> FastAPI:
             raise APIError(400, f"tokens: id {bad} is outside [0, {vocab})", "tokens")
         return {"prompt": server.tokenizer.decode(body.tokens)}
 
-    @app.post("/v1/completions")
+    @api.post("/v1/completions")
     async def completions(request: Request):
         body = await parse(request, schemas.CompletionRequest)
         server.check_model(body.model)
@@ -321,7 +319,7 @@ def create_app(server: Server) -> FastAPI:
             run.close()
         return _completion_body(server, run, body, prompts)
 
-    @app.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await parse(request, schemas.ChatRequest)
         server.check_model(body.model)
@@ -358,6 +356,7 @@ def create_app(server: Server) -> FastAPI:
             "usage": usage(len(prompt), run.completion_tokens),
         }
 
+    app.include_router(api)
     return app
 
 

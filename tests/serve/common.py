@@ -22,10 +22,10 @@ from frontier_jax.serve.app import Server, create_app
 from frontier_jax.serve.cli import bind, run_server
 from tests.eval.common import TINY_MODEL
 
-INFER = InferConfig(block_size=8, max_seqs=8, max_len=64, prefill_chunk=8)
+INFER = InferConfig(block_size=16, max_seqs=4, max_len=64, prefill_chunk=32)
 TOKENIZER = byte_tokenizer()
 MODEL_NAME = "tiny"
-TIMEOUT = 60.0  # seconds, every client call
+TIMEOUT = 180.0  # seconds, every client call (a bound on a loaded 2-core machine, not the expected time)
 
 
 def program_and_params():
@@ -36,10 +36,14 @@ def program_and_params():
     return program, params, biases
 
 
-def make_server(config: ServeConfig = ServeConfig(max_waiting=64, drain_timeout_s=20.0), **kwargs) -> Server:
-    program, params, biases = program_and_params()
-    engine = Engine.from_program(program, params, biases, tokenizer=TOKENIZER, infer=INFER)
-    return Server(engine, config, model_name=MODEL_NAME, **kwargs)
+def make_engine(model) -> Engine:
+    """An engine over `model` = (program, params, biases)."""
+    return Engine.from_program(*model, tokenizer=TOKENIZER, infer=INFER)
+
+
+def make_server(model, config: ServeConfig | None = None, **kwargs) -> Server:
+    config = config or ServeConfig(max_waiting=64, drain_timeout_s=20.0)
+    return Server(make_engine(model), config, model_name=MODEL_NAME, **kwargs)
 
 
 class Background:
@@ -88,5 +92,7 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--drain-timeout-s", type=float, default=20.0)
     args = parser.parse_args()
-    server = make_server(ServeConfig(max_waiting=64, drain_timeout_s=args.drain_timeout_s))
+    server = make_server(
+        program_and_params(), ServeConfig(max_waiting=64, drain_timeout_s=args.drain_timeout_s)
+    )
     raise SystemExit(run_server(server, bind("127.0.0.1", args.port)))
