@@ -22,7 +22,7 @@ def test_sigterm_lets_the_running_stream_finish_and_exits_0():
     port = portpicker.pick_unused_port()
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.serve.common", "--port", str(port)],
+        [sys.executable, "-m", "tests.serve.common", "--port", str(port), "--drain-timeout-s", "150"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -33,11 +33,19 @@ def test_sigterm_lets_the_running_stream_finish_and_exits_0():
     try:
         wait_healthy(url)
         body = {"prompt": "x", "max_tokens": 30, "temperature": 0, "stream": True, "ignore_eos": True}
+        # compiled once beforehand, so that the drain is about serving, not compiling
+        requests.post(f"{url}/v1/completions", json={**body, "stream": False}, timeout=TIMEOUT)
         stream = requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=TIMEOUT)
         events = stream.iter_lines()
         first = next(e for e in events if e.startswith(b"data:"))
         process.send_signal(signal.SIGTERM)
-        rest = [e for e in events if e.startswith(b"data:")]
+        try:
+            rest = [e for e in events if e.startswith(b"data:")]
+        except requests.RequestException as err:
+            process.kill()
+            raise AssertionError(
+                f"the stream was cut: {err}; server: {process.communicate()[1][-2000:]}"
+            ) from err
         chunks = [json.loads(e[5:]) for e in [first, *rest[:-1]]]
         assert rest[-1] == b"data: [DONE]" and chunks[-1]["choices"][0]["finish_reason"] == "length"
         try:  # a new request during or after the drain: refused, never served
