@@ -178,8 +178,10 @@ class Run:
             try:
                 k, event, error = await asyncio.wait_for(self.job.events.get(), DISCONNECT_POLL_S)
             except TimeoutError:
+                if not self.server.loop.alive:
+                    raise APIError(503, f"the engine stopped: {self.server.loop.error!r}") from None
                 if request is not None and await request.is_disconnected():
-                    raise APIError(499, "the client disconnected")
+                    raise APIError(499, "the client disconnected") from None
                 continue
             if error is not None:
                 raise APIError(400, error.split(": ", 1)[-1])
