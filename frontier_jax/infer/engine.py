@@ -82,7 +82,7 @@ class InFlight:
     rows: list[Request]
     tokens: jax.Array
     logprobs: jax.Array
-    top: tuple[jax.Array, jax.Array]  # the rows' most likely ids and log-probs [B, MAX_LOGPROBS]
+    top: tuple[jax.Array, jax.Array]  # the rows' most likely ids and log-probs [B, min(MAX_LOGPROBS, V)]
     experts: jax.Array | None  # [L_moe, B, 1, K] routed experts, counted at read-back
 
 

@@ -124,16 +124,17 @@ def sample(logits, temperature, top_k, top_p, seeds, counters, banned=None) -> t
 @jax.jit
 def top_logprobs(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
     """logits [..., V] -> the MAX_LOGPROBS most likely tokens of log softmax(logits) (temperature
-    1, unfiltered): (ids [..., MAX_LOGPROBS] int32, log-probs [..., MAX_LOGPROBS]), most likely first."""
-    values, ids = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32), -1), MAX_LOGPROBS)
+    1, unfiltered): (ids [..., k] int32, log-probs [..., k]), most likely first; k = min(MAX_LOGPROBS, V)."""
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    values, ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, logprobs.shape[-1]))
     return ids.astype(jnp.int32), values
 
 
 @jax.jit
 def prompt_scores(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """logits [B, T, V] of prompt positions, targets [B, T] (the next prompt token of each) ->
-    (log p(target) [B, T], `top_logprobs` ids and log-probs [B, T, MAX_LOGPROBS])."""
+    (log p(target) [B, T], `top_logprobs` ids and log-probs [B, T, min(MAX_LOGPROBS, V)])."""
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
     chosen = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
-    values, ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
+    values, ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, logprobs.shape[-1]))
     return chosen, ids.astype(jnp.int32), values

@@ -397,7 +397,7 @@ def _echo(server: Server, body, prompts, k: int, choice: Choice) -> tuple[str, d
     text = _prompt_texts(server, body.prompt, prompts)[k]
     if body.logprobs is None:
         return text, None
-    values, tops = server.writer.prompt(prompt, choice.prompt_logprobs or [None] * len(prompt))
+    values, tops = server.writer.prompt(choice.prompt_logprobs or [None] * len(prompt))
     return text, server.writer.legacy(prompt, values, tops, 0)
 
 

@@ -83,7 +83,8 @@ class LogprobWriter:
             ]
         }
 
-    def prompt(self, ids: list[int], scores: list) -> tuple[list, list]:
+    @staticmethod
+    def prompt(scores: list) -> tuple[list, list]:
         """(log p, alternatives) of each prompt token from `Completion.prompt_logprobs` (None first)."""
         values = [None if s is None else s[0] for s in scores]
         tops = [None if s is None else s[1] for s in scores]
