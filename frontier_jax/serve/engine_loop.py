@@ -74,8 +74,9 @@ class EngineLoop:
     def cancel(self, job: Job) -> None:
         self._commands.put(lambda: self._cancel(job))
 
-    async def call(self, fn: Callable[[Engine], object]):
-        """fn(engine), run in the engine thread between steps."""
+    def post(self, fn: Callable[[Engine], object]) -> concurrent.futures.Future:
+        """Runs fn(engine) in the engine thread before its next step; its result or error comes
+        in the returned future.  Commands run in the order they are posted."""
         future: concurrent.futures.Future = concurrent.futures.Future()
 
         def run():
@@ -85,7 +86,11 @@ class EngineLoop:
                 future.set_exception(err)
 
         self._commands.put(run)
-        return await asyncio.wrap_future(future)
+        return future
+
+    async def call(self, fn: Callable[[Engine], object]):
+        """fn(engine), run in the engine thread between steps (`post`), awaited."""
+        return await asyncio.wrap_future(self.post(fn))
 
     # ------------------------------------------------------------------ engine thread
     def _submit(self, job: Job) -> None:

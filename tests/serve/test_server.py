@@ -10,6 +10,7 @@ difference falls on a step whose top-2 log-prob gap is below 1e-5)."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -171,28 +172,36 @@ def test_concurrent_requests_equal_their_solo_outputs(served):
 
 
 def test_client_disconnect_cancels_and_frees_its_slot(served):
+    """Two clients go away (one streaming, one waiting for a whole response) while the engine
+    thread is held between steps, so neither can finish first: both are cancelled before the
+    next step, their slots and blocks freed, and the server serves the next request."""
     background, client, _, _ = served
-    url = background.url
-    before = metrics(url)
+    url, loop = background.url, background.server.loop
+    cancelled = 'frontier_jax:request_success_total{finished_reason="cancelled"}'
+
+    def cancellations() -> float:
+        text = metrics(url)
+        return float(text.split(cancelled)[1].split()[0]) if cancelled in text else 0.0
+
+    before = cancellations()
     body = {"prompt": "x", "max_tokens": 50, "ignore_eos": True, "temperature": 0}
     stream = post(url, "/v1/completions", {**body, "stream": True}, stream=True)
-    lines = stream.iter_lines()
-    next(line for line in lines if line.startswith(b"data:"))
-    with pytest.raises(requests.Timeout):  # a non-streaming client that gives up
-        post(url, "/v1/completions", body, timeout=1.5)
+    next(line for line in stream.iter_lines() if line.startswith(b"data:"))
+    gate = threading.Event()
+    held = loop.post(lambda engine: gate.wait(TIMEOUT))  # the engine thread waits here
+    try:
+        with pytest.raises(requests.Timeout):  # a non-streaming client that gives up
+            post(url, "/v1/completions", body, timeout=1.5)
+        stream.close()
+        time.sleep(2.0)  # the server notices both disconnects (it polls every 0.25 s)
+    finally:
+        gate.set()
+    held.result(TIMEOUT)
     other = client.completions.create(model=MODEL_NAME, prompt="y", max_tokens=5, temperature=0)
-    stream.close()
     assert other.choices[0].finish_reason == "length"
-    cancelled = 'frontier_jax:request_success_total{finished_reason="cancelled"}'
-    start = float(before.split(cancelled)[1].split()[0]) if cancelled in before else 0.0
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        text = metrics(url)
-        done = float(text.split(cancelled)[1].split()[0]) if cancelled in text else 0.0
-        if done == start + 2 and common.metric(text, "frontier_jax:num_requests_running") == 0:
-            break
-        time.sleep(0.2)
-    assert done == start + 2
+    text = metrics(url)
+    assert cancellations() == before + 2
+    assert common.metric(text, "frontier_jax:num_requests_running") == 0
     assert common.metric(text, "frontier_jax:kv_cache_usage_perc") == 0.0
 
 
