@@ -16,9 +16,12 @@ from tests.infer import tiny
 TOL = 1e-4
 
 
-def reference_logprobs(model, ids: list[int]) -> np.ndarray:
-    """log softmax of the model's logits at every position of `ids` [T, V] (one forward)."""
-    logits = model.forward(jnp.asarray([ids]), with_mtp=False).logits[0]
+def reference_logprobs(model, ids: list[int], length: int = 0) -> np.ndarray:
+    """log softmax of the model's logits at every position of `ids` [T, V] (one causal forward;
+    padded with zeros to `length`, which leaves the positions of `ids` unchanged, so that one
+    program serves a growing sequence)."""
+    padded = list(ids) + [0] * max(length - len(ids), 0)
+    logits = model.forward(jnp.asarray([padded]), with_mtp=False).logits[0, : len(ids)]
     return np.array(jax.nn.log_softmax(logits.astype(jnp.float32), -1))
 
 
@@ -58,7 +61,7 @@ def test_min_tokens_bans_stop_ids_until_reached_in_prefill_and_decode_steps():
     got = engine.generate([prompt], params)[0]
     ids = list(prompt)  # naive loop: argmax over the full forward, stop ids banned while < 4 out
     for n in range(6):
-        row = reference_logprobs(model, ids)[-1]
+        row = reference_logprobs(model, ids, len(prompt) + 6)[-1]
         if n < 4:
             row[list(stop)] = -np.inf
         ids.append(int(np.argmax(row)))
