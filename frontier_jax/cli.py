@@ -5,6 +5,7 @@ frontier-jax describe --config configs/model/deepseek-v3-671b.yaml [--seq-len T]
                       [--mesh mesh/gpu-8] [--devices N] [--device-memory-gib G] [key=value ...]
 frontier-jax convert  {check,export} --hf PATH [...]
 frontier-jax generate (--hf PATH | --checkpoint RUN_DIR) (--prompt TEXT ... | --prompts FILE) [...]
+frontier-jax serve    (--checkpoint RUN_DIR[/checkpoints/STEP] | --hf PATH) [--host H] [--port P] [...]
 frontier-jax eval     (--checkpoint RUN_DIR[/checkpoints/STEP] | --hf PATH) [--data FILE ...]
                       [--tasks TASK ...] [--out DIR] [--step N] [--dtype bfloat16] [mesh.* / eval.* / impl.* ...]
 frontier-jax ablate   --config ablations/NAME.yaml [--out DIR]
@@ -451,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     from frontier_jax.runtime.expert_cli import add_experts_parser
 
     add_experts_parser(sub)
+    from frontier_jax.serve.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -481,7 +485,15 @@ def main(argv: list[str] | None = None) -> int:
 
             return convert_main(argv[1:])
         args = build_parser().parse_args(argv)
-        if args.command in ("eval", "generate", "checkpoint", "rewards", "rejection-sample", "experts"):
+        if args.command in (
+            "eval",
+            "generate",
+            "checkpoint",
+            "rewards",
+            "rejection-sample",
+            "experts",
+            "serve",
+        ):
             _configure_logging(False)
         return args.func(args)
     except KeyboardInterrupt:

@@ -1,6 +1,6 @@
 """The resolved run configuration: the packages' typed config dataclasses (`model.config`: model and impl,
-`data.config`, `train.config`, `infer.config`, `parallel.config`, `precision.config`,
-`runtime.expert_ledger`) composed into one
+`data.config`, `train.config`, `infer.config`, `serve.config`, `parallel.config`,
+`precision.config`, `runtime.expert_ledger`) composed into one
 `Config`, loaded from YAML files and dotted command-line overrides (OmegaConf structured
 configs).  It only composes: each section's fields and checks live with its package.
 
@@ -31,6 +31,7 @@ from frontier_jax.parallel.pipeline.plan import pipeline_plan
 from frontier_jax.precision import get_policy
 from frontier_jax.precision.config import PrecisionConfig
 from frontier_jax.runtime.expert_ledger import ExpertsConfig
+from frontier_jax.serve.config import ServeConfig
 from frontier_jax.train.config import CheckpointConfig, TrainConfig
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "MeshConfig",
     "ModelConfig",
     "PrecisionConfig",
+    "ServeConfig",
     "TrainConfig",
     "load_config",
     "resolve_config_path",
@@ -77,6 +79,7 @@ class Config:
     infer: InferConfig = field(default_factory=InferConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def validate(self) -> "Config":
         for section in dataclasses.fields(self):

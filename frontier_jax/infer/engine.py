@@ -61,7 +61,7 @@ from frontier_jax.infer.config import DecodeAttentionImpl, InferConfig, Speculat
 from frontier_jax.infer.detokenize import TextStream
 from frontier_jax.infer.expert_load import ExpertLoad, count_experts, empty_load
 from frontier_jax.infer.expert_slots import logical_experts, place_experts, slot_arrays, slot_count
-from frontier_jax.infer.sampling import SamplingParams, sample
+from frontier_jax.infer.sampling import MAX_BANNED, SamplingParams, prompt_scores, sample, top_logprobs
 from frontier_jax.infer.scheduler import Batch, Completion, PrefixCacheStats, Request, Scheduler, TokenEvent
 from frontier_jax.infer.speculative import MTPDecoder, accept
 from frontier_jax.infer.step import make_decode_step, make_step, pack_decode
@@ -90,6 +90,7 @@ class InFlight:
     rows: list[Request]
     tokens: jax.Array
     logprobs: jax.Array
+    top: tuple[jax.Array, jax.Array]  # the rows' most likely ids and log-probs [B, min(MAX_LOGPROBS, V)]
     experts: jax.Array | None  # [L_moe, B, 1, K] routed experts, counted at read-back
 
 
@@ -430,9 +431,7 @@ class Engine:
         samples = params.n if isinstance(params.n, int) and params.n > 0 else 1
         self._next_id += samples
         try:
-            params.check()
-            prompt_ids = self._prompt_ids(prompt)
-            self._check_samples(params, prompt_ids)
+            prompt_ids, stop_ids = self.check(prompt, params)
         except ValueError as err:
             ids = list(prompt) if not isinstance(prompt, str) else []
             for request_id in range(first, first + samples):
@@ -443,9 +442,6 @@ class Engine:
                     on_token(TokenEvent(request_id, None, None, None, "error"))
             return first
         budget = min(len(prompt_ids) + params.max_new_tokens, self.layout.max_len)
-        stop_ids = frozenset(params.stop_token_ids) | (
-            {self.tokenizer.eos_id} if self.tokenizer is not None and not params.ignore_eos else set()
-        )
         group = [
             Request(
                 first + j,
@@ -465,6 +461,35 @@ class Engine:
             follower.leader = leader
         self.scheduler.add(leader)
         return first
+
+    def check(self, prompt: str | Sequence[int], params: SamplingParams) -> tuple[list[int], frozenset[int]]:
+        """Raises the ValueError that `submit` would end the request with (reads only the
+        engine's configuration: safe from any thread); else (prompt ids, stop ids)."""
+        params.check()
+        prompt_ids = self._prompt_ids(prompt)
+        self._check_samples(params, prompt_ids)
+        return prompt_ids, self._stop_ids(params)
+
+    def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
+        """The token ids that end a request: stop_token_ids and the tokenizer's eos (unless
+        ignore_eos); raises ValueError where min_tokens cannot ban them all, or where the request
+        asks speculative decoding for what it does not do (bans, log-prob alternatives)."""
+        stop_ids = frozenset(params.stop_token_ids) | (
+            {self.tokenizer.eos_id} if self.tokenizer is not None and not params.ignore_eos else set()
+        )
+        if params.min_tokens and len(stop_ids) > MAX_BANNED:
+            raise ValueError(
+                f"min_tokens={params.min_tokens} bans at most {MAX_BANNED} stop token ids and this request "
+                f"has {len(stop_ids)} (stop_token_ids and eos): give fewer stop_token_ids"
+            )
+        if self._mtp is not None:
+            asked = [name for name in ("min_tokens", "logprobs", "prompt_logprobs") if getattr(params, name)]
+            if asked:
+                raise ValueError(
+                    f"{asked[0]}={getattr(params, asked[0])} with infer.speculative=mtp: speculative "
+                    "decoding does not ban tokens nor report alternatives; use infer.speculative=none"
+                )
+        return stop_ids
 
     def _check_samples(self, params: SamplingParams, prompt_ids: list[int]) -> None:
         """Raises ValueError where n samples of the prompt can never run together."""
@@ -587,15 +612,21 @@ class Engine:
         sched.admit()
         finished = []
         start = time.perf_counter()
-        batch = sched.prefill_batch(all_positions=self._mtp is not None)
+        scored = any(r.params.prompt_logprobs is not None for r in sched.running if r.prefilling)
+        all_positions = self._mtp is not None or scored
+        batch = sched.prefill_batch(all_positions=all_positions)
         if batch is not None:
             counts = batch.write.sum(1)
+            starts = batch.positions[:, 0].copy()
             logits, hidden = self._forward(self._prefill, batch)
             self.stats["prompt_tokens"] += int(counts.sum())
             for request in batch.rows:
                 sched.register(request)
-            if self._mtp is not None:
-                self._keep_hidden(batch.rows, batch.positions[:, 0], hidden, counts)
+            if all_positions:
+                if self._mtp is not None:
+                    self._keep_hidden(batch.rows, starts, hidden, counts)
+                if scored:
+                    self._score_prompts(batch.rows, starts, counts, logits)
                 logits = logits[jnp.arange(logits.shape[0]), jnp.asarray(np.maximum(counts - 1, 0))]
             else:
                 logits = logits[:, 0]
@@ -617,6 +648,26 @@ class Engine:
         self.stats["decode_s"] += time.perf_counter() - decode_start
         return finished
 
+    def _score_prompts(self, rows: list[Request], starts, counts, logits: jax.Array) -> None:
+        """Appends log p(prompt_{p+1} | prompt_<=p) and its alternatives (`Completion.prompt_logprobs`)
+        for each position p of this prefill chunk (logits [B, W, V] at every position) to the rows
+        that ask for them."""
+        targets = np.zeros(logits.shape[:2], np.int32)
+        for b, request in enumerate(rows):
+            following = request.prompt_ids[int(starts[b]) + 1 : int(starts[b]) + int(counts[b]) + 1]
+            targets[b, : len(following)] = following
+        chosen, top_ids, top_values = jax.device_get(prompt_scores(logits, jnp.asarray(targets)))
+        for b, request in enumerate(rows):
+            k = request.params.prompt_logprobs
+            if k is None:
+                continue
+            if request.prompt_logprobs is None:
+                request.prompt_logprobs = [None]
+            start = int(starts[b])
+            for t in range(min(int(counts[b]), len(request.prompt_ids) - start - 1)):
+                top = list(zip(top_ids[b, t, :k].tolist(), top_values[b, t, :k].tolist()))
+                request.prompt_logprobs.append((float(chosen[b, t]), top))
+
     def _fork(self, prefilled: list[Request], rows: list[int]) -> tuple[list[Request], list[int]]:
         """Hands the prompt of each request in `prefilled` (its prefill just ended, its logits
         at batch row rows[i]) to its followers (`Scheduler.fork`) -> (the followers, the logits
@@ -624,6 +675,8 @@ class Engine:
         followers, picked, copies = [], [], []
         for request, row in zip(prefilled, rows):
             forked, copied = self.scheduler.fork(request)
+            for follower in forked:
+                follower.prompt_logprobs = request.prompt_logprobs
             followers += forked
             picked += [row] * len(forked)
             copies += copied
@@ -664,30 +717,35 @@ class Engine:
             [r.params for r in rows],
             [r.seed for r in rows],
             [len(r.output_ids) + (r.id in waiting) for r in rows],
+            [self._banned(r, len(r.output_ids) + (r.id in waiting)) for r in rows],
             sched.table(rows, [r.computed + 1 for r in rows], n),
         )
         previous_tokens = previous.tokens if previous else self._no_tokens
-        tokens, logprobs, self.cache, experts = self._decode_sample(
+        tokens, logprobs, *top, self.cache, experts = self._decode_sample(
             self.state, self.cache, previous_tokens, jnp.asarray(packed)
         )
-        tokens.copy_to_host_async()
-        logprobs.copy_to_host_async()
+        for array in (tokens, logprobs, *top):
+            array.copy_to_host_async()
         self.stats["forwards"] += 1
         for request in rows:
             request.computed += 1
-        return InFlight(rows, tokens, logprobs, experts)
+        return InFlight(rows, tokens, logprobs, tuple(top), experts)
 
     def _read_back(self, step: InFlight) -> list[int]:
         """Appends `step`'s tokens (one transfer) to its rows that are still running; a row
         finished meanwhile drops its token (and is not counted in the expert loads).  Returns
         the ids finished now."""
-        tokens, logprobs = jax.device_get((step.tokens, step.logprobs))
+        tokens, logprobs, (top_ids, top_values) = jax.device_get((step.tokens, step.logprobs, step.top))
         running = [r.finish_reason is None for r in step.rows]
         if step.experts is not None:
             counted = np.zeros(step.experts.shape[1:3], bool)
             counted[: len(running), 0] = running
             self._count_experts(step.experts, counted)
-        return [r.id for b, r in enumerate(step.rows) if self._append(r, int(tokens[b]), float(logprobs[b]))]
+        return [
+            r.id
+            for b, r in enumerate(step.rows)
+            if self._append(r, int(tokens[b]), float(logprobs[b]), (top_ids[b], top_values[b]))
+        ]
 
     def _forward(self, step, batch: Batch) -> tuple[jax.Array, jax.Array]:
         """Runs `step` on `batch`, advances each row's cached length, counts its expert loads;
@@ -727,6 +785,12 @@ class Engine:
             jnp.asarray([len(r.output_ids) for r in rows] + [0] * pad, jnp.int32),
         )
 
+    @staticmethod
+    def _banned(request: Request, generated: int) -> list[int]:
+        """The ids `request` may not pick as its token number `generated`: its stop ids while
+        fewer than min_tokens tokens are generated (`sampling.py`)."""
+        return sorted(request.stop_ids) if generated < request.params.min_tokens else []
+
     def _speculative_step(self, rows: list[Request]) -> list[int]:
         """Draft, verify, accept and roll back (`speculative.py`) for every decoding request."""
         drafts, self.cache = self._mtp.draft(self.state, self.cache, rows)
@@ -758,18 +822,32 @@ class Engine:
         and appends it for b in `rows`; returns the finished ids."""
         if not rows:
             return []
-        tokens, logprobs = sample(logits, *self._sampling_arrays(requests, logits.shape[0]))
-        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
-        return [requests[b].id for b in rows if self._append(requests[b], int(tokens[b]), float(logprobs[b]))]
+        banned = np.full((logits.shape[0], MAX_BANNED), -1, np.int32)
+        for b, request in enumerate(requests):
+            ids = self._banned(request, len(request.output_ids))
+            banned[b, : len(ids)] = ids
+        arrays = self._sampling_arrays(requests, logits.shape[0])
+        tokens, logprobs = sample(logits, *arrays, jnp.asarray(banned))
+        tokens, logprobs, (top_ids, top_values) = jax.device_get((tokens, logprobs, top_logprobs(logits)))
+        return [
+            requests[b].id
+            for b in rows
+            if self._append(requests[b], int(tokens[b]), float(logprobs[b]), (top_ids[b], top_values[b]))
+        ]
 
-    def _append(self, request: Request, token: int, logprob: float) -> bool:
-        """Adds a generated token, hands it over (`on_token`); finishes and retires the request
+    def _append(self, request: Request, token: int, logprob: float, top: tuple | None = None) -> bool:
+        """Adds a generated token (top: the most likely ids and log-probs of its distribution,
+        kept with params.logprobs), hands it over (`on_token`); finishes and retires the request
         when it ends.  A request that has ended already (a stop in an earlier step, `cancel`)
         drops the token."""
         if request.finish_reason is not None:
             return False
         request.output_ids.append(token)
         request.logprobs.append(logprob)
+        k = request.params.logprobs
+        alternatives = list(zip(top[0][:k].tolist(), top[1][:k].tolist())) if k and top is not None else None
+        if alternatives is not None:
+            request.top_logprobs.append(alternatives)
         self.stats["generated_tokens"] += 1
         text = None if request.stream is None else ""
         if token in request.stop_ids:
@@ -781,23 +859,34 @@ class Engine:
             request.finish_reason = "length"
         if request.finish_reason is None:
             if request.on_token is not None:
-                request.on_token(TokenEvent(request.id, token, logprob, text, None))
+                request.on_token(self._event(request, token, logprob, text, None, alternatives))
             return False
         self.scheduler.retire(request)
-        self._finish(request, request.finish_reason, (token, logprob, text))
+        self._finish(request, request.finish_reason, (token, logprob, text, alternatives))
         return True
+
+    @staticmethod
+    def _event(request: Request, token, logprob, text, reason, alternatives) -> TokenEvent:
+        first = len(request.output_ids) == 1 and token is not None
+        prompt = request.prompt_logprobs if first else None
+        return TokenEvent(request.id, token, logprob, text, reason, alternatives, prompt)
 
     def _finish(self, request: Request, reason: str, last: tuple | None) -> None:
         """Records `request` as ended for `reason` (its text completed) and hands over its last
-        event: the token `last` = (id, logprob, text so far of the delta), or none."""
-        token, logprob, text = last or (None, None, None if request.stream is None else "")
+        event: the token `last` = (id, logprob, text so far of the delta, alternatives), or none."""
+        token, logprob, text, alternatives = last or (
+            None,
+            None,
+            None if request.stream is None else "",
+            None,
+        )
         if request.stream is not None:
             text += request.stream.finish()
             request.text = request.stream.text
         request.finish_reason = reason
         self._done[request.id] = request.completion()
         if request.on_token is not None:
-            request.on_token(TokenEvent(request.id, token, logprob, text, reason))
+            request.on_token(self._event(request, token, logprob, text, reason, alternatives))
 
     # ----------------------------------------------------------------------- batch API
     def generate(

@@ -77,6 +77,10 @@ def check_output_path(path: str | Path) -> None:
         path.unlink()
 
 
+# the Completion fields of an --out line (the log-prob alternatives are the server's)
+LINE_FIELDS = ("prompt_ids", "output_ids", "text", "logprobs", "finish_reason", "error")
+
+
 class CompletionsFile:
     """Writes completions, given in any order, to `file` in prompt order (module docstring)."""
 
@@ -86,9 +90,11 @@ class CompletionsFile:
         self.written = 0  # lines written: prompts 0..written-1
 
     def add(self, index: int, completion: Completion) -> None:
+        """Queues completion `index`; writes every completion whose predecessors are written."""
         self._waiting[index] = completion
         while self.written in self._waiting:
-            line = {"index": self.written, **dataclasses.asdict(self._waiting.pop(self.written))}
+            completion = dataclasses.asdict(self._waiting.pop(self.written))
+            line = {"index": self.written, **{key: completion[key] for key in LINE_FIELDS}}
             self._file.write(json.dumps(line) + "\n")
             self.written += 1
         self._file.flush()

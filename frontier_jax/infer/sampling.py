@@ -7,6 +7,11 @@ For logits z [V] of one request with temperature tau, top_k k, top_p p:
 Tokens tied with the last kept one are kept too.  tau = 0 is greedy: argmax z.
 Randomness: token n of a request uses key fold_in(key(seed), n), so a request's samples do not
 depend on which other requests share its batch.
+
+min_tokens: while a request has generated fewer than min_tokens tokens, its stop token ids (eos
+and stop_token_ids) get z = -inf before filtering, so neither sampling nor greedy picks them.
+Reported log-probs are always the raw model's: log softmax(z) at temperature 1, unfiltered and
+unbanned; `top_logprobs` gives the k most likely tokens of that distribution (k <= MAX_LOGPROBS).
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import jax.numpy as jnp
 
 from frontier_jax.model.logprobs import target_logprobs
 
+MAX_LOGPROBS = 20  # most alternatives per token that `logprobs` / `prompt_logprobs` may ask for
+MAX_BANNED = 8  # most stop token ids a min_tokens request may have (eos included)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -26,7 +34,11 @@ class SamplingParams:
     from the request's index; stop_token_ids / stop: token ids and strings that end the
     generation (the tokenizer's eos is added unless ignore_eos); n: samples of the prompt,
     requests of consecutive ids that share its prefill (`Engine.submit`), sample j drawing with
-    seed + j."""
+    seed + j.  min_tokens: tokens generated before eos and stop_token_ids may end the request
+    (they are banned until then; stop strings apply throughout); logprobs: the k most likely
+    tokens (ids and log-probs) to report with each generated token, 0..MAX_LOGPROBS;
+    prompt_logprobs: None, or k to report log p of every prompt token after the first given the
+    ones before it, with its k most likely alternatives."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -37,6 +49,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     n: int = 1
+    min_tokens: int = 0
+    logprobs: int = 0
+    prompt_logprobs: int | None = None
 
     def check(self) -> None:
         """Raises ValueError naming the first invalid field and its allowed range."""
@@ -56,6 +71,23 @@ class SamplingParams:
             raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2^32)")
         if not isinstance(self.n, int) or self.n <= 0:
             raise ValueError(f"n={self.n!r} must be a positive integer (samples of the prompt)")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens={self.min_tokens!r} must be an integer >= 0")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not (_is_int(value) and 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name}={value!r} must be an integer in [0, {MAX_LOGPROBS}]")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def ban(logits: jax.Array, banned: jax.Array) -> jax.Array:
+    """logits [B, V] with -inf at each row's banned ids (banned [B, S] int, -1: none)."""
+    rows = jnp.arange(logits.shape[0])[:, None]
+    hit = jnp.zeros(logits.shape, bool).at[rows, jnp.maximum(banned, 0)].max(banned >= 0)
+    return jnp.where(hit, -jnp.inf, logits)
 
 
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -80,10 +112,28 @@ def token_keys(seeds: jax.Array, counters: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def sample(logits, temperature, top_k, top_p, seeds, counters) -> tuple[jax.Array, jax.Array]:
+def sample(logits, temperature, top_k, top_p, seeds, counters, banned=None) -> tuple[jax.Array, jax.Array]:
     """logits [B, V] -> (tokens [B] int32, log p_model(token) [B]: the unfiltered log-softmax
-    at temperature 1)."""
-    z = filter_logits(logits, temperature, top_k, top_p)
+    at temperature 1); banned [B, S] (-1: none): ids no row may pick (min_tokens)."""
+    allowed = logits if banned is None else ban(logits.astype(jnp.float32), banned)
+    z = filter_logits(allowed, temperature, top_k, top_p)
     drawn = jax.vmap(jax.random.categorical)(token_keys(seeds, counters), z)
-    tokens = jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    tokens = jnp.where(temperature > 0, drawn, jnp.argmax(allowed, axis=-1)).astype(jnp.int32)
     return tokens, target_logprobs(logits, tokens)[0]
+
+
+@jax.jit
+def top_logprobs(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """logits [..., V] -> the MAX_LOGPROBS most likely tokens of log softmax(logits) (temperature
+    1, unfiltered): (ids [..., k] int32, log-probs [..., k]), most likely first; k = min(MAX_LOGPROBS, V)."""
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    values, ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, logprobs.shape[-1]))
+    return ids.astype(jnp.int32), values
+
+
+@jax.jit
+def prompt_scores(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """logits [B, T, V] of prompt positions, targets [B, T] (the next prompt token of each) ->
+    (log p(target) [B, T], `top_logprobs` ids and log-probs [B, T, min(MAX_LOGPROBS, V)])."""
+    ids, values = top_logprobs(logits)
+    return target_logprobs(logits, targets)[0], ids, values

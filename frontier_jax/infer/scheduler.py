@@ -51,7 +51,10 @@ class Completion:
     string excluded), log p_model of each generated token, and why it ended: "stop" (stop
     token or string), "length" (max_new_tokens or infer.max_len), "cancelled" (`Engine.cancel`)
     or "error" (see `error`); cached_tokens: the prompt tokens whose latents came from the
-    prefix cache instead of a prefill (the same for the n samples of a prompt)."""
+    prefix cache instead of a prefill (the same for the n samples of a prompt).  With
+    `SamplingParams.logprobs` = k: top_logprobs[i], the k most likely (id, log p) of generated
+    token i; with prompt_logprobs = k: prompt_logprobs[i], None for i = 0, else
+    (log p(prompt_i | prompt_<i), the k most likely (id, log p) there)."""
 
     prompt_ids: list[int]
     output_ids: list[int]
@@ -60,6 +63,8 @@ class Completion:
     finish_reason: str
     error: str | None = None
     cached_tokens: int = 0
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list | None = None
 
 
 @dataclass(frozen=True)
@@ -68,13 +73,17 @@ class TokenEvent:
     `request_id`: the token id, log p_model(token), the text it adds (None without a
     tokenizer; text that might start a stop string comes with a later token, `detokenize.py`)
     and the finish reason when the request ends with it.  A request that ends without a new
-    token (an invalid request, `Engine.cancel`) hands over one event with token None."""
+    token (an invalid request, `Engine.cancel`) hands over one event with token None.
+    top_logprobs: the token's `Completion.top_logprobs` entry (SamplingParams.logprobs > 0);
+    prompt_logprobs: `Completion.prompt_logprobs`, with the first token only."""
 
     request_id: int
     token: int | None
     logprob: float | None
     text: str | None
     finish_reason: str | None
+    top_logprobs: list[tuple[int, float]] | None = None
+    prompt_logprobs: list | None = None
 
 
 @dataclass(eq=False)  # one request is equal only to itself
@@ -91,6 +100,8 @@ class Request:
     followers: list[Request] = field(default_factory=list)  # samples waiting for this prefill
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # with params.logprobs
+    prompt_logprobs: list | None = None  # with params.prompt_logprobs (`Completion`)
     computed: int = 0  # leading tokens whose latent is in the cache
     mtp_computed: int = 0  # speculative decoding: leading positions final in every MTP cache
     hidden: dict[int, np.ndarray] = field(default_factory=dict)  # g^0 of positions >= mtp_computed
@@ -136,6 +147,8 @@ class Request:
             self.logprobs,
             self.finish_reason,
             cached_tokens=self.cached_tokens,
+            top_logprobs=self.top_logprobs if self.params.logprobs else None,
+            prompt_logprobs=self.prompt_logprobs,
         )
 
 
@@ -233,8 +246,10 @@ class Scheduler:
     def lookup(self, request: Request) -> list[int]:
         """The cached blocks of the longest keyed prefix of `request`'s prompt: at most
         floor((prompt - max(1, D)) / P) blocks (the last prompt token computed again; with MTP
-        drafting each block's tail of D tokens inside the prompt and equal to its cached tail)."""
-        if not self.prefix_cache:
+        drafting each block's tail of D tokens inside the prompt and equal to its cached tail).
+        None (no block) for a request that asks for prompt log-probabilities: every prompt position
+        of it is computed, so that each has its scores."""
+        if not self.prefix_cache or request.params.prompt_logprobs is not None:
             return []
         size, depth, prompt = self.layout.block_size, self.draft_depth, request.prompt_ids
         n = (len(prompt) - max(1, depth)) // size

@@ -11,13 +11,15 @@ that a handful of programs serve every request mix.
 
 Plain decoding runs one program per step that also picks its input tokens and samples:
 
-    decode(state, cache, previous [R], packed [B, 9 + M])
-        -> (tokens [R], logprobs [B], cache, routed experts [L_moe, B, 1, K_r] or None)
+    decode(state, cache, previous [R], packed [B, 9 + S + M])
+        -> (tokens [R], logprobs [B], top ids [B, k], top log-probs [B, k], cache,
+            routed experts [L_moe, B, 1, K_r] or None)
 
 row b's input token is previous[source_b] (the token the previous step sampled for that request,
 still on the device) when source_b >= 0, else the host's token_b; `packed` holds every per-row
 host input in one int32 array (`pack_decode`: one transfer per step), floats and seeds by their
-bits; tokens come back padded to R rows (R = the most rows of a step), so that they can feed the
+bits, then S = MAX_BANNED ids the row may not pick (min_tokens; -1: none); the top
+ids and log-probs are the k = MAX_LOGPROBS most likely tokens (`sampling.top_logprobs`); tokens come back padded to R rows (R = the most rows of a step), so that they can feed the
 next step whatever its bucket.  The routed experts stay on the device: the engine counts the
 real rows' expert loads from them (`expert_load.count_experts`).
 """
@@ -32,12 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from frontier_jax.infer.sampling import SamplingParams, sample
+from frontier_jax.infer.sampling import MAX_BANNED, SamplingParams, sample, top_logprobs
 from frontier_jax.model.extend_context import ExtendContext
 from frontier_jax.model.latent_cache import Pages
 
 # columns of the packed decode inputs, then the block table
 TOKEN, SOURCE, POSITION, WRITE, SEED, COUNTER, TOP_K, TEMPERATURE, TOP_P = range(9)
+BANNED = TOP_P + 1  # MAX_BANNED columns
+TABLE = BANNED + MAX_BANNED
 
 
 @functools.cache
@@ -63,15 +67,20 @@ def pack_decode(
     params: list[SamplingParams],
     seeds: list[int],
     counters: list[int],
+    banned: list[list[int]],
     table: np.ndarray,
 ) -> np.ndarray:
     """The host inputs of one decode step (module docstring) for len(tokens) requests, padded
-    to `rows` rows: [rows, 9 + M] int32 with the block table [rows, M] in the last M columns;
-    padding rows write nothing and sample greedily."""
+    to `rows` rows: [rows, 9 + S + M] int32 with each row's banned ids (at most S) in S columns
+    and the block table [rows, M] in the last M columns; padding rows write nothing and sample
+    greedily."""
     k = len(tokens)
     pad = SamplingParams()
-    packed = np.zeros((rows, TOP_P + 1 + table.shape[1]), np.int32)
+    packed = np.zeros((rows, TABLE + table.shape[1]), np.int32)
     packed[:, SOURCE] = -1
+    packed[:, BANNED:TABLE] = -1
+    for b, ids in enumerate(banned):
+        packed[b, BANNED : BANNED + len(ids)] = ids
     packed[:, TOP_P] = np.float32(pad.top_p).view(np.int32)
     packed[:k, TOKEN] = tokens
     packed[:k, SOURCE] = sources
@@ -82,7 +91,7 @@ def pack_decode(
     packed[:k, TOP_K] = [p.top_k for p in params]
     packed[:k, TEMPERATURE] = np.asarray([p.temperature for p in params], np.float32).view(np.int32)
     packed[:k, TOP_P] = np.asarray([p.top_p for p in params], np.float32).view(np.int32)
-    packed[:, TOP_P + 1 :] = table
+    packed[:, TABLE:] = table
     return packed
 
 
@@ -97,18 +106,22 @@ def make_decode_step(graphdef: nnx.GraphDef, *, impl: str = "xla") -> Callable:
         bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.float32)
         source = column(SOURCE)
         ids = jnp.where(source >= 0, previous[jnp.maximum(source, 0)], column(TOKEN))[:, None]
-        pages = Pages(packed[:, TOP_P + 1 :], (column(WRITE) > 0)[:, None])
+        pages = Pages(packed[:, TABLE:], (column(WRITE) > 0)[:, None])
         g, cache, experts = model.extend(
             ids, column(POSITION)[:, None], cache, ExtendContext(pages, True, impl)
         )
+        logits = model.logits_from_hidden(g)[:, 0]
         tokens, logprobs = sample(
-            model.logits_from_hidden(g)[:, 0],
+            logits,
             bits(column(TEMPERATURE)),
             column(TOP_K),
             bits(column(TOP_P)),
             jax.lax.bitcast_convert_type(column(SEED), jnp.uint32),
             column(COUNTER),
+            packed[:, BANNED:TABLE],
         )
-        return jax.lax.dynamic_update_slice(jnp.zeros_like(previous), tokens, (0,)), logprobs, cache, experts
+        top_ids, top_values = top_logprobs(logits)
+        tokens = jax.lax.dynamic_update_slice(jnp.zeros_like(previous), tokens, (0,))
+        return tokens, logprobs, top_ids, top_values, cache, experts
 
     return jax.jit(step, donate_argnums=(1,))
