@@ -869,7 +869,8 @@ class Engine:
     def _event(request: Request, token, logprob, text, reason, alternatives) -> TokenEvent:
         first = len(request.output_ids) == 1 and token is not None
         prompt = request.prompt_logprobs if first else None
-        return TokenEvent(request.id, token, logprob, text, reason, alternatives, prompt)
+        cached = request.cached_tokens if first else None
+        return TokenEvent(request.id, token, logprob, text, reason, alternatives, prompt, cached)
 
     def _finish(self, request: Request, reason: str, last: tuple | None) -> None:
         """Records `request` as ended for `reason` (its text completed) and hands over its last

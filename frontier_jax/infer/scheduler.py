@@ -75,7 +75,8 @@ class TokenEvent:
     and the finish reason when the request ends with it.  A request that ends without a new
     token (an invalid request, `Engine.cancel`) hands over one event with token None.
     top_logprobs: the token's `Completion.top_logprobs` entry (SamplingParams.logprobs > 0);
-    prompt_logprobs: `Completion.prompt_logprobs`, with the first token only."""
+    prompt_logprobs: `Completion.prompt_logprobs`, with the first token only; cached_tokens:
+    `Completion.cached_tokens`, with the first token only."""
 
     request_id: int
     token: int | None
@@ -84,6 +85,7 @@ class TokenEvent:
     finish_reason: str | None
     top_logprobs: list[tuple[int, float]] | None = None
     prompt_logprobs: list | None = None
+    cached_tokens: int | None = None
 
 
 @dataclass(eq=False)  # one request is equal only to itself

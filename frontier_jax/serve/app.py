@@ -193,6 +193,8 @@ class Run:
                 choice.top.append(event.top_logprobs or [])
                 if event.prompt_logprobs is not None:
                     choice.prompt_logprobs = event.prompt_logprobs
+                if event.cached_tokens is not None:
+                    choice.cached_tokens = event.cached_tokens
             choice.text += event.text or ""
             if event.finish_reason is not None:
                 choice.finish_reason = event.finish_reason
@@ -207,6 +209,12 @@ class Run:
     @property
     def completion_tokens(self) -> int:
         return sum(len(c.ids) for c in self.choices)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens served from the prefix cache, each prompt counted once (its n samples
+        share one prefill)."""
+        return sum(c.cached_tokens for c in self.choices[:: self.params.n])
 
 
 def _max_tokens(server: Server, prompts: list[list[int]], asked: int | None) -> int:
@@ -355,7 +363,7 @@ def create_app(server: Server) -> FastAPI:
             "created": now(),
             "model": server.model_name,
             "choices": choices,
-            "usage": usage(len(prompt), run.completion_tokens),
+            "usage": usage(len(prompt), run.completion_tokens, run.cached_tokens),
         }
 
     app.include_router(api)
@@ -421,7 +429,7 @@ def _completion_body(server: Server, run: Run, body, prompts) -> dict:
         "created": now(),
         "model": server.model_name,
         "choices": choices,
-        "usage": usage(sum(map(len, prompts)), run.completion_tokens),
+        "usage": usage(sum(map(len, prompts)), run.completion_tokens, run.cached_tokens),
     }
 
 
@@ -471,7 +479,7 @@ async def _completion_chunks(server: Server, run: Run, body, prompts) -> AsyncIt
             ]
         )
     if include_usage:
-        yield chunk([], usage(sum(map(len, prompts)), run.completion_tokens))
+        yield chunk([], usage(sum(map(len, prompts)), run.completion_tokens, run.cached_tokens))
     yield sse("[DONE]")
 
 
@@ -511,7 +519,7 @@ async def _chat_chunks(server: Server, run: Run, body, prompt_tokens: int) -> As
             [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": event.finish_reason}]
         )
     if include_usage:
-        yield chunk([], usage(prompt_tokens, run.completion_tokens))
+        yield chunk([], usage(prompt_tokens, run.completion_tokens, run.cached_tokens))
     yield sse("[DONE]")
 
 

@@ -45,6 +45,7 @@ def snapshot(engine: Engine, waiting: int) -> dict:
         "waiting": waiting,
         "cache_usage": (pool - sched.alloc.free_blocks) / max(pool, 1),
         "speculative": engine.speculative_stats,
+        "prefix_cache": engine.prefix_cache_stats(),
         "expert_load": None,
     }
     if engine.cfg.num_moe_layers:
@@ -69,6 +70,17 @@ class _Snapshot:
             ("kv_cache_usage_perc", "Share of latent-cache blocks in use (1 = full).", s["cache_usage"]),
         ):
             yield GaugeMetricFamily(PREFIX + name, doc, value=value)
+        prefix = s["prefix_cache"]
+        yield CounterMetricFamily(
+            PREFIX + "prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            value=prefix.queried_tokens,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "prefix_cache_hits",
+            "Prompt tokens served from the prefix cache.",
+            value=prefix.hit_tokens,
+        )
         spec = s["speculative"]
         if spec:
             yield CounterMetricFamily(

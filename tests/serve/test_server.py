@@ -264,3 +264,23 @@ def test_auth_full_queue_and_endpoints(served):
         assert common.metric(text, f"frontier_jax:{name}_count") > 0
     assert common.metric(text, "frontier_jax:generation_tokens_total") > 0
     assert 'frontier_jax:expert_load_max{layer="0"}' in text
+
+
+def test_shared_prefix_is_served_from_the_prefix_cache_with_the_same_output(served):
+    """Two prompts sharing 40 tokens (two full 16-token blocks): the second prefills only past
+    them (usage.prompt_tokens_details.cached_tokens = 32, /metrics hits up by 32) and its greedy
+    output equals a separate engine's."""
+    background, client, _, engine = served
+    shared = prompts([41], seed=77)[0]
+    rng = np.random.default_rng(78)
+    first, second = (shared + rng.integers(32, 127, 4).tolist() for _ in range(2))
+    hits = common.metric(metrics(background.url), "frontier_jax:prefix_cache_hits_total")
+    answers = [
+        client.completions.create(model=MODEL_NAME, prompt=p, max_tokens=8, temperature=0)
+        for p in (first, second)
+    ]
+    assert [a.usage.prompt_tokens_details.cached_tokens for a in answers] == [0, 32]
+    after = common.metric(metrics(background.url), "frontier_jax:prefix_cache_hits_total")
+    assert after - hits == 32
+    expected = engine.generate([first, second], SamplingParams(max_new_tokens=8))
+    assert [a.choices[0].text for a in answers] == [e.text for e in expected]
