@@ -6,7 +6,9 @@ or any JSONL of that shape).  Each prompt is rendered as a generation prompt by 
 template (`data.template.render_prompt`: the tokenizer's template, else the project's format), so
 the model sees the bytes it was fine-tuned on; generation stops at the end-of-turn token.
 
-Per row: the greedy completion, and n samples at temperature T, top-p p (seeded per row: sample
+Per row: the greedy completion, and n samples at temperature T, top-p p, each of at most
+`max_new_tokens` tokens (24: the byte tokenizer spends one per character, and the longest answer of
+the one-operation level, <answer>-1188</answer>, takes 22) (seeded per row: sample
 j of row i draws with seed S 2^20 + i n + j, whatever else the engine runs).  A completion's
 answer is group 1 of the first match of `answer_pattern` (default <answer>-?N</answer>); it is
 correct when that equals the gold answer.  Over the N rows, with c_i correct of n samples:
@@ -42,7 +44,7 @@ class ChatTask:
     pass_k: tuple[int, ...] = (1, 8)
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 16
+    max_new_tokens: int = 24  # byte-level tokens: "<answer>-1188</answer>" is 22
     seed: int = 0
     answer_pattern: str = ANSWER_PATTERN
 
