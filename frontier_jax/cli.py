@@ -180,7 +180,9 @@ def _eval(args) -> int:
         return {key: getattr(getattr(cfg, section), key) for key in keys}
 
     model_overrides, impl = given("model"), given("impl")
-    tasks = [resolve_task(t) for t in args.tasks]  # bad task names / files fail before the model loads
+    tasks = [
+        resolve_task(t, cfg.eval) for t in args.tasks
+    ]  # bad task names / files fail before the model loads
     if args.checkpoint is not None:
         model = load_checkpoint(
             args.checkpoint,
@@ -198,6 +200,16 @@ def _eval(args) -> int:
         model = load_hf(
             args.hf, mesh=cfg.mesh, dtype=args.dtype, tokenizer=tokenizer, devices=args.devices, impl=impl
         )
+    if args.preferences:
+        from frontier_jax.eval.preferences import evaluate_preferences
+
+        figures = evaluate_preferences(model, args.preferences, cfg.eval.batch_size)
+        path = write_results(args.out, {"source": model.source, "step": model.step, "preferences": figures})
+        print(
+            f"preferences {args.preferences}: {figures['pairs']} pairs, accuracy {figures['accuracy']:.4f}, "
+            f"mean margin {figures['mean_margin']:.4f}; results in {path}"
+        )
+        return 0
     sources = [source_from_path(p) for p in args.data] if args.data else cfg.eval.data
     results = evaluate(model, cfg.eval, sources, tasks=tasks)
     path = write_results(args.out, results)
@@ -247,6 +259,21 @@ def _data_prepare(args) -> int:
     config_path = Path(args.out) / "config.yaml"
     config_path.write_text(cfg.to_yaml())
     print(f"train on the shards: frontier-jax train --config {config_path} --run-dir RUN_DIR")
+    return 0
+
+
+def _data_arithmetic(args) -> int:
+    from frontier_jax.data.chat_math import Difficulty, held_out_problems, train_problems, write_problems
+
+    level = Difficulty(args.min_operations, args.max_operations, args.max_operand, args.max_factor).validate()
+    if args.count < 1:
+        raise ValueError(f"--count {args.count} must be >= 1")
+    if args.split == "held_out":
+        problems = held_out_problems(level, args.count, **({} if args.seed is None else {"seed": args.seed}))
+    else:
+        problems = train_problems(level, args.count, 0 if args.seed is None else args.seed)
+    path = write_problems(args.out, problems)
+    print(f"{path}: {len(problems)} {args.split} problems ({level}), rows {{prompt, answer}}")
     return 0
 
 
@@ -375,8 +402,14 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         default=[],
         action=_ValuesAndOverrides,
-        help="benchmark tasks: built-in arithmetic / "
-        "arithmetic_choice, or task YAML files (frontier_jax/eval/tasks.py)",
+        help="benchmark tasks: built-in arithmetic / arithmetic_choice / chat_arithmetic, task YAML files "
+        "(frontier_jax/eval/tasks.py), or chat prompt sets of prompt/answer rows (.jsonl, eval/chat.py)",
+    )
+    ev.add_argument(
+        "--preferences",
+        default=None,
+        help="a reward model's pairwise accuracy and mean margin on a JSONL of {prompt, chosen, rejected} "
+        "pairs (instead of perplexity and tasks)",
     )
     ev.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="parameter dtype on load")
     ev.add_argument("--devices", type=int, default=None, help="evaluate on the first N devices (default all)")
@@ -426,6 +459,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.tokenizer=PATH")
     prep.set_defaults(func=_data_prepare)
+    arith = data_sub.add_parser(
+        "arithmetic",
+        help="write chat arithmetic problems as a prompt set (JSONL rows {prompt, answer}): the held-out "
+        "split (a hash bucket of the question, never trained on) or training problems (none held out)",
+    )
+    arith.add_argument("--split", choices=("held_out", "train"), required=True)
+    arith.add_argument("--count", type=int, required=True, help="problems (held_out: distinct questions)")
+    arith.add_argument("--out", required=True, help="the JSONL file to write")
+    arith.add_argument("--seed", type=int, default=None, help="seed of the draws (default: the split's own)")
+    arith.add_argument("--min-operations", type=int, default=1)
+    arith.add_argument("--max-operations", type=int, default=1)
+    arith.add_argument("--max-operand", type=int, default=99)
+    arith.add_argument("--max-factor", type=int, default=12, help="largest factor a product adds")
+    arith.set_defaults(func=_data_arithmetic)
 
     ckpt = sub.add_parser("checkpoint", help="training checkpoints (frontier-jax checkpoint verify --help)")
     ckpt_sub = ckpt.add_subparsers(dest="checkpoint_command", required=True)

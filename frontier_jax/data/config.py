@@ -7,7 +7,8 @@ import enum
 from typing import Optional
 
 FILE_KINDS = ("jsonl", "parquet", "array_record")
-EMBEDDED_KINDS = ("embedded_code", "embedded_math")
+CHAT_MATH_KIND = "embedded_chat_math"  # chats: arithmetic questions and answers (`chat_math.py`)
+EMBEDDED_KINDS = ("embedded_code", "embedded_math", CHAT_MATH_KIND)
 PREPARED_KIND = "prepared"  # a directory written by `frontier-jax data prepare` (prepared.py)
 SOURCE_KINDS = FILE_KINDS + EMBEDDED_KINDS + (PREPARED_KIND,)
 
@@ -24,6 +25,29 @@ class RecordFormat(str, enum.Enum):
     text = "text"
     prompt_response = "prompt_response"
     chat = "chat"
+
+
+@dataclasses.dataclass
+class Difficulty:
+    """A level of the chat arithmetic source: between `min_operations` and `max_operations`
+    operations among + - *, operands 0..max_operand (0..max_factor for the factor a product adds).
+    The default is one operation over the embedded source's ranges."""
+
+    min_operations: int = 1
+    max_operations: int = 1
+    max_operand: int = 99
+    max_factor: int = 12
+
+    def validate(self, where: str = "difficulty") -> "Difficulty":
+        if not 1 <= self.min_operations <= self.max_operations:
+            raise ValueError(
+                f"{where}: min_operations={self.min_operations}, max_operations={self.max_operations}: "
+                "need 1 <= min_operations <= max_operations"
+            )
+        for name in ("max_operand", "max_factor"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{where}.{name}={getattr(self, name)} must be >= 1")
+        return self
 
 
 # The SourceConfig attributes naming the fields of each format.
@@ -54,6 +78,7 @@ class SourceConfig:
       fim_rate: share of this source's documents made fill-in-the-middle examples (`fim.py`),
         in [0, 1]; the DeepSeek-V3 report uses 0.1. Plain text (format text), not prepared.
       fim_spm_share: share of the FIM examples in the SPM layout, the rest PSM, in [0, 1].
+      difficulty: the level of kind embedded_chat_math (operations, operand range); unused otherwise.
     """
 
     name: str
@@ -67,6 +92,13 @@ class SourceConfig:
     messages_field: str = "messages"
     fim_rate: float = 0.0
     fim_spm_share: float = 0.0
+    difficulty: Difficulty = dataclasses.field(default_factory=Difficulty)
+
+    @property
+    def renders_chat(self) -> bool:
+        """Whether its documents are chats (format prompt_response or chat, or the embedded chat
+        arithmetic), rendered by the chat template with loss on the assistant turns only."""
+        return self.format != RecordFormat.text or self.kind == CHAT_MATH_KIND
 
     def fields(self) -> tuple[str, ...]:
         """The keys / columns a record of this source's format is read from."""
@@ -91,9 +123,11 @@ class SourceConfig:
             )
         if self.kind in EMBEDDED_KINDS and self.format != RecordFormat.text:
             raise ValueError(
-                f"{where}.format={RecordFormat(self.format).value!r}: embedded sources are "
-                "plain text; use format=text or a file source."
+                f"{where}.format={RecordFormat(self.format).value!r}: embedded sources have a format of "
+                "their own (embedded_chat_math: chats, the others: plain text); leave format unset."
             )
+        if self.kind == CHAT_MATH_KIND:
+            self.difficulty.validate(f"{where}.difficulty")
         if self.kind == PREPARED_KIND and self.format != RecordFormat.text:
             raise ValueError(
                 f"{where}.format={RecordFormat(self.format).value!r}: a prepared source holds documents "
@@ -105,7 +139,7 @@ class SourceConfig:
                     f"{where}.{field_name}={getattr(self, field_name)!r} is a share of documents: "
                     "give a value in [0, 1]."
                 )
-        if self.fim_rate and self.format != RecordFormat.text:
+        if self.fim_rate and self.renders_chat:
             raise ValueError(
                 f"{where}.fim_rate={self.fim_rate!r} with format={RecordFormat(self.format).value!r}: "
                 "fill-in-the-middle applies to plain text; set fim_rate=0 for this source."

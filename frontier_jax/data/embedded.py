@@ -40,12 +40,12 @@ def code_dataset() -> grain.MapDataset:
     return grain.MapDataset.source(stdlib_code_files()).map(_read_text)
 
 
-def _render(node, parent_op: str | None = None, right: bool = False) -> str:
+def render_expression(node, parent_op: str | None = None, right: bool = False) -> str:
     """Writes an expression tree (int or (op, left, right)) with the needed parentheses."""
     if isinstance(node, int):
         return str(node)
     op, left, right_node = node
-    text = f"{_render(left, op)} {op} {_render(right_node, op, right=True)}"
+    text = f"{render_expression(left, op)} {op} {render_expression(right_node, op, right=True)}"
     if parent_op is not None and (
         _PRECEDENCE[op] < _PRECEDENCE[parent_op]
         or (right and parent_op == "-" and _PRECEDENCE[op] == _PRECEDENCE[parent_op])
@@ -54,12 +54,24 @@ def _render(node, parent_op: str | None = None, right: bool = False) -> str:
     return text
 
 
-def _evaluate(node) -> int:
+def evaluate_expression(node) -> int:
     if isinstance(node, int):
         return node
     op, left, right = node
-    a, b = _evaluate(left), _evaluate(right)
+    a, b = evaluate_expression(left), evaluate_expression(right)
     return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def random_expression(rng: random.Random, operations: tuple[int, int], max_operand: int, max_factor: int):
+    """An expression tree drawn by `rng`: a first operand in 0..max_operand, then n operations
+    (n uniform in the inclusive range `operations`) among + - *, each putting a new operand
+    (0..max_factor for a product, else 0..max_operand) on a random side of the tree so far."""
+    node = rng.randint(0, max_operand)
+    for _ in range(rng.randint(*operations)):
+        op = rng.choice("+-*")
+        operand = rng.randint(0, max_factor if op == "*" else max_operand)
+        node = (op, node, operand) if rng.random() < 0.5 else (op, operand, node)
+    return node
 
 
 def math_problem(seed: int, index: int) -> str:
@@ -67,13 +79,8 @@ def math_problem(seed: int, index: int) -> str:
 
     One to three operations among + - *; operands 0..99 (0..12 for a product).
     """
-    rng = random.Random(seed * 2**64 + index)
-    node = rng.randint(0, 99)
-    for _ in range(rng.randint(1, 3)):
-        op = rng.choice("+-*")
-        operand = rng.randint(0, 12 if op == "*" else 99)
-        node = (op, node, operand) if rng.random() < 0.5 else (op, operand, node)
-    return f"Q: {_render(node)} = ?\nA: {_evaluate(node)}\n"
+    node = random_expression(random.Random(seed * 2**64 + index), (1, 3), 99, 12)
+    return f"Q: {render_expression(node)} = ?\nA: {evaluate_expression(node)}\n"
 
 
 def math_dataset(seed: int, length: int = MATH_LENGTH) -> grain.MapDataset:

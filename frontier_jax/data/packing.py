@@ -29,7 +29,7 @@ import functools
 import grain
 import numpy as np
 
-from frontier_jax.data.template import Document, render_document
+from frontier_jax.data.template import ChatTemplate, Document, render_document
 from frontier_jax.data.tokenizer import Tokenizer
 
 _LENGTH_KEYS = ("inputs", "targets", "loss_mask")
@@ -38,12 +38,13 @@ _LENGTH_KEYS = ("inputs", "targets", "loss_mask")
 class TokenizeDocument(grain.experimental.FlatMapTransform):
     """Document -> [{"inputs", "targets", "loss_mask": int32[n]}], chunks of n <= max_len pairs."""
 
-    def __init__(self, tokenizer: Tokenizer, max_len: int):
+    def __init__(self, tokenizer: Tokenizer, max_len: int, template: ChatTemplate | None = None):
         self._tokenizer = tokenizer
         self._max_len = max_len
+        self._template = template
 
     def flat_map(self, document: Document) -> list[dict[str, np.ndarray]]:
-        ids, train = render_document(self._tokenizer, document)
+        ids, train = render_document(self._tokenizer, document, self._template)
         pairs = {"inputs": ids[:-1], "targets": ids[1:], "loss_mask": train[1:].astype(np.int32)}
         return [
             {k: v[i : i + self._max_len] for k, v in pairs.items()}
@@ -115,13 +116,15 @@ def pack_documents(
     num_bins: int,
     shuffle_window: int = 0,
     seed: int = 0,
+    template: ChatTemplate | None = None,
 ) -> grain.IterDataset:
     """IterDataset[Document] -> IterDataset of rows {input_ids, targets, loss_mask, segment_ids, positions}.
 
     `num_bins`: rows filled at once by the SFT packer (more bins, less padding).
     `shuffle_window`: chunks shuffled together before packing (0: in document order), with `seed`.
+    `template`: the tokenizer's chat template, which renders chats (None: the project's format).
     """
-    chunks = grain.experimental.FlatMapIterDataset(documents, TokenizeDocument(tokenizer, seq_len))
+    chunks = grain.experimental.FlatMapIterDataset(documents, TokenizeDocument(tokenizer, seq_len, template))
     if shuffle_window:
         chunks = grain.experimental.WindowShuffleIterDataset(chunks, window_size=shuffle_window, seed=seed)
     length_struct = {key: seq_len for key in _LENGTH_KEYS}

@@ -37,7 +37,7 @@ import grain
 from absl import flags
 
 from frontier_jax.data.batching import MixtureBatchIterDataset
-from frontier_jax.data.config import DataConfig, RecordFormat, SourceConfig
+from frontier_jax.data.config import DataConfig, SourceConfig
 from frontier_jax.data.continuation import DocumentStream
 from frontier_jax.data.fim import fim_documents
 from frontier_jax.data.mixture import MixtureSchedule
@@ -46,6 +46,7 @@ from frontier_jax.data.parent_watch import exit_with_grain_parent
 from frontier_jax.data.prepared import check_prepared
 from frontier_jax.data.screen import ScreenIterDataset
 from frontier_jax.data.sources import source_records
+from frontier_jax.data.template import ChatTemplate
 from frontier_jax.data.tokenizer import CHAT_SPECIALS, FIM_SPECIALS, Tokenizer, load_tokenizer
 
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
@@ -119,6 +120,7 @@ def source_rows(
         num_bins=max(global_batch, _MIN_PACKING_BINS),
         shuffle_window=cfg.shuffle_window if cfg.shuffle else 0,
         seed=_source_seed(cfg, source, "window/"),
+        template=ChatTemplate.of_tokenizer(cfg.tokenizer) if source.renders_chat else None,
     )
     if cfg.worker_count:
         # grain 0.2.18 workers read absl flags, which fails unless they were parsed
@@ -150,9 +152,9 @@ def build_train_dataset(
     """
     validate_train_args(cfg, seq_len=seq_len, global_batch=global_batch, num_epochs=num_epochs)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.special_tokens)
-    if any(s.format != RecordFormat.text for s in cfg.sources):
+    if any(s.renders_chat for s in cfg.sources) and ChatTemplate.of_tokenizer(cfg.tokenizer) is None:
         for name in CHAT_SPECIALS:
-            tokenizer.special_id(name)  # the chat template's tokens exist, before any data is read
+            tokenizer.special_id(name)  # the project's chat format's tokens exist, before any data is read
     if any(s.fim_rate for s in cfg.sources):
         for name in FIM_SPECIALS:
             tokenizer.special_id(name)

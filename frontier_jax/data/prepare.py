@@ -33,11 +33,14 @@ from frontier_jax.data.parent_watch import exit_with_parent
 from frontier_jax.data.records import Rendered
 from frontier_jax.data.screen import screen
 from frontier_jax.data.sources import source_records
-from frontier_jax.data.template import render_document
+from frontier_jax.data.template import ChatTemplate, render_document
 from frontier_jax.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_identity
 
 RECORDS_PER_SHARD = 10_000
-GENERATED_KINDS = ("embedded_math",)  # 2^31 generated records: prepare a prefix (max_records)
+GENERATED_KINDS = (
+    "embedded_math",
+    "embedded_chat_math",
+)  # 2^31 generated records: prepare a prefix (max_records)
 
 
 @dataclasses.dataclass
@@ -95,6 +98,7 @@ class _ShardWriter:
         self._dtype = np.dtype(header["dtype"])
         self._limits = {"min_chars": cfg.min_document_chars, "max_chars": cfg.max_document_chars}
         self._records = None
+        self._template = ChatTemplate.of_tokenizer(cfg.tokenizer) if source.renders_chat else None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_records": None}
@@ -112,7 +116,7 @@ class _ShardWriter:
                 for counter in counters:
                     counts[counter] += 1
                 for piece in pieces:
-                    rendered = Rendered(*render_document(self._tokenizer, piece))
+                    rendered = Rendered(*render_document(self._tokenizer, piece, self._template))
                     writer.write(prepared.encode_document(rendered, self._dtype))
                     documents, tokens = documents + 1, tokens + len(rendered.ids)
         finally:

@@ -7,7 +7,9 @@ A record of a `SourceConfig` is read from its fields by `source.format`:
   chat             messages_field: [{"role": r, "content": str}, ...],   -> Record.messages
                    r in ROLES
 A field that is absent (or null) is MISSING_FIELD; a field of the wrong type, a message that
-is not an object, or a role outside ROLES is WRONG_TYPE.
+is not an object, or a role outside ROLES is WRONG_TYPE; a message (prompt, response) whose
+content is blank is EMPTY_CONTENT; a chat without an assistant turn (nothing to train on) is
+NO_ASSISTANT.  `Record.detail` names the field, e.g. "messages[2].role='bot'".
 A record of a prepared shard (`prepared.py`) is a document already screened and rendered:
 Record.rendered.
 """
@@ -27,6 +29,8 @@ INVALID_UTF8 = "invalid_utf8"
 INVALID_JSON = "invalid_json"
 MISSING_FIELD = "missing_field"
 WRONG_TYPE = "wrong_type"
+EMPTY_CONTENT = "empty_content"
+NO_ASSISTANT = "no_assistant_turn"
 ROLES = ("system", "user", "assistant")
 
 Message = tuple[str, str]  # (role, content)
@@ -49,7 +53,8 @@ class Record:
       origin: where it came from, "file:line" (1-based) or "file#index".
       text: the decoded plain document, or None.
       problem: None, or why there is no document (INVALID_UTF8, INVALID_JSON, MISSING_FIELD,
-        WRONG_TYPE).
+        WRONG_TYPE, EMPTY_CONTENT, NO_ASSISTANT).
+      detail: the field at fault, or None.
       messages: the (role, content) turns of a structured record, or None.
       rendered: the document of a prepared shard, screened and rendered at preparation, or None.
     """
@@ -59,6 +64,7 @@ class Record:
     problem: str | None = None
     messages: tuple[Message, ...] | None = None
     rendered: Rendered | None = None
+    detail: str | None = None
 
 
 def from_value(origin: str, value: Any) -> Record:
@@ -78,19 +84,30 @@ def from_bytes(origin: str, raw: bytes) -> Record:
         return Record(origin, problem=INVALID_UTF8)
 
 
-def _messages(origin: str, value: Any) -> Record:
+def _messages(origin: str, value: Any, field: str) -> Record:
     if not isinstance(value, (list, tuple)):
-        return Record(origin, problem=WRONG_TYPE)
+        return Record(origin, problem=WRONG_TYPE, detail=f"{field} is not a list")
     turns = []
-    for message in value:
+    for i, message in enumerate(value):
+        where = f"{field}[{i}]"
         if not isinstance(message, Mapping):
-            return Record(origin, problem=WRONG_TYPE)
+            return Record(origin, problem=WRONG_TYPE, detail=f"{where} is not an object")
         role, content = message.get("role"), message.get("content")
         if role is None or content is None:
-            return Record(origin, problem=MISSING_FIELD)
-        if role not in ROLES or not isinstance(content, str):
-            return Record(origin, problem=WRONG_TYPE)
+            return Record(
+                origin, problem=MISSING_FIELD, detail=f"{where}.{'role' if role is None else 'content'}"
+            )
+        if role not in ROLES:
+            return Record(
+                origin, problem=WRONG_TYPE, detail=f"{where}.role={role!r} (roles: {', '.join(ROLES)})"
+            )
+        if not isinstance(content, str):
+            return Record(origin, problem=WRONG_TYPE, detail=f"{where}.content is not a string")
+        if not content.strip():
+            return Record(origin, problem=EMPTY_CONTENT, detail=f"{where}.content")
         turns.append((role, content))
+    if not any(role == "assistant" for role, _ in turns):
+        return Record(origin, problem=NO_ASSISTANT, detail=f"{field} has no assistant turn")
     return Record(origin, messages=tuple(turns))
 
 
@@ -100,13 +117,17 @@ def from_fields(origin: str, obj: Mapping[str, Any], source: SourceConfig) -> Re
     fmt = RecordFormat(source.format)
     if fmt == RecordFormat.text:
         return from_value(origin, values[0])
-    if any(v is None for v in values):
-        return Record(origin, problem=MISSING_FIELD)
+    missing = [name for name, v in zip(source.fields(), values) if v is None]
+    if missing:
+        return Record(origin, problem=MISSING_FIELD, detail=missing[0])
     if fmt == RecordFormat.chat:
-        return _messages(origin, values[0])
+        return _messages(origin, values[0], source.messages_field)
+    for name, value in zip(source.fields(), values):
+        if not isinstance(value, str):
+            return Record(origin, problem=WRONG_TYPE, detail=f"{name} is not a string")
+        if not value.strip():
+            return Record(origin, problem=EMPTY_CONTENT, detail=name)
     prompt, response = values
-    if not isinstance(prompt, str) or not isinstance(response, str):
-        return Record(origin, problem=WRONG_TYPE)
     return Record(origin, messages=(("user", prompt), ("assistant", response)))
 
 

@@ -2,7 +2,8 @@
 
 A document is a plain text (str) or the messages of a structured record (a tuple of
 (role, content) pairs, see `records.py`).
-- a record with a `problem` (invalid UTF-8, invalid JSON, missing field, wrong type),
+- a record with a `problem` (invalid UTF-8, invalid JSON, missing field, wrong type, an empty
+  message, a chat without an assistant turn: the log line names the field),
   an empty (whitespace-only) text, or one shorter than `min_chars`: skipped. The text
   of a structured record is the concatenation of its contents.
 - a plain text longer than `max_chars`: split into consecutive pieces of `max_chars`
@@ -97,7 +98,10 @@ class _ScreenIterator(grain.DatasetIterator):
                 self._counts[name] += 1
             if not self._pieces and self._logged < _LOGGED_PER_SOURCE:
                 self._logged += 1
-                _log.warning("data source %r: skipped %s (%s)", self._source, record.origin, counters[0])
+                detail = f": {record.detail}" if record.detail else ""
+                _log.warning(
+                    "data source %r: skipped %s (%s%s)", self._source, record.origin, counters[0], detail
+                )
             skipped_in_a_row += not self._pieces
         self._next_piece += 1
         return self._pieces[self._next_piece - 1]
@@ -116,7 +120,9 @@ class _ScreenIterator(grain.DatasetIterator):
     def set_state(self, state: dict[str, Any]) -> None:
         self._record_state = state["record"]
         self._parent.set_state(self._record_state)
-        self._counts = dict(state[stats.STATS_KEY]["counts"])
+        self._counts = stats.zero_counts() | dict(
+            state[stats.STATS_KEY]["counts"]
+        )  # (saved before a counter existed)
         self._next_piece = state["next_piece"]
         # Re-read the current record (already counted) to recover its pieces.
         self._pieces = screen(next(self._parent), **self._limits)[0] if self._next_piece else []

@@ -29,8 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from etils import epath
 
-from frontier_jax.data import embedded, records
-from frontier_jax.data.config import PREPARED_KIND, RecordFormat, SourceConfig
+from frontier_jax.data import chat_math, embedded, records
+from frontier_jax.data.config import CHAT_MATH_KIND, PREPARED_KIND, RecordFormat, SourceConfig
 from frontier_jax.data.prepared import PreparedSource
 from frontier_jax.data.screen import DataError
 
@@ -203,10 +203,14 @@ def _text_record(name: str, index: int, text: str) -> records.Record:
     return records.Record(f"{name}#{index}", text=text)
 
 
+def _chat_record(name: str, index: int, problem: chat_math.ChatProblem) -> records.Record:
+    return records.Record(f"{name}#{index}", messages=problem.messages())
+
+
 def source_records(source: SourceConfig, *, seed: int) -> grain.MapDataset:
     """MapDataset[Record] of one configured source (files concatenated in path order).
 
-    `seed` drives the generated (embedded_math) source.
+    `seed` drives the generated sources (embedded_math, embedded_chat_math).
     """
     if source.kind == PREPARED_KIND:
         return grain.MapDataset.source(PreparedSource(source.path))
@@ -214,5 +218,8 @@ def source_records(source: SourceConfig, *, seed: int) -> grain.MapDataset:
         reader = _FILE_SOURCES[source.kind]
         parts = [grain.MapDataset.source(reader(p, source)) for p in resolve_paths(source)]
         return parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
+    if source.kind == CHAT_MATH_KIND:
+        problems = chat_math.train_dataset(seed, source.difficulty)
+        return problems.map_with_index(functools.partial(_chat_record, source.name))
     texts = embedded.code_dataset() if source.kind == "embedded_code" else embedded.math_dataset(seed)
     return texts.map_with_index(functools.partial(_text_record, source.name))

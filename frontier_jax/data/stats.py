@@ -32,6 +32,8 @@ SKIPPED = (
     records.INVALID_JSON,
     records.MISSING_FIELD,
     records.WRONG_TYPE,
+    records.EMPTY_CONTENT,
+    records.NO_ASSISTANT,
     EMPTY,
     TOO_SHORT,
 )

@@ -47,7 +47,7 @@ import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from frontier_jax.data.records import Message, Rendered
-from frontier_jax.data.tokenizer import ASSISTANT, BOS, END, EOS, Tokenizer
+from frontier_jax.data.tokenizer import ASSISTANT, BOS, BYTE_TOKENIZER, END, EOS, Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,10 +105,15 @@ def render(tokenizer: Tokenizer, pieces: Sequence[Piece]) -> tuple[np.ndarray, n
     return np.asarray(ids, np.int32), np.asarray(train, bool)
 
 
-def render_document(tokenizer: Tokenizer, document: Document) -> tuple[np.ndarray, np.ndarray]:
-    """-> (ids int32 [n], train bool [n]) of any document; a `Rendered` one as it is."""
+def render_document(
+    tokenizer: Tokenizer, document: Document, template: ChatTemplate | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """-> (ids int32 [n], train bool [n]) of any document; a `Rendered` one as it is; a chat (a
+    tuple of messages) by `template` where there is one (`render_chat`)."""
     if isinstance(document, Rendered):
         return document.ids.astype(np.int32), document.train.astype(bool)
+    if isinstance(document, tuple) and template is not None:
+        return template.render(tokenizer, document)
     return render(tokenizer, document_pieces(document))
 
 
@@ -189,6 +194,20 @@ class ChatTemplate:
             and (isinstance(value, str) or isinstance(value, dict) and "content" in value)
         }
         return cls(source, variables)
+
+    @classmethod
+    def of_tokenizer(cls, spec: str) -> ChatTemplate | None:
+        """The template beside a `data.tokenizer` (its tokenizer.json's directory: `load`), or
+        None for the byte tokenizer and a tokenizer without one."""
+        if spec == BYTE_TOKENIZER:
+            return None
+        return cls.load(Path(spec).parent)
+
+    def __getstate__(self) -> dict:  # (to grain workers: the compiled template stays behind)
+        return {"source": self.source, "variables": dict(self.variables)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
 
     @functools.cached_property
     def _compiled(self) -> jinja2.Template:

@@ -56,6 +56,9 @@ class EvalConfig:
       batch_size: rows per evaluation step (a multiple of the mesh's batch split).
       every: during training, evaluate every N steps (0 = never).
       seed: seed of the generated held-out problems (training uses data.seed).
+      samples: completions sampled per prompt by chat tasks (`chat.py`), for pass@k.
+      pass_k: the k of the pass@k figures of chat tasks (each <= samples).
+      sample_seed: seed of the chat tasks' samples.
     """
 
     data: list[EvalSourceConfig] = dataclasses.field(default_factory=_held_out_sources)
@@ -65,6 +68,9 @@ class EvalConfig:
     batch_size: int = 8
     every: int = 0
     seed: int = 1234
+    samples: int = 16
+    pass_k: list[int] = dataclasses.field(default_factory=lambda: [1, 8])
+    sample_seed: int = 0
 
     def validate(self) -> "EvalConfig":
         if not self.data:
@@ -79,6 +85,11 @@ class EvalConfig:
         for name in ("max_documents", "seq_len", "stride", "every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"eval.{name}={getattr(self, name)} must be >= 0")
+        if self.samples <= 0 or not all(1 <= k <= self.samples for k in self.pass_k):
+            raise ValueError(
+                f"eval.samples={self.samples}, eval.pass_k={list(self.pass_k)}: need samples >= 1 and "
+                "1 <= k <= samples for each k"
+            )
         if self.batch_size <= 0:
             raise ValueError(f"eval.batch_size={self.batch_size} must be > 0")
         if self.seq_len and self.seq_len < 2:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import jax
 
+from frontier_jax.data.template import ChatTemplate
+from frontier_jax.eval.chat import ChatTask, run_chat
 from frontier_jax.eval.config import EvalConfig, EvalSourceConfig
 from frontier_jax.eval.datasets import TrainingRun, read_documents
 from frontier_jax.eval.model import EvalModel
@@ -24,6 +26,8 @@ from frontier_jax.eval.scorer import Scorer
 from frontier_jax.eval.tasks import Task, run_generate, run_multiple_choice
 from frontier_jax.infer import Engine
 from frontier_jax.runtime.program import inference_impl
+
+_TASK_DECODING = {"max_seqs": 64}  # sequences decoded at once: a chat task samples n per prompt
 
 
 def build_scorer(model: EvalModel, cfg: EvalConfig, *, progress: bool = True) -> tuple[Scorer, int]:
@@ -86,17 +90,21 @@ def write_results(out_dir: str | Path, results: dict) -> Path:
     return path
 
 
-def evaluate_tasks(model: EvalModel, scorer: Scorer, tasks: list[Task]) -> dict[str, dict]:
-    """{task name: metrics} (`tasks.py`); generative tasks decode with `infer.Engine`."""
+def evaluate_tasks(model: EvalModel, scorer: Scorer, tasks: list[Task | ChatTask]) -> dict[str, dict]:
+    """{task name: metrics} (`tasks.py`, `chat.py`); generative tasks decode with `infer.Engine`."""
     out, engine = {}, None
     for task in tasks:
-        if task.type == "multiple_choice":
+        if isinstance(task, Task) and task.type == "multiple_choice":
             out[task.name] = run_multiple_choice(task, scorer, model.tokenizer)
+            continue
+        if engine is None:
+            engine = Engine.from_program(
+                model.program, model.params, model.biases, tokenizer=model.tokenizer, infer=_TASK_DECODING
+            )
+        if isinstance(task, ChatTask):
+            template = ChatTemplate.of_tokenizer(model.tokenizer.origin)
+            out[task.name] = run_chat(task, engine, model.tokenizer, template)
         else:
-            if engine is None:
-                engine = Engine.from_program(
-                    model.program, model.params, model.biases, tokenizer=model.tokenizer
-                )
             out[task.name] = run_generate(task, engine)
     return out
 
@@ -106,7 +114,7 @@ def evaluate(
     cfg: EvalConfig,
     sources: list[EvalSourceConfig],
     *,
-    tasks: list[Task] = (),
+    tasks: list[Task | ChatTask] = (),
     progress: bool = True,
 ) -> dict:
     """The results object of the module docstring."""

@@ -23,6 +23,8 @@ Metrics, over the N rows scored (few-shot rows excluded):
     generate         exact_match = (1/N) #{extract(generation).strip() == target.strip()}
 Built-in (`arithmetic`, `arithmetic_choice`): the embedded generator's problems of a held-out
 seed, "Q: 3 + 4 = ?\\nA:" -> " 7" (choices: the answer and answer +1, -1, +10).
+Chat tasks (`chat.py`): `chat_arithmetic` (the held-out chat arithmetic problems) or a prompt-set
+JSONL of {"prompt", "answer"} rows, asked through the chat template, greedy and sampled (pass@k).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ import yaml
 from frontier_jax.data.embedded import math_problem
 from frontier_jax.data.jsonl import read_jsonl_objects
 from frontier_jax.data.tokenizer import Tokenizer
+from frontier_jax.eval.chat import CHAT_BUILTIN, ChatTask, chat_task
+from frontier_jax.eval.config import EvalConfig
 from frontier_jax.eval.scorer import Scorer
 from frontier_jax.eval.task_checks import check_row, check_settings
 from frontier_jax.eval.windows import Window, continuation_window
@@ -56,7 +60,7 @@ _KEYS = {
     "extract",
     "max_new_tokens",
 }
-BUILTIN = ("arithmetic", "arithmetic_choice")
+BUILTIN = ("arithmetic", "arithmetic_choice", CHAT_BUILTIN)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +144,12 @@ def builtin_task(name: str, *, rows: int = 50, seed: int = 4321) -> Task:
     )
 
 
-def resolve_task(spec: str) -> Task:
+def resolve_task(spec: str, cfg: EvalConfig | None = None) -> Task | ChatTask:
+    """A task YAML, a chat prompt set (.jsonl, `chat.py`), or a built-in task by name; chat tasks
+    sample as cfg (eval.samples, eval.pass_k, eval.sample_seed) says."""
+    if spec == CHAT_BUILTIN or spec.endswith(".jsonl"):
+        cfg = cfg or EvalConfig()
+        return chat_task(spec, samples=cfg.samples, pass_k=tuple(cfg.pass_k), seed=cfg.sample_seed)
     return load_task(spec) if spec.endswith((".yaml", ".yml")) else builtin_task(spec)
 
 

@@ -10,7 +10,8 @@
 on the model (samples of the current policy, scored by a reward) reads the parameters there and
 hears of every update in `after_update`.  Every process must return the same global batch (the
 loop gives each device its block).  `TextBatches` is the grain text pipeline of the `data:`
-section (pre-training, SFT); `train(cfg, run_dir, batches=...)` takes any other.
+section (pre-training, SFT); `PreferenceBatches` the pairs of `train.preference` (reward models);
+`train(cfg, run_dir, batches=...)` takes any other.
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from frontier_jax.data import DataStats, build_train_iterator, continue_documents, warn_rereads
+from frontier_jax.data import (
+    DataStats,
+    build_train_iterator,
+    continue_documents,
+    load_tokenizer,
+    warn_rereads,
+)
+from frontier_jax.data.preferences import pair_rows, read_preferences
+from frontier_jax.data.template import ChatTemplate
 from frontier_jax.train.optimizer import batch_size_at
 from frontier_jax.train.state import TrainState
 
@@ -91,3 +100,47 @@ class TextBatches(BatchSource):
         stats = DataStats.from_state(self.get_state())
         warn_rereads(stats, self._rereads, step)
         return stats.as_metrics()
+
+
+class PreferenceBatches(BatchSource):
+    """The pairs of `train.preference.data` (`data.preferences`: rendered by the tokenizer's chat
+    template, or the project's format), global_batch / 2 pairs per batch (`pair_rows`: chosen
+    and rejected side in rows 2i, 2i + 1), in a new order each epoch drawn from train.seed and
+    the epoch; a pass that runs out mid-batch continues into the next one.  State: the epoch and
+    the pairs of it already read."""
+
+    def __init__(self, cfg: Config):
+        tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.special_tokens)
+        template = ChatTemplate.of_tokenizer(cfg.data.tokenizer)
+        self.pairs = read_preferences(
+            cfg.train.preference.data, tokenizer, template, max_len=cfg.train.seq_len
+        )
+        self.seq_len, self.per_batch, self.pad_id = (
+            cfg.train.seq_len,
+            cfg.train.global_batch // 2,
+            tokenizer.pad_id,
+        )
+        self.seed, self.epoch, self.read = cfg.train.seed, 0, 0
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
+
+    def next(self, state: TrainState) -> Mapping[str, np.ndarray]:
+        taken = []
+        while len(taken) < self.per_batch:
+            order = self._order(self.epoch)
+            take = order[self.read : self.read + self.per_batch - len(taken)]
+            taken += [self.pairs[i] for i in take]
+            self.read += len(take)
+            if self.read == len(order):
+                self.epoch, self.read = self.epoch + 1, 0
+        return pair_rows(taken, self.seq_len, self.pad_id)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "read": self.read}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.epoch, self.read = int(state["epoch"]), int(state["read"])
+
+    def metrics(self, step: int) -> dict[str, float]:
+        return {"data/preference/epochs": self.epoch + self.read / len(self.pairs)}

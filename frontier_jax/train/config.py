@@ -28,6 +28,25 @@ class NonFinitePolicy(enum.StrEnum):
     skip = "skip"  # leave the state unchanged and go on
 
 
+class ObjectiveName(enum.StrEnum):
+    """What `frontier-jax train` minimises: `pretrain` (next-token CE + MTP + balance on the
+    `data:` pipeline; SFT when it carries chats) or `preference` (a reward model's Bradley-Terry
+    loss over `train.preference.data`, `objectives/preference.py`)."""
+
+    pretrain = "pretrain"
+    preference = "preference"
+
+
+@dataclass
+class PreferenceConfig:
+    """The pairs of `train.objective: preference`: data, a JSONL of {"prompt", "chosen",
+    "rejected"} (or chat `messages` ending with the two assistant answers, `data/preferences.py`),
+    read in a new shuffled order each epoch; centring, the coefficient c of c (r_c + r_r)^2."""
+
+    data: Optional[str] = None
+    centring: float = 0.0
+
+
 @dataclass
 class ContextStage:
     """One context stage of `train.stages`: the steps from the previous stage's `until_step` (0
@@ -52,6 +71,8 @@ class TrainConfig:
     seed: int = 0
     # start a new run from another run's parameters: RUN_DIR[/checkpoints/STEP] or hf:PATH (`init_from.py`)
     init_from: Optional[str] = None
+    objective: ObjectiveName = ObjectiveName.pretrain
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     seq_len: int = 128
     global_batch: int = 16
     micro_batches: int = 1  # gradient accumulation: global_batch is split into this many
@@ -93,6 +114,18 @@ class TrainConfig:
                 f"train.global_batch={self.global_batch} is not divisible by "
                 f"train.micro_batches={self.micro_batches}; pick a divisor"
             )
+        if self.objective == ObjectiveName.preference:
+            if not self.preference.data:
+                raise ValueError(
+                    "train.objective=preference needs train.preference.data: a JSONL of {prompt, chosen, rejected}"
+                )
+            if (self.global_batch // self.micro_batches) % 2:
+                raise ValueError(
+                    f"train.objective=preference: train.global_batch={self.global_batch} / train.micro_batches="
+                    f"{self.micro_batches} rows per micro-batch must be even (the two sides of a pair sit together)"
+                )
+            if self.preference.centring < 0:
+                raise ValueError(f"train.preference.centring={self.preference.centring} must be >= 0")
         if self.lr <= 0 or self.lr_min < 0 or self.lr_min > self.lr:
             raise ValueError(
                 f"train.lr={self.lr} / train.lr_min={self.lr_min}: need 0 <= lr_min <= lr, lr > 0"

@@ -49,7 +49,7 @@ from frontier_jax.parallel.placement import imbalance
 from frontier_jax.parallel.rules import RULE_SETS
 from frontier_jax.runtime.expert_ledger import EXPERT_LOAD_FILE, ExpertLedger, read_ledger_steps
 from frontier_jax.runtime.program import ModelProgram, build_model_program
-from frontier_jax.train.batches import BatchSource, TextBatches
+from frontier_jax.train.batches import BatchSource, PreferenceBatches, TextBatches
 from frontier_jax.train.checkpoint import (
     Checkpointer,
     abstract_with_shardings,
@@ -57,9 +57,11 @@ from frontier_jax.train.checkpoint import (
     check_same_model,
     check_same_stage,
 )
+from frontier_jax.train.config import ObjectiveName
 from frontier_jax.train.init_from import initial_parameters, read_source
 from frontier_jax.train.metrics import MetricsLogger, model_flops_utilization, plot_loss_curve
 from frontier_jax.train.objectives import Objective, extra_shardings
+from frontier_jax.train.objectives.preference import Preference
 from frontier_jax.train.run_lock import RunLock, RunLockedError
 from frontier_jax.train.signals import Preempted, StopSignal
 from frontier_jax.train.stages import Stage, check_stages_fit, checkpoint_stage, context_stages
@@ -256,7 +258,8 @@ def train(
     """Trains (or resumes) `cfg` in `run_dir` until `cfg.train.steps`; returns logged metrics.
     evaluate(program, params, biases) -> {name: figure}: called every `eval.every` steps, its
     figures logged with that step (held-out evaluation, given by the caller: `eval` sits above).
-    objective: what is minimised (default `Pretrain`); batches: where the global batches come
+    objective: what is minimised (default: `Pretrain`, or `Preference` with its `PreferenceBatches` for
+    train.objective=preference); batches: where the global batches come
     from (default the text pipeline of `cfg.data`, `TextBatches`; another source runs one context
     stage and is checkpointed through its get_state / set_state).
 
@@ -272,6 +275,9 @@ def train(
         tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.special_tokens)
         check_vocabulary(cfg, tokenizer)
         stages = context_stages(cfg)
+        if cfg.train.objective == ObjectiveName.preference and objective is None:
+            objective = Preference(cfg.train, cfg.model)
+            batches = batches or PreferenceBatches(cfg)
         if batches is not None and len(stages) > 1:
             raise ValueError(
                 f"train.stages: {len(stages)} context stages need the text pipeline of data: (each stage "

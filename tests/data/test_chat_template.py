@@ -6,12 +6,14 @@ default.  The tokenizer is a byte-level BPE trained here (merges span several ch
 token and mask boundaries are tested on multi-character tokens)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from frontier_jax.data import DataConfig, SourceConfig, build_train_iterator
 from frontier_jax.data.template import (
     GENERATION_END,
     GENERATION_START,
@@ -142,3 +144,29 @@ def test_tokenizer_without_chat_template_keeps_the_projects_format(tmp_path):
         tok.decode(prompt) == "<bos><|user|>2+2?<|end|><|assistant|>"
         and prompt == ids[: len(prompt)].tolist()
     )
+
+
+def test_training_batches_render_chats_by_the_tokenizers_template(tokenizer_dir, tmp_path):
+    """A chat source read with a tokenizer.json whose tokenizer_config.json has a template: the
+    packed rows hold transformers' ids of each chat, loss on its assistant mask (shifted to the
+    targets), one document each."""
+    shutil.copy(tokenizer_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    write_config(tmp_path, GENERATION)
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in CHATS))
+    cfg = DataConfig(
+        sources=[SourceConfig("chat", "jsonl", str(data), format="chat")],
+        tokenizer=str(tmp_path / "tokenizer.json"),
+        mask_documents=True,
+        shuffle=False,
+    )
+    batch = next(build_train_iterator(cfg, seq_len=160, global_batch=1))
+    hf = transformers_tokenizer(tokenizer_dir, GENERATION)
+    for segment, chat in enumerate(CHATS, 1):
+        expected = hf.apply_chat_template(
+            chat, tokenize=True, return_assistant_tokens_mask=True, return_dict=True
+        )
+        where = batch["segment_ids"][0] == segment
+        assert batch["input_ids"][0, where].tolist() == expected["input_ids"][:-1]
+        assert batch["targets"][0, where].tolist() == expected["input_ids"][1:]
+        assert batch["loss_mask"][0, where].tolist() == expected["assistant_masks"][1:]

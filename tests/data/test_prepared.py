@@ -26,7 +26,12 @@ def _texts(n, seed):
 
 def _chats(n):
     return [
-        {"messages": [{"role": "user", "content": f"q{i}?"}, {"role": "assistant", "content": f"a{i}" * i}]}
+        {
+            "messages": [
+                {"role": "user", "content": f"q{i}?"},
+                {"role": "assistant", "content": f"a{i}" * (i + 1)},
+            ]
+        }
         for i in range(n)
     ]
 

@@ -51,6 +51,8 @@ def test_bad_records_are_skipped_and_counted_per_reason(write_jsonl):
             "invalid_json": 2,
             "missing_field": 2,
             "wrong_type": 0,
+            "empty_content": 0,
+            "no_assistant_turn": 0,
             "empty": 2,
             "too_short": 1,
         }
