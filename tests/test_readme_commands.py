@@ -499,6 +499,19 @@ def _samples(path: Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _pairs(path: Path) -> None:
+    """Preference pairs: a prompt, a right (chosen) and a wrong (rejected) answer."""
+    rows = [
+        {
+            "prompt": f"What is {a} + {b}?",
+            "chosen": f"<answer>{a + b}</answer>",
+            "rejected": f"<answer>{a + b + 1}</answer>",
+        }
+        for a, b in ((2, 3), (7, 4), (10, 9), (6, 6))
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def _math_prompts(path: Path) -> None:
     """Prompts with their gold answers."""
     rows = [{"prompt": "What is 2 + 3?", "answer": "5"}, {"prompt": "What is 7 - 4?", "answer": "3"}]
@@ -534,6 +547,8 @@ MADE_HERE = {
     "prompts.jsonl": _prompts,
     "samples.jsonl": _samples,
     "math_prompts.jsonl": _math_prompts,
+    "pairs.jsonl": _pairs,
+    "held_out_pairs.jsonl": _pairs,
     "my_tasks": _lm_eval_tasks,
     "path/to/DeepSeek-V3": _hf_model,
     "path/to/hf_dir": _hf_model,
@@ -542,9 +557,16 @@ MADE_BY_README = (
     "runs/toy",
     "data/toy",
     "held_out_prompts.jsonl",
+    "held_out_math.jsonl",
+    "runs/rm",
 )  # made by the first command run here that writes them
 # README path -> the function that makes it (at the path it is given) from the README's runs/toy
-MADE_FROM_TOY = {"runs/toy-experts": _experts_run, "serve_load.npz": _serve_load, "runs/sft": _sft_run}
+MADE_FROM_TOY = {
+    "runs/toy-experts": _experts_run,
+    "serve_load.npz": _serve_load,
+    "runs/sft": _sft_run,
+    "runs/sft-toy": _sft_run,
+}
 
 COMMANDS = readme_commands()
 MAIN = main_command()  # run at full length by tests/train/test_cli_demo.py
@@ -804,9 +826,16 @@ def test_a_broken_command_fails_its_check(good, broken, message, tmp_path, monke
 
 
 def _costly(command: Command) -> bool:
-    """Generating over the 80 held-out prompts: ~45 s of CPU more than another generate command,
-    run only with the slow tests."""
-    return command.option("--prompts") == "held_out_prompts.jsonl"
+    """Run only with the slow tests: generating over the 80 held-out prompts (~45 s of CPU more
+    than another generate command), the chat evaluation of 500 questions x 16 samples (minutes;
+    `tests/eval/test_chat_task.py` runs the chat task on a few rows) and the reward model's
+    training and evaluation (`tests/train/test_preference.py` trains and evaluates one)."""
+    return (
+        command.option("--prompts") == "held_out_prompts.jsonl"
+        or "chat_arithmetic" in command.argv
+        or "train.objective=preference" in command.argv
+        or command.option("--preferences") is not None
+    )
 
 
 def _run_params():
