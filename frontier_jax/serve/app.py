@@ -28,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 from frontier_jax.data.template import ChatTemplate, render_prompt
 from frontier_jax.data.tokenizer import END, Tokenizer
 from frontier_jax.infer import Engine, SamplingParams
+from frontier_jax.runtime.expert_ledger import check_stats_path, save_expert_load
 from frontier_jax.serve import schemas
 from frontier_jax.serve.config import ServeConfig
 from frontier_jax.serve.engine_loop import EngineLoop, Job
@@ -268,6 +269,35 @@ def create_app(server: Server) -> FastAPI:
     async def metrics():
         view = await server.loop.call(lambda engine: snapshot(engine, server.loop.waiting))
         return PlainTextResponse(server.metrics.render(view), media_type="text/plain; version=0.0.4")
+
+    @api.post("/expert_stats/dump")
+    async def expert_stats_dump(request: Request):
+        """The engine's expert-load ledger: per MoE layer the tokens routed to each expert over
+        the last experts.window_steps engine steps (`load` [layers][experts] and the positions
+        counted, `tokens`), written to `path` as well when one is given (.npz keeps the steps, so
+        `frontier-jax experts plan --stats` reads either)."""
+        body = await parse(request, schemas.ExpertStatsDumpRequest) if await request.body() else None
+        path = body.path if body is not None else None
+        if not server.engine.cfg.num_moe_layers:
+            raise APIError(400, "the served model has no MoE layers: there is no expert load to dump")
+        if path is not None:
+            try:
+                check_stats_path(path)
+            except ValueError as err:
+                raise APIError(400, str(err), "path") from None
+        steps = await server.loop.call(lambda engine: engine.expert_ledger.steps())
+        if path is not None:
+            save_expert_load(path, steps)
+        window = steps.window()
+        layers, experts = window.load.shape
+        return {
+            "layers": layers,
+            "experts": experts,
+            "steps": len(steps.tokens),
+            "tokens": window.tokens,
+            "load": window.load.tolist(),
+            "path": path,
+        }
 
     @api.get("/tokenizer_info")
     async def tokenizer_info():

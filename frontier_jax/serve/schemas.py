@@ -92,6 +92,13 @@ class TokenizeRequest(Body):
     add_generation_prompt: StrictBool = True
 
 
+class ExpertStatsDumpRequest(Body):
+    """`POST /expert_stats/dump`: path, a .npz or .json file on the server's file system to
+    write the ledger's window to (`runtime.expert_ledger.save_expert_load`), or none."""
+
+    path: str | None = None
+
+
 class DetokenizeRequest(Body):
     model: str | None = None
     tokens: Ids

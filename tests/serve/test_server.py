@@ -284,3 +284,27 @@ def test_shared_prefix_is_served_from_the_prefix_cache_with_the_same_output(serv
     assert after - hits == 32
     expected = engine.generate([first, second], SamplingParams(max_new_tokens=8))
     assert [a.choices[0].text for a in answers] == [e.text for e in expected]
+
+
+def test_expert_stats_dump_returns_and_writes_the_engines_ledger(served, tmp_path):
+    """POST /expert_stats/dump: the window of the engine's expert-load ledger (each of its
+    steps' counts summed: the per-layer tokens routed over its experts are top-k times the
+    positions counted), the same array written to a .npz that `experts plan` reads; a path
+    the server cannot write is a 400 naming `path`."""
+    from frontier_jax.runtime.expert_ledger import read_expert_load
+
+    background, client, model, _ = served
+    client.completions.create(model=MODEL_NAME, prompt=prompts([9], seed=5)[0], max_tokens=4, temperature=0)
+    path = tmp_path / "load.npz"
+    dumped = post(background.url, "/expert_stats/dump", {"path": str(path)}).json()
+    load = np.asarray(dumped["load"])
+    cfg = background.server.engine.cfg
+    assert load.shape == (cfg.num_moe_layers, cfg.n_routed_experts) == (dumped["layers"], dumped["experts"])
+    assert dumped["tokens"] > 0
+    np.testing.assert_array_equal(load.sum(-1), dumped["tokens"] * cfg.num_experts_per_tok)
+    saved = read_expert_load(path)
+    np.testing.assert_array_equal(saved.load, load)
+    assert saved.tokens == dumped["tokens"]
+    bad = post(background.url, "/expert_stats/dump", {"path": str(tmp_path / "missing" / "x.npz")})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "path"
+    assert post(background.url, "/expert_stats/dump", b"").status_code == 200  # no body: return only
