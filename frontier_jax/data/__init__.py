@@ -14,7 +14,7 @@ from frontier_jax.data.checkpoint import (
     restore_iterator_state,
     save_iterator_state,
 )
-from frontier_jax.data.config import DataConfig, MixtureStage, RecordFormat, SourceConfig
+from frontier_jax.data.config import DataConfig, MixturePhase, RecordFormat, SourceConfig
 from frontier_jax.data.continuation import continue_documents
 from frontier_jax.data.pipeline import (
     build_train_dataset,
@@ -30,7 +30,7 @@ __all__ = [
     "DataConfig",
     "DataError",
     "DataStats",
-    "MixtureStage",
+    "MixturePhase",
     "RecordFormat",
     "SourceConfig",
     "Tokenizer",

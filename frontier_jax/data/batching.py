@@ -56,7 +56,7 @@ class _MixtureBatchIterator(grain.DatasetIterator):
                 f"batch {self._batches}: the ramp asks for {rows} rows, outside "
                 f"[1, global_batch={self._global_batch}]"
             )
-        stage = self._schedule.stage_at(self._batches)
+        stage = self._schedule.phase_at(self._batches)
         tokens = self._stage_tokens[stage]
         taken = []
         for _ in range(rows):  # the end of a source's stream drops the incomplete batch

@@ -13,7 +13,7 @@ PREPARED_KIND = "prepared"  # a directory written by `frontier-jax data prepare`
 SOURCE_KINDS = FILE_KINDS + EMBEDDED_KINDS + (PREPARED_KIND,)
 
 
-class RecordFormat(str, enum.Enum):
+class RecordFormat(enum.StrEnum):
     """What a record of a file source holds (see `records.py`, rendered by `template.py`).
 
     text             `text_field`: a plain document, every target trained on.
@@ -104,7 +104,7 @@ class SourceConfig:
         """The keys / columns a record of this source's format is read from."""
         return tuple(getattr(self, name) for name in _FORMAT_FIELDS[RecordFormat(self.format)])
 
-    def validate(self, where: str = "data.sources[?]") -> None:
+    def validate(self, where: str = "data.sources[?]") -> "SourceConfig":
         """Raises ValueError naming the field, its value and the fix."""
         if not self.name:
             raise ValueError(f"{where}.name is empty: give every source a unique name.")
@@ -152,10 +152,11 @@ class SourceConfig:
         for field_name in _FORMAT_FIELDS[RecordFormat(self.format)]:
             if self.kind in FILE_KINDS and not getattr(self, field_name):
                 raise ValueError(f"{where}.{field_name} is empty: name the field holding it.")
+        return self
 
 
 @dataclasses.dataclass
-class MixtureStage:
+class MixturePhase:
     """Mixture weights from one step on (see `DataConfig.stages`).
 
     Attributes:
@@ -167,7 +168,7 @@ class MixtureStage:
     start_step: int
     weights: dict[str, float] = dataclasses.field(default_factory=dict)
 
-    def validate(self, names: list[str], where: str) -> None:
+    def validate(self, names: list[str], where: str) -> "MixturePhase":
         """Raises ValueError naming the field, its value and the fix."""
         for name, weight in self.weights.items():
             if name not in names:
@@ -182,6 +183,7 @@ class MixtureStage:
                 f"{where}.weights={dict(self.weights)} do not sum to a positive total: "
                 "give at least one source a weight > 0."
             )
+        return self
 
 
 def _default_sources() -> list[SourceConfig]:
@@ -224,7 +226,7 @@ class DataConfig:
     """
 
     sources: list[SourceConfig] = dataclasses.field(default_factory=_default_sources)
-    stages: list[MixtureStage] = dataclasses.field(default_factory=list)
+    stages: list[MixturePhase] = dataclasses.field(default_factory=list)
     tokenizer: str = "byte"
     special_tokens: dict[str, str] = dataclasses.field(default_factory=dict)
     mask_documents: bool = False
@@ -236,8 +238,8 @@ class DataConfig:
     seed: int = 0
     worker_count: int = 0
 
-    def validate(self) -> None:
-        """Raises ValueError naming the field, its value and the fix."""
+    def validate(self) -> "DataConfig":
+        """Raises ValueError naming the field, its value and the fix; returns self."""
         if not self.sources:
             raise ValueError("data.sources is empty: list at least one source.")
         names = [s.name for s in self.sources]
@@ -280,3 +282,4 @@ class DataConfig:
             )
         if self.worker_count < 0:
             raise ValueError(f"data.worker_count={self.worker_count} must be >= 0 (0 = no workers).")
+        return self

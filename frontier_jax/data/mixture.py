@@ -51,7 +51,7 @@ class MixtureSchedule:
             starts.append(stage.start_step)
         return cls(names, starts, np.asarray(rows, np.float64))
 
-    def stage_at(self, step: int) -> int:
+    def phase_at(self, step: int) -> int:
         """The stage whose weights draw the batch of `step` (0-based)."""
         return bisect.bisect_right(self.start_steps, step) - 1
 

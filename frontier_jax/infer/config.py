@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass
 
 
-class DecodeAttentionImpl(str, enum.Enum):
+class DecodeAttentionImpl(enum.StrEnum):
     """The absorbed-MLA attention core of decode steps (`model.attention.cached_latent_attention`):
     xla gathers each row's blocks and scores every slot; pallas reads the paged cache in place
     (`kernels.latent_decode`; the Pallas interpreter off the GPU: slow there, for tests)."""
@@ -15,7 +15,7 @@ class DecodeAttentionImpl(str, enum.Enum):
     PALLAS = "pallas"
 
 
-class Speculative(str, enum.Enum):
+class Speculative(enum.StrEnum):
     """Speculative decoding: none, or drafts from the model's MTP modules (`infer.speculative`)."""
 
     NONE = "none"

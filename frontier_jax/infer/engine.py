@@ -62,7 +62,14 @@ from frontier_jax.infer.detokenize import TextStream
 from frontier_jax.infer.expert_load import ExpertLoad, count_experts, empty_load
 from frontier_jax.infer.expert_slots import logical_experts, place_experts, slot_arrays, slot_count
 from frontier_jax.infer.sampling import MAX_BANNED, SamplingParams, prompt_scores, sample, top_logprobs
-from frontier_jax.infer.scheduler import Batch, Completion, PrefixCacheStats, Request, Scheduler, TokenEvent
+from frontier_jax.infer.scheduler import (
+    Completion,
+    PrefixCacheStats,
+    Request,
+    Scheduler,
+    StepBatch,
+    TokenEvent,
+)
 from frontier_jax.infer.speculative import MTPDecoder, accept
 from frontier_jax.infer.step import make_decode_step, make_step, pack_decode
 from frontier_jax.infer.weights import swap_weights
@@ -747,7 +754,7 @@ class Engine:
             if self._append(r, int(tokens[b]), float(logprobs[b]), (top_ids[b], top_values[b]))
         ]
 
-    def _forward(self, step, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    def _forward(self, step, batch: StepBatch) -> tuple[jax.Array, jax.Array]:
         """Runs `step` on `batch`, advances each row's cached length, counts its expert loads;
         (logits, hidden)."""
         pages = Pages(jnp.asarray(batch.block_table), jnp.asarray(batch.write))

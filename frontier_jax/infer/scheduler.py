@@ -164,7 +164,7 @@ class PrefixCacheStats:
 
 
 @dataclass
-class Batch:
+class StepBatch:
     """One step's host arrays: ids, positions, write [B, T]; block table [B, M]; select [B, K]
     (positions whose logits are returned); rows: the requests of the first len(rows) rows."""
 
@@ -336,7 +336,7 @@ class Scheduler:
         """Running requests past their prompt, each with a sampled token not yet in the cache."""
         return [r for r in self.running if not r.prefilling and r.finish_reason is None]
 
-    def prefill_batch(self, all_positions: bool = False) -> Batch | None:
+    def prefill_batch(self, all_positions: bool = False) -> StepBatch | None:
         """The next prompt chunk of every prefilling request; logits at each chunk's last token
         (at every position with all_positions)."""
         rows = [r for r in self.running if r.prefilling and r.leader is None]
@@ -353,7 +353,7 @@ class Scheduler:
             select,
         )
 
-    def decode_batch(self, rows: list[Request], drafts: list[list[int]]) -> Batch:
+    def decode_batch(self, rows: list[Request], drafts: list[list[int]]) -> StepBatch:
         """The last sampled token of each request followed by its draft tokens (a speculative
         verification); logits at every position."""
         width = 1 + len(drafts[0])
@@ -372,7 +372,7 @@ class Scheduler:
         tokens: list[list[int]],
         width: int,
         select: list[list[int]],
-    ) -> Batch:
+    ) -> StepBatch:
         """Rows b < len(rows): tokens[b] at positions starts[b] ..; padded to a bucket of rows."""
         n = self.rows_for(len(rows))
         ids = np.zeros((n, width), np.int32)
@@ -385,7 +385,7 @@ class Scheduler:
             write[b, : len(row_tokens)] = True
             sel[b] = select[b]
         table = self.table(rows, [s + len(t) for s, t in zip(starts, tokens)], n)
-        return Batch(ids, positions, write, table, sel, rows)
+        return StepBatch(ids, positions, write, table, sel, rows)
 
     @property
     def max_rows(self) -> int:

@@ -5,7 +5,7 @@ Each checkpoint step holds three items (four with an objective's state):
     extra   `TrainState.extra`, the objective's own state, when it holds arrays    StandardSave
     data    the batch source's state (JSON, one file per process)           grain's handler
     config  the resolved run config of the checkpoint's context stage (JSON) JsonSave
-            and, under "stage", the stage's index and steps (`train.stages.Stage`)
+            and, under "stage", the stage's index and steps (`train.phases.ContextPhase`)
 Saves are asynchronous and atomic (orbax writes into a temporary directory and renames it
 when complete, so a crash mid-save leaves the previous checkpoint as the latest).  Restore
 takes an abstract state whose leaves carry the *current* shardings, so a checkpoint written
@@ -148,9 +148,9 @@ def check_same_data_stream(saved: dict, current: dict, directory: epath.Path) ->
         )
 
 
-def check_same_stage(saved: dict, stage: dict, step: int, directory: epath.Path) -> None:
+def check_same_phase(saved: dict, stage: dict, step: int, directory: epath.Path) -> None:
     """Raises if checkpoint `step` was written in another context stage than the one the
-    current `train.stages` put its last step in (`stage`: `Stage.record()`); checkpoints
+    current `train.stages` put its last step in (`stage`: `ContextPhase.record()`); checkpoints
     written before stages were recorded are taken as they are."""
     recorded = saved.get("stage")
     if recorded is not None and recorded.get("index") != stage["index"]:

@@ -12,7 +12,7 @@ from frontier_jax.model.config import RopeScalingConfig
 from frontier_jax.parallel.pipeline.plan import PipelineConfig
 
 
-class Schedule(enum.StrEnum):
+class LRSchedule(enum.StrEnum):
     constant = "constant"
     cosine = "cosine"
     deepseek = "deepseek"
@@ -48,11 +48,11 @@ class PreferenceConfig:
 
 
 @dataclass
-class ContextStage:
+class ContextPhaseConfig:
     """One context stage of `train.stages`: the steps from the previous stage's `until_step` (0
     for the first) up to `until_step` train on rows of `seq_len` tokens, `global_batch` rows per
     step, with the RoPE scaling `rope_scaling` (None: `model.rope_scaling`) and, when `lr` is
-    set, a constant learning rate instead of `train.schedule`'s (`train.stages.Stage`)."""
+    set, a constant learning rate instead of `train.schedule`'s (`train.phases.ContextPhase`)."""
 
     until_step: int
     seq_len: int
@@ -78,7 +78,7 @@ class TrainConfig:
     micro_batches: int = 1  # gradient accumulation: global_batch is split into this many
     lr: float = 3e-3
     lr_min: float = 3e-4
-    schedule: Schedule = Schedule.cosine
+    schedule: LRSchedule = LRSchedule.cosine
     warmup_steps: int = 20
     decay_start: int = 0  # "deepseek" schedule: step where cosine decay begins
     decay_steps: int = 0  # "deepseek" schedule: length of the cosine decay
@@ -97,7 +97,7 @@ class TrainConfig:
     on_nonfinite: NonFinitePolicy = NonFinitePolicy.stop
     max_skipped_steps: int = 5  # on_nonfinite=skip: more non-finite steps in a row stop the run
     log_every: int = 1
-    stages: list[ContextStage] = field(default_factory=list)  # empty: one stage, seq_len x global_batch
+    stages: list[ContextPhaseConfig] = field(default_factory=list)  # empty: one stage, seq_len x global_batch
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # stages over mesh.stage
 
     def validate(self) -> "TrainConfig":
@@ -158,7 +158,7 @@ class TrainConfig:
 
     def _validate_stages(self) -> None:
         """The stage fields on their own; what the model and the mesh can take is checked
-        against them by `train.stages.check_stages`."""
+        against them by `train.phases.check_phases_fit`."""
         previous = 0
         for i, stage in enumerate(self.stages):
             where = f"train.stages[{i}]"

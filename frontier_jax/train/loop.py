@@ -15,7 +15,7 @@ Running the same command on the same run_dir resumes from the latest checkpoint 
 per step.  A run without checkpoints starts from fresh parameters, or from another run's with
 `train.init_from` (init_from.py).  The objective (default `Pretrain`) and the batch source
 (default the grain text pipeline of `data:`, batches.py) plug in: `train(cfg, run_dir,
-objective=..., batches=...)`.  A run of several context stages (`train.stages`, stages.py)
+objective=..., batches=...)`.  A run of several context stages (`train.stages`, phases.py)
 rebuilds the model program, the jitted step and the data pipeline at each stage boundary and
 carries the state over; a checkpoint holds its stage's data position and config, so resuming
 anywhere is exact.  SIGTERM/SIGINT: save a checkpoint at the current step and raise `Preempted`
@@ -55,16 +55,16 @@ from frontier_jax.train.checkpoint import (
     abstract_with_shardings,
     check_same_data_stream,
     check_same_model,
-    check_same_stage,
+    check_same_phase,
 )
 from frontier_jax.train.config import ObjectiveName
 from frontier_jax.train.init_from import initial_parameters, read_source
 from frontier_jax.train.metrics import MetricsLogger, model_flops_utilization, plot_loss_curve
 from frontier_jax.train.objectives import Objective, extra_shardings
 from frontier_jax.train.objectives.preference import Preference
+from frontier_jax.train.phases import ContextPhase, check_phases_fit, checkpoint_phase, context_phases
 from frontier_jax.train.run_lock import RunLock, RunLockedError
 from frontier_jax.train.signals import Preempted, StopSignal
-from frontier_jax.train.stages import Stage, check_stages_fit, checkpoint_stage, context_stages
 from frontier_jax.train.state import TrainState
 from frontier_jax.train.step import EXPERT_LOAD, Trainer
 
@@ -171,18 +171,18 @@ def check_vocabulary(cfg: Config, tokenizer: Tokenizer) -> None:
         )
 
 
-def _checkpoint_config(stage: Stage, tokenizer: Tokenizer) -> dict:
+def _checkpoint_config(phase: ContextPhase, tokenizer: Tokenizer) -> dict:
     """The config saved with a checkpoint of `stage`: the stage's run config, its record and the
     identity of the run's tokenizer (the sha256 of its content, its size and special ids)."""
-    return {**stage.cfg.to_dict(), "stage": stage.record(), "tokenizer": tokenizer_identity(tokenizer)}
+    return {**phase.cfg.to_dict(), "stage": phase.record(), "tokenizer": tokenizer_identity(tokenizer)}
 
 
 def _resume(
     checkpointer: Checkpointer,
     runner: Runner,
-    stages: list[Stage],
+    phases: list[ContextPhase],
     restart_data: bool,
-    batches_for: Callable[[Stage], BatchSource],
+    batches_for: Callable[[ContextPhase], BatchSource],
     fresh_state: Callable[[], TrainState],
     text: bool,
     tokenizer: Tokenizer,
@@ -196,9 +196,9 @@ def _resume(
     opened = {}  # step -> the batch source restored to that checkpoint's position
 
     def check_config(step: int, saved: dict) -> None:
-        stage = checkpoint_stage(stages, step)
-        check_same_stage(saved, stage.record(), step, checkpointer.directory)
-        check_same_model(saved, stage.cfg.to_dict(), checkpointer.directory)
+        phase = checkpoint_phase(phases, step)
+        check_same_phase(saved, phase.record(), step, checkpointer.directory)
+        check_same_model(saved, phase.cfg.to_dict(), checkpointer.directory)
         check_tokenizer(
             saved.get("tokenizer"),
             tokenizer,
@@ -206,25 +206,25 @@ def _resume(
             "train with the tokenizer the run was trained with (the file changed since?), or use a new --run-dir",
         )
         if not restart_data and text:
-            check_same_data_stream(saved, stage.cfg.to_dict(), checkpointer.directory)
+            check_same_data_stream(saved, phase.cfg.to_dict(), checkpointer.directory)
 
     def data_for(step: int):
         if restart_data:
             return None
-        opened[step] = batches_for(checkpoint_stage(stages, step))
+        opened[step] = batches_for(checkpoint_phase(phases, step))
         return opened[step]
 
     abstract = abstract_with_shardings(jax.eval_shape(lambda: runner.trainer.init(0)), runner.state_shardings)
     found = checkpointer.restore_latest(abstract, data_for, check_config)
     if found is None:
-        return 0, fresh_state(), stages[0], batches_for(stages[0])
+        return 0, fresh_state(), phases[0], batches_for(phases[0])
     start, state = found
-    stage = checkpoint_stage(stages, start)
-    log.info("resumed from step %d (context stage %d) in %s", start, stage.index, checkpointer.directory)
+    phase = checkpoint_phase(phases, start)
+    log.info("resumed from step %d (context stage %d) in %s", start, phase.index, checkpointer.directory)
     if restart_data:
         log.warning("--restart-data: the data stream starts again from its beginning at step %d", start)
-        return start, state, stage, batches_for(stage)
-    return start, state, stage, opened[start]
+        return start, state, phase, batches_for(phase)
+    return start, state, phase, opened[start]
 
 
 def _nonfinite_error(step: int, metrics: dict, last_saved: int | None, skipped: int) -> NonFiniteLossError:
@@ -274,18 +274,18 @@ def train(
     with StopSignal(cfg.checkpoint.stop_timeout_s) as stop, contextlib.ExitStack() as held:
         tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.special_tokens)
         check_vocabulary(cfg, tokenizer)
-        stages = context_stages(cfg)
+        phases = context_phases(cfg)
         if cfg.train.objective == ObjectiveName.preference and objective is None:
             objective = Preference(cfg.train, cfg.model)
             batches = batches or PreferenceBatches(cfg)
-        if batches is not None and len(stages) > 1:
+        if batches is not None and len(phases) > 1:
             raise ValueError(
-                f"train.stages: {len(stages)} context stages need the text pipeline of data: (each stage "
+                f"train.stages: {len(phases)} context stages need the text pipeline of data: (each stage "
                 "packs its own rows); a batch source of its own runs one stage: leave train.stages out"
             )
         mesh = build_mesh(cfg.mesh)
-        check_stages_fit(stages, mesh, RULE_SETS[cfg.mesh.rules])  # every stage, before anything compiles
-        runner = build_runner(stages[0].cfg, mesh=mesh, objective=objective)
+        check_phases_fit(phases, mesh, RULE_SETS[cfg.mesh.rules])  # every stage, before anything compiles
+        runner = build_runner(phases[0].cfg, mesh=mesh, objective=objective)
         source = None  # train.init_from, checked before anything is written (a new run directory)
         if cfg.train.init_from and not (run_dir / "checkpoints").exists():
             source = read_source(cfg.train.init_from, cfg.model)
@@ -299,18 +299,18 @@ def train(
             start_from = source or read_source(cfg.train.init_from, cfg.model)
             return runner.start(*initial_parameters(start_from, runner.trainer.program, seed), seed)
 
-        def batches_for(stage: Stage) -> BatchSource:
-            return TextBatches(stage.cfg) if batches is None else batches
+        def batches_for(phase: ContextPhase) -> BatchSource:
+            return TextBatches(phase.cfg) if batches is None else batches
 
         fresh = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
         held.enter_context(_run_dir_lock(run_dir))
         checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
         try:
-            start, state, stage, data = _resume(
+            start, state, phase, data = _resume(
                 checkpointer,
                 runner,
-                stages,
+                phases,
                 restart_data,
                 batches_for,
                 fresh_state,
@@ -337,9 +337,9 @@ def train(
             )
             return []
         (run_dir / "config.yaml").write_text(cfg.to_yaml())  # only once the config is known to run here
-        if stage.index:
-            runner = build_runner(stage.cfg, mesh=mesh, objective=objective)
-        flops_per_token = _flops_per_token(stage, runner)
+        if phase.index:
+            runner = build_runner(phase.cfg, mesh=mesh, objective=objective)
+        flops_per_token = _flops_per_token(phase, runner)
         logger = MetricsLogger(run_dir, enabled=jax.process_index() == 0, resumed_at=start)
         ledger = _expert_ledger(cfg, checkpointer.directory / str(start) if start else None)
         history: list[dict] = []
@@ -356,17 +356,17 @@ def train(
         )
         try:
             for step in range(start, cfg.train.steps):
-                if step >= stage.until_step:  # the next context stage: new rows, RoPE and step
-                    stage = stages[stage.index + 1]
-                    runner = build_runner(stage.cfg, mesh=mesh, objective=objective)
-                    flops_per_token = _flops_per_token(stage, runner)
-                    data = TextBatches(stage.cfg, continue_from=data.get_state())
+                if step >= phase.until_step:  # the next context stage: new rows, RoPE and step
+                    phase = phases[phase.index + 1]
+                    runner = build_runner(phase.cfg, mesh=mesh, objective=objective)
+                    flops_per_token = _flops_per_token(phase, runner)
+                    data = TextBatches(phase.cfg, continue_from=data.get_state())
                     log.info(
                         "step %d: context stage %d, %d tokens x %d rows",
                         step,
-                        stage.index,
-                        stage.cfg.train.seq_len,
-                        stage.cfg.train.global_batch,
+                        phase.index,
+                        phase.cfg.train.seq_len,
+                        phase.cfg.train.global_batch,
                     )
                 local = data.next(state)
                 batch = _global_batch(
@@ -384,7 +384,7 @@ def train(
                 _record_expert_load(ledger, metrics.pop(EXPERT_LOAD, None), cfg.model.num_experts_per_tok)
                 checkpointer.poll()  # a failed background save stops the run here
                 record = _record(step + 1, metrics, seconds, flops_per_token)
-                record.update(stage=stage.index, seq_len=stage.cfg.train.seq_len)
+                record.update(stage=phase.index, seq_len=phase.cfg.train.seq_len)
                 skipped = 0 if metrics["finite"] else skipped + 1
                 last_step = step + 1 == cfg.train.steps
                 evaluated = evaluate is not None and cfg.eval.every and (step + 1) % cfg.eval.every == 0
@@ -413,7 +413,7 @@ def train(
                         step + 1,
                         state,
                         data,
-                        _checkpoint_config(stage, tokenizer),
+                        _checkpoint_config(phase, tokenizer),
                         expert_load=ledger.steps() if cfg.model.num_moe_layers else None,
                     )
                     last_saved = step + 1
@@ -467,9 +467,9 @@ def _run_dir_lock(run_dir: Path):
             lock.release()
 
 
-def _flops_per_token(stage: Stage, runner: Runner) -> float:
+def _flops_per_token(phase: ContextPhase, runner: Runner) -> float:
     params = runner.trainer.program.abstract_params
-    return describe(stage.cfg.model, stage.cfg.train.seq_len, params=params)["flops_per_token"]
+    return describe(phase.cfg.model, phase.cfg.train.seq_len, params=params)["flops_per_token"]
 
 
 def _expert_ledger(cfg: Config, step_dir: epath.Path | None) -> ExpertLedger:

@@ -24,7 +24,7 @@ from frontier_jax.parallel.pipeline.executor import (
     stack_for_stages,
     unstack_from_stages,
 )
-from frontier_jax.parallel.pipeline.plan import StagePlan, pipeline_plan
+from frontier_jax.parallel.pipeline.plan import PipelinePlan, pipeline_plan
 from frontier_jax.parallel.rules import logical_to_spec
 from frontier_jax.runtime.program import ModelProgram
 from frontier_jax.train.config import TrainConfig
@@ -96,7 +96,7 @@ class PipelineStages:
     other stages run other branches (a hang).  The rows of a micro-batch must split evenly over
     the batch axes (`plan.check_micro_batch_fits`)."""
 
-    def __init__(self, program: ModelProgram, plan: StagePlan):
+    def __init__(self, program: ModelProgram, plan: PipelinePlan):
         mesh = program.mesh
         if mesh is None or mesh.shape.get("stage", 1) != plan.stages:
             found = None if mesh is None else dict(mesh.shape)

@@ -1,7 +1,7 @@
 import omegaconf
 import pytest
 
-from frontier_jax.data import DataConfig, MixtureStage, RecordFormat, SourceConfig
+from frontier_jax.data import DataConfig, MixturePhase, RecordFormat, SourceConfig
 
 TWO = [SourceConfig("code", "embedded_code"), SourceConfig("math", "embedded_math")]
 
@@ -39,23 +39,23 @@ def test_config_works_as_omegaconf_structured_config():
             ["data.sources[0].weight=-1.0", ">= 0"],
         ),
         (
-            DataConfig(sources=TWO, stages=[MixtureStage(10, {"code": 1}), MixtureStage(10, {"math": 1})]),
+            DataConfig(sources=TWO, stages=[MixturePhase(10, {"code": 1}), MixturePhase(10, {"math": 1})]),
             ["data.stages[1].start_step=10", "data.stages[0].start_step=10", "strictly increasing"],
         ),
         (
-            DataConfig(sources=TWO, stages=[MixtureStage(-1, {"code": 1})]),
+            DataConfig(sources=TWO, stages=[MixturePhase(-1, {"code": 1})]),
             ["data.stages[0].start_step=-1", "from 0"],
         ),
         (
-            DataConfig(sources=TWO, stages=[MixtureStage(5, {"code": 1, "web": 2})]),
+            DataConfig(sources=TWO, stages=[MixturePhase(5, {"code": 1, "web": 2})]),
             ["data.stages[0].weights", "'web'", "not in data.sources", "['code', 'math']"],
         ),
         (
-            DataConfig(sources=TWO, stages=[MixtureStage(5, {"code": 0, "math": 0})]),
+            DataConfig(sources=TWO, stages=[MixturePhase(5, {"code": 0, "math": 0})]),
             ["data.stages[0].weights", "positive total"],
         ),
         (
-            DataConfig(sources=TWO, stages=[MixtureStage(5, {"code": -0.5, "math": 1})]),
+            DataConfig(sources=TWO, stages=[MixturePhase(5, {"code": -0.5, "math": 1})]),
             ["data.stages[0].weights.code=-0.5", ">= 0"],
         ),
         (DataConfig(shuffle_window=-1), ["data.shuffle_window=-1"]),
@@ -103,5 +103,5 @@ def test_mixture_stages_load_from_omegaconf():
         },
     )
     cfg = omegaconf.OmegaConf.to_object(merged)
-    assert cfg.stages == [MixtureStage(0, {"code": 1.0}), MixtureStage(200, {"math": 2.5})]
+    assert cfg.stages == [MixturePhase(0, {"code": 1.0}), MixturePhase(200, {"math": 2.5})]
     cfg.validate()

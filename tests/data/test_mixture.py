@@ -10,14 +10,14 @@ import json
 import numpy as np
 import pytest
 
-from frontier_jax.data import DataStats, MixtureStage, build_train_iterator, continue_documents
+from frontier_jax.data import DataStats, MixturePhase, build_train_iterator, continue_documents
 from frontier_jax.data.mixture import MixtureSchedule
 
 KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 B, T = 8, 24
 # weights a:b = 2:1 for steps 0-3, b alone for 4-6, 2:3 from 7 on (shares that do not divide B,
 # so the picks depend on the counts carried across batches)
-STAGES = [MixtureStage(4, {"b": 1.0}), MixtureStage(7, {"a": 2.0, "b": 3.0})]
+STAGES = [MixturePhase(4, {"b": 1.0}), MixturePhase(7, {"a": 2.0, "b": 3.0})]
 WANT_A = {0: 2 / 3, 4: 0.0, 7: 0.4}
 
 
@@ -52,8 +52,8 @@ def test_schedule_from_config_normalises_and_finds_the_stage_of_each_step(letter
     schedule = MixtureSchedule.from_config(letters(stages=STAGES))
     assert schedule.names == ("a", "b") and schedule.start_steps == (0, 4, 7)
     np.testing.assert_allclose(schedule.weights, [[2 / 3, 1 / 3], [0.0, 1.0], [0.4, 0.6]])
-    assert [schedule.stage_at(k) for k in (0, 3, 4, 6, 7, 1000)] == [0, 0, 1, 1, 2, 2]
-    first_at_zero = MixtureSchedule.from_config(letters(stages=[MixtureStage(0, {"b": 1.0})]))
+    assert [schedule.phase_at(k) for k in (0, 3, 4, 6, 7, 1000)] == [0, 0, 1, 1, 2, 2]
+    first_at_zero = MixtureSchedule.from_config(letters(stages=[MixturePhase(0, {"b": 1.0})]))
     assert first_at_zero.start_steps == (0,) and first_at_zero.weights.tolist() == [[0.0, 1.0]]
 
 
@@ -214,7 +214,7 @@ def test_a_source_of_weight_zero_until_its_stage_is_not_read_before(jsonl_config
     cfg = jsonl_config(
         {"a": ["a" * 30] * 20, "b": ["b" * 30] * 20},
         weights={"a": 1.0, "b": 0.0},
-        stages=[MixtureStage(3, {"b": 1.0})],
+        stages=[MixturePhase(3, {"b": 1.0})],
         shuffle_window=32,
     )
     it = build_train_iterator(cfg, seq_len=T, global_batch=4)

@@ -13,7 +13,7 @@ from flax import nnx
 from frontier_jax.config import load_config
 from frontier_jax.parallel.mesh import build_mesh, state_shardings
 from frontier_jax.parallel.rules import DEFAULT_RULES, logical_to_spec, use_sharding
-from frontier_jax.train.objectives.pretrain import BATCH_KEYS, Batch
+from frontier_jax.train.objectives.pretrain import BATCH_KEYS, TokenBatch
 from frontier_jax.train.step import Trainer
 
 TINY = [
@@ -63,7 +63,7 @@ def _batch(cfg):
 
 
 def _loss_and_grads(trainer, state, batch):
-    mb = Batch(*(jnp.asarray(batch[k]) for k in BATCH_KEYS), token_mask=jnp.asarray(batch["loss_mask"]))
+    mb = TokenBatch(*(jnp.asarray(batch[k]) for k in BATCH_KEYS), token_mask=jnp.asarray(batch["loss_mask"]))
     norm = trainer.objective.normalisers(mb, 1)
     loss, grads = jax.value_and_grad(
         lambda params: trainer.objective(trainer.model(params, state.biases), mb, norm)[0]

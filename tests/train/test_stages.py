@@ -1,4 +1,4 @@
-"""Context stages (frontier_jax/train/stages.py, loop.py): the schedule, its checks, the V3 preset,
+"""Context stages (frontier_jax/train/phases.py, loop.py): the schedule, its checks, the V3 preset,
 and a two-stage run that resumes exactly at and after the stage boundary."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from frontier_jax.runtime.program import model_program
 from frontier_jax.runtime.restore import restore_params
 from frontier_jax.train.loop import train
 from frontier_jax.train.optimizer import learning_rate_schedule
-from frontier_jax.train.stages import checkpoint_stage, context_stages, stage_at
+from frontier_jax.train.phases import checkpoint_phase, context_phases, phase_at
 
 from .common import (
     REPO,
@@ -161,14 +161,14 @@ def test_stage_error_through_the_cli(tmp_path, capsys, no_compile):
 # ------------------------------------------------------------------ the schedule
 def test_stages_resolve_to_run_configs_with_their_rows_and_rope(tmp_path):
     cfg = staged_config(tmp_path, TWO_STAGES, "train.steps=4")
-    first, second = context_stages(cfg)
+    first, second = context_phases(cfg)
     assert (first.start_step, first.until_step, second.start_step, second.until_step) == (0, 2, 2, 4)
     assert (first.cfg.train.seq_len, first.cfg.train.global_batch) == (32, 16)
     assert (second.cfg.train.seq_len, second.cfg.train.global_batch) == (64, 8)
     assert first.cfg.model.rope_scaling == cfg.model.rope_scaling  # none given: the model's
     assert second.cfg.model.rope_scaling.factor == 2.0
-    assert [stage_at([first, second], k).index for k in range(6)] == [0, 0, 1, 1, 1, 1]
-    assert [checkpoint_stage([first, second], k).index for k in range(5)] == [0, 0, 0, 1, 1]
+    assert [phase_at([first, second], k).index for k in range(6)] == [0, 0, 1, 1, 1, 1]
+    assert [checkpoint_phase([first, second], k).index for k in range(5)] == [0, 0, 0, 1, 1]
 
     # the stages' models: the same parameters, other RoPE frequencies and softmax scale
     programs = [model_program(stage.cfg) for stage in (first, second)]
@@ -193,7 +193,7 @@ def test_deepseek_v3_preset(tmp_path):
     ]
     path.write_text(yaml.safe_dump({"include": includes}))
     cfg = load_config(str(path))
-    stages = context_stages(cfg)  # fits the model's context and YaRN's
+    stages = context_phases(cfg)  # fits the model's context and YaRN's
     rows = [(s.cfg.train.seq_len, s.cfg.train.global_batch, s.until_step - s.start_step) for s in stages]
     assert rows == [(4096, 15360, 237556), (4096, 15360, 2654), (32768, 1920, 1000), (131072, 480, 1000)]
     assert [s.cfg.model.rope_scaling.type for s in stages] == ["none", "none", "yarn", "yarn"]
@@ -259,7 +259,7 @@ def test_checkpoints_record_their_stage_and_its_rope(two_stage_run):
     # a parameters-only restore builds the model with the RoPE its parameters were trained with
     assert at_boundary.program.cfg.model.rope_scaling.type == "none"
     assert (
-        in_second.program.cfg.model.rope_scaling == context_stages(two_stage_run[1])[1].cfg.model.rope_scaling
+        in_second.program.cfg.model.rope_scaling == context_phases(two_stage_run[1])[1].cfg.model.rope_scaling
     )
 
 
@@ -277,7 +277,7 @@ def test_resume_is_exact_across_and_within_a_stage(two_stage_run, tmp_path, resu
     for record in history:
         assert computed_metrics(record) == want[record["step"]], record["step"]
 
-    state, data_state = restore_checkpoint(run, 4, context_stages(cfg)[1].cfg)
-    ref_state, ref_data_state = restore_checkpoint(tmp / "run", 4, context_stages(cfg)[1].cfg)
+    state, data_state = restore_checkpoint(run, 4, context_phases(cfg)[1].cfg)
+    ref_state, ref_data_state = restore_checkpoint(tmp / "run", 4, context_phases(cfg)[1].cfg)
     assert_trees_equal(state, ref_state, "state")
     assert data_state == ref_data_state

@@ -72,7 +72,7 @@ class ModelLayers(Protocol):
 
 
 @dataclasses.dataclass(frozen=True)
-class StagePlan:
+class PipelinePlan:
     """A schedule (its ranks = mesh.stage, its micro-batches = train.micro_batches) over a model
     of `dense_prefix` dense and `moe_layers` MoE blocks (+ `mtp_depth` MTP modules)."""
 
@@ -124,7 +124,7 @@ class StagePlan:
         return parts
 
 
-def stage_plan(
+def build_pipeline_plan(
     schedule: ScheduleName | str,
     stages: int,
     micro_batches: int,
@@ -132,7 +132,7 @@ def stage_plan(
     num_layers: int,
     first_k_dense: int,
     mtp_depth: int = 0,
-) -> StagePlan:
+) -> PipelinePlan:
     """The plan of `schedule`, checked: it is a schedule, it builds for these sizes (e.g.
     DualPipeV needs micro_batches >= 2 stages) and the MoE blocks split into its chunks."""
     built = build(schedule, stages, micro_batches)
@@ -147,7 +147,7 @@ def stage_plan(
             f"(the dense prefix runs with the embedding in chunk 0): use a multiple of {chunks} MoE blocks, "
             f"e.g. model.num_layers={first_k_dense + fits} or {first_k_dense + fits + chunks}"
         )
-    return StagePlan(built, first_k_dense, moe, mtp_depth)
+    return PipelinePlan(built, first_k_dense, moe, mtp_depth)
 
 
 def check_micro_batch_fits(
@@ -185,12 +185,12 @@ def check_micro_batch_fits(
     )
 
 
-def pipeline_plan(train: PipelineRun, mesh: MeshConfig, model: ModelLayers) -> StagePlan | None:
+def pipeline_plan(train: PipelineRun, mesh: MeshConfig, model: ModelLayers) -> PipelinePlan | None:
     """The stage plan of the `train:`, `mesh:` and `model:` sections (None without a pipeline);
     raises ValueError naming the fields for mesh.stage > 1 without train.pipeline.schedule, a
     schedule on mesh.stage=1, a micro-batch that does not split over the batch axes
     (`check_micro_batch_fits`, with the mesh sizes the config gives; mesh.data=-1 is checked when
-    the mesh is built) and for the checks of `stage_plan`."""
+    the mesh is built) and for the checks of `build_pipeline_plan`."""
     schedule = train.pipeline.schedule
     if schedule is None:
         if mesh.stage > 1:
@@ -209,7 +209,7 @@ def pipeline_plan(train: PipelineRun, mesh: MeshConfig, model: ModelLayers) -> S
         )
     sizes = {axis: getattr(mesh, axis) for axis in MESH_AXES}
     check_micro_batch_fits(train.global_batch, train.micro_batches, sizes, RULE_SETS[mesh.rules])
-    return stage_plan(
+    return build_pipeline_plan(
         schedule,
         mesh.stage,
         train.micro_batches,
@@ -224,7 +224,7 @@ def pipeline_plan(train: PipelineRun, mesh: MeshConfig, model: ModelLayers) -> S
 STAGE_COSTS = Costs(F=1.0, B=2.0, W=1.0, FB=2.5)
 
 
-def describe_plan(plan: StagePlan, costs: Costs = STAGE_COSTS) -> dict:
+def describe_plan(plan: PipelinePlan, costs: Costs = STAGE_COSTS) -> dict:
     """Layers per rank and the simulator's figures for `plan`: makespan and bubble fraction (per
     rank in its own order, and lock-step: each executor tick waits for its slowest rank), peak
     live micro-batch activations per rank, and the executor's buffers (slots of one micro-batch

@@ -373,7 +373,7 @@ def dualpipev(ranks: int, microbatches: int) -> Schedule:
     return Schedule(tuple(orders), "dualpipev")
 
 
-class ScheduleName(str, enum.Enum):
+class ScheduleName(enum.StrEnum):
     """The builders `train.pipeline.schedule` can name."""
 
     GPIPE = "gpipe"

@@ -30,7 +30,7 @@ BATCH_SPEC: dict[str, np.dtype] = {
 BATCH_KEYS = tuple(BATCH_SPEC)
 
 
-class Batch(NamedTuple):
+class TokenBatch(NamedTuple):
     input_ids: jax.Array  # [B, T] int32
     targets: jax.Array  # [B, T] int32, next token
     loss_mask: jax.Array  # [B, T] int32
@@ -50,19 +50,19 @@ class Pretrain:
         require_lm_head(model, "the pre-training objective")
         self.train, self.model, self.mask_documents = train, model, mask_documents
 
-    def _segments(self, batch: Batch) -> jax.Array | None:
+    def _segments(self, batch: TokenBatch) -> jax.Array | None:
         return batch.segment_ids if self.mask_documents else None
 
-    def prepare(self, batch: Mapping[str, jax.Array], extra: Any) -> Batch:
+    def prepare(self, batch: Mapping[str, jax.Array], extra: Any) -> TokenBatch:
         """Rows not in use (no real token: the batch-size ramp's padding) get a zero loss mask and
         no tokens in the routing statistics.  (Pre-training keeps no state: `extra` is {}.)"""
         active = (batch["segment_ids"] != 0).any(axis=1)[:, None].astype(batch["loss_mask"].dtype)
-        return Batch(
+        return TokenBatch(
             *(batch[k] * active if k == "loss_mask" else batch[k] for k in BATCH_KEYS),
             token_mask=(batch["segment_ids"] != 0).astype(jnp.int32) * active,
         )
 
-    def normalisers(self, batch: Batch, micro_batches: int) -> dict:
+    def normalisers(self, batch: TokenBatch, micro_batches: int) -> dict:
         """tokens: loss-masked targets; mtp_targets [D]: targets per MTP depth; balance_rows:
         rows with real tokens (ramp-inactive and empty rows excluded; at least 1); batch_rows: the
         rows in use (int32, reported); micro_batches."""
@@ -79,7 +79,7 @@ class Pretrain:
             norm["mtp_targets"] = jnp.maximum(masks.sum((1, 2)), 1).astype(jnp.float32)
         return norm
 
-    def __call__(self, model: Transformer, mb: Batch, norm: dict) -> tuple[jax.Array, dict, dict]:
+    def __call__(self, model: Transformer, mb: TokenBatch, norm: dict) -> tuple[jax.Array, dict, dict]:
         inputs = self.sequence_inputs(mb)
         out = model.hidden(mb.input_ids, inputs.positions, inputs.segment_ids, token_mask=inputs.token_mask)
         loss, metrics = self.output_terms(out.hidden, out.mtp_hidden, model.output_head(), mb, norm)
@@ -88,12 +88,12 @@ class Pretrain:
 
     # The parts of one micro-batch's loss, so that a pipeline can compute each where its inputs are.
 
-    def sequence_inputs(self, mb: Batch) -> SequenceInputs:
+    def sequence_inputs(self, mb: TokenBatch) -> SequenceInputs:
         """What every block reads: positions, document ids (data.mask_documents), token_mask."""
         return SequenceInputs(mb.positions, self._segments(mb), mb.token_mask)
 
     def output_terms(
-        self, hidden: jax.Array, mtp_hidden: jax.Array | None, head: OutputHead, mb: Batch, norm: dict
+        self, hidden: jax.Array, mtp_hidden: jax.Array | None, head: OutputHead, mb: TokenBatch, norm: dict
     ) -> tuple[jax.Array, dict]:
         """(L_CE + z L_z + lambda L_MTP, their metrics) from the logits [B, T, V] of the final-normed
         hidden state g [B, T, d] and those [D, B, T, V] of the MTP depths' g^k (None without MTP)."""

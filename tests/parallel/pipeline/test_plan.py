@@ -11,13 +11,13 @@ import pytest
 
 from frontier_jax import cli
 from frontier_jax.config import load_config
-from frontier_jax.parallel.pipeline.plan import STAGE_COSTS, describe_plan, pipeline_plan, stage_plan
+from frontier_jax.parallel.pipeline.plan import STAGE_COSTS, build_pipeline_plan, describe_plan, pipeline_plan
 from frontier_jax.parallel.pipeline.simulate import simulate
 
 
 def test_v3_shaped_stack_splits_moe_blocks_into_chunks_with_both_ends_on_the_outer_chunks():
     # 61 blocks: 3 dense + 58 MoE would not split; 67 = 3 dense + 64 MoE into 16 chunks of 4
-    plan = stage_plan("dualpipev", 8, 16, num_layers=67, first_k_dense=3, mtp_depth=1)
+    plan = build_pipeline_plan("dualpipev", 8, 16, num_layers=67, first_k_dense=3, mtp_depth=1)
     assert (plan.chunks, plan.layers_per_chunk) == (16, 4)
     blocks = [list(plan.chunk_blocks(c)) for c in range(plan.chunks)]
     assert blocks[0] == [3, 4, 5, 6] and blocks[-1] == [63, 64, 65, 66]
@@ -28,7 +28,7 @@ def test_v3_shaped_stack_splits_moe_blocks_into_chunks_with_both_ends_on_the_out
         "chunk 15: MoE blocks 63-66, final norm, head, loss, MTP x1",
     ]
     assert plan.rank_parts(7) == ["chunk 7: MoE blocks 31-34", "chunk 8: MoE blocks 35-38"]
-    loop = stage_plan("1f1b", 4, 4, num_layers=9, first_k_dense=1)
+    loop = build_pipeline_plan("1f1b", 4, 4, num_layers=9, first_k_dense=1)
     assert [loop.rank_parts(r) for r in (0, 3)] == [
         ["chunk 0: embedding, dense blocks 0-0, MoE blocks 1-2"],
         ["chunk 3: MoE blocks 7-8, final norm, head, loss"],
@@ -36,7 +36,7 @@ def test_v3_shaped_stack_splits_moe_blocks_into_chunks_with_both_ends_on_the_out
 
 
 def test_describe_plan_reports_the_simulator_and_the_executor_buffers():
-    plan = stage_plan("1f1b", 4, 8, num_layers=9, first_k_dense=1)
+    plan = build_pipeline_plan("1f1b", 4, 8, num_layers=9, first_k_dense=1)
     d = describe_plan(plan)  # one chunk per rank: the stage costs as they are
     sim = simulate(plan.schedule, STAGE_COSTS)
     assert d["bubble_fraction"] == pytest.approx(sim.bubble_fraction)
