@@ -463,21 +463,23 @@ def _completion_body(server: Server, run: Run, body, prompts) -> dict:
     }
 
 
-async def _completion_chunks(server: Server, run: Run, body, prompts) -> AsyncIterator[str]:
-    rid, created = response_id("cmpl"), now()
+def _chunker(server: Server, body, kind: str, obj: str):
+    """(chunk(choices, usage) -> one server-sent event of a stream's chunk object `obj`, with the
+    usage when the request asked for it (stream_options.include_usage), include_usage)."""
+    rid, created = response_id(kind), now()
     include_usage = body.stream_options is not None and body.stream_options.include_usage
 
     def chunk(choices: list[dict], usage_value=None) -> str:
-        out = {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": server.model_name,
-            "choices": choices,
-        }
+        out = {"id": rid, "object": obj, "created": created, "model": server.model_name, "choices": choices}
         if include_usage:
             out["usage"] = usage_value
         return sse(out)
+
+    return chunk, include_usage
+
+
+async def _completion_chunks(server: Server, run: Run, body, prompts) -> AsyncIterator[str]:
+    chunk, include_usage = _chunker(server, body, "cmpl", "text_completion")
 
     offsets = [0] * len(run.choices)
     echoed = [False] * len(run.choices)
@@ -514,20 +516,7 @@ async def _completion_chunks(server: Server, run: Run, body, prompts) -> AsyncIt
 
 
 async def _chat_chunks(server: Server, run: Run, body, prompt_tokens: int) -> AsyncIterator[str]:
-    rid, created = response_id("chatcmpl"), now()
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
-
-    def chunk(choices: list[dict], usage_value=None) -> str:
-        out = {
-            "id": rid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": server.model_name,
-            "choices": choices,
-        }
-        if include_usage:
-            out["usage"] = usage_value
-        return sse(out)
+    chunk, include_usage = _chunker(server, body, "chatcmpl", "chat.completion.chunk")
 
     for i in range(len(run.choices)):
         yield chunk(
