@@ -69,7 +69,7 @@ def read_metrics(run_dir) -> list[dict]:
 
 def subprocess_env(devices: int | None = 8) -> dict:
     """Environment for a child process: `devices` fake CPU devices (None = jax's default of 1,
-    i.e. no device-count flag at all), the repo importable, the session's compilation cache."""
+    i.e. no device-count flag at all), the repo importable."""
     env = dict(os.environ)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     if devices is not None:
@@ -97,9 +97,9 @@ def run_python(
 
 @contextlib.contextmanager
 def run_lock(shared_dir: Path, name: str):
-    """An exclusive lock shared by the xdist workers of this run: work done under it (e.g. the
-    first compile of a program) is done by one worker while the other waits, and then finds
-    the result in the compilation cache instead of compiling the same thing concurrently."""
+    """An exclusive lock shared by the xdist workers of this run: work done under it (e.g. a
+    shared run directory that tests read) is done by one worker while the other waits, and then
+    finds the result instead of making it again."""
     shared_dir.mkdir(parents=True, exist_ok=True)
     with open(shared_dir / f"{name}.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
