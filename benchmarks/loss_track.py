@@ -26,7 +26,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from frontier_jax.config import load_config
-from frontier_jax.train.loop import build_runner, data_iterator
+from frontier_jax.train.batches import data_iterator
+from frontier_jax.train.loop import build_runner
 
 
 def run_policy(config: str, overrides: list[str], policy: str, batches: list[dict]) -> dict:

@@ -13,7 +13,7 @@ from frontier_jax.data import embedded, load_tokenizer
 from frontier_jax.data.pipeline import source_documents
 from frontier_jax.eval.config import EvalConfig, EvalSourceConfig
 from frontier_jax.eval.datasets import TrainingRun, read_documents
-from frontier_jax.train.loop import data_iterator
+from frontier_jax.train.batches import data_iterator
 
 STEPS = 40  # the toy ablations' runs
 TOY = ["train.steps=40", "train.global_batch=8"]

@@ -28,7 +28,8 @@ from frontier_jax.eval.model import load_checkpoint
 from frontier_jax.eval.perplexity import evaluate_documents
 from frontier_jax.eval.scorer import Scorer
 from frontier_jax.eval.windows import Window
-from frontier_jax.train.loop import build_runner, data_iterator, train
+from frontier_jax.train.batches import data_iterator
+from frontier_jax.train.loop import build_runner, train
 
 from .common import DOCUMENTS, TINY_MODEL
 
