@@ -22,33 +22,24 @@ import hashlib
 import json
 from pathlib import Path
 
+from frontier_jax.data.jsonl import read_jsonl_objects
 from frontier_jax.posttrain.rewards import RewardsConfig, RewardSet
 
 _BATCH = 64
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...]) -> list[dict]:
-    """Every row of a JSONL file; a row that is not a JSON object or lacks a required field is an
-    error naming the file and line."""
-    rows = []
+    """Every row of a JSONL file (`data.jsonl.read_jsonl_objects`); a row that lacks a required
+    string field is an error naming the file and line."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        numbered = read_jsonl_objects(path)
     except OSError as e:
         raise ValueError(f"{path}: cannot read: {e.strerror or e}") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number}: a row must be a JSON object")
+    for number, row in numbered:
         missing = [field for field in required if not isinstance(row.get(field), str)]
         if missing:
             raise ValueError(f"{path}:{number}: no string field {', '.join(repr(f) for f in missing)}")
-        rows.append(row)
-    return rows
+    return [row for _, row in numbered]
 
 
 def score_rows(reward_set: RewardSet, rows: list[dict]) -> list[dict]:
