@@ -1,13 +1,16 @@
 """GPU correctness of the kernel-backed implementations against the XLA references.
 
-    python benchmarks/gpu_checks.py
+    python benchmarks/gpu_checks.py                 # every check
+    python benchmarks/gpu_checks.py chunk-attention # the named ones (attention, grouped-matmul, model, chunk-attention)
 
 Each check prints ||out - ref|| / ||ref|| (fp32 reference computed from the same bf16 inputs)
 and fails (exit 1) above its stated bound:
   * attention: `impl.attention=cudnn` and `tokamax` vs `xla`, causal and with document segment ids,
     forward and input gradients (bf16 operands: bound 2e-2);
   * grouped matmul: `impl.gmm=tokamax` vs `ragged_dot`, forward and gradients (bound 2e-2);
-  * a whole bench-1b-shaped layer stack: logits with cudnn + tokamax vs xla + ragged_dot.
+  * a whole bench-1b-shaped layer stack: logits with cudnn + tokamax vs xla + ragged_dot;
+  * chunk attention (the cudnn prefill's two flash calls merged by log-sum-exp) vs its XLA
+    implementation and vs one masked softmax over prefix and chunk, on ragged rows (bound 2e-2).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from frontier_jax.model.attention import dot_product_attention
+from frontier_jax.model.attention import chunk_attention, dot_product_attention
 from frontier_jax.ops.grouped_matmul import grouped_matmul
 
 FAILURES: list[str] = []
@@ -121,10 +124,46 @@ def model_check() -> None:
     )
 
 
+def chunk_attention_checks() -> None:
+    b, t, s, h, dqk, dv = 4, 512, 1536, 16, 96, 64
+    keys = jax.random.split(jax.random.key(3), 5)
+    q = jax.random.normal(keys[0], (b, t, h, dqk), jnp.bfloat16)
+    new = (
+        jax.random.normal(keys[1], (b, t, h, dqk), jnp.bfloat16),
+        jax.random.normal(keys[2], (b, t, h, dv), jnp.bfloat16),
+    )
+    prefix = (
+        jax.random.normal(keys[3], (b, s, h, dqk), jnp.bfloat16),
+        jax.random.normal(keys[4], (b, s, h, dv), jnp.bfloat16),
+    )
+    offsets, counts = jnp.array([0, 512, 1024, 700]), jnp.array([512, 512, 300, 512])
+    run = lambda impl: jax.jit(
+        lambda *a: chunk_attention(
+            *a, new_lengths=counts, prefix_lengths=offsets, scale=dqk**-0.5, implementation=impl
+        )
+    )(q, new, prefix)
+    ref = run("xla")
+    check("chunk attention cudnn vs its xla implementation", run("cudnn"), ref, 2e-2)
+    # one softmax over the row: the chunk's keys written into the prefix at positions o_b..
+    rows = jnp.arange(t)[None, :] + offsets[:, None]
+    full = [x.at[jnp.arange(b)[:, None], rows].set(y, mode="drop") for x, y in zip(prefix, new)]
+    whole = jax.jit(
+        lambda q, k, v: dot_product_attention(q, k, v, scale=dqk**-0.5, impl="xla", q_offset=offsets)
+    )(q, *full)
+    real = (jnp.arange(t)[None, :] < counts[:, None])[:, :, None, None]
+    check("chunk attention xla vs one masked softmax", ref, jnp.where(real, whole, 0), 2e-2)
+
+
+CHECKS = {
+    "attention": attention_checks,
+    "grouped-matmul": grouped_matmul_checks,
+    "model": model_check,
+    "chunk-attention": chunk_attention_checks,
+}
+
 if __name__ == "__main__":
     print(f"device: {jax.devices()[0].device_kind}")
-    attention_checks()
-    grouped_matmul_checks()
-    model_check()
+    for name in sys.argv[1:] or CHECKS:
+        CHECKS[name]()
     print("all checks passed" if not FAILURES else f"{len(FAILURES)} FAILED: {FAILURES}")
     sys.exit(1 if FAILURES else 0)

@@ -64,6 +64,51 @@ def _cudnn_attention(q, k, v, scale, mask_args):
     return out[..., :dv]
 
 
+def chunk_attention(
+    q: jax.Array,
+    new: tuple[jax.Array, jax.Array],
+    prefix: tuple[jax.Array, jax.Array],
+    *,
+    new_lengths: jax.Array,
+    prefix_lengths: jax.Array,
+    scale: float,
+    implementation: str = "cudnn",
+) -> jax.Array:
+    """Attention of a prefill chunk over its cached prefix and itself, in two flash calls that each
+    keep the kernel's own masks (a cascade): queries q [B, T, H, Dqk] of the chunk's tokens at
+    positions o_b .. o_b + T - 1 (o_b = prefix_lengths[b]; the first new_lengths[b] are real),
+        A: over the chunk's own keys/values new = (k [B, T, H, Dqk], v [B, T, H, Dv]), causal;
+        B: over prefix = (k [B, S, H, Dqk], v [B, S, H, Dv]), keys j < o_b only, no causal mask;
+        o = (e^(l_A - m) o_A + e^(l_B - m) o_B) / (e^(l_A - m) + e^(l_B - m)),  m = max(l_A, l_B)
+    with l the log-sum-exp of each part's scores per query and head (B is left out where o_b = 0).
+    This equals one attention over [prefix; chunk] with the causal offset mask
+    (`attention_mask(q_offset=o)`), but the kernel skips the blocks that mask would hide instead
+    of scoring all T x S pairs.  -> [B, T, H, Dv] in v's dtype; padding queries give 0.
+    implementation: `jax.nn.dot_product_attention`'s ("cudnn" on GPUs; "xla" for the CPU tests)."""
+    (k_new, v_new), (k_prefix, v_prefix) = new, prefix
+    dv = v_new.shape[-1]
+
+    def attend(k, v, **lengths):
+        if dv < q.shape[-1]:  # jax.nn.dot_product_attention wants equal head dims: pad v (exact)
+            v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - dv)))
+        out, lse = jax.nn.dot_product_attention(
+            q, k, v, scale=scale, implementation=implementation, return_residual=True, **lengths
+        )
+        return out[..., :dv].astype(jnp.float32), lse.astype(jnp.float32)  # [B, T, H, Dv], [B, T, H]
+
+    o_a, l_a = attend(
+        k_new, v_new, is_causal=True, query_seq_lengths=new_lengths, key_value_seq_lengths=new_lengths
+    )
+    o_b, l_b = attend(k_prefix, v_prefix, key_value_seq_lengths=jnp.maximum(prefix_lengths, 1))
+    has_prefix = (prefix_lengths > 0)[:, None, None]
+    m = jnp.where(has_prefix, jnp.maximum(l_a, l_b), l_a)
+    w_a = jnp.exp(l_a - m)
+    w_b = jnp.where(has_prefix, jnp.exp(l_b - m), 0.0)
+    out = (w_a[..., None] * o_a + w_b[..., None] * o_b) / (w_a + w_b)[..., None]
+    real = jnp.arange(q.shape[1])[None, :] < new_lengths[:, None]
+    return jnp.where(real[:, :, None, None] & jnp.isfinite(out), out, 0.0).astype(v_new.dtype)
+
+
 def dot_product_attention(
     q: jax.Array,
     k: jax.Array,

@@ -14,7 +14,9 @@ with s = softmax_scale(cfg) (1/sqrt(d_h + d_h^R), YaRN-corrected).  Only c^KV an
 
 Inference (`extend`) runs over a paged latent cache (`latent_cache.py`) in one of two ways:
   expanded (prefill, compute-bound): k^C, v of every cached token from c^KV, then the
-            attention above (`attend`);
+            attention above (`attend`); with `impl.attention=cudnn` the chunk attends to its
+            cached prefix and to itself in two flash calls merged by their log-sum-exp
+            (`attend_chunk`, `attention.chunk_attention`), so the kernel skips masked blocks;
   absorbed  (decode, memory-bound): W^UK folds into the query and W^UV applies after the
             softmax-weighted sum of latents, so per-head keys/values are never formed:
             q~_t,i = W^UK_i^T q_t,i^C                                  [n_h, d_c]
@@ -40,7 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from frontier_jax.model.attention import cached_latent_attention, dot_product_attention
+from frontier_jax.model.attention import cached_latent_attention, chunk_attention, dot_product_attention
 from frontier_jax.model.config import AttentionImpl, ModelConfig
 from frontier_jax.model.extend_context import ExtendContext
 from frontier_jax.model.latent_cache import LatentCache, read_latent, write_latent
@@ -122,24 +124,47 @@ class MLA(nnx.Module):
     def attend(
         self, q_nope, q_rope, c_kv, k_rope, *, q_segment_ids=None, kv_segment_ids=None, q_offset=0
     ) -> jax.Array:
-        """Expands the latent into per-head keys/values (W^UK and W^UV as one projection of
-        c^KV) and attends; returns u [B, T, d]."""
-        k_nope, v = project_jointly(c_kv, [self.wk_b, self.wv_b])
-        k_rope = jnp.broadcast_to(k_rope[:, :, None, :], k_nope.shape[:3] + k_rope.shape[-1:])
-        q = jnp.concatenate([q_nope, q_rope], axis=-1)
-        k = jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1)
+        """Expands the latent into per-head keys/values (`_keys_values`) and attends; returns
+        u [B, T, d]."""
         o = dot_product_attention(
-            q,
-            k,
-            v,
+            jnp.concatenate([q_nope, q_rope], axis=-1),
+            *self._keys_values(c_kv, k_rope),
             scale=self.scale,
             impl=self.attention_impl,
             q_segment_ids=q_segment_ids,
             kv_segment_ids=kv_segment_ids,
             q_offset=q_offset,
         )
-        o = checkpoint_name(constrain(o, ("batch", "seq", "heads", "v_head")), "attention_out")
-        return self.wo(o)
+        return self._output(o)
+
+    def attend_chunk(
+        self, q_nope, q_rope, new: tuple, prefix: tuple, prefix_lengths, new_lengths
+    ) -> jax.Array:
+        """A prefill chunk on a flash kernel: `attention.chunk_attention` of the queries over
+        the chunk's own latent new = (c^KV [B, T, d_c], k^R [B, T, d_h^R]) and the cached
+        prefix = (c^KV [B, S, d_c], k^R [B, S, d_h^R]) of its rows (positions < prefix_lengths
+        [B]); new_lengths [B]: the real tokens of each row.  Returns u [B, T, d]."""
+        o = chunk_attention(
+            jnp.concatenate([q_nope, q_rope], axis=-1),
+            self._keys_values(*new),
+            self._keys_values(*prefix),
+            new_lengths=new_lengths,
+            prefix_lengths=prefix_lengths,
+            scale=self.scale,
+            implementation=str(self.attention_impl),
+        )
+        return self._output(o)
+
+    def _keys_values(self, c_kv: jax.Array, k_rope: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """c^KV [B, S, d_c], k^R [B, S, d_h^R] -> per-head keys [k^C; k^R] [B, S, H, d_h + d_h^R]
+        and values [B, S, H, d_v] (W^UK and W^UV as one projection of c^KV; k^R shared by the heads)."""
+        k_nope, v = project_jointly(c_kv, [self.wk_b, self.wv_b])
+        k_rope = jnp.broadcast_to(k_rope[:, :, None, :], k_nope.shape[:3] + k_rope.shape[-1:])
+        return jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1), v
+
+    def _output(self, o: jax.Array) -> jax.Array:
+        """Per-head outputs o [B, T, H, d_v] -> W^O o [B, T, d]."""
+        return self.wo(checkpoint_name(constrain(o, ("batch", "seq", "heads", "v_head")), "attention_out"))
 
     def attend_absorbed(
         self, q_nope, q_rope, cache: LatentCache, layer, positions, ctx: ExtendContext
@@ -181,11 +206,22 @@ class MLA(nnx.Module):
         ctx.attention its kernel)."""
         q, kv, k_rope = project_jointly(x, [self._q_down, self.wkv_a, self.wk_rope])
         q_nope, q_rope = self._query(q, positions)
-        cache = write_latent(cache, layer, *self._latent(kv, k_rope, positions), positions, ctx.pages)
+        c_new, k_rope_new = self._latent(kv, k_rope, positions)
+        cache = write_latent(cache, layer, c_new, k_rope_new, positions, ctx.pages)
         if ctx.absorbed:
             return self.attend_absorbed(q_nope, q_rope, cache, layer, positions, ctx), cache
         c_kv, k_rope = read_latent(cache, layer, ctx.pages.block_table)
         dtype = self.wk_b.policy.compute_dtype
+        if self.attention_impl == AttentionImpl.cudnn:  # a flash kernel with seq lengths and residuals
+            new_lengths = ctx.pages.write.sum(axis=1).astype(jnp.int32)
+            return self.attend_chunk(
+                q_nope,
+                q_rope,
+                (c_new.astype(dtype), k_rope_new),
+                (c_kv.astype(dtype), k_rope),
+                positions[:, 0],
+                new_lengths,
+            ), cache
         return self.attend(q_nope, q_rope, c_kv.astype(dtype), k_rope, q_offset=positions[:, 0]), cache
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:

@@ -14,6 +14,8 @@ from frontier_jax.infer.cache import BlockAllocator, CacheLayout, allocate_cache
 from frontier_jax.infer.config import InferConfig
 from frontier_jax.infer.step import make_step
 from frontier_jax.model import Transformer
+from frontier_jax.model import mla as mla_module
+from frontier_jax.model.config import AttentionImpl, ImplConfig
 from frontier_jax.model.latent_cache import Pages
 from tests.model import common
 
@@ -82,3 +84,32 @@ def test_prefill_and_decode_logits_equal_full_forward(q_lora_rank, impl):
             path = "prefill" if t < prefill_lengths[b] else "decode"
             err = rel_err(cached[b][t], reference[b, t])
             assert err < REL, f"row {b} position {t} ({path}): rel err {err:.2e}"
+
+
+def test_cudnn_prefill_attends_in_two_parts_and_equals_the_full_forward(monkeypatch):
+    """`impl.attention=cudnn` prefills by `chunk_attention` (the chunk over its cached prefix and
+    over itself, merged by log-sum-exp).  cuDNN runs on GPUs only, so its calls go to
+    jax.nn.dot_product_attention's XLA implementation here: this checks the wiring (the chunk's
+    own latent, the prefix read from the cache, each row's offset and real-token count) on
+    chunks that start mid-row, rows with no prefix and padded rows."""
+    real = mla_module.chunk_attention
+    calls = []
+
+    def on_xla(*args, **kwargs):
+        calls.append(kwargs["implementation"])
+        return real(*args, **{**kwargs, "implementation": "xla"})
+
+    monkeypatch.setattr(mla_module, "chunk_attention", on_xla)
+    cfg = common.tiny_config(q_lora_rank=16)
+    model = common.build(
+        lambda: Transformer(cfg, impl=ImplConfig(attention=AttentionImpl.cudnn), rngs=nnx.Rngs(0)), seed=3
+    )
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (len(LENGTHS), max(LENGTHS))).astype(np.int32)
+    on_xla_attention = common.copy_state(model, common.build(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    reference = np.asarray(common.jit(lambda m, x: m(x))(on_xla_attention, jnp.asarray(ids)), np.float64)
+    cached = run_cached(model, ids, (7, 2, 10), chunk=3)
+    assert calls and set(calls) == {"cudnn"}
+    for b, n in enumerate(LENGTHS):
+        for t in range(n):
+            err = rel_err(cached[b][t], reference[b, t])
+            assert err < REL, f"row {b} position {t}: rel err {err:.2e}"

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from frontier_jax.model.attention import attention_mask, dot_product_attention
+from frontier_jax.model.attention import attention_mask, chunk_attention, dot_product_attention
 
 from . import common
 from . import reference as ref
@@ -141,3 +141,35 @@ def test_tokamax_impl_without_the_package_names_the_setting():
     x = jnp.ones((1, 2, 1, 4))
     with pytest.raises(ImportError, match=r"impl\.attention"):
         dot_product_attention(x, x, x, scale=1.0, impl="tokamax")
+
+
+def test_chunk_attention_equals_one_softmax_over_prefix_and_chunk():
+    """`chunk_attention` (two flash calls merged by log-sum-exp; their XLA implementation here)
+    against a per-query float64 softmax over the row's prefix keys 0..o_b-1 and the chunk's keys
+    up to the query: rows with no prefix, a padded row, a row with no real token, v narrower than
+    q/k.  Tolerance 1e-5 absolute (fp32)."""
+    rng = np.random.default_rng(0)
+    b, t, s, h, d, dv, scale = 4, 6, 16, 2, 5, 3, 0.4
+    q, k_new, k_pre = (rng.normal(size=shape) for shape in ((b, t, h, d), (b, t, h, d), (b, s, h, d)))
+    v_new, v_pre = rng.normal(size=(b, t, h, dv)), rng.normal(size=(b, s, h, dv))
+    offsets, counts = np.array([0, 7, 16, 3]), np.array([6, 4, 6, 0])
+    out = chunk_attention(
+        jnp.asarray(q, jnp.float32),
+        (jnp.asarray(k_new, jnp.float32), jnp.asarray(v_new, jnp.float32)),
+        (jnp.asarray(k_pre, jnp.float32), jnp.asarray(v_pre, jnp.float32)),
+        new_lengths=jnp.asarray(counts),
+        prefix_lengths=jnp.asarray(offsets),
+        scale=scale,
+        implementation="xla",
+    )
+    for row in range(b):
+        for i in range(t):
+            if i >= counts[row]:
+                np.testing.assert_array_equal(np.asarray(out[row, i]), 0.0)
+                continue
+            keys = np.concatenate([k_pre[row, : offsets[row]], k_new[row, : i + 1]])
+            values = np.concatenate([v_pre[row, : offsets[row]], v_new[row, : i + 1]])
+            scores = scale * np.einsum("hd,shd->hs", q[row, i], keys)
+            p = np.exp(scores - scores.max(-1, keepdims=True))
+            expected = np.einsum("hs,shv->hv", p / p.sum(-1, keepdims=True), values)
+            np.testing.assert_allclose(np.asarray(out[row, i]), expected, atol=1e-5)
