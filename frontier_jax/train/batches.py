@@ -1,5 +1,6 @@
 """Batch sources: where the trainer's global batches come from.
 
+    batches.use_program(program)                                 the trainer's model program, once built
     batches.next(state)   -> {key: array [global_batch, ...]}   the next global batch, on the host
     batches.get_state()   -> a JSON-serialisable dict            saved with every checkpoint
     batches.set_state(s)                                         a restore: the same next batch
@@ -7,8 +8,9 @@
     batches.metrics(step) -> {name: figure}                      logged with step `step`
 
 `state` is the current `TrainState` (its arrays on the devices): a source whose batches depend
-on the model (samples of the current policy, scored by a reward) reads the parameters there and
-hears of every update in `after_update`.  Every process must return the same global batch (the
+on the model (samples of the current policy, scored by a reward) runs the trainer's model program
+(`use_program`, before the first `next`), reads the parameters in `state` and hears of every
+update in `after_update`.  Every process must return the same global batch (the
 loop gives each device its block).  `TextBatches` is the grain text pipeline of the `data:`
 section (pre-training, SFT); `PreferenceBatches` the pairs of `train.preference` (reward models);
 `train(cfg, run_dir, batches=...)` takes any other.
@@ -31,6 +33,7 @@ from frontier_jax.data import (
 )
 from frontier_jax.data.preferences import pair_rows, read_preferences
 from frontier_jax.data.template import ChatTemplate
+from frontier_jax.runtime.program import ModelProgram
 from frontier_jax.train.optimizer import batch_size_at
 from frontier_jax.train.state import TrainState
 
@@ -50,6 +53,9 @@ class BatchSource(abc.ABC):
     @abc.abstractmethod
     def set_state(self, state: dict[str, Any]) -> None:
         """Moves to a position `get_state` returned."""
+
+    def use_program(self, program: ModelProgram) -> None:
+        """Hands over the trainer's model program (its mesh, rules and model), before the first `next`."""
 
     def after_update(self, state: TrainState) -> None:
         """Called with the new state after every step (e.g. to hand new weights to a sampler)."""
