@@ -140,6 +140,11 @@ class Rollouts(BatchSource):
         template: ChatTemplate | None,
     ):  # fmt: skip
         check_shapes(train, grpo)
+        if grpo.routing_replay:  # where the engine's recorded experts would enter `_assemble`'s rows
+            raise ValueError(
+                "grpo.routing_replay=true: the rollouts do not carry the sampler's routed experts yet; "
+                "set grpo.routing_replay=false"
+            )
         self.grpo, self.train, self.infer, self.rewards = grpo, train, infer, rewards
         self.tokenizer, self.template = tokenizer, template
         self.rows = read_prompt_rows(grpo.prompts, "grpo.prompts")

@@ -26,7 +26,9 @@ from frontier_jax.posttrain.rewards import register_reward
 from tests.train.common import read_metrics, tiny_overrides
 
 TARGET = frozenset(range(97, 113))  # the byte ids of 'a'..'p'
-GAP_BOUND = 1e-4  # fp32: |log p_sampler - log p_trainer| per token, absorbed vs expanded MLA
+GAP_BOUND = (
+    1e-5  # fp32: |log p_sampler - log p_trainer| per token (absorbed vs expanded MLA); measured <= 1e-6
+)
 
 
 @register_reward("test_token_share")
@@ -89,7 +91,11 @@ def test_grpo_raises_a_learnable_reward_and_resumes_exactly(tmp_path):
                 "grpo/reward/test_token_share_mean", "tokens_per_s", "eval/reward"):  # fmt: skip
         assert key in r, key
     assert "eval/accuracy" in records[15] and (run / "grpo.png").stat().st_size > 0
-    assert records[30]["grpo/gap_max"] < GAP_BOUND  # fp32 toy: the sampler and the trainer agree
+    assert max(r["grpo/gap_max"] for r in records.values()) < GAP_BOUND  # the sampler and the trainer agree
+    # the first step on each rollout batch: logp_old is the policy's own forward, the ratio 1
+    assert all(abs(records[s]["ratio"] - 1) < 1e-5 for s in range(1, 31, 2)), [
+        records[s]["ratio"] for s in range(1, 31)
+    ]
 
     resumed = tmp_path / "resumed"
     shutil.copytree(run, resumed)
