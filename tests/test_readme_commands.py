@@ -368,7 +368,7 @@ def _grpo_trained(command: Command, cwd: Path, proc) -> None:
     _trained(command, cwd, proc)
     run_dir = cwd / _frontier_args(command).run_dir
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    assert {"grpo/reward_mean", "kl", "grpo/gap_mean"} <= set(last), sorted(last)
+    assert {"grpo/reward_mean", "entropy", "grpo/gap_mean"} <= set(last), sorted(last)
     assert (run_dir / "grpo.png").read_bytes().startswith(b"\x89PNG")
 
 

@@ -51,7 +51,7 @@ from frontier_jax.posttrain.config import CHAT_ARITHMETIC, GRPOConfig
 from frontier_jax.posttrain.rewards import RewardSet
 from frontier_jax.runtime.logprobs import logprob_step
 from frontier_jax.runtime.program import ModelProgram, inference_impl
-from frontier_jax.train.batches import BatchSource
+from frontier_jax.train.batches import BatchSource, EpochOrder
 from frontier_jax.train.config import TrainConfig
 from frontier_jax.train.loop import device_batch
 from frontier_jax.train.objectives.grpo import batch_spec
@@ -156,7 +156,8 @@ class Rollouts(BatchSource):
         self.stop = (end,) if end is not None else ()
         self.program: ModelProgram | None = None
         self.engine: Engine | None = None
-        self.epoch = self.read = self.drawn = self.iteration = self.skipped = 0
+        self.order = EpochOrder(len(self.rows), train.seed)
+        self.drawn = self.iteration = self.skipped = 0
         self.pending: dict[str, np.ndarray] | None = None
         self.figures: dict[str, float] = {}
 
@@ -182,8 +183,7 @@ class Rollouts(BatchSource):
             self.pending if self.pending is not None and self.iteration < self.grpo.num_iterations else None
         )
         return {
-            "epoch": self.epoch,
-            "read": self.read,
+            **self.order.get_state(),
             "drawn": self.drawn,
             "iteration": self.iteration,
             "skipped": self.skipped,
@@ -192,7 +192,8 @@ class Rollouts(BatchSource):
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self.epoch, self.read, self.drawn = int(state["epoch"]), int(state["read"]), int(state["drawn"])
+        self.order.set_state(state)
+        self.drawn = int(state["drawn"])
         self.iteration, self.skipped = int(state["iteration"]), int(state["skipped"])
         self.pending = None if state["pending"] is None else _unpack(state["pending"])
         self.figures = dict(state["figures"])
@@ -201,7 +202,7 @@ class Rollouts(BatchSource):
         return {
             **self.figures,
             "grpo/skipped_batches": self.skipped,
-            "grpo/epochs": self.epoch + self.read / len(self.rows),
+            "grpo/epochs": self.order.epochs,
         }
 
     # ------------------------------------------------------------------ rollouts
@@ -226,21 +227,10 @@ class Rollouts(BatchSource):
         ended = completion.finish_reason == "stop" and ids and ids[-1] in self.stop
         return self.tokenizer.decode(ids[:-1] if ended else ids)
 
-    def _take_prompts(self, count: int) -> list[int]:
-        taken = []
-        while len(taken) < count:
-            order = np.random.default_rng([self.train.seed, self.epoch]).permutation(len(self.rows))
-            take = order[self.read : self.read + count - len(taken)]
-            taken += take.tolist()
-            self.read += len(take)
-            if self.read == len(order):
-                self.epoch, self.read = self.epoch + 1, 0
-        return taken
-
     def _sample(self, state: TrainState, count: int) -> Sampled:
         """G completions of each of `count` new prompts, scored."""
         grpo, g = self.grpo, self.grpo.group_size
-        indices = self._take_prompts(count)
+        indices = self.order.take(count)
         params = [
             SamplingParams(
                 max_new_tokens=grpo.max_completion_tokens,

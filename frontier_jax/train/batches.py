@@ -126,27 +126,46 @@ class PreferenceBatches(BatchSource):
             cfg.train.global_batch // 2,
             tokenizer.pad_id,
         )
-        self.seed, self.epoch, self.read = cfg.train.seed, 0, 0
-
-    def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
+        self.order = EpochOrder(len(self.pairs), cfg.train.seed)
 
     def next(self, state: TrainState) -> Mapping[str, np.ndarray]:
-        taken = []
-        while len(taken) < self.per_batch:
-            order = self._order(self.epoch)
-            take = order[self.read : self.read + self.per_batch - len(taken)]
-            taken += [self.pairs[i] for i in take]
-            self.read += len(take)
-            if self.read == len(order):
-                self.epoch, self.read = self.epoch + 1, 0
-        return pair_rows(taken, self.seq_len, self.pad_id)
+        return pair_rows([self.pairs[i] for i in self.order.take(self.per_batch)], self.seq_len, self.pad_id)
 
     def get_state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "read": self.read}
+        return self.order.get_state()
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self.epoch, self.read = int(state["epoch"]), int(state["read"])
+        self.order.set_state(state)
 
     def metrics(self, step: int) -> dict[str, float]:
-        return {"data/preference/epochs": self.epoch + self.read / len(self.pairs)}
+        return {"data/preference/epochs": self.order.epochs}
+
+
+class EpochOrder:
+    """Indices 0..n-1 in a new order each epoch, drawn from (seed, epoch); a pass that runs out
+    mid-take continues into the next.  State: the epoch and the indices of it already taken."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.read = n, seed, 0, 0
+
+    def take(self, count: int) -> list[int]:
+        taken: list[int] = []
+        while len(taken) < count:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+            part = order[self.read : self.read + count - len(taken)]
+            taken += part.tolist()
+            self.read += len(part)
+            if self.read == self.n:
+                self.epoch, self.read = self.epoch + 1, 0
+        return taken
+
+    @property
+    def epochs(self) -> float:
+        """Passes made, fractional."""
+        return self.epoch + self.read / self.n
+
+    def get_state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "read": self.read}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self.epoch, self.read = int(state["epoch"]), int(state["read"])

@@ -284,6 +284,20 @@ def test_a_step_on_eight_devices_equals_one_device():
     assert jax.tree.structure(e8) == jax.tree.structure({"reference": p1})  # the reference is kept
 
 
+def test_the_reference_is_a_copy_reset_to_the_policy_every_n_steps():
+    cfg = tiny_config()
+    params = {"w": jnp.arange(3.0)}
+    objective = GRPO(GRPOLossConfig(beta=0.1, ref_reset_every=2), cfg.model)
+    extra = objective.init_extra(params, {})
+    moved = {"w": params["w"] + 1}
+    kept = objective.next_extra(extra, moved, jnp.int32(1))
+    np.testing.assert_array_equal(kept["reference"]["w"], params["w"])
+    np.testing.assert_array_equal(
+        objective.next_extra(kept, moved, jnp.int32(2))["reference"]["w"], moved["w"]
+    )
+    assert GRPO(GRPOLossConfig(), cfg.model).init_extra(params, {}) == {}  # beta 0: no reference kept
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="grpo.group_size=1 must be >= 2"):
         GRPOLossConfig(group_size=1).validate()
