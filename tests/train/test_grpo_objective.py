@@ -9,7 +9,8 @@
 - on the tiny model: with logp_old from the rollout's own forward (one pass per batch) the ratio is
   1 and the gradient is the plain policy gradient -(1/N) sum_i (1/|y_i|) sum_t A_i grad logp_t;
   the log-probabilities at T equal log_softmax(z / T) of the full logits (float64);
-- one train step of the objective on 8 devices (expert 2 x data 4) equals the step on one device.
+- one train step of the objective on 8 devices (expert 2 x data 4; pipeline stage 2 x data 4) equals
+  the step on one device.
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ from frontier_jax.posttrain.advantages import (
     spread_groups,
     trains,
 )
-from frontier_jax.train.objectives.grpo import GRPO, GRPOLossConfig, LossAgg, aggregate, k3, token_losses
+from frontier_jax.train.objectives.grpo import (
+    GRPO,
+    GRPOBatch,
+    GRPOLossConfig,
+    LossAgg,
+    aggregate,
+    k3,
+    token_losses,
+)
 
 from .common import tiny_config
 
@@ -141,8 +150,11 @@ def test_loss_variants_match_float64_numpy(agg, beta, tis_cap):
             max_completion_tokens=8,
         )
         b = _fixed_batch()
-        batch = {k: jnp.asarray(v) for k, v in b.items() if k != "logp"}
-        mask = batch["completion_mask"]
+        zeros = jnp.zeros((B, T), jnp.int32)
+        batch = GRPOBatch(
+            zeros, zeros, zeros, zeros, **{k: jnp.asarray(v) for k, v in b.items() if k != "logp"}
+        )
+        mask = batch.completion_mask
         norm = {
             "tokens": mask.sum(),
             "sequences": (mask.sum(-1) > 0).sum().astype(jnp.float64),
@@ -260,7 +272,19 @@ def test_logprobs_at_a_temperature_equal_the_full_log_softmax():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
-def test_a_step_on_eight_devices_equals_one_device():
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param(("mesh.expert=2", "mesh.data=4"), id="expert2_x_data4"),
+        pytest.param(
+            ("mesh.stage=2", "mesh.data=4", "train.pipeline.schedule=1f1b", "train.micro_batches=2"),
+            id="pipeline_stage2_x_data4",
+            marks=pytest.mark.slow,  # (a minute of compiling on a loaded CI core)
+        ),
+    ],
+)
+def test_a_step_on_eight_devices_equals_one_device(layout):
+    """Expert parallelism, and pipeline stages (the objective cut into its staged terms)."""
     from frontier_jax.train.loop import build_runner
 
     loss = GRPOLossConfig(group_size=2, beta=0.1, loss_agg=LossAgg.dapo, eps_high=0.28)
@@ -269,7 +293,7 @@ def test_a_step_on_eight_devices_equals_one_device():
     host["old_logprobs"] = -rng.uniform(3, 7, (8, SEQ)).astype(np.float32)
     host["ref_logprobs"] = -rng.uniform(3, 7, (8, SEQ)).astype(np.float32)
     results = []
-    for extra, devices in ((("mesh.expert=2", "mesh.data=4"), jax.devices()), ((), jax.devices()[:1])):
+    for extra, devices in ((layout, jax.devices()), ((), jax.devices()[:1])):
         cfg = tiny_config(f"train.seq_len={SEQ}", "train.warmup_steps=0", *extra)
         runner = build_runner(cfg, devices, objective=GRPO(loss, cfg.model))
         state = runner.init(0)

@@ -39,7 +39,7 @@ import enum
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -127,6 +127,21 @@ def batch_spec(loss: GRPOLossConfig) -> dict[str, np.dtype]:
     return spec
 
 
+class GRPOBatch(NamedTuple):
+    """The prepared batch (`GRPO.prepare`): each [B, T]; the optional keys None when not read."""
+
+    input_ids: jax.Array
+    positions: jax.Array
+    segment_ids: jax.Array  # 1 on a row's tokens, 0 = padding
+    targets: jax.Array
+    completion_mask: jax.Array  # fp32, 1 on the completion tokens that train
+    advantages: jax.Array  # fp32, per token (a row's advantage on its completion tokens)
+    old_logprobs: jax.Array
+    sampler_logprobs: jax.Array | None = None
+    ref_logprobs: jax.Array | None = None
+    routed_experts: jax.Array | None = None  # [B, T, L_moe, k] int32
+
+
 def k3(ref: jax.Array, logp: jax.Array) -> jax.Array:
     """The k3 estimator of KL(pi || ref) per token: exp(ref - logp) - (ref - logp) - 1 (>= 0)."""
     delta = ref - logp
@@ -134,13 +149,12 @@ def k3(ref: jax.Array, logp: jax.Array) -> jax.Array:
 
 
 def token_losses(
-    logp: jax.Array, batch: Mapping[str, jax.Array], loss: GRPOLossConfig
+    logp: jax.Array, batch: GRPOBatch, loss: GRPOLossConfig
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(l [B, T] of the module docstring, per-token figures {ratio, clip_low, clip_high, kl}) from the
     policy's log-probabilities logp [B, T] fp32 and the batch (masked positions carry anything)."""
-    mask = batch["completion_mask"]
-    adv = batch["advantages"]
-    log_ratio = logp - batch["old_logprobs"]
+    mask, adv = batch.completion_mask, batch.advantages
+    log_ratio = logp - batch.old_logprobs
     if loss.loss_agg == LossAgg.gspo:
         lengths = jnp.maximum(mask.sum(-1, keepdims=True), 1.0)
         seq = jnp.exp((log_ratio * mask).sum(-1, keepdims=True) / lengths)  # s_i [B, 1]
@@ -150,7 +164,7 @@ def token_losses(
     clipped = jnp.clip(ratio, 1 - loss.eps_low, 1 + loss.eps_high)
     surrogate = jnp.minimum(ratio * adv, clipped * adv)
     if loss.tis_cap:
-        weight = jnp.minimum(jnp.exp(batch["old_logprobs"] - batch["sampler_logprobs"]), loss.tis_cap)
+        weight = jnp.minimum(jnp.exp(batch.old_logprobs - batch.sampler_logprobs), loss.tis_cap)
         surrogate = jax.lax.stop_gradient(weight) * surrogate
     per_token = -surrogate
     figures = {
@@ -159,7 +173,7 @@ def token_losses(
         "clip_high": ((ratio > 1 + loss.eps_high) & (adv > 0)).astype(jnp.float32),
     }
     if loss.beta:
-        kl = k3(batch["ref_logprobs"], logp)
+        kl = k3(batch.ref_logprobs, logp)
         per_token = per_token + loss.beta * kl
         figures["kl"] = jax.lax.stop_gradient(kl)
     return per_token, figures
@@ -204,29 +218,28 @@ class GRPO:
         return {"reference": jax.tree.map(lambda p, r: jnp.where(reset, p, r), params, extra["reference"])}
 
     # ------------------------------------------------------------------ batch
-    def prepare(self, batch: Mapping[str, jax.Array], extra: Any) -> dict:
+    def prepare(self, batch: Mapping[str, jax.Array], extra: Any) -> GRPOBatch:
         """The batch with completion_mask 0 on padding rows and positions (segment 0)."""
-        prepared = dict(batch)
-        prepared["completion_mask"] = batch["completion_mask"] * (batch["segment_ids"] != 0)
-        return prepared
+        prepared = GRPOBatch(**{k: batch.get(k) for k in GRPOBatch._fields})
+        return prepared._replace(completion_mask=batch["completion_mask"] * (batch["segment_ids"] != 0))
 
-    def normalisers(self, batch: dict, micro_batches: int) -> dict:
+    def normalisers(self, batch: GRPOBatch, micro_batches: int) -> dict:
         """tokens: completion tokens that train; sequences: rows holding one; rows: rows in use."""
-        mask = batch["completion_mask"]
+        mask = batch.completion_mask
         return {
             "tokens": jnp.maximum(mask.sum(), 1.0),
             "sequences": jnp.maximum((mask.sum(-1) > 0).sum(), 1).astype(jnp.float32),
-            "rows": jnp.maximum((batch["segment_ids"] != 0).any(-1).sum(), 1).astype(jnp.float32),
+            "rows": jnp.maximum((batch.segment_ids != 0).any(-1).sum(), 1).astype(jnp.float32),
         }
 
     # ------------------------------------------------------------------ the loss
-    def __call__(self, model: Transformer, mb: dict, norm: dict) -> tuple[jax.Array, dict, dict]:
+    def __call__(self, model: Transformer, mb: GRPOBatch, norm: dict) -> tuple[jax.Array, dict, dict]:
         inputs = self.sequence_inputs(mb)
         if self.loss.routing_replay:
             out = replayed_hidden(model, mb, inputs)
         else:
             out = model.hidden(
-                mb["input_ids"],
+                mb.input_ids,
                 inputs.positions,
                 inputs.segment_ids,
                 token_mask=inputs.token_mask,
@@ -237,18 +250,18 @@ class GRPO:
 
     def sequence_inputs(self, mb: dict) -> SequenceInputs:
         """Positions, the row's document id (one sequence per row, 0 = padding), real tokens."""
-        return SequenceInputs(mb["positions"], mb["segment_ids"], (mb["segment_ids"] != 0).astype(jnp.int32))
+        return SequenceInputs(mb.positions, mb.segment_ids, (mb.segment_ids != 0).astype(jnp.int32))
 
     def output_terms(
-        self, hidden: jax.Array, mtp_hidden: jax.Array | None, head: OutputHead, mb: dict, norm: dict
+        self, hidden: jax.Array, mtp_hidden: jax.Array | None, head: OutputHead, mb: GRPOBatch, norm: dict
     ) -> tuple[jax.Array, dict]:
         """(loss, sums of the reported figures) from the final-normed hidden state g [B, T, d]
         (the MTP depths' g^k are not trained: ignored)."""
         stats = head.token_stats(
-            hidden, mb["targets"], chunk=self.vocab_chunk, temperature=self.loss.temperature
+            hidden, mb.targets, chunk=self.vocab_chunk, temperature=self.loss.temperature
         )
         per_token, figures = token_losses(stats.logprob, mb, self.loss)
-        mask = mb["completion_mask"]
+        mask = mb.completion_mask
         loss = aggregate(per_token, mask, self.loss, norm)
         figures["entropy"] = stats.entropy
         metrics = {f"{name}_sum": jnp.sum(value * mask) for name, value in figures.items()}
@@ -280,13 +293,13 @@ def check_routing_replay() -> None:
         )
 
 
-def replayed_hidden(model: Transformer, mb: dict, inputs: SequenceInputs):
+def replayed_hidden(model: Transformer, mb: GRPOBatch, inputs: SequenceInputs):
     """The forward of a micro-batch routed by the sampler's experts."""
     return model.hidden(
-        mb["input_ids"],
+        mb.input_ids,
         inputs.positions,
         inputs.segment_ids,
         token_mask=inputs.token_mask,
         with_mtp=False,
-        routed_experts=mb["routed_experts"],
+        routed_experts=mb.routed_experts,
     )
