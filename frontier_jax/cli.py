@@ -14,6 +14,7 @@ frontier-jax data prepare --config train/toy --out DIR [--records-per-shard N] [
 frontier-jax checkpoint verify RUN_DIR
 frontier-jax rewards score --rewards math,format:0.2 --in completions.jsonl --out scored.jsonl
 frontier-jax rejection-sample --checkpoint RUN --prompts FILE --n 8 --rewards math --out sft.jsonl [...]
+frontier-jax grpo     --config posttrain/grpo-toy --run-dir DIR [train.init_from=RUN] [key=value ...]
 frontier-jax experts  plan --stats FILE --replicas R --devices D [--groups G --nodes N] [--out PLAN.json]
 frontier-jax experts  plot --stats FILE --out PNG
 """
@@ -136,6 +137,27 @@ def _train(args) -> int:
             f"done: step {last['step']}, loss {first['loss']:.4f} (step {first['step']}) -> "
             f"{last['loss']:.4f}; metrics in {Path(args.run_dir) / 'metrics.jsonl'}, "
             f"curve in {Path(args.run_dir) / 'loss.png'}"
+        )
+    return 0
+
+
+def _grpo(args) -> int:
+    from frontier_jax.train.signals import raise_on_stop_signals
+
+    with raise_on_stop_signals():  # a signal while starting: `preempted:` and 75, as in training
+        from frontier_jax.config import load_config
+        from frontier_jax.posttrain.grpo_cli import run_grpo
+
+        _configure_logging(args.verbose)
+        cfg = load_config(args.config, args.overrides)
+        history = run_grpo(cfg, args.run_dir)
+    if history:
+        first, last = history[0], history[-1]
+        reward = lambda r: r.get("grpo/reward_mean", float("nan"))  # noqa: E731
+        print(
+            f"done: step {last['step']}, mean reward {reward(first):.4f} (step {first['step']}) -> "
+            f"{reward(last):.4f}; metrics in {Path(args.run_dir) / 'metrics.jsonl'}, "
+            f"curves in {Path(args.run_dir) / 'grpo.png'}"
         )
     return 0
 
@@ -496,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_rewards_parser(sub)
     add_rejection_parser(sub)
+    from frontier_jax.posttrain.grpo_cli import add_grpo_parser
+
+    add_grpo_parser(sub, _grpo)
     from frontier_jax.runtime.expert_cli import add_experts_parser
 
     add_experts_parser(sub)

@@ -1,6 +1,6 @@
 """The resolved run configuration: the packages' typed config dataclasses (`model.config`: model and impl,
 `data.config`, `train.config`, `infer.config`, `serve.config`, `parallel.config`,
-`precision.config`, `runtime.expert_ledger`) composed into one
+`precision.config`, `runtime.expert_ledger`, `posttrain.config`) composed into one
 `Config`, loaded from YAML files and dotted command-line overrides (OmegaConf structured
 configs).  It only composes: each section's fields and checks live with its package.
 
@@ -28,6 +28,7 @@ from frontier_jax.infer.config import InferConfig
 from frontier_jax.model.config import AttentionImpl, ImplConfig, ModelConfig
 from frontier_jax.parallel.config import MeshAxes, MeshConfig
 from frontier_jax.parallel.pipeline.plan import pipeline_plan
+from frontier_jax.posttrain.config import GRPOConfig
 from frontier_jax.precision import get_policy
 from frontier_jax.precision.config import PrecisionConfig
 from frontier_jax.runtime.expert_ledger import ExpertsConfig
@@ -41,6 +42,7 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "ExpertsConfig",
+    "GRPOConfig",
     "ImplConfig",
     "InferConfig",
     "MeshAxes",
@@ -80,6 +82,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
     def validate(self) -> "Config":
         for section in dataclasses.fields(self):

@@ -363,6 +363,15 @@ def _rejection_sampled(command: Command, cwd: Path, proc) -> None:
     assert out.is_file() and indices == list(range(len(prompts))) == list(range(summary["prompts"])), lines
 
 
+def _grpo_trained(command: Command, cwd: Path, proc) -> None:
+    """As a training run, plus the reward curve and the rollout figures in metrics.jsonl."""
+    _trained(command, cwd, proc)
+    run_dir = cwd / _frontier_args(command).run_dir
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"grpo/reward_mean", "entropy", "grpo/gap_mean"} <= set(last), sorted(last)
+    assert (run_dir / "grpo.png").read_bytes().startswith(b"\x89PNG")
+
+
 def _prompt_set(command: Command, cwd: Path, proc) -> None:
     """--out: --count {"prompt", "answer"} rows."""
     rows = [json.loads(line) for line in (cwd / command.option("--out")).read_text().splitlines()]
@@ -414,6 +423,7 @@ KINDS = {
     ("frontier-jax", "rejection-sample"): Kind(
         _parse_frontier_jax, _rejection_sampled, ("--max-new-tokens", str(NEW_TOKENS))
     ),
+    ("frontier-jax", "grpo"): Kind(_parse_frontier_jax, _grpo_trained, (f"train.steps={TRAIN_STEPS}",)),
     # chat arithmetic prompt sets (from the `pt-sft` branch)
     ("frontier-jax", "data", "arithmetic"): Kind(_parse_frontier_jax, _prompt_set, every_run_by_default=True),
     # the serving commands (from the `serve` branch): a server runs until stopped, its clients

@@ -13,7 +13,7 @@ import jax
 
 from frontier_jax.model.config import Head, ModelConfig
 from frontier_jax.model.layers import Embed, LMHead
-from frontier_jax.model.logprobs import chunked_target_logprobs
+from frontier_jax.model.logprobs import TokenStats, chunked_target_logprobs, chunked_token_stats
 from frontier_jax.model.reward import ScalarHead
 
 
@@ -51,6 +51,14 @@ class OutputHead:
         [..., V] logits (`logprobs.chunked_target_logprobs`, vocabulary chunks of <= `chunk`)."""
         w = self.kernel()
         return chunked_target_logprobs(g.astype(w.dtype), w, targets, chunk=chunk)
+
+    def token_stats(
+        self, g: jax.Array, targets: jax.Array, *, chunk: int = 8192, temperature: float = 1.0
+    ) -> TokenStats:
+        """g [..., d], targets [...] -> log softmax(z / T)[target], lse, argmax and entropy [...]
+        of z = g W, without forming the [..., V] logits (`logprobs.chunked_token_stats`)."""
+        w = self.kernel()
+        return chunked_token_stats(g.astype(w.dtype), w, targets, chunk=chunk, temperature=temperature)
 
     def segment_values(
         self, g: jax.Array, segment_ids: jax.Array | None, segments: int

@@ -15,7 +15,9 @@ has not returned (both counted in `failures` and logged), and the combined rewar
 
     reward_i = sum_{f : r_f,i is not None} w_f r_f,i     (None where every r_f,i is None)
 
-so an infrastructure failure masks a sample out instead of scoring it 0.
+so an infrastructure failure masks a sample out instead of scoring it 0.  A function that returns
+a list of the wrong length is a bug of the function: masked and logged as well, or an error naming
+the function with `strict_lengths` (GRPO, which trains on every batch it scores).
 """
 
 from __future__ import annotations
@@ -150,7 +152,7 @@ class Scores:
 class RewardSet:
     """The configured functions, built once (pools and checkpoints stay loaded between batches)."""
 
-    def __init__(self, config: RewardsConfig):
+    def __init__(self, config: RewardsConfig, *, strict_lengths: bool = False):
         if not config.functions:
             raise ValueError("rewards: no reward functions configured (e.g. --rewards math,format)")
         names = [spec.name for spec in config.functions]
@@ -159,7 +161,7 @@ class RewardSet:
         unknown = [name for name in names if name not in registered()]
         if unknown:
             raise ValueError(f"unknown reward function {unknown[0]!r}; registered: {', '.join(registered())}")
-        self.config = config
+        self.config, self.strict_lengths = config, strict_lengths
         self.functions = {spec.name: build_reward(spec, config) for spec in config.functions}
         self.failures: collections.Counter[str] = collections.Counter()
 
@@ -210,6 +212,11 @@ class RewardSet:
             return [None] * n
         values = list(values)
         if len(values) != n:
+            if self.strict_lengths:
+                raise ValueError(
+                    f"reward {name} returned {len(values)} values for {n} completions: a reward function "
+                    "returns one value (or None) per completion"
+                )
             self.failures[name] += n
             log.warning("reward %s returned %d values for %d samples: None for all", name, len(values), n)
             return [None] * n

@@ -1,5 +1,6 @@
 """Batch sources: where the trainer's global batches come from.
 
+    batches.use_program(program)                                 the trainer's model program, once built
     batches.next(state)   -> {key: array [global_batch, ...]}   the next global batch, on the host
     batches.get_state()   -> a JSON-serialisable dict            saved with every checkpoint
     batches.set_state(s)                                         a restore: the same next batch
@@ -7,8 +8,9 @@
     batches.metrics(step) -> {name: figure}                      logged with step `step`
 
 `state` is the current `TrainState` (its arrays on the devices): a source whose batches depend
-on the model (samples of the current policy, scored by a reward) reads the parameters there and
-hears of every update in `after_update`.  Every process must return the same global batch (the
+on the model (samples of the current policy, scored by a reward) runs the trainer's model program
+(`use_program`, before the first `next`), reads the parameters in `state` and hears of every
+update in `after_update`.  Every process must return the same global batch (the
 loop gives each device its block).  `TextBatches` is the grain text pipeline of the `data:`
 section (pre-training, SFT); `PreferenceBatches` the pairs of `train.preference` (reward models);
 `train(cfg, run_dir, batches=...)` takes any other.
@@ -31,6 +33,7 @@ from frontier_jax.data import (
 )
 from frontier_jax.data.preferences import pair_rows, read_preferences
 from frontier_jax.data.template import ChatTemplate
+from frontier_jax.runtime.program import ModelProgram
 from frontier_jax.train.optimizer import batch_size_at
 from frontier_jax.train.state import TrainState
 
@@ -50,6 +53,9 @@ class BatchSource(abc.ABC):
     @abc.abstractmethod
     def set_state(self, state: dict[str, Any]) -> None:
         """Moves to a position `get_state` returned."""
+
+    def use_program(self, program: ModelProgram) -> None:
+        """Hands over the trainer's model program (its mesh, rules and model), before the first `next`."""
 
     def after_update(self, state: TrainState) -> None:
         """Called with the new state after every step (e.g. to hand new weights to a sampler)."""
@@ -120,27 +126,46 @@ class PreferenceBatches(BatchSource):
             cfg.train.global_batch // 2,
             tokenizer.pad_id,
         )
-        self.seed, self.epoch, self.read = cfg.train.seed, 0, 0
-
-    def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
+        self.order = EpochOrder(len(self.pairs), cfg.train.seed)
 
     def next(self, state: TrainState) -> Mapping[str, np.ndarray]:
-        taken = []
-        while len(taken) < self.per_batch:
-            order = self._order(self.epoch)
-            take = order[self.read : self.read + self.per_batch - len(taken)]
-            taken += [self.pairs[i] for i in take]
-            self.read += len(take)
-            if self.read == len(order):
-                self.epoch, self.read = self.epoch + 1, 0
-        return pair_rows(taken, self.seq_len, self.pad_id)
+        return pair_rows([self.pairs[i] for i in self.order.take(self.per_batch)], self.seq_len, self.pad_id)
 
     def get_state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "read": self.read}
+        return self.order.get_state()
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self.epoch, self.read = int(state["epoch"]), int(state["read"])
+        self.order.set_state(state)
 
     def metrics(self, step: int) -> dict[str, float]:
-        return {"data/preference/epochs": self.epoch + self.read / len(self.pairs)}
+        return {"data/preference/epochs": self.order.epochs}
+
+
+class EpochOrder:
+    """Indices 0..n-1 in a new order each epoch, drawn from (seed, epoch); a pass that runs out
+    mid-take continues into the next.  State: the epoch and the indices of it already taken."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.read = n, seed, 0, 0
+
+    def take(self, count: int) -> list[int]:
+        taken: list[int] = []
+        while len(taken) < count:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+            part = order[self.read : self.read + count - len(taken)]
+            taken += part.tolist()
+            self.read += len(part)
+            if self.read == self.n:
+                self.epoch, self.read = self.epoch + 1, 0
+        return taken
+
+    @property
+    def epochs(self) -> float:
+        """Passes made, fractional."""
+        return self.epoch + self.read / self.n
+
+    def get_state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "read": self.read}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self.epoch, self.read = int(state["epoch"]), int(state["read"])

@@ -148,7 +148,7 @@ def build_runner(
     return Runner(trainer, mesh, shardings, in_batch, init, start, step)
 
 
-def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
+def device_batch(batch: dict, sharding: NamedSharding) -> dict:
     """Global [B, T] arrays from the whole global batch, which every process holds: each of this
     process's devices gets exactly the block `sharding` assigns it, so every layout is right: rows
     split across processes (data, fsdp, expert spanning hosts), replicated across them (tensor
@@ -324,6 +324,7 @@ def train(
             if fresh:  # a new run that cannot start (bad data, e.g. a corrupt shard) leaves nothing behind
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
+        data.use_program(runner.trainer.program)
         if start >= cfg.train.steps:
             checkpointer.close()
             log.warning(
@@ -369,7 +370,7 @@ def train(
                         phase.cfg.train.global_batch,
                     )
                 local = data.next(state)
-                batch = _global_batch(
+                batch = device_batch(
                     {
                         k: np.asarray(local[k], dtype)
                         for k, dtype in runner.trainer.objective.batch_spec.items()

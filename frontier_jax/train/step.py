@@ -113,6 +113,9 @@ class Trainer:
         new_state, grad_norm, finite = apply_update(
             state, loss, grads, loads, self.optimizer, cfg.bias_update_speed
         )
+        advance = getattr(self.objective, "next_extra", None)
+        if advance is not None:  # the objective's state after the update (e.g. a reference reset)
+            new_state = new_state.replace(extra=advance(new_state.extra, new_state.params, new_state.step))
 
         out = {
             "loss": loss,

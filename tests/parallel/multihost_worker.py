@@ -33,7 +33,7 @@ def _batch_shards(cfg, run_dir: Path, layout: int) -> None:
     from frontier_jax.train import batches, loop
 
     sharding = batch_sharding(build_mesh(cfg.mesh), RULE_SETS[cfg.mesh.rules])
-    batch = loop._global_batch(next(batches.data_iterator(cfg)), sharding)
+    batch = loop.device_batch(next(batches.data_iterator(cfg)), sharding)
     out = {}
     for key, array in batch.items():
         out[f"{key}_shape"] = np.asarray(array.shape)

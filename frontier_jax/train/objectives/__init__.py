@@ -12,8 +12,9 @@ The objective owns what it reads of the batch: its keys (`batch_spec`), which ro
 (the batch-size ramp pads the global batch with rows that must not count) and what it reports
 (`summarize`; a `tokens` figure gives the loop its tokens per second).  An objective with state of
 its own (e.g. a reference model's parameters) keeps it in `TrainState.extra`: `init_extra` makes
-it from the initial parameters, `extra_shardings` lays it out, and `prepare` receives it each step
-(checkpointed with the train state).  Objectives without state leave both methods out
+it from the initial parameters, `extra_shardings` lays it out, `prepare` receives it each step and
+the optional `next_extra(extra, params, step)` gives it after each update (step: the updates
+done), all checkpointed with the train state.  Objectives without state leave both methods out
 (`extra = {}`).
 
 A pipeline computes a micro-batch's loss in pieces, where their inputs are: a `StagedObjective`
