@@ -26,7 +26,7 @@ import requests
 from frontier_jax.convert.exporter import to_hf
 from frontier_jax.infer import Engine, SamplingParams
 from tests.serve import common
-from tests.serve.common import INFER, TIMEOUT, TOKENIZER, metric, wait_healthy
+from tests.serve.common import INFER, TIMEOUT, TOKENIZER, metric
 
 ROOT = Path(__file__).resolve().parents[2]
 GAP_TOL = 1e-5
@@ -93,12 +93,24 @@ class Processes:
         ]
 
     def __enter__(self) -> Processes:
+        """Once process 0 answers /health; a process that exits first fails the test with its log."""
+        deadline = time.monotonic() + TIMEOUT
         try:
-            wait_healthy(self.url, timeout=TIMEOUT)
+            while True:
+                exited = [(i, p.returncode) for i, p in enumerate(self.procs) if p.poll() is not None]
+                assert not exited, (
+                    f"process {exited[0][0]} exited ({exited[0][1]}): {self.logs[exited[0][0]].read_text()[-2000:]}"
+                )
+                try:
+                    if requests.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                        return self
+                except requests.RequestException:
+                    pass
+                assert time.monotonic() < deadline, f"no server at {self.url} after {TIMEOUT} s"
+                time.sleep(0.2)
         except BaseException:
             self.__exit__()
             raise
-        return self
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", timeout=TIMEOUT, max_retries=0)
