@@ -64,10 +64,12 @@ class EngineLoop:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self) -> None:
+        """Ends the thread after its current step (waiting up to 10 s; a leader: until its
+        followers have stopped too, or its timeout)."""
         self._stop.set()
         self._commands.put(lambda: None)
-        self._thread.join(timeout)
+        self._thread.join(10.0 if self.leader is None else self.leader.timeout_s)
 
     @property
     def alive(self) -> bool:
@@ -85,7 +87,8 @@ class EngineLoop:
 
     def post(self, fn: Callable[[Engine], object]) -> concurrent.futures.Future:
         """Runs fn(engine) in the engine thread before its next step; its result or error comes
-        in the returned future.  Commands run in the order they are posted."""
+        in the returned future.  Commands run in the order they are posted.  fn only reads the
+        engine: on a multi-process mesh, a change it made would not reach the other processes."""
         future: concurrent.futures.Future = concurrent.futures.Future()
 
         def run():

@@ -13,9 +13,11 @@ process (on CPU through gloo), twice per message: its byte length, then its JSON
 power of two (so a handful of programs compile).  It is part of jax's public multi-host API and
 orders messages with the steps' own collectives.  While idle the leader broadcasts an empty
 message every `IDLE_BEAT_S` seconds: followers wait in that collective (blocked, not spinning)
-and a follower that has gone is found within a beat.  A broadcast or step that does not
-return within `serve.follower_timeout_s` seconds means a follower has gone or hangs: the leader
-prints one `error:` line and exits (`watchdog`)."""
+and a follower that has gone is found within a beat (its broken connection fails the
+collective).  A broadcast or step of the leader that raises, or does not return within
+`serve.follower_timeout_s` seconds, means a follower has gone or hangs: the leader prints one
+`error:` line and exits (`Watchdog`, exit EXIT_FOLLOWER_LOST); a follower whose broadcast fails
+(process 0 has gone) does the same."""
 
 from __future__ import annotations
 
@@ -103,7 +105,7 @@ class Leader:
     each change recorded and broadcast to the followers before the step that follows it."""
 
     def __init__(self, engine: Engine, timeout_s: float):
-        self.engine = engine
+        self.engine, self.timeout_s = engine, timeout_s
         self._ops: list[list] = []
         self._last = time.monotonic()
         self._watchdog = Watchdog(timeout_s)
