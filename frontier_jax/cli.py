@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -36,6 +35,7 @@ EXIT_DATA = 4  # the data stopped feeding training
 EXIT_CHECKPOINT = 5  # a checkpoint could not be written, is corrupt, or none restores
 # 6: generate wrote every completion but some requests failed (frontier_jax/infer/cli.py)
 EXIT_LOCKED = 7  # another trainer holds the run directory (frontier_jax/train/run_lock.py)
+# 8: serve --distributed lost a process: a follower (or process 0) failed (frontier_jax/serve/replicate.py)
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT) outside training's own handling: 128 + 2
 
 _OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)+=")  # a dotted key=value override, e.g. eval.stride=64
@@ -118,7 +118,9 @@ def _train(args) -> int:
 
     with raise_on_stop_signals():  # a signal while starting: `preempted:` and 75, as later ones
         if args.distributed:
-            _distributed_init()
+            from frontier_jax.parallel.host import initialize_distributed
+
+            initialize_distributed()
         from frontier_jax.config import load_config
         from frontier_jax.train.loop import train
 
@@ -162,22 +164,11 @@ def _grpo(args) -> int:
     return 0
 
 
-def _distributed_init() -> None:
-    import jax
-
-    # Cluster auto-detection (Cloud TPU, SLURM, ...), or JAX_COORDINATOR_ADDRESS with
-    # JAX_NUM_PROCESSES and JAX_PROCESS_ID set by the launcher (launch/local.sh).
-    explicit = {
-        key: int(os.environ[var])
-        for key, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
-        if var in os.environ
-    }
-    jax.distributed.initialize(**explicit)
-
-
 def _eval(args) -> int:
     if args.distributed:
-        _distributed_init()
+        from frontier_jax.parallel.host import initialize_distributed
+
+        initialize_distributed()
     from frontier_jax.config import load_config
     from frontier_jax.eval.datasets import source_from_path
     from frontier_jax.eval.model import load_checkpoint, load_hf

@@ -88,6 +88,7 @@ LAUNCHED = {
     "launch/eval_local.sh": ("eval", ("--checkpoint", "--out")),
     "launch/eval_slurm_gpu.sbatch": ("eval", ("--checkpoint", "--out")),
     "launch/eval_tpu_vm.sh": ("eval", (None, None, "--checkpoint", "--out")),
+    "launch/serve_local.sh": ("serve", ("--checkpoint",)),
 }
 
 
@@ -436,6 +437,10 @@ KINDS = {
     ),
     ("lm_eval",): Kind(
         _parse_lm_eval, not_run="lm-eval against `frontier-jax serve` (tests/serve run it on a live server)"
+    ),
+    ("launch/serve_local.sh",): Kind(
+        _parse_launcher,
+        not_run="a server: runs until stopped (tests/serve/test_distributed.py serves from 2 processes)",
     ),
     ("python", "benchmarks/serve_load.py"): Kind(
         _parse_script, not_run="load on `frontier-jax serve` (tests/serve run it on a live server)"

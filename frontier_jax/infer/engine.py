@@ -80,6 +80,7 @@ from frontier_jax.model.moe import default_slots
 from frontier_jax.model.routing import ExpertBias
 from frontier_jax.parallel.config import MeshConfig
 from frontier_jax.parallel.expert import expert_parallel_size
+from frontier_jax.parallel.host import fetch
 from frontier_jax.parallel.mesh import state_shardings
 from frontier_jax.parallel.placement import Placement
 from frontier_jax.parallel.rules import DEFAULT_RULES, use_sharding
@@ -663,7 +664,7 @@ class Engine:
         for b, request in enumerate(rows):
             following = request.prompt_ids[int(starts[b]) + 1 : int(starts[b]) + int(counts[b]) + 1]
             targets[b, : len(following)] = following
-        chosen, top_ids, top_values = jax.device_get(prompt_scores(logits, jnp.asarray(targets)))
+        chosen, top_ids, top_values = fetch(prompt_scores(logits, jnp.asarray(targets)))
         for b, request in enumerate(rows):
             k = request.params.prompt_logprobs
             if k is None:
@@ -742,7 +743,7 @@ class Engine:
         """Appends `step`'s tokens (one transfer) to its rows that are still running; a row
         finished meanwhile drops its token (and is not counted in the expert loads).  Returns
         the ids finished now."""
-        tokens, logprobs, (top_ids, top_values) = jax.device_get((step.tokens, step.logprobs, step.top))
+        tokens, logprobs, (top_ids, top_values) = fetch((step.tokens, step.logprobs, step.top))
         running = [r.finish_reason is None for r in step.rows]
         if step.experts is not None:
             counted = np.zeros(step.experts.shape[1:3], bool)
@@ -775,7 +776,7 @@ class Engine:
     @staticmethod
     def _keep_hidden(rows: list[Request], starts, hidden: jax.Array, counts) -> None:
         """Stores g^0 of the first counts[b] positions of each row (the MTP drafts read them)."""
-        hidden = np.asarray(hidden, np.float32)
+        hidden = np.asarray(fetch(hidden), np.float32)
         for b, request in enumerate(rows):
             for t in range(int(counts[b])):
                 request.hidden[int(starts[b]) + t] = hidden[b, t]
@@ -808,7 +809,7 @@ class Engine:
         padded = np.zeros((n, drafts.shape[1]), np.int32)
         padded[: len(rows)] = drafts
         kept, tokens, logprobs = accept(logits, jnp.asarray(padded), *self._sampling_arrays(rows, n))
-        kept, tokens, logprobs = np.asarray(kept), np.asarray(tokens), np.asarray(logprobs)
+        kept, tokens, logprobs = fetch((kept, tokens, logprobs))
         stats = self._mtp.stats
         stats["verify_forwards"] += 1
         finished = []
@@ -835,7 +836,7 @@ class Engine:
             banned[b, : len(ids)] = ids
         arrays = self._sampling_arrays(requests, logits.shape[0])
         tokens, logprobs = sample(logits, *arrays, jnp.asarray(banned))
-        tokens, logprobs, (top_ids, top_values) = jax.device_get((tokens, logprobs, top_logprobs(logits)))
+        tokens, logprobs, (top_ids, top_values) = fetch((tokens, logprobs, top_logprobs(logits)))
         return [
             requests[b].id
             for b in rows

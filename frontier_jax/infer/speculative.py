@@ -35,6 +35,7 @@ from frontier_jax.infer.scheduler import Request, Scheduler, bucket
 from frontier_jax.model.config import ModelConfig
 from frontier_jax.model.extend_context import ExtendContext
 from frontier_jax.model.latent_cache import Pages
+from frontier_jax.parallel.host import fetch
 
 
 @functools.cache
@@ -111,7 +112,7 @@ class MTPDecoder:
         drafts, cache = self._run(self._draft, state, cache, rows, counts, window)
         for r in rows:
             self._advance(r, max(r.length - self.depth, r.mtp_computed))
-        return np.asarray(drafts)[: len(rows)], cache
+        return fetch(drafts)[: len(rows)], cache
 
     @staticmethod
     def _advance(request: Request, mtp_computed: int) -> None:

@@ -34,6 +34,7 @@ from frontier_jax.serve.config import ServeConfig
 from frontier_jax.serve.engine_loop import EngineLoop, Job
 from frontier_jax.serve.errors import APIError, error_body, error_response, validation_error
 from frontier_jax.serve.metrics import Metrics, snapshot
+from frontier_jax.serve.replicate import Leader
 from frontier_jax.serve.responses import Choice, LogprobWriter, now, response_id, sse, usage
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming handler checks that its client is still there
@@ -51,7 +52,9 @@ class Server:
         root: str = "",
         api_key: str | None = None,
         template: ChatTemplate | None = None,
+        leader: Leader | None = None,
     ):
+        """leader: on a multi-process mesh, process 0's `replicate.Leader` over `engine`."""
         if engine.tokenizer is None:
             raise ValueError("serve needs a tokenizer: the checkpoint or --hf directory has none")
         self.engine, self.config = engine, config.validate()
@@ -59,7 +62,7 @@ class Server:
         self.model_name, self.root, self.api_key, self.template = model_name, root, api_key, template
         self.max_len = engine.layout.max_len
         self.metrics = Metrics()
-        self.loop = EngineLoop(engine, self.metrics)
+        self.loop = EngineLoop(engine, self.metrics, leader)
         self.writer = LogprobWriter(self.tokenizer)
         self.draining = False
 

@@ -3,13 +3,19 @@ imported Hugging Face model.
 
     frontier-jax serve (--checkpoint RUN_DIR[/checkpoints/STEP] | --hf PATH) [--host 127.0.0.1]
         [--port 8000] [--served-model-name NAME] [--api-key KEY] [--dtype float32|bfloat16]
-        [--chat-template PATH] [infer.key=value ...] [impl.key=value ...] [serve.key=value ...]
+        [--chat-template PATH] [--distributed] [mesh.key=value ...] [infer.key=value ...]
+        [impl.key=value ...] [serve.key=value ...]
 
 The address is bound before the model loads (a port in use is one `error:` line, exit 2;
 --port 0 takes a free one, printed).  SIGTERM (or SIGINT) stops admitting requests (503), lets
 the running ones finish for serve.drain_timeout_s seconds, cancels the rest and exits 0 (SIGINT:
 130).  Chats are rendered with --chat-template (a tokenizer directory or its
 tokenizer_config.json), else the --hf directory's template, else the project's chat format.
+
+mesh.* overrides (or --distributed) lay the model out on a mesh of all devices (mesh.data=-1 by
+default: every device splits the batch).  --distributed joins the processes first
+(`jax.distributed.initialize`, as train and eval): process 0 binds the address and serves HTTP,
+the others follow its engine steps (`replicate.py`) and stop when it stops; signal process 0.
 """
 
 from __future__ import annotations
@@ -42,9 +48,14 @@ def add_serve_parser(sub) -> None:
     serve.add_argument("--dtype", default=None, help="float32 or bfloat16 compute (default as generate)")
     serve.add_argument("--chat-template", default=None, help="tokenizer directory or tokenizer_config.json")
     serve.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-process: jax.distributed.initialize() first; process 0 serves, the others follow it",
+    )
+    serve.add_argument(
         "overrides",
         nargs="*",
-        help="infer.*, impl.* and serve.* overrides, e.g. infer.max_seqs=16 serve.max_waiting=64",
+        help="mesh.*, infer.*, impl.* and serve.* overrides, e.g. infer.max_seqs=16 serve.max_waiting=64",
     )
     serve.set_defaults(func=serve_command)
 
@@ -84,29 +95,80 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def mesh_config(overrides: list[str]):
+    """mesh.key=value overrides -> a validated MeshConfig."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from frontier_jax.parallel.config import MeshConfig
+
+    given = [o[len("mesh.") :] for o in overrides if o.startswith("mesh.")]
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(MeshConfig), OmegaConf.from_dotlist(given))
+        return OmegaConf.to_object(merged).validate()
+    except OmegaConfBaseException as err:
+        raise ValueError(
+            f"invalid override mesh.{str(err).splitlines()[0]} (fields: frontier_jax/parallel/config.py)"
+        ) from err
+
+
 def serve_command(args) -> int:
+    if args.distributed:
+        from frontier_jax.parallel.host import initialize_distributed
+
+        initialize_distributed()
+    import jax
+
     from frontier_jax.data.template import ChatTemplate
     from frontier_jax.infer import Engine
     from frontier_jax.infer.cli import _check_dtype, _impl_overrides, _infer_overrides
+    from frontier_jax.parallel.mesh import build_mesh
     from frontier_jax.serve.app import Server
+    from frontier_jax.serve.replicate import Leader
 
     config = serve_config(args.overrides)
-    others = [o for o in args.overrides if not o.startswith("serve.")]
+    on_mesh = args.distributed or any(o.startswith("mesh.") for o in args.overrides)
+    mesh = build_mesh(mesh_config(args.overrides)) if on_mesh else None
+    others = [o for o in args.overrides if not o.startswith(("serve.", "mesh."))]
     infer, impl = _infer_overrides(others), _impl_overrides(others)
     _check_dtype(args.dtype)
     template_path = args.chat_template or args.hf
     template = ChatTemplate.load(template_path) if template_path else None
-    sock = bind(args.host, args.port)
+    leads = jax.process_index() == 0
+    sock = bind(args.host, args.port) if leads else None
     source = args.hf or args.checkpoint
     if args.hf:
-        engine = Engine.from_hf(args.hf, dtype=args.dtype or "float32", infer=infer, impl=impl)
+        engine = Engine.from_hf(args.hf, dtype=args.dtype or "float32", mesh=mesh, infer=infer, impl=impl)
     else:
-        engine = Engine.from_checkpoint(args.checkpoint, dtype=args.dtype, infer=infer, impl=impl)
+        engine = Engine.from_checkpoint(args.checkpoint, mesh=mesh, dtype=args.dtype, infer=infer, impl=impl)
+    if not leads:
+        return follow_command(engine)
     name = args.served_model_name or Path(source).resolve().name
     server = Server(
-        engine, config, model_name=name, root=str(source), api_key=args.api_key, template=template
+        engine,
+        config,
+        model_name=name,
+        root=str(source),
+        api_key=args.api_key,
+        template=template,
+        leader=Leader(engine, config.follower_timeout_s) if jax.process_count() > 1 else None,
     )
     return run_server(server, sock)
+
+
+def follow_command(engine) -> int:
+    """A process other than 0: runs process 0's engine steps (`replicate.follow`) until it stops.
+    Signals are left to process 0, which stops this one."""
+    import jax
+
+    from frontier_jax.serve.replicate import follow
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print(f"process {jax.process_index()}: following process 0's engine steps", file=sys.stderr, flush=True)
+    follow(engine)
+    print(f"process {jax.process_index()}: stopped with process 0", file=sys.stderr, flush=True)
+    return 0
 
 
 def run_server(server, sock: socket.socket) -> int:

@@ -9,7 +9,11 @@ engine (metrics, expert loads) runs here too, through `call`.
 
 Latency metrics are observed here, at the time a token is appended: time to first token and
 queue time (arrival -> admission into a decode slot) per request, inter-token latency per token
-after the first, end-to-end latency at the end (`metrics.py`)."""
+after the first, end-to-end latency at the end (`metrics.py`).
+
+On a multi-process mesh the thread runs on process 0 and drives the engine through a
+`replicate.Leader`, which hands every submission, cancellation and step to the other processes;
+when stopped it stops them too."""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from collections.abc import Callable
 
 from frontier_jax.infer import Engine, SamplingParams, TokenEvent
 from frontier_jax.serve.metrics import Metrics
+from frontier_jax.serve.replicate import Leader
 
 
 @dataclasses.dataclass(eq=False)
@@ -41,8 +46,12 @@ class Job:
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, metrics: Metrics):
-        self.engine, self.metrics = engine, metrics
+    """leader: on a multi-process mesh, process 0's `replicate.Leader` over `engine`, through
+    which submissions, cancellations and steps go (broadcast to the other processes)."""
+
+    def __init__(self, engine: Engine, metrics: Metrics, leader: Leader | None = None):
+        self.engine, self.metrics, self.leader = engine, metrics, leader
+        self._driver = leader or engine  # what submits, cancels and steps
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._pending = 0  # jobs handed over, not submitted yet
         self._queued: dict[int, Job] = {}  # request id -> job, until admitted
@@ -55,10 +64,12 @@ class EngineLoop:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self) -> None:
+        """Ends the thread after its current step (waiting up to 10 s; a leader: until its
+        followers have stopped too, or its timeout)."""
         self._stop.set()
         self._commands.put(lambda: None)
-        self._thread.join(timeout)
+        self._thread.join(10.0 if self.leader is None else self.leader.timeout_s)
 
     @property
     def alive(self) -> bool:
@@ -76,7 +87,8 @@ class EngineLoop:
 
     def post(self, fn: Callable[[Engine], object]) -> concurrent.futures.Future:
         """Runs fn(engine) in the engine thread before its next step; its result or error comes
-        in the returned future.  Commands run in the order they are posted."""
+        in the returned future.  Commands run in the order they are posted.  fn only reads the
+        engine: on a multi-process mesh, a change it made would not reach the other processes."""
         future: concurrent.futures.Future = concurrent.futures.Future()
 
         def run():
@@ -99,7 +111,7 @@ class EngineLoop:
             self._pending -= len(job.prompts) * samples
         job.open = len(job.prompts) * samples
         for k, prompt in enumerate(job.prompts):
-            first = self.engine.submit(
+            first = self._driver.submit(
                 prompt, job.params, on_token=lambda event, k=k: self._deliver(job, k, event)
             )
             job.first_ids.append(first)
@@ -112,7 +124,7 @@ class EngineLoop:
             for request_id in range(first, first + job.params.n):
                 self._queued.pop(request_id, None)
                 if self.engine.result(request_id) is None:
-                    self.engine.cancel(request_id)
+                    self._driver.cancel(request_id)
 
     def _deliver(self, job: Job, k: int, event: TokenEvent) -> None:
         now = time.perf_counter()
@@ -152,10 +164,14 @@ class EngineLoop:
                     except queue.Empty:
                         command = None
                 if not engine.scheduler.idle:
-                    engine.step()
+                    self._driver.step()
                     self._note_admissions()
+                elif self.leader is not None:
+                    self.leader.idle()
                 with self._lock:
                     self.waiting = self._pending + sum(len(r.group) for r in engine.scheduler.waiting)
+            if self.leader is not None:
+                self.leader.stop()
         except BaseException as err:  # the server answers 503 from now on (`alive`)
             self.error = err
             raise
