@@ -30,8 +30,16 @@ VOCAB_CHUNK = 8192  # columns of the head read at a time
 def sequence_logprobs(
     model: Transformer, batch: Mapping[str, jax.Array], *, vocab_chunk: int = VOCAB_CHUNK
 ) -> tuple[jax.Array, jax.Array]:
-    """(logprob [B, T] fp32, greedy [B, T] bool) of `batch`'s targets (module docstring)."""
-    g = model.hidden(batch["input_ids"], batch["positions"], batch["segment_ids"], with_mtp=False).hidden
+    """(logprob [B, T] fp32, greedy [B, T] bool) of `batch`'s targets (module docstring); with
+    batch["routed_experts"] [B, T, L_moe, K] the MoE layers replay those experts
+    (`Transformer.hidden`)."""
+    g = model.hidden(
+        batch["input_ids"],
+        batch["positions"],
+        batch["segment_ids"],
+        with_mtp=False,
+        routed_experts=batch.get("routed_experts"),
+    ).hidden
     logprob, _, argmax = model.output_head().target_logprobs(g, batch["targets"], chunk=vocab_chunk)
     return logprob, argmax == batch["targets"]
 
