@@ -103,14 +103,24 @@ def test_a_prompt_from_the_prefix_cache_has_the_routing_of_a_cold_prefill(model)
 
 
 def test_forked_samples_share_the_prompts_routing(model):
+    """Also when the leader is cancelled mid-prefill: its heir keeps the routing of the full
+    prompt block it takes over and prefills the rest."""
     prompt = tiny.prompts([13], seed=2)[0]
     params = SamplingParams(max_new_tokens=5, temperature=1.0, seed=40, record_routing=True, n=2)
-    forked = Engine(model, infer=tiny.INFER).generate([prompt], params)
+    engine = Engine(model, infer=tiny.INFER)
+    forked = engine.generate([prompt], params)
     assert forked[0].output_ids != forked[1].output_ids  # the samples differ after the prompt
     np.testing.assert_array_equal(
         forked[0].routed_experts[: len(prompt)], forked[1].routed_experts[: len(prompt)]
     )
-    for c in forked:
+    other = tiny.prompts([13], seed=3)[0]
+    first = engine.submit(other, dataclasses.replace(params, n=3))
+    engine.step(), engine.step()  # the leader prefilled positions 0 .. 11
+    assert engine.cancel(first)  # sample 1 takes over from position 8 (after the full block)
+    while not engine.scheduler.idle:
+        engine.step()
+    heirs = [engine.result(first + j) for j in (1, 2)]
+    for c in forked + heirs:
         np.testing.assert_array_equal(c.routed_experts, reference_selection(model, trainer_inputs(c)))
 
 
