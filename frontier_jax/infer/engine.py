@@ -112,7 +112,7 @@ class InFlight:
     tokens: jax.Array
     logprobs: jax.Array
     top: tuple[jax.Array, jax.Array]  # the rows' most likely ids and log-probs [B, min(MAX_LOGPROBS, V)]
-    tempered: jax.Array  # [B] log softmax(z / temperature)[token]
+    tempered: jax.Array | None  # [B] log softmax(z / temperature)[token], where a row asked for it
     experts: jax.Array | None  # [L_moe, B, 1, K] routed experts, counted (and recorded) at read-back
 
 
@@ -202,6 +202,7 @@ class Engine:
         self._prefill = make_step(graphdef, absorbed=False)
         self._decode = make_step(graphdef, absorbed=True, impl=impl)
         self._decode_sample = make_decode_step(graphdef, impl=impl)
+        self._decode_sample_tempered = make_decode_step(graphdef, impl=impl, tempered=True)
         self.scheduler = Scheduler(
             self.layout,
             self.infer.max_seqs,
@@ -759,10 +760,15 @@ class Engine:
             sched.table(rows, [r.computed + 1 for r in rows], n),
         )
         previous_tokens = previous.tokens if previous else self._no_tokens
-        tokens, logprobs, *top, tempered, self.cache, experts = self._decode_sample(
+        tempered = any(r.params.tempered_logprobs for r in rows)
+        step = self._decode_sample_tempered if tempered else self._decode_sample
+        tokens, logprobs, *top, tempered, self.cache, experts = step(
             self.state, self.cache, previous_tokens, jnp.asarray(packed)
         )
-        for array in (tokens, logprobs, *top):
+        recorded = [tempered] if tempered is not None else []
+        if experts is not None and any(r.params.record_routing for r in rows):
+            recorded.append(experts)
+        for array in (tokens, logprobs, *top, *recorded):
             array.copy_to_host_async()
         self.stats["forwards"] += 1
         for request in rows:

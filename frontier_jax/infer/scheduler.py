@@ -160,14 +160,23 @@ class Request:
         """This request and the followers admitted with it."""
         return [self, *self.followers]
 
-    def routed_experts(self, end: int | None = None) -> np.ndarray | None:
-        """The recorded routing of positions 0 .. end - 1 (all recorded ones without end)
-        [n, L_moe, K] int32, None where none is recorded."""
+    def routed_experts(self, start: int = 0) -> np.ndarray | None:
+        """The recorded routing of positions start, start + 1, .. (every recorded one)
+        [n, L_moe, K] int32, None where none is recorded; only the pieces from `start` on are
+        joined (keying each prefill chunk's blocks stays linear in the prompt)."""
         if not self.routing:
             return None
-        if len(self.routing) > 1:
-            self.routing = [np.concatenate(self.routing)]
-        return self.routing[0][:end]
+        end = sum(len(piece) for piece in self.routing)
+        first, tail = end, []
+        for piece in reversed(self.routing):
+            if first <= start:
+                break
+            first -= len(piece)
+            tail.append(piece)
+        if not tail:
+            return self.routing[-1][:0]
+        joined = tail[0] if len(tail) == 1 else np.concatenate(tail[::-1])
+        return joined[start - first :]
 
     def completion(self) -> Completion:
         return Completion(
@@ -309,10 +318,13 @@ class Scheduler:
         if n > request.registered:
             routing = None
             if request.params.record_routing:  # blocks whose every position's routing is recorded
-                routed = request.routed_experts()
-                recorded = 0 if routed is None else len(routed)
+                start = request.registered * size
+                routed = request.routed_experts(start)
+                recorded = start + (0 if routed is None else len(routed))
                 routing = [
-                    routed[i * size : (i + 1) * size].copy() if (i + 1) * size <= recorded else None
+                    routed[i * size - start : (i + 1) * size - start].copy()
+                    if (i + 1) * size <= recorded
+                    else None
                     for i in range(request.registered, n)
                 ]
             self.alloc.register(
@@ -361,8 +373,8 @@ class Scheduler:
                 shared = self.shared_blocks(request)
                 self.alloc.share(request.id, heir.id, shared)
                 heir.computed = min(request.computed, shared * self.layout.block_size)
-                routed = request.routed_experts(heir.computed)
-                heir.routing = [] if routed is None or not heir.computed else [routed]
+                routed = request.routed_experts()
+                heir.routing = [] if routed is None or not heir.computed else [routed[: heir.computed]]
         if running:
             self.retire(request)
         elif request in self.waiting:

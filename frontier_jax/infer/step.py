@@ -13,14 +13,15 @@ Plain decoding runs one program per step that also picks its input tokens and sa
 
     decode(state, cache, previous [R], packed [B, 9 + S + M])
         -> (tokens [R], logprobs [B], top ids [B, k], top log-probs [B, k],
-            tempered log-probs [B], cache, routed experts [L_moe, B, 1, K_r] or None)
+            tempered log-probs [B] or None, cache, routed experts [L_moe, B, 1, K_r] or None)
 
 row b's input token is previous[source_b] (the token the previous step sampled for that request,
 still on the device) when source_b >= 0, else the host's token_b; `packed` holds every per-row
 host input in one int32 array (`pack_decode`: one transfer per step), floats and seeds by their
 bits, then S = MAX_BANNED ids the row may not pick (min_tokens; -1: none); the top
 ids and log-probs are the k = MAX_LOGPROBS most likely tokens (`sampling.top_logprobs`), the
-tempered log-probs log softmax(z / temperature)[token] (`sampling.tempered_logprobs`); tokens come back padded to R rows (R = the most rows of a step), so that they can feed the
+tempered log-probs log softmax(z / temperature)[token] (`sampling.tempered_logprobs`; only the
+program made with tempered=True computes them, the one steps run when a row asks); tokens come back padded to R rows (R = the most rows of a step), so that they can feed the
 next step whatever its bucket.  The routed experts stay on the device: the engine counts the
 real rows' expert loads from them (`expert_load.count_experts`) and reads them back for the
 rows that record their routing (`SamplingParams.record_routing`).
@@ -98,9 +99,9 @@ def pack_decode(
 
 
 @functools.cache
-def make_decode_step(graphdef: nnx.GraphDef, *, impl: str = "xla") -> Callable:
+def make_decode_step(graphdef: nnx.GraphDef, *, impl: str = "xla", tempered: bool = False) -> Callable:
     """The jitted decode-and-sample step (module docstring) of a model with graph definition
-    `graphdef`, the cache donated."""
+    `graphdef`, the cache donated; tempered: it also returns the tempered log-probs (else None)."""
 
     def step(state, cache, previous, packed):
         model = nnx.merge(graphdef, state)
@@ -124,8 +125,8 @@ def make_decode_step(graphdef: nnx.GraphDef, *, impl: str = "xla") -> Callable:
             packed[:, BANNED:TABLE],
         )
         top_ids, top_values = top_logprobs(logits)
-        tempered = tempered_logprobs(logits, temperature, tokens)
+        tempered_values = tempered_logprobs(logits, temperature, tokens) if tempered else None
         tokens = jax.lax.dynamic_update_slice(jnp.zeros_like(previous), tokens, (0,))
-        return tokens, logprobs, top_ids, top_values, tempered, cache, experts
+        return tokens, logprobs, top_ids, top_values, tempered_values, cache, experts
 
     return jax.jit(step, donate_argnums=(1,))
