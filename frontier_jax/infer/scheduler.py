@@ -78,7 +78,7 @@ class Completion:
     cached_tokens: int = 0
     top_logprobs: list[list[tuple[int, float]]] | None = None
     prompt_logprobs: list | None = None
-    routed_experts: np.ndarray | None = None
+    routed_experts: np.ndarray | None = field(default=None, compare=False)  # equality: compare the arrays
     tempered_logprobs: list[float] | None = None
 
 
