@@ -760,8 +760,8 @@ class Engine:
             sched.table(rows, [r.computed + 1 for r in rows], n),
         )
         previous_tokens = previous.tokens if previous else self._no_tokens
-        tempered = any(r.params.tempered_logprobs for r in rows)
-        step = self._decode_sample_tempered if tempered else self._decode_sample
+        asks_tempered = any(r.params.tempered_logprobs for r in rows)
+        step = self._decode_sample_tempered if asks_tempered else self._decode_sample
         tokens, logprobs, *top, tempered, self.cache, experts = step(
             self.state, self.cache, previous_tokens, jnp.asarray(packed)
         )
