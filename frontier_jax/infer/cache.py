@@ -138,7 +138,11 @@ class BlockAllocator:
     its space is needed; blocks are handed out from the unkeyed free blocks first, then from the
     least recently used evictable one, whose key is dropped (it is about to be rewritten).
     `tail`: with MTP drafting, the D tokens after a block on which its MTP latents depend (its
-    last positions read them), None while those latents are not final."""
+    last positions read them), None while those latents are not final.  `routing`: the experts
+    [P, L_moe, K] each MoE layer routed the block's tokens to when its latents were computed, kept
+    for a block keyed by a sequence that records its routing (`SamplingParams.record_routing`),
+    so that a later recording sequence served from the block gets the routing its latents came
+    from."""
 
     def __init__(self, layout: CacheLayout):
         self.layout = layout
@@ -149,6 +153,7 @@ class BlockAllocator:
         self._block_of: dict[bytes, int] = {}
         self._key_of: dict[int, bytes] = {}
         self._tail: dict[int, tuple[int, ...]] = {}
+        self._routing: dict[int, np.ndarray] = {}
 
     @property
     def free_blocks(self) -> int:
@@ -198,6 +203,7 @@ class BlockAllocator:
     def _unkey(self, block: int) -> None:
         del self._block_of[self._key_of.pop(block)]
         self._tail.pop(block, None)
+        self._routing.pop(block, None)
 
     def share(self, parent: int, child: int, num_blocks: int) -> None:
         """Puts the first num_blocks blocks of `parent` in front of `child`'s own (each one's
@@ -206,16 +212,25 @@ class BlockAllocator:
         self._owned[child] = shared + self._owned.get(child, [])
         self._refs[shared] += 1
 
-    def lookup(self, keys: list[bytes], tails: list[tuple[int, ...]] | None = None) -> list[int]:
+    def lookup(
+        self, keys: list[bytes], tails: list[tuple[int, ...]] | None = None, *, routed: bool = False
+    ) -> list[int]:
         """The keyed blocks of the longest prefix of `keys` (block i keyed keys[i] and, with
-        `tails`, its tail equal to tails[i])."""
+        `tails`, its tail equal to tails[i]; with `routed`, its routing kept)."""
         found = []
         for i, key in enumerate(keys):
             block = self._block_of.get(key)
             if block is None or (tails is not None and self._tail.get(block) != tails[i]):
                 break
+            if routed and block not in self._routing:
+                break
             found.append(block)
         return found
+
+    def routing(self, blocks: list[int]) -> np.ndarray:
+        """The kept routing of `blocks` (each keyed with one, `lookup(routed=True)`), in order:
+        [len(blocks) P, L_moe, K] int32."""
+        return np.concatenate([self._routing[block] for block in blocks])
 
     def evictable(self, blocks: list[int]) -> int:
         """How many of `blocks` no sequence holds (adopting them takes them from the free ones)."""
@@ -229,16 +244,19 @@ class BlockAllocator:
         self._owned[seq_id] = list(blocks)
         self._refs[blocks] += 1
 
-    def register(self, seq_id: int, keys: list[bytes], first: int = 0, tails=None) -> None:
+    def register(self, seq_id: int, keys: list[bytes], first: int = 0, tails=None, routing=None) -> None:
         """Keys the blocks first .. first + len(keys) - 1 of sequence seq_id (full, their
-        latents final) with `keys`; with `tails` (MTP latents final too) their tails.  A key
-        that names another block already stays there, unless only this block has a tail."""
+        latents final) with `keys`; with `tails` (MTP latents final too) their tails; with
+        `routing` (a list of [P, L_moe, K] arrays or None, one per key) the routing of each.  A
+        key that names another block already stays there, unless only this block has a tail or
+        a routing."""
         owned = self._owned[seq_id]
         for i, key in enumerate(keys):
             block, tail = owned[first + i], None if tails is None else tails[i]
+            routed = None if routing is None else routing[i]
             other = self._block_of.get(key)
             if other is not None and other != block:
-                if tail is None or other in self._tail:
+                if (tail is None or other in self._tail) and (routed is None or other in self._routing):
                     continue
                 self._unkey(other)
                 if other in self._evictable:
@@ -247,6 +265,8 @@ class BlockAllocator:
             self._block_of[key], self._key_of[block] = block, key
             if tail is not None:
                 self._tail[block] = tail
+            if routed is not None:
+                self._routing[block] = routed
 
     def flush(self) -> None:
         """Drops every key (e.g. new weights: the cached latents are stale); evictable blocks
@@ -256,6 +276,7 @@ class BlockAllocator:
         self._block_of.clear()
         self._key_of.clear()
         self._tail.clear()
+        self._routing.clear()
 
     def blocks(self, seq_id: int) -> list[int]:
         return self._owned.get(seq_id, [])

@@ -36,6 +36,13 @@ prefills only what no earlier request has cached (`scheduler.py`; `prefix_cache_
 expert (`expert_load.py`), `expert_ledger` the counts of each of the last experts.window_steps
 steps (`runtime/expert_ledger.py`); `load_weights` swaps in new parameters
 without recompiling (`Engine.from_program` builds an engine on a model program's mesh).
+
+Records for post-training, per request: `SamplingParams.record_routing` keeps the experts each
+MoE layer routed each computed position to (prefill chunks, prefix-cache blocks that carry
+theirs, decode steps: the routed experts every step returns anyway, read back only for such
+rows) as `Completion.routed_experts`, aligned with a trainer's input positions, for routing replay
+(`Transformer.hidden(routed_experts=...)`); `SamplingParams.tempered_logprobs` keeps
+log softmax(z / temperature)[token] of each generated token (`Completion.tempered_logprobs`).
 """
 
 from __future__ import annotations
@@ -61,7 +68,14 @@ from frontier_jax.infer.config import DecodeAttentionImpl, InferConfig, Speculat
 from frontier_jax.infer.detokenize import TextStream
 from frontier_jax.infer.expert_load import ExpertLoad, count_experts, empty_load
 from frontier_jax.infer.expert_slots import logical_experts, place_experts, slot_arrays, slot_count
-from frontier_jax.infer.sampling import MAX_BANNED, SamplingParams, prompt_scores, sample, top_logprobs
+from frontier_jax.infer.sampling import (
+    MAX_BANNED,
+    SamplingParams,
+    prompt_scores,
+    sample,
+    tempered_logprobs,
+    top_logprobs,
+)
 from frontier_jax.infer.scheduler import (
     Completion,
     PrefixCacheStats,
@@ -99,7 +113,8 @@ class InFlight:
     tokens: jax.Array
     logprobs: jax.Array
     top: tuple[jax.Array, jax.Array]  # the rows' most likely ids and log-probs [B, min(MAX_LOGPROBS, V)]
-    experts: jax.Array | None  # [L_moe, B, 1, K] routed experts, counted at read-back
+    tempered: jax.Array | None  # [B] log softmax(z / temperature)[token], where a row asked for it
+    experts: jax.Array | None  # [L_moe, B, 1, K] routed experts, counted (and recorded) at read-back
 
 
 def _infer_config(base: InferConfig, changes: InferConfig | dict | None) -> InferConfig:
@@ -188,6 +203,7 @@ class Engine:
         self._prefill = make_step(graphdef, absorbed=False)
         self._decode = make_step(graphdef, absorbed=True, impl=impl)
         self._decode_sample = make_decode_step(graphdef, impl=impl)
+        self._decode_sample_tempered = make_decode_step(graphdef, impl=impl, tempered=True)
         self.scheduler = Scheduler(
             self.layout,
             self.infer.max_seqs,
@@ -474,6 +490,7 @@ class Engine:
         """Raises the ValueError that `submit` would end the request with (reads only the
         engine's configuration: safe from any thread); else (prompt ids, stop ids)."""
         params.check()
+        self._check_records(params)
         prompt_ids = self._prompt_ids(prompt)
         self._check_samples(params, prompt_ids)
         return prompt_ids, self._stop_ids(params)
@@ -498,6 +515,20 @@ class Engine:
                     "decoding does not ban tokens nor report alternatives; use infer.speculative=none"
                 )
         return stop_ids
+
+    def _check_records(self, params: SamplingParams) -> None:
+        """Raises ValueError where the request asks for a record this engine cannot keep."""
+        asked = [name for name in ("record_routing", "tempered_logprobs") if getattr(params, name)]
+        if asked and self._mtp is not None:
+            raise ValueError(
+                f"{asked[0]}=true with infer.speculative=mtp: speculative decoding verifies drafts it may "
+                "reject, and keeps no per-token records; use infer.speculative=none"
+            )
+        if params.record_routing and not self.cfg.num_moe_layers:
+            raise ValueError(
+                "record_routing=true: this model has no MoE layers (model.num_layers == model.first_k_dense), "
+                "so there is no routing to record; leave record_routing false"
+            )
 
     def _check_samples(self, params: SamplingParams, prompt_ids: list[int]) -> None:
         """Raises ValueError where n samples of the prompt can never run together."""
@@ -626,8 +657,9 @@ class Engine:
         if batch is not None:
             counts = batch.write.sum(1)
             starts = batch.positions[:, 0].copy()
-            logits, hidden = self._forward(self._prefill, batch)
+            logits, hidden, experts = self._forward(self._prefill, batch)
             self.stats["prompt_tokens"] += int(counts.sum())
+            self._record_routing(batch.rows, experts, counts)
             for request in batch.rows:
                 sched.register(request)
             if all_positions:
@@ -729,15 +761,20 @@ class Engine:
             sched.table(rows, [r.computed + 1 for r in rows], n),
         )
         previous_tokens = previous.tokens if previous else self._no_tokens
-        tokens, logprobs, *top, self.cache, experts = self._decode_sample(
+        asks_tempered = any(r.params.tempered_logprobs for r in rows)
+        step = self._decode_sample_tempered if asks_tempered else self._decode_sample
+        tokens, logprobs, *top, tempered, self.cache, experts = step(
             self.state, self.cache, previous_tokens, jnp.asarray(packed)
         )
-        for array in (tokens, logprobs, *top):
+        recorded = [tempered] if tempered is not None else []
+        if experts is not None and any(r.params.record_routing for r in rows):
+            recorded.append(experts)
+        for array in (tokens, logprobs, *top, *recorded):
             array.copy_to_host_async()
         self.stats["forwards"] += 1
         for request in rows:
             request.computed += 1
-        return InFlight(rows, tokens, logprobs, tuple(top), experts)
+        return InFlight(rows, tokens, logprobs, tuple(top), tempered, experts)
 
     def _read_back(self, step: InFlight) -> list[int]:
         """Appends `step`'s tokens (one transfer) to its rows that are still running; a row
@@ -749,15 +786,17 @@ class Engine:
             counted = np.zeros(step.experts.shape[1:3], bool)
             counted[: len(running), 0] = running
             self._count_experts(step.experts, counted)
+            self._record_routing(step.rows, step.experts)
+        tempered = self._tempered(step.rows, step.tempered)
         return [
             r.id
             for b, r in enumerate(step.rows)
-            if self._append(r, int(tokens[b]), float(logprobs[b]), (top_ids[b], top_values[b]))
+            if self._append(r, int(tokens[b]), float(logprobs[b]), (top_ids[b], top_values[b]), tempered[b])
         ]
 
-    def _forward(self, step, batch: StepBatch) -> tuple[jax.Array, jax.Array]:
+    def _forward(self, step, batch: StepBatch) -> tuple[jax.Array, jax.Array, jax.Array | None]:
         """Runs `step` on `batch`, advances each row's cached length, counts its expert loads;
-        (logits, hidden)."""
+        (logits, hidden, routed experts [L_moe, B, T, K] or None)."""
         pages = Pages(jnp.asarray(batch.block_table), jnp.asarray(batch.write))
         logits, hidden, self.cache, experts = step(
             self.state,
@@ -771,7 +810,29 @@ class Engine:
         self.stats["forwards"] += 1
         for request, count in zip(batch.rows, batch.write.sum(1)):
             request.computed += int(count)
-        return logits, hidden
+        return logits, hidden, experts
+
+    @staticmethod
+    def _record_routing(rows: list[Request], experts: jax.Array | None, counts=None) -> None:
+        """Appends to each row b of `rows` that records its routing (a running request) the
+        experts [L_moe, B, T, K] of its first counts[b] positions (all T without counts), read
+        back only when some row records (`Request.routing`)."""
+        recording = [b for b, r in enumerate(rows) if r.params.record_routing and r.finish_reason is None]
+        if experts is None or not recording:
+            return
+        experts = np.asarray(fetch(experts), np.int32)
+        for b in recording:
+            n = experts.shape[2] if counts is None else int(counts[b])
+            rows[b].routing.append(experts[:, b, :n].transpose(1, 0, 2))
+
+    @staticmethod
+    def _tempered(rows: list[Request], tempered: jax.Array) -> list[float | None]:
+        """log softmax(z / temperature)[token] [B] of the rows that ask for it, read back only
+        then; None for the others."""
+        if not any(r.params.tempered_logprobs for r in rows):
+            return [None] * len(rows)
+        values = fetch(tempered)
+        return [float(values[b]) if r.params.tempered_logprobs else None for b, r in enumerate(rows)]
 
     @staticmethod
     def _keep_hidden(rows: list[Request], starts, hidden: jax.Array, counts) -> None:
@@ -804,7 +865,7 @@ class Engine:
         drafts, self.cache = self._mtp.draft(self.state, self.cache, rows)
         batch = self.scheduler.decode_batch(rows, drafts.tolist())
         lengths = [r.length for r in rows]
-        logits, hidden = self._forward(self._decode, batch)
+        logits, hidden, _ = self._forward(self._decode, batch)
         n = logits.shape[0]
         padded = np.zeros((n, drafts.shape[1]), np.int32)
         padded[: len(rows)] = drafts
@@ -836,22 +897,37 @@ class Engine:
             banned[b, : len(ids)] = ids
         arrays = self._sampling_arrays(requests, logits.shape[0])
         tokens, logprobs = sample(logits, *arrays, jnp.asarray(banned))
+        tempered = [None] * len(requests)
+        if any(r.params.tempered_logprobs for r in requests):
+            tempered = self._tempered(requests, tempered_logprobs(logits, arrays[0], tokens))
         tokens, logprobs, (top_ids, top_values) = fetch((tokens, logprobs, top_logprobs(logits)))
         return [
             requests[b].id
             for b in rows
-            if self._append(requests[b], int(tokens[b]), float(logprobs[b]), (top_ids[b], top_values[b]))
+            if self._append(
+                requests[b], int(tokens[b]), float(logprobs[b]), (top_ids[b], top_values[b]), tempered[b]
+            )
         ]
 
-    def _append(self, request: Request, token: int, logprob: float, top: tuple | None = None) -> bool:
+    def _append(
+        self,
+        request: Request,
+        token: int,
+        logprob: float,
+        top: tuple | None = None,
+        tempered: float | None = None,
+    ) -> bool:
         """Adds a generated token (top: the most likely ids and log-probs of its distribution,
-        kept with params.logprobs), hands it over (`on_token`); finishes and retires the request
-        when it ends.  A request that has ended already (a stop in an earlier step, `cancel`)
-        drops the token."""
+        kept with params.logprobs; tempered: its log-probability at the request's temperature,
+        kept with params.tempered_logprobs), hands it over (`on_token`); finishes and retires the
+        request when it ends.  A request that has ended already (a stop in an earlier step,
+        `cancel`) drops the token."""
         if request.finish_reason is not None:
             return False
         request.output_ids.append(token)
         request.logprobs.append(logprob)
+        if request.params.tempered_logprobs:
+            request.tempered_logprobs.append(tempered)
         k = request.params.logprobs
         alternatives = list(zip(top[0][:k].tolist(), top[1][:k].tolist())) if k and top is not None else None
         if alternatives is not None:

@@ -12,6 +12,8 @@ min_tokens: while a request has generated fewer than min_tokens tokens, its stop
 and stop_token_ids) get z = -inf before filtering, so neither sampling nor greedy picks them.
 Reported log-probs are always the raw model's: log softmax(z) at temperature 1, unfiltered and
 unbanned; `top_logprobs` gives the k most likely tokens of that distribution (k <= MAX_LOGPROBS).
+`tempered_logprobs` gives log softmax(z / tau)[token] (tau = 1 for greedy rows), unfiltered and
+unbanned: the log-probability a policy-gradient trainer computes for a token sampled at tau.
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ class SamplingParams:
     (they are banned until then; stop strings apply throughout); logprobs: the k most likely
     tokens (ids and log-probs) to report with each generated token, 0..MAX_LOGPROBS;
     prompt_logprobs: None, or k to report log p of every prompt token after the first given the
-    ones before it, with its k most likely alternatives."""
+    ones before it, with its k most likely alternatives.  Opt-in records for post-training
+    (`Completion`): record_routing, the experts each MoE layer routed each token to
+    (`Completion.routed_experts`, for routing replay in the trainer); tempered_logprobs,
+    log softmax(z / temperature)[token] of each generated token (`Completion.tempered_logprobs`)."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -52,6 +57,8 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int = 0
     prompt_logprobs: int | None = None
+    record_routing: bool = False
+    tempered_logprobs: bool = False
 
     def check(self) -> None:
         """Raises ValueError naming the first invalid field and its allowed range."""
@@ -77,6 +84,9 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not (_is_int(value) and 0 <= value <= MAX_LOGPROBS):
                 raise ValueError(f"{name}={value!r} must be an integer in [0, {MAX_LOGPROBS}]")
+        for name in ("record_routing", "tempered_logprobs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
 
 
 def _is_int(value) -> bool:
@@ -120,6 +130,14 @@ def sample(logits, temperature, top_k, top_p, seeds, counters, banned=None) -> t
     drawn = jax.vmap(jax.random.categorical)(token_keys(seeds, counters), z)
     tokens = jnp.where(temperature > 0, drawn, jnp.argmax(allowed, axis=-1)).astype(jnp.int32)
     return tokens, target_logprobs(logits, tokens)[0]
+
+
+@jax.jit
+def tempered_logprobs(logits: jax.Array, temperature: jax.Array, tokens: jax.Array) -> jax.Array:
+    """logits [B, V], temperature [B] (0: greedy, scaled by 1), tokens [B] -> log softmax(z / tau)
+    [B] at each row's token (unfiltered, unbanned), fp32."""
+    tau = jnp.where(temperature > 0, temperature, 1.0)
+    return target_logprobs(logits.astype(jnp.float32) / tau[:, None], tokens)[0]
 
 
 @jax.jit

@@ -30,6 +30,11 @@ only when its MTP latents are final (keyed with that tail when its sequence reti
 tail equals the prompt's next D tokens; the drafts then start at the first position prefilled.
 Released keyed blocks stay cached until the allocator needs their space, least recently used
 first (`cache.BlockAllocator`).
+
+Routing records (`SamplingParams.record_routing`): a request keeps the experts each MoE layer
+routed each of its computed positions to (`Request.routing`); the blocks it keys carry their
+share, and a recording request reuses only cached blocks that carry it (their routing is then
+the one their latents were computed with); followers get the prompt's routing with its blocks.
 """
 
 from __future__ import annotations
@@ -54,7 +59,15 @@ class Completion:
     prefix cache instead of a prefill (the same for the n samples of a prompt).  With
     `SamplingParams.logprobs` = k: top_logprobs[i], the k most likely (id, log p) of generated
     token i; with prompt_logprobs = k: prompt_logprobs[i], None for i = 0, else
-    (log p(prompt_i | prompt_<i), the k most likely (id, log p) there)."""
+    (log p(prompt_i | prompt_<i), the k most likely (id, log p) there).
+
+    With record_routing: routed_experts [S - 1, L_moe, K] int32 (S = len(prompt_ids) +
+    len(output_ids)), row i the K experts each MoE layer (model order) routed token i of
+    prompt_ids + output_ids to in the forward that computed its latent (prefill, prefix-cache
+    block or decode step): the positions of a trainer's input_ids = (prompt_ids + output_ids)[:-1],
+    whose targets are the tokens after them (the last token is never fed to the model); None where
+    no position was computed (an error, a cancel before any forward).  With tempered_logprobs:
+    tempered_logprobs[i] = log softmax(z_i / temperature)[output_ids[i]] (`sampling.py`)."""
 
     prompt_ids: list[int]
     output_ids: list[int]
@@ -65,6 +78,8 @@ class Completion:
     cached_tokens: int = 0
     top_logprobs: list[list[tuple[int, float]]] | None = None
     prompt_logprobs: list | None = None
+    routed_experts: np.ndarray | None = field(default=None, compare=False)  # equality: compare the arrays
+    tempered_logprobs: list[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +119,10 @@ class Request:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # with params.logprobs
     prompt_logprobs: list | None = None  # with params.prompt_logprobs (`Completion`)
+    tempered_logprobs: list[float] = field(default_factory=list)  # with params.tempered_logprobs
+    routing: list[np.ndarray] = field(
+        default_factory=list
+    )  # with params.record_routing: [n, L_moe, K] pieces
     computed: int = 0  # leading tokens whose latent is in the cache
     mtp_computed: int = 0  # speculative decoding: leading positions final in every MTP cache
     hidden: dict[int, np.ndarray] = field(default_factory=dict)  # g^0 of positions >= mtp_computed
@@ -141,6 +160,24 @@ class Request:
         """This request and the followers admitted with it."""
         return [self, *self.followers]
 
+    def routed_experts(self, start: int = 0) -> np.ndarray | None:
+        """The recorded routing of positions start, start + 1, .. (every recorded one)
+        [n, L_moe, K] int32, None where none is recorded; only the pieces from `start` on are
+        joined (keying each prefill chunk's blocks stays linear in the prompt)."""
+        if not self.routing:
+            return None
+        end = sum(len(piece) for piece in self.routing)
+        first, tail = end, []
+        for piece in reversed(self.routing):
+            if first <= start:
+                break
+            first -= len(piece)
+            tail.append(piece)
+        if not tail:
+            return self.routing[-1][:0]
+        joined = tail[0] if len(tail) == 1 else np.concatenate(tail[::-1])
+        return joined[start - first :]
+
     def completion(self) -> Completion:
         return Completion(
             self.prompt_ids,
@@ -151,6 +188,8 @@ class Request:
             cached_tokens=self.cached_tokens,
             top_logprobs=self.top_logprobs if self.params.logprobs else None,
             prompt_logprobs=self.prompt_logprobs,
+            routed_experts=self.routed_experts() if self.params.record_routing else None,
+            tempered_logprobs=self.tempered_logprobs if self.params.tempered_logprobs else None,
         )
 
 
@@ -241,6 +280,8 @@ class Scheduler:
                 self.hit_tokens += cached
                 request.computed = request.mtp_computed = cached
                 request.registered = len(hits)
+                if hits and request.params.record_routing:
+                    request.routing = [self.alloc.routing(hits)]
                 for sample in request.group:
                     sample.cached_tokens = cached
             self.running += self.waiting.popleft().group
@@ -250,13 +291,14 @@ class Scheduler:
         floor((prompt - max(1, D)) / P) blocks (the last prompt token computed again; with MTP
         drafting each block's tail of D tokens inside the prompt and equal to its cached tail).
         None (no block) for a request that asks for prompt log-probabilities: every prompt position
-        of it is computed, so that each has its scores."""
+        of it is computed, so that each has its scores; for one that records its routing only
+        blocks that carry theirs."""
         if not self.prefix_cache or request.params.prompt_logprobs is not None:
             return []
         size, depth, prompt = self.layout.block_size, self.draft_depth, request.prompt_ids
         n = (len(prompt) - max(1, depth)) // size
         tails = [tuple(prompt[(i + 1) * size : (i + 1) * size + depth]) for i in range(n)] if depth else None
-        return self.alloc.lookup(self.keys(request, n), tails)
+        return self.alloc.lookup(self.keys(request, n), tails, routed=request.params.record_routing)
 
     def keys(self, request: Request, n: int) -> list[bytes]:
         """The prefix-cache keys of `request`'s first n full blocks (hashed once, kept)."""
@@ -271,9 +313,23 @@ class Scheduler:
         tokens known) in the prefix cache."""
         if not self.prefix_cache:
             return
-        n = min(request.computed, request.length) // self.layout.block_size
+        size = self.layout.block_size
+        n = min(request.computed, request.length) // size
         if n > request.registered:
-            self.alloc.register(request.id, self.keys(request, n)[request.registered :], request.registered)
+            routing = None
+            if request.params.record_routing:  # blocks whose every position's routing is recorded
+                start = request.registered * size
+                routed = request.routed_experts(start)
+                recorded = start + (0 if routed is None else len(routed))
+                routing = [
+                    routed[i * size - start : (i + 1) * size - start].copy()
+                    if (i + 1) * size <= recorded
+                    else None
+                    for i in range(request.registered, n)
+                ]
+            self.alloc.register(
+                request.id, self.keys(request, n)[request.registered :], request.registered, routing=routing
+            )
             request.registered = n
 
     def register_tails(self, request: Request) -> None:
@@ -295,6 +351,7 @@ class Scheduler:
         for follower in followers:
             follower.leader, follower.computed = None, request.computed
             follower.keys, follower.registered = request.keys[:shared], min(request.registered, shared)
+            follower.routing = list(request.routing)  # the prompt's, shared (never written)
             self.alloc.share(request.id, follower.id, shared)
             if len(request.prompt_ids) % self.layout.block_size:
                 copies.append((self.alloc.blocks(request.id)[shared], self.alloc.blocks(follower.id)[shared]))
@@ -316,6 +373,8 @@ class Scheduler:
                 shared = self.shared_blocks(request)
                 self.alloc.share(request.id, heir.id, shared)
                 heir.computed = min(request.computed, shared * self.layout.block_size)
+                routed = request.routed_experts()
+                heir.routing = [] if routed is None or not heir.computed else [routed[: heir.computed]]
         if running:
             self.retire(request)
         elif request in self.waiting:

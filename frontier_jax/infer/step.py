@@ -12,16 +12,19 @@ that a handful of programs serve every request mix.
 Plain decoding runs one program per step that also picks its input tokens and samples:
 
     decode(state, cache, previous [R], packed [B, 9 + S + M])
-        -> (tokens [R], logprobs [B], top ids [B, k], top log-probs [B, k], cache,
-            routed experts [L_moe, B, 1, K_r] or None)
+        -> (tokens [R], logprobs [B], top ids [B, k], top log-probs [B, k],
+            tempered log-probs [B] or None, cache, routed experts [L_moe, B, 1, K_r] or None)
 
 row b's input token is previous[source_b] (the token the previous step sampled for that request,
 still on the device) when source_b >= 0, else the host's token_b; `packed` holds every per-row
 host input in one int32 array (`pack_decode`: one transfer per step), floats and seeds by their
 bits, then S = MAX_BANNED ids the row may not pick (min_tokens; -1: none); the top
-ids and log-probs are the k = MAX_LOGPROBS most likely tokens (`sampling.top_logprobs`); tokens come back padded to R rows (R = the most rows of a step), so that they can feed the
+ids and log-probs are the k = MAX_LOGPROBS most likely tokens (`sampling.top_logprobs`), the
+tempered log-probs log softmax(z / temperature)[token] (`sampling.tempered_logprobs`; only the
+program made with tempered=True computes them, the one steps run when a row asks); tokens come back padded to R rows (R = the most rows of a step), so that they can feed the
 next step whatever its bucket.  The routed experts stay on the device: the engine counts the
-real rows' expert loads from them (`expert_load.count_experts`).
+real rows' expert loads from them (`expert_load.count_experts`) and reads them back for the
+rows that record their routing (`SamplingParams.record_routing`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from frontier_jax.infer.sampling import MAX_BANNED, SamplingParams, sample, top_logprobs
+from frontier_jax.infer.sampling import MAX_BANNED, SamplingParams, sample, tempered_logprobs, top_logprobs
 from frontier_jax.model.extend_context import ExtendContext
 from frontier_jax.model.latent_cache import Pages
 
@@ -96,9 +99,9 @@ def pack_decode(
 
 
 @functools.cache
-def make_decode_step(graphdef: nnx.GraphDef, *, impl: str = "xla") -> Callable:
+def make_decode_step(graphdef: nnx.GraphDef, *, impl: str = "xla", tempered: bool = False) -> Callable:
     """The jitted decode-and-sample step (module docstring) of a model with graph definition
-    `graphdef`, the cache donated."""
+    `graphdef`, the cache donated; tempered: it also returns the tempered log-probs (else None)."""
 
     def step(state, cache, previous, packed):
         model = nnx.merge(graphdef, state)
@@ -111,9 +114,10 @@ def make_decode_step(graphdef: nnx.GraphDef, *, impl: str = "xla") -> Callable:
             ids, column(POSITION)[:, None], cache, ExtendContext(pages, True, impl)
         )
         logits = model.logits_from_hidden(g)[:, 0]
+        temperature = bits(column(TEMPERATURE))
         tokens, logprobs = sample(
             logits,
-            bits(column(TEMPERATURE)),
+            temperature,
             column(TOP_K),
             bits(column(TOP_P)),
             jax.lax.bitcast_convert_type(column(SEED), jnp.uint32),
@@ -121,7 +125,8 @@ def make_decode_step(graphdef: nnx.GraphDef, *, impl: str = "xla") -> Callable:
             packed[:, BANNED:TABLE],
         )
         top_ids, top_values = top_logprobs(logits)
+        tempered_values = tempered_logprobs(logits, temperature, tokens) if tempered else None
         tokens = jax.lax.dynamic_update_slice(jnp.zeros_like(previous), tokens, (0,))
-        return tokens, logprobs, top_ids, top_values, cache, experts
+        return tokens, logprobs, top_ids, top_values, tempered_values, cache, experts
 
     return jax.jit(step, donate_argnums=(1,))

@@ -34,11 +34,24 @@ from frontier_jax.precision.recipe import FP8_WEIGHT
 
 class SequenceInputs(NamedTuple):
     """Per-token side inputs shared by every block: positions [B, T] (RoPE), segment_ids
-    [B, T] or None (document ids for masked packing), token_mask [B, T] (1 = real token)."""
+    [B, T] or None (document ids for masked packing), token_mask [B, T] (1 = real token);
+    routed_experts [B, T, L, K_r] int32 or None: routing replay, the experts each of the L layers
+    of the MoE stack runs each token on (the MoE `LayerStack` reads it, layer l taking
+    [:, :, l]; dense layers and the MTP modules route themselves)."""
 
     positions: jax.Array
     segment_ids: jax.Array | None
     token_mask: jax.Array
+    routed_experts: jax.Array | None = None
+
+    def layer_range(self, start, count: int) -> SequenceInputs:
+        """These inputs for the `count` MoE layers from layer `start` on (a pipeline chunk's;
+        start may be traced): routed_experts[:, :, start : start + count]."""
+        if self.routed_experts is None:
+            return self
+        return self._replace(
+            routed_experts=jax.lax.dynamic_slice_in_dim(self.routed_experts, start, count, axis=2)
+        )
 
 
 class Block(nnx.Module):
@@ -68,9 +81,13 @@ class Block(nnx.Module):
                 name="dense_ffn",
             )
 
-    def __call__(self, x: jax.Array, inputs: SequenceInputs) -> tuple[jax.Array, MoEStats | None]:
+    def __call__(
+        self, x: jax.Array, inputs: SequenceInputs, routed_experts: jax.Array | None = None
+    ) -> tuple[jax.Array, MoEStats | None]:
+        """x [B, T, d] -> (y [B, T, d], MoEStats or None in a dense block); routed_experts
+        [B, T, K_r]: the experts an MoE block replays (`MoE`)."""
         h = x + self.attn(self.attn_norm(x), inputs.positions, inputs.segment_ids)
-        return self._ffn_residual(h, lambda u: self.ffn(u, inputs.token_mask))
+        return self._ffn_residual(h, lambda u: self.ffn(u, inputs.token_mask, routed_experts))
 
     def extend(
         self, x: jax.Array, inputs: SequenceInputs, cache: LatentCache, layer, ctx: ExtendContext
@@ -163,20 +180,34 @@ class LayerStack(nnx.Module):
             return Block(cfg, moe=moe, policy=policy, impl=impl, experts=experts, rngs=layer_rngs)
 
         self.num_layers = num_layers
+        self.moe = moe
         self.remat_policy = impl.remat
         self.scan_layers = impl.scan_layers
         self.blocks = create(rngs)
         prepend_logical_axis(self.blocks, layer_axis)
 
     def __call__(self, x: jax.Array, inputs: SequenceInputs) -> tuple[jax.Array, MoEStats | None]:
-        """x [B, T, d] -> (x after all layers, per-layer MoEStats stacked on a leading [L] axis)."""
+        """x [B, T, d] -> (x after all layers, per-layer MoEStats stacked on a leading [L] axis).
+        An MoE stack replays inputs.routed_experts [B, T, L, K_r] (layer l: [:, :, l]) when given;
+        L must be the layer count of the parameters it holds (a pipeline chunk's: `layer_range`)."""
         graphdef, state = nnx.split(self.blocks)
+        replay = inputs.routed_experts if self.moe else None
+        if replay is not None:
+            layers = jax.tree.leaves(state)[0].shape[0]
+            if replay.ndim != 4 or replay.shape[2] != layers:
+                raise ValueError(
+                    f"routed_experts of shape {tuple(replay.shape)} for an MoE stack of {layers} layers: "
+                    f"give [batch, seq, {layers}, num_experts_per_tok] (one selection per MoE layer, in order)"
+                )
+            replay = jnp.moveaxis(replay, 2, 0)  # [L, B, T, K_r]
+        block_inputs = inputs._replace(routed_experts=None)
 
-        def body(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h, inputs)
+        def body(h, xs):
+            layer_state, routed_experts = xs
+            return nnx.merge(graphdef, layer_state)(h, block_inputs, routed_experts)
 
         layer = _remat(body, self.remat_policy, scanned=self.scan_layers)
-        return apply_layers(layer, x, state, scan=self.scan_layers)
+        return apply_layers(layer, x, (state, replay), scan=self.scan_layers)
 
     def extend(
         self, x: jax.Array, inputs: SequenceInputs, cache: LatentCache, ctx: ExtendContext

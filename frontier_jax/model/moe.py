@@ -13,6 +13,10 @@ logical_to_physical [E, R+1], copies [E]); the weights stay the E logical expert
 whoever runs the model stores the slots' copies in their place (the inference engine, which
 materialises them when it applies a placement).
 
+Routing replay: given the experts each token is to run on ([B, T, K_r], e.g. those the inference
+engine routed the token to when it sampled it), the layer runs those experts with gates from its
+current router (`routing.route`); the statistics below then count the replayed selection.
+
 Returned statistics: per-expert load (assignments of real tokens), the sequence-wise balance
 loss L_bal = sum_i f_i P_i SUMMED over rows (eqs. 17-20; training divides it by the number of
 rows of the whole global batch that hold real tokens and multiplies by alpha, so that rows
@@ -220,9 +224,12 @@ class MoE(nnx.Module):
                 name="moe.shared",
             )
 
-    def __call__(self, x: jax.Array, token_mask: jax.Array) -> tuple[jax.Array, MoEStats]:
-        """x [B, T, d], token_mask [B, T] (1 = real token) -> ([B, T, d], MoEStats)."""
-        y, routing, dropped, a2a_bytes = self._mix(x, token_mask)
+    def __call__(
+        self, x: jax.Array, token_mask: jax.Array, routed_experts: jax.Array | None = None
+    ) -> tuple[jax.Array, MoEStats]:
+        """x [B, T, d], token_mask [B, T] (1 = real token), routed_experts [B, T, K_r] int32 (the
+        experts to replay) or None (route) -> ([B, T, d], MoEStats)."""
+        y, routing, dropped, a2a_bytes = self._mix(x, token_mask, routed_experts)
         load = (
             jnp.zeros((self.cfg.n_routed_experts,), jnp.float32)
             .at[routing.experts]
@@ -243,12 +250,13 @@ class MoE(nnx.Module):
         y, routing, _, _ = self._mix(x, token_mask)
         return y, routing.experts.reshape(*x.shape[:2], -1)
 
-    def _mix(self, x: jax.Array, token_mask: jax.Array):
+    def _mix(self, x: jax.Array, token_mask: jax.Array, routed_experts: jax.Array | None = None):
         """x [B, T, d] -> (eq. 12's output [B, T, d], Routing over the B T tokens, dropped
-        assignments, all-to-all bytes)."""
+        assignments, all-to-all bytes); routed_experts [B, T, K_r]: the selection to replay."""
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
-        routing = self.router(flat)
+        replay = None if routed_experts is None else routed_experts.reshape(b * t, -1)
+        routing = self.router(flat, replay)
         routed, dropped, a2a_bytes = self.experts(flat, routing, token_mask.reshape(-1))
         y = routed.reshape(b, t, d)
         if self.cfg.n_shared_experts:

@@ -8,7 +8,9 @@
     model.head scalar: v_s = g_{t_s} . w at each sequence's last token t_s (`reward.py`)
 
 `model.hidden(...)` returns g, the MTP depths' g^k and the per-layer MoE statistics that training
-needs (expert loads, balance loss, drops); `model.output_head()` reads logits, log-probabilities
+needs (expert loads, balance loss, drops); with `routed_experts` [B, T, L_moe, K] (routing replay,
+e.g. the experts the inference engine routed each token to, `Completion.routed_experts`) the MoE
+layers run those experts, gated by the current routers, instead of selecting their own; `model.output_head()` reads logits, log-probabilities
 of targets or values off them (`head.py`).  `model(input_ids)` returns logits, `model.forward(...)`
 logits and MTP logits with the statistics, `model.values(...)` a scalar head's values.  `hidden` is
 `front` (embedding + dense prefix), `moe_layers`, `back` (final norm, MTP): the three parts a
@@ -116,6 +118,7 @@ class Transformer(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         token_mask: jax.Array | None = None,
+        routed_experts: jax.Array | None = None,
     ) -> SequenceInputs:
         """The per-token inputs every block reads, with `forward`'s defaults filled in."""
         b, t = input_ids.shape
@@ -125,7 +128,7 @@ class Transformer(nnx.Module):
             token_mask = (
                 jnp.ones((b, t), jnp.int32) if segment_ids is None else (segment_ids != 0).astype(jnp.int32)
             )
-        return SequenceInputs(positions, segment_ids, token_mask)
+        return SequenceInputs(positions, segment_ids, token_mask, routed_experts)
 
     def hidden(
         self,
@@ -135,12 +138,16 @@ class Transformer(nnx.Module):
         *,
         token_mask: jax.Array | None = None,
         with_mtp: bool = True,
+        routed_experts: jax.Array | None = None,
     ) -> HiddenOutput:
         """input_ids [B, T] int32; positions [B, T] (default 0..T-1); segment_ids [B, T] document
         ids with 0 = padding, or None for unmasked packing (plain causal attention);
         token_mask [B, T]: tokens counted in the MoE statistics (expert loads, balance loss),
-        default segment_ids != 0 (all tokens without segment ids)."""
-        inputs = self.sequence_inputs(input_ids, positions, segment_ids, token_mask)
+        default segment_ids != 0 (all tokens without segment ids); routed_experts
+        [B, T, L_moe, K] int32 or None: routing replay, the experts MoE layer l (in model order,
+        dense prefix and MTP modules not counted) runs token [b, t] on, ids in [0, N_r) (module
+        docstring); the MoE statistics then count these selections."""
+        inputs = self.sequence_inputs(input_ids, positions, segment_ids, token_mask, routed_experts)
         h = self.front(input_ids, inputs)
         moe_stats = None
         if self.moe_layers is not None:
@@ -156,9 +163,17 @@ class Transformer(nnx.Module):
         *,
         token_mask: jax.Array | None = None,
         with_mtp: bool = True,
+        routed_experts: jax.Array | None = None,
     ) -> ModelOutput:
         """`hidden` read by the LM head: logits [B, T, vocab] and MTP logits [D, B, T, vocab]."""
-        out = self.hidden(input_ids, positions, segment_ids, token_mask=token_mask, with_mtp=with_mtp)
+        out = self.hidden(
+            input_ids,
+            positions,
+            segment_ids,
+            token_mask=token_mask,
+            with_mtp=with_mtp,
+            routed_experts=routed_experts,
+        )
         head = self.output_head()
         mtp_logits = None if out.mtp_hidden is None else head.logits(out.mtp_hidden)
         return ModelOutput(head.logits(out.hidden), mtp_logits, out.moe_stats, out.mtp_stats)

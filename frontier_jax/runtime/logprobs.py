@@ -35,8 +35,16 @@ def sequence_logprobs(
     vocab_chunk: int = VOCAB_CHUNK,
     temperature: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
-    """(logprob [B, T] fp32, greedy [B, T] bool) of `batch`'s targets (module docstring)."""
-    g = model.hidden(batch["input_ids"], batch["positions"], batch["segment_ids"], with_mtp=False).hidden
+    """(logprob [B, T] fp32, greedy [B, T] bool) of `batch`'s targets (module docstring); with
+    batch["routed_experts"] [B, T, L_moe, K] the MoE layers replay those experts
+    (`Transformer.hidden`)."""
+    g = model.hidden(
+        batch["input_ids"],
+        batch["positions"],
+        batch["segment_ids"],
+        with_mtp=False,
+        routed_experts=batch.get("routed_experts"),
+    ).hidden
     stats = model.output_head().token_stats(g, batch["targets"], chunk=vocab_chunk, temperature=temperature)
     return stats.logprob, stats.argmax == batch["targets"]
 

@@ -147,8 +147,11 @@ class PipelineStages:
             mb = b["batch"]
             return self._model(ends).front(mb.input_ids, objective.sequence_inputs(mb))
 
-        def chunk(p, x, b):
-            y, stats = nnx.merge(self._stack_def, *p)(x, objective.sequence_inputs(b["batch"]))
+        def chunk(p, x, b, c):
+            inputs = objective.sequence_inputs(b["batch"]).layer_range(
+                c * plan.layers_per_chunk, plan.layers_per_chunk
+            )
+            y, stats = nnx.merge(self._stack_def, *p)(x, inputs)
             return y, objective.routing_terms([stats], b["norm"])[0], stats
 
         def head(ends, y, b):

@@ -192,8 +192,9 @@ def mla(p, x, positions, segment_ids, cfg):
 # --------------------------------------------------------------------------- routing / MoE
 
 
-def route_token(logits, bias, cfg):
-    """One token's routing.  Returns (experts [K] in selection order, gates [K], scores [N_r])."""
+def route_token(logits, bias, cfg, replay=None):
+    """One token's routing.  Returns (experts [K] in selection order, gates [K], scores [N_r]);
+    replay [K]: the experts to take instead of selecting (routing replay), gated as selected ones."""
     logits = np.asarray(logits, np.float64)
     n_exp, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     scores = sigmoid(logits) if cfg.scoring_func == "sigmoid" else softmax(logits)
@@ -207,7 +208,7 @@ def route_token(logits, bias, cfg):
             group_score.append(members[0] + members[1] if cfg.scoring_func == "sigmoid" else members[0])
         top_groups = sorted(range(cfg.n_group), key=lambda g: -group_score[g])[: cfg.topk_group]
         eligible = [e for e in range(n_exp) if e // per_group in top_groups]
-    experts = sorted(eligible, key=lambda e: -biased[e])[:k]
+    experts = sorted(eligible, key=lambda e: -biased[e])[:k] if replay is None else [int(e) for e in replay]
     gates = np.array([scores[e] for e in experts])
     if cfg.norm_topk_prob:
         gates = gates / gates.sum()
@@ -218,11 +219,12 @@ def capacity(cfg, n_tokens, capacity_factor):
     return math.ceil(capacity_factor * n_tokens * cfg.num_experts_per_tok / cfg.n_routed_experts)
 
 
-def moe(p, x, cfg, token_mask=None, capacity_factor=None):
+def moe(p, x, cfg, token_mask=None, capacity_factor=None, replay=None):
     """DeepSeekMoE on flat tokens x [N, d].  Returns dict(y [N, d], dropped, load [N_r],
     experts, gates, scores).  capacity_factor=None: dropless; else each expert keeps its first
     C = ceil(factor N K / N_r) assignments of real tokens (token_mask 1) in token order and
-    drops the rest (counted); padding tokens get no routed output and take no place."""
+    drops the rest (counted); padding tokens get no routed output and take no place.
+    replay [N, K]: each token's experts to replay (`route_token`)."""
     x = np.asarray(x, np.float64)
     n, _ = x.shape
     n_exp = cfg.n_routed_experts
@@ -235,7 +237,9 @@ def moe(p, x, cfg, token_mask=None, capacity_factor=None):
     all_experts, all_gates, all_scores = [], [], []
     ex = p["experts"]
     for t in range(n):
-        experts, gates, scores = route_token(x[t] @ p["router"]["kernel"], p["router"]["bias"], cfg)
+        experts, gates, scores = route_token(
+            x[t] @ p["router"]["kernel"], p["router"]["bias"], cfg, None if replay is None else replay[t]
+        )
         all_experts.append(experts), all_gates.append(gates), all_scores.append(scores)
         for e, g in zip(experts, gates):
             load[e] += mask[t]
@@ -292,8 +296,9 @@ def layer(tree, index):
     return tree[index]
 
 
-def block(p, x, positions, segment_ids, cfg, moe_ffn):
-    """Pre-norm block: h = x + MLA(RMSNorm(x)); y = h + FFN(RMSNorm(h)).  x [B, T, d]."""
+def block(p, x, positions, segment_ids, cfg, moe_ffn, replay=None):
+    """Pre-norm block: h = x + MLA(RMSNorm(x)); y = h + FFN(RMSNorm(h)).  x [B, T, d]; replay
+    [B, T, K]: the experts an MoE block replays."""
     bsz, t_len, d = x.shape
     eps = cfg.rms_norm_eps
     h = x + mla(p["attn"], rms_norm(x, p["attn_norm"]["scale"], eps), positions, segment_ids, cfg)
@@ -303,8 +308,15 @@ def block(p, x, positions, segment_ids, cfg, moe_ffn):
         return h + swiglu(hn, f["w_gate"]["kernel"], f["w_up"]["kernel"], f["w_down"]["kernel"]), None
     mask = np.ones((bsz, t_len)) if segment_ids is None else (np.asarray(segment_ids) != 0)
     flat = np.nan_to_num(hn.reshape(bsz * t_len, d))  # padding rows may be NaN; they never matter
-    r = moe(p["ffn"], flat, cfg, token_mask=mask)
+    r = moe(
+        p["ffn"],
+        flat,
+        cfg,
+        token_mask=mask,
+        replay=None if replay is None else replay.reshape(bsz * t_len, -1),
+    )
     stats = dict(
+        experts=r["experts"].reshape(bsz, t_len, -1),
         load=r["load"],
         balance_loss=sequence_balance_loss(
             r["experts"].reshape(bsz, t_len, -1), r["scores"].reshape(bsz, t_len, -1), mask, cfg
@@ -319,14 +331,18 @@ def head(params, h, cfg):
     return h @ params["head"]["kernel"]
 
 
-def trunk(params, ids, cfg, positions, segment_ids):
-    """Embedding and blocks: (h [B, T, d] before the final norm, moe_stats list per MoE layer)."""
+def trunk(params, ids, cfg, positions, segment_ids, routed_experts=None):
+    """Embedding and blocks: (h [B, T, d] before the final norm, moe_stats list per MoE layer);
+    routed_experts [B, T, L_moe, K]: the experts MoE layer l replays ([:, :, l])."""
     h = params["embed"]["embedding"][np.asarray(ids)]
     for index in range(cfg.first_k_dense):
         h, _ = block(layer(params["dense_layers"]["blocks"], index), h, positions, segment_ids, cfg, False)
     moe_stats = []
     for index in range(cfg.num_layers - cfg.first_k_dense):
-        h, st = block(layer(params["moe_layers"]["blocks"], index), h, positions, segment_ids, cfg, True)
+        replay = None if routed_experts is None else np.asarray(routed_experts)[:, :, index]
+        h, st = block(
+            layer(params["moe_layers"]["blocks"], index), h, positions, segment_ids, cfg, True, replay
+        )
         moe_stats.append(st)
     return h, moe_stats
 
@@ -347,16 +363,17 @@ def segment_values(params, ids, cfg, positions, segment_ids, segments):
     return values, present
 
 
-def transformer(params, ids, cfg, positions=None, segment_ids=None):
+def transformer(params, ids, cfg, positions=None, segment_ids=None, routed_experts=None):
     """Full model.  Returns dict(logits [B, T, V], mtp_logits [D, B, T, V] or None,
     hidden (pre-final-norm), moe_stats list per MoE layer, mtp_stats list per depth).
-    MTP depth 1 reads the final-normed hidden state, depth k > 1 depth k-1's normed output."""
+    MTP depth 1 reads the final-normed hidden state, depth k > 1 depth k-1's normed output.
+    routed_experts [B, T, L_moe, K]: routing replay in the main model's MoE layers (`trunk`)."""
     ids = np.asarray(ids)
     bsz, t_len = ids.shape
     if positions is None:
         positions = np.tile(np.arange(t_len), (bsz, 1))
     emb = params["embed"]["embedding"]
-    h, moe_stats = trunk(params, ids, cfg, positions, segment_ids)
+    h, moe_stats = trunk(params, ids, cfg, positions, segment_ids, routed_experts)
     eps = cfg.rms_norm_eps
     normed = rms_norm(h, params["final_norm"]["scale"], eps)
     logits = head(params, normed, cfg)

@@ -3,9 +3,10 @@
 Model contract (pure functions, shapes per micro-batch ``b``):
 
 - ``embed(ends, b) -> x``                        ``x: [mb, seq, d]`` (in front of chunk 0)
-- ``chunk(chunk_params, x, b) -> (y, loss, stats)``  one model chunk (e.g. a scan over its layers):
-  its output, a scalar term of the loss it adds (e.g. its layers' balance loss) and statistics
-  (a pytree, not differentiated, e.g. its layers' expert loads)
+- ``chunk(chunk_params, x, b, c) -> (y, loss, stats)``  model chunk ``c`` (its global index, an
+  int32 scalar: which of the model's layers it holds, e.g. to pick their slice of per-layer
+  inputs; e.g. a scan over its layers): its output, a scalar term of the loss it adds (e.g. its
+  layers' balance loss) and statistics (a pytree, not differentiated, e.g. its layers' expert loads)
 - ``head(ends, y, b) -> (loss, metrics)``        the loss of the last chunk's output and its
   metrics (a pytree, not differentiated)
 
@@ -94,7 +95,7 @@ def pipeline_value_and_grad(
         """((y, loss), (stats, metrics)) of one chunk, with the embedding in front of chunk 0
         and the head after the last chunk (each under `lax.cond`)."""
         x = jax.lax.cond(global_chunk == 0, lambda: embed(ends, batch_m).astype(x_in.dtype), lambda: x_in)
-        y, loss, stats = chunk(params_j, x, batch_m)
+        y, loss, stats = chunk(params_j, x, batch_m, global_chunk)
 
         def head_of(y):
             h_loss, metrics = head(ends, y, batch_m)
@@ -254,7 +255,7 @@ def pipeline_value_and_grad(
         params0 = jax.tree.map(lambda a: a[0, 0], stacked)
         batch0 = jax.tree.map(lambda a: a[0], batch)
         x_shape = jax.eval_shape(embed, ends, batch0)
-        _, _, stats_shape = jax.eval_shape(chunk, params0, x_shape, batch0)
+        _, _, stats_shape = jax.eval_shape(chunk, params0, x_shape, batch0, jnp.int32(0))
         metrics_shape = jax.eval_shape(lambda e, y, b: head(e, y, b)[1], ends, x_shape, batch0)
         body = functools.partial(per_rank, x_shape=x_shape, aux_shape=(stats_shape, metrics_shape))
         stage_spec = jax.tree.map(lambda _: P(STAGE), stacked)

@@ -23,12 +23,13 @@ def embed(ends, b):
     return ends["embed"][b["tokens"]]
 
 
-def chunk(p, x, b):
-    """Layers x + tanh(x W + b); a loss term 0.01 mean(y^2) per layer (like a balance loss) and
-    per-layer statistics (the sum of y over the rows and positions, like expert loads)."""
+def chunk(p, x, b, c):
+    """Layers x + tanh(x W + b + 0.1 c) (c: the chunk's global index, so that a chunk run with
+    another chunk's index is caught); a loss term 0.01 mean(y^2) per layer (like a balance loss)
+    and per-layer statistics (the sum of y over the rows and positions, like expert loads)."""
 
     def layer(x, w):
-        y = x + jnp.tanh(x @ w["w"] + w["b"])
+        y = x + jnp.tanh(x @ w["w"] + w["b"] + 0.1 * c)
         return y, (0.01 * jnp.mean(y * y), y.sum((0, 1)))
 
     y, (terms, sums) = jax.lax.scan(layer, x, p)
@@ -63,7 +64,7 @@ def reference(chunks, ends, batch):
             b = jax.tree.map(lambda a: a[m], batch)
             x, per_chunk = embed(ends, b), []
             for c in range(chunks["w"].shape[0]):
-                x, term, st = chunk(jax.tree.map(lambda a: a[c], chunks), x, b)
+                x, term, st = chunk(jax.tree.map(lambda a: a[c], chunks), x, b, c)
                 loss, per_chunk = loss + term, per_chunk + [st]
             h_loss, met = head(ends, x, b)
             loss, metrics, stats = loss + h_loss, metrics + [met], stats + [per_chunk]
