@@ -3,7 +3,9 @@
 # arithmetic (one run per seed), one round of rejection-sampled SFT and a reward model, each
 # evaluated on held-out questions per difficulty level (README, "The demo").
 #
-#   bash benchmarks/posttrain_demo.sh [RUNS_DIR] [SEED ...]      # default: runs/posttrain-demo 0 1
+#   bash benchmarks/posttrain_demo.sh [RUNS_DIR] [SEED ...]      # default: runs/posttrain-demo 1 0
+#
+# Rejection sampling and the reward model start from the first seed's SFT run.
 #
 # A stage whose output exists is skipped (an interrupted training run resumes), so running the
 # script again continues the demo.  One line per stage with its wall time; the logs sit in
@@ -12,9 +14,9 @@ set -euo pipefail
 RUNS=${1:-runs/posttrain-demo}
 shift || true
 SEEDS=("$@")
-[ ${#SEEDS[@]} -gt 0 ] || SEEDS=(0 1)
+[ ${#SEEDS[@]} -gt 0 ] || SEEDS=(1 0)
 RS_STEPS=${RS_STEPS:-100}      # rejection-sampled SFT steps
-RM_STEPS=${RM_STEPS:-300}      # reward-model steps
+RM_STEPS=${RM_STEPS:-200}      # reward-model steps
 SAMPLES=${SAMPLES:-8}          # samples per held-out question for pass@k
 DATA=$RUNS/data
 mkdir -p "$RUNS/logs" "$RUNS/results" "$DATA"
