@@ -32,7 +32,8 @@ SHELL_BLOCK = re.compile(
 )
 ASSIGNMENT = re.compile(r"[A-Za-z_]\w*=")  # a leading VAR=value word
 COMMAND_SEPARATORS = ("&&", ";")
-OUTPUT_OPTIONS = ("--run-dir", "--out", "--expert-stats")  # their values are written, never read
+# their values are written, never read
+OUTPUT_OPTIONS = ("--run-dir", "--out", "--expert-stats", "--pairs-out")
 
 
 @dataclass(frozen=True)

@@ -527,6 +527,15 @@ def _pairs(path: Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _rejection_sampled_records(path: Path) -> None:
+    """Rejection-sampled SFT records: prompts with their kept (right) responses."""
+    rows = [
+        {"prompt": f"What is {a} + {b}?", "response": f"<answer>{a + b}</answer>"}
+        for a, b in ((2, 3), (7, 4))
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def _math_prompts(path: Path) -> None:
     """Prompts with their gold answers."""
     rows = [{"prompt": "What is 2 + 3?", "answer": "5"}, {"prompt": "What is 7 - 4?", "answer": "3"}]
@@ -564,6 +573,7 @@ MADE_HERE = {
     "math_prompts.jsonl": _math_prompts,
     "pairs.jsonl": _pairs,
     "held_out_pairs.jsonl": _pairs,
+    "rs_sft.jsonl": _rejection_sampled_records,
     "my_tasks": _lm_eval_tasks,
     "path/to/DeepSeek-V3": _hf_model,
     "path/to/hf_dir": _hf_model,
@@ -573,7 +583,11 @@ MADE_BY_README = (
     "data/toy",
     "held_out_prompts.jsonl",
     "held_out_math.jsonl",
+    "held_out_lt10.jsonl",
+    "held_out_mix.jsonl",
+    "rs_prompts.jsonl",
     "runs/rm",
+    "runs/rm-s1",
 )  # made by the first command run here that writes them
 # README path -> the function that makes it (at the path it is given) from the README's runs/toy
 MADE_FROM_TOY = {
@@ -581,6 +595,8 @@ MADE_FROM_TOY = {
     "serve_load.npz": _serve_load,
     "runs/sft": _sft_run,
     "runs/sft-toy": _sft_run,
+    "runs/sft-toy-s1": _sft_run,
+    "runs/rs-sft": _sft_run,
 }
 
 COMMANDS = readme_commands()
@@ -843,10 +859,12 @@ def test_a_broken_command_fails_its_check(good, broken, message, tmp_path, monke
 def _costly(command: Command) -> bool:
     """Run only with the slow tests: generating over the 80 held-out prompts (~45 s of CPU more
     than another generate command), the chat evaluation of 500 questions x 16 samples (minutes;
-    `tests/eval/test_chat_task.py` runs the chat task on a few rows) and the reward model's
-    training and evaluation (`tests/train/test_preference.py` trains and evaluates one)."""
+    `tests/eval/test_chat_task.py` runs the chat task on a few rows), rejection sampling over the
+    demo's 2,000 training or 500 held-out prompts (`tests/train/test_rejection_sample.py` samples
+    three) and the reward model's training and evaluation (`tests/train/test_preference.py` trains
+    and evaluates one)."""
     return (
-        command.option("--prompts") == "held_out_prompts.jsonl"
+        command.option("--prompts") in ("held_out_prompts.jsonl", "rs_prompts.jsonl", "held_out_math.jsonl")
         or "chat_arithmetic" in command.argv
         or "train.objective=preference" in command.argv
         or command.option("--preferences") is not None

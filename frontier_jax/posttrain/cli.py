@@ -11,7 +11,10 @@ model: `--reward-model RUN` names its run directory.
 
 samples n completions per prompt (`posttrain/sampling.py`), keeps them by the rules of
 `posttrain/rejection.py` and writes `{"prompt", "response"}` records, `OUT.stats.jsonl` (one line
-per prompt) and `OUT.summary.json`; run again with the same arguments to resume.
+per prompt) and `OUT.summary.json`; run again with the same arguments to resume.  `--pairs-out
+PAIRS` also writes reward-model preference pairs from the same samples, `{"prompt", "chosen",
+"rejected"}`: a kept sample (else `--gold-response`, e.g. '<answer>{answer}</answer>' over the
+row's columns) against a wrong one.
 """
 
 from __future__ import annotations
@@ -111,7 +114,7 @@ def _prompts_digest(path: str) -> str:
 def _rejection_sample(args: argparse.Namespace) -> int:
     from frontier_jax.infer import Engine, SamplingParams
     from frontier_jax.posttrain.chat import run_template
-    from frontier_jax.posttrain.rejection import KeepRules, Writer
+    from frontier_jax.posttrain.rejection import KeepRules, PairRules, Writer
     from frontier_jax.posttrain.sampling import sample_and_keep
     from frontier_jax.runtime.restore import saved_config
 
@@ -124,6 +127,13 @@ def _rejection_sample(args: argparse.Namespace) -> int:
         weight=args.weight,
         keep_truncated=args.keep_truncated,
     ).check()
+    pairs = (
+        PairRules(per_prompt=args.pairs_per_prompt, gold_response=args.gold_response).check()
+        if args.pairs_out
+        else None
+    )
+    if pairs is None and args.gold_response is not None:
+        raise ValueError("--gold-response is the chosen side of preference pairs: give --pairs-out too")
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -146,9 +156,10 @@ def _rejection_sample(args: argparse.Namespace) -> int:
         "rewards": [dataclasses.asdict(spec) for spec in config.functions],
         "rules": dataclasses.asdict(rules),
         "batch_prompts": args.batch_prompts,
+        "pairs": None if pairs is None else {"out": str(args.pairs_out), **dataclasses.asdict(pairs)},
     }
     with RewardSet(config) as rewards:
-        writer = Writer(args.out, settings)
+        writer = Writer(args.out, settings, args.pairs_out)
         if writer.done:
             print(f"resuming after {writer.done} of {len(rows)} prompts")
         engine = Engine.from_checkpoint(
@@ -164,6 +175,7 @@ def _rejection_sample(args: argparse.Namespace) -> int:
             writer,
             params,
             batch_prompts=args.batch_prompts,
+            pairs=pairs,
         )
     out = Path(args.out)
     summary_path = out.with_name(out.name + ".summary.json")
@@ -174,6 +186,8 @@ def _rejection_sample(args: argparse.Namespace) -> int:
         f"{summary['prompts_with_kept']} prompts (tokens mean {summary['kept_tokens_mean']:.1f}, "
         f"{summary['kept_tokens_min']}..{summary['kept_tokens_max']}) -> {out}; statistics {writer.stats_path}, {summary_path}"
     )
+    if pairs is not None:
+        print(f"{summary['pairs']} preference pairs -> {args.pairs_out}")
     return 0
 
 
@@ -247,6 +261,15 @@ def add_rejection_parser(sub) -> None:
     )
     rs.add_argument(
         "--keep-truncated", action="store_true", help="also keep responses cut at --max-new-tokens"
+    )
+    rs.add_argument(
+        "--pairs-out",
+        help="also write preference pairs {prompt, chosen, rejected}: a kept sample against a wrong one",
+    )
+    rs.add_argument("--pairs-per-prompt", type=int, default=1, help="preference pairs per prompt, at most")
+    rs.add_argument(
+        "--gold-response",
+        help="chosen side where no sample passes: a template over the prompt row, e.g. '<answer>{answer}</answer>'",
     )
     rs.add_argument("--batch-prompts", type=int, default=8, help="prompts generated and scored together")
     rs.add_argument("--reward-model", help="the `model` reward's checkpoint")

@@ -5,7 +5,8 @@ of a prompt are one request with `SamplingParams.n` (its prefill computed once a
 prompt i drawing with seed (seed + i n) mod 2^32 (+ j for sample j), so a resumed run draws what
 the uninterrupted one would.  Generation stops at the chat's end token (and eos); the response
 is the generated text without it.  `batch_prompts` prompts are generated and scored together,
-then written in order (`rejection.Writer`).
+then written in order (`rejection.Writer`), with their preference pairs when `pairs` is given
+(`rejection.preference_pairs`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from frontier_jax.data.template import ChatTemplate
 from frontier_jax.data.tokenizer import END, Tokenizer
 from frontier_jax.infer import Engine, SamplingParams
 from frontier_jax.posttrain.chat import prompt_ids
-from frontier_jax.posttrain.rejection import KeepRules, Sample, Writer, summary
+from frontier_jax.posttrain.rejection import KeepRules, PairRules, Sample, Writer, preference_pairs, summary
 from frontier_jax.posttrain.rewards import RewardSet
 
 
@@ -32,6 +33,7 @@ def sample_and_keep(
     params: SamplingParams,
     *,
     batch_prompts: int = 8,
+    pairs: PairRules | None = None,
     on_prompt: Callable[[dict], None] | None = None,
 ) -> dict:
     """Runs the prompts `writer` has not finished; returns `rejection.summary` of all of them."""
@@ -64,7 +66,10 @@ def sample_and_keep(
         for k, row in enumerate(part):
             js = range(k * n, (k + 1) * n)
             samples = [Sample(responses[j], scores.reward[j], lengths[j], finished[j]) for j in js]
-            line = writer.write(row["prompt"], samples, rules)
+            pairs_of_row = (
+                preference_pairs(row["prompt"], samples, rules, pairs, pairs.gold(row)) if pairs else []
+            )
+            line = writer.write(row["prompt"], samples, rules, pairs_of_row)
             if on_prompt is not None:
                 on_prompt(line)
     return summary(writer.stats)

@@ -1,12 +1,21 @@
-"""Rejection sampling's keep rules and statistics on hand-made samples, and the writer's resume:
-an interrupted run (a record cut short, a statistics line cut short) continues into the file an
-uninterrupted run writes."""
+"""Rejection sampling's keep rules, preference pairs and statistics on hand-made samples, and the
+writer's resume: an interrupted run (a record or pair cut short, a statistics line cut short)
+continues into the files an uninterrupted run writes."""
 
 import json
 
 import pytest
 
-from frontier_jax.posttrain.rejection import KeepRules, Sample, Writer, prompt_stats, select, summary
+from frontier_jax.posttrain.rejection import (
+    KeepRules,
+    PairRules,
+    Sample,
+    Writer,
+    preference_pairs,
+    prompt_stats,
+    select,
+    summary,
+)
 
 GOOD = "<answer>7</answer>"
 
@@ -44,6 +53,38 @@ def test_keep_rules_threshold_none_format_length_truncation_dedup_and_k():
         KeepRules(max_per_prompt=0).check()
 
 
+def test_preference_pairs_put_a_kept_sample_or_the_gold_answer_against_distinct_wrong_ones():
+    rules = KeepRules(threshold=1.0, max_per_prompt=1)
+    samples = [
+        Sample("<answer>8</answer>", 0.0, 5, True),
+        Sample("<answer>7</answer>", 1.0, 5, True),
+        Sample(" <answer>8</answer>", 0.0, 6, True),  # the same wrong text, normalised: one pair
+        Sample("<answer>9</answer>", None, 5, True),  # unscored: neither side
+        Sample("<answer>1", 0.0, 4, False),  # cut at the length limit: not a rejected side
+        Sample("so <answer>7</answer>", 1.0, 7, True),
+        Sample("<answer>6</answer>", 0.0, 5, True),
+    ]
+    # chosen: the kept samples in turn (here 2 per prompt), rejected: distinct wrong ones in order
+    assert preference_pairs("q", samples, rules, PairRules(per_prompt=3)) == [
+        {"prompt": "q", "chosen": "<answer>7</answer>", "rejected": "<answer>8</answer>"},
+        {"prompt": "q", "chosen": "so <answer>7</answer>", "rejected": "<answer>6</answer>"},
+    ]
+    assert len(preference_pairs("q", samples, rules, PairRules(per_prompt=1))) == 1
+    wrong_only = [s for s in samples if s.reward != 1.0]
+    assert preference_pairs("q", wrong_only, rules, PairRules()) == []  # no chosen side, no gold
+    gold = PairRules(per_prompt=2, gold_response="<answer>{answer}</answer>")
+    assert preference_pairs("q", wrong_only, rules, gold, gold.gold({"prompt": "q", "answer": "7"})) == [
+        {"prompt": "q", "chosen": "<answer>7</answer>", "rejected": "<answer>8</answer>"},
+        {"prompt": "q", "chosen": "<answer>7</answer>", "rejected": "<answer>6</answer>"},
+    ]
+    right_only = [s for s in samples if s.reward == 1.0]
+    assert preference_pairs("q", right_only, rules, gold, "<answer>7</answer>") == []  # no rejected side
+    with pytest.raises(ValueError, match="no column 'answer'"):
+        gold.gold({"prompt": "q"})
+    with pytest.raises(ValueError, match="--pairs-per-prompt=0"):
+        PairRules(per_prompt=0).check()
+
+
 def _samples(i):
     """Prompt i: samples 0..i correct (distinct texts), the rest wrong."""
     return [
@@ -52,25 +93,35 @@ def _samples(i):
     ]
 
 
+def _pairs(i, rules):
+    return preference_pairs(f"p{i}", _samples(i), rules, PairRules(per_prompt=2), GOOD)
+
+
 def test_writer_resumes_without_partial_or_repeated_records(tmp_path):
     rules = KeepRules(max_per_prompt=2, weight="per_prompt")
     settings = {"n": 3, "seed": 0}
-    whole = Writer(tmp_path / "whole.jsonl", settings)
+    whole = Writer(tmp_path / "whole.jsonl", settings, tmp_path / "whole_pairs.jsonl")
     for i in range(3):
-        whole.write(f"p{i}", _samples(i), rules)
+        whole.write(f"p{i}", _samples(i), rules, _pairs(i, rules))
 
-    out = tmp_path / "cut.jsonl"
-    first = Writer(out, settings)
+    out, pairs = tmp_path / "cut.jsonl", tmp_path / "cut_pairs.jsonl"
+    first = Writer(out, settings, pairs)
     for i in range(2):
-        first.write(f"p{i}", _samples(i), rules)
-    with open(out, "a") as f:  # prompt 2's records landed, cut short; its statistics never did
+        first.write(f"p{i}", _samples(i), rules, _pairs(i, rules))
+    with open(out, "a") as f:  # prompt 2's records and pairs landed, cut short; its statistics never did
         f.write('{"prompt": "p2", "resp')
+    with open(pairs, "a") as f:
+        f.write('{"prompt": "p2", "cho')
     with open(first.stats_path, "a") as f:
         f.write('{"index": 2, "n"')
-    resumed = Writer(out, settings)
+    resumed = Writer(out, settings, pairs)
     assert resumed.done == 2
-    resumed.write("p2", _samples(2), rules)
+    resumed.write("p2", _samples(2), rules, _pairs(2, rules))
     assert out.read_text() == (tmp_path / "whole.jsonl").read_text()
+    assert pairs.read_text() == (tmp_path / "whole_pairs.jsonl").read_text()
+    # p0: 1 kept vs 2 wrong -> 2 pairs; p1: 2 kept vs 1 wrong -> 1; p2: nothing wrong -> 0
+    assert [json.loads(line)["prompt"] for line in pairs.read_text().splitlines()] == ["p0", "p0", "p1"]
+    assert [s["pairs"] for s in resumed.stats] == [2, 1, 0] and summary(resumed.stats)["pairs"] == 3
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["prompt"], r["weight"]) for r in records] == [
         ("p0", 1.0),

@@ -1,5 +1,5 @@
 """`frontier-jax rejection-sample` on the reference LM run: {prompt, response} records in prompt
-order with per-prompt statistics and a summary; a run interrupted after its first prompt (Ctrl-C
+order with per-prompt statistics and a summary, preference pairs beside them (`--pairs-out`); a run interrupted after its first prompt (Ctrl-C
 inside the writer) resumes into exactly the file the uninterrupted run wrote."""
 
 import json
@@ -18,7 +18,8 @@ def _command(run, prompts, out, *extra):
     return [
         "rejection-sample", "--checkpoint", str(run), "--prompts", str(prompts), "--out", str(out),
         "--rewards", "format,exact", "--threshold", "0", "--keep-truncated", "--n", "3", "--max-new-tokens", "6",
-        "--max-per-prompt", "2", "--batch-prompts", "1", "--seed", "5", *extra,
+        "--max-per-prompt", "2", "--batch-prompts", "1", "--seed", "5", "--pairs-out", f"{out}.pairs",
+        "--gold-response", "<answer>{answer}</answer>", *extra,
     ]  # fmt: skip
 
 
@@ -40,6 +41,9 @@ def test_rejection_sample_writes_records_and_statistics_and_resumes(
     assert sum(s["kept"] for s in stats) == len(records) and all(s["kept"] <= 2 for s in stats)
     summary = json.loads((tmp_path / "whole.jsonl.summary.json").read_text())
     assert summary["prompts"] == 3 and summary["kept"] == len(records)
+    pairs = [json.loads(line) for line in (tmp_path / "whole.jsonl.pairs").read_text().splitlines()]
+    assert summary["pairs"] == len(pairs) == sum(s["pairs"] for s in stats)
+    assert all(set(p) == {"prompt", "chosen", "rejected"} and p["chosen"] != p["rejected"] for p in pairs)
     assert "pass@3" in capsys.readouterr().out
 
     real_write, calls = rejection.Writer.write, []
@@ -57,6 +61,7 @@ def test_rejection_sample_writes_records_and_statistics_and_resumes(
     assert main(_command(reference_run, prompts, cut)) == 0
     assert "resuming after 1 of 3 prompts" in capsys.readouterr().out
     assert cut.read_text() == whole.read_text()
+    assert (tmp_path / "cut.jsonl.pairs").read_text() == (tmp_path / "whole.jsonl.pairs").read_text()
 
     assert main(_command(reference_run, prompts, cut, "--max-new-tokens", "7")) == EXIT_USAGE
     assert "other settings" in capsys.readouterr().err
