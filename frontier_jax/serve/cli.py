@@ -60,21 +60,28 @@ def add_serve_parser(sub) -> None:
     serve.set_defaults(func=serve_command)
 
 
-def serve_config(overrides: list[str]):
-    """serve.key=value overrides -> a validated ServeConfig."""
+def section_config(overrides: list[str], section: str, cls, fields_in: str):
+    """The `section.key=value` overrides -> a validated `cls` (ValueError naming the override and
+    `fields_in`, the file that lists the fields)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from frontier_jax.serve.config import ServeConfig
-
-    given = [o[len("serve.") :] for o in overrides if o.startswith("serve.")]
+    prefix = f"{section}."
+    given = [o[len(prefix) :] for o in overrides if o.startswith(prefix)]
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(ServeConfig), OmegaConf.from_dotlist(given))
+        merged = OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.from_dotlist(given))
         return OmegaConf.to_object(merged).validate()
     except OmegaConfBaseException as err:
         raise ValueError(
-            f"invalid override serve.{str(err).splitlines()[0]} (fields: frontier_jax/serve/config.py)"
+            f"invalid override {prefix}{str(err).splitlines()[0]} (fields: {fields_in})"
         ) from err
+
+
+def serve_config(overrides: list[str]):
+    """serve.key=value overrides -> a validated ServeConfig."""
+    from frontier_jax.serve.config import ServeConfig
+
+    return section_config(overrides, "serve", ServeConfig, "frontier_jax/serve/config.py")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -97,19 +104,9 @@ def bind(host: str, port: int) -> socket.socket:
 
 def mesh_config(overrides: list[str]):
     """mesh.key=value overrides -> a validated MeshConfig."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     from frontier_jax.parallel.config import MeshConfig
 
-    given = [o[len("mesh.") :] for o in overrides if o.startswith("mesh.")]
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(MeshConfig), OmegaConf.from_dotlist(given))
-        return OmegaConf.to_object(merged).validate()
-    except OmegaConfBaseException as err:
-        raise ValueError(
-            f"invalid override mesh.{str(err).splitlines()[0]} (fields: frontier_jax/parallel/config.py)"
-        ) from err
+    return section_config(overrides, "mesh", MeshConfig, "frontier_jax/parallel/config.py")
 
 
 def serve_command(args) -> int:
