@@ -74,10 +74,11 @@ class GRPOConfig(GRPOLossConfig):
                 f"grpo.overlong_buffer={self.overlong_buffer} must be in [0, grpo.max_completion_tokens="
                 f"{self.max_completion_tokens}] and grpo.overlong_penalty >= 0"
             )
-        if self.tis_cap and (self.temperature != 1 or self.top_p != 1 or self.top_k):
+        if self.tis_cap and (self.top_p != 1 or self.top_k):
             raise ValueError(
-                "grpo.tis_cap reads the sampler's log-probabilities, which the engine reports at temperature 1 "
-                "unfiltered: use it with grpo.temperature=1, top_p=1, top_k=0 (or set grpo.tis_cap=0)"
+                f"grpo.tis_cap with grpo.top_p={self.top_p}, grpo.top_k={self.top_k}: the sampler's "
+                "log-probabilities are of the unfiltered softmax(z / T), not of the filtered distribution "
+                "the tokens are drawn from; use grpo.top_p=1 and grpo.top_k=0 (or set grpo.tis_cap=0)"
             )
         if not self.rewards:
             raise ValueError("grpo.rewards is empty: list at least one reward function, e.g. [{name: math}]")

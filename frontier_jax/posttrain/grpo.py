@@ -9,15 +9,22 @@ One rollout batch, from the current policy (the engine holds the trainer's param
       -> rewards (`RewardSet`, weighted; columns: the prompt rows' fields and `completion_ids`)
          + the soft over-length penalty -> group advantages (`advantages.py`), dynamic sampling
       -> rows [prompt | completion] with the policy's log-probabilities at T (logp_old, one forward
-         of the trainer's program before the batch's first update) and the reference's (beta > 0)
+         of the trainer's program before the batch's first update) and the reference's (beta > 0);
+         with routing_replay the engine records each token's experts (prompt included), the rows
+         carry them (routed_experts [B, T, L_moe, k]) and every forward here and in the objective
+         replays them, so logp_old and the first step's logp are one computation (ratio 1)
     then `num_iterations` optimiser steps on it; `after_update` hands every new state to the engine
     (`Engine.load_weights`: no copy to disk, no recompilation).
 
 A row is one sequence: the prompt's tokens, then the completion's (the end token included: the
 policy learns to stop), padded; targets are the next tokens and `completion_mask` marks the
 targets that are completion tokens of a sample that trains.  The rollout/trainer gap is measured
-on every batch at T = 1: |logp_sampler - logp_old| over completion tokens, logp_sampler from the
-engine's decode path (absorbed MLA over the paged cache), logp_old from the training forward.
+on every batch: |logp_sampler - logp_old| over completion tokens, both log softmax(z / T)[y] at the
+rollout temperature T, logp_sampler from the engine's decode path (absorbed MLA over the paged
+cache; `Completion.tempered_logprobs`), logp_old from the training forward.  Both are of the
+unfiltered tempered distribution: with top_p < 1 or top_k > 0 the tokens are drawn from it
+renormalised over the kept set, which the gap leaves out (it measures the two implementations,
+not the filter); truncated importance sampling needs the drawing distribution and refuses them.
 
 State (checkpointed): the epoch and the prompts of it read, the prompts drawn overall, the steps
 taken on the current batch, skipped batches, and the current batch itself while steps remain on
@@ -140,11 +147,6 @@ class Rollouts(BatchSource):
         template: ChatTemplate | None,
     ):  # fmt: skip
         check_shapes(train, grpo)
-        if grpo.routing_replay:  # where the engine's recorded experts would enter `_assemble`'s rows
-            raise ValueError(
-                "grpo.routing_replay=true: the rollouts do not carry the sampler's routed experts yet; "
-                "set grpo.routing_replay=false"
-            )
         self.grpo, self.train, self.infer, self.rewards = grpo, train, infer, rewards
         self.tokenizer, self.template = tokenizer, template
         self.rows = read_prompt_rows(grpo.prompts, "grpo.prompts")
@@ -240,6 +242,8 @@ class Rollouts(BatchSource):
                 n=g,
                 seed=(self.train.seed * 2**24 + (self.drawn + k) * g) % 2**32,
                 stop_token_ids=self.stop,
+                record_routing=grpo.routing_replay,
+                tempered_logprobs=True,
             )
             for k in range(count)
         ]
@@ -309,6 +313,10 @@ class Rollouts(BatchSource):
             groups += [(r, k) for k in np.flatnonzero(keep)]
         groups = groups[: self.per_step]
         batch = {k: np.zeros((self.train.global_batch, seq), dtype) for k, dtype in self.spec.items()}
+        if "routed_experts" in batch:  # padding positions replay expert 0 (any valid id)
+            cfg = self.program.cfg.model
+            shape = (self.train.global_batch, seq, cfg.num_moe_layers, cfg.num_experts_per_tok)
+            batch["routed_experts"] = np.zeros(shape, np.int32)
         sampler = np.zeros((self.train.global_batch, seq), np.float32)
         generated = np.zeros((self.train.global_batch, seq), bool)  # targets that are completion tokens
         advantages = [group_advantages(s.reward, g, grpo.scale_rewards) for s in rounds]
@@ -327,14 +335,15 @@ class Rollouts(BatchSource):
                 span = slice(start, start + len(completion.output_ids))
                 batch["completion_mask"][row, span] = float(training[r][j])
                 batch["advantages"][row, span] = advantages[r][j]
-                sampler[row, span] = completion.logprobs
+                sampler[row, span] = completion.tempered_logprobs
+                if "routed_experts" in batch:  # row t: the experts of input token ids[t], t < n - 1
+                    batch["routed_experts"][row, : n - 1] = completion.routed_experts
                 generated[row, span] = True
                 row += 1
         if "sampler_logprobs" in batch:
             batch["sampler_logprobs"] = sampler
-        on_device = device_batch(
-            {k: batch[k] for k in ("input_ids", "targets", "positions", "segment_ids")}, self.sharding
-        )
+        forward_keys = ("input_ids", "targets", "positions", "segment_ids", "routed_experts")
+        on_device = device_batch({k: batch[k] for k in forward_keys if k in batch}, self.sharding)
         old, _ = self.logprobs(state.params, state.biases, on_device)
         batch["old_logprobs"] = np.asarray(jax.device_get(old), np.float32)
         if "ref_logprobs" in batch:
@@ -380,11 +389,10 @@ class Rollouts(BatchSource):
                 "grpo/rollout_tokens_per_s": float(lengths.sum() / max(sum(s.seconds for s in rounds), 1e-9)),
             }
         )
-        if self.grpo.temperature == 1:  # the engine reports log p at T = 1
-            gap = np.abs(sampler - old)[generated]
-            if gap.size:
-                out["grpo/gap_mean"] = float(gap.mean())
-                out["grpo/gap_max"] = float(gap.max())
+        gap = np.abs(sampler - old)[generated]
+        if gap.size:
+            out["grpo/gap_mean"] = float(gap.mean())
+            out["grpo/gap_max"] = float(gap.max())
         return out
 
     # ------------------------------------------------------------------ held-out evaluation

@@ -7,7 +7,9 @@
   the middle of a rollout batch) logs the same steps 16.. as the uninterrupted run; metrics hold the
   rollout figures, the gap, held-out evaluation, and grpo.png is written.
 - The sampler's log-probabilities (the engine's decode path) equal the trainer's forward within
-  GAP_BOUND in fp32.
+  GAP_BOUND in fp32, routed at T = 1 and, in a short run, with routing replay at T = 0.7 and
+  truncated importance sampling (ratio 1 on each batch's first step; the replayed rows misaligned
+  with the tokens would put the wrong experts under them and blow the bound).
 - Bad input: G < 2, a prompt longer than the context, an empty prompt set, a reward returning the
   wrong length, a batch whose every group is filtered (counted skips, then exit 4).
 """
@@ -107,6 +109,19 @@ def test_grpo_raises_a_learnable_reward_and_resumes_exactly(tmp_path):
             assert again[step][key] == records[step][key], (step, key)
 
 
+def test_routing_replay_at_a_temperature_runs_with_ratio_one_and_the_gap_measured(tmp_path):
+    """grpo.routing_replay=true with T = 0.7 and truncated importance sampling: the rows carry the
+    sampler's experts, logp_old and the first step's forward replay them (ratio 1 on each batch's
+    first step), and the gap of the tempered log-probabilities stays within the fp32 bound."""
+    run = tmp_path / "run"
+    replay = ("grpo.routing_replay=true", "grpo.temperature=0.7", "grpo.tis_cap=2.0")
+    assert _run(run, "train.steps=4", "checkpoint.every=0", "eval.every=0", *replay) == 0
+    records = {r["step"]: r for r in read_metrics(run)}
+    assert sorted(records) == [1, 2, 3, 4]
+    assert all(abs(records[s]["ratio"] - 1) < 1e-6 for s in (1, 3)), [r["ratio"] for r in records.values()]
+    assert all(np.isfinite(r["loss"]) and r["grpo/gap_max"] < GAP_BOUND for r in records.values())
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -114,6 +129,7 @@ def test_grpo_raises_a_learnable_reward_and_resumes_exactly(tmp_path):
         (("train.seq_len=24",), r"grpo.prompts record 0 .*prompt is 2\d tokens, more than"),
         (("grpo.loss_agg=dr_grpo",), "dr_grpo with grpo.scale_rewards=group"),
         (("train.global_batch=10",), "not a multiple of grpo.group_size=4"),
+        (("grpo.tis_cap=2", "grpo.top_p=0.9"), "grpo.tis_cap with grpo.top_p=0.9, grpo.top_k=0: the sampler"),
     ],
 )
 def test_bad_input_is_a_one_line_error_with_exit_2(tmp_path, capsys, extra, message):

@@ -6,11 +6,12 @@
   float64 numpy computation on fixed log-probabilities, advantages and ragged masks, with the clip
   active on both sides;
 - k3 and its gradient d k3 / d logp = 1 - exp(ref - logp);
-- on the tiny model: with logp_old from the rollout's own forward (one pass per batch) the ratio is
-  1 and the gradient is the plain policy gradient -(1/N) sum_i (1/|y_i|) sum_t A_i grad logp_t;
-  the log-probabilities at T equal log_softmax(z / T) of the full logits (float64);
-- one train step of the objective on 8 devices (expert 2 x data 4; pipeline stage 2 x data 4) equals
-  the step on one device.
+- on the tiny model, with routing replay of random experts: with logp_old from the rollout's own
+  forward (one pass per batch) the ratio is 1 and the gradient is the plain policy gradient
+  -(1/N) sum_i (1/|y_i|) sum_t A_i grad logp_t; the log-probabilities at T equal log_softmax(z / T)
+  of the full logits (float64);
+- one train step of the objective with routing replay on 8 devices (expert 2 x data 4; pipeline
+  stage 2 x data 4) equals the step on one device.
 """
 
 from __future__ import annotations
@@ -209,19 +210,34 @@ def _rollout_batch(rows=8, seed=0):
     }
 
 
+def _replayed_experts(model_cfg, rows=8, seed=2) -> np.ndarray:
+    """routed_experts [rows, SEQ, L_moe, k]: k distinct random experts per token and layer (not the
+    router's own choice, so a forward that ignored them would compute something else)."""
+    rng = np.random.default_rng(seed)
+    shape = (rows, SEQ, model_cfg.num_moe_layers, model_cfg.n_routed_experts)
+    return np.argsort(rng.random(shape), -1)[..., : model_cfg.num_experts_per_tok].astype(np.int32)
+
+
 def test_one_pass_per_batch_gives_ratio_one_and_the_plain_policy_gradient():
+    """With routing replay: logp_old and the objective's forward run on the batch's experts (random
+    ones, not the router's choice: the ratio is 1 only if both read them; routed log-probs differ).
+    (The routed forward's ratio 1 is checked by the GRPO run of tests/posttrain/test_grpo.py.)"""
     from frontier_jax.runtime.logprobs import logprob_step, sequence_logprobs
     from frontier_jax.runtime.program import build_model_program
 
     cfg = tiny_config(f"train.seq_len={SEQ}")
     program = build_model_program(cfg, jax.devices()[:1])
     params, biases = jax.jit(program.init, static_argnums=0, out_shardings=program.shardings())(1)
-    loss = GRPOLossConfig(group_size=2, temperature=0.7)
+    loss = GRPOLossConfig(group_size=2, temperature=0.7, routing_replay=True)
     objective = GRPO(loss, cfg.model)
-    host = _rollout_batch()
+    host = {**_rollout_batch(), "routed_experts": _replayed_experts(cfg.model)}
     batch = {k: jnp.asarray(v) for k, v in host.items()}
     old, _ = logprob_step(program, temperature=0.7)(params, biases, batch)  # the rollout's forward
     batch["old_logprobs"] = old
+    routed, _ = logprob_step(program, temperature=0.7)(
+        params, biases, {k: v for k, v in batch.items() if k != "routed_experts"}
+    )
+    assert float(jnp.abs(routed - old).max()) > 1e-3  # the replayed experts change the forward
 
     def grpo_loss(p):
         mb = objective.prepare(batch, {})
@@ -284,14 +300,16 @@ def test_logprobs_at_a_temperature_equal_the_full_log_softmax():
     ],
 )
 def test_a_step_on_eight_devices_equals_one_device(layout):
-    """Expert parallelism, and pipeline stages (the objective cut into its staged terms)."""
+    """Expert parallelism, and pipeline stages (the objective cut into its staged terms), with
+    routing replay (the batch's experts reach every stage's layers)."""
     from frontier_jax.train.loop import build_runner
 
-    loss = GRPOLossConfig(group_size=2, beta=0.1, loss_agg=LossAgg.dapo, eps_high=0.28)
+    loss = GRPOLossConfig(group_size=2, beta=0.1, loss_agg=LossAgg.dapo, eps_high=0.28, routing_replay=True)
     host = _rollout_batch()
     rng = np.random.default_rng(1)
     host["old_logprobs"] = -rng.uniform(3, 7, (8, SEQ)).astype(np.float32)
     host["ref_logprobs"] = -rng.uniform(3, 7, (8, SEQ)).astype(np.float32)
+    host["routed_experts"] = _replayed_experts(tiny_config().model)
     results = []
     for extra, devices in ((layout, jax.devices()), ((), jax.devices()[:1])):
         cfg = tiny_config(f"train.seq_len={SEQ}", "train.warmup_steps=0", *extra)

@@ -25,7 +25,15 @@ Reported (completion tokens): kl (mean k3), entropy (mean of H(softmax(z / T)), 
 chunked pass), clip_low / clip_high (share of tokens whose clipped term is the minimum: r < 1 -
 eps_low with A < 0, r > 1 + eps_high with A > 0), ratio (mean r), tokens.  No balance loss is added;
 the MoE layers' expert loads feed the loss-free bias update as in pre-training (train.bias_update_speed,
-which the GRPO configs set to 0).  The MTP modules are not trained (the forward skips them).
+which the GRPO configs set to 0: the biases stay frozen).  The MTP modules are not trained (the forward
+skips them).
+
+Routing replay (routing_replay): the batch carries routed_experts [B, T, L_moe, k] int32, the
+experts the sampler routed each input token to (prompt tokens included), and every MoE layer of
+the training forward runs each token on those experts; the gate weights still come from the
+current router's scores, so the router keeps learning through them.  The routing bias only
+selects experts, so under replay it has no effect on the training forward (it still steers the
+sampler's choices); the loads the bias update would read are the replayed experts'.
 
 State (`TrainState.extra`): with beta > 0 the reference parameters {"reference": params}, a copy
 of the starting policy, reset to the policy every `ref_reset_every` steps (0: never); the reference
@@ -36,7 +44,6 @@ parameters).  With beta = 0 nothing is kept and no reference forward runs.
 from __future__ import annotations
 
 import enum
-import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -197,8 +204,6 @@ class GRPO:
     def __init__(self, loss: GRPOLossConfig, model: ModelConfig, *, vocab_chunk: int = VOCAB_CHUNK):
         require_lm_head(model, "GRPO")
         self.loss, self.vocab_chunk = loss.validate(), vocab_chunk
-        if loss.routing_replay:
-            check_routing_replay()
         self.batch_spec = batch_spec(loss)
 
     # ------------------------------------------------------------------ state: the reference
@@ -235,22 +240,24 @@ class GRPO:
     # ------------------------------------------------------------------ the loss
     def __call__(self, model: Transformer, mb: GRPOBatch, norm: dict) -> tuple[jax.Array, dict, dict]:
         inputs = self.sequence_inputs(mb)
-        if self.loss.routing_replay:
-            out = replayed_hidden(model, mb, inputs)
-        else:
-            out = model.hidden(
-                mb.input_ids,
-                inputs.positions,
-                inputs.segment_ids,
-                token_mask=inputs.token_mask,
-                with_mtp=False,
-            )
+        out = model.hidden(
+            mb.input_ids,
+            inputs.positions,
+            inputs.segment_ids,
+            token_mask=inputs.token_mask,
+            with_mtp=False,
+            routed_experts=inputs.routed_experts,
+        )
         loss, metrics = self.output_terms(out.hidden, None, model.output_head(), mb, norm)
         return loss, metrics, model.expert_loads(out)
 
-    def sequence_inputs(self, mb: dict) -> SequenceInputs:
-        """Positions, the row's document id (one sequence per row, 0 = padding), real tokens."""
-        return SequenceInputs(mb.positions, mb.segment_ids, (mb.segment_ids != 0).astype(jnp.int32))
+    def sequence_inputs(self, mb: GRPOBatch) -> SequenceInputs:
+        """Positions, the row's document id (one sequence per row, 0 = padding), real tokens, and
+        with routing replay the sampler's experts (every path of the forward reads them here:
+        the micro-batch forward and the pipeline stages alike)."""
+        return SequenceInputs(
+            mb.positions, mb.segment_ids, (mb.segment_ids != 0).astype(jnp.int32), mb.routed_experts
+        )
 
     def output_terms(
         self, hidden: jax.Array, mtp_hidden: jax.Array | None, head: OutputHead, mb: GRPOBatch, norm: dict
@@ -276,30 +283,3 @@ class GRPO:
         out = {name.removesuffix("_sum"): value / tokens for name, value in metrics.items()}
         out["tokens"] = tokens
         return out
-
-
-# ---------------------------------------------------------------------- routing replay
-# With grpo.routing_replay the training forward routes each token to the experts the sampler
-# chose (batch["routed_experts"] [B, T, L_moe, k]; the gate weights still come from the current
-# router).  The model's forward takes them as `Transformer.hidden(..., routed_experts=...)`.
-
-
-def check_routing_replay() -> None:
-    """Raises ValueError when the model's forward cannot replay routing yet."""
-    if "routed_experts" not in inspect.signature(Transformer.hidden).parameters:
-        raise ValueError(
-            "grpo.routing_replay=true: not available yet (Transformer.hidden takes no routed_experts); "
-            "set grpo.routing_replay=false"
-        )
-
-
-def replayed_hidden(model: Transformer, mb: GRPOBatch, inputs: SequenceInputs):
-    """The forward of a micro-batch routed by the sampler's experts."""
-    return model.hidden(
-        mb.input_ids,
-        inputs.positions,
-        inputs.segment_ids,
-        token_mask=inputs.token_mask,
-        with_mtp=False,
-        routed_experts=mb.routed_experts,
-    )
