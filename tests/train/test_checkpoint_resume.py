@@ -228,7 +228,7 @@ def _poison_batch_at(monkeypatch, bad_steps, vocab: int):
     vocabulary (the embedding gather then yields NaN)."""
     bad_steps = {bad_steps} if isinstance(bad_steps, int) else set(bad_steps)
     calls = {"n": 0}
-    original = loop._global_batch
+    original = loop.device_batch
 
     def poisoned(local, sharding):
         calls["n"] += 1
@@ -237,7 +237,7 @@ def _poison_batch_at(monkeypatch, bad_steps, vocab: int):
             local["input_ids"][0, 0] = vocab + 5
         return original(local, sharding)
 
-    monkeypatch.setattr(loop, "_global_batch", poisoned)
+    monkeypatch.setattr(loop, "device_batch", poisoned)
 
 
 def test_nonfinite_loss_stops_with_last_good_checkpoint(reference_run, tmp_path, monkeypatch):

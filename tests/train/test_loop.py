@@ -46,7 +46,7 @@ def test_global_batch_puts_each_block_on_its_device():
     cfg = tiny_config("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
     sharding = NamedSharding(build_mesh(cfg.mesh), PartitionSpec(("data", "fsdp")))
     host = next(batches.data_iterator(cfg))
-    batch = loop._global_batch(host, sharding)
+    batch = loop.device_batch(host, sharding)
     for key in KEYS:
         assert batch[key].shape == host[key].shape and batch[key].sharding == sharding
         for shard in batch[key].addressable_shards:

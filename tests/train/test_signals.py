@@ -36,7 +36,7 @@ def stuck(batch, sharding):  # the loop waits for its first batch for ever
     pathlib.Path({marker!r}).touch()
     threading.Event().wait()
 
-loop._global_batch = stuck
+loop.device_batch = stuck
 raise SystemExit(cli.main({argv!r}))
 """
 
