@@ -861,13 +861,15 @@ def _costly(command: Command) -> bool:
     than another generate command), the chat evaluation of 500 questions x 16 samples (minutes;
     `tests/eval/test_chat_task.py` runs the chat task on a few rows), rejection sampling over the
     demo's 2,000 training or 500 held-out prompts (`tests/train/test_rejection_sample.py` samples
-    three) and the reward model's training and evaluation (`tests/train/test_preference.py` trains
-    and evaluates one)."""
+    three), the reward model's training and evaluation (`tests/train/test_preference.py` trains
+    and evaluates one) and GRPO (its rollouts compile the engine's programs beside the trainer's:
+    `tests/posttrain/test_grpo.py` runs `frontier-jax grpo` for 30 steps and resumes it)."""
     return (
         command.option("--prompts") in ("held_out_prompts.jsonl", "rs_prompts.jsonl", "held_out_math.jsonl")
         or "chat_arithmetic" in command.argv
         or "train.objective=preference" in command.argv
         or command.option("--preferences") is not None
+        or command.argv[:2] == ["frontier-jax", "grpo"]
     )
 
 
