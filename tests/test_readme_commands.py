@@ -863,13 +863,15 @@ def _costly(command: Command) -> bool:
     demo's 2,000 training or 500 held-out prompts (`tests/train/test_rejection_sample.py` samples
     three), the reward model's training and evaluation (`tests/train/test_preference.py` trains
     and evaluates one) and GRPO (its rollouts compile the engine's programs beside the trainer's:
-    `tests/posttrain/test_grpo.py` runs `frontier-jax grpo` for 30 steps and resumes it)."""
+    `tests/posttrain/test_grpo.py` runs `frontier-jax grpo` for 30 steps and resumes it) and the
+    two-process evaluation launcher (`tests/eval` run multi-process evaluation)."""
     return (
         command.option("--prompts") in ("held_out_prompts.jsonl", "rs_prompts.jsonl", "held_out_math.jsonl")
         or "chat_arithmetic" in command.argv
         or "train.objective=preference" in command.argv
         or command.option("--preferences") is not None
-        or command.argv[:2] == ["frontier-jax", "grpo"]
+        or command.argv[:2] == ("frontier-jax", "grpo")
+        or command.argv[0] == "launch/eval_local.sh"
     )
 
 

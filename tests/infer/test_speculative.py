@@ -85,6 +85,7 @@ def test_engine_drafts_are_the_training_forward_mtp_argmax(greedy_runs):
     assert not wrong, f"{len(wrong)} of {gap.size} drafts not the argmax, e.g. (t, d), depth: {wrong[0]}"
 
 
+@pytest.mark.slow  # 50 s of CI; fp32 drafting runs by default
 def test_mtp_speculative_decoding_runs_a_bf16_model():
     # a bf16 policy's MTP modules return bf16 hidden states while the engine feeds g^0 in fp32
     # (once a scan-carry dtype error on the H200); greedy output: that of plain bf16 decoding

@@ -164,6 +164,7 @@ def test_pipeline_strategy_grid(schedule, mesh, m, inputs, reference):
     )
 
 
+@pytest.mark.slow  # a minute of CI; the default run keeps the DualPipeV strategy case
 def test_training_steps_on_stage4_data2_follow_the_single_device_losses(tmp_path):
     """`frontier-jax train` on one device (micro-batch accumulation) and `train()` on 8 devices
     with mesh.stage=4 mesh.data=2 (zero-bubble H1 over 4 stages, each micro-batch's 2 rows split
