@@ -89,20 +89,35 @@ def _describe(args) -> int:
     program = model_program(cfg)  # shapes only, no mesh
     info = describe(cfg.model, seq_len=args.seq_len or cfg.train.seq_len, params=program.abstract_params)
     text = format_description(info)
-    if args.mesh or args.devices or args.device_memory_gib is not None:
+    if args.mesh or args.devices or args.device_memory_gib is not None or args.grpo:
         from frontier_jax.runtime.memory import device_memory, fits, format_memory, verdict
 
         mem = device_memory(program, cfg.train, args.devices)
+        gib, extra = args.device_memory_gib, 0
+        text += "\n" + format_memory(mem, program, cfg.train, None if args.grpo else gib)
+        if args.grpo:
+            from frontier_jax.posttrain.memory import format_grpo_memory, grpo_memory
+
+            grpo = grpo_memory(program, cfg, mem)
+            extra = grpo.total
+            info["grpo_per_device_bytes"] = {
+                "reference": grpo.reference,
+                "latent_cache": grpo.latent_cache,
+                "reward_models": grpo.reward_models,
+                "total_with_trainer": mem.total + extra,
+            }
+            text += "\n" + format_grpo_memory(grpo, mem)
+            if gib is not None:
+                text += "\n  " + verdict(mem, gib, extra)
         info.update(
             mesh=mem.mesh,
             batch_per_device=mem.batch_per_device,
             per_device_bytes=mem.per_device_bytes(),
-            device_memory_gib=args.device_memory_gib,
-            fits=None if args.device_memory_gib is None else fits(mem, args.device_memory_gib),
+            device_memory_gib=gib,
+            fits=None if gib is None else fits(mem, gib, extra),
         )
-        text += "\n" + format_memory(mem, program, cfg.train, args.device_memory_gib)
         if info["fits"] is False and args.json:  # stdout stays one JSON object
-            print(verdict(mem, args.device_memory_gib), file=sys.stderr)
+            print(verdict(mem, gib, extra), file=sys.stderr)
     from frontier_jax.parallel.pipeline.plan import describe_plan, format_plan, pipeline_plan
 
     plan = pipeline_plan(cfg.train, cfg.mesh, cfg.model)
@@ -392,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="memory of one device; prints whether the run fits",
+    )
+    desc.add_argument(
+        "--grpo",
+        action="store_true",
+        help="also the memory a `frontier-jax grpo` run holds beside the trainer's in one process: "
+        "the reference (grpo.beta > 0), the rollout engine's latent cache, reward models",
     )
     desc.add_argument("overrides", nargs="*")
     desc.set_defaults(func=_describe)

@@ -50,6 +50,7 @@ from frontier_jax.data.chat_math import Difficulty, exclude_held_out, held_out_p
 from frontier_jax.data.template import ChatTemplate
 from frontier_jax.data.tokenizer import END, Tokenizer
 from frontier_jax.infer import Engine, SamplingParams
+from frontier_jax.infer.config import InferConfig
 from frontier_jax.infer.scheduler import Completion
 from frontier_jax.parallel.mesh import batch_sharding
 from frontier_jax.posttrain.advantages import group_advantages, overlong_penalty, spread_groups, trains
@@ -112,6 +113,12 @@ def check_shapes(train: TrainConfig, grpo: GRPOConfig) -> None:
             f"grpo.max_completion_tokens={grpo.max_completion_tokens} leaves no room for a prompt in "
             f"train.seq_len={train.seq_len}"
         )
+
+
+def rollout_infer(infer: InferConfig, train: TrainConfig) -> InferConfig:
+    """The rollout engine's `infer:` section: rows of train.seq_len tokens (prompt + completion),
+    every row of a step decoded at once (max_seqs at least train.global_batch)."""
+    return dataclasses.replace(infer, max_len=train.seq_len, max_seqs=max(infer.max_seqs, train.global_batch))
 
 
 @dataclasses.dataclass
@@ -207,19 +214,28 @@ class Rollouts(BatchSource):
             "grpo/epochs": self.order.epochs,
         }
 
+    def progress(self) -> dict[str, str]:
+        """Reward, accuracy and the rollout/trainer gap of the last rollout batch."""
+        f = self.figures
+        shown = {
+            "reward": ("grpo/reward_mean", ".3f"),
+            "acc": ("grpo/accuracy", ".3f"),
+            "gap": ("grpo/gap_mean", ".1e"),
+        }
+        return {name: format(f[key], spec) for name, (key, spec) in shown.items() if key in f}
+
     # ------------------------------------------------------------------ rollouts
     def _engine(self, state: TrainState) -> Engine:
         if self.engine is None:
             if self.program is None:
                 raise RuntimeError("Rollouts.next before use_program: train() hands the program over first")
             program = self.program.with_impl(inference_impl(self.program.cfg.impl))
-            infer = dataclasses.replace(
-                self.infer,
-                max_len=self.train.seq_len,
-                max_seqs=max(self.infer.max_seqs, self.train.global_batch),
-            )
             self.engine = Engine.from_program(
-                program, state.params, state.biases, tokenizer=self.tokenizer, infer=infer
+                program,
+                state.params,
+                state.biases,
+                tokenizer=self.tokenizer,
+                infer=rollout_infer(self.infer, self.train),
             )
         return self.engine
 

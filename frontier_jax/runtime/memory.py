@@ -125,7 +125,7 @@ def _ways(axes: Sequence[str], position: int, mesh: AbstractMesh, rules) -> int:
     return math.prod(mesh.shape[a] for a in mesh_axes)
 
 
-def _state_bytes(state: nnx.State, mesh: AbstractMesh, rules, itemsize: int | None = None) -> int:
+def state_bytes(state: nnx.State, mesh: AbstractMesh, rules, itemsize: int | None = None) -> int:
     """Bytes one device holds of `state` (itemsize: override the variables' own dtype)."""
     total = 0
     for var in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
@@ -236,9 +236,9 @@ def device_memory(program: ModelProgram, train: TrainShape, num_devices: int | N
     return DeviceMemory(
         mesh=sizes,
         batch_per_device=rows,
-        params=_state_bytes(params, mesh, rules) + _state_bytes(biases, mesh, rules),
-        grads=_state_bytes(params, mesh, rules, itemsize=4),
-        optimizer=2 * _state_bytes(params, mesh, rules, itemsize=jnp.dtype(train.moment_dtype).itemsize),
+        params=state_bytes(params, mesh, rules) + state_bytes(biases, mesh, rules),
+        grads=state_bytes(params, mesh, rules, itemsize=4),
+        optimizer=2 * state_bytes(params, mesh, rules, itemsize=jnp.dtype(train.moment_dtype).itemsize),
         activations=activations,
     )
 
@@ -263,19 +263,26 @@ def format_memory(
     ]
     lines = [f"per device on mesh {mesh} ({math.prod(mem.mesh.values())} devices, rules '{cfg.mesh.rules}')"]
     lines += [
-        f"  {label:<30} {n / GIB:10.2f} GiB" + (f"   ({note})" if note else "") for label, n, note in rows
+        f"  {label:<30} {format_bytes(n):>14}" + (f"   ({note})" if note else "") for label, n, note in rows
     ]
     if device_memory_gib is not None:
         lines.append("  " + verdict(mem, device_memory_gib))
     return "\n".join(lines)
 
 
-def fits(mem: DeviceMemory, device_memory_gib: float) -> bool:
-    return mem.total <= device_memory_gib * GIB
+def format_bytes(n: int) -> str:
+    """n bytes in GiB (from 1 GiB) or MiB."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.2f} MiB"
 
 
-def verdict(mem: DeviceMemory, device_memory_gib: float) -> str:
+def fits(mem: DeviceMemory, device_memory_gib: float, extra_bytes: int = 0) -> bool:
+    """Whether the trainer's bytes (+ extra_bytes held beside it, e.g. GRPO's) fit one device."""
+    return mem.total + extra_bytes <= device_memory_gib * GIB
+
+
+def verdict(mem: DeviceMemory, device_memory_gib: float, extra_bytes: int = 0) -> str:
     """ "fits: X GiB <= G GiB ..." or "WARNING: does not fit: X GiB > G GiB ..."."""
-    if fits(mem, device_memory_gib):
-        return f"fits: {mem.total / GIB:.2f} GiB <= {device_memory_gib:g} GiB per device"
-    return f"WARNING: does not fit: {mem.total / GIB:.2f} GiB > {device_memory_gib:g} GiB per device"
+    total = (mem.total + extra_bytes) / GIB
+    if fits(mem, device_memory_gib, extra_bytes):
+        return f"fits: {total:.2f} GiB <= {device_memory_gib:g} GiB per device"
+    return f"WARNING: does not fit: {total:.2f} GiB > {device_memory_gib:g} GiB per device"

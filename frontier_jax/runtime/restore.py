@@ -48,7 +48,13 @@ from frontier_jax.runtime.integrity import (
     restorable_steps_hint,
     verify_step,
 )
-from frontier_jax.runtime.program import ModelProgram, ModelSections, build_model_program, inference_impl
+from frontier_jax.runtime.program import (
+    ModelProgram,
+    ModelSections,
+    build_model_program,
+    inference_impl,
+    model_program,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +112,19 @@ def _on_mesh(saved: dict, mesh: Mesh | MeshConfig | None, impl: Mapping | None) 
     if mesh is None:  # the first device alone
         mesh = build_mesh(MeshConfig(data=1), jax.devices()[:1])
     return build_model_program(cfg, mesh=mesh)
+
+
+def saved_program(path: epath.PathLike, step: int | None = None) -> ModelProgram:
+    """The abstract model program (shapes only, no mesh, nothing read but the config) of the
+    checkpoint `step` (None: the latest) of the run at `path`."""
+    _, saved = saved_config(path, step)
+    sections = ModelSections(
+        _section(ModelConfig, saved, "model"),
+        _section(MeshConfig, saved, "mesh"),
+        _section(PrecisionConfig, saved, "precision"),
+        _section(ImplConfig, saved, "impl"),
+    )
+    return model_program(sections)
 
 
 def _target(abstract: nnx.State, shardings: dict, dtype) -> dict:

@@ -6,6 +6,7 @@
     batches.set_state(s)                                         a restore: the same next batch
     batches.after_update(state)                                  after every step the loop runs
     batches.metrics(step) -> {name: figure}                      logged with step `step`
+    batches.progress()    -> {name: text}                        shown on the progress bar
 
 `state` is the current `TrainState` (its arrays on the devices): a source whose batches depend
 on the model (samples of the current policy, scored by a reward) runs the trainer's model program
@@ -62,6 +63,10 @@ class BatchSource(abc.ABC):
 
     def metrics(self, step: int) -> dict[str, float]:
         """Figures logged with step `step`."""
+        return {}
+
+    def progress(self) -> dict[str, str]:
+        """A few figures of the last batch for the progress bar, next to the loss."""
         return {}
 
 

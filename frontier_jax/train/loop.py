@@ -405,6 +405,7 @@ def train(
                 bar.set_postfix(
                     loss=f"{record['loss']:.4f}",
                     **({"tok_s": f"{record['tokens_per_s']:,.0f}"} if "tokens_per_s" in record else {}),
+                    **data.progress(),
                 )
                 bar.update(1)
                 every = cfg.checkpoint.every

@@ -3,6 +3,8 @@ reference LM run) scores prompt + completion rendered as a chat, on an 8-device 
 one device and as the float64 reference model reads it at the rendering's last token; a
 checkpoint with an LM head is one error line."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -70,3 +72,48 @@ def test_a_model_reward_on_an_lm_checkpoint_is_one_error_line(reference_run):
             RewardsConfig.from_dict({"functions": [{"name": "model", "checkpoint": str(reference_run)}]})
         )
     assert "has model.head=lm" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_describe_grpo_counts_the_arrays_a_grpo_process_holds(reward_run, capsys):
+    """`posttrain.memory` against the arrays themselves on 8 devices (data 2 x expert 4): the
+    reference a GRPO runner keeps (beta > 0), the latent cache of the rollout engine, the reward
+    model as restored; `describe --grpo` prints them and their sum with the trainer's."""
+    from frontier_jax.cli import main as cli_main
+    from frontier_jax.infer import Engine
+    from frontier_jax.posttrain.grpo import rollout_infer
+    from frontier_jax.posttrain.memory import grpo_memory
+    from frontier_jax.runtime.memory import device_memory
+    from frontier_jax.runtime.program import inference_impl, model_program
+    from frontier_jax.runtime.restore import restore_params
+    from frontier_jax.train.loop import build_runner
+    from frontier_jax.train.objectives.grpo import GRPO
+    from tests.runtime.test_memory import _device0_bytes
+
+    from .common import tiny_config, tiny_overrides
+
+    run_dir, _ = reward_run
+    overrides = ("mesh.data=2", "mesh.expert=4", "train.seq_len=64", "grpo.beta=0.04")
+    rewards = f"grpo.rewards=[{{name: math}}, {{name: model, checkpoint: {run_dir}}}]"
+    cfg = tiny_config(*overrides, rewards)
+    mem = device_memory(model_program(cfg), cfg.train)
+    counted = grpo_memory(model_program(cfg), cfg, mem)
+
+    runner = build_runner(cfg, jax.devices(), objective=GRPO(cfg.grpo, cfg.model))
+    state = runner.init(0)
+    assert counted.reference == _device0_bytes(state.extra["reference"]) > 0
+    program = runner.trainer.program
+    engine = Engine.from_program(
+        program.with_impl(inference_impl(program.cfg.impl)),
+        state.params,
+        state.biases,
+        infer=rollout_infer(cfg.infer, cfg.train),
+    )
+    assert counted.latent_cache == _device0_bytes(engine.cache) > 0
+    restored = restore_params(run_dir)
+    whole = sum(x.nbytes for x in jax.tree.leaves([restored.params, restored.biases]))
+    assert counted.reward_models == {str(run_dir): whole}
+
+    args = ["describe", "--config", "model/toy", "--grpo", "--json", *tiny_overrides(*overrides, rewards)]
+    assert cli_main(args) == 0
+    info = json.loads(capsys.readouterr().out)["grpo_per_device_bytes"]
+    assert info["total_with_trainer"] == mem.total + counted.total
