@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The post-training demo of README "Post-training": the README's toy pre-train, SFT on chat
 # arithmetic (one run per seed), one round of rejection-sampled SFT and a reward model, each
-# evaluated on held-out questions per difficulty level (README, "The demo").
+# evaluated on held-out questions per difficulty level (README, "The demo"), then GRPO from the
+# same SFT run over GRPO_SEEDS (default 0 1 2) with the same number of samples as rejection
+# sampling, one run with routing replay, and the rollout/trainer gap in bf16 (README, "GRPO").
 #
 #   bash benchmarks/posttrain_demo.sh [RUNS_DIR] [SEED ...]      # default: runs/posttrain-demo 1 0
 #
-# Rejection sampling and the reward model start from the first seed's SFT run.
+# Rejection sampling, the reward model and GRPO start from the first seed's SFT run.
 #
 # A stage whose output exists is skipped (an interrupted training run resumes), so running the
 # script again continues the demo.  One line per stage with its wall time; the logs sit in
@@ -79,22 +81,25 @@ stage reward-model "$RUNS/rm/checkpoints/$RM_STEPS" frontier-jax train --config 
 stage eval-rm "$RUNS/results/rm/results.json" frontier-jax eval --checkpoint "$RUNS/rm" --devices 1 \
   --preferences "$DATA/held_out_rm_pairs.jsonl" --out "$RUNS/results/rm"
 
-python - "$RUNS" <<'EOF'
-import json
-import sys
-from pathlib import Path
+# GRPO (README "GRPO"): from the same SFT run, one run per GRPO seed, each drawing as many samples
+# as rejection sampling did (posttrain/grpo-toy: 125 steps x 128 = 2,000 prompts x 8); one more
+# seed-0 run with routing replay; then the rollout/trainer gap in bf16 without and with replay.
+GRPO_SEEDS=(${GRPO_SEEDS:-0 1 2})
+GAP_STEPS=${GAP_STEPS:-20}
+grpo() {  # NAME STEPS OVERRIDE...: a GRPO run from the SFT run, held-out greedy accuracy every 25 steps
+  local name=$1 steps=$2
+  shift 2
+  stage "$name" "$RUNS/$name/checkpoints/$steps" frontier-jax grpo --config posttrain/grpo-toy \
+    --run-dir "$RUNS/$name" train.init_from="$SFT" train.steps="$steps" \
+    grpo.held_out="$DATA/held_out_math.jsonl" grpo.held_out_count=500 "$@"
+}
+for seed in "${GRPO_SEEDS[@]}"; do
+  grpo "grpo-s$seed" 125 train.seed="$seed"
+  ladder "$RUNS/grpo-s$seed" "grpo-s$seed"
+done
+grpo grpo-replay-s0 125 train.seed=0 grpo.routing_replay=true
+for replay in false true; do
+  grpo "gap-bf16-replay-$replay" "$GAP_STEPS" precision.policy=bf16 grpo.routing_replay="$replay" eval.every=0
+done
 
-runs = Path(sys.argv[1])
-lines = ["| model | level | greedy exact match | format rate | pass@1 | pass@8 | spread |", "| --- " * 7 + "|"]
-for path in sorted((runs / "results").glob("*/results.json")):
-    results = json.loads(path.read_text())
-    for level, t in results.get("tasks", {}).items():
-        figures = " | ".join(f"{t[k]:.3f}" for k in ("exact_match", "format_rate", "pass@1", "pass@8", "spread"))
-        lines.append(f"| {path.parent.name} | {level} ({t['rows']} rows) | {figures} |")
-    if "preferences" in results:
-        p = results["preferences"]
-        lines.append(f"\n{path.parent.name}: held-out pairwise accuracy {p['accuracy']:.3f} over {p['pairs']} pairs")
-summary = "\n".join(lines) + "\n"
-(runs / "summary.md").write_text(summary)
-print(summary)
-EOF
+python "$(dirname "$0")/posttrain_summary.py" "$RUNS"

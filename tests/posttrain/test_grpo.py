@@ -3,8 +3,8 @@
 - A short GRPO run on a trivially learnable reward, the share of completion tokens in a fixed set
   of 16 ids (16 / 272 of the vocabulary: about 6% under the fresh model's near-uniform policy),
   with the KL reference kept and two optimiser steps per rollout batch: the mean reward of the last
-  5 steps is at least twice that of the first 5; the run resumed from its checkpoint of step 15 (in
-  the middle of a rollout batch) logs the same steps 16.. as the uninterrupted run; metrics hold the
+  5 steps is at least twice that of the first 5; the run resumed from its checkpoint of step 25 (in
+  the middle of a rollout batch) logs the same steps 26.. as the uninterrupted run; metrics hold the
   rollout figures, the gap, held-out evaluation, and grpo.png is written.
 - The sampler's log-probabilities (the engine's decode path) equal the trainer's forward within
   GAP_BOUND in fp32, routed at T = 1 and, in a short run, with routing replay at T = 0.7 and
