@@ -597,6 +597,7 @@ MADE_FROM_TOY = {
     "runs/sft-toy": _sft_run,
     "runs/sft-toy-s1": _sft_run,
     "runs/rs-sft": _sft_run,
+    "runs/grpo-s0": _sft_run,
 }
 
 COMMANDS = readme_commands()
