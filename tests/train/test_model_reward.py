@@ -109,6 +109,17 @@ def test_describe_grpo_counts_the_arrays_a_grpo_process_holds(reward_run, capsys
         infer=rollout_infer(cfg.infer, cfg.train),
     )
     assert counted.latent_cache == _device0_bytes(engine.cache) > 0
+    from flax import traverse_util
+
+    def buffers(tree) -> dict:  # path -> device 0's buffer of each array
+        return {
+            path: x.addressable_shards[0].data.unsafe_buffer_pointer()
+            for path, x in traverse_util.flatten_dict(tree).items()
+        }
+
+    trained = buffers(state.params)
+    engine_buffers = buffers(engine.state)
+    assert all(engine_buffers[path] == pointer for path, pointer in trained.items())  # no copy
     restored = restore_params(run_dir)
     whole = sum(x.nbytes for x in jax.tree.leaves([restored.params, restored.biases]))
     assert counted.reward_models == {str(run_dir): whole}
