@@ -85,7 +85,7 @@ from frontier_jax.infer.scheduler import (
     TokenEvent,
 )
 from frontier_jax.infer.speculative import MTPDecoder, accept
-from frontier_jax.infer.step import make_decode_step, make_step, pack_decode
+from frontier_jax.infer.step import make_decode_step, make_decode_steps, make_step, pack_decode
 from frontier_jax.infer.weights import swap_weights
 from frontier_jax.model import Transformer
 from frontier_jax.model.config import ImplConfig
@@ -204,6 +204,10 @@ class Engine:
         self._decode = make_step(graphdef, absorbed=True, impl=impl)
         self._decode_sample = make_decode_step(graphdef, impl=impl)
         self._decode_sample_tempered = make_decode_step(graphdef, impl=impl, tempered=True)
+        k = self.infer.decode_steps_per_dispatch
+        if k > 1:
+            self._decode_steps = make_decode_steps(graphdef, k, impl=impl)
+            self._decode_steps_tempered = make_decode_steps(graphdef, k, impl=impl, tempered=True)
         self.scheduler = Scheduler(
             self.layout,
             self.infer.max_seqs,
@@ -725,13 +729,17 @@ class Engine:
             self.cache = copy_blocks(self.cache, jnp.asarray(src), jnp.asarray(dst))
         return followers, picked
 
-    def _count_decode(self, rows: list[Request]) -> None:
-        self.stats["decode_steps"] += 1
-        self.stats["decode_context"] += sum(r.computed for r in rows)  # cached tokens the step reads
+    def _count_decode(self, rows: list[Request], steps: int = 1) -> None:
+        self.stats["decode_steps"] += steps
+        # cached tokens the steps read
+        self.stats["decode_context"] += sum(steps * r.computed + steps * (steps - 1) // 2 for r in rows)
 
     def _decode_step(self, rows: list[Request]) -> list[int]:
         """Dispatches a decode step of the decoding `rows`, then reads back the step in flight
-        before it (asynchronous) or this one (synchronous); returns the finished ids."""
+        before it (asynchronous) or this one (synchronous); returns the finished ids.  With
+        infer.decode_steps_per_dispatch > 1: `_decode_steps_block`."""
+        if self.infer.decode_steps_per_dispatch > 1:
+            return self._decode_steps_block(rows) if rows else []
         previous, self._in_flight = self._in_flight, None
         waiting = {r.id: b for b, r in enumerate(previous.rows)} if previous else {}
         rows = [r for r in rows if not (r.id in waiting and r.reaches_limit(1))]
@@ -759,6 +767,7 @@ class Engine:
             [len(r.output_ids) + (r.id in waiting) for r in rows],
             [self._banned(r, len(r.output_ids) + (r.id in waiting)) for r in rows],
             sched.table(rows, [r.computed + 1 for r in rows], n),
+            [r.params.min_tokens for r in rows],
         )
         previous_tokens = previous.tokens if previous else self._no_tokens
         asks_tempered = any(r.params.tempered_logprobs for r in rows)
@@ -775,6 +784,70 @@ class Engine:
         for request in rows:
             request.computed += 1
         return InFlight(rows, tokens, logprobs, tuple(top), tempered, experts)
+
+    def _decode_steps_block(self, rows: list[Request]) -> list[int]:
+        """k = infer.decode_steps_per_dispatch decode steps of the decoding `rows` in one
+        dispatch (`step.make_decode_steps`), synchronously: each row takes at most its remaining
+        m = min(max_new_tokens - generated, cache budget - length) tokens, its block table covers
+        positions < computed + min(k, m); then tokens [k, B] (and logprobs, top log-probs,
+        tempered log-probs [k, B] and routed experts [k, L_moe, B, 1, K_r] where rows ask for
+        them) come back in one transfer and are appended step by step through `_append` (stop
+        strings, on_token in bursts of up to k, finish reasons, retire); a row that ends drops
+        the rest of its tokens, which are neither counted in the expert loads nor recorded.
+        Returns the finished ids."""
+        k = self.infer.decode_steps_per_dispatch
+        self._count_decode(rows, k)
+        sched = self.scheduler
+        n = sched.rows_for(len(rows))
+        limits = [min(r.params.max_new_tokens - len(r.output_ids), r.budget - r.length) for r in rows]
+        packed = pack_decode(
+            n,
+            [r.output_ids[-1] for r in rows],
+            [-1] * len(rows),
+            [r.computed for r in rows],
+            [r.params for r in rows],
+            [r.seed for r in rows],
+            [len(r.output_ids) for r in rows],
+            [self._banned(r, len(r.output_ids)) for r in rows],
+            sched.table(rows, [r.computed + min(k, m) for r, m in zip(rows, limits)], n),
+            [r.params.min_tokens for r in rows],
+            limits,
+            [sorted(r.stop_ids) for r in rows],
+        )
+        asks_tempered = any(r.params.tempered_logprobs for r in rows)
+        program = self._decode_steps_tempered if asks_tempered else self._decode_steps
+        tokens, logprobs, *top, tempered, self.cache, experts = program(
+            self.state, self.cache, self._no_tokens, jnp.asarray(packed)
+        )
+        self.stats["forwards"] += k
+        recording = experts is not None and any(r.params.record_routing for r in rows)
+        tokens, logprobs, top, tempered, recorded = fetch(
+            (
+                tokens,
+                logprobs,
+                tuple(top),
+                tempered if asks_tempered else None,
+                experts if recording else None,
+            )
+        )
+        appended = np.zeros((n, k), bool)
+        finished = []
+        for i in range(k):
+            if recorded is not None:
+                self._record_routing(rows, recorded[i])
+            values = self._tempered(rows, None if tempered is None else tempered[i])
+            for b, r in enumerate(rows):
+                if r.finish_reason is not None:
+                    continue
+                appended[b, i] = True
+                r.computed += 1
+                if self._append(
+                    r, int(tokens[i, b]), float(logprobs[i, b]), (top[0][i, b], top[1][i, b]), values[b]
+                ):
+                    finished.append(r.id)
+        if experts is not None:
+            self._count_experts(jnp.transpose(experts[:, :, :, 0], (1, 2, 0, 3)), appended)
+        return finished
 
     def _read_back(self, step: InFlight) -> list[int]:
         """Appends `step`'s tokens (one transfer) to its rows that are still running; a row
