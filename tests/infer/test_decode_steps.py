@@ -1,12 +1,13 @@
 """Several decode steps per dispatch (infer.decode_steps_per_dispatch = k): the tokens, log-probs,
 tempered log-probs and recorded routing equal the one-step loop's (k = 1) on a mixed batch of
 greedy and seeded sampled requests whose max_new_tokens are no multiples of k; a stop token in
-the middle of a block ends the completion there; min_tokens bans the stop ids across a block
+the middle of a block ends the completion there and writes no cache after it; min_tokens bans the stop ids across a block
 boundary; a request cancelled between dispatches gets nothing more; every cache block returns to
 the pool; and the config refuses bad values in one line."""
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 
@@ -73,7 +74,19 @@ def test_a_stop_mid_block_and_min_tokens_across_a_block_boundary(model, referenc
     want = engine(model, 1).generate(prompts, params)
     eng = engine(model, K)
     free = eng.scheduler.alloc.free_blocks
-    got = eng.generate(prompts, params)
+    ids = [eng.submit(p, sp) for p, sp in zip(prompts, params)]
+    blocks = []  # the stopped row's blocks (its whole budget, the shared prompt block included)
+    while not eng.scheduler.idle:
+        eng.step()
+        blocks = list(eng.scheduler.alloc._owned.get(ids[0], blocks))
+    got = [eng.result(i) for i in ids]
+    # the row wrote the latents of its prompt and tokens 0 .. j-1, then nothing: its stop's step
+    # turned the cache writes off for the rest of the block
+    size, written = tiny.INFER.block_size, len(PROMPTS[4]) + j
+    for leaf in jax.tree.leaves((eng.cache.dense, eng.cache.moe)):  # not the unused MTP stack
+        slots = np.asarray(leaf[:, np.asarray(blocks)]).reshape(leaf.shape[0], len(blocks) * size, -1)
+        assert np.abs(slots[:, written - 1]).max() > 0
+        assert not np.abs(slots[:, written:]).any()
     assert got[0].output_ids == greedy[: j + 1] and got[0].finish_reason == "stop"
     assert got[1].output_ids == want[1].output_ids and got[1].finish_reason == want[1].finish_reason
     assert greedy[first] not in got[1].output_ids[: first + K + 1]
