@@ -23,6 +23,12 @@ whichever loop runs it.  A finished request's slot is refilled one step later th
 synchronous loop (its last token is read a step later), so batch mates may differ, which moves
 logits by float rounding only.  Speculative decoding stays synchronous.
 
+With infer.decode_steps_per_dispatch = n > 1 a step dispatches one program of n decode steps
+(`step.make_decode_steps`: sampling and stop checks on the device) and reads its tokens [n, B]
+back at once, synchronously (`_decode_steps_block`): the same tokens as n one-step dispatches,
+handed over in bursts of up to n; a request that ends (stop, length, cancel) drops the rest of
+its block, and its blocks are freed within that dispatch.
+
 Bad requests (empty prompt, ids outside the vocabulary,
 too long, invalid sampling parameters) end at once with finish_reason "error" and a message;
 the others run on.
@@ -786,22 +792,22 @@ class Engine:
         return InFlight(rows, tokens, logprobs, tuple(top), tempered, experts)
 
     def _decode_steps_block(self, rows: list[Request]) -> list[int]:
-        """k = infer.decode_steps_per_dispatch decode steps of the decoding `rows` in one
+        """n = infer.decode_steps_per_dispatch decode steps of the decoding `rows` in one
         dispatch (`step.make_decode_steps`), synchronously: each row takes at most its remaining
         m = min(max_new_tokens - generated, cache budget - length) tokens, its block table covers
-        positions < computed + min(k, m); then tokens [k, B] (and logprobs, top log-probs,
-        tempered log-probs [k, B] and routed experts [k, L_moe, B, 1, K_r] where rows ask for
+        positions < computed + min(n, m); then tokens [n, B] (and logprobs, top log-probs,
+        tempered log-probs [n, B] and routed experts [n, L_moe, B, 1, K_r] where rows ask for
         them) come back in one transfer and are appended step by step through `_append` (stop
-        strings, on_token in bursts of up to k, finish reasons, retire); a row that ends drops
+        strings, on_token in bursts of up to n, finish reasons, retire); a row that ends drops
         the rest of its tokens, which are neither counted in the expert loads nor recorded.
         Returns the finished ids."""
-        k = self.infer.decode_steps_per_dispatch
-        self._count_decode(rows, k)
+        n = self.infer.decode_steps_per_dispatch
+        self._count_decode(rows, n)
         sched = self.scheduler
-        n = sched.rows_for(len(rows))
+        width = sched.rows_for(len(rows))
         limits = [min(r.params.max_new_tokens - len(r.output_ids), r.budget - r.length) for r in rows]
         packed = pack_decode(
-            n,
+            width,
             [r.output_ids[-1] for r in rows],
             [-1] * len(rows),
             [r.computed for r in rows],
@@ -809,7 +815,7 @@ class Engine:
             [r.seed for r in rows],
             [len(r.output_ids) for r in rows],
             [self._banned(r, len(r.output_ids)) for r in rows],
-            sched.table(rows, [r.computed + min(k, m) for r, m in zip(rows, limits)], n),
+            sched.table(rows, [r.computed + min(n, m) for r, m in zip(rows, limits)], width),
             [r.params.min_tokens for r in rows],
             limits,
             [sorted(r.stop_ids) for r in rows],
@@ -819,7 +825,7 @@ class Engine:
         tokens, logprobs, *top, tempered, self.cache, experts = program(
             self.state, self.cache, self._no_tokens, jnp.asarray(packed)
         )
-        self.stats["forwards"] += k
+        self.stats["forwards"] += n
         recording = experts is not None and any(r.params.record_routing for r in rows)
         tokens, logprobs, top, tempered, recorded = fetch(
             (
@@ -830,9 +836,9 @@ class Engine:
                 experts if recording else None,
             )
         )
-        appended = np.zeros((n, k), bool)
+        appended = np.zeros((width, n), bool)
         finished = []
-        for i in range(k):
+        for i in range(n):
             if recorded is not None:
                 self._record_routing(rows, recorded[i])
             values = self._tempered(rows, None if tempered is None else tempered[i])

@@ -28,12 +28,12 @@ next step whatever its bucket.  The routed experts stay on the device: the engin
 real rows' expert loads from them (`expert_load.count_experts`) and reads them back for the
 rows that record their routing (`SamplingParams.record_routing`).
 
-Several decode steps per dispatch (`infer.decode_steps_per_dispatch` = k > 1) run the same
-one-step body k times in one program (a scan), each step's sampled tokens the next step's input:
+Several decode steps per dispatch (`infer.decode_steps_per_dispatch` = n > 1) run the same
+one-step body n times in one program (a scan), each step's sampled tokens the next step's input:
 
     decode_steps(state, cache, previous [R], packed [B, 11 + 2S + M])
-        -> (tokens [k, B], logprobs [k, B], top ids [k, B, k'], top log-probs [k, B, k'],
-            tempered log-probs [k, B] or None, cache, routed experts [k, L_moe, B, 1, K_r] or None)
+        -> (tokens [n, B], logprobs [n, B], top ids [n, B, k], top log-probs [n, B, k],
+            tempered log-probs [n, B] or None, cache, routed experts [n, L_moe, B, 1, K_r] or None)
 
 step i of row b runs at position position_b + i with counter_b + i (so it samples exactly the
 token the one-step loop samples), banned ids applied while counter_b + i < min_tokens_b; the row

@@ -39,11 +39,13 @@ def engine(model, k: int) -> Engine:
 
 @pytest.fixture(scope="module")
 def reference(model):
-    """The one-step loop's completions of PROMPTS."""
-    return engine(model, 1).generate(PROMPTS, PARAMS)
+    """The one-step loop's completions of PROMPTS and its expert loads."""
+    eng = engine(model, 1)
+    return eng.generate(PROMPTS, PARAMS), eng.expert_load()
 
 
 def test_k_steps_per_dispatch_equal_the_one_step_loop(model, reference):
+    reference, load = reference
     eng = engine(model, K)
     free = eng.scheduler.alloc.free_blocks
     got = eng.generate(PROMPTS, PARAMS)
@@ -61,9 +63,13 @@ def test_k_steps_per_dispatch_equal_the_one_step_loop(model, reference):
     np.testing.assert_array_equal(recorded.routed_experts, want.routed_experts)
     assert recorded.routed_experts.shape[0] == len(recorded.prompt_ids) + len(recorded.output_ids) - 1
     assert eng.scheduler.alloc.free_blocks == free
+    # the expert loads count the appended tokens' forwards only, as the one-step loop does
+    np.testing.assert_array_equal(eng.expert_load().load, load.load)
+    assert eng.expert_load().tokens == load.tokens
 
 
 def test_a_stop_mid_block_and_min_tokens_across_a_block_boundary(model, reference):
+    reference, _ = reference
     greedy = reference[4].output_ids
     j = next(j for j in range(5, len(greedy)) if j % K and greedy[j] not in greedy[:j])
     stop = SamplingParams(max_new_tokens=40, stop_token_ids=(greedy[j],))
@@ -95,6 +101,7 @@ def test_a_stop_mid_block_and_min_tokens_across_a_block_boundary(model, referenc
 
 
 def test_a_request_cancelled_between_dispatches_gets_nothing_more(model, reference):
+    reference, _ = reference
     eng = engine(model, K)
     free = eng.scheduler.alloc.free_blocks
     events = {0: [], 1: []}
