@@ -54,6 +54,7 @@ log softmax(z / temperature)[token] of each generated token (`Completion.tempere
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -210,10 +211,8 @@ class Engine:
         self._decode = make_step(graphdef, absorbed=True, impl=impl)
         self._decode_sample = make_decode_step(graphdef, impl=impl)
         self._decode_sample_tempered = make_decode_step(graphdef, impl=impl, tempered=True)
-        k = self.infer.decode_steps_per_dispatch
-        if k > 1:
-            self._decode_steps = make_decode_steps(graphdef, k, impl=impl)
-            self._decode_steps_tempered = make_decode_steps(graphdef, k, impl=impl, tempered=True)
+        # (steps, tempered=...) -> the program of that many decode steps per dispatch
+        self._decode_steps = functools.partial(make_decode_steps, graphdef, impl=impl)
         self.scheduler = Scheduler(
             self.layout,
             self.infer.max_seqs,
@@ -792,8 +791,9 @@ class Engine:
         return InFlight(rows, tokens, logprobs, tuple(top), tempered, experts)
 
     def _decode_steps_block(self, rows: list[Request]) -> list[int]:
-        """n = infer.decode_steps_per_dispatch decode steps of the decoding `rows` in one
-        dispatch (`step.make_decode_steps`), synchronously: each row takes at most its remaining
+        """n decode steps of the decoding `rows` in one dispatch (`step.make_decode_steps`; n =
+        infer.decode_steps_per_dispatch, or the power of two >= the largest m below when that is
+        smaller), synchronously: each row takes at most its remaining
         m = min(max_new_tokens - generated, cache budget - length) tokens, its block table covers
         positions < computed + min(n, m); then tokens [n, B] (and logprobs, top log-probs,
         tempered log-probs [n, B] and routed experts [n, L_moe, B, 1, K_r] where rows ask for
@@ -801,11 +801,12 @@ class Engine:
         strings, on_token in bursts of up to n, finish reasons, retire); a row that ends drops
         the rest of its tokens, which are neither counted in the expert loads nor recorded.
         Returns the finished ids."""
-        n = self.infer.decode_steps_per_dispatch
+        limits = [min(r.params.max_new_tokens - len(r.output_ids), r.budget - r.length) for r in rows]
+        # fewer steps when no row may take n tokens: the power of two >= the largest limit
+        n = min(self.infer.decode_steps_per_dispatch, 1 << (max(limits) - 1).bit_length())
         self._count_decode(rows, n)
         sched = self.scheduler
         width = sched.rows_for(len(rows))
-        limits = [min(r.params.max_new_tokens - len(r.output_ids), r.budget - r.length) for r in rows]
         packed = pack_decode(
             width,
             [r.output_ids[-1] for r in rows],
@@ -821,8 +822,7 @@ class Engine:
             [sorted(r.stop_ids) for r in rows],
         )
         asks_tempered = any(r.params.tempered_logprobs for r in rows)
-        program = self._decode_steps_tempered if asks_tempered else self._decode_steps
-        tokens, logprobs, *top, tempered, self.cache, experts = program(
+        tokens, logprobs, *top, tempered, self.cache, experts = self._decode_steps(n, tempered=asks_tempered)(
             self.state, self.cache, self._no_tokens, jnp.asarray(packed)
         )
         self.stats["forwards"] += n
