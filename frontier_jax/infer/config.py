@@ -41,7 +41,10 @@ class InferConfig:
     redundant experts (`frontier-jax experts plan --out`, `parallel.placement.Placement.load`) the
     MoE layers run on, "" for none; replan_every: when > 0, every that many engine steps the
     placement is planned afresh from the expert loads counted since the last plan (same replica
-    count) and applied between steps (`Engine.replan`)."""
+    count) and applied between steps (`Engine.replan`); decode_steps_per_dispatch: decode steps
+    run on the device per dispatch (k; `step.make_decode_steps`: on-device sampling and stop
+    checks, the host reading k tokens per row at once, synchronously; 1: one step per dispatch,
+    the asynchronous loop above; not with speculative=mtp)."""
 
     block_size: int = 64
     max_seqs: int = 8
@@ -54,6 +57,7 @@ class InferConfig:
     prefix_cache: bool = True
     expert_placement: str = ""
     replan_every: int = 0
+    decode_steps_per_dispatch: int = 1
 
     def validate(self) -> "InferConfig":
         for name in ("block_size", "max_seqs", "prefill_chunk"):
@@ -71,6 +75,16 @@ class InferConfig:
             )
         if not isinstance(self.replan_every, int) or self.replan_every < 0:
             raise ValueError(f"infer.replan_every={self.replan_every!r} must be an integer >= 0 (0: never)")
+        k = self.decode_steps_per_dispatch
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(
+                f"infer.decode_steps_per_dispatch={k!r} must be an integer >= 1 (1: one step per dispatch)"
+            )
+        if k > 1 and Speculative(self.speculative) == Speculative.MTP:
+            raise ValueError(
+                f"infer.decode_steps_per_dispatch={k} with infer.speculative=mtp: speculative decoding runs "
+                "one verify step per dispatch; set infer.decode_steps_per_dispatch=1 or infer.speculative=none"
+            )
         for name in ("async_decode", "prefix_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"infer.{name}={getattr(self, name)!r} must be true or false")

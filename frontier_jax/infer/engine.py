@@ -23,6 +23,12 @@ whichever loop runs it.  A finished request's slot is refilled one step later th
 synchronous loop (its last token is read a step later), so batch mates may differ, which moves
 logits by float rounding only.  Speculative decoding stays synchronous.
 
+With infer.decode_steps_per_dispatch = n > 1 a step dispatches one program of n decode steps
+(`step.make_decode_steps`: sampling and stop checks on the device) and reads its tokens [n, B]
+back at once, synchronously (`_decode_steps_block`): the same tokens as n one-step dispatches,
+handed over in bursts of up to n; a request that ends (stop, length, cancel) drops the rest of
+its block, and its blocks are freed within that dispatch.
+
 Bad requests (empty prompt, ids outside the vocabulary,
 too long, invalid sampling parameters) end at once with finish_reason "error" and a message;
 the others run on.
@@ -48,6 +54,7 @@ log softmax(z / temperature)[token] of each generated token (`Completion.tempere
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -85,7 +92,7 @@ from frontier_jax.infer.scheduler import (
     TokenEvent,
 )
 from frontier_jax.infer.speculative import MTPDecoder, accept
-from frontier_jax.infer.step import make_decode_step, make_step, pack_decode
+from frontier_jax.infer.step import make_decode_step, make_decode_steps, make_step, pack_decode
 from frontier_jax.infer.weights import swap_weights
 from frontier_jax.model import Transformer
 from frontier_jax.model.config import ImplConfig
@@ -204,6 +211,8 @@ class Engine:
         self._decode = make_step(graphdef, absorbed=True, impl=impl)
         self._decode_sample = make_decode_step(graphdef, impl=impl)
         self._decode_sample_tempered = make_decode_step(graphdef, impl=impl, tempered=True)
+        # (steps, tempered=...) -> the program of that many decode steps per dispatch
+        self._decode_steps = functools.partial(make_decode_steps, graphdef, impl=impl)
         self.scheduler = Scheduler(
             self.layout,
             self.infer.max_seqs,
@@ -725,13 +734,17 @@ class Engine:
             self.cache = copy_blocks(self.cache, jnp.asarray(src), jnp.asarray(dst))
         return followers, picked
 
-    def _count_decode(self, rows: list[Request]) -> None:
-        self.stats["decode_steps"] += 1
-        self.stats["decode_context"] += sum(r.computed for r in rows)  # cached tokens the step reads
+    def _count_decode(self, rows: list[Request], steps: int = 1) -> None:
+        self.stats["decode_steps"] += steps
+        # cached tokens the steps read
+        self.stats["decode_context"] += sum(steps * r.computed + steps * (steps - 1) // 2 for r in rows)
 
     def _decode_step(self, rows: list[Request]) -> list[int]:
         """Dispatches a decode step of the decoding `rows`, then reads back the step in flight
-        before it (asynchronous) or this one (synchronous); returns the finished ids."""
+        before it (asynchronous) or this one (synchronous); returns the finished ids.  With
+        infer.decode_steps_per_dispatch > 1: `_decode_steps_block`."""
+        if self.infer.decode_steps_per_dispatch > 1:
+            return self._decode_steps_block(rows) if rows else []
         previous, self._in_flight = self._in_flight, None
         waiting = {r.id: b for b, r in enumerate(previous.rows)} if previous else {}
         rows = [r for r in rows if not (r.id in waiting and r.reaches_limit(1))]
@@ -759,6 +772,7 @@ class Engine:
             [len(r.output_ids) + (r.id in waiting) for r in rows],
             [self._banned(r, len(r.output_ids) + (r.id in waiting)) for r in rows],
             sched.table(rows, [r.computed + 1 for r in rows], n),
+            [r.params.min_tokens for r in rows],
         )
         previous_tokens = previous.tokens if previous else self._no_tokens
         asks_tempered = any(r.params.tempered_logprobs for r in rows)
@@ -775,6 +789,71 @@ class Engine:
         for request in rows:
             request.computed += 1
         return InFlight(rows, tokens, logprobs, tuple(top), tempered, experts)
+
+    def _decode_steps_block(self, rows: list[Request]) -> list[int]:
+        """n decode steps of the decoding `rows` in one dispatch (`step.make_decode_steps`; n =
+        infer.decode_steps_per_dispatch, or the power of two >= the largest m below when that is
+        smaller), synchronously: each row takes at most its remaining
+        m = min(max_new_tokens - generated, cache budget - length) tokens, its block table covers
+        positions < computed + min(n, m); then tokens [n, B] (and logprobs, top log-probs,
+        tempered log-probs [n, B] and routed experts [n, L_moe, B, 1, K_r] where rows ask for
+        them) come back in one transfer and are appended step by step through `_append` (stop
+        strings, on_token in bursts of up to n, finish reasons, retire); a row that ends drops
+        the rest of its tokens, which are neither counted in the expert loads nor recorded.
+        Returns the finished ids."""
+        limits = [min(r.params.max_new_tokens - len(r.output_ids), r.budget - r.length) for r in rows]
+        # fewer steps when no row may take n tokens: the power of two >= the largest limit
+        n = min(self.infer.decode_steps_per_dispatch, 1 << (max(limits) - 1).bit_length())
+        self._count_decode(rows, n)
+        sched = self.scheduler
+        width = sched.rows_for(len(rows))
+        packed = pack_decode(
+            width,
+            [r.output_ids[-1] for r in rows],
+            [-1] * len(rows),
+            [r.computed for r in rows],
+            [r.params for r in rows],
+            [r.seed for r in rows],
+            [len(r.output_ids) for r in rows],
+            [self._banned(r, len(r.output_ids)) for r in rows],
+            sched.table(rows, [r.computed + min(n, m) for r, m in zip(rows, limits)], width),
+            [r.params.min_tokens for r in rows],
+            limits,
+            [sorted(r.stop_ids) for r in rows],
+        )
+        asks_tempered = any(r.params.tempered_logprobs for r in rows)
+        tokens, logprobs, *top, tempered, self.cache, experts = self._decode_steps(n, tempered=asks_tempered)(
+            self.state, self.cache, self._no_tokens, jnp.asarray(packed)
+        )
+        self.stats["forwards"] += n
+        recording = experts is not None and any(r.params.record_routing for r in rows)
+        tokens, logprobs, top, tempered, recorded = fetch(
+            (
+                tokens,
+                logprobs,
+                tuple(top),
+                tempered if asks_tempered else None,
+                experts if recording else None,
+            )
+        )
+        appended = np.zeros((width, n), bool)
+        finished = []
+        for i in range(n):
+            if recorded is not None:
+                self._record_routing(rows, recorded[i])
+            values = self._tempered(rows, None if tempered is None else tempered[i])
+            for b, r in enumerate(rows):
+                if r.finish_reason is not None:
+                    continue
+                appended[b, i] = True
+                r.computed += 1
+                if self._append(
+                    r, int(tokens[i, b]), float(logprobs[i, b]), (top[0][i, b], top[1][i, b]), values[b]
+                ):
+                    finished.append(r.id)
+        if experts is not None:
+            self._count_experts(jnp.transpose(experts[:, :, :, 0], (1, 2, 0, 3)), appended)
+        return finished
 
     def _read_back(self, step: InFlight) -> list[int]:
         """Appends `step`'s tokens (one transfer) to its rows that are still running; a row

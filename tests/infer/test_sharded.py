@@ -1,5 +1,8 @@
 """Sharded decode on 8 fake CPU devices equals one device: tensor-parallel heads with
-expert-parallel experts, and the batch over data with expert parallelism."""
+expert-parallel experts, and the batch over data with expert parallelism (also with 4 decode
+steps per dispatch)."""
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -30,18 +33,19 @@ def single_device():
 
 
 @pytest.mark.parametrize(
-    "axes",
-    [dict(tensor=2, expert=4, data=1), dict(data=2, expert=4)],
-    ids=["tensor2_expert4", "data2_expert4"],
+    "axes, steps",
+    [(dict(tensor=2, expert=4, data=1), 1), (dict(data=2, expert=4), 1), (dict(data=2, expert=4), 4)],
+    ids=["tensor2_expert4", "data2_expert4", "data2_expert4_4_steps_per_dispatch"],
 )
-def test_sharded_decode_equals_single_device(single_device, axes):
+def test_sharded_decode_equals_single_device(single_device, axes, steps):
     cfg, model, prompts, params, expected = single_device
     mesh = build_mesh(MeshConfig(**axes), jax.devices()[:8])
     sharded = nnx.eval_shape(
         lambda: Transformer(cfg, experts=expert_dispatcher(mesh, DEFAULT_RULES), rngs=nnx.Rngs(0))
     )
     nnx.update(sharded, nnx.state(model))
-    got = Engine(sharded, infer=INFER, mesh=mesh).generate(prompts, params)
+    infer = dataclasses.replace(INFER, decode_steps_per_dispatch=steps)
+    got = Engine(sharded, infer=infer, mesh=mesh).generate(prompts, params)
     for a, b in zip(expected, got):
         assert b.output_ids == a.output_ids
         np.testing.assert_allclose(b.logprobs, a.logprobs, rtol=1e-4, atol=1e-4)
