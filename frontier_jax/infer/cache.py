@@ -80,13 +80,16 @@ class CacheLayout:
             num_blocks = 1 + infer.max_seqs * per_seq
         return cls(num_blocks, infer.block_size, max_len, lookahead)
 
+    def bytes(self, cfg: ModelConfig, dtype) -> int:
+        """The pool's device bytes, null block included: N P x `cache_bytes_per_token`."""
+        return self.num_blocks * self.block_size * cache_bytes_per_token(cfg, dtype)
+
     def describe(self, cfg: ModelConfig, dtype) -> str:
-        per_token = cache_bytes_per_token(cfg, dtype)
         return (
             f"latent cache: {self.num_blocks - 1} blocks x {self.block_size} tokens = "
             f"{self.capacity_tokens:,} tokens ({(self.num_blocks - 1) // self.blocks_per_seq} sequences x "
-            f"{self.max_len} context), {per_token:,} B/token, "
-            f"{self.num_blocks * self.block_size * per_token / 2**30:.3f} GiB"
+            f"{self.max_len} context), {cache_bytes_per_token(cfg, dtype):,} B/token, "
+            f"{self.bytes(cfg, dtype) / 2**30:.3f} GiB"
         )
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from jax.sharding import AbstractMesh
 
-from frontier_jax.infer.cache import CacheLayout, cache_bytes_per_token
+from frontier_jax.infer.cache import CacheLayout
 from frontier_jax.parallel.rules import MESH_AXES
 from frontier_jax.posttrain.grpo import rollout_infer
 from frontier_jax.runtime.memory import DeviceMemory, format_bytes, state_bytes
@@ -46,10 +46,8 @@ def grpo_memory(program: ModelProgram, cfg, mem: DeviceMemory) -> GRPOMemory:
     mesh = AbstractMesh(tuple(mem.mesh.values()), tuple(mem.mesh))
     reference = state_bytes(program.abstract_params, mesh, program.rules) if cfg.grpo.beta > 0 else 0
     infer = rollout_infer(cfg.infer, cfg.train)
-    layout = CacheLayout.plan(cfg.model, infer, program.policy.compute_dtype)
-    cache = (
-        layout.num_blocks * layout.block_size * cache_bytes_per_token(cfg.model, program.policy.compute_dtype)
-    )
+    dtype = program.policy.compute_dtype
+    cache = CacheLayout.plan(cfg.model, infer, dtype).bytes(cfg.model, dtype)
     one_device = AbstractMesh((1,) * len(MESH_AXES), MESH_AXES)
     models = {}
     for spec in cfg.grpo.rewards_config().functions:
