@@ -17,13 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from frontier_jax.train.metrics import read_step_records
+
 
 def read_curve(run_dir: Path, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps, values) of `metric` in run_dir/metrics.jsonl."""
-    records = [
-        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
-    ]
-    by_step = {r["step"]: r[metric] for r in records if metric in r}
+    by_step = {r["step"]: r[metric] for r in read_step_records(run_dir / "metrics.jsonl") if metric in r}
     steps = np.array(sorted(by_step))
     return steps, np.array([by_step[s] for s in steps], np.float64)
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from frontier_jax.train.metrics import read_step_records
+
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 FIGURES = ("exact_match", "format_rate", "pass@1", "pass@8", "spread")
 
@@ -70,15 +72,6 @@ def grpo_seed_rows(runs: Path) -> list[str]:
     return lines
 
 
-def read_metrics(run: Path) -> list[dict]:
-    by_step = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            by_step[record["step"]] = record  # a resumed run may log a step twice: keep the last
-    return [by_step[s] for s in sorted(by_step)]
-
-
 def grpo_run_rows(runs: Path) -> list[str]:
     found = sorted(p for p in runs.glob("*/metrics.jsonl") if "grpo/reward_mean" in p.read_text()[:4000])
     if not found:
@@ -88,7 +81,7 @@ def grpo_run_rows(runs: Path) -> list[str]:
         "| --- " * 9 + "|",
     ]
     for path in found:
-        run, rows = path.parent, read_metrics(path.parent)
+        run, rows = path.parent, read_step_records(path)
         config = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))
         batch = config["train"]["global_batch"]
         tokens = sum(batch * r["grpo/completion_len_mean"] for r in rows)
@@ -115,7 +108,7 @@ def plot_grpo_runs(runs: Path, out: Path) -> bool:
         return False
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for run in found:
-        rows = read_metrics(run)
+        rows = read_step_records(run / "metrics.jsonl")
         steps = [r["step"] for r in rows]
         reward = [r["grpo/reward_mean"] for r in rows]
         smooth = [statistics.fmean(reward[max(0, i - 9) : i + 1]) for i in range(len(reward))]

@@ -37,6 +37,7 @@ import yaml
 from frontier_jax.eval.model import load_checkpoint
 from frontier_jax.eval.run import evaluate
 from frontier_jax.train.loop import train
+from frontier_jax.train.metrics import read_step_records
 
 HELD_OUT = ("ce", "perplexity", "bits_per_byte")
 
@@ -105,8 +106,7 @@ def run_overrides(ablation: Ablation, arm: str, seed: int) -> list[str]:
 
 
 def _last_metrics(run_dir: Path, names: list[str]) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    last = rows[-1]
+    last = read_step_records(run_dir / "metrics.jsonl")[-1]
     return {name: float(np.mean(last[name])) for name in names if name in last}
 
 
@@ -208,13 +208,8 @@ def plot_curves(ablation: Ablation, out: Path, metric: str = "ce_loss") -> Path:
     for arm in ablation.arms:
         curves = []
         for seed in ablation.seeds:
-            rows = [
-                json.loads(x)
-                for x in (out / arm / f"seed-{seed}" / "metrics.jsonl").read_text().splitlines()
-                if x.strip()
-            ]
-            by_step = {r["step"]: r[metric] for r in rows}
-            curves.append([by_step[s] for s in sorted(by_step)])
+            rows = read_step_records(out / arm / f"seed-{seed}" / "metrics.jsonl")
+            curves.append([r[metric] for r in rows])
         length = min(map(len, curves))
         values = np.asarray([c[:length] for c in curves])
         steps = np.arange(1, length + 1)

@@ -10,7 +10,6 @@ every eval.every steps (greedy, `grpo.held_out`).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
@@ -21,8 +20,9 @@ def plot_grpo(metrics_path: Path, out_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    by_step = {r["step"]: r for r in rows}  # a resumed run may log a step twice: keep the last
+    from frontier_jax.train.metrics import read_step_records
+
+    by_step = {r["step"]: r for r in read_step_records(metrics_path)}
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in (
         ("grpo/reward_mean", "reward (rollouts)"),

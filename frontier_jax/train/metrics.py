@@ -88,6 +88,14 @@ class MetricsLogger:
             self.tb.close()
 
 
+def read_step_records(metrics_path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl, one per step in step order (a resumed run may log a step
+    twice: the last record of it is kept)."""
+    lines = Path(metrics_path).read_text().splitlines()
+    by_step = {record["step"]: record for record in (json.loads(line) for line in lines if line.strip())}
+    return [by_step[step] for step in sorted(by_step)]
+
+
 def plot_loss_curve(metrics_path: Path, out_path: Path) -> None:
     """Next-token CE (and MTP loss) against step from metrics.jsonl, saved as a PNG (the
     objective's loss where it reports no CE)."""
@@ -96,8 +104,7 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    by_step = {r["step"]: r for r in rows}  # a resumed run may log a step twice: keep the last
+    by_step = {r["step"]: r for r in read_step_records(metrics_path)}
     steps = sorted(by_step)
     fig, ax = plt.subplots(figsize=(7, 4))
     language_model = all("ce_loss" in by_step[s] for s in steps)  # else another objective's loss
